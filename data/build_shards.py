@@ -1,0 +1,438 @@
+#!/usr/bin/env python3
+"""Build challenge-format token shards (and optionally a tokenizer) from raw text.
+
+Inputs
+    JSON-lines files (one document per line, text in field ``--text-field``, default ``text``)
+    or plain-text files, where documents are blocks separated by one or more blank lines
+    (so a document itself never contains a blank line). The format is taken from the file
+    name (``.jsonl``/``.json`` = JSON lines, anything else = plain text) unless ``--format``
+    says otherwise. ``.xz`` and ``.gz`` files are decompressed on the fly. Documents that are
+    empty or whitespace-only are skipped. All documents are held in memory.
+
+Split
+    Documents (in input order) are shuffled with a seeded, version-independent order: by
+    SHA-256 of ``"{seed}:{index}"``. The first ``--val-docs`` documents of that order are
+    validation, the rest are training; no document is in both.
+
+Tokenizer
+    Either trained here on the training documents only, with the challenge spec (SentencePiece
+    BPE, character_coverage=0.999, byte_fallback, split_digits, nmt_nfkc, no dummy prefix,
+    pad/bos/eos/unk = 0/1/2/3), written as ``tokenizer.model`` + ``tokenizer.vocab``; or an
+    existing model given with ``--tokenizer``, checked and copied into the output directory.
+    Training is single-threaded and reads no paths, so rebuilding gives byte-identical files.
+
+Shards
+    Challenge format: 256 little-endian int32 header words ([0] magic 20240520, [1] version 1,
+    [2] token count N), then N little-endian uint16 tokens. Each document is BOS (id 1)
+    followed by its tokens, no EOS. Shards hold at most ``--shard-tokens`` tokens; a document
+    may continue from one shard into the next (readers concatenate shards in order).
+    Files: ``fineweb_val_000000.bin``, ... and ``fineweb_train_000000.bin``, ... plus
+    ``manifest.json`` with counts per split and per shard.
+
+Example
+    python data/build_shards.py docs.jsonl.xz --out /tmp/shards --val-docs 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, TextIO
+
+import numpy as np
+import sentencepiece as spm
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INT32S = 256
+HEADER_BYTES = HEADER_INT32S * 4
+MAX_VOCAB_SIZE = 65535  # token ids are stored as uint16
+BOS_ID = 1
+
+# The challenge's tokenizer spec; vocab_size is added per build.
+TOKENIZER_SPEC = dict(
+    model_type="bpe",
+    character_coverage=0.999,
+    byte_fallback=True,
+    split_digits=True,
+    normalization_rule_name="nmt_nfkc",
+    add_dummy_prefix=False,
+    pad_id=0,
+    bos_id=1,
+    eos_id=2,
+    unk_id=3,
+)
+SP_DEFAULT_MAX_SENTENCE_BYTES = 4192
+ENCODE_BATCH_DOCS = 256
+PROGRESS_INTERVAL_S = 2.0
+SHARD_NAME_PATTERN = "fineweb_{split}_{index:06d}.bin"
+
+
+class DataError(ValueError):
+    """A problem with the inputs, a tokenizer or a shard file, explained for the user."""
+
+
+# ---------------------------------------------------------------------------- shard files
+
+
+def write_shard(path: str | os.PathLike, tokens: Iterable[int] | np.ndarray) -> None:
+    """Write ``tokens`` as one challenge-format shard."""
+    array = np.asarray(tokens)
+    if array.ndim != 1:
+        raise DataError(f"{path}: tokens must be a 1-D sequence, got shape {array.shape}")
+    if array.size and (array.min() < 0 or array.max() > np.iinfo(np.uint16).max):
+        raise DataError(f"{path}: token ids must fit in uint16 (0..65535)")
+    header = np.zeros(HEADER_INT32S, dtype="<i4")
+    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, array.size
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(array.astype("<u2", copy=False).tobytes())
+
+
+def read_shard_header(path: str | os.PathLike) -> int:
+    """Check a shard's header against its file size; return its token count."""
+    file_size = os.path.getsize(path)
+    if file_size < HEADER_BYTES:
+        raise DataError(f"{path}: file is {file_size} bytes, shorter than the {HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INT32S)
+    magic, version, num_tokens = (int(x) for x in header[:3])
+    if magic != SHARD_MAGIC:
+        raise DataError(f"{path}: bad magic {magic}, expected {SHARD_MAGIC}")
+    if version != SHARD_VERSION:
+        raise DataError(f"{path}: bad version {version}, expected {SHARD_VERSION}")
+    expected_size = HEADER_BYTES + 2 * num_tokens
+    if num_tokens < 0 or file_size != expected_size:
+        raise DataError(
+            f"{path}: size mismatch: header says {num_tokens} tokens ({expected_size} bytes), "
+            f"file has {file_size} bytes (truncated or corrupt)"
+        )
+    return num_tokens
+
+
+def read_shard(path: str | os.PathLike) -> np.ndarray:
+    """Return a shard's tokens as uint16 after checking magic, version and exact size."""
+    num_tokens = read_shard_header(path)
+    return np.fromfile(path, dtype="<u2", count=num_tokens, offset=HEADER_BYTES).astype(np.uint16, copy=False)
+
+
+class ShardWriter:
+    """Streams tokens of one split into shards of at most ``shard_tokens`` tokens."""
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int):
+        self.out_dir, self.split = out_dir, split
+        self.buffer = np.empty(shard_tokens, dtype=np.uint16)
+        self.filled = 0
+        self.shards: list[dict] = []
+
+    @property
+    def tokens_written(self) -> int:
+        return sum(s["tokens"] for s in self.shards) + self.filled
+
+    def add(self, tokens: np.ndarray) -> None:
+        while tokens.size:
+            take = min(tokens.size, self.buffer.size - self.filled)
+            self.buffer[self.filled : self.filled + take] = tokens[:take]
+            self.filled += take
+            tokens = tokens[take:]
+            if self.filled == self.buffer.size:
+                self._flush()
+
+    def close(self) -> list[dict]:
+        if self.filled:
+            self._flush()
+        return self.shards
+
+    def _flush(self) -> None:
+        name = SHARD_NAME_PATTERN.format(split=self.split, index=len(self.shards))
+        write_shard(self.out_dir / name, self.buffer[: self.filled])
+        self.shards.append({"file": name, "tokens": self.filled})
+        self.filled = 0
+
+
+# ---------------------------------------------------------------------------- documents
+
+
+def open_text(path: Path) -> TextIO:
+    """Open a possibly .xz/.gz-compressed UTF-8 text file."""
+    if path.suffix == ".xz":
+        return lzma.open(path, "rt", encoding="utf-8")
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def detect_format(path: Path) -> str:
+    name = path.name
+    for compression in (".xz", ".gz"):
+        name = name.removesuffix(compression)
+    return "jsonl" if name.endswith((".jsonl", ".json")) else "text"
+
+
+def read_jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    with open_text(path) as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{line_number}: invalid JSON ({exc})") from exc
+            text = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{line_number}: no string field {text_field!r}")
+            yield text
+
+
+def read_text_documents(path: Path) -> Iterator[str]:
+    """Yield blank-line-separated blocks; line breaks inside a block are kept."""
+    block: list[str] = []
+    with open_text(path) as f:
+        for line in f:
+            if line.strip():
+                block.append(line.rstrip("\n"))
+            elif block:
+                yield "\n".join(block)
+                block = []
+    if block:
+        yield "\n".join(block)
+
+
+def load_documents(paths: list[Path], fmt: str = "auto", text_field: str = "text") -> tuple[list[str], int]:
+    """Return (non-empty documents in input order, number of empty ones skipped)."""
+    documents, skipped = [], 0
+    for path in paths:
+        path_format = detect_format(path) if fmt == "auto" else fmt
+        if path_format == "jsonl":
+            texts = read_jsonl_documents(path, text_field)
+        else:
+            texts = read_text_documents(path)
+        for text in texts:
+            if text.strip():
+                documents.append(text)
+            else:
+                skipped += 1
+    return documents, skipped
+
+
+def shuffled_order(num_docs: int, seed: int) -> list[int]:
+    """A seeded permutation of range(num_docs) that no library version can change."""
+    return sorted(range(num_docs), key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).digest())
+
+
+def split_documents(documents: list[str], val_docs: int, seed: int) -> tuple[list[str], list[str]]:
+    """Return (validation, train): the first ``val_docs`` of the seeded shuffle, then the rest."""
+    if not 1 <= val_docs < len(documents):
+        raise DataError(f"--val-docs must be between 1 and {len(documents) - 1} for {len(documents)} documents")
+    order = shuffled_order(len(documents), seed)
+    return [documents[i] for i in order[:val_docs]], [documents[i] for i in order[val_docs:]]
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(train_docs: list[str], vocab_size: int, out_dir: Path, name: str = "tokenizer") -> Path:
+    """Train the challenge-spec tokenizer on ``train_docs``; write ``name``.model/.vocab."""
+    longest_doc_bytes = max(len(doc.encode("utf-8")) for doc in train_docs)
+    model = io.BytesIO()
+    # One "sentence" per document so no document is dropped for length; a single thread and a
+    # model_writer (no model_prefix path recorded in the model) keep the output byte-identical.
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(train_docs),
+        model_writer=model,
+        vocab_size=vocab_size,
+        max_sentence_length=max(SP_DEFAULT_MAX_SENTENCE_BYTES, longest_doc_bytes),
+        num_threads=1,
+        minloglevel=1,
+        **TOKENIZER_SPEC,
+    )
+    model_path = out_dir / f"{name}.model"
+    model_path.write_bytes(model.getvalue())
+    write_vocab_file(load_tokenizer(model_path, vocab_size), out_dir / f"{name}.vocab")
+    return model_path
+
+
+def write_vocab_file(sp: spm.SentencePieceProcessor, path: Path) -> None:
+    """Write the same "piece<TAB>score" listing SentencePiece writes next to a model."""
+    lines = (f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
+    path.write_text("".join(lines), encoding="utf-8")
+
+
+def load_tokenizer(path: Path, vocab_size: int) -> spm.SentencePieceProcessor:
+    """Load a SentencePiece model and check it matches the requested vocab and BOS id."""
+    if not path.is_file():
+        raise DataError(f"{path}: tokenizer file not found")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as exc:
+        raise DataError(f"{path}: not a SentencePiece model ({exc})") from exc
+    if sp.vocab_size() != vocab_size:
+        raise DataError(f"{path}: tokenizer vocab size is {sp.vocab_size()}, but --vocab-size is {vocab_size}")
+    if sp.bos_id() != BOS_ID:
+        raise DataError(f"{path}: tokenizer bos id is {sp.bos_id()}, the shard format needs {BOS_ID}")
+    return sp
+
+
+def adopt_tokenizer(model_path: Path, vocab_size: int, out_dir: Path) -> Path:
+    """Check a given tokenizer and copy it (with its .vocab, if any) into ``out_dir``."""
+    load_tokenizer(model_path, vocab_size)
+    for source in (model_path, model_path.with_suffix(".vocab")):
+        target = out_dir / source.name
+        if source.is_file() and not (target.exists() and target.samefile(source)):
+            shutil.copyfile(source, target)
+    return out_dir / model_path.name
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+class Progress:
+    """Throttled progress lines on stderr."""
+
+    def __init__(self, label: str, total_docs: int):
+        self.label, self.total_docs = label, total_docs
+        self.start = self.last_report = time.monotonic()
+
+    def update(self, docs_done: int, tokens_written: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_report < PROGRESS_INTERVAL_S:
+            return
+        self.last_report = now
+        rate = docs_done / max(now - self.start, 1e-9)
+        print(
+            f"[{self.label}] {docs_done}/{self.total_docs} docs ({rate:,.0f} docs/s), "
+            f"{tokens_written:,} tokens written",
+            file=sys.stderr,
+        )
+
+
+def write_split(sp: spm.SentencePieceProcessor, docs: list[str], out_dir: Path, split: str, shard_tokens: int) -> dict:
+    """Encode ``docs`` as BOS + tokens each, write the split's shards, return its manifest entry."""
+    writer = ShardWriter(out_dir, split, shard_tokens)
+    progress = Progress(split, len(docs))
+    for start in range(0, len(docs), ENCODE_BATCH_DOCS):
+        batch = docs[start : start + ENCODE_BATCH_DOCS]
+        for ids in sp.encode(batch, out_type=int, num_threads=os.cpu_count() or 1):
+            writer.add(np.asarray([BOS_ID, *ids], dtype=np.uint16))
+        progress.update(start + len(batch), writer.tokens_written)
+    shards = writer.close()
+    progress.update(len(docs), writer.tokens_written, force=True)
+    return {
+        "docs": len(docs),
+        "tokens": sum(s["tokens"] for s in shards),
+        "text_bytes": sum(len(doc.encode("utf-8")) for doc in docs),
+        "shards": shards,
+    }
+
+
+# ---------------------------------------------------------------------------- build
+
+
+def existing_shards(out_dir: Path) -> list[Path]:
+    return sorted(p for p in out_dir.glob("fineweb_*.bin") if re.fullmatch(r"fineweb_(train|val)_\d{6}\.bin", p.name))
+
+
+def build(
+    inputs: list[Path],
+    out_dir: Path,
+    *,
+    val_docs: int,
+    vocab_size: int = 1024,
+    tokenizer: Path | None = None,
+    seed: int = 1337,
+    shard_tokens: int = 100_000_000,
+    fmt: str = "auto",
+    text_field: str = "text",
+    overwrite: bool = False,
+) -> dict:
+    """Run the whole pipeline; return the manifest (also written to ``out_dir/manifest.json``)."""
+    if not 1 <= vocab_size <= MAX_VOCAB_SIZE:
+        raise DataError(f"--vocab-size must be between 1 and {MAX_VOCAB_SIZE} (tokens are stored as uint16)")
+    if shard_tokens < 1:
+        raise DataError("--shard-tokens must be positive")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stale = existing_shards(out_dir)
+    if stale and not overwrite:
+        raise DataError(f"{out_dir} already holds shards ({stale[0].name}, ...); pass --overwrite to replace them")
+    for path in stale:
+        path.unlink()
+
+    documents, skipped = load_documents(inputs, fmt, text_field)
+    val, train = split_documents(documents, val_docs, seed)
+    if tokenizer is None:
+        model_path = train_tokenizer(train, vocab_size, out_dir)
+    else:
+        model_path = adopt_tokenizer(tokenizer, vocab_size, out_dir)
+    sp = load_tokenizer(model_path, vocab_size)
+
+    manifest = {
+        "format": {
+            "magic": SHARD_MAGIC,
+            "version": SHARD_VERSION,
+            "header_int32s": HEADER_INT32S,
+            "token_dtype": "uint16 little-endian",
+            "document_layout": "BOS (id 1) + tokens, no EOS; documents may span shards",
+        },
+        "tokenizer": model_path.name,
+        "tokenizer_trained_here": tokenizer is None,
+        "vocab_size": vocab_size,
+        "seed": seed,
+        "shuffle": "documents ordered by sha256(f'{seed}:{input_index}'); first val_docs are validation",
+        "inputs": [p.name for p in inputs],
+        "skipped_empty_docs": skipped,
+        "splits": {
+            "val": write_split(sp, val, out_dir, "val", shard_tokens),
+            "train": write_split(sp, train, out_dir, "train", shard_tokens),
+        },
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", type=Path, help="JSON-lines or plain-text files (.xz/.gz accepted)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--val-docs", type=int, required=True, help="documents in the validation split")
+    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--tokenizer", type=Path, help="reuse this SentencePiece .model instead of training one")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the document shuffle")
+    parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="max tokens per shard")
+    parser.add_argument("--format", choices=["auto", "jsonl", "text"], default="auto", dest="fmt")
+    parser.add_argument("--text-field", default="text", help="JSON field holding the document text")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        manifest = build(
+            args.inputs,
+            args.out,
+            val_docs=args.val_docs,
+            vocab_size=args.vocab_size,
+            tokenizer=args.tokenizer,
+            seed=args.seed,
+            shard_tokens=args.shard_tokens,
+            fmt=args.fmt,
+            text_field=args.text_field,
+            overwrite=args.overwrite,
+        )
+    except DataError as exc:
+        sys.exit(f"error: {exc}")
+    for split, entry in manifest["splits"].items():
+        print(f"{split}: {entry['docs']} docs, {entry['tokens']:,} tokens, {len(entry['shards'])} shard(s)")
+
+
+if __name__ == "__main__":
+    main()
