@@ -1,0 +1,455 @@
+"""Tests for data/build_shards.py, data/cached_challenge_fineweb.py and the shipped data/sample."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # set before anything imports huggingface_hub: no test may reach the network
+
+import gzip
+import json
+import lzma
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO_ROOT / "data"
+SAMPLE_DIR = DATA_DIR / "sample"
+SAMPLE_SOURCE = Path("/work/shared/data/sample_docs.jsonl.xz")
+sys.path.insert(0, str(DATA_DIR))
+
+import build_shards as bs  # noqa: E402
+import cached_challenge_fineweb as ccf  # noqa: E402
+
+VOCAB = 320
+VAL_DOCS = 6
+SEED = 7
+SHARD_TOKENS = 2000
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def split_at_bos(tokens: np.ndarray) -> list[np.ndarray]:
+    """Per-document token arrays (BOS removed); asserts the stream starts with BOS."""
+    assert tokens[0] == bs.BOS_ID
+    starts = np.flatnonzero(tokens == bs.BOS_ID)
+    return [tokens[s + 1 : e] for s, e in zip(starts, list(starts[1:]) + [len(tokens)])]
+
+
+def read_split(out_dir: Path, manifest: dict, split: str) -> np.ndarray:
+    return np.concatenate([bs.read_shard(out_dir / s["file"]) for s in manifest["splits"][split]["shards"]])
+
+
+def normalized(sp: spm.SentencePieceProcessor, text: str) -> str:
+    return sp.normalize(text).replace("\u2581", " ")
+
+
+def synthetic_documents(count: int = 48) -> list[str]:
+    """Unique short documents with digits, line breaks and NFKC-sensitive characters."""
+    rng = random.Random(0)
+    words = "the river stone light garden winter paper signal market window forest engine".split()
+    docs = []
+    for i in range(count):
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 14))) for _ in range(rng.randint(1, 3))]
+        docs.append(f"Document {i}: " + "\n".join(lines) + f" ﬁnal {rng.randint(0, 99999)} café ①.")
+    return docs
+
+
+def assert_same_shards(dir_a: Path, dir_b: Path) -> None:
+    names = sorted(p.name for p in bs.existing_shards(dir_a))
+    assert names == sorted(p.name for p in bs.existing_shards(dir_b))
+    for name in names:
+        assert (dir_a / name).read_bytes() == (dir_b / name).read_bytes(), name
+
+
+# ---------------------------------------------------------------------------- shard format
+
+
+def test_shard_round_trip(tmp_path):
+    tokens = np.array([0, 1, 2, 1023, 65535, 40000], dtype=np.int64)
+    path = tmp_path / "x.bin"
+    bs.write_shard(path, tokens)
+    header = np.fromfile(path, dtype="<i4", count=256)
+    assert list(header[:3]) == [20240520, 1, len(tokens)] and not header[3:].any()
+    assert path.stat().st_size == 1024 + 2 * len(tokens)
+    read = bs.read_shard(path)
+    assert read.dtype == np.uint16 and read.tolist() == tokens.tolist()
+
+
+def test_empty_shard_round_trip(tmp_path):
+    bs.write_shard(tmp_path / "e.bin", [])
+    assert bs.read_shard(tmp_path / "e.bin").size == 0
+
+
+def test_write_shard_rejects_ids_outside_uint16(tmp_path):
+    with pytest.raises(bs.DataError, match="uint16"):
+        bs.write_shard(tmp_path / "x.bin", [1, 65536])
+
+
+def corrupt_bad_magic(raw: bytearray) -> bytes:
+    raw[0:4] = (12345).to_bytes(4, "little")
+    return bytes(raw)
+
+
+def corrupt_bad_version(raw: bytearray) -> bytes:
+    raw[4:8] = (2).to_bytes(4, "little")
+    return bytes(raw)
+
+
+@pytest.mark.parametrize(
+    "corrupt, problem",
+    [
+        (corrupt_bad_magic, "bad magic 12345"),
+        (corrupt_bad_version, "bad version 2"),
+        (lambda raw: bytes(raw[:-1]), "size mismatch"),
+        (lambda raw: bytes(raw) + b"\0\0", "size mismatch"),
+        (lambda raw: bytes(raw[:100]), "shorter than the 1024-byte header"),
+    ],
+    ids=["magic", "version", "truncated", "extra-bytes", "short-header"],
+)
+def test_corrupt_shard_errors_name_file_and_problem(tmp_path, corrupt, problem):
+    path = tmp_path / "corrupt_shard.bin"
+    bs.write_shard(path, np.arange(50))
+    path.write_bytes(corrupt(bytearray(path.read_bytes())))
+    with pytest.raises(bs.DataError) as info:
+        bs.read_shard(path)
+    assert "corrupt_shard.bin" in str(info.value) and problem in str(info.value)
+
+
+def test_shard_writer_splits_documents_across_shards(tmp_path):
+    writer = bs.ShardWriter(tmp_path, "train", shard_tokens=4)
+    for doc in ([1, 10, 11], [1, 12, 13, 14], [1, 15]):
+        writer.add(np.array(doc, dtype=np.uint16))
+    shards = writer.close()
+    assert [s["tokens"] for s in shards] == [4, 4, 1]
+    assert [s["file"] for s in shards] == [f"fineweb_train_{i:06d}.bin" for i in range(3)]
+    stream = np.concatenate([bs.read_shard(tmp_path / s["file"]) for s in shards])
+    assert stream.tolist() == [1, 10, 11, 1, 12, 13, 14, 1, 15]
+
+
+# ---------------------------------------------------------------------------- inputs and split
+
+
+def test_shuffled_order_is_a_seeded_permutation():
+    order = bs.shuffled_order(100, SEED)
+    assert sorted(order) == list(range(100))
+    assert order != list(range(100))
+    assert order == bs.shuffled_order(100, SEED)
+    assert order != bs.shuffled_order(100, SEED + 1)
+
+
+def test_text_input_is_blank_line_separated_blocks(tmp_path):
+    path = tmp_path / "docs.txt"
+    path.write_text("first line\nsecond line\n\n\n  \nnext doc\n\nlast", encoding="utf-8")
+    docs, skipped = bs.load_documents([path])
+    assert docs == ["first line\nsecond line", "next doc", "last"] and skipped == 0
+
+
+def test_jsonl_input_custom_field_and_empty_docs(tmp_path):
+    path = tmp_path / "docs.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for body in ["a b", "  ", "c"]:
+            f.write(json.dumps({"body": body}) + "\n")
+    assert bs.load_documents([path], text_field="body") == (["a b", "c"], 1)
+    with pytest.raises(bs.DataError, match=r"docs.jsonl.gz:1: no string field 'text'"):
+        bs.load_documents([path])
+
+
+def test_val_docs_must_leave_training_documents():
+    with pytest.raises(bs.DataError, match="--val-docs"):
+        bs.split_documents(["a", "b"], val_docs=2, seed=SEED)
+
+
+# ---------------------------------------------------------------------------- build on a synthetic corpus
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return synthetic_documents()
+
+
+@pytest.fixture(scope="module")
+def jsonl_build(tmp_path_factory, docs):
+    """A build through the CLI from an .xz JSON-lines file; returns (out_dir, manifest)."""
+    root = tmp_path_factory.mktemp("jsonl_build")
+    source = root / "docs.jsonl.xz"
+    with lzma.open(source, "wt", encoding="utf-8") as f:
+        for i, text in enumerate(docs):
+            f.write(json.dumps({"text": text, "id": i}) + "\n")
+    out = root / "out"
+    bs.main([str(source), "--out", str(out), "--val-docs", str(VAL_DOCS), "--vocab-size", str(VOCAB),
+             "--seed", str(SEED), "--shard-tokens", str(SHARD_TOKENS)])  # fmt: skip
+    return out, json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(jsonl_build):
+    return spm.SentencePieceProcessor(model_file=str(jsonl_build[0] / "tokenizer.model"))
+
+
+def test_tokenizer_follows_the_challenge_spec(tokenizer):
+    sp = tokenizer
+    assert sp.vocab_size() == VOCAB
+    assert (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2, 3)
+    assert all(sp.is_byte(i) for i in range(4, 260)) and sp.id_to_piece(4 + 0x41) == "<0x41>"
+    assert {sp.id_to_piece(i) for i in sp.encode("\u6f22")} == {"<0xE6>", "<0xBC>", "<0xA2>"}  # byte fallback
+    assert sp.encode("12345", out_type=str) == ["1", "2", "3", "4", "5"]  # split_digits
+    assert not sp.encode("river", out_type=str)[0].startswith("\u2581")  # no dummy prefix
+    assert normalized(sp, "\ufb01nal \u2460") == "final 1"  # NFKC
+
+
+def test_tokenizer_vocab_file_lists_every_piece(jsonl_build, tokenizer):
+    lines = (jsonl_build[0] / "tokenizer.vocab").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == VOCAB
+    assert lines[1] == "<s>\t0" and lines[300].split("\t")[0] == tokenizer.id_to_piece(300)
+
+
+def test_split_decodes_to_seeded_shuffle_without_leakage(jsonl_build, tokenizer, docs):
+    out, manifest = jsonl_build
+    order = bs.shuffled_order(len(docs), SEED)
+    expected_val = [normalized(tokenizer, docs[i]) for i in order[:VAL_DOCS]]
+    expected_train = [normalized(tokenizer, docs[i]) for i in order[VAL_DOCS:]]
+    val = [tokenizer.decode(d.tolist()) for d in split_at_bos(read_split(out, manifest, "val"))]
+    train = [tokenizer.decode(d.tolist()) for d in split_at_bos(read_split(out, manifest, "train"))]
+    assert val == expected_val
+    assert train == expected_train
+    assert not set(val) & set(train)
+
+
+def test_manifest_matches_shards(jsonl_build, docs):
+    out, manifest = jsonl_build
+    assert manifest["tokenizer"] == "tokenizer.model" and manifest["vocab_size"] == VOCAB
+    assert manifest["seed"] == SEED
+    listed = [s["file"] for split in ("val", "train") for s in manifest["splits"][split]["shards"]]
+    assert sorted(listed) == sorted(p.name for p in bs.existing_shards(out))
+    assert len(manifest["splits"]["train"]["shards"]) >= 2  # the corpus spans shards
+    order = bs.shuffled_order(len(docs), SEED)
+    split_docs = {"val": [docs[i] for i in order[:VAL_DOCS]], "train": [docs[i] for i in order[VAL_DOCS:]]}
+    for split, entry in manifest["splits"].items():
+        stream = read_split(out, manifest, split)
+        for shard in entry["shards"]:
+            assert len(bs.read_shard(out / shard["file"])) == shard["tokens"] <= SHARD_TOKENS
+        assert entry["tokens"] == len(stream)
+        assert entry["docs"] == int((stream == bs.BOS_ID).sum()) == len(split_docs[split])
+        assert entry["text_bytes"] == sum(len(d.encode("utf-8")) for d in split_docs[split])
+
+
+def test_plain_text_input_with_reused_tokenizer_gives_same_shards(tmp_path, jsonl_build, docs):
+    out, _ = jsonl_build
+    source = tmp_path / "docs.txt.gz"
+    with gzip.open(source, "wt", encoding="utf-8") as f:
+        f.write("\n\n".join(docs) + "\n")
+    manifest = bs.build([source], tmp_path / "out", val_docs=VAL_DOCS, vocab_size=VOCAB, seed=SEED,
+                        shard_tokens=SHARD_TOKENS, tokenizer=out / "tokenizer.model")  # fmt: skip
+    assert manifest["tokenizer_trained_here"] is False
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == (out / "tokenizer.model").read_bytes()
+    assert_same_shards(out, tmp_path / "out")
+
+
+def test_reused_tokenizer_with_wrong_vocab_size_fails_clearly(tmp_path, jsonl_build, docs):
+    model = jsonl_build[0] / "tokenizer.model"
+    source = tmp_path / "docs.txt"
+    source.write_text("\n\n".join(docs), encoding="utf-8")
+    with pytest.raises(bs.DataError) as info:
+        bs.build([source], tmp_path / "out", val_docs=VAL_DOCS, vocab_size=1024, tokenizer=model)
+    message = str(info.value)
+    assert str(model) in message and f"vocab size is {VOCAB}" in message and "1024" in message
+
+
+def test_reused_tokenizer_with_other_bos_id_fails_clearly(tmp_path, docs):
+    prefix = tmp_path / "odd"
+    spec = dict(bs.TOKENIZER_SPEC, bos_id=2, eos_id=1)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(docs), model_prefix=str(prefix), vocab_size=VOCAB,
+                                   minloglevel=2, **spec)  # fmt: skip
+    with pytest.raises(bs.DataError, match=r"odd\.model: tokenizer bos id is 2"):
+        bs.load_tokenizer(Path(f"{prefix}.model"), VOCAB)
+
+
+def test_refuses_vocab_beyond_uint16_and_existing_shards(tmp_path, jsonl_build):
+    with pytest.raises(bs.DataError, match="uint16"):
+        bs.build([tmp_path / "unused.txt"], tmp_path, val_docs=1, vocab_size=65536)
+    with pytest.raises(bs.DataError, match="--overwrite"):
+        bs.build([tmp_path / "unused.txt"], jsonl_build[0], val_docs=1)
+
+
+# ---------------------------------------------------------------------------- download script
+
+
+FAKE_MANIFEST = {
+    "datasets": [
+        {"name": "fineweb10B_sp4096", "tokenizer_name": "sp_bpe_4096", "stats": {"files_train": 9, "files_val": 1}},
+        {"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024", "stats": {"files_train": 5, "files_val": 1}},
+    ],
+    "tokenizers": [
+        {
+            "name": "sp_bpe_1024",
+            "model_path": "tokenizers/fineweb_1024_bpe.model",
+            "vocab_path": "tokenizers/fineweb_1024_bpe.vocab",
+        }
+    ],
+}
+
+
+class FakeHub:
+    """Stands in for huggingface_hub.hf_hub_download: writes plausible files, records calls."""
+
+    def __init__(self, manifest):
+        self.manifest = manifest
+        self.calls = []
+
+    def __call__(self, repo_id, filename, *, subfolder=None, repo_type=None, local_dir=None, **kwargs):
+        self.calls.append(dict(repo_id=repo_id, filename=filename, subfolder=subfolder, repo_type=repo_type, **kwargs))
+        path = Path(local_dir) / (subfolder or "") / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if filename == "manifest.json":
+            path.write_text(json.dumps(self.manifest), encoding="utf-8")
+        elif filename.endswith(".bin"):
+            bs.write_shard(path, np.arange(10))
+        else:
+            path.write_bytes(b"tokenizer bytes")
+        return str(path)
+
+    def requested(self):
+        return [(c["subfolder"], c["filename"]) for c in self.calls]
+
+
+@pytest.fixture(autouse=True)
+def no_real_hub(monkeypatch):
+    """Any test that reaches the real hub function fails instead of touching the network."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("test tried to use the real huggingface_hub.hf_hub_download")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import huggingface_hub
+
+    hub = FakeHub(FAKE_MANIFEST)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    return hub
+
+
+def test_download_requests_exactly_the_needed_files(tmp_path, fake_hub, capsys):
+    ccf.main(["--variant", "sp1024", "--train-shards", "2", "--out", str(tmp_path)])
+    shard_folder = "datasets/datasets/fineweb10B_sp1024"
+    assert fake_hub.requested() == [
+        ("datasets", "manifest.json"),
+        (shard_folder, "fineweb_val_000000.bin"),
+        (shard_folder, "fineweb_train_000000.bin"),
+        (shard_folder, "fineweb_train_000001.bin"),
+        ("datasets/tokenizers", "fineweb_1024_bpe.model"),
+        ("datasets/tokenizers", "fineweb_1024_bpe.vocab"),
+    ]
+    assert {c["repo_id"] for c in fake_hub.calls} == {"willdepueoai/parameter-golf"}
+    assert {c["repo_type"] for c in fake_hub.calls} == {"dataset"}
+    local = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert local == [
+        "datasets/fineweb10B_sp1024/fineweb_train_000000.bin",
+        "datasets/fineweb10B_sp1024/fineweb_train_000001.bin",
+        "datasets/fineweb10B_sp1024/fineweb_val_000000.bin",
+        "datasets/manifest.json",
+        "tokenizers/fineweb_1024_bpe.model",
+        "tokenizers/fineweb_1024_bpe.vocab",
+    ]
+    assert "downloaded 6 file(s), skipped 0" in capsys.readouterr().out
+
+
+def test_download_skips_present_files_and_refetches_broken_ones(tmp_path, fake_hub, capsys):
+    args = ["--train-shards", "2", "--out", str(tmp_path)]
+    ccf.main(args)
+    fake_hub.calls.clear()
+    ccf.main(args)
+    assert fake_hub.calls == []
+    assert "downloaded 0 file(s), skipped 6" in capsys.readouterr().out
+    shard = tmp_path / "datasets/fineweb10B_sp1024/fineweb_train_000001.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    ccf.main(args)
+    assert fake_hub.requested() == [("datasets/datasets/fineweb10B_sp1024", "fineweb_train_000001.bin")]
+    assert bs.read_shard(shard).size == 10
+
+
+def test_download_fails_clearly_for_missing_variant_or_too_many_shards(tmp_path, fake_hub):
+    with pytest.raises(ccf.DownloadError, match=r"'sp2048'.*not in datasets/manifest.json"):
+        ccf.fetch_variant("sp2048", 1, tmp_path)
+    with pytest.raises(ccf.DownloadError, match="has 5 train shards.*6 requested"):
+        ccf.fetch_variant("sp1024", 6, tmp_path)
+    with pytest.raises(SystemExit, match="error: .*sp2048"):
+        ccf.main(["--variant", "sp2048", "--out", str(tmp_path)])
+    assert [c["filename"] for c in fake_hub.calls] == ["manifest.json"]  # fetched once, then reused
+
+
+def test_download_tolerates_sparse_manifest(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    hub = FakeHub({"datasets": {"fineweb10B_sp1024": {}}})  # keyed by name, no stats, no tokenizers
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    ccf.fetch_variant("sp1024", 1, tmp_path)
+    assert [name for _, name in hub.requested()] == [
+        "manifest.json",
+        "fineweb_val_000000.bin",
+        "fineweb_train_000000.bin",
+        "fineweb_1024_bpe.model",
+        "fineweb_1024_bpe.vocab",
+    ]
+
+
+def test_importing_download_module_does_not_import_the_hub():
+    code = "import sys; import cached_challenge_fineweb; print('huggingface_hub' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=DATA_DIR, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------- shipped sample corpus
+
+
+@pytest.fixture(scope="module")
+def sample_manifest():
+    return json.loads((SAMPLE_DIR / "manifest.json").read_text(encoding="utf-8"))
+
+
+def test_sample_files_exist_and_pass_the_reader(sample_manifest):
+    for name in ("fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin",
+                 "tokenizer.model", "tokenizer.vocab", "manifest.json"):  # fmt: skip
+        assert (SAMPLE_DIR / name).is_file(), name
+    sp = bs.load_tokenizer(SAMPLE_DIR / sample_manifest["tokenizer"], 1024)
+    assert sp.vocab_size() == sample_manifest["vocab_size"] == 1024
+    listed = [s["file"] for split in ("val", "train") for s in sample_manifest["splits"][split]["shards"]]
+    assert sorted(listed) == sorted(p.name for p in bs.existing_shards(SAMPLE_DIR))
+    assert sum(p.stat().st_size for p in SAMPLE_DIR.iterdir()) < 4_000_000
+
+
+def test_sample_manifest_matches_shards(sample_manifest):
+    train_shards = sample_manifest["splits"]["train"]["shards"]
+    assert len(train_shards) >= 2
+    for split, entry in sample_manifest["splits"].items():
+        stream = read_split(SAMPLE_DIR, sample_manifest, split)
+        assert [len(bs.read_shard(SAMPLE_DIR / s["file"])) for s in entry["shards"]] == [
+            s["tokens"] for s in entry["shards"]
+        ]
+        assert entry["tokens"] == len(stream)
+        assert stream[0] == bs.BOS_ID and entry["docs"] == int((stream == bs.BOS_ID).sum())
+        assert stream.max() < 1024
+    assert 60_000 <= sample_manifest["splits"]["val"]["tokens"] <= 120_000
+
+
+def test_sample_validation_documents_are_not_in_train(sample_manifest):
+    sp = spm.SentencePieceProcessor(model_file=str(SAMPLE_DIR / "tokenizer.model"))
+    val = {sp.decode(d.tolist()) for d in split_at_bos(read_split(SAMPLE_DIR, sample_manifest, "val"))}
+    train = {sp.decode(d.tolist()) for d in split_at_bos(read_split(SAMPLE_DIR, sample_manifest, "train"))}
+    assert len(val) == sample_manifest["splits"]["val"]["docs"] and not val & train
+
+
+@pytest.mark.skipif(not SAMPLE_SOURCE.is_file(), reason="sample source documents not on this machine")
+def test_sample_rebuild_is_byte_identical(tmp_path):
+    bs.build([SAMPLE_SOURCE], tmp_path, val_docs=24, shard_tokens=600_000)
+    for path in SAMPLE_DIR.iterdir():
+        assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
