@@ -56,7 +56,8 @@ def synthetic_documents(count: int = 48) -> list[str]:
     docs = []
     for i in range(count):
         lines = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 14))) for _ in range(rng.randint(1, 3))]
-        docs.append(f"Document {i}: " + "\n".join(lines) + f" ﬁnal {rng.randint(0, 99999)} café ①.")
+        # "1999" recurs so that, without split_digits, BPE would merge its digits.
+        docs.append(f"Document {i} of 1999: " + "\n".join(lines) + f" ﬁnal {rng.randint(0, 99999)} café ①.")
     return docs
 
 
@@ -198,7 +199,7 @@ def test_tokenizer_follows_the_challenge_spec(tokenizer):
     assert (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2, 3)
     assert all(sp.is_byte(i) for i in range(4, 260)) and sp.id_to_piece(4 + 0x41) == "<0x41>"
     assert {sp.id_to_piece(i) for i in sp.encode("\u6f22")} == {"<0xE6>", "<0xBC>", "<0xA2>"}  # byte fallback
-    assert sp.encode("12345", out_type=str) == ["1", "2", "3", "4", "5"]  # split_digits
+    assert sp.encode("1999", out_type=str) == ["1", "9", "9", "9"]  # split_digits
     assert not sp.encode("river", out_type=str)[0].startswith("\u2581")  # no dummy prefix
     assert normalized(sp, "\ufb01nal \u2460") == "final 1"  # NFKC
 
@@ -219,6 +220,20 @@ def test_split_decodes_to_seeded_shuffle_without_leakage(jsonl_build, tokenizer,
     assert val == expected_val
     assert train == expected_train
     assert not set(val) & set(train)
+    # exact layout: BOS + the document's tokens, nothing else (no EOS)
+    expected_val_stream = [t for i in order[:VAL_DOCS] for t in [bs.BOS_ID, *tokenizer.encode(docs[i])]]
+    assert read_split(out, manifest, "val").tolist() == expected_val_stream
+
+
+def test_tokenizer_is_trained_on_training_documents_only(tmp_path, docs):
+    marked = list(docs)
+    for i in bs.shuffled_order(len(docs), SEED)[:VAL_DOCS]:
+        marked[i] += " qjx" * 200  # would surely become a merged piece if validation text were seen
+    source = tmp_path / "docs.txt"
+    source.write_text("\n\n".join(marked), encoding="utf-8")
+    bs.build([source], tmp_path / "out", val_docs=VAL_DOCS, vocab_size=VOCAB, seed=SEED)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizer.model"))
+    assert not [sp.id_to_piece(i) for i in range(VOCAB) if "qj" in sp.id_to_piece(i)]
 
 
 def test_manifest_matches_shards(jsonl_build, docs):
