@@ -1,0 +1,1441 @@
+"""Parameter Golf trainer: a dense or Mixture-of-Experts GPT packed into a 16,000,000-byte artifact.
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py      # knobs are environment variables
+
+Sections, top to bottom: hyperparameters, data, model, MoE, optimizer, quantization and artifact,
+evaluation, training loop, main(). Importing this file does no work, so tools and tests reuse it.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import glob
+import json
+import math
+import os
+import struct
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import zstandard
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# ----------------------------------------------------------------------------------------------
+# 1. Hyperparameters: every knob is an environment variable (documented in README.md)
+# ----------------------------------------------------------------------------------------------
+CHOICES = {
+    "COMPILE": ("auto", "0", "1"),
+    "MLP_ACT": ("relu2", "leaky_relu2"),
+    "MOE_MODE": ("none", "soft", "topk", "standard", "shared_routed"),
+    "ROUTER_SCORE": ("softmax", "sigmoid"),
+    "MOE_DISPATCH": ("grouped", "capacity"),
+}
+KNOBS: dict[str, tuple[type, object]] = {
+    # data, run and logging
+    "DATA_PATH": (str, "./data/datasets/fineweb10B_sp1024"),
+    "TOKENIZER_PATH": (str, "./data/tokenizers/fineweb_1024_bpe.model"),
+    "VOCAB_SIZE": (int, 1024),
+    "RUN_ID": (str, ""),
+    "SEED": (int, 1337),
+    "LOG_DIR": (str, "logs"),
+    "ARTIFACT_PATH": (str, ""),
+    "TRAIN_LOG_EVERY": (int, 100),
+    "VAL_LOSS_EVERY": (int, 0),
+    "VAL_TOKEN_LIMIT": (int, 0),
+    "COMPILE": (str, "auto"),
+    # run length and schedules (fractions of the run, so short runs are miniatures of long ones)
+    "ITERATIONS": (int, 20000),
+    "MAX_WALLCLOCK_SECONDS": (float, 600.0),
+    "TRAIN_BATCH_TOKENS": (int, 786_432),
+    "MICRO_BATCH_TOKENS": (int, 0),
+    "TRAIN_SEQ_LEN": (int, 2048),
+    "WARMUP_STEPS": (int, 20),
+    "LR_WARMUP_FRAC": (float, 0.0),
+    "WARMDOWN_FRAC": (float, 0.45),
+    # model
+    "NUM_LAYERS": (int, 10),
+    "MODEL_DIM": (int, 512),
+    "NUM_HEADS": (int, 8),
+    "NUM_KV_HEADS": (int, 4),
+    "MLP_MULT": (float, 3.0),
+    "MLP_ACT": (str, "relu2"),
+    "ROPE_DIMS": (int, 0),
+    "ROPE_BASE": (float, 10000.0),
+    "QK_GAIN_INIT": (float, 1.5),
+    "LOGIT_SOFTCAP": (float, 30.0),
+    "TIE_EMBEDDINGS": (bool, True),
+    "TIED_EMBED_INIT_STD": (float, 0.005),
+    "BIGRAM_BUCKETS": (int, 10240),
+    "BIGRAM_DIM": (int, 128),
+    "SMEAR_GATE": (bool, True),
+    # mixture of experts
+    "MOE_MODE": (str, "soft"),
+    "NUM_EXPERTS": (int, 4),
+    "TOP_K": (int, 1),
+    "MOE_LAYERS": (list, []),
+    "MOE_START_LAYER": (int, 0),
+    "EXPERT_HIDDEN": (int, 0),
+    "SHARED_HIDDEN": (int, 0),
+    "ROUTER_SCORE": (str, "softmax"),
+    "ROUTER_LR": (float, 0.01),
+    "MOE_AUX_LOSS_COEF": (float, 0.01),
+    "ROUTER_Z_COEF": (float, 0.001),
+    "ROUTER_BIAS_RATE": (float, 0.001),
+    "ROUTER_NOISE": (float, 0.0),
+    "MOE_DISPATCH": (str, "grouped"),
+    "CAPACITY_FACTOR": (float, 1.25),
+    # optimizer
+    "MATRIX_LR": (float, 0.02),
+    "SCALAR_LR": (float, 0.02),
+    "TIED_EMBED_LR": (float, 0.03),
+    "EMBED_LR": (float, 0.6),
+    "HEAD_LR": (float, 0.008),
+    "MUON_MOMENTUM": (float, 0.99),
+    "MUON_MOMENTUM_WARMUP_START": (float, 0.92),
+    "MUON_MOMENTUM_WARMUP_FRAC": (float, 0.22),
+    "MUON_BACKEND_STEPS": (int, 5),
+    "MUON_WD": (float, 0.04),
+    "BETA1": (float, 0.9),
+    "BETA2": (float, 0.95),
+    "ADAM_EPS": (float, 1e-8),
+    "ADAM_WD": (float, 0.04),
+    "GRAD_CLIP_NORM": (float, 0.3),
+    # weight averaging
+    "EMA_HORIZON": (float, 0.05),
+    "EMA_START": (float, 0.0),
+    "EMA_DECAY": (float, None),
+    # quantization and the artifact
+    "QUANT_BITS_MLP": (int, 5),
+    "QUANT_BITS_ATTN": (int, 6),
+    "QUANT_BITS_EMBED": (int, 8),
+    "QUANT_BITS_BIGRAM": (int, 6),
+    "FP16_KEEP_NAME_PATTERNS": (str, ""),
+    "FP16_KEEP_MAX_NUMEL": (int, 16384),
+    "PRUNE_FRAC": (float, 0.0),
+    "ZSTD_LEVEL": (int, 22),
+    "SIZE_CAP_BYTES": (int, 16_000_000),
+    "BUDGET_MARGIN": (float, 0.02),
+    "ALLOW_OVER_BUDGET": (bool, False),
+    # evaluation
+    "EVAL_STRIDE": (int, 64),
+    "EVAL_SEQ_LEN": (int, 0),
+    "EVAL_BATCH_SEQS": (int, 32),
+}
+# The knobs that define the network; the artifact stores them so it can rebuild the model.
+MODEL_KNOBS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT",
+               "MLP_ACT", "ROPE_DIMS", "ROPE_BASE", "QK_GAIN_INIT", "LOGIT_SOFTCAP", "TIE_EMBEDDINGS",
+               "BIGRAM_BUCKETS", "BIGRAM_DIM", "SMEAR_GATE", "MOE_MODE", "NUM_EXPERTS", "TOP_K",
+               "MOE_LAYERS", "MOE_START_LAYER", "EXPERT_HIDDEN", "SHARED_HIDDEN", "ROUTER_SCORE",
+               "MOE_DISPATCH", "CAPACITY_FACTOR")
+# Launcher variables that are not knobs but look like them.
+LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+
+
+class ConfigError(ValueError):
+    """A knob with a bad value or a bad combination of knobs; the message names the knob."""
+
+
+def parse_knob(name: str, raw: str, kind: type) -> object:
+    try:
+        if kind is bool:
+            if raw.strip().lower() not in ("0", "1", "true", "false"):
+                raise ValueError
+            return raw.strip().lower() in ("1", "true")
+        if kind is list:
+            return [int(part) for part in raw.split(",") if part.strip()]
+        value = kind(raw)
+    except ValueError:
+        what = {bool: "0 or 1", list: "a comma-separated list of integers"}.get(kind, kind.__name__)
+        raise ConfigError(f"{name}={raw!r}: expected {what}") from None
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r}: expected a finite number")
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ConfigError(f"{name}={raw!r}: expected one of {', '.join(CHOICES[name])}")
+    return value
+
+
+def load_config(environ=None, **overrides) -> SimpleNamespace:
+    """Read every knob from `environ` (default os.environ), apply keyword overrides, validate."""
+    env = os.environ if environ is None else environ
+    for key in env:
+        if key not in KNOBS and key not in LAUNCHER_VARS:
+            close = difflib.get_close_matches(key, list(KNOBS), n=1, cutoff=0.9)
+            if close:
+                raise ConfigError(f"unknown variable {key}: did you mean {close[0]}?")
+    values = {}
+    for name, (kind, default) in KNOBS.items():
+        raw = env.get(name, "")
+        values[name.lower()] = parse_knob(name, raw, kind) if raw != "" else copy.copy(default)
+    values.update({k.lower(): v for k, v in overrides.items()})
+    return derive_config(SimpleNamespace(**values))
+
+
+def derive_config(h: SimpleNamespace) -> SimpleNamespace:
+    """Check knob combinations and fill in the values other knobs imply."""
+    def need(cond: bool, msg: str):
+        if not cond:
+            raise ConfigError(msg)
+    for name in ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN",
+                 "TRAIN_BATCH_TOKENS", "NUM_EXPERTS", "TOP_K", "EVAL_BATCH_SEQS", "ITERATIONS"):
+        need(getattr(h, name.lower()) > 0, f"{name}={getattr(h, name.lower())}: must be positive")
+    need(h.model_dim % h.num_heads == 0, f"MODEL_DIM={h.model_dim} is not divisible by NUM_HEADS={h.num_heads}")
+    need(h.num_heads % h.num_kv_heads == 0, f"NUM_HEADS={h.num_heads} is not divisible by NUM_KV_HEADS={h.num_kv_heads}")
+    h.head_dim = h.model_dim // h.num_heads
+    h.rope_dims = h.rope_dims or h.head_dim
+    need(h.rope_dims % 2 == 0 and h.rope_dims <= h.head_dim, f"ROPE_DIMS={h.rope_dims}: must be even and at most the head dim {h.head_dim}")
+    need(h.vocab_size <= 65536, f"VOCAB_SIZE={h.vocab_size}: shards hold uint16 token ids")
+    h.moe_mode = "topk" if h.moe_mode == "standard" else h.moe_mode
+    need(1 <= h.top_k <= h.num_experts, f"TOP_K={h.top_k}: must be between 1 and NUM_EXPERTS={h.num_experts}")
+    for layer in h.moe_layers:
+        need(0 <= layer < h.num_layers, f"MOE_LAYERS: layer {layer} is outside 0..{h.num_layers - 1}")
+    h.moe_layer_ids = sorted(set(h.moe_layers)) if h.moe_layers else list(range(h.moe_start_layer, h.num_layers))
+    if h.moe_mode == "none":
+        h.moe_layer_ids = []
+    h.mlp_hidden = int(h.mlp_mult * h.model_dim)
+    h.shared_hidden_eff = (h.shared_hidden or h.mlp_hidden // 2) if h.moe_mode == "shared_routed" else 0
+    free_hidden = h.mlp_hidden - h.shared_hidden_eff
+    if h.moe_mode != "none" and not h.expert_hidden:
+        need(free_hidden > 0 and free_hidden % h.num_experts == 0,
+             f"NUM_EXPERTS={h.num_experts}: the parameter-matched expert size {free_hidden}/{h.num_experts} is not whole; set EXPERT_HIDDEN")
+    h.expert_hidden_eff = h.expert_hidden or max(free_hidden // h.num_experts, 0)
+    need(h.capacity_factor > 0, f"CAPACITY_FACTOR={h.capacity_factor}: must be positive")
+    for name in ("QUANT_BITS_MLP", "QUANT_BITS_ATTN", "QUANT_BITS_EMBED", "QUANT_BITS_BIGRAM"):
+        bits = getattr(h, name.lower())
+        need(2 <= bits <= 8 or bits == 16, f"{name}={bits}: expected 2..8, or 16 to keep fp16")
+    need(0.0 <= h.prune_frac < 1.0, f"PRUNE_FRAC={h.prune_frac}: expected a fraction in [0, 1)")
+    need(0.0 <= h.warmdown_frac <= 1.0 and 0.0 <= h.lr_warmup_frac <= 1.0, "WARMDOWN_FRAC and LR_WARMUP_FRAC are fractions in [0, 1]")
+    need(h.ema_decay is None or 0.0 <= h.ema_decay < 1.0, f"EMA_DECAY={h.ema_decay}: expected a per-step decay in [0, 1)")
+    h.micro_batch_tokens = h.micro_batch_tokens or h.train_batch_tokens // 8
+    need(h.micro_batch_tokens % h.train_seq_len == 0,
+         f"MICRO_BATCH_TOKENS={h.micro_batch_tokens} is not a multiple of TRAIN_SEQ_LEN={h.train_seq_len}")
+    h.eval_seq_len = h.eval_seq_len or h.train_seq_len
+    need(0 <= h.eval_stride <= h.eval_seq_len, f"EVAL_STRIDE={h.eval_stride}: must be in 0..EVAL_SEQ_LEN={h.eval_seq_len}")
+    return h
+
+
+def grad_accum_steps(h: SimpleNamespace, world_size: int) -> int:
+    per_step = world_size * h.micro_batch_tokens
+    if h.train_batch_tokens % per_step:
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not divisible by WORLD_SIZE={world_size} "
+                          f"x MICRO_BATCH_TOKENS={h.micro_batch_tokens}")
+    return h.train_batch_tokens // per_step
+
+
+def model_knobs(h: SimpleNamespace) -> dict:
+    return {name: getattr(h, name.lower()) for name in MODEL_KNOBS}
+
+# ----------------------------------------------------------------------------------------------
+# 2. Data: challenge shards (256 x int32 header, then uint16 tokens), loaders, tokenizer bytes
+# ----------------------------------------------------------------------------------------------
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
+BOS_ID = 1
+
+
+class DataError(ValueError):
+    """A missing or malformed data file; the message names the file."""
+
+
+def read_shard(path: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such shard file")
+    size = os.path.getsize(path)
+    if size < SHARD_HEADER_BYTES:
+        raise DataError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header")
+    header = np.fromfile(path, dtype="<i4", count=3)
+    if header[0] != SHARD_MAGIC:
+        raise DataError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a challenge shard")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
+    expected = SHARD_HEADER_BYTES + 2 * int(header[2])
+    if header[2] < 0 or size != expected:
+        raise DataError(f"{path}: file is {size} bytes but its header promises {header[2]} tokens "
+                        f"({expected} bytes); truncated or corrupt")
+    return np.fromfile(path, dtype="<u2", count=int(header[2]), offset=SHARD_HEADER_BYTES)
+
+
+def shard_files(data_path: str, split: str) -> list[str]:
+    if not os.path.isdir(data_path):
+        raise DataError(f"DATA_PATH={data_path}: no such directory (download FineWeb with "
+                        "data/cached_challenge_fineweb.py, or use DATA_PATH=data/sample)")
+    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    if not files:
+        raise DataError(f"DATA_PATH={data_path}: no fineweb_{split}_*.bin shards")
+    return files
+
+
+class TokenStream:
+    """The training shards read in sorted order, wrapping around; its position can be saved."""
+
+    def __init__(self, files: list[str]):
+        bad = [f for f in files if "_val_" in os.path.basename(f)]
+        if bad:
+            raise DataError(f"{bad[0]}: a validation shard must never feed training")
+        self.files, self.file_idx, self.pos = files, 0, 0
+        self.tokens = read_shard(files[0])
+
+    def state(self) -> tuple[int, int]:
+        return self.file_idx, self.pos
+
+    def restore(self, state: tuple[int, int]) -> None:
+        if state[0] != self.file_idx:
+            self.tokens = read_shard(self.files[state[0]])
+        self.file_idx, self.pos = state
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            if self.pos >= len(self.tokens):
+                self.file_idx = (self.file_idx + 1) % len(self.files)
+                self.tokens, self.pos = read_shard(self.files[self.file_idx]), 0
+            part = self.tokens[self.pos:self.pos + n]
+            parts.append(part)
+            self.pos += len(part)
+            n -= len(part)
+        return np.concatenate(parts)
+
+
+class TrainLoader:
+    """Each optimizer step reads one global span; rank r's micro-step m gets piece m*world + r."""
+
+    def __init__(self, files, rank, world_size, seq_len, micro_tokens, accum, device):
+        self.stream = TokenStream(files)
+        self.rank, self.world, self.seq_len = rank, world_size, seq_len
+        self.span, self.accum, self.device = micro_tokens + 1, accum, device
+
+    def next_step(self) -> list[tuple[Tensor, Tensor]]:
+        chunk = self.stream.take(self.span * self.world * self.accum)
+        batches = []
+        for micro in range(self.accum):
+            start = (micro * self.world + self.rank) * self.span
+            piece = torch.from_numpy(chunk[start:start + self.span].astype(np.int64))
+            if self.device.type == "cuda":
+                piece = piece.pin_memory().to(self.device, non_blocking=True)
+            batches.append((piece[:-1].view(-1, self.seq_len), piece[1:].view(-1, self.seq_len)))
+        return batches
+
+
+def load_val_tokens(data_path: str, vocab_size: int, limit: int = 0) -> Tensor:
+    files = shard_files(data_path, "val")
+    tokens = np.concatenate([read_shard(f) for f in files])
+    if limit:
+        tokens = tokens[:limit + 1]
+    if len(tokens) < 2:
+        raise DataError(f"{files[0]}: validation split has fewer than 2 tokens")
+    if int(tokens.max()) >= vocab_size:
+        raise DataError(f"{files[0]}: token id {int(tokens.max())} is outside VOCAB_SIZE={vocab_size}")
+    return torch.from_numpy(tokens.astype(np.int32))
+
+
+def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
+    if not os.path.isfile(path):
+        raise DataError(f"TOKENIZER_PATH={path}: no such file")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError) as err:
+        raise DataError(f"{path}: not a SentencePiece model ({err})") from None
+    if sp.vocab_size() != vocab_size:
+        raise DataError(f"{path}: tokenizer has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
+    return sp
+
+
+def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per token id: UTF-8 bytes without a leading space, starts-with-space, is-control (challenge.md)."""
+    n = sp.vocab_size()
+    base, space, control = np.zeros(n, np.int16), np.zeros(n, np.bool_), np.zeros(n, np.bool_)
+    for i in range(n):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            control[i] = True
+        elif sp.is_byte(i):
+            base[i] = 1
+        else:
+            piece = sp.id_to_piece(i)
+            space[i] = piece.startswith("\u2581")
+            base[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
+    return torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(control)
+
+
+def target_bytes(prev: Tensor, tgt: Tensor, tables: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    base, space, control = tables
+    return base[tgt].to(torch.int32) + (space[tgt] & ~control[prev]).to(torch.int32)
+
+# ----------------------------------------------------------------------------------------------
+# 3. Model: GQA attention with QK-norm and partial RoPE, U-Net skips, BigramHash, SmearGate
+# ----------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def mlp_act(x: Tensor, kind: str) -> Tensor:
+    return (F.relu(x) if kind == "relu2" else F.leaky_relu(x, 0.5)).square()
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    module.zero_init = True  # output projections start at zero, so every block starts as identity
+    return module
+
+
+class Rotary(nn.Module):
+    def __init__(self, rope_dims: int, base: float):
+        super().__init__()
+        self.register_buffer("inv_freq", base ** (-torch.arange(0, rope_dims, 2).float() / rope_dims), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, H, T, D); rotates the first rope_dims channels
+        freqs = torch.outer(torch.arange(x.size(-2), device=x.device, dtype=torch.float32), self.inv_freq)
+        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+        half = self.inv_freq.numel()
+        x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, h):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = h.num_heads, h.num_kv_heads, h.head_dim
+        kv_dim = h.num_kv_heads * h.head_dim
+        self.c_q = nn.Linear(h.model_dim, h.model_dim, bias=False)
+        self.c_k = nn.Linear(h.model_dim, kv_dim, bias=False)
+        self.c_v = nn.Linear(h.model_dim, kv_dim, bias=False)
+        self.proj = zero_init(nn.Linear(h.model_dim, h.model_dim, bias=False))
+        self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
+        self.rotary = Rotary(h.rope_dims, h.rope_base)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        q = self.c_q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = rms_norm(q) * self.q_gain.to(q.dtype)[:, None, None]
+        q, k = self.rotary(q), self.rotary(rms_norm(k))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.act = act
+        self.fc = nn.Linear(dim, hidden, bias=False)
+        self.proj = zero_init(nn.Linear(hidden, dim, bias=False))
+
+    def forward(self, x: Tensor, aux: list) -> Tensor:
+        return self.proj(mlp_act(self.fc(x), self.act))
+
+
+class BigramHash(nn.Module):
+    """A learned vector per hashed (previous token, token) pair, projected to the model width."""
+
+    def __init__(self, buckets: int, bigram_dim: int, dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.table = nn.Embedding(buckets, bigram_dim)
+        self.proj = zero_init(nn.Linear(bigram_dim, dim, bias=False))
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def forward(self, idx: Tensor) -> Tensor:
+        pair = (idx[:, :-1] * 92821) ^ (idx[:, 1:] * 1_000_003)
+        # The first position has no previous token: it gets the reserved last bucket.
+        first = torch.full_like(idx[:, :1], self.buckets - 1)
+        bucket = torch.cat((first, pair % (self.buckets - 1)), dim=1)
+        return self.scale * self.proj(self.table(bucket))
+
+
+class SmearGate(nn.Module):
+    """Mixes each position's embedding with the previous position's, never across a BOS."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor, idx: Tensor) -> Tensor:
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        g = torch.sigmoid(self.gate).to(x.dtype) * (idx != BOS_ID).unsqueeze(-1).to(x.dtype)
+        return x + g * (prev - x)
+
+
+class Block(nn.Module):
+    def __init__(self, h, layer: int):
+        super().__init__()
+        self.attn = Attention(h)
+        self.mlp = make_mlp(h, layer)
+        self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
+
+    def forward(self, x: Tensor, x0: Tensor, aux: list) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x), aux)
+
+
+class GPT(nn.Module):
+    def __init__(self, h):
+        super().__init__()
+        self.softcap, self.vocab_size = h.logit_softcap, h.vocab_size
+        self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
+        self.bigram = BigramHash(h.bigram_buckets, h.bigram_dim, h.model_dim) if h.bigram_buckets > 0 else None
+        self.smear = SmearGate(h.model_dim) if h.smear_gate else None
+        self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
+        self.n_encoder = h.num_layers // 2
+        self.skip_weights = nn.Parameter(torch.ones(h.num_layers - self.n_encoder, h.model_dim))
+        self.lm_head = None if h.tie_embeddings else zero_init(nn.Linear(h.model_dim, h.vocab_size, bias=False))
+        self.reset_parameters(h.tied_embed_init_std)
+
+    @torch.no_grad()
+    def reset_parameters(self, embed_std: float) -> None:
+        nn.init.normal_(self.tok_emb.weight, std=embed_std)
+        if self.bigram is not None:
+            nn.init.normal_(self.bigram.table.weight, std=0.02)
+        for module in self.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if getattr(module, "zero_init", False) or name.startswith("down") or name == "router_weight":
+                    p.zero_()
+                elif isinstance(module, nn.Linear) or name.startswith("up"):
+                    for matrix in p.view(-1, *p.shape[-2:]):  # experts are orthogonalised one by one
+                        nn.init.orthogonal_(matrix)
+
+    def hidden(self, idx: Tensor, aux: list) -> Tensor:
+        x = self.tok_emb(idx)
+        if self.bigram is not None:
+            x = x + self.bigram(idx)
+        x = rms_norm(x)
+        if self.smear is not None:
+            x = self.smear(x, idx)
+        x0, skips = x, []
+        for i, block in enumerate(self.blocks):
+            if i >= self.n_encoder and skips:  # U-Net: decoder layer j adds encoder output n_enc-1-j
+                x = x + self.skip_weights[i - self.n_encoder].to(x.dtype) * skips.pop()
+            x = block(x, x0, aux)
+            if i < self.n_encoder:
+                skips.append(x)
+        return rms_norm(x)
+
+    def logits(self, idx: Tensor, aux: list | None = None) -> Tensor:
+        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(self.hidden(idx, [] if aux is None else aux), weight).float()
+        return self.softcap * torch.tanh(logits / self.softcap)
+
+    def forward(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns (loss to minimise = cross-entropy + auxiliary routing losses, cross-entropy)."""
+        aux: list[Tensor] = []
+        ce = F.cross_entropy(self.logits(idx, aux).view(-1, self.vocab_size), targets.reshape(-1))
+        return (ce + torch.stack(aux).sum() if aux else ce), ce.detach()
+
+# ----------------------------------------------------------------------------------------------
+# 4. Mixture of Experts: soft (every expert, softmax-blended), top-k and shared+routed
+# ----------------------------------------------------------------------------------------------
+# Per-layer telemetry buffer: [load per expert..., tokens, entropy sum, aux sum, z sum, dropped, calls]
+STAT_TOKENS, STAT_ENTROPY, STAT_AUX, STAT_Z, STAT_DROPPED, STAT_CALLS = range(6)
+DEAD_LOAD_SHARE = 0.1  # an expert is "dead" when its load is under 10% of the uniform share
+
+
+def grouped_matmul(x: Tensor, weight_t: Tensor, offsets: Tensor) -> Tensor:
+    """Rows of x in expert order times weight_t[e] (in, out) for the rows of expert e."""
+    fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    return fn(x, weight_t, offs=offsets)
+
+
+def expert_dtype(x: Tensor) -> torch.dtype:
+    # grouped_mm is fast only in bf16 (and compiles only in bf16); eager CPU keeps fp32 for exact tests.
+    return torch.bfloat16 if x.is_cuda or torch.compiler.is_compiling() else x.dtype
+
+
+class MoEBase(nn.Module):
+    """Router (fp32 logic, zero-initialised) and routing telemetry shared by all MoE modes."""
+
+    def __init__(self, h, dim: int, num_experts: int, expert_hidden: int):
+        super().__init__()
+        E, self.E, self.act = num_experts, num_experts, h.mlp_act
+        self.router_weight = nn.Parameter(torch.zeros(E, dim))
+        self.up = nn.Parameter(torch.empty(E, expert_hidden, dim))
+        self.down = nn.Parameter(torch.empty(E, dim, expert_hidden))
+        self.z_coef, self.aux_coef = h.router_z_coef, h.moe_aux_loss_coef
+        self.register_buffer("stats", torch.zeros(E + 6), persistent=False)
+        self.record: list | None = None  # set to a list (eager only) to capture per-token routing
+
+    def router_logits(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.router_weight.to(x.dtype)).float()
+
+    def account(self, logits: Tensor, probs: Tensor, load: Tensor, aux: list, aux_loss=None, dropped=None):
+        """Adds the z-loss (and Switch aux loss) to `aux`; accumulates telemetry while training."""
+        if not self.training:
+            return
+        z = torch.logsumexp(logits, dim=-1).square().mean()
+        if self.z_coef:
+            aux.append(self.z_coef * z)
+        if aux_loss is not None and self.aux_coef:
+            aux.append(self.aux_coef * aux_loss)
+        with torch.no_grad():
+            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).sum() / max(math.log(self.E), 1e-12)
+            zero = torch.zeros((), device=z.device)
+            extra = torch.stack((zero + probs.size(0), entropy, zero if aux_loss is None else aux_loss.detach(),
+                                 z.detach(), zero if dropped is None else dropped.float(), zero + 1))
+            self.stats.add_(torch.cat((load.float(), extra)))
+
+
+class SoftMoE(MoEBase):
+    """One MLP whose hidden units form E groups, each scaled per token by E * softmax(router(x)).
+
+    One fused up and one fused down matmul; with a zero router (the init) or E = 1 it is the dense MLP.
+    """
+
+    def forward(self, x: Tensor, aux: list) -> Tensor:
+        logits = self.router_logits(x)
+        probs = torch.softmax(logits, dim=-1)
+        h = mlp_act(F.linear(x, self.up.flatten(0, 1).to(x.dtype)), self.act)
+        h = (h.unflatten(-1, (self.E, -1)) * (self.E * probs).to(h.dtype).unsqueeze(-1)).flatten(-2)
+        out = F.linear(h, self.down.transpose(0, 1).flatten(1).to(h.dtype))
+        flat_probs = probs.reshape(-1, self.E)
+        if self.record is not None:
+            self.record.append((flat_probs.detach(), flat_probs.argmax(-1, keepdim=True)))
+        self.account(logits.reshape(-1, self.E), flat_probs, flat_probs.sum(0), aux)
+        return out
+
+
+class RoutedMoE(MoEBase):
+    """Top-k routing with static-shape dispatch: sort by expert + grouped_mm, or fixed capacity + bmm.
+
+    Selection may add the balancing bias; the gate uses the unbiased score, scaled so that an
+    untrained router gives the chosen experts gates summing to 1 (no renormalisation, so even
+    top-1 gives the router a task gradient). shared_routed adds a dense shared MLP every token uses.
+    """
+
+    def __init__(self, h, dim: int):
+        super().__init__(h, dim, h.num_experts, h.expert_hidden_eff)
+        self.k, self.score, self.noise = h.top_k, h.router_score, h.router_noise
+        self.dispatch_mode, self.capacity_factor = h.moe_dispatch, h.capacity_factor
+        self.gate_scale = (self.E if self.score == "softmax" else 2.0) / self.k
+        self.register_buffer("router_bias", torch.zeros(self.E))
+        self.shared = DenseMLP(dim, h.shared_hidden_eff, h.mlp_act) if h.shared_hidden_eff else None
+
+    def forward(self, x: Tensor, aux: list) -> Tensor:
+        x2 = x.reshape(-1, x.size(-1))
+        T, E, k = x2.size(0), self.E, self.k
+        logits = self.router_logits(x2)
+        if self.training and self.noise > 0:
+            logits = logits + self.noise * torch.randn_like(logits)
+        scores = torch.softmax(logits, -1) if self.score == "softmax" else torch.sigmoid(logits)
+        choice = (scores + self.router_bias).topk(k, dim=-1).indices  # (T, k)
+        gate = scores.gather(-1, choice) * self.gate_scale
+        flat = choice.reshape(-1)
+        counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+        order = torch.argsort(flat, stable=True)
+        dispatch = self.dispatch_grouped if self.dispatch_mode == "grouped" else self.dispatch_capacity
+        rows, dropped = dispatch(x2[order // k].to(expert_dtype(x2)), flat[order], counts)
+        slots = torch.empty_like(rows).index_copy(0, order, rows)
+        out = (slots.view(T, k, -1) * gate.to(rows.dtype).unsqueeze(-1)).sum(1).view(x.shape)
+        if self.shared is not None:
+            out = out + self.shared(x, aux)
+        probs = scores / scores.sum(-1, keepdim=True)
+        if self.record is not None:
+            self.record.append((probs.detach(), choice.detach()))
+        aux_loss = E * ((counts.float() / (T * k)) * probs.mean(0)).sum()  # Switch: 1 uniform, E collapsed
+        self.account(logits, probs, counts, aux, aux_loss, dropped)
+        return out
+
+    def expert_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        return self.up.transpose(1, 2).to(dtype), self.down.transpose(1, 2).to(dtype)
+
+    def dispatch_grouped(self, xs: Tensor, experts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+        up, down = self.expert_weights(xs.dtype)
+        offsets = counts.cumsum(0).to(torch.int32)
+        hidden = mlp_act(grouped_matmul(xs, up, offsets), self.act)
+        return grouped_matmul(hidden, down, offsets), torch.zeros((), device=xs.device)
+
+    def dispatch_capacity(self, xs: Tensor, experts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+        """Fixed buffers of C rows per expert; rows past C are dropped (output 0) and counted."""
+        E, rows, dim = self.E, xs.size(0), xs.size(1)
+        cap = math.ceil(self.capacity_factor * rows / E)
+        slot = torch.arange(rows, device=xs.device) - (counts.cumsum(0) - counts)[experts]
+        keep = slot < cap
+        dest = torch.where(keep, experts * cap + slot, E * cap)  # dropped rows land in a spare row
+        buf = xs.new_zeros(E * cap + 1, dim).index_copy(0, dest, xs)[:-1].view(E, cap, dim)
+        up, down = self.expert_weights(xs.dtype)
+        out = torch.bmm(mlp_act(torch.bmm(buf, up), self.act), down).reshape(E * cap, dim)
+        return torch.cat((out, out.new_zeros(1, dim)))[dest], (~keep).sum()
+
+
+def make_mlp(h, layer: int) -> nn.Module:
+    if layer not in h.moe_layer_ids:
+        return DenseMLP(h.model_dim, h.mlp_hidden, h.mlp_act)
+    if h.moe_mode == "soft":
+        return SoftMoE(h, h.model_dim, h.num_experts, h.expert_hidden_eff)
+    return RoutedMoE(h, h.model_dim)
+
+
+def moe_layers(model: nn.Module) -> list[tuple[int, MoEBase]]:
+    return [(i, b.mlp) for i, b in enumerate(model.blocks) if isinstance(b.mlp, MoEBase)]
+
+
+@torch.no_grad()
+def collect_routing_stats(model: nn.Module, bias_rate: float, world_size: int) -> Tensor | None:
+    """Sums this step's routing buffers over ranks, resets them and nudges the balancing bias.
+
+    Aux-loss-free balancing (DeepSeek-V3): bias += rate * sign(mean load - load), re-centred.
+    """
+    layers = moe_layers(model)
+    if not layers:
+        return None
+    stats = torch.stack([m.stats for _, m in layers])
+    if world_size > 1:
+        dist.all_reduce(stats)
+    for (_, m), row in zip(layers, stats):
+        m.stats.zero_()
+        if bias_rate > 0 and isinstance(m, RoutedMoE):
+            load = row[:m.E]
+            m.router_bias.add_(bias_rate * torch.sign(load.mean() - load))
+            m.router_bias.sub_(m.router_bias.mean())
+    return stats
+
+
+def routing_summary(model: nn.Module, stats: Tensor) -> list[dict]:
+    """Per MoE layer: load shares, max/mean, dead experts, entropy / ln E, aux, z, bias, drop rate."""
+    out = []
+    for (layer, m), row in zip(moe_layers(model), stats.double().cpu()):
+        E, extra = m.E, row[m.E:]
+        calls, tokens = max(extra[STAT_CALLS].item(), 1), max(extra[STAT_TOKENS].item(), 1)
+        load = (row[:E] / max(row[:E].sum().item(), 1e-12)).tolist()
+        bias = m.router_bias.tolist() if isinstance(m, RoutedMoE) else [0.0]
+        out.append(dict(layer=layer, load=load, max_over_mean=max(load) * E,
+                        dead=sum(share < DEAD_LOAD_SHARE / E for share in load),
+                        entropy=extra[STAT_ENTROPY].item() / tokens, aux=extra[STAT_AUX].item() / calls,
+                        z=extra[STAT_Z].item() / calls, bias_min=min(bias), bias_max=max(bias),
+                        drop_rate=extra[STAT_DROPPED].item() / (tokens * getattr(m, "k", 1))))
+    return out
+
+# ----------------------------------------------------------------------------------------------
+# 5. Optimizer: Muon (orthogonalised momentum) for block matrices, Adam for the rest
+# ----------------------------------------------------------------------------------------------
+CONTROL_PATTERNS = ("resid_mix", "skip_weights", "q_gain", "attn_scale", "mlp_scale", "smear", "bigram.scale")
+ROUTER_PATTERNS = ("router", "gate")
+EMBED_PATTERNS = ("tok_emb", "lm_head", "bigram.table")
+
+
+def newton_schulz(G: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+    """Approximately orthogonalise each matrix in G (2-D, or a stack of experts in 3-D)."""
+    a, b, c = 3.4445, -4.7750, 2.0315  # quintic coefficients tuned for fast convergence
+    X = G.bfloat16()
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, orthogonalised; each rank orthogonalises every world_size-th matrix."""
+
+    def __init__(self, params, lr, momentum, backend_steps, weight_decay, rank=0, world_size=1):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
+        self.rank, self.world_size = rank, world_size
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = group["params"]
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % self.world_size == self.rank:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    update = newton_schulz(p.grad.add(buf, alpha=group["momentum"]), group["backend_steps"])
+                    update *= max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+                    flat[offset:offset + p.numel()] = update.flatten()
+                offset += p.numel()
+            if self.world_size > 1:
+                dist.all_reduce(flat)
+            offset = 0
+            for p in params:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+def param_kind(name: str, p: Tensor) -> str:
+    if any(s in name for s in EMBED_PATTERNS):
+        return "head" if "lm_head" in name else "embed"
+    if "router" in name:
+        return "router"
+    if p.ndim < 2 or any(s in name for s in CONTROL_PATTERNS):
+        return "scalar"
+    return "matrix"
+
+
+def build_optimizers(model: nn.Module, h, rank: int = 0, world_size: int = 1) -> list[torch.optim.Optimizer]:
+    groups: dict[str, list] = {"matrix": [], "embed": [], "head": [], "scalar": [], "router": []}
+    for name, p in model.named_parameters():
+        groups[param_kind(name, p)].append(p)
+    adam_groups = [dict(params=groups["embed"], lr=h.tied_embed_lr if h.tie_embeddings else h.embed_lr, weight_decay=h.adam_wd),
+                   dict(params=groups["head"], lr=h.head_lr, weight_decay=h.adam_wd),
+                   dict(params=groups["scalar"], lr=h.scalar_lr, weight_decay=0.0),
+                   dict(params=groups["router"], lr=h.router_lr, weight_decay=0.0)]
+    adam_groups = [g for g in adam_groups if g["params"]]
+    fused = next(model.parameters()).is_cuda
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(
+        adam_groups, betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=fused)]
+    if groups["matrix"]:
+        optimizers.append(Muon(groups["matrix"], h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_wd, rank, world_size))
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]
+    return optimizers
+
+
+def lr_scale(progress: float, warmup_frac: float, warmdown_frac: float) -> float:
+    if warmup_frac > 0 and progress < warmup_frac:
+        return progress / warmup_frac
+    if warmdown_frac > 0 and progress > 1 - warmdown_frac:
+        return max(0.0, (1 - progress) / warmdown_frac)
+    return 1.0
+
+
+class EMA:
+    """Exponential moving average of the parameters, in fp32."""
+
+    def __init__(self, model: nn.Module):
+        self.params = [p for p in model.parameters()]
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s.to(p.dtype))
+
+# ----------------------------------------------------------------------------------------------
+# 6. Quantization and the artifact: per-row intN with clip search, fp16 for control tensors, zstd
+# ----------------------------------------------------------------------------------------------
+ARTIFACT_MAGIC, ARTIFACT_FORMAT, ARTIFACT_VERSION = b"PGMOE\x00", "pgolf-moe-artifact", 1
+CLIP_CANDIDATES = (1.0, 0.97, 0.94, 0.9, 0.86, 0.82, 0.78, 0.74)
+# Compressed bits per parameter after zstd-22, for the start-up budget preview. Int5 and int6 are
+# 8 / 1.88 and 8 / 1.51, the int8-container zstd ratios the 10L int5-MLP record reports for weights
+# trained on FineWeb; the others were measured on the sample corpus (tools/calibrate_budget.py).
+BITS_PER_PARAM = {2: 1.6, 3: 2.5, 4: 3.4, 5: 4.26, 6: 5.30, 7: 6.3, 8: 7.3, 16: 15.2}
+SCALE_BITS = 14.0  # one fp16 scale per row, compressed
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be read back; the message names the file."""
+
+
+def tensor_class(name: str) -> str:
+    if any(s in name for s in ("tok_emb", "lm_head")):
+        return "embed"
+    if name.startswith("bigram."):
+        return "bigram"
+    if ".mlp." in name:
+        return "mlp"
+    if ".attn." in name:
+        return "attn"
+    return "other"
+
+
+def storage_bits(name: str, t: Tensor, h) -> int:
+    """The bit width a tensor is stored with: 16 means fp16 (routers, gates, controls, small tensors)."""
+    keep = ROUTER_PATTERNS + CONTROL_PATTERNS + tuple(p for p in h.fp16_keep_name_patterns.split(",") if p)
+    if t.ndim < 2 or t.numel() <= h.fp16_keep_max_numel or any(p in name for p in keep):
+        return 16
+    return {"embed": h.quant_bits_embed, "bigram": h.quant_bits_bigram, "mlp": h.quant_bits_mlp,
+            "attn": h.quant_bits_attn}.get(tensor_class(name), 8)
+
+
+def quantize_rows(w: Tensor, bits: int, prune_frac: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row intN; each row keeps the clip level with the least squared error."""
+    rows = w.float().reshape(-1, w.size(-1))
+    if prune_frac > 0:
+        k = max(1, int(prune_frac * rows.numel()))
+        threshold = rows.abs().flatten().kthvalue(k).values
+        rows = torch.where(rows.abs() <= threshold, torch.zeros_like(rows), rows)
+    qmax = 2 ** (bits - 1) - 1
+    absmax = rows.abs().amax(dim=1).clamp_min(1e-12)
+    best_err = best_q = best_scale = None
+    for clip in CLIP_CANDIDATES:
+        scale = (clip * absmax / qmax).half().float().clamp_min(6e-8)  # quantize with the stored scale
+        q = torch.clamp(torch.round(rows / scale[:, None]), -qmax, qmax)
+        err = (q * scale[:, None] - rows).square().sum(1)
+        if best_err is None:
+            best_err, best_q, best_scale = err, q, scale
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_q = torch.where(better[:, None], q, best_q)
+            best_scale = torch.where(better, scale, best_scale)
+    return best_q.to(torch.int8), best_scale.half()
+
+
+def dequantize_rows(q: Tensor, scale: Tensor, shape) -> Tensor:
+    return (q.float() * scale.float()[:, None]).reshape(shape)
+
+
+def quantize_state(state: dict[str, Tensor], h, bits_drop: dict | None = None, extra_prune: float = 0.0):
+    """-> (entries, relative squared error of the quantized tensors). entries: name -> (bits, tensors)."""
+    entries, err, total = {}, 0.0, 0.0
+    for name, t in state.items():
+        t = t.detach().cpu()
+        bits = storage_bits(name, t, h)
+        if bits == 16:
+            entries[name] = (16, t.half())
+            continue
+        bits = max(2, bits - (bits_drop or {}).get(tensor_class(name), 0))
+        q, scale = quantize_rows(t, bits, h.prune_frac + extra_prune)
+        entries[name] = (bits, q, scale)
+        err += (dequantize_rows(q, scale, t.shape) - t.float()).square().sum().item()
+        total += t.float().square().sum().item()
+    return entries, err / max(total, 1e-30)
+
+
+def serialize_artifact(entries: dict, config: dict, level: int) -> bytes:
+    """One zstd frame holding: magic, header length, JSON header (format, config, tensor table), data."""
+    table, blobs, offset = [], [], 0
+    for name, (bits, *tensors) in entries.items():
+        parts = [t.contiguous().numpy().tobytes() for t in tensors]
+        table.append(dict(name=name, bits=bits, rows=0 if bits == 16 else int(tensors[0].shape[0]),
+                          offset=offset, sizes=[len(p) for p in parts]))
+        blobs += parts
+        offset += sum(len(p) for p in parts)
+    shapes = {n: list(s) for n, s in config.pop("_shapes").items()}
+    header = json.dumps(dict(format=ARTIFACT_FORMAT, version=ARTIFACT_VERSION, config=config,
+                             shapes=shapes, tensors=table)).encode()
+    payload = ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + b"".join(blobs)
+    return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(payload)
+
+
+def read_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
+    """-> (model knobs, dequantized float state dict). Errors name the file and the problem."""
+    if not os.path.isfile(path):
+        raise ArtifactError(f"{path}: no such artifact")
+    with open(path, "rb") as f:
+        blob = f.read()
+    try:
+        payload = zstandard.ZstdDecompressor().decompress(blob)
+    except zstandard.ZstdError as err:
+        raise ArtifactError(f"{path}: corrupt or truncated artifact (zstd: {err})") from None
+    if not payload.startswith(ARTIFACT_MAGIC):
+        raise ArtifactError(f"{path}: not a {ARTIFACT_FORMAT} file (bad magic)")
+    (hlen,) = struct.unpack_from("<I", payload, len(ARTIFACT_MAGIC))
+    start = len(ARTIFACT_MAGIC) + 4
+    try:
+        header = json.loads(payload[start:start + hlen])
+    except ValueError:
+        raise ArtifactError(f"{path}: unreadable artifact header") from None
+    if header.get("format") != ARTIFACT_FORMAT or header.get("version") != ARTIFACT_VERSION:
+        raise ArtifactError(f"{path}: format {header.get('format')} v{header.get('version')} is not "
+                            f"{ARTIFACT_FORMAT} v{ARTIFACT_VERSION}")
+    data, state = memoryview(payload)[start + hlen:], {}
+    for e in header["tensors"]:
+        if e["offset"] + sum(e["sizes"]) > len(data):
+            raise ArtifactError(f"{path}: tensor {e['name']} runs past the end of the data")
+        shape = header["shapes"][e["name"]]
+        raw = data[e["offset"]:e["offset"] + e["sizes"][0]]
+        if e["bits"] == 16:
+            state[e["name"]] = torch.frombuffer(bytearray(raw), dtype=torch.float16).float().reshape(shape)
+        else:
+            q = torch.frombuffer(bytearray(raw), dtype=torch.int8).reshape(e["rows"], -1)
+            sraw = data[e["offset"] + e["sizes"][0]:e["offset"] + sum(e["sizes"])]
+            state[e["name"]] = dequantize_rows(q, torch.frombuffer(bytearray(sraw), dtype=torch.float16), shape)
+    return header["config"], state
+
+
+def artifact_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+def estimate_artifact_bytes(model: nn.Module, h) -> tuple[int, dict[str, int]]:
+    """Budget preview from parameter counts, bit widths and the calibrated BITS_PER_PARAM."""
+    per_class: dict[str, float] = {}
+    for name, t in artifact_state(model).items():
+        bits = storage_bits(name, t, h)
+        size = t.numel() * BITS_PER_PARAM[bits] / 8 + (0 if bits == 16 else t.numel() // t.size(-1) * SCALE_BITS / 8)
+        key = "fp16" if bits == 16 else tensor_class(name)
+        per_class[key] = per_class.get(key, 0.0) + size
+    header = 120 * len(artifact_state(model)) + 1500
+    return int(sum(per_class.values()) + header), {k: int(v) for k, v in per_class.items()}
+
+
+def fit_ladder(h):
+    """Deterministic shrink steps tried in order when the artifact is over the cap."""
+    for drops in ({}, {"mlp": 1}, {"mlp": 1, "attn": 1}, {"mlp": 2, "attn": 1}):
+        for extra in (0.0, 0.02, 0.05, 0.1):
+            if drops or extra:
+                yield drops, extra
+
+
+def export_artifact(model: nn.Module, h, path: str, code_bytes: int, log) -> int:
+    """Quantize, compress and write; shrink step by step until code + artifact fits SIZE_CAP_BYTES."""
+    config = model_knobs(h)
+    state = artifact_state(model)
+    shapes = {n: tuple(t.shape) for n, t in state.items()}
+    entries, err = quantize_state(state, h)
+    blob = serialize_artifact(entries, dict(config, _shapes=shapes), h.zstd_level)
+    log(f"quant: relative squared error {err:.3e}, artifact {len(blob)} bytes + code {code_bytes}")
+    for drops, extra in fit_ladder(h):
+        if len(blob) + code_bytes <= h.size_cap_bytes:
+            break
+        entries, err = quantize_state(state, h, drops, extra)
+        blob = serialize_artifact(entries, dict(config, _shapes=shapes), h.zstd_level)
+        log(f"fit: over the cap; bits lowered {drops or 'none'} and pruning +{extra:.2f}: "
+            f"artifact {len(blob)} bytes, relative squared error {err:.3e}")
+    if len(blob) + code_bytes > h.size_cap_bytes:
+        log(f"!!! ARTIFACT OVER THE CAP: {len(blob) + code_bytes} > {h.size_cap_bytes} bytes even after every fit step !!!")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(blob)
+    return len(blob)
+
+# ----------------------------------------------------------------------------------------------
+# 7. Evaluation: exact val_loss / val_bpb, plain or sliding window, spread over ranks
+# ----------------------------------------------------------------------------------------------
+
+
+def eval_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
+    """(start, scored) per window of seq_len inputs so that every target is scored exactly once.
+
+    The first window scores all its positions, later ones their last `scored` (= stride) positions;
+    the last window is pulled back to end at the final token and scores only what is still unscored.
+    """
+    n_targets = n_tokens - 1
+    seq_len = min(seq_len, n_targets)
+    stride = stride or seq_len
+    windows, end = [(0, seq_len)], seq_len
+    while end < n_targets:
+        start = min(end + stride, n_targets) - seq_len
+        windows.append((start, start + seq_len - end))
+        end = start + seq_len
+    return windows
+
+
+@torch.no_grad()
+def evaluate(logits_fn, tokens: Tensor, tables, seq_len: int, stride: int, batch_seqs: int,
+             device: torch.device, rank: int = 0, world_size: int = 1) -> tuple[float, float]:
+    """-> (val_loss in nats per token, val_bpb); sums in float64, all-reduced over ranks."""
+    windows = eval_windows(tokens.numel(), seq_len, stride)
+    seq_len = min(seq_len, tokens.numel() - 1)
+    mine = windows[len(windows) * rank // world_size:len(windows) * (rank + 1) // world_size]
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
+    tables, tokens = tuple(t.to(device) for t in tables), tokens.to(device)
+    positions = torch.arange(seq_len, device=device)
+    for i in range(0, len(mine), batch_seqs):
+        batch = mine[i:i + batch_seqs]
+        batch = batch + [(0, 0)] * (batch_seqs - len(batch))  # pad: one static shape for compile
+        starts = torch.tensor([s for s, _ in batch], device=device)
+        scored = torch.tensor([n for _, n in batch], device=device)
+        idx = starts[:, None] + torch.arange(seq_len + 1, device=device)
+        window = tokens[idx].long()
+        x, y = window[:, :-1], window[:, 1:]
+        mask = (positions[None, :] >= seq_len - scored[:, None]).double()
+        with autocast(device):
+            logits = logits_fn(x)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        sums[0] += (loss.double().view_as(mask) * mask).sum()
+        sums[1] += mask.sum()
+        sums[2] += (target_bytes(x, y, tables).double() * mask).sum()
+    if world_size > 1:
+        dist.all_reduce(sums)
+    val_loss = (sums[0] / sums[1]).item()
+    return val_loss, (sums[0] / math.log(2) / sums[2]).item()
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def token_classes(sp: spm.SentencePieceProcessor, val_tokens: Tensor) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Kind of every token id (word start, continuation, digit, punctuation, byte, control) and
+    whether it is frequent (among the ids covering half of the validation tokens) or rare."""
+    names = ["word_start", "continuation", "digit", "punct", "byte", "control"]
+    kind = np.zeros(sp.vocab_size(), np.int64)
+    for i in range(sp.vocab_size()):
+        piece = sp.id_to_piece(i)
+        bare = piece.removeprefix("\u2581")
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            kind[i] = 5
+        elif sp.is_byte(i):
+            kind[i] = 4
+        elif bare.isdigit():
+            kind[i] = 2
+        elif not any(ch.isalnum() for ch in bare):
+            kind[i] = 3
+        else:
+            kind[i] = 0 if piece.startswith("\u2581") else 1
+    counts = np.bincount(val_tokens.numpy(), minlength=sp.vocab_size())
+    by_count = np.argsort(-counts, kind="stable")
+    frequent = np.zeros(sp.vocab_size(), np.bool_)
+    frequent[by_count[:int(np.searchsorted(np.cumsum(counts[by_count]), counts.sum() / 2)) + 1]] = True
+    return names, kind, frequent
+
+
+@torch.no_grad()
+def record_routing(model: nn.Module, x: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Runs the model eagerly on x and returns (probs, chosen experts) per MoE layer, per token."""
+    layers = [m for _, m in moe_layers(model)]
+    for m in layers:
+        m.record = []
+    model.eval()
+    try:
+        with autocast(x.device):
+            model.logits(x)
+        return [(m.record[0][0].float().cpu(), m.record[0][1].cpu()) for m in layers]
+    finally:
+        for m in layers:
+            m.record = None
+
+
+def routing_report(model, quant_model, x: Tensor, sp, val_tokens: Tensor) -> dict:
+    """Routing statistics of one validation batch, per layer, expert and token class (JSON-ready)."""
+    names, kind, frequent = token_classes(sp, val_tokens)
+    ids = x.reshape(-1).cpu().numpy()
+    classes = {n: kind[ids] == j for j, n in enumerate(names)}
+    classes.update(frequent=frequent[ids], rare=~frequent[ids])
+    report = dict(tokens=int(ids.size), classes={n: int(m.sum()) for n, m in classes.items()}, layers=[])
+    quant = record_routing(quant_model, x) if quant_model is not None else None
+    for j, ((layer, m), (probs, choice)) in enumerate(zip(moe_layers(model), record_routing(model, x))):
+        share = probs if isinstance(m, SoftMoE) else F.one_hot(choice, m.E).float().mean(1)
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1) / max(math.log(m.E), 1e-12)
+        load = share.mean(0)
+        report["layers"].append(dict(
+            layer=layer, load=load.tolist(), entropy=entropy.mean().item(),
+            dead=int((load < DEAD_LOAD_SHARE / m.E).sum()),
+            class_load={n: share[torch.from_numpy(mask)].mean(0).tolist() for n, mask in classes.items() if mask.any()},
+            quant_top1_agreement=None if quant is None else (quant[j][1][:, 0] == choice[:, 0]).float().mean().item()))
+    return report
+
+# ----------------------------------------------------------------------------------------------
+# 8. Training loop
+# ----------------------------------------------------------------------------------------------
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per GPU
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def matmul_params_per_token(model: nn.Module) -> int:
+    """Weights a token multiplies by: every matrix except the embedding lookup (the tied head counts)."""
+    n = 0
+    for name, p in model.named_parameters():
+        if p.ndim < 2 or any(s in name for s in CONTROL_PATTERNS) or name.startswith("bigram.table"):
+            continue
+        n += p.numel()
+    for _, m in moe_layers(model):
+        if isinstance(m, RoutedMoE):  # only k of E experts run per token
+            n -= (m.up.numel() + m.down.numel()) * (m.E - m.k) // m.E
+    return n
+
+
+def flops_per_token(model: nn.Module, h) -> float:
+    attention = 6 * h.num_layers * h.train_seq_len * h.model_dim  # causal QK^T and AV, fwd + bwd
+    return 6 * matmul_params_per_token(model) + attention
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class Logger:
+    def __init__(self, path: str | None):
+        self.file = None
+        if path:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self.file = open(path, "a", encoding="utf-8")
+
+    def __call__(self, msg: str) -> None:
+        if self.file is not None:
+            print(msg, flush=True)
+            self.file.write(msg + "\n")
+            self.file.flush()
+
+
+def setup_distributed() -> tuple[int, int, int, torch.device]:
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return rank, world, local, device
+
+
+def build_model(h, device: torch.device) -> GPT:
+    return GPT(h).to(device)
+
+
+def use_compile(h, device: torch.device) -> bool:
+    return h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
+
+
+class Trainer:
+    """One training run: data, model, optimizers, the timed loop, and the export at the end."""
+
+    def __init__(self, h, rank: int, world: int, device: torch.device, log):
+        self.h, self.rank, self.world, self.device, self.log = h, rank, world, device, log
+        self.accum = grad_accum_steps(h, world)
+        self.loader = TrainLoader(shard_files(h.data_path, "train"), rank, world, h.train_seq_len,
+                                  h.micro_batch_tokens, self.accum, device)
+        self.model = build_model(h, device)
+        self.compiled = torch.compile(self.model, fullgraph=True, dynamic=False) if use_compile(h, device) else self.model
+        self.ddp = DDP(self.compiled, device_ids=[device.index] if device.type == "cuda" else None,
+                       broadcast_buffers=False) if world > 1 else self.compiled
+        self.optimizers = build_optimizers(self.model, h, rank, world)
+        self.ema: EMA | None = None
+        self.step, self.train_ms = 0, 0.0
+        self.routing_totals: Tensor | None = None
+
+    def progress(self, elapsed_ms: float) -> float:
+        """Fraction of the run done: the larger of steps / ITERATIONS and time / MAX_WALLCLOCK_SECONDS."""
+        by_time = elapsed_ms / (1000 * self.h.max_wallclock_seconds) if self.h.max_wallclock_seconds > 0 else 0.0
+        return min(1.0, max(self.step / self.h.iterations, by_time))
+
+    def set_schedules(self, progress: float) -> None:
+        h, scale = self.h, lr_scale(progress, self.h.lr_warmup_frac, self.h.warmdown_frac)
+        ramp = min(1.0, progress / h.muon_momentum_warmup_frac) if h.muon_momentum_warmup_frac > 0 else 1.0
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * scale
+                if isinstance(opt, Muon):
+                    g["momentum"] = h.muon_momentum_warmup_start + ramp * (h.muon_momentum - h.muon_momentum_warmup_start)
+
+    def train_step(self) -> Tensor:
+        """Forward/backward over the micro-batches, clip, step; returns the mean cross-entropy."""
+        ce_sum = torch.zeros((), device=self.device)
+        batches = self.loader.next_step()
+        for micro, (x, y) in enumerate(batches):
+            sync = self.world == 1 or micro == len(batches) - 1
+            with (contextlib.nullcontext() if sync else self.ddp.no_sync()), autocast(self.device):
+                loss, ce = self.ddp(x, y)
+            (loss / self.accum).backward()
+            ce_sum += ce
+        if self.h.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.h.grad_clip_norm)
+        for opt in self.optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        stats = collect_routing_stats(self.model, self.h.router_bias_rate, self.world)
+        if stats is not None:
+            self.routing_totals = stats if self.routing_totals is None else self.routing_totals + stats
+        return ce_sum / len(batches)
+
+    def compile_warmup(self) -> None:
+        """Run WARMUP_STEPS steps to compile, then restore weights, optimizer state and data position."""
+        if self.h.warmup_steps <= 0:
+            return
+        saved = (copy.deepcopy(self.model.state_dict()), [copy.deepcopy(o.state_dict()) for o in self.optimizers],
+                 self.loader.stream.state())
+        for _ in range(self.h.warmup_steps):
+            self.train_step()
+        self.model.load_state_dict(saved[0])
+        for opt, state in zip(self.optimizers, saved[1]):
+            opt.load_state_dict(state)
+        self.loader.stream.restore(saved[2])
+        self.routing_totals = None
+
+    def update_ema(self, progress: float, step_progress: float) -> None:
+        h = self.h
+        if (h.ema_decay is None and h.ema_horizon <= 0) or progress < h.ema_start:
+            return
+        if self.ema is None:
+            self.ema = EMA(self.model)
+            return
+        # A horizon given as a fraction of the run: decay = exp(-(this step's share of the run) / horizon).
+        self.ema.update(h.ema_decay if h.ema_decay is not None else math.exp(-step_progress / h.ema_horizon))
+
+    def log_step(self, ce: float, elapsed_ms: float, flops: float, peak: float | None) -> None:
+        tokens_per_s = self.step * self.h.train_batch_tokens / max(elapsed_ms / 1000, 1e-9)
+        mfu = f" mfu:{100 * tokens_per_s * flops / (peak * self.world):.1f}%" if peak else ""
+        self.log(f"step:{self.step}/{self.h.iterations} train_loss:{ce:.4f} train_time:{elapsed_ms:.0f}ms "
+                 f"step_avg:{elapsed_ms / self.step:.2f}ms tok/s:{tokens_per_s:.0f}{mfu}")
+        if self.routing_totals is not None:
+            for r in routing_summary(self.model, self.routing_totals):
+                self.log(f"moe layer:{r['layer']} load:{','.join(f'{v:.3f}' for v in r['load'])} "
+                         f"max_mean:{r['max_over_mean']:.2f} dead:{r['dead']} entropy:{r['entropy']:.3f} "
+                         f"aux:{r['aux']:.4f} z:{r['z']:.4f} bias:{r['bias_min']:.4f}..{r['bias_max']:.4f} "
+                         f"drop:{r['drop_rate']:.4f}")
+                if max(r["load"]) > 0.8:
+                    self.log(f"WARNING moe layer:{r['layer']} routing collapse: one expert takes "
+                             f"{100 * max(r['load']):.1f}% of the tokens")
+            self.routing_totals = None
+
+    def run(self, validate) -> None:
+        """The timed loop. `validate()` runs with the clock paused."""
+        h = self.h
+        flops, peak = flops_per_token(self.model, h), peak_flops(self.device)
+        stop, last_progress = False, 0.0
+        torch.manual_seed(h.seed + self.rank)  # router noise differs per rank; the init did not
+        self.sync()
+        t0 = time.perf_counter()
+        while True:
+            last = stop or self.step >= h.iterations
+            if last or (h.val_loss_every and self.step and self.step % h.val_loss_every == 0):
+                self.sync()
+                self.train_ms += 1000 * (time.perf_counter() - t0)
+                validate(self.step)
+                t0 = time.perf_counter()
+            if last:
+                break
+            progress = self.progress(self.train_ms + 1000 * (time.perf_counter() - t0))
+            self.set_schedules(progress)
+            ce = self.train_step()
+            self.step += 1
+            elapsed = self.train_ms + 1000 * (time.perf_counter() - t0)
+            progress = self.progress(elapsed)
+            self.update_ema(progress, progress - last_progress)
+            last_progress = progress
+            cap = h.max_wallclock_seconds > 0 and elapsed >= 1000 * h.max_wallclock_seconds
+            flags = torch.stack((torch.tensor(float(cap), device=self.device), (~torch.isfinite(ce)).float(), ce))
+            if self.world > 1:
+                dist.all_reduce(flags)  # every rank stops at the same step
+            over, nonfinite, ce_sum = flags.tolist()
+            if nonfinite:
+                raise TrainingDiverged(f"non-finite training loss at step {self.step}: stopping the run")
+            stop = over > 0
+            if self.step % h.train_log_every == 0 or self.step == 1 or stop or self.step >= h.iterations:
+                self.log_step(ce_sum / self.world, elapsed, flops, peak)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+# ----------------------------------------------------------------------------------------------
+# 9. main(): train, export, read back, evaluate
+# ----------------------------------------------------------------------------------------------
+
+
+def code_bytes() -> int:
+    return os.path.getsize(os.path.abspath(__file__))
+
+
+def load_artifact_model(path: str, device: torch.device, **overrides) -> tuple[GPT, SimpleNamespace]:
+    """Rebuild the model from an artifact alone (its stored knobs) and load the dequantized weights."""
+    config, state = read_artifact(path)
+    h = load_config({}, **{k: v for k, v in config.items()}, **overrides)
+    model = build_model(h, device)
+    missing = set(artifact_state(model)) - set(state)
+    if missing:
+        raise ArtifactError(f"{path}: artifact lacks tensors {sorted(missing)[:3]}")
+    model.load_state_dict(state, strict=False)
+    return model, h
+
+
+def log_budget_preview(model: GPT, h, log) -> None:
+    estimate, per_class = estimate_artifact_bytes(model, h)
+    total = estimate + code_bytes()
+    log(f"budget_preview: artifact ~{estimate} bytes ({', '.join(f'{k}:{v}' for k, v in sorted(per_class.items()))}) "
+        f"+ code {code_bytes()} = ~{total} of {h.size_cap_bytes} (slack ~{h.size_cap_bytes - total})")
+    if total > h.size_cap_bytes * (1 + h.budget_margin) and not h.allow_over_budget:
+        raise ConfigError(f"estimated artifact + code ~{total} bytes exceeds SIZE_CAP_BYTES={h.size_cap_bytes} by more "
+                          f"than BUDGET_MARGIN={h.budget_margin}; shrink the model or lower QUANT_BITS_*, or set ALLOW_OVER_BUDGET=1")
+
+
+def log_header(h, model: GPT, rank_world: tuple[int, int], accum: int, device, log) -> None:
+    log(f"python {sys.version.split()[0]} torch {torch.__version__} device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        + f" world_size {rank_world[1]} grad_accum {accum}")
+    log("config " + json.dumps({k: getattr(h, k.lower()) for k in KNOBS}, sort_keys=True))
+    n_params = sum(p.numel() for p in model.parameters())
+    n_router = sum(p.numel() for n, p in model.named_parameters() if "router" in n)
+    log(f"params total:{n_params} active_matmul_per_token:{matmul_params_per_token(model)} router:{n_router} "
+        f"moe_mode:{h.moe_mode} moe_layers:{h.moe_layer_ids}")
+
+
+def main() -> None:
+    h = load_config()
+    rank, world, _, device = setup_distributed()
+    run_id = [h.run_id or time.strftime("run_%Y%m%d_%H%M%S")]
+    if world > 1:
+        dist.broadcast_object_list(run_id)  # every rank must agree on the artifact path
+    h.run_id = run_id[0]
+    log = Logger(os.path.join(h.log_dir, f"{h.run_id}.txt") if rank == 0 else None)
+    torch.manual_seed(h.seed)
+    sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
+    tables = byte_tables(sp)
+    val_tokens = load_val_tokens(h.data_path, h.vocab_size, h.val_token_limit)
+    trainer = Trainer(h, rank, world, device, log)
+    model = trainer.model
+    log_header(h, model, (rank, world), trainer.accum, device, log)
+    log_budget_preview(model, h, log)
+    eval_fn = torch.compile(model.logits, fullgraph=True, dynamic=False) if use_compile(h, device) else model.logits
+    note = f" (first {h.val_token_limit} tokens only: not a score)" if h.val_token_limit else ""
+
+    def validate(step: int) -> None:
+        model.eval()
+        loss, bpb = evaluate(eval_fn, val_tokens, tables, h.train_seq_len, 0, h.eval_batch_seqs, device, rank, world)
+        model.train()
+        log(f"step:{step}/{h.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} train_time:{trainer.train_ms:.0f}ms "
+            f"step_avg:{trainer.train_ms / max(step, 1):.2f}ms{note}")
+
+    t_warm = time.perf_counter()
+    trainer.compile_warmup()
+    log(f"compile_warmup: {h.warmup_steps} steps in {time.perf_counter() - t_warm:.1f}s (not timed, undone)")
+    trainer.run(validate)
+    if device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB")
+    if trainer.ema is not None:
+        trainer.ema.copy_to_model()
+        model.eval()
+        loss, bpb = evaluate(eval_fn, val_tokens, tables, h.eval_seq_len, 0, h.eval_batch_seqs, device, rank, world)
+        log(f"pre_quant_ema val_loss:{loss:.8f} val_bpb:{bpb:.8f}{note}")
+    path = h.artifact_path or os.path.join(h.log_dir, f"{h.run_id}_model.ptz")
+    if rank == 0:
+        size = export_artifact(model, h, path, code_bytes(), log)
+        total = size + code_bytes()
+        log(f"Serialized model quant+zstd: {size} bytes")
+        log(f"Code size: {code_bytes()} bytes")
+        log(f"Total submission size quant+zstd: {total} bytes")
+        log(f"size_check total:{total} cap:{h.size_cap_bytes} slack:{h.size_cap_bytes - total} "
+            f"{'OK' if total <= h.size_cap_bytes else 'OVER THE CAP'} artifact:{path}")
+    if world > 1:
+        dist.barrier()
+    qmodel, _ = load_artifact_model(path, device)
+    qmodel.eval()
+    q_fn = torch.compile(qmodel.logits, fullgraph=True, dynamic=False) if use_compile(h, device) else qmodel.logits
+    for label, stride in (("roundtrip", 0), ("sliding_window", h.eval_stride)):
+        if label == "sliding_window" and stride in (0, h.eval_seq_len):
+            continue
+        t0 = time.perf_counter()
+        loss, bpb = evaluate(q_fn, val_tokens, tables, h.eval_seq_len, stride, h.eval_batch_seqs, device, rank, world)
+        log(f"final_quant_zstd_{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
+            f"stride:{stride or h.eval_seq_len} seq_len:{h.eval_seq_len} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms{note}")
+    if rank == 0 and moe_layers(model):
+        seq_len = min(h.eval_seq_len, val_tokens.numel())
+        n_seqs = max(1, min(h.eval_batch_seqs, val_tokens.numel() // seq_len))
+        x = val_tokens[:n_seqs * seq_len].long().view(n_seqs, seq_len).to(device)
+        report = routing_report(model, qmodel, x, sp, val_tokens)
+        report.update(run_id=h.run_id, moe_mode=h.moe_mode, num_experts=h.num_experts, top_k=h.top_k)
+        with open(os.path.join(h.log_dir, f"{h.run_id}_routing.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        log(f"routing statistics: {os.path.join(h.log_dir, f'{h.run_id}_routing.json')}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, DataError, ArtifactError, TrainingDiverged) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
