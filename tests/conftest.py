@@ -1,0 +1,40 @@
+"""Shared helpers for the CPU test suite: paths, a tiny model configuration, a subprocess runner."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample"
+TOKENIZER = SAMPLE / "tokenizer.model"
+sys.path.insert(0, str(REPO))
+
+# A model small enough to train for a few dozen steps on two CPU cores in seconds.
+TINY_ENV = {
+    "DATA_PATH": str(SAMPLE), "TOKENIZER_PATH": str(TOKENIZER), "VOCAB_SIZE": "1024",
+    "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "MLP_MULT": "2",
+    "TRAIN_SEQ_LEN": "128", "TRAIN_BATCH_TOKENS": "2048", "MICRO_BATCH_TOKENS": "1024",
+    "ITERATIONS": "20", "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "0", "TRAIN_LOG_EVERY": "5",
+    "VAL_TOKEN_LIMIT": "8192", "EVAL_STRIDE": "64", "EVAL_BATCH_SEQS": "16",
+    "BIGRAM_BUCKETS": "256", "BIGRAM_DIM": "16", "COMPILE": "0", "ZSTD_LEVEL": "3",
+}
+
+
+def run_train(tmp_path: Path, nproc: int = 1, timeout: int = 300, **env) -> subprocess.CompletedProcess:
+    """Runs train_gpt.py (through torchrun when nproc > 1) in tmp_path with TINY_ENV plus `env`."""
+    full = {k: v for k, v in os.environ.items() if k not in TINY_ENV}
+    full.update(TINY_ENV, RUN_ID="test", LOG_DIR=str(tmp_path / "logs"), OMP_NUM_THREADS="1")
+    full.update({k: str(v) for k, v in env.items()})
+    script = str(REPO / "train_gpt.py")
+    cmd = [sys.executable, script] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+    return subprocess.run(cmd, cwd=tmp_path, env=full, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def tiny_config():
+    """tiny_config(MOE_MODE="topk", ...) -> a validated tiny configuration; os.environ is not read."""
+    import train_gpt
+    return lambda **env: train_gpt.load_config({**TINY_ENV, **{k: str(v) for k, v in env.items()}})
