@@ -1,0 +1,379 @@
+"""Runs configurations x seeds of train_gpt.py on the proxy corpus, one after another, and collects
+the scores, speed, sizes and routing health from their logs into one table and a JSON file.
+
+    python tools/proxy_study.py --list                         # the built-in presets (issue 5)
+    python tools/proxy_study.py --only dense,topk4 --seeds 1337,1338,1339 --dry-run
+    python tools/proxy_study.py --only topk4 --seeds 1337 --log-dir $OUT/logs         # one run
+    python tools/proxy_study.py --seeds 1337,1338,1339 --collect-only logs/proxy      # the table
+
+Each run is `python -m torch.distributed.run --standalone --nproc_per_node=N train_gpt.py` (torchrun)
+with the proxy protocol of data/README.md: the same data, VOCAB_SIZE=1024, MAX_WALLCLOCK_SECONDS
+(default 240) and no periodic validation for every run. train_gpt.py's schedules are fractions of
+the run, so no step-counted knob needs scaling. Run ids are <tag>_<config>_s<seed>; the console
+output of each run goes to <log-dir>/<run id>.out beside train_gpt.py's <run id>.txt. A 240 s run
+takes 6-9 minutes with compilation and evaluation, so one GPU command (10 minutes) holds one run:
+split the study with --only and --seeds, then collect every log with --collect-only.
+A run that fails is recorded as failed with the last lines of its output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from routing_report import last_run, moe_history  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BALANCING_OFF = {"MOE_AUX_LOSS_COEF": "0", "ROUTER_Z_COEF": "0", "ROUTER_BIAS_RATE": "0", "ROUTER_NOISE": "0"}
+# Issue 5: MoE modes against the parameter-matched dense MLP (train_gpt.py sizes experts hidden/E).
+PRESETS: dict[str, dict[str, str]] = {
+    "dense": {"MOE_MODE": "none"},
+    "soft2": {"MOE_MODE": "soft", "NUM_EXPERTS": "2"},
+    "soft4": {"MOE_MODE": "soft", "NUM_EXPERTS": "4"},
+    "topk4": {"MOE_MODE": "topk", "NUM_EXPERTS": "4", "TOP_K": "1"},
+    "shared_routed": {"MOE_MODE": "shared_routed", "NUM_EXPERTS": "4", "TOP_K": "1"},
+    "topk4_nobalance": {"MOE_MODE": "topk", "NUM_EXPERTS": "4", "TOP_K": "1", **BALANCING_OFF},
+}
+# Set by the study for every run alike; a configuration may not change them.
+STUDY_KEYS = ("DATA_PATH", "TOKENIZER_PATH", "VOCAB_SIZE", "MAX_WALLCLOCK_SECONDS", "VAL_LOSS_EVERY",
+              "SEED", "RUN_ID", "LOG_DIR")
+TAIL_LINES = 15
+TORCHRUN_FAILURE = re.compile(r"\] failed \(exitcode: -?\d+\) local_rank")
+
+# train_gpt.py's log lines (main() and Trainer.log_step).
+PATTERNS = {
+    "device": re.compile(r"^python \S+ torch (\S+) device (.+?) world_size (\d+)"),
+    "params": re.compile(r"^params total:(\d+) active_matmul_per_token:(\d+) router:(\d+)"),
+    "train": re.compile(r"^step:(\d+)/\d+ train_loss:\S+ train_time:\d+ms step_avg:([\d.]+)ms tok/s:(\d+)"),
+    "val": re.compile(r"^step:\d+/\d+ val_loss:\S+ val_bpb:([\d.]+)"),
+    "pre_quant": re.compile(r"^pre_quant_ema val_loss:\S+ val_bpb:([\d.]+)"),
+    "final": re.compile(r"^final_quant_zstd_(roundtrip|sliding_window)_exact val_loss:\S+ val_bpb:([\d.]+)"),
+    "artifact": re.compile(r"^Serialized model quant\+zstd: (\d+) bytes"),
+    "total": re.compile(r"^Total submission size quant\+zstd: (\d+) bytes"),
+    "peak": re.compile(r"^peak memory allocated: (\d+) MiB"),
+}
+
+
+@dataclass
+class Run:
+    name: str
+    seed: int
+    run_id: str
+    env: dict[str, str]
+
+
+class StudyError(ValueError):
+    """A bad configuration file or option; the message says which."""
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+def load_configs(path: Path | None) -> dict[str, dict[str, str]]:
+    """The presets, or a JSON file {"name": {"ENV": "value", ...}, ...}."""
+    if path is None:
+        return PRESETS
+    try:
+        configs = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise StudyError(f"{path}: cannot read a JSON configuration file ({err})") from None
+    if not isinstance(configs, dict) or not configs or not all(isinstance(v, dict) for v in configs.values()):
+        raise StudyError(f'{path}: expected {{"name": {{"ENV": "value", ...}}, ...}}')
+    return {name: {k: str(v) for k, v in env.items()} for name, env in configs.items()}
+
+
+def select(configs: dict[str, dict[str, str]], only: str | None) -> dict[str, dict[str, str]]:
+    if not only:
+        return configs
+    names = [n for n in only.split(",") if n]
+    unknown = [n for n in names if n not in configs]
+    if unknown:
+        raise StudyError(f"unknown configuration(s) {', '.join(unknown)}; known: {', '.join(configs)}")
+    return {n: configs[n] for n in names}
+
+
+def plan_runs(configs: dict[str, dict[str, str]], seeds: list[int], common: dict[str, str], tag: str,
+              log_dir: Path) -> list[Run]:
+    runs = []
+    for name, env in configs.items():
+        fixed = [k for k in env if k in STUDY_KEYS]
+        if fixed:
+            raise StudyError(f"configuration {name} sets {', '.join(fixed)}, which the study sets for every run")
+        for seed in seeds:
+            run_id = f"{tag}_{name}_s{seed}"
+            runs.append(Run(name, seed, run_id, {**common, **env, "SEED": str(seed), "RUN_ID": run_id,
+                                                 "LOG_DIR": str(log_dir)}))
+    return runs
+
+
+def launch_command(python: str, nproc: int, script: Path) -> list[str]:
+    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
+
+
+def shell_line(run: Run, command: list[str]) -> str:
+    return " ".join(f"{k}={shlex.quote(v)}" for k, v in run.env.items()) + " " + shlex.join(command)
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def execute(run: Run, command: list[str], log_dir: Path, timeout: float | None) -> dict:
+    """Runs one training; its console output goes to <run id>.out. -> returncode and wall seconds."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (f"{run.run_id}.txt", f"{run.run_id}_routing.json"):  # train_gpt.py appends to logs
+        (log_dir / stale).unlink(missing_ok=True)
+    t0 = time.time()
+    with open(log_dir / f"{run.run_id}.out", "w") as out:
+        # A session of its own, so a timeout ends torchrun and every worker it started.
+        proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, **run.env}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return dict(returncode=None, wall_s=round(time.time() - t0, 1), reason=f"timed out after {timeout:.0f} s")
+    return dict(returncode=returncode, wall_s=round(time.time() - t0, 1))
+
+
+# ---------------------------------------------------------------------------- collecting
+
+
+def parse_log(text: str) -> dict:
+    """Scores, speed, sizes, parameters and final routing health from the last run in a train_gpt.py log."""
+    lines = last_run(text)
+    found: dict[str, re.Match] = {}
+    finals: dict[str, float] = {}
+    for line in lines:
+        for key, pattern in PATTERNS.items():
+            m = pattern.match(line)
+            if m and key == "final":
+                finals[m[1]] = float(m[2])
+            elif m:
+                found[key] = m  # the last match wins: the final train and val lines
+    # Without EMA the last validation of the float model is the pre-quantization score.
+    pre_quant = found.get("pre_quant") or found.get("val")
+    result = dict(val_bpb_sliding=finals.get("sliding_window"), val_bpb_roundtrip=finals.get("roundtrip"),
+                  val_bpb_prequant=float(pre_quant[1]) if pre_quant else None,
+                  partial_val=any("not a score" in line for line in lines))
+    if "device" in found:
+        result.update(torch=found["device"][1], device=found["device"][2], world_size=int(found["device"][3]))
+    if "params" in found:
+        result.update(params=int(found["params"][1]), active_params=int(found["params"][2]),
+                      router_params=int(found["params"][3]))
+    if "train" in found:
+        result.update(steps=int(found["train"][1]), ms_per_step=float(found["train"][2]),
+                      tok_per_s=int(found["train"][3]))
+    for key, field in (("artifact", "artifact_bytes"), ("total", "total_bytes"), ("peak", "peak_mib")):
+        if key in found:
+            result[field] = int(found[key][1])
+    sliding = result["val_bpb_sliding"]
+    result["score"] = sliding if sliding is not None else result["val_bpb_roundtrip"]
+    result.update(routing_health(lines))
+    return result
+
+
+def routing_health(lines: list[str]) -> dict:
+    """Per MoE layer, from its last `moe layer:` line: max load share, dead experts, entropy."""
+    final = [records[-1] for _, records in sorted(moe_history(lines).items())]
+    if not final:
+        return {}
+    layers = [dict(layer=r["layer"], max_load=max(r["load"]), dead=r["dead"], entropy=r["entropy"]) for r in final]
+    return dict(routing=layers, max_load=max(r["max_load"] for r in layers), dead=sum(r["dead"] for r in layers),
+                entropy=statistics.fmean(r["entropy"] for r in layers))
+
+
+def tail(path: Path) -> list[str]:
+    """The last lines of a run's output, without torchrun's own report on its failed worker, which
+    follows (and would push out of the tail) the worker's error."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    cut = next((i for i, line in enumerate(lines) if TORCHRUN_FAILURE.search(line)), len(lines))
+    return lines[:cut][-TAIL_LINES:]
+
+
+def failure_reason(row: dict, has_log: bool, ran: bool) -> str | None:
+    if row.get("reason"):  # execute() timed out
+        return row["reason"]
+    if ran and row["returncode"] != 0:
+        return f"exit status {row['returncode']}" + ("" if has_log else ", no log")
+    if not has_log:
+        return "no log"
+    if row["val_bpb_roundtrip"] is None:
+        return "no final round-trip evaluation in the log"
+    return None
+
+
+def collect(run: Run, log_dir: Path, outcome: dict | None = None) -> dict:
+    """One row of the study. `outcome` is execute()'s result; None when only collecting old logs."""
+    log, out = log_dir / f"{run.run_id}.txt", log_dir / f"{run.run_id}.out"
+    row = dict(name=run.name, seed=run.seed, run_id=run.run_id, **(outcome or {}))
+    if log.is_file():
+        row.update(parse_log(log.read_text(errors="replace")))
+    reason = failure_reason(row, log.is_file(), outcome is not None)
+    if reason is None:
+        return dict(row, status="ok")
+    status = "missing" if not (log.is_file() or out.is_file()) else "failed"
+    return dict(row, status=status, reason=reason, tail=tail(out) or tail(log))
+
+
+def spread(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per configuration: runs ok out of planned, mean and standard deviation over seeds."""
+    summary = []
+    for name in dict.fromkeys(r["name"] for r in rows):
+        ok = [r for r in rows if r["name"] == name and r["status"] == "ok"]
+        entry = dict(name=name, ok=len(ok), runs=sum(r["name"] == name for r in rows))
+        for key in ("score", "val_bpb_roundtrip", "val_bpb_prequant", "ms_per_step", "steps", "total_bytes"):
+            entry[key], entry[key + "_std"] = spread([r[key] for r in ok if r.get(key) is not None])
+        summary.append(entry)
+    dense = next((s["score"] for s in summary if s["name"] == "dense" and s["score"] is not None), None)
+    for entry in summary:
+        entry["score_vs_dense"] = None if dense is None or entry["score"] is None else entry["score"] - dense
+    return summary
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def cell(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *rows])
+
+
+def runs_table(rows: list[dict]) -> str:
+    header = ["run", "status", "sliding", "roundtrip", "prequant", "steps", "ms/step", "tok/s", "artifact",
+              "total", "peakMiB", "params", "active", "maxload", "dead", "entropy"]
+    body = [[r["run_id"], r["status"] + ("*" if r.get("partial_val") else ""), cell(r.get("val_bpb_sliding")),
+             cell(r.get("val_bpb_roundtrip")), cell(r.get("val_bpb_prequant")), cell(r.get("steps")),
+             cell(r.get("ms_per_step"), 1), cell(r.get("tok_per_s")), cell(r.get("artifact_bytes")),
+             cell(r.get("total_bytes")), cell(r.get("peak_mib")), cell(r.get("params")), cell(r.get("active_params")),
+             cell(r.get("max_load"), 2), cell(r.get("dead")), cell(r.get("entropy"), 3)] for r in rows]
+    return format_table(header, body)
+
+
+def summary_table(summary: list[dict]) -> str:
+    def pm(entry: dict, key: str, digits: int = 4) -> str:
+        std = entry[key + "_std"]
+        return cell(entry[key], digits) + ("" if std is None else f" ±{std:.{digits}f}")
+    header = ["config", "ok/runs", "score (bpb)", "vs dense", "roundtrip", "prequant", "ms/step", "steps", "total bytes"]
+    body = [[s["name"], f"{s['ok']}/{s['runs']}", pm(s, "score"), cell(s["score_vs_dense"]), pm(s, "val_bpb_roundtrip"),
+             pm(s, "val_bpb_prequant"), pm(s, "ms_per_step", 1), pm(s, "steps", 0), pm(s, "total_bytes", 0)]
+            for s in summary]
+    return format_table(header, body)
+
+
+def report(rows: list[dict], args, common: dict[str, str]) -> None:
+    summary = summarize(rows)
+    print(runs_table(rows))
+    print()
+    print(summary_table(summary))
+    print("score = sliding-window round-trip val_bpb (round trip without sliding window where absent); "
+          "* = validation on a token subset, not a score")
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"\n{r['run_id']} {r['status']}: {r['reason']}\n  " + "\n  ".join(r.get("tail") or ["(no output)"]))
+    path = args.json or args.log_dir / f"{args.tag}_study.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(common_env=common, runs=rows, summary=summary), indent=1))
+    print(f"\nwrote {path}")
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, help='JSON file {"name": {"ENV": "value"}, ...} (default: the presets)')
+    parser.add_argument("--only", help="comma-separated configuration names to run")
+    parser.add_argument("--seeds", default="1337", help="comma-separated seeds (default 1337)")
+    parser.add_argument("--list", action="store_true", help="print the configurations and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    parser.add_argument("--collect-only", type=Path, metavar="LOGDIR", help="run nothing; collect the logs in LOGDIR")
+    parser.add_argument("--data-path", default="/tmp/proxy", help="DATA_PATH (default /tmp/proxy, see docs/gpu.md)")
+    parser.add_argument("--tokenizer-path", help="TOKENIZER_PATH (default DATA_PATH/proxy_1024_bpe.model)")
+    parser.add_argument("--vocab-size", default="1024")
+    parser.add_argument("--wallclock", default="240", help="MAX_WALLCLOCK_SECONDS for every run (default 240)")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra knob for every run")
+    parser.add_argument("--log-dir", type=Path, default=Path("logs/proxy"), help="LOG_DIR (default logs/proxy)")
+    parser.add_argument("--tag", default="proxy", help="run id prefix (default proxy)")
+    parser.add_argument("--python", default=sys.executable, help="interpreter that runs torchrun")
+    parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run")
+    parser.add_argument("--script", type=Path, default=REPO / "train_gpt.py")
+    parser.add_argument("--timeout", type=float, help="seconds before a run is killed and recorded as failed")
+    parser.add_argument("--json", type=Path, help="results file (default LOG_DIR/<tag>_study.json)")
+    args = parser.parse_args(argv)
+    if args.collect_only:
+        args.log_dir = args.collect_only
+    args.log_dir = args.log_dir.resolve()  # train_gpt.py runs with the repository as its working folder
+    return args
+
+
+def common_env(args) -> dict[str, str]:
+    env = {"DATA_PATH": args.data_path,
+           "TOKENIZER_PATH": args.tokenizer_path or os.path.join(args.data_path, "proxy_1024_bpe.model"),
+           "VOCAB_SIZE": args.vocab_size, "MAX_WALLCLOCK_SECONDS": args.wallclock, "VAL_LOSS_EVERY": "0"}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise StudyError(f"--env {item!r}: expected KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        configs = select(load_configs(args.config), args.only)
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+        common = common_env(args)
+        runs = plan_runs(configs, seeds, common, args.tag, args.log_dir)
+    except (StudyError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.list:
+        for name, env in configs.items():
+            print(f"{name}: " + " ".join(f"{k}={v}" for k, v in env.items()))
+        return 0
+    command = launch_command(args.python, args.nproc, args.script)
+    if args.dry_run:
+        for run in runs:
+            print(shell_line(run, command))
+        return 0
+    rows = []
+    for i, run in enumerate(runs, 1):
+        if args.collect_only:
+            rows.append(collect(run, args.log_dir))
+            continue
+        print(f"[{i}/{len(runs)}] {run.run_id}: {shell_line(run, command)}", flush=True)
+        rows.append(collect(run, args.log_dir, execute(run, command, args.log_dir, args.timeout)))
+        print(f"[{i}/{len(runs)}] {run.run_id}: {rows[-1]['status']} in {rows[-1]['wall_s']} s, "
+              f"score {cell(rows[-1].get('score'))}", flush=True)
+    report(rows, args, common)
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
