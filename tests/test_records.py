@@ -1,0 +1,319 @@
+"""tools/records.py: statistics against table values, the log parser, pack -> verify, refusals, compare."""
+import json
+import math
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import REPO, SAMPLE, TOKENIZER, run_train
+from tools import records
+
+SEEDS = (1, 2)
+CHECK_TOKENS = 2048
+# Even smaller than TINY_ENV: the suite trains two of these (in parallel) once per module.
+RUN_ENV = dict(ITERATIONS=4, VAL_TOKEN_LIMIT=2048, MOE_MODE="none", EVAL_STRIDE=64)
+
+
+# ----------------------------------------------------------------------------------------------
+# statistics
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("t, df, p", [
+    (2.0, 5, 0.0510), (3.365, 5, 0.0100), (2.015, 5, 0.0500),   # t-table, one-sided
+    (1.812, 10, 0.0500), (2.764, 10, 0.0100), (2.457, 30, 0.0100), (3.747, 4, 0.0100),
+])
+def test_t_tail_matches_t_table(t, df, p):
+    assert records.t_sf(t, df) == pytest.approx(p, abs=1e-4)
+
+
+@pytest.mark.parametrize("t", [0.3, 1.0, 2.5, 10.0, 100.0])
+def test_t_tail_matches_closed_forms(t):
+    assert records.t_sf(t, 1) == pytest.approx(0.5 - math.atan(t) / math.pi, rel=1e-10)  # Cauchy
+    assert records.t_sf(t, 2) == pytest.approx(0.5 - t / (2 * math.sqrt(2 + t * t)), rel=1e-10)
+    assert records.t_sf(-t, 7.5) == pytest.approx(1 - records.t_sf(t, 7.5), abs=1e-14)
+    assert records.t_sf(0.0, 3) == pytest.approx(0.5)
+
+
+def test_betainc_identities():
+    assert records.betainc(1, 1, 0.3) == pytest.approx(0.3)
+    assert records.betainc(3, 1, 0.6) == pytest.approx(0.6 ** 3)
+    assert records.betainc(4.5, 4.5, 0.5) == pytest.approx(0.5)
+    assert records.betainc(2, 3, 0.0) == 0.0 and records.betainc(2, 3, 1.0) == 1.0
+
+
+def test_welch_textbook_example():
+    # Wikipedia, "Welch's t-test", example 1: t = -2.46, df = 24.99, two-sided p = 0.021.
+    a1 = [27.5, 21.0, 19.0, 23.6, 17.0, 17.9, 16.9, 20.1, 21.9, 22.6, 23.1, 19.6, 19.0, 21.7, 21.4]
+    a2 = [27.1, 22.0, 20.8, 23.4, 23.4, 23.5, 25.8, 22.0, 24.8, 20.2, 21.9, 22.1, 22.9, 20.5, 24.4]
+    result = records.welch_test(records.Sample("b", a2), records.Sample("c", a1), margin=0.0)
+    assert result.t == pytest.approx(2.46, abs=0.005)
+    assert result.df == pytest.approx(24.99, abs=0.005)
+    assert 2 * result.p == pytest.approx(0.021, abs=0.0005)
+
+
+def test_welch_by_hand_with_margin():
+    # Means 1.31 and 1.21, both variances 0.0002, n=2: se = sqrt(0.0002), df = 2 exactly, so the
+    # tail has the closed form 0.5 - t / (2 sqrt(2 + t^2)).
+    result = records.welch_test(records.Sample("b", [1.30, 1.32]), records.Sample("c", [1.20, 1.22]), margin=0.005)
+    t = 0.095 / math.sqrt(0.0002)
+    assert result.t == pytest.approx(t, rel=1e-9)
+    assert result.df == pytest.approx(2.0, rel=1e-9)
+    assert result.p == pytest.approx(0.5 - t / (2 * math.sqrt(2 + t * t)), rel=1e-8)
+    assert result.p == pytest.approx(0.010725, abs=1e-6)
+    assert not result.significant and result.verdict.startswith("not significant")
+    # Unequal sizes and variances: baseline var 4 (n=3), candidate var 1 (n=3): df = 50/17.
+    result = records.welch_test(records.Sample("b", [10, 12, 14]), records.Sample("c", [5, 6, 7]), margin=0.0)
+    assert result.t == pytest.approx(6 / math.sqrt(5 / 3), rel=1e-12)
+    assert result.df == pytest.approx(50 / 17, rel=1e-12)
+    assert records.t_sf(result.t, 3) < result.p < records.t_sf(result.t, 2)
+
+
+def test_welch_verdicts():
+    worse = records.welch_test(records.Sample("b", [1.0, 1.1]), records.Sample("c", [1.2, 1.3]), 0.005)
+    assert worse.verdict.startswith("candidate is worse") and worse.p is None
+    single = records.welch_test(records.Sample("b", [1.3]), records.Sample("c", [1.2, 1.21]), 0.005)
+    assert single.verdict.startswith("cannot be tested") and "n=1" in single.verdict and single.p is None
+    clear = records.welch_test(records.Sample("b", [1.30, 1.301, 1.302]), records.Sample("c", [1.20, 1.201, 1.202]), 0.005)
+    assert clear.significant and clear.verdict.startswith("candidate beats baseline by more than the margin at p=")
+
+
+def test_compare_cli(tmp_path, capsys):
+    def submission(name, losses):
+        seed_results = {str(i): {"val_loss": v, "val_bpb": v / 1.7} for i, v in enumerate(losses)}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "submission.json").write_text(json.dumps({"seed_results": seed_results}))
+        return str(tmp_path / name)
+
+    old, new = submission("old", [2.05, 2.06, 2.04]), submission("new", [2.00, 2.001, 1.999])
+    assert records.main(["compare", "--baseline", old, "--candidate", new]) == 0
+    out = capsys.readouterr().out
+    assert "n=3 mean=2.05000000 std=0.01000000" in out and "improvement (baseline - candidate): +0.05" in out
+    assert "verdict: candidate beats baseline by more than the margin" in out
+    assert records.main(["compare", "--baseline", old, "--candidate", new, "--metric", "val_bpb", "--margin", "0.05"]) == 1
+    assert "not significant" in capsys.readouterr().out
+    assert records.main(["compare", "--baseline", "1.30", "--candidate", "1.2", "1.21"]) == 1
+    assert "cannot be tested" in capsys.readouterr().out
+    assert records.main(["compare", "--baseline", "abc", "--candidate", "1.2"]) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# the log parser
+# ----------------------------------------------------------------------------------------------
+CANNED_LOG = """python 3.11.7 torch 2.14.1+cu130 device cuda:0 (NVIDIA H100 80GB HBM3) world_size 8 grad_accum 1
+config {"EVAL_SEQ_LEN": 128, "EVAL_STRIDE": 32, "SEED": 1337, "TRAIN_SEQ_LEN": 128, "VAL_TOKEN_LIMIT": 0}
+params total:158857 active_matmul_per_token:141824 router:512 moe_mode:soft moe_layers:[0, 1]
+step:30/30 train_loss:5.1056 train_time:9629ms step_avg:320.98ms tok/s:12761 mfu:1.0%
+step:30/30 val_loss:5.4080 val_bpb:3.0533 train_time:9631ms step_avg:321.05ms
+pre_quant_ema val_loss:5.41612600 val_bpb:3.05788679
+Serialized model quant+zstd: 240785 bytes
+Code size: 71124 bytes
+Total submission size quant+zstd: 311909 bytes
+size_check total:311909 cap:16000000 slack:15688091 OK artifact:logs/run_x_model.ptz
+final_quant_zstd_roundtrip_exact val_loss:5.41610870 val_bpb:3.05787703 stride:128 seq_len:128 eval_time:248ms
+final_quant_zstd_sliding_window_exact val_loss:5.41674422 val_bpb:3.05823583 stride:32 seq_len:128 eval_time:1070ms
+"""
+
+
+def test_parse_canned_log(tmp_path):
+    path = tmp_path / "run.txt"
+    path.write_text(CANNED_LOG)
+    run = records.parse_log(path)
+    assert (run.seed, run.steps, run.train_time_ms, run.step_avg_ms) == (1337, 30, 9631, 321.05)
+    assert (run.artifact_bytes, run.code_bytes, run.artifact_path) == (240785, 71124, "logs/run_x_model.ptz")
+    assert run.pre_quant_val_bpb == 3.05788679
+    assert run.hardware == "8x NVIDIA H100 80GB HBM3" and run.torch_version == "2.14.1+cu130"
+    assert (run.score.val_loss, run.score.val_bpb, run.score.stride, run.score.eval_time_ms) == (5.41674422, 3.05823583, 32, 1070)
+    assert run.score.token_limit == 0
+
+    # EVAL_STRIDE=0: no sliding line, the round trip is the score.
+    path.write_text(CANNED_LOG.replace('"EVAL_STRIDE": 32', '"EVAL_STRIDE": 0').rsplit("final_quant_zstd_sliding", 1)[0])
+    assert records.parse_log(path).score.val_bpb == 3.05787703
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda log: log.rsplit("final_quant_zstd_sliding", 1)[0], "lacks final results"),  # died in sliding eval
+    (lambda log: log.split("Serialized", 1)[0], "lacks final results"),
+    (lambda log: log + log, "holds 2 runs"),  # train_gpt.py appends when a RUN_ID is reused
+    (lambda log: log.replace("python 3.11.7", "pithon"), "not a train_gpt.py log"),
+])
+def test_parse_refuses_incomplete_logs(tmp_path, edit, message):
+    path = tmp_path / "run.txt"
+    path.write_text(edit(CANNED_LOG))
+    with pytest.raises(records.LogError, match=message):
+        records.parse_log(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# pack and verify on real tiny runs
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two tiny seeds trained in parallel, plus a snapshot of the train_gpt.py they ran."""
+    root = tmp_path_factory.mktemp("runs")
+    script = root / "train_gpt.py"
+    shutil.copyfile(REPO / "train_gpt.py", script)  # others may edit the repo's copy meanwhile
+
+    def train(seed):
+        (root / f"seed{seed}").mkdir()
+        return run_train(root / f"seed{seed}", SEED=seed, **RUN_ENV)
+
+    with ThreadPoolExecutor(len(SEEDS)) as pool:
+        results = list(pool.map(train, SEEDS))
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    logs = [root / f"seed{seed}" / "logs" / "test.txt" for seed in SEEDS]
+    if any(records.parse_log(log).code_bytes != script.stat().st_size for log in logs):
+        pytest.skip("train_gpt.py changed while the fixture trained")
+    return dict(root=root, script=script, logs=logs)
+
+
+def pack_args(runs, records_dir, *extra):
+    return ["pack", *map(str, runs["logs"]), "--name", "Tiny", "--author", "Test", "--github-id", "test",
+            "--track", "track_non_record_16mb", "--allow-partial-eval", "--date", "2026-01-02",
+            "--script", str(runs["script"]), "--records-dir", str(records_dir),
+            "--check-data", str(SAMPLE), "--check-tokenizer", str(TOKENIZER),
+            "--check-tokens", str(CHECK_TOKENS), *extra]
+
+
+@pytest.fixture(scope="module")
+def packed(runs):
+    records_dir = runs["root"] / "records"
+    assert records.main(pack_args(runs, records_dir)) == 0
+    return records_dir / "track_non_record_16mb" / "2026-01-02_Tiny"
+
+
+@pytest.fixture
+def folder_copy(packed, tmp_path):
+    """A private copy of the packed folder for tests that tamper with it."""
+    return shutil.copytree(packed, tmp_path / packed.name)
+
+
+def verify(folder, *extra):
+    return records.verify(records.build_parser().parse_args(["verify", str(folder), *extra]))
+
+
+def failed(checks):
+    return [c.name for c in checks if not c.ok]
+
+
+def test_parse_real_log(runs):
+    log = runs["logs"][0]
+    run = records.parse_log(log)
+    text = log.read_text()
+    sliding = next(line for line in text.splitlines() if line.startswith("final_quant_zstd_sliding_window_exact"))
+    fields = dict(part.split(":", 1) for part in sliding.split()[1:6])
+    assert run.score.val_loss == float(fields["val_loss"]) and run.score.val_bpb == float(fields["val_bpb"])
+    assert (run.score.stride, run.score.seq_len, run.score.token_limit) == (64, 128, RUN_ENV["VAL_TOKEN_LIMIT"])
+    assert (run.seed, run.steps, run.world_size, run.device) == (SEEDS[0], RUN_ENV["ITERATIONS"], 1, "cpu")
+    assert run.artifact_bytes == (log.parent / "test_model.ptz").stat().st_size
+    assert run.code_bytes == runs["script"].stat().st_size
+    assert records.find_artifact(run) == log.parent / "test_model.ptz"
+
+
+def test_pack_writes_a_complete_folder(runs, packed):
+    sub = json.loads((packed / "submission.json").read_text())
+    parsed = [records.parse_log(log) for log in runs["logs"]]
+    best = min(parsed, key=lambda r: r.score.val_bpb)
+    assert sub["seeds"] == list(SEEDS) and sub["best_seed"] == best.seed
+    assert sub["val_bpb"] == pytest.approx(sum(r.score.val_bpb for r in parsed) / 2, abs=1e-12)
+    assert sub["val_loss_std"] == pytest.approx(abs(parsed[0].score.val_loss - parsed[1].score.val_loss) / math.sqrt(2))
+    assert sub["bytes_code"] == runs["script"].stat().st_size
+    assert sub["bytes_total"] == sub["bytes_code"] + best.artifact_bytes
+    assert sub["hardware"] == "1x cpu" and sub["partial_eval"]["val_token_limit"] == RUN_ENV["VAL_TOKEN_LIMIT"]
+    assert set(sub["seed_results"][str(best.seed)]) >= {"val_loss", "val_bpb", "artifact_bytes", "steps",
+                                                        "step_avg_ms", "eval_time_s", "pre_quant_val_bpb"}
+    assert sub["verify_check"]["tokens"] == CHECK_TOKENS and sub["verify_check"]["seed"] == best.seed
+    assert (packed / "train_gpt.py").read_bytes() == runs["script"].read_bytes()
+    assert sorted(p.name for p in packed.iterdir()) == sorted(
+        ["README.md", "submission.json", "train_gpt.py", f"model_seed{best.seed}.ptz"]
+        + [f"train_seed{s}.txt" for s in SEEDS])
+    readme = (packed / "README.md").read_text()
+    assert readme.count("TODO") >= 3 and "Not a score" in readme
+    assert f"| {SEEDS[0]} | {parsed[0].score.val_loss:.8f} | {parsed[0].score.val_bpb:.8f} |" in readme
+    assert "MOE_MODE=none" in readme and "NUM_LAYERS=2" in readme and "SEED=$SEED" in readme
+    assert "RUN_ID=test" not in readme and "NUM_EXPERTS=" not in readme  # identity knobs and defaults left out
+
+
+def test_verify_passes_quick_and_full(packed, capsys):
+    assert records.main(["verify", str(packed), "--token-limit", str(CHECK_TOKENS)]) == 0
+    out = capsys.readouterr().out
+    assert "PASS  quick check" in out and "FAIL" not in out
+    checks = verify(packed)  # full: re-evaluates on the claim's own (partial) token range
+    assert not failed(checks) and any(c.name.endswith("val_bpb") and "|diff|" in c.detail for c in checks)
+
+
+def test_verify_fails_on_one_changed_artifact_byte(folder_copy):
+    artifact = next(folder_copy.glob("model_seed*.ptz"))
+    blob = bytearray(artifact.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    artifact.write_bytes(bytes(blob))
+    bad = failed(verify(folder_copy, "--token-limit", str(CHECK_TOKENS)))
+    assert "artifact sha256" in bad and any(name.startswith("quick check") for name in bad)
+
+
+def test_verify_fails_on_a_wrong_claimed_bpb(folder_copy):
+    path = folder_copy / "submission.json"
+    sub = json.loads(path.read_text())
+    best = sub["seed_results"][str(sub["best_seed"])]
+    best["val_bpb"] -= 0.01
+    sub["val_bpb"] -= 0.01 / 2  # keep the mean consistent: only the log and the re-evaluation can tell
+    path.write_text(json.dumps(sub))
+    bad = failed(verify(folder_copy))
+    assert f"seed {sub['best_seed']} val_bpb" in bad and f"seed {sub['best_seed']} log score" in bad
+
+
+def test_verify_fails_on_an_edited_script(folder_copy):
+    with open(folder_copy / "train_gpt.py", "a") as f:
+        f.write("# one more line\n")
+    bad = failed(verify(folder_copy, "--token-limit", str(CHECK_TOKENS)))
+    assert "code size" in bad and "bytes_total" in bad
+
+
+def test_verify_without_a_reference_for_the_token_limit(packed):
+    assert failed(verify(packed, "--token-limit", "100")) == ["quick check"]
+
+
+# ----------------------------------------------------------------------------------------------
+# refusals
+# ----------------------------------------------------------------------------------------------
+def test_pack_refuses_over_the_cap(runs, tmp_path, capsys):
+    size = records.parse_log(runs["logs"][0]).artifact_bytes + runs["script"].stat().st_size
+    assert records.main(pack_args(runs, tmp_path, "--cap", str(size - 1))) == 2
+    assert "exceeds the cap" in capsys.readouterr().err
+    assert not (tmp_path / "track_non_record_16mb").exists()
+
+
+def test_pack_refuses_partial_eval_on_the_record_track(runs, tmp_path, capsys):
+    args = pack_args(runs, tmp_path)
+    args[args.index("track_non_record_16mb")] = "track_10min_16mb"
+    assert records.main(args) == 2
+    assert "not a score" in capsys.readouterr().err
+    args.remove("--allow-partial-eval")
+    assert records.main(args) == 2
+
+
+def test_pack_refuses_a_different_script(runs, tmp_path, capsys):
+    other = tmp_path / "train_gpt.py"
+    other.write_bytes(runs["script"].read_bytes() + b"\n")
+    args = pack_args(runs, tmp_path)
+    args[args.index("--script") + 1] = str(other)
+    assert records.main(args) == 2
+    assert "different train_gpt.py" in capsys.readouterr().err
+
+
+def test_pack_refuses_a_log_without_final_results(runs, tmp_path, capsys):
+    truncated = tmp_path / "truncated.txt"
+    truncated.write_text(runs["logs"][1].read_text().split("final_quant_zstd_roundtrip")[0])
+    args = pack_args(runs, tmp_path)
+    args[2] = str(truncated)
+    assert records.main(args) == 2
+    assert "lacks final results" in capsys.readouterr().err
+
+
+def test_pack_refuses_an_existing_folder_unless_forced(runs, tmp_path, capsys):
+    assert records.main(pack_args(runs, tmp_path)) == 0
+    assert records.main(pack_args(runs, tmp_path)) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert records.main(pack_args(runs, tmp_path, "--force", "--all-artifacts")) == 0
+    folder = tmp_path / "track_non_record_16mb" / "2026-01-02_Tiny"
+    assert len(list(folder.glob("model_seed*.ptz"))) == len(SEEDS)
