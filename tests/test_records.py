@@ -149,22 +149,23 @@ def test_parse_refuses_incomplete_logs(tmp_path, edit, message):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two tiny seeds trained in parallel, plus a snapshot of the train_gpt.py they ran."""
-    root = tmp_path_factory.mktemp("runs")
-    script = root / "train_gpt.py"
-    shutil.copyfile(REPO / "train_gpt.py", script)  # others may edit the repo's copy meanwhile
+    for attempt in range(3):  # others may edit the repo's train_gpt.py while we train: snapshot and retry
+        root = tmp_path_factory.mktemp("runs")
+        script = root / "train_gpt.py"
+        shutil.copyfile(REPO / "train_gpt.py", script)
 
-    def train(seed):
-        (root / f"seed{seed}").mkdir()
-        return run_train(root / f"seed{seed}", SEED=seed, **RUN_ENV)
+        def train(seed):
+            (root / f"seed{seed}").mkdir()
+            return run_train(root / f"seed{seed}", SEED=seed, **RUN_ENV)
 
-    with ThreadPoolExecutor(len(SEEDS)) as pool:
-        results = list(pool.map(train, SEEDS))
-    for result in results:
-        assert result.returncode == 0, result.stderr[-3000:]
-    logs = [root / f"seed{seed}" / "logs" / "test.txt" for seed in SEEDS]
-    if any(records.parse_log(log).code_bytes != script.stat().st_size for log in logs):
-        pytest.skip("train_gpt.py changed while the fixture trained")
-    return dict(root=root, script=script, logs=logs)
+        with ThreadPoolExecutor(len(SEEDS)) as pool:
+            results = list(pool.map(train, SEEDS))
+        for result in results:
+            assert result.returncode == 0, result.stderr[-3000:]
+        logs = [root / f"seed{seed}" / "logs" / "test.txt" for seed in SEEDS]
+        if all(records.parse_log(log).code_bytes == script.stat().st_size for log in logs):
+            return dict(root=root, script=script, logs=logs)
+    pytest.skip("train_gpt.py kept changing while the fixture trained")
 
 
 def pack_args(runs, records_dir, *extra):
