@@ -201,34 +201,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def describe_setup(args, device: torch.device) -> str:
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU smoke test (no CUDA): timings mean nothing"
+    how = "eager" if args.no_compile else f"torch.compile({args.backend}, fullgraph, static shapes)"
+    return (f"{where}; torch {torch.__version__}; {args.tokens} tokens x {args.dim}, hidden {args.hidden}; "
+            f"bf16 autocast, {how}; median of {args.iters} after {args.warmup} warm-up steps")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    defaults = CUDA_SHAPE if device.type == "cuda" else CPU_SHAPE
-    for key, value in defaults.items():
+    for key, value in (CUDA_SHAPE if device.type == "cuda" else CPU_SHAPE).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU smoke test (no CUDA): timings mean nothing"
-    print(f"bench_moe: {where}; torch {torch.__version__}; {args.tokens} tokens x {args.dim}, hidden {args.hidden}, "
-          f"bf16 autocast, {'eager' if args.no_compile else f'torch.compile({args.backend}, fullgraph, static)'}, "
-          f"median of {args.iters} after {args.warmup} warm-up steps", flush=True)
+    setup = describe_setup(args, device)
+    print(f"bench_moe: {setup}", flush=True)
     results = []
     for mode in args.modes:
         try:
             results.append(bench_mode(mode, args, device))
         except Exception as err:  # a mode that fails to build or compile is reported, not fatal to the others
-            results.append(dict(mode=mode, error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"))
-        print(f"  {mode} done", flush=True)
+            results.append(dict(mode=mode, error=f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"))
+        done = results[-1]
+        print(f"  {mode}: " + (done["error"] if "error" in done else f"{done['ms']:.3f} ms"), flush=True)
     print(format_table(results))
     if args.json:
-        args.json.write_text(json.dumps(dict(device=where, shape=dict(tokens=args.tokens, dim=args.dim, hidden=args.hidden),
-                                             compiled=not args.no_compile, results=results), indent=1))
+        shape = dict(tokens=args.tokens, dim=args.dim, hidden=args.hidden)
+        args.json.write_text(json.dumps(dict(setup=setup, shape=shape, compiled=not args.no_compile, results=results), indent=1))
     found = [p for r in results for p in problems(r)]
     if found:
         print("FAILED: " + "; ".join(found), file=sys.stderr)
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
