@@ -44,9 +44,9 @@ MODES: dict[str, dict[str, str]] = {
 CUDA_SHAPE = dict(tokens=65_536, dim=512, hidden=1536, iters=20)
 # grouped_mm compiles on CPU only in bf16 with dims that are multiples of 16: hidden/8 = 16 here.
 CPU_SHAPE = dict(tokens=256, dim=64, hidden=128, iters=3)
-# Router scales for the recompile check: as initialised, sharply skewed, and all-zero (every
-# score ties, so top-k sends every token to the same experts and the others get no rows).
-ROUTING_VARIANTS = {"random": 1.0, "skewed": 8.0, "collapsed": 0.0}
+# Router scales for the recompile check: as initialised, sharply skewed, and zero (every score
+# ties, so top-k sends every token to the same experts and the others get no rows).
+ROUTER_SCALES = (1.0, 8.0, 0.0)
 
 
 def build_layer(mode: str, dim: int, hidden: int, device: torch.device) -> nn.Module:
@@ -123,7 +123,7 @@ def router_scaled(layer: nn.Module, scale: float):
 
 def vary_routing(step, layer: nn.Module, shape: tuple[int, int], grad: torch.Tensor, device: torch.device) -> None:
     """Steps on fresh inputs under each routing variant: none of them may trigger a recompile."""
-    for scale in ROUTING_VARIANTS.values():
+    for scale in ROUTER_SCALES:
         with router_scaled(layer, scale):
             step(torch.randn(shape, device=device, requires_grad=True), grad)
 
@@ -141,7 +141,7 @@ def bench_mode(mode: str, args, device: torch.device) -> dict:
     layer = build_layer(mode, args.dim, args.hidden, device)
     shape = (args.tokens, args.dim)
     x = torch.randn(shape, device=device, requires_grad=True)
-    grad = torch.randn(shape, device=device)
+    grad = torch.randn(shape, device=device, dtype=torch.bfloat16)  # the output's dtype under autocast
     step = make_step(layer, not args.no_compile, args.backend, device)
     result = dict(mode=mode, **MODES[mode], params=sum(p.numel() for p in layer.parameters()))
     if device.type == "cuda":
