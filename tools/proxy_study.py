@@ -14,6 +14,15 @@ output of each run goes to <log-dir>/<run id>.out beside train_gpt.py's <run id>
 takes 6-9 minutes with compilation and evaluation, so one GPU command (10 minutes) holds one run:
 split the study with --only and --seeds, then collect every log with --collect-only.
 A run that fails is recorded as failed with the last lines of its output.
+
+On the lent GPU (docs/gpu.md; carry data/datasets/proxy_sp1024 and .wheels), one call per run:
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .wheels/*.whl && export PYTHONPATH=/tmp/site;
+    sh data/datasets/proxy_sp1024/prepare.sh /tmp/proxy;
+    python3 tools/proxy_study.py --only dense --seeds 1337 --log-dir $OUT/logs --timeout 540 \
+        --env ARTIFACT_PATH=/tmp/model.ptz        # keeps the 15 MB artifact out of what comes back
+
+--timeout ends a run before the command limit does, so it is still recorded (as failed).
 """
 from __future__ import annotations
 
