@@ -11,6 +11,7 @@ import contextlib
 import copy
 import difflib
 import glob
+import hashlib
 import json
 import math
 import os
@@ -118,7 +119,7 @@ KNOBS: dict[str, tuple[type, object]] = {
     "QUANT_BITS_EMBED": (int, 8),
     "QUANT_BITS_BIGRAM": (int, 6),
     "FP16_KEEP_NAME_PATTERNS": (str, ""),
-    "FP16_KEEP_MAX_NUMEL": (int, 16384),
+    "FP16_KEEP_MAX_NUMEL": (int, 4096),
     "PRUNE_FRAC": (float, 0.0),
     "ZSTD_LEVEL": (int, 22),
     "SIZE_CAP_BYTES": (int, 16_000_000),
@@ -458,7 +459,9 @@ class SmearGate(nn.Module):
 
     def forward(self, x: Tensor, idx: Tensor) -> Tensor:
         prev = F.pad(x[:, :-1], (0, 0, 1, 0))
-        g = torch.sigmoid(self.gate).to(x.dtype) * (idx != BOS_ID).unsqueeze(-1).to(x.dtype)
+        # The first position has no known predecessor and a BOS starts a new document: no mixing.
+        mixes = torch.cat((torch.zeros_like(idx[:, :1]), (idx[:, 1:] != BOS_ID).long()), dim=1)
+        g = torch.sigmoid(self.gate).to(x.dtype) * mixes.unsqueeze(-1).to(x.dtype)
         return x + g * (prev - x)
 
 
@@ -497,12 +500,10 @@ class GPT(nn.Module):
         if self.bigram is not None:
             nn.init.normal_(self.bigram.table.weight, std=0.02)
         for module in self.modules():
-            for name, p in module.named_parameters(recurse=False):
-                if getattr(module, "zero_init", False) or name.startswith("down") or name == "router_weight":
-                    p.zero_()
-                elif isinstance(module, nn.Linear) or name.startswith("up"):
-                    for matrix in p.view(-1, *p.shape[-2:]):  # experts are orthogonalised one by one
-                        nn.init.orthogonal_(matrix)
+            if isinstance(module, MoEBase):
+                module.reset_parameters()
+            elif isinstance(module, nn.Linear):
+                nn.init.zeros_(module.weight) if getattr(module, "zero_init", False) else nn.init.orthogonal_(module.weight)
 
     def hidden(self, idx: Tensor, aux: list) -> Tensor:
         x = self.tok_emb(idx)
@@ -537,6 +538,8 @@ class GPT(nn.Module):
 # Per-layer telemetry buffer: [load per expert..., tokens, entropy sum, aux sum, z sum, dropped, calls]
 STAT_TOKENS, STAT_ENTROPY, STAT_AUX, STAT_Z, STAT_DROPPED, STAT_CALLS = range(6)
 DEAD_LOAD_SHARE = 0.1  # an expert is "dead" when its load is under 10% of the uniform share
+COLLAPSE_SHARE = 0.8  # warn when one expert takes more than this share of a layer's tokens
+ROUTED_INIT_STD = 0.02  # router init of routed modes: logits of std ~0.45 on RMS-normed inputs
 
 
 def grouped_matmul(x: Tensor, weight_t: Tensor, offsets: Tensor) -> Tensor:
@@ -553,15 +556,26 @@ def expert_dtype(x: Tensor) -> torch.dtype:
 class MoEBase(nn.Module):
     """Router (fp32 logic, zero-initialised) and routing telemetry shared by all MoE modes."""
 
-    def __init__(self, h, dim: int, num_experts: int, expert_hidden: int):
+    def __init__(self, h, dim: int, num_experts: int, expert_hidden: int, router_init_std: float):
         super().__init__()
         E, self.E, self.act = num_experts, num_experts, h.mlp_act
-        self.router_weight = nn.Parameter(torch.zeros(E, dim))
+        self.router_weight = nn.Parameter(torch.empty(E, dim))
         self.up = nn.Parameter(torch.empty(E, expert_hidden, dim))
         self.down = nn.Parameter(torch.empty(E, dim, expert_hidden))
+        self.router_init_std = router_init_std
         self.z_coef, self.aux_coef = h.router_z_coef, h.moe_aux_loss_coef
         self.register_buffer("stats", torch.zeros(E + 6), persistent=False)
         self.record: list | None = None  # set to a list (eager only) to capture per-token routing
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for matrix in self.up:  # Muon and the init treat every expert as its own matrix
+            nn.init.orthogonal_(matrix)
+        self.down.zero_()
+        # A zero router makes soft MoE start as the dense MLP; routed modes need distinct scores
+        # from the start, or every token ties and goes to the same expert.
+        self.router_weight.normal_(0.0, self.router_init_std)
 
     def router_logits(self, x: Tensor) -> Tensor:
         return F.linear(x, self.router_weight.to(x.dtype)).float()
@@ -611,22 +625,26 @@ class RoutedMoE(MoEBase):
     """
 
     def __init__(self, h, dim: int):
-        super().__init__(h, dim, h.num_experts, h.expert_hidden_eff)
+        super().__init__(h, dim, h.num_experts, h.expert_hidden_eff, ROUTED_INIT_STD)
         self.k, self.score, self.noise = h.top_k, h.router_score, h.router_noise
         self.dispatch_mode, self.capacity_factor = h.moe_dispatch, h.capacity_factor
         self.gate_scale = (self.E if self.score == "softmax" else 2.0) / self.k
         self.register_buffer("router_bias", torch.zeros(self.E))
         self.shared = DenseMLP(dim, h.shared_hidden_eff, h.mlp_act) if h.shared_hidden_eff else None
 
-    def forward(self, x: Tensor, aux: list) -> Tensor:
-        x2 = x.reshape(-1, x.size(-1))
-        T, E, k = x2.size(0), self.E, self.k
+    def route(self, x2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """-> (router logits, scores, chosen experts (T, k), gates (T, k)) for tokens x2 (T, dim)."""
         logits = self.router_logits(x2)
         if self.training and self.noise > 0:
             logits = logits + self.noise * torch.randn_like(logits)
         scores = torch.softmax(logits, -1) if self.score == "softmax" else torch.sigmoid(logits)
-        choice = (scores + self.router_bias).topk(k, dim=-1).indices  # (T, k)
-        gate = scores.gather(-1, choice) * self.gate_scale
+        choice = (scores + self.router_bias).topk(self.k, dim=-1).indices
+        return logits, scores, choice, scores.gather(-1, choice) * self.gate_scale
+
+    def forward(self, x: Tensor, aux: list) -> Tensor:
+        x2 = x.reshape(-1, x.size(-1))
+        T, E, k = x2.size(0), self.E, self.k
+        logits, scores, choice, gate = self.route(x2)
         flat = choice.reshape(-1)
         counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
         order = torch.argsort(flat, stable=True)
@@ -639,8 +657,7 @@ class RoutedMoE(MoEBase):
         probs = scores / scores.sum(-1, keepdim=True)
         if self.record is not None:
             self.record.append((probs.detach(), choice.detach()))
-        aux_loss = E * ((counts.float() / (T * k)) * probs.mean(0)).sum()  # Switch: 1 uniform, E collapsed
-        self.account(logits, probs, counts, aux, aux_loss, dropped)
+        self.account(logits, probs, counts, aux, switch_aux_loss(counts, probs, k), dropped)
         return out
 
     def expert_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -665,11 +682,16 @@ class RoutedMoE(MoEBase):
         return torch.cat((out, out.new_zeros(1, dim)))[dest], (~keep).sum()
 
 
+def switch_aux_loss(counts: Tensor, probs: Tensor, k: int) -> Tensor:
+    """E * sum_e (share of assignments to e) * (mean router probability of e): 1 uniform, E collapsed."""
+    return probs.size(-1) * ((counts.float() / (probs.size(0) * k)) * probs.mean(0)).sum()
+
+
 def make_mlp(h, layer: int) -> nn.Module:
     if layer not in h.moe_layer_ids:
         return DenseMLP(h.model_dim, h.mlp_hidden, h.mlp_act)
     if h.moe_mode == "soft":
-        return SoftMoE(h, h.model_dim, h.num_experts, h.expert_hidden_eff)
+        return SoftMoE(h, h.model_dim, h.num_experts, h.expert_hidden_eff, router_init_std=0.0)
     return RoutedMoE(h, h.model_dim)
 
 
@@ -698,6 +720,19 @@ def collect_routing_stats(model: nn.Module, bias_rate: float, world_size: int) -
     return stats
 
 
+def routing_log_lines(model: nn.Module, stats: Tensor) -> list[str]:
+    lines = []
+    for r in routing_summary(model, stats):
+        lines.append(f"moe layer:{r['layer']} load:{','.join(f'{v:.3f}' for v in r['load'])} "
+                     f"max_mean:{r['max_over_mean']:.2f} dead:{r['dead']} entropy:{r['entropy']:.3f} "
+                     f"aux:{r['aux']:.4f} z:{r['z']:.4f} bias:{r['bias_min']:.4f}..{r['bias_max']:.4f} "
+                     f"drop:{r['drop_rate']:.4f}")
+        if max(r["load"]) > COLLAPSE_SHARE:
+            lines.append(f"WARNING moe layer:{r['layer']} routing collapse: one expert takes "
+                         f"{100 * max(r['load']):.1f}% of the tokens")
+    return lines
+
+
 def routing_summary(model: nn.Module, stats: Tensor) -> list[dict]:
     """Per MoE layer: load shares, max/mean, dead experts, entropy / ln E, aux, z, bias, drop rate."""
     out = []
@@ -721,10 +756,14 @@ ROUTER_PATTERNS = ("router", "gate")
 EMBED_PATTERNS = ("tok_emb", "lm_head", "bigram.table")
 
 
+def muon_dtype(t: Tensor) -> torch.dtype:
+    return torch.bfloat16 if t.is_cuda else torch.float32  # CPUs without bf16 units are slow in bf16
+
+
 def newton_schulz(G: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
     """Approximately orthogonalise each matrix in G (2-D, or a stack of experts in 3-D)."""
     a, b, c = 3.4445, -4.7750, 2.0315  # quintic coefficients tuned for fast convergence
-    X = G.bfloat16()
+    X = G.to(muon_dtype(G))
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
     tall = X.size(-2) > X.size(-1)
     if tall:
@@ -746,7 +785,7 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             params = group["params"]
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16)
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=muon_dtype(params[0]))
             offset = 0
             for i, p in enumerate(params):
                 if i % self.world_size == self.rank:
@@ -767,7 +806,7 @@ class Muon(torch.optim.Optimizer):
 
 def param_kind(name: str, p: Tensor) -> str:
     if any(s in name for s in EMBED_PATTERNS):
-        return "head" if "lm_head" in name else "embed"
+        return {"lm_head": "head", "bigram.table": "bigram"}.get(name.split(".weight")[0], "embed")
     if "router" in name:
         return "router"
     if p.ndim < 2 or any(s in name for s in CONTROL_PATTERNS):
@@ -776,10 +815,11 @@ def param_kind(name: str, p: Tensor) -> str:
 
 
 def build_optimizers(model: nn.Module, h, rank: int = 0, world_size: int = 1) -> list[torch.optim.Optimizer]:
-    groups: dict[str, list] = {"matrix": [], "embed": [], "head": [], "scalar": [], "router": []}
+    groups: dict[str, list] = {"matrix": [], "embed": [], "bigram": [], "head": [], "scalar": [], "router": []}
     for name, p in model.named_parameters():
         groups[param_kind(name, p)].append(p)
     adam_groups = [dict(params=groups["embed"], lr=h.tied_embed_lr if h.tie_embeddings else h.embed_lr, weight_decay=h.adam_wd),
+                   dict(params=groups["bigram"], lr=h.tied_embed_lr, weight_decay=h.adam_wd),
                    dict(params=groups["head"], lr=h.head_lr, weight_decay=h.adam_wd),
                    dict(params=groups["scalar"], lr=h.scalar_lr, weight_decay=0.0),
                    dict(params=groups["router"], lr=h.router_lr, weight_decay=0.0)]
@@ -826,9 +866,10 @@ ARTIFACT_MAGIC, ARTIFACT_FORMAT, ARTIFACT_VERSION = b"PGMOE\x00", "pgolf-moe-art
 CLIP_CANDIDATES = (1.0, 0.97, 0.94, 0.9, 0.86, 0.82, 0.78, 0.74)
 # Compressed bits per parameter after zstd-22, for the start-up budget preview. Int5 and int6 are
 # 8 / 1.88 and 8 / 1.51, the int8-container zstd ratios the 10L int5-MLP record reports for weights
-# trained on FineWeb; the others were measured on the sample corpus (tools/calibrate_budget.py).
-BITS_PER_PARAM = {2: 1.6, 3: 2.5, 4: 3.4, 5: 4.26, 6: 5.30, 7: 6.3, 8: 7.3, 16: 15.2}
-SCALE_BITS = 14.0  # one fp16 scale per row, compressed
+# trained on FineWeb. Int8, fp16 and the row scales were measured by tools/calibrate_budget.py on
+# the sample model (run_sample.sh); 2, 3, 4 and 7 bits on Gaussian rows. Recalibrate on real runs.
+BITS_PER_PARAM = {2: 1.7, 3: 2.6, 4: 3.5, 5: 4.26, 6: 5.30, 7: 6.5, 8: 7.6, 16: 14.7}
+SCALE_BITS = 13.0  # one fp16 scale per row
 
 
 class ArtifactError(ValueError):
@@ -901,7 +942,7 @@ def quantize_state(state: dict[str, Tensor], h, bits_drop: dict | None = None, e
     return entries, err / max(total, 1e-30)
 
 
-def serialize_artifact(entries: dict, config: dict, level: int) -> bytes:
+def serialize_artifact(entries: dict, config: dict, shapes: dict, level: int) -> bytes:
     """One zstd frame holding: magic, header length, JSON header (format, config, tensor table), data."""
     table, blobs, offset = [], [], 0
     for name, (bits, *tensors) in entries.items():
@@ -910,15 +951,14 @@ def serialize_artifact(entries: dict, config: dict, level: int) -> bytes:
                           offset=offset, sizes=[len(p) for p in parts]))
         blobs += parts
         offset += sum(len(p) for p in parts)
-    shapes = {n: list(s) for n, s in config.pop("_shapes").items()}
     header = json.dumps(dict(format=ARTIFACT_FORMAT, version=ARTIFACT_VERSION, config=config,
                              shapes=shapes, tensors=table)).encode()
     payload = ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + b"".join(blobs)
     return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(payload)
 
 
-def read_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
-    """-> (model knobs, dequantized float state dict). Errors name the file and the problem."""
+def unpack_artifact(path: str) -> tuple[dict, memoryview]:
+    """-> (JSON header, raw tensor data) of an artifact file; errors name the file and the problem."""
     if not os.path.isfile(path):
         raise ArtifactError(f"{path}: no such artifact")
     with open(path, "rb") as f:
@@ -938,18 +978,26 @@ def read_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
     if header.get("format") != ARTIFACT_FORMAT or header.get("version") != ARTIFACT_VERSION:
         raise ArtifactError(f"{path}: format {header.get('format')} v{header.get('version')} is not "
                             f"{ARTIFACT_FORMAT} v{ARTIFACT_VERSION}")
-    data, state = memoryview(payload)[start + hlen:], {}
+    data = memoryview(payload)[start + hlen:]
     for e in header["tensors"]:
         if e["offset"] + sum(e["sizes"]) > len(data):
             raise ArtifactError(f"{path}: tensor {e['name']} runs past the end of the data")
-        shape = header["shapes"][e["name"]]
-        raw = data[e["offset"]:e["offset"] + e["sizes"][0]]
+    return header, data
+
+
+def read_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
+    """-> (model knobs, dequantized float state dict)."""
+    header, data = unpack_artifact(path)
+    state = {}
+    for e in header["tensors"]:
+        shape, start = header["shapes"][e["name"]], e["offset"]
+        raw = bytearray(data[start:start + e["sizes"][0]])
         if e["bits"] == 16:
-            state[e["name"]] = torch.frombuffer(bytearray(raw), dtype=torch.float16).float().reshape(shape)
+            state[e["name"]] = torch.frombuffer(raw, dtype=torch.float16).float().reshape(shape)
         else:
-            q = torch.frombuffer(bytearray(raw), dtype=torch.int8).reshape(e["rows"], -1)
-            sraw = data[e["offset"] + e["sizes"][0]:e["offset"] + sum(e["sizes"])]
-            state[e["name"]] = dequantize_rows(q, torch.frombuffer(bytearray(sraw), dtype=torch.float16), shape)
+            scales = bytearray(data[start + e["sizes"][0]:start + sum(e["sizes"])])
+            q = torch.frombuffer(raw, dtype=torch.int8).reshape(e["rows"], -1)
+            state[e["name"]] = dequantize_rows(q, torch.frombuffer(scales, dtype=torch.float16), shape)
     return header["config"], state
 
 
@@ -969,30 +1017,41 @@ def estimate_artifact_bytes(model: nn.Module, h) -> tuple[int, dict[str, int]]:
     return int(sum(per_class.values()) + header), {k: int(v) for k, v in per_class.items()}
 
 
-def fit_ladder(h):
-    """Deterministic shrink steps tried in order when the artifact is over the cap."""
-    for drops in ({}, {"mlp": 1}, {"mlp": 1, "attn": 1}, {"mlp": 2, "attn": 1}):
+def fit_ladder():
+    """Deterministic shrink steps, in order of growing reconstruction error: (bits lowered, extra pruning)."""
+    every = {"mlp": 1, "attn": 1, "embed": 1, "bigram": 1}
+    for drops in ({}, {"mlp": 1}, {"mlp": 1, "attn": 1}, every, dict(every, mlp=2)):
         for extra in (0.0, 0.02, 0.05, 0.1):
             if drops or extra:
                 yield drops, extra
 
 
 def export_artifact(model: nn.Module, h, path: str, code_bytes: int, log) -> int:
-    """Quantize, compress and write; shrink step by step until code + artifact fits SIZE_CAP_BYTES."""
-    config = model_knobs(h)
-    state = artifact_state(model)
-    shapes = {n: tuple(t.shape) for n, t in state.items()}
+    """Quantize, compress and write; shrink step by step until code + artifact fits SIZE_CAP_BYTES.
+
+    Each step's size is first predicted with a fast zstd level (scaled by the full/fast size ratio of
+    the first attempt); only steps predicted to fit pay for the full-level compression.
+    """
+    config, state = model_knobs(h), artifact_state(model)
+    shapes = {n: list(t.shape) for n, t in state.items()}
+    limit = h.size_cap_bytes - code_bytes
     entries, err = quantize_state(state, h)
-    blob = serialize_artifact(entries, dict(config, _shapes=shapes), h.zstd_level)
+    blob = serialize_artifact(entries, config, shapes, h.zstd_level)
     log(f"quant: relative squared error {err:.3e}, artifact {len(blob)} bytes + code {code_bytes}")
-    for drops, extra in fit_ladder(h):
-        if len(blob) + code_bytes <= h.size_cap_bytes:
-            break
-        entries, err = quantize_state(state, h, drops, extra)
-        blob = serialize_artifact(entries, dict(config, _shapes=shapes), h.zstd_level)
-        log(f"fit: over the cap; bits lowered {drops or 'none'} and pruning +{extra:.2f}: "
-            f"artifact {len(blob)} bytes, relative squared error {err:.3e}")
-    if len(blob) + code_bytes > h.size_cap_bytes:
+    if len(blob) > limit:
+        ratio = len(blob) / len(serialize_artifact(entries, config, shapes, 1))
+        for drops, extra in fit_ladder():
+            entries, err = quantize_state(state, h, drops, extra)
+            predicted = ratio * len(serialize_artifact(entries, config, shapes, 1))
+            step = f"fit: bits lowered {drops or 'none'}, pruning +{extra:.2f}, relative squared error {err:.3e}:"
+            if predicted > limit:
+                log(f"{step} predicted {predicted:.0f} bytes, over the cap")
+                continue
+            blob = serialize_artifact(entries, config, shapes, h.zstd_level)
+            log(f"{step} artifact {len(blob)} bytes")
+            if len(blob) <= limit:
+                break
+    if len(blob) > limit:
         log(f"!!! ARTIFACT OVER THE CAP: {len(blob) + code_bytes} > {h.size_cap_bytes} bytes even after every fit step !!!")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
@@ -1154,11 +1213,15 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 class Logger:
+    """Prints and appends to the run's log (rank 0 only); a run never writes into another run's log."""
+
     def __init__(self, path: str | None):
         self.file = None
         if path:
+            if os.path.exists(path):
+                raise ConfigError(f"RUN_ID: {path} already exists; choose a new RUN_ID (runs never overwrite each other)")
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            self.file = open(path, "a", encoding="utf-8")
+            self.file = open(path, "x", encoding="utf-8")
 
     def __call__(self, msg: str) -> None:
         if self.file is not None:
@@ -1174,7 +1237,7 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    else:
+    elif "OMP_NUM_THREADS" not in os.environ:  # share the cores between local ranks
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
@@ -1270,14 +1333,8 @@ class Trainer:
         self.log(f"step:{self.step}/{self.h.iterations} train_loss:{ce:.4f} train_time:{elapsed_ms:.0f}ms "
                  f"step_avg:{elapsed_ms / self.step:.2f}ms tok/s:{tokens_per_s:.0f}{mfu}")
         if self.routing_totals is not None:
-            for r in routing_summary(self.model, self.routing_totals):
-                self.log(f"moe layer:{r['layer']} load:{','.join(f'{v:.3f}' for v in r['load'])} "
-                         f"max_mean:{r['max_over_mean']:.2f} dead:{r['dead']} entropy:{r['entropy']:.3f} "
-                         f"aux:{r['aux']:.4f} z:{r['z']:.4f} bias:{r['bias_min']:.4f}..{r['bias_max']:.4f} "
-                         f"drop:{r['drop_rate']:.4f}")
-                if max(r["load"]) > 0.8:
-                    self.log(f"WARNING moe layer:{r['layer']} routing collapse: one expert takes "
-                             f"{100 * max(r['load']):.1f}% of the tokens")
+            for line in routing_log_lines(self.model, self.routing_totals):
+                self.log(line)
             self.routing_totals = None
 
     def run(self, validate) -> None:
@@ -1329,10 +1386,15 @@ def code_bytes() -> int:
     return os.path.getsize(os.path.abspath(__file__))
 
 
+def sha256_file(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def load_artifact_model(path: str, device: torch.device, **overrides) -> tuple[GPT, SimpleNamespace]:
     """Rebuild the model from an artifact alone (its stored knobs) and load the dequantized weights."""
     config, state = read_artifact(path)
-    h = load_config({}, **{k: v for k, v in config.items()}, **overrides)
+    h = load_config({}, **config, **overrides)
     model = build_model(h, device)
     missing = set(artifact_state(model)) - set(state)
     if missing:
@@ -1351,15 +1413,52 @@ def log_budget_preview(model: GPT, h, log) -> None:
                           f"than BUDGET_MARGIN={h.budget_margin}; shrink the model or lower QUANT_BITS_*, or set ALLOW_OVER_BUDGET=1")
 
 
-def log_header(h, model: GPT, rank_world: tuple[int, int], accum: int, device, log) -> None:
+def log_header(h, model: GPT, world: int, accum: int, device, val_tokens: Tensor, log) -> None:
     log(f"python {sys.version.split()[0]} torch {torch.__version__} device {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-        + f" world_size {rank_world[1]} grad_accum {accum}")
+        + f" world_size {world} grad_accum {accum}")
+    log(f"code_sha256:{sha256_file(os.path.abspath(__file__))} code_bytes:{code_bytes()}")
     log("config " + json.dumps({k: getattr(h, k.lower()) for k in KNOBS}, sort_keys=True))
+    log(f"val_tokens:{val_tokens.numel()} token_limit:{h.val_token_limit} data:{os.path.abspath(h.data_path)}")
     n_params = sum(p.numel() for p in model.parameters())
     n_router = sum(p.numel() for n, p in model.named_parameters() if "router" in n)
     log(f"params total:{n_params} active_matmul_per_token:{matmul_params_per_token(model)} router:{n_router} "
         f"moe_mode:{h.moe_mode} moe_layers:{h.moe_layer_ids}")
+
+
+def export_and_report(model: GPT, h, path: str, log) -> None:
+    size = export_artifact(model, h, path, code_bytes(), log)
+    total = size + code_bytes()
+    log(f"Serialized model quant+zstd: {size} bytes")
+    log(f"Code size: {code_bytes()} bytes")
+    log(f"Total submission size quant+zstd: {total} bytes")
+    log(f"size_check total:{total} cap:{h.size_cap_bytes} slack:{h.size_cap_bytes - total} "
+        f"{'OK' if total <= h.size_cap_bytes else 'OVER THE CAP'} artifact:{os.path.abspath(path)} "
+        f"sha256:{sha256_file(path)}")
+
+
+def final_evaluation(qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: int, world: int, log, note: str) -> None:
+    """Plain and sliding-window evaluation of the model read back from the artifact."""
+    q_fn = torch.compile(qmodel.logits, fullgraph=True, dynamic=False) if use_compile(h, device) else qmodel.logits
+    for label, stride in (("roundtrip", 0), ("sliding_window", h.eval_stride)):
+        if label == "sliding_window" and stride in (0, h.eval_seq_len):
+            continue
+        t0 = time.perf_counter()
+        loss, bpb = evaluate(q_fn, val_tokens, tables, h.eval_seq_len, stride, h.eval_batch_seqs, device, rank, world)
+        log(f"final_quant_zstd_{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} stride:{stride or h.eval_seq_len} "
+            f"seq_len:{h.eval_seq_len} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms{note}")
+
+
+def write_routing_report(model: GPT, qmodel: GPT, h, sp, val_tokens: Tensor, device, log) -> None:
+    seq_len = min(h.eval_seq_len, val_tokens.numel())
+    n_seqs = max(1, min(h.eval_batch_seqs, val_tokens.numel() // seq_len))
+    x = val_tokens[:n_seqs * seq_len].long().view(n_seqs, seq_len).to(device)
+    report = routing_report(model, qmodel, x, sp, val_tokens)
+    report.update(run_id=h.run_id, moe_mode=h.moe_mode, num_experts=h.num_experts, top_k=h.top_k)
+    path = os.path.join(h.log_dir, f"{h.run_id}_routing.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    log(f"routing statistics: {path}")
 
 
 def main() -> None:
@@ -1376,14 +1475,14 @@ def main() -> None:
     val_tokens = load_val_tokens(h.data_path, h.vocab_size, h.val_token_limit)
     trainer = Trainer(h, rank, world, device, log)
     model = trainer.model
-    log_header(h, model, (rank, world), trainer.accum, device, log)
+    log_header(h, model, world, trainer.accum, device, val_tokens, log)
     log_budget_preview(model, h, log)
     eval_fn = torch.compile(model.logits, fullgraph=True, dynamic=False) if use_compile(h, device) else model.logits
     note = f" (first {h.val_token_limit} tokens only: not a score)" if h.val_token_limit else ""
 
     def validate(step: int) -> None:
         model.eval()
-        loss, bpb = evaluate(eval_fn, val_tokens, tables, h.train_seq_len, 0, h.eval_batch_seqs, device, rank, world)
+        loss, bpb = evaluate(eval_fn, val_tokens, tables, h.eval_seq_len, 0, h.eval_batch_seqs, device, rank, world)
         model.train()
         log(f"step:{step}/{h.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} train_time:{trainer.train_ms:.0f}ms "
             f"step_avg:{trainer.train_ms / max(step, 1):.2f}ms{note}")
@@ -1401,34 +1500,14 @@ def main() -> None:
         log(f"pre_quant_ema val_loss:{loss:.8f} val_bpb:{bpb:.8f}{note}")
     path = h.artifact_path or os.path.join(h.log_dir, f"{h.run_id}_model.ptz")
     if rank == 0:
-        size = export_artifact(model, h, path, code_bytes(), log)
-        total = size + code_bytes()
-        log(f"Serialized model quant+zstd: {size} bytes")
-        log(f"Code size: {code_bytes()} bytes")
-        log(f"Total submission size quant+zstd: {total} bytes")
-        log(f"size_check total:{total} cap:{h.size_cap_bytes} slack:{h.size_cap_bytes - total} "
-            f"{'OK' if total <= h.size_cap_bytes else 'OVER THE CAP'} artifact:{path}")
+        export_and_report(model, h, path, log)
     if world > 1:
         dist.barrier()
     qmodel, _ = load_artifact_model(path, device)
     qmodel.eval()
-    q_fn = torch.compile(qmodel.logits, fullgraph=True, dynamic=False) if use_compile(h, device) else qmodel.logits
-    for label, stride in (("roundtrip", 0), ("sliding_window", h.eval_stride)):
-        if label == "sliding_window" and stride in (0, h.eval_seq_len):
-            continue
-        t0 = time.perf_counter()
-        loss, bpb = evaluate(q_fn, val_tokens, tables, h.eval_seq_len, stride, h.eval_batch_seqs, device, rank, world)
-        log(f"final_quant_zstd_{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
-            f"stride:{stride or h.eval_seq_len} seq_len:{h.eval_seq_len} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms{note}")
+    final_evaluation(qmodel, h, val_tokens, tables, device, rank, world, log, note)
     if rank == 0 and moe_layers(model):
-        seq_len = min(h.eval_seq_len, val_tokens.numel())
-        n_seqs = max(1, min(h.eval_batch_seqs, val_tokens.numel() // seq_len))
-        x = val_tokens[:n_seqs * seq_len].long().view(n_seqs, seq_len).to(device)
-        report = routing_report(model, qmodel, x, sp, val_tokens)
-        report.update(run_id=h.run_id, moe_mode=h.moe_mode, num_experts=h.num_experts, top_k=h.top_k)
-        with open(os.path.join(h.log_dir, f"{h.run_id}_routing.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        log(f"routing statistics: {os.path.join(h.log_dir, f'{h.run_id}_routing.json')}")
+        write_routing_report(model, qmodel, h, sp, val_tokens, device, log)
     if world > 1:
         dist.destroy_process_group()
 

@@ -5,11 +5,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
 TOKENIZER = SAMPLE / "tokenizer.model"
 sys.path.insert(0, str(REPO))
+# Tiny tensors: one thread is fastest, and spares a busy two-core machine from thread contention.
+torch.set_num_threads(1)
 
 # A model small enough to train for a few dozen steps on two CPU cores in seconds.
 TINY_ENV = {
@@ -27,6 +30,7 @@ def run_train(tmp_path: Path, nproc: int = 1, timeout: int = 300, **env) -> subp
     full = {k: v for k, v in os.environ.items() if k not in TINY_ENV}
     full.update(TINY_ENV, RUN_ID="test", LOG_DIR=str(tmp_path / "logs"), OMP_NUM_THREADS="1")
     full.update({k: str(v) for k, v in env.items()})
+    tmp_path.mkdir(parents=True, exist_ok=True)
     script = str(REPO / "train_gpt.py")
     cmd = [sys.executable, script] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]

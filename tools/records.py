@@ -159,7 +159,7 @@ SIZE_RES = {
     "code_bytes": re.compile(r"^Code size: (\d+) bytes"),
     "total_bytes": re.compile(r"^Total submission size quant\+zstd: (\d+) bytes"),
 }
-SIZE_CHECK_RE = re.compile(r"^size_check total:(\d+) cap:(\d+) slack:(-?\d+) .*? artifact:(.+)$")
+SIZE_CHECK_RE = re.compile(r"^size_check total:(\d+) cap:(\d+) slack:(-?\d+) .*? artifact:(.+?)(?: sha256:[0-9a-f]{64})?$")
 FINAL_RE = re.compile(rf"^final_quant_zstd_(roundtrip|sliding_window)_exact val_loss:{NUM} val_bpb:{NUM} "
                       r"stride:(\d+) seq_len:(\d+) eval_time:(\d+)ms(.*)$")
 PARTIAL_RE = re.compile(r"\(first (\d+) tokens only")

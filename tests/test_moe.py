@@ -1,0 +1,228 @@
+"""Mixture-of-Experts layers: routing, dispatch, balancing, parameter counts, compile, telemetry."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt as tg
+
+DIM = 64
+
+
+def make(tiny_config, layer=0, **env):
+    h = tiny_config(MODEL_DIM=DIM, MLP_MULT=4, **env)
+    torch.manual_seed(0)
+    return tg.make_mlp(h, layer), h
+
+
+def randomise(module, std=0.2):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, std)
+    return module
+
+
+def reference_routed(m, x):
+    """Plain per-expert loop over the same routing decisions (no sort, no grouped product)."""
+    x2 = x.reshape(-1, x.size(-1))
+    _, _, choice, gate = m.route(x2)
+    out = torch.zeros_like(x2)
+    for slot in range(m.k):
+        for e in range(m.E):
+            rows = choice[:, slot] == e
+            hidden = tg.mlp_act(x2[rows] @ m.up[e].T, m.act)
+            out[rows] += gate[rows, slot, None] * (hidden @ m.down[e].T)
+    out = out.view(x.shape)
+    return out + m.shared(x, []) if m.shared is not None else out
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_topk_gives_exactly_k_nonzero_gates(tiny_config, k):
+    m, _ = make(tiny_config, MOE_MODE="topk", NUM_EXPERTS=4, TOP_K=k)
+    randomise(m)
+    _, _, choice, gate = m.route(torch.randn(50, DIM))
+    dense_gates = torch.zeros(50, 4).scatter(1, choice, gate)
+    assert ((dense_gates != 0).sum(1) == k).all()
+    assert (choice.sort(1).values.diff(dim=1) != 0).all()  # k distinct experts per token
+
+
+def test_switch_aux_loss_uniform_and_collapsed():
+    E, T = 8, 64
+    uniform_counts = torch.full((E,), T // E)
+    assert tg.switch_aux_loss(uniform_counts, torch.full((T, E), 1 / E), 1).item() == pytest.approx(1.0)
+    collapsed_counts = torch.zeros(E, dtype=torch.long)
+    collapsed_counts[3] = T
+    collapsed_probs = F.one_hot(torch.full((T,), 3), E).float()
+    assert tg.switch_aux_loss(collapsed_counts, collapsed_probs, 1).item() == pytest.approx(E)
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("mode", ["soft", "topk", "shared_routed"])
+def test_parameter_matched_modes_equal_dense_plus_router(tiny_config, mode):
+    dense, h = make(tiny_config, MOE_MODE="none")
+    moe, _ = make(tiny_config, MOE_MODE=mode, NUM_EXPERTS=4)
+    assert count(moe) == count(dense) + 4 * DIM
+
+
+def test_full_size_experts_scale_with_expert_count(tiny_config):
+    dense, h = make(tiny_config, MOE_MODE="none")
+    for E in (2, 4):
+        moe, _ = make(tiny_config, MOE_MODE="topk", NUM_EXPERTS=E, EXPERT_HIDDEN=h.mlp_hidden)
+        assert count(moe) == E * count(dense) + E * DIM
+
+
+@pytest.mark.parametrize("mode,dispatch", [("topk", "grouped"), ("topk", "capacity"), ("shared_routed", "grouped")])
+@pytest.mark.parametrize("k", [1, 2])
+def test_dispatch_matches_per_expert_loop(tiny_config, mode, dispatch, k):
+    m, _ = make(tiny_config, MOE_MODE=mode, NUM_EXPERTS=4, TOP_K=k, MOE_DISPATCH=dispatch, CAPACITY_FACTOR=4.0)
+    randomise(m)
+    x = torch.randn(3, 20, DIM, requires_grad=True)
+    out = m(x, [])
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *m.parameters()], grad_out)
+    x_ref = x.detach().clone().requires_grad_()
+    ref = reference_routed(m, x_ref)
+    ref_grads = torch.autograd.grad(ref, [x_ref, *m.parameters()], grad_out)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_capacity_drops_overflow_and_counts_it(tiny_config):
+    m, _ = make(tiny_config, MOE_MODE="topk", NUM_EXPERTS=4, MOE_DISPATCH="capacity", CAPACITY_FACTOR=0.5)
+    randomise(m)
+    m.train()
+    x = torch.randn(64, DIM)
+    out = m(x, [])
+    stats = m.stats.clone()
+    _, _, choice, _ = m.route(x)
+    counts = torch.bincount(choice[:, 0], minlength=4)
+    capacity = math.ceil(0.5 * 64 / 4)
+    assert stats[4 + tg.STAT_DROPPED].item() == (counts - capacity).clamp_min(0).sum().item() > 0
+    # Dropped tokens pass nothing through the layer: exactly that many output rows are zero.
+    assert (out.abs().sum(1) == 0).sum().item() == stats[4 + tg.STAT_DROPPED].item()
+
+
+def test_soft_with_one_expert_and_soft_at_init_equal_dense(tiny_config):
+    dense, h = make(tiny_config, MOE_MODE="none")
+    randomise(dense)
+    for E in (1, 4):
+        soft, _ = make(tiny_config, MOE_MODE="soft", NUM_EXPERTS=E)
+        with torch.no_grad():
+            soft.up.copy_(dense.fc.weight.view(E, -1, DIM))
+            soft.down.copy_(dense.proj.weight.view(DIM, E, -1).transpose(0, 1))
+        if E == 1:
+            with torch.no_grad():  # with one expert the router cannot matter
+                soft.router_weight.normal_()
+        else:
+            assert soft.router_weight.abs().sum() == 0  # zero-initialised router: uniform gates
+        x = torch.randn(2, 10, DIM)
+        torch.testing.assert_close(soft(x, []), dense(x, []), rtol=1e-5, atol=1e-6)
+
+
+def test_top1_softmax_router_gets_task_gradient(tiny_config):
+    m, _ = make(tiny_config, MOE_MODE="topk", NUM_EXPERTS=4, TOP_K=1, MOE_AUX_LOSS_COEF=0, ROUTER_Z_COEF=0)
+    randomise(m)
+    aux = []
+    m(torch.randn(40, DIM), aux).square().sum().backward()
+    assert not aux
+    assert m.router_weight.grad.abs().sum() > 0
+
+
+def test_bias_update_moves_skewed_load_towards_balance(tiny_config):
+    m, _ = make(tiny_config, MOE_MODE="topk", NUM_EXPERTS=4)
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([torch.nn.Module()])
+    model.blocks[0].mlp = m
+    torch.manual_seed(1)
+    with torch.no_grad():
+        m.router_weight.normal_(0, 0.3)
+        m.router_weight[0, 0] = 3.0  # tokens with a positive first channel strongly prefer expert 0
+    x = torch.randn(400, DIM)
+    x[:, 0] = x[:, 0].abs() + 0.05
+    m.train()
+    shares = []
+    for _ in range(60):
+        m(x, [])
+        stats = tg.collect_routing_stats(model, 0.02, 1)
+        shares.append(stats[0, :4].max().item() / 400)
+    assert shares[0] > 0.5
+    assert max(shares[-10:]) < 0.3  # near the balanced 0.25
+    assert abs(m.router_bias.sum().item()) < 1e-5  # re-centred
+    assert m.stats.abs().sum() == 0  # reset after collection
+    assert tg.collect_routing_stats(model, 0.0, 1)[0, :4].sum() == 0  # nothing ran since
+
+
+@pytest.mark.parametrize("mode,dispatch", [("soft", "grouped"), ("topk", "grouped"), ("topk", "capacity"),
+                                           ("shared_routed", "grouped")])
+def test_fullgraph_compile_without_recompiles(tiny_config, mode, dispatch):
+    from torch._dynamo.utils import counters
+    m, _ = make(tiny_config, MOE_MODE=mode, MOE_DISPATCH=dispatch, ROUTER_NOISE=0.1)
+    m = randomise(m).to(torch.bfloat16)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(m, fullgraph=True, dynamic=False)
+    routings = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        x = torch.randn(2, 32, DIM, dtype=torch.bfloat16, requires_grad=True)
+        aux = []
+        out = compiled(x, aux)
+        (out.float().square().mean() + sum(aux)).backward()
+        routings.append(m.stats[:4].clone())
+        m.stats.zero_()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+    assert not torch.equal(routings[0], routings[1])  # the routings really differed
+
+
+def test_telemetry_lines_and_collapse_warning(tiny_config):
+    m, _ = make(tiny_config, MOE_MODE="topk", NUM_EXPERTS=4)
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([torch.nn.Module()])
+    model.blocks[0].mlp = m
+    stats = torch.zeros(1, 4 + 6)
+    stats[0, :4] = torch.tensor([90.0, 8.0, 2.0, 0.0])
+    stats[0, 4 + tg.STAT_TOKENS] = 100
+    stats[0, 4 + tg.STAT_CALLS] = 1
+    summary = tg.routing_summary(model, stats)[0]
+    assert summary["load"] == pytest.approx([0.9, 0.08, 0.02, 0.0])
+    assert summary["dead"] == 2  # 2% and 0% are under a tenth of the uniform 25%
+    assert summary["max_over_mean"] == pytest.approx(3.6)
+    lines = tg.routing_log_lines(model, stats)
+    assert lines[0].startswith("moe layer:0 load:0.900,0.080,0.020,0.000")
+    assert "WARNING" in lines[1] and "90.0%" in lines[1]
+    stats[0, :4] = 25.0
+    assert len(tg.routing_log_lines(model, stats)) == 1
+
+
+def test_aux_losses_reach_training_loss_but_not_eval(tiny_config):
+    h = tiny_config(MOE_MODE="topk", MOE_AUX_LOSS_COEF=0.5, ROUTER_Z_COEF=0.1)
+    model = tg.GPT(h)
+    randomise(model, 0.05)
+    x = torch.randint(0, 1024, (2, 16))
+    loss, ce = model(x, x)
+    assert loss.item() > ce.item() + 0.5 * h.num_layers * 0.9  # Switch aux >= ~1 per layer
+    model.eval()
+    loss_eval, ce_eval = model(x, x)
+    assert loss_eval.item() == pytest.approx(ce_eval.item())
+
+
+def test_routers_and_controls_survive_artifact_bit_exact(tiny_config, tmp_path):
+    h = tiny_config(MOE_MODE="topk", ZSTD_LEVEL=1)
+    model = randomise(tg.GPT(h), 0.05)
+    with torch.no_grad():
+        for _, m in tg.moe_layers(model):
+            m.router_bias.normal_()
+    path = str(tmp_path / "a.ptz")
+    tg.export_artifact(model, h, path, 0, lambda msg: None)
+    _, state = tg.read_artifact(path)
+    kept = [n for n in state if any(p in n for p in tg.ROUTER_PATTERNS + tg.CONTROL_PATTERNS)]
+    assert any("router_weight" in n for n in kept) and any("router_bias" in n for n in kept)
+    original = tg.artifact_state(model)
+    for name in kept:
+        assert torch.equal(state[name], original[name].half().float()), name

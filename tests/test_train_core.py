@@ -1,0 +1,384 @@
+"""train_gpt.py pieces in-process: knobs, shards and loaders, byte accounting, model, optimizer,
+quantization and the artifact file, evaluation windows, EMA."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import SAMPLE, TINY_ENV, TOKENIZER
+
+
+def write_shard(path, tokens, magic=tg.SHARD_MAGIC, version=tg.SHARD_VERSION, count=None):
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = magic, version, len(tokens) if count is None else count
+    with open(path, "wb") as f:
+        f.write(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
+    return str(path)
+
+
+# --- knobs -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("env,needle", [
+    ({"NUM_LAYERS": "ten"}, "NUM_LAYERS='ten': expected int"),
+    ({"MATRIX_LR": "nan"}, "MATRIX_LR='nan': expected a finite number"),
+    ({"MOE_MODE": "dense"}, "MOE_MODE='dense': expected one of none, soft"),
+    ({"TIE_EMBEDDINGS": "yes"}, "TIE_EMBEDDINGS='yes': expected 0 or 1"),
+    ({"MOE_LAYERS": "1,x"}, "MOE_LAYERS='1,x': expected a comma-separated list"),
+    ({"NUM_LAYER": "12"}, "unknown variable NUM_LAYER: did you mean NUM_LAYERS?"),
+    ({"MODEL_DIM": "100"}, "MODEL_DIM=100 is not divisible by NUM_HEADS=8"),
+    ({"TOP_K": "5"}, "TOP_K=5: must be between 1 and NUM_EXPERTS=4"),
+    ({"MOE_LAYERS": "3,12"}, "MOE_LAYERS: layer 12 is outside 0..9"),
+    ({"NUM_EXPERTS": "5"}, "NUM_EXPERTS=5: the parameter-matched expert size 1536/5 is not whole; set EXPERT_HIDDEN"),
+    ({"QUANT_BITS_MLP": "12"}, "QUANT_BITS_MLP=12: expected 2..8, or 16"),
+    ({"TRAIN_SEQ_LEN": "1000"}, "MICRO_BATCH_TOKENS=98304 is not a multiple of TRAIN_SEQ_LEN=1000"),
+])
+def test_bad_knobs_fail_naming_the_knob(env, needle):
+    with pytest.raises(tg.ConfigError, match=None) as err:
+        tg.load_config(env)
+    assert needle in str(err.value)
+
+
+def test_knob_defaults_and_parsing():
+    h = tg.load_config({"MOE_MODE": "standard", "MOE_LAYERS": "5,6, 7", "SMEAR_GATE": "0", "EMA_DECAY": "0.997"})
+    assert h.moe_mode == "topk" and h.moe_layer_ids == [5, 6, 7] and h.smear_gate is False
+    assert h.ema_decay == 0.997 and h.micro_batch_tokens == 786_432 // 8 and h.eval_seq_len == 2048
+    assert tg.load_config({"MOE_START_LAYER": "7"}).moe_layer_ids == [7, 8, 9]
+    assert tg.load_config({"MOE_MODE": "none"}).moe_layer_ids == []
+    assert tg.load_config({}).expert_hidden_eff == 1536 // 4
+
+
+def test_grad_accum_is_derived_and_checked():
+    h = tg.load_config({})
+    assert [tg.grad_accum_steps(h, w) for w in (1, 2, 8)] == [8, 4, 1]
+    with pytest.raises(tg.ConfigError, match="TRAIN_BATCH_TOKENS=786432 is not divisible by WORLD_SIZE=3"):
+        tg.grad_accum_steps(h, 3)
+
+
+def test_readme_documents_every_knob():
+    readme = (SAMPLE.parents[1] / "README.md").read_text()
+    missing = [k for k in tg.KNOBS if f"`{k}`" not in readme]
+    assert not missing, f"README knob table lacks {missing}"
+
+
+# --- shards and loaders ------------------------------------------------------------------------
+
+def test_shard_round_trip(tmp_path):
+    tokens = np.array([1, 5, 65535, 0, 7], dtype=np.uint16)
+    path = write_shard(tmp_path / "fineweb_train_000000.bin", tokens)
+    assert os.path.getsize(path) == 1024 + 2 * 5
+    np.testing.assert_array_equal(tg.read_shard(path), tokens)
+
+
+@pytest.mark.parametrize("kind,needle", [
+    ("magic", "bad magic 123"), ("version", "unsupported shard version 2"),
+    ("truncated", "header promises 10 tokens"), ("short", "shorter than the 1024-byte shard header"),
+    ("missing", "no such shard file"),
+])
+def test_corrupt_shards_fail_naming_file_and_problem(tmp_path, kind, needle):
+    path = tmp_path / "fineweb_train_000000.bin"
+    if kind == "magic":
+        write_shard(path, [1, 2], magic=123)
+    elif kind == "version":
+        write_shard(path, [1, 2], version=2)
+    elif kind == "truncated":
+        write_shard(path, [1, 2, 3], count=10)
+    elif kind == "short":
+        path.write_bytes(b"\0" * 100)
+    with pytest.raises(tg.DataError) as err:
+        tg.read_shard(str(path))
+    assert str(path) in str(err.value) and needle in str(err.value)
+
+
+def test_missing_data_path_and_tokenizer_fail_clearly(tmp_path):
+    with pytest.raises(tg.DataError, match="DATA_PATH=.*nope: no such directory"):
+        tg.shard_files(str(tmp_path / "nope"), "train")
+    with pytest.raises(tg.DataError, match="no fineweb_val_\\*.bin shards"):
+        tg.shard_files(str(tmp_path), "val")
+    with pytest.raises(tg.DataError, match="TOKENIZER_PATH=.*missing.model: no such file"):
+        tg.load_tokenizer(str(tmp_path / "missing.model"), 1024)
+    with pytest.raises(tg.DataError, match="tokenizer has 1024 pieces but VOCAB_SIZE=2048"):
+        tg.load_tokenizer(str(TOKENIZER), 2048)
+    (tmp_path / "bad.model").write_bytes(b"not a model")
+    with pytest.raises(tg.DataError, match="bad.model: not a SentencePiece model"):
+        tg.load_tokenizer(str(tmp_path / "bad.model"), 1024)
+
+
+def test_val_tokens_outside_vocab_fail(tmp_path):
+    write_shard(tmp_path / "fineweb_val_000000.bin", [1, 2, 2000])
+    with pytest.raises(tg.DataError, match="token id 2000 is outside VOCAB_SIZE=1024"):
+        tg.load_val_tokens(str(tmp_path), 1024)
+
+
+def loaders(tmp_path, world, accum, micro=8, seq=4):
+    files = [write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", np.arange(i * 1000, i * 1000 + 300) % 60000)
+             for i in range(2)]
+    return [tg.TrainLoader(files, r, world, seq, micro, accum, torch.device("cpu")) for r in range(world)]
+
+
+def test_ranks_get_disjoint_spans_of_one_global_batch(tmp_path):
+    two = loaders(tmp_path, world=2, accum=2)
+    one = loaders(tmp_path, world=1, accum=4)[0]
+    for _ in range(25):  # enough steps to cross the shard boundary and wrap around
+        per_rank = [loader.next_step() for loader in two]
+        single = one.next_step()
+        seen = [set(x.flatten().tolist()) for batches in per_rank for x, _ in batches]
+        assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1:])
+        # rank r's micro-step m is piece m*world + r of the span the one-process run reads in order
+        merged = [per_rank[p % 2][p // 2] for p in range(4)]
+        for (x1, y1), (x2, y2) in zip(single, merged):
+            assert torch.equal(x1, x2) and torch.equal(y1, y2)
+            assert torch.equal(x1.flatten()[1:], y1.flatten()[:-1])
+
+
+def test_train_loader_never_opens_validation_shards(monkeypatch):
+    opened = []
+    real = tg.read_shard
+    monkeypatch.setattr(tg, "read_shard", lambda p: opened.append(p) or real(p))
+    loader = tg.TrainLoader(tg.shard_files(str(SAMPLE), "train"), 0, 1, 128, 128 * 64, 8, torch.device("cpu"))
+    for _ in range(40):  # 40 x 65 K tokens wraps the 1.5 M-token sample train split
+        loader.next_step()
+    assert len(opened) > 3 and not [p for p in opened if "_val_" in p]
+    with pytest.raises(tg.DataError, match="must never feed training"):
+        tg.TokenStream(tg.shard_files(str(SAMPLE), "val"))
+
+
+def test_bpb_bytes_match_decoded_utf8_of_validation_text():
+    sp = tg.load_tokenizer(str(TOKENIZER), 1024)
+    val = tg.read_shard(str(SAMPLE / "fineweb_val_000000.bin")).astype(np.int64)
+    docs = np.split(val, np.flatnonzero(val == tg.BOS_ID)[1:])
+    independent = sum(len(sp.decode(doc[1:].tolist()).encode("utf-8")) for doc in docs)
+    tokens = torch.from_numpy(val)
+    counted = tg.target_bytes(tokens[:-1], tokens[1:], tg.byte_tables(sp)).sum().item()
+    assert counted == independent and len(docs) > 10
+
+
+# --- model -------------------------------------------------------------------------------------
+
+def test_smear_gate_never_mixes_across_bos():
+    smear = tg.SmearGate(8)
+    x = torch.randn(1, 6, 8)
+    idx = torch.tensor([[5, 6, tg.BOS_ID, 7, 8, tg.BOS_ID]])
+    out = smear(x, idx)
+    for t in (0, 2, 5):  # the first position and every BOS keep their own embedding
+        assert torch.equal(out[0, t], x[0, t])
+    torch.testing.assert_close(out[0, 3], 0.5 * (x[0, 3] + x[0, 2]))
+
+
+def test_bigram_hash_buckets():
+    bigram = tg.BigramHash(97, 4, 8)
+    idx = torch.randint(0, 1024, (3, 50))
+    with torch.no_grad():
+        bigram.table.weight.copy_(torch.arange(97).float()[:, None].expand(97, 4))
+        bigram.proj.weight.copy_(torch.eye(8, 4))
+    buckets = (bigram(idx)[..., 0] / bigram.scale).round().long()
+    assert (buckets[:, 0] == 96).all() and (buckets[:, 1:] < 96).all()
+    # the same (previous, current) pair always maps to the same bucket
+    again = (bigram(torch.cat((idx[:, :1], idx), 1))[..., 0] / bigram.scale).round().long()
+    assert torch.equal(again[:, 2:], buckets[:, 1:])
+
+
+def test_partial_rope_leaves_other_channels_alone():
+    rot = tg.Rotary(8, 10000.0)
+    x = torch.randn(2, 3, 5, 16)
+    out = rot(x)
+    assert torch.equal(out[..., 8:], x[..., 8:])
+    assert not torch.allclose(out[:, :, 1:, :8], x[:, :, 1:, :8])
+    torch.testing.assert_close(out[..., :8].norm(dim=-1), x[..., :8].norm(dim=-1))  # a rotation
+
+
+def test_model_starts_with_zero_output_projections(tiny_config):
+    model = tg.GPT(tiny_config())
+    for block in model.blocks:
+        assert block.attn.proj.weight.abs().sum() == 0
+        assert block.mlp.down.abs().sum() == 0
+        assert block.mlp.router_weight.abs().sum() == 0
+    w = model.blocks[0].attn.c_q.weight
+    torch.testing.assert_close(w @ w.T, torch.eye(w.size(0)), atol=1e-5, rtol=0)  # orthogonal
+
+
+# --- optimizer ---------------------------------------------------------------------------------
+
+def test_newton_schulz_is_near_orthogonal():
+    torch.manual_seed(0)
+    g = torch.randn(64, 128) * torch.logspace(-2, 1, 128)  # widely spread singular values
+    for matrix in (g, g.T):
+        s = torch.linalg.svdvals(tg.newton_schulz(matrix, 5).float())
+        assert s.min() > 0.6 and s.max() < 1.25
+    stack = torch.stack((g, 2 * g))
+    out = tg.newton_schulz(stack, 5).float()
+    torch.testing.assert_close(out[0], tg.newton_schulz(g, 5).float(), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["none", "soft", "topk", "shared_routed"])
+@pytest.mark.parametrize("tie", ["0", "1"])
+def test_parameter_groups_cover_every_parameter_once(tiny_config, mode, tie):
+    model = tg.GPT(tiny_config(MOE_MODE=mode, TIE_EMBEDDINGS=tie))
+    optimizers = tg.build_optimizers(model, tiny_config(MOE_MODE=mode, TIE_EMBEDDINGS=tie))
+    grouped = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))
+    muon = next(o for o in optimizers if isinstance(o, tg.Muon))
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim >= 2 and "router" not in names[id(p)] for p in muon.param_groups[0]["params"])
+    for g in optimizers[0].param_groups:
+        if any("router" in names[id(p)] for p in g["params"]):
+            assert g["weight_decay"] == 0 and all("router" in names[id(p)] for p in g["params"])
+
+
+def test_lr_schedule_is_a_fraction_of_the_run():
+    assert tg.lr_scale(0.1, 0.0, 0.45) == 1.0
+    assert tg.lr_scale(0.55, 0.0, 0.45) == 1.0
+    assert tg.lr_scale(0.775, 0.0, 0.45) == pytest.approx(0.5)
+    assert tg.lr_scale(1.0, 0.0, 0.45) == 0.0
+    assert tg.lr_scale(0.05, 0.1, 0.0) == pytest.approx(0.5)
+
+
+def test_ema_off_equals_raw_weights_and_on_matches_hand_computation(tiny_config, tmp_path):
+    def trainer_with(**env):
+        h = tiny_config(**env)
+        h.data_path = str(SAMPLE)
+        return tg.Trainer(h, 0, 1, torch.device("cpu"), lambda msg: None)
+
+    off = trainer_with(EMA_HORIZON=0)
+    for _ in range(3):
+        off.train_step()
+        off.step += 1
+        off.update_ema(off.progress(0), 1 / 20)
+    assert off.ema is None  # evaluation and export use the raw weights
+
+    on = trainer_with(EMA_DECAY=0.9)
+    history = []
+    for _ in range(3):
+        on.train_step()
+        on.step += 1
+        on.update_ema(on.progress(0), 1 / 20)
+        history.append([p.detach().clone() for p in on.model.parameters()])
+    w1, w2, w3 = history  # the average starts at step 1's weights, then decays by 0.9 per step
+    for i, p in enumerate(on.model.parameters()):
+        expected = 0.9 * (0.9 * w1[i] + 0.1 * w2[i]) + 0.1 * w3[i]
+        torch.testing.assert_close(on.ema.shadow[i], expected)
+    on.ema.copy_to_model()
+    torch.testing.assert_close(next(on.model.parameters()), on.ema.shadow[0])
+
+
+# --- quantization and artifact -----------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,bound", [(8, 8e-5), (6, 1.5e-3), (5, 6e-3), (4, 2.5e-2)])
+def test_quantization_error_within_bound(bits, bound):
+    torch.manual_seed(0)
+    w = torch.randn(256, 512) / 512 ** 0.5
+    q, scale = tg.quantize_rows(w, bits)
+    assert q.abs().max() <= 2 ** (bits - 1) - 1
+    back = tg.dequantize_rows(q, scale, w.shape)
+    assert ((back - w).square().sum() / w.square().sum()).item() < bound
+    inside = w.abs() <= scale.float()[:, None] * (2 ** (bits - 1) - 1)
+    assert ((back - w).abs()[inside] <= scale.float()[:, None].expand_as(w)[inside] / 2 + 1e-7).all()
+
+
+def test_pruning_zeroes_the_smallest_weights():
+    w = torch.randn(64, 64)
+    q, _ = tg.quantize_rows(w, 8, prune_frac=0.25)
+    assert (q == 0).float().mean() >= 0.25
+    assert (q[w.abs() > w.abs().flatten().kthvalue(int(0.3 * w.numel())).values] != 0).float().mean() > 0.95
+
+
+def small_quant_config(tiny_config, **env):
+    return tiny_config(**{"MODEL_DIM": 128, "MLP_MULT": 3, "FP16_KEEP_MAX_NUMEL": 1024, "ZSTD_LEVEL": 19, **env})
+
+
+def test_artifact_round_trip_is_bit_exact(tiny_config, tmp_path):
+    h = small_quant_config(tiny_config, MOE_MODE="topk")
+    model = tg.GPT(h)
+    path = str(tmp_path / "m.ptz")
+    tg.export_artifact(model, h, path, 1000, lambda msg: None)
+    config, state = tg.read_artifact(path)
+    entries, _ = tg.quantize_state(tg.artifact_state(model), h)
+    for name, (bits, *tensors) in entries.items():
+        expected = tensors[0].float() if bits == 16 else tg.dequantize_rows(*tensors, state[name].shape)
+        assert torch.equal(state[name], expected.reshape(state[name].shape)), name
+    rebuilt, h2 = tg.load_artifact_model(path, torch.device("cpu"))
+    assert h2.moe_mode == "topk" and h2.model_dim == 128 and config["MOE_MODE"] == "topk"
+    assert set(tg.artifact_state(rebuilt)) == set(state)
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("flip", "corrupt or truncated artifact"), ("truncate", "corrupt or truncated artifact"),
+    ("garbage", "corrupt or truncated artifact"), ("magic", "bad magic"), ("missing", "no such artifact"),
+])
+def test_corrupt_artifacts_fail_clearly(tiny_config, tmp_path, damage, needle):
+    h = tiny_config(ZSTD_LEVEL=1)
+    path = tmp_path / "m.ptz"
+    tg.export_artifact(tg.GPT(h), h, str(path), 0, lambda msg: None)
+    blob = bytearray(path.read_bytes())
+    if damage == "flip":
+        blob[len(blob) // 2] ^= 0x40
+    elif damage == "truncate":
+        blob = blob[:-100]
+    elif damage == "garbage":
+        blob = bytearray(b"x" * 500)
+    elif damage == "magic":
+        import zstandard
+        blob = bytearray(zstandard.ZstdCompressor().compress(b"NOTPG" + bytes(100)))
+    if damage == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(bytes(blob))
+    with pytest.raises(tg.ArtifactError) as err:
+        tg.read_artifact(str(path))
+    assert str(path) in str(err.value) and needle in str(err.value)
+
+
+def test_fit_loop_gets_an_over_cap_model_under_the_cap(tiny_config, tmp_path):
+    h = small_quant_config(tiny_config, ZSTD_LEVEL=3, MLP_MULT=8, NUM_LAYERS=4)  # MLP-heavy, like real models
+    model = tg.GPT(h)
+    path = str(tmp_path / "m.ptz")
+    natural = tg.export_artifact(model, h, path, 0, lambda msg: None)
+    h.size_cap_bytes = int(natural * 0.85)
+    messages = []
+    size = tg.export_artifact(model, h, path, 0, messages.append)
+    assert size <= h.size_cap_bytes and os.path.getsize(path) == size
+    fit_steps = [m for m in messages if m.startswith("fit:")]
+    assert fit_steps and all("relative squared error" in m for m in fit_steps)
+    assert fit_steps[-1].endswith(f"artifact {size} bytes")
+    tiny = tiny_config(ZSTD_LEVEL=1, SIZE_CAP_BYTES=1000)  # impossible: say so loudly, still write it
+    messages.clear()
+    size = tg.export_artifact(tg.GPT(tiny), tiny, path, 0, messages.append)
+    assert any("ARTIFACT OVER THE CAP" in m for m in messages) and os.path.getsize(path) == size
+
+
+# --- evaluation --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,seq,stride", [(1001, 100, 10), (1001, 100, 100), (1001, 100, 0), (57, 100, 8),
+                                          (1000, 64, 64), (5000, 128, 50)])
+def test_eval_windows_score_every_target_exactly_once(n, seq, stride):
+    windows = tg.eval_windows(n, seq, stride)
+    length = min(seq, n - 1)
+    scored = np.zeros(n, dtype=int)
+    for start, count in windows:
+        assert 0 <= start and start + length <= n - 1 and 0 < count <= length
+        scored[start + length - count + 1:start + length + 1] += 1
+    assert scored[0] == 0 and (scored[1:] == 1).all()
+    if stride and len(windows) > 2:
+        assert all(c == stride for _, c in windows[1:-1])
+
+
+def test_sliding_eval_with_stride_equal_window_equals_plain_eval(tiny_config):
+    torch.manual_seed(0)
+    model = tg.GPT(tiny_config(MOE_MODE="topk"))
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    model.eval()
+    sp = tg.load_tokenizer(str(TOKENIZER), 1024)
+    tables = tg.byte_tables(sp)
+    tokens = tg.load_val_tokens(str(SAMPLE), 1024, limit=16 * 64)  # 16 windows of 64 exactly
+    cpu = torch.device("cpu")
+    loss, bpb = tg.evaluate(model.logits, tokens, tables, 64, 64, 5, cpu)
+    x, y = tokens[:-1].long().view(16, 64), tokens[1:].long().view(16, 64)
+    with torch.no_grad():
+        nll = torch.nn.functional.cross_entropy(model.logits(x).reshape(-1, 1024), y.reshape(-1), reduction="sum")
+    n_bytes = tg.target_bytes(x, y, tables).sum()
+    assert loss == pytest.approx(nll.item() / y.numel(), rel=1e-6)
+    assert bpb == pytest.approx(nll.item() / math.log(2) / n_bytes.item(), rel=1e-6)
+    assert tg.evaluate(model.logits, tokens, tables, 64, 0, 3, cpu) == pytest.approx((loss, bpb), rel=1e-9)
