@@ -32,6 +32,7 @@ def test_short_run_lowers_loss_and_writes_everything(moe_run):
     assert log.strip() == stdout.strip()  # the log holds exactly what was printed
     finals = {kind: (float(loss), float(bpb)) for kind, loss, bpb in FINAL.findall(log)}
     assert set(finals) == {"roundtrip", "sliding_window"} and all(0 < v[1] < 10 for v in finals.values())
+    assert finals["sliding_window"][0] <= finals["roundtrip"][0]  # more context never hurts a trained model
     assert (tmp / "logs" / "test_model.ptz").stat().st_size == int(re.search(r"Serialized model quant\+zstd: (\d+)", log)[1])
     assert re.search(r"size_check total:\d+ cap:16000000 slack:\d+ OK", log)
     assert re.search(r"^moe layer:1 load:[\d.,]+ max_mean:", log, re.M)
