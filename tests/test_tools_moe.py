@@ -56,7 +56,7 @@ def test_routing_report_writes_valid_pngs(moe_run, tmp_path, capsys):
 def test_routing_history_follows_the_log(moe_run):
     log, _ = moe_run
     text = log.read_text()
-    history = routing_report.moe_history(routing_report.last_run(text))
+    history = routing_report.load_history(log)
     assert sorted(history) == [0, 1]
     for layer, records in history.items():
         lines = re.findall(rf"^moe layer:{layer} load:([\d.,]+) .* entropy:{FLOAT}", text, flags=re.MULTILINE)
@@ -64,6 +64,15 @@ def test_routing_history_follows_the_log(moe_run):
         assert [r["step"] for r in records] == [1, 2, 4, 6]
         assert records[-1]["load"] == [float(v) for v in lines[-1][0].split(",")]
         assert records[-1]["entropy"] == float(lines[-1][1])
+
+
+def test_routing_history_reads_the_last_run_and_says_so(moe_run, tmp_path, capsys):
+    log, _ = moe_run
+    text = log.read_text()
+    twice = tmp_path / "twice.txt"
+    twice.write_text(text[:text.index("step:2/")] + text)  # a crashed run, then a full one
+    assert routing_report.load_history(twice) == routing_report.load_history(log)
+    assert f"{twice}: holds 2 runs; read the last one" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content, message", [("{not json", "malformed JSON"),
@@ -123,8 +132,9 @@ def test_parse_log_reads_only_the_last_run_of_an_appended_log(moe_run):
     crashed = text[:text.index("pre_quant_ema")]
     parsed = proxy_study.parse_log(text + crashed)
     assert parsed["val_bpb_roundtrip"] is None and parsed["val_bpb_sliding"] is None
-    assert "total_bytes" not in parsed
-    assert proxy_study.parse_log(crashed + text) == proxy_study.parse_log(text)
+    assert "total_bytes" not in parsed and parsed["runs_in_log"] == 2
+    assert "runs_in_log" not in proxy_study.parse_log(text)
+    assert proxy_study.parse_log(crashed + text) == dict(proxy_study.parse_log(text), runs_in_log=2)
 
 
 def run_of(name: str) -> proxy_study.Run:

@@ -39,8 +39,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from routing_report import last_run, moe_history  # noqa: E402
+try:
+    from . import runlog  # imported as tools.proxy_study
+except ImportError:
+    import runlog  # run as a script, or with tools/ on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 BALANCING_OFF = {"MOE_AUX_LOSS_COEF": "0", "ROUTER_Z_COEF": "0", "ROUTER_BIAS_RATE": "0", "ROUTER_NOISE": "0"}
@@ -58,19 +60,6 @@ STUDY_KEYS = ("DATA_PATH", "TOKENIZER_PATH", "VOCAB_SIZE", "MAX_WALLCLOCK_SECOND
               "SEED", "RUN_ID", "LOG_DIR")
 TAIL_LINES = 15
 TORCHRUN_FAILURE = re.compile(r"\] failed \(exitcode: -?\d+\) local_rank")
-
-# train_gpt.py's log lines (main() and Trainer.log_step).
-PATTERNS = {
-    "device": re.compile(r"^python \S+ torch (\S+) device (.+?) world_size (\d+)"),
-    "params": re.compile(r"^params total:(\d+) active_matmul_per_token:(\d+) router:(\d+)"),
-    "train": re.compile(r"^step:(\d+)/\d+ train_loss:\S+ train_time:\d+ms step_avg:([\d.]+)ms tok/s:(\d+)"),
-    "val": re.compile(r"^step:\d+/\d+ val_loss:\S+ val_bpb:([\d.]+)"),
-    "pre_quant": re.compile(r"^pre_quant_ema val_loss:\S+ val_bpb:([\d.]+)"),
-    "final": re.compile(r"^final_quant_zstd_(roundtrip|sliding_window)_exact val_loss:\S+ val_bpb:([\d.]+)"),
-    "artifact": re.compile(r"^Serialized model quant\+zstd: (\d+) bytes"),
-    "total": re.compile(r"^Total submission size quant\+zstd: (\d+) bytes"),
-    "peak": re.compile(r"^peak memory allocated: (\d+) MiB"),
-}
 
 
 @dataclass
@@ -159,42 +148,37 @@ def execute(run: Run, command: list[str], log_dir: Path, timeout: float | None) 
 
 
 def parse_log(text: str) -> dict:
-    """Scores, speed, sizes, parameters and final routing health from the last run in a train_gpt.py log."""
-    lines = last_run(text)
-    found: dict[str, re.Match] = {}
-    finals: dict[str, float] = {}
-    for line in lines:
-        for key, pattern in PATTERNS.items():
-            m = pattern.match(line)
-            if m and key == "final":
-                finals[m[1]] = float(m[2])
-            elif m:
-                found[key] = m  # the last match wins: the final train and val lines
+    """Scores, speed, sizes, parameters and final routing health from the last run in a train_gpt.py log
+    (runs_in_log says how many runs the log held when it held more than one)."""
+    log = runlog.parse(text)
+    finals = {label: e.val_bpb for label, e in log.finals.items()}
     # Without EMA the last validation of the float model is the pre-quantization score.
-    pre_quant = found.get("pre_quant") or found.get("val")
+    pre_quant = log.pre_quant or log.last_val
     result = dict(val_bpb_sliding=finals.get("sliding_window"), val_bpb_roundtrip=finals.get("roundtrip"),
-                  val_bpb_prequant=float(pre_quant[1]) if pre_quant else None,
-                  partial_val=any("not a score" in line for line in lines))
-    if "device" in found:
-        result.update(torch=found["device"][1], device=found["device"][2], world_size=int(found["device"][3]))
-    if "params" in found:
-        result.update(params=int(found["params"][1]), active_params=int(found["params"][2]),
-                      router_params=int(found["params"][3]))
-    if "train" in found:
-        result.update(steps=int(found["train"][1]), ms_per_step=float(found["train"][2]),
-                      tok_per_s=int(found["train"][3]))
-    for key, field in (("artifact", "artifact_bytes"), ("total", "total_bytes"), ("peak", "peak_mib")):
-        if key in found:
-            result[field] = int(found[key][1])
-    sliding = result["val_bpb_sliding"]
-    result["score"] = sliding if sliding is not None else result["val_bpb_roundtrip"]
-    result.update(routing_health(lines))
+                  val_bpb_prequant=pre_quant.val_bpb if pre_quant else None, partial_val=log.partial_eval)
+    if log.runs_in_file > 1:
+        result["runs_in_log"] = log.runs_in_file
+    if log.header:
+        result.update(torch=log.header.torch, device=log.header.device_label, world_size=log.header.world_size)
+    if log.params:
+        result.update(params=log.params.total, active_params=log.params.active_matmul_per_token,
+                      router_params=log.params.router)
+    if log.last_train:
+        result.update(steps=log.last_train.step, ms_per_step=log.last_train.step_avg_ms,
+                      tok_per_s=log.last_train.tok_per_s)
+    for key, value in (("artifact_bytes", log.artifact_bytes), ("total_bytes", log.total_bytes),
+                       ("peak_mib", log.peak_mib)):
+        if value is not None:
+            result[key] = value
+    score = log.score
+    result["score"] = score.val_bpb if score else None
+    result.update(routing_health(log))
     return result
 
 
-def routing_health(lines: list[str]) -> dict:
+def routing_health(log: runlog.RunLog) -> dict:
     """Per MoE layer, from its last `moe layer:` line: max load share, dead experts, entropy."""
-    final = [records[-1] for _, records in sorted(moe_history(lines).items())]
+    final = [records[-1] for _, records in sorted(log.moe_history().items())]
     if not final:
         return {}
     layers = [dict(layer=r["layer"], max_load=max(r["load"]), dead=r["dead"], entropy=r["entropy"]) for r in final]
@@ -302,6 +286,8 @@ def report(rows: list[dict], args, common: dict[str, str]) -> None:
     print("score = sliding-window round-trip val_bpb (round trip without sliding window where absent); "
           "* = validation on a token subset, not a score")
     for r in rows:
+        if r.get("runs_in_log"):
+            print(f"\nnote: {r['run_id']}: its log holds {r['runs_in_log']} runs; the last one was read")
         if r["status"] != "ok":
             print(f"\n{r['run_id']} {r['status']}: {r['reason']}\n  " + "\n  ".join(r.get("tail") or ["(no output)"]))
     path = args.json or args.log_dir / f"{args.tag}_study.json"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -21,49 +20,14 @@ matplotlib.use("Agg")  # files only: no display on the training machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-# train_gpt.py's log format (Trainer.log_step and log_header).
-RUN_HEADER = re.compile(r"^python \S+ torch \S+ device ")
-TRAIN_LINE = re.compile(r"^step:(\d+)/\d+ train_loss:")
-MOE_LINE = re.compile(r"^moe layer:(\d+) load:([\d.,]+) max_mean:([\d.]+) dead:(\d+) entropy:([\d.]+) "
-                      r"aux:([\d.]+) z:([\d.]+) bias:(-?[\d.]+)\.\.(-?[\d.]+) drop:([\d.]+)")
+try:
+    from . import runlog  # noqa: E402  (imported as tools.routing_report)
+except ImportError:
+    import runlog  # noqa: E402  (run as a script, or with tools/ on sys.path)
 
 
 class ReportError(ValueError):
     """Unusable input; the message names the file."""
-
-
-# ---------------------------------------------------------------------------- log parsing (shared with proxy_study)
-
-
-def last_run(text: str) -> list[str]:
-    """The lines of the last run in a log: train_gpt.py appends, so a reused RUN_ID holds several runs."""
-    lines = text.splitlines()
-    starts = [i for i, line in enumerate(lines) if RUN_HEADER.match(line)]
-    return lines[starts[-1]:] if starts else lines
-
-
-def parse_moe_line(line: str) -> dict | None:
-    m = MOE_LINE.match(line)
-    if not m:
-        return None
-    return dict(layer=int(m[1]), load=[float(v) for v in m[2].split(",")], max_over_mean=float(m[3]),
-                dead=int(m[4]), entropy=float(m[5]), aux=float(m[6]), z=float(m[7]),
-                bias_min=float(m[8]), bias_max=float(m[9]), drop_rate=float(m[10]))
-
-
-def moe_history(lines: list[str]) -> dict[int, list[dict]]:
-    """layer -> the `moe layer:` records in step order, each with the step of the train line above it."""
-    history: dict[int, list[dict]] = {}
-    step = 0
-    for line in lines:
-        train = TRAIN_LINE.match(line)
-        if train:
-            step = int(train[1])
-            continue
-        record = parse_moe_line(line)
-        if record is not None:
-            history.setdefault(record["layer"], []).append(dict(record, step=step))
-    return history
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -87,10 +51,14 @@ def load_routing(path: Path) -> dict:
 
 
 def load_history(path: Path) -> dict[int, list[dict]]:
+    """layer -> the `moe layer:` records of the log's last run, each with its step."""
     try:
-        history = moe_history(last_run(path.read_text()))
+        log = runlog.read(path)
     except OSError as err:
         raise ReportError(f"{path}: cannot read ({err.strerror})") from None
+    for note in log.notes:
+        print(f"note: {note}", file=sys.stderr)
+    history = log.moe_history()
     if not history:
         raise ReportError(f"{path}: no 'moe layer:' lines (not an MoE run, or it stopped before its first log step)")
     return history
