@@ -1,6 +1,8 @@
 """tools/records.py: statistics against table values, the log parser, pack -> verify, refusals, compare."""
+import hashlib
 import json
 import math
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -99,8 +101,10 @@ def test_compare_cli(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------
 # the log parser
 # ----------------------------------------------------------------------------------------------
-CANNED_LOG = """python 3.11.7 torch 2.14.1+cu130 device cuda:0 (NVIDIA H100 80GB HBM3) world_size 8 grad_accum 1
-config {"EVAL_SEQ_LEN": 128, "EVAL_STRIDE": 32, "SEED": 1337, "TRAIN_SEQ_LEN": 128, "VAL_TOKEN_LIMIT": 0}
+CODE_SHA, ARTIFACT_SHA = "c0de" * 16, "a7" * 32
+CANNED_LOG = f"""python 3.11.7 torch 2.14.1+cu130 device cuda:0 (NVIDIA H100 80GB HBM3) world_size 8 grad_accum 1
+code_sha256:{CODE_SHA} code_bytes:71124
+config {{"EVAL_SEQ_LEN": 128, "EVAL_STRIDE": 32, "SEED": 1337, "TRAIN_SEQ_LEN": 128, "VAL_TOKEN_LIMIT": 0}}
 params total:158857 active_matmul_per_token:141824 router:512 moe_mode:soft moe_layers:[0, 1]
 step:30/30 train_loss:5.1056 train_time:9629ms step_avg:320.98ms tok/s:12761 mfu:1.0%
 step:30/30 val_loss:5.4080 val_bpb:3.0533 train_time:9631ms step_avg:321.05ms
@@ -108,7 +112,7 @@ pre_quant_ema val_loss:5.41612600 val_bpb:3.05788679
 Serialized model quant+zstd: 240785 bytes
 Code size: 71124 bytes
 Total submission size quant+zstd: 311909 bytes
-size_check total:311909 cap:16000000 slack:15688091 OK artifact:logs/run_x_model.ptz
+size_check total:311909 cap:16000000 slack:15688091 OK artifact:logs/run_x_model.ptz sha256:{ARTIFACT_SHA}
 final_quant_zstd_roundtrip_exact val_loss:5.41610870 val_bpb:3.05787703 stride:128 seq_len:128 eval_time:248ms
 final_quant_zstd_sliding_window_exact val_loss:5.41674422 val_bpb:3.05823583 stride:32 seq_len:128 eval_time:1070ms
 """
@@ -124,6 +128,13 @@ def test_parse_canned_log(tmp_path):
     assert run.hardware == "8x NVIDIA H100 80GB HBM3" and run.torch_version == "2.14.1+cu130"
     assert (run.score.val_loss, run.score.val_bpb, run.score.stride, run.score.eval_time_ms) == (5.41674422, 3.05823583, 32, 1070)
     assert run.score.token_limit == 0
+    assert (run.code_sha256, run.start_code_bytes, run.artifact_sha256) == (CODE_SHA, 71124, ARTIFACT_SHA)
+
+    # A log of an older train_gpt.py, without the sha256 lines, still parses (pack then refuses it).
+    path.write_text(CANNED_LOG.replace(f"code_sha256:{CODE_SHA} code_bytes:71124\n", "")
+                    .replace(f" sha256:{ARTIFACT_SHA}", ""))
+    run = records.parse_log(path)
+    assert (run.code_sha256, run.artifact_sha256, run.artifact_path) == (None, None, "logs/run_x_model.ptz")
 
     # EVAL_STRIDE=0: no sliding line, the round trip is the score.
     path.write_text(CANNED_LOG.replace('"EVAL_STRIDE": 32', '"EVAL_STRIDE": 0').rsplit("final_quant_zstd_sliding", 1)[0])
@@ -135,6 +146,8 @@ def test_parse_canned_log(tmp_path):
     (lambda log: log.split("Serialized", 1)[0], "lacks final results"),
     (lambda log: log + log, "holds 2 runs"),  # train_gpt.py appends when a RUN_ID is reused
     (lambda log: log.replace("python 3.11.7", "pithon"), "not a train_gpt.py log"),
+    (lambda log: log.replace('"SEED": 1337, ', ""), "has no SEED"),
+    (lambda log: log.replace('"SEED": 1337', '"SEED": 1337,'), "not valid JSON"),
 ])
 def test_parse_refuses_incomplete_logs(tmp_path, edit, message):
     path = tmp_path / "run.txt"
@@ -163,7 +176,10 @@ def runs(tmp_path_factory):
         for result in results:
             assert result.returncode == 0, result.stderr[-3000:]
         logs = [root / f"seed{seed}" / "logs" / "test.txt" for seed in SEEDS]
-        if all(records.parse_log(log).code_bytes == script.stat().st_size for log in logs):
+        code = script.read_bytes()
+        ran = [records.parse_log(log) for log in logs]
+        if all(r.code_sha256 == hashlib.sha256(code).hexdigest() and r.start_code_bytes == r.code_bytes == len(code)
+               for r in ran):
             return dict(root=root, script=script, logs=logs)
     pytest.skip("train_gpt.py kept changing while the fixture trained")
 
@@ -195,6 +211,13 @@ def verify(folder, *extra):
 
 def failed(checks):
     return [c.name for c in checks if not c.ok]
+
+
+def swap_one_letter(code: bytes) -> bytes:
+    """The same script but for the case of the letter after its first "# ": same size, other bytes."""
+    i = code.index(b"#") + 2
+    assert chr(code[i]).isalpha()
+    return code[:i] + bytes([code[i] ^ 0x20]) + code[i + 1:]
 
 
 def test_parse_real_log(runs):
@@ -241,6 +264,10 @@ def test_verify_passes_quick_and_full(packed, capsys):
     assert "PASS  quick check" in out and "FAIL" not in out
     checks = verify(packed)  # full: re-evaluates on the claim's own (partial) token range
     assert not failed(checks) and any(c.name.endswith("val_bpb") and "|diff|" in c.detail for c in checks)
+    names = {c.name for c in checks}
+    assert {f"seed {s} log code sha256" for s in SEEDS} <= names  # the folder's script is the one that ran
+    best = json.loads((packed / "submission.json").read_text())["best_seed"]
+    assert f"seed {best} artifact sha256" in names  # the packed artifact is the one the log wrote
 
 
 def test_verify_fails_on_one_changed_artifact_byte(folder_copy):
@@ -250,6 +277,7 @@ def test_verify_fails_on_one_changed_artifact_byte(folder_copy):
     artifact.write_bytes(bytes(blob))
     bad = failed(verify(folder_copy, "--token-limit", str(CHECK_TOKENS)))
     assert "artifact sha256" in bad and any(name.startswith("quick check") for name in bad)
+    assert f"{artifact.stem.replace('model_seed', 'seed ')} artifact sha256" in bad  # against the log's size_check
 
 
 def test_verify_fails_on_a_wrong_claimed_bpb(folder_copy):
@@ -268,6 +296,16 @@ def test_verify_fails_on_an_edited_script(folder_copy):
         f.write("# one more line\n")
     bad = failed(verify(folder_copy, "--token-limit", str(CHECK_TOKENS)))
     assert "code size" in bad and "bytes_total" in bad
+    assert {f"seed {s} log code sha256" for s in SEEDS} <= set(bad)
+
+
+def test_verify_fails_on_a_same_size_edit_of_the_script(folder_copy):
+    script = folder_copy / "train_gpt.py"
+    code = script.read_bytes()
+    script.write_bytes(swap_one_letter(code))
+    bad = failed(verify(folder_copy, "--token-limit", str(CHECK_TOKENS)))
+    assert {f"seed {s} log code sha256" for s in SEEDS} <= set(bad)
+    assert "code size" not in bad and "bytes_total" not in bad  # only the sha256 can tell
 
 
 def test_verify_without_a_reference_for_the_token_limit(packed):
@@ -300,6 +338,44 @@ def test_pack_refuses_a_different_script(runs, tmp_path, capsys):
     args[args.index("--script") + 1] = str(other)
     assert records.main(args) == 2
     assert "different train_gpt.py" in capsys.readouterr().err
+
+
+def test_pack_refuses_a_same_size_script_by_its_sha256(runs, tmp_path, capsys):
+    other = tmp_path / "train_gpt.py"
+    other.write_bytes(swap_one_letter(runs["script"].read_bytes()))
+    assert other.stat().st_size == runs["script"].stat().st_size
+    args = pack_args(runs, tmp_path)
+    args[args.index("--script") + 1] = str(other)
+    assert records.main(args) == 2
+    assert "different train_gpt.py" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda log: "\n".join(line for line in log.splitlines() if not line.startswith("code_sha256:")),
+     "no code_sha256 line"),
+    (lambda log: re.sub(r"(?m)^(code_sha256:\S+ code_bytes:)(\d+)", lambda m: m[1] + str(int(m[2]) + 1), log),
+     "edited during the run"),
+])
+def test_pack_refuses_a_log_that_does_not_identify_its_script(runs, tmp_path, capsys, edit, message):
+    log = tmp_path / "edited.txt"
+    log.write_text(edit(runs["logs"][1].read_text()))
+    assert log.read_text() != runs["logs"][1].read_text()
+    args = pack_args(runs, tmp_path)
+    args[2] = str(log)
+    assert records.main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_pack_refuses_an_artifact_with_another_sha256(runs, tmp_path, capsys):
+    artifacts = [tmp_path / f"a{i}.ptz" for i in range(len(SEEDS))]
+    for log, artifact in zip(runs["logs"], artifacts):
+        shutil.copyfile(log.parent / "test_model.ptz", artifact)
+    blob = bytearray(artifacts[0].read_bytes())
+    blob[len(blob) // 2] ^= 0x01  # same size: only the sha256 of the size_check line can tell
+    artifacts[0].write_bytes(bytes(blob))
+    assert records.main(pack_args(runs, tmp_path, "--artifacts", *map(str, artifacts))) == 2
+    assert f"{artifacts[0]} ({len(blob)} bytes) is not the artifact" in capsys.readouterr().err
+    assert not (tmp_path / "track_non_record_16mb").exists()
 
 
 def test_pack_refuses_a_log_without_final_results(runs, tmp_path, capsys):

@@ -26,6 +26,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+try:
+    from . import runlog  # imported as tools.records
+except ImportError:
+    import runlog  # run as a script, or with tools/ on sys.path
+
+FinalEval = runlog.FinalEval
+
 REPO = Path(__file__).resolve().parents[1]
 CAP_BYTES = 16_000_000  # the challenge cap, decimal bytes; --cap overrides it for what-ifs and tests
 TRACKS = ("track_10min_16mb", "track_non_record_16mb")
@@ -148,35 +155,13 @@ def welch_test(baseline: Sample, candidate: Sample, margin: float, alpha: float 
 
 
 # ----------------------------------------------------------------------------------------------
-# Run logs: the lines train_gpt.py writes (see main() and log_header() there)
+# Run logs: tools/runlog.py reads them; a record needs one complete run, checked here
 # ----------------------------------------------------------------------------------------------
-NUM = r"([-+\w.]+)"  # a float as printed, including nan/inf, checked by float()
-HEADER_RE = re.compile(r"^python (\S+) torch (\S+) device (\S+)(?: \((.*)\))? world_size (\d+) grad_accum (\d+)")
-STEP_VAL_RE = re.compile(rf"^step:(\d+)/(\d+) val_loss:{NUM} val_bpb:{NUM} train_time:(\d+)ms step_avg:{NUM}ms")
-PRE_QUANT_RE = re.compile(rf"^pre_quant_ema val_loss:{NUM} val_bpb:{NUM}")
-SIZE_RES = {
-    "artifact_bytes": re.compile(r"^Serialized model quant\+zstd: (\d+) bytes"),
-    "code_bytes": re.compile(r"^Code size: (\d+) bytes"),
-    "total_bytes": re.compile(r"^Total submission size quant\+zstd: (\d+) bytes"),
-}
-SIZE_CHECK_RE = re.compile(r"^size_check total:(\d+) cap:(\d+) slack:(-?\d+) .*? artifact:(.+?)(?: sha256:[0-9a-f]{64})?$")
-FINAL_RE = re.compile(rf"^final_quant_zstd_(roundtrip|sliding_window)_exact val_loss:{NUM} val_bpb:{NUM} "
-                      r"stride:(\d+) seq_len:(\d+) eval_time:(\d+)ms(.*)$")
-PARTIAL_RE = re.compile(r"\(first (\d+) tokens only")
-
-
-@dataclass
-class FinalEval:
-    val_loss: float
-    val_bpb: float
-    stride: int
-    seq_len: int
-    eval_time_ms: int
-    token_limit: int  # 0: the whole validation split; N: the first N tokens only (not a score)
 
 
 @dataclass
 class RunLog:
+    """One complete run, as pack and verify rely on it."""
     path: Path
     torch_version: str
     device: str
@@ -191,6 +176,9 @@ class RunLog:
     code_bytes: int
     artifact_path: str
     finals: dict[str, FinalEval] = field(default_factory=dict)
+    code_sha256: str | None = None  # of the train_gpt.py that ran (None in logs of older versions)
+    start_code_bytes: int | None = None  # its size at the start; code_bytes is the size at export
+    artifact_sha256: str | None = None  # from the size_check line (None in logs of older versions)
 
     @property
     def seed(self) -> int:
@@ -210,66 +198,44 @@ class LogError(RecordError):
     """A log that does not hold one complete run."""
 
 
-def _float(text: str, path: Path, what: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise LogError(f"{path}: unreadable number {text!r} in the {what} line") from None
-
-
 def parse_log(path: str | Path) -> RunLog:
     """Read one train_gpt.py log; raises LogError when the run is incomplete or the log holds several runs."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        log = runlog.read(path)
     except OSError as err:
         raise LogError(f"{path}: cannot read the log ({err.strerror})") from None
-    headers = [m for m in map(HEADER_RE.match, lines) if m]
-    configs = [line[len("config "):] for line in lines if line.startswith("config {")]
-    if not headers or not configs:
+    if not log.header or not log.config_text:
         raise LogError(f"{path}: no 'python ... torch ... device' header or no 'config' line: not a train_gpt.py log")
-    if len(headers) > 1 or len(configs) > 1:
-        # train_gpt.py appends to an existing log, so a reused RUN_ID mixes runs (even interleaved ones).
-        raise LogError(f"{path}: holds {max(len(headers), len(configs))} runs (RUN_ID reused?); give each run its own log")
-    header = headers[0]
-    found: dict[str, re.Match] = {}
-    finals: dict[str, FinalEval] = {}
-    for line in lines:
-        for key, regex in (*SIZE_RES.items(), ("step_val", STEP_VAL_RE), ("pre_quant", PRE_QUANT_RE),
-                           ("size_check", SIZE_CHECK_RE)):
-            m = regex.match(line)
-            if m:
-                found[key] = m  # the last match wins: the final validation comes after any periodic one
-        m = FINAL_RE.match(line)
-        if m:
-            partial = PARTIAL_RE.search(m.group(7))
-            finals[m.group(1)] = FinalEval(_float(m.group(2), path, m.group(1)), _float(m.group(3), path, m.group(1)),
-                                           int(m.group(4)), int(m.group(5)), int(m.group(6)),
-                                           int(partial.group(1)) if partial else 0)
-    try:
-        config = json.loads(configs[0])
-    except ValueError:
-        raise LogError(f"{path}: the config line is not valid JSON") from None
+    runs = max(log.runs_in_file, log.counts["config"])
+    if runs > 1:
+        # A reused RUN_ID mixes runs (even interleaved ones): a record must not pick one silently.
+        raise LogError(f"{path}: holds {runs} runs (RUN_ID reused?); give each run its own log")
+    config = log.config
+    if config is None:
+        raise LogError(f"{path}: the config line is not valid JSON")
     if "SEED" not in config:
         raise LogError(f"{path}: the config line has no SEED")
-    missing = [k for k in ("step_val", *SIZE_RES, "size_check") if k not in found]
-    if "roundtrip" not in finals:
+    found = dict(step_val=log.last_val, artifact_bytes=log.artifact_bytes, code_bytes=log.code_bytes,
+                 total_bytes=log.total_bytes, size_check=log.size_check)
+    missing = [k for k, v in found.items() if v is None]
+    if "roundtrip" not in log.finals:
         missing.append("final_quant_zstd_roundtrip_exact")
     stride, seq_len = config.get("EVAL_STRIDE", 0), config.get("EVAL_SEQ_LEN") or config.get("TRAIN_SEQ_LEN")
-    if stride not in (0, seq_len) and "sliding_window" not in finals:
+    if stride not in (0, seq_len) and "sliding_window" not in log.finals:
         missing.append("final_quant_zstd_sliding_window_exact")
     if missing:
         raise LogError(f"{path}: lacks final results ({', '.join(missing)} missing): the run crashed or is still running")
-    step_val = found["step_val"]
-    pre_quant = found.get("pre_quant")
+    step_val, header = log.last_val, log.header
     return RunLog(
-        path=path, torch_version=header.group(2), device=header.group(3), device_name=header.group(4) or "",
-        world_size=int(header.group(5)), config=config, steps=int(step_val.group(1)),
-        train_time_ms=int(step_val.group(5)), step_avg_ms=_float(step_val.group(6), path, "step val"),
+        path=path, torch_version=header.torch, device=header.device, device_name=header.device_name,
+        world_size=header.world_size, config=config, steps=step_val.step, train_time_ms=step_val.train_time_ms,
+        step_avg_ms=step_val.step_avg_ms,
         # Without EMA the pre-quantization number is the final validation of the raw weights.
-        pre_quant_val_bpb=_float((pre_quant or step_val).group(2 if pre_quant else 4), path, "pre-quant"),
-        artifact_bytes=int(found["artifact_bytes"].group(1)), code_bytes=int(found["code_bytes"].group(1)),
-        artifact_path=found["size_check"].group(4).strip(), finals=finals)
+        pre_quant_val_bpb=log.pre_quant.val_bpb if log.pre_quant else step_val.val_bpb,
+        artifact_bytes=log.artifact_bytes, code_bytes=log.code_bytes,
+        artifact_path=log.size_check.artifact_path.strip(), finals=dict(log.finals),
+        code_sha256=log.code_sha256, start_code_bytes=log.header_code_bytes, artifact_sha256=log.size_check.sha256)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,13 +323,21 @@ def check_scores(runs: list[RunLog], track: str, allow_partial_eval: bool) -> No
 
 
 def check_script(script: Path, runs: list[RunLog]) -> int:
+    """The script must be the one every log ran: same size and, from its code_sha256 line, same bytes."""
     if not script.is_file():
         raise RecordError(f"{script}: no such script")
-    size = script.stat().st_size
+    size, sha = script.stat().st_size, sha256_file(script)
     for run in runs:
-        if run.code_bytes != size:
-            raise RecordError(f"{script} is {size} bytes but {run.path} reports Code size {run.code_bytes}: "
-                              "the log came from a different train_gpt.py (pass the one that ran with --script)")
+        if run.code_sha256 is None:
+            raise RecordError(f"{run.path}: no code_sha256 line, so the train_gpt.py that ran cannot be identified "
+                              "(a log of an older train_gpt.py?)")
+        if run.start_code_bytes is not None and run.start_code_bytes != run.code_bytes:
+            raise RecordError(f"{run.path}: train_gpt.py was {run.start_code_bytes} bytes at the start of the run but "
+                              f"{run.code_bytes} at export: it was edited during the run, so no script matches the log")
+        if run.code_bytes != size or run.code_sha256 != sha:
+            raise RecordError(f"{script} ({size} bytes, sha256 {sha[:16]}...) is not the script of {run.path} "
+                              f"(Code size {run.code_bytes}, code_sha256 {run.code_sha256[:16]}...): the log came "
+                              "from a different train_gpt.py (pass the one that ran with --script)")
     return size
 
 
@@ -384,9 +358,9 @@ def check_artifacts(runs: list[RunLog], artifacts: list[Path], code_bytes: int, 
         if not artifact.is_file():
             raise RecordError(f"{artifact}: no such artifact")
         size = artifact.stat().st_size
-        if size != run.artifact_bytes:
-            raise RecordError(f"{artifact} is {size} bytes but {run.path} reports {run.artifact_bytes}: "
-                              "not the artifact of this run (overwritten by a later run?)")
+        if size != run.artifact_bytes or (run.artifact_sha256 and sha256_file(artifact) != run.artifact_sha256):
+            raise RecordError(f"{artifact} ({size} bytes) is not the artifact {run.path} reports ({run.artifact_bytes} "
+                              "bytes, sha256 of its size_check line): overwritten by a later run?")
         if size + code_bytes > cap:
             raise RecordError(f"seed {run.seed}: artifact {size} + code {code_bytes} = {size + code_bytes} bytes "
                               f"exceeds the cap of {cap} bytes by {size + code_bytes - cap}")
@@ -602,9 +576,10 @@ def size_checks(folder: Path, sub: dict, cap: int) -> list[Check]:
     checks = []
     script = folder / SCRIPT
     code = script.stat().st_size if script.is_file() else -1
+    script_sha = sha256_file(script) if script.is_file() else "missing"
     checks.append(Check("code size", code == sub["bytes_code"], f"{SCRIPT} is {code} bytes, bytes_code {sub['bytes_code']}"))
     for seed, claim in sub["seed_results"].items():
-        checks += seed_checks(folder, seed, claim, sub["bytes_code"], code, cap)
+        checks += seed_checks(folder, seed, claim, sub["bytes_code"], code, script_sha, cap)
     best = sub["seed_results"][str(sub["best_seed"])]
     artifact = folder / best.get("artifact", "")
     size = artifact.stat().st_size if artifact.is_file() else -1
@@ -621,8 +596,11 @@ def size_checks(folder: Path, sub: dict, cap: int) -> list[Check]:
     return checks
 
 
-def seed_checks(folder: Path, seed: str, claim: dict, bytes_code: int, code: int, cap: int) -> list[Check]:
-    """The seed's log against the claim: same score, same sizes; its artifact's size if it was packed."""
+def seed_checks(folder: Path, seed: str, claim: dict, bytes_code: int, code: int, script_sha: str,
+                cap: int) -> list[Check]:
+    """The seed's log against the claim and the folder: same score, same sizes, the script's sha256; the
+    artifact's size and sha256 (against the log's size_check line) if it was packed. The sha256 checks
+    run where the log has the line (logs of older train_gpt.py versions lack it)."""
     name = f"seed {seed}"
     try:
         run = parse_log(folder / claim["log"])
@@ -640,11 +618,18 @@ def seed_checks(folder: Path, seed: str, claim: dict, bytes_code: int, code: int
         Check(f"{name} under cap", claim["artifact_bytes"] + bytes_code <= cap,
               f"{claim['artifact_bytes']} + {bytes_code} = {claim['artifact_bytes'] + bytes_code} <= {cap}"),
     ]
+    if run.code_sha256:
+        checks.append(Check(f"{name} log code sha256", run.code_sha256 == script_sha,
+                            f"log code_sha256 {run.code_sha256[:16]}..., {SCRIPT} {script_sha[:16]}..."))
     if "artifact" in claim:
         artifact = folder / claim["artifact"]
         size = artifact.stat().st_size if artifact.is_file() else -1
         checks.append(Check(f"{name} artifact size", size == claim["artifact_bytes"],
                             f"{claim['artifact']} is {size} bytes, claimed {claim['artifact_bytes']}"))
+        if run.artifact_sha256:
+            sha = sha256_file(artifact) if artifact.is_file() else "missing"
+            checks.append(Check(f"{name} artifact sha256", sha == run.artifact_sha256,
+                                f"{claim['artifact']} {sha[:16]}..., log size_check {run.artifact_sha256[:16]}..."))
     return checks
 
 
