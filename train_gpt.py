@@ -599,7 +599,7 @@ class RoutedMoE(MoEBase):
         counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
         order = torch.argsort(flat, stable=True)
         dispatch = self.dispatch_grouped if self.dispatch_mode == "grouped" else self.dispatch_capacity
-        rows, dropped = dispatch(x2[order // k].to(expert_dtype(x2)), flat[order], counts)
+        rows, dropped = dispatch(x2.to(expert_dtype(x2))[order // k], flat[order], counts)
         slots = torch.empty_like(rows).index_copy(0, order, rows)
         out = (slots.view(T, k, -1) * gate.to(rows.dtype).unsqueeze(-1)).sum(1).view(x.shape)
         if self.shared is not None:
