@@ -7,6 +7,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,6 +166,31 @@ def test_study_records_a_crashing_run_as_failed(tmp_path, capsys):
     assert row["status"] == "failed" and row["reason"].startswith("exit status")
     assert any("NUM_EXPERTS=3" in line for line in row["tail"]), row["tail"]
     assert "NUM_EXPERTS=3" in capsys.readouterr().out  # the tail is printed too
+
+
+def processes_with_env(needle: str) -> list[int]:
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle.encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_study_timeout_ends_torchrun_and_its_workers(tmp_path):
+    """A run past --timeout is recorded as timed out and leaves no worker behind."""
+    config = tmp_path / "study.json"
+    config.write_text(json.dumps({"endless": {"MOE_MODE": "none", "ITERATIONS": "100000", "MODEL_DIM": "64"}}))
+    out = tmp_path / "results.json"
+    tag = f"timeout{tmp_path.name}"
+    argv = ["--config", str(config), "--data-path", str(SAMPLE), "--tokenizer-path", str(TOKENIZER), "--wallclock", "0",
+            "--log-dir", str(tmp_path / "logs"), "--tag", tag, "--json", str(out), "--timeout", "20"]
+    assert proxy_study.main(argv) == 1
+    (row,) = json.loads(out.read_text())["runs"]
+    assert row["status"] == "failed" and "timed out" in row["reason"]
+    assert not processes_with_env(f"RUN_ID={tag}_endless")
 
 
 # ---------------------------------------------------------------------------- proxy_study: planning

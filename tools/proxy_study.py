@@ -125,10 +125,45 @@ def shell_line(run: Run, command: list[str]) -> str:
 # ---------------------------------------------------------------------------- running
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (Linux /proc), found before anything is killed."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def stop_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Ends torchrun and its workers: torchrun starts workers in sessions of their own, so killing
+    its process group alone would leave them running. SIGTERM first (torchrun forwards it), then
+    SIGKILL whatever is left."""
+    tree = descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in [proc.pid, *tree]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
 def execute(run: Run, command: list[str], log_dir: Path, timeout: float | None) -> dict:
     """Runs one training; its console output goes to <run id>.out. -> returncode and wall seconds."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (f"{run.run_id}.txt", f"{run.run_id}_routing.json"):  # train_gpt.py appends to logs
+    for stale in (f"{run.run_id}.txt", f"{run.run_id}_routing.json"):  # train_gpt.py refuses to reuse a log
         (log_dir / stale).unlink(missing_ok=True)
     t0 = time.time()
     with open(log_dir / f"{run.run_id}.out", "w") as out:
@@ -138,8 +173,7 @@ def execute(run: Run, command: list[str], log_dir: Path, timeout: float | None) 
         try:
             returncode = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            stop_tree(proc)
             return dict(returncode=None, wall_s=round(time.time() - t0, 1), reason=f"timed out after {timeout:.0f} s")
     return dict(returncode=returncode, wall_s=round(time.time() - t0, 1))
 
