@@ -194,7 +194,8 @@ class DataError(ValueError):
     """A missing or malformed data file; the message names the file."""
 
 
-def read_shard(path: str) -> np.ndarray:
+def shard_token_count(path: str) -> int:
+    """Checks a shard's magic, version and exact size without reading its tokens; -> token count."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such shard file")
     size = os.path.getsize(path)
@@ -209,7 +210,11 @@ def read_shard(path: str) -> np.ndarray:
     if header[2] < 0 or size != expected:
         raise DataError(f"{path}: file is {size} bytes but its header promises {header[2]} tokens "
                         f"({expected} bytes); truncated or corrupt")
-    return np.fromfile(path, dtype="<u2", count=int(header[2]), offset=SHARD_HEADER_BYTES)
+    return int(header[2])
+
+
+def read_shard(path: str) -> np.ndarray:
+    return np.fromfile(path, dtype="<u2", count=shard_token_count(path), offset=SHARD_HEADER_BYTES)
 
 
 def shard_files(data_path: str, split: str) -> list[str]:

@@ -52,12 +52,12 @@ from typing import Iterable, Iterator, TextIO
 import numpy as np
 import sentencepiece as spm
 
-SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
-HEADER_INT32S = 256
-HEADER_BYTES = HEADER_INT32S * 4
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The shard format, its reader and the data error type live in train_gpt.py (the trainer reads
+# what this script writes): one definition of the format.
+from train_gpt import BOS_ID, SHARD_HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION, DataError, read_shard  # noqa: E402,F401
+
 MAX_VOCAB_SIZE = 65535  # token ids are stored as uint16
-BOS_ID = 1
 
 # The challenge's tokenizer spec; vocab_size is added per build.
 TOKENIZER_SPEC = dict(
@@ -78,10 +78,6 @@ PROGRESS_INTERVAL_S = 2.0
 SHARD_NAME_PATTERN = "fineweb_{split}_{index:06d}.bin"
 
 
-class DataError(ValueError):
-    """A problem with the inputs, a tokenizer or a shard file, explained for the user."""
-
-
 # ---------------------------------------------------------------------------- shard files
 
 
@@ -92,37 +88,11 @@ def write_shard(path: str | os.PathLike, tokens: Iterable[int] | np.ndarray) -> 
         raise DataError(f"{path}: tokens must be a 1-D sequence, got shape {array.shape}")
     if array.size and (array.min() < 0 or array.max() > np.iinfo(np.uint16).max):
         raise DataError(f"{path}: token ids must fit in uint16 (0..65535)")
-    header = np.zeros(HEADER_INT32S, dtype="<i4")
+    header = np.zeros(SHARD_HEADER_BYTES // 4, dtype="<i4")
     header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, array.size
     with open(path, "wb") as f:
         f.write(header.tobytes())
         f.write(array.astype("<u2", copy=False).tobytes())
-
-
-def read_shard_header(path: str | os.PathLike) -> int:
-    """Check a shard's header against its file size; return its token count."""
-    file_size = os.path.getsize(path)
-    if file_size < HEADER_BYTES:
-        raise DataError(f"{path}: file is {file_size} bytes, shorter than the {HEADER_BYTES}-byte header")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INT32S)
-    magic, version, num_tokens = (int(x) for x in header[:3])
-    if magic != SHARD_MAGIC:
-        raise DataError(f"{path}: bad magic {magic}, expected {SHARD_MAGIC}")
-    if version != SHARD_VERSION:
-        raise DataError(f"{path}: bad version {version}, expected {SHARD_VERSION}")
-    expected_size = HEADER_BYTES + 2 * num_tokens
-    if num_tokens < 0 or file_size != expected_size:
-        raise DataError(
-            f"{path}: size mismatch: header says {num_tokens} tokens ({expected_size} bytes), "
-            f"file has {file_size} bytes (truncated or corrupt)"
-        )
-    return num_tokens
-
-
-def read_shard(path: str | os.PathLike) -> np.ndarray:
-    """Return a shard's tokens as uint16 after checking magic, version and exact size."""
-    num_tokens = read_shard_header(path)
-    return np.fromfile(path, dtype="<u2", count=num_tokens, offset=HEADER_BYTES).astype(np.uint16, copy=False)
 
 
 class ShardWriter:
@@ -378,7 +348,7 @@ def build(
         "format": {
             "magic": SHARD_MAGIC,
             "version": SHARD_VERSION,
-            "header_int32s": HEADER_INT32S,
+            "header_int32s": SHARD_HEADER_BYTES // 4,
             "token_dtype": "uint16 little-endian",
             "document_layout": "BOS (id 1) + tokens, no EOS; documents may span shards",
         },

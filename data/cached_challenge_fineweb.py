@@ -25,15 +25,15 @@ import argparse
 import json
 import os
 import shutil
-import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train_gpt import DataError, shard_token_count  # noqa: E402  (one definition of the shard format)
+
 REPO_ID = "willdepueoai/parameter-golf"
 REMOTE_ROOT = "datasets"
-SHARD_MAGIC = 20240520
-SHARD_HEADER_BYTES = 1024
 STAGING_DIR_NAME = ".hf_staging"
 
 
@@ -140,12 +140,11 @@ def is_complete(path: Path) -> bool:
     if not path.is_file() or path.stat().st_size == 0:
         return False
     if path.suffix == ".bin":
-        with open(path, "rb") as f:
-            header = f.read(12)
-        if len(header) < 12:
+        try:
+            shard_token_count(str(path))
+        except DataError:
             return False
-        magic, _version, num_tokens = struct.unpack("<3i", header)
-        return magic == SHARD_MAGIC and path.stat().st_size == SHARD_HEADER_BYTES + 2 * num_tokens
+        return True
     if path.suffix == ".json":
         try:
             json.loads(path.read_text(encoding="utf-8"))

@@ -92,36 +92,6 @@ def test_write_shard_rejects_ids_outside_uint16(tmp_path):
         bs.write_shard(tmp_path / "x.bin", [1, 65536])
 
 
-def corrupt_bad_magic(raw: bytearray) -> bytes:
-    raw[0:4] = (12345).to_bytes(4, "little")
-    return bytes(raw)
-
-
-def corrupt_bad_version(raw: bytearray) -> bytes:
-    raw[4:8] = (2).to_bytes(4, "little")
-    return bytes(raw)
-
-
-@pytest.mark.parametrize(
-    "corrupt, problem",
-    [
-        (corrupt_bad_magic, "bad magic 12345"),
-        (corrupt_bad_version, "bad version 2"),
-        (lambda raw: bytes(raw[:-1]), "size mismatch"),
-        (lambda raw: bytes(raw) + b"\0\0", "size mismatch"),
-        (lambda raw: bytes(raw[:100]), "shorter than the 1024-byte header"),
-    ],
-    ids=["magic", "version", "truncated", "extra-bytes", "short-header"],
-)
-def test_corrupt_shard_errors_name_file_and_problem(tmp_path, corrupt, problem):
-    path = tmp_path / "corrupt_shard.bin"
-    bs.write_shard(path, np.arange(50))
-    path.write_bytes(corrupt(bytearray(path.read_bytes())))
-    with pytest.raises(bs.DataError) as info:
-        bs.read_shard(path)
-    assert "corrupt_shard.bin" in str(info.value) and problem in str(info.value)
-
-
 def test_shard_writer_splits_documents_across_shards(tmp_path):
     writer = bs.ShardWriter(tmp_path, "train", shard_tokens=4)
     for doc in ([1, 10, 11], [1, 12, 13, 14], [1, 15]):

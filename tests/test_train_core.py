@@ -74,8 +74,8 @@ def test_shard_round_trip(tmp_path):
 
 @pytest.mark.parametrize("kind,needle", [
     ("magic", "bad magic 123"), ("version", "unsupported shard version 2"),
-    ("truncated", "header promises 10 tokens"), ("short", "shorter than the 1024-byte shard header"),
-    ("missing", "no such shard file"),
+    ("truncated", "header promises 10 tokens"), ("extra", "header promises 2 tokens (1028 bytes)"),
+    ("short", "shorter than the 1024-byte shard header"), ("missing", "no such shard file"),
 ])
 def test_corrupt_shards_fail_naming_file_and_problem(tmp_path, kind, needle):
     path = tmp_path / "fineweb_train_000000.bin"
@@ -85,6 +85,8 @@ def test_corrupt_shards_fail_naming_file_and_problem(tmp_path, kind, needle):
         write_shard(path, [1, 2], version=2)
     elif kind == "truncated":
         write_shard(path, [1, 2, 3], count=10)
+    elif kind == "extra":
+        write_shard(path, [1, 2, 3], count=2)
     elif kind == "short":
         path.write_bytes(b"\0" * 100)
     with pytest.raises(tg.DataError) as err:
