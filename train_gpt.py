@@ -1199,23 +1199,19 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
     return rank, world, local, device
 
 
-def build_model(h, device: torch.device) -> GPT:
-    return GPT(h).to(device)
-
-
 def use_compile(h, device: torch.device) -> bool:
     return h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
 
 
 class Trainer:
-    """One training run: data, model, optimizers, the timed loop, and the export at the end."""
+    """One training run: data, model, optimizers, compile warm-up and the timed loop."""
 
     def __init__(self, h, rank: int, world: int, device: torch.device, log):
         self.h, self.rank, self.world, self.device, self.log = h, rank, world, device, log
         self.accum = grad_accum_steps(h, world)
         self.loader = TrainLoader(shard_files(h.data_path, "train"), rank, world, h.train_seq_len,
                                   h.micro_batch_tokens, self.accum, device)
-        self.model = build_model(h, device)
+        self.model = GPT(h).to(device)
         self.compiled = torch.compile(self.model, fullgraph=True, dynamic=False) if use_compile(h, device) else self.model
         self.ddp = DDP(self.compiled, device_ids=[device.index] if device.type == "cuda" else None,
                        broadcast_buffers=False) if world > 1 else self.compiled
@@ -1350,7 +1346,7 @@ def load_artifact_model(path: str, device: torch.device, **overrides) -> tuple[G
     """Rebuild the model from an artifact alone (its stored knobs) and load the dequantized weights."""
     config, state = read_artifact(path)
     h = load_config({}, **config, **overrides)
-    model = build_model(h, device)
+    model = GPT(h).to(device)
     missing = set(artifact_state(model)) - set(state)
     if missing:
         raise ArtifactError(f"{path}: artifact lacks tensors {sorted(missing)[:3]}")
