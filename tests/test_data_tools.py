@@ -8,6 +8,7 @@ import gzip
 import json
 import lzma
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -255,11 +256,142 @@ def test_reused_tokenizer_with_other_bos_id_fails_clearly(tmp_path, docs):
         bs.load_tokenizer(Path(f"{prefix}.model"), VOCAB)
 
 
-def test_refuses_vocab_beyond_uint16_and_existing_shards(tmp_path, jsonl_build):
-    with pytest.raises(bs.DataError, match="uint16"):
-        bs.build([tmp_path / "unused.txt"], tmp_path, val_docs=1, vocab_size=65536)
-    with pytest.raises(bs.DataError, match="--overwrite"):
-        bs.build([tmp_path / "unused.txt"], jsonl_build[0], val_docs=1)
+def test_vocab_limit_is_the_trainers_rule(tmp_path, jsonl_build):
+    # The trainer accepts VOCAB_SIZE <= 65536 (uint16 ids 0..65535): the data tools use the same limit.
+    assert bs.MAX_VOCAB_SIZE == 65536
+    with pytest.raises(bs.DataError, match="between 1 and 65536.*uint16"):
+        bs.build([tmp_path / "unused.txt"], tmp_path / "out", val_docs=1, vocab_size=65537)
+    with pytest.raises(bs.DataError, match="input file not found"):  # 65536 itself passes the vocab check
+        bs.build([tmp_path / "unused.txt"], tmp_path / "out", val_docs=1, vocab_size=65536)
+    bs.write_shard(tmp_path / "top.bin", [65535])
+    with pytest.raises(bs.DataError, match=r"0\.\.65535"):
+        bs.write_shard(tmp_path / "over.bin", [65536])
+
+
+def test_refuses_existing_shards_tokenizer_or_manifest_without_overwrite(tmp_path, jsonl_build, docs):
+    source = tmp_path / "docs.txt"
+    source.write_text("\n\n".join(docs), encoding="utf-8")
+    with pytest.raises(bs.DataError, match="already holds fineweb_train_000000.bin, ...; pass --overwrite"):
+        bs.build([source], jsonl_build[0], val_docs=1)
+    own_tokenizer = tmp_path / "keep" / "tokenizer.model"
+    own_tokenizer.parent.mkdir()
+    own_tokenizer.write_bytes(b"a user's file")
+    with pytest.raises(bs.DataError, match="keep already holds tokenizer.model; pass --overwrite"):
+        bs.build([source], own_tokenizer.parent, val_docs=VAL_DOCS, vocab_size=VOCAB)
+    assert own_tokenizer.read_bytes() == b"a user's file"
+    assert sorted(p.name for p in own_tokenizer.parent.iterdir()) == ["tokenizer.model"]
+
+
+# ---------------------------------------------------------------------------- bad inputs and clean failure
+
+
+def cli_error(argv: list[str]) -> str:
+    """The one-line message ``build_shards.main`` exits with (non-zero: sys.exit with a string)."""
+    with pytest.raises(SystemExit) as info:
+        bs.main(argv)
+    message = info.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def write_bad_input(path: Path, kind: str) -> None:
+    if kind == "binary":
+        path.write_bytes(bytes(range(128, 256)) * 4)  # not UTF-8
+    elif kind == "nul":
+        path.write_bytes(b"PK\x03\x04" + b"\x00" * 64)  # valid UTF-8, but binary
+    elif kind == "corrupt_xz":
+        path.write_bytes(b"\xfd7zXZ\x00\x00 not really xz")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "blank":
+        path.write_text("  \n\n\t\n", encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "kind, name, expected",
+    [
+        ("missing", "gone.txt", "gone.txt: input file not found"),
+        ("binary", "blob.txt", "blob.txt: not readable as UTF-8 text (UnicodeDecodeError): binary input?"),
+        ("binary", "blob.jsonl", "blob.jsonl: not readable as UTF-8 jsonl (UnicodeDecodeError): binary input?"),
+        ("nul", "archive.txt", "archive.txt:1: NUL byte: binary input, not text"),
+        ("corrupt_xz", "docs.jsonl.xz", "docs.jsonl.xz: not readable as UTF-8 jsonl (LZMAError): binary input?"),
+        ("empty", "empty.txt", "empty.txt: no documents (the input is empty or whitespace only)"),
+        ("blank", "blank.jsonl", "blank.jsonl: no documents (the input is empty or whitespace only)"),
+    ],
+)
+def test_bad_input_gives_one_line_naming_it_and_creates_nothing(tmp_path, docs, kind, name, expected):
+    good = tmp_path / "good.txt"
+    good.write_text("\n\n".join(docs), encoding="utf-8")
+    bad = tmp_path / name
+    write_bad_input(bad, kind)
+    out = tmp_path / "new" / "out"
+    message = cli_error([str(good), str(bad), "--out", str(out), "--val-docs", "2", "--vocab-size", str(VOCAB)])
+    assert message == f"error: {bad}{expected.removeprefix(name)}"
+    assert not (tmp_path / "new").exists()
+
+
+def test_vocab_too_large_for_the_text_names_the_input_and_leaves_no_folder(tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("\n\n".join(f"a short note {i}" for i in range(10)), encoding="utf-8")
+    out = tmp_path / "new" / "deeper" / "out"
+    message = cli_error([str(small), "--out", str(out), "--val-docs", "2", "--vocab-size", "1024"])
+    assert message.startswith(f"error: {small}: --vocab-size 1024 is too large for this training text")
+    assert re.search(r"at most \d+ pieces", message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.txt"]  # new/deeper/out all removed
+
+
+def test_cli_failure_exits_nonzero_with_one_stderr_line(tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("tiny\n\nnotes\n\nhere", encoding="utf-8")
+    command = [sys.executable, str(DATA_DIR / "build_shards.py"), str(small), "--out", str(tmp_path / "out"),
+               "--val-docs", "1", "--vocab-size", "4000"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: {small}: --vocab-size 4000 is too large")
+    assert not (tmp_path / "out").exists()
+
+
+def test_failure_midway_keeps_pre_existing_files_and_removes_only_its_own(tmp_path, jsonl_build, docs, monkeypatch):
+    source = tmp_path / "docs.txt"
+    source.write_text("\n\n".join(docs), encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    real_write_split = bs.write_split
+
+    def interrupted(sp, split_docs, folder, split, shard_tokens):
+        real_write_split(sp, split_docs, folder, split, shard_tokens)  # some shards exist when it stops
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bs, "write_split", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bs.build([source], out, val_docs=VAL_DOCS, tokenizer=jsonl_build[0] / "tokenizer.model", vocab_size=VOCAB)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # the staging folder is gone, the user's file kept
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
+
+
+def test_failed_overwrite_leaves_the_previous_build_intact(tmp_path, jsonl_build):
+    out = jsonl_build[0]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    small = tmp_path / "small.txt"
+    small.write_text("\n\n".join(f"note {i}" for i in range(10)), encoding="utf-8")
+    cli_error([str(small), "--out", str(out), "--val-docs", "2", "--vocab-size", "1024", "--overwrite"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_overwrite_replaces_every_shard_of_the_previous_build(tmp_path, jsonl_build, docs):
+    source = tmp_path / "docs.txt"
+    source.write_text("\n\n".join(docs), encoding="utf-8")
+    model = jsonl_build[0] / "tokenizer.model"
+    out = tmp_path / "out"
+    kwargs = dict(val_docs=VAL_DOCS, vocab_size=VOCAB, seed=SEED, tokenizer=model)
+    first = bs.build([source], out, shard_tokens=500, **kwargs)
+    assert len(first["splits"]["train"]["shards"]) > 2
+    second = bs.build([source], out, shard_tokens=SHARD_TOKENS * 10, overwrite=True, **kwargs)
+    assert [s["file"] for s in second["splits"]["train"]["shards"]] == ["fineweb_train_000000.bin"]
+    assert [p.name for p in bs.existing_shards(out)] == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
 # ---------------------------------------------------------------------------- download script
@@ -283,8 +415,9 @@ FAKE_MANIFEST = {
 class FakeHub:
     """Stands in for huggingface_hub.hf_hub_download: writes plausible files, records calls."""
 
-    def __init__(self, manifest):
-        self.manifest = manifest
+    def __init__(self, manifest, community_manifest=None):
+        self.manifests = {ccf.OFFICIAL_REPO_ID: manifest}
+        self.community_manifest = community_manifest or manifest  # served by every other repository
         self.calls = []
 
     def __call__(self, repo_id, filename, *, subfolder=None, repo_type=None, local_dir=None, **kwargs):
@@ -292,7 +425,8 @@ class FakeHub:
         path = Path(local_dir) / (subfolder or "") / filename
         path.parent.mkdir(parents=True, exist_ok=True)
         if filename == "manifest.json":
-            path.write_text(json.dumps(self.manifest), encoding="utf-8")
+            manifest = self.manifests.get(repo_id, self.community_manifest)
+            path.write_text(json.dumps(manifest), encoding="utf-8")
         elif filename.endswith(".bin"):
             bs.write_shard(path, np.arange(10))
         else:
@@ -312,6 +446,8 @@ def no_real_hub(monkeypatch):
         raise AssertionError("test tried to use the real huggingface_hub.hf_hub_download")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+    for name in (ccf.REPO_ENV, ccf.REMOTE_ROOT_ENV):  # the developer's shell must not steer the tests
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
@@ -342,9 +478,12 @@ def test_download_requests_exactly_the_needed_files(tmp_path, fake_hub, capsys):
         "datasets/fineweb10B_sp1024/fineweb_train_000001.bin",
         "datasets/fineweb10B_sp1024/fineweb_val_000000.bin",
         "datasets/manifest.json",
+        "datasets/manifest.source.json",
         "tokenizers/fineweb_1024_bpe.model",
         "tokenizers/fineweb_1024_bpe.vocab",
     ]
+    record = json.loads((tmp_path / "datasets/manifest.source.json").read_text(encoding="utf-8"))
+    assert record == {"repo_id": "willdepueoai/parameter-golf", "remote_root": "datasets"}
     assert "downloaded 6 file(s), skipped 0" in capsys.readouterr().out
 
 
@@ -363,7 +502,7 @@ def test_download_skips_present_files_and_refetches_broken_ones(tmp_path, fake_h
 
 
 def test_download_fails_clearly_for_missing_variant_or_too_many_shards(tmp_path, fake_hub):
-    with pytest.raises(ccf.DownloadError, match=r"'sp2048'.*not in datasets/manifest.json"):
+    with pytest.raises(ccf.DownloadError, match=r"'sp2048'.*not in datasets/manifest.json of willdepueoai.*--repo-id"):
         ccf.fetch_variant("sp2048", 1, tmp_path)
     with pytest.raises(ccf.DownloadError, match="has 5 train shards.*6 requested"):
         ccf.fetch_variant("sp1024", 6, tmp_path)
@@ -385,6 +524,160 @@ def test_download_tolerates_sparse_manifest(tmp_path, monkeypatch):
         "fineweb_1024_bpe.model",
         "fineweb_1024_bpe.vocab",
     ]
+
+
+COMMUNITY_MANIFEST = {
+    "datasets": [
+        {"name": "fineweb10B_sp8192", "tokenizer_name": "sp_bpe_8192", "stats": {"files_train": 128, "files_val": 1}},
+        {"name": "fineweb10B_sp4096", "tokenizer_name": "sp_bpe_4096", "stats": {"files_train": 100, "files_val": 1}},
+    ],
+    "tokenizers": [
+        {
+            "name": "sp_bpe_8192",
+            "model_path": "tokenizers/fineweb_8192_bpe.model",
+            "vocab_path": "tokenizers/fineweb_8192_bpe.vocab",
+        }
+    ],
+}
+COMMUNITY = "kevclark/parameter-golf"
+
+
+@pytest.fixture
+def two_repo_hub(monkeypatch):
+    import huggingface_hub
+
+    hub = FakeHub(FAKE_MANIFEST, COMMUNITY_MANIFEST)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    return hub
+
+
+def local_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_sp8192_comes_from_the_named_repository_in_the_records_layout(tmp_path, two_repo_hub, monkeypatch):
+    monkeypatch.setenv("MATCHED_FINEWEB_REPO_ID", COMMUNITY)  # what competitors type
+    ccf.main(["--variant", "sp8192", "--train-shards", "2", "--out", str(tmp_path)])
+    assert {c["repo_id"] for c in two_repo_hub.calls} == {COMMUNITY}
+    folder = "datasets/datasets/fineweb10B_sp8192"
+    assert two_repo_hub.requested() == [
+        ("datasets", "manifest.json"),
+        (folder, "fineweb_val_000000.bin"),
+        (folder, "fineweb_train_000000.bin"),
+        (folder, "fineweb_train_000001.bin"),
+        ("datasets/tokenizers", "fineweb_8192_bpe.model"),
+        ("datasets/tokenizers", "fineweb_8192_bpe.vocab"),
+    ]
+    # the paths the sp8192 records read: data/datasets/fineweb10B_sp8192, data/tokenizers/fineweb_8192_bpe.model
+    assert local_files(tmp_path) == [
+        "datasets/fineweb10B_sp8192/fineweb_train_000000.bin",
+        "datasets/fineweb10B_sp8192/fineweb_train_000001.bin",
+        "datasets/fineweb10B_sp8192/fineweb_val_000000.bin",
+        "datasets/manifest.json",
+        "datasets/manifest.source.json",
+        "tokenizers/fineweb_8192_bpe.model",
+        "tokenizers/fineweb_8192_bpe.vocab",
+    ]
+
+
+def test_repository_precedence_flag_then_env_then_default():
+    env = {"MATCHED_FINEWEB_REPO_ID": "env/repo"}
+    assert ccf.resolve_source("sp8192", "flag/repo", None, env).repo_id == "flag/repo"
+    assert ccf.resolve_source("sp8192", None, None, env).repo_id == "env/repo"
+    assert ccf.resolve_source("sp1024", None, None, {}).repo_id == "willdepueoai/parameter-golf"
+    assert ccf.resolve_source("sp1024", None, None, {"MATCHED_FINEWEB_REPO_ID": ""}).repo_id == ccf.OFFICIAL_REPO_ID
+    assert ccf.resolve_source("sp1024", None, None, env).repo_id == "env/repo"
+    roots = {"MATCHED_FINEWEB_REMOTE_ROOT_PREFIX": "env_root/"}
+    assert ccf.resolve_source("sp1024", None, None, roots).remote_root == "env_root"
+    assert ccf.resolve_source("sp1024", None, "flag_root", roots).remote_root == "flag_root"
+    with pytest.raises(ccf.DownloadError, match="not a variant name"):
+        ccf.resolve_source("../sp1024", None, None, {})
+
+
+@pytest.mark.parametrize("variant", ["sp4096", "sp8192"])
+def test_community_variant_without_a_repository_says_what_to_set(tmp_path, fake_hub, variant):
+    with pytest.raises(SystemExit) as info:
+        ccf.main(["--variant", variant, "--out", str(tmp_path)])
+    message = str(info.value.code)
+    assert message.startswith(f"error: {variant} is not in the official export willdepueoai/parameter-golf")
+    assert "--repo-id kevclark/parameter-golf" in message and "MATCHED_FINEWEB_REPO_ID=kevclark" in message
+    assert "\n" not in message and fake_hub.calls == [] and not any(tmp_path.iterdir())
+
+
+def test_repo_flag_wins_over_env_in_the_cli(tmp_path, two_repo_hub, monkeypatch):
+    monkeypatch.setenv("MATCHED_FINEWEB_REPO_ID", "someone/else")
+    ccf.main(["--variant", "sp8192", "--repo-id", COMMUNITY, "--train-shards", "0", "--out", str(tmp_path)])
+    assert {c["repo_id"] for c in two_repo_hub.calls} == {COMMUNITY}
+
+
+def test_skip_manifest_without_local_manifest_uses_the_known_layout(tmp_path, two_repo_hub, capsys):
+    ccf.main(["--variant", "sp4096", "--repo-id", COMMUNITY, "--skip-manifest", "--train-shards", "1",
+              "--out", str(tmp_path)])  # fmt: skip
+    assert two_repo_hub.requested() == [
+        ("datasets/datasets/fineweb10B_sp4096", "fineweb_val_000000.bin"),
+        ("datasets/datasets/fineweb10B_sp4096", "fineweb_train_000000.bin"),
+        ("datasets/tokenizers", "fineweb_4096_bpe.model"),
+        ("datasets/tokenizers", "fineweb_4096_bpe.vocab"),
+    ]
+    assert not (tmp_path / "datasets/manifest.json").exists()
+    assert "assuming 1 val shard" in capsys.readouterr().err
+
+
+def test_skip_manifest_reuses_a_local_manifest_of_the_same_repository(tmp_path, two_repo_hub):
+    source = ccf.Source(COMMUNITY, "datasets")
+    ccf.fetch_variant("sp8192", 0, tmp_path, source)
+    two_repo_hub.calls.clear()
+    with pytest.raises(ccf.DownloadError, match="has 128 train shards.*129 requested"):  # counts from the local copy
+        ccf.fetch_variant("sp8192", 129, tmp_path, source, skip_manifest=True)
+    ccf.fetch_variant("sp8192", 1, tmp_path, source, skip_manifest=True)
+    assert "manifest.json" not in [name for _, name in two_repo_hub.requested()]
+    assert (tmp_path / "datasets/fineweb10B_sp8192/fineweb_train_000000.bin").is_file()
+
+
+def test_skip_manifest_refuses_a_manifest_from_another_repository(tmp_path, two_repo_hub):
+    ccf.main(["--variant", "sp1024", "--train-shards", "0", "--out", str(tmp_path)])  # official manifest
+    two_repo_hub.calls.clear()
+    with pytest.raises(SystemExit) as info:
+        ccf.main(["--variant", "sp8192", "--repo-id", COMMUNITY, "--skip-manifest", "--out", str(tmp_path)])
+    message = str(info.value.code)
+    assert "manifest.json came from willdepueoai/parameter-golf, not kevclark/parameter-golf" in message
+    assert "without --skip-manifest" in message and two_repo_hub.calls == []
+    (tmp_path / "datasets/manifest.source.json").unlink()  # a manifest of unknown origin is not trusted either
+    with pytest.raises(ccf.DownloadError, match="came from an unrecorded repository"):
+        ccf.fetch_variant("sp1024", 0, tmp_path, ccf.Source(ccf.OFFICIAL_REPO_ID, "datasets"), skip_manifest=True)
+
+
+def test_stale_manifest_from_another_repository_is_fetched_again(tmp_path, two_repo_hub, capsys):
+    ccf.main(["--variant", "sp1024", "--train-shards", "0", "--out", str(tmp_path)])
+    two_repo_hub.calls.clear()
+    ccf.main(["--variant", "sp8192", "--repo-id", COMMUNITY, "--train-shards", "1", "--out", str(tmp_path)])
+    assert two_repo_hub.requested()[0] == ("datasets", "manifest.json")
+    assert two_repo_hub.calls[0]["repo_id"] == COMMUNITY
+    assert "is not from kevclark/parameter-golf/datasets: fetching it again" in capsys.readouterr().err
+    manifest = json.loads((tmp_path / "datasets/manifest.json").read_text(encoding="utf-8"))
+    assert manifest == COMMUNITY_MANIFEST
+    record = json.loads((tmp_path / "datasets/manifest.source.json").read_text(encoding="utf-8"))
+    assert record["repo_id"] == COMMUNITY
+    two_repo_hub.calls.clear()
+    ccf.main(["--variant", "sp8192", "--repo-id", COMMUNITY, "--train-shards", "1", "--out", str(tmp_path)])
+    assert two_repo_hub.calls == []  # same repository: everything present is skipped
+
+
+def test_hub_failure_is_one_line_naming_repository_and_file(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def missing(repo_id, filename, **kwargs):
+        raise FileNotFoundError(f"404 Client Error\nEntry Not Found for url: .../{filename}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", missing)
+    with pytest.raises(SystemExit) as info:
+        ccf.main(["--variant", "sp8192", "--repo-id", "a/b", "--skip-manifest", "--out", str(tmp_path)])
+    message = str(info.value.code)
+    assert message == (
+        "error: a/b: cannot download datasets/datasets/fineweb10B_sp8192/fineweb_val_000000.bin "
+        "(FileNotFoundError: 404 Client Error)"
+    )
+    assert not (tmp_path / ccf.STAGING_DIR_NAME).exists()
 
 
 def test_importing_download_module_does_not_import_the_hub():
