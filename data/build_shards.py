@@ -491,7 +491,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="max tokens per shard")
     parser.add_argument("--format", choices=["auto", "jsonl", "text"], default="auto", dest="fmt")
     parser.add_argument("--text-field", default="text", help="JSON field holding the document text")
-    parser.add_argument("--overwrite", action="store_true", help="replace shards, tokenizer and manifest already in --out")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace shards, tokenizer and manifest already in --out"
+    )
     return parser.parse_args(argv)
 
 

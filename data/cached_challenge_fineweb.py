@@ -222,7 +222,8 @@ def download(remote: RemoteFile, staging_dir: Path, source: Source) -> None:
     except Exception as exc:  # the hub raises many types (HTTP, missing entry, offline): one line for all
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise DownloadError(
-            f"{source.repo_id}: cannot download {remote.subfolder}/{remote.filename} ({type(exc).__name__}: {first_line})"
+            f"{source.repo_id}: cannot download {remote.subfolder}/{remote.filename} "
+            f"({type(exc).__name__}: {first_line})"
         ) from exc
     remote.local_path.parent.mkdir(parents=True, exist_ok=True)
     os.replace(fetched, remote.local_path)
@@ -242,7 +243,8 @@ class Fetcher:
             self.skipped.append(remote.local_path)
             print(f"skip {remote.local_path} (present)", file=sys.stderr)
             return
-        print(f"download {self.source.repo_id}:{remote.subfolder}/{remote.filename} -> {remote.local_path}", file=sys.stderr)
+        remote_name = f"{self.source.repo_id}:{remote.subfolder}/{remote.filename}"
+        print(f"download {remote_name} -> {remote.local_path}", file=sys.stderr)
         download(remote, self.staging_dir, self.source)
         if not is_complete(remote.local_path):
             raise DownloadError(f"{remote.local_path}: downloaded file is empty or its size does not match its header")
@@ -290,7 +292,8 @@ def load_manifest(fetcher: Fetcher, out_dir: Path, skip_manifest: bool) -> objec
         )
     if not skip_manifest:
         if present and not same_source:
-            print(f"{manifest_path} is not from {source.repo_id}/{source.remote_root}: fetching it again", file=sys.stderr)
+            note = f"{manifest_path} is not from {source.repo_id}/{source.remote_root}: fetching it again"
+            print(note, file=sys.stderr)
         fetcher.fetch(RemoteFile(source.remote_root, "manifest.json", manifest_path), force=not same_source)
         record_path.write_text(json.dumps(source.as_record()) + "\n", encoding="utf-8")
     return json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -305,7 +308,8 @@ def fetch_variant(
     try:
         manifest = load_manifest(fetcher, out_dir, skip_manifest)
         if manifest is None:
-            print("no local manifest (--skip-manifest): assuming 1 val shard and the standard names", file=sys.stderr)
+            note = "no usable local manifest (--skip-manifest): assuming 1 val shard and the standard names"
+            print(note, file=sys.stderr)
             plan = plan_without_manifest(variant)
         else:
             plan = plan_variant(manifest, variant, source)
@@ -332,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         source = resolve_source(args.variant, args.repo_id, args.remote_root)
         fetcher = fetch_variant(args.variant, args.train_shards, args.out, source, args.skip_manifest)
-    except DownloadError as exc:
+    except (DownloadError, OSError) as exc:  # OSError: disk full, permissions; its text names the path
         sys.exit(f"error: {exc}")
     print(f"downloaded {len(fetcher.downloaded)} file(s), skipped {len(fetcher.skipped)} already present")
 
