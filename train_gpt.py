@@ -520,7 +520,6 @@ class MoEBase(nn.Module):
         self.router_init_std = router_init_std
         self.z_coef, self.aux_coef = h.router_z_coef, h.moe_aux_loss_coef
         self.register_buffer("stats", torch.zeros(E + 6), persistent=False)
-        self.record: list | None = None  # set to a list (eager only) to capture per-token routing
         self.reset_parameters()
 
     @torch.no_grad()
@@ -565,8 +564,6 @@ class SoftMoE(MoEBase):
         h = (h.unflatten(-1, (self.E, -1)) * (self.E * probs).to(h.dtype).unsqueeze(-1)).flatten(-2)
         out = F.linear(h, self.down.transpose(0, 1).flatten(1).to(h.dtype))
         flat_probs = probs.reshape(-1, self.E)
-        if self.record is not None:
-            self.record.append((flat_probs.detach(), flat_probs.argmax(-1, keepdim=True)))
         self.account(logits.reshape(-1, self.E), flat_probs, flat_probs.sum(0), aux)
         return out
 
@@ -610,8 +607,6 @@ class RoutedMoE(MoEBase):
         if self.shared is not None:
             out = out + self.shared(x, aux)
         probs = scores / scores.sum(-1, keepdim=True)
-        if self.record is not None:
-            self.record.append((probs.detach(), choice.detach()))
         self.account(logits, probs, counts, aux, switch_aux_loss(counts, probs, k), dropped)
         return out
 
@@ -1072,66 +1067,6 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def token_classes(sp: spm.SentencePieceProcessor, val_tokens: Tensor) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Kind of every token id (word start, continuation, digit, punctuation, byte, control) and
-    whether it is frequent (among the ids covering half of the validation tokens) or rare."""
-    names = ["word_start", "continuation", "digit", "punct", "byte", "control"]
-    kind = np.zeros(sp.vocab_size(), np.int64)
-    for i in range(sp.vocab_size()):
-        piece = sp.id_to_piece(i)
-        bare = piece.removeprefix("\u2581")
-        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
-            kind[i] = 5
-        elif sp.is_byte(i):
-            kind[i] = 4
-        elif bare.isdigit():
-            kind[i] = 2
-        elif not any(ch.isalnum() for ch in bare):
-            kind[i] = 3
-        else:
-            kind[i] = 0 if piece.startswith("\u2581") else 1
-    counts = np.bincount(val_tokens.numpy(), minlength=sp.vocab_size())
-    by_count = np.argsort(-counts, kind="stable")
-    frequent = np.zeros(sp.vocab_size(), np.bool_)
-    frequent[by_count[:int(np.searchsorted(np.cumsum(counts[by_count]), counts.sum() / 2)) + 1]] = True
-    return names, kind, frequent
-
-
-@torch.no_grad()
-def record_routing(model: nn.Module, x: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """Runs the model eagerly on x and returns (probs, chosen experts) per MoE layer, per token."""
-    layers = [m for _, m in moe_layers(model)]
-    for m in layers:
-        m.record = []
-    model.eval()
-    try:
-        with autocast(x.device):
-            model.logits(x)
-        return [(m.record[0][0].float().cpu(), m.record[0][1].cpu()) for m in layers]
-    finally:
-        for m in layers:
-            m.record = None
-
-
-def routing_report(model, quant_model, x: Tensor, sp, val_tokens: Tensor) -> dict:
-    """Routing statistics of one validation batch, per layer, expert and token class (JSON-ready)."""
-    names, kind, frequent = token_classes(sp, val_tokens)
-    ids = x.reshape(-1).cpu().numpy()
-    classes = {n: kind[ids] == j for j, n in enumerate(names)}
-    classes.update(frequent=frequent[ids], rare=~frequent[ids])
-    report = dict(tokens=int(ids.size), classes={n: int(m.sum()) for n, m in classes.items()}, layers=[])
-    quant = record_routing(quant_model, x) if quant_model is not None else None
-    for j, ((layer, m), (probs, choice)) in enumerate(zip(moe_layers(model), record_routing(model, x))):
-        share = probs if isinstance(m, SoftMoE) else F.one_hot(choice, m.E).float().mean(1)
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1) / max(math.log(m.E), 1e-12)
-        load = share.mean(0)
-        report["layers"].append(dict(
-            layer=layer, load=load.tolist(), entropy=entropy.mean().item(),
-            dead=int((load < DEAD_LOAD_SHARE / m.E).sum()),
-            class_load={n: share[torch.from_numpy(mask)].mean(0).tolist() for n, mask in classes.items() if mask.any()},
-            quant_top1_agreement=None if quant is None else (quant[j][1][:, 0] == choice[:, 0]).float().mean().item()))
-    return report
-
 # ----------------------------------------------------------------------------------------------
 # 8. Training loop
 # ----------------------------------------------------------------------------------------------
@@ -1400,18 +1335,6 @@ def final_evaluation(qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: i
             f"seq_len:{h.eval_seq_len} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms{note}")
 
 
-def write_routing_report(model: GPT, qmodel: GPT, h, sp, val_tokens: Tensor, device, log) -> None:
-    seq_len = min(h.eval_seq_len, val_tokens.numel())
-    n_seqs = max(1, min(h.eval_batch_seqs, val_tokens.numel() // seq_len))
-    x = val_tokens[:n_seqs * seq_len].long().view(n_seqs, seq_len).to(device)
-    report = routing_report(model, qmodel, x, sp, val_tokens)
-    report.update(run_id=h.run_id, moe_mode=h.moe_mode, num_experts=h.num_experts, top_k=h.top_k)
-    path = os.path.join(h.log_dir, f"{h.run_id}_routing.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
-    log(f"routing statistics: {path}")
-
-
 def main() -> None:
     h = load_config()
     rank, world, _, device = setup_distributed()
@@ -1457,8 +1380,6 @@ def main() -> None:
     qmodel, _ = load_artifact_model(path, device)
     qmodel.eval()
     final_evaluation(qmodel, h, val_tokens, tables, device, rank, world, log, note)
-    if rank == 0 and moe_layers(model):
-        write_routing_report(model, qmodel, h, sp, val_tokens, device, log)
     if world > 1:
         dist.destroy_process_group()
 

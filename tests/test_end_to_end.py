@@ -36,10 +36,7 @@ def test_short_run_lowers_loss_and_writes_everything(moe_run):
     assert (tmp / "logs" / "test_model.ptz").stat().st_size == int(re.search(r"Serialized model quant\+zstd: (\d+)", log)[1])
     assert re.search(r"size_check total:\d+ cap:16000000 slack:\d+ OK", log)
     assert re.search(r"^moe layer:1 load:[\d.,]+ max_mean:", log, re.M)
-    routing = json.loads((tmp / "logs" / "test_routing.json").read_text())
-    assert [layer["layer"] for layer in routing["layers"]] == [0, 1]
-    assert sum(routing["layers"][0]["load"]) == pytest.approx(1.0)
-    assert 0 <= routing["layers"][0]["quant_top1_agreement"] <= 1
+    assert not (tmp / "logs" / "test_routing.json").exists()  # routing analysis is tools/routing_analysis.py
 
 
 def test_existing_run_id_is_never_overwritten(moe_run):
