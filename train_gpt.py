@@ -2,8 +2,9 @@
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py      # knobs are environment variables
 
-Sections, top to bottom: hyperparameters, data, model, MoE, optimizer, quantization and artifact,
-evaluation, training loop, main(). Importing this file does no work, so tools and tests reuse it.
+Sections, top to bottom, in the order data flows: hyperparameters, data, model parts, MoE, the
+network, optimizer, quantization and artifact, evaluation, runtime (processes, log, FLOPs),
+training loop, main(). Importing this file does no work, so tools and tests reuse it.
 """
 from __future__ import annotations
 
@@ -323,7 +324,7 @@ def target_bytes(prev: Tensor, tgt: Tensor, tables: tuple[Tensor, Tensor, Tensor
     return base[tgt].to(torch.int32) + (space[tgt] & ~control[prev]).to(torch.int32)
 
 # ----------------------------------------------------------------------------------------------
-# 3. Model: GQA attention with QK-norm and partial RoPE, U-Net skips, BigramHash, SmearGate
+# 3. Model parts: GQA attention with QK-norm and partial RoPE, MLP, BigramHash, SmearGate
 # ----------------------------------------------------------------------------------------------
 
 
@@ -419,73 +420,6 @@ class SmearGate(nn.Module):
         g = torch.sigmoid(self.gate).to(x.dtype) * mixes.unsqueeze(-1).to(x.dtype)
         return x + g * (prev - x)
 
-
-class Block(nn.Module):
-    def __init__(self, h, layer: int):
-        super().__init__()
-        self.attn = Attention(h)
-        self.mlp = make_mlp(h, layer)
-        self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
-        self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
-        self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
-
-    def forward(self, x: Tensor, x0: Tensor, aux: list) -> Tensor:
-        mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x), aux)
-
-
-class GPT(nn.Module):
-    def __init__(self, h):
-        super().__init__()
-        self.softcap, self.vocab_size = h.logit_softcap, h.vocab_size
-        self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
-        self.bigram = BigramHash(h.bigram_buckets, h.bigram_dim, h.model_dim) if h.bigram_buckets > 0 else None
-        self.smear = SmearGate(h.model_dim) if h.smear_gate else None
-        self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
-        self.n_encoder = h.num_layers // 2
-        self.skip_weights = nn.Parameter(torch.ones(h.num_layers - self.n_encoder, h.model_dim))
-        self.lm_head = None if h.tie_embeddings else zero_init(nn.Linear(h.model_dim, h.vocab_size, bias=False))
-        self.reset_parameters(h.tied_embed_init_std)
-
-    @torch.no_grad()
-    def reset_parameters(self, embed_std: float) -> None:
-        nn.init.normal_(self.tok_emb.weight, std=embed_std)
-        if self.bigram is not None:
-            nn.init.normal_(self.bigram.table.weight, std=0.02)
-        for module in self.modules():
-            if isinstance(module, MoEBase):
-                module.reset_parameters()
-            elif isinstance(module, nn.Linear):
-                nn.init.zeros_(module.weight) if getattr(module, "zero_init", False) else nn.init.orthogonal_(module.weight)
-
-    def hidden(self, idx: Tensor, aux: list) -> Tensor:
-        x = self.tok_emb(idx)
-        if self.bigram is not None:
-            x = x + self.bigram(idx)
-        x = rms_norm(x)
-        if self.smear is not None:
-            x = self.smear(x, idx)
-        x0, skips = x, []
-        for i, block in enumerate(self.blocks):
-            if i >= self.n_encoder and skips:  # U-Net: decoder layer j adds encoder output n_enc-1-j
-                x = x + self.skip_weights[i - self.n_encoder].to(x.dtype) * skips.pop()
-            x = block(x, x0, aux)
-            if i < self.n_encoder:
-                skips.append(x)
-        return rms_norm(x)
-
-    def logits(self, idx: Tensor, aux: list | None = None) -> Tensor:
-        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(self.hidden(idx, [] if aux is None else aux), weight).float()
-        return self.softcap * torch.tanh(logits / self.softcap)
-
-    def forward(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """Returns (loss to minimise = cross-entropy + auxiliary routing losses, cross-entropy)."""
-        aux: list[Tensor] = []
-        ce = F.cross_entropy(self.logits(idx, aux).view(-1, self.vocab_size), targets.reshape(-1))
-        return (ce + torch.stack(aux).sum() if aux else ce), ce.detach()
 
 # ----------------------------------------------------------------------------------------------
 # 4. Mixture of Experts: soft (every expert, softmax-blended), top-k and shared+routed
@@ -699,7 +633,79 @@ def routing_summary(model: nn.Module, stats: Tensor) -> list[dict]:
     return out
 
 # ----------------------------------------------------------------------------------------------
-# 5. Optimizer: Muon (orthogonalised momentum) for block matrices, Adam for the rest
+# 5. The network: blocks with an MLP or MoE, U-Net skips, the loss
+# ----------------------------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self, h, layer: int):
+        super().__init__()
+        self.attn = Attention(h)
+        self.mlp = make_mlp(h, layer)
+        self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
+
+    def forward(self, x: Tensor, x0: Tensor, aux: list) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x), aux)
+
+
+class GPT(nn.Module):
+    def __init__(self, h):
+        super().__init__()
+        self.softcap, self.vocab_size = h.logit_softcap, h.vocab_size
+        self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
+        self.bigram = BigramHash(h.bigram_buckets, h.bigram_dim, h.model_dim) if h.bigram_buckets > 0 else None
+        self.smear = SmearGate(h.model_dim) if h.smear_gate else None
+        self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
+        self.n_encoder = h.num_layers // 2
+        self.skip_weights = nn.Parameter(torch.ones(h.num_layers - self.n_encoder, h.model_dim))
+        self.lm_head = None if h.tie_embeddings else zero_init(nn.Linear(h.model_dim, h.vocab_size, bias=False))
+        self.reset_parameters(h.tied_embed_init_std)
+
+    @torch.no_grad()
+    def reset_parameters(self, embed_std: float) -> None:
+        nn.init.normal_(self.tok_emb.weight, std=embed_std)
+        if self.bigram is not None:
+            nn.init.normal_(self.bigram.table.weight, std=0.02)
+        for module in self.modules():
+            if isinstance(module, MoEBase):
+                module.reset_parameters()
+            elif isinstance(module, nn.Linear):
+                nn.init.zeros_(module.weight) if getattr(module, "zero_init", False) else nn.init.orthogonal_(module.weight)
+
+    def hidden(self, idx: Tensor, aux: list) -> Tensor:
+        x = self.tok_emb(idx)
+        if self.bigram is not None:
+            x = x + self.bigram(idx)
+        x = rms_norm(x)
+        if self.smear is not None:
+            x = self.smear(x, idx)
+        x0, skips = x, []
+        for i, block in enumerate(self.blocks):
+            if i >= self.n_encoder and skips:  # U-Net: decoder layer j adds encoder output n_enc-1-j
+                x = x + self.skip_weights[i - self.n_encoder].to(x.dtype) * skips.pop()
+            x = block(x, x0, aux)
+            if i < self.n_encoder:
+                skips.append(x)
+        return rms_norm(x)
+
+    def logits(self, idx: Tensor, aux: list | None = None) -> Tensor:
+        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(self.hidden(idx, [] if aux is None else aux), weight).float()
+        return self.softcap * torch.tanh(logits / self.softcap)
+
+    def forward(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns (loss to minimise = cross-entropy + auxiliary routing losses, cross-entropy)."""
+        aux: list[Tensor] = []
+        ce = F.cross_entropy(self.logits(idx, aux).view(-1, self.vocab_size), targets.reshape(-1))
+        return (ce + torch.stack(aux).sum() if aux else ce), ce.detach()
+
+# ----------------------------------------------------------------------------------------------
+# 6. Optimizer: Muon (orthogonalised momentum) for block matrices, Adam for the rest
 # ----------------------------------------------------------------------------------------------
 CONTROL_PATTERNS = ("resid_mix", "skip_weights", "q_gain", "attn_scale", "mlp_scale", "smear", "bigram.scale")
 ROUTER_PATTERNS = ("router", "gate")
@@ -810,7 +816,7 @@ class EMA:
             p.copy_(s.to(p.dtype))
 
 # ----------------------------------------------------------------------------------------------
-# 6. Quantization and the artifact: per-row intN with clip search, fp16 for control tensors, zstd
+# 7. Quantization and the artifact: per-row intN with clip search, fp16 for control tensors, zstd
 # ----------------------------------------------------------------------------------------------
 ARTIFACT_MAGIC, ARTIFACT_FORMAT, ARTIFACT_VERSION = b"PGMOE\x00", "pgolf-moe-artifact", 1
 CLIP_CANDIDATES = (1.0, 0.97, 0.94, 0.9, 0.86, 0.82, 0.78, 0.74)
@@ -1009,8 +1015,14 @@ def export_artifact(model: nn.Module, h, path: str, code_bytes: int, log) -> int
     return len(blob)
 
 # ----------------------------------------------------------------------------------------------
-# 7. Evaluation: exact val_loss / val_bpb, plain or sliding window, spread over ranks
+# 8. Evaluation: exact val_loss / val_bpb, plain or sliding window, spread over ranks
 # ----------------------------------------------------------------------------------------------
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def eval_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
@@ -1060,21 +1072,59 @@ def evaluate(logits_fn, tokens: Tensor, tables, seq_len: int, stride: int, batch
     val_loss = (sums[0] / sums[1]).item()
     return val_loss, (sums[0] / math.log(2) / sums[2]).item()
 
-
-def autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 # ----------------------------------------------------------------------------------------------
-# 8. Training loop
+# 9. Runtime: processes and devices, the log, FLOP counting
 # ----------------------------------------------------------------------------------------------
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per GPU
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+def setup_distributed() -> tuple[int, int, int, torch.device]:
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    elif "OMP_NUM_THREADS" not in os.environ:  # share the cores between local ranks
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return rank, world, local, device
+
+
+def use_compile(h, device: torch.device) -> bool:
+    return h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
+
+
+class Logger:
+    """Prints and appends to the run's log (rank 0 only); a run never writes into another run's log."""
+
+    def __init__(self, path: str | None):
+        self.file = None
+        if path:
+            if os.path.exists(path):
+                raise ConfigError(f"RUN_ID: {path} already exists; choose a new RUN_ID (runs never overwrite each other)")
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self.file = open(path, "x", encoding="utf-8")
+
+    def __call__(self, msg: str) -> None:
+        if self.file is not None:
+            print(msg, flush=True)
+            self.file.write(msg + "\n")
+            self.file.flush()
+
+
+def code_bytes() -> int:
+    return os.path.getsize(os.path.abspath(__file__))
+
+
+def sha256_file(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def matmul_params_per_token(model: nn.Module) -> int:
@@ -1101,41 +1151,9 @@ def peak_flops(device: torch.device) -> float | None:
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
-
-class Logger:
-    """Prints and appends to the run's log (rank 0 only); a run never writes into another run's log."""
-
-    def __init__(self, path: str | None):
-        self.file = None
-        if path:
-            if os.path.exists(path):
-                raise ConfigError(f"RUN_ID: {path} already exists; choose a new RUN_ID (runs never overwrite each other)")
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            self.file = open(path, "x", encoding="utf-8")
-
-    def __call__(self, msg: str) -> None:
-        if self.file is not None:
-            print(msg, flush=True)
-            self.file.write(msg + "\n")
-            self.file.flush()
-
-
-def setup_distributed() -> tuple[int, int, int, torch.device]:
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    elif "OMP_NUM_THREADS" not in os.environ:  # share the cores between local ranks
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    return rank, world, local, device
-
-
-def use_compile(h, device: torch.device) -> bool:
-    return h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
+# ----------------------------------------------------------------------------------------------
+# 10. Training loop: schedules, steps, compile warm-up, EMA, step lines
+# ----------------------------------------------------------------------------------------------
 
 
 class Trainer:
@@ -1264,17 +1282,8 @@ class Trainer:
             torch.cuda.synchronize()
 
 # ----------------------------------------------------------------------------------------------
-# 9. main(): train, export, read back, evaluate
+# 11. main(): train, export, read back, evaluate
 # ----------------------------------------------------------------------------------------------
-
-
-def code_bytes() -> int:
-    return os.path.getsize(os.path.abspath(__file__))
-
-
-def sha256_file(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def load_artifact_model(path: str, device: torch.device, **overrides) -> tuple[GPT, SimpleNamespace]:
