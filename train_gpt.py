@@ -20,6 +20,7 @@ import struct
 import sys
 import time
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import sentencepiece as spm
@@ -132,44 +133,44 @@ def load_config(environ=None, **overrides) -> SimpleNamespace:
 
 def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     """Check knob combinations and fill in the values other knobs imply."""
-    def need(cond: bool, msg: str):
+    def require(cond: bool, msg: str):
         if not cond:
             raise ConfigError(msg)
     for name in ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN",
                  "TRAIN_BATCH_TOKENS", "NUM_EXPERTS", "TOP_K", "EVAL_BATCH_SEQS", "ITERATIONS"):
-        need(getattr(h, name.lower()) > 0, f"{name}={getattr(h, name.lower())}: must be positive")
-    need(h.model_dim % h.num_heads == 0, f"MODEL_DIM={h.model_dim} is not divisible by NUM_HEADS={h.num_heads}")
-    need(h.num_heads % h.num_kv_heads == 0, f"NUM_HEADS={h.num_heads} is not divisible by NUM_KV_HEADS={h.num_kv_heads}")
+        require(getattr(h, name.lower()) > 0, f"{name}={getattr(h, name.lower())}: must be positive")
+    require(h.model_dim % h.num_heads == 0, f"MODEL_DIM={h.model_dim} is not divisible by NUM_HEADS={h.num_heads}")
+    require(h.num_heads % h.num_kv_heads == 0, f"NUM_HEADS={h.num_heads} is not divisible by NUM_KV_HEADS={h.num_kv_heads}")
     h.head_dim = h.model_dim // h.num_heads
     h.rope_dims = h.rope_dims or h.head_dim
-    need(h.rope_dims % 2 == 0 and h.rope_dims <= h.head_dim, f"ROPE_DIMS={h.rope_dims}: must be even and at most the head dim {h.head_dim}")
-    need(h.vocab_size <= 65536, f"VOCAB_SIZE={h.vocab_size}: shards hold uint16 token ids")
+    require(h.rope_dims % 2 == 0 and h.rope_dims <= h.head_dim, f"ROPE_DIMS={h.rope_dims}: must be even and at most the head dim {h.head_dim}")
+    require(h.vocab_size <= 65536, f"VOCAB_SIZE={h.vocab_size}: shards hold uint16 token ids")
     h.moe_mode = "topk" if h.moe_mode == "standard" else h.moe_mode
-    need(1 <= h.top_k <= h.num_experts, f"TOP_K={h.top_k}: must be between 1 and NUM_EXPERTS={h.num_experts}")
+    require(1 <= h.top_k <= h.num_experts, f"TOP_K={h.top_k}: must be between 1 and NUM_EXPERTS={h.num_experts}")
     for layer in h.moe_layers:
-        need(0 <= layer < h.num_layers, f"MOE_LAYERS: layer {layer} is outside 0..{h.num_layers - 1}")
+        require(0 <= layer < h.num_layers, f"MOE_LAYERS: layer {layer} is outside 0..{h.num_layers - 1}")
     h.moe_layer_ids = sorted(set(h.moe_layers)) if h.moe_layers else list(range(h.moe_start_layer, h.num_layers))
     if h.moe_mode == "none":
         h.moe_layer_ids = []
     h.mlp_hidden = int(h.mlp_mult * h.model_dim)
-    h.shared_hidden_eff = (h.shared_hidden or h.mlp_hidden // 2) if h.moe_mode == "shared_routed" else 0
-    free_hidden = h.mlp_hidden - h.shared_hidden_eff
+    h.shared_mlp_hidden = (h.shared_hidden or h.mlp_hidden // 2) if h.moe_mode == "shared_routed" else 0
+    free_hidden = h.mlp_hidden - h.shared_mlp_hidden
     if h.moe_mode != "none" and not h.expert_hidden:
-        need(free_hidden > 0 and free_hidden % h.num_experts == 0,
+        require(free_hidden > 0 and free_hidden % h.num_experts == 0,
              f"NUM_EXPERTS={h.num_experts}: the parameter-matched expert size {free_hidden}/{h.num_experts} is not whole; set EXPERT_HIDDEN")
-    h.expert_hidden_eff = h.expert_hidden or max(free_hidden // h.num_experts, 0)
-    need(h.capacity_factor > 0, f"CAPACITY_FACTOR={h.capacity_factor}: must be positive")
+    h.expert_mlp_hidden = h.expert_hidden or max(free_hidden // h.num_experts, 0)
+    require(h.capacity_factor > 0, f"CAPACITY_FACTOR={h.capacity_factor}: must be positive")
     for name in ("QUANT_BITS_MLP", "QUANT_BITS_ATTN", "QUANT_BITS_EMBED", "QUANT_BITS_BIGRAM"):
         bits = getattr(h, name.lower())
-        need(2 <= bits <= 8 or bits == 16, f"{name}={bits}: expected 2..8, or 16 to keep fp16")
-    need(0.0 <= h.prune_frac < 1.0, f"PRUNE_FRAC={h.prune_frac}: expected a fraction in [0, 1)")
-    need(0.0 <= h.warmdown_frac <= 1.0 and 0.0 <= h.lr_warmup_frac <= 1.0, "WARMDOWN_FRAC and LR_WARMUP_FRAC are fractions in [0, 1]")
-    need(h.ema_decay is None or 0.0 <= h.ema_decay < 1.0, f"EMA_DECAY={h.ema_decay}: expected a per-step decay in [0, 1)")
+        require(2 <= bits <= 8 or bits == 16, f"{name}={bits}: expected 2..8, or 16 to keep fp16")
+    require(0.0 <= h.prune_frac < 1.0, f"PRUNE_FRAC={h.prune_frac}: expected a fraction in [0, 1)")
+    require(0.0 <= h.warmdown_frac <= 1.0 and 0.0 <= h.lr_warmup_frac <= 1.0, "WARMDOWN_FRAC and LR_WARMUP_FRAC are fractions in [0, 1]")
+    require(h.ema_decay is None or 0.0 <= h.ema_decay < 1.0, f"EMA_DECAY={h.ema_decay}: expected a per-step decay in [0, 1)")
     h.micro_batch_tokens = h.micro_batch_tokens or h.train_batch_tokens // 8
-    need(h.micro_batch_tokens % h.train_seq_len == 0,
+    require(h.micro_batch_tokens % h.train_seq_len == 0,
          f"MICRO_BATCH_TOKENS={h.micro_batch_tokens} is not a multiple of TRAIN_SEQ_LEN={h.train_seq_len}")
     h.eval_seq_len = h.eval_seq_len or h.train_seq_len
-    need(0 <= h.eval_stride <= h.eval_seq_len, f"EVAL_STRIDE={h.eval_stride}: must be in 0..EVAL_SEQ_LEN={h.eval_seq_len}")
+    require(0 <= h.eval_stride <= h.eval_seq_len, f"EVAL_STRIDE={h.eval_stride}: must be in 0..EVAL_SEQ_LEN={h.eval_seq_len}")
     return h
 
 
@@ -384,7 +385,7 @@ class DenseMLP(nn.Module):
         self.fc = nn.Linear(dim, hidden, bias=False)
         self.proj = zero_init(nn.Linear(hidden, dim, bias=False))
 
-    def forward(self, x: Tensor, aux: list) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         return self.proj(mlp_act(self.fc(x), self.act))
 
 
@@ -396,9 +397,11 @@ class BigramHash(nn.Module):
         self.buckets = buckets
         self.table = nn.Embedding(buckets, bigram_dim)
         self.proj = zero_init(nn.Linear(bigram_dim, dim, bias=False))
+        # Starts as a small correction to the token embedding, so hash collisions cannot dominate early.
         self.scale = nn.Parameter(torch.tensor(0.05))
 
     def forward(self, idx: Tensor) -> Tensor:
+        # Two large odd multipliers (1,000,003 is prime) spread (previous, current) pairs over the buckets.
         pair = (idx[:, :-1] * 92821) ^ (idx[:, 1:] * 1_000_003)
         # The first position has no previous token: it gets the reserved last bucket.
         first = torch.full_like(idx[:, :1], self.buckets - 1)
@@ -424,8 +427,24 @@ class SmearGate(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # 4. Mixture of Experts: soft (every expert, softmax-blended), top-k and shared+routed
 # ----------------------------------------------------------------------------------------------
-# Per-layer telemetry buffer: [load per expert..., tokens, entropy sum, aux sum, z sum, dropped, calls]
-STAT_TOKENS, STAT_ENTROPY, STAT_AUX, STAT_Z, STAT_DROPPED, STAT_CALLS = range(6)
+
+
+class RoutingStats(NamedTuple):
+    """One MoE layer's telemetry since the last step line. Stored flat ([load..., tokens, ...]) in the
+    layer's `stats` buffer so that one all_reduce carries every layer; unpack() names the parts."""
+    load: Tensor  # tokens (routed: assignments) per expert
+    tokens: float
+    entropy: float  # summed over tokens, each as a fraction of ln E
+    aux: float  # Switch aux loss, summed over forward calls
+    z: float  # router z-loss, summed over forward calls
+    dropped: float  # assignments over capacity (MOE_DISPATCH=capacity)
+    calls: float
+
+    @classmethod
+    def unpack(cls, row: Tensor, num_experts: int) -> RoutingStats:
+        return cls(row[:num_experts], *row[num_experts:].tolist())
+
+
 DEAD_LOAD_SHARE = 0.1  # an expert is "dead" when its load is under 10% of the uniform share
 COLLAPSE_SHARE = 0.8  # warn when one expert takes more than this share of a layer's tokens
 ROUTED_INIT_STD = 0.02  # router init of routed modes: logits of std ~0.45 on RMS-normed inputs
@@ -447,13 +466,16 @@ class MoEBase(nn.Module):
 
     def __init__(self, h, dim: int, num_experts: int, expert_hidden: int, router_init_std: float):
         super().__init__()
-        E, self.E, self.act = num_experts, num_experts, h.mlp_act
-        self.router_weight = nn.Parameter(torch.empty(E, dim))
-        self.up = nn.Parameter(torch.empty(E, expert_hidden, dim))
-        self.down = nn.Parameter(torch.empty(E, dim, expert_hidden))
+        self.E = num_experts
+        self.act = h.mlp_act
+        self.router_weight = nn.Parameter(torch.empty(num_experts, dim))
+        self.up = nn.Parameter(torch.empty(num_experts, expert_hidden, dim))
+        self.down = nn.Parameter(torch.empty(num_experts, dim, expert_hidden))
         self.router_init_std = router_init_std
-        self.z_coef, self.aux_coef = h.router_z_coef, h.moe_aux_loss_coef
-        self.register_buffer("stats", torch.zeros(E + 6), persistent=False)
+        self.z_coef = h.router_z_coef
+        self.aux_coef = h.moe_aux_loss_coef
+        self.aux_terms: list[Tensor] = []  # this forward's weighted z- and aux losses; GPT.forward adds them
+        self.register_buffer("stats", torch.zeros(len(RoutingStats._fields) - 1 + num_experts), persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -468,20 +490,23 @@ class MoEBase(nn.Module):
     def router_logits(self, x: Tensor) -> Tensor:
         return F.linear(x, self.router_weight.to(x.dtype)).float()
 
-    def account(self, logits: Tensor, probs: Tensor, load: Tensor, aux: list, aux_loss=None, dropped=None):
-        """Adds the z-loss (and Switch aux loss) to `aux`; accumulates telemetry while training."""
+    def account(self, logits: Tensor, probs: Tensor, load: Tensor, aux_loss=None, dropped=None):
+        """Sets aux_terms (z-loss, Switch aux loss) and accumulates telemetry, while training only."""
+        self.aux_terms = []
         if not self.training:
             return
         z = torch.logsumexp(logits, dim=-1).square().mean()
         if self.z_coef:
-            aux.append(self.z_coef * z)
+            self.aux_terms.append(self.z_coef * z)
         if aux_loss is not None and self.aux_coef:
-            aux.append(self.aux_coef * aux_loss)
+            self.aux_terms.append(self.aux_coef * aux_loss)
         with torch.no_grad():
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).sum() / max(math.log(self.E), 1e-12)
             zero = torch.zeros((), device=z.device)
-            extra = torch.stack((zero + probs.size(0), entropy, zero if aux_loss is None else aux_loss.detach(),
-                                 z.detach(), zero if dropped is None else dropped.float(), zero + 1))
+            aux_value = zero if aux_loss is None else aux_loss.detach()
+            dropped_value = zero if dropped is None else dropped.float()
+            # In RoutingStats order: tokens, entropy, aux, z, dropped, calls.
+            extra = torch.stack((zero + probs.size(0), entropy, aux_value, z.detach(), dropped_value, zero + 1))
             self.stats.add_(torch.cat((load.float(), extra)))
 
 
@@ -491,14 +516,15 @@ class SoftMoE(MoEBase):
     One fused up and one fused down matmul; with a zero router (the init) or E = 1 it is the dense MLP.
     """
 
-    def forward(self, x: Tensor, aux: list) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         logits = self.router_logits(x)
         probs = torch.softmax(logits, dim=-1)
-        h = mlp_act(F.linear(x, self.up.flatten(0, 1).to(x.dtype)), self.act)
-        h = (h.unflatten(-1, (self.E, -1)) * (self.E * probs).to(h.dtype).unsqueeze(-1)).flatten(-2)
-        out = F.linear(h, self.down.transpose(0, 1).flatten(1).to(h.dtype))
+        hidden = mlp_act(F.linear(x, self.up.flatten(0, 1).to(x.dtype)), self.act)
+        expert_scale = (self.E * probs).to(hidden.dtype).unsqueeze(-1)
+        hidden = (hidden.unflatten(-1, (self.E, -1)) * expert_scale).flatten(-2)
+        out = F.linear(hidden, self.down.transpose(0, 1).flatten(1).to(hidden.dtype))
         flat_probs = probs.reshape(-1, self.E)
-        self.account(logits.reshape(-1, self.E), flat_probs, flat_probs.sum(0), aux)
+        self.account(logits.reshape(-1, self.E), flat_probs, flat_probs.sum(0))
         return out
 
 
@@ -511,37 +537,43 @@ class RoutedMoE(MoEBase):
     """
 
     def __init__(self, h, dim: int):
-        super().__init__(h, dim, h.num_experts, h.expert_hidden_eff, ROUTED_INIT_STD)
-        self.k, self.score, self.noise = h.top_k, h.router_score, h.router_noise
-        self.dispatch_mode, self.capacity_factor = h.moe_dispatch, h.capacity_factor
+        super().__init__(h, dim, h.num_experts, h.expert_mlp_hidden, ROUTED_INIT_STD)
+        self.k = h.top_k
+        self.score = h.router_score
+        self.noise = h.router_noise
+        self.dispatch_mode = h.moe_dispatch
+        self.capacity_factor = h.capacity_factor
+        # An untrained router scores ~1/E (softmax) or ~1/2 (sigmoid): this makes the k gates sum to ~1.
         self.gate_scale = (self.E if self.score == "softmax" else 2.0) / self.k
         self.register_buffer("router_bias", torch.zeros(self.E))
-        self.shared = DenseMLP(dim, h.shared_hidden_eff, h.mlp_act) if h.shared_hidden_eff else None
+        self.shared = DenseMLP(dim, h.shared_mlp_hidden, h.mlp_act) if h.shared_mlp_hidden else None
 
-    def route(self, x2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """-> (router logits, scores, chosen experts (T, k), gates (T, k)) for tokens x2 (T, dim)."""
-        logits = self.router_logits(x2)
+    def route(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """-> (router logits, scores, chosen experts (T, k), gates (T, k)) for tokens (T, dim)."""
+        logits = self.router_logits(tokens)
         if self.training and self.noise > 0:
             logits = logits + self.noise * torch.randn_like(logits)
         scores = torch.softmax(logits, -1) if self.score == "softmax" else torch.sigmoid(logits)
         choice = (scores + self.router_bias).topk(self.k, dim=-1).indices
         return logits, scores, choice, scores.gather(-1, choice) * self.gate_scale
 
-    def forward(self, x: Tensor, aux: list) -> Tensor:
-        x2 = x.reshape(-1, x.size(-1))
-        T, E, k = x2.size(0), self.E, self.k
-        logits, scores, choice, gate = self.route(x2)
-        flat = choice.reshape(-1)
-        counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = x.reshape(-1, x.size(-1))
+        logits, scores, choice, gate = self.route(tokens)
+        flat = choice.reshape(-1)  # the k choices of token t sit at t*k .. t*k+k-1
+        counts = torch.zeros(self.E, dtype=torch.long, device=x.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
         order = torch.argsort(flat, stable=True)
         dispatch = self.dispatch_grouped if self.dispatch_mode == "grouped" else self.dispatch_capacity
-        rows, dropped = dispatch(x2.to(expert_dtype(x2))[order // k], flat[order], counts)
+        sorted_tokens = tokens.to(expert_dtype(tokens))[order // self.k]
+        rows, dropped = dispatch(sorted_tokens, flat[order], counts)
         slots = torch.empty_like(rows).index_copy(0, order, rows)
-        out = (slots.view(T, k, -1) * gate.to(rows.dtype).unsqueeze(-1)).sum(1).view(x.shape)
+        weighted = slots.view(tokens.size(0), self.k, -1) * gate.to(rows.dtype).unsqueeze(-1)
+        out = weighted.sum(1).view(x.shape)
         if self.shared is not None:
-            out = out + self.shared(x, aux)
+            out = out + self.shared(x)
         probs = scores / scores.sum(-1, keepdim=True)
-        self.account(logits, probs, counts, aux, switch_aux_loss(counts, probs, k), dropped)
+        self.account(logits, probs, counts, switch_aux_loss(counts, probs, self.k), dropped)
         return out
 
     def expert_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -555,7 +587,9 @@ class RoutedMoE(MoEBase):
 
     def dispatch_capacity(self, xs: Tensor, experts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
         """Fixed buffers of C rows per expert; rows past C are dropped (output 0) and counted."""
-        E, rows, dim = self.E, xs.size(0), xs.size(1)
+        E = self.E
+        rows = xs.size(0)
+        dim = xs.size(1)
         cap = math.ceil(self.capacity_factor * rows / E)
         slot = torch.arange(rows, device=xs.device) - (counts.cumsum(0) - counts)[experts]
         keep = slot < cap
@@ -575,7 +609,7 @@ def make_mlp(h, layer: int) -> nn.Module:
     if layer not in h.moe_layer_ids:
         return DenseMLP(h.model_dim, h.mlp_hidden, h.mlp_act)
     if h.moe_mode == "soft":
-        return SoftMoE(h, h.model_dim, h.num_experts, h.expert_hidden_eff, router_init_std=0.0)
+        return SoftMoE(h, h.model_dim, h.num_experts, h.expert_mlp_hidden, router_init_std=0.0)
     return RoutedMoE(h, h.model_dim)
 
 
@@ -598,7 +632,7 @@ def collect_routing_stats(model: nn.Module, bias_rate: float, world_size: int) -
     for (_, m), row in zip(layers, stats):
         m.stats.zero_()
         if bias_rate > 0 and isinstance(m, RoutedMoE):
-            load = row[:m.E]
+            load = RoutingStats.unpack(row, m.E).load
             m.router_bias.add_(bias_rate * torch.sign(load.mean() - load))
             m.router_bias.sub_(m.router_bias.mean())
     return stats
@@ -621,15 +655,16 @@ def routing_summary(model: nn.Module, stats: Tensor) -> list[dict]:
     """Per MoE layer: load shares, max/mean, dead experts, entropy / ln E, aux, z, bias, drop rate."""
     out = []
     for (layer, m), row in zip(moe_layers(model), stats.double().cpu()):
-        E, extra = m.E, row[m.E:]
-        calls, tokens = max(extra[STAT_CALLS].item(), 1), max(extra[STAT_TOKENS].item(), 1)
-        load = (row[:E] / max(row[:E].sum().item(), 1e-12)).tolist()
+        stats = RoutingStats.unpack(row, m.E)
+        calls = max(stats.calls, 1)
+        tokens = max(stats.tokens, 1)
+        load = (stats.load / max(stats.load.sum().item(), 1e-12)).tolist()
         bias = m.router_bias.tolist() if isinstance(m, RoutedMoE) else [0.0]
-        out.append(dict(layer=layer, load=load, max_over_mean=max(load) * E,
-                        dead=sum(share < DEAD_LOAD_SHARE / E for share in load),
-                        entropy=extra[STAT_ENTROPY].item() / tokens, aux=extra[STAT_AUX].item() / calls,
-                        z=extra[STAT_Z].item() / calls, bias_min=min(bias), bias_max=max(bias),
-                        drop_rate=extra[STAT_DROPPED].item() / (tokens * getattr(m, "k", 1))))
+        out.append(dict(layer=layer, load=load, max_over_mean=max(load) * m.E,
+                        dead=sum(share < DEAD_LOAD_SHARE / m.E for share in load),
+                        entropy=stats.entropy / tokens, aux=stats.aux / calls, z=stats.z / calls,
+                        bias_min=min(bias), bias_max=max(bias),
+                        drop_rate=stats.dropped / (tokens * getattr(m, "k", 1))))
     return out
 
 # ----------------------------------------------------------------------------------------------
@@ -646,11 +681,11 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
 
-    def forward(self, x: Tensor, x0: Tensor, aux: list) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x), aux)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
 
 
 class GPT(nn.Module):
@@ -677,7 +712,7 @@ class GPT(nn.Module):
             elif isinstance(module, nn.Linear):
                 nn.init.zeros_(module.weight) if getattr(module, "zero_init", False) else nn.init.orthogonal_(module.weight)
 
-    def hidden(self, idx: Tensor, aux: list) -> Tensor:
+    def hidden(self, idx: Tensor) -> Tensor:
         x = self.tok_emb(idx)
         if self.bigram is not None:
             x = x + self.bigram(idx)
@@ -688,28 +723,47 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             if i >= self.n_encoder and skips:  # U-Net: decoder layer j adds encoder output n_enc-1-j
                 x = x + self.skip_weights[i - self.n_encoder].to(x.dtype) * skips.pop()
-            x = block(x, x0, aux)
+            x = block(x, x0)
             if i < self.n_encoder:
                 skips.append(x)
         return rms_norm(x)
 
-    def logits(self, idx: Tensor, aux: list | None = None) -> Tensor:
+    def logits(self, idx: Tensor) -> Tensor:
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(self.hidden(idx, [] if aux is None else aux), weight).float()
+        logits = F.linear(self.hidden(idx), weight).float()
         return self.softcap * torch.tanh(logits / self.softcap)
 
     def forward(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """Returns (loss to minimise = cross-entropy + auxiliary routing losses, cross-entropy)."""
-        aux: list[Tensor] = []
-        ce = F.cross_entropy(self.logits(idx, aux).view(-1, self.vocab_size), targets.reshape(-1))
+        ce = F.cross_entropy(self.logits(idx).view(-1, self.vocab_size), targets.reshape(-1))
+        aux = [term for _, m in moe_layers(self) for term in m.aux_terms]  # set by this forward
         return (ce + torch.stack(aux).sum() if aux else ce), ce.detach()
 
 # ----------------------------------------------------------------------------------------------
 # 6. Optimizer: Muon (orthogonalised momentum) for block matrices, Adam for the rest
 # ----------------------------------------------------------------------------------------------
 CONTROL_PATTERNS = ("resid_mix", "skip_weights", "q_gain", "attn_scale", "mlp_scale", "smear", "bigram.scale")
-ROUTER_PATTERNS = ("router", "gate")
-EMBED_PATTERNS = ("tok_emb", "lm_head", "bigram.table")
+MATRIX_CLASSES = ("attn", "mlp", "bigram_proj", "other")  # trained by Muon
+# Which QUANT_BITS_* knob (and shrink step) a class of weights follows; other classes use 8 bits.
+QUANT_GROUP = {"embed": "embed", "head": "embed", "bigram_table": "bigram", "bigram_proj": "bigram",
+               "mlp": "mlp", "attn": "attn"}
+
+
+def param_class(name: str, t: Tensor) -> str:
+    """The one sorting of parameter names, used by the optimizer groups, quantization and FLOP counts."""
+    if name.startswith("tok_emb."):
+        return "embed"
+    if name.startswith("lm_head."):
+        return "head"
+    if name.startswith("bigram.table"):
+        return "bigram_table"
+    if "router" in name:
+        return "router"
+    if t.ndim < 2 or any(s in name for s in CONTROL_PATTERNS):
+        return "control"
+    if name.startswith("bigram."):
+        return "bigram_proj"
+    return "mlp" if ".mlp." in name else "attn" if ".attn." in name else "other"
 
 
 def muon_dtype(t: Tensor) -> torch.dtype:
@@ -760,24 +814,15 @@ class Muon(torch.optim.Optimizer):
                 offset += p.numel()
 
 
-def param_kind(name: str, p: Tensor) -> str:
-    if any(s in name for s in EMBED_PATTERNS):
-        return {"lm_head": "head", "bigram.table": "bigram"}.get(name.split(".weight")[0], "embed")
-    if "router" in name:
-        return "router"
-    if p.ndim < 2 or any(s in name for s in CONTROL_PATTERNS):
-        return "scalar"
-    return "matrix"
-
-
 def build_optimizers(model: nn.Module, h, rank: int = 0, world_size: int = 1) -> list[torch.optim.Optimizer]:
-    groups: dict[str, list] = {"matrix": [], "embed": [], "bigram": [], "head": [], "scalar": [], "router": []}
+    groups: dict[str, list] = {"matrix": [], "embed": [], "bigram_table": [], "head": [], "control": [], "router": []}
     for name, p in model.named_parameters():
-        groups[param_kind(name, p)].append(p)
+        cls = param_class(name, p)
+        groups["matrix" if cls in MATRIX_CLASSES else cls].append(p)
     adam_groups = [dict(params=groups["embed"], lr=h.tied_embed_lr if h.tie_embeddings else h.embed_lr, weight_decay=h.adam_wd),
-                   dict(params=groups["bigram"], lr=h.tied_embed_lr, weight_decay=h.adam_wd),
+                   dict(params=groups["bigram_table"], lr=h.tied_embed_lr, weight_decay=h.adam_wd),
                    dict(params=groups["head"], lr=h.head_lr, weight_decay=h.adam_wd),
-                   dict(params=groups["scalar"], lr=h.scalar_lr, weight_decay=0.0),
+                   dict(params=groups["control"], lr=h.scalar_lr, weight_decay=0.0),
                    dict(params=groups["router"], lr=h.router_lr, weight_decay=0.0)]
     adam_groups = [g for g in adam_groups if g["params"]]
     fused = next(model.parameters()).is_cuda
@@ -819,6 +864,8 @@ class EMA:
 # 7. Quantization and the artifact: per-row intN with clip search, fp16 for control tensors, zstd
 # ----------------------------------------------------------------------------------------------
 ARTIFACT_MAGIC, ARTIFACT_FORMAT, ARTIFACT_VERSION = b"PGMOE\x00", "pgolf-moe-artifact", 1
+# Per-row clip levels (fractions of the row's absmax) tried by the quantizer: clipping a few outliers
+# gives the bulk of the row a finer step; below ~0.75 the clipped outliers cost more than they save.
 CLIP_CANDIDATES = (1.0, 0.97, 0.94, 0.9, 0.86, 0.82, 0.78, 0.74)
 # Compressed bits per parameter after zstd-22, for the start-up budget preview. Int5 and int6 are
 # 8 / 1.88 and 8 / 1.51, the int8-container zstd ratios the 10L int5-MLP record reports for weights
@@ -832,25 +879,14 @@ class ArtifactError(ValueError):
     """An artifact that cannot be read back; the message names the file."""
 
 
-def tensor_class(name: str) -> str:
-    if any(s in name for s in ("tok_emb", "lm_head")):
-        return "embed"
-    if name.startswith("bigram."):
-        return "bigram"
-    if ".mlp." in name:
-        return "mlp"
-    if ".attn." in name:
-        return "attn"
-    return "other"
-
-
 def storage_bits(name: str, t: Tensor, h) -> int:
     """The bit width a tensor is stored with: 16 means fp16 (routers, gates, controls, small tensors)."""
-    keep = ROUTER_PATTERNS + CONTROL_PATTERNS + tuple(p for p in h.fp16_keep_name_patterns.split(",") if p)
-    if t.ndim < 2 or t.numel() <= h.fp16_keep_max_numel or any(p in name for p in keep):
+    keep = tuple(p for p in h.fp16_keep_name_patterns.split(",") if p)
+    cls = param_class(name, t)
+    if cls in ("router", "control") or t.numel() <= h.fp16_keep_max_numel or any(p in name for p in keep):
         return 16
     return {"embed": h.quant_bits_embed, "bigram": h.quant_bits_bigram, "mlp": h.quant_bits_mlp,
-            "attn": h.quant_bits_attn}.get(tensor_class(name), 8)
+            "attn": h.quant_bits_attn}.get(QUANT_GROUP.get(cls, "other"), 8)
 
 
 def quantize_rows(w: Tensor, bits: int, prune_frac: float = 0.0) -> tuple[Tensor, Tensor]:
@@ -890,7 +926,7 @@ def quantize_state(state: dict[str, Tensor], h, bits_drop: dict | None = None, e
         if bits == 16:
             entries[name] = (16, t.half())
             continue
-        bits = max(2, bits - (bits_drop or {}).get(tensor_class(name), 0))
+        bits = max(2, bits - (bits_drop or {}).get(QUANT_GROUP.get(param_class(name, t), "other"), 0))
         q, scale = quantize_rows(t, bits, h.prune_frac + extra_prune)
         entries[name] = (bits, q, scale)
         err += (dequantize_rows(q, scale, t.shape) - t.float()).square().sum().item()
@@ -967,13 +1003,14 @@ def estimate_artifact_bytes(model: nn.Module, h) -> tuple[int, dict[str, int]]:
     for name, t in artifact_state(model).items():
         bits = storage_bits(name, t, h)
         size = t.numel() * BITS_PER_PARAM[bits] / 8 + (0 if bits == 16 else t.numel() // t.size(-1) * SCALE_BITS / 8)
-        key = "fp16" if bits == 16 else tensor_class(name)
+        key = "fp16" if bits == 16 else QUANT_GROUP.get(param_class(name, t), "other")
         per_class[key] = per_class.get(key, 0.0) + size
+    # The JSON header: ~120 bytes per tensor-table entry plus ~1.5 kB of config and framing.
     header = 120 * len(artifact_state(model)) + 1500
     return int(sum(per_class.values()) + header), {k: int(v) for k, v in per_class.items()}
 
 
-def fit_ladder():
+def shrink_steps():
     """Deterministic shrink steps, in order of growing reconstruction error: (bits lowered, extra pruning)."""
     every = {"mlp": 1, "attn": 1, "embed": 1, "bigram": 1}
     for drops in ({}, {"mlp": 1}, {"mlp": 1, "attn": 1}, every, dict(every, mlp=2)):
@@ -996,7 +1033,7 @@ def export_artifact(model: nn.Module, h, path: str, code_bytes: int, log) -> int
     log(f"quant: relative squared error {err:.3e}, artifact {len(blob)} bytes + code {code_bytes}")
     if len(blob) > limit:
         ratio = len(blob) / len(serialize_artifact(entries, config, shapes, 1))
-        for drops, extra in fit_ladder():
+        for drops, extra in shrink_steps():
             entries, err = quantize_state(state, h, drops, extra)
             predicted = ratio * len(serialize_artifact(entries, config, shapes, 1))
             step = f"fit: bits lowered {drops or 'none'}, pruning +{extra:.2f}, relative squared error {err:.3e}:"
@@ -1131,7 +1168,7 @@ def matmul_params_per_token(model: nn.Module) -> int:
     """Weights a token multiplies by: every matrix except the embedding lookup (the tied head counts)."""
     n = 0
     for name, p in model.named_parameters():
-        if p.ndim < 2 or any(s in name for s in CONTROL_PATTERNS) or name.startswith("bigram.table"):
+        if param_class(name, p) in ("control", "bigram_table"):
             continue
         n += p.numel()
     for _, m in moe_layers(model):

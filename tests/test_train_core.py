@@ -47,7 +47,7 @@ def test_knob_defaults_and_parsing():
     assert h.ema_decay == 0.997 and h.micro_batch_tokens == 786_432 // 8 and h.eval_seq_len == 2048
     assert tg.load_config({"MOE_START_LAYER": "7"}).moe_layer_ids == [7, 8, 9]
     assert tg.load_config({"MOE_MODE": "none"}).moe_layer_ids == []
-    assert tg.load_config({}).expert_hidden_eff == 1536 // 4
+    assert tg.load_config({}).expert_mlp_hidden == 1536 // 4
 
 
 def test_grad_accum_is_derived_and_checked():
@@ -384,3 +384,21 @@ def test_sliding_eval_with_stride_equal_window_equals_plain_eval(tiny_config):
     assert loss == pytest.approx(nll.item() / y.numel(), rel=1e-6)
     assert bpb == pytest.approx(nll.item() / math.log(2) / n_bytes.item(), rel=1e-6)
     assert tg.evaluate(model.logits, tokens, tables, 64, 0, 3, cpu) == pytest.approx((loss, bpb), rel=1e-9)
+
+
+def test_one_parameter_classification_for_optimizer_and_quantizer(tiny_config):
+    h = tiny_config(MOE_MODE="shared_routed", TIE_EMBEDDINGS=0)
+    model = tg.GPT(h)
+    classes = {name: tg.param_class(name, t) for name, t in tg.artifact_state(model).items()}
+    assert classes["tok_emb.weight"] == "embed" and classes["lm_head.weight"] == "head"
+    assert classes["bigram.table.weight"] == "bigram_table" and classes["bigram.proj.weight"] == "bigram_proj"
+    assert classes["bigram.scale"] == classes["smear.gate"] == classes["blocks.0.resid_mix"] == "control"
+    assert classes["blocks.0.mlp.router_weight"] == classes["blocks.0.mlp.router_bias"] == "router"
+    assert classes["blocks.0.mlp.up"] == classes["blocks.0.mlp.shared.fc.weight"] == "mlp"
+    assert classes["blocks.1.attn.c_q.weight"] == "attn"
+    muon = next(o for o in tg.build_optimizers(model, h) if isinstance(o, tg.Muon))
+    muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in muon_ids) == (classes[name] in tg.MATRIX_CLASSES), name
+        assert (tg.storage_bits(name, p, h) == 16) == (classes[name] in ("router", "control")
+                                                        or p.numel() <= h.fp16_keep_max_numel), name
