@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 CHOICES = {
     "COMPILE": ("auto", "0", "1"),
     "MLP_ACT": ("relu2", "leaky_relu2"),
-    "MOE_MODE": ("none", "soft", "topk", "standard", "shared_routed"),
+    "MOE_MODE": ("none", "soft", "topk", "shared_routed"),
     "ROUTER_SCORE": ("softmax", "sigmoid"),
     "MOE_DISPATCH": ("grouped", "capacity"),
 }
@@ -52,16 +52,16 @@ KNOBS: dict[str, tuple[type, object]] = {
     # run length and schedules (fractions of the run, so short runs are miniatures of long ones)
     "ITERATIONS": (int, 20000), "MAX_WALLCLOCK_SECONDS": (float, 600.0),
     "TRAIN_BATCH_TOKENS": (int, 786_432), "MICRO_BATCH_TOKENS": (int, 0), "TRAIN_SEQ_LEN": (int, 2048),
-    "WARMUP_STEPS": (int, 20), "LR_WARMUP_FRAC": (float, 0.0), "WARMDOWN_FRAC": (float, 0.45),
+    "WARMUP_STEPS": (int, 20), "WARMDOWN_FRAC": (float, 0.45),
     # model
     "NUM_LAYERS": (int, 10), "MODEL_DIM": (int, 512), "NUM_HEADS": (int, 8), "NUM_KV_HEADS": (int, 4),
     "MLP_MULT": (float, 3.0), "MLP_ACT": (str, "relu2"),
     "ROPE_DIMS": (int, 0), "ROPE_BASE": (float, 10000.0), "QK_GAIN_INIT": (float, 1.5),
     "LOGIT_SOFTCAP": (float, 30.0), "TIE_EMBEDDINGS": (bool, True), "TIED_EMBED_INIT_STD": (float, 0.005),
-    "BIGRAM_BUCKETS": (int, 10240), "BIGRAM_DIM": (int, 128), "SMEAR_GATE": (bool, True),
+    "BIGRAM_VOCAB_SIZE": (int, 10240), "BIGRAM_DIM": (int, 128), "SMEAR_GATE": (bool, True),
     # mixture of experts
     "MOE_MODE": (str, "soft"), "NUM_EXPERTS": (int, 4), "TOP_K": (int, 1),
-    "MOE_LAYERS": (list, []), "MOE_START_LAYER": (int, 0), "EXPERT_HIDDEN": (int, 0), "SHARED_HIDDEN": (int, 0),
+    "MOE_LAYERS": (list, []), "EXPERT_HIDDEN": (int, 0), "SHARED_HIDDEN": (int, 0),
     "ROUTER_SCORE": (str, "softmax"), "ROUTER_LR": (float, 0.01),
     "MOE_AUX_LOSS_COEF": (float, 0.01), "ROUTER_Z_COEF": (float, 0.001), "ROUTER_BIAS_RATE": (float, 0.001),
     "ROUTER_NOISE": (float, 0.0), "MOE_DISPATCH": (str, "grouped"), "CAPACITY_FACTOR": (float, 1.25),
@@ -72,22 +72,26 @@ KNOBS: dict[str, tuple[type, object]] = {
     "MUON_MOMENTUM_WARMUP_FRAC": (float, 0.22), "MUON_BACKEND_STEPS": (int, 5), "MUON_WD": (float, 0.04),
     "BETA1": (float, 0.9), "BETA2": (float, 0.95), "ADAM_EPS": (float, 1e-8), "ADAM_WD": (float, 0.04),
     "GRAD_CLIP_NORM": (float, 0.3),
-    # weight averaging
-    "EMA_HORIZON": (float, 0.05), "EMA_START": (float, 0.0), "EMA_DECAY": (float, None),
+    # weight averaging: unset = a horizon of EMA_RUN_HORIZON of the run; a number = per-step decay; 0 = off
+    "EMA_DECAY": (float, None),
     # quantization and the artifact
     "QUANT_BITS_MLP": (int, 5), "QUANT_BITS_ATTN": (int, 6), "QUANT_BITS_EMBED": (int, 8),
     "QUANT_BITS_BIGRAM": (int, 6), "FP16_KEEP_NAME_PATTERNS": (str, ""), "FP16_KEEP_MAX_NUMEL": (int, 4096),
     "PRUNE_FRAC": (float, 0.0), "ZSTD_LEVEL": (int, 22), "SIZE_CAP_BYTES": (int, 16_000_000),
-    "BUDGET_MARGIN": (float, 0.02), "ALLOW_OVER_BUDGET": (bool, False),
+    "BUDGET_MARGIN": (float, 0.02),
     # evaluation
     "EVAL_STRIDE": (int, 64), "EVAL_SEQ_LEN": (int, 0), "EVAL_BATCH_SEQS": (int, 32),
 }
 # The knobs that define the network; the artifact stores them so it can rebuild the model.
 MODEL_KNOBS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT",
                "MLP_ACT", "ROPE_DIMS", "ROPE_BASE", "QK_GAIN_INIT", "LOGIT_SOFTCAP", "TIE_EMBEDDINGS",
-               "BIGRAM_BUCKETS", "BIGRAM_DIM", "SMEAR_GATE", "MOE_MODE", "NUM_EXPERTS", "TOP_K",
-               "MOE_LAYERS", "MOE_START_LAYER", "EXPERT_HIDDEN", "SHARED_HIDDEN", "ROUTER_SCORE",
+               "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM", "SMEAR_GATE", "MOE_MODE", "NUM_EXPERTS", "TOP_K",
+               "MOE_LAYERS", "EXPERT_HIDDEN", "SHARED_HIDDEN", "ROUTER_SCORE",
                "MOE_DISPATCH", "CAPACITY_FACTOR")
+# Knobs merged or renamed by the restructure (issue 9): a clear error instead of a silently ignored variable.
+REPLACED_KNOBS = {"BIGRAM_BUCKETS": "BIGRAM_VOCAB_SIZE", "MOE_START_LAYER": "MOE_LAYERS (a list of layers)",
+                  "EMA_HORIZON": "EMA_DECAY (unset = 5% of the run, 0 = off)", "EMA_START": "EMA_DECAY",
+                  "ALLOW_OVER_BUDGET": "BUDGET_MARGIN=-1", "LR_WARMUP_FRAC": "nothing (no learning-rate warm-up)"}
 # Launcher variables that are not knobs but look like them.
 LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
@@ -119,6 +123,8 @@ def load_config(environ=None, **overrides) -> SimpleNamespace:
     """Read every knob from `environ` (default os.environ), apply keyword overrides, validate."""
     env = os.environ if environ is None else environ
     for key in env:
+        if key in REPLACED_KNOBS and env[key] != "":
+            raise ConfigError(f"{key} is no longer a knob: use {REPLACED_KNOBS[key]}")
         if key not in KNOBS and key not in LAUNCHER_VARS:
             close = difflib.get_close_matches(key, list(KNOBS), n=1, cutoff=0.9)
             if close:
@@ -145,11 +151,10 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     h.rope_dims = h.rope_dims or h.head_dim
     require(h.rope_dims % 2 == 0 and h.rope_dims <= h.head_dim, f"ROPE_DIMS={h.rope_dims}: must be even and at most the head dim {h.head_dim}")
     require(h.vocab_size <= 65536, f"VOCAB_SIZE={h.vocab_size}: shards hold uint16 token ids")
-    h.moe_mode = "topk" if h.moe_mode == "standard" else h.moe_mode
     require(1 <= h.top_k <= h.num_experts, f"TOP_K={h.top_k}: must be between 1 and NUM_EXPERTS={h.num_experts}")
     for layer in h.moe_layers:
         require(0 <= layer < h.num_layers, f"MOE_LAYERS: layer {layer} is outside 0..{h.num_layers - 1}")
-    h.moe_layer_ids = sorted(set(h.moe_layers)) if h.moe_layers else list(range(h.moe_start_layer, h.num_layers))
+    h.moe_layer_ids = sorted(set(h.moe_layers)) if h.moe_layers else list(range(h.num_layers))
     if h.moe_mode == "none":
         h.moe_layer_ids = []
     h.mlp_hidden = int(h.mlp_mult * h.model_dim)
@@ -164,7 +169,7 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
         bits = getattr(h, name.lower())
         require(2 <= bits <= 8 or bits == 16, f"{name}={bits}: expected 2..8, or 16 to keep fp16")
     require(0.0 <= h.prune_frac < 1.0, f"PRUNE_FRAC={h.prune_frac}: expected a fraction in [0, 1)")
-    require(0.0 <= h.warmdown_frac <= 1.0 and 0.0 <= h.lr_warmup_frac <= 1.0, "WARMDOWN_FRAC and LR_WARMUP_FRAC are fractions in [0, 1]")
+    require(0.0 <= h.warmdown_frac <= 1.0, f"WARMDOWN_FRAC={h.warmdown_frac}: expected a fraction in [0, 1]")
     require(h.ema_decay is None or 0.0 <= h.ema_decay < 1.0, f"EMA_DECAY={h.ema_decay}: expected a per-step decay in [0, 1)")
     h.micro_batch_tokens = h.micro_batch_tokens or h.train_batch_tokens // 8
     require(h.micro_batch_tokens % h.train_seq_len == 0,
@@ -693,7 +698,7 @@ class GPT(nn.Module):
         super().__init__()
         self.softcap, self.vocab_size = h.logit_softcap, h.vocab_size
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
-        self.bigram = BigramHash(h.bigram_buckets, h.bigram_dim, h.model_dim) if h.bigram_buckets > 0 else None
+        self.bigram = BigramHash(h.bigram_vocab_size, h.bigram_dim, h.model_dim) if h.bigram_vocab_size > 0 else None
         self.smear = SmearGate(h.model_dim) if h.smear_gate else None
         self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
         self.n_encoder = h.num_layers // 2
@@ -836,12 +841,13 @@ def build_optimizers(model: nn.Module, h, rank: int = 0, world_size: int = 1) ->
     return optimizers
 
 
-def lr_scale(progress: float, warmup_frac: float, warmdown_frac: float) -> float:
-    if warmup_frac > 0 and progress < warmup_frac:
-        return progress / warmup_frac
+def lr_scale(progress: float, warmdown_frac: float) -> float:
     if warmdown_frac > 0 and progress > 1 - warmdown_frac:
         return max(0.0, (1 - progress) / warmdown_frac)
     return 1.0
+
+
+EMA_RUN_HORIZON = 0.05  # without EMA_DECAY the average spans the last ~5% of the run
 
 
 class EMA:
@@ -1216,7 +1222,7 @@ class Trainer:
         return min(1.0, max(self.step / self.h.iterations, by_time))
 
     def set_schedules(self, progress: float) -> None:
-        h, scale = self.h, lr_scale(progress, self.h.lr_warmup_frac, self.h.warmdown_frac)
+        h, scale = self.h, lr_scale(progress, self.h.warmdown_frac)
         ramp = min(1.0, progress / h.muon_momentum_warmup_frac) if h.muon_momentum_warmup_frac > 0 else 1.0
         for opt in self.optimizers:
             for g in opt.param_groups:
@@ -1258,15 +1264,17 @@ class Trainer:
         self.loader.stream.restore(saved[2])
         self.routing_totals = None
 
-    def update_ema(self, progress: float, step_progress: float) -> None:
+    def update_ema(self, step_progress: float) -> None:
         h = self.h
-        if (h.ema_decay is None and h.ema_horizon <= 0) or progress < h.ema_start:
+        if h.ema_decay == 0:
             return
         if self.ema is None:
             self.ema = EMA(self.model)
             return
-        # A horizon given as a fraction of the run: decay = exp(-(this step's share of the run) / horizon).
-        self.ema.update(h.ema_decay if h.ema_decay is not None else math.exp(-step_progress / h.ema_horizon))
+        # Unset: a horizon that is a fixed share of the run, so short runs average like long ones
+        # (decay = exp(-this step's share of the run / horizon), ~0.9971 at 7,000 steps). A number is
+        # the record's per-step decay, whatever the run length.
+        self.ema.update(h.ema_decay if h.ema_decay is not None else math.exp(-step_progress / EMA_RUN_HORIZON))
 
     def log_step(self, ce: float, elapsed_ms: float, flops: float, peak: float | None) -> None:
         tokens_per_s = self.step * self.h.train_batch_tokens / max(elapsed_ms / 1000, 1e-9)
@@ -1301,7 +1309,7 @@ class Trainer:
             self.step += 1
             elapsed = self.train_ms + 1000 * (time.perf_counter() - t0)
             progress = self.progress(elapsed)
-            self.update_ema(progress, progress - last_progress)
+            self.update_ema(progress - last_progress)
             last_progress = progress
             cap = h.max_wallclock_seconds > 0 and elapsed >= 1000 * h.max_wallclock_seconds
             flags = torch.stack((torch.tensor(float(cap), device=self.device), (~torch.isfinite(ce)).float(), ce))
@@ -1326,6 +1334,9 @@ class Trainer:
 def load_artifact_model(path: str, device: torch.device, **overrides) -> tuple[GPT, SimpleNamespace]:
     """Rebuild the model from an artifact alone (its stored knobs) and load the dequantized weights."""
     config, state = read_artifact(path)
+    if "BIGRAM_BUCKETS" in config:  # written before the knob renames: same model, older names
+        config["BIGRAM_VOCAB_SIZE"] = config.pop("BIGRAM_BUCKETS")
+        config["MOE_LAYERS"] = config["MOE_LAYERS"] or list(range(config.pop("MOE_START_LAYER"), config["NUM_LAYERS"]))
     h = load_config({}, **config, **overrides)
     model = GPT(h).to(device)
     missing = set(artifact_state(model)) - set(state)
@@ -1340,9 +1351,9 @@ def log_budget_preview(model: GPT, h, log) -> None:
     total = estimate + code_bytes()
     log(f"budget_preview: artifact ~{estimate} bytes ({', '.join(f'{k}:{v}' for k, v in sorted(per_class.items()))}) "
         f"+ code {code_bytes()} = ~{total} of {h.size_cap_bytes} (slack ~{h.size_cap_bytes - total})")
-    if total > h.size_cap_bytes * (1 + h.budget_margin) and not h.allow_over_budget:
+    if h.budget_margin >= 0 and total > h.size_cap_bytes * (1 + h.budget_margin):
         raise ConfigError(f"estimated artifact + code ~{total} bytes exceeds SIZE_CAP_BYTES={h.size_cap_bytes} by more "
-                          f"than BUDGET_MARGIN={h.budget_margin}; shrink the model or lower QUANT_BITS_*, or set ALLOW_OVER_BUDGET=1")
+                          f"than BUDGET_MARGIN={h.budget_margin}; shrink the model or lower QUANT_BITS_*, or set BUDGET_MARGIN=-1")
 
 
 def log_header(h, model: GPT, world: int, accum: int, device, val_tokens: Tensor, log) -> None:

@@ -83,7 +83,7 @@ def test_nan_loss_stops_the_run_with_the_step(tmp_path):
 
 
 def test_over_budget_run_allowed_then_shrunk_to_fit(tmp_path):
-    result = run_train(tmp_path, SIZE_CAP_BYTES=190000, ALLOW_OVER_BUDGET=1, ITERATIONS=2, MOE_MODE="none",
+    result = run_train(tmp_path, SIZE_CAP_BYTES=190000, BUDGET_MARGIN=-1, ITERATIONS=2, MOE_MODE="none",
                        FP16_KEEP_MAX_NUMEL=1024)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "predicted" in result.stdout and "fit: bits lowered" in result.stdout
