@@ -31,9 +31,7 @@ import zstandard
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-# ----------------------------------------------------------------------------------------------
-# 1. Hyperparameters: every knob is an environment variable (documented in README.md)
-# ----------------------------------------------------------------------------------------------
+# ---- 1. Hyperparameters: every knob is an environment variable (documented in README.md) ---------
 CHOICES = {
     "COMPILE": ("auto", "0", "1"),
     "MLP_ACT": ("relu2", "leaky_relu2"),
@@ -162,7 +160,7 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     free_hidden = h.mlp_hidden - h.shared_mlp_hidden
     if h.moe_mode != "none" and not h.expert_hidden:
         require(free_hidden > 0 and free_hidden % h.num_experts == 0,
-             f"NUM_EXPERTS={h.num_experts}: the parameter-matched expert size {free_hidden}/{h.num_experts} is not whole; set EXPERT_HIDDEN")
+                f"NUM_EXPERTS={h.num_experts}: the parameter-matched expert size {free_hidden}/{h.num_experts} is not whole; set EXPERT_HIDDEN")
     h.expert_mlp_hidden = h.expert_hidden or max(free_hidden // h.num_experts, 0)
     require(h.capacity_factor > 0, f"CAPACITY_FACTOR={h.capacity_factor}: must be positive")
     for name in ("QUANT_BITS_MLP", "QUANT_BITS_ATTN", "QUANT_BITS_EMBED", "QUANT_BITS_BIGRAM"):
@@ -173,7 +171,7 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     require(h.ema_decay is None or 0.0 <= h.ema_decay < 1.0, f"EMA_DECAY={h.ema_decay}: expected a per-step decay in [0, 1)")
     h.micro_batch_tokens = h.micro_batch_tokens or h.train_batch_tokens // 8
     require(h.micro_batch_tokens % h.train_seq_len == 0,
-         f"MICRO_BATCH_TOKENS={h.micro_batch_tokens} is not a multiple of TRAIN_SEQ_LEN={h.train_seq_len}")
+            f"MICRO_BATCH_TOKENS={h.micro_batch_tokens} is not a multiple of TRAIN_SEQ_LEN={h.train_seq_len}")
     h.eval_seq_len = h.eval_seq_len or h.train_seq_len
     require(0 <= h.eval_stride <= h.eval_seq_len, f"EVAL_STRIDE={h.eval_stride}: must be in 0..EVAL_SEQ_LEN={h.eval_seq_len}")
     return h
@@ -190,9 +188,7 @@ def grad_accum_steps(h: SimpleNamespace, world_size: int) -> int:
 def model_knobs(h: SimpleNamespace) -> dict:
     return {name: getattr(h, name.lower()) for name in MODEL_KNOBS}
 
-# ----------------------------------------------------------------------------------------------
-# 2. Data: challenge shards (256 x int32 header, then uint16 tokens), loaders, tokenizer bytes
-# ----------------------------------------------------------------------------------------------
+# ---- 2. Data: challenge shards (256 x int32 header, then uint16 tokens), loaders, tokenizer bytes ----
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
 BOS_ID = 1
 
@@ -329,11 +325,7 @@ def target_bytes(prev: Tensor, tgt: Tensor, tables: tuple[Tensor, Tensor, Tensor
     base, space, control = tables
     return base[tgt].to(torch.int32) + (space[tgt] & ~control[prev]).to(torch.int32)
 
-# ----------------------------------------------------------------------------------------------
-# 3. Model parts: GQA attention with QK-norm and partial RoPE, MLP, BigramHash, SmearGate
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- 3. Model parts: GQA attention with QK-norm and partial RoPE, MLP, BigramHash, SmearGate -----
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
@@ -428,12 +420,7 @@ class SmearGate(nn.Module):
         g = torch.sigmoid(self.gate).to(x.dtype) * mixes.unsqueeze(-1).to(x.dtype)
         return x + g * (prev - x)
 
-
-# ----------------------------------------------------------------------------------------------
-# 4. Mixture of Experts: soft (every expert, softmax-blended), top-k and shared+routed
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- 4. Mixture of Experts: soft (every expert, softmax-blended), top-k and shared+routed --------
 class RoutingStats(NamedTuple):
     """One MoE layer's telemetry since the last step line. Stored flat ([load..., tokens, ...]) in the
     layer's `stats` buffer so that one all_reduce carries every layer; unpack() names the parts."""
@@ -643,9 +630,9 @@ def collect_routing_stats(model: nn.Module, bias_rate: float, world_size: int) -
     return stats
 
 
-def routing_log_lines(model: nn.Module, stats: Tensor) -> list[str]:
+def routing_log_lines(summary: list[dict]) -> list[str]:
     lines = []
-    for r in routing_summary(model, stats):
+    for r in summary:
         lines.append(f"moe layer:{r['layer']} load:{','.join(f'{v:.3f}' for v in r['load'])} "
                      f"max_mean:{r['max_over_mean']:.2f} dead:{r['dead']} entropy:{r['entropy']:.3f} "
                      f"aux:{r['aux']:.4f} z:{r['z']:.4f} bias:{r['bias_min']:.4f}..{r['bias_max']:.4f} "
@@ -660,23 +647,19 @@ def routing_summary(model: nn.Module, stats: Tensor) -> list[dict]:
     """Per MoE layer: load shares, max/mean, dead experts, entropy / ln E, aux, z, bias, drop rate."""
     out = []
     for (layer, m), row in zip(moe_layers(model), stats.double().cpu()):
-        stats = RoutingStats.unpack(row, m.E)
-        calls = max(stats.calls, 1)
-        tokens = max(stats.tokens, 1)
-        load = (stats.load / max(stats.load.sum().item(), 1e-12)).tolist()
+        totals = RoutingStats.unpack(row, m.E)
+        calls = max(totals.calls, 1)
+        tokens = max(totals.tokens, 1)
+        load = (totals.load / max(totals.load.sum().item(), 1e-12)).tolist()
         bias = m.router_bias.tolist() if isinstance(m, RoutedMoE) else [0.0]
-        out.append(dict(layer=layer, load=load, max_over_mean=max(load) * m.E,
+        out.append(dict(layer=layer, load=load, load_std=float(np.std(load)), max_over_mean=max(load) * m.E,
                         dead=sum(share < DEAD_LOAD_SHARE / m.E for share in load),
-                        entropy=stats.entropy / tokens, aux=stats.aux / calls, z=stats.z / calls,
+                        entropy=totals.entropy / tokens, aux=totals.aux / calls, z=totals.z / calls,
                         bias_min=min(bias), bias_max=max(bias),
-                        drop_rate=stats.dropped / (tokens * getattr(m, "k", 1))))
+                        drop_rate=totals.dropped / (tokens * getattr(m, "k", 1))))
     return out
 
-# ----------------------------------------------------------------------------------------------
-# 5. The network: blocks with an MLP or MoE, U-Net skips, the loss
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- 5. The network: blocks with an MLP or MoE, U-Net skips, the loss ----------------------------
 class Block(nn.Module):
     def __init__(self, h, layer: int):
         super().__init__()
@@ -744,9 +727,7 @@ class GPT(nn.Module):
         aux = [term for _, m in moe_layers(self) for term in m.aux_terms]  # set by this forward
         return (ce + torch.stack(aux).sum() if aux else ce), ce.detach()
 
-# ----------------------------------------------------------------------------------------------
-# 6. Optimizer: Muon (orthogonalised momentum) for block matrices, Adam for the rest
-# ----------------------------------------------------------------------------------------------
+# ---- 6. Optimizer: Muon (orthogonalised momentum) for block matrices, Adam for the rest ----------
 CONTROL_PATTERNS = ("resid_mix", "skip_weights", "q_gain", "attn_scale", "mlp_scale", "smear", "bigram.scale")
 MATRIX_CLASSES = ("attn", "mlp", "bigram_proj", "other")  # trained by Muon
 # Which QUANT_BITS_* knob (and shrink step) a class of weights follows; other classes use 8 bits.
@@ -866,9 +847,7 @@ class EMA:
         for p, s in zip(self.params, self.shadow):
             p.copy_(s.to(p.dtype))
 
-# ----------------------------------------------------------------------------------------------
-# 7. Quantization and the artifact: per-row intN with clip search, fp16 for control tensors, zstd
-# ----------------------------------------------------------------------------------------------
+# ---- 7. Quantization and the artifact: per-row intN with clip search, fp16 for control tensors, zstd ----
 ARTIFACT_MAGIC, ARTIFACT_FORMAT, ARTIFACT_VERSION = b"PGMOE\x00", "pgolf-moe-artifact", 1
 # Per-row clip levels (fractions of the row's absmax) tried by the quantizer: clipping a few outliers
 # gives the bulk of the row a finer step; below ~0.75 the clipped outliers cost more than they save.
@@ -1057,11 +1036,7 @@ def export_artifact(model: nn.Module, h, path: str, code_bytes: int, log) -> int
         f.write(blob)
     return len(blob)
 
-# ----------------------------------------------------------------------------------------------
-# 8. Evaluation: exact val_loss / val_bpb, plain or sliding window, spread over ranks
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- 8. Evaluation: exact val_loss / val_bpb, plain or sliding window, spread over ranks ---------
 def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -1115,9 +1090,7 @@ def evaluate(logits_fn, tokens: Tensor, tables, seq_len: int, stride: int, batch
     val_loss = (sums[0] / sums[1]).item()
     return val_loss, (sums[0] / math.log(2) / sums[2]).item()
 
-# ----------------------------------------------------------------------------------------------
-# 9. Runtime: processes and devices, the log, FLOP counting
-# ----------------------------------------------------------------------------------------------
+# ---- 9. Runtime: processes and devices, the log, FLOP counting -----------------------------------
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per GPU
 
 
@@ -1144,21 +1117,29 @@ def use_compile(h, device: torch.device) -> bool:
 
 
 class Logger:
-    """Prints and appends to the run's log (rank 0 only); a run never writes into another run's log."""
+    """Rank 0 prints and appends to LOG_DIR/RUN_ID.txt and writes events to RUN_ID.jsonl (one JSON object
+    per line, fields in README.md); other ranks log nothing. A run never writes into another run's log."""
 
-    def __init__(self, path: str | None):
-        self.file = None
-        if path:
-            if os.path.exists(path):
-                raise ConfigError(f"RUN_ID: {path} already exists; choose a new RUN_ID (runs never overwrite each other)")
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            self.file = open(path, "x", encoding="utf-8")
+    def __init__(self, stem: str | None):
+        self.text = self.events = None
+        if stem:
+            for path in (stem + ".txt", stem + ".jsonl"):
+                if os.path.exists(path):
+                    raise ConfigError(f"RUN_ID: {path} already exists; choose a new RUN_ID (runs never overwrite each other)")
+            os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+            self.text = open(stem + ".txt", "x", encoding="utf-8")
+            self.events = open(stem + ".jsonl", "x", encoding="utf-8")
 
     def __call__(self, msg: str) -> None:
-        if self.file is not None:
+        if self.text is not None:
             print(msg, flush=True)
-            self.file.write(msg + "\n")
-            self.file.flush()
+            self.text.write(msg + "\n")
+            self.text.flush()
+
+    def event(self, kind: str, **fields) -> None:
+        if self.events is not None:
+            self.events.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")
+            self.events.flush()
 
 
 def code_bytes() -> int:
@@ -1194,11 +1175,7 @@ def peak_flops(device: torch.device) -> float | None:
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
-# ----------------------------------------------------------------------------------------------
-# 10. Training loop: schedules, steps, compile warm-up, EMA, step lines
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- 10. Training loop: schedules, steps, compile warm-up, EMA, step lines -----------------------
 class Trainer:
     """One training run: data, model, optimizers, compile warm-up and the timed loop."""
 
@@ -1278,12 +1255,18 @@ class Trainer:
 
     def log_step(self, ce: float, elapsed_ms: float, flops: float, peak: float | None) -> None:
         tokens_per_s = self.step * self.h.train_batch_tokens / max(elapsed_ms / 1000, 1e-9)
-        mfu = f" mfu:{100 * tokens_per_s * flops / (peak * self.world):.1f}%" if peak else ""
+        mfu_pct = 100 * tokens_per_s * flops / (peak * self.world) if peak else None
         self.log(f"step:{self.step}/{self.h.iterations} train_loss:{ce:.4f} train_time:{elapsed_ms:.0f}ms "
-                 f"step_avg:{elapsed_ms / self.step:.2f}ms tok/s:{tokens_per_s:.0f}{mfu}")
+                 f"step_avg:{elapsed_ms / self.step:.2f}ms tok/s:{tokens_per_s:.0f}"
+                 + (f" mfu:{mfu_pct:.1f}%" if peak else ""))
+        self.log.event("step", step=self.step, iterations=self.h.iterations, train_loss=ce, train_time_ms=elapsed_ms,
+                       step_avg_ms=elapsed_ms / self.step, tok_s=tokens_per_s, mfu=mfu_pct)
         if self.routing_totals is not None:
-            for line in routing_log_lines(self.model, self.routing_totals):
+            summary = routing_summary(self.model, self.routing_totals)
+            for line in routing_log_lines(summary):
                 self.log(line)
+            for r in summary:
+                self.log.event("routing", step=self.step, dropped=r["drop_rate"], **{k: v for k, v in r.items() if k != "drop_rate"})
             self.routing_totals = None
 
     def run(self, validate) -> None:
@@ -1326,11 +1309,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-# ----------------------------------------------------------------------------------------------
-# 11. main(): train, export, read back, evaluate
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- 11. main(): train, export, read back, evaluate ----------------------------------------------
 def load_artifact_model(path: str, device: torch.device, **overrides) -> tuple[GPT, SimpleNamespace]:
     """Rebuild the model from an artifact alone (its stored knobs) and load the dequantized weights."""
     config, state = read_artifact(path)
@@ -1349,6 +1328,8 @@ def load_artifact_model(path: str, device: torch.device, **overrides) -> tuple[G
 def log_budget_preview(model: GPT, h, log) -> None:
     estimate, per_class = estimate_artifact_bytes(model, h)
     total = estimate + code_bytes()
+    log.event("budget_preview", estimate_bytes=estimate, per_class=per_class, cap=h.size_cap_bytes,
+              code_bytes=code_bytes(), total_bytes=total)
     log(f"budget_preview: artifact ~{estimate} bytes ({', '.join(f'{k}:{v}' for k, v in sorted(per_class.items()))}) "
         f"+ code {code_bytes()} = ~{total} of {h.size_cap_bytes} (slack ~{h.size_cap_bytes - total})")
     if h.budget_margin >= 0 and total > h.size_cap_bytes * (1 + h.budget_margin):
@@ -1357,14 +1338,17 @@ def log_budget_preview(model: GPT, h, log) -> None:
 
 
 def log_header(h, model: GPT, world: int, accum: int, device, val_tokens: Tensor, log) -> None:
-    log(f"python {sys.version.split()[0]} torch {torch.__version__} device {device}"
-        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-        + f" world_size {world} grad_accum {accum}")
-    log(f"code_sha256:{sha256_file(os.path.abspath(__file__))} code_bytes:{code_bytes()}")
-    log("config " + json.dumps({k: getattr(h, k.lower()) for k in KNOBS}, sort_keys=True))
+    device_name = f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    code_sha, knobs = sha256_file(os.path.abspath(__file__)), {k: getattr(h, k.lower()) for k in KNOBS}
+    log.event("config", knobs=knobs, code_sha256=code_sha, code_bytes=code_bytes(), torch=torch.__version__,
+              python=sys.version.split()[0], device=device_name, world_size=world, grad_accum=accum)
+    log(f"python {sys.version.split()[0]} torch {torch.__version__} device {device_name} world_size {world} grad_accum {accum}")
+    log(f"code_sha256:{code_sha} code_bytes:{code_bytes()}")
+    log("config " + json.dumps(knobs, sort_keys=True))
     log(f"val_tokens:{val_tokens.numel()} token_limit:{h.val_token_limit} data:{os.path.abspath(h.data_path)}")
     n_params = sum(p.numel() for p in model.parameters())
     n_router = sum(p.numel() for n, p in model.named_parameters() if "router" in n)
+    log.event("params", total=n_params, active_matmul_per_token=matmul_params_per_token(model), router=n_router)
     log(f"params total:{n_params} active_matmul_per_token:{matmul_params_per_token(model)} router:{n_router} "
         f"moe_mode:{h.moe_mode} moe_layers:{h.moe_layer_ids}")
 
@@ -1378,6 +1362,8 @@ def export_and_report(model: GPT, h, path: str, log) -> None:
     log(f"size_check total:{total} cap:{h.size_cap_bytes} slack:{h.size_cap_bytes - total} "
         f"{'OK' if total <= h.size_cap_bytes else 'OVER THE CAP'} artifact:{os.path.abspath(path)} "
         f"sha256:{sha256_file(path)}")
+    log.event("size_check", code_bytes=code_bytes(), artifact_bytes=size, total_bytes=total, cap=h.size_cap_bytes,
+              slack=h.size_cap_bytes - total, artifact=os.path.abspath(path), sha256=sha256_file(path))
 
 
 def final_evaluation(qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: int, world: int, log, note: str) -> None:
@@ -1388,21 +1374,16 @@ def final_evaluation(qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: i
             continue
         t0 = time.perf_counter()
         loss, bpb = evaluate(q_fn, val_tokens, tables, h.eval_seq_len, stride, h.eval_batch_seqs, device, rank, world)
+        seconds = time.perf_counter() - t0
         log(f"final_quant_zstd_{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} stride:{stride or h.eval_seq_len} "
-            f"seq_len:{h.eval_seq_len} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms{note}")
+            f"seq_len:{h.eval_seq_len} eval_time:{1000 * seconds:.0f}ms{note}")
+        log.event("final", name=f"final_quant_zstd_{label}_exact", mode="plain" if label == "roundtrip" else "sliding",
+                  val_loss=loss, val_bpb=bpb, eval_time_s=seconds, stride=stride or h.eval_seq_len, seq_len=h.eval_seq_len)
 
 
-def main() -> None:
-    h = load_config()
-    rank, world, _, device = setup_distributed()
-    run_id = [h.run_id or time.strftime("run_%Y%m%d_%H%M%S")]
-    if world > 1:
-        dist.broadcast_object_list(run_id)  # every rank must agree on the artifact path
-    h.run_id = run_id[0]
-    log = Logger(os.path.join(h.log_dir, f"{h.run_id}.txt") if rank == 0 else None)
+def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logger) -> None:
     torch.manual_seed(h.seed)
-    sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
-    tables = byte_tables(sp)
+    tables = byte_tables(load_tokenizer(h.tokenizer_path, h.vocab_size))
     val_tokens = load_val_tokens(h.data_path, h.vocab_size, h.val_token_limit)
     trainer = Trainer(h, rank, world, device, log)
     model = trainer.model
@@ -1411,12 +1392,20 @@ def main() -> None:
     eval_fn = torch.compile(model.logits, fullgraph=True, dynamic=False) if use_compile(h, device) else model.logits
     note = f" (first {h.val_token_limit} tokens only: not a score)" if h.val_token_limit else ""
 
-    def validate(step: int) -> None:
+    last_val: list[float] = []  # loss, bpb, seconds of the newest pre-quant evaluation
+
+    def validate(step: int | None = None) -> tuple[float, float, float]:
+        """Plain-window validation; with a step: a periodic (or last) val line and event."""
         model.eval()
+        t0 = time.perf_counter()
         loss, bpb = evaluate(eval_fn, val_tokens, tables, h.eval_seq_len, 0, h.eval_batch_seqs, device, rank, world)
         model.train()
-        log(f"step:{step}/{h.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} train_time:{trainer.train_ms:.0f}ms "
-            f"step_avg:{trainer.train_ms / max(step, 1):.2f}ms{note}")
+        if step is not None:
+            log(f"step:{step}/{h.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} train_time:{trainer.train_ms:.0f}ms "
+                f"step_avg:{trainer.train_ms / max(step, 1):.2f}ms{note}")
+            log.event("val", step=step, val_loss=loss, val_bpb=bpb, train_time_ms=trainer.train_ms)
+            last_val[:] = [loss, bpb, time.perf_counter() - t0]
+        return loss, bpb, time.perf_counter() - t0
 
     t_warm = time.perf_counter()
     trainer.compile_warmup()
@@ -1426,9 +1415,9 @@ def main() -> None:
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB")
     if trainer.ema is not None:
         trainer.ema.copy_to_model()
-        model.eval()
-        loss, bpb = evaluate(eval_fn, val_tokens, tables, h.eval_seq_len, 0, h.eval_batch_seqs, device, rank, world)
-        log(f"pre_quant_ema val_loss:{loss:.8f} val_bpb:{bpb:.8f}{note}")
+        last_val[:] = validate()
+        log(f"pre_quant_ema val_loss:{last_val[0]:.8f} val_bpb:{last_val[1]:.8f}{note}")
+    log.event("pre_quant", val_loss=last_val[0], val_bpb=last_val[1], eval_time_s=last_val[2], ema=trainer.ema is not None)
     path = h.artifact_path or os.path.join(h.log_dir, f"{h.run_id}_model.ptz")
     if rank == 0:
         export_and_report(model, h, path, log)
@@ -1437,6 +1426,23 @@ def main() -> None:
     qmodel, _ = load_artifact_model(path, device)
     qmodel.eval()
     final_evaluation(qmodel, h, val_tokens, tables, device, rank, world, log, note)
+
+
+def main() -> None:
+    h = load_config()
+    rank, world, _, device = setup_distributed()
+    run_id = [h.run_id or time.strftime("run_%Y%m%d_%H%M%S")]
+    if world > 1:
+        dist.broadcast_object_list(run_id)  # every rank must agree on the artifact path
+    h.run_id = run_id[0]
+    log = Logger(os.path.join(h.log_dir, h.run_id) if rank == 0 else None)
+    try:
+        train_and_evaluate(h, rank, world, device, log)
+    except BaseException as err:
+        log.event("error", message=f"{type(err).__name__}: {err}")
+        log.event("end", status="failed")
+        raise
+    log.event("end", status="ok")
     if world > 1:
         dist.destroy_process_group()
 
