@@ -32,13 +32,9 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # ---- 1. Hyperparameters: every knob is an environment variable (documented in README.md) ---------
-CHOICES = {
-    "COMPILE": ("auto", "0", "1"),
-    "MLP_ACT": ("relu2", "leaky_relu2"),
-    "MOE_MODE": ("none", "soft", "topk", "shared_routed"),
-    "ROUTER_SCORE": ("softmax", "sigmoid"),
-    "MOE_DISPATCH": ("grouped", "capacity"),
-}
+CHOICES = {"COMPILE": ("auto", "0", "1"), "MLP_ACT": ("relu2", "leaky_relu2"),
+           "MOE_MODE": ("none", "soft", "topk", "shared_routed"), "ROUTER_SCORE": ("softmax", "sigmoid"),
+           "MOE_DISPATCH": ("grouped", "capacity")}
 KNOBS: dict[str, tuple[type, object]] = {
     # data, run and logging
     "DATA_PATH": (str, "./data/datasets/fineweb10B_sp1024"),
@@ -81,15 +77,14 @@ KNOBS: dict[str, tuple[type, object]] = {
     "EVAL_STRIDE": (int, 64), "EVAL_SEQ_LEN": (int, 0), "EVAL_BATCH_SEQS": (int, 32),
 }
 # The knobs that define the network; the artifact stores them so it can rebuild the model.
-MODEL_KNOBS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT",
-               "MLP_ACT", "ROPE_DIMS", "ROPE_BASE", "QK_GAIN_INIT", "LOGIT_SOFTCAP", "TIE_EMBEDDINGS",
-               "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM", "SMEAR_GATE", "MOE_MODE", "NUM_EXPERTS", "TOP_K",
-               "MOE_LAYERS", "EXPERT_HIDDEN", "SHARED_HIDDEN", "ROUTER_SCORE",
-               "MOE_DISPATCH", "CAPACITY_FACTOR")
+MODEL_KNOBS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_ACT",
+               "ROPE_DIMS", "ROPE_BASE", "QK_GAIN_INIT", "LOGIT_SOFTCAP", "TIE_EMBEDDINGS", "BIGRAM_VOCAB_SIZE",
+               "BIGRAM_DIM", "SMEAR_GATE", "MOE_MODE", "NUM_EXPERTS", "TOP_K", "MOE_LAYERS", "EXPERT_HIDDEN",
+               "SHARED_HIDDEN", "ROUTER_SCORE", "MOE_DISPATCH", "CAPACITY_FACTOR")
 # Knobs merged or renamed by the restructure (issue 9): a clear error instead of a silently ignored variable.
 REPLACED_KNOBS = {"BIGRAM_BUCKETS": "BIGRAM_VOCAB_SIZE", "MOE_START_LAYER": "MOE_LAYERS (a list of layers)",
                   "EMA_HORIZON": "EMA_DECAY (unset = 5% of the run, 0 = off)", "EMA_START": "EMA_DECAY",
-                  "ALLOW_OVER_BUDGET": "BUDGET_MARGIN=-1", "LR_WARMUP_FRAC": "nothing (no learning-rate warm-up)"}
+                  "ALLOW_OVER_BUDGET": "BUDGET_MARGIN=-1", "LR_WARMUP_FRAC": "nothing (no LR warm-up)"}
 # Launcher variables that are not knobs but look like them.
 LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
@@ -127,10 +122,8 @@ def load_config(environ=None, **overrides) -> SimpleNamespace:
             close = difflib.get_close_matches(key, list(KNOBS), n=1, cutoff=0.9)
             if close:
                 raise ConfigError(f"unknown variable {key}: did you mean {close[0]}?")
-    values = {}
-    for name, (kind, default) in KNOBS.items():
-        raw = env.get(name, "")
-        values[name.lower()] = parse_knob(name, raw, kind) if raw != "" else copy.copy(default)
+    values = {name.lower(): parse_knob(name, env[name], kind) if env.get(name, "") != "" else copy.copy(default)
+              for name, (kind, default) in KNOBS.items()}
     values.update({k.lower(): v for k, v in overrides.items()})
     return derive_config(SimpleNamespace(**values))
 
@@ -183,10 +176,6 @@ def grad_accum_steps(h: SimpleNamespace, world_size: int) -> int:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not divisible by WORLD_SIZE={world_size} "
                           f"x MICRO_BATCH_TOKENS={h.micro_batch_tokens}")
     return h.train_batch_tokens // per_step
-
-
-def model_knobs(h: SimpleNamespace) -> dict:
-    return {name: getattr(h, name.lower()) for name in MODEL_KNOBS}
 
 # ---- 2. Data: challenge shards (256 x int32 header, then uint16 tokens), loaders, tokenizer bytes ----
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
@@ -496,17 +485,14 @@ class MoEBase(nn.Module):
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).sum() / max(math.log(self.E), 1e-12)
             zero = torch.zeros((), device=z.device)
             aux_value = zero if aux_loss is None else aux_loss.detach()
-            dropped_value = zero if dropped is None else dropped.float()
-            # In RoutingStats order: tokens, entropy, aux, z, dropped, calls.
+            dropped_value = zero if dropped is None else dropped.float()  # extra: in RoutingStats order
             extra = torch.stack((zero + probs.size(0), entropy, aux_value, z.detach(), dropped_value, zero + 1))
             self.stats.add_(torch.cat((load.float(), extra)))
 
 
 class SoftMoE(MoEBase):
     """One MLP whose hidden units form E groups, each scaled per token by E * softmax(router(x)).
-
-    One fused up and one fused down matmul; with a zero router (the init) or E = 1 it is the dense MLP.
-    """
+    One fused up and one fused down matmul; with a zero router (the init) or E = 1 it is the dense MLP."""
 
     def forward(self, x: Tensor) -> Tensor:
         logits = self.router_logits(x)
@@ -522,11 +508,9 @@ class SoftMoE(MoEBase):
 
 class RoutedMoE(MoEBase):
     """Top-k routing with static-shape dispatch: sort by expert + grouped_mm, or fixed capacity + bmm.
-
     Selection may add the balancing bias; the gate uses the unbiased score, scaled so that an
     untrained router gives the chosen experts gates summing to 1 (no renormalisation, so even
-    top-1 gives the router a task gradient). shared_routed adds a dense shared MLP every token uses.
-    """
+    top-1 gives the router a task gradient). shared_routed adds a dense shared MLP every token uses."""
 
     def __init__(self, h, dim: int):
         super().__init__(h, dim, h.num_experts, h.expert_mlp_hidden, ROUTED_INIT_STD)
@@ -612,9 +596,7 @@ def moe_layers(model: nn.Module) -> list[tuple[int, MoEBase]]:
 @torch.no_grad()
 def collect_routing_stats(model: nn.Module, bias_rate: float, world_size: int) -> Tensor | None:
     """Sums this step's routing buffers over ranks, resets them and nudges the balancing bias.
-
-    Aux-loss-free balancing (DeepSeek-V3): bias += rate * sign(mean load - load), re-centred.
-    """
+    Aux-loss-free balancing (DeepSeek-V3): bias += rate * sign(mean load - load), re-centred."""
     layers = moe_layers(model)
     if not layers:
         return None
@@ -1006,11 +988,9 @@ def shrink_steps():
 
 def export_artifact(model: nn.Module, h, path: str, code_bytes: int, log) -> int:
     """Quantize, compress and write; shrink step by step until code + artifact fits SIZE_CAP_BYTES.
-
     Each step's size is first predicted with a fast zstd level (scaled by the full/fast size ratio of
-    the first attempt); only steps predicted to fit pay for the full-level compression.
-    """
-    config, state = model_knobs(h), artifact_state(model)
+    the first attempt); only steps predicted to fit pay for the full-level compression."""
+    config, state = {name: getattr(h, name.lower()) for name in MODEL_KNOBS}, artifact_state(model)
     shapes = {n: list(t.shape) for n, t in state.items()}
     limit = h.size_cap_bytes - code_bytes
     entries, err = quantize_state(state, h)
@@ -1038,17 +1018,13 @@ def export_artifact(model: nn.Module, h, path: str, code_bytes: int, log) -> int
 
 # ---- 8. Evaluation: exact val_loss / val_bpb, plain or sliding window, spread over ranks ---------
 def autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def eval_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
     """(start, scored) per window of seq_len inputs so that every target is scored exactly once.
-
     The first window scores all its positions, later ones their last `scored` (= stride) positions;
-    the last window is pulled back to end at the final token and scores only what is still unscored.
-    """
+    the last window is pulled back to end at the final token and scores only what is still unscored."""
     n_targets = n_tokens - 1
     seq_len = min(seq_len, n_targets)
     stride = stride or seq_len
@@ -1153,11 +1129,7 @@ def sha256_file(path: str) -> str:
 
 def matmul_params_per_token(model: nn.Module) -> int:
     """Weights a token multiplies by: every matrix except the embedding lookup (the tied head counts)."""
-    n = 0
-    for name, p in model.named_parameters():
-        if param_class(name, p) in ("control", "bigram_table"):
-            continue
-        n += p.numel()
+    n = sum(p.numel() for name, p in model.named_parameters() if param_class(name, p) not in ("control", "bigram_table"))
     for _, m in moe_layers(model):
         if isinstance(m, RoutedMoE):  # only k of E experts run per token
             n -= (m.up.numel() + m.down.numel()) * (m.E - m.k) // m.E
@@ -1170,9 +1142,7 @@ def flops_per_token(model: nn.Module, h) -> float:
 
 
 def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 # ---- 10. Training loop: schedules, steps, compile warm-up, EMA, step lines -----------------------
@@ -1242,16 +1212,15 @@ class Trainer:
         self.routing_totals = None
 
     def update_ema(self, step_progress: float) -> None:
-        h = self.h
-        if h.ema_decay == 0:
+        if self.h.ema_decay == 0:
             return
         if self.ema is None:
             self.ema = EMA(self.model)
             return
-        # Unset: a horizon that is a fixed share of the run, so short runs average like long ones
-        # (decay = exp(-this step's share of the run / horizon), ~0.9971 at 7,000 steps). A number is
-        # the record's per-step decay, whatever the run length.
-        self.ema.update(h.ema_decay if h.ema_decay is not None else math.exp(-step_progress / EMA_RUN_HORIZON))
+        # Unset: the decay follows this step's share of the run (~0.9971 at 7,000 steps), so short runs
+        # average like long ones. A number is the records' per-step decay, whatever the run length.
+        decay = self.h.ema_decay if self.h.ema_decay is not None else math.exp(-step_progress / EMA_RUN_HORIZON)
+        self.ema.update(decay)
 
     def log_step(self, ce: float, elapsed_ms: float, flops: float, peak: float | None) -> None:
         tokens_per_s = self.step * self.h.train_batch_tokens / max(elapsed_ms / 1000, 1e-9)
@@ -1313,9 +1282,6 @@ class Trainer:
 def load_artifact_model(path: str, device: torch.device, **overrides) -> tuple[GPT, SimpleNamespace]:
     """Rebuild the model from an artifact alone (its stored knobs) and load the dequantized weights."""
     config, state = read_artifact(path)
-    if "BIGRAM_BUCKETS" in config:  # written before the knob renames: same model, older names
-        config["BIGRAM_VOCAB_SIZE"] = config.pop("BIGRAM_BUCKETS")
-        config["MOE_LAYERS"] = config["MOE_LAYERS"] or list(range(config.pop("MOE_START_LAYER"), config["NUM_LAYERS"]))
     h = load_config({}, **config, **overrides)
     model = GPT(h).to(device)
     missing = set(artifact_state(model)) - set(state)
@@ -1355,15 +1321,14 @@ def log_header(h, model: GPT, world: int, accum: int, device, val_tokens: Tensor
 
 def export_and_report(model: GPT, h, path: str, log) -> None:
     size = export_artifact(model, h, path, code_bytes(), log)
-    total = size + code_bytes()
+    total, slack, digest = size + code_bytes(), h.size_cap_bytes - size - code_bytes(), sha256_file(path)
     log(f"Serialized model quant+zstd: {size} bytes")
     log(f"Code size: {code_bytes()} bytes")
     log(f"Total submission size quant+zstd: {total} bytes")
-    log(f"size_check total:{total} cap:{h.size_cap_bytes} slack:{h.size_cap_bytes - total} "
-        f"{'OK' if total <= h.size_cap_bytes else 'OVER THE CAP'} artifact:{os.path.abspath(path)} "
-        f"sha256:{sha256_file(path)}")
+    log(f"size_check total:{total} cap:{h.size_cap_bytes} slack:{slack} {'OK' if slack >= 0 else 'OVER THE CAP'} "
+        f"artifact:{os.path.abspath(path)} sha256:{digest}")
     log.event("size_check", code_bytes=code_bytes(), artifact_bytes=size, total_bytes=total, cap=h.size_cap_bytes,
-              slack=h.size_cap_bytes - total, artifact=os.path.abspath(path), sha256=sha256_file(path))
+              slack=slack, artifact=os.path.abspath(path), sha256=digest)
 
 
 def final_evaluation(qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: int, world: int, log, note: str) -> None:
