@@ -1,6 +1,7 @@
 """Mixture-of-Experts layers: routing, dispatch, balancing, parameter counts, compile, telemetry."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -194,11 +195,12 @@ def test_telemetry_lines_and_collapse_warning(tiny_config):
     assert summary["load"] == pytest.approx([0.9, 0.08, 0.02, 0.0])
     assert summary["dead"] == 2  # 2% and 0% are under a tenth of the uniform 25%
     assert summary["max_over_mean"] == pytest.approx(3.6)
-    lines = tg.routing_log_lines(model, stats)
+    assert summary["load_std"] == pytest.approx(float(np.std([0.9, 0.08, 0.02, 0.0])))
+    lines = tg.routing_log_lines(tg.routing_summary(model, stats))
     assert lines[0].startswith("moe layer:0 load:0.900,0.080,0.020,0.000")
     assert "WARNING" in lines[1] and "90.0%" in lines[1]
     stats[0, :4] = 25.0
-    assert len(tg.routing_log_lines(model, stats)) == 1
+    assert len(tg.routing_log_lines(tg.routing_summary(model, stats))) == 1
 
 
 def test_aux_losses_reach_training_loss_but_not_eval(tiny_config):
