@@ -115,8 +115,8 @@ def parse_knob(name: str, raw: str, kind: type) -> object:
 def load_config(environ=None, **overrides) -> SimpleNamespace:
     """Read every knob from `environ` (default os.environ), apply keyword overrides, validate."""
     env = os.environ if environ is None else environ
-    for key in env:
-        if key in REPLACED_KNOBS and env[key] != "":
+    for key in [*env, *(k.upper() for k in overrides)]:  # overrides: e.g. the knobs an artifact stores
+        if key in REPLACED_KNOBS and (env.get(key, "") != "" or key in overrides or key.lower() in overrides):
             raise ConfigError(f"{key} is no longer a knob: use {REPLACED_KNOBS[key]}")
         if key not in KNOBS and key not in LAUNCHER_VARS:
             close = difflib.get_close_matches(key, list(KNOBS), n=1, cutoff=0.9)

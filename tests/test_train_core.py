@@ -412,3 +412,15 @@ def test_one_parameter_classification_for_optimizer_and_quantizer(tiny_config):
         assert (id(p) in muon_ids) == (classes[name] in tg.MATRIX_CLASSES), name
         assert (tg.storage_bits(name, p, h) == 16) == (classes[name] in ("router", "control")
                                                         or p.numel() <= h.fp16_keep_max_numel), name
+
+
+def test_artifact_written_with_a_replaced_knob_fails_clearly(tiny_config, tmp_path):
+    h = tiny_config()
+    state = tg.artifact_state(tg.GPT(h))
+    entries, _ = tg.quantize_state(state, h)
+    config = {n: getattr(h, n.lower()) for n in tg.MODEL_KNOBS}
+    config["BIGRAM_BUCKETS"] = config.pop("BIGRAM_VOCAB_SIZE")  # as written before issue 9
+    blob = tg.serialize_artifact(entries, config, {n: list(t.shape) for n, t in state.items()}, 1)
+    (tmp_path / "old.ptz").write_bytes(blob)
+    with pytest.raises(tg.ConfigError, match="BIGRAM_BUCKETS is no longer a knob: use BIGRAM_VOCAB_SIZE"):
+        tg.load_artifact_model(str(tmp_path / "old.ptz"), torch.device("cpu"))
