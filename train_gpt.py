@@ -2,8 +2,9 @@
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py      # knobs are environment variables
 
-Sections, top to bottom: hyperparameters, data, model, MoE, optimizer, quantization and artifact,
-evaluation, training loop, main(). Importing this file does no work, so tools and tests reuse it.
+Sections, top to bottom, in the order data flows: hyperparameters, data, model parts, MoE, the
+network, optimizer, quantization and artifact, evaluation, runtime (processes, log, FLOPs),
+training loop, main(). Importing this file does no work, so tools and tests reuse it.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import struct
 import sys
 import time
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import sentencepiece as spm
@@ -29,16 +31,10 @@ import zstandard
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-# ----------------------------------------------------------------------------------------------
-# 1. Hyperparameters: every knob is an environment variable (documented in README.md)
-# ----------------------------------------------------------------------------------------------
-CHOICES = {
-    "COMPILE": ("auto", "0", "1"),
-    "MLP_ACT": ("relu2", "leaky_relu2"),
-    "MOE_MODE": ("none", "soft", "topk", "standard", "shared_routed"),
-    "ROUTER_SCORE": ("softmax", "sigmoid"),
-    "MOE_DISPATCH": ("grouped", "capacity"),
-}
+# ---- 1. Hyperparameters: every knob is an environment variable (documented in README.md) ---------
+CHOICES = {"COMPILE": ("auto", "0", "1"), "MLP_ACT": ("relu2", "leaky_relu2"),
+           "MOE_MODE": ("none", "soft", "topk", "shared_routed"), "ROUTER_SCORE": ("softmax", "sigmoid"),
+           "MOE_DISPATCH": ("grouped", "capacity")}
 KNOBS: dict[str, tuple[type, object]] = {
     # data, run and logging
     "DATA_PATH": (str, "./data/datasets/fineweb10B_sp1024"),
@@ -50,16 +46,16 @@ KNOBS: dict[str, tuple[type, object]] = {
     # run length and schedules (fractions of the run, so short runs are miniatures of long ones)
     "ITERATIONS": (int, 20000), "MAX_WALLCLOCK_SECONDS": (float, 600.0),
     "TRAIN_BATCH_TOKENS": (int, 786_432), "MICRO_BATCH_TOKENS": (int, 0), "TRAIN_SEQ_LEN": (int, 2048),
-    "WARMUP_STEPS": (int, 20), "LR_WARMUP_FRAC": (float, 0.0), "WARMDOWN_FRAC": (float, 0.45),
+    "WARMUP_STEPS": (int, 20), "WARMDOWN_FRAC": (float, 0.45),
     # model
     "NUM_LAYERS": (int, 10), "MODEL_DIM": (int, 512), "NUM_HEADS": (int, 8), "NUM_KV_HEADS": (int, 4),
     "MLP_MULT": (float, 3.0), "MLP_ACT": (str, "relu2"),
     "ROPE_DIMS": (int, 0), "ROPE_BASE": (float, 10000.0), "QK_GAIN_INIT": (float, 1.5),
     "LOGIT_SOFTCAP": (float, 30.0), "TIE_EMBEDDINGS": (bool, True), "TIED_EMBED_INIT_STD": (float, 0.005),
-    "BIGRAM_BUCKETS": (int, 10240), "BIGRAM_DIM": (int, 128), "SMEAR_GATE": (bool, True),
+    "BIGRAM_VOCAB_SIZE": (int, 10240), "BIGRAM_DIM": (int, 128), "SMEAR_GATE": (bool, True),
     # mixture of experts
     "MOE_MODE": (str, "soft"), "NUM_EXPERTS": (int, 4), "TOP_K": (int, 1),
-    "MOE_LAYERS": (list, []), "MOE_START_LAYER": (int, 0), "EXPERT_HIDDEN": (int, 0), "SHARED_HIDDEN": (int, 0),
+    "MOE_LAYERS": (list, []), "EXPERT_HIDDEN": (int, 0), "SHARED_HIDDEN": (int, 0),
     "ROUTER_SCORE": (str, "softmax"), "ROUTER_LR": (float, 0.01),
     "MOE_AUX_LOSS_COEF": (float, 0.01), "ROUTER_Z_COEF": (float, 0.001), "ROUTER_BIAS_RATE": (float, 0.001),
     "ROUTER_NOISE": (float, 0.0), "MOE_DISPATCH": (str, "grouped"), "CAPACITY_FACTOR": (float, 1.25),
@@ -70,22 +66,25 @@ KNOBS: dict[str, tuple[type, object]] = {
     "MUON_MOMENTUM_WARMUP_FRAC": (float, 0.22), "MUON_BACKEND_STEPS": (int, 5), "MUON_WD": (float, 0.04),
     "BETA1": (float, 0.9), "BETA2": (float, 0.95), "ADAM_EPS": (float, 1e-8), "ADAM_WD": (float, 0.04),
     "GRAD_CLIP_NORM": (float, 0.3),
-    # weight averaging
-    "EMA_HORIZON": (float, 0.05), "EMA_START": (float, 0.0), "EMA_DECAY": (float, None),
+    # weight averaging: unset = a horizon of EMA_RUN_HORIZON of the run; a number = per-step decay; 0 = off
+    "EMA_DECAY": (float, None),
     # quantization and the artifact
     "QUANT_BITS_MLP": (int, 5), "QUANT_BITS_ATTN": (int, 6), "QUANT_BITS_EMBED": (int, 8),
     "QUANT_BITS_BIGRAM": (int, 6), "FP16_KEEP_NAME_PATTERNS": (str, ""), "FP16_KEEP_MAX_NUMEL": (int, 4096),
     "PRUNE_FRAC": (float, 0.0), "ZSTD_LEVEL": (int, 22), "SIZE_CAP_BYTES": (int, 16_000_000),
-    "BUDGET_MARGIN": (float, 0.02), "ALLOW_OVER_BUDGET": (bool, False),
+    "BUDGET_MARGIN": (float, 0.02),
     # evaluation
     "EVAL_STRIDE": (int, 64), "EVAL_SEQ_LEN": (int, 0), "EVAL_BATCH_SEQS": (int, 32),
 }
 # The knobs that define the network; the artifact stores them so it can rebuild the model.
-MODEL_KNOBS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT",
-               "MLP_ACT", "ROPE_DIMS", "ROPE_BASE", "QK_GAIN_INIT", "LOGIT_SOFTCAP", "TIE_EMBEDDINGS",
-               "BIGRAM_BUCKETS", "BIGRAM_DIM", "SMEAR_GATE", "MOE_MODE", "NUM_EXPERTS", "TOP_K",
-               "MOE_LAYERS", "MOE_START_LAYER", "EXPERT_HIDDEN", "SHARED_HIDDEN", "ROUTER_SCORE",
-               "MOE_DISPATCH", "CAPACITY_FACTOR")
+MODEL_KNOBS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_ACT",
+               "ROPE_DIMS", "ROPE_BASE", "QK_GAIN_INIT", "LOGIT_SOFTCAP", "TIE_EMBEDDINGS", "BIGRAM_VOCAB_SIZE",
+               "BIGRAM_DIM", "SMEAR_GATE", "MOE_MODE", "NUM_EXPERTS", "TOP_K", "MOE_LAYERS", "EXPERT_HIDDEN",
+               "SHARED_HIDDEN", "ROUTER_SCORE", "MOE_DISPATCH", "CAPACITY_FACTOR")
+# Knobs merged or renamed by the restructure (issue 9): a clear error instead of a silently ignored variable.
+REPLACED_KNOBS = {"BIGRAM_BUCKETS": "BIGRAM_VOCAB_SIZE", "MOE_START_LAYER": "MOE_LAYERS (a list of layers)",
+                  "EMA_HORIZON": "EMA_DECAY (unset = 5% of the run, 0 = off)", "EMA_START": "EMA_DECAY",
+                  "ALLOW_OVER_BUDGET": "BUDGET_MARGIN=-1", "LR_WARMUP_FRAC": "nothing (no LR warm-up)"}
 # Launcher variables that are not knobs but look like them.
 LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
@@ -116,59 +115,58 @@ def parse_knob(name: str, raw: str, kind: type) -> object:
 def load_config(environ=None, **overrides) -> SimpleNamespace:
     """Read every knob from `environ` (default os.environ), apply keyword overrides, validate."""
     env = os.environ if environ is None else environ
-    for key in env:
+    for key in [*env, *(k.upper() for k in overrides)]:  # overrides: e.g. the knobs an artifact stores
+        if key in REPLACED_KNOBS and (env.get(key, "") != "" or key in overrides or key.lower() in overrides):
+            raise ConfigError(f"{key} is no longer a knob: use {REPLACED_KNOBS[key]}")
         if key not in KNOBS and key not in LAUNCHER_VARS:
             close = difflib.get_close_matches(key, list(KNOBS), n=1, cutoff=0.9)
             if close:
                 raise ConfigError(f"unknown variable {key}: did you mean {close[0]}?")
-    values = {}
-    for name, (kind, default) in KNOBS.items():
-        raw = env.get(name, "")
-        values[name.lower()] = parse_knob(name, raw, kind) if raw != "" else copy.copy(default)
+    values = {name.lower(): parse_knob(name, env[name], kind) if env.get(name, "") != "" else copy.copy(default)
+              for name, (kind, default) in KNOBS.items()}
     values.update({k.lower(): v for k, v in overrides.items()})
     return derive_config(SimpleNamespace(**values))
 
 
 def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     """Check knob combinations and fill in the values other knobs imply."""
-    def need(cond: bool, msg: str):
+    def require(cond: bool, msg: str):
         if not cond:
             raise ConfigError(msg)
     for name in ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN",
                  "TRAIN_BATCH_TOKENS", "NUM_EXPERTS", "TOP_K", "EVAL_BATCH_SEQS", "ITERATIONS"):
-        need(getattr(h, name.lower()) > 0, f"{name}={getattr(h, name.lower())}: must be positive")
-    need(h.model_dim % h.num_heads == 0, f"MODEL_DIM={h.model_dim} is not divisible by NUM_HEADS={h.num_heads}")
-    need(h.num_heads % h.num_kv_heads == 0, f"NUM_HEADS={h.num_heads} is not divisible by NUM_KV_HEADS={h.num_kv_heads}")
+        require(getattr(h, name.lower()) > 0, f"{name}={getattr(h, name.lower())}: must be positive")
+    require(h.model_dim % h.num_heads == 0, f"MODEL_DIM={h.model_dim} is not divisible by NUM_HEADS={h.num_heads}")
+    require(h.num_heads % h.num_kv_heads == 0, f"NUM_HEADS={h.num_heads} is not divisible by NUM_KV_HEADS={h.num_kv_heads}")
     h.head_dim = h.model_dim // h.num_heads
     h.rope_dims = h.rope_dims or h.head_dim
-    need(h.rope_dims % 2 == 0 and h.rope_dims <= h.head_dim, f"ROPE_DIMS={h.rope_dims}: must be even and at most the head dim {h.head_dim}")
-    need(h.vocab_size <= 65536, f"VOCAB_SIZE={h.vocab_size}: shards hold uint16 token ids")
-    h.moe_mode = "topk" if h.moe_mode == "standard" else h.moe_mode
-    need(1 <= h.top_k <= h.num_experts, f"TOP_K={h.top_k}: must be between 1 and NUM_EXPERTS={h.num_experts}")
+    require(h.rope_dims % 2 == 0 and h.rope_dims <= h.head_dim, f"ROPE_DIMS={h.rope_dims}: must be even and at most the head dim {h.head_dim}")
+    require(h.vocab_size <= 65536, f"VOCAB_SIZE={h.vocab_size}: shards hold uint16 token ids")
+    require(1 <= h.top_k <= h.num_experts, f"TOP_K={h.top_k}: must be between 1 and NUM_EXPERTS={h.num_experts}")
     for layer in h.moe_layers:
-        need(0 <= layer < h.num_layers, f"MOE_LAYERS: layer {layer} is outside 0..{h.num_layers - 1}")
-    h.moe_layer_ids = sorted(set(h.moe_layers)) if h.moe_layers else list(range(h.moe_start_layer, h.num_layers))
+        require(0 <= layer < h.num_layers, f"MOE_LAYERS: layer {layer} is outside 0..{h.num_layers - 1}")
+    h.moe_layer_ids = sorted(set(h.moe_layers)) if h.moe_layers else list(range(h.num_layers))
     if h.moe_mode == "none":
         h.moe_layer_ids = []
     h.mlp_hidden = int(h.mlp_mult * h.model_dim)
-    h.shared_hidden_eff = (h.shared_hidden or h.mlp_hidden // 2) if h.moe_mode == "shared_routed" else 0
-    free_hidden = h.mlp_hidden - h.shared_hidden_eff
+    h.shared_mlp_hidden = (h.shared_hidden or h.mlp_hidden // 2) if h.moe_mode == "shared_routed" else 0
+    free_hidden = h.mlp_hidden - h.shared_mlp_hidden
     if h.moe_mode != "none" and not h.expert_hidden:
-        need(free_hidden > 0 and free_hidden % h.num_experts == 0,
-             f"NUM_EXPERTS={h.num_experts}: the parameter-matched expert size {free_hidden}/{h.num_experts} is not whole; set EXPERT_HIDDEN")
-    h.expert_hidden_eff = h.expert_hidden or max(free_hidden // h.num_experts, 0)
-    need(h.capacity_factor > 0, f"CAPACITY_FACTOR={h.capacity_factor}: must be positive")
+        require(free_hidden > 0 and free_hidden % h.num_experts == 0,
+                f"NUM_EXPERTS={h.num_experts}: the parameter-matched expert size {free_hidden}/{h.num_experts} is not whole; set EXPERT_HIDDEN")
+    h.expert_mlp_hidden = h.expert_hidden or max(free_hidden // h.num_experts, 0)
+    require(h.capacity_factor > 0, f"CAPACITY_FACTOR={h.capacity_factor}: must be positive")
     for name in ("QUANT_BITS_MLP", "QUANT_BITS_ATTN", "QUANT_BITS_EMBED", "QUANT_BITS_BIGRAM"):
         bits = getattr(h, name.lower())
-        need(2 <= bits <= 8 or bits == 16, f"{name}={bits}: expected 2..8, or 16 to keep fp16")
-    need(0.0 <= h.prune_frac < 1.0, f"PRUNE_FRAC={h.prune_frac}: expected a fraction in [0, 1)")
-    need(0.0 <= h.warmdown_frac <= 1.0 and 0.0 <= h.lr_warmup_frac <= 1.0, "WARMDOWN_FRAC and LR_WARMUP_FRAC are fractions in [0, 1]")
-    need(h.ema_decay is None or 0.0 <= h.ema_decay < 1.0, f"EMA_DECAY={h.ema_decay}: expected a per-step decay in [0, 1)")
+        require(2 <= bits <= 8 or bits == 16, f"{name}={bits}: expected 2..8, or 16 to keep fp16")
+    require(0.0 <= h.prune_frac < 1.0, f"PRUNE_FRAC={h.prune_frac}: expected a fraction in [0, 1)")
+    require(0.0 <= h.warmdown_frac <= 1.0, f"WARMDOWN_FRAC={h.warmdown_frac}: expected a fraction in [0, 1]")
+    require(h.ema_decay is None or 0.0 <= h.ema_decay < 1.0, f"EMA_DECAY={h.ema_decay}: expected a per-step decay in [0, 1)")
     h.micro_batch_tokens = h.micro_batch_tokens or h.train_batch_tokens // 8
-    need(h.micro_batch_tokens % h.train_seq_len == 0,
-         f"MICRO_BATCH_TOKENS={h.micro_batch_tokens} is not a multiple of TRAIN_SEQ_LEN={h.train_seq_len}")
+    require(h.micro_batch_tokens % h.train_seq_len == 0,
+            f"MICRO_BATCH_TOKENS={h.micro_batch_tokens} is not a multiple of TRAIN_SEQ_LEN={h.train_seq_len}")
     h.eval_seq_len = h.eval_seq_len or h.train_seq_len
-    need(0 <= h.eval_stride <= h.eval_seq_len, f"EVAL_STRIDE={h.eval_stride}: must be in 0..EVAL_SEQ_LEN={h.eval_seq_len}")
+    require(0 <= h.eval_stride <= h.eval_seq_len, f"EVAL_STRIDE={h.eval_stride}: must be in 0..EVAL_SEQ_LEN={h.eval_seq_len}")
     return h
 
 
@@ -179,13 +177,7 @@ def grad_accum_steps(h: SimpleNamespace, world_size: int) -> int:
                           f"x MICRO_BATCH_TOKENS={h.micro_batch_tokens}")
     return h.train_batch_tokens // per_step
 
-
-def model_knobs(h: SimpleNamespace) -> dict:
-    return {name: getattr(h, name.lower()) for name in MODEL_KNOBS}
-
-# ----------------------------------------------------------------------------------------------
-# 2. Data: challenge shards (256 x int32 header, then uint16 tokens), loaders, tokenizer bytes
-# ----------------------------------------------------------------------------------------------
+# ---- 2. Data: challenge shards (256 x int32 header, then uint16 tokens), loaders, tokenizer bytes ----
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
 BOS_ID = 1
 
@@ -322,11 +314,7 @@ def target_bytes(prev: Tensor, tgt: Tensor, tables: tuple[Tensor, Tensor, Tensor
     base, space, control = tables
     return base[tgt].to(torch.int32) + (space[tgt] & ~control[prev]).to(torch.int32)
 
-# ----------------------------------------------------------------------------------------------
-# 3. Model: GQA attention with QK-norm and partial RoPE, U-Net skips, BigramHash, SmearGate
-# ----------------------------------------------------------------------------------------------
-
-
+# ---- 3. Model parts: GQA attention with QK-norm and partial RoPE, MLP, BigramHash, SmearGate -----
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
@@ -383,7 +371,7 @@ class DenseMLP(nn.Module):
         self.fc = nn.Linear(dim, hidden, bias=False)
         self.proj = zero_init(nn.Linear(hidden, dim, bias=False))
 
-    def forward(self, x: Tensor, aux: list) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         return self.proj(mlp_act(self.fc(x), self.act))
 
 
@@ -395,9 +383,11 @@ class BigramHash(nn.Module):
         self.buckets = buckets
         self.table = nn.Embedding(buckets, bigram_dim)
         self.proj = zero_init(nn.Linear(bigram_dim, dim, bias=False))
+        # Starts as a small correction to the token embedding, so hash collisions cannot dominate early.
         self.scale = nn.Parameter(torch.tensor(0.05))
 
     def forward(self, idx: Tensor) -> Tensor:
+        # Two large odd multipliers (1,000,003 is prime) spread (previous, current) pairs over the buckets.
         pair = (idx[:, :-1] * 92821) ^ (idx[:, 1:] * 1_000_003)
         # The first position has no previous token: it gets the reserved last bucket.
         first = torch.full_like(idx[:, :1], self.buckets - 1)
@@ -419,79 +409,23 @@ class SmearGate(nn.Module):
         g = torch.sigmoid(self.gate).to(x.dtype) * mixes.unsqueeze(-1).to(x.dtype)
         return x + g * (prev - x)
 
+# ---- 4. Mixture of Experts: soft (every expert, softmax-blended), top-k and shared+routed --------
+class RoutingStats(NamedTuple):
+    """One MoE layer's telemetry since the last step line. Stored flat ([load..., tokens, ...]) in the
+    layer's `stats` buffer so that one all_reduce carries every layer; unpack() names the parts."""
+    load: Tensor  # tokens (routed: assignments) per expert
+    tokens: float
+    entropy: float  # summed over tokens, each as a fraction of ln E
+    aux: float  # Switch aux loss, summed over forward calls
+    z: float  # router z-loss, summed over forward calls
+    dropped: float  # assignments over capacity (MOE_DISPATCH=capacity)
+    calls: float
 
-class Block(nn.Module):
-    def __init__(self, h, layer: int):
-        super().__init__()
-        self.attn = Attention(h)
-        self.mlp = make_mlp(h, layer)
-        self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
-        self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
-        self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
-
-    def forward(self, x: Tensor, x0: Tensor, aux: list) -> Tensor:
-        mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x), aux)
+    @classmethod
+    def unpack(cls, row: Tensor, num_experts: int) -> RoutingStats:
+        return cls(row[:num_experts], *row[num_experts:].tolist())
 
 
-class GPT(nn.Module):
-    def __init__(self, h):
-        super().__init__()
-        self.softcap, self.vocab_size = h.logit_softcap, h.vocab_size
-        self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
-        self.bigram = BigramHash(h.bigram_buckets, h.bigram_dim, h.model_dim) if h.bigram_buckets > 0 else None
-        self.smear = SmearGate(h.model_dim) if h.smear_gate else None
-        self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
-        self.n_encoder = h.num_layers // 2
-        self.skip_weights = nn.Parameter(torch.ones(h.num_layers - self.n_encoder, h.model_dim))
-        self.lm_head = None if h.tie_embeddings else zero_init(nn.Linear(h.model_dim, h.vocab_size, bias=False))
-        self.reset_parameters(h.tied_embed_init_std)
-
-    @torch.no_grad()
-    def reset_parameters(self, embed_std: float) -> None:
-        nn.init.normal_(self.tok_emb.weight, std=embed_std)
-        if self.bigram is not None:
-            nn.init.normal_(self.bigram.table.weight, std=0.02)
-        for module in self.modules():
-            if isinstance(module, MoEBase):
-                module.reset_parameters()
-            elif isinstance(module, nn.Linear):
-                nn.init.zeros_(module.weight) if getattr(module, "zero_init", False) else nn.init.orthogonal_(module.weight)
-
-    def hidden(self, idx: Tensor, aux: list) -> Tensor:
-        x = self.tok_emb(idx)
-        if self.bigram is not None:
-            x = x + self.bigram(idx)
-        x = rms_norm(x)
-        if self.smear is not None:
-            x = self.smear(x, idx)
-        x0, skips = x, []
-        for i, block in enumerate(self.blocks):
-            if i >= self.n_encoder and skips:  # U-Net: decoder layer j adds encoder output n_enc-1-j
-                x = x + self.skip_weights[i - self.n_encoder].to(x.dtype) * skips.pop()
-            x = block(x, x0, aux)
-            if i < self.n_encoder:
-                skips.append(x)
-        return rms_norm(x)
-
-    def logits(self, idx: Tensor, aux: list | None = None) -> Tensor:
-        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(self.hidden(idx, [] if aux is None else aux), weight).float()
-        return self.softcap * torch.tanh(logits / self.softcap)
-
-    def forward(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """Returns (loss to minimise = cross-entropy + auxiliary routing losses, cross-entropy)."""
-        aux: list[Tensor] = []
-        ce = F.cross_entropy(self.logits(idx, aux).view(-1, self.vocab_size), targets.reshape(-1))
-        return (ce + torch.stack(aux).sum() if aux else ce), ce.detach()
-
-# ----------------------------------------------------------------------------------------------
-# 4. Mixture of Experts: soft (every expert, softmax-blended), top-k and shared+routed
-# ----------------------------------------------------------------------------------------------
-# Per-layer telemetry buffer: [load per expert..., tokens, entropy sum, aux sum, z sum, dropped, calls]
-STAT_TOKENS, STAT_ENTROPY, STAT_AUX, STAT_Z, STAT_DROPPED, STAT_CALLS = range(6)
 DEAD_LOAD_SHARE = 0.1  # an expert is "dead" when its load is under 10% of the uniform share
 COLLAPSE_SHARE = 0.8  # warn when one expert takes more than this share of a layer's tokens
 ROUTED_INIT_STD = 0.02  # router init of routed modes: logits of std ~0.45 on RMS-normed inputs
@@ -513,14 +447,16 @@ class MoEBase(nn.Module):
 
     def __init__(self, h, dim: int, num_experts: int, expert_hidden: int, router_init_std: float):
         super().__init__()
-        E, self.E, self.act = num_experts, num_experts, h.mlp_act
-        self.router_weight = nn.Parameter(torch.empty(E, dim))
-        self.up = nn.Parameter(torch.empty(E, expert_hidden, dim))
-        self.down = nn.Parameter(torch.empty(E, dim, expert_hidden))
+        self.E = num_experts
+        self.act = h.mlp_act
+        self.router_weight = nn.Parameter(torch.empty(num_experts, dim))
+        self.up = nn.Parameter(torch.empty(num_experts, expert_hidden, dim))
+        self.down = nn.Parameter(torch.empty(num_experts, dim, expert_hidden))
         self.router_init_std = router_init_std
-        self.z_coef, self.aux_coef = h.router_z_coef, h.moe_aux_loss_coef
-        self.register_buffer("stats", torch.zeros(E + 6), persistent=False)
-        self.record: list | None = None  # set to a list (eager only) to capture per-token routing
+        self.z_coef = h.router_z_coef
+        self.aux_coef = h.moe_aux_loss_coef
+        self.aux_terms: list[Tensor] = []  # this forward's weighted z- and aux losses; GPT.forward adds them
+        self.register_buffer("stats", torch.zeros(len(RoutingStats._fields) - 1 + num_experts), persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -535,84 +471,85 @@ class MoEBase(nn.Module):
     def router_logits(self, x: Tensor) -> Tensor:
         return F.linear(x, self.router_weight.to(x.dtype)).float()
 
-    def account(self, logits: Tensor, probs: Tensor, load: Tensor, aux: list, aux_loss=None, dropped=None):
-        """Adds the z-loss (and Switch aux loss) to `aux`; accumulates telemetry while training."""
+    def account(self, logits: Tensor, probs: Tensor, load: Tensor, aux_loss=None, dropped=None):
+        """Sets aux_terms (z-loss, Switch aux loss) and accumulates telemetry, while training only."""
+        self.aux_terms = []
         if not self.training:
             return
         z = torch.logsumexp(logits, dim=-1).square().mean()
         if self.z_coef:
-            aux.append(self.z_coef * z)
+            self.aux_terms.append(self.z_coef * z)
         if aux_loss is not None and self.aux_coef:
-            aux.append(self.aux_coef * aux_loss)
+            self.aux_terms.append(self.aux_coef * aux_loss)
         with torch.no_grad():
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).sum() / max(math.log(self.E), 1e-12)
             zero = torch.zeros((), device=z.device)
-            extra = torch.stack((zero + probs.size(0), entropy, zero if aux_loss is None else aux_loss.detach(),
-                                 z.detach(), zero if dropped is None else dropped.float(), zero + 1))
+            aux_value = zero if aux_loss is None else aux_loss.detach()
+            dropped_value = zero if dropped is None else dropped.float()  # extra: in RoutingStats order
+            extra = torch.stack((zero + probs.size(0), entropy, aux_value, z.detach(), dropped_value, zero + 1))
             self.stats.add_(torch.cat((load.float(), extra)))
 
 
 class SoftMoE(MoEBase):
     """One MLP whose hidden units form E groups, each scaled per token by E * softmax(router(x)).
+    One fused up and one fused down matmul; with a zero router (the init) or E = 1 it is the dense MLP."""
 
-    One fused up and one fused down matmul; with a zero router (the init) or E = 1 it is the dense MLP.
-    """
-
-    def forward(self, x: Tensor, aux: list) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         logits = self.router_logits(x)
         probs = torch.softmax(logits, dim=-1)
-        h = mlp_act(F.linear(x, self.up.flatten(0, 1).to(x.dtype)), self.act)
-        h = (h.unflatten(-1, (self.E, -1)) * (self.E * probs).to(h.dtype).unsqueeze(-1)).flatten(-2)
-        out = F.linear(h, self.down.transpose(0, 1).flatten(1).to(h.dtype))
+        hidden = mlp_act(F.linear(x, self.up.flatten(0, 1).to(x.dtype)), self.act)
+        expert_scale = (self.E * probs).to(hidden.dtype).unsqueeze(-1)
+        hidden = (hidden.unflatten(-1, (self.E, -1)) * expert_scale).flatten(-2)
+        out = F.linear(hidden, self.down.transpose(0, 1).flatten(1).to(hidden.dtype))
         flat_probs = probs.reshape(-1, self.E)
-        if self.record is not None:
-            self.record.append((flat_probs.detach(), flat_probs.argmax(-1, keepdim=True)))
-        self.account(logits.reshape(-1, self.E), flat_probs, flat_probs.sum(0), aux)
+        self.account(logits.reshape(-1, self.E), flat_probs, flat_probs.sum(0))
         return out
 
 
 class RoutedMoE(MoEBase):
     """Top-k routing with static-shape dispatch: sort by expert + grouped_mm, or fixed capacity + bmm.
-
     Selection may add the balancing bias; the gate uses the unbiased score, scaled so that an
     untrained router gives the chosen experts gates summing to 1 (no renormalisation, so even
-    top-1 gives the router a task gradient). shared_routed adds a dense shared MLP every token uses.
-    """
+    top-1 gives the router a task gradient). shared_routed adds a dense shared MLP every token uses."""
 
     def __init__(self, h, dim: int):
-        super().__init__(h, dim, h.num_experts, h.expert_hidden_eff, ROUTED_INIT_STD)
-        self.k, self.score, self.noise = h.top_k, h.router_score, h.router_noise
-        self.dispatch_mode, self.capacity_factor = h.moe_dispatch, h.capacity_factor
+        super().__init__(h, dim, h.num_experts, h.expert_mlp_hidden, ROUTED_INIT_STD)
+        self.k = h.top_k
+        self.score = h.router_score
+        self.noise = h.router_noise
+        self.dispatch_mode = h.moe_dispatch
+        self.capacity_factor = h.capacity_factor
+        # An untrained router scores ~1/E (softmax) or ~1/2 (sigmoid): this makes the k gates sum to ~1.
         self.gate_scale = (self.E if self.score == "softmax" else 2.0) / self.k
         self.register_buffer("router_bias", torch.zeros(self.E))
-        self.shared = DenseMLP(dim, h.shared_hidden_eff, h.mlp_act) if h.shared_hidden_eff else None
+        self.shared = DenseMLP(dim, h.shared_mlp_hidden, h.mlp_act) if h.shared_mlp_hidden else None
 
-    def route(self, x2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """-> (router logits, scores, chosen experts (T, k), gates (T, k)) for tokens x2 (T, dim)."""
-        logits = self.router_logits(x2)
+    def route(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """-> (router logits, scores, chosen experts (T, k), gates (T, k)) for tokens (T, dim)."""
+        logits = self.router_logits(tokens)
         if self.training and self.noise > 0:
             logits = logits + self.noise * torch.randn_like(logits)
         scores = torch.softmax(logits, -1) if self.score == "softmax" else torch.sigmoid(logits)
         choice = (scores + self.router_bias).topk(self.k, dim=-1).indices
         return logits, scores, choice, scores.gather(-1, choice) * self.gate_scale
 
-    def forward(self, x: Tensor, aux: list) -> Tensor:
-        x2 = x.reshape(-1, x.size(-1))
-        T, E, k = x2.size(0), self.E, self.k
-        logits, scores, choice, gate = self.route(x2)
-        flat = choice.reshape(-1)
-        counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = x.reshape(-1, x.size(-1))
+        logits, scores, choice, gate = self.route(tokens)
+        flat = choice.reshape(-1)  # the k choices of token t sit at t*k .. t*k+k-1
+        counts = torch.zeros(self.E, dtype=torch.long, device=x.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
         order = torch.argsort(flat, stable=True)
         dispatch = self.dispatch_grouped if self.dispatch_mode == "grouped" else self.dispatch_capacity
-        rows, dropped = dispatch(x2.to(expert_dtype(x2))[order // k], flat[order], counts)
+        sorted_tokens = tokens.to(expert_dtype(tokens))[order // self.k]
+        rows, dropped = dispatch(sorted_tokens, flat[order], counts)
         slots = torch.empty_like(rows).index_copy(0, order, rows)
-        out = (slots.view(T, k, -1) * gate.to(rows.dtype).unsqueeze(-1)).sum(1).view(x.shape)
+        weighted = slots.view(tokens.size(0), self.k, -1) * gate.to(rows.dtype).unsqueeze(-1)
+        out = weighted.sum(1).view(x.shape)
         if self.shared is not None:
-            out = out + self.shared(x, aux)
+            out = out + self.shared(x)
         probs = scores / scores.sum(-1, keepdim=True)
-        if self.record is not None:
-            self.record.append((probs.detach(), choice.detach()))
-        self.account(logits, probs, counts, aux, switch_aux_loss(counts, probs, k), dropped)
+        self.account(logits, probs, counts, switch_aux_loss(counts, probs, self.k), dropped)
         return out
 
     def expert_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -626,7 +563,9 @@ class RoutedMoE(MoEBase):
 
     def dispatch_capacity(self, xs: Tensor, experts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
         """Fixed buffers of C rows per expert; rows past C are dropped (output 0) and counted."""
-        E, rows, dim = self.E, xs.size(0), xs.size(1)
+        E = self.E
+        rows = xs.size(0)
+        dim = xs.size(1)
         cap = math.ceil(self.capacity_factor * rows / E)
         slot = torch.arange(rows, device=xs.device) - (counts.cumsum(0) - counts)[experts]
         keep = slot < cap
@@ -646,7 +585,7 @@ def make_mlp(h, layer: int) -> nn.Module:
     if layer not in h.moe_layer_ids:
         return DenseMLP(h.model_dim, h.mlp_hidden, h.mlp_act)
     if h.moe_mode == "soft":
-        return SoftMoE(h, h.model_dim, h.num_experts, h.expert_hidden_eff, router_init_std=0.0)
+        return SoftMoE(h, h.model_dim, h.num_experts, h.expert_mlp_hidden, router_init_std=0.0)
     return RoutedMoE(h, h.model_dim)
 
 
@@ -657,9 +596,7 @@ def moe_layers(model: nn.Module) -> list[tuple[int, MoEBase]]:
 @torch.no_grad()
 def collect_routing_stats(model: nn.Module, bias_rate: float, world_size: int) -> Tensor | None:
     """Sums this step's routing buffers over ranks, resets them and nudges the balancing bias.
-
-    Aux-loss-free balancing (DeepSeek-V3): bias += rate * sign(mean load - load), re-centred.
-    """
+    Aux-loss-free balancing (DeepSeek-V3): bias += rate * sign(mean load - load), re-centred."""
     layers = moe_layers(model)
     if not layers:
         return None
@@ -669,15 +606,15 @@ def collect_routing_stats(model: nn.Module, bias_rate: float, world_size: int) -
     for (_, m), row in zip(layers, stats):
         m.stats.zero_()
         if bias_rate > 0 and isinstance(m, RoutedMoE):
-            load = row[:m.E]
+            load = RoutingStats.unpack(row, m.E).load
             m.router_bias.add_(bias_rate * torch.sign(load.mean() - load))
             m.router_bias.sub_(m.router_bias.mean())
     return stats
 
 
-def routing_log_lines(model: nn.Module, stats: Tensor) -> list[str]:
+def routing_log_lines(summary: list[dict]) -> list[str]:
     lines = []
-    for r in routing_summary(model, stats):
+    for r in summary:
         lines.append(f"moe layer:{r['layer']} load:{','.join(f'{v:.3f}' for v in r['load'])} "
                      f"max_mean:{r['max_over_mean']:.2f} dead:{r['dead']} entropy:{r['entropy']:.3f} "
                      f"aux:{r['aux']:.4f} z:{r['z']:.4f} bias:{r['bias_min']:.4f}..{r['bias_max']:.4f} "
@@ -692,23 +629,109 @@ def routing_summary(model: nn.Module, stats: Tensor) -> list[dict]:
     """Per MoE layer: load shares, max/mean, dead experts, entropy / ln E, aux, z, bias, drop rate."""
     out = []
     for (layer, m), row in zip(moe_layers(model), stats.double().cpu()):
-        E, extra = m.E, row[m.E:]
-        calls, tokens = max(extra[STAT_CALLS].item(), 1), max(extra[STAT_TOKENS].item(), 1)
-        load = (row[:E] / max(row[:E].sum().item(), 1e-12)).tolist()
+        totals = RoutingStats.unpack(row, m.E)
+        calls = max(totals.calls, 1)
+        tokens = max(totals.tokens, 1)
+        load = (totals.load / max(totals.load.sum().item(), 1e-12)).tolist()
         bias = m.router_bias.tolist() if isinstance(m, RoutedMoE) else [0.0]
-        out.append(dict(layer=layer, load=load, max_over_mean=max(load) * E,
-                        dead=sum(share < DEAD_LOAD_SHARE / E for share in load),
-                        entropy=extra[STAT_ENTROPY].item() / tokens, aux=extra[STAT_AUX].item() / calls,
-                        z=extra[STAT_Z].item() / calls, bias_min=min(bias), bias_max=max(bias),
-                        drop_rate=extra[STAT_DROPPED].item() / (tokens * getattr(m, "k", 1))))
+        out.append(dict(layer=layer, load=load, load_std=float(np.std(load)), max_over_mean=max(load) * m.E,
+                        dead=sum(share < DEAD_LOAD_SHARE / m.E for share in load),
+                        entropy=totals.entropy / tokens, aux=totals.aux / calls, z=totals.z / calls,
+                        bias_min=min(bias), bias_max=max(bias),
+                        drop_rate=totals.dropped / (tokens * getattr(m, "k", 1))))
     return out
 
-# ----------------------------------------------------------------------------------------------
-# 5. Optimizer: Muon (orthogonalised momentum) for block matrices, Adam for the rest
-# ----------------------------------------------------------------------------------------------
+# ---- 5. The network: blocks with an MLP or MoE, U-Net skips, the loss ----------------------------
+class Block(nn.Module):
+    def __init__(self, h, layer: int):
+        super().__init__()
+        self.attn = Attention(h)
+        self.mlp = make_mlp(h, layer)
+        self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
+
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, h):
+        super().__init__()
+        self.softcap, self.vocab_size = h.logit_softcap, h.vocab_size
+        self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
+        self.bigram = BigramHash(h.bigram_vocab_size, h.bigram_dim, h.model_dim) if h.bigram_vocab_size > 0 else None
+        self.smear = SmearGate(h.model_dim) if h.smear_gate else None
+        self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
+        self.n_encoder = h.num_layers // 2
+        self.skip_weights = nn.Parameter(torch.ones(h.num_layers - self.n_encoder, h.model_dim))
+        self.lm_head = None if h.tie_embeddings else zero_init(nn.Linear(h.model_dim, h.vocab_size, bias=False))
+        self.reset_parameters(h.tied_embed_init_std)
+
+    @torch.no_grad()
+    def reset_parameters(self, embed_std: float) -> None:
+        nn.init.normal_(self.tok_emb.weight, std=embed_std)
+        if self.bigram is not None:
+            nn.init.normal_(self.bigram.table.weight, std=0.02)
+        for module in self.modules():
+            if isinstance(module, MoEBase):
+                module.reset_parameters()
+            elif isinstance(module, nn.Linear):
+                nn.init.zeros_(module.weight) if getattr(module, "zero_init", False) else nn.init.orthogonal_(module.weight)
+
+    def hidden(self, idx: Tensor) -> Tensor:
+        x = self.tok_emb(idx)
+        if self.bigram is not None:
+            x = x + self.bigram(idx)
+        x = rms_norm(x)
+        if self.smear is not None:
+            x = self.smear(x, idx)
+        x0, skips = x, []
+        for i, block in enumerate(self.blocks):
+            if i >= self.n_encoder and skips:  # U-Net: decoder layer j adds encoder output n_enc-1-j
+                x = x + self.skip_weights[i - self.n_encoder].to(x.dtype) * skips.pop()
+            x = block(x, x0)
+            if i < self.n_encoder:
+                skips.append(x)
+        return rms_norm(x)
+
+    def logits(self, idx: Tensor) -> Tensor:
+        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(self.hidden(idx), weight).float()
+        return self.softcap * torch.tanh(logits / self.softcap)
+
+    def forward(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns (loss to minimise = cross-entropy + auxiliary routing losses, cross-entropy)."""
+        ce = F.cross_entropy(self.logits(idx).view(-1, self.vocab_size), targets.reshape(-1))
+        aux = [term for _, m in moe_layers(self) for term in m.aux_terms]  # set by this forward
+        return (ce + torch.stack(aux).sum() if aux else ce), ce.detach()
+
+# ---- 6. Optimizer: Muon (orthogonalised momentum) for block matrices, Adam for the rest ----------
 CONTROL_PATTERNS = ("resid_mix", "skip_weights", "q_gain", "attn_scale", "mlp_scale", "smear", "bigram.scale")
-ROUTER_PATTERNS = ("router", "gate")
-EMBED_PATTERNS = ("tok_emb", "lm_head", "bigram.table")
+MATRIX_CLASSES = ("attn", "mlp", "bigram_proj", "other")  # trained by Muon
+# Which QUANT_BITS_* knob (and shrink step) a class of weights follows; other classes use 8 bits.
+QUANT_GROUP = {"embed": "embed", "head": "embed", "bigram_table": "bigram", "bigram_proj": "bigram",
+               "mlp": "mlp", "attn": "attn"}
+
+
+def param_class(name: str, t: Tensor) -> str:
+    """The one sorting of parameter names, used by the optimizer groups, quantization and FLOP counts."""
+    if name.startswith("tok_emb."):
+        return "embed"
+    if name.startswith("lm_head."):
+        return "head"
+    if name.startswith("bigram.table"):
+        return "bigram_table"
+    if "router" in name:
+        return "router"
+    if t.ndim < 2 or any(s in name for s in CONTROL_PATTERNS):
+        return "control"
+    if name.startswith("bigram."):
+        return "bigram_proj"
+    return "mlp" if ".mlp." in name else "attn" if ".attn." in name else "other"
 
 
 def muon_dtype(t: Tensor) -> torch.dtype:
@@ -759,24 +782,15 @@ class Muon(torch.optim.Optimizer):
                 offset += p.numel()
 
 
-def param_kind(name: str, p: Tensor) -> str:
-    if any(s in name for s in EMBED_PATTERNS):
-        return {"lm_head": "head", "bigram.table": "bigram"}.get(name.split(".weight")[0], "embed")
-    if "router" in name:
-        return "router"
-    if p.ndim < 2 or any(s in name for s in CONTROL_PATTERNS):
-        return "scalar"
-    return "matrix"
-
-
 def build_optimizers(model: nn.Module, h, rank: int = 0, world_size: int = 1) -> list[torch.optim.Optimizer]:
-    groups: dict[str, list] = {"matrix": [], "embed": [], "bigram": [], "head": [], "scalar": [], "router": []}
+    groups: dict[str, list] = {"matrix": [], "embed": [], "bigram_table": [], "head": [], "control": [], "router": []}
     for name, p in model.named_parameters():
-        groups[param_kind(name, p)].append(p)
+        cls = param_class(name, p)
+        groups["matrix" if cls in MATRIX_CLASSES else cls].append(p)
     adam_groups = [dict(params=groups["embed"], lr=h.tied_embed_lr if h.tie_embeddings else h.embed_lr, weight_decay=h.adam_wd),
-                   dict(params=groups["bigram"], lr=h.tied_embed_lr, weight_decay=h.adam_wd),
+                   dict(params=groups["bigram_table"], lr=h.tied_embed_lr, weight_decay=h.adam_wd),
                    dict(params=groups["head"], lr=h.head_lr, weight_decay=h.adam_wd),
-                   dict(params=groups["scalar"], lr=h.scalar_lr, weight_decay=0.0),
+                   dict(params=groups["control"], lr=h.scalar_lr, weight_decay=0.0),
                    dict(params=groups["router"], lr=h.router_lr, weight_decay=0.0)]
     adam_groups = [g for g in adam_groups if g["params"]]
     fused = next(model.parameters()).is_cuda
@@ -790,12 +804,13 @@ def build_optimizers(model: nn.Module, h, rank: int = 0, world_size: int = 1) ->
     return optimizers
 
 
-def lr_scale(progress: float, warmup_frac: float, warmdown_frac: float) -> float:
-    if warmup_frac > 0 and progress < warmup_frac:
-        return progress / warmup_frac
+def lr_scale(progress: float, warmdown_frac: float) -> float:
     if warmdown_frac > 0 and progress > 1 - warmdown_frac:
         return max(0.0, (1 - progress) / warmdown_frac)
     return 1.0
+
+
+EMA_RUN_HORIZON = 0.05  # without EMA_DECAY the average spans the last ~5% of the run
 
 
 class EMA:
@@ -814,10 +829,10 @@ class EMA:
         for p, s in zip(self.params, self.shadow):
             p.copy_(s.to(p.dtype))
 
-# ----------------------------------------------------------------------------------------------
-# 6. Quantization and the artifact: per-row intN with clip search, fp16 for control tensors, zstd
-# ----------------------------------------------------------------------------------------------
+# ---- 7. Quantization and the artifact: per-row intN with clip search, fp16 for control tensors, zstd ----
 ARTIFACT_MAGIC, ARTIFACT_FORMAT, ARTIFACT_VERSION = b"PGMOE\x00", "pgolf-moe-artifact", 1
+# Per-row clip levels (fractions of the row's absmax) tried by the quantizer: clipping a few outliers
+# gives the bulk of the row a finer step; below ~0.75 the clipped outliers cost more than they save.
 CLIP_CANDIDATES = (1.0, 0.97, 0.94, 0.9, 0.86, 0.82, 0.78, 0.74)
 # Compressed bits per parameter after zstd-22, for the start-up budget preview. Int5 and int6 are
 # 8 / 1.88 and 8 / 1.51, the int8-container zstd ratios the 10L int5-MLP record reports for weights
@@ -831,25 +846,14 @@ class ArtifactError(ValueError):
     """An artifact that cannot be read back; the message names the file."""
 
 
-def tensor_class(name: str) -> str:
-    if any(s in name for s in ("tok_emb", "lm_head")):
-        return "embed"
-    if name.startswith("bigram."):
-        return "bigram"
-    if ".mlp." in name:
-        return "mlp"
-    if ".attn." in name:
-        return "attn"
-    return "other"
-
-
 def storage_bits(name: str, t: Tensor, h) -> int:
     """The bit width a tensor is stored with: 16 means fp16 (routers, gates, controls, small tensors)."""
-    keep = ROUTER_PATTERNS + CONTROL_PATTERNS + tuple(p for p in h.fp16_keep_name_patterns.split(",") if p)
-    if t.ndim < 2 or t.numel() <= h.fp16_keep_max_numel or any(p in name for p in keep):
+    keep = tuple(p for p in h.fp16_keep_name_patterns.split(",") if p)
+    cls = param_class(name, t)
+    if cls in ("router", "control") or t.numel() <= h.fp16_keep_max_numel or any(p in name for p in keep):
         return 16
     return {"embed": h.quant_bits_embed, "bigram": h.quant_bits_bigram, "mlp": h.quant_bits_mlp,
-            "attn": h.quant_bits_attn}.get(tensor_class(name), 8)
+            "attn": h.quant_bits_attn}.get(QUANT_GROUP.get(cls, "other"), 8)
 
 
 def quantize_rows(w: Tensor, bits: int, prune_frac: float = 0.0) -> tuple[Tensor, Tensor]:
@@ -889,7 +893,7 @@ def quantize_state(state: dict[str, Tensor], h, bits_drop: dict | None = None, e
         if bits == 16:
             entries[name] = (16, t.half())
             continue
-        bits = max(2, bits - (bits_drop or {}).get(tensor_class(name), 0))
+        bits = max(2, bits - (bits_drop or {}).get(QUANT_GROUP.get(param_class(name, t), "other"), 0))
         q, scale = quantize_rows(t, bits, h.prune_frac + extra_prune)
         entries[name] = (bits, q, scale)
         err += (dequantize_rows(q, scale, t.shape) - t.float()).square().sum().item()
@@ -966,13 +970,14 @@ def estimate_artifact_bytes(model: nn.Module, h) -> tuple[int, dict[str, int]]:
     for name, t in artifact_state(model).items():
         bits = storage_bits(name, t, h)
         size = t.numel() * BITS_PER_PARAM[bits] / 8 + (0 if bits == 16 else t.numel() // t.size(-1) * SCALE_BITS / 8)
-        key = "fp16" if bits == 16 else tensor_class(name)
+        key = "fp16" if bits == 16 else QUANT_GROUP.get(param_class(name, t), "other")
         per_class[key] = per_class.get(key, 0.0) + size
+    # The JSON header: ~120 bytes per tensor-table entry plus ~1.5 kB of config and framing.
     header = 120 * len(artifact_state(model)) + 1500
     return int(sum(per_class.values()) + header), {k: int(v) for k, v in per_class.items()}
 
 
-def fit_ladder():
+def shrink_steps():
     """Deterministic shrink steps, in order of growing reconstruction error: (bits lowered, extra pruning)."""
     every = {"mlp": 1, "attn": 1, "embed": 1, "bigram": 1}
     for drops in ({}, {"mlp": 1}, {"mlp": 1, "attn": 1}, every, dict(every, mlp=2)):
@@ -983,11 +988,9 @@ def fit_ladder():
 
 def export_artifact(model: nn.Module, h, path: str, code_bytes: int, log) -> int:
     """Quantize, compress and write; shrink step by step until code + artifact fits SIZE_CAP_BYTES.
-
     Each step's size is first predicted with a fast zstd level (scaled by the full/fast size ratio of
-    the first attempt); only steps predicted to fit pay for the full-level compression.
-    """
-    config, state = model_knobs(h), artifact_state(model)
+    the first attempt); only steps predicted to fit pay for the full-level compression."""
+    config, state = {name: getattr(h, name.lower()) for name in MODEL_KNOBS}, artifact_state(model)
     shapes = {n: list(t.shape) for n, t in state.items()}
     limit = h.size_cap_bytes - code_bytes
     entries, err = quantize_state(state, h)
@@ -995,7 +998,7 @@ def export_artifact(model: nn.Module, h, path: str, code_bytes: int, log) -> int
     log(f"quant: relative squared error {err:.3e}, artifact {len(blob)} bytes + code {code_bytes}")
     if len(blob) > limit:
         ratio = len(blob) / len(serialize_artifact(entries, config, shapes, 1))
-        for drops, extra in fit_ladder():
+        for drops, extra in shrink_steps():
             entries, err = quantize_state(state, h, drops, extra)
             predicted = ratio * len(serialize_artifact(entries, config, shapes, 1))
             step = f"fit: bits lowered {drops or 'none'}, pruning +{extra:.2f}, relative squared error {err:.3e}:"
@@ -1013,17 +1016,15 @@ def export_artifact(model: nn.Module, h, path: str, code_bytes: int, log) -> int
         f.write(blob)
     return len(blob)
 
-# ----------------------------------------------------------------------------------------------
-# 7. Evaluation: exact val_loss / val_bpb, plain or sliding window, spread over ranks
-# ----------------------------------------------------------------------------------------------
+# ---- 8. Evaluation: exact val_loss / val_bpb, plain or sliding window, spread over ranks ---------
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def eval_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
     """(start, scored) per window of seq_len inputs so that every target is scored exactly once.
-
     The first window scores all its positions, later ones their last `scored` (= stride) positions;
-    the last window is pulled back to end at the final token and scores only what is still unscored.
-    """
+    the last window is pulled back to end at the final token and scores only what is still unscored."""
     n_targets = n_tokens - 1
     seq_len = min(seq_len, n_targets)
     stride = stride or seq_len
@@ -1065,124 +1066,12 @@ def evaluate(logits_fn, tokens: Tensor, tables, seq_len: int, stride: int, batch
     val_loss = (sums[0] / sums[1]).item()
     return val_loss, (sums[0] / math.log(2) / sums[2]).item()
 
-
-def autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def token_classes(sp: spm.SentencePieceProcessor, val_tokens: Tensor) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Kind of every token id (word start, continuation, digit, punctuation, byte, control) and
-    whether it is frequent (among the ids covering half of the validation tokens) or rare."""
-    names = ["word_start", "continuation", "digit", "punct", "byte", "control"]
-    kind = np.zeros(sp.vocab_size(), np.int64)
-    for i in range(sp.vocab_size()):
-        piece = sp.id_to_piece(i)
-        bare = piece.removeprefix("\u2581")
-        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
-            kind[i] = 5
-        elif sp.is_byte(i):
-            kind[i] = 4
-        elif bare.isdigit():
-            kind[i] = 2
-        elif not any(ch.isalnum() for ch in bare):
-            kind[i] = 3
-        else:
-            kind[i] = 0 if piece.startswith("\u2581") else 1
-    counts = np.bincount(val_tokens.numpy(), minlength=sp.vocab_size())
-    by_count = np.argsort(-counts, kind="stable")
-    frequent = np.zeros(sp.vocab_size(), np.bool_)
-    frequent[by_count[:int(np.searchsorted(np.cumsum(counts[by_count]), counts.sum() / 2)) + 1]] = True
-    return names, kind, frequent
-
-
-@torch.no_grad()
-def record_routing(model: nn.Module, x: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """Runs the model eagerly on x and returns (probs, chosen experts) per MoE layer, per token."""
-    layers = [m for _, m in moe_layers(model)]
-    for m in layers:
-        m.record = []
-    model.eval()
-    try:
-        with autocast(x.device):
-            model.logits(x)
-        return [(m.record[0][0].float().cpu(), m.record[0][1].cpu()) for m in layers]
-    finally:
-        for m in layers:
-            m.record = None
-
-
-def routing_report(model, quant_model, x: Tensor, sp, val_tokens: Tensor) -> dict:
-    """Routing statistics of one validation batch, per layer, expert and token class (JSON-ready)."""
-    names, kind, frequent = token_classes(sp, val_tokens)
-    ids = x.reshape(-1).cpu().numpy()
-    classes = {n: kind[ids] == j for j, n in enumerate(names)}
-    classes.update(frequent=frequent[ids], rare=~frequent[ids])
-    report = dict(tokens=int(ids.size), classes={n: int(m.sum()) for n, m in classes.items()}, layers=[])
-    quant = record_routing(quant_model, x) if quant_model is not None else None
-    for j, ((layer, m), (probs, choice)) in enumerate(zip(moe_layers(model), record_routing(model, x))):
-        share = probs if isinstance(m, SoftMoE) else F.one_hot(choice, m.E).float().mean(1)
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1) / max(math.log(m.E), 1e-12)
-        load = share.mean(0)
-        report["layers"].append(dict(
-            layer=layer, load=load.tolist(), entropy=entropy.mean().item(),
-            dead=int((load < DEAD_LOAD_SHARE / m.E).sum()),
-            class_load={n: share[torch.from_numpy(mask)].mean(0).tolist() for n, mask in classes.items() if mask.any()},
-            quant_top1_agreement=None if quant is None else (quant[j][1][:, 0] == choice[:, 0]).float().mean().item()))
-    return report
-
-# ----------------------------------------------------------------------------------------------
-# 8. Training loop
-# ----------------------------------------------------------------------------------------------
+# ---- 9. Runtime: processes and devices, the log, FLOP counting -----------------------------------
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per GPU
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-def matmul_params_per_token(model: nn.Module) -> int:
-    """Weights a token multiplies by: every matrix except the embedding lookup (the tied head counts)."""
-    n = 0
-    for name, p in model.named_parameters():
-        if p.ndim < 2 or any(s in name for s in CONTROL_PATTERNS) or name.startswith("bigram.table"):
-            continue
-        n += p.numel()
-    for _, m in moe_layers(model):
-        if isinstance(m, RoutedMoE):  # only k of E experts run per token
-            n -= (m.up.numel() + m.down.numel()) * (m.E - m.k) // m.E
-    return n
-
-
-def flops_per_token(model: nn.Module, h) -> float:
-    attention = 6 * h.num_layers * h.train_seq_len * h.model_dim  # causal QK^T and AV, fwd + bwd
-    return 6 * matmul_params_per_token(model) + attention
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-class Logger:
-    """Prints and appends to the run's log (rank 0 only); a run never writes into another run's log."""
-
-    def __init__(self, path: str | None):
-        self.file = None
-        if path:
-            if os.path.exists(path):
-                raise ConfigError(f"RUN_ID: {path} already exists; choose a new RUN_ID (runs never overwrite each other)")
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            self.file = open(path, "x", encoding="utf-8")
-
-    def __call__(self, msg: str) -> None:
-        if self.file is not None:
-            print(msg, flush=True)
-            self.file.write(msg + "\n")
-            self.file.flush()
 
 
 def setup_distributed() -> tuple[int, int, int, torch.device]:
@@ -1203,6 +1092,60 @@ def use_compile(h, device: torch.device) -> bool:
     return h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
 
 
+class Logger:
+    """Rank 0 prints and appends to LOG_DIR/RUN_ID.txt and writes events to RUN_ID.jsonl (one JSON object
+    per line, fields in README.md); other ranks log nothing. A run never writes into another run's log."""
+
+    def __init__(self, stem: str | None):
+        self.text = self.events = None
+        if stem:
+            for path in (stem + ".txt", stem + ".jsonl"):
+                if os.path.exists(path):
+                    raise ConfigError(f"RUN_ID: {path} already exists; choose a new RUN_ID (runs never overwrite each other)")
+            os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+            self.text = open(stem + ".txt", "x", encoding="utf-8")
+            self.events = open(stem + ".jsonl", "x", encoding="utf-8")
+
+    def __call__(self, msg: str) -> None:
+        if self.text is not None:
+            print(msg, flush=True)
+            self.text.write(msg + "\n")
+            self.text.flush()
+
+    def event(self, kind: str, **fields) -> None:
+        if self.events is not None:
+            self.events.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")
+            self.events.flush()
+
+
+def code_bytes() -> int:
+    return os.path.getsize(os.path.abspath(__file__))
+
+
+def sha256_file(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def matmul_params_per_token(model: nn.Module) -> int:
+    """Weights a token multiplies by: every matrix except the embedding lookup (the tied head counts)."""
+    n = sum(p.numel() for name, p in model.named_parameters() if param_class(name, p) not in ("control", "bigram_table"))
+    for _, m in moe_layers(model):
+        if isinstance(m, RoutedMoE):  # only k of E experts run per token
+            n -= (m.up.numel() + m.down.numel()) * (m.E - m.k) // m.E
+    return n
+
+
+def flops_per_token(model: nn.Module, h) -> float:
+    attention = 6 * h.num_layers * h.train_seq_len * h.model_dim  # causal QK^T and AV, fwd + bwd
+    return 6 * matmul_params_per_token(model) + attention
+
+
+def peak_flops(device: torch.device) -> float | None:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+# ---- 10. Training loop: schedules, steps, compile warm-up, EMA, step lines -----------------------
 class Trainer:
     """One training run: data, model, optimizers, compile warm-up and the timed loop."""
 
@@ -1226,7 +1169,7 @@ class Trainer:
         return min(1.0, max(self.step / self.h.iterations, by_time))
 
     def set_schedules(self, progress: float) -> None:
-        h, scale = self.h, lr_scale(progress, self.h.lr_warmup_frac, self.h.warmdown_frac)
+        h, scale = self.h, lr_scale(progress, self.h.warmdown_frac)
         ramp = min(1.0, progress / h.muon_momentum_warmup_frac) if h.muon_momentum_warmup_frac > 0 else 1.0
         for opt in self.optimizers:
             for g in opt.param_groups:
@@ -1268,24 +1211,31 @@ class Trainer:
         self.loader.stream.restore(saved[2])
         self.routing_totals = None
 
-    def update_ema(self, progress: float, step_progress: float) -> None:
-        h = self.h
-        if (h.ema_decay is None and h.ema_horizon <= 0) or progress < h.ema_start:
+    def update_ema(self, step_progress: float) -> None:
+        if self.h.ema_decay == 0:
             return
         if self.ema is None:
             self.ema = EMA(self.model)
             return
-        # A horizon given as a fraction of the run: decay = exp(-(this step's share of the run) / horizon).
-        self.ema.update(h.ema_decay if h.ema_decay is not None else math.exp(-step_progress / h.ema_horizon))
+        # Unset: the decay follows this step's share of the run (~0.9971 at 7,000 steps), so short runs
+        # average like long ones. A number is the records' per-step decay, whatever the run length.
+        decay = self.h.ema_decay if self.h.ema_decay is not None else math.exp(-step_progress / EMA_RUN_HORIZON)
+        self.ema.update(decay)
 
     def log_step(self, ce: float, elapsed_ms: float, flops: float, peak: float | None) -> None:
         tokens_per_s = self.step * self.h.train_batch_tokens / max(elapsed_ms / 1000, 1e-9)
-        mfu = f" mfu:{100 * tokens_per_s * flops / (peak * self.world):.1f}%" if peak else ""
+        mfu_pct = 100 * tokens_per_s * flops / (peak * self.world) if peak else None
         self.log(f"step:{self.step}/{self.h.iterations} train_loss:{ce:.4f} train_time:{elapsed_ms:.0f}ms "
-                 f"step_avg:{elapsed_ms / self.step:.2f}ms tok/s:{tokens_per_s:.0f}{mfu}")
+                 f"step_avg:{elapsed_ms / self.step:.2f}ms tok/s:{tokens_per_s:.0f}"
+                 + (f" mfu:{mfu_pct:.1f}%" if peak else ""))
+        self.log.event("step", step=self.step, iterations=self.h.iterations, train_loss=ce, train_time_ms=elapsed_ms,
+                       step_avg_ms=elapsed_ms / self.step, tok_s=tokens_per_s, mfu=mfu_pct)
         if self.routing_totals is not None:
-            for line in routing_log_lines(self.model, self.routing_totals):
+            summary = routing_summary(self.model, self.routing_totals)
+            for line in routing_log_lines(summary):
                 self.log(line)
+            for r in summary:
+                self.log.event("routing", step=self.step, dropped=r["drop_rate"], **{k: v for k, v in r.items() if k != "drop_rate"})
             self.routing_totals = None
 
     def run(self, validate) -> None:
@@ -1311,7 +1261,7 @@ class Trainer:
             self.step += 1
             elapsed = self.train_ms + 1000 * (time.perf_counter() - t0)
             progress = self.progress(elapsed)
-            self.update_ema(progress, progress - last_progress)
+            self.update_ema(progress - last_progress)
             last_progress = progress
             cap = h.max_wallclock_seconds > 0 and elapsed >= 1000 * h.max_wallclock_seconds
             flags = torch.stack((torch.tensor(float(cap), device=self.device), (~torch.isfinite(ce)).float(), ce))
@@ -1328,20 +1278,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-# ----------------------------------------------------------------------------------------------
-# 9. main(): train, export, read back, evaluate
-# ----------------------------------------------------------------------------------------------
-
-
-def code_bytes() -> int:
-    return os.path.getsize(os.path.abspath(__file__))
-
-
-def sha256_file(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
+# ---- 11. main(): train, export, read back, evaluate ----------------------------------------------
 def load_artifact_model(path: str, device: torch.device, **overrides) -> tuple[GPT, SimpleNamespace]:
     """Rebuild the model from an artifact alone (its stored knobs) and load the dequantized weights."""
     config, state = read_artifact(path)
@@ -1357,35 +1294,41 @@ def load_artifact_model(path: str, device: torch.device, **overrides) -> tuple[G
 def log_budget_preview(model: GPT, h, log) -> None:
     estimate, per_class = estimate_artifact_bytes(model, h)
     total = estimate + code_bytes()
+    log.event("budget_preview", estimate_bytes=estimate, per_class=per_class, cap=h.size_cap_bytes,
+              code_bytes=code_bytes(), total_bytes=total)
     log(f"budget_preview: artifact ~{estimate} bytes ({', '.join(f'{k}:{v}' for k, v in sorted(per_class.items()))}) "
         f"+ code {code_bytes()} = ~{total} of {h.size_cap_bytes} (slack ~{h.size_cap_bytes - total})")
-    if total > h.size_cap_bytes * (1 + h.budget_margin) and not h.allow_over_budget:
+    if h.budget_margin >= 0 and total > h.size_cap_bytes * (1 + h.budget_margin):
         raise ConfigError(f"estimated artifact + code ~{total} bytes exceeds SIZE_CAP_BYTES={h.size_cap_bytes} by more "
-                          f"than BUDGET_MARGIN={h.budget_margin}; shrink the model or lower QUANT_BITS_*, or set ALLOW_OVER_BUDGET=1")
+                          f"than BUDGET_MARGIN={h.budget_margin}; shrink the model or lower QUANT_BITS_*, or set BUDGET_MARGIN=-1")
 
 
 def log_header(h, model: GPT, world: int, accum: int, device, val_tokens: Tensor, log) -> None:
-    log(f"python {sys.version.split()[0]} torch {torch.__version__} device {device}"
-        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-        + f" world_size {world} grad_accum {accum}")
-    log(f"code_sha256:{sha256_file(os.path.abspath(__file__))} code_bytes:{code_bytes()}")
-    log("config " + json.dumps({k: getattr(h, k.lower()) for k in KNOBS}, sort_keys=True))
+    device_name = f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    code_sha, knobs = sha256_file(os.path.abspath(__file__)), {k: getattr(h, k.lower()) for k in KNOBS}
+    log.event("config", knobs=knobs, code_sha256=code_sha, code_bytes=code_bytes(), torch=torch.__version__,
+              python=sys.version.split()[0], device=device_name, world_size=world, grad_accum=accum)
+    log(f"python {sys.version.split()[0]} torch {torch.__version__} device {device_name} world_size {world} grad_accum {accum}")
+    log(f"code_sha256:{code_sha} code_bytes:{code_bytes()}")
+    log("config " + json.dumps(knobs, sort_keys=True))
     log(f"val_tokens:{val_tokens.numel()} token_limit:{h.val_token_limit} data:{os.path.abspath(h.data_path)}")
     n_params = sum(p.numel() for p in model.parameters())
     n_router = sum(p.numel() for n, p in model.named_parameters() if "router" in n)
+    log.event("params", total=n_params, active_matmul_per_token=matmul_params_per_token(model), router=n_router)
     log(f"params total:{n_params} active_matmul_per_token:{matmul_params_per_token(model)} router:{n_router} "
         f"moe_mode:{h.moe_mode} moe_layers:{h.moe_layer_ids}")
 
 
 def export_and_report(model: GPT, h, path: str, log) -> None:
     size = export_artifact(model, h, path, code_bytes(), log)
-    total = size + code_bytes()
+    total, slack, digest = size + code_bytes(), h.size_cap_bytes - size - code_bytes(), sha256_file(path)
     log(f"Serialized model quant+zstd: {size} bytes")
     log(f"Code size: {code_bytes()} bytes")
     log(f"Total submission size quant+zstd: {total} bytes")
-    log(f"size_check total:{total} cap:{h.size_cap_bytes} slack:{h.size_cap_bytes - total} "
-        f"{'OK' if total <= h.size_cap_bytes else 'OVER THE CAP'} artifact:{os.path.abspath(path)} "
-        f"sha256:{sha256_file(path)}")
+    log(f"size_check total:{total} cap:{h.size_cap_bytes} slack:{slack} {'OK' if slack >= 0 else 'OVER THE CAP'} "
+        f"artifact:{os.path.abspath(path)} sha256:{digest}")
+    log.event("size_check", code_bytes=code_bytes(), artifact_bytes=size, total_bytes=total, cap=h.size_cap_bytes,
+              slack=slack, artifact=os.path.abspath(path), sha256=digest)
 
 
 def final_evaluation(qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: int, world: int, log, note: str) -> None:
@@ -1396,33 +1339,16 @@ def final_evaluation(qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: i
             continue
         t0 = time.perf_counter()
         loss, bpb = evaluate(q_fn, val_tokens, tables, h.eval_seq_len, stride, h.eval_batch_seqs, device, rank, world)
+        seconds = time.perf_counter() - t0
         log(f"final_quant_zstd_{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} stride:{stride or h.eval_seq_len} "
-            f"seq_len:{h.eval_seq_len} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms{note}")
+            f"seq_len:{h.eval_seq_len} eval_time:{1000 * seconds:.0f}ms{note}")
+        log.event("final", name=f"final_quant_zstd_{label}_exact", mode="plain" if label == "roundtrip" else "sliding",
+                  val_loss=loss, val_bpb=bpb, eval_time_s=seconds, stride=stride or h.eval_seq_len, seq_len=h.eval_seq_len)
 
 
-def write_routing_report(model: GPT, qmodel: GPT, h, sp, val_tokens: Tensor, device, log) -> None:
-    seq_len = min(h.eval_seq_len, val_tokens.numel())
-    n_seqs = max(1, min(h.eval_batch_seqs, val_tokens.numel() // seq_len))
-    x = val_tokens[:n_seqs * seq_len].long().view(n_seqs, seq_len).to(device)
-    report = routing_report(model, qmodel, x, sp, val_tokens)
-    report.update(run_id=h.run_id, moe_mode=h.moe_mode, num_experts=h.num_experts, top_k=h.top_k)
-    path = os.path.join(h.log_dir, f"{h.run_id}_routing.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
-    log(f"routing statistics: {path}")
-
-
-def main() -> None:
-    h = load_config()
-    rank, world, _, device = setup_distributed()
-    run_id = [h.run_id or time.strftime("run_%Y%m%d_%H%M%S")]
-    if world > 1:
-        dist.broadcast_object_list(run_id)  # every rank must agree on the artifact path
-    h.run_id = run_id[0]
-    log = Logger(os.path.join(h.log_dir, f"{h.run_id}.txt") if rank == 0 else None)
+def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logger) -> None:
     torch.manual_seed(h.seed)
-    sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
-    tables = byte_tables(sp)
+    tables = byte_tables(load_tokenizer(h.tokenizer_path, h.vocab_size))
     val_tokens = load_val_tokens(h.data_path, h.vocab_size, h.val_token_limit)
     trainer = Trainer(h, rank, world, device, log)
     model = trainer.model
@@ -1431,12 +1357,20 @@ def main() -> None:
     eval_fn = torch.compile(model.logits, fullgraph=True, dynamic=False) if use_compile(h, device) else model.logits
     note = f" (first {h.val_token_limit} tokens only: not a score)" if h.val_token_limit else ""
 
-    def validate(step: int) -> None:
+    last_val: list[float] = []  # loss, bpb, seconds of the newest pre-quant evaluation
+
+    def validate(step: int | None = None) -> tuple[float, float, float]:
+        """Plain-window validation; with a step: a periodic (or last) val line and event."""
         model.eval()
+        t0 = time.perf_counter()
         loss, bpb = evaluate(eval_fn, val_tokens, tables, h.eval_seq_len, 0, h.eval_batch_seqs, device, rank, world)
         model.train()
-        log(f"step:{step}/{h.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} train_time:{trainer.train_ms:.0f}ms "
-            f"step_avg:{trainer.train_ms / max(step, 1):.2f}ms{note}")
+        if step is not None:
+            log(f"step:{step}/{h.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} train_time:{trainer.train_ms:.0f}ms "
+                f"step_avg:{trainer.train_ms / max(step, 1):.2f}ms{note}")
+            log.event("val", step=step, val_loss=loss, val_bpb=bpb, train_time_ms=trainer.train_ms)
+            last_val[:] = [loss, bpb, time.perf_counter() - t0]
+        return loss, bpb, time.perf_counter() - t0
 
     t_warm = time.perf_counter()
     trainer.compile_warmup()
@@ -1446,9 +1380,9 @@ def main() -> None:
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB")
     if trainer.ema is not None:
         trainer.ema.copy_to_model()
-        model.eval()
-        loss, bpb = evaluate(eval_fn, val_tokens, tables, h.eval_seq_len, 0, h.eval_batch_seqs, device, rank, world)
-        log(f"pre_quant_ema val_loss:{loss:.8f} val_bpb:{bpb:.8f}{note}")
+        last_val[:] = validate()
+        log(f"pre_quant_ema val_loss:{last_val[0]:.8f} val_bpb:{last_val[1]:.8f}{note}")
+    log.event("pre_quant", val_loss=last_val[0], val_bpb=last_val[1], eval_time_s=last_val[2], ema=trainer.ema is not None)
     path = h.artifact_path or os.path.join(h.log_dir, f"{h.run_id}_model.ptz")
     if rank == 0:
         export_and_report(model, h, path, log)
@@ -1457,8 +1391,23 @@ def main() -> None:
     qmodel, _ = load_artifact_model(path, device)
     qmodel.eval()
     final_evaluation(qmodel, h, val_tokens, tables, device, rank, world, log, note)
-    if rank == 0 and moe_layers(model):
-        write_routing_report(model, qmodel, h, sp, val_tokens, device, log)
+
+
+def main() -> None:
+    h = load_config()
+    rank, world, _, device = setup_distributed()
+    run_id = [h.run_id or time.strftime("run_%Y%m%d_%H%M%S")]
+    if world > 1:
+        dist.broadcast_object_list(run_id)  # every rank must agree on the artifact path
+    h.run_id = run_id[0]
+    log = Logger(os.path.join(h.log_dir, h.run_id) if rank == 0 else None)
+    try:
+        train_and_evaluate(h, rank, world, device, log)
+    except BaseException as err:
+        log.event("error", message=f"{type(err).__name__}: {err}")
+        log.event("end", status="failed")
+        raise
+    log.event("end", status="ok")
     if world > 1:
         dist.destroy_process_group()
 

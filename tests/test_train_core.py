@@ -42,12 +42,12 @@ def test_bad_knobs_fail_naming_the_knob(env, needle):
 
 
 def test_knob_defaults_and_parsing():
-    h = tg.load_config({"MOE_MODE": "standard", "MOE_LAYERS": "5,6, 7", "SMEAR_GATE": "0", "EMA_DECAY": "0.997"})
+    h = tg.load_config({"MOE_MODE": "topk", "MOE_LAYERS": "5,6, 7", "SMEAR_GATE": "0", "EMA_DECAY": "0.997"})
     assert h.moe_mode == "topk" and h.moe_layer_ids == [5, 6, 7] and h.smear_gate is False
     assert h.ema_decay == 0.997 and h.micro_batch_tokens == 786_432 // 8 and h.eval_seq_len == 2048
-    assert tg.load_config({"MOE_START_LAYER": "7"}).moe_layer_ids == [7, 8, 9]
+    assert tg.load_config({}).moe_layer_ids == list(range(10))  # empty MOE_LAYERS: every layer
     assert tg.load_config({"MOE_MODE": "none"}).moe_layer_ids == []
-    assert tg.load_config({}).expert_hidden_eff == 1536 // 4
+    assert tg.load_config({}).expert_mlp_hidden == 1536 // 4
 
 
 def test_grad_accum_is_derived_and_checked():
@@ -230,11 +230,21 @@ def test_parameter_groups_cover_every_parameter_once(tiny_config, mode, tie):
 
 
 def test_lr_schedule_is_a_fraction_of_the_run():
-    assert tg.lr_scale(0.1, 0.0, 0.45) == 1.0
-    assert tg.lr_scale(0.55, 0.0, 0.45) == 1.0
-    assert tg.lr_scale(0.775, 0.0, 0.45) == pytest.approx(0.5)
-    assert tg.lr_scale(1.0, 0.0, 0.45) == 0.0
-    assert tg.lr_scale(0.05, 0.1, 0.0) == pytest.approx(0.5)
+    assert tg.lr_scale(0.1, 0.45) == 1.0
+    assert tg.lr_scale(0.55, 0.45) == 1.0
+    assert tg.lr_scale(0.775, 0.45) == pytest.approx(0.5)
+    assert tg.lr_scale(1.0, 0.45) == 0.0
+    assert tg.lr_scale(0.99, 0.0) == 1.0
+
+
+@pytest.mark.parametrize("old,new", [("BIGRAM_BUCKETS", "BIGRAM_VOCAB_SIZE"), ("EMA_HORIZON", "EMA_DECAY"),
+                                     ("ALLOW_OVER_BUDGET", "BUDGET_MARGIN=-1"), ("MOE_START_LAYER", "MOE_LAYERS")])
+def test_replaced_knobs_name_their_successor(old, new):
+    with pytest.raises(tg.ConfigError) as err:
+        tg.load_config({old: "1"})
+    assert f"{old} is no longer a knob: use {new}" in str(err.value)
+    with pytest.raises(tg.ConfigError, match="expected one of none, soft, topk, shared_routed"):
+        tg.load_config({"MOE_MODE": "standard"})
 
 
 def test_ema_off_equals_raw_weights_and_on_matches_hand_computation(tiny_config, tmp_path):
@@ -243,11 +253,11 @@ def test_ema_off_equals_raw_weights_and_on_matches_hand_computation(tiny_config,
         h.data_path = str(SAMPLE)
         return tg.Trainer(h, 0, 1, torch.device("cpu"), lambda msg: None)
 
-    off = trainer_with(EMA_HORIZON=0)
+    off = trainer_with(EMA_DECAY=0)
     for _ in range(3):
         off.train_step()
         off.step += 1
-        off.update_ema(off.progress(0), 1 / 20)
+        off.update_ema(1 / 20)
     assert off.ema is None  # evaluation and export use the raw weights
 
     on = trainer_with(EMA_DECAY=0.9)
@@ -255,7 +265,7 @@ def test_ema_off_equals_raw_weights_and_on_matches_hand_computation(tiny_config,
     for _ in range(3):
         on.train_step()
         on.step += 1
-        on.update_ema(on.progress(0), 1 / 20)
+        on.update_ema(1 / 20)
         history.append([p.detach().clone() for p in on.model.parameters()])
     w1, w2, w3 = history  # the average starts at step 1's weights, then decays by 0.9 per step
     for i, p in enumerate(on.model.parameters()):
@@ -384,3 +394,33 @@ def test_sliding_eval_with_stride_equal_window_equals_plain_eval(tiny_config):
     assert loss == pytest.approx(nll.item() / y.numel(), rel=1e-6)
     assert bpb == pytest.approx(nll.item() / math.log(2) / n_bytes.item(), rel=1e-6)
     assert tg.evaluate(model.logits, tokens, tables, 64, 0, 3, cpu) == pytest.approx((loss, bpb), rel=1e-9)
+
+
+def test_one_parameter_classification_for_optimizer_and_quantizer(tiny_config):
+    h = tiny_config(MOE_MODE="shared_routed", TIE_EMBEDDINGS=0)
+    model = tg.GPT(h)
+    classes = {name: tg.param_class(name, t) for name, t in tg.artifact_state(model).items()}
+    assert classes["tok_emb.weight"] == "embed" and classes["lm_head.weight"] == "head"
+    assert classes["bigram.table.weight"] == "bigram_table" and classes["bigram.proj.weight"] == "bigram_proj"
+    assert classes["bigram.scale"] == classes["smear.gate"] == classes["blocks.0.resid_mix"] == "control"
+    assert classes["blocks.0.mlp.router_weight"] == classes["blocks.0.mlp.router_bias"] == "router"
+    assert classes["blocks.0.mlp.up"] == classes["blocks.0.mlp.shared.fc.weight"] == "mlp"
+    assert classes["blocks.1.attn.c_q.weight"] == "attn"
+    muon = next(o for o in tg.build_optimizers(model, h) if isinstance(o, tg.Muon))
+    muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in muon_ids) == (classes[name] in tg.MATRIX_CLASSES), name
+        assert (tg.storage_bits(name, p, h) == 16) == (classes[name] in ("router", "control")
+                                                        or p.numel() <= h.fp16_keep_max_numel), name
+
+
+def test_artifact_written_with_a_replaced_knob_fails_clearly(tiny_config, tmp_path):
+    h = tiny_config()
+    state = tg.artifact_state(tg.GPT(h))
+    entries, _ = tg.quantize_state(state, h)
+    config = {n: getattr(h, n.lower()) for n in tg.MODEL_KNOBS}
+    config["BIGRAM_BUCKETS"] = config.pop("BIGRAM_VOCAB_SIZE")  # as written before issue 9
+    blob = tg.serialize_artifact(entries, config, {n: list(t.shape) for n, t in state.items()}, 1)
+    (tmp_path / "old.ptz").write_bytes(blob)
+    with pytest.raises(tg.ConfigError, match="BIGRAM_BUCKETS is no longer a knob: use BIGRAM_VOCAB_SIZE"):
+        tg.load_artifact_model(str(tmp_path / "old.ptz"), torch.device("cpu"))
