@@ -141,7 +141,7 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     h.head_dim = h.model_dim // h.num_heads
     h.rope_dims = h.rope_dims or h.head_dim
     require(h.rope_dims % 2 == 0 and h.rope_dims <= h.head_dim, f"ROPE_DIMS={h.rope_dims}: must be even and at most the head dim {h.head_dim}")
-    require(h.vocab_size <= 65536, f"VOCAB_SIZE={h.vocab_size}: shards hold uint16 token ids")
+    require(h.vocab_size <= MAX_VOCAB_SIZE, f"VOCAB_SIZE={h.vocab_size}: shards hold uint16 token ids (at most {MAX_VOCAB_SIZE})")
     require(1 <= h.top_k <= h.num_experts, f"TOP_K={h.top_k}: must be between 1 and NUM_EXPERTS={h.num_experts}")
     for layer in h.moe_layers:
         require(0 <= layer < h.num_layers, f"MOE_LAYERS: layer {layer} is outside 0..{h.num_layers - 1}")
@@ -179,6 +179,7 @@ def grad_accum_steps(h: SimpleNamespace, world_size: int) -> int:
 
 # ---- 2. Data: challenge shards (256 x int32 header, then uint16 tokens), loaders, tokenizer bytes ----
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
+MAX_VOCAB_SIZE = 65536  # token ids are stored as uint16
 BOS_ID = 1
 
 

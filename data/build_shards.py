@@ -66,11 +66,8 @@ import sentencepiece as spm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # The shard format, its reader and the data error type live in train_gpt.py (the trainer reads
 # what this script writes): one definition of the format.
-from train_gpt import BOS_ID, SHARD_HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION, DataError, read_shard  # noqa: E402,F401
-
-# The trainer's rule (VOCAB_SIZE <= 65536): shards store ids as uint16, so ids are 0..65535. Defined
-# here once for the data tools until train_gpt.py exports the same constant to import instead.
-MAX_VOCAB_SIZE = 65536
+from train_gpt import (  # noqa: E402,F401
+    BOS_ID, MAX_VOCAB_SIZE, SHARD_HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION, DataError, read_shard)
 
 # The challenge's tokenizer spec; vocab_size is added per build.
 TOKENIZER_SPEC = dict(
