@@ -123,18 +123,18 @@ def test_parse_canned_log(tmp_path):
     path.write_text(CANNED_LOG)
     run = records.parse_log(path)
     assert (run.seed, run.steps, run.train_time_ms, run.step_avg_ms) == (1337, 30, 9631, 321.05)
-    assert (run.artifact_bytes, run.code_bytes, run.artifact_path) == (240785, 71124, "logs/run_x_model.ptz")
+    assert (run.artifact_bytes, run.code_bytes, run.size_check.artifact_path) == (240785, 71124, "logs/run_x_model.ptz")
     assert run.pre_quant_val_bpb == 3.05788679
-    assert run.hardware == "8x NVIDIA H100 80GB HBM3" and run.torch_version == "2.14.1+cu130"
+    assert records.hardware(run) == "8x NVIDIA H100 80GB HBM3" and run.torch == "2.14.1+cu130"
     assert (run.score.val_loss, run.score.val_bpb, run.score.stride, run.score.eval_time_ms) == (5.41674422, 3.05823583, 32, 1070)
     assert run.score.token_limit == 0
-    assert (run.code_sha256, run.start_code_bytes, run.artifact_sha256) == (CODE_SHA, 71124, ARTIFACT_SHA)
+    assert (run.code_sha256, run.start_code_bytes, run.size_check.sha256) == (CODE_SHA, 71124, ARTIFACT_SHA)
 
     # A log of an older train_gpt.py, without the sha256 lines, still parses (pack then refuses it).
     path.write_text(CANNED_LOG.replace(f"code_sha256:{CODE_SHA} code_bytes:71124\n", "")
                     .replace(f" sha256:{ARTIFACT_SHA}", ""))
     run = records.parse_log(path)
-    assert (run.code_sha256, run.artifact_sha256, run.artifact_path) == (None, None, "logs/run_x_model.ptz")
+    assert (run.code_sha256, run.size_check.sha256, run.size_check.artifact_path) == (None, None, "logs/run_x_model.ptz")
 
     # EVAL_STRIDE=0: no sliding line, the round trip is the score.
     path.write_text(CANNED_LOG.replace('"EVAL_STRIDE": 32', '"EVAL_STRIDE": 0').rsplit("final_quant_zstd_sliding", 1)[0])

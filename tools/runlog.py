@@ -5,7 +5,7 @@
 
 Two paths:
 - Our runs: train_gpt.py writes LOG_DIR/RUN_ID.jsonl beside RUN_ID.txt (one JSON event per line;
-  the contract is in docs/runlog_jsonl.md). When that file is there it is read exactly and the text
+  the contract and the score rule are in docs/runlog.md). When that file is there it is read exactly and the text
   is not parsed.
 - Any other text log (ours from before the JSONL, or a competitor's) is read leniently, by the
   shapes every script of the challenge prints: `NAME val_loss:X val_bpb:Y`, step lines
@@ -92,6 +92,11 @@ class Step:
     token_limit: int = 0
 
 
+def _latest(step: Step) -> tuple[int, bool]:
+    """Order of progress lines: by step; at the same step the validation line comes last."""
+    return step.step, step.val_bpb is not None
+
+
 @dataclass
 class SizeCheck:
     total: int | None
@@ -174,14 +179,14 @@ class RunLog:
         if self.stop:
             return self.stop[2]
         timed = [s for s in (*self.train_steps, *self.val_steps) if s.train_time_ms is not None]
-        return max(timed, key=lambda s: s.step).train_time_ms if timed else None
+        return max(timed, key=_latest).train_time_ms if timed else None
 
     @property
     def step_avg_ms(self) -> float | None:
         """As the log prints it on its last step line, else train time / steps."""
         printed = [s for s in (*self.train_steps, *self.val_steps) if s.step_avg_ms is not None]
         if printed:
-            return max(printed, key=lambda s: s.step).step_avg_ms
+            return max(printed, key=_latest).step_avg_ms
         steps, ms = self.steps, self.train_time_ms
         return ms / steps if steps and ms is not None else None
 
@@ -330,6 +335,9 @@ def _own_line(run: RunLog, line: str) -> bool:
         elif isinstance(run.config.get("SEED"), int):
             run.seed = run.config["SEED"]
         return True
+    if line.startswith("params "):  # params total:N active_matmul_per_token:N router:N moe_mode:... (ours)
+        run.params = {k: int(v) if v.isdigit() else v for k, v in KEY_VALUE.findall(line[len("params "):])}
+        return bool(run.params)
     m = SIZE_CHECK.match(line)
     if m:
         kv = {k: int(v) for k, v in KEY_VALUE.findall(m["kv"]) if re.fullmatch(r"-?\d+", v)}
@@ -375,16 +383,20 @@ def _line(run: RunLog, line: str, line_no: int) -> bool:
 
 
 def split_runs(lines: list[str]) -> list[int]:
-    """0-based first line of each run. A run restarts where the step counter goes back; it begins at
-    the first start-of-run line (our header, `Running Python`, `Hyperparameters:`) after the previous
-    run's last result line (or right after that line when the scripts print no such marker)."""
+    """0-based first line of each run. A new run starts at a start-of-run line (our header,
+    `Running Python`, `Hyperparameters:`) that follows a result line of the current run, or, for
+    scripts that print no such line, right after the last result line where the step counter goes
+    back. Start-of-run lines before any result (a script that prints two) do not split."""
     starts, last_step, last_result = [0], -1, -1
     for i, line in enumerate(lines):
+        if last_result >= starts[-1] and any(p.match(line) for p in RUN_MARKERS):
+            starts.append(i)
+            last_step = -1
+            continue
         step = STEP.match(line)
         if step and _step(step) is not None:
             if int(step["step"]) < last_step:
-                markers = [j for j in range(last_result + 1, i) if any(p.match(lines[j]) for p in RUN_MARKERS)]
-                starts.append(markers[0] if markers else last_result + 1)
+                starts.append(last_result + 1)
             last_step, last_result = int(step["step"]), i
         elif EVAL.match(line) or SERIALIZED.match(line) or TOTAL.match(line) or STOP.match(line):
             last_result = i
