@@ -99,6 +99,97 @@ def test_compare_cli(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
+# real record folders of the challenge (tests/fixtures/real_records)
+# ----------------------------------------------------------------------------------------------
+FIXTURES = REPO / "tests" / "fixtures" / "real_records"
+FOLDERS = sorted(p for p in FIXTURES.iterdir() if p.is_dir())
+# The committed train_gpt.py of this folder (158,429 bytes) is not the script of any of its logs
+# (all three report 157,868 bytes, counted the same way): a real finding, so verify fails it.
+CHANGED_AFTER_THE_RUNS = "2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611"
+
+
+def verify_main(folder, capsys) -> tuple[int, str]:
+    status = records.main(["verify", str(folder)])
+    return status, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=[f.name[:24] for f in FOLDERS])
+def test_verify_real_folder(folder, capsys):
+    status, out = verify_main(folder, capsys)
+    failed = [line for line in out.splitlines() if line.startswith("FAIL  ")]
+    if folder.name == CHANGED_AFTER_THE_RUNS:
+        assert status == 1 and len(failed) == 1 and failed[0].startswith("FAIL  code size (logs): train_gpt.py is 158429")
+    else:
+        assert status == 0 and not failed, out
+    assert "SKIP  re-evaluation" in out  # no artifact in a competitor's folder: skipped, not failed
+    assert re.search(r"PASS  (seed \d+ val_bpb|val_bpb from the logs|val_loss from the logs)", out) or "WARN" in out
+    assert "PASS  cap: every stated size <= 16,000,000" in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=[f.name[:24] for f in FOLDERS])
+def test_verify_real_folder_fails_on_a_changed_script(folder, tmp_path, capsys):
+    copy = shutil.copytree(folder, tmp_path / folder.name)
+    with open(copy / "train_gpt.py", "a") as f:
+        f.write("# one more line\n")
+    status, out = verify_main(copy, capsys)
+    assert status == 1 and re.search(r"(?m)^FAIL  code size", out), out
+
+
+def test_verify_real_folder_checks_each_claim(tmp_path, capsys):
+    folder = shutil.copytree(FIXTURES / "2026-04-06_SP8192_QK5_LegalTTT_1.0828", tmp_path / "f")
+    text = (folder / "submission.json").read_text()
+    assert text.count('"val_bpb": 1.08209788') == 1
+    for old, new, failing in [('"val_bpb": 1.08209788', '"val_bpb": 1.08109788', "seed 0 val_bpb"),
+                              ('"val_bpb": 1.08279384', '"val_bpb": 1.08179384', "val_bpb mean"),
+                              ('"bytes_total": 15991018', '"bytes_total": 16000001', "cap"),
+                              ('"bytes_total": 15991018', '"bytes_total": 15991019', "seed 0 bytes_total")]:
+        (folder / "submission.json").write_text(text.replace(old, new))
+        status, out = verify_main(folder, capsys)
+        assert status == 1 and f"FAIL  {failing}:" in out, (failing, out)
+    # std: the claimed value must be the sample or the population std of the seeds' claims.
+    vl = shutil.copytree(FIXTURES / "2026-04-10_VarLenAttn", tmp_path / "v")
+    (vl / "submission.json").write_text((vl / "submission.json").read_text().replace("0.00084633", "0.00074633"))
+    status, out = verify_main(vl, capsys)
+    assert status == 1 and "FAIL  val_bpb_std" in out
+
+
+def test_verify_real_folder_without_logs_or_with_bad_json(tmp_path, capsys):
+    folder = shutil.copytree(FIXTURES / "2026-03-17_NaiveBaseline", tmp_path / "f")
+    (folder / "train.log").unlink()
+    status, out = verify_main(folder, capsys)
+    assert status == 0 and "SKIP  logs: no training log" in out and "PASS  code size (bytes_code)" in out
+    for content in ("{not json", "[1, 2]", '{"val_bpb": "abc", "bytes_code": 47642}'):
+        (folder / "submission.json").write_text(content)
+        (folder / "train.log").write_text((FIXTURES / "2026-03-17_NaiveBaseline" / "train.log").read_text())
+        status, out = verify_main(folder, capsys)
+        assert status == 1 and "FAIL" in out and "Traceback" not in out, content
+    status, out = verify_main(tmp_path / "absent", capsys)
+    assert status == 1 and "FAIL  submission.json" in out
+
+
+def test_verify_warns_where_a_claim_is_not_the_last_evaluation(capsys):
+    status, out = verify_main(FIXTURES / "2026-04-04_SP4096_DepthRecurrence_ParallelResid_MuonEqR", capsys)
+    assert status == 0
+    assert ("WARN  seed 42 val_bpb: claimed 1.08938974 is train_seed42.log's earlier evaluation "
+            "final_int6_sliding_window; its last final evaluation, final_int6_ttt, gives 1.336032") in out
+    status, out = verify_main(FIXTURES / "2026-03-20_10L_Int5MLP_MuonWD04_SWA50", capsys)
+    assert status == 0 and "submission.json labels a val_bpb as val_loss" in out
+
+
+def test_compare_real_folders(capsys):
+    old = FIXTURES / "2026-03-23_LeakyReLU_LegalTTT_ParallelMuon"  # no per-seed list: scores from its logs
+    new = FIXTURES / "2026-04-06_SP8192_QK5_LegalTTT_1.0828"  # per-seed claims under "seeds"
+    assert records.main(["compare", "--baseline", str(old), "--candidate", str(new), "--metric", "val_bpb"]) == 0
+    out = capsys.readouterr().out
+    assert f"from the logs of {old}: train_seed1337.log, train_seed2025.log, train_seed42.log" in out
+    assert "n=3 mean=1.11937967" in out and "n=3 mean=1.08279384" in out
+    assert "verdict: candidate beats baseline by more than the margin" in out
+    # The other way round the improvement is negative: not significant, exit 1.
+    assert records.main(["compare", "--baseline", str(new), "--candidate", str(old), "--metric", "val_bpb"]) == 1
+    assert "candidate is worse" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
 # the log parser
 # ----------------------------------------------------------------------------------------------
 CODE_SHA, ARTIFACT_SHA = "c0de" * 16, "a7" * 32
