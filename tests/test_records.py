@@ -232,6 +232,32 @@ def test_parse_canned_log(tmp_path):
     assert records.parse_log(path).score.val_bpb == 3.05787703
 
 
+def test_parse_our_jsonl_beside_the_text(tmp_path):
+    """With RUN_ID.jsonl beside the text, pack reads the events; the artifact's path and sha256 come from
+    the text's size_check line when the event lacks them; the token limit and geometry from the knobs."""
+    def event(kind, **fields):
+        return json.dumps({"event": kind, "time": 1.0, **fields})
+
+    knobs = {"EVAL_SEQ_LEN": 128, "EVAL_STRIDE": 32, "SEED": 1337, "TRAIN_SEQ_LEN": 128, "VAL_TOKEN_LIMIT": 4096}
+    (tmp_path / "run.jsonl").write_text("\n".join([
+        event("config", knobs=knobs, code_sha256=CODE_SHA, code_bytes=71124, torch="2.14.1", python="3.12",
+              device="cpu", world_size=1, grad_accum=1),
+        event("step", step=30, iterations=30, train_loss=5.1, train_time_ms=9629.0, step_avg_ms=320.98, tok_s=1.0,
+              mfu=None),
+        event("size_check", code_bytes=71124, artifact_bytes=240785, total_bytes=311909, cap=16000000, slack=1),
+        event("final", name="final_quant_zstd_roundtrip_exact", mode="plain", val_loss=5.4, val_bpb=3.05,
+              eval_time_s=0.2),
+        event("final", name="final_quant_zstd_sliding_window_exact", mode="sliding", val_loss=5.41, val_bpb=3.04,
+              eval_time_s=1.0),
+        event("end", status="ok")]) + "\n")
+    (tmp_path / "run.txt").write_text(CANNED_LOG)
+    run = records.parse_log(tmp_path / "run.txt")
+    assert run.source == "jsonl" and (run.score.val_bpb, run.score.stride, run.score.seq_len) == (3.04, 32, 128)
+    assert run.score.token_limit == 4096  # a partial evaluation stays marked: pack refuses it on the record track
+    assert (run.size_check.artifact_path, run.size_check.sha256) == ("logs/run_x_model.ptz", ARTIFACT_SHA)
+    assert (run.seed, run.steps, run.code_sha256, run.start_code_bytes) == (1337, 30, CODE_SHA, 71124)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda log: log.rsplit("final_quant_zstd_sliding", 1)[0], "lacks final results"),  # died in sliding eval
     (lambda log: log.split("Serialized", 1)[0], "lacks final results"),

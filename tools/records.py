@@ -108,12 +108,12 @@ class Sample:
 
     @property
     def mean(self) -> float:
-        return statistics.fmean(self.values)
+        return mean_std(self.values)[0]
 
     @property
     def std(self) -> float | None:
         """Sample standard deviation (ddof=1); None for a single value."""
-        return statistics.stdev(self.values) if self.n > 1 else None
+        return mean_std(self.values)[1]
 
 
 @dataclass
@@ -186,6 +186,15 @@ def parse_log(path: str | Path) -> RunLog:
     if runs > 1:
         # A reused RUN_ID mixes runs (even interleaved ones): a record must not pick one silently.
         raise LogError(f"{path}: holds {runs} runs (RUN_ID reused?); give each run its own log")
+    if log.source == "jsonl" and log.size_check and not (log.size_check.artifact_path and log.size_check.sha256):
+        # The artifact's path and sha256 are printed on the text log's size_check line.
+        try:
+            printed = runlog.read(path, text_only=True).size_check
+        except OSError:
+            printed = None
+        if printed:
+            log.size_check.artifact_path = log.size_check.artifact_path or printed.artifact_path
+            log.size_check.sha256 = log.size_check.sha256 or printed.sha256
     if log.config is None:
         raise LogError(f"{path}: the config line is not valid JSON")
     if "SEED" not in log.config:
@@ -830,7 +839,7 @@ def std_check(sub: dict, key: str, values: list[float]) -> list[Check]:
     claimed = sub.get(f"{key}_std")
     if claimed is None or len(values) < 2:
         return []
-    sample, population = statistics.stdev(values), statistics.pstdev(values)
+    sample, population = mean_std(values)[1], statistics.pstdev(values)
     ok = matches(claimed, sample) or matches(claimed, population)
     which = "sample std (ddof=1)" if matches(claimed, sample) else "population std (ddof=0)"
     return [Check(f"{key}_std", ok, f"claimed {claimed}; seeds give sample {sample:.8f}, population {population:.8f}"
@@ -845,7 +854,7 @@ def log_mean_check(key: str, claimed, logs: list[FolderLog]) -> Check:
         return Check(name, False, f"claimed {claimed}; no log in the folder has a final evaluation")
     for metric in (key, "val_bpb"):
         values = [getattr(fl.run.score, metric) for fl in scored]
-        mean = statistics.fmean(values)
+        mean = mean_std(values)[0]
         single = [fl.path.name for fl, v in zip(scored, values) if matches(claimed, v)]
         how = (f"the mean of {len(values)} logs ({mean:.8f})" if matches(claimed, mean)
                else f"the score of {', '.join(single)}" if single else None)

@@ -476,6 +476,21 @@ JSON_EVENTS = {
 }
 
 
+def _fill_from_knobs(run: RunLog) -> None:
+    """Evaluation geometry the events leave out (they may carry stride, seq_len and token_limit;
+    when they do not, the run's knobs say them)."""
+    knobs = run.config or {}
+    seq_len = knobs.get("EVAL_SEQ_LEN") or knobs.get("TRAIN_SEQ_LEN")
+    limit = knobs.get("VAL_TOKEN_LIMIT") or 0
+    for e in [*run.finals, *([run.pre_quant] if run.pre_quant else [])]:
+        e.seq_len = e.seq_len or seq_len
+        if e.stride is None and seq_len:
+            e.stride = (knobs.get("EVAL_STRIDE") or seq_len) if e.mode == "sliding" else seq_len
+        e.token_limit = e.token_limit or limit
+    for step in run.val_steps:
+        step.token_limit = step.token_limit or limit
+
+
 def parse_jsonl(text: str, path: str | Path | None = None) -> RunLog:
     """Our event log, read exactly: the events of the last `config` event onwards. A malformed line or
     an event without its fields is counted as unrecognised (and warned about), never fatal."""
@@ -504,6 +519,7 @@ def parse_jsonl(text: str, path: str | Path | None = None) -> RunLog:
         except (KeyError, TypeError, ValueError) as err:
             bad.append(number)
             run.warnings.append(f"line {number}: {event['event']} event without a usable {err}")
+    _fill_from_knobs(run)
     run.unrecognised_lines = len(bad)
     if bad:
         run.warnings.append(f"{len(bad)} line(s) not valid events (first: line {min(bad)})")
