@@ -317,7 +317,8 @@ def find_artifact(run: RunLog) -> Path:
     for path in tries:
         if path.is_file():
             return path
-    raise RecordError(f"{run.path}: artifact {run.size_check.artifact_path} not found (tried {', '.join(map(str, tries))}); "
+    raise RecordError(f"{run.path}: artifact {run.size_check.artifact_path} not found "
+                      f"(tried {', '.join(map(str, tries))}); "
                       "pass --artifacts")
 
 
@@ -723,6 +724,10 @@ def folder_logs(folder: Path) -> list[FolderLog]:
     return found
 
 
+def is_number(value) -> bool:
+    return isinstance(value, (int, Decimal)) and not isinstance(value, bool)
+
+
 def unit(claim) -> float:
     """One unit in the last printed digit of a claimed number (0 for integers: exact)."""
     if isinstance(claim, Decimal):
@@ -732,7 +737,7 @@ def unit(claim) -> float:
 
 def matches(claim, value) -> bool:
     """A value equals a claim to the claim's printed precision (rounded or truncated: within one unit)."""
-    if isinstance(claim, bool) or not isinstance(claim, (int, Decimal)) or value is None:
+    if not is_number(claim) or value is None:
         return False
     return abs(float(claim) - value) <= unit(claim) * (1 + 1e-9) + 1e-12
 
@@ -808,7 +813,7 @@ def seed_checks_any(claims: list[tuple[str, str, dict]], logs: list[FolderLog]) 
                 checks.append(score_check(f"{name} {key}", key, claim[key], mine))
         scored = [fl for fl in mine if fl.run.score and matches(claim.get("val_bpb"), fl.run.score.val_bpb)] or mine
         for key in SIZE_KEYS:
-            if isinstance(claim.get(key), int):
+            if is_number(claim.get(key)):
                 sizes = {s for fl in scored for s in (fl.run.artifact_bytes, fl.run.total_bytes) if s is not None}
                 checks.append(Check(f"{name} {key}", claim[key] in sizes,
                                     f"claimed {claim[key]}; the log's artifact / total: {sorted(sizes)}")
@@ -824,7 +829,7 @@ def mean_checks(sub: dict, claims: list[tuple[str, str, dict]], logs: list[Folde
         if key not in sub:
             continue
         claimed = sub[key]
-        values = [float(c[key]) for c in top if isinstance(c.get(key), (int, Decimal))]
+        values = [float(c[key]) for c in top if is_number(c.get(key))]
         if top and len(values) == len(top):
             mean, std = mean_std(values)
             checks.append(Check(f"{key} mean", matches(claimed, mean), f"claimed {claimed}, mean of the "
@@ -850,6 +855,8 @@ def log_mean_check(key: str, claimed, logs: list[FolderLog]) -> Check:
     """Without per-seed claims: the mean of the logs' scores, or one log's score (a single-run claim)."""
     name = f"{key} from the logs"
     scored = [fl for fl in logs if fl.run.score]
+    if not logs:
+        return skip(name, f"claimed {claimed}; no training log in the folder to check it against")
     if not scored:
         return Check(name, False, f"claimed {claimed}; no log in the folder has a final evaluation")
     for metric in (key, "val_bpb"):
@@ -868,8 +875,8 @@ def log_mean_check(key: str, claimed, logs: list[FolderLog]) -> Check:
 
 
 def size_cap_checks(sub: dict, claims: list[tuple[str, str, dict]], logs: list[FolderLog], cap: int) -> list[Check]:
-    sizes = {f"submission.json {k}": sub[k] for k in ("bytes_total", "artifact_bytes_max") if isinstance(sub.get(k), int)}
-    sizes.update({f"seed {seed} {k}": c[k] for _, seed, c in claims for k in SIZE_KEYS if isinstance(c.get(k), int)})
+    sizes = {f"submission.json {k}": sub[k] for k in ("bytes_total", "artifact_bytes_max") if is_number(sub.get(k))}
+    sizes.update({f"seed {seed} {k}": c[k] for _, seed, c in claims for k in SIZE_KEYS if is_number(c.get(k))})
     sizes.update({f"{fl.path.name} total": fl.run.total_bytes for fl in logs if fl.run.total_bytes is not None})
     if not sizes:
         return [skip("cap", "no size stated in submission.json or the logs")]
@@ -877,7 +884,7 @@ def size_cap_checks(sub: dict, claims: list[tuple[str, str, dict]], logs: list[F
     largest = max(sizes, key=sizes.get)
     checks = [Check("cap", not over, f"over the cap of {cap:,}: " + ", ".join(f"{k} {v:,}" for k, v in over.items())
                     if over else f"every stated size <= {cap:,} (largest: {largest} {sizes[largest]:,})")]
-    if isinstance(sub.get("bytes_total"), int):
+    if is_number(sub.get("bytes_total")):
         totals = {fl.path.name: fl.run.total_bytes for fl in logs if fl.run.total_bytes is not None}
         hit = [n for n, v in totals.items() if v == sub["bytes_total"]]
         checks.append(Check("bytes_total", True, f"{sub['bytes_total']} is {', '.join(hit)}'s total") if hit else
@@ -896,7 +903,7 @@ def verify_any(folder: Path, sub: dict, cap: int) -> list[Check]:
     checks += [warn(f"{fl.path.name} runs", f"holds {fl.run.runs_in_file} runs; the last one was read")
                for fl in logs if fl.run.runs_in_file > 1]
     checks += seed_checks_any(claims, logs)
-    checks += mean_checks(sub, claims, logs) if logs or claims else []
+    checks += mean_checks(sub, claims, logs)
     checks += size_cap_checks(sub, claims, logs, cap)
     checks.append(skip("re-evaluation", "no artifact and verify_check in the folder: the score cannot be recomputed"))
     return checks

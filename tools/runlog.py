@@ -250,7 +250,8 @@ def eval_mode(name: str) -> str:
 
 def _is_pre_quant(name: str) -> bool:
     lowered = name.lower()
-    return bool(re.search(r"pre.?quant", lowered)) or ("post" in lowered and "ema" in lowered and "quant" not in lowered)
+    post_ema_float = "post" in lowered and "ema" in lowered and "quant" not in lowered  # "DIAGNOSTIC post_ema"
+    return bool(re.search(r"pre.?quant", lowered)) or post_ema_float
 
 
 def _eval(m: re.Match, line_no: int) -> Eval:
