@@ -159,6 +159,10 @@ def test_evaluation_names_generalise():
     ])
     run = runlog.parse(text)
     assert [e.name for e in run.finals] == ["final_int4_gptq_roundtrip", "my_new_score_ttt_exact"]
+    # Some scripts stamp every line with the time: the same reading.
+    stamped = runlog.parse("\n".join(f"{1776143229.403 + i:.3f} {line}" for i, line in enumerate(text.splitlines())))
+    assert stamped.summary() == run.summary() and runlog.parse(
+        "[2026-03-18 14:38:12] final_x val_loss:2.0 val_bpb:1.2").score.val_bpb == 1.2
     assert (run.score.val_bpb, run.score.mode, run.score.stride) == (1.4, "ttt", 64)
     assert run.pre_quant.val_bpb == 1.41 and len(run.diagnostics) == 1 and run.unrecognised_lines == 2
 

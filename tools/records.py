@@ -631,7 +631,7 @@ def verify(opts: argparse.Namespace) -> list[Check]:
     folder every check its files allow."""
     folder = Path(opts.folder)
     try:
-        text = (folder / SUBMISSION).read_text(encoding="utf-8")
+        text = named_file(folder, SUBMISSION, "submission*.json")[0].read_text(encoding="utf-8")
         sub, claims = json.loads(text), json.loads(text, parse_float=Decimal)
     except (OSError, ValueError) as err:
         return [Check(SUBMISSION, False, f"{folder / SUBMISSION}: unreadable ({type(err).__name__}: {err})")]
@@ -708,9 +708,10 @@ class FolderLog:
 
 
 def folder_logs(folder: Path) -> list[FolderLog]:
-    """The training logs of a folder (and its logs/ subfolder): text files with steps or evaluations."""
+    """The training logs anywhere in a folder (some keep them in logs/ or an eval-only subfolder):
+    text files with steps or evaluations."""
     found = []
-    for path in sorted([*folder.iterdir(), *((folder / "logs").iterdir() if (folder / "logs").is_dir() else [])]):
+    for path in sorted(folder.rglob("*")):
         if not path.is_file() or path.suffix not in (".log", ".txt") or path.name in NOT_LOGS:
             continue
         try:
@@ -722,6 +723,18 @@ def folder_logs(folder: Path) -> list[FolderLog]:
             seed = run.seed if run.seed is not None else int(named[1]) if named else None
             found.append(FolderLog(path, run, seed))
     return found
+
+
+def named_file(folder: Path, name: str, pattern: str) -> tuple[Path, str]:
+    """folder/name, else the only file matching pattern (some folders say submission_x.json or
+    train_gpt_x.py), with a note saying which was taken."""
+    exact = folder / name
+    if exact.is_file():
+        return exact, ""
+    others = sorted(folder.glob(pattern))
+    if len(others) == 1:
+        return others[0], f" (no {name}: read {others[0].name})"
+    return exact, ""
 
 
 def is_number(value) -> bool:
@@ -759,12 +772,12 @@ def seed_claims(sub: dict, where: str = "") -> list[tuple[str, str, dict]]:
 
 def code_size_checks(folder: Path, sub: dict, logs: list[FolderLog]) -> list[Check]:
     """The script's size against submission.json (binding) and the logs (their Code size line)."""
-    script = folder / SCRIPT
+    script, note = named_file(folder, SCRIPT, "train_gpt*.py")
     if not script.is_file():
         return [Check("code size", False, f"no {SCRIPT} in the folder")]
     size = script.stat().st_size
     claims = {k: sub[k] for k in CODE_KEYS if isinstance(sub.get(k), int)}
-    checks = [Check(f"code size ({k})", v == size, f"{SCRIPT} is {size} bytes, submission.json {k} {v}")
+    checks = [Check(f"code size ({k})", v == size, f"{script.name} is {size} bytes, submission.json {k} {v}{note}")
               for k, v in claims.items()]
     logged = {fl.path.name: fl.run.source_code_bytes or fl.run.code_bytes for fl in logs}
     logged = {name: v for name, v in logged.items() if v is not None}
@@ -804,13 +817,19 @@ def seed_checks_any(claims: list[tuple[str, str, dict]], logs: list[FolderLog]) 
     checks = []
     for where, seed, claim in claims:
         name = f"seed {seed}" + ("" if where in SEED_KEYS else f" ({where})")
-        mine = [fl for fl in logs if fl.seed == int(seed)]
+        # Logs that name no seed may hold any seed's run.
+        mine = [fl for fl in logs if fl.seed == int(seed)] + [fl for fl in logs if fl.seed is None]
         if not mine:
             checks.append(skip(f"{name} log", "no log of this seed in the folder"))
             continue
         for key in ("val_bpb", "val_loss"):
             if key in claim:
                 checks.append(score_check(f"{name} {key}", key, claim[key], mine))
+                elsewhere = [fl for fl in logs if fl not in mine and fl.run.score
+                             and matches(claim[key], getattr(fl.run.score, key))]
+                if not checks[-1].ok and elsewhere:
+                    checks[-1].detail += f" (the claimed value is the score of {elsewhere[0].path.name}, seed " \
+                                         f"{elsewhere[0].seed})"
         scored = [fl for fl in mine if fl.run.score and matches(claim.get("val_bpb"), fl.run.score.val_bpb)] or mine
         for key in SIZE_KEYS:
             if is_number(claim.get(key)):
@@ -826,7 +845,7 @@ def mean_checks(sub: dict, claims: list[tuple[str, str, dict]], logs: list[Folde
     checks = []
     top = [c for where, _, c in claims if where in SEED_KEYS]
     for key in ("val_bpb", "val_loss"):
-        if key not in sub:
+        if sub.get(key) is None:
             continue
         claimed = sub[key]
         values = [float(c[key]) for c in top if is_number(c.get(key))]
@@ -845,10 +864,13 @@ def std_check(sub: dict, key: str, values: list[float]) -> list[Check]:
     if claimed is None or len(values) < 2:
         return []
     sample, population = mean_std(values)[1], statistics.pstdev(values)
-    ok = matches(claimed, sample) or matches(claimed, population)
-    which = "sample std (ddof=1)" if matches(claimed, sample) else "population std (ddof=0)"
-    return [Check(f"{key}_std", ok, f"claimed {claimed}; seeds give sample {sample:.8f}, population {population:.8f}"
-                  + (f": the {which}" if ok else ""))]
+    detail = f"claimed {claimed}; seeds give sample {sample:.8f}, population {population:.8f}"
+    if matches(claimed, sample) or matches(claimed, population):
+        which = "sample std (ddof=1)" if matches(claimed, sample) else "population std (ddof=0)"
+        return [Check(f"{key}_std", True, f"{detail}: the {which}")]
+    # A std is a rough figure: off in its last digits (another rounding of the seeds) is a caveat.
+    near = is_number(claimed) and min(abs(float(claimed) - sample), abs(float(claimed) - population)) <= 0.05 * sample
+    return [warn(f"{key}_std", f"{detail}: within 5%") if near else Check(f"{key}_std", False, detail)]
 
 
 def log_mean_check(key: str, claimed, logs: list[FolderLog]) -> Check:

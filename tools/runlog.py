@@ -60,6 +60,8 @@ ROUTING_JSON = re.compile(r"^routing statistics: (.+)$")
 # Where a competitor's run starts: the lines their scripts print first.
 RUN_MARKERS = (HEADER, re.compile(r"^Running Python "), re.compile(r"^Hyperparameters:?$"))
 KEY_VALUE = re.compile(r"([\w/]+):\s?(\S+)")
+# A time stamp some scripts put before every line: unix seconds, or a date and time (maybe bracketed).
+STAMP = re.compile(r"^(?:\d{10}(?:\.\d+)?|\[?\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d+)?\]?) ")
 UNRECOGNISED_KEPT = 20  # the first few unrecognised lines are kept as examples
 
 
@@ -406,7 +408,7 @@ def split_runs(lines: list[str]) -> list[int]:
 
 def parse(text: str, path: str | Path | None = None) -> RunLog:
     """Everything found about the last run of a text log; never raises on content."""
-    lines = text.splitlines()
+    lines = [STAMP.sub("", line, count=1) for line in text.splitlines()]
     starts = split_runs(lines)
     run = RunLog(path=Path(path) if path is not None else None, first_line=starts[-1] + 1,
                  runs_in_file=len(starts) if any(line.strip() for line in lines) else 0)
