@@ -5,8 +5,8 @@
 
 Two paths:
 - Our runs: train_gpt.py writes LOG_DIR/RUN_ID.jsonl beside RUN_ID.txt (one JSON event per line;
-  the contract and the score rule are in docs/runlog.md). When that file is there it is read exactly and the text
-  is not parsed.
+  the contract and the score rule are in docs/runlog.md). When that file is there it is read
+  exactly and the text is not parsed (`--text` parses the text anyway).
 - Any other text log (ours from before the JSONL, or a competitor's) is read leniently, by the
   shapes every script of the challenge prints: `NAME val_loss:X val_bpb:Y`, step lines
   (`step:N/M ...` or `N/M ...`), `Serialized model ...: N bytes`, `Code size ...: N bytes`,
@@ -20,8 +20,9 @@ without a final evaluation has no score: `score` is None and the CLI says so lou
 pre-quantization value is the labelled pre-quant evaluation, else the last periodic validation
 (runs without EMA validate the float weights last).
 
-Several runs in one file: the last run is read (a run starts where the step counter restarts),
-and `runs_in_file` and `notes` say so.
+Several runs in one file: the last run is read (a run starts at a start-of-run line after results
+of the previous run, or where the step counter restarts), and `runs_in_file` and `notes` say so.
+Lines stamped with a time (unix seconds or a date) are read without the stamp.
 """
 from __future__ import annotations
 
