@@ -4,7 +4,6 @@ read here with regular expressions written for the test, or from submission.json
 import json
 import math
 import re
-import shutil
 from decimal import Decimal
 from pathlib import Path
 

@@ -208,7 +208,8 @@ def parse_log(path: str | Path) -> RunLog:
     if stride not in (0, seq_len) and not any(e.mode == "sliding" for e in log.finals):
         missing.append("sliding-window final evaluation")
     if missing:
-        raise LogError(f"{path}: lacks final results ({', '.join(missing)} missing): the run crashed or is still running")
+        raise LogError(f"{path}: lacks final results ({', '.join(missing)} missing): "
+                       "the run crashed or is still running")
     return log
 
 
