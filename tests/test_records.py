@@ -99,6 +99,101 @@ def test_compare_cli(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
+# real record folders of the challenge (tests/fixtures/real_records)
+# ----------------------------------------------------------------------------------------------
+FIXTURES = REPO / "tests" / "fixtures" / "real_records"
+FOLDERS = sorted(p for p in FIXTURES.iterdir() if p.is_dir())
+# The committed train_gpt.py of this folder (158,429 bytes) is not the script of any of its logs
+# (all three report 157,868 bytes, counted the same way): a real finding, so verify fails it.
+CHANGED_AFTER_THE_RUNS = "2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611"
+
+
+def verify_main(folder, capsys) -> tuple[int, str]:
+    status = records.main(["verify", str(folder)])
+    return status, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=[f.name[:24] for f in FOLDERS])
+def test_verify_real_folder(folder, capsys):
+    status, out = verify_main(folder, capsys)
+    failed = [line for line in out.splitlines() if line.startswith("FAIL  ")]
+    if folder.name == CHANGED_AFTER_THE_RUNS:
+        assert status == 1 and len(failed) == 1 and failed[0].startswith("FAIL  code size (logs): train_gpt.py is 158429")
+    else:
+        assert status == 0 and not failed, out
+    assert "SKIP  re-evaluation" in out  # no artifact in a competitor's folder: skipped, not failed
+    assert re.search(r"PASS  (seed \d+ val_bpb|val_bpb from the logs|val_loss from the logs)", out) or "WARN" in out
+    assert "PASS  cap: every stated size <= 16,000,000" in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=[f.name[:24] for f in FOLDERS])
+def test_verify_real_folder_fails_on_a_changed_script(folder, tmp_path, capsys):
+    copy = shutil.copytree(folder, tmp_path / folder.name)
+    with open(copy / "train_gpt.py", "a") as f:
+        f.write("# one more line\n")
+    status, out = verify_main(copy, capsys)
+    assert status == 1 and re.search(r"(?m)^FAIL  code size", out), out
+
+
+def test_verify_real_folder_checks_each_claim(tmp_path, capsys):
+    folder = shutil.copytree(FIXTURES / "2026-04-06_SP8192_QK5_LegalTTT_1.0828", tmp_path / "f")
+    text = (folder / "submission.json").read_text()
+    assert text.count('"val_bpb": 1.08209788') == 1
+    for old, new, failing in [('"val_bpb": 1.08209788', '"val_bpb": 1.08109788', "seed 0 val_bpb"),
+                              ('"val_bpb": 1.08279384', '"val_bpb": 1.08179384', "val_bpb mean"),
+                              ('"bytes_total": 15991018', '"bytes_total": 16000001', "cap"),
+                              ('"bytes_total": 15991018', '"bytes_total": 15991019', "seed 0 bytes_total")]:
+        (folder / "submission.json").write_text(text.replace(old, new))
+        status, out = verify_main(folder, capsys)
+        assert status == 1 and f"FAIL  {failing}:" in out, (failing, out)
+    # std: the claimed value must be the sample or the population std of the seeds' claims.
+    vl = shutil.copytree(FIXTURES / "2026-04-10_VarLenAttn", tmp_path / "v")
+    (vl / "submission.json").write_text((vl / "submission.json").read_text().replace("0.00084633", "0.00074633"))
+    status, out = verify_main(vl, capsys)
+    assert status == 1 and "FAIL  val_bpb_std" in out
+    original = (FIXTURES / "2026-04-10_VarLenAttn" / "submission.json").read_text()
+    (vl / "submission.json").write_text(original.replace("0.00084633", "0.00082"))
+    status, out = verify_main(vl, capsys)  # 3% off: another rounding, a caveat only
+    assert status == 0 and "WARN  val_bpb_std: claimed 0.00082; seeds give sample 0.00084633" in out
+
+
+def test_verify_real_folder_without_logs_or_with_bad_json(tmp_path, capsys):
+    folder = shutil.copytree(FIXTURES / "2026-03-17_NaiveBaseline", tmp_path / "f")
+    (folder / "train.log").unlink()
+    status, out = verify_main(folder, capsys)
+    assert status == 0 and "SKIP  logs: no training log" in out and "PASS  code size (bytes_code)" in out
+    for content in ("{not json", "[1, 2]", '{"val_bpb": "abc", "bytes_code": 47642}'):
+        (folder / "submission.json").write_text(content)
+        (folder / "train.log").write_text((FIXTURES / "2026-03-17_NaiveBaseline" / "train.log").read_text())
+        status, out = verify_main(folder, capsys)
+        assert status == 1 and "FAIL" in out and "Traceback" not in out, content
+    status, out = verify_main(tmp_path / "absent", capsys)
+    assert status == 1 and "FAIL  submission.json" in out
+
+
+def test_verify_warns_where_a_claim_is_not_the_last_evaluation(capsys):
+    status, out = verify_main(FIXTURES / "2026-04-04_SP4096_DepthRecurrence_ParallelResid_MuonEqR", capsys)
+    assert status == 0
+    assert ("WARN  seed 42 val_bpb: claimed 1.08938974 is train_seed42.log's earlier evaluation "
+            "final_int6_sliding_window; its last final evaluation, final_int6_ttt, gives 1.336032") in out
+    status, out = verify_main(FIXTURES / "2026-03-20_10L_Int5MLP_MuonWD04_SWA50", capsys)
+    assert status == 0 and "submission.json labels a val_bpb as val_loss" in out
+
+
+def test_compare_real_folders(capsys):
+    old = FIXTURES / "2026-03-23_LeakyReLU_LegalTTT_ParallelMuon"  # no per-seed list: scores from its logs
+    new = FIXTURES / "2026-04-06_SP8192_QK5_LegalTTT_1.0828"  # per-seed claims under "seeds"
+    assert records.main(["compare", "--baseline", str(old), "--candidate", str(new), "--metric", "val_bpb"]) == 0
+    out = capsys.readouterr().out
+    assert f"from the logs of {old}: train_seed1337.log, train_seed2025.log, train_seed42.log" in out
+    assert "n=3 mean=1.11937967" in out and "n=3 mean=1.08279384" in out
+    assert "verdict: candidate beats baseline by more than the margin" in out
+    # The other way round the improvement is negative: not significant, exit 1.
+    assert records.main(["compare", "--baseline", str(new), "--candidate", str(old), "--metric", "val_bpb"]) == 1
+    assert "candidate is worse" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
 # the log parser
 # ----------------------------------------------------------------------------------------------
 CODE_SHA, ARTIFACT_SHA = "c0de" * 16, "a7" * 32
@@ -123,22 +218,48 @@ def test_parse_canned_log(tmp_path):
     path.write_text(CANNED_LOG)
     run = records.parse_log(path)
     assert (run.seed, run.steps, run.train_time_ms, run.step_avg_ms) == (1337, 30, 9631, 321.05)
-    assert (run.artifact_bytes, run.code_bytes, run.artifact_path) == (240785, 71124, "logs/run_x_model.ptz")
+    assert (run.artifact_bytes, run.code_bytes, run.size_check.artifact_path) == (240785, 71124, "logs/run_x_model.ptz")
     assert run.pre_quant_val_bpb == 3.05788679
-    assert run.hardware == "8x NVIDIA H100 80GB HBM3" and run.torch_version == "2.14.1+cu130"
+    assert records.hardware(run) == "8x NVIDIA H100 80GB HBM3" and run.torch == "2.14.1+cu130"
     assert (run.score.val_loss, run.score.val_bpb, run.score.stride, run.score.eval_time_ms) == (5.41674422, 3.05823583, 32, 1070)
     assert run.score.token_limit == 0
-    assert (run.code_sha256, run.start_code_bytes, run.artifact_sha256) == (CODE_SHA, 71124, ARTIFACT_SHA)
+    assert (run.code_sha256, run.start_code_bytes, run.size_check.sha256) == (CODE_SHA, 71124, ARTIFACT_SHA)
 
     # A log of an older train_gpt.py, without the sha256 lines, still parses (pack then refuses it).
     path.write_text(CANNED_LOG.replace(f"code_sha256:{CODE_SHA} code_bytes:71124\n", "")
                     .replace(f" sha256:{ARTIFACT_SHA}", ""))
     run = records.parse_log(path)
-    assert (run.code_sha256, run.artifact_sha256, run.artifact_path) == (None, None, "logs/run_x_model.ptz")
+    assert (run.code_sha256, run.size_check.sha256, run.size_check.artifact_path) == (None, None, "logs/run_x_model.ptz")
 
     # EVAL_STRIDE=0: no sliding line, the round trip is the score.
     path.write_text(CANNED_LOG.replace('"EVAL_STRIDE": 32', '"EVAL_STRIDE": 0').rsplit("final_quant_zstd_sliding", 1)[0])
     assert records.parse_log(path).score.val_bpb == 3.05787703
+
+
+def test_parse_our_jsonl_beside_the_text(tmp_path):
+    """With RUN_ID.jsonl beside the text, pack reads the events; the artifact's path and sha256 come from
+    the text's size_check line when the event lacks them; the token limit and geometry from the knobs."""
+    def event(kind, **fields):
+        return json.dumps({"event": kind, "time": 1.0, **fields})
+
+    knobs = {"EVAL_SEQ_LEN": 128, "EVAL_STRIDE": 32, "SEED": 1337, "TRAIN_SEQ_LEN": 128, "VAL_TOKEN_LIMIT": 4096}
+    (tmp_path / "run.jsonl").write_text("\n".join([
+        event("config", knobs=knobs, code_sha256=CODE_SHA, code_bytes=71124, torch="2.14.1", python="3.12",
+              device="cpu", world_size=1, grad_accum=1),
+        event("step", step=30, iterations=30, train_loss=5.1, train_time_ms=9629.0, step_avg_ms=320.98, tok_s=1.0,
+              mfu=None),
+        event("size_check", code_bytes=71124, artifact_bytes=240785, total_bytes=311909, cap=16000000, slack=1),
+        event("final", name="final_quant_zstd_roundtrip_exact", mode="plain", val_loss=5.4, val_bpb=3.05,
+              eval_time_s=0.2),
+        event("final", name="final_quant_zstd_sliding_window_exact", mode="sliding", val_loss=5.41, val_bpb=3.04,
+              eval_time_s=1.0),
+        event("end", status="ok")]) + "\n")
+    (tmp_path / "run.txt").write_text(CANNED_LOG)
+    run = records.parse_log(tmp_path / "run.txt")
+    assert run.source == "jsonl" and (run.score.val_bpb, run.score.stride, run.score.seq_len) == (3.04, 32, 128)
+    assert run.score.token_limit == 4096  # a partial evaluation stays marked: pack refuses it on the record track
+    assert (run.size_check.artifact_path, run.size_check.sha256) == ("logs/run_x_model.ptz", ARTIFACT_SHA)
+    assert (run.seed, run.steps, run.code_sha256, run.start_code_bytes) == (1337, 30, CODE_SHA, 71124)
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -17,8 +17,10 @@ from conftest import REPO, SAMPLE, TOKENIZER, run_train
 
 sys.path.insert(0, str(REPO / "tools"))
 import bench_moe  # noqa: E402
+import calibrate_budget  # noqa: E402
 import proxy_study  # noqa: E402
 import routing_report  # noqa: E402
+import runlog  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FLOAT = r"([\d.]+)"
@@ -103,7 +105,7 @@ def test_routing_report_rejects_log_without_moe_lines(moe_run, tmp_path, capsys)
 def test_parse_log_reads_the_numbers_of_a_real_run(moe_run):
     log, _ = moe_run
     text = log.read_text()
-    parsed = proxy_study.parse_log(text)
+    parsed = proxy_study.parse_log(runlog.parse(text))
     assert parsed["val_bpb_roundtrip"] == float(last_value(rf"^final_quant_zstd_roundtrip_exact val_loss:\S+ val_bpb:{FLOAT}", text))
     assert parsed["val_bpb_sliding"] == float(last_value(rf"^final_quant_zstd_sliding_window_exact val_loss:\S+ val_bpb:{FLOAT}", text))
     assert parsed["score"] == parsed["val_bpb_sliding"]
@@ -131,11 +133,12 @@ def test_parse_log_reads_only_the_last_run_of_an_appended_log(moe_run):
     """train_gpt.py appends to the log of a reused RUN_ID: a rerun that crashed keeps no earlier score."""
     text = moe_run[0].read_text()
     crashed = text[:text.index("pre_quant_ema")]
-    parsed = proxy_study.parse_log(text + crashed)
+    parsed = proxy_study.parse_log(runlog.parse(text + crashed))
     assert parsed["val_bpb_roundtrip"] is None and parsed["val_bpb_sliding"] is None
     assert "total_bytes" not in parsed and parsed["runs_in_log"] == 2
-    assert "runs_in_log" not in proxy_study.parse_log(text)
-    assert proxy_study.parse_log(crashed + text) == dict(proxy_study.parse_log(text), runs_in_log=2)
+    assert "runs_in_log" not in proxy_study.parse_log(runlog.parse(text))
+    assert proxy_study.parse_log(runlog.parse(crashed + text)) == dict(proxy_study.parse_log(runlog.parse(text)),
+                                                                       runs_in_log=2)
 
 
 def run_of(name: str) -> proxy_study.Run:
@@ -149,7 +152,7 @@ def test_collect_marks_an_unfinished_log_failed(moe_run, tmp_path):
     shutil.copy(moe_run[0], tmp_path / "t_good_s1.txt")
     assert proxy_study.collect(run_of("good"), tmp_path)["status"] == "ok"
     row = proxy_study.collect(run_of("cut"), tmp_path)
-    assert row["status"] == "failed" and "no final round-trip" in row["reason"]
+    assert row["status"] == "failed" and "no final evaluation" in row["reason"]
     assert row["tail"] and row["tail"][-1] == cut.splitlines()[-1]
     assert proxy_study.collect(run_of("absent"), tmp_path)["status"] == "missing"
 
@@ -252,3 +255,19 @@ def test_bench_compile_counts_catch_a_recompile():
     counts = bench_moe.compile_counts()
     assert counts["recompiles"] == 1
     assert bench_moe.problems(dict(mode="m", **counts)) == ["m: 1 recompiles", "m: 2 graphs (expected exactly 1)"]
+
+
+# ---------------------------------------------------------------------------- calibrate_budget
+
+
+def test_calibrate_budget_reads_every_stored_parameter(moe_run):
+    """Through the trainer's reader: every parameter of the artifact is counted once, in its bit width."""
+    import train_gpt
+
+    artifact = moe_run[0].parent / "test_model.ptz"
+    results = calibrate_budget.measure([str(artifact)], level=3)
+    _, state = train_gpt.read_artifact(str(artifact))
+    assert sum(n for key, (n, _) in results.items() if key != "scales") == sum(t.numel() for t in state.values())
+    assert {"16", "scales"} <= set(results) and len(results) >= 3  # fp16, at least one integer width, scales
+    for key, (n, bits_per_param) in results.items():
+        assert n > 0 and 0 < bits_per_param < (17 if key in ("16", "scales") else 9)

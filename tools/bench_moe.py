@@ -27,19 +27,20 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402
+from tools.common import MOE_PRESETS, format_table as layout  # noqa: E402
 
-# name -> MoE knobs; E experts of hidden/E (shared_routed: a shared half plus E experts of the rest).
+# name -> MoE knobs: the study's presets (tools/common.py) plus dispatch and width variants
+# (MOE_DISPATCH=grouped is the trainer's default; stated where a capacity variant sits beside it).
+GROUPED, CAPACITY = {"MOE_DISPATCH": "grouped"}, {"MOE_DISPATCH": "capacity"}
 MODES: dict[str, dict[str, str]] = {
-    "dense": {"MOE_MODE": "none"},
-    "soft2": {"MOE_MODE": "soft", "NUM_EXPERTS": "2"},
-    "soft4": {"MOE_MODE": "soft", "NUM_EXPERTS": "4"},
-    "soft8": {"MOE_MODE": "soft", "NUM_EXPERTS": "8"},
-    "topk4": {"MOE_MODE": "topk", "NUM_EXPERTS": "4", "TOP_K": "1", "MOE_DISPATCH": "grouped"},
-    "topk8": {"MOE_MODE": "topk", "NUM_EXPERTS": "8", "TOP_K": "1", "MOE_DISPATCH": "grouped"},
-    "topk4_cap": {"MOE_MODE": "topk", "NUM_EXPERTS": "4", "TOP_K": "1", "MOE_DISPATCH": "capacity"},
-    "topk8_cap": {"MOE_MODE": "topk", "NUM_EXPERTS": "8", "TOP_K": "1", "MOE_DISPATCH": "capacity"},
-    "topk8_k2": {"MOE_MODE": "topk", "NUM_EXPERTS": "8", "TOP_K": "2", "MOE_DISPATCH": "grouped"},
-    "shared_routed": {"MOE_MODE": "shared_routed", "NUM_EXPERTS": "4", "TOP_K": "1", "MOE_DISPATCH": "grouped"},
+    **{name: MOE_PRESETS[name] for name in ("dense", "soft2", "soft4")},
+    "soft8": {**MOE_PRESETS["soft4"], "NUM_EXPERTS": "8"},
+    "topk4": {**MOE_PRESETS["topk4"], **GROUPED},
+    "topk8": {**MOE_PRESETS["topk4"], "NUM_EXPERTS": "8", **GROUPED},
+    "topk4_cap": {**MOE_PRESETS["topk4"], **CAPACITY},
+    "topk8_cap": {**MOE_PRESETS["topk4"], "NUM_EXPERTS": "8", **CAPACITY},
+    "topk8_k2": {**MOE_PRESETS["topk4"], "NUM_EXPERTS": "8", "TOP_K": "2", **GROUPED},
+    "shared_routed": {**MOE_PRESETS["shared_routed"], **GROUPED},
 }
 CUDA_SHAPE = dict(tokens=65_536, dim=512, hidden=1536, iters=20)
 # grouped_mm compiles on CPU only in bf16 with dims that are multiples of 16: hidden/8 = 16 here.
@@ -169,16 +170,16 @@ def problems(result: dict) -> list[str]:
 
 def format_table(results: list[dict]) -> str:
     dense_ms = next((r["ms"] for r in results if r["mode"] == "dense" and "ms" in r), None)
-    rows = [("mode", "params", "ms", "x dense", "graphs", "recompiles", "breaks", "peak MiB")]
+    header = ["mode", "params", "ms", "x dense", "graphs", "recompiles", "breaks", "peak MiB"]
+    rows = []
     for r in results:
         if "error" in r:
-            rows.append((r["mode"], "-", "FAILED", "-", "-", "-", "-", "-"))
+            rows.append([r["mode"], "-", "FAILED", "-", "-", "-", "-", "-"])
             continue
-        rows.append((r["mode"], str(r["params"]), f"{r['ms']:.3f}",
+        rows.append([r["mode"], str(r["params"]), f"{r['ms']:.3f}",
                      f"{r['ms'] / dense_ms:.2f}" if dense_ms else "-",
-                     *(str(r.get(k, "-")) for k in ("graphs", "recompiles", "graph_breaks", "peak_mib"))))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
+                     *(str(r.get(k, "-")) for k in ("graphs", "recompiles", "graph_breaks", "peak_mib"))])
+    return layout(header, rows)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

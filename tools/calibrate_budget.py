@@ -8,6 +8,7 @@ for the fp16 row scales. Compare with the constants in train_gpt.py and update t
 saying which runs they came from) when real runs disagree.
 """
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -17,19 +18,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402
 
 
+def stored_parts(path: str):
+    """(bit width, parameter count, stored integers, fp16 row scales) per tensor of an artifact, read
+    with the trainer's own reader (train_gpt.unpack_artifact checks the frame, magic, version and table)."""
+    header, data = train_gpt.unpack_artifact(path)
+    for e in header["tensors"]:
+        # The table's sizes are [integer bytes, scale bytes] (fp16 tensors: [value bytes, 0]).
+        stored = bytes(data[e["offset"]:e["offset"] + sum(e["sizes"])])
+        numel = math.prod(header["shapes"][e["name"]])
+        yield e["bits"], numel, stored[:e["sizes"][0]], stored[e["sizes"][0]:]
+
+
 def measure(paths: list[str], level: int) -> dict[str, tuple[int, float]]:
     """-> {bit width or 'scales': (parameter count, compressed bits per parameter)}."""
     groups: dict[str, list[bytes]] = {}
     counts: dict[str, int] = {}
     for path in paths:
-        header, data = train_gpt.unpack_artifact(path)
-        for e in header["tensors"]:
-            key, start = str(e["bits"]), e["offset"]
-            groups.setdefault(key, []).append(bytes(data[start:start + e["sizes"][0]]))
-            counts[key] = counts.get(key, 0) + e["sizes"][0] // (2 if e["bits"] == 16 else 1)
-            if e["bits"] != 16:
-                groups.setdefault("scales", []).append(bytes(data[start + e["sizes"][0]:start + sum(e["sizes"])]))
-                counts["scales"] = counts.get("scales", 0) + e["sizes"][1] // 2
+        for bits, numel, values, scales in stored_parts(path):
+            groups.setdefault(str(bits), []).append(values)
+            counts[str(bits)] = counts.get(str(bits), 0) + numel
+            if scales:
+                groups.setdefault("scales", []).append(scales)
+                counts["scales"] = counts.get("scales", 0) + len(scales) // 2
     compressor = zstandard.ZstdCompressor(level=level)
     return {key: (counts[key], 8 * len(compressor.compress(b"".join(parts))) / max(counts[key], 1))
             for key, parts in sorted(groups.items())}

@@ -1,7 +1,7 @@
 """Runs configurations x seeds of train_gpt.py on the proxy corpus, one after another, and collects
 the scores, speed, sizes and routing health from their logs into one table and a JSON file.
 
-    python tools/proxy_study.py --list                         # the built-in presets (issue 5)
+    python tools/proxy_study.py --list                         # the built-in presets (README, "Mixture of Experts")
     python tools/proxy_study.py --only dense,topk4 --seeds 1337,1338,1339 --dry-run
     python tools/proxy_study.py --only topk4 --seeds 1337 --log-dir $OUT/logs         # one run
     python tools/proxy_study.py --seeds 1337,1338,1339 --collect-only logs/proxy      # the table
@@ -15,7 +15,7 @@ takes 6-9 minutes with compilation and evaluation, so one GPU command (10 minute
 split the study with --only and --seeds, then collect every log with --collect-only.
 A run that fails is recorded as failed with the last lines of its output.
 
-On the lent GPU (docs/gpu.md; carry data/datasets/proxy_sp1024 and .wheels), one call per run:
+On a GPU machine (docs/gpu_runs.md; carry data/datasets/proxy_sp1024 and .wheels), one call per run:
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .wheels/*.whl && export PYTHONPATH=/tmp/site;
     sh data/datasets/proxy_sp1024/prepare.sh /tmp/proxy;
@@ -41,20 +41,13 @@ from pathlib import Path
 
 try:
     from . import runlog  # imported as tools.proxy_study
+    from .common import MOE_PRESETS, cell, format_table, mean_std
 except ImportError:
     import runlog  # run as a script, or with tools/ on sys.path
+    from common import MOE_PRESETS, cell, format_table, mean_std
 
 REPO = Path(__file__).resolve().parents[1]
-BALANCING_OFF = {"MOE_AUX_LOSS_COEF": "0", "ROUTER_Z_COEF": "0", "ROUTER_BIAS_RATE": "0", "ROUTER_NOISE": "0"}
-# Issue 5: MoE modes against the parameter-matched dense MLP (train_gpt.py sizes experts hidden/E).
-PRESETS: dict[str, dict[str, str]] = {
-    "dense": {"MOE_MODE": "none"},
-    "soft2": {"MOE_MODE": "soft", "NUM_EXPERTS": "2"},
-    "soft4": {"MOE_MODE": "soft", "NUM_EXPERTS": "4"},
-    "topk4": {"MOE_MODE": "topk", "NUM_EXPERTS": "4", "TOP_K": "1"},
-    "shared_routed": {"MOE_MODE": "shared_routed", "NUM_EXPERTS": "4", "TOP_K": "1"},
-    "topk4_nobalance": {"MOE_MODE": "topk", "NUM_EXPERTS": "4", "TOP_K": "1", **BALANCING_OFF},
-}
+PRESETS = MOE_PRESETS  # the matched MoE-versus-dense study (README, "Mixture of Experts")
 # Set by the study for every run alike; a configuration may not change them.
 STUDY_KEYS = ("DATA_PATH", "TOKENIZER_PATH", "VOCAB_SIZE", "MAX_WALLCLOCK_SECONDS", "VAL_LOSS_EVERY",
               "SEED", "RUN_ID", "LOG_DIR")
@@ -181,22 +174,21 @@ def execute(run: Run, command: list[str], log_dir: Path, timeout: float | None) 
 # ---------------------------------------------------------------------------- collecting
 
 
-def parse_log(text: str) -> dict:
-    """Scores, speed, sizes, parameters and final routing health from the last run in a train_gpt.py log
+def parse_log(log: runlog.RunLog) -> dict:
+    """Scores, speed, sizes, parameters and final routing health of a run read by tools/runlog.py
     (runs_in_log says how many runs the log held when it held more than one)."""
-    log = runlog.parse(text)
-    finals = {label: e.val_bpb for label, e in log.finals.items()}
-    # Without EMA the last validation of the float model is the pre-quantization score.
-    pre_quant = log.pre_quant or log.last_val
-    result = dict(val_bpb_sliding=finals.get("sliding_window"), val_bpb_roundtrip=finals.get("roundtrip"),
-                  val_bpb_prequant=pre_quant.val_bpb if pre_quant else None, partial_val=log.partial_eval)
+    plain = [e.val_bpb for e in log.finals if e.mode == "plain"]
+    sliding = [e.val_bpb for e in log.finals if e.mode == "sliding"]
+    result = dict(val_bpb_sliding=sliding[-1] if sliding else None, val_bpb_roundtrip=plain[-1] if plain else None,
+                  val_bpb_prequant=log.pre_quant_val_bpb, partial_val=log.partial_eval)
     if log.runs_in_file > 1:
         result["runs_in_log"] = log.runs_in_file
-    if log.header:
-        result.update(torch=log.header.torch, device=log.header.device_label, world_size=log.header.world_size)
+    if log.torch:
+        device = f"{log.device} ({log.device_name})" if log.device_name else log.device
+        result.update(torch=log.torch, device=device, world_size=log.world_size)
     if log.params:
-        result.update(params=log.params.total, active_params=log.params.active_matmul_per_token,
-                      router_params=log.params.router)
+        result.update(params=log.params.get("total"), active_params=log.params.get("active_matmul_per_token"),
+                      router_params=log.params.get("router"))
     if log.last_train:
         result.update(steps=log.last_train.step, ms_per_step=log.last_train.step_avg_ms,
                       tok_per_s=log.last_train.tok_per_s)
@@ -237,8 +229,8 @@ def failure_reason(row: dict, has_log: bool, ran: bool) -> str | None:
         return f"exit status {row['returncode']}" + ("" if has_log else ", no log")
     if not has_log:
         return "no log"
-    if row["val_bpb_roundtrip"] is None:
-        return "no final round-trip evaluation in the log"
+    if row.get("score") is None:
+        return "no final evaluation in the log"
     return None
 
 
@@ -247,18 +239,12 @@ def collect(run: Run, log_dir: Path, outcome: dict | None = None) -> dict:
     log, out = log_dir / f"{run.run_id}.txt", log_dir / f"{run.run_id}.out"
     row = dict(name=run.name, seed=run.seed, run_id=run.run_id, **(outcome or {}))
     if log.is_file():
-        row.update(parse_log(log.read_text(errors="replace")))
+        row.update(parse_log(runlog.read(log)))
     reason = failure_reason(row, log.is_file(), outcome is not None)
     if reason is None:
         return dict(row, status="ok")
     status = "missing" if not (log.is_file() or out.is_file()) else "failed"
     return dict(row, status=status, reason=reason, tail=tail(out) or tail(log))
-
-
-def spread(values: list[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -268,7 +254,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         ok = [r for r in rows if r["name"] == name and r["status"] == "ok"]
         entry = dict(name=name, ok=len(ok), runs=sum(r["name"] == name for r in rows))
         for key in ("score", "val_bpb_roundtrip", "val_bpb_prequant", "ms_per_step", "steps", "total_bytes"):
-            entry[key], entry[key + "_std"] = spread([r[key] for r in ok if r.get(key) is not None])
+            entry[key], entry[key + "_std"] = mean_std([r[key] for r in ok if r.get(key) is not None])
         summary.append(entry)
     dense = next((s["score"] for s in summary if s["name"] == "dense" and s["score"] is not None), None)
     for entry in summary:
@@ -277,17 +263,6 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- output
-
-
-def cell(value, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *rows])
 
 
 def runs_table(rows: list[dict]) -> str:
@@ -317,7 +292,7 @@ def report(rows: list[dict], args, common: dict[str, str]) -> None:
     print(runs_table(rows))
     print()
     print(summary_table(summary))
-    print("score = sliding-window round-trip val_bpb (round trip without sliding window where absent); "
+    print("score = the last final evaluation of each log (tools/runlog.py); "
           "* = validation on a token subset, not a score")
     for r in rows:
         if r.get("runs_in_log"):
@@ -341,7 +316,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="print the configurations and exit")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     parser.add_argument("--collect-only", type=Path, metavar="LOGDIR", help="run nothing; collect the logs in LOGDIR")
-    parser.add_argument("--data-path", default="/tmp/proxy", help="DATA_PATH (default /tmp/proxy, see docs/gpu.md)")
+    parser.add_argument("--data-path", default="/tmp/proxy", help="DATA_PATH (default /tmp/proxy, see docs/gpu_runs.md)")
     parser.add_argument("--tokenizer-path", help="TOKENIZER_PATH (default DATA_PATH/proxy_1024_bpe.model)")
     parser.add_argument("--vocab-size", default="1024")
     parser.add_argument("--wallclock", default="240", help="MAX_WALLCLOCK_SECONDS for every run (default 240)")

@@ -1,4 +1,4 @@
-"""Pack, verify and compare Parameter Golf record folders (see docs/challenge.md, "Records").
+"""Pack, verify and compare Parameter Golf record folders (rules: docs/challenge_rules.md).
 
     python tools/records.py pack logs/a.txt logs/b.txt --name MoE10L --author "Ada" --github-id ada \\
         --track track_10min_16mb --check-data data/datasets/fineweb10B_sp1024 \\
@@ -23,15 +23,18 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 try:
     from . import runlog  # imported as tools.records
+    from .common import mean_std, sha256_file
 except ImportError:
     import runlog  # run as a script, or with tools/ on sys.path
+    from common import mean_std, sha256_file
 
-FinalEval = runlog.FinalEval
+RunLog = runlog.RunLog
 
 REPO = Path(__file__).resolve().parents[1]
 CAP_BYTES = 16_000_000  # the challenge cap, decimal bytes; --cap overrides it for what-ifs and tests
@@ -105,12 +108,12 @@ class Sample:
 
     @property
     def mean(self) -> float:
-        return statistics.fmean(self.values)
+        return mean_std(self.values)[0]
 
     @property
     def std(self) -> float | None:
         """Sample standard deviation (ddof=1); None for a single value."""
-        return statistics.stdev(self.values) if self.n > 1 else None
+        return mean_std(self.values)[1]
 
 
 @dataclass
@@ -155,87 +158,59 @@ def welch_test(baseline: Sample, candidate: Sample, margin: float, alpha: float 
 
 
 # ----------------------------------------------------------------------------------------------
-# Run logs: tools/runlog.py reads them; a record needs one complete run, checked here
+# Run logs: tools/runlog.py reads them; a record of ours needs one complete run, checked here
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunLog:
-    """One complete run, as pack and verify rely on it."""
-    path: Path
-    torch_version: str
-    device: str
-    device_name: str
-    world_size: int
-    config: dict
-    steps: int
-    train_time_ms: int
-    step_avg_ms: float
-    pre_quant_val_bpb: float
-    artifact_bytes: int
-    code_bytes: int
-    artifact_path: str
-    finals: dict[str, FinalEval] = field(default_factory=dict)
-    code_sha256: str | None = None  # of the train_gpt.py that ran (None in logs of older versions)
-    start_code_bytes: int | None = None  # its size at the start; code_bytes is the size at export
-    artifact_sha256: str | None = None  # from the size_check line (None in logs of older versions)
-
-    @property
-    def seed(self) -> int:
-        return int(self.config["SEED"])
-
-    @property
-    def score(self) -> FinalEval:
-        """The official number: the sliding-window eval when it ran, else the round-trip eval."""
-        return self.finals.get("sliding_window", self.finals["roundtrip"])
-
-    @property
-    def hardware(self) -> str:
-        return f"{self.world_size}x {self.device_name or self.device}"
 
 
 class LogError(RecordError):
     """A log that does not hold one complete run."""
 
 
+def hardware(run: RunLog) -> str:
+    return f"{run.world_size}x {run.device_name or run.device}"
+
+
 def parse_log(path: str | Path) -> RunLog:
-    """Read one train_gpt.py log; raises LogError when the run is incomplete or the log holds several runs."""
+    """One of our train_gpt.py logs (its JSONL when beside it), refused with LogError when the run is
+    incomplete or the file holds several runs."""
     path = Path(path)
     try:
         log = runlog.read(path)
+        text = path.read_text(encoding="utf-8", errors="replace") if log.source == "text" else ""
     except OSError as err:
         raise LogError(f"{path}: cannot read the log ({err.strerror})") from None
-    if not log.header or not log.config_text:
+    configs = len(re.findall(r"(?m)^config ", text)) if log.source == "text" else int(log.config is not None)
+    if not log.torch or not configs:
         raise LogError(f"{path}: no 'python ... torch ... device' header or no 'config' line: not a train_gpt.py log")
-    runs = max(log.runs_in_file, log.counts["config"])
+    runs = max(log.runs_in_file, configs)
     if runs > 1:
         # A reused RUN_ID mixes runs (even interleaved ones): a record must not pick one silently.
         raise LogError(f"{path}: holds {runs} runs (RUN_ID reused?); give each run its own log")
-    config = log.config
-    if config is None:
+    if log.source == "jsonl" and log.size_check and not (log.size_check.artifact_path and log.size_check.sha256):
+        # The artifact's path and sha256 are printed on the text log's size_check line.
+        try:
+            printed = runlog.read(path, text_only=True).size_check
+        except OSError:
+            printed = None
+        if printed:
+            log.size_check.artifact_path = log.size_check.artifact_path or printed.artifact_path
+            log.size_check.sha256 = log.size_check.sha256 or printed.sha256
+    if log.config is None:
         raise LogError(f"{path}: the config line is not valid JSON")
-    if "SEED" not in config:
+    if "SEED" not in log.config:
         raise LogError(f"{path}: the config line has no SEED")
-    found = dict(step_val=log.last_val, artifact_bytes=log.artifact_bytes, code_bytes=log.code_bytes,
-                 total_bytes=log.total_bytes, size_check=log.size_check)
+    found = dict(validation=log.steps, artifact_bytes=log.artifact_bytes, code_bytes=log.code_bytes,
+                 total_bytes=log.total_bytes, size_check=log.size_check, final_evaluation=log.score,
+                 train_time=log.train_time_ms)
     missing = [k for k, v in found.items() if v is None]
-    if "roundtrip" not in log.finals:
-        missing.append("final_quant_zstd_roundtrip_exact")
+    config = log.config
     stride, seq_len = config.get("EVAL_STRIDE", 0), config.get("EVAL_SEQ_LEN") or config.get("TRAIN_SEQ_LEN")
-    if stride not in (0, seq_len) and "sliding_window" not in log.finals:
-        missing.append("final_quant_zstd_sliding_window_exact")
+    if stride not in (0, seq_len) and not any(e.mode == "sliding" for e in log.finals):
+        missing.append("sliding-window final evaluation")
     if missing:
-        raise LogError(f"{path}: lacks final results ({', '.join(missing)} missing): the run crashed or is still running")
-    step_val, header = log.last_val, log.header
-    return RunLog(
-        path=path, torch_version=header.torch, device=header.device, device_name=header.device_name,
-        world_size=header.world_size, config=config, steps=step_val.step, train_time_ms=step_val.train_time_ms,
-        step_avg_ms=step_val.step_avg_ms,
-        # Without EMA the pre-quantization number is the final validation of the raw weights.
-        pre_quant_val_bpb=log.pre_quant.val_bpb if log.pre_quant else step_val.val_bpb,
-        artifact_bytes=log.artifact_bytes, code_bytes=log.code_bytes,
-        artifact_path=log.size_check.artifact_path.strip(), finals=dict(log.finals),
-        code_sha256=log.code_sha256, start_code_bytes=log.header_code_bytes, artifact_sha256=log.size_check.sha256)
+        raise LogError(f"{path}: lacks final results ({', '.join(missing)} missing): "
+                       "the run crashed or is still running")
+    return log
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,14 +230,6 @@ def load_script(path: str | Path):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -319,7 +286,7 @@ def check_scores(runs: list[RunLog], track: str, allow_partial_eval: bool) -> No
             raise RecordError(f"{run.path}: trained {run.train_time_ms / 1000:.1f}s, over the 600s limit of "
                               f"{RECORD_TRACK}; use --track {TRACKS[1]}")
         if track == RECORD_TRACK and (run.world_size != 8 or "H100" not in run.device_name):
-            print(f"warning: {run.path}: ran on {run.hardware}, not the 8xH100 of {RECORD_TRACK}", file=sys.stderr)
+            print(f"warning: {run.path}: ran on {hardware(run)}, not the 8xH100 of {RECORD_TRACK}", file=sys.stderr)
 
 
 def check_script(script: Path, runs: list[RunLog]) -> int:
@@ -343,13 +310,16 @@ def check_script(script: Path, runs: list[RunLog]) -> int:
 
 def find_artifact(run: RunLog) -> Path:
     """The artifact the size_check line names: as written, relative to the cwd, or beside the log."""
-    named = Path(run.artifact_path)
+    if not run.size_check or not run.size_check.artifact_path:
+        raise RecordError(f"{run.path}: the log does not name its artifact; pass --artifacts")
+    named = Path(run.size_check.artifact_path)
     tries = [named] if named.is_absolute() else [Path.cwd() / named, run.path.parent.parent / named]
     tries.append(run.path.parent / named.name)
     for path in tries:
         if path.is_file():
             return path
-    raise RecordError(f"{run.path}: artifact {run.artifact_path} not found (tried {', '.join(map(str, tries))}); "
+    raise RecordError(f"{run.path}: artifact {run.size_check.artifact_path} not found "
+                      f"(tried {', '.join(map(str, tries))}); "
                       "pass --artifacts")
 
 
@@ -358,7 +328,7 @@ def check_artifacts(runs: list[RunLog], artifacts: list[Path], code_bytes: int, 
         if not artifact.is_file():
             raise RecordError(f"{artifact}: no such artifact")
         size = artifact.stat().st_size
-        if size != run.artifact_bytes or (run.artifact_sha256 and sha256_file(artifact) != run.artifact_sha256):
+        if size != run.artifact_bytes or (run.size_check.sha256 and sha256_file(artifact) != run.size_check.sha256):
             raise RecordError(f"{artifact} ({size} bytes) is not the artifact {run.path} reports ({run.artifact_bytes} "
                               "bytes, sha256 of its size_check line): overwritten by a later run?")
         if size + code_bytes > cap:
@@ -368,8 +338,9 @@ def check_artifacts(runs: list[RunLog], artifacts: list[Path], code_bytes: int, 
 
 def seed_result(run: RunLog) -> dict:
     score = run.score
+    eval_time_s = None if score.eval_time_ms is None else score.eval_time_ms / 1000
     return dict(val_loss=score.val_loss, val_bpb=score.val_bpb, artifact_bytes=run.artifact_bytes,
-                steps=run.steps, step_avg_ms=run.step_avg_ms, eval_time_s=score.eval_time_ms / 1000,
+                steps=run.steps, step_avg_ms=run.step_avg_ms, eval_time_s=eval_time_s,
                 pre_quant_val_bpb=run.pre_quant_val_bpb, train_time_s=run.train_time_ms / 1000,
                 eval_stride=score.stride, eval_seq_len=score.seq_len, eval_token_limit=score.token_limit,
                 log=f"train_seed{run.seed}.txt")
@@ -412,13 +383,12 @@ def changed_knobs(config: dict, knobs: dict) -> dict:
 
 
 def render_readme(sub: dict, changed: dict, world_size: int) -> str:
-    rows = [f"| {seed} | {r['val_loss']:.8f} | {r['val_bpb']:.8f} | {r['pre_quant_val_bpb']:.8f} | "
-            f"{r['artifact_bytes']:,} | {r['artifact_bytes'] + sub['bytes_code']:,} | {r['steps']} | "
-            f"{r['step_avg_ms']:.2f} | {r['eval_time_s']:.1f} |" for seed, r in sub["seed_results"].items()]
-
     def fmt(v, spec=".8f"):
         return "n/a" if v is None else format(v, spec)
 
+    rows = [f"| {seed} | {r['val_loss']:.8f} | {r['val_bpb']:.8f} | {r['pre_quant_val_bpb']:.8f} | "
+            f"{r['artifact_bytes']:,} | {r['artifact_bytes'] + sub['bytes_code']:,} | {r['steps']} | "
+            f"{r['step_avg_ms']:.2f} | {fmt(r['eval_time_s'], '.1f')} |" for seed, r in sub["seed_results"].items()]
     rows.append(f"| **mean** | {fmt(sub['val_loss'])} | **{fmt(sub['val_bpb'])}** | | | | | | |")
     rows.append(f"| std | {fmt(sub['val_loss_std'])} | {fmt(sub['val_bpb_std'])} | | | | | | |")
     env = " ".join(f"{k}={env_value(v)}" for k, v in changed.items())
@@ -501,6 +471,9 @@ def pack(opts: argparse.Namespace) -> Path:
     results = {}
     for i, (run, artifact) in enumerate(zip(runs, artifacts)):
         shutil.copyfile(run.path, folder / f"train_seed{run.seed}.txt")
+        events = runlog.jsonl_beside(run.path)
+        if events is not None and events != run.path:  # verify then reads the run exactly
+            shutil.copyfile(events, folder / f"train_seed{run.seed}.jsonl")
         results[str(run.seed)] = seed_result(run)
         if opts.all_artifacts or i == best:
             shutil.copyfile(artifact, folder / f"model_seed{run.seed}.ptz")
@@ -532,11 +505,6 @@ def quick_check(opts, module, run: RunLog, artifact: Path) -> dict:
                 val_tokens_sha256=result.val_tokens_sha256, tokenizer_sha256=result.tokenizer_sha256)
 
 
-def mean_std(values: list[float]) -> tuple[float, float | None]:
-    sample = Sample("", values)
-    return sample.mean, sample.std
-
-
 def build_submission(opts, runs, results: dict, best: RunLog, code_bytes: int, verify_check: dict) -> dict:
     loss_mean, loss_std = mean_std([r.score.val_loss for r in runs])
     bpb_mean, bpb_std = mean_std([r.score.val_bpb for r in runs])
@@ -547,7 +515,7 @@ def build_submission(opts, runs, results: dict, best: RunLog, code_bytes: int, v
         val_loss=loss_mean, val_bpb=bpb_mean, val_loss_std=loss_std, val_bpb_std=bpb_std,
         bytes_total=code_bytes + best.artifact_bytes, bytes_code=code_bytes, cap_bytes=opts.cap,
         seeds=[r.seed for r in runs], best_seed=best.seed, seed_results=results,
-        hardware=best.hardware, pytorch_version=best.torch_version,
+        hardware=hardware(best), pytorch_version=best.torch,
         technique_summary=opts.blurb or summarize_config(best.config),
         partial_eval=dict(val_token_limit=limit, note="first tokens only: not a score") if limit else None,
         verify_check=verify_check)
@@ -563,9 +531,23 @@ class Check:
     name: str
     ok: bool
     detail: str
+    # PASS, FAIL, SKIP (cannot be checked here: what it needs is absent) or WARN (passed, with a caveat
+    # a reviewer should read); only FAIL fails the verification.
+    status: str = ""
+
+    def __post_init__(self) -> None:
+        self.status = self.status or ("PASS" if self.ok else "FAIL")
 
     def __str__(self) -> str:
-        return f"{'PASS' if self.ok else 'FAIL'}  {self.name}: {self.detail}"
+        return f"{self.status}  {self.name}: {self.detail}"
+
+
+def skip(name: str, detail: str) -> Check:
+    return Check(name, True, detail, "SKIP")
+
+
+def warn(name: str, detail: str) -> Check:
+    return Check(name, True, detail, "WARN")
 
 
 def close(a: float, b: float, tol: float) -> bool:
@@ -626,10 +608,11 @@ def seed_checks(folder: Path, seed: str, claim: dict, bytes_code: int, code: int
         size = artifact.stat().st_size if artifact.is_file() else -1
         checks.append(Check(f"{name} artifact size", size == claim["artifact_bytes"],
                             f"{claim['artifact']} is {size} bytes, claimed {claim['artifact_bytes']}"))
-        if run.artifact_sha256:
+        logged = run.size_check.sha256
+        if logged:
             sha = sha256_file(artifact) if artifact.is_file() else "missing"
-            checks.append(Check(f"{name} artifact sha256", sha == run.artifact_sha256,
-                                f"{claim['artifact']} {sha[:16]}..., log size_check {run.artifact_sha256[:16]}..."))
+            checks.append(Check(f"{name} artifact sha256", sha == logged,
+                                f"{claim['artifact']} {sha[:16]}..., log size_check {logged[:16]}..."))
     return checks
 
 
@@ -645,9 +628,19 @@ def eval_check(name: str, run_eval, claimed: float, tol: float) -> Check:
 
 
 def verify(opts: argparse.Namespace) -> list[Check]:
+    """Our folders (with a verify_check) get the strict checks and the re-evaluation; any other
+    folder every check its files allow."""
     folder = Path(opts.folder)
     try:
-        sub = json.loads((folder / SUBMISSION).read_text(encoding="utf-8"))
+        text = named_file(folder, SUBMISSION, "submission*.json")[0].read_text(encoding="utf-8")
+        sub, claims = json.loads(text), json.loads(text, parse_float=Decimal)
+    except (OSError, ValueError) as err:
+        return [Check(SUBMISSION, False, f"{folder / SUBMISSION}: unreadable ({type(err).__name__}: {err})")]
+    if not isinstance(sub, dict):
+        return [Check(SUBMISSION, False, f"{folder / SUBMISSION}: not a JSON object")]
+    if "verify_check" not in sub:
+        return verify_any(folder, claims, opts.cap)
+    try:
         checks = size_checks(folder, sub, opts.cap)
         check = sub["verify_check"]
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -697,21 +690,288 @@ def quick_eval_checks(opts, module, folder: Path, check: dict, data: str, tokeni
 
 
 # ----------------------------------------------------------------------------------------------
+# verify any record folder (the challenge's): every check its files allow, SKIP what needs more
+# ----------------------------------------------------------------------------------------------
+# submission.json spells the code size several ways; its per-seed results sit under one of these.
+CODE_KEYS = ("bytes_code", "code_bytes", "code_size", "bytes_code_uncompressed")
+SEED_KEYS = ("seed_results", "seeds")
+SIZE_KEYS = ("artifact_bytes", "bytes_total", "total_bytes")
+SEED_IN_NAME = re.compile(r"seed[_-]?(\d+)", re.IGNORECASE)
+NOT_LOGS = ("requirements.txt",)
+
+
+@dataclass
+class FolderLog:
+    """A training log found in a record folder, with its seed (from its text, else its file name)."""
+    path: Path
+    run: RunLog
+    seed: int | None
+
+
+def folder_logs(folder: Path) -> list[FolderLog]:
+    """The training logs anywhere in a folder (some keep them in logs/ or an eval-only subfolder):
+    text files with steps or evaluations."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.suffix not in (".log", ".txt") or path.name in NOT_LOGS:
+            continue
+        try:
+            run = runlog.read(path)
+        except OSError:
+            continue
+        if run.train_steps or run.val_steps or run.finals:
+            named = SEED_IN_NAME.search(path.name)
+            seed = run.seed if run.seed is not None else int(named[1]) if named else None
+            found.append(FolderLog(path, run, seed))
+    return found
+
+
+def named_file(folder: Path, name: str, pattern: str) -> tuple[Path, str]:
+    """folder/name, else the only file matching pattern (some folders say submission_x.json or
+    train_gpt_x.py), with a note saying which was taken."""
+    exact = folder / name
+    if exact.is_file():
+        return exact, ""
+    others = sorted(folder.glob(pattern))
+    if len(others) == 1:
+        return others[0], f" (no {name}: read {others[0].name})"
+    return exact, ""
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, Decimal)) and not isinstance(value, bool)
+
+
+def unit(claim) -> float:
+    """One unit in the last printed digit of a claimed number (0 for integers: exact)."""
+    if isinstance(claim, Decimal):
+        return float(Decimal(1).scaleb(claim.as_tuple().exponent))
+    return 0.0
+
+
+def matches(claim, value) -> bool:
+    """A value equals a claim to the claim's printed precision (rounded or truncated: within one unit)."""
+    if not is_number(claim) or value is None:
+        return False
+    return abs(float(claim) - value) <= unit(claim) * (1 + 1e-9) + 1e-12
+
+
+def seed_claims(sub: dict, where: str = "") -> list[tuple[str, str, dict]]:
+    """(where, seed, claim) for every per-seed result in submission.json, nested ones included."""
+    found = []
+    for key, value in sub.items():
+        if not isinstance(value, dict):
+            continue
+        per_seed = key in SEED_KEYS and value and all(re.fullmatch(r"\d+", k) and isinstance(v, dict)
+                                                      for k, v in value.items())
+        if per_seed:
+            found += [(where + key, seed, claim) for seed, claim in value.items()]
+        else:
+            found += seed_claims(value, f"{where}{key}.")
+    return found
+
+
+def code_size_checks(folder: Path, sub: dict, logs: list[FolderLog]) -> list[Check]:
+    """The script's size against submission.json (binding) and the logs (their Code size line)."""
+    script, note = named_file(folder, SCRIPT, "train_gpt*.py")
+    if not script.is_file():
+        return [Check("code size", False, f"no {SCRIPT} in the folder")]
+    size = script.stat().st_size
+    claims = {k: sub[k] for k in CODE_KEYS if isinstance(sub.get(k), int)}
+    checks = [Check(f"code size ({k})", v == size, f"{script.name} is {size} bytes, submission.json {k} {v}{note}")
+              for k, v in claims.items()]
+    logged = {fl.path.name: fl.run.source_code_bytes or fl.run.code_bytes for fl in logs}
+    logged = {name: v for name, v in logged.items() if v is not None}
+    same = [name for name, v in logged.items() if v == size]
+    other = ", ".join(f"{name} {v}" for name, v in logged.items() if v != size)
+    if same:
+        checks.append(Check("code size (logs)", True, f"{SCRIPT} is {size} bytes, as {', '.join(same)} report"))
+    if other and (same or claims):
+        checks.append(warn("code size (other logs)", f"{other} bytes: these runs used another revision of {SCRIPT}"))
+    elif other:
+        checks.append(Check("code size (logs)", False, f"{SCRIPT} is {size} bytes but the logs report {other}: "
+                                                       "the script was changed after every run"))
+    if not claims and not logged:
+        checks.append(skip("code size", "neither submission.json nor a log states it"))
+    return checks
+
+
+def score_check(name: str, key: str, claim, logs: list[FolderLog]) -> Check:
+    """A claimed score against the score (last final evaluation) of the given logs."""
+    scored = [fl for fl in logs if fl.run.score]
+    for fl in scored:
+        value = getattr(fl.run.score, key)
+        if matches(claim, value):
+            return Check(name, True, f"claimed {claim}; {fl.path.name}: {value} ({fl.run.score.name})")
+    for fl in scored:
+        for e in fl.run.finals[:-1]:
+            if matches(claim, getattr(e, key)):
+                return warn(name, f"claimed {claim} is {fl.path.name}'s earlier evaluation {e.name}; its last final "
+                                  f"evaluation, {fl.run.score.name}, gives {getattr(fl.run.score, key)}")
+    if not scored:
+        return Check(name, False, f"claimed {claim}; no final evaluation in {', '.join(fl.path.name for fl in logs)}")
+    found = ", ".join(f"{fl.path.name} {getattr(fl.run.score, key)}" for fl in scored)
+    return Check(name, False, f"claimed {claim}; the logs score {found}")
+
+
+def seed_checks_any(claims: list[tuple[str, str, dict]], logs: list[FolderLog]) -> list[Check]:
+    checks = []
+    for where, seed, claim in claims:
+        name = f"seed {seed}" + ("" if where in SEED_KEYS else f" ({where})")
+        # Logs that name no seed may hold any seed's run.
+        mine = [fl for fl in logs if fl.seed == int(seed)] + [fl for fl in logs if fl.seed is None]
+        if not mine:
+            checks.append(skip(f"{name} log", "no log of this seed in the folder"))
+            continue
+        for key in ("val_bpb", "val_loss"):
+            if key in claim:
+                checks.append(score_check(f"{name} {key}", key, claim[key], mine))
+                elsewhere = [fl for fl in logs if fl not in mine and fl.run.score
+                             and matches(claim[key], getattr(fl.run.score, key))]
+                if not checks[-1].ok and elsewhere:
+                    checks[-1].detail += f" (the claimed value is the score of {elsewhere[0].path.name}, seed " \
+                                         f"{elsewhere[0].seed})"
+        scored = [fl for fl in mine if fl.run.score and matches(claim.get("val_bpb"), fl.run.score.val_bpb)] or mine
+        for key in SIZE_KEYS:
+            if is_number(claim.get(key)):
+                sizes = {s for fl in scored for s in (fl.run.artifact_bytes, fl.run.total_bytes) if s is not None}
+                checks.append(Check(f"{name} {key}", claim[key] in sizes,
+                                    f"claimed {claim[key]}; the log's artifact / total: {sorted(sizes)}")
+                              if sizes else skip(f"{name} {key}", "the log states no size"))
+    return checks
+
+
+def mean_checks(sub: dict, claims: list[tuple[str, str, dict]], logs: list[FolderLog]) -> list[Check]:
+    """The folder's val_bpb / val_loss (and their std) against the seeds' claims, else the logs."""
+    checks = []
+    top = [c for where, _, c in claims if where in SEED_KEYS]
+    for key in ("val_bpb", "val_loss"):
+        if sub.get(key) is None:
+            continue
+        claimed = sub[key]
+        values = [float(c[key]) for c in top if is_number(c.get(key))]
+        if top and len(values) == len(top):
+            mean, std = mean_std(values)
+            checks.append(Check(f"{key} mean", matches(claimed, mean), f"claimed {claimed}, mean of the "
+                                                                      f"{len(values)} seeds' claims {mean:.8f}"))
+            checks += std_check(sub, key, values)
+        else:
+            checks.append(log_mean_check(key, claimed, logs))
+    return checks
+
+
+def std_check(sub: dict, key: str, values: list[float]) -> list[Check]:
+    claimed = sub.get(f"{key}_std")
+    if claimed is None or len(values) < 2:
+        return []
+    sample, population = mean_std(values)[1], statistics.pstdev(values)
+    detail = f"claimed {claimed}; seeds give sample {sample:.8f}, population {population:.8f}"
+    if matches(claimed, sample) or matches(claimed, population):
+        which = "sample std (ddof=1)" if matches(claimed, sample) else "population std (ddof=0)"
+        return [Check(f"{key}_std", True, f"{detail}: the {which}")]
+    # A std is a rough figure: off in its last digits (another rounding of the seeds) is a caveat.
+    near = is_number(claimed) and min(abs(float(claimed) - sample), abs(float(claimed) - population)) <= 0.05 * sample
+    return [warn(f"{key}_std", f"{detail}: within 5%") if near else Check(f"{key}_std", False, detail)]
+
+
+def log_mean_check(key: str, claimed, logs: list[FolderLog]) -> Check:
+    """Without per-seed claims: the mean of the logs' scores, or one log's score (a single-run claim)."""
+    name = f"{key} from the logs"
+    scored = [fl for fl in logs if fl.run.score]
+    if not logs:
+        return skip(name, f"claimed {claimed}; no training log in the folder to check it against")
+    if not scored:
+        return Check(name, False, f"claimed {claimed}; no log in the folder has a final evaluation")
+    for metric in (key, "val_bpb"):
+        values = [getattr(fl.run.score, metric) for fl in scored]
+        mean = mean_std(values)[0]
+        single = [fl.path.name for fl, v in zip(scored, values) if matches(claimed, v)]
+        how = (f"the mean of {len(values)} logs ({mean:.8f})" if matches(claimed, mean)
+               else f"the score of {', '.join(single)}" if single else None)
+        if how and metric == key:
+            return Check(name, True, f"claimed {claimed} is {how}")
+        if how:
+            return warn(name, f"claimed {claimed} is {how} in val_bpb: submission.json labels a val_bpb as {key}")
+    found = ", ".join(f"{fl.path.name} {getattr(fl.run.score, key)}" for fl in scored)
+    return score_check(name, key, claimed, scored) if len(scored) == 1 else \
+        Check(name, False, f"claimed {claimed}; neither the mean nor one log's score: {found}")
+
+
+def size_cap_checks(sub: dict, claims: list[tuple[str, str, dict]], logs: list[FolderLog], cap: int) -> list[Check]:
+    sizes = {f"submission.json {k}": sub[k] for k in ("bytes_total", "artifact_bytes_max") if is_number(sub.get(k))}
+    sizes.update({f"seed {seed} {k}": c[k] for _, seed, c in claims for k in SIZE_KEYS if is_number(c.get(k))})
+    sizes.update({f"{fl.path.name} total": fl.run.total_bytes for fl in logs if fl.run.total_bytes is not None})
+    if not sizes:
+        return [skip("cap", "no size stated in submission.json or the logs")]
+    over = {k: v for k, v in sizes.items() if v > cap}
+    largest = max(sizes, key=sizes.get)
+    checks = [Check("cap", not over, f"over the cap of {cap:,}: " + ", ".join(f"{k} {v:,}" for k, v in over.items())
+                    if over else f"every stated size <= {cap:,} (largest: {largest} {sizes[largest]:,})")]
+    if is_number(sub.get("bytes_total")):
+        totals = {fl.path.name: fl.run.total_bytes for fl in logs if fl.run.total_bytes is not None}
+        hit = [n for n, v in totals.items() if v == sub["bytes_total"]]
+        checks.append(Check("bytes_total", True, f"{sub['bytes_total']} is {', '.join(hit)}'s total") if hit else
+                      warn("bytes_total", f"{sub['bytes_total']} is no log's total ({sorted(totals.values())})")
+                      if totals else skip("bytes_total", "no log states its total"))
+    return checks
+
+
+def verify_any(folder: Path, sub: dict, cap: int) -> list[Check]:
+    """Every check a record folder without our verify_check allows (competitors' folders)."""
+    logs = folder_logs(folder)
+    claims = seed_claims(sub)
+    checks = code_size_checks(folder, sub, logs)
+    if not logs:
+        checks.append(skip("logs", "no training log in the folder: no score can be checked"))
+    checks += [warn(f"{fl.path.name} runs", f"holds {fl.run.runs_in_file} runs; the last one was read")
+               for fl in logs if fl.run.runs_in_file > 1]
+    checks += seed_checks_any(claims, logs)
+    checks += mean_checks(sub, claims, logs)
+    checks += size_cap_checks(sub, claims, logs, cap)
+    checks.append(skip("re-evaluation", "no artifact and verify_check in the folder: the score cannot be recomputed"))
+    return checks
+
+
+# ----------------------------------------------------------------------------------------------
 # compare
 # ----------------------------------------------------------------------------------------------
 
 
+def claimed_per_seed(sub: dict, metric: str) -> list[float] | None:
+    """The per-seed `metric` of submission.json's top-level seed results, or None when it has none."""
+    top = [c for where, _, c in seed_claims(sub) if where in SEED_KEYS]
+    values = [c.get(metric) for c in top]
+    if not top or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return None
+    return [float(v) for v in values]
+
+
+def logged_per_seed(folder: Path, metric: str) -> tuple[list[float], list[str]]:
+    """One score per seed from the folder's logs (the last log in name order where a seed has several)."""
+    by_seed: dict = {}
+    for fl in folder_logs(folder):
+        if fl.run.score is not None:
+            by_seed[fl.seed if fl.seed is not None else fl.path.name] = fl
+    return [getattr(fl.run.score, metric) for fl in by_seed.values()], [fl.path.name for fl in by_seed.values()]
+
+
 def load_sample(spec: list[str], label: str, metric: str) -> Sample:
-    """Numbers, or one submission.json / record folder (its per-seed `metric`)."""
+    """Numbers, or one submission.json / record folder: its per-seed `metric` as claimed, else the
+    scores in its logs (one per seed)."""
     if len(spec) == 1 and Path(spec[0]).exists():
         path = Path(spec[0])
-        path = path / SUBMISSION if path.is_dir() else path
+        folder, path = (path, path / SUBMISSION) if path.is_dir() else (path.parent, path)
         try:
             sub = json.loads(path.read_text(encoding="utf-8"))
-            values = [float(r[metric]) for r in sub["seed_results"].values()]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise RecordError(f"{path}: no per-seed {metric} ({type(err).__name__}: {err})") from None
-        return Sample(f"{label} ({metric} of {path})", values)
+        except (OSError, ValueError) as err:
+            raise RecordError(f"{path}: unreadable ({type(err).__name__}: {err})") from None
+        values = claimed_per_seed(sub, metric) if isinstance(sub, dict) else None
+        if values:
+            return Sample(f"{label} ({metric} per seed of {path})", values)
+        values, names = logged_per_seed(folder, metric)
+        if not values:
+            raise RecordError(f"{folder}: no per-seed {metric} in {SUBMISSION} and no log with a final evaluation")
+        return Sample(f"{label} ({metric} from the logs of {folder}: {', '.join(names)})", values)
     try:
         return Sample(label, [float(v) for v in spec])
     except ValueError:
@@ -796,11 +1056,16 @@ def main(argv: list[str] | None = None) -> int:
             checks = verify(opts)
             for check in checks:
                 print(check)
-            failed = sum(not c.ok for c in checks)
-            print(f"{'FAILED' if failed else 'PASSED'}: {len(checks) - failed}/{len(checks)} checks pass")
-            return 1 if failed else 0
+            counts = {status: sum(c.status == status for c in checks) for status in ("PASS", "WARN", "SKIP", "FAIL")}
+            made = len(checks) - counts["SKIP"]
+            print(f"{'FAILED' if counts['FAIL'] else 'PASSED'}: {made - counts['FAIL']}/{made} checks pass "
+                  f"({counts['WARN']} with a warning), {counts['SKIP']} skipped")
+            return 1 if counts["FAIL"] else 0
         return 0 if compare(opts).significant else 1
     except RecordError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (OSError, UnicodeDecodeError) as err:  # a folder or file that vanished or cannot be read
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -3,8 +3,9 @@ and (with --log) load share and entropy over training.
 
     python tools/routing_report.py logs/RUN_routing.json [--log logs/RUN.txt] [--out DIR]
 
-The JSON is the one train_gpt.py writes next to its log (`routing_report()`); the log's
-`moe layer:` lines give the training history. Prints the paths of the PNG files it writes.
+The JSON is the one train_gpt.py writes next to its log (`routing_report()`); the run's routing
+telemetry gives the training history (its `routing` events in RUN.jsonl when that file is beside
+the log, else its `moe layer:` lines; tools/runlog.py reads either). Prints the paths of the PNG files it writes.
 """
 from __future__ import annotations
 

@@ -1,0 +1,50 @@
+"""Rules every tool shares, in one place: statistics over seeds, table layout, file hashes and the
+MoE configurations that the study and the benchmark compare. (The score rule and the pre-quant
+fallback live with the log reader, in tools/runlog.py.) Light: no torch import."""
+from __future__ import annotations
+
+import hashlib
+import statistics
+from pathlib import Path
+
+# The MoE modes compared against the parameter-matched dense MLP (train_gpt.py sizes each expert
+# hidden/E; shared_routed keeps a shared half plus E experts of the rest). The study trains each;
+# the benchmark times each (adding its own dispatch variants).
+BALANCING_OFF = {"MOE_AUX_LOSS_COEF": "0", "ROUTER_Z_COEF": "0", "ROUTER_BIAS_RATE": "0", "ROUTER_NOISE": "0"}
+MOE_PRESETS: dict[str, dict[str, str]] = {
+    "dense": {"MOE_MODE": "none"},
+    "soft2": {"MOE_MODE": "soft", "NUM_EXPERTS": "2"},
+    "soft4": {"MOE_MODE": "soft", "NUM_EXPERTS": "4"},
+    "topk4": {"MOE_MODE": "topk", "NUM_EXPERTS": "4", "TOP_K": "1"},
+    "shared_routed": {"MOE_MODE": "shared_routed", "NUM_EXPERTS": "4", "TOP_K": "1"},
+    "topk4_nobalance": {"MOE_MODE": "topk", "NUM_EXPERTS": "4", "TOP_K": "1", **BALANCING_OFF},
+}
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof=1, as the challenge's records report it); the std
+    is None for fewer than two values, both are None for none."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def cell(value, digits: int = 4) -> str:
+    """One table cell: '-' for a missing value, floats to `digits` places."""
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """Right-aligned columns separated by two spaces, header first."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *rows])
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
