@@ -66,8 +66,8 @@ def build_layer(mode: str, dim: int, hidden: int, device: torch.device) -> nn.Mo
 
 def forward_fn(layer: nn.Module):
     def forward(x: torch.Tensor):
-        aux: list[torch.Tensor] = []
-        out = layer(x, aux)
+        out = layer(x)
+        aux = getattr(layer, "aux_terms", [])  # the MoE layer's weighted z- and aux losses of this forward
         return out, (torch.stack(aux).sum() if aux else None)
     return forward
 

@@ -156,7 +156,7 @@ def stop_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 def execute(run: Run, command: list[str], log_dir: Path, timeout: float | None) -> dict:
     """Runs one training; its console output goes to <run id>.out. -> returncode and wall seconds."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (f"{run.run_id}.txt", f"{run.run_id}_routing.json"):  # train_gpt.py refuses to reuse a log
+    for stale in (f"{run.run_id}.txt", f"{run.run_id}.jsonl"):  # train_gpt.py refuses to reuse a log
         (log_dir / stale).unlink(missing_ok=True)
     t0 = time.time()
     with open(log_dir / f"{run.run_id}.out", "w") as out:

@@ -352,14 +352,14 @@ def summarize_config(config: dict) -> str:
     parts = [f"{c['NUM_LAYERS']}L x {c['MODEL_DIM']}d, {c['NUM_HEADS']} heads / {c['NUM_KV_HEADS']} KV, "
              f"{c['MLP_ACT']} MLP x{c['MLP_MULT']:g}"]
     if c.get("MOE_MODE", "none") != "none":
-        layers = f"layers {c['MOE_LAYERS']}" if c.get("MOE_LAYERS") else f"layers from {c.get('MOE_START_LAYER', 0)}"
+        layers = f"layers {c['MOE_LAYERS']}" if c.get("MOE_LAYERS") else "every layer"
         routing = "" if c["MOE_MODE"] == "soft" else f" top-{c['TOP_K']}"  # soft gating uses every expert
         parts.append(f"MoE {c['MOE_MODE']} {c['NUM_EXPERTS']} experts{routing}, {layers}")
-    if c.get("BIGRAM_BUCKETS"):
-        parts.append(f"BigramHash({c['BIGRAM_BUCKETS']})")
+    if c.get("BIGRAM_VOCAB_SIZE"):
+        parts.append(f"BigramHash({c['BIGRAM_VOCAB_SIZE']})")
     if c.get("SMEAR_GATE"):
         parts.append("SmearGate")
-    if c.get("EMA_DECAY") is not None or c.get("EMA_HORIZON", 0) > 0:
+    if c.get("EMA_DECAY") != 0:  # unset: the default horizon; 0: off
         parts.append("EMA")
     parts.append(f"int{c['QUANT_BITS_MLP']} MLP / int{c['QUANT_BITS_ATTN']} attn / int{c['QUANT_BITS_EMBED']} embed "
                  f"+ zstd-{c['ZSTD_LEVEL']}")

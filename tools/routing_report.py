@@ -3,7 +3,7 @@ and (with --log) load share and entropy over training.
 
     python tools/routing_report.py logs/RUN_routing.json [--log logs/RUN.txt] [--out DIR]
 
-The JSON is the one train_gpt.py writes next to its log (`routing_report()`); the run's routing
+The JSON is the one tools/routing_analysis.py writes from the run's artifact; the run's routing
 telemetry gives the training history (its `routing` events in RUN.jsonl when that file is beside
 the log, else its `moe layer:` lines; tools/runlog.py reads either). Prints the paths of the PNG files it writes.
 """
@@ -179,7 +179,7 @@ def write_report(routing_json: Path, log: Path | None = None, out: Path | None =
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("routing_json", type=Path, help="logs/<RUN_ID>_routing.json written by train_gpt.py")
+    parser.add_argument("routing_json", type=Path, help="logs/<RUN_ID>_routing.json written by tools/routing_analysis.py")
     parser.add_argument("--log", type=Path, help="logs/<RUN_ID>.txt: adds load and entropy over training")
     parser.add_argument("--out", type=Path, help="output folder (default: <json stem>_plots next to the JSON)")
     args = parser.parse_args(argv)
