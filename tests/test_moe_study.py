@@ -196,3 +196,15 @@ def arm(bpb, size=1000):
 def test_verdict_rule(arms, verdict):
     tests = {n: moe_study.welch(arms["dense"]["val_bpb"], a["val_bpb"]) for n, a in arms.items() if n != "dense"}
     assert moe_study.decide(arms, tests)[0] == verdict
+
+
+def test_a_second_run_on_the_same_folder_is_refused(folder, tmp_path):
+    out = copy_of(folder, tmp_path)
+    (out / "runs" / ".lock").write_text(str(os.getpid()))  # this process is alive: the folder is in use
+    result = study(out, "--no-plots", seeds="1,2,3")
+    assert result.returncode == 2 and "another moe_study.py run" in result.stderr
+    assert not (out / "runs" / "study_dense_s3.txt").exists()
+    (out / "runs" / ".lock").write_text("999999999")  # a process that is gone: the lock is taken over
+    with moe_study.folder_lock(out / "runs"):
+        assert (out / "runs" / ".lock").read_text() == str(os.getpid())
+    assert not (out / "runs" / ".lock").exists()

@@ -15,7 +15,8 @@ run is tried again next time. Runs go seed by seed, so an unfinished study has w
 
 Each run is `python FOLDER/train_gpt.py` (one process, OMP_NUM_THREADS=1; --jobs runs in parallel) with
 STUDY_SHAPE plus the arm's knobs. FOLDER/train_gpt.py is the repository's copy, taken at the first
-run; the study refuses to mix scripts. Outputs (rewritten from the logs after every run):
+run; the study refuses to mix scripts. One `run` at a time per folder (runs/.lock). Outputs, written
+from the logs at the end of `run` and by `collect` at any time (also while a `run` goes on):
 manifest.json, README.md, findings_data.md, submission.json + the smallest artifact of the best
 byte-matched arm, routing-analysis.png and expert-by-class.png (tools/routing_analysis.py and
 tools/routing_report.py on the artifact of --plot-arm), routing/*.json and plots/.
@@ -23,6 +24,7 @@ tools/routing_report.py on the artifact of --plot-arm), routing/*.json and plots
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -247,6 +249,42 @@ def run_study(args, runs: list[proxy_study.Run]) -> int:
         return 0
     script = prepare_script(args.out, args.script)
     logs.mkdir(parents=True, exist_ok=True)
+    with folder_lock(logs):
+        return run_missing(args, todo, script, logs)
+
+
+@contextlib.contextmanager
+def folder_lock(logs: Path):
+    """runs/.lock holds the pid of the `run` using the folder: a second one would move the first one's
+    runs in progress aside as interrupted. A lock whose process is gone is taken over."""
+    lock = logs / ".lock"
+    if process_alive(lock):
+        raise StudyError(f"{lock}: another moe_study.py run (pid {lock.read_text().strip()}) is using this "
+                         "folder; wait for it to end")
+    lock.write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def process_alive(lock: Path) -> bool:
+    """Whether the process whose pid the lock file holds still runs (False: no file, or a stale one)."""
+    try:
+        holder = int(lock.read_text().strip())
+        if holder <= 0:
+            return False
+        os.kill(holder, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def run_missing(args, todo: list[proxy_study.Run], script: Path, logs: Path) -> int:
     for run in todo:
         quarantine(run, logs, "incomplete: interrupted, or failed in an earlier session")
     command = [args.python, str(script)]
@@ -657,7 +695,7 @@ def finalize(args, runs, arms, common) -> int:
     manifest = build_manifest(args, runs, arms, common)
     folder = args.out
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / ".gitignore").write_text("# artifacts stay out of git, except the submission's model_seed*.ptz\nruns/*.ptz\n")
+    (folder / ".gitignore").write_text("# artifacts stay out of git, except the submission's model_seed*.ptz\nruns/*.ptz\nruns/.lock\n")
     sub = write_submission(args, manifest) if (folder / SCRIPT).is_file() else None
     manifest["best_arm"] = sub["arm"] if sub else None
     manifest["plot_arm"] = None
