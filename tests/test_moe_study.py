@@ -5,8 +5,10 @@ feeds the checks of the folder, the manifest, resuming and records.py verify."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -207,4 +209,27 @@ def test_a_second_run_on_the_same_folder_is_refused(folder, tmp_path):
     (out / "runs" / ".lock").write_text("999999999")  # a process that is gone: the lock is taken over
     with moe_study.folder_lock(out / "runs"):
         assert (out / "runs" / ".lock").read_text() == str(os.getpid())
+    assert not (out / "runs" / ".lock").exists()
+
+
+def test_a_stopped_study_stops_its_runs(tmp_path):
+    out = tmp_path / "s"
+    argv = [sys.executable, str(REPO / "tools" / "moe_study.py"), "run", "--data", str(SAMPLE), "--tokenizer",
+            str(TOKENIZER), "--out", str(out), "--seeds", "1", "--arms", "dense", "--no-plots"]
+    argv += [f"--env={k}={v}" for k, v in {**TINY, "ITERATIONS": "5000"}.items()]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = out / "runs" / "study_dense_s1.txt"
+    deadline = time.time() + 120
+    while not (log.is_file() and "step:" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.5)
+    children = moe_study.proxy_study.descendants(proc.pid)
+    assert children, "the training never started"
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "interrupted" in stderr
+    time.sleep(0.5)
+    assert not [pid for pid in children if os.path.exists(f"/proc/{pid}") and
+                open(f"/proc/{pid}/stat").read().split()[2] != "Z"], "a training outlived the study"
+    assert (out / "runs" / "failed" / "study_dense_s1-1" / "study_dense_s1.txt").is_file()
     assert not (out / "runs" / ".lock").exists()

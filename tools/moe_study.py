@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -289,8 +290,18 @@ def run_missing(args, todo: list[proxy_study.Run], script: Path, logs: Path) -> 
         quarantine(run, logs, "incomplete: interrupted, or failed in an earlier session")
     command = [args.python, str(script)]
     labels = [f"[{i}/{len(todo)}]" for i in range(1, len(todo) + 1)]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+    pool = ThreadPoolExecutor(max_workers=args.jobs)
+    try:
         rows = list(pool.map(lambda rl: run_one(rl[0], command, logs, args.timeout, rl[1]), zip(todo, labels)))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: no orphaned training may go on writing into the folder
+        pool.shutdown(wait=False, cancel_futures=True)
+        for pid in proxy_study.descendants(os.getpid()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        pool.shutdown(wait=True)
+        raise StudyError("interrupted: the runs in progress were stopped and set aside in runs/failed/; "
+                         "the same command resumes the study") from None
+    pool.shutdown(wait=True)
     failed = [r["run_id"] for r in rows if r["status"] != "ok"]
     say(f"ran {len(rows)}: {len(rows) - len(failed)} ok" + (f", failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
@@ -737,8 +748,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, interrupt)  # a stopped study stops its runs too (run_missing)
     try:
         if args.jobs < 1:
             raise StudyError(f"--jobs {args.jobs}: must be at least 1")
