@@ -184,13 +184,16 @@ def test_welch_directions():
     assert moe_study.welch([1.0], [0.9, 0.8])["p_better"] is None  # one dense seed: no variance
 
 
-def arm(bpb, size=1000):
-    return dict(val_bpb=bpb, artifact_bytes=[size] * len(bpb))
+def arm(bpb, size=1000, params=500):
+    return dict(val_bpb=bpb, artifact_bytes=[size] * len(bpb), params=[params] * len(bpb))
 
 
 @pytest.mark.parametrize("arms, verdict", [
     ({"dense": arm([1.00, 1.01, 1.02]), "topk4": arm([0.90, 0.91, 0.92])}, "adopt"),
+    ({"dense": arm([1.00, 1.01, 1.02]), "topk4": arm([0.90, 0.91, 0.92], size=1040)}, "adopt"),  # 4% more bytes
     ({"dense": arm([1.00, 1.01, 1.02]), "topk4": arm([0.90, 0.91, 0.92], size=1100)}, "defer"),  # 10% more bytes
+    ({"dense": arm([1.00, 1.01, 1.02]), "topk4": arm([0.90, 0.91, 0.92], params=520)}, "defer"),  # 4% more params
+    ({"dense": arm([1.00, 1.01, 1.02]), "topk4": arm([0.95, 1.05, 1.00])}, "defer"),  # within noise
     ({"dense": arm([1.00, 1.01, 1.02]), "topk4_4xbytes": arm([0.90, 0.91, 0.92])}, "defer"),  # context arm only
     ({"dense": arm([1.00, 1.01, 1.02]), "topk4": arm([1.10, 1.11, 1.12]), "soft4": arm([1.2, 1.21, 1.22])}, "never"),
     ({"dense": arm([1.00, 1.01, 1.02]), "topk4": arm([1.10, 1.11, 1.12]), "soft4": arm([0.99, 1.02, 1.01])}, "defer"),
