@@ -18,7 +18,18 @@ MOE_PRESETS: dict[str, dict[str, str]] = {
     "topk4": {"MOE_MODE": "topk", "NUM_EXPERTS": "4", "TOP_K": "1"},
     "shared_routed": {"MOE_MODE": "shared_routed", "NUM_EXPERTS": "4", "TOP_K": "1"},
     "topk4_nobalance": {"MOE_MODE": "topk", "NUM_EXPERTS": "4", "TOP_K": "1", **BALANCING_OFF},
+    # The context arm: top-1 of 4 experts each as wide as the whole dense MLP, so the dense model's active
+    # FLOPs per token with 4x its MLP bytes (the classic MoE claim, which the byte cap forbids). 1536 is
+    # the dense hidden of the default stack (MODEL_DIM 512 x MLP_MULT 3); other shapes: context_arm().
+    "topk4_4xbytes": {"MOE_MODE": "topk", "NUM_EXPERTS": "4", "TOP_K": "1", "EXPERT_HIDDEN": "1536"},
 }
+# Arms that do not hold the dense model's bytes: shown for context, never candidates for the default.
+NOT_BYTE_MATCHED = ("topk4_4xbytes",)
+
+
+def context_arm(model_dim: int, mlp_mult: float) -> dict[str, str]:
+    """The 4x-bytes context arm at another shape: each expert as wide as that shape's dense MLP."""
+    return {**MOE_PRESETS["topk4_4xbytes"], "EXPERT_HIDDEN": str(int(mlp_mult * model_dim))}
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:

@@ -207,7 +207,8 @@ def routing_health(log: runlog.RunLog) -> dict:
     final = [records[-1] for _, records in sorted(log.moe_history().items())]
     if not final:
         return {}
-    layers = [dict(layer=r["layer"], max_load=max(r["load"]), dead=r["dead"], entropy=r["entropy"]) for r in final]
+    layers = [dict(layer=r["layer"], max_load=max(r["load"]), dead=r["dead"], entropy=r["entropy"],
+                   load_std=r.get("load_std", statistics.pstdev(r["load"]))) for r in final]
     return dict(routing=layers, max_load=max(r["max_load"] for r in layers), dead=sum(r["dead"] for r in layers),
                 entropy=statistics.fmean(r["entropy"] for r in layers))
 

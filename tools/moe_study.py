@@ -1,0 +1,784 @@
+"""The matched MoE-versus-dense study on CPU (issue 13): every arm x seed run of train_gpt.py at one
+small shape on the proxy corpus (not FineWeb), then one record folder with every log, the statistics,
+a verdict, plots and a submission that `tools/records.py verify` checks.
+
+    sh ../shared/data/proxy_sp1024/prepare.sh /work/proxy          # the corpus, outside the repository
+    python3 tools/moe_study.py run --data /work/proxy \\
+        --out records/track_non_record_16mb/2026-11-25_MoE_vs_Dense_Study --seeds 1337,1338,1339 --jobs 2
+    python3 tools/moe_study.py run ... --dry-run     # the runs it would start, and the ones it would skip
+    python3 tools/moe_study.py collect --data /work/proxy --out FOLDER   # rebuild the outputs, run nothing
+
+Resumable: a run whose log in FOLDER/runs/ is complete (it has its final evaluation) is skipped, so the
+same command continues a study across sessions; every finished run's logs stay in the folder. A failed
+or interrupted run's files are moved to FOLDER/runs/failed/<run id>-<n>/ with reason.json, and the
+run is tried again next time. Runs go seed by seed, so an unfinished study has whole seeds.
+
+Each run is `python FOLDER/train_gpt.py` (one process, OMP_NUM_THREADS=1; --jobs runs in parallel) with
+STUDY_SHAPE plus the arm's knobs. FOLDER/train_gpt.py is the repository's copy, taken at the first
+run; the study refuses to mix scripts. One `run` at a time per folder (runs/.lock). Outputs, written
+from the logs at the end of `run` and by `collect` at any time (also while a `run` goes on):
+manifest.json, README.md, findings_data.md, submission.json + the smallest artifact of the best
+byte-matched arm, routing-analysis.png and expert-by-class.png (tools/routing_analysis.py and
+tools/routing_report.py on the artifact of --plot-arm), routing/*.json and plots/.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import proxy_study  # noqa: E402  (tools/ modules import each other by name when run as scripts)
+import records  # noqa: E402
+import runlog  # noqa: E402
+from common import MOE_PRESETS, NOT_BYTE_MATCHED, cell, context_arm, format_table, mean_std, sha256_file  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = "train_gpt.py"
+TAG = "study"
+
+# ==== THE STUDY'S SHAPE: the one place to adjust (the coordinator sets it to the merged stack) ====
+# The default stack scaled down until a run takes minutes on 2 CPU cores: ITERATIONS x TRAIN_BATCH_TOKENS
+# = 256 x 8192 = 2.1M training tokens, one micro-batch per step, the wall clock off (equal optimizer
+# steps for every arm, and every schedule the same fraction of the run), no periodic validation, the
+# same first VAL_TOKEN_LIMIT validation tokens for every arm, plain round-trip windows (EVAL_STRIDE=0:
+# sliding windows cost 4x on CPU), eager mode.
+STUDY_SHAPE: dict[str, str] = {
+    "VOCAB_SIZE": "1024", "NUM_LAYERS": "4", "MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+    "MLP_MULT": "4", "BIGRAM_VOCAB_SIZE": "2048", "BIGRAM_DIM": "32",
+    "TRAIN_SEQ_LEN": "256", "TRAIN_BATCH_TOKENS": "8192", "MICRO_BATCH_TOKENS": "8192",
+    "ITERATIONS": "256", "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "0", "TRAIN_LOG_EVERY": "16",
+    "VAL_LOSS_EVERY": "0", "VAL_TOKEN_LIMIT": "262144", "EVAL_STRIDE": "0", "COMPILE": "0",
+    # Knobs of the merged stack (issues 10 and 11). train_gpt.py refuses knobs it does not know, so they
+    # stay commented out until they exist; then set each to what the default stack scales to here:
+    # "XSA_LAST_N": "...",            # the default's share of the last layers, of NUM_LAYERS=4
+    # "PARALLEL_START_LAYER": "...",
+    # "NUM_LOOPS": "...", "LOOP_START": "...", "LOOP_END": "...",   # layer looping within 4 layers
+    # "TTT_ENABLED": "0",             # test-time training: its cost on CPU; the study compares MLPs
+    # "QUANT_METHOD": "...",          # the default quantizer (GPTQ once issue 11 is the default)
+}
+# The arms, in table order: tools/common.py's presets, the context arm at this shape.
+ARM_NAMES = ("dense", "soft4", "topk4", "shared_routed", "topk4_nobalance", "topk4_4xbytes")
+PLOT_ARM = "topk4"
+ALPHA = 0.05  # one-sided Welch test level for "beats dense" and "worse than dense"
+# "Equal bytes": parameter-matched by design (the routers add a little), and the mean artifact within 5% of
+# dense's: the same parameters compress differently (a 16-step probe measured +2.5% to +6.9%); beyond 5%
+# a win at the small scale may not survive the 16 MB cap, so it is not adopted.
+PARAMS_TOLERANCE = 0.01
+BYTES_TOLERANCE = 0.05
+VERDICT_RULE = (f"adopt: a byte-matched MoE arm (soft4, topk4, shared_routed, topk4_nobalance; mean parameters "
+                f"within {PARAMS_TOLERANCE:.0%} and mean artifact bytes within {BYTES_TOLERANCE:.0%} of dense's) "
+                f"has a lower mean round-trip val_bpb than dense with "
+                f"one-sided Welch p < {ALPHA}; never: every byte-matched MoE arm is worse than dense with "
+                f"one-sided Welch p < {ALPHA}; defer: anything else (within noise, or too few seeds). "
+                f"The context arm ({', '.join(NOT_BYTE_MATCHED)}) is never a candidate: it breaks the byte cap's parity.")
+MARKER = "<!-- written by tools/moe_study.py from the logs in runs/; rerun `collect` to refresh -->"
+# Knobs that may differ between sessions without changing the run (where the files are).
+PATH_KNOBS = ("DATA_PATH", "TOKENIZER_PATH", "LOG_DIR", "RUN_ID", "ARTIFACT_PATH")
+_print_lock = threading.Lock()
+
+
+class StudyError(ValueError):
+    """Bad input or a refusal; the message names the option, file or knob."""
+
+
+def say(message: str) -> None:
+    with _print_lock:
+        print(message, flush=True)
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+def shape_env(overrides: list[str]) -> dict[str, str]:
+    env = dict(STUDY_SHAPE)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise StudyError(f"--env {item!r}: expected KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def arm_configs(names: list[str], shape: dict[str, str]) -> dict[str, dict[str, str]]:
+    unknown = [n for n in names if n not in ARM_NAMES]
+    if unknown:
+        raise StudyError(f"--arms: unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARM_NAMES)}")
+    if "dense" not in names:
+        raise StudyError("--arms: the study compares against dense, so it must include dense")
+    try:
+        width, mult = int(shape["MODEL_DIM"]), float(shape["MLP_MULT"])
+    except (KeyError, ValueError):
+        raise StudyError("MODEL_DIM and MLP_MULT must be numbers (the context arm's expert size)") from None
+    return {n: context_arm(width, mult) if n == "topk4_4xbytes" else dict(MOE_PRESETS[n]) for n in names}
+
+
+def plan(args) -> tuple[list[proxy_study.Run], dict[str, dict[str, str]], dict[str, str]]:
+    """The runs, seed by seed (so an interrupted study holds whole seeds), the arms and the common env."""
+    data, tokenizer = Path(args.data).resolve(), Path(args.tokenizer or Path(args.data) / "proxy_1024_bpe.model").resolve()
+    if not data.is_dir():
+        raise StudyError(f"--data {args.data}: no such folder (unpack the proxy corpus with its prepare.sh)")
+    if not tokenizer.is_file():
+        raise StudyError(f"--tokenizer {tokenizer}: no such file")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise StudyError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise StudyError(f"--seeds {args.seeds!r}: expected distinct seeds")
+    shape = shape_env(args.env)
+    arms = arm_configs([a for a in args.arms.split(",") if a], shape)
+    common = {"DATA_PATH": str(data), "TOKENIZER_PATH": str(tokenizer), **shape, "OMP_NUM_THREADS": "1"}
+    try:
+        runs = proxy_study.plan_runs(arms, seeds, common, TAG, runs_dir(args.out))
+    except proxy_study.StudyError as err:
+        raise StudyError(str(err)) from None
+    runs.sort(key=lambda r: seeds.index(r.seed))  # stable: arms keep their order within a seed
+    return runs, arms, common
+
+
+def runs_dir(out: Path) -> Path:
+    return out / "runs"
+
+
+def arm_env(run: proxy_study.Run) -> dict[str, str]:
+    """What defines the run's recipe: its env without where files go and which seed."""
+    return {k: v for k, v in run.env.items() if k not in (*PATH_KNOBS, "SEED", "OMP_NUM_THREADS")}
+
+
+# ---------------------------------------------------------------------------- the script
+
+
+def prepare_script(out: Path, script: Path) -> Path:
+    """The folder's train_gpt.py: a copy of `script` at the first run, then the same bytes or a refusal."""
+    if not script.is_file():
+        raise StudyError(f"--script {script}: no such file")
+    copy = out / SCRIPT
+    if not copy.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(script, copy)
+    elif sha256_file(copy) != sha256_file(script):
+        raise StudyError(f"{copy} differs from {script}: the study's runs must share one script. To continue "
+                         f"with the folder's copy pass --script {copy}; to start over on the new script, move "
+                         f"the folder away")
+    return copy
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def same_knob(logged, planned: str) -> bool:
+    """A knob value as the log's config holds it (typed) against the planned env string."""
+    if isinstance(logged, bool):
+        return planned.strip().lower() in (("1", "true") if logged else ("0", "false"))
+    if isinstance(logged, list):
+        return ",".join(map(str, logged)) == ",".join(p.strip() for p in planned.split(",") if p.strip())
+    if isinstance(logged, (int, float)):
+        try:
+            return float(planned) == float(logged)
+        except ValueError:
+            return False
+    return str(logged) == planned
+
+
+def finished(run: proxy_study.Run, logs: Path) -> dict | None:
+    """The collected row of a complete run whose log matches the plan; None when it must (re)run. A
+    complete log of another recipe is a refusal: the study never mixes recipes under one run id."""
+    if not (logs / f"{run.run_id}.txt").is_file():
+        return None
+    row = proxy_study.collect(run, logs)
+    if row["status"] != "ok":
+        return None
+    config = runlog.read(logs / f"{run.run_id}.txt").config or {}
+    differ = [k for k, v in arm_env(run).items() if k not in config or not same_knob(config[k], v)]
+    if differ:
+        shown = ", ".join(f"{k}={config.get(k)!r} (planned {run.env[k]})" for k in differ[:6])
+        raise StudyError(f"{logs / run.run_id}.txt is a finished run of another recipe: {shown}. Use another "
+                         "--out, or the same knobs")
+    return row
+
+
+def quarantine(run: proxy_study.Run, logs: Path, reason: str, tail: list[str] | None = None) -> Path | None:
+    """Moves a failed or interrupted run's files to runs/failed/<run id>-<n>/ with reason.json."""
+    files = sorted(p for p in logs.glob(f"{run.run_id}*") if p.is_file()
+                   and p.name[len(run.run_id):].split(".")[0] in ("", "_model", "_routing"))
+    if not files:
+        return None
+    n = 1
+    while (logs / "failed" / f"{run.run_id}-{n}").exists():
+        n += 1
+    dest = logs / "failed" / f"{run.run_id}-{n}"
+    dest.mkdir(parents=True)
+    for path in files:
+        path.rename(dest / path.name)
+    (dest / "reason.json").write_text(json.dumps(dict(run_id=run.run_id, arm=run.name, seed=run.seed, reason=reason,
+                                                      tail=tail or [], time=time.strftime("%Y-%m-%d %H:%M:%S")), indent=1))
+    return dest
+
+
+def run_one(run: proxy_study.Run, command: list[str], logs: Path, timeout: float | None, label: str) -> dict:
+    say(f"{label} {run.run_id}: started")
+    outcome = proxy_study.execute(run, command, logs, timeout)
+    row = proxy_study.collect(run, logs, outcome)
+    if row["status"] != "ok":
+        where = quarantine(run, logs, row.get("reason", "failed"), row.get("tail"))
+        say(f"{label} {run.run_id}: FAILED ({row.get('reason')}) after {outcome['wall_s']} s; files in {where}\n  "
+            + "\n  ".join(row.get("tail") or ["(no output)"]))
+    else:
+        out, log = logs / f"{run.run_id}.out", logs / f"{run.run_id}.txt"
+        if out.is_file() and out.read_bytes() == log.read_bytes():  # the console said nothing the log lacks
+            out.unlink()
+        say(f"{label} {run.run_id}: ok in {outcome['wall_s']} s, val_bpb {cell(row.get('score'))}, "
+            f"{cell(row.get('ms_per_step'), 1)} ms/step")
+    return row
+
+
+def run_study(args, runs: list[proxy_study.Run]) -> int:
+    """Skips finished runs, sets aside leftovers of interrupted ones, runs the rest --jobs at a time."""
+    logs = runs_dir(args.out)
+    todo = [run for run in runs if finished(run, logs) is None]
+    skipped = len(runs) - len(todo)
+    say(f"{len(runs)} runs planned: {skipped} finished (skipped), {len(todo)} to run, {args.jobs} at a time")
+    if args.dry_run:
+        for run in todo:
+            say(proxy_study.shell_line(run, [args.python, str(args.out / SCRIPT)]))
+        return 0
+    script = prepare_script(args.out, args.script)
+    logs.mkdir(parents=True, exist_ok=True)
+    with folder_lock(logs):
+        return run_missing(args, todo, script, logs)
+
+
+@contextlib.contextmanager
+def folder_lock(logs: Path):
+    """runs/.lock holds the pid of the `run` using the folder: a second one would move the first one's
+    runs in progress aside as interrupted. A lock whose process is gone is taken over."""
+    lock = logs / ".lock"
+    if process_alive(lock):
+        raise StudyError(f"{lock}: another moe_study.py run (pid {lock.read_text().strip()}) is using this "
+                         "folder; wait for it to end")
+    lock.write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def process_alive(lock: Path) -> bool:
+    """Whether the process whose pid the lock file holds still runs (False: no file, or a stale one)."""
+    try:
+        holder = int(lock.read_text().strip())
+        if holder <= 0:
+            return False
+        os.kill(holder, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def run_missing(args, todo: list[proxy_study.Run], script: Path, logs: Path) -> int:
+    for run in todo:
+        quarantine(run, logs, "incomplete: interrupted, or failed in an earlier session")
+    command = [args.python, str(script)]
+    labels = [f"[{i}/{len(todo)}]" for i in range(1, len(todo) + 1)]
+    pool = ThreadPoolExecutor(max_workers=args.jobs)
+    try:
+        rows = list(pool.map(lambda rl: run_one(rl[0], command, logs, args.timeout, rl[1]), zip(todo, labels)))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: no orphaned training may go on writing into the folder
+        pool.shutdown(wait=False, cancel_futures=True)
+        for pid in proxy_study.descendants(os.getpid()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        pool.shutdown(wait=True)
+        raise StudyError("interrupted: the runs in progress were stopped and set aside in runs/failed/; "
+                         "the same command resumes the study") from None
+    pool.shutdown(wait=True)
+    failed = [r["run_id"] for r in rows if r["status"] != "ok"]
+    say(f"ran {len(rows)}: {len(rows) - len(failed)} ok" + (f", failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def welch(dense: list[float], arm: list[float]) -> dict:
+    """One-sided Welch tests (tools/records.py) both ways: p_better for H1 "the arm's mean val_bpb is
+    lower than dense's", p_worse for H1 "higher". None where untestable (n < 2, zero variance)."""
+    if len(dense) < 2 or len(arm) < 2:
+        return dict(p_better=None, p_worse=None, t=None, df=None, improvement=None)
+    better = records.welch_test(records.Sample("dense", dense), records.Sample("arm", arm), 0.0, ALPHA)
+    worse = records.welch_test(records.Sample("arm", arm), records.Sample("dense", dense), 0.0, ALPHA)
+    tested = better if better.p is not None else worse
+    if tested.p is None:  # equal means or zero variance
+        return dict(p_better=None, p_worse=None, t=None, df=None, improvement=better.improvement)
+    p_better = better.p if better.p is not None else 1.0 - worse.p
+    t = tested.t if tested is better else -tested.t
+    return dict(p_better=p_better, p_worse=1.0 - p_better, t=t, df=tested.df, improvement=better.improvement)
+
+
+def within(values: list, reference: list, tolerance: float) -> bool:
+    """Whether the mean of values is within a relative tolerance of the mean of reference."""
+    mean, ref = mean_std([v for v in values if v is not None])[0], mean_std([v for v in reference if v is not None])[0]
+    return mean is not None and bool(ref) and abs(mean - ref) <= tolerance * ref
+
+
+def decide(arms: dict[str, dict], tests: dict[str, dict]) -> tuple[str, str]:
+    """The verdict by VERDICT_RULE, and why."""
+    candidates = [a for a in arms if a != "dense" and a not in NOT_BYTE_MATCHED]
+    if not candidates or "dense" not in arms or not arms["dense"]["val_bpb"]:
+        return "defer", "no byte-matched MoE arm and dense both finished"
+
+    def matched(arm: str) -> bool:
+        return all(within(arms[arm][key], arms["dense"][key], tol)
+                   for key, tol in (("params", PARAMS_TOLERANCE), ("artifact_bytes", BYTES_TOLERANCE)))
+
+    beat = [a for a in candidates if tests[a]["p_better"] is not None and tests[a]["p_better"] < ALPHA]
+    wins = [a for a in beat if matched(a)]
+    if wins:
+        return "adopt", f"{', '.join(wins)} beat(s) dense at p < {ALPHA} with equal bytes"
+    if beat:
+        return "defer", f"{', '.join(beat)} beat(s) dense at p < {ALPHA} but not at equal bytes (see the rule)"
+    if all(tests[a]["p_worse"] is not None and tests[a]["p_worse"] < ALPHA for a in candidates):
+        return "never", f"every byte-matched MoE arm ({', '.join(candidates)}) is worse than dense at p < {ALPHA}"
+    return "defer", "no byte-matched MoE arm beats dense beyond noise, and not every one is worse beyond noise"
+
+
+# ---------------------------------------------------------------------------- collecting
+
+
+METRICS = (("val_bpb", "score"), ("pre_quant_val_bpb", "val_bpb_prequant"), ("ms_per_step", "ms_per_step"),
+           ("artifact_bytes", "artifact_bytes"), ("total_bytes", "total_bytes"), ("params", "params"),
+           ("active_params", "active_params"), ("steps", "steps"), ("dead_experts", "dead"),
+           ("router_entropy", "entropy"), ("max_load", "max_load"))
+
+
+def arm_results(name: str, env: dict[str, str], rows: list[dict], dense_ms: dict[int, float]) -> dict:
+    """One arm of manifest.json: per-seed lists over its finished runs (seed order), means and stds."""
+    ok = [r for r in rows if r["name"] == name and r["status"] == "ok"]
+    result = dict(env=env, seeds=[r["seed"] for r in ok], runs=[r["run_id"] for r in ok],
+                  logs=[f"runs/{r['run_id']}.txt" for r in ok])
+    for key, source in METRICS:
+        result[key] = [r.get(source) for r in ok]
+    result["ms_per_step_ratio_to_dense"] = [
+        r["ms_per_step"] / dense_ms[r["seed"]] if r.get("ms_per_step") and dense_ms.get(r["seed"]) else None
+        for r in ok]
+    result["load_std_per_layer"] = [[layer["load_std"] for layer in r.get("routing", [])] for r in ok]
+    result["load_std"] = [mean_std(v)[0] for v in result["load_std_per_layer"]]
+    result["quant_gap"] = [None if a is None or b is None else a - b
+                           for a, b in zip(result["val_bpb"], result["pre_quant_val_bpb"])]
+    for key in ("val_bpb", "pre_quant_val_bpb", "quant_gap", "ms_per_step", "ms_per_step_ratio_to_dense",
+                "artifact_bytes", "params", "load_std", "dead_experts", "router_entropy", "max_load"):
+        values = [v for v in result[key] if v is not None]
+        result[f"{key}_mean"], result[f"{key}_std"] = mean_std(values)
+    result["byte_matched"] = name not in NOT_BYTE_MATCHED
+    return result
+
+
+def failures(logs: Path) -> list[dict]:
+    found = []
+    for reason in sorted((logs / "failed").glob("*/reason.json")):
+        try:
+            entry = json.loads(reason.read_text())
+        except (OSError, ValueError):
+            entry = dict(reason="reason.json unreadable")
+        found.append(dict(entry, files=f"runs/failed/{reason.parent.name}/"))
+    return found
+
+
+def build_manifest(args, runs, arms, common) -> dict:
+    logs = runs_dir(args.out)
+    rows = [proxy_study.collect(run, logs) for run in runs]
+    dense_ms = {r["seed"]: r["ms_per_step"] for r in rows if r["name"] == "dense" and r["status"] == "ok"
+                and r.get("ms_per_step")}
+    first = {run.name: run for run in reversed(runs)}
+    results = {name: arm_results(name, arm_env(first[name]), rows, dense_ms) for name in arms}
+    tests = {name: welch(results["dense"]["val_bpb"], results[name]["val_bpb"]) for name in arms if name != "dense"}
+    verdict, why = decide(results, tests)
+    shape = {k: v for k, v in common.items() if k not in ("DATA_PATH", "TOKENIZER_PATH", "OMP_NUM_THREADS")}
+    tokens = int(shape["ITERATIONS"]) * int(shape["TRAIN_BATCH_TOKENS"])
+    return dict(
+        study="matched MoE vs dense MLP, CPU, proxy corpus (NOT FineWeb: val_bpb here is not comparable with "
+              "challenge scores)",
+        data=dict(path=common["DATA_PATH"], tokenizer=common["TOKENIZER_PATH"], corpus="proxy_sp1024",
+                  val_token_limit=int(shape.get("VAL_TOKEN_LIMIT", 0)), train_tokens_per_run=tokens),
+        shape=shape, seeds=sorted({r.seed for r in runs}), arms=results,
+        p_values={name: t["p_better"] for name, t in tests.items()}, welch=tests,
+        verdict=verdict, verdict_reason=why, verdict_rule=VERDICT_RULE, alpha=ALPHA,
+        planned_runs=len(runs), finished_runs=sum(r["status"] == "ok" for r in rows),
+        missing_runs=[r["run_id"] for r in rows if r["status"] != "ok"], failed_attempts=failures(logs),
+        command=reproduce_command(args))
+
+
+def reproduce_command(args) -> str:
+    seeds = args.seeds
+    extra = "".join(f" --env {e}" for e in args.env) + ("" if args.arms == ",".join(ARM_NAMES) else f" --arms {args.arms}")
+    out = os.path.relpath(args.out, REPO) if args.out.is_relative_to(REPO) else str(args.out)
+    return f"python3 tools/moe_study.py run --data {args.data} --out {out} --seeds {seeds} --jobs {args.jobs}{extra}"
+
+
+# ---------------------------------------------------------------------------- the submission
+
+
+def best_arm(manifest: dict) -> str | None:
+    """The byte-matched arm with the lowest mean val_bpb (dense included), among arms with a finished run."""
+    arms = {n: a for n, a in manifest["arms"].items() if a["byte_matched"] and a["val_bpb_mean"] is not None}
+    return min(arms, key=lambda n: arms[n]["val_bpb_mean"]) if arms else None
+
+
+def write_submission(args, manifest: dict) -> dict | None:
+    """submission.json for the best arm, checked and built with tools/records.py's pack steps; its
+    smallest artifact under the cap is copied in as model_seed<seed>.ptz. -> the submission, or None."""
+    name = best_arm(manifest)
+    if name is None:
+        return None
+    logs, arm = runs_dir(args.out), manifest["arms"][name]
+    runs = [records.parse_log(args.out / log) for log in arm["logs"]]
+    records.check_same_recipe(runs)
+    records.check_scores(runs, records.TRACKS[1], allow_partial_eval=True)
+    code_bytes = records.check_script(args.out / SCRIPT, runs)
+    with_artifact = [(r, logs / f"{r.config['RUN_ID']}_model.ptz") for r in runs]
+    with_artifact = [(r, a) for r, a in with_artifact if a.is_file() and r.artifact_bytes + code_bytes <= records.CAP_BYTES]
+    if not with_artifact:
+        raise StudyError(f"arm {name}: no artifact under the cap in {logs} (artifacts are kept beside the logs)")
+    best, artifact = min(with_artifact, key=lambda ra: (ra[0].artifact_bytes, ra[0].seed))
+    records.check_artifacts([best], [artifact], code_bytes, records.CAP_BYTES)
+    opts = SimpleNamespace(check_data=manifest["data"]["path"], check_tokenizer=manifest["data"]["tokenizer"],
+                           check_tokens=min(16384, manifest["data"]["val_token_limit"] or 16384), check_stride=0,
+                           batch_seqs=32, author="moe_study", github_id="moe_study", name=args.out.name,
+                           blurb=f"MoE vs dense study: best byte-matched arm {name} (proxy corpus, not FineWeb)",
+                           date=time.strftime("%Y-%m-%d"), track=records.TRACKS[1], cap=records.CAP_BYTES)
+    module = records.load_script(args.out / SCRIPT)
+    check = records.quick_check(opts, module, best, artifact)
+    for old in args.out.glob("model_seed*.ptz"):  # the previous best artifact, if the best arm changed
+        old.unlink()
+    shutil.copyfile(artifact, args.out / check["artifact"])
+    results = {}
+    for run, log in zip(runs, arm["logs"]):
+        results[str(run.seed)] = dict(records.seed_result(run), log=log, arm=name)
+    results[str(best.seed)]["artifact"] = check["artifact"]
+    sub = records.build_submission(opts, runs, results, best, code_bytes, check)
+    sub.update(arm=name, study="manifest.json", not_fineweb=True)
+    (args.out / records.SUBMISSION).write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
+    return sub
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def routing_plots(args, manifest: dict) -> list[dict]:
+    """Routing of each routed/soft MoE arm's first finished artifact (tools/routing_analysis.py), plotted
+    with tools/routing_report.py; --plot-arm's become routing-analysis.png and expert-by-class.png."""
+    import routing_analysis  # torch and train_gpt: loaded only here
+    import routing_report
+
+    logs, shape, done = runs_dir(args.out), manifest["shape"], []
+    (args.out / "routing").mkdir(exist_ok=True)
+    (args.out / "plots").mkdir(exist_ok=True)
+    for name, arm in manifest["arms"].items():
+        artifacts = [logs / f"{run_id}_model.ptz" for run_id in arm["runs"]]
+        artifacts = [a for a in artifacts if a.is_file()]
+        if name == "dense" or not artifacts:
+            continue
+        run_id = artifacts[0].name.removesuffix("_model.ptz")
+        report = routing_analysis.analyse_artifact(str(artifacts[0]), manifest["data"]["path"],
+                                                   manifest["data"]["tokenizer"], int(shape["VAL_TOKEN_LIMIT"]),
+                                                   batch_seqs=64, seq_len=int(shape["TRAIN_SEQ_LEN"]))
+        report["run_id"] = run_id
+        (args.out / "routing" / f"{run_id}_routing.json").write_text(json.dumps(report, indent=1))
+        routing_report.plot_load(report, args.out / "plots" / f"{name}-load.png")
+        routing_report.plot_class_load(report, args.out / "plots" / f"{name}-by-class.png")
+        done.append(dict(arm=name, run_id=run_id, report=report))
+    chosen = next((d for d in done if d["arm"] == args.plot_arm), done[0] if done else None)
+    if chosen:  # --plot-arm, else the first MoE arm that finished
+        routing_report.plot_load(chosen["report"], args.out / "routing-analysis.png")
+        routing_report.plot_class_load(chosen["report"], args.out / "expert-by-class.png")
+        manifest["plot_arm"] = chosen["arm"]
+    return done
+
+
+# ---------------------------------------------------------------------------- README and findings data
+
+
+def pm(arm: dict, key: str, digits: int = 4) -> str:
+    mean, std = arm[f"{key}_mean"], arm[f"{key}_std"]
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+
+
+def arms_table(manifest: dict) -> str:
+    """Markdown: per arm mean ± std over seeds, the difference to dense and the Welch p-value."""
+    dense = manifest["arms"].get("dense", {})
+    rows = ["| arm | runs | val_bpb (round trip) | vs dense | p (beats dense) | pre-quant val_bpb | quant gap | "
+            "ms/step | x dense | params | artifact bytes | x dense | load std | dead | entropy |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, arm in manifest["arms"].items():
+        delta = None if arm["val_bpb_mean"] is None or dense.get("val_bpb_mean") is None \
+            else arm["val_bpb_mean"] - dense["val_bpb_mean"]
+        p = manifest["p_values"].get(name)
+        size_ratio = None if not dense.get("artifact_bytes_mean") or arm["artifact_bytes_mean"] is None \
+            else arm["artifact_bytes_mean"] / dense["artifact_bytes_mean"]
+        rows.append(f"| {name}{'' if arm['byte_matched'] else ' (4x bytes)'} | {len(arm['seeds'])} | "
+                    f"{pm(arm, 'val_bpb')} | {'-' if delta is None else f'{delta:+.4f}'} | "
+                    f"{'-' if p is None else f'{p:.3g}'} | {pm(arm, 'pre_quant_val_bpb')} | {pm(arm, 'quant_gap')} | "
+                    f"{pm(arm, 'ms_per_step', 1)} | {pm(arm, 'ms_per_step_ratio_to_dense', 2)} | "
+                    f"{cell(arm['params_mean'], 0)} | {cell(arm['artifact_bytes_mean'], 0)} | {cell(size_ratio, 3)} | "
+                    f"{pm(arm, 'load_std', 3)} | {cell(arm['dead_experts_mean'], 1)} | {pm(arm, 'router_entropy', 3)} |")
+    return "\n".join(rows)
+
+
+def runs_table(manifest: dict) -> str:
+    header = ["run", "val_bpb", "prequant", "ms/step", "x dense", "params", "artifact", "maxload", "dead",
+              "entropy", "load std per layer"]
+    body = []
+    for arm in manifest["arms"].values():
+        for i, run_id in enumerate(arm["runs"]):
+            body.append([run_id, cell(arm["val_bpb"][i]), cell(arm["pre_quant_val_bpb"][i]),
+                         cell(arm["ms_per_step"][i], 1), cell(arm["ms_per_step_ratio_to_dense"][i], 2),
+                         cell(arm["params"][i]), cell(arm["artifact_bytes"][i]), cell(arm["max_load"][i], 2),
+                         cell(arm["dead_experts"][i]), cell(arm["router_entropy"][i], 3),
+                         ",".join(f"{v:.3f}" for v in arm["load_std_per_layer"][i]) or "-"])
+    return format_table(header, body) if body else "(no finished run)"
+
+
+def class_table(analysed: list[dict]) -> str:
+    """Per analysed arm, layer and expert: its load share and the token classes it over-serves most
+    (lift = the expert's share of a class's tokens / its share of all tokens)."""
+    lines = []
+    for entry in analysed:
+        report = entry["report"]
+        lines.append(f"\n{entry['arm']} ({entry['run_id']}, {report['tokens']} validation tokens; class sizes "
+                     + ", ".join(f"{c} {n}" for c, n in report["classes"].items()) + ")\n")
+        header = ["layer", "expert", "load", "top class (lift)", "2nd class (lift)", "frequent/rare lift"]
+        body = []
+        for layer in report["layers"]:
+            for e, share in enumerate(layer["load"]):
+                lift = {c: v[e] / share for c, v in layer["class_load"].items() if share > 0}
+                kinds = sorted((c for c in lift if c not in ("frequent", "rare")), key=lambda c: -lift[c])
+                top = [f"{c} ({lift[c]:.2f})" for c in kinds[:2]] + ["-", "-"]
+                body.append([str(layer["layer"]), str(e), f"{share:.3f}", top[0], top[1],
+                             f"{lift.get('frequent', math.nan):.2f}/{lift.get('rare', math.nan):.2f}"])
+        lines.append("```\n" + format_table(header, body) + "\n```")
+    return "\n".join(lines) if lines else "(no MoE artifact analysed)"
+
+
+def write_text(path: Path, text: str) -> None:
+    """Writes a file this tool owns; a file of the same name that it did not write is never replaced."""
+    if path.exists() and MARKER not in path.read_text(encoding="utf-8", errors="replace"):
+        raise StudyError(f"{path} exists and was not written by tools/moe_study.py; move it away")
+    path.write_text(text, encoding="utf-8")
+
+
+def environment(folder: Path, manifest: dict) -> str:
+    for arm in manifest["arms"].values():
+        if arm["logs"]:
+            log = runlog.read(folder / arm["logs"][0])
+            return f"{log.device} ({log.device_name or 'CPU'}), torch {log.torch}, python {log.python}"
+    return "(no finished run)"
+
+
+def render_readme(args, manifest: dict, sub: dict | None) -> str:
+    return readme_head(args, manifest) + readme_results(args, manifest, sub)
+
+
+def readme_head(args, manifest: dict) -> str:
+    """Title, the not-FineWeb warning, the verdict, what was run and the one command."""
+    shape, data = manifest["shape"], manifest["data"]
+    arms = "\n".join(f"| `{n}` | {' '.join(f'{k}={v}' for k, v in a['env'].items() if k not in shape)} |"
+                     for n, a in manifest["arms"].items())
+    return f"""{MARKER}
+# MoE vs dense MLP: a matched study on CPU (proxy corpus, not FineWeb)
+
+> **Not FineWeb.** Every number here is on the proxy corpus (`../shared/data/proxy_sp1024`: English web
+> and Wikipedia text with its own 1,024-token tokenizer), on the first {data['val_token_limit']:,} validation
+> tokens, at a small shape on CPU. They compare the arms with each other; they are not challenge scores.
+
+Does a Mixture-of-Experts MLP beat the dense MLP at equal artifact bytes? {len(manifest['arms'])} arms x seeds
+{', '.join(map(str, manifest['seeds']))}, each run the same data, steps, schedules and evaluation.
+**Verdict: {manifest['verdict']}** ({manifest['verdict_reason']}).
+
+Rule: {manifest['verdict_rule']}
+
+## What was run
+
+- Script: `train_gpt.py` in this folder (the one every log ran; `code_sha256` in each log).
+- Machine: {environment(args.out, manifest)}; runs {args.jobs} at a time, one thread each, on a shared
+  2-core machine, so ms/step is noisy and CPU ratios do not carry over to GPUs.
+- Data: proxy corpus at `{data['path']}`, {data['train_tokens_per_run']:,} training tokens per run
+  (ITERATIONS x TRAIN_BATCH_TOKENS), scored on the first {data['val_token_limit']:,} validation tokens
+  (`VAL_TOKEN_LIMIT`, the same for every arm) with plain windows (`EVAL_STRIDE=0`).
+- Knobs of every run (the rest: train_gpt.py's defaults): `{' '.join(f'{k}={v}' for k, v in shape.items())}`
+- Arms (experts parameter-matched to the dense MLP, except the context arm's, each as wide as the
+  dense MLP: the dense model's active FLOPs with 4x its MLP bytes):
+
+| arm | knobs |
+|---|---|
+{arms}
+
+## Reproduce
+
+```sh
+sh ../shared/data/proxy_sp1024/prepare.sh {data['path']}
+{manifest['command']}
+```
+
+The command skips runs whose logs in `runs/` are complete, so it also resumes an unfinished study;
+`python3 tools/moe_study.py collect` with the same options rebuilds these files from the logs.
+"""
+
+
+def readme_results(args, manifest: dict, sub: dict | None) -> str:
+    """The results table, the plots and the files."""
+    data = manifest["data"]
+    submission = (f"`submission.json` describes the best byte-matched arm, **{sub['arm']}** (lowest mean "
+                  f"val_bpb), with its smallest artifact `{sub['verify_check']['artifact']}` "
+                  f"({sub['bytes_total']:,} bytes with the code, under the 16,000,000-byte cap)."
+                  if sub else "No submission yet: no finished run.")
+    missing = f"\n\nNot finished yet: {', '.join(manifest['missing_runs'])}." if manifest["missing_runs"] else ""
+    failed = (f"\n\nFailed attempts (kept in `runs/failed/`): "
+              + ", ".join(f"{f['run_id']} ({f['reason']})" for f in manifest["failed_attempts"])
+              if manifest["failed_attempts"] else "")
+    folder = os.path.relpath(args.out, REPO) if args.out.is_relative_to(REPO) else args.out
+    return f"""
+## Results
+
+val_bpb is the round-trip score of the artifact (quantized, compressed, read back); p is the one-sided
+Welch test (tools/records.py) of "the arm's mean val_bpb is lower than dense's"; ms/step x dense is per
+seed against the dense run of the same seed; load std is the std of the expert load shares per layer at
+the end of training (uniform = 0), dead the experts under 10% of the uniform share, summed over layers;
+entropy the gate entropy / ln E. Means ± sample std over seeds.
+
+{arms_table(manifest)}{missing}{failed}
+
+Per run and per layer: `findings_data.md`; everything as JSON: `manifest.json`.
+
+## Routing
+
+`routing-analysis.png`: load share per expert per layer of the `{manifest['plot_arm'] or '(none yet)'}` artifact on
+validation text (uniform, skewed or dead experts?). `expert-by-class.png`: the share of each token class (word start,
+continuation, digit, punctuation, byte fallback; frequent and rare tokens) each expert takes. `plots/` has
+the same for every MoE arm, `routing/` the statistics (tools/routing_analysis.py, tools/routing_report.py).
+
+## Files
+
+`runs/`: every run's text log and JSONL events (and its console output where that adds to the log;
+artifacts stay out of git by `.gitignore`, except the one below); `manifest.json`; `findings_data.md`;
+{submission}
+
+```sh
+python3 tools/records.py verify {folder} --data {data['path']} --tokenizer {data['tokenizer']}
+```
+"""
+
+
+def render_findings_data(manifest: dict, analysed: list[dict]) -> str:
+    dense = manifest["arms"].get("dense", {})
+    lines = [MARKER, "# Findings data (facts for findings.md; proxy corpus, not FineWeb)", "",
+             f"Verdict by rule: **{manifest['verdict']}** ({manifest['verdict_reason']}).", "",
+             "## Per arm", "", arms_table(manifest), "", "## Welch tests against dense (one-sided, val_bpb)", "",
+             "```", format_table(["arm", "dense - arm", "t", "df", "p (arm better)", "p (arm worse)"], [
+                 [n, cell(t["improvement"], 5), cell(t["t"], 3), cell(t["df"], 2), cell(t["p_better"]),
+                  cell(t["p_worse"])] for n, t in manifest["welch"].items()]), "```", "",
+             "## Parameters and bytes relative to dense", "", "```"]
+    body = []
+    for name, arm in manifest["arms"].items():
+        ratio = [None if not dense.get(f"{k}_mean") or arm[f"{k}_mean"] is None else arm[f"{k}_mean"] / dense[f"{k}_mean"]
+                 for k in ("params", "artifact_bytes")]
+        body.append([name, cell(arm["params_mean"], 0), cell(ratio[0], 3), cell(arm["artifact_bytes_mean"], 0),
+                     cell(ratio[1], 3), cell(mean_std([v for v in arm["active_params"] if v])[0], 0)])
+    lines += [format_table(["arm", "params", "x dense", "artifact bytes", "x dense", "active matmul params/token"], body),
+              "```", "", "## Every run", "", "```", runs_table(manifest), "```", "",
+              "## Expert x token class (lift > 1: the expert takes more than its share of that class)", "",
+              class_table(analysed), ""]
+    if manifest["failed_attempts"]:
+        lines += ["## Failed attempts", ""] + [f"- {f['run_id']}: {f['reason']} ({f['files']})"
+                                                for f in manifest["failed_attempts"]]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def finalize(args, runs, arms, common) -> int:
+    """Every output from the logs in runs/; then records.py verify on the folder. -> exit status."""
+    manifest = build_manifest(args, runs, arms, common)
+    folder = args.out
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".gitignore").write_text("# artifacts stay out of git, except the submission's model_seed*.ptz\nruns/*.ptz\nruns/.lock\n")
+    sub = write_submission(args, manifest) if (folder / SCRIPT).is_file() else None
+    manifest["best_arm"] = sub["arm"] if sub else None
+    manifest["plot_arm"] = None
+    analysed = routing_plots(args, manifest) if not args.no_plots else []
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    write_text(folder / "README.md", render_readme(args, manifest, sub))
+    write_text(folder / "findings_data.md", render_findings_data(manifest, analysed))
+    print(arms_table(manifest))
+    print(f"\nverdict: {manifest['verdict']} ({manifest['verdict_reason']})")
+    if sub is None:
+        return 1
+    checks = records.verify(SimpleNamespace(folder=str(folder), data=None, tokenizer=None, token_limit=0,
+                                            tolerance=None, device="cpu", batch_seqs=32, cap=records.CAP_BYTES))
+    bad = [c for c in checks if c.status == "FAIL"]
+    print(f"records.py verify {folder}: " + ("PASSED" if not bad else "FAILED\n  " + "\n  ".join(map(str, bad))))
+    return 1 if bad else 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("run", "collect"), help="run: run what is missing, then collect; "
+                                                                     "collect: only rebuild the outputs from the logs")
+    parser.add_argument("--data", required=True, help="the unpacked proxy corpus (prepare.sh DEST)")
+    parser.add_argument("--tokenizer", help="default DATA/proxy_1024_bpe.model")
+    parser.add_argument("--out", required=True, type=Path, help="the study folder (records/track_non_record_16mb/...)")
+    parser.add_argument("--seeds", default="1337,1338,1339")
+    parser.add_argument("--arms", default=",".join(ARM_NAMES), help=f"comma-separated, of {', '.join(ARM_NAMES)}")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a STUDY_SHAPE knob for every run (tests, what-ifs)")
+    parser.add_argument("--script", type=Path, default=REPO / SCRIPT, help="the train_gpt.py to copy and run")
+    parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--timeout", type=float, help="seconds before a run is stopped and recorded as failed")
+    parser.add_argument("--plot-arm", default=PLOT_ARM, help="the arm of routing-analysis.png and expert-by-class.png")
+    parser.add_argument("--no-plots", action="store_true", help="skip the routing analysis and plots")
+    parser.add_argument("--dry-run", action="store_true", help="print the runs to start, run nothing")
+    args = parser.parse_args(argv)
+    args.out, args.script = args.out.resolve(), args.script.resolve()
+    return args
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, interrupt)  # a stopped study stops its runs too (run_missing)
+    try:
+        if args.jobs < 1:
+            raise StudyError(f"--jobs {args.jobs}: must be at least 1")
+        runs, arms, common = plan(args)
+        status = run_study(args, runs) if args.command == "run" else 0
+        if args.dry_run:
+            return status
+        return finalize(args, runs, arms, common) or status
+    except (StudyError, records.RecordError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
