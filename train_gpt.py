@@ -146,8 +146,8 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     require(h.model_dim % h.num_heads == 0, f"MODEL_DIM={h.model_dim} is not divisible by NUM_HEADS={h.num_heads}")
     require(h.num_heads % h.num_kv_heads == 0, f"NUM_HEADS={h.num_heads} is not divisible by NUM_KV_HEADS={h.num_kv_heads}")
     h.head_dim = h.model_dim // h.num_heads
-    h.rope_dims = h.rope_dims or h.head_dim
-    require(h.rope_dims % 2 == 0 and h.rope_dims <= h.head_dim, f"ROPE_DIMS={h.rope_dims}: must be even and at most the head dim {h.head_dim}")
+    h.rope_dims = min(h.rope_dims or h.head_dim, h.head_dim)  # 16 of 64 by default; small heads rotate all
+    require(h.rope_dims % 2 == 0 and h.rope_dims > 0, f"ROPE_DIMS={h.rope_dims}: must be even and positive")
     require(h.vocab_size <= MAX_VOCAB_SIZE, f"VOCAB_SIZE={h.vocab_size}: shards hold uint16 token ids (at most {MAX_VOCAB_SIZE})")
     require(1 <= h.top_k <= h.num_experts, f"TOP_K={h.top_k}: must be between 1 and NUM_EXPERTS={h.num_experts}")
     for layer in h.moe_layers:

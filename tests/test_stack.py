@@ -136,6 +136,13 @@ def test_ln_scale_shrinks_block_inputs_by_depth():
         assert rms == pytest.approx(expected, rel=1e-3)
 
 
+def test_rope_dims_default_is_partial_and_small_heads_rotate_everything():
+    assert tg.load_config({}).rope_dims == 16  # 16 of 64 channels, as the record
+    assert tg.load_config({"MODEL_DIM": "64", "NUM_HEADS": "8"}).rope_dims == 8  # head dim 8: all of it
+    with pytest.raises(tg.ConfigError, match="ROPE_DIMS=7: must be even"):
+        stack(ROPE_DIMS=7)
+
+
 def test_qk_gain_starts_at_five_and_sharpens_attention():
     h = stack()
     attn = tg.Attention(h, 0)
