@@ -1334,6 +1334,7 @@ class Trainer:
         if self.loop_switch_planned() and not self.model.looping and progress >= self.h.enable_looping_at:
             self.model.set_looping(True)
             self.log(f"layer_loop:enabled step:{self.step} progress:{progress:.3f} order:{self.model.orders[1]}")
+            self.log.event("layer_loop", step=self.step, progress=progress, order=self.model.orders[1])
 
     def update_ema(self, step_progress: float) -> None:
         if self.h.ema_decay == 0:

@@ -1,5 +1,6 @@
 """The April-2026 record stack (issue 10): one test per mechanism showing what it does, the MoE
 compositions, the loop switch under torch.compile, DRY_RUN and the end-to-end tiny run."""
+import json
 import math
 import os
 import re
@@ -222,8 +223,11 @@ def test_depth_recurrence_reruns_the_same_modules(mode):
     if mode != "none":
         moe = model.blocks[1].mlp
         moe.stats.zero_()
-        model(idx, idx)
+        loss, ce = model(idx, idx)
         assert tg.RoutingStats.unpack(moe.stats, moe.E).calls == 3  # one MoE, telemetry from all three passes
+        per_call = 1 if mode == "soft" else 2  # z-loss (+ Switch aux loss)
+        assert len(model.routing_aux) == per_call * len(model.orders[1])  # every pass's routing losses count
+        torch.testing.assert_close(loss - ce, torch.stack(model.routing_aux).sum())
 
 
 def test_loop_flops_count_each_pass():
@@ -345,8 +349,9 @@ def test_loop_switch_compiles_one_more_graph_and_never_recompiles_per_step(mode)
     for step in range(8):
         if step == 3:
             model.set_looping(True)
-        loss, _ = compiled(tokens(seed=step), tokens(seed=step + 100))
+        loss, ce = compiled(tokens(seed=step), tokens(seed=step + 100))
         loss.backward()
+        assert (loss > ce) == (mode == "topk")  # routing losses of every pass reach the compiled loss
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs == [1, 1, 1, 2, 2, 2, 2, 2]
     assert not counters["graph_break"]
@@ -380,6 +385,8 @@ def test_tiny_run_with_every_mechanism_trains_quantizes_and_round_trips(tmp_path
     log = result.stdout
     switch = re.search(r"layer_loop:enabled step:(\d+) progress:([\d.]+) order:\[0, 1, 2, 1, 2, 1, 2, 3\]", log)
     assert switch and int(switch[1]) == 7  # 35% of 20 steps
+    events = [json.loads(line) for line in (tmp_path / "logs" / "test.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "layer_loop"] == [7]
     losses = [float(v) for v in re.findall(r"^step:\d+/20 train_loss:([\d.]+)", log, re.M)]
     assert losses[-1] < losses[0] - 0.5
     pre = float(re.search(r"pre_quant_ema val_loss:([\d.]+)", log)[1])
