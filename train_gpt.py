@@ -1482,7 +1482,8 @@ def dry_run(h) -> None:
     average = off_share * rates[0] + (1 - off_share) * rates[-1]  # the switch comes at a share of the wall clock
     steps = average * 8 * h.max_wallclock_seconds / h.train_batch_tokens
     log(f"projection run_average tok/s_per_gpu:{average:.0f} steps_in_{h.max_wallclock_seconds:.0f}s:{steps:.0f} "
-        f"(8xH100 at MFU {PROJECTED_MFU:.0%}, loops from {off_share:.0%} of the run)")
+        f"(8xH100 at MFU {PROJECTED_MFU:.0%}, loops from {off_share:.0%} of the run; 1.0M tok/s needs MFU "
+        f"{PROJECTED_MFU * 1e6 / average:.0%})")
 
 
 def export_and_report(model: GPT, h, path: str, log) -> None:
