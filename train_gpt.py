@@ -90,7 +90,7 @@ MODEL_KNOBS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEA
                "SPARSE_ATTN_GATE_ENABLED", "SPARSE_ATTN_GATE_SCALE", "GATE_WINDOW")
 # Knobs merged or renamed by the restructure (issue 9): a clear error instead of a silently ignored variable.
 REPLACED_KNOBS = {"BIGRAM_BUCKETS": "BIGRAM_VOCAB_SIZE", "MOE_START_LAYER": "MOE_LAYERS (a list of layers)",
-                  "EMA_HORIZON": "EMA_DECAY (unset = 5% of the run, 0 = off)", "EMA_START": "EMA_DECAY",
+                  "EMA_HORIZON": "EMA_DECAY (unset = 5.8% of the run, 0 = off)", "EMA_START": "EMA_DECAY",
                   "ALLOW_OVER_BUDGET": "BUDGET_MARGIN=-1", "LR_WARMUP_FRAC": "nothing (no LR warm-up)"}
 # Launcher variables that are not knobs but look like them.
 LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}

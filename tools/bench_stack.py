@@ -5,12 +5,14 @@ of the run: before the depth-recurrence switch and after it, as one GPU of an 8-
     python3 tools/bench_stack.py MOE_MODE=none --iters 30 --json bench.json
     python3 tools/bench_stack.py --tiny                  # CPU smoke run: a tiny shape, timings mean nothing
 
-KEY=VALUE arguments override knobs as in a real run. Each phase compiles the model with
-fullgraph=True and dynamic=False (the warm-up steps pay for it), then reports the median step time,
-tokens/s on this GPU, the MFU by train_gpt's FLOP count, and how many graphs dynamo built: one per
-phase, and no graph breaks, or the run fails (exit status 1). The last line projects the whole
-run: the time-weighted tokens/s per GPU with the loops switched on at ENABLE_LOOPING_AT, against
-the issue's goal of 1.0M tokens/s per GPU.
+KEY=VALUE arguments override knobs as in a real run (e.g. MICRO_BATCH_TOKENS=49152 if the full
+per-GPU batch does not fit). Each phase compiles the model with fullgraph=True and dynamic=False
+(the warm-up steps pay for it), then reports the median step time, tokens/s on this GPU, the MFU
+by train_gpt's FLOP count, peak memory (CUDA), and how many graphs dynamo built: one per phase and
+no graph breaks, or the run fails (exit status 1). The last line projects the whole run: the
+time-weighted tokens/s per GPU with the loops switched on at ENABLE_LOOPING_AT, against the issue's
+goal of 1.0M tokens/s per GPU. train_gpt.py imports zstandard: on a bare GPU machine install the
+wheel first (../shared/docs/gpu.md).
 """
 from __future__ import annotations
 
@@ -108,6 +110,8 @@ def main(argv=None) -> int:
     results, ok = [], True
     for looping in sorted({False, h.num_loops > 0}):
         model.set_looping(looping)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         graphs_before = counters["stats"]["unique_graphs"]
         times = time_phase(step, iters, args.warmup, device)
         ms = statistics.median(times)
@@ -119,6 +123,9 @@ def main(argv=None) -> int:
         results.append(row)
         ok &= graphs == 1
         mfu = f" mfu:{100 * row['mfu']:.1f}%" if peak else ""
+        if device.type == "cuda":
+            row["peak_mib"] = torch.cuda.max_memory_allocated(device) // 2**20
+            mfu += f" peak_mem:{row['peak_mib']}MiB"
         print(f"phase:{row['phase']} ms_per_step:{ms:.2f} tok/s:{tokens_per_s:.0f}{mfu} graphs:{graphs} "
               f"(median of {iters}, after {args.warmup} warm-up steps)")
     off_share = h.enable_looping_at if h.num_loops > 0 and h.enable_looping_at < 1 else 1.0
