@@ -401,6 +401,20 @@ def test_tiny_run_with_every_mechanism_trains_quantizes_and_round_trips(tmp_path
     assert re.search(r"size_check total:\d+ cap:16000000 slack:\d+ OK", log)
 
 
+def test_stack_under_two_processes_matches_one_process(tmp_path):
+    """DDP with the loop switch mid-run, lanes and a routed MoE: 2 processes x 1 micro-step match
+    1 process x 2 micro-steps (gloo, CPU), before and after the switch."""
+    env = {**STACK_ENV, "ITERATIONS": "6", "TRAIN_LOG_EVERY": "1", "MOE_MODE": "topk"}
+    one, two = run_train(tmp_path / "one", **env), run_train(tmp_path / "two", nproc=2, **env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    for result in (one, two):
+        assert "layer_loop:enabled step:3 " in result.stdout  # 3 / 6 >= 0.35
+    step = re.compile(r"^step:(\d+)/6 train_loss:([\d.]+)", re.M)
+    for (s1, l1), (s2, l2) in zip(step.findall(one.stdout), step.findall(two.stdout), strict=True):
+        assert s1 == s2 and float(l1) == pytest.approx(float(l2), abs=2e-4)
+
+
 def test_routed_moe_run_under_compile_recompiles_at_most_once(tmp_path):
     """A whole tiny run with a routed MoE, loops switching on mid-run, compiled with fullgraph; dynamo
     logs every recompile. The wrapper only swaps inductor for aot_eager (same guards and graphs)."""
