@@ -22,7 +22,17 @@ TINY_ENV = {
     "ITERATIONS": "20", "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "0", "TRAIN_LOG_EVERY": "5",
     "VAL_TOKEN_LIMIT": "8192", "EVAL_STRIDE": "64", "EVAL_BATCH_SEQS": "16",
     "BIGRAM_VOCAB_SIZE": "256", "BIGRAM_DIM": "16", "COMPILE": "0", "ZSTD_LEVEL": "3",
+    # Structural stack mechanisms off, so other areas' tests keep a plain 2-layer model;
+    # STACK_ENV below turns every mechanism of the record stack on.
+    "NUM_LOOPS": "0", "PARALLEL_START_LAYER": "0",
 }
+# TINY_ENV with every mechanism of the record stack on (4 layers: layers 1-2 looped twice more,
+# parallel lanes in layer 3, XSA everywhere, partial RoPE, BigramHash and SmearGate).
+STACK_ENV = {**TINY_ENV, "NUM_LAYERS": "4", "XSA_LAST_N": "4", "LN_SCALE": "1", "QK_GAIN_INIT": "5",
+             "PARALLEL_START_LAYER": "3", "NUM_LOOPS": "2", "LOOP_START": "1", "LOOP_END": "2",
+             "ENABLE_LOOPING_AT": "0.35", "SPARSE_ATTN_GATE_ENABLED": "1", "GATE_WINDOW": "12",
+             "ROPE_DIMS": "8", "MLP_ACT": "leaky_relu2", "SMEAR_GATE": "1", "MIN_LR": "0.1",
+             "MUON_ROW_NORMALIZE": "1"}
 
 
 def run_train(tmp_path: Path, nproc: int = 1, timeout: int = 300, **env) -> subprocess.CompletedProcess:

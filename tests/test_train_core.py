@@ -30,8 +30,8 @@ def write_shard(path, tokens, magic=tg.SHARD_MAGIC, version=tg.SHARD_VERSION, co
     ({"NUM_LAYER": "12"}, "unknown variable NUM_LAYER: did you mean NUM_LAYERS?"),
     ({"MODEL_DIM": "100"}, "MODEL_DIM=100 is not divisible by NUM_HEADS=8"),
     ({"TOP_K": "5"}, "TOP_K=5: must be between 1 and NUM_EXPERTS=4"),
-    ({"MOE_LAYERS": "3,12"}, "MOE_LAYERS: layer 12 is outside 0..9"),
-    ({"NUM_EXPERTS": "5"}, "NUM_EXPERTS=5: the parameter-matched expert size 1536/5 is not whole; set EXPERT_HIDDEN"),
+    ({"MOE_LAYERS": "3,12"}, "MOE_LAYERS: layer 12 is outside 0..10"),
+    ({"NUM_EXPERTS": "5"}, "NUM_EXPERTS=5: the parameter-matched expert size 2048/5 is not whole; set EXPERT_HIDDEN"),
     ({"QUANT_BITS_MLP": "12"}, "QUANT_BITS_MLP=12: expected 2..8, or 16"),
     ({"TRAIN_SEQ_LEN": "1000"}, "MICRO_BATCH_TOKENS=98304 is not a multiple of TRAIN_SEQ_LEN=1000"),
 ])
@@ -45,9 +45,9 @@ def test_knob_defaults_and_parsing():
     h = tg.load_config({"MOE_MODE": "topk", "MOE_LAYERS": "5,6, 7", "SMEAR_GATE": "0", "EMA_DECAY": "0.997"})
     assert h.moe_mode == "topk" and h.moe_layer_ids == [5, 6, 7] and h.smear_gate is False
     assert h.ema_decay == 0.997 and h.micro_batch_tokens == 786_432 // 8 and h.eval_seq_len == 2048
-    assert tg.load_config({}).moe_layer_ids == list(range(10))  # empty MOE_LAYERS: every layer
+    assert tg.load_config({}).moe_layer_ids == list(range(11))  # empty MOE_LAYERS: every layer
     assert tg.load_config({"MOE_MODE": "none"}).moe_layer_ids == []
-    assert tg.load_config({}).expert_mlp_hidden == 1536 // 4
+    assert tg.load_config({}).expert_mlp_hidden == 2048 // 4
 
 
 def test_grad_accum_is_derived_and_checked():
@@ -171,7 +171,7 @@ def test_smear_gate_never_mixes_across_bos():
 
 def test_bigram_hash_buckets():
     bigram = tg.BigramHash(97, 4, 8)
-    idx = torch.randint(0, 1024, (3, 50))
+    idx = torch.randint(2, 1024, (3, 50))  # no BOS: a BOS gets the reserved bucket (test_stack.py)
     with torch.no_grad():
         bigram.table.weight.copy_(torch.arange(97).float()[:, None].expand(97, 4))
         bigram.proj.weight.copy_(torch.eye(8, 4))
