@@ -19,9 +19,9 @@ MOE_PRESETS: dict[str, dict[str, str]] = {
     "shared_routed": {"MOE_MODE": "shared_routed", "NUM_EXPERTS": "4", "TOP_K": "1"},
     "topk4_nobalance": {"MOE_MODE": "topk", "NUM_EXPERTS": "4", "TOP_K": "1", **BALANCING_OFF},
     # The context arm: top-1 of 4 experts each as wide as the whole dense MLP, so the dense model's active
-    # FLOPs per token with 4x its MLP bytes (the classic MoE claim, which the byte cap forbids). 1536 is
-    # the dense hidden of the default stack (MODEL_DIM 512 x MLP_MULT 3); other shapes: context_arm().
-    "topk4_4xbytes": {"MOE_MODE": "topk", "NUM_EXPERTS": "4", "TOP_K": "1", "EXPERT_HIDDEN": "1536"},
+    # FLOPs per token with 4x its MLP bytes (the classic MoE claim, which the byte cap forbids). 2048 is
+    # the dense hidden of the default stack (MODEL_DIM 512 x MLP_MULT 4); other shapes: context_arm().
+    "topk4_4xbytes": {"MOE_MODE": "topk", "NUM_EXPERTS": "4", "TOP_K": "1", "EXPERT_HIDDEN": "2048"},
 }
 # Arms that do not hold the dense model's bytes: shown for context, never candidates for the default.
 NOT_BYTE_MATCHED = ("topk4_4xbytes",)

@@ -55,15 +55,15 @@ TAG = "study"
 # sliding windows cost 4x on CPU), eager mode.
 STUDY_SHAPE: dict[str, str] = {
     "VOCAB_SIZE": "1024", "NUM_LAYERS": "4", "MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
-    "MLP_MULT": "4", "BIGRAM_VOCAB_SIZE": "2048", "BIGRAM_DIM": "32",
+    "MLP_MULT": "4",
     "TRAIN_SEQ_LEN": "256", "TRAIN_BATCH_TOKENS": "8192", "MICRO_BATCH_TOKENS": "8192",
     "ITERATIONS": "256", "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "0", "TRAIN_LOG_EVERY": "16",
     "VAL_LOSS_EVERY": "0", "VAL_TOKEN_LIMIT": "262144", "EVAL_STRIDE": "0", "COMPILE": "0",
-    # Knobs of the merged stack (issues 10 and 11). train_gpt.py refuses knobs it does not know, so they
-    # stay commented out until they exist; then set each to what the default stack scales to here:
-    # "XSA_LAST_N": "...",            # the default's share of the last layers, of NUM_LAYERS=4
-    # "PARALLEL_START_LAYER": "...",
-    # "NUM_LOOPS": "...", "LOOP_START": "...", "LOOP_END": "...",   # layer looping within 4 layers
+    # The record stack scaled to 4 layers: XSA everywhere (11 of 11), parallel lanes in the last layer
+    # (8.. of 11), the middle layers looped once more after 35% of the run (the record loops 3-5 twice
+    # more; one extra pass keeps a CPU run within minutes). BigramHash stays off, as in the default.
+    "XSA_LAST_N": "4", "PARALLEL_START_LAYER": "3", "NUM_LOOPS": "1", "LOOP_START": "1", "LOOP_END": "2",
+    # Knobs of issues 11 and 12, set once they exist (train_gpt.py refuses knobs it does not know):
     # "TTT_ENABLED": "0",             # test-time training: its cost on CPU; the study compares MLPs
     # "QUANT_METHOD": "...",          # the default quantizer (GPTQ once issue 11 is the default)
 }
