@@ -177,7 +177,6 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     for name in ("QUANT_BITS_MLP", "QUANT_BITS_ATTN", "QUANT_BITS_EMBED", "QUANT_BITS_BIGRAM"):
         bits = getattr(h, name.lower())
         require(bits <= 8 or bits == 16, f"{name}={bits}: expected 2..8, or 16 to keep fp16")
-    # A micro batch the user did not set is named by the knob it came from.
     h.micro_batch_source = "" if h.micro_batch_tokens else f" (unset: TRAIN_BATCH_TOKENS={h.train_batch_tokens} / 8)"
     h.micro_batch_tokens = h.micro_batch_tokens or h.train_batch_tokens // 8
     require(h.micro_batch_tokens % h.train_seq_len == 0 and h.micro_batch_tokens > 0, f"MICRO_BATCH_TOKENS="
@@ -1292,9 +1291,10 @@ class Trainer:
 
     def read_flags(self, pending: tuple[Tensor, object], step: int, t0: float, flops, peak, final: bool) -> float:
         """The one wait per step, for step `step` (then complete on every rank): logs its line; -> agreed ms."""
-        if pending[1] is not None:
-            pending[1].synchronize()
-        elapsed_ms, nonfinite, ce = pending[0].tolist()
+        flags, done = pending
+        if done is not None:
+            done.synchronize()
+        elapsed_ms, nonfinite, ce = flags.tolist()
         if nonfinite:
             raise TrainingDiverged(f"non-finite training loss at step {step}: stopping the run")
         if step % self.h.train_log_every == 0 or step == 1 or final:
