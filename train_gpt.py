@@ -94,7 +94,7 @@ KNOB_LIMITS: dict[str, tuple[float, float]] = {**dict.fromkeys((
     **dict.fromkeys(("QUANT_BITS_MLP", "QUANT_BITS_ATTN", "QUANT_BITS_EMBED", "QUANT_BITS_BIGRAM"), (2, 16)),
     "VOCAB_SIZE": (2, math.inf), "BIGRAM_VOCAB_SIZE": (2, math.inf), "MLP_MULT": (0.25, math.inf), "ROPE_BASE": (1, math.inf),
     "LOGIT_SOFTCAP": (1, math.inf), "CAPACITY_FACTOR": (0.1, math.inf), "PRUNE_FRAC": (0, 0.99), "ZSTD_LEVEL": (1, 22),
-    "BUDGET_MARGIN": (-math.inf, 1)}
+    "BUDGET_MARGIN": (-1, 1)}
 ZERO_MEANS_DEFAULT = {"MICRO_BATCH_TOKENS", "EVAL_SEQ_LEN", "ROPE_DIMS", "EXPERT_HIDDEN", "SHARED_HIDDEN", "BIGRAM_VOCAB_SIZE"}
 # Knobs merged or renamed by the restructure (issue 9): a clear error instead of a silently ignored variable.
 REPLACED_KNOBS = {"BIGRAM_BUCKETS": "BIGRAM_VOCAB_SIZE", "MOE_START_LAYER": "MOE_LAYERS (a list of layers)",
@@ -1485,10 +1485,10 @@ def main() -> None:
         dist.broadcast_object_list(run_id)  # every rank must agree on the artifact path
     h.run_id = run_id[0]
     h.artifact_path = h.artifact_path or os.path.join(h.log_dir, f"{h.run_id}_model.ptz")
-    if os.path.exists(h.artifact_path):
-        raise ConfigError(f"ARTIFACT_PATH={h.artifact_path} already exists; an artifact is never overwritten")
     log = Logger(os.path.join(h.log_dir, h.run_id) if rank == 0 else None)
     try:
+        if os.path.exists(h.artifact_path):
+            raise ConfigError(f"ARTIFACT_PATH={h.artifact_path} already exists; an artifact is never overwritten")
         train_and_evaluate(h, rank, world, device, log)
     except BaseException as err:
         log.fail(err)

@@ -149,6 +149,7 @@ def test_existing_artifact_path_is_refused_before_training_and_untouched(tmp_pat
     result = run_train(tmp_path, ARTIFACT_PATH=artifact)
     assert_refused_before_training(result, f"ARTIFACT_PATH={artifact} already exists")
     assert artifact.read_bytes() == b"another run's artifact"
+    assert "already exists" in (tmp_path / "logs" / "test.failed1.txt").read_text()  # logged; RUN_ID stays free
 
 
 def test_non_finite_stored_tensors_and_score_exit_non_zero_with_marked_score_lines(tmp_path):
