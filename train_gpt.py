@@ -1146,7 +1146,7 @@ class Logger:
     def fail(self, err: BaseException) -> None:
         """Writes the error into both logs; a failed start frees its RUN_ID (its logs become RUN_ID.failedN.*)."""
         if self.text is not None:
-            self.text.write(f"error: {err}\n")
+            print(f"error: {str(err) or type(err).__name__}", file=self.text, flush=True)  # stderr has it already
             self.event("error", message=f"{type(err).__name__}: {err}")
             self.event("end", status="failed")
             n = 1
