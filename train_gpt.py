@@ -1282,7 +1282,8 @@ class Trainer:
         flags = torch.stack((torch.full_like(ce, elapsed_ms), (~torch.isfinite(ce)).float(), ce))
         if self.world > 1:
             dist.all_gather(ranks := [torch.empty_like(flags) for _ in range(self.world)], flags)
-            flags = torch.cat((torch.stack(ranks)[:, :2].amax(0), torch.stack(ranks)[:, 2].mean(0, keepdim=True)))
+            table = torch.stack(ranks)
+            flags = torch.cat((table[:, :2].amax(0), table[:, 2].mean(0, keepdim=True)))
         done = torch.cuda.Event() if flags.is_cuda else None
         flags = flags.to("cpu", non_blocking=True)  # pinned; `done` marks when it has arrived
         if done is not None:
@@ -1398,7 +1399,7 @@ def check_ranks_in_sync(model: nn.Module, world: int, log) -> None:
     sums = torch.stack(ranks).cpu()
     if differ := (sums.view(torch.int64) != sums[:1].view(torch.int64)).any(0).nonzero().flatten().tolist():
         raise TrainingDiverged(f"ranks out of sync after training: {len(differ)} of {len(names)} tensors differ, first "
-                         f"{names[differ[0]]} (sums by rank: {', '.join(f'{v:.10g}' for v in sums[:, differ[0]].tolist())})")
+                               f"{names[differ[0]]} (sums by rank: {', '.join(f'{v:.10g}' for v in sums[:, differ[0]].tolist())})")
     log(f"ranks_in_sync:yes ranks:{world} tensors:{len(names)}")
 
 
