@@ -81,21 +81,20 @@ MODEL_KNOBS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEA
                "ROPE_DIMS", "ROPE_BASE", "QK_GAIN_INIT", "LOGIT_SOFTCAP", "TIE_EMBEDDINGS", "BIGRAM_VOCAB_SIZE",
                "BIGRAM_DIM", "SMEAR_GATE", "MOE_MODE", "NUM_EXPERTS", "TOP_K", "MOE_LAYERS", "EXPERT_HIDDEN",
                "SHARED_HIDDEN", "ROUTER_SCORE", "MOE_DISPATCH", "CAPACITY_FACTOR")
-# ---- knob ranges (issue 8): every numeric knob's inclusive (low, high); ZERO_MEANS_DEFAULT knobs may also be 0
+# ---- knob ranges (issue 8): every numeric knob's inclusive (low, high), checked first, naming the knob. 0 is the
+# "unset" value (derived from other knobs) of MICRO_BATCH_TOKENS, EVAL_SEQ_LEN, ROPE_DIMS, EXPERT_HIDDEN, SHARED_HIDDEN.
 KNOB_LIMITS: dict[str, tuple[float, float]] = {**dict.fromkeys((
-    "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN", "TRAIN_BATCH_TOKENS", "MICRO_BATCH_TOKENS",
-    "ITERATIONS", "TRAIN_LOG_EVERY", "EVAL_BATCH_SEQS", "EVAL_SEQ_LEN", "ROPE_DIMS", "NUM_EXPERTS", "TOP_K",
-    "EXPERT_HIDDEN", "SHARED_HIDDEN", "BIGRAM_DIM", "MUON_BACKEND_STEPS", "SIZE_CAP_BYTES"), (1, math.inf)), **dict.fromkeys((
+    "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN", "TRAIN_BATCH_TOKENS", "ITERATIONS", "TOP_K",
+    "TRAIN_LOG_EVERY", "EVAL_BATCH_SEQS", "NUM_EXPERTS", "BIGRAM_DIM", "MUON_BACKEND_STEPS", "SIZE_CAP_BYTES"), (1, math.inf)),
+    **dict.fromkeys(("MICRO_BATCH_TOKENS", "EVAL_SEQ_LEN", "ROPE_DIMS", "EXPERT_HIDDEN", "SHARED_HIDDEN", "BIGRAM_VOCAB_SIZE",
     "SEED", "VAL_LOSS_EVERY", "VAL_TOKEN_LIMIT", "MAX_WALLCLOCK_SECONDS", "WARMUP_STEPS", "EVAL_STRIDE", "QK_GAIN_INIT",
     "FP16_KEEP_MAX_NUMEL", "TIED_EMBED_INIT_STD", "ROUTER_LR", "MATRIX_LR", "SCALAR_LR", "TIED_EMBED_LR", "EMBED_LR",
     "HEAD_LR", "MOE_AUX_LOSS_COEF", "ROUTER_Z_COEF", "ROUTER_BIAS_RATE", "ROUTER_NOISE", "MUON_WD", "ADAM_WD", "ADAM_EPS",
     "GRAD_CLIP_NORM"), (0, math.inf)), **dict.fromkeys(("WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_FRAC"), (0, 1)),
     **dict.fromkeys(("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY"), (0, 0.99999)),
     **dict.fromkeys(("QUANT_BITS_MLP", "QUANT_BITS_ATTN", "QUANT_BITS_EMBED", "QUANT_BITS_BIGRAM"), (2, 16)),
-    "VOCAB_SIZE": (2, math.inf), "BIGRAM_VOCAB_SIZE": (2, math.inf), "MLP_MULT": (0.25, math.inf), "ROPE_BASE": (1, math.inf),
-    "LOGIT_SOFTCAP": (1, math.inf), "CAPACITY_FACTOR": (0.1, math.inf), "PRUNE_FRAC": (0, 0.99), "ZSTD_LEVEL": (1, 22),
-    "BUDGET_MARGIN": (-1, 1)}
-ZERO_MEANS_DEFAULT = {"MICRO_BATCH_TOKENS", "EVAL_SEQ_LEN", "ROPE_DIMS", "EXPERT_HIDDEN", "SHARED_HIDDEN", "BIGRAM_VOCAB_SIZE"}
+    "VOCAB_SIZE": (2, math.inf), "MLP_MULT": (0.25, math.inf), "ROPE_BASE": (1, math.inf), "LOGIT_SOFTCAP": (1, math.inf),
+    "CAPACITY_FACTOR": (0.1, math.inf), "PRUNE_FRAC": (0, 0.99), "ZSTD_LEVEL": (1, 22), "BUDGET_MARGIN": (-1, 1)}
 # Knobs merged or renamed by the restructure (issue 9): a clear error instead of a silently ignored variable.
 REPLACED_KNOBS = {"BIGRAM_BUCKETS": "BIGRAM_VOCAB_SIZE", "MOE_START_LAYER": "MOE_LAYERS (a list of layers)",
                   "EMA_HORIZON": "EMA_DECAY (unset = 5% of the run, 0 = off)", "EMA_START": "EMA_DECAY",
@@ -149,9 +148,10 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
         if not cond:
             raise ConfigError(msg)
     for name, (low, high) in KNOB_LIMITS.items():
-        value, zero_ok = getattr(h, name.lower(), None), name in ZERO_MEANS_DEFAULT
-        require(value is None or low <= value <= high or (zero_ok and value == 0), f"{name}={value}: expected "
-                + (f"{low}..{high}" if high < math.inf else f">= {low}") + " or 0" * zero_ok)
+        value = getattr(h, name.lower(), None)
+        require(value is None or low <= value <= high, f"{name}={value}: expected {low}..{high}" if high < math.inf
+                else f"{name}={value}: expected >= {low}")
+    require(h.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE=1: expected 0 (off) or >= 2 (one bucket is reserved)")
     require(h.model_dim % h.num_heads == 0, f"MODEL_DIM={h.model_dim} is not divisible by NUM_HEADS={h.num_heads}")
     require(h.num_heads % h.num_kv_heads == 0, f"NUM_HEADS={h.num_heads} is not divisible by NUM_KV_HEADS={h.num_kv_heads}")
     h.head_dim = h.model_dim // h.num_heads
