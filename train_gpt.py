@@ -88,6 +88,21 @@ MODEL_KNOBS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEA
                "SHARED_HIDDEN", "ROUTER_SCORE", "MOE_DISPATCH", "CAPACITY_FACTOR",
                "XSA_LAST_N", "LN_SCALE", "PARALLEL_START_LAYER", "NUM_LOOPS", "LOOP_START", "LOOP_END",
                "SPARSE_ATTN_GATE_ENABLED", "SPARSE_ATTN_GATE_SCALE", "GATE_WINDOW")
+# ---- knob ranges (issue 8): every numeric knob's inclusive (low, high), checked first, naming the knob. 0 is the
+# "unset" value (derived from other knobs) of MICRO_BATCH_TOKENS, EVAL_SEQ_LEN, ROPE_DIMS, EXPERT_HIDDEN, SHARED_HIDDEN.
+KNOB_LIMITS: dict[str, tuple[float, float]] = {**dict.fromkeys((
+    "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN", "TRAIN_BATCH_TOKENS", "ITERATIONS", "TOP_K",
+    "TRAIN_LOG_EVERY", "EVAL_BATCH_SEQS", "NUM_EXPERTS", "BIGRAM_DIM", "MUON_BACKEND_STEPS", "SIZE_CAP_BYTES"), (1, math.inf)),
+    **dict.fromkeys(("MICRO_BATCH_TOKENS", "EVAL_SEQ_LEN", "ROPE_DIMS", "EXPERT_HIDDEN", "SHARED_HIDDEN", "BIGRAM_VOCAB_SIZE",
+    "SEED", "VAL_LOSS_EVERY", "VAL_TOKEN_LIMIT", "MAX_WALLCLOCK_SECONDS", "WARMUP_STEPS", "EVAL_STRIDE", "QK_GAIN_INIT",
+    "FP16_KEEP_MAX_NUMEL", "TIED_EMBED_INIT_STD", "ROUTER_LR", "MATRIX_LR", "SCALAR_LR", "TIED_EMBED_LR", "EMBED_LR",
+    "HEAD_LR", "MOE_AUX_LOSS_COEF", "ROUTER_Z_COEF", "ROUTER_BIAS_RATE", "ROUTER_NOISE", "MUON_WD", "ADAM_WD", "ADAM_EPS",
+    "GRAD_CLIP_NORM", "EMBED_WD", "XSA_LAST_N", "PARALLEL_START_LAYER", "NUM_LOOPS", "LOOP_START", "LOOP_END",
+    "SPARSE_ATTN_GATE_SCALE"), (0, math.inf)), **dict.fromkeys(("WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_FRAC", "MIN_LR", "ENABLE_LOOPING_AT"), (0, 1)),
+    **dict.fromkeys(("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY"), (0, 0.99999)),
+    **dict.fromkeys(("QUANT_BITS_MLP", "QUANT_BITS_ATTN", "QUANT_BITS_EMBED", "QUANT_BITS_BIGRAM"), (2, 16)),
+    "VOCAB_SIZE": (2, math.inf), "MLP_MULT": (0.25, math.inf), "ROPE_BASE": (1, math.inf), "LOGIT_SOFTCAP": (1, math.inf),
+    "CAPACITY_FACTOR": (0.1, math.inf), "GATE_WINDOW": (1, math.inf), "PRUNE_FRAC": (0, 0.99), "ZSTD_LEVEL": (1, 22), "BUDGET_MARGIN": (-1, 1)}
 # Knobs merged or renamed by the restructure (issue 9): a clear error instead of a silently ignored variable.
 REPLACED_KNOBS = {"BIGRAM_BUCKETS": "BIGRAM_VOCAB_SIZE", "MOE_START_LAYER": "MOE_LAYERS (a list of layers)",
                   "EMA_HORIZON": "EMA_DECAY (unset = 5.8% of the run, 0 = off)", "EMA_START": "EMA_DECAY",
@@ -140,9 +155,11 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     def require(cond: bool, msg: str):
         if not cond:
             raise ConfigError(msg)
-    for name in ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN",
-                 "TRAIN_BATCH_TOKENS", "NUM_EXPERTS", "TOP_K", "EVAL_BATCH_SEQS", "ITERATIONS"):
-        require(getattr(h, name.lower()) > 0, f"{name}={getattr(h, name.lower())}: must be positive")
+    for name, (low, high) in KNOB_LIMITS.items():
+        value = getattr(h, name.lower(), None)
+        require(value is None or low <= value <= high, f"{name}={value}: expected {low}..{high}" if high < math.inf
+                else f"{name}={value}: expected >= {low}")
+    require(h.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE=1: expected 0 (off) or >= 2 (one bucket is reserved)")
     require(h.model_dim % h.num_heads == 0, f"MODEL_DIM={h.model_dim} is not divisible by NUM_HEADS={h.num_heads}")
     require(h.num_heads % h.num_kv_heads == 0, f"NUM_HEADS={h.num_heads} is not divisible by NUM_KV_HEADS={h.num_kv_heads}")
     h.head_dim = h.model_dim // h.num_heads
@@ -162,16 +179,16 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
         require(free_hidden > 0 and free_hidden % h.num_experts == 0,
                 f"NUM_EXPERTS={h.num_experts}: the parameter-matched expert size {free_hidden}/{h.num_experts} is not whole; set EXPERT_HIDDEN")
     h.expert_mlp_hidden = h.expert_hidden or max(free_hidden // h.num_experts, 0)
-    require(h.capacity_factor > 0, f"CAPACITY_FACTOR={h.capacity_factor}: must be positive")
+    require(h.moe_mode in ("none", "soft") or h.moe_dispatch != "grouped" or h.model_dim % 8 == h.expert_mlp_hidden % 8 == 0,
+            f"MOE_DISPATCH=grouped needs MODEL_DIM={h.model_dim} and the expert width {h.expert_mlp_hidden} (EXPERT_HIDDEN) "
+            "to be multiples of 8 (16-byte aligned rows); change them or use MOE_DISPATCH=capacity")
     for name in ("QUANT_BITS_MLP", "QUANT_BITS_ATTN", "QUANT_BITS_EMBED", "QUANT_BITS_BIGRAM"):
         bits = getattr(h, name.lower())
-        require(2 <= bits <= 8 or bits == 16, f"{name}={bits}: expected 2..8, or 16 to keep fp16")
-    require(0.0 <= h.prune_frac < 1.0, f"PRUNE_FRAC={h.prune_frac}: expected a fraction in [0, 1)")
-    require(0.0 <= h.warmdown_frac <= 1.0, f"WARMDOWN_FRAC={h.warmdown_frac}: expected a fraction in [0, 1]")
-    require(h.ema_decay is None or 0.0 <= h.ema_decay < 1.0, f"EMA_DECAY={h.ema_decay}: expected a per-step decay in [0, 1)")
+        require(bits <= 8 or bits == 16, f"{name}={bits}: expected 2..8, or 16 to keep fp16")
+    h.micro_batch_source = "" if h.micro_batch_tokens else f" (unset: TRAIN_BATCH_TOKENS={h.train_batch_tokens} / 8)"
     h.micro_batch_tokens = h.micro_batch_tokens or h.train_batch_tokens // 8
-    require(h.micro_batch_tokens % h.train_seq_len == 0,
-            f"MICRO_BATCH_TOKENS={h.micro_batch_tokens} is not a multiple of TRAIN_SEQ_LEN={h.train_seq_len}")
+    require(h.micro_batch_tokens % h.train_seq_len == 0 and h.micro_batch_tokens > 0, f"MICRO_BATCH_TOKENS="
+            f"{h.micro_batch_tokens}{h.micro_batch_source} is not a positive multiple of TRAIN_SEQ_LEN={h.train_seq_len}")
     h.eval_seq_len = h.eval_seq_len or h.train_seq_len
     require(0 <= h.eval_stride <= h.eval_seq_len, f"EVAL_STRIDE={h.eval_stride}: must be in 0..EVAL_SEQ_LEN={h.eval_seq_len}")
     derive_stack(h, require)
@@ -179,12 +196,8 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
 
 
 def derive_stack(h: SimpleNamespace, require) -> None:
-    """Checks of the record-stack knobs (issue 10)."""
-    require(h.xsa_last_n >= 0, f"XSA_LAST_N={h.xsa_last_n}: must not be negative")
+    """Checks of the record-stack knobs that KNOB_LIMITS cannot express."""
     require(1 <= h.gate_window <= h.model_dim, f"GATE_WINDOW={h.gate_window}: must be in 1..MODEL_DIM={h.model_dim}")
-    require(0.0 <= h.min_lr <= 1.0 and 0.0 <= h.enable_looping_at <= 1.0, "MIN_LR and ENABLE_LOOPING_AT are fractions in [0, 1]")
-    require(min(h.embed_wd, h.adam_wd, h.muon_wd) >= 0, "EMBED_WD, ADAM_WD and MUON_WD must not be negative")
-    require(h.num_loops >= 0, f"NUM_LOOPS={h.num_loops}: must not be negative")
     if h.num_loops:
         require(0 <= h.loop_start <= h.loop_end < h.num_layers,
                 f"LOOP_START={h.loop_start}, LOOP_END={h.loop_end}: need 0 <= LOOP_START <= LOOP_END < NUM_LAYERS={h.num_layers}")
@@ -198,7 +211,7 @@ def grad_accum_steps(h: SimpleNamespace, world_size: int) -> int:
     per_step = world_size * h.micro_batch_tokens
     if h.train_batch_tokens % per_step:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not divisible by WORLD_SIZE={world_size} "
-                          f"x MICRO_BATCH_TOKENS={h.micro_batch_tokens}")
+                          f"x MICRO_BATCH_TOKENS={h.micro_batch_tokens}{h.micro_batch_source}")
     return h.train_batch_tokens // per_step
 
 # ---- 2. Data: challenge shards (256 x int32 header, then uint16 tokens), loaders, tokenizer bytes ----
@@ -231,7 +244,16 @@ def shard_token_count(path: str) -> int:
 
 
 def read_shard(path: str) -> np.ndarray:
-    return np.fromfile(path, dtype="<u2", count=shard_token_count(path), offset=SHARD_HEADER_BYTES)
+    n = shard_token_count(path)  # memory-mapped: the training loop pages in what it reads, never whole files
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(n,)) if n else np.zeros(0, "<u2")
+
+
+def check_shards(files: list[str], vocab_size: int) -> list[str]:
+    """Every shard's header, size and token ids, at start-up (one pass over memory-mapped tokens each)."""
+    for path in files:
+        if (top := int(read_shard(path).max(initial=0))) >= vocab_size:
+            raise DataError(f"{path}: token id {top} is outside VOCAB_SIZE={vocab_size}")
+    return files
 
 
 def shard_files(data_path: str, split: str) -> list[str]:
@@ -296,14 +318,12 @@ class TrainLoader:
 
 
 def load_val_tokens(data_path: str, vocab_size: int, limit: int = 0) -> Tensor:
-    files = shard_files(data_path, "val")
+    files = check_shards(shard_files(data_path, "val"), vocab_size)
     tokens = np.concatenate([read_shard(f) for f in files])
     if limit:
         tokens = tokens[:limit + 1]
     if len(tokens) < 2:
         raise DataError(f"{files[0]}: validation split has fewer than 2 tokens")
-    if int(tokens.max()) >= vocab_size:
-        raise DataError(f"{files[0]}: token id {int(tokens.max())} is outside VOCAB_SIZE={vocab_size}")
     return torch.from_numpy(tokens.astype(np.int32))
 
 
@@ -513,7 +533,8 @@ class MoEBase(nn.Module):
         self.router_weight.normal_(0.0, self.router_init_std)
 
     def router_logits(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.router_weight.to(x.dtype)).float()
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run this matmul in bf16
+            return F.linear(x.float(), self.router_weight.float())
 
     def account(self, logits: Tensor, probs: Tensor, load: Tensor, aux_loss=None, dropped=None):
         """Sets aux_terms (z-loss, Switch aux loss) and accumulates telemetry, while training only."""
@@ -1178,7 +1199,7 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite, or the ranks' weights drifted apart."""
 
 
 def setup_distributed() -> tuple[int, int, int, torch.device]:
@@ -1205,6 +1226,7 @@ class Logger:
 
     def __init__(self, stem: str | None):
         self.text = self.events = None
+        self.stem, self.training_started = stem, False
         if stem:
             for path in (stem + ".txt", stem + ".jsonl"):
                 if os.path.exists(path):
@@ -1224,6 +1246,18 @@ class Logger:
             self.events.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")
             self.events.flush()
 
+    def fail(self, err: BaseException) -> None:
+        """Writes the error into both logs; a failed start frees its RUN_ID (its logs become RUN_ID.failedN.*)."""
+        if self.text is not None:
+            print(f"error: {str(err) or type(err).__name__}", file=self.text, flush=True)  # stderr has it already
+            self.event("error", message=f"{type(err).__name__}: {err}")
+            self.event("end", status="failed")
+            n = 1
+            while glob.glob(glob.escape(f"{self.stem}.failed{n}") + ".*"):
+                n += 1
+            for ext in () if self.training_started else (".txt", ".jsonl"):
+                os.rename(self.stem + ext, f"{self.stem}.failed{n}{ext}")
+
 
 def code_bytes() -> int:
     return os.path.getsize(os.path.abspath(__file__))
@@ -1235,12 +1269,13 @@ def sha256_file(path: str) -> str:
 
 
 def matmul_params_per_token(model: nn.Module, looping: bool | None = None) -> int:
-    """Weights a token multiplies by: every matrix except the embedding lookup (the tied head counts),
-    a looped layer's once per pass (looping: that loop state; None: the model's current one)."""
+    """Weights a token multiplies by: every matrix except lookups (an untied input embedding; the tied head
+    counts), a looped layer's once per pass (looping: that loop state; None: the model's current one)."""
     order = model.orders[model.looping if looping is None else looping]
+    lookups = ("control", "bigram_table") + (("embed",) if getattr(model, "lm_head", None) is not None else ())
     n = 0
     for name, p in model.named_parameters():
-        if param_class(name, p) not in ("control", "bigram_table"):
+        if param_class(name, p) not in lookups:
             n += p.numel() * (order.count(int(name.split(".")[1])) if name.startswith("blocks.") else 1)
     for layer, m in moe_layers(model):
         if isinstance(m, RoutedMoE):  # only k of E experts run per token
@@ -1265,7 +1300,7 @@ class Trainer:
     def __init__(self, h, rank: int, world: int, device: torch.device, log):
         self.h, self.rank, self.world, self.device, self.log = h, rank, world, device, log
         self.accum = grad_accum_steps(h, world)
-        self.loader = TrainLoader(shard_files(h.data_path, "train"), rank, world, h.train_seq_len,
+        self.loader = TrainLoader(check_shards(shard_files(h.data_path, "train"), h.vocab_size), rank, world, h.train_seq_len,
                                   h.micro_batch_tokens, self.accum, device)
         self.model = GPT(h).to(device)
         self.compiled = torch.compile(self.model, fullgraph=True, dynamic=False) if use_compile(h, device) else self.model
@@ -1347,58 +1382,81 @@ class Trainer:
         decay = self.h.ema_decay if self.h.ema_decay is not None else math.exp(-step_progress / EMA_RUN_HORIZON)
         self.ema.update(decay)
 
-    def log_step(self, ce: float, elapsed_ms: float, flops: float, peak: float | None) -> None:
-        tokens_per_s = self.step * self.h.train_batch_tokens / max(elapsed_ms / 1000, 1e-9)
+    def log_step(self, step: int, ce: float, elapsed_ms: float, peak: float | None) -> None:
+        tokens_per_s = step * self.h.train_batch_tokens / max(elapsed_ms / 1000, 1e-9)
+        flops = flops_per_token(self.model, self.h)  # of the current loop state
         mfu_pct = 100 * tokens_per_s * flops / (peak * self.world) if peak else None
-        self.log(f"step:{self.step}/{self.h.iterations} train_loss:{ce:.4f} train_time:{elapsed_ms:.0f}ms "
-                 f"step_avg:{elapsed_ms / self.step:.2f}ms tok/s:{tokens_per_s:.0f}"
+        self.log(f"step:{step}/{self.h.iterations} train_loss:{ce:.4f} train_time:{elapsed_ms:.0f}ms "
+                 f"step_avg:{elapsed_ms / step:.2f}ms tok/s:{tokens_per_s:.0f}"
                  + (f" mfu:{mfu_pct:.1f}%" if peak else ""))
-        self.log.event("step", step=self.step, iterations=self.h.iterations, train_loss=ce, train_time_ms=elapsed_ms,
-                       step_avg_ms=elapsed_ms / self.step, tok_s=tokens_per_s, mfu=mfu_pct)
+        self.log.event("step", step=step, iterations=self.h.iterations, train_loss=ce, train_time_ms=elapsed_ms,
+                       step_avg_ms=elapsed_ms / step, tok_s=tokens_per_s, mfu=mfu_pct)
         if self.routing_totals is not None:
             summary = routing_summary(self.model, self.routing_totals)
             for line in routing_log_lines(summary):
                 self.log(line)
             for r in summary:
-                self.log.event("routing", step=self.step, dropped=r["drop_rate"], **{k: v for k, v in r.items() if k != "drop_rate"})
+                self.log.event("routing", step=step, dropped=r["drop_rate"], **{k: v for k, v in r.items() if k != "drop_rate"})
             self.routing_totals = None
 
+    def step_flags(self, ce: Tensor, elapsed_ms: float) -> tuple[Tensor, object]:
+        """(elapsed ms, loss not finite, loss) over ranks: slowest clock, any, mean; queued, not waited for."""
+        flags = torch.stack((torch.full_like(ce, elapsed_ms), (~torch.isfinite(ce)).float(), ce))
+        if self.world > 1:
+            dist.all_gather(ranks := [torch.empty_like(flags) for _ in range(self.world)], flags)
+            table = torch.stack(ranks)
+            flags = torch.cat((table[:, :2].amax(0), table[:, 2].mean(0, keepdim=True)))
+        done = torch.cuda.Event() if flags.is_cuda else None
+        flags = flags.to("cpu", non_blocking=True)  # pinned; `done` marks when it has arrived
+        if done is not None:
+            done.record()
+        return flags, done
+
+    def read_flags(self, pending: tuple[Tensor, object], step: int, t0: float, peak, final: bool) -> float:
+        """The one wait per step, for step `step` (then complete on every rank): logs its line; -> agreed ms."""
+        flags, done = pending
+        if done is not None:
+            done.synchronize()
+        elapsed_ms, nonfinite, ce = flags.tolist()
+        if nonfinite:
+            raise TrainingDiverged(f"non-finite training loss at step {step}: stopping the run")
+        if step % self.h.train_log_every == 0 or step == 1 or final:
+            self.log_step(step, ce, self.train_ms + 1000 * (time.perf_counter() - t0), peak)
+        return elapsed_ms
+
     def run(self, validate) -> None:
-        """The timed loop. `validate()` runs with the clock paused."""
+        """The timed loop (`validate()` runs with the clock paused). Schedules, EMA and the stop follow the agreed
+        time of step N-1's flags, read after step N is launched, so every rank decides alike without waiting."""
         h = self.h
         peak = peak_flops(self.device)
-        stop, last_progress = False, 0.0
+        stop, last_progress, agreed_ms, pending = False, 0.0, 0.0, None
         torch.manual_seed(h.seed + self.rank)  # router noise differs per rank; the init did not
         self.sync()
         t0 = time.perf_counter()
         while True:
             last = stop or self.step >= h.iterations
             if last or (h.val_loss_every and self.step and self.step % h.val_loss_every == 0):
+                if pending is not None:
+                    agreed_ms, pending = self.read_flags(pending, self.step, t0, peak, last), None
                 self.sync()
                 self.train_ms += 1000 * (time.perf_counter() - t0)
                 validate(self.step)
                 t0 = time.perf_counter()
             if last:
                 break
-            progress = self.progress(self.train_ms + 1000 * (time.perf_counter() - t0))
+            progress = self.progress(agreed_ms)
             self.set_schedules(progress)
             self.maybe_start_looping(progress)
             ce = self.train_step()
             self.step += 1
-            elapsed = self.train_ms + 1000 * (time.perf_counter() - t0)
-            progress = self.progress(elapsed)
+            if pending is not None:
+                agreed_ms = self.read_flags(pending, self.step - 1, t0, peak, False)
+                # Two more steps run after this is read: stop when their predicted time would reach the cap.
+                stop = 0 < h.max_wallclock_seconds * 1000 <= agreed_ms * (1 + 2 / max(self.step - 2, 1))
+            pending = self.step_flags(ce, self.train_ms + 1000 * (time.perf_counter() - t0))
+            progress = self.progress(agreed_ms)
             self.update_ema(progress - last_progress)
             last_progress = progress
-            cap = h.max_wallclock_seconds > 0 and elapsed >= 1000 * h.max_wallclock_seconds
-            flags = torch.stack((torch.tensor(float(cap), device=self.device), (~torch.isfinite(ce)).float(), ce))
-            if self.world > 1:
-                dist.all_reduce(flags)  # every rank stops at the same step
-            over, nonfinite, ce_sum = flags.tolist()
-            if nonfinite:
-                raise TrainingDiverged(f"non-finite training loss at step {self.step}: stopping the run")
-            stop = over > 0
-            if self.step % h.train_log_every == 0 or self.step == 1 or stop or self.step >= h.iterations:
-                self.log_step(ce_sum / self.world, elapsed, flops_per_token(self.model, h), peak)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -1498,8 +1556,24 @@ def export_and_report(model: GPT, h, path: str, log) -> None:
               slack=slack, artifact=os.path.abspath(path), sha256=digest)
 
 
-def final_evaluation(qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: int, world: int, log, note: str) -> None:
-    """Plain and sliding-window evaluation of the model read back from the artifact."""
+def check_ranks_in_sync(model: nn.Module, world: int, log) -> None:
+    """Every rank must end with the same weights: float64 sums of every tensor, compared bit for bit."""
+    names, tensors = zip(*artifact_state(model).items())
+    dist.all_gather(ranks := [torch.empty(len(names), dtype=torch.float64, device=tensors[0].device) for _ in range(world)],
+                    torch.stack([t.detach().double().sum() for t in tensors]))
+    sums = torch.stack(ranks).cpu()
+    if differ := (sums.view(torch.int64) != sums[:1].view(torch.int64)).any(0).nonzero().flatten().tolist():
+        raise TrainingDiverged(f"ranks out of sync after training: {len(differ)} of {len(names)} tensors differ, first "
+                               f"{names[differ[0]]} (sums by rank: {', '.join(f'{v:.10g}' for v in sums[:, differ[0]].tolist())})")
+    log(f"ranks_in_sync:yes ranks:{world} tensors:{len(names)}")
+
+
+def final_evaluation(qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: int, world: int, log, note: str, path: str) -> None:
+    """Plain and sliding-window evaluation of the model read back from the artifact. Score lines of an invalid
+    result (over the cap, non-finite stored tensors or score) are marked INVALID(...), then the run fails."""
+    total, bad = os.path.getsize(path) + code_bytes(), [n for n, t in artifact_state(qmodel).items() if not t.isfinite().all()]
+    problems = ([f"code + artifact {total} bytes > SIZE_CAP_BYTES={h.size_cap_bytes}"] if total > h.size_cap_bytes else []) + (
+        [f"{len(bad)} stored tensors not finite ({', '.join(bad[:3])})"] if bad else [])
     q_fn = torch.compile(qmodel.logits, fullgraph=True, dynamic=False) if use_compile(h, device) else qmodel.logits
     for label, stride in (("roundtrip", 0), ("sliding_window", h.eval_stride)):
         if label == "sliding_window" and stride in (0, h.eval_seq_len):
@@ -1507,13 +1581,20 @@ def final_evaluation(qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: i
         t0 = time.perf_counter()
         loss, bpb = evaluate(q_fn, val_tokens, tables, h.eval_seq_len, stride, h.eval_batch_seqs, device, rank, world)
         seconds = time.perf_counter() - t0
+        if not math.isfinite(bpb) and "val_bpb is not finite" not in problems:
+            problems.append("val_bpb is not finite")
+        mark = f" INVALID({'; '.join(problems)})" if problems else ""
         log(f"final_quant_zstd_{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} stride:{stride or h.eval_seq_len} "
-            f"seq_len:{h.eval_seq_len} eval_time:{1000 * seconds:.0f}ms{note}")
+            f"seq_len:{h.eval_seq_len} eval_time:{1000 * seconds:.0f}ms{note}{mark}")
         log.event("final", name=f"final_quant_zstd_{label}_exact", mode="plain" if label == "roundtrip" else "sliding",
-                  val_loss=loss, val_bpb=bpb, eval_time_s=seconds, stride=stride or h.eval_seq_len, seq_len=h.eval_seq_len)
+                  val_loss=loss, val_bpb=bpb, eval_time_s=seconds, stride=stride or h.eval_seq_len, seq_len=h.eval_seq_len,
+                  invalid=problems)
+    if problems:
+        raise ArtifactError(f"{path}: not a valid result: {'; '.join(problems)}")
 
 
 def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logger) -> None:
+    path = h.artifact_path
     torch.manual_seed(h.seed)
     tables = byte_tables(load_tokenizer(h.tokenizer_path, h.vocab_size))
     val_tokens = load_val_tokens(h.data_path, h.vocab_size, h.val_token_limit)
@@ -1542,6 +1623,7 @@ def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logg
     t_warm = time.perf_counter()
     trainer.compile_warmup()
     log(f"compile_warmup: {h.warmup_steps} steps in {time.perf_counter() - t_warm:.1f}s (not timed, undone)")
+    log.training_started = True  # from here a failure keeps its RUN_ID: its log is the record of spent compute
     trainer.run(validate)
     if device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB")
@@ -1549,15 +1631,16 @@ def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logg
         trainer.ema.copy_to_model()
         last_val[:] = validate()
         log(f"pre_quant_ema val_loss:{last_val[0]:.8f} val_bpb:{last_val[1]:.8f}{note}")
+    if world > 1:
+        check_ranks_in_sync(model, world, log)
     log.event("pre_quant", val_loss=last_val[0], val_bpb=last_val[1], eval_time_s=last_val[2], ema=trainer.ema is not None)
-    path = h.artifact_path or os.path.join(h.log_dir, f"{h.run_id}_model.ptz")
     if rank == 0:
         export_and_report(model, h, path, log)
     if world > 1:
         dist.barrier()
     qmodel, _ = load_artifact_model(path, device)
     qmodel.eval()
-    final_evaluation(qmodel, h, val_tokens, tables, device, rank, world, log, note)
+    final_evaluation(qmodel, h, val_tokens, tables, device, rank, world, log, note, path)
 
 
 def main() -> None:
@@ -1569,15 +1652,18 @@ def main() -> None:
     if world > 1:
         dist.broadcast_object_list(run_id)  # every rank must agree on the artifact path
     h.run_id = run_id[0]
+    h.artifact_path = h.artifact_path or os.path.join(h.log_dir, f"{h.run_id}_model.ptz")
     log = Logger(os.path.join(h.log_dir, h.run_id) if rank == 0 else None)
     try:
+        if os.path.exists(h.artifact_path):
+            raise ConfigError(f"ARTIFACT_PATH={h.artifact_path} already exists; an artifact is never overwritten")
         train_and_evaluate(h, rank, world, device, log)
     except BaseException as err:
-        log.event("error", message=f"{type(err).__name__}: {err}")
-        log.event("end", status="failed")
+        log.fail(err)
         raise
     log.event("end", status="ok")
     if world > 1:
+        dist.barrier()  # rank 0 has written its last line before any rank leaves
         dist.destroy_process_group()
 
 

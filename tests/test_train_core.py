@@ -33,7 +33,7 @@ def write_shard(path, tokens, magic=tg.SHARD_MAGIC, version=tg.SHARD_VERSION, co
     ({"MOE_LAYERS": "3,12"}, "MOE_LAYERS: layer 12 is outside 0..10"),
     ({"NUM_EXPERTS": "5"}, "NUM_EXPERTS=5: the parameter-matched expert size 2048/5 is not whole; set EXPERT_HIDDEN"),
     ({"QUANT_BITS_MLP": "12"}, "QUANT_BITS_MLP=12: expected 2..8, or 16"),
-    ({"TRAIN_SEQ_LEN": "1000"}, "MICRO_BATCH_TOKENS=98304 is not a multiple of TRAIN_SEQ_LEN=1000"),
+    ({"TRAIN_SEQ_LEN": "1000"}, "MICRO_BATCH_TOKENS=98304 (unset: TRAIN_BATCH_TOKENS=786432 / 8) is not a positive multiple of TRAIN_SEQ_LEN=1000"),
 ])
 def test_bad_knobs_fail_naming_the_knob(env, needle):
     with pytest.raises(tg.ConfigError, match=None) as err:
