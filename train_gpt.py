@@ -75,6 +75,13 @@ KNOBS: dict[str, tuple[type, object]] = {
     "BUDGET_MARGIN": (float, 0.02),
     # evaluation
     "EVAL_STRIDE": (int, 64), "EVAL_SEQ_LEN": (int, 0), "EVAL_BATCH_SEQS": (int, 32),
+    # test-time training (score first, then adapt), evaluation-only runs (issue 12); the 1.0611 record's values
+    "TTT_ENABLED": (bool, False), "TTT_LORA_RANK": (int, 80), "TTT_LORA_LR": (float, 1e-4), "TTT_CHUNK_SIZE": (int, 48),
+    "TTT_BATCH_SIZE": (int, 64), "TTT_GRAD_STEPS": (int, 1), "TTT_WEIGHT_DECAY": (float, 0.5),
+    "TTT_BETA1": (float, 0.0), "TTT_BETA2": (float, 0.99), "PHASED_TTT_PREFIX_DOCS": (int, 2500),
+    "PHASED_TTT_NUM_PHASES": (int, 3), "GLOBAL_TTT_LR": (float, 1e-3), "GLOBAL_TTT_MOMENTUM": (float, 0.9),
+    "GLOBAL_TTT_EPOCHS": (int, 1), "GLOBAL_TTT_CHUNK_TOKENS": (int, 32768), "GLOBAL_TTT_GRAD_CLIP": (float, 1.0),
+    "EVAL_ONLY": (bool, False), "EVAL_TOKEN_LOSSES": (str, ""), "EVAL_TIME_LIMIT": (float, 600.0),
 }
 # The knobs that define the network; the artifact stores them so it can rebuild the model.
 MODEL_KNOBS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_ACT",
@@ -167,6 +174,20 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
             f"MICRO_BATCH_TOKENS={h.micro_batch_tokens} is not a multiple of TRAIN_SEQ_LEN={h.train_seq_len}")
     h.eval_seq_len = h.eval_seq_len or h.train_seq_len
     require(0 <= h.eval_stride <= h.eval_seq_len, f"EVAL_STRIDE={h.eval_stride}: must be in 0..EVAL_SEQ_LEN={h.eval_seq_len}")
+    # test-time training and evaluation-only runs (issue 12)
+    for name in ("TTT_LORA_RANK", "TTT_CHUNK_SIZE", "TTT_BATCH_SIZE", "TTT_GRAD_STEPS", "GLOBAL_TTT_CHUNK_TOKENS"):
+        require(getattr(h, name.lower()) > 0, f"{name}={getattr(h, name.lower())}: must be positive")
+    for name in ("TTT_LORA_LR", "TTT_WEIGHT_DECAY", "PHASED_TTT_PREFIX_DOCS", "PHASED_TTT_NUM_PHASES", "GLOBAL_TTT_LR",
+                 "GLOBAL_TTT_EPOCHS", "GLOBAL_TTT_GRAD_CLIP", "EVAL_TIME_LIMIT"):
+        require(getattr(h, name.lower()) >= 0, f"{name}={getattr(h, name.lower())}: must not be negative")
+    for name in ("TTT_BETA1", "TTT_BETA2", "GLOBAL_TTT_MOMENTUM"):
+        require(0 <= getattr(h, name.lower()) < 1, f"{name}={getattr(h, name.lower())}: expected a value in [0, 1)")
+    require(h.global_ttt_chunk_tokens >= h.eval_seq_len,
+            f"GLOBAL_TTT_CHUNK_TOKENS={h.global_ttt_chunk_tokens}: must hold at least one EVAL_SEQ_LEN={h.eval_seq_len} sequence")
+    require(not h.eval_only or os.path.isfile(h.artifact_path),
+            f"EVAL_ONLY=1 needs ARTIFACT_PATH to name an existing artifact (ARTIFACT_PATH={h.artifact_path!r})")
+    require(not h.eval_token_losses or not os.path.exists(h.eval_token_losses),
+            f"EVAL_TOKEN_LOSSES={h.eval_token_losses} already exists; files are never overwritten")
     return h
 
 
@@ -1039,8 +1060,9 @@ def eval_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, in
 
 @torch.no_grad()
 def evaluate(logits_fn, tokens: Tensor, tables, seq_len: int, stride: int, batch_seqs: int,
-             device: torch.device, rank: int = 0, world_size: int = 1) -> tuple[float, float]:
-    """-> (val_loss in nats per token, val_bpb); sums in float64, all-reduced over ranks."""
+             device: torch.device, rank: int = 0, world_size: int = 1, token_losses: Tensor | None = None):
+    """-> (val_loss in nats per token, val_bpb); sums in float64, all-reduced over ranks. `token_losses`
+    (float32, one per target, zeros) receives each target's loss at index target position - 1."""
     windows = eval_windows(tokens.numel(), seq_len, stride)
     seq_len = min(seq_len, tokens.numel() - 1)
     mine = windows[len(windows) * rank // world_size:len(windows) * (rank + 1) // world_size]
@@ -1062,10 +1084,227 @@ def evaluate(logits_fn, tokens: Tensor, tables, seq_len: int, stride: int, batch
         sums[0] += (loss.double().view_as(mask) * mask).sum()
         sums[1] += mask.sum()
         sums[2] += (target_bytes(x, y, tables).double() * mask).sum()
+        if token_losses is not None:
+            token_losses[(idx[:, :-1])[mask > 0]] = loss.view_as(mask)[mask > 0].float()
+    return reduce_scores(sums, token_losses, world_size)
+
+
+def reduce_scores(sums: Tensor, token_losses: Tensor | None, world_size: int) -> tuple[float, float]:
+    """(loss, tokens, bytes) sums of every rank -> (val_loss, val_bpb); per-token losses summed too."""
     if world_size > 1:
         dist.all_reduce(sums)
-    val_loss = (sums[0] / sums[1]).item()
-    return val_loss, (sums[0] / math.log(2) / sums[2]).item()
+        if token_losses is not None:
+            dist.all_reduce(token_losses)  # each target was scored on one rank, zeros elsewhere
+    return (sums[0] / sums[1]).item(), (sums[0] / math.log(2) / sums[2]).item()
+
+# Test-time training (TTT): every chunk of a document is scored before any update that has seen it.
+LORA_ALPHA = 144.0  # adapter output scale alpha / rank (the 1.0611 record's): the step size does not follow the rank
+TTT_TARGETS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp")  # under blocks.N; "mlp" = the whole sub-layer
+
+
+class BatchedLoRA(nn.Module):
+    """One low-rank delta per document row: x (docs, T, n_in) -> (docs, T, n_out); zero until trained."""
+
+    def __init__(self, docs: int, n_in: int, n_out: int, rank: int, gen: torch.Generator):
+        super().__init__()
+        # Every row starts from the same A, so a document's result does not depend on its row, batch or rank.
+        self.register_buffer("a_init", (2 * torch.rand(rank, n_in, generator=gen) - 1) / math.sqrt(n_in))
+        self.a = nn.Parameter(self.a_init.expand(docs, -1, -1).clone())
+        self.b = nn.Parameter(torch.zeros(docs, n_out, rank))
+        self.scale = LORA_ALPHA / rank
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        self.a.copy_(self.a_init.expand_as(self.a))
+        self.b.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.a[:x.size(0)].to(x.dtype), self.b[:x.size(0)].to(x.dtype)  # a last batch may be smaller
+        return (x @ a.mT) @ b.mT * self.scale
+
+
+class TTTAdapters(nn.Module):
+    """LoRA on the attention projections, around every MLP sub-layer (dense or any MoE mode) and on the head.
+    Forward hooks add a module's adapter delta of its input to its output: the model has no TTT code path."""
+
+    def __init__(self, model: nn.Module, docs: int, rank: int):
+        super().__init__()
+        gen, dim, self.enabled = torch.Generator().manual_seed(0), model.tok_emb.embedding_dim, True
+        targets = [m for n, m in model.named_modules() if n.startswith("blocks.") and n.split(".", 2)[-1] in TTT_TARGETS]
+        self.loras = nn.ModuleList(BatchedLoRA(docs, getattr(m, "in_features", dim), getattr(m, "out_features", dim),
+                                               rank, gen) for m in targets)
+        self.head = BatchedLoRA(docs, dim, model.vocab_size, rank, gen)
+        self.to(model.tok_emb.weight)
+        self.hooks = [m.register_forward_hook(lambda _m, args, out, lora=lora: out + lora(args[0]) if self.enabled else out)
+                      for m, lora in zip(targets, self.loras)]
+
+    def reset(self) -> None:
+        for lora in [*self.loras, self.head]:
+            lora.reset()
+
+
+def adapted_token_losses(model: nn.Module, adapters: TTTAdapters, x: Tensor, y: Tensor) -> Tensor:
+    """Per-token cross-entropy (docs, T) with the adapters on; the head as in GPT.logits plus its adapter."""
+    hidden = model.hidden(x)
+    weight = model.tok_emb.weight if model.lm_head is None else model.lm_head.weight
+    logits = (F.linear(hidden, weight) + adapters.head(hidden)).float()
+    logits = model.softcap * torch.tanh(logits / model.softcap)
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+
+
+def documents(tokens: Tensor) -> list[tuple[int, int]]:
+    """(start, targets) per document: its BOS up to the next document's BOS, which it predicts last, so
+    every target after position 0 is scored exactly once, as in plain evaluation."""
+    starts = (tokens == BOS_ID).nonzero().flatten().tolist()
+    starts = starts if starts and starts[0] == 0 else [0] + starts
+    return [(s, e - s) for s, e in zip(starts, starts[1:] + [tokens.numel() - 1])]
+
+
+def ttt_phases(n_docs: int, h) -> list[tuple[int, int, bool]]:
+    """(first doc, end doc, then adapt the base weights) per phase. Phases follow the stream, so a score at
+    position p depends on no token after p: the base weights only ever learn from earlier documents."""
+    prefix = min(h.phased_ttt_prefix_docs, n_docs) if h.phased_ttt_num_phases else 0
+    ends = [prefix * (i + 1) // h.phased_ttt_num_phases for i in range(h.phased_ttt_num_phases)] if prefix else []
+    bounds = [0] + ends + [n_docs]
+    return [(lo, hi, i < len(ends)) for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])) if hi > lo]
+
+
+def doc_batches(lo: int, hi: int, docs, size: int) -> list[list[int]]:
+    """Documents of similar length batched; rows in stream order, so a batch-coupled MLP (capacity
+    dispatch gives earlier rows priority) only lets a document see documents that precede it."""
+    by_len = sorted(range(lo, hi), key=lambda d: docs[d][1])
+    return [sorted(by_len[i:i + size]) for i in range(0, len(by_len), size)]
+
+
+def chunk_widths(longest: int, h) -> list[int]:
+    """Window width per chunk of a batch: up to EVAL_SEQ_LEN of context, rounded up to whole chunks (few
+    shapes for the compiler; the padding comes after every scored position)."""
+    C = h.ttt_chunk_size
+    return [math.ceil(min((ci + 1) * C, longest, h.eval_seq_len) / C) * C for ci in range(math.ceil(longest / C))]
+
+
+def rank_batches(batches: list, docs, h, rank: int, world: int) -> list:
+    """This rank's share: costliest batches first, each to the least loaded rank (same answer on every rank)."""
+    loads, mine = [0] * world, []
+    cost = [len(b) * sum(chunk_widths(max(docs[d][1] for d in b), h)) for b in batches]
+    for i in sorted(range(len(batches)), key=lambda i: -cost[i]):
+        r = loads.index(min(loads))
+        loads[r] += cost[i]
+        mine += [batches[i]] if r == rank else []
+    return mine
+
+
+def chunk_windows(tokens: Tensor, starts: Tensor, lens: Tensor, ci: int, width: int, h):
+    """Chunk ci of every row -> inputs, targets, target index (position - 1) and which targets it scores."""
+    C = h.ttt_chunk_size
+    end = lens.clamp(max=(ci + 1) * C)
+    ctx_start = (end - h.eval_seq_len).clamp(min=0)
+    j = torch.arange(width)
+    valid = j < (end - ctx_start)[:, None]
+    scored = (valid & (j >= (ci * C - ctx_start)[:, None])).to(tokens.device)
+    pos = torch.where(valid, starts[:, None] + ctx_start[:, None] + j, 0).to(tokens.device)
+    return tokens[pos].long(), tokens[pos + valid.to(tokens.device)].long(), pos, scored
+
+
+def record_scores(loss: Tensor, x: Tensor, y: Tensor, pos: Tensor, scored: Tensor, tables, sums: Tensor,
+                  token_losses: Tensor | None) -> None:
+    mask = scored.double()
+    sums += torch.stack(((loss.double() * mask).sum(), mask.sum(), (target_bytes(x, y, tables).double() * mask).sum()))
+    if token_losses is not None:
+        token_losses[pos[scored]] = loss[scored].float()
+
+
+def train_adapters(opt: torch.optim.Optimizer, loss: Tensor, train: Tensor) -> None:
+    """One step on each document's mean loss over targets it has already scored (`train`)."""
+    per_doc = torch.where(train, loss, 0.0).sum(-1) / train.sum(-1).clamp_min(1)
+    opt.zero_grad(set_to_none=True)
+    per_doc.sum().backward()
+    opt.step()
+
+
+def ttt_batch(loss_fn, adapters, rows: list[int], docs, tokens: Tensor, h, tables, sums, token_losses, device) -> None:
+    """Adapters reset; each chunk of every document scored, then (if the document goes on) trained on."""
+    adapters.reset()
+    opt = torch.optim.AdamW(adapters.parameters(), lr=h.ttt_lora_lr, betas=(h.ttt_beta1, h.ttt_beta2), eps=1e-10,
+                            weight_decay=h.ttt_weight_decay)
+    starts, lens = torch.tensor([docs[d][0] for d in rows]), torch.tensor([docs[d][1] for d in rows])
+    for ci, width in enumerate(chunk_widths(int(lens.max()), h)):
+        x, y, pos, scored = chunk_windows(tokens, starts, lens, ci, width, h)
+        with autocast(device):
+            loss = loss_fn(adapters, x, y)
+        record_scores(loss.detach(), x, y, pos, scored, tables, sums, token_losses)  # final before any step
+        more = lens > (ci + 1) * h.ttt_chunk_size
+        for step in range(h.ttt_grad_steps if more.any() else 0):
+            if step:
+                with autocast(device):
+                    loss = loss_fn(adapters, x, y)
+            train_adapters(opt, loss, scored & more.to(device)[:, None])
+
+
+def global_sgd(model: nn.Module, tokens: Tensor, end: int, h, device, rank: int, world: int) -> None:
+    """SGD on the base weights over tokens[:end + 1], all of whose targets are scored; gradients averaged
+    over ranks in one flat all-reduce; cosine learning-rate decay over the steps."""
+    S, chunk, params = h.eval_seq_len, h.global_ttt_chunk_tokens, list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = torch.zeros_like(p)  # every rank reduces every gradient, used or not
+    opt = torch.optim.SGD(params, lr=h.global_ttt_lr, momentum=h.global_ttt_momentum)
+    steps = [lo for _ in range(h.global_ttt_epochs) for lo in range(0, end, chunk) if end - lo >= S]
+    for i, lo in enumerate(steps):
+        seqs = min(chunk, end - lo) // S
+        first, last = seqs * rank // world, seqs * (rank + 1) // world
+        opt.zero_grad(set_to_none=False)
+        if last > first:
+            window = tokens[(lo + S * torch.arange(first, last)[:, None] + torch.arange(S + 1)).to(tokens.device)].long()
+            with autocast(device):
+                logits = model.logits(window[:, :-1])
+            (F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten(), reduction="sum") / (seqs * S)).backward()
+        if world > 1:
+            flat = torch.cat([p.grad.flatten() for p in params])
+            dist.all_reduce(flat)
+            torch._foreach_copy_([p.grad for p in params], [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in params]), params)])
+        if h.global_ttt_grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, h.global_ttt_grad_clip)
+        opt.param_groups[0]["lr"] = h.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * i / len(steps)))
+        opt.step()
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None
+
+
+def ttt_compile_warmup(loss_fn, adapters: TTTAdapters, h, vocab: int, device) -> None:
+    """Compile the adapter step at the smallest and largest window on random tokens, never validation ones."""
+    gen, opt = torch.Generator().manual_seed(0), torch.optim.AdamW(adapters.parameters(), lr=0.0)
+    for width in sorted({chunk_widths(1, h)[0], chunk_widths(h.eval_seq_len, h)[-1]}):
+        x, y = torch.randint(vocab, (2, h.ttt_batch_size, width), generator=gen).to(device)
+        with autocast(device):
+            loss = loss_fn(adapters, x, y)
+        train_adapters(opt, loss, torch.ones_like(y, dtype=torch.bool))
+    adapters.reset()
+
+
+def ttt_evaluate(model: nn.Module, h, tokens: Tensor, tables, device, rank: int = 0, world: int = 1,
+                 token_losses: Tensor | None = None, log=print) -> tuple[float, float]:
+    """Phased score-first TTT of `model` (its weights change) -> (val_loss, val_bpb)."""
+    model.eval().requires_grad_(False)
+    docs, tokens, tables = documents(tokens), tokens.to(device), tuple(t.to(device) for t in tables)
+    adapters = TTTAdapters(model, h.ttt_batch_size, h.ttt_lora_rank)
+    loss_fn = lambda a, x, y: adapted_token_losses(model, a, x, y)
+    if use_compile(h, device):
+        loss_fn = torch.compile(loss_fn, dynamic=True)
+        ttt_compile_warmup(loss_fn, adapters, h, model.vocab_size, device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for lo, hi, adapt_base in ttt_phases(len(docs), h):
+        adapters.enabled = True
+        for rows in rank_batches(doc_batches(lo, hi, docs, h.ttt_batch_size), docs, h, rank, world):
+            ttt_batch(loss_fn, adapters, rows, docs, tokens, h, tables, sums, token_losses, device)
+        adapters.enabled = False
+        if adapt_base:
+            log(f"ttt_phase: documents {lo}..{hi - 1} scored; global SGD on documents 0..{hi - 1}")
+            global_sgd(model, tokens, docs[hi - 1][0] + docs[hi - 1][1], h, device, rank, world)
+    for hook in adapters.hooks:
+        hook.remove()
+    return reduce_scores(sums, token_losses, world)
 
 # ---- 9. Runtime: processes and devices, the log, FLOP counting -----------------------------------
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per GPU
@@ -1333,18 +1572,74 @@ def export_and_report(model: GPT, h, path: str, log) -> None:
 
 
 def final_evaluation(qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: int, world: int, log, note: str) -> None:
-    """Plain and sliding-window evaluation of the model read back from the artifact."""
+    """Plain, sliding-window and TTT evaluation of the model read back from the artifact; the last is the score."""
     q_fn = torch.compile(qmodel.logits, fullgraph=True, dynamic=False) if use_compile(h, device) else qmodel.logits
-    for label, stride in (("roundtrip", 0), ("sliding_window", h.eval_stride)):
-        if label == "sliding_window" and stride in (0, h.eval_seq_len):
-            continue
+    modes = [("roundtrip", "plain", h.eval_seq_len)] + [("sliding_window", "sliding", h.eval_stride)] * (
+        h.eval_stride not in (0, h.eval_seq_len)) + [("ttt", "ttt", h.ttt_chunk_size)] * h.ttt_enabled
+    for label, mode, stride in modes:
+        last = label == modes[-1][0]
+        losses = torch.zeros(val_tokens.numel() - 1, device=device) if h.eval_token_losses and last else None
         t0 = time.perf_counter()
-        loss, bpb = evaluate(q_fn, val_tokens, tables, h.eval_seq_len, stride, h.eval_batch_seqs, device, rank, world)
+        if mode == "ttt":  # on a copy: TTT changes the weights
+            loss, bpb = ttt_evaluate(copy.deepcopy(qmodel), h, val_tokens, tables, device, rank, world, losses, log)
+        else:
+            loss, bpb = evaluate(q_fn, val_tokens, tables, h.eval_seq_len, stride, h.eval_batch_seqs, device, rank, world, losses)
         seconds = time.perf_counter() - t0
-        log(f"final_quant_zstd_{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} stride:{stride or h.eval_seq_len} "
+        log(f"final_quant_zstd_{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} stride:{stride} "
             f"seq_len:{h.eval_seq_len} eval_time:{1000 * seconds:.0f}ms{note}")
-        log.event("final", name=f"final_quant_zstd_{label}_exact", mode="plain" if label == "roundtrip" else "sliding",
-                  val_loss=loss, val_bpb=bpb, eval_time_s=seconds, stride=stride or h.eval_seq_len, seq_len=h.eval_seq_len)
+        log.event("final", name=f"final_quant_zstd_{label}_exact", mode=mode, val_loss=loss, val_bpb=bpb,
+                  eval_time_s=seconds, stride=stride, seq_len=h.eval_seq_len)
+        if losses is not None and rank == 0:
+            with open(h.eval_token_losses, "xb") as f:  # "x": never overwrite
+                np.save(f, losses.cpu().numpy())
+            log(f"token_losses: {losses.numel()} float32 nats ({mode}) in {h.eval_token_losses}")
+
+
+# The 1.0611 record's TTT logs imply ~12% MFU for counted FLOPs of document scoring and adapter training
+# (~3.6e17 in ~380 s on 8xH100) and ~0.15 s per global SGD step (bound by per-step overhead, not FLOPs).
+TTT_ASSUMED_MFU, GLOBAL_SGD_STEP_SECONDS = 0.12, 0.15
+
+
+def project_ttt_seconds(model: GPT, h, docs: list[tuple[int, int]]) -> float:
+    """Expected TTT seconds on 8xH100 for these documents: counted FLOPs at TTT_ASSUMED_MFU + SGD steps."""
+    per_width = [flops_per_token(model, SimpleNamespace(**{**vars(h), "train_seq_len": w})) / 3 for w in (0, 1)]
+    forward = lambda width: per_width[0] + (per_width[1] - per_width[0]) * width  # FLOPs per token, forward
+    flops = steps = 0.0
+    for lo, hi, adapt_base in ttt_phases(len(docs), h):
+        for rows in doc_batches(lo, hi, docs, h.ttt_batch_size):
+            widths = chunk_widths(max(docs[d][1] for d in rows), h)  # a trained chunk: forward + input gradients
+            flops += sum(len(rows) * w * forward(w) * (2 * h.ttt_grad_steps if i < len(widths) - 1 else 1)
+                         for i, w in enumerate(widths))
+        if adapt_base:
+            end = docs[hi - 1][0] + docs[hi - 1][1]
+            flops += 3 * end * h.global_ttt_epochs * forward(h.eval_seq_len)
+            steps += math.ceil(end / h.global_ttt_chunk_tokens) * h.global_ttt_epochs
+    return flops / (8 * PEAK_BF16_FLOPS["H100"] * TTT_ASSUMED_MFU) + steps * GLOBAL_SGD_STEP_SECONDS
+
+
+def check_eval_time(model: GPT, h, val_tokens: Tensor, log) -> None:
+    if not h.ttt_enabled:
+        return
+    seconds = project_ttt_seconds(model, h, documents(val_tokens))
+    log(f"ttt_projection: ~{seconds:.0f}s on 8xH100 for these {val_tokens.numel()} validation tokens "
+        f"(counted FLOPs at an assumed {100 * TTT_ASSUMED_MFU:.0f}% MFU + {GLOBAL_SGD_STEP_SECONDS}s per global SGD step)")
+    log.event("ttt_projection", seconds=seconds, assumed_mfu=TTT_ASSUMED_MFU, val_tokens=val_tokens.numel())
+    if h.eval_time_limit and seconds > h.eval_time_limit:
+        raise ConfigError(f"TTT is projected at ~{seconds:.0f}s on 8xH100, over EVAL_TIME_LIMIT={h.eval_time_limit:g}: raise "
+                          "TTT_CHUNK_SIZE, lower PHASED_TTT_PREFIX_DOCS or TTT_GRAD_STEPS, or set EVAL_TIME_LIMIT=0")
+
+
+def evaluate_artifact(h, rank: int, world: int, device: torch.device, log: Logger) -> None:
+    """EVAL_ONLY=1: no training; the artifact's model gets the final evaluations a run would give it."""
+    qmodel, stored = load_artifact_model(h.artifact_path, device)
+    vars(h).update({k.lower(): getattr(stored, k.lower()) for k in MODEL_KNOBS})  # the network is the artifact's
+    tables = byte_tables(load_tokenizer(h.tokenizer_path, h.vocab_size))
+    val_tokens = load_val_tokens(h.data_path, h.vocab_size, h.val_token_limit)
+    log_header(h, qmodel, world, 0, device, val_tokens, log)
+    log(f"eval_only artifact:{os.path.abspath(h.artifact_path)} sha256:{sha256_file(h.artifact_path)}")
+    check_eval_time(qmodel, h, val_tokens, log)
+    note = f" (first {h.val_token_limit} tokens only: not a score)" if h.val_token_limit else ""
+    final_evaluation(qmodel.eval(), h, val_tokens, tables, device, rank, world, log, note)
 
 
 def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logger) -> None:
@@ -1355,6 +1650,7 @@ def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logg
     model = trainer.model
     log_header(h, model, world, trainer.accum, device, val_tokens, log)
     log_budget_preview(model, h, log)
+    check_eval_time(model, h, val_tokens, log)
     eval_fn = torch.compile(model.logits, fullgraph=True, dynamic=False) if use_compile(h, device) else model.logits
     note = f" (first {h.val_token_limit} tokens only: not a score)" if h.val_token_limit else ""
 
@@ -1403,7 +1699,7 @@ def main() -> None:
     h.run_id = run_id[0]
     log = Logger(os.path.join(h.log_dir, h.run_id) if rank == 0 else None)
     try:
-        train_and_evaluate(h, rank, world, device, log)
+        (evaluate_artifact if h.eval_only else train_and_evaluate)(h, rank, world, device, log)
     except BaseException as err:
         log.event("error", message=f"{type(err).__name__}: {err}")
         log.event("end", status="failed")
