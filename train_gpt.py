@@ -174,14 +174,12 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
             f"MICRO_BATCH_TOKENS={h.micro_batch_tokens} is not a multiple of TRAIN_SEQ_LEN={h.train_seq_len}")
     h.eval_seq_len = h.eval_seq_len or h.train_seq_len
     require(0 <= h.eval_stride <= h.eval_seq_len, f"EVAL_STRIDE={h.eval_stride}: must be in 0..EVAL_SEQ_LEN={h.eval_seq_len}")
-    # test-time training and evaluation-only runs (issue 12)
-    for name in ("TTT_LORA_RANK", "TTT_CHUNK_SIZE", "TTT_BATCH_SIZE", "TTT_GRAD_STEPS", "GLOBAL_TTT_CHUNK_TOKENS"):
-        require(getattr(h, name.lower()) > 0, f"{name}={getattr(h, name.lower())}: must be positive")
-    for name in ("TTT_LORA_LR", "TTT_WEIGHT_DECAY", "PHASED_TTT_PREFIX_DOCS", "PHASED_TTT_NUM_PHASES", "GLOBAL_TTT_LR",
-                 "GLOBAL_TTT_EPOCHS", "GLOBAL_TTT_GRAD_CLIP", "EVAL_TIME_LIMIT"):
-        require(getattr(h, name.lower()) >= 0, f"{name}={getattr(h, name.lower())}: must not be negative")
-    for name in ("TTT_BETA1", "TTT_BETA2", "GLOBAL_TTT_MOMENTUM"):
-        require(0 <= getattr(h, name.lower()) < 1, f"{name}={getattr(h, name.lower())}: expected a value in [0, 1)")
+    # test-time training and evaluation-only runs (issue 12): (knob, lowest, above the highest)
+    for name, low, high in [(n, 1, math.inf) for n in ("TTT_LORA_RANK", "TTT_CHUNK_SIZE", "TTT_BATCH_SIZE", "TTT_GRAD_STEPS")] + [
+            (n, 0, math.inf) for n in ("TTT_LORA_LR", "TTT_WEIGHT_DECAY", "PHASED_TTT_PREFIX_DOCS", "PHASED_TTT_NUM_PHASES",
+                                       "GLOBAL_TTT_LR", "GLOBAL_TTT_EPOCHS", "GLOBAL_TTT_GRAD_CLIP", "EVAL_TIME_LIMIT")] + [
+            (n, 0, 1) for n in ("TTT_BETA1", "TTT_BETA2", "GLOBAL_TTT_MOMENTUM")]:
+        require(low <= getattr(h, name.lower()) < high, f"{name}={getattr(h, name.lower())}: expected a value in [{low}, {high})")
     require(h.global_ttt_chunk_tokens >= h.eval_seq_len,
             f"GLOBAL_TTT_CHUNK_TOKENS={h.global_ttt_chunk_tokens}: must hold at least one EVAL_SEQ_LEN={h.eval_seq_len} sequence")
     require(not h.eval_only or os.path.isfile(h.artifact_path),
@@ -1091,11 +1089,10 @@ def evaluate(logits_fn, tokens: Tensor, tables, seq_len: int, stride: int, batch
 
 def reduce_scores(sums: Tensor, token_losses: Tensor | None, world_size: int) -> tuple[float, float]:
     """(loss, tokens, bytes) sums of every rank -> (val_loss, val_bpb); per-token losses summed too."""
-    if world_size > 1:
-        dist.all_reduce(sums)
-        if token_losses is not None:
-            dist.all_reduce(token_losses)  # each target was scored on one rank, zeros elsewhere
+    for t in [sums] + [token_losses] * (token_losses is not None) if world_size > 1 else []:
+        dist.all_reduce(t)  # per-token losses: each target was scored on one rank, zeros elsewhere
     return (sums[0] / sums[1]).item(), (sums[0] / math.log(2) / sums[2]).item()
+
 
 # Test-time training (TTT): every chunk of a document is scored before any update that has seen it.
 LORA_ALPHA = 144.0  # adapter output scale alpha / rank (the 1.0611 record's): the step size does not follow the rank
@@ -1103,14 +1100,12 @@ TTT_TARGETS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp")  # under 
 
 
 class BatchedLoRA(nn.Module):
-    """One low-rank delta per document row: x (docs, T, n_in) -> (docs, T, n_out); zero until trained."""
+    """A low-rank delta per document row, zero until trained; every row starts from the same A (no row matters)."""
 
     def __init__(self, docs: int, n_in: int, n_out: int, rank: int, gen: torch.Generator):
         super().__init__()
-        # Every row starts from the same A, so a document's result does not depend on its row, batch or rank.
         self.register_buffer("a_init", (2 * torch.rand(rank, n_in, generator=gen) - 1) / math.sqrt(n_in))
-        self.a = nn.Parameter(self.a_init.expand(docs, -1, -1).clone())
-        self.b = nn.Parameter(torch.zeros(docs, n_out, rank))
+        self.a, self.b = nn.Parameter(self.a_init.repeat(docs, 1, 1)), nn.Parameter(torch.zeros(docs, n_out, rank))
         self.scale = LORA_ALPHA / rank
 
     @torch.no_grad()
@@ -1118,9 +1113,8 @@ class BatchedLoRA(nn.Module):
         self.a.copy_(self.a_init.expand_as(self.a))
         self.b.zero_()
 
-    def forward(self, x: Tensor) -> Tensor:
-        a, b = self.a[:x.size(0)].to(x.dtype), self.b[:x.size(0)].to(x.dtype)  # a last batch may be smaller
-        return (x @ a.mT) @ b.mT * self.scale
+    def forward(self, x: Tensor) -> Tensor:  # a last batch may have fewer rows
+        return (x @ self.a[:x.size(0)].to(x.dtype).mT) @ self.b[:x.size(0)].to(x.dtype).mT * self.scale
 
 
 class TTTAdapters(nn.Module):
@@ -1138,115 +1132,73 @@ class TTTAdapters(nn.Module):
         self.hooks = [m.register_forward_hook(lambda _m, args, out, lora=lora: out + lora(args[0]) if self.enabled else out)
                       for m, lora in zip(targets, self.loras)]
 
-    def reset(self) -> None:
-        for lora in [*self.loras, self.head]:
-            lora.reset()
+    def token_losses(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """Per-token cross-entropy (docs, T) with the adapters on; the head as in GPT.logits plus its adapter."""
+        hidden = model.hidden(x)
+        weight = model.tok_emb.weight if model.lm_head is None else model.lm_head.weight
+        logits = (F.linear(hidden, weight) + self.head(hidden)).float()
+        logits = model.softcap * torch.tanh(logits / model.softcap)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
 
-def adapted_token_losses(model: nn.Module, adapters: TTTAdapters, x: Tensor, y: Tensor) -> Tensor:
-    """Per-token cross-entropy (docs, T) with the adapters on; the head as in GPT.logits plus its adapter."""
-    hidden = model.hidden(x)
-    weight = model.tok_emb.weight if model.lm_head is None else model.lm_head.weight
-    logits = (F.linear(hidden, weight) + adapters.head(hidden)).float()
-    logits = model.softcap * torch.tanh(logits / model.softcap)
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-
-
-def documents(tokens: Tensor) -> list[tuple[int, int]]:
-    """(start, targets) per document: its BOS up to the next document's BOS, which it predicts last, so
-    every target after position 0 is scored exactly once, as in plain evaluation."""
+def ttt_schedule(tokens: Tensor, h) -> tuple[list[tuple[int, int]], list[tuple[list[list[int]], int]]]:
+    """-> documents (start, targets: up to the next BOS, so TTT scores the targets plain evaluation scores) and
+    phases in stream order (batches, then SGD on the first N tokens): no score at p depends on a token after p.
+    Batches: similar lengths, rows in stream order (capacity dispatch favours earlier rows: earlier documents)."""
     starts = (tokens == BOS_ID).nonzero().flatten().tolist()
     starts = starts if starts and starts[0] == 0 else [0] + starts
-    return [(s, e - s) for s, e in zip(starts, starts[1:] + [tokens.numel() - 1])]
-
-
-def ttt_phases(n_docs: int, h) -> list[tuple[int, int, bool]]:
-    """(first doc, end doc, then adapt the base weights) per phase. Phases follow the stream, so a score at
-    position p depends on no token after p: the base weights only ever learn from earlier documents."""
-    prefix = min(h.phased_ttt_prefix_docs, n_docs) if h.phased_ttt_num_phases else 0
-    ends = [prefix * (i + 1) // h.phased_ttt_num_phases for i in range(h.phased_ttt_num_phases)] if prefix else []
-    bounds = [0] + ends + [n_docs]
-    return [(lo, hi, i < len(ends)) for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])) if hi > lo]
-
-
-def doc_batches(lo: int, hi: int, docs, size: int) -> list[list[int]]:
-    """Documents of similar length batched; rows in stream order, so a batch-coupled MLP (capacity
-    dispatch gives earlier rows priority) only lets a document see documents that precede it."""
-    by_len = sorted(range(lo, hi), key=lambda d: docs[d][1])
-    return [sorted(by_len[i:i + size]) for i in range(0, len(by_len), size)]
+    docs = [(s, e - s) for s, e in zip(starts, starts[1:] + [tokens.numel() - 1])]
+    n_prefix = min(h.phased_ttt_prefix_docs, len(docs)) if h.phased_ttt_num_phases else 0
+    bounds = [0] + [n_prefix * (i + 1) // h.phased_ttt_num_phases for i in range(h.phased_ttt_num_phases if n_prefix else 0)]
+    phases = []
+    for lo, hi in zip(bounds, bounds[1:] + [len(docs)]):
+        by_len = sorted(range(lo, hi), key=lambda d: docs[d][1])
+        batches = [sorted(by_len[i:i + h.ttt_batch_size]) for i in range(0, hi - lo, h.ttt_batch_size)]
+        phases.append((batches, sum(docs[hi - 1]) if hi > lo and hi <= n_prefix else 0))
+    return docs, phases
 
 
 def chunk_widths(longest: int, h) -> list[int]:
-    """Window width per chunk of a batch: up to EVAL_SEQ_LEN of context, rounded up to whole chunks (few
-    shapes for the compiler; the padding comes after every scored position)."""
+    """Window width per chunk of a batch: up to EVAL_SEQ_LEN of context, rounded up to whole chunks (fewer shapes
+    to compile; padding comes after every scored position)."""
     C = h.ttt_chunk_size
     return [math.ceil(min((ci + 1) * C, longest, h.eval_seq_len) / C) * C for ci in range(math.ceil(longest / C))]
 
 
-def rank_batches(batches: list, docs, h, rank: int, world: int) -> list:
-    """This rank's share: costliest batches first, each to the least loaded rank (same answer on every rank)."""
-    loads, mine = [0] * world, []
-    cost = [len(b) * sum(chunk_widths(max(docs[d][1] for d in b), h)) for b in batches]
-    for i in sorted(range(len(batches)), key=lambda i: -cost[i]):
-        r = loads.index(min(loads))
-        loads[r] += cost[i]
-        mine += [batches[i]] if r == rank else []
-    return mine
-
-
-def chunk_windows(tokens: Tensor, starts: Tensor, lens: Tensor, ci: int, width: int, h):
-    """Chunk ci of every row -> inputs, targets, target index (position - 1) and which targets it scores."""
-    C = h.ttt_chunk_size
-    end = lens.clamp(max=(ci + 1) * C)
-    ctx_start = (end - h.eval_seq_len).clamp(min=0)
-    j = torch.arange(width)
-    valid = j < (end - ctx_start)[:, None]
-    scored = (valid & (j >= (ci * C - ctx_start)[:, None])).to(tokens.device)
-    pos = torch.where(valid, starts[:, None] + ctx_start[:, None] + j, 0).to(tokens.device)
-    return tokens[pos].long(), tokens[pos + valid.to(tokens.device)].long(), pos, scored
-
-
-def record_scores(loss: Tensor, x: Tensor, y: Tensor, pos: Tensor, scored: Tensor, tables, sums: Tensor,
-                  token_losses: Tensor | None) -> None:
-    mask = scored.double()
-    sums += torch.stack(((loss.double() * mask).sum(), mask.sum(), (target_bytes(x, y, tables).double() * mask).sum()))
-    if token_losses is not None:
-        token_losses[pos[scored]] = loss[scored].float()
-
-
-def train_adapters(opt: torch.optim.Optimizer, loss: Tensor, train: Tensor) -> None:
-    """One step on each document's mean loss over targets it has already scored (`train`)."""
-    per_doc = torch.where(train, loss, 0.0).sum(-1) / train.sum(-1).clamp_min(1)
-    opt.zero_grad(set_to_none=True)
-    per_doc.sum().backward()
-    opt.step()
-
-
 def ttt_batch(loss_fn, adapters, rows: list[int], docs, tokens: Tensor, h, tables, sums, token_losses, device) -> None:
-    """Adapters reset; each chunk of every document scored, then (if the document goes on) trained on."""
-    adapters.reset()
+    """Adapters reset; chunk ci of every document scored, then (if the document goes on) trained on."""
+    adapters.apply(lambda m: m.reset() if isinstance(m, BatchedLoRA) else None)
     opt = torch.optim.AdamW(adapters.parameters(), lr=h.ttt_lora_lr, betas=(h.ttt_beta1, h.ttt_beta2), eps=1e-10,
                             weight_decay=h.ttt_weight_decay)
-    starts, lens = torch.tensor([docs[d][0] for d in rows]), torch.tensor([docs[d][1] for d in rows])
+    starts, lens, C = torch.tensor([docs[d][0] for d in rows]), torch.tensor([docs[d][1] for d in rows]), h.ttt_chunk_size
     for ci, width in enumerate(chunk_widths(int(lens.max()), h)):
-        x, y, pos, scored = chunk_windows(tokens, starts, lens, ci, width, h)
+        end = lens.clamp(max=(ci + 1) * C)  # window: up to EVAL_SEQ_LEN tokens of context ending at the chunk's end
+        ctx_start, j = (end - h.eval_seq_len).clamp(min=0), torch.arange(width)
+        valid = j < (end - ctx_start)[:, None]
+        scored = (valid & (j >= (ci * C - ctx_start)[:, None])).to(tokens.device)
+        pos = torch.where(valid, starts[:, None] + ctx_start[:, None] + j, 0).to(tokens.device)  # target index
+        x, y = tokens[pos].long(), tokens[pos + valid.to(tokens.device)].long()
         with autocast(device):
             loss = loss_fn(adapters, x, y)
-        record_scores(loss.detach(), x, y, pos, scored, tables, sums, token_losses)  # final before any step
-        more = lens > (ci + 1) * h.ttt_chunk_size
-        for step in range(h.ttt_grad_steps if more.any() else 0):
+        mask, scores = scored.double(), loss.detach()  # final before any step below
+        sums += torch.stack(((scores.double() * mask).sum(), mask.sum(), (target_bytes(x, y, tables) * mask).sum()))
+        if token_losses is not None:
+            token_losses[pos[scored]] = scores[scored].float()
+        train = scored & (lens > (ci + 1) * C).to(tokens.device)[:, None]  # documents with chunks still to come
+        for step in range(h.ttt_grad_steps if train.any() else 0):
             if step:
                 with autocast(device):
                     loss = loss_fn(adapters, x, y)
-            train_adapters(opt, loss, scored & more.to(device)[:, None])
+            opt.zero_grad(set_to_none=True)  # each document's mean loss over targets it has scored
+            (torch.where(train, loss, 0.0).sum(-1) / train.sum(-1).clamp_min(1)).sum().backward()
+            opt.step()
 
 
 def global_sgd(model: nn.Module, tokens: Tensor, end: int, h, device, rank: int, world: int) -> None:
     """SGD on the base weights over tokens[:end + 1], all of whose targets are scored; gradients averaged
-    over ranks in one flat all-reduce; cosine learning-rate decay over the steps."""
-    S, chunk, params = h.eval_seq_len, h.global_ttt_chunk_tokens, list(model.parameters())
+    over ranks; cosine learning-rate decay over the steps."""
+    S, chunk, params = h.eval_seq_len, h.global_ttt_chunk_tokens, list(model.requires_grad_(True).parameters())
     for p in params:
-        p.requires_grad_(True)
         p.grad = torch.zeros_like(p)  # every rank reduces every gradient, used or not
     opt = torch.optim.SGD(params, lr=h.global_ttt_lr, momentum=h.global_ttt_momentum)
     steps = [lo for _ in range(h.global_ttt_epochs) for lo in range(0, end, chunk) if end - lo >= S]
@@ -1259,49 +1211,37 @@ def global_sgd(model: nn.Module, tokens: Tensor, end: int, h, device, rank: int,
             with autocast(device):
                 logits = model.logits(window[:, :-1])
             (F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten(), reduction="sum") / (seqs * S)).backward()
-        if world > 1:
-            flat = torch.cat([p.grad.flatten() for p in params])
-            dist.all_reduce(flat)
-            torch._foreach_copy_([p.grad for p in params], [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in params]), params)])
+        for p in params if world > 1 else []:
+            dist.all_reduce(p.grad)
         if h.global_ttt_grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, h.global_ttt_grad_clip)
         opt.param_groups[0]["lr"] = h.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * i / len(steps)))
         opt.step()
-    for p in params:
-        p.requires_grad_(False)
-        p.grad = None
-
-
-def ttt_compile_warmup(loss_fn, adapters: TTTAdapters, h, vocab: int, device) -> None:
-    """Compile the adapter step at the smallest and largest window on random tokens, never validation ones."""
-    gen, opt = torch.Generator().manual_seed(0), torch.optim.AdamW(adapters.parameters(), lr=0.0)
-    for width in sorted({chunk_widths(1, h)[0], chunk_widths(h.eval_seq_len, h)[-1]}):
-        x, y = torch.randint(vocab, (2, h.ttt_batch_size, width), generator=gen).to(device)
-        with autocast(device):
-            loss = loss_fn(adapters, x, y)
-        train_adapters(opt, loss, torch.ones_like(y, dtype=torch.bool))
-    adapters.reset()
+    model.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
 
 
 def ttt_evaluate(model: nn.Module, h, tokens: Tensor, tables, device, rank: int = 0, world: int = 1,
                  token_losses: Tensor | None = None, log=print) -> tuple[float, float]:
     """Phased score-first TTT of `model` (its weights change) -> (val_loss, val_bpb)."""
     model.eval().requires_grad_(False)
-    docs, tokens, tables = documents(tokens), tokens.to(device), tuple(t.to(device) for t in tables)
+    (docs, phases), tokens, tables = ttt_schedule(tokens, h), tokens.to(device), tuple(t.to(device) for t in tables)
     adapters = TTTAdapters(model, h.ttt_batch_size, h.ttt_lora_rank)
-    loss_fn = lambda a, x, y: adapted_token_losses(model, a, x, y)
-    if use_compile(h, device):
-        loss_fn = torch.compile(loss_fn, dynamic=True)
-        ttt_compile_warmup(loss_fn, adapters, h, model.vocab_size, device)
+    loss_fn = lambda a, x, y: a.token_losses(model, x, y)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for lo, hi, adapt_base in ttt_phases(len(docs), h):
+    if use_compile(h, device):  # compile warm-up: one batch of every window width on random tokens, never validation ones
+        loss_fn, n = torch.compile(loss_fn, dynamic=True), h.eval_seq_len + h.ttt_chunk_size
+        noise = torch.randint(model.vocab_size, (h.ttt_batch_size * n + 1,), generator=torch.Generator().manual_seed(0))
+        ttt_batch(loss_fn, adapters, list(range(h.ttt_batch_size)), [(i * n, n) for i in range(h.ttt_batch_size)],
+                  noise.to(device), h, tables, sums.clone(), None, device)
+    for batches, sgd_end in phases:
         adapters.enabled = True
-        for rows in rank_batches(doc_batches(lo, hi, docs, h.ttt_batch_size), docs, h, rank, world):
+        for rows in batches[rank::world]:
             ttt_batch(loss_fn, adapters, rows, docs, tokens, h, tables, sums, token_losses, device)
         adapters.enabled = False
-        if adapt_base:
-            log(f"ttt_phase: documents {lo}..{hi - 1} scored; global SGD on documents 0..{hi - 1}")
-            global_sgd(model, tokens, docs[hi - 1][0] + docs[hi - 1][1], h, device, rank, world)
+        if sgd_end:
+            log(f"ttt_phase: global SGD on the first {sgd_end + 1} validation tokens, all scored")
+            global_sgd(model, tokens, sgd_end, h, device, rank, world)
     for hook in adapters.hooks:
         hook.remove()
     return reduce_scores(sums, token_losses, world)
@@ -1595,34 +1535,27 @@ def final_evaluation(qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: i
             log(f"token_losses: {losses.numel()} float32 nats ({mode}) in {h.eval_token_losses}")
 
 
-# The 1.0611 record's TTT logs imply ~12% MFU for counted FLOPs of document scoring and adapter training
+# The 1.0611 record's TTT logs imply ~12% MFU for the counted FLOPs of document scoring and adapter training
 # (~3.6e17 in ~380 s on 8xH100) and ~0.15 s per global SGD step (bound by per-step overhead, not FLOPs).
 TTT_ASSUMED_MFU, GLOBAL_SGD_STEP_SECONDS = 0.12, 0.15
 
 
-def project_ttt_seconds(model: GPT, h, docs: list[tuple[int, int]]) -> float:
-    """Expected TTT seconds on 8xH100 for these documents: counted FLOPs at TTT_ASSUMED_MFU + SGD steps."""
-    per_width = [flops_per_token(model, SimpleNamespace(**{**vars(h), "train_seq_len": w})) / 3 for w in (0, 1)]
-    forward = lambda width: per_width[0] + (per_width[1] - per_width[0]) * width  # FLOPs per token, forward
-    flops = steps = 0.0
-    for lo, hi, adapt_base in ttt_phases(len(docs), h):
-        for rows in doc_batches(lo, hi, docs, h.ttt_batch_size):
-            widths = chunk_widths(max(docs[d][1] for d in rows), h)  # a trained chunk: forward + input gradients
-            flops += sum(len(rows) * w * forward(w) * (2 * h.ttt_grad_steps if i < len(widths) - 1 else 1)
-                         for i, w in enumerate(widths))
-        if adapt_base:
-            end = docs[hi - 1][0] + docs[hi - 1][1]
-            flops += 3 * end * h.global_ttt_epochs * forward(h.eval_seq_len)
-            steps += math.ceil(end / h.global_ttt_chunk_tokens) * h.global_ttt_epochs
-    return flops / (8 * PEAK_BF16_FLOPS["H100"] * TTT_ASSUMED_MFU) + steps * GLOBAL_SGD_STEP_SECONDS
-
-
 def check_eval_time(model: GPT, h, val_tokens: Tensor, log) -> None:
+    """Logs the TTT seconds expected on 8xH100, refuses a run over EVAL_TIME_LIMIT: counted FLOPs (forward at full
+    context per window token) at TTT_ASSUMED_MFU, plus the global SGD steps."""
     if not h.ttt_enabled:
         return
-    seconds = project_ttt_seconds(model, h, documents(val_tokens))
-    log(f"ttt_projection: ~{seconds:.0f}s on 8xH100 for these {val_tokens.numel()} validation tokens "
-        f"(counted FLOPs at an assumed {100 * TTT_ASSUMED_MFU:.0f}% MFU + {GLOBAL_SGD_STEP_SECONDS}s per global SGD step)")
+    docs, phases = ttt_schedule(val_tokens, h)
+    window_tokens = sgd_tokens = steps = 0
+    for batches, sgd_end in phases:
+        for rows in batches:  # per step of a trained chunk: a forward, then input gradients of about as much
+            widths = chunk_widths(max(docs[d][1] for d in rows), h)
+            window_tokens += len(rows) * (sum(widths) * 2 * h.ttt_grad_steps - (2 * h.ttt_grad_steps - 1) * widths[-1])
+        sgd_tokens, steps = sgd_tokens + 3 * sgd_end, steps + math.ceil(sgd_end / h.global_ttt_chunk_tokens)
+    flops = flops_per_token(model, h) / 3 * (window_tokens + sgd_tokens * h.global_ttt_epochs)
+    seconds = flops / (8 * PEAK_BF16_FLOPS["H100"] * TTT_ASSUMED_MFU) + steps * h.global_ttt_epochs * GLOBAL_SGD_STEP_SECONDS
+    log(f"ttt_projection: ~{seconds:.0f}s on 8xH100 for these {val_tokens.numel()} validation tokens (counted FLOPs "
+        f"at an assumed {100 * TTT_ASSUMED_MFU:.0f}% MFU + {GLOBAL_SGD_STEP_SECONDS}s per global SGD step)")
     log.event("ttt_projection", seconds=seconds, assumed_mfu=TTT_ASSUMED_MFU, val_tokens=val_tokens.numel())
     if h.eval_time_limit and seconds > h.eval_time_limit:
         raise ConfigError(f"TTT is projected at ~{seconds:.0f}s on 8xH100, over EVAL_TIME_LIMIT={h.eval_time_limit:g}: raise "
