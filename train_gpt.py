@@ -1165,26 +1165,32 @@ def chunk_widths(longest: int, h) -> list[int]:
     return [math.ceil(min((ci + 1) * C, longest, h.eval_seq_len) / C) * C for ci in range(math.ceil(longest / C))]
 
 
+def chunk_windows(tokens: Tensor, starts: Tensor, lens: Tensor, ci: int, width: int, h):
+    """Chunk ci of every row -> inputs, targets, target index (position - 1; -1 = padding), targets it scores.
+    A window holds up to EVAL_SEQ_LEN tokens of context ending at the chunk's end."""
+    end = lens.clamp(max=(ci + 1) * h.ttt_chunk_size)
+    ctx_start, j = (end - h.eval_seq_len).clamp(min=0), torch.arange(width)
+    valid = j < (end - ctx_start)[:, None]
+    pos = torch.where(valid, starts[:, None] + ctx_start[:, None] + j, -1).to(tokens.device)
+    scored = (valid & (j >= (ci * h.ttt_chunk_size - ctx_start)[:, None])).to(tokens.device)
+    return tokens[pos.clamp(min=0)].long(), tokens[pos + 1].long(), pos, scored
+
+
 def ttt_batch(loss_fn, adapters, rows: list[int], docs, tokens: Tensor, h, tables, sums, token_losses, device) -> None:
     """Adapters reset; chunk ci of every document scored, then (if the document goes on) trained on."""
     adapters.apply(lambda m: m.reset() if isinstance(m, BatchedLoRA) else None)
     opt = torch.optim.AdamW(adapters.parameters(), lr=h.ttt_lora_lr, betas=(h.ttt_beta1, h.ttt_beta2), eps=1e-10,
                             weight_decay=h.ttt_weight_decay)
-    starts, lens, C = torch.tensor([docs[d][0] for d in rows]), torch.tensor([docs[d][1] for d in rows]), h.ttt_chunk_size
+    starts, lens = torch.tensor([docs[d][0] for d in rows]), torch.tensor([docs[d][1] for d in rows])
     for ci, width in enumerate(chunk_widths(int(lens.max()), h)):
-        end = lens.clamp(max=(ci + 1) * C)  # window: up to EVAL_SEQ_LEN tokens of context ending at the chunk's end
-        ctx_start, j = (end - h.eval_seq_len).clamp(min=0), torch.arange(width)
-        valid = j < (end - ctx_start)[:, None]
-        scored = (valid & (j >= (ci * C - ctx_start)[:, None])).to(tokens.device)
-        pos = torch.where(valid, starts[:, None] + ctx_start[:, None] + j, 0).to(tokens.device)  # target index
-        x, y = tokens[pos].long(), tokens[pos + valid.to(tokens.device)].long()
+        x, y, pos, scored = chunk_windows(tokens, starts, lens, ci, width, h)
         with autocast(device):
             loss = loss_fn(adapters, x, y)
         mask, scores = scored.double(), loss.detach()  # final before any step below
         sums += torch.stack(((scores.double() * mask).sum(), mask.sum(), (target_bytes(x, y, tables) * mask).sum()))
         if token_losses is not None:
             token_losses[pos[scored]] = scores[scored].float()
-        train = scored & (lens > (ci + 1) * C).to(tokens.device)[:, None]  # documents with chunks still to come
+        train = scored & (lens > (ci + 1) * h.ttt_chunk_size).to(tokens.device)[:, None]  # documents with chunks still to come
         for step in range(h.ttt_grad_steps if train.any() else 0):
             if step:
                 with autocast(device):
