@@ -1154,7 +1154,7 @@ def ttt_schedule(tokens: Tensor, h) -> tuple[list[tuple[int, int]], list[tuple[l
     for lo, hi in zip(bounds, bounds[1:] + [len(docs)]):
         by_len = sorted(range(lo, hi), key=lambda d: docs[d][1])
         batches = [sorted(by_len[i:i + h.ttt_batch_size]) for i in range(0, hi - lo, h.ttt_batch_size)]
-        phases.append((batches, sum(docs[hi - 1]) if hi > lo and hi <= n_prefix else 0))
+        phases.append((batches, sum(docs[hi - 1]) if lo < hi <= n_prefix and hi < len(docs) else 0))
     return docs, phases
 
 
