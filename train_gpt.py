@@ -1104,14 +1104,8 @@ class BatchedLoRA(nn.Module):
 
     def __init__(self, docs: int, n_in: int, n_out: int, rank: int, gen: torch.Generator):
         super().__init__()
-        self.register_buffer("a_init", (2 * torch.rand(rank, n_in, generator=gen) - 1) / math.sqrt(n_in))
-        self.a, self.b = nn.Parameter(self.a_init.repeat(docs, 1, 1)), nn.Parameter(torch.zeros(docs, n_out, rank))
-        self.scale = LORA_ALPHA / rank
-
-    @torch.no_grad()
-    def reset(self) -> None:
-        self.a.copy_(self.a_init.expand_as(self.a))
-        self.b.zero_()
+        self.a = nn.Parameter(((2 * torch.rand(rank, n_in, generator=gen) - 1) / math.sqrt(n_in)).repeat(docs, 1, 1))
+        self.b, self.scale = nn.Parameter(torch.zeros(docs, n_out, rank)), LORA_ALPHA / rank
 
     def forward(self, x: Tensor) -> Tensor:  # a last batch may have fewer rows
         return (x @ self.a[:x.size(0)].to(x.dtype).mT) @ self.b[:x.size(0)].to(x.dtype).mT * self.scale
@@ -1128,7 +1122,7 @@ class TTTAdapters(nn.Module):
         self.loras = nn.ModuleList(BatchedLoRA(docs, getattr(m, "in_features", dim), getattr(m, "out_features", dim),
                                                rank, gen) for m in targets)
         self.head = BatchedLoRA(docs, dim, model.vocab_size, rank, gen)
-        self.to(model.tok_emb.weight)
+        self.initial = copy.deepcopy(self.to(model.tok_emb.weight).state_dict())  # every batch starts from here
         self.hooks = [m.register_forward_hook(lambda _m, args, out, lora=lora: out + lora(args[0]) if self.enabled else out)
                       for m, lora in zip(targets, self.loras)]
 
@@ -1178,7 +1172,7 @@ def chunk_windows(tokens: Tensor, starts: Tensor, lens: Tensor, ci: int, width: 
 
 def ttt_batch(loss_fn, adapters, rows: list[int], docs, tokens: Tensor, h, tables, sums, token_losses, device) -> None:
     """Adapters reset; chunk ci of every document scored, then (if the document goes on) trained on."""
-    adapters.apply(lambda m: m.reset() if isinstance(m, BatchedLoRA) else None)
+    adapters.load_state_dict(adapters.initial)
     opt = torch.optim.AdamW(adapters.parameters(), lr=h.ttt_lora_lr, betas=(h.ttt_beta1, h.ttt_beta2), eps=1e-10,
                             weight_decay=h.ttt_weight_decay)
     starts, lens = torch.tensor([docs[d][0] for d in rows]), torch.tensor([docs[d][1] for d in rows])
@@ -1212,11 +1206,10 @@ def global_sgd(model: nn.Module, tokens: Tensor, end: int, h, device, rank: int,
         seqs = min(chunk, end - lo) // S
         first, last = seqs * rank // world, seqs * (rank + 1) // world
         opt.zero_grad(set_to_none=False)
-        if last > first:
+        if last > first:  # this rank's sequences; the loss is the mean over every rank's
             window = tokens[(lo + S * torch.arange(first, last)[:, None] + torch.arange(S + 1)).to(tokens.device)].long()
             with autocast(device):
-                logits = model.logits(window[:, :-1])
-            (F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten(), reduction="sum") / (seqs * S)).backward()
+                (model(window[:, :-1], window[:, 1:])[0] * (last - first) / seqs).backward()  # eval mode: no aux
         for p in params if world > 1 else []:
             dist.all_reduce(p.grad)
         if h.global_ttt_grad_clip > 0:
@@ -1541,8 +1534,8 @@ def final_evaluation(qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: i
             log(f"token_losses: {losses.numel()} float32 nats ({mode}) in {h.eval_token_losses}")
 
 
-# The 1.0611 record's TTT logs imply ~12% MFU for the counted FLOPs of document scoring and adapter training
-# (~3.6e17 in ~380 s on 8xH100) and ~0.15 s per global SGD step (bound by per-step overhead, not FLOPs).
+# The 1.0611 record's TTT logs imply ~12% MFU for the FLOPs check_eval_time counts (~3.8e17 for its document
+# scoring and adapter training, ~380 s on 8xH100) and ~0.15 s per global SGD step (overhead-bound, not FLOPs).
 TTT_ASSUMED_MFU, GLOBAL_SGD_STEP_SECONDS = 0.12, 0.15
 
 
