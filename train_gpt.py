@@ -1553,7 +1553,7 @@ def check_eval_time(model: GPT, h, val_tokens: Tensor, log) -> None:
         sgd_tokens, steps = sgd_tokens + 3 * sgd_end, steps + math.ceil(sgd_end / h.global_ttt_chunk_tokens)
     flops = flops_per_token(model, h) / 3 * (window_tokens + sgd_tokens * h.global_ttt_epochs)
     seconds = flops / (8 * PEAK_BF16_FLOPS["H100"] * TTT_ASSUMED_MFU) + steps * h.global_ttt_epochs * GLOBAL_SGD_STEP_SECONDS
-    log(f"ttt_projection: ~{seconds:.0f}s on 8xH100 for these {val_tokens.numel()} validation tokens (counted FLOPs "
+    log(f"ttt_projection: ~{seconds:.1f}s on 8xH100 for these {val_tokens.numel()} validation tokens (counted FLOPs "
         f"at an assumed {100 * TTT_ASSUMED_MFU:.0f}% MFU + {GLOBAL_SGD_STEP_SECONDS}s per global SGD step)")
     log.event("ttt_projection", seconds=seconds, assumed_mfu=TTT_ASSUMED_MFU, val_tokens=val_tokens.numel())
     if h.eval_time_limit and seconds > h.eval_time_limit:

@@ -143,7 +143,7 @@ def test_projection_refuses_before_training(tmp_path):
     r = run_train(tmp_path, TTT_ENABLED=1, EVAL_TIME_LIMIT=1e-9, **TTT_ENV)
     assert r.returncode == 2 and "EVAL_TIME_LIMIT" in r.stderr and "Traceback" not in r.stderr
     log = (tmp_path / "logs" / "test.txt").read_text()
-    assert re.search(r"ttt_projection: ~\d+s on 8xH100", log) and "step:1/" not in log
+    assert re.search(r"ttt_projection: ~[\d.]+s on 8xH100", log) and "step:1/" not in log
 
 
 def test_projection_grows_with_the_work(tiny_config, val_pair):
@@ -155,7 +155,7 @@ def test_projection_grows_with_the_work(tiny_config, val_pair):
         log = lambda msg: lines.append(msg)
         log.event = lambda *a, **k: None
         tg.check_eval_time(tg.GPT(h), h, val, log)
-        seconds.append(float(re.search(r"~(\d+)s", lines[0])[1]))
+        seconds.append(float(re.search(r"~([\d.]+)s", lines[0])[1]))
     assert lines and seconds[1] >= seconds[0]  # smaller chunks: more windows over the same documents
 
 
@@ -174,12 +174,18 @@ def final_line(text: str, label: str) -> tuple[float, float]:
     return float(m[1]), float(m[2])
 
 
-def test_eval_only_reproduces_the_run_and_writes_token_losses(tmp_path):
-    losses = tmp_path / "sliding.npy"
-    run = run_train(tmp_path, ITERATIONS=8, VAL_TOKEN_LIMIT=2048, EVAL_TOKEN_LOSSES=losses)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny trained run whose score-defining (sliding) per-token losses went to a file."""
+    tmp = tmp_path_factory.mktemp("ttt_run")
+    run = run_train(tmp, ITERATIONS=8, VAL_TOKEN_LIMIT=2048, EVAL_TOKEN_LOSSES=tmp / "sliding.npy")
     assert run.returncode == 0, run.stderr[-2000:]
-    text = (tmp_path / "logs" / "test.txt").read_text()
-    artifact = tmp_path / "logs" / "test_model.ptz"
+    return tmp, (tmp / "logs" / "test.txt").read_text(), tmp / "logs" / "test_model.ptz"
+
+
+def test_eval_only_reproduces_the_run_and_writes_token_losses(trained):
+    tmp_path, text, artifact = trained
+    losses = tmp_path / "sliding.npy"
     sliding = np.load(losses)  # the run's score-defining evaluation: sliding window
     assert sliding.dtype == np.float32 and sliding.shape == (2048,)
     assert abs(float(sliding.mean(dtype=np.float64)) - final_line(text, "sliding_window")[0]) < 1e-6
@@ -204,3 +210,18 @@ def test_eval_only_reproduces_the_run_and_writes_token_losses(tmp_path):
     missing = run_train(tmp_path, RUN_ID="fourth", EVAL_ONLY=1, ARTIFACT_PATH=tmp_path / "none.ptz")
     for r, knob in ((refused, "EVAL_TOKEN_LOSSES"), (missing, "ARTIFACT_PATH")):
         assert r.returncode == 2 and knob in r.stderr and "Traceback" not in r.stderr
+
+
+def test_two_ranks_give_the_one_rank_scores(trained, tmp_path):
+    artifact = trained[2]
+    env = dict(EVAL_ONLY=1, ARTIFACT_PATH=artifact, VAL_TOKEN_LIMIT=2048, TTT_ENABLED=1, **TTT_ENV)
+    scores = []
+    for n in (1, 2):
+        r = run_train(tmp_path / str(n), nproc=n, EVAL_TOKEN_LOSSES=tmp_path / f"{n}.npy", **env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        scores.append(final_line((tmp_path / str(n) / "logs" / "test.txt").read_text(), "ttt"))
+    # Documents are dealt to ranks and the global SGD averages gradients over ranks: the same numbers,
+    # up to the order of float sums.
+    assert scores[0] == pytest.approx(scores[1], abs=2e-6)
+    one, two = np.load(tmp_path / "1.npy"), np.load(tmp_path / "2.npy")
+    assert one.shape == two.shape == (2048,) and np.abs(one - two).max() < 1e-4
