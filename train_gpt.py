@@ -1099,46 +1099,38 @@ LORA_ALPHA = 144.0  # adapter output scale alpha / rank (the 1.0611 record's): t
 TTT_TARGETS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp")  # under blocks.N; "mlp" = the whole sub-layer
 
 
-class BatchedLoRA(nn.Module):
-    """A low-rank delta per document row, zero until trained; every row starts from the same A (no row matters)."""
-
-    def __init__(self, docs: int, n_in: int, n_out: int, rank: int, gen: torch.Generator):
-        super().__init__()
-        self.a = nn.Parameter(((2 * torch.rand(rank, n_in, generator=gen) - 1) / math.sqrt(n_in)).repeat(docs, 1, 1))
-        self.b, self.scale = nn.Parameter(torch.zeros(docs, n_out, rank)), LORA_ALPHA / rank
-
-    def forward(self, x: Tensor) -> Tensor:  # a last batch may have fewer rows
-        return (x @ self.a[:x.size(0)].to(x.dtype).mT) @ self.b[:x.size(0)].to(x.dtype).mT * self.scale
-
-
 class TTTAdapters(nn.Module):
-    """LoRA on the attention projections, around every MLP sub-layer (dense or any MoE mode) and on the head.
-    Forward hooks add a module's adapter delta of its input to its output: the model has no TTT code path."""
+    """LoRA, one per document row, on the attention projections, around every MLP sub-layer (dense or any MoE mode)
+    and on the head. Forward hooks add a module's delta of its input to its output: the model has no TTT path."""
 
     def __init__(self, model: nn.Module, docs: int, rank: int):
         super().__init__()
-        gen, dim, self.enabled = torch.Generator().manual_seed(0), model.tok_emb.embedding_dim, True
+        gen, dim, self.enabled, self.scale = torch.Generator().manual_seed(0), model.tok_emb.embedding_dim, True, LORA_ALPHA / rank
         targets = [m for n, m in model.named_modules() if n.startswith("blocks.") and n.split(".", 2)[-1] in TTT_TARGETS]
-        self.loras = nn.ModuleList(BatchedLoRA(docs, getattr(m, "in_features", dim), getattr(m, "out_features", dim),
-                                               rank, gen) for m in targets)
-        self.head = BatchedLoRA(docs, dim, model.vocab_size, rank, gen)
+        shapes = [(getattr(m, "in_features", dim), getattr(m, "out_features", dim)) for m in targets] + [(dim, model.vocab_size)]
+        # Every row starts from the same A (and B = 0, no change), so no document depends on its row, batch or rank.
+        self.a = nn.ParameterList(((2 * torch.rand(rank, n, generator=gen) - 1) / math.sqrt(n)).repeat(docs, 1, 1) for n, _ in shapes)
+        self.b = nn.ParameterList(torch.zeros(docs, n, rank) for _, n in shapes)
         self.initial = copy.deepcopy(self.to(model.tok_emb.weight).state_dict())  # every batch starts from here
-        self.hooks = [m.register_forward_hook(lambda _m, args, out, lora=lora: out + lora(args[0]) if self.enabled else out)
-                      for m, lora in zip(targets, self.loras)]
+        self.hooks = [m.register_forward_hook(lambda _m, args, out, i=i: out + self.delta(i, args[0]) if self.enabled else out)
+                      for i, m in enumerate(targets)]
+
+    def delta(self, i: int, x: Tensor) -> Tensor:  # a last batch may have fewer rows
+        return (x @ self.a[i][:x.size(0)].to(x.dtype).mT) @ self.b[i][:x.size(0)].to(x.dtype).mT * self.scale
 
     def token_losses(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """Per-token cross-entropy (docs, T) with the adapters on; the head as in GPT.logits plus its adapter."""
         hidden = model.hidden(x)
         weight = model.tok_emb.weight if model.lm_head is None else model.lm_head.weight
-        logits = (F.linear(hidden, weight) + self.head(hidden)).float()
+        logits = (F.linear(hidden, weight) + self.delta(-1, hidden)).float()
         logits = model.softcap * torch.tanh(logits / model.softcap)
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
 
 def ttt_schedule(tokens: Tensor, h) -> tuple[list[tuple[int, int]], list[tuple[list[list[int]], int]]]:
-    """-> documents (start, targets: up to the next BOS, so TTT scores the targets plain evaluation scores) and
-    phases in stream order (batches, then SGD on the first N tokens): no score at p depends on a token after p.
-    Batches: similar lengths, rows in stream order (capacity dispatch favours earlier rows: earlier documents)."""
+    """-> documents (start, targets: to the next BOS, so TTT scores what plain evaluation scores) and phases in
+    stream order (batches, then SGD on the first N tokens), so no score at p depends on a token after p. A batch:
+    similar lengths, rows in stream order (capacity dispatch favours earlier rows, i.e. earlier documents)."""
     starts = (tokens == BOS_ID).nonzero().flatten().tolist()
     starts = starts if starts and starts[0] == 0 else [0] + starts
     docs = [(s, e - s) for s, e in zip(starts, starts[1:] + [tokens.numel() - 1])]
@@ -1153,15 +1145,14 @@ def ttt_schedule(tokens: Tensor, h) -> tuple[list[tuple[int, int]], list[tuple[l
 
 
 def chunk_widths(longest: int, h) -> list[int]:
-    """Window width per chunk of a batch: up to EVAL_SEQ_LEN of context, rounded up to whole chunks (fewer shapes
-    to compile; padding comes after every scored position)."""
+    """Window width per chunk: up to EVAL_SEQ_LEN, rounded up to whole chunks (fewer shapes to compile)."""
     C = h.ttt_chunk_size
     return [math.ceil(min((ci + 1) * C, longest, h.eval_seq_len) / C) * C for ci in range(math.ceil(longest / C))]
 
 
 def chunk_windows(tokens: Tensor, starts: Tensor, lens: Tensor, ci: int, width: int, h):
-    """Chunk ci of every row -> inputs, targets, target index (position - 1; -1 = padding), targets it scores.
-    A window holds up to EVAL_SEQ_LEN tokens of context ending at the chunk's end."""
+    """Chunk ci of each row, in a window of up to EVAL_SEQ_LEN tokens ending at the chunk's end -> inputs, targets,
+    target index (position - 1; -1 = padding) and the targets it scores."""
     end = lens.clamp(max=(ci + 1) * h.ttt_chunk_size)
     ctx_start, j = (end - h.eval_seq_len).clamp(min=0), torch.arange(width)
     valid = j < (end - ctx_start)[:, None]
@@ -1195,8 +1186,7 @@ def ttt_batch(loss_fn, adapters, rows: list[int], docs, tokens: Tensor, h, table
 
 
 def global_sgd(model: nn.Module, tokens: Tensor, end: int, h, device, rank: int, world: int) -> None:
-    """SGD on the base weights over tokens[:end + 1], all of whose targets are scored; gradients averaged
-    over ranks; cosine learning-rate decay over the steps."""
+    """SGD (cosine decay) on the base weights over tokens[:end + 1], all scored; gradients summed over ranks."""
     S, chunk, params = h.eval_seq_len, h.global_ttt_chunk_tokens, list(model.requires_grad_(True).parameters())
     for p in params:
         p.grad = torch.zeros_like(p)  # every rank reduces every gradient, used or not
@@ -1540,8 +1530,7 @@ TTT_ASSUMED_MFU, GLOBAL_SGD_STEP_SECONDS = 0.12, 0.15
 
 
 def check_eval_time(model: GPT, h, val_tokens: Tensor, log) -> None:
-    """Logs the TTT seconds expected on 8xH100, refuses a run over EVAL_TIME_LIMIT: counted FLOPs (forward at full
-    context per window token) at TTT_ASSUMED_MFU, plus the global SGD steps."""
+    """Logs the TTT seconds expected on 8xH100 (FLOPs at TTT_ASSUMED_MFU + SGD steps); refuses > EVAL_TIME_LIMIT."""
     if not h.ttt_enabled:
         return
     docs, phases = ttt_schedule(val_tokens, h)
