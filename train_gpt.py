@@ -1112,8 +1112,8 @@ class TTTAdapters(nn.Module):
         self.a = nn.ParameterList(((2 * torch.rand(rank, n, generator=gen) - 1) / math.sqrt(n)).repeat(docs, 1, 1) for n, _ in shapes)
         self.b = nn.ParameterList(torch.zeros(docs, n, rank) for _, n in shapes)
         self.initial = copy.deepcopy(self.to(model.tok_emb.weight).state_dict())  # every batch starts from here
-        self.hooks = [m.register_forward_hook(lambda _m, args, out, i=i: out + self.delta(i, args[0]) if self.enabled else out)
-                      for i, m in enumerate(targets)]
+        for i, m in enumerate(targets):
+            m.register_forward_hook(lambda _m, args, out, i=i: out + self.delta(i, args[0]) if self.enabled else out)
 
     def delta(self, i: int, x: Tensor) -> Tensor:  # a last batch may have fewer rows
         return (x @ self.a[i][:x.size(0)].to(x.dtype).mT) @ self.b[i][:x.size(0)].to(x.dtype).mT * self.scale
@@ -1212,7 +1212,7 @@ def global_sgd(model: nn.Module, tokens: Tensor, end: int, h, device, rank: int,
 
 def ttt_evaluate(model: nn.Module, h, tokens: Tensor, tables, device, rank: int = 0, world: int = 1,
                  token_losses: Tensor | None = None, log=print) -> tuple[float, float]:
-    """Phased score-first TTT of `model` (its weights change) -> (val_loss, val_bpb)."""
+    """Phased score-first TTT of `model` (its weights change; disabled adapter hooks stay) -> (val_loss, val_bpb)."""
     model.eval().requires_grad_(False)
     (docs, phases), tokens, tables = ttt_schedule(tokens, h), tokens.to(device), tuple(t.to(device) for t in tables)
     adapters = TTTAdapters(model, h.ttt_batch_size, h.ttt_lora_rank)
@@ -1231,8 +1231,6 @@ def ttt_evaluate(model: nn.Module, h, tokens: Tensor, tables, device, rank: int 
         if sgd_end:
             log(f"ttt_phase: global SGD on the first {sgd_end + 1} validation tokens, all scored")
             global_sgd(model, tokens, sgd_end, h, device, rank, world)
-    for hook in adapters.hooks:
-        hook.remove()
     return reduce_scores(sums, token_losses, world)
 
 # ---- 9. Runtime: processes and devices, the log, FLOP counting -----------------------------------
