@@ -184,8 +184,9 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
             f"GLOBAL_TTT_CHUNK_TOKENS={h.global_ttt_chunk_tokens}: must hold at least one EVAL_SEQ_LEN={h.eval_seq_len} sequence")
     require(not h.eval_only or os.path.isfile(h.artifact_path),
             f"EVAL_ONLY=1 needs ARTIFACT_PATH to name an existing artifact (ARTIFACT_PATH={h.artifact_path!r})")
-    require(not h.eval_token_losses or not os.path.exists(h.eval_token_losses),
-            f"EVAL_TOKEN_LOSSES={h.eval_token_losses} already exists; files are never overwritten")
+    require(not h.eval_token_losses or (not os.path.exists(h.eval_token_losses) and os.path.isdir(
+        os.path.dirname(os.path.abspath(h.eval_token_losses)))), f"EVAL_TOKEN_LOSSES={h.eval_token_losses}: exists "
+            "(files are never overwritten) or its folder does not")
     return h
 
 

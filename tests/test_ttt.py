@@ -161,7 +161,7 @@ def test_projection_grows_with_the_work(tiny_config, val_pair):
     ({"TTT_LORA_RANK": "0"}, "TTT_LORA_RANK=0"), ({"TTT_BETA2": "1.0"}, "TTT_BETA2=1.0"),
     ({"GLOBAL_TTT_CHUNK_TOKENS": "64"}, "GLOBAL_TTT_CHUNK_TOKENS=64"),
     ({"EVAL_ONLY": "1", "ARTIFACT_PATH": "/nonexistent.ptz"}, "ARTIFACT_PATH"),
-    ({"EVAL_TOKEN_LOSSES": __file__}, "EVAL_TOKEN_LOSSES")])
+    ({"EVAL_TOKEN_LOSSES": __file__}, "EVAL_TOKEN_LOSSES"), ({"EVAL_TOKEN_LOSSES": "/no/such/dir/x.npy"}, "EVAL_TOKEN_LOSSES")])
 def test_bad_knobs_name_themselves(tiny_config, env, message):
     with pytest.raises(tg.ConfigError, match=re.escape(message)):
         tiny_config(**env)
