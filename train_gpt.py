@@ -1060,8 +1060,7 @@ def eval_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, in
 @torch.no_grad()
 def evaluate(logits_fn, tokens: Tensor, tables, seq_len: int, stride: int, batch_seqs: int,
              device: torch.device, rank: int = 0, world_size: int = 1, token_losses: Tensor | None = None):
-    """-> (val_loss in nats per token, val_bpb); sums in float64, all-reduced over ranks. `token_losses`
-    (float32, one per target, zeros) receives each target's loss at index target position - 1."""
+    """-> (val_loss, val_bpb); float64 sums over ranks. `token_losses[target position - 1]` gets each loss."""
     windows = eval_windows(tokens.numel(), seq_len, stride)
     seq_len = min(seq_len, tokens.numel() - 1)
     mine = windows[len(windows) * rank // world_size:len(windows) * (rank + 1) // world_size]
@@ -1504,9 +1503,8 @@ def final_evaluation(qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: i
     q_fn = torch.compile(qmodel.logits, fullgraph=True, dynamic=False) if use_compile(h, device) else qmodel.logits
     modes = [("roundtrip", "plain", h.eval_seq_len)] + [("sliding_window", "sliding", h.eval_stride)] * (
         h.eval_stride not in (0, h.eval_seq_len)) + [("ttt", "ttt", h.ttt_chunk_size)] * h.ttt_enabled
-    for label, mode, stride in modes:
-        last = label == modes[-1][0]
-        losses = torch.zeros(val_tokens.numel() - 1, device=device) if h.eval_token_losses and last else None
+    for label, mode, stride in modes:  # per-token losses of the last, score-defining evaluation
+        losses = torch.zeros(val_tokens.numel() - 1, device=device) if h.eval_token_losses and label == modes[-1][0] else None
         t0 = time.perf_counter()
         if mode == "ttt":  # on a copy: TTT changes the weights
             loss, bpb = ttt_evaluate(copy.deepcopy(qmodel), h, val_tokens, tables, device, rank, world, losses, log)
