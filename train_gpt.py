@@ -80,6 +80,13 @@ KNOBS: dict[str, tuple[type, object]] = {
     "BUDGET_MARGIN": (float, 0.02),
     # evaluation
     "EVAL_STRIDE": (int, 64), "EVAL_SEQ_LEN": (int, 0), "EVAL_BATCH_SEQS": (int, 32),
+    # test-time training (score first, then adapt), evaluation-only runs (issue 12); the 1.0611 record's values
+    "TTT_ENABLED": (bool, False), "TTT_LORA_RANK": (int, 80), "TTT_LORA_LR": (float, 1e-4), "TTT_CHUNK_SIZE": (int, 48),
+    "TTT_BATCH_SIZE": (int, 64), "TTT_GRAD_STEPS": (int, 1), "TTT_WEIGHT_DECAY": (float, 0.5),
+    "TTT_BETA1": (float, 0.0), "TTT_BETA2": (float, 0.99), "PHASED_TTT_PREFIX_DOCS": (int, 2500),
+    "PHASED_TTT_NUM_PHASES": (int, 3), "GLOBAL_TTT_LR": (float, 1e-3), "GLOBAL_TTT_MOMENTUM": (float, 0.9),
+    "GLOBAL_TTT_EPOCHS": (int, 1), "GLOBAL_TTT_CHUNK_TOKENS": (int, 32768), "GLOBAL_TTT_GRAD_CLIP": (float, 1.0),
+    "EVAL_ONLY": (bool, False), "EVAL_TOKEN_LOSSES": (str, ""), "EVAL_TIME_LIMIT": (float, 600.0),
 }
 # The knobs that define the network; the artifact stores them so it can rebuild the model.
 MODEL_KNOBS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_ACT",
@@ -98,8 +105,11 @@ KNOB_LIMITS: dict[str, tuple[float, float]] = {**dict.fromkeys((
     "FP16_KEEP_MAX_NUMEL", "TIED_EMBED_INIT_STD", "ROUTER_LR", "MATRIX_LR", "SCALAR_LR", "TIED_EMBED_LR", "EMBED_LR",
     "HEAD_LR", "MOE_AUX_LOSS_COEF", "ROUTER_Z_COEF", "ROUTER_BIAS_RATE", "ROUTER_NOISE", "MUON_WD", "ADAM_WD", "ADAM_EPS",
     "GRAD_CLIP_NORM", "EMBED_WD", "XSA_LAST_N", "PARALLEL_START_LAYER", "NUM_LOOPS", "LOOP_START", "LOOP_END",
-    "SPARSE_ATTN_GATE_SCALE"), (0, math.inf)), **dict.fromkeys(("WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_FRAC", "MIN_LR", "ENABLE_LOOPING_AT"), (0, 1)),
-    **dict.fromkeys(("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY"), (0, 0.99999)),
+    "SPARSE_ATTN_GATE_SCALE", "TTT_LORA_LR", "TTT_WEIGHT_DECAY", "PHASED_TTT_PREFIX_DOCS", "PHASED_TTT_NUM_PHASES",
+    "GLOBAL_TTT_LR", "GLOBAL_TTT_EPOCHS", "GLOBAL_TTT_GRAD_CLIP", "EVAL_TIME_LIMIT", "GLOBAL_TTT_CHUNK_TOKENS"), (0, math.inf)),
+    **dict.fromkeys(("TTT_LORA_RANK", "TTT_CHUNK_SIZE", "TTT_BATCH_SIZE", "TTT_GRAD_STEPS"), (1, math.inf)), **dict.fromkeys(("WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_FRAC", "MIN_LR", "ENABLE_LOOPING_AT"), (0, 1)),
+    **dict.fromkeys(("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY", "TTT_BETA1", "TTT_BETA2",
+                     "GLOBAL_TTT_MOMENTUM"), (0, 0.99999)),
     **dict.fromkeys(("QUANT_BITS_MLP", "QUANT_BITS_ATTN", "QUANT_BITS_EMBED", "QUANT_BITS_BIGRAM"), (2, 16)),
     "VOCAB_SIZE": (2, math.inf), "MLP_MULT": (0.25, math.inf), "ROPE_BASE": (1, math.inf), "LOGIT_SOFTCAP": (1, math.inf),
     "CAPACITY_FACTOR": (0.1, math.inf), "GATE_WINDOW": (1, math.inf), "PRUNE_FRAC": (0, 0.99), "ZSTD_LEVEL": (1, 22), "BUDGET_MARGIN": (-1, 1)}
@@ -192,6 +202,14 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     h.eval_seq_len = h.eval_seq_len or h.train_seq_len
     require(0 <= h.eval_stride <= h.eval_seq_len, f"EVAL_STRIDE={h.eval_stride}: must be in 0..EVAL_SEQ_LEN={h.eval_seq_len}")
     derive_stack(h, require)
+    # test-time training and evaluation-only runs
+    require(h.global_ttt_chunk_tokens >= h.eval_seq_len,
+            f"GLOBAL_TTT_CHUNK_TOKENS={h.global_ttt_chunk_tokens}: must hold at least one EVAL_SEQ_LEN={h.eval_seq_len} sequence")
+    require(not h.eval_only or os.path.isfile(h.artifact_path),
+            f"EVAL_ONLY=1 needs ARTIFACT_PATH to name an existing artifact (ARTIFACT_PATH={h.artifact_path!r})")
+    require(not h.eval_token_losses or (not os.path.exists(h.eval_token_losses) and os.path.isdir(
+        os.path.dirname(os.path.abspath(h.eval_token_losses)))), f"EVAL_TOKEN_LOSSES={h.eval_token_losses}: exists "
+            "(files are never overwritten) or its folder does not")
     return h
 
 
@@ -1166,8 +1184,8 @@ def eval_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, in
 
 @torch.no_grad()
 def evaluate(logits_fn, tokens: Tensor, tables, seq_len: int, stride: int, batch_seqs: int,
-             device: torch.device, rank: int = 0, world_size: int = 1) -> tuple[float, float]:
-    """-> (val_loss in nats per token, val_bpb); sums in float64, all-reduced over ranks."""
+             device: torch.device, rank: int = 0, world_size: int = 1, token_losses: Tensor | None = None):
+    """-> (val_loss, val_bpb); float64 sums over ranks. `token_losses[target position - 1]` gets each loss."""
     windows = eval_windows(tokens.numel(), seq_len, stride)
     seq_len = min(seq_len, tokens.numel() - 1)
     mine = windows[len(windows) * rank // world_size:len(windows) * (rank + 1) // world_size]
@@ -1189,10 +1207,156 @@ def evaluate(logits_fn, tokens: Tensor, tables, seq_len: int, stride: int, batch
         sums[0] += (loss.double().view_as(mask) * mask).sum()
         sums[1] += mask.sum()
         sums[2] += (target_bytes(x, y, tables).double() * mask).sum()
-    if world_size > 1:
-        dist.all_reduce(sums)
-    val_loss = (sums[0] / sums[1]).item()
-    return val_loss, (sums[0] / math.log(2) / sums[2]).item()
+        if token_losses is not None:
+            token_losses[(idx[:, :-1])[mask > 0]] = loss.view_as(mask)[mask > 0].float()
+    return reduce_scores(sums, token_losses, world_size)
+
+
+def reduce_scores(sums: Tensor, token_losses: Tensor | None, world_size: int) -> tuple[float, float]:
+    """(loss, tokens, bytes) sums of every rank -> (val_loss, val_bpb); per-token losses summed too."""
+    for t in [sums] + [token_losses] * (token_losses is not None) if world_size > 1 else []:
+        dist.all_reduce(t)  # per-token losses: each target was scored on one rank, zeros elsewhere
+    return (sums[0] / sums[1]).item(), (sums[0] / math.log(2) / sums[2]).item()
+
+
+# Test-time training (TTT): every chunk of a document is scored before any update that has seen it.
+LORA_ALPHA = 144.0  # adapter output scale alpha / rank (the 1.0611 record's): the step size does not follow the rank
+TTT_TARGETS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp")  # under blocks.N; "mlp" = the whole sub-layer
+
+
+class TTTAdapters(nn.Module):
+    """LoRA, one per document row, on the attention projections, around every MLP sub-layer (dense or any MoE mode)
+    and on the head. Forward hooks add a module's delta of its input to its output: the model has no TTT path."""
+
+    def __init__(self, model: nn.Module, docs: int, rank: int):
+        super().__init__()
+        gen, dim, self.enabled, self.scale = torch.Generator().manual_seed(0), model.tok_emb.embedding_dim, True, LORA_ALPHA / rank
+        targets = [m for n, m in model.named_modules() if n.startswith("blocks.") and n.split(".", 2)[-1] in TTT_TARGETS]
+        shapes = [(getattr(m, "in_features", dim), getattr(m, "out_features", dim)) for m in targets] + [(dim, model.vocab_size)]
+        # Every row starts from the same A (and B = 0, no change), so no document depends on its row, batch or rank.
+        self.a = nn.ParameterList(((2 * torch.rand(rank, n, generator=gen) - 1) / math.sqrt(n)).repeat(docs, 1, 1) for n, _ in shapes)
+        self.b = nn.ParameterList(torch.zeros(docs, n, rank) for _, n in shapes)
+        self.initial = copy.deepcopy(self.to(model.tok_emb.weight).state_dict())  # every batch starts from here
+        for i, m in enumerate(targets):
+            m.register_forward_hook(lambda _m, args, out, i=i: out + self.delta(i, args[0]) if self.enabled else out)
+
+    def delta(self, i: int, x: Tensor) -> Tensor:  # a last batch may have fewer rows
+        return (x @ self.a[i][:x.size(0)].to(x.dtype).mT) @ self.b[i][:x.size(0)].to(x.dtype).mT * self.scale
+
+    def token_losses(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """Per-token cross-entropy (docs, T) with the adapters on; the head as in GPT.logits plus its adapter."""
+        hidden = model.hidden(x)
+        weight = model.tok_emb.weight if model.lm_head is None else model.lm_head.weight
+        logits = (F.linear(hidden, weight) + self.delta(-1, hidden)).float()
+        logits = model.softcap * torch.tanh(logits / model.softcap)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+
+
+def ttt_schedule(tokens: Tensor, h) -> tuple[list[tuple[int, int]], list[tuple[list[list[int]], int]]]:
+    """-> documents (start, targets: to the next BOS, so TTT scores what plain evaluation scores) and phases in
+    stream order (batches, then SGD on the first N tokens), so no score at p depends on a token after p. A batch:
+    similar lengths, rows in stream order (capacity dispatch favours earlier rows, i.e. earlier documents)."""
+    starts = (tokens == BOS_ID).nonzero().flatten().tolist()
+    starts = starts if starts and starts[0] == 0 else [0] + starts
+    docs = [(s, e - s) for s, e in zip(starts, starts[1:] + [tokens.numel() - 1])]
+    n_prefix = min(h.phased_ttt_prefix_docs, len(docs)) if h.phased_ttt_num_phases else 0
+    bounds = [0] + [n_prefix * (i + 1) // h.phased_ttt_num_phases for i in range(h.phased_ttt_num_phases if n_prefix else 0)]
+    phases = []
+    for lo, hi in zip(bounds, bounds[1:] + [len(docs)]):
+        by_len = sorted(range(lo, hi), key=lambda d: docs[d][1])
+        batches = [sorted(by_len[i:i + h.ttt_batch_size]) for i in range(0, hi - lo, h.ttt_batch_size)]
+        phases.append((batches, sum(docs[hi - 1]) if lo < hi <= n_prefix and hi < len(docs) else 0))
+    return docs, phases
+
+
+def chunk_widths(longest: int, h) -> list[int]:
+    """Window width per chunk: up to EVAL_SEQ_LEN, rounded up to whole chunks (fewer shapes to compile)."""
+    C = h.ttt_chunk_size
+    return [math.ceil(min((ci + 1) * C, longest, h.eval_seq_len) / C) * C for ci in range(math.ceil(longest / C))]
+
+
+def chunk_windows(tokens: Tensor, starts: Tensor, lens: Tensor, ci: int, width: int, h):
+    """Chunk ci of each row, in a window of up to EVAL_SEQ_LEN tokens ending at the chunk's end -> inputs, targets,
+    target index (position - 1; -1 = padding) and the targets it scores."""
+    end = lens.clamp(max=(ci + 1) * h.ttt_chunk_size)
+    ctx_start, j = (end - h.eval_seq_len).clamp(min=0), torch.arange(width)
+    valid = j < (end - ctx_start)[:, None]
+    pos = torch.where(valid, starts[:, None] + ctx_start[:, None] + j, -1).to(tokens.device)
+    scored = (valid & (j >= (ci * h.ttt_chunk_size - ctx_start)[:, None])).to(tokens.device)
+    return tokens[pos.clamp(min=0)].long(), tokens[pos + 1].long(), pos, scored
+
+
+def ttt_batch(loss_fn, adapters, rows: list[int], docs, tokens: Tensor, h, tables, sums, token_losses, device) -> None:
+    """Adapters reset; chunk ci of every document scored, then (if the document goes on) trained on."""
+    adapters.load_state_dict(adapters.initial)
+    opt = torch.optim.AdamW(adapters.parameters(), lr=h.ttt_lora_lr, betas=(h.ttt_beta1, h.ttt_beta2), eps=1e-10,
+                            weight_decay=h.ttt_weight_decay)
+    starts, lens = torch.tensor([docs[d][0] for d in rows]), torch.tensor([docs[d][1] for d in rows])
+    for ci, width in enumerate(chunk_widths(int(lens.max()), h)):
+        x, y, pos, scored = chunk_windows(tokens, starts, lens, ci, width, h)
+        with autocast(device):
+            loss = loss_fn(adapters, x, y)
+        mask, scores = scored.double(), loss.detach()  # final before any step below
+        sums += torch.stack(((scores.double() * mask).sum(), mask.sum(), (target_bytes(x, y, tables) * mask).sum()))
+        if token_losses is not None:
+            token_losses[pos[scored]] = scores[scored].float()
+        train = scored & (lens > (ci + 1) * h.ttt_chunk_size).to(tokens.device)[:, None]  # documents with chunks still to come
+        for step in range(h.ttt_grad_steps if train.any() else 0):
+            if step:
+                with autocast(device):
+                    loss = loss_fn(adapters, x, y)
+            opt.zero_grad(set_to_none=True)  # each document's mean loss over targets it has scored
+            (torch.where(train, loss, 0.0).sum(-1) / train.sum(-1).clamp_min(1)).sum().backward()
+            opt.step()
+
+
+def global_sgd(model: nn.Module, tokens: Tensor, end: int, h, device, rank: int, world: int) -> None:
+    """SGD (cosine decay) on the base weights over tokens[:end + 1], all scored; gradients summed over ranks."""
+    S, chunk, params = h.eval_seq_len, h.global_ttt_chunk_tokens, list(model.requires_grad_(True).parameters())
+    for p in params:
+        p.grad = torch.zeros_like(p)  # every rank reduces every gradient, used or not
+    opt = torch.optim.SGD(params, lr=h.global_ttt_lr, momentum=h.global_ttt_momentum)
+    steps = [lo for _ in range(h.global_ttt_epochs) for lo in range(0, end, chunk) if end - lo >= S]
+    for i, lo in enumerate(steps):
+        seqs = min(chunk, end - lo) // S
+        first, last = seqs * rank // world, seqs * (rank + 1) // world
+        opt.zero_grad(set_to_none=False)
+        if last > first:  # this rank's sequences; the loss is the mean over every rank's
+            window = tokens[(lo + S * torch.arange(first, last)[:, None] + torch.arange(S + 1)).to(tokens.device)].long()
+            with autocast(device):
+                (model(window[:, :-1], window[:, 1:])[0] * (last - first) / seqs).backward()  # eval mode: no aux
+        for p in params if world > 1 else []:
+            dist.all_reduce(p.grad)
+        if h.global_ttt_grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, h.global_ttt_grad_clip)
+        opt.param_groups[0]["lr"] = h.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * i / len(steps)))
+        opt.step()
+    model.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+
+
+def ttt_evaluate(model: nn.Module, h, tokens: Tensor, tables, device, rank: int = 0, world: int = 1,
+                 token_losses: Tensor | None = None, log=print) -> tuple[float, float]:
+    """Phased score-first TTT of `model` (its weights change; disabled adapter hooks stay) -> (val_loss, val_bpb)."""
+    model.eval().requires_grad_(False)
+    (docs, phases), tokens, tables = ttt_schedule(tokens, h), tokens.to(device), tuple(t.to(device) for t in tables)
+    adapters = TTTAdapters(model, h.ttt_batch_size, h.ttt_lora_rank)
+    loss_fn = lambda a, x, y: a.token_losses(model, x, y)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    if use_compile(h, device):  # compile warm-up: one batch of every window width on random tokens, never validation ones
+        loss_fn, n = torch.compile(loss_fn, dynamic=True), h.eval_seq_len + h.ttt_chunk_size
+        noise = torch.randint(model.vocab_size, (h.ttt_batch_size * n + 1,), generator=torch.Generator().manual_seed(0))
+        ttt_batch(loss_fn, adapters, list(range(h.ttt_batch_size)), [(i * n, n) for i in range(h.ttt_batch_size)],
+                  noise.to(device), h, tables, sums.clone(), None, device)
+    for batches, sgd_end in phases:
+        adapters.enabled = True
+        for rows in batches[rank::world]:
+            ttt_batch(loss_fn, adapters, rows, docs, tokens, h, tables, sums, token_losses, device)
+        adapters.enabled = False
+        if sgd_end:
+            log(f"ttt_phase: global SGD on the first {sgd_end + 1} validation tokens, all scored")
+            global_sgd(model, tokens, sgd_end, h, device, rank, world)
+    return reduce_scores(sums, token_losses, world)
 
 # ---- 9. Runtime: processes and devices, the log, FLOP counting -----------------------------------
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per GPU
@@ -1569,28 +1733,75 @@ def check_ranks_in_sync(model: nn.Module, world: int, log) -> None:
 
 
 def final_evaluation(qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: int, world: int, log, note: str, path: str) -> None:
-    """Plain and sliding-window evaluation of the model read back from the artifact. Score lines of an invalid
+    """Plain, sliding-window and TTT evaluation of the model read back from the artifact; the last is the score.
+    Score lines of an invalid
     result (over the cap, non-finite stored tensors or score) are marked INVALID(...), then the run fails."""
     total, bad = os.path.getsize(path) + code_bytes(), [n for n, t in artifact_state(qmodel).items() if not t.isfinite().all()]
     problems = ([f"code + artifact {total} bytes > SIZE_CAP_BYTES={h.size_cap_bytes}"] if total > h.size_cap_bytes else []) + (
         [f"{len(bad)} stored tensors not finite ({', '.join(bad[:3])})"] if bad else [])
     q_fn = torch.compile(qmodel.logits, fullgraph=True, dynamic=False) if use_compile(h, device) else qmodel.logits
-    for label, stride in (("roundtrip", 0), ("sliding_window", h.eval_stride)):
-        if label == "sliding_window" and stride in (0, h.eval_seq_len):
-            continue
+    modes = [("roundtrip", "plain", h.eval_seq_len)] + [("sliding_window", "sliding", h.eval_stride)] * (
+        h.eval_stride not in (0, h.eval_seq_len)) + [("ttt", "ttt", h.ttt_chunk_size)] * h.ttt_enabled
+    for label, mode, stride in modes:  # per-token losses of the last, score-defining evaluation
+        losses = torch.zeros(val_tokens.numel() - 1, device=device) if h.eval_token_losses and label == modes[-1][0] else None
         t0 = time.perf_counter()
-        loss, bpb = evaluate(q_fn, val_tokens, tables, h.eval_seq_len, stride, h.eval_batch_seqs, device, rank, world)
+        if mode == "ttt":  # on a copy: TTT changes the weights
+            loss, bpb = ttt_evaluate(copy.deepcopy(qmodel), h, val_tokens, tables, device, rank, world, losses, log)
+        else:
+            loss, bpb = evaluate(q_fn, val_tokens, tables, h.eval_seq_len, stride, h.eval_batch_seqs, device, rank, world, losses)
         seconds = time.perf_counter() - t0
         if not math.isfinite(bpb) and "val_bpb is not finite" not in problems:
             problems.append("val_bpb is not finite")
         mark = f" INVALID({'; '.join(problems)})" if problems else ""
-        log(f"final_quant_zstd_{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} stride:{stride or h.eval_seq_len} "
+        log(f"final_quant_zstd_{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} stride:{stride} "
             f"seq_len:{h.eval_seq_len} eval_time:{1000 * seconds:.0f}ms{note}{mark}")
-        log.event("final", name=f"final_quant_zstd_{label}_exact", mode="plain" if label == "roundtrip" else "sliding",
-                  val_loss=loss, val_bpb=bpb, eval_time_s=seconds, stride=stride or h.eval_seq_len, seq_len=h.eval_seq_len,
-                  invalid=problems)
+        log.event("final", name=f"final_quant_zstd_{label}_exact", mode=mode, val_loss=loss, val_bpb=bpb,
+                  eval_time_s=seconds, stride=stride, seq_len=h.eval_seq_len, invalid=problems)
+        if losses is not None and rank == 0:
+            with open(h.eval_token_losses, "xb") as f:  # "x": never overwrite
+                np.save(f, losses.cpu().numpy())
+            log(f"token_losses: {losses.numel()} float32 nats ({mode}) in {h.eval_token_losses}")
     if problems:
         raise ArtifactError(f"{path}: not a valid result: {'; '.join(problems)}")
+
+
+# The 1.0611 record's TTT logs imply ~12% MFU for the FLOPs check_eval_time counts (~3.8e17 for its document
+# scoring and adapter training, ~380 s on 8xH100) and ~0.15 s per global SGD step (overhead-bound, not FLOPs).
+TTT_ASSUMED_MFU, GLOBAL_SGD_STEP_SECONDS = 0.12, 0.15
+
+
+def check_eval_time(model: GPT, h, val_tokens: Tensor, log) -> None:
+    """Logs the TTT seconds expected on 8xH100 (FLOPs at TTT_ASSUMED_MFU + SGD steps); refuses > EVAL_TIME_LIMIT."""
+    if not h.ttt_enabled:
+        return
+    docs, phases = ttt_schedule(val_tokens, h)
+    window_tokens = sgd_tokens = steps = 0
+    for batches, sgd_end in phases:
+        for rows in batches:  # per step of a trained chunk: a forward, then input gradients of about as much
+            widths = chunk_widths(max(docs[d][1] for d in rows), h)
+            window_tokens += len(rows) * (sum(widths) * 2 * h.ttt_grad_steps - (2 * h.ttt_grad_steps - 1) * widths[-1])
+        sgd_tokens, steps = sgd_tokens + 3 * sgd_end, steps + math.ceil(sgd_end / h.global_ttt_chunk_tokens)
+    flops = flops_per_token(model, h) / 3 * (window_tokens + sgd_tokens * h.global_ttt_epochs)
+    seconds = flops / (8 * PEAK_BF16_FLOPS["H100"] * TTT_ASSUMED_MFU) + steps * h.global_ttt_epochs * GLOBAL_SGD_STEP_SECONDS
+    log(f"ttt_projection: ~{seconds:.1f}s on 8xH100 for these {val_tokens.numel()} validation tokens (counted FLOPs "
+        f"at an assumed {100 * TTT_ASSUMED_MFU:.0f}% MFU + {GLOBAL_SGD_STEP_SECONDS}s per global SGD step)")
+    log.event("ttt_projection", seconds=seconds, assumed_mfu=TTT_ASSUMED_MFU, val_tokens=val_tokens.numel())
+    if h.eval_time_limit and seconds > h.eval_time_limit:
+        raise ConfigError(f"TTT is projected at ~{seconds:.0f}s on 8xH100, over EVAL_TIME_LIMIT={h.eval_time_limit:g}: raise "
+                          "TTT_CHUNK_SIZE, lower PHASED_TTT_PREFIX_DOCS or TTT_GRAD_STEPS, or set EVAL_TIME_LIMIT=0")
+
+
+def evaluate_artifact(h, rank: int, world: int, device: torch.device, log: Logger) -> None:
+    """EVAL_ONLY=1: no training; the artifact's model gets the final evaluations a run would give it."""
+    qmodel, stored = load_artifact_model(h.artifact_path, device)
+    vars(h).update({k.lower(): getattr(stored, k.lower()) for k in MODEL_KNOBS})  # the network is the artifact's
+    tables = byte_tables(load_tokenizer(h.tokenizer_path, h.vocab_size))
+    val_tokens = load_val_tokens(h.data_path, h.vocab_size, h.val_token_limit)
+    log_header(h, qmodel, world, 0, device, val_tokens, log)
+    log(f"eval_only artifact:{os.path.abspath(h.artifact_path)} sha256:{sha256_file(h.artifact_path)}")
+    check_eval_time(qmodel, h, val_tokens, log)
+    note = f" (first {h.val_token_limit} tokens only: not a score)" if h.val_token_limit else ""
+    final_evaluation(qmodel.eval(), h, val_tokens, tables, device, rank, world, log, note, h.artifact_path)
 
 
 def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logger) -> None:
@@ -1602,6 +1813,7 @@ def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logg
     model = trainer.model
     log_header(h, model, world, trainer.accum, device, val_tokens, log)
     log_budget_preview(model, h, log)
+    check_eval_time(model, h, val_tokens, log)
     eval_fn = torch.compile(model.logits, fullgraph=True, dynamic=False) if use_compile(h, device) else model.logits
     note = f" (first {h.val_token_limit} tokens only: not a score)" if h.val_token_limit else ""
 
@@ -1655,9 +1867,9 @@ def main() -> None:
     h.artifact_path = h.artifact_path or os.path.join(h.log_dir, f"{h.run_id}_model.ptz")
     log = Logger(os.path.join(h.log_dir, h.run_id) if rank == 0 else None)
     try:
-        if os.path.exists(h.artifact_path):
+        if os.path.exists(h.artifact_path) and not h.eval_only:
             raise ConfigError(f"ARTIFACT_PATH={h.artifact_path} already exists; an artifact is never overwritten")
-        train_and_evaluate(h, rank, world, device, log)
+        (evaluate_artifact if h.eval_only else train_and_evaluate)(h, rank, world, device, log)
     except BaseException as err:
         log.fail(err)
         raise
