@@ -1,0 +1,135 @@
+"""Quantize one checkpoint with each scheme and compressor; print bytes and round-trip val_bpb.
+
+    python3 tools/quant_study.py logs/RUN_fp.pt --data-path D --tokenizer T [--bits 6] [--val-token-limit N] [--json]
+
+The checkpoint is what SAVE_CHECKPOINT=1 writes (the EMA weights and the model knobs). Hessians come
+from the first --calibration-batches training micro-batches of D (never validation tokens). Every
+scheme uses train_gpt.py's own quantizer and artifact writer, so the bytes are the bytes a run writes:
+  rtn          round-to-nearest on the SDClip grid
+  gptq         GPTQ on the same grid (its step widened until it costs no more bytes than rtn)
+  gptq+lqer    plus the rank-LQER_RANK correction of the LQER_TOP_K worst tensors
+each with zstd (the round trip is evaluated), then gptq+lqer with every other installed compressor
+(same integers, so the same val_bpb; only the bytes differ). --only CLASS quantizes one tensor class
+(mlp, attn, embed, bigram) and keeps the rest in fp16, to see what each class loses. --layouts
+prints what grouping by role, transposing and sorting rows would save, per compressor.
+"""
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt  # noqa: E402
+
+SCHEMES = {"rtn": ("rtn", False), "gptq": ("gptq", False), "gptq+lqer": ("gptq", True)}
+
+
+def load_checkpoint(path: str, device: torch.device):
+    """-> (model in eval mode, its config) from a SAVE_CHECKPOINT=1 file."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        h = train_gpt.load_config({}, **saved["config"])
+    except (OSError, RuntimeError, KeyError, TypeError) as err:
+        raise SystemExit(f"error: {path}: not a train_gpt.py checkpoint ({err})") from None
+    model = train_gpt.GPT(h).to(device)
+    model.load_state_dict(saved["state"])
+    return model.eval(), h
+
+
+def calibration_batches(h, data_path: str, n: int, device: torch.device) -> list:
+    loader = train_gpt.TrainLoader(train_gpt.shard_files(data_path, "train"), 0, 1, h.train_seq_len,
+                                   h.micro_batch_tokens, 1, device)
+    return [loader.next_step()[0] for _ in range(n)]
+
+
+def scheme_config(h, args, method: str, lqer: bool, compressor: str) -> SimpleNamespace:
+    return SimpleNamespace(**{**vars(h), "quant_method": method, "lqer_enabled": lqer, "compressor": compressor,
+                              "matrix_bits": args.bits, "embed_bits": args.embed_bits or args.bits + 1})
+
+
+def quantize(model, hq, hessians, only: str):
+    """-> (entries, relative squared error); with `only`, the other classes stay fp16."""
+    state = train_gpt.artifact_state(model)
+    if not only:
+        return train_gpt.quantize_state(state, hq, hessians)
+    keep = {n: t for n, t in state.items() if train_gpt.tensor_class(n) != only}
+    entries, err = train_gpt.quantize_state({n: t for n, t in state.items() if n not in keep}, hq, hessians)
+    entries.update({n: (16, [t.detach().float().cpu().half()]) for n, t in keep.items()})
+    return entries, err
+
+
+def round_trip_bpb(model, entries, shapes, evaluate) -> float:
+    qmodel = copy.deepcopy(model)
+    state = {n: train_gpt.dequantize_entry(bits, ts, shapes[n]) for n, (bits, ts) in entries.items()}
+    qmodel.load_state_dict(state, strict=False)
+    return evaluate(qmodel)
+
+
+def study(args) -> list[dict]:
+    device = torch.device("cpu")
+    model, h = load_checkpoint(args.checkpoint, device)
+    sp = train_gpt.load_tokenizer(args.tokenizer, h.vocab_size)
+    tables = train_gpt.byte_tables(sp)
+    val = train_gpt.load_val_tokens(args.data_path, h.vocab_size, args.val_token_limit)
+    seq = min(h.train_seq_len, val.numel() - 1)
+
+    def evaluate(m) -> float:
+        with torch.no_grad():
+            return train_gpt.evaluate(m.logits, val, tables, seq, 0, 16, device, 0, 1)[1]
+
+    pre = evaluate(model)
+    t0 = time.perf_counter()
+    hessians, warnings = train_gpt.collect_hessians(model, calibration_batches(h, args.data_path, args.calibration_batches, device), 1)
+    for w in warnings:
+        print(w, file=sys.stderr)
+    print(f"# {len(hessians)} Hessians from {args.calibration_batches} batches in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    config, shapes = train_gpt.model_knobs(h), {n: list(t.shape) for n, t in train_gpt.artifact_state(model).items()}
+    rows, lqer_entries = [], None
+    for scheme, (method, lqer) in SCHEMES.items():
+        hq = scheme_config(h, args, method, lqer, "zstd")
+        entries, err = quantize(model, hq, hessians, args.only)
+        blob = train_gpt.serialize_artifact(entries, config, shapes, "zstd", 22)
+        rows.append(dict(scheme=f"{scheme}/zstd", bytes=len(blob), val_bpb=round_trip_bpb(model, entries, shapes, evaluate),
+                         pre_quant_val_bpb=pre, rel_sq_error=err))
+        lqer_entries = entries
+    for compressor in train_gpt.COMPRESSORS:
+        if compressor == "zstd" or train_gpt.compressor_missing(compressor):
+            continue
+        blob = train_gpt.serialize_artifact(lqer_entries, config, shapes, compressor, 22)
+        rows.append(dict(rows[-1], scheme=f"gptq+lqer/{compressor}", bytes=len(blob)))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--data-path", required=True)
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--bits", type=int, default=6, help="MATRIX_BITS (default 6)")
+    parser.add_argument("--embed-bits", type=int, default=0, help="EMBED_BITS (default bits + 1)")
+    parser.add_argument("--val-token-limit", type=int, default=0)
+    parser.add_argument("--calibration-batches", type=int, default=16)
+    parser.add_argument("--only", choices=("mlp", "attn", "embed", "bigram"), default="")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    try:
+        rows = study(args)
+    except (train_gpt.ConfigError, train_gpt.DataError) as err:
+        raise SystemExit(f"error: {err}") from None
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"{'scheme':<20} {'bytes':>10} {'val_bpb':>10} {'gap':>9} {'rel sq err':>11}")
+    for r in rows:
+        print(f"{r['scheme']:<20} {r['bytes']:>10} {r['val_bpb']:>10.5f} {r['val_bpb'] - r['pre_quant_val_bpb']:>+9.5f} "
+              f"{r['rel_sq_error']:>11.3e}")
+
+
+if __name__ == "__main__":
+    main()
