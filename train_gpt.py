@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -1040,8 +1041,9 @@ def serialize_artifact(entries: dict, config: dict, shapes: dict, compressor: st
     header = ARTIFACT_MAGIC + json.dumps(dict(format=ARTIFACT_FORMAT, version=ARTIFACT_VERSION, config=config,
                                               shapes=shapes, tensors=list(table.values()))).encode()
     compress = COMPRESSORS[compressor][1] if compressor else lambda d, lvl: zstandard.ZstdCompressor(level=lvl).compress(d)
-    head = compress(header, level)
-    return compressor.encode().ljust(8, b"\0") + struct.pack("<I", len(head)) + head + compress(b"".join(blobs), level)
+    head, data = compress(header, level), b"".join(blobs)
+    checksum = zlib.crc32(data, zlib.crc32(header))  # brotli and lzma frames carry none
+    return compressor.encode().ljust(8, b"\0") + struct.pack("<II", len(head), checksum) + head + compress(data, level)
 
 
 def unpack_artifact(path: str) -> tuple[dict, dict]:
@@ -1051,15 +1053,18 @@ def unpack_artifact(path: str) -> tuple[dict, dict]:
     with open(path, "rb") as f:
         blob = f.read()
     compressor = blob[:8].rstrip(b"\0").decode("ascii", "replace")
-    if compressor not in COMPRESSORS or len(blob) < 12:
-        raise ArtifactError(f"{path}: not a {ARTIFACT_FORMAT} v{ARTIFACT_VERSION} file (unknown compressor tag {blob[:8]!r})")
-    (hlen,) = struct.unpack_from("<I", blob, 8)
+    if compressor not in COMPRESSORS or len(blob) < 16:
+        raise ArtifactError(f"{path}: corrupt or truncated artifact, or not a {ARTIFACT_FORMAT} v{ARTIFACT_VERSION} file "
+                            f"(unknown compressor tag {blob[:8]!r})")
+    hlen, checksum = struct.unpack_from("<II", blob, 8)
     try:
-        header, data = (COMPRESSORS[compressor][2](b) for b in (blob[12:12 + hlen], blob[12 + hlen:]))
+        header, data = (COMPRESSORS[compressor][2](b) for b in (blob[16:16 + hlen], blob[16 + hlen:]))
     except Exception as err:  # each compressor raises its own error types
         raise ArtifactError(f"{path}: corrupt or truncated artifact ({compressor}: {err})") from None
     if not header.startswith(ARTIFACT_MAGIC):
         raise ArtifactError(f"{path}: not a {ARTIFACT_FORMAT} file (bad magic)")
+    if zlib.crc32(data, zlib.crc32(header)) != checksum:
+        raise ArtifactError(f"{path}: corrupt or truncated artifact (checksum mismatch)")
     try:
         header = json.loads(header[len(ARTIFACT_MAGIC):])
     except ValueError:
