@@ -14,13 +14,11 @@ import difflib
 import functools
 import glob
 import hashlib
-import importlib
 import importlib.util
 import json
 import lzma
 import math
 import os
-import re
 import shutil
 import struct
 import subprocess
@@ -171,21 +169,7 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
                 f"NUM_EXPERTS={h.num_experts}: the parameter-matched expert size {free_hidden}/{h.num_experts} is not whole; set EXPERT_HIDDEN")
     h.expert_mlp_hidden = h.expert_hidden or max(free_hidden // h.num_experts, 0)
     require(h.capacity_factor > 0, f"CAPACITY_FACTOR={h.capacity_factor}: must be positive")
-    # quantization (issue 11)
-    for name in ("MATRIX_BITS", "EMBED_BITS"):
-        require(2 <= getattr(h, name.lower()) <= 8, f"{name}={getattr(h, name.lower())}: expected 2..8")
-    for name in ("MATRIX_CLIP_SIGMAS", "MLP_CLIP_SIGMAS", "ATTN_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS"):
-        require(getattr(h, name.lower()) > 0, f"{name}={getattr(h, name.lower())}: must be positive")
-    require(h.lqer_rank > 0 and h.lqer_top_k >= 0, f"LQER_RANK={h.lqer_rank}, LQER_TOP_K={h.lqer_top_k}: rank >= 1, top k >= 0")
-    require(2 <= h.lqer_factor_bits <= 8, f"LQER_FACTOR_BITS={h.lqer_factor_bits}: expected 2..8")
-    missing = compressor_missing(h.compressor)
-    require(not missing, f"COMPRESSOR={h.compressor} needs {missing}, which is not installed; install it or choose zstd")
-    h.calibrate = h.quant_method == "gptq" or h.lqer_enabled  # Hessians are needed
-    require(h.gptq_calibration_batches > 0 or not h.calibrate, f"GPTQ_CALIBRATION_BATCHES={h.gptq_calibration_batches}: must be positive")
-    reserve = h.gptq_reserve_seconds if h.calibrate and h.max_wallclock_seconds > 0 else 0.0
-    require(0 <= reserve < h.max_wallclock_seconds or not reserve,
-            f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds}: must be in [0, MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds})")
-    h.train_wallclock_seconds = h.max_wallclock_seconds - reserve  # training stops early to calibrate in time
+    derive_quant_config(h, require)
     require(0.0 <= h.prune_frac < 1.0, f"PRUNE_FRAC={h.prune_frac}: expected a fraction in [0, 1)")
     require(0.0 <= h.warmdown_frac <= 1.0, f"WARMDOWN_FRAC={h.warmdown_frac}: expected a fraction in [0, 1]")
     require(h.ema_decay is None or 0.0 <= h.ema_decay < 1.0, f"EMA_DECAY={h.ema_decay}: expected a per-step decay in [0, 1)")
@@ -196,6 +180,22 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     require(0 <= h.eval_stride <= h.eval_seq_len, f"EVAL_STRIDE={h.eval_stride}: must be in 0..EVAL_SEQ_LEN={h.eval_seq_len}")
     return h
 
+
+def derive_quant_config(h: SimpleNamespace, require) -> None:
+    """Issue 11: quantization knobs; the GPTQ reserve shortens the training wall clock."""
+    for name in ("MATRIX_BITS", "EMBED_BITS", "LQER_FACTOR_BITS"):
+        require(2 <= getattr(h, name.lower()) <= 8, f"{name}={getattr(h, name.lower())}: expected 2..8")
+    for name in ("MATRIX_CLIP_SIGMAS", "MLP_CLIP_SIGMAS", "ATTN_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS"):
+        require(getattr(h, name.lower()) > 0, f"{name}={getattr(h, name.lower())}: must be positive")
+    require(h.lqer_rank > 0 and h.lqer_top_k >= 0, f"LQER_RANK={h.lqer_rank}, LQER_TOP_K={h.lqer_top_k}: rank >= 1, top k >= 0")
+    missing = compressor_missing(h.compressor)
+    require(not missing, f"COMPRESSOR={h.compressor} needs {missing}, which is not installed; install it or choose zstd")
+    h.calibrate = h.quant_method == "gptq" or h.lqer_enabled  # Hessians are needed
+    require(h.gptq_calibration_batches > 0 or not h.calibrate, f"GPTQ_CALIBRATION_BATCHES={h.gptq_calibration_batches}: must be positive")
+    reserve = h.gptq_reserve_seconds if h.calibrate and h.max_wallclock_seconds > 0 else 0.0
+    require(0 <= reserve < h.max_wallclock_seconds or not reserve,
+            f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds}: must be in [0, MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds})")
+    h.train_wallclock_seconds = h.max_wallclock_seconds - reserve  # training stops early to calibrate in time
 
 def grad_accum_steps(h: SimpleNamespace, world_size: int) -> int:
     per_step = world_size * h.micro_batch_tokens
@@ -870,7 +870,6 @@ COMPRESSORS = {
 }
 # Compressed bits of a row's fp16 scale and of an fp16 parameter, measured on the sample model.
 SCALE_BITS, FP16_BITS = 13.0, 14.7
-DTYPES = {"int8": torch.int8, "float16": torch.float16}
 
 
 class ArtifactError(ValueError):
@@ -890,9 +889,8 @@ def lrzip(data: bytes, *args: str) -> bytes:
 def compressor_missing(name: str) -> str | None:
     """What COMPRESSOR=name needs that is not installed, or None."""
     need = COMPRESSORS[name][0]
-    if need.endswith(" binary"):
-        return None if shutil.which(need.split()[0]) else f"the {need} on PATH"
-    return None if importlib.util.find_spec(need) else f"the python module {need}"
+    found = shutil.which(need.split()[0]) if need.endswith(" binary") else importlib.util.find_spec(need)
+    return None if found else f"the {need} (python module or binary on PATH)"
 
 
 def storage_grid(name: str, t: Tensor, h) -> tuple[int, float]:
@@ -921,10 +919,7 @@ def gptq(w: Tensor, H: Tensor, scale: Tensor, bits: int, zero: Tensor | None = N
     """GPTQ: quantize column by column, feeding each column's error into the columns not yet quantized
     through the inverse Hessian (largest diagonal first, 1% damping, lazy updates in blocks)."""
     W, H = w.float().clone(), H.float().clone()
-    dead = H.diagonal() <= 0  # inputs that never fire: their weights do not matter
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    H.diagonal().add_(0.01 * H.diagonal().mean())
+    H.diagonal().add_(0.01 * H.diagonal().mean() + 1e-6)  # damping; inputs that never fire stay invertible
     perm = torch.argsort(H.diagonal(), descending=True)
     W, H, s = W[:, perm], H[perm][:, perm], scale.float()[:, None]
     zero = None if zero is None else zero[:, perm]
@@ -946,10 +941,9 @@ def packed_bits(q: Tensor) -> int:
 
 
 def quantize_matrix(w: Tensor, H: Tensor | None, bits: int, sigmas: float, zero: Tensor | None = None):
-    """-> (integers, fp16 row scales) of a 2-D matrix on its SDClip grid; GPTQ when given a Hessian.
-
-    GPTQ's error feedback spreads the integers, which costs bytes: its step is widened by the bits it
-    added until it costs no more than round-to-nearest, and the one with less output error is kept."""
+    """-> (integers, fp16 row scales) of a 2-D matrix on its SDClip grid; GPTQ when given a Hessian. GPTQ's
+    error feedback spreads the integers, costing bytes: its step is widened by the bits it added until
+    it costs no more than round-to-nearest, and the one with less output error is kept."""
     scale = sdclip_scale(w, bits, sigmas)
     q = round_to_grid(w, scale, bits, zero)
     if H is None:
@@ -1018,19 +1012,18 @@ def quantize_state(state: dict[str, Tensor], h, hessians: dict | None = None, bi
             scores[name] = (d @ H.reshape(-1, *H.shape[-2:]) * d).sum().item() if H is not None else d.square().sum().item()
     for name in sorted(scores, key=scores.get, reverse=True)[:h.lqer_top_k if h.lqer_enabled else 0]:
         t = state[name].detach().float().cpu().reshape(-1, state[name].size(-1))
-        before = (t - dequantize_entry(*entries[name], t.shape)).square().sum().item()
-        entries[name][1].extend(lqer_factors(t - dequantize_entry(*entries[name], t.shape), hessians.get(name),
-                                             h.lqer_rank, h.lqer_factor_bits))
-        err += (t - dequantize_entry(*entries[name], t.shape)).square().sum().item() - before
+        before = t - dequantize_entry(*entries[name], t.shape)
+        entries[name][1].extend(lqer_factors(before, hessians.get(name), h.lqer_rank, h.lqer_factor_bits))
+        err += (t - dequantize_entry(*entries[name], t.shape)).square().sum().item() - before.square().sum().item()
     return entries, err / max(total, 1e-30)
 
 
 def serialize_artifact(entries: dict, config: dict, shapes: dict, compressor: str = "", level: int = 3) -> bytes:
-    """Compressor name (8 bytes), compressed header length, then compressed separately (a text header
-    in front of the data costs zstd ~10%) the header (magic, JSON: format, config, tensor table) and the
-    data: the integers of one role (every layer's attn.c_q, ...) side by side, then scales and LQER
-    factors, then fp16 tensors. Without a compressor: quick zstd frames to predict sizes with."""
-    parts = sorted((2 if bits == 16 else min(j, 1), re.sub(r"\.\d+\.", ".", name), name, j, t.contiguous())
+    """Compressor name, header length, CRC32, then compressed apart (a text header in front costs zstd ~10%)
+    the header (magic, JSON: format, config, tensor table) and the data: the integers of one role (every
+    layer's attn.c_q, ...) side by side, then scales and LQER factors, then fp16. No compressor: quick zstd."""
+    role = lambda name: ".".join(p for p in name.split(".") if not p.isdigit())  # noqa: E731
+    parts = sorted((2 if bits == 16 else min(j, 1), role(name), name, j, t.contiguous())
                    for name, (bits, ts) in entries.items() for j, t in enumerate(ts))
     table = {name: dict(name=name, bits=bits, parts=[None] * len(ts)) for name, (bits, ts) in entries.items()}
     blobs, offset = [], 0
@@ -1061,25 +1054,22 @@ def unpack_artifact(path: str) -> tuple[dict, dict]:
         header, data = (COMPRESSORS[compressor][2](b) for b in (blob[16:16 + hlen], blob[16 + hlen:]))
     except Exception as err:  # each compressor raises its own error types
         raise ArtifactError(f"{path}: corrupt or truncated artifact ({compressor}: {err})") from None
-    if not header.startswith(ARTIFACT_MAGIC):
-        raise ArtifactError(f"{path}: not a {ARTIFACT_FORMAT} file (bad magic)")
     if zlib.crc32(data, zlib.crc32(header)) != checksum:
         raise ArtifactError(f"{path}: corrupt or truncated artifact (checksum mismatch)")
     try:
-        header = json.loads(header[len(ARTIFACT_MAGIC):])
+        header = json.loads(header.removeprefix(ARTIFACT_MAGIC)) if header.startswith(ARTIFACT_MAGIC) else {}
     except ValueError:
-        raise ArtifactError(f"{path}: unreadable artifact header") from None
+        header = {}
     if header.get("format") != ARTIFACT_FORMAT or header.get("version") != ARTIFACT_VERSION:
-        raise ArtifactError(f"{path}: format {header.get('format')} v{header.get('version')} is not "
-                            f"{ARTIFACT_FORMAT} v{ARTIFACT_VERSION}")
+        raise ArtifactError(f"{path}: not a {ARTIFACT_FORMAT} v{ARTIFACT_VERSION} artifact (bad magic or header)")
     entries = {}
     for e in header["tensors"]:
         tensors = []
         for offset, shape, dtype in e["parts"]:
-            end = offset + math.prod(shape) * DTYPES[dtype].itemsize
+            end = offset + math.prod(shape) * getattr(torch, dtype).itemsize
             if end > len(data):
                 raise ArtifactError(f"{path}: tensor {e['name']} runs past the end of the data")
-            tensors.append(torch.frombuffer(bytearray(data[offset:end]), dtype=DTYPES[dtype]).reshape(shape))
+            tensors.append(torch.frombuffer(bytearray(data[offset:end]), dtype=getattr(torch, dtype)).reshape(shape))
         entries[e["name"]] = (e["bits"], tensors)
     return header, entries
 
@@ -1131,10 +1121,9 @@ def shrink_steps():
 
 
 def export_artifact(model: nn.Module, h, path: str, code_bytes: int, log, hessians: dict | None = None) -> int:
-    """Quantize, compress and write; shrink step by step until code + artifact fits SIZE_CAP_BYTES.
-    Each step's size is first predicted from round-to-nearest integers and a fast zstd level, scaled by
-    the real/predicted ratio of the first attempt; only steps predicted to fit pay for GPTQ and the
-    full compressor. The size written is always the size checked."""
+    """Quantize, compress and write; shrink step by step until code + artifact fits SIZE_CAP_BYTES. Each
+    step's size is first predicted from round-to-nearest integers and a fast zstd level, times the real /
+    predicted ratio of the first attempt; only steps predicted to fit pay for GPTQ and the full compressor."""
     config, state = {name: getattr(h, name.lower()) for name in MODEL_KNOBS}, artifact_state(model)
     shapes, limit = {n: list(t.shape) for n, t in state.items()}, h.size_cap_bytes - code_bytes
     rtn = SimpleNamespace(**{**vars(h), "quant_method": "rtn", "lqer_enabled": False})
@@ -1550,32 +1539,20 @@ def final_evaluation(qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: i
 
 # issue 11: GPTQ calibration inside the wall clock, and the pre-quantization checkpoint
 def calibrate(trainer: Trainer, log) -> dict | None:
-    """Hessians for GPTQ and LQER from the next GPTQ_CALIBRATION_BATCHES training micro-batches of every
-    rank (never validation tokens), in the GPTQ_RESERVE_SECONDS the training loop left."""
-    h = trainer.h
+    """GPTQ/LQER Hessians from the next GPTQ_CALIBRATION_BATCHES training micro-batches of every rank
+    (never validation tokens), in the GPTQ_RESERVE_SECONDS the training loop left."""
+    h, t0, n = trainer.h, time.perf_counter(), trainer.h.gptq_calibration_batches
     if not h.calibrate:
         return None
-    t0, n = time.perf_counter(), h.gptq_calibration_batches
     batches = (b for _ in range(-(-n // trainer.accum)) for b in trainer.loader.next_step())
-    trainer.model.eval()
-    hessians, warnings = collect_hessians(trainer.model, (b for _, b in zip(range(n), batches)), trainer.world)
+    hessians, warnings = collect_hessians(trainer.model.eval(), (b for _, b in zip(range(n), batches)), trainer.world)
     trainer.sync()
     seconds = time.perf_counter() - t0
-    for line in warnings:
+    for line in warnings + [f"gptq: Hessians of {len(hessians)} matrices from {n} x {h.micro_batch_tokens} training tokens x "
+                            f"{trainer.world} ranks in {seconds:.1f}s (reserve {h.gptq_reserve_seconds:.1f}s"
+                            f"{'; WARNING: over the reserve' if h.max_wallclock_seconds and seconds > h.gptq_reserve_seconds else ''})"]:
         log(line)
-    over = h.max_wallclock_seconds > 0 and seconds > h.gptq_reserve_seconds
-    log(f"gptq: Hessians of {len(hessians)} matrices from {n} x {h.micro_batch_tokens} training tokens x {trainer.world} "
-        f"ranks in {seconds:.1f}s (reserve {h.gptq_reserve_seconds:.1f}s{'; WARNING: over the reserve' if over else ''})")
-    log.event("gptq_calibration", matrices=len(hessians), seconds=seconds, reserve_seconds=h.gptq_reserve_seconds,
-              warnings=warnings)
     return hessians
-
-
-def save_checkpoint(model: GPT, h, log) -> None:
-    path = os.path.join(h.log_dir, f"{h.run_id}_fp.pt")
-    with open(path, "xb") as f:  # never overwrites
-        torch.save(dict(config={n: getattr(h, n.lower()) for n in MODEL_KNOBS}, state=model.state_dict()), f)
-    log(f"checkpoint: pre-quantization weights in {path}")
 
 
 def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logger) -> None:
@@ -1614,7 +1591,8 @@ def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logg
         trainer.ema.copy_to_model()
     hessians = calibrate(trainer, log)
     if h.save_checkpoint and rank == 0:
-        save_checkpoint(model, h, log)
+        with open(os.path.join(h.log_dir, f"{h.run_id}_fp.pt"), "xb") as f:  # never overwrites
+            torch.save(dict(config={n: getattr(h, n.lower()) for n in MODEL_KNOBS}, state=model.state_dict()), f)
     if trainer.ema is not None:
         last_val[:] = validate()
         log(f"pre_quant_ema val_loss:{last_val[0]:.8f} val_bpb:{last_val[1]:.8f}{note}")

@@ -336,10 +336,13 @@ def test_corrupt_artifacts_fail_clearly(tiny_config, tmp_path, damage, needle):
         blob = blob[:-100]
     elif damage == "garbage":
         blob = bytearray(b"x" * 500)
-    elif damage == "magic":  # a valid zstd artifact frame whose header is not ours
+    elif damage == "magic":  # valid zstd frames whose header is not ours (with a matching checksum)
+        import zlib
         import zstandard
-        head = zstandard.ZstdCompressor().compress(b"NOTPG" + bytes(100))
-        blob = bytearray(blob[:8] + len(head).to_bytes(4, "little") + blob[12:16] + head + blob[16 + int.from_bytes(blob[8:12], "little"):])
+        data = zstandard.ZstdDecompressor().decompress(blob[16 + int.from_bytes(blob[8:12], "little"):])
+        head, crc = zstandard.ZstdCompressor().compress(b"NOTPG" + bytes(100)), zlib.crc32(data, zlib.crc32(b"NOTPG" + bytes(100)))
+        blob = bytearray(blob[:8] + len(head).to_bytes(4, "little") + crc.to_bytes(4, "little") + head
+                         + zstandard.ZstdCompressor().compress(data))
     if damage == "missing":
         path.unlink()
     else:
