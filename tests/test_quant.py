@@ -174,3 +174,18 @@ def test_checkpoint_and_quant_study(tmp_path):
     assert schemes[:3] == ["rtn/zstd", "gptq/zstd", "gptq+lqer/zstd"]
     assert all(set(r) >= {"scheme", "bytes", "val_bpb", "pre_quant_val_bpb"} for r in rows)
     assert len({r["pre_quant_val_bpb"] for r in rows}) == 1 and all(r["bytes"] > 1000 for r in rows)
+
+
+def test_self_extracting_script_runs_the_same_program(tmp_path):
+    sys.path.insert(0, str(REPO / "tools"))
+    import selfextract
+    source = (REPO / "train_gpt.py").read_bytes()
+    wrapper = selfextract.self_extracting(source)
+    assert len(wrapper) < len(source) // 2 and selfextract.extracted_source(wrapper) == source
+    assert selfextract.extracted_source(wrapper.replace(b"exec", b"eval")) is None
+    path = tmp_path / "train_gpt.py"
+    path.write_bytes(wrapper)
+    out = subprocess.run([sys.executable, "-c", "import train_gpt as t; print(t.code_bytes(), t.ARTIFACT_VERSION)"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(len(wrapper)), str(tg.ARTIFACT_VERSION)]  # counts its own (compressed) bytes
