@@ -47,9 +47,9 @@ def calibration_batches(h, data_path: str, n: int, device: torch.device) -> list
     return [loader.next_step()[0] for _ in range(n)]
 
 
-def scheme_config(h, args, method: str, lqer: bool, compressor: str) -> SimpleNamespace:
+def scheme_config(h, bits: int, embed_bits: int, method: str, lqer: bool, compressor: str) -> SimpleNamespace:
     return SimpleNamespace(**{**vars(h), "quant_method": method, "lqer_enabled": lqer, "compressor": compressor,
-                              "matrix_bits": args.bits, "embed_bits": args.embed_bits or args.bits + 1})
+                              "matrix_bits": bits, "embed_bits": embed_bits or bits + 1})
 
 
 def quantize(model, hq, hessians, only: str):
@@ -88,20 +88,19 @@ def study(args) -> list[dict]:
     for w in warnings:
         print(w, file=sys.stderr)
     print(f"# {len(hessians)} Hessians from {args.calibration_batches} batches in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    config, shapes = train_gpt.model_knobs(h), {n: list(t.shape) for n, t in train_gpt.artifact_state(model).items()}
-    rows, lqer_entries = [], None
-    for scheme, (method, lqer) in SCHEMES.items():
-        hq = scheme_config(h, args, method, lqer, "zstd")
-        entries, err = quantize(model, hq, hessians, args.only)
-        blob = train_gpt.serialize_artifact(entries, config, shapes, "zstd", 22)
-        rows.append(dict(scheme=f"{scheme}/zstd", bytes=len(blob), val_bpb=round_trip_bpb(model, entries, shapes, evaluate),
-                         pre_quant_val_bpb=pre, rel_sq_error=err))
-        lqer_entries = entries
-    for compressor in train_gpt.COMPRESSORS:
-        if compressor == "zstd" or train_gpt.compressor_missing(compressor):
-            continue
-        blob = train_gpt.serialize_artifact(lqer_entries, config, shapes, compressor, 22)
-        rows.append(dict(rows[-1], scheme=f"gptq+lqer/{compressor}", bytes=len(blob)))
+    config = {name: getattr(h, name.lower()) for name in train_gpt.MODEL_KNOBS}
+    shapes, rows = {n: list(t.shape) for n, t in train_gpt.artifact_state(model).items()}, []
+    for bits in args.bits:
+        for scheme, (method, lqer) in SCHEMES.items():
+            hq = scheme_config(h, bits, args.embed_bits, method, lqer, "zstd")
+            entries, err = quantize(model, hq, hessians, args.only)
+            blob = train_gpt.serialize_artifact(entries, config, shapes, "zstd", 22)
+            rows.append(dict(scheme=f"{scheme}/zstd", bits=bits, bytes=len(blob), pre_quant_val_bpb=pre, rel_sq_error=err,
+                             val_bpb=round_trip_bpb(model, entries, shapes, evaluate)))
+        for compressor in train_gpt.COMPRESSORS:  # the same integers as the last scheme: only the bytes differ
+            if compressor != "zstd" and not train_gpt.compressor_missing(compressor):
+                blob = train_gpt.serialize_artifact(entries, config, shapes, compressor, 22)
+                rows.append(dict(rows[-1], scheme=f"gptq+lqer/{compressor}", bytes=len(blob)))
     return rows
 
 
@@ -110,7 +109,8 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--data-path", required=True)
     parser.add_argument("--tokenizer", required=True)
-    parser.add_argument("--bits", type=int, default=6, help="MATRIX_BITS (default 6)")
+    parser.add_argument("--bits", type=lambda v: [int(b) for b in v.split(",")], default=[6],
+                        help="MATRIX_BITS, or a comma-separated list (default 6)")
     parser.add_argument("--embed-bits", type=int, default=0, help="EMBED_BITS (default bits + 1)")
     parser.add_argument("--val-token-limit", type=int, default=0)
     parser.add_argument("--calibration-batches", type=int, default=16)
@@ -125,10 +125,11 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"{'scheme':<20} {'bytes':>10} {'val_bpb':>10} {'gap':>9} {'rel sq err':>11}")
+    print(f"pre-quant val_bpb {rows[0]['pre_quant_val_bpb']:.5f}{f' (only {args.only} quantized)' if args.only else ''}")
+    print(f"{'bits':>4} {'scheme':<20} {'bytes':>10} {'val_bpb':>10} {'gap':>9} {'rel sq err':>11}")
     for r in rows:
-        print(f"{r['scheme']:<20} {r['bytes']:>10} {r['val_bpb']:>10.5f} {r['val_bpb'] - r['pre_quant_val_bpb']:>+9.5f} "
-              f"{r['rel_sq_error']:>11.3e}")
+        print(f"{r['bits']:>4} {r['scheme']:<20} {r['bytes']:>10} {r['val_bpb']:>10.5f} "
+              f"{r['val_bpb'] - r['pre_quant_val_bpb']:>+9.5f} {r['rel_sq_error']:>11.3e}")
 
 
 if __name__ == "__main__":
