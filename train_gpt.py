@@ -23,7 +23,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from types import SimpleNamespace
@@ -185,13 +184,13 @@ def derive_quant_config(h: SimpleNamespace, require) -> None:
     """Issue 11: quantization knobs; the GPTQ reserve shortens the training wall clock."""
     for name in ("MATRIX_BITS", "EMBED_BITS", "LQER_FACTOR_BITS"):
         require(2 <= getattr(h, name.lower()) <= 8, f"{name}={getattr(h, name.lower())}: expected 2..8")
-    for name in ("MATRIX_CLIP_SIGMAS", "MLP_CLIP_SIGMAS", "ATTN_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS"):
+    for name in ("MATRIX_CLIP_SIGMAS", "MLP_CLIP_SIGMAS", "ATTN_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS", "LQER_RANK",
+                 "GPTQ_CALIBRATION_BATCHES"):
         require(getattr(h, name.lower()) > 0, f"{name}={getattr(h, name.lower())}: must be positive")
-    require(h.lqer_rank > 0 and h.lqer_top_k >= 0, f"LQER_RANK={h.lqer_rank}, LQER_TOP_K={h.lqer_top_k}: rank >= 1, top k >= 0")
+    require(h.lqer_top_k >= 0, f"LQER_TOP_K={h.lqer_top_k}: must be >= 0")
     missing = compressor_missing(h.compressor)
     require(not missing, f"COMPRESSOR={h.compressor} needs {missing}, which is not installed; install it or choose zstd")
     h.calibrate = h.quant_method == "gptq" or h.lqer_enabled  # Hessians are needed
-    require(h.gptq_calibration_batches > 0 or not h.calibrate, f"GPTQ_CALIBRATION_BATCHES={h.gptq_calibration_batches}: must be positive")
     reserve = h.gptq_reserve_seconds if h.calibrate and h.max_wallclock_seconds > 0 else 0.0
     require(0 <= reserve < h.max_wallclock_seconds or not reserve,
             f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds}: must be in [0, MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds})")
@@ -876,14 +875,8 @@ class ArtifactError(ValueError):
     """An artifact that cannot be read back; the message names the file."""
 
 
-def lrzip(data: bytes, *args: str) -> bytes:
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = os.path.join(tmp, "in"), os.path.join(tmp, "out")
-        with open(src, "wb") as f:
-            f.write(data)
-        subprocess.run(["lrzip", "-q", *args, "-o", dst, src], check=True, capture_output=True)
-        with open(dst, "rb") as f:
-            return f.read()
+def lrzip(data: bytes, *args: str) -> bytes:  # through stdin and stdout
+    return subprocess.run(["lrzip", "-q", *args], input=data, capture_output=True, check=True).stdout
 
 
 def compressor_missing(name: str) -> str | None:
@@ -916,8 +909,7 @@ def round_to_grid(w: Tensor, scale: Tensor, bits: int, zero: Tensor | None = Non
 
 
 def gptq(w: Tensor, H: Tensor, scale: Tensor, bits: int, zero: Tensor | None = None, block: int = 128) -> Tensor:
-    """GPTQ: quantize column by column, feeding each column's error into the columns not yet quantized
-    through the inverse Hessian (largest diagonal first, 1% damping, lazy updates in blocks)."""
+    """GPTQ: column by column, each column's error fed into later columns through the inverse Hessian."""
     W, H = w.float().clone(), H.float().clone()
     H.diagonal().add_(0.01 * H.diagonal().mean() + 1e-6)  # damping; inputs that never fire stay invertible
     perm = torch.argsort(H.diagonal(), descending=True)
@@ -975,8 +967,7 @@ def quantize_tensor(name: str, t: Tensor, h, H: Tensor | None, drop: int, prune:
 
 
 def lqer_factors(err: Tensor, H: Tensor | None, rank: int, bits: int) -> list[Tensor]:
-    """LQER: a rank-r correction A @ B of a quantization error from the SVD of the error with its input
-    columns scaled by their activation RMS (when known); A^T and B stored as per-row intN."""
+    """LQER: rank-r A @ B ~ the error with input columns scaled by activation RMS; A^T, B as per-row intN."""
     d = H.reshape(-1, *H.shape[-2:]).sum(0).diagonal().clamp_min(0).sqrt() + 1e-8 if H is not None else torch.ones(err.size(1))
     U, S, Vh = torch.linalg.svd(err * d, full_matrices=False)
     factors = []
@@ -1086,8 +1077,7 @@ def artifact_state(model: nn.Module) -> dict[str, Tensor]:
 
 @functools.lru_cache(maxsize=None)
 def grid_bits_per_param(bits: int, sigmas: float, compressor: str, level: int) -> float:
-    """Measured compressed bits per parameter of a seeded Gaussian matrix on this grid: SDClip rows
-    divided by their std are near-Gaussian, and GPTQ's integers cost no more than round-to-nearest's."""
+    """Compressed bits/parameter of a seeded Gaussian matrix on this grid (SDClip rows are near-Gaussian)."""
     w = torch.randn(256, 1024, generator=torch.Generator().manual_seed(0))
     q = round_to_grid(w, sdclip_scale(w, bits, sigmas), bits).to(torch.int8)
     return 8 * len(COMPRESSORS[compressor][1](q.numpy().tobytes(), level)) / q.numel()
@@ -1154,9 +1144,8 @@ def export_artifact(model: nn.Module, h, path: str, code_bytes: int, log, hessia
 
 @torch.no_grad()
 def collect_hessians(model: nn.Module, batches, world: int) -> tuple[dict[str, Tensor], list[str]]:
-    """-> ({matrix: X^T X of its inputs}, warnings) over training micro-batches, summed over ranks.
-    A routed expert sees only the tokens routed to it, a soft expert every token, each row scaled by
-    the expert's gate; an expert that saw fewer tokens than it has inputs gets a damped Hessian."""
+    """-> ({matrix: X^T X of its inputs}, warnings), summed over ranks. A routed expert sees only its routed
+    tokens, a soft expert every token, each scaled by its gate; a starved expert gets a damped Hessian."""
     hess, counts, hooks = {}, {}, []
 
     def add(name: str, x: Tensor, expert: int = 0, n_experts: int = 1):
@@ -1539,14 +1528,12 @@ def final_evaluation(qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: i
 
 # issue 11: GPTQ calibration inside the wall clock, and the pre-quantization checkpoint
 def calibrate(trainer: Trainer, log) -> dict | None:
-    """GPTQ/LQER Hessians from the next GPTQ_CALIBRATION_BATCHES training micro-batches of every rank
-    (never validation tokens), in the GPTQ_RESERVE_SECONDS the training loop left."""
+    """GPTQ/LQER Hessians from the next training micro-batches (never validation) in the reserved time."""
     h, t0, n = trainer.h, time.perf_counter(), trainer.h.gptq_calibration_batches
     if not h.calibrate:
         return None
     batches = (b for _ in range(-(-n // trainer.accum)) for b in trainer.loader.next_step())
     hessians, warnings = collect_hessians(trainer.model.eval(), (b for _, b in zip(range(n), batches)), trainer.world)
-    trainer.sync()
     seconds = time.perf_counter() - t0
     for line in warnings + [f"gptq: Hessians of {len(hessians)} matrices from {n} x {h.micro_batch_tokens} training tokens x "
                             f"{trainer.world} ranks in {seconds:.1f}s (reserve {h.gptq_reserve_seconds:.1f}s"
