@@ -393,8 +393,12 @@ def summarize_config(config: dict) -> str:
         parts.append("SmearGate")
     if c.get("EMA_DECAY") is not None or c.get("EMA_HORIZON", 0) > 0:
         parts.append("EMA")
-    parts.append(f"int{c['QUANT_BITS_MLP']} MLP / int{c['QUANT_BITS_ATTN']} attn / int{c['QUANT_BITS_EMBED']} embed "
-                 f"+ zstd-{c['ZSTD_LEVEL']}")
+    if "MATRIX_BITS" in c:  # issue 11's quantizer
+        parts.append(f"{c['QUANT_METHOD'].upper()} int{c['MATRIX_BITS']} / int{c['EMBED_BITS']} embed"
+                     f"{' + LQER' if c.get('LQER_ENABLED') else ''} + {c['COMPRESSOR']}")
+    else:
+        parts.append(f"int{c['QUANT_BITS_MLP']} MLP / int{c['QUANT_BITS_ATTN']} attn / int{c['QUANT_BITS_EMBED']} embed "
+                     f"+ zstd-{c['ZSTD_LEVEL']}")
     if c.get("EVAL_STRIDE"):
         parts.append(f"sliding eval stride {c['EVAL_STRIDE']}")
     return ", ".join(parts)
