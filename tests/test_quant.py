@@ -166,12 +166,13 @@ def test_checkpoint_and_quant_study(tmp_path):
     saved = torch.load(ckpt, weights_only=True)
     assert saved["config"]["MODEL_DIM"] == 64 and "tok_emb.weight" in saved["state"]
     out = subprocess.run([sys.executable, str(REPO / "tools" / "quant_study.py"), str(ckpt), "--data-path", str(SAMPLE),
-                          "--tokenizer", str(TOKENIZER), "--val-token-limit", "4096", "--calibration-batches", "2", "--json"],
+                          "--tokenizer", str(TOKENIZER), "--val-token-limit", "4096", "--calibration-batches", "2",
+                          "--seq-len", "128", "--batch-tokens", "1024", "--json"],
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads(out.stdout)
     schemes = [r["scheme"] for r in rows]
-    assert schemes[:3] == ["rtn/zstd", "gptq/zstd", "gptq+lqer/zstd"]
+    assert schemes[:3] == ["rtn/zstd", "gptq/zstd", "gptq+lqer/zstd"] and rows[0]["bits"] == 6
     assert all(set(r) >= {"scheme", "bytes", "val_bpb", "pre_quant_val_bpb"} for r in rows)
     assert len({r["pre_quant_val_bpb"] for r in rows}) == 1 and all(r["bytes"] > 1000 for r in rows)
 

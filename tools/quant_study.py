@@ -3,7 +3,7 @@
     python3 tools/quant_study.py logs/RUN_fp.pt --data-path D --tokenizer T [--bits 6] [--val-token-limit N] [--json]
 
 The checkpoint is what SAVE_CHECKPOINT=1 writes (the EMA weights and the model knobs). Hessians come
-from the first --calibration-batches training micro-batches of D (never validation tokens). Every
+from the first --calibration-batches batches of --batch-tokens training tokens of D (never validation tokens). Every
 scheme uses train_gpt.py's own quantizer and artifact writer, so the bytes are the bytes a run writes:
   rtn          round-to-nearest on the SDClip grid
   gptq         GPTQ on the same grid (its step widened until it costs no more bytes than rtn)
@@ -41,9 +41,8 @@ def load_checkpoint(path: str, device: torch.device):
     return model.eval(), h
 
 
-def calibration_batches(h, data_path: str, n: int, device: torch.device) -> list:
-    loader = train_gpt.TrainLoader(train_gpt.shard_files(data_path, "train"), 0, 1, h.train_seq_len,
-                                   h.micro_batch_tokens, 1, device)
+def calibration_batches(data_path: str, n: int, seq_len: int, batch_tokens: int, device: torch.device) -> list:
+    loader = train_gpt.TrainLoader(train_gpt.shard_files(data_path, "train"), 0, 1, seq_len, batch_tokens, 1, device)
     return [loader.next_step()[0] for _ in range(n)]
 
 
@@ -76,7 +75,7 @@ def study(args) -> list[dict]:
     sp = train_gpt.load_tokenizer(args.tokenizer, h.vocab_size)
     tables = train_gpt.byte_tables(sp)
     val = train_gpt.load_val_tokens(args.data_path, h.vocab_size, args.val_token_limit)
-    seq = min(h.train_seq_len, val.numel() - 1)
+    seq = min(args.seq_len, val.numel() - 1)
 
     def evaluate(m) -> float:
         with torch.no_grad():
@@ -84,7 +83,8 @@ def study(args) -> list[dict]:
 
     pre = evaluate(model)
     t0 = time.perf_counter()
-    hessians, warnings = train_gpt.collect_hessians(model, calibration_batches(h, args.data_path, args.calibration_batches, device), 1)
+    batches = calibration_batches(args.data_path, args.calibration_batches, args.seq_len, args.batch_tokens, device)
+    hessians, warnings = train_gpt.collect_hessians(model, batches, 1)
     for w in warnings:
         print(w, file=sys.stderr)
     print(f"# {len(hessians)} Hessians from {args.calibration_batches} batches in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -114,6 +114,8 @@ def main() -> None:
     parser.add_argument("--embed-bits", type=int, default=0, help="EMBED_BITS (default bits + 1)")
     parser.add_argument("--val-token-limit", type=int, default=0)
     parser.add_argument("--calibration-batches", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=1024, help="calibration and evaluation window (use the run's)")
+    parser.add_argument("--batch-tokens", type=int, default=16384, help="tokens per calibration batch")
     parser.add_argument("--only", choices=("mlp", "attn", "embed", "bigram"), default="")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
