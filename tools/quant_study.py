@@ -56,7 +56,7 @@ def quantize(model, hq, hessians, only: str):
     state = train_gpt.artifact_state(model)
     if not only:
         return train_gpt.quantize_state(state, hq, hessians)
-    keep = {n: t for n, t in state.items() if train_gpt.tensor_class(n) != only}
+    keep = {n: t for n, t in state.items() if train_gpt.QUANT_GROUP.get(train_gpt.param_class(n, t), "other") != only}
     entries, err = train_gpt.quantize_state({n: t for n, t in state.items() if n not in keep}, hq, hessians)
     entries.update({n: (16, [t.detach().float().cpu().half()]) for n, t in keep.items()})
     return entries, err
