@@ -175,6 +175,11 @@ def test_checkpoint_and_quant_study(tmp_path):
     assert schemes[:3] == ["rtn/zstd", "gptq/zstd", "gptq+lqer/zstd"] and rows[0]["bits"] == 6
     assert all(set(r) >= {"scheme", "bytes", "val_bpb", "pre_quant_val_bpb"} for r in rows)
     assert len({r["pre_quant_val_bpb"] for r in rows}) == 1 and all(r["bytes"] > 1000 for r in rows)
+    only = subprocess.run([*out.args[:-1], "--only", "mlp", "--json"], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert only.returncode == 0, only.stderr[-2000:]
+    mlp_only = json.loads(only.stdout)  # the other classes stay fp16: more bytes, a smaller gap
+    assert mlp_only[0]["scheme"] == "rtn/zstd" and mlp_only[0]["bytes"] > rows[0]["bytes"]
 
 
 def test_self_extracting_script_runs_the_same_program(tmp_path):
