@@ -11,14 +11,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import functools
 import glob
 import hashlib
+import importlib.util
 import json
+import lzma
 import math
 import os
+import shutil
 import struct
+import subprocess
 import sys
 import time
+import zlib
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -34,7 +40,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # ---- 1. Hyperparameters: every knob is an environment variable (documented in README.md) ---------
 CHOICES = {"COMPILE": ("auto", "0", "1"), "MLP_ACT": ("relu2", "leaky_relu2"),
            "MOE_MODE": ("none", "soft", "topk", "shared_routed"), "ROUTER_SCORE": ("softmax", "sigmoid"),
-           "MOE_DISPATCH": ("grouped", "capacity")}
+           "MOE_DISPATCH": ("grouped", "capacity"), "QUANT_METHOD": ("gptq", "rtn"),
+           "COMPRESSOR": ("zstd", "brotli", "lzma", "lrzip")}
 KNOBS: dict[str, tuple[type, object]] = {
     # data, run and logging
     "DATA_PATH": (str, "./data/datasets/fineweb10B_sp8192"),
@@ -73,9 +80,13 @@ KNOBS: dict[str, tuple[type, object]] = {
     "EMBED_WD": (float, 0.085), "GRAD_CLIP_NORM": (float, 0.3),
     # weight averaging: unset = a horizon of EMA_RUN_HORIZON of the run; a number = per-step decay; 0 = off
     "EMA_DECAY": (float, None),
-    # quantization and the artifact
-    "QUANT_BITS_MLP": (int, 5), "QUANT_BITS_ATTN": (int, 6), "QUANT_BITS_EMBED": (int, 8),
-    "QUANT_BITS_BIGRAM": (int, 6), "FP16_KEEP_NAME_PATTERNS": (str, ""), "FP16_KEEP_MAX_NUMEL": (int, 4096),
+    # quantization and the artifact (issue 11: GPTQ, SDClip, LQER, compressors)
+    "QUANT_METHOD": (str, "gptq"), "GPTQ_RESERVE_SECONDS": (float, 5.0), "GPTQ_CALIBRATION_BATCHES": (int, 16),
+    "MATRIX_BITS": (int, 6), "EMBED_BITS": (int, 7), "MATRIX_CLIP_SIGMAS": (float, 12.85),
+    "MLP_CLIP_SIGMAS": (float, 11.5), "ATTN_CLIP_SIGMAS": (float, 13.0), "EMBED_CLIP_SIGMAS": (float, 14.0),
+    "LQER_ENABLED": (bool, True), "LQER_RANK": (int, 4), "LQER_TOP_K": (int, 3), "LQER_FACTOR_BITS": (int, 4),
+    "COMPRESSOR": (str, "brotli"), "SAVE_CHECKPOINT": (bool, False),
+    "FP16_KEEP_NAME_PATTERNS": (str, ""), "FP16_KEEP_MAX_NUMEL": (int, 4096),
     "PRUNE_FRAC": (float, 0.0), "ZSTD_LEVEL": (int, 22), "SIZE_CAP_BYTES": (int, 16_000_000),
     "BUDGET_MARGIN": (float, 0.02),
     # evaluation
@@ -107,16 +118,20 @@ KNOB_LIMITS: dict[str, tuple[float, float]] = {**dict.fromkeys((
     "GRAD_CLIP_NORM", "EMBED_WD", "XSA_LAST_N", "PARALLEL_START_LAYER", "NUM_LOOPS", "LOOP_START", "LOOP_END",
     "SPARSE_ATTN_GATE_SCALE", "TTT_LORA_LR", "TTT_WEIGHT_DECAY", "PHASED_TTT_PREFIX_DOCS", "PHASED_TTT_NUM_PHASES",
     "GLOBAL_TTT_LR", "GLOBAL_TTT_EPOCHS", "GLOBAL_TTT_GRAD_CLIP", "EVAL_TIME_LIMIT", "GLOBAL_TTT_CHUNK_TOKENS"), (0, math.inf)),
-    **dict.fromkeys(("TTT_LORA_RANK", "TTT_CHUNK_SIZE", "TTT_BATCH_SIZE", "TTT_GRAD_STEPS"), (1, math.inf)), **dict.fromkeys(("WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_FRAC", "MIN_LR", "ENABLE_LOOPING_AT"), (0, 1)),
+    **dict.fromkeys(("TTT_LORA_RANK", "TTT_CHUNK_SIZE", "TTT_BATCH_SIZE", "TTT_GRAD_STEPS"), (1, math.inf)),
+    **dict.fromkeys(("WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_FRAC", "MIN_LR", "ENABLE_LOOPING_AT"), (0, 1)),
     **dict.fromkeys(("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY", "TTT_BETA1", "TTT_BETA2",
                      "GLOBAL_TTT_MOMENTUM"), (0, 0.99999)),
-    **dict.fromkeys(("QUANT_BITS_MLP", "QUANT_BITS_ATTN", "QUANT_BITS_EMBED", "QUANT_BITS_BIGRAM"), (2, 16)),
+    **dict.fromkeys(("MATRIX_BITS", "EMBED_BITS", "LQER_FACTOR_BITS"), (2, 8)), "GPTQ_RESERVE_SECONDS": (0, math.inf),
+    **dict.fromkeys(("MATRIX_CLIP_SIGMAS", "MLP_CLIP_SIGMAS", "ATTN_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS"), (0.01, math.inf)),
+    **dict.fromkeys(("LQER_RANK", "GPTQ_CALIBRATION_BATCHES"), (1, math.inf)), "LQER_TOP_K": (0, math.inf),
     "VOCAB_SIZE": (2, math.inf), "MLP_MULT": (0.25, math.inf), "ROPE_BASE": (1, math.inf), "LOGIT_SOFTCAP": (1, math.inf),
     "CAPACITY_FACTOR": (0.1, math.inf), "GATE_WINDOW": (1, math.inf), "PRUNE_FRAC": (0, 0.99), "ZSTD_LEVEL": (1, 22), "BUDGET_MARGIN": (-1, 1)}
 # Knobs merged or renamed by the restructure (issue 9): a clear error instead of a silently ignored variable.
 REPLACED_KNOBS = {"BIGRAM_BUCKETS": "BIGRAM_VOCAB_SIZE", "MOE_START_LAYER": "MOE_LAYERS (a list of layers)",
                   "EMA_HORIZON": "EMA_DECAY (unset = 5.8% of the run, 0 = off)", "EMA_START": "EMA_DECAY",
-                  "ALLOW_OVER_BUDGET": "BUDGET_MARGIN=-1", "LR_WARMUP_FRAC": "nothing (no LR warm-up)"}
+                  "ALLOW_OVER_BUDGET": "BUDGET_MARGIN=-1", "LR_WARMUP_FRAC": "nothing (no LR warm-up)",
+                  **{f"QUANT_BITS_{c}": "MATRIX_BITS / EMBED_BITS" for c in ("MLP", "ATTN", "EMBED", "BIGRAM")}}
 # Launcher variables that are not knobs but look like them.
 LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
@@ -192,9 +207,7 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     require(h.moe_mode in ("none", "soft") or h.moe_dispatch != "grouped" or h.model_dim % 8 == h.expert_mlp_hidden % 8 == 0,
             f"MOE_DISPATCH=grouped needs MODEL_DIM={h.model_dim} and the expert width {h.expert_mlp_hidden} (EXPERT_HIDDEN) "
             "to be multiples of 8 (16-byte aligned rows); change them or use MOE_DISPATCH=capacity")
-    for name in ("QUANT_BITS_MLP", "QUANT_BITS_ATTN", "QUANT_BITS_EMBED", "QUANT_BITS_BIGRAM"):
-        bits = getattr(h, name.lower())
-        require(bits <= 8 or bits == 16, f"{name}={bits}: expected 2..8, or 16 to keep fp16")
+    derive_quant_config(h, require)
     h.micro_batch_source = "" if h.micro_batch_tokens else f" (unset: TRAIN_BATCH_TOKENS={h.train_batch_tokens} / 8)"
     h.micro_batch_tokens = h.micro_batch_tokens or h.train_batch_tokens // 8
     require(h.micro_batch_tokens % h.train_seq_len == 0 and h.micro_batch_tokens > 0, f"MICRO_BATCH_TOKENS="
@@ -223,6 +236,16 @@ def derive_stack(h: SimpleNamespace, require) -> None:
     first = max(h.num_layers // 2, h.loop_end + 1 if h.num_loops else 0)
     require(h.parallel_start_layer == 0 or h.parallel_start_layer >= first,
             f"PARALLEL_START_LAYER={h.parallel_start_layer}: must be 0 (off) or at least {first} (decoder layers after the loop)")
+
+def derive_quant_config(h: SimpleNamespace, require) -> None:
+    """Quantization knobs KNOB_LIMITS cannot check; the GPTQ reserve shortens the training wall clock."""
+    missing = compressor_missing(h.compressor)
+    require(not missing, f"COMPRESSOR={h.compressor} needs {missing}, which is not installed; install it or choose zstd")
+    h.calibrate = h.quant_method == "gptq" or h.lqer_enabled  # Hessians are needed
+    reserve = h.gptq_reserve_seconds if h.calibrate and h.max_wallclock_seconds > 0 else 0.0
+    require(0 <= reserve < h.max_wallclock_seconds or not reserve,
+            f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds}: must be in [0, MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds})")
+    h.train_wallclock_seconds = h.max_wallclock_seconds - reserve  # training stops early to calibrate in time
 
 
 def grad_accum_steps(h: SimpleNamespace, world_size: int) -> int:
@@ -842,7 +865,7 @@ class GPT(nn.Module):
 CONTROL_PATTERNS = ("resid_mix", "skip_weights", "q_gain", "attn_scale", "mlp_scale", "smear", "bigram.scale",
                     "attn_gate", "lane_")
 MATRIX_CLASSES = ("attn", "mlp", "bigram_proj", "other")  # trained by Muon
-# Which QUANT_BITS_* knob (and shrink step) a class of weights follows; other classes use 8 bits.
+# Which bits, clip sigmas and shrink step a class of weights follows (quantization section).
 QUANT_GROUP = {"embed": "embed", "head": "embed", "bigram_table": "bigram", "bigram_proj": "bigram",
                "mlp": "mlp", "attn": "attn"}
 
@@ -975,151 +998,248 @@ class EMA:
         for p, s in zip(self.params, self.shadow):
             p.copy_(s.to(p.dtype))
 
-# ---- 7. Quantization and the artifact: per-row intN with clip search, fp16 for control tensors, zstd ----
-ARTIFACT_MAGIC, ARTIFACT_FORMAT, ARTIFACT_VERSION = b"PGMOE\x00", "pgolf-moe-artifact", 1
-# Per-row clip levels (fractions of the row's absmax) tried by the quantizer: clipping a few outliers
-# gives the bulk of the row a finer step; below ~0.75 the clipped outliers cost more than they save.
-CLIP_CANDIDATES = (1.0, 0.97, 0.94, 0.9, 0.86, 0.82, 0.78, 0.74)
-# Compressed bits per parameter after zstd-22, for the start-up budget preview. Int5 and int6 are
-# 8 / 1.88 and 8 / 1.51, the int8-container zstd ratios the 10L int5-MLP record reports for weights
-# trained on FineWeb. Int8, fp16 and the row scales were measured by tools/calibrate_budget.py on
-# the sample model (run_sample.sh); 2, 3, 4 and 7 bits on Gaussian rows. Recalibrate on real runs.
-BITS_PER_PARAM = {2: 1.7, 3: 2.6, 4: 3.5, 5: 4.26, 6: 5.30, 7: 6.5, 8: 7.6, 16: 14.7}
-SCALE_BITS = 13.0  # one fp16 scale per row
+# ---- 7. Quantization and the artifact: SDClip grid, GPTQ or round-to-nearest, LQER, compressors ----
+ARTIFACT_MAGIC, ARTIFACT_FORMAT, ARTIFACT_VERSION = b"PGMOE\x00", "pgolf-moe-artifact", 2
+# name -> (what it needs: a python module or a system binary, compress(data, zstd level), decompress)
+COMPRESSORS = {
+    "zstd": ("zstandard", lambda d, level: zstandard.ZstdCompressor(level=level, write_checksum=True).compress(d),
+             lambda b: zstandard.ZstdDecompressor().decompress(b)),
+    "brotli": ("brotli", lambda d, level: importlib.import_module("brotli").compress(d, quality=11),
+               lambda b: importlib.import_module("brotli").decompress(b)),
+    "lzma": ("lzma", lambda d, level: lzma.compress(d, preset=9 | lzma.PRESET_EXTREME), lambda b: lzma.decompress(b)),
+    "lrzip": ("lrzip binary", lambda d, level: lrzip(d, "-z", "-L", "9"), lambda b: lrzip(b, "-d")),
+}
+# Compressed bits of a row's fp16 scale and of an fp16 parameter, measured on the sample model.
+SCALE_BITS, FP16_BITS = 13.0, 14.7
 
 
 class ArtifactError(ValueError):
     """An artifact that cannot be read back; the message names the file."""
 
 
-def storage_bits(name: str, t: Tensor, h) -> int:
-    """The bit width a tensor is stored with: 16 means fp16 (routers, gates, controls, small tensors)."""
+def lrzip(data: bytes, *args: str) -> bytes:  # through stdin and stdout
+    return subprocess.run(["lrzip", "-q", *args], input=data, capture_output=True, check=True).stdout
+
+
+def compressor_missing(name: str) -> str | None:
+    """What COMPRESSOR=name needs that is not installed, or None."""
+    need = COMPRESSORS[name][0]
+    found = shutil.which(need.split()[0]) if need.endswith(" binary") else importlib.util.find_spec(need)
+    return None if found else f"the {need} (python module or binary on PATH)"
+
+
+def storage_grid(name: str, t: Tensor, h) -> tuple[int, float]:
+    """(bits, clip sigmas) a tensor is stored with; 16 bits = fp16 (routers, controls, small tensors)."""
     keep = tuple(p for p in h.fp16_keep_name_patterns.split(",") if p)
     cls = param_class(name, t)
     if cls in ("router", "control") or t.numel() <= h.fp16_keep_max_numel or any(p in name for p in keep):
-        return 16
-    return {"embed": h.quant_bits_embed, "bigram": h.quant_bits_bigram, "mlp": h.quant_bits_mlp,
-            "attn": h.quant_bits_attn}.get(QUANT_GROUP.get(cls, "other"), 8)
+        return 16, 0.0
+    group = QUANT_GROUP.get(cls, "other")
+    sigmas = {"embed": h.embed_clip_sigmas, "mlp": h.mlp_clip_sigmas, "attn": h.attn_clip_sigmas}
+    return (h.embed_bits if group == "embed" else h.matrix_bits), sigmas.get(group, h.matrix_clip_sigmas)
 
 
-def quantize_rows(w: Tensor, bits: int, prune_frac: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row intN; each row keeps the clip level with the least squared error."""
-    rows = w.float().reshape(-1, w.size(-1))
-    if prune_frac > 0:
-        k = max(1, int(prune_frac * rows.numel()))
-        threshold = rows.abs().flatten().kthvalue(k).values
-        rows = torch.where(rows.abs() <= threshold, torch.zeros_like(rows), rows)
+def sdclip_scale(w: Tensor, bits: int, sigmas: float) -> Tensor:
+    """SDClip: each row's step is sigmas x its std / qmax, so the grid spans +-sigmas standard deviations."""
+    return (sigmas * w.float().std(dim=-1) / (2 ** (bits - 1) - 1)).clamp_min(6e-8).half()
+
+
+def round_to_grid(w: Tensor, scale: Tensor, bits: int, zero: Tensor | None = None) -> Tensor:
     qmax = 2 ** (bits - 1) - 1
-    absmax = rows.abs().amax(dim=1).clamp_min(1e-12)
-    best_err = best_q = best_scale = None
-    for clip in CLIP_CANDIDATES:
-        scale = (clip * absmax / qmax).half().float().clamp_min(6e-8)  # quantize with the stored scale
-        q = torch.clamp(torch.round(rows / scale[:, None]), -qmax, qmax)
-        err = (q * scale[:, None] - rows).square().sum(1)
-        if best_err is None:
-            best_err, best_q, best_scale = err, q, scale
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_q = torch.where(better[:, None], q, best_q)
-            best_scale = torch.where(better, scale, best_scale)
-    return best_q.to(torch.int8), best_scale.half()
+    q = torch.clamp(torch.round(w.float() / scale.float()[:, None]), -qmax, qmax)
+    return q if zero is None else q.masked_fill(zero, 0)
 
 
-def dequantize_rows(q: Tensor, scale: Tensor, shape) -> Tensor:
-    return (q.float() * scale.float()[:, None]).reshape(shape)
+def gptq(w: Tensor, H: Tensor, scale: Tensor, bits: int, zero: Tensor | None = None, block: int = 128) -> Tensor:
+    """GPTQ: column by column, each column's error fed into later columns through the inverse Hessian."""
+    W, H = w.float().clone(), H.float().clone()
+    H.diagonal().add_(0.01 * H.diagonal().mean() + 1e-6)  # damping; inputs that never fire stay invertible
+    perm = torch.argsort(H.diagonal(), descending=True)
+    W, H, s = W[:, perm], H[perm][:, perm], scale.float()[:, None]
+    zero = None if zero is None else zero[:, perm]
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    for i in range(0, W.size(1), block):
+        end = min(i + block, W.size(1))
+        Wb, Ub, err = W[:, i:end].clone(), U[i:end, i:end], torch.zeros_like(W[:, i:end])
+        for j in range(end - i):
+            Q[:, i + j:i + j + 1] = q = round_to_grid(Wb[:, j:j + 1], scale, bits, None if zero is None else zero[:, i + j:i + j + 1])
+            err[:, j:j + 1] = (Wb[:, j:j + 1] - q * s) / Ub[j, j]
+            Wb[:, j:] -= err[:, j:j + 1] * Ub[j:j + 1, j:]
+        W[:, end:] -= err @ U[i:end, end:]
+    return Q[:, torch.argsort(perm)]
 
 
-def quantize_state(state: dict[str, Tensor], h, bits_drop: dict | None = None, extra_prune: float = 0.0):
+def packed_bits(q: Tensor) -> int:
+    return 8 * len(zstandard.ZstdCompressor(level=3).compress(q.to(torch.int8).numpy().tobytes()))
+
+
+def quantize_matrix(w: Tensor, H: Tensor | None, bits: int, sigmas: float, zero: Tensor | None = None):
+    """-> (integers, fp16 row scales) of a 2-D matrix on its SDClip grid; GPTQ when given a Hessian. GPTQ's
+    error feedback spreads the integers, costing bytes: its step is widened by the bits it added until
+    it costs no more than round-to-nearest, and the one with less output error is kept."""
+    scale = sdclip_scale(w, bits, sigmas)
+    q = round_to_grid(w, scale, bits, zero)
+    if H is None:
+        return q, scale
+    def out_err(q, s):  # tr(E H E^T): the squared error of the layer's outputs on the calibration inputs
+        delta = q * s.float()[:, None] - w.float()
+        return (delta @ H.float() * delta).sum()
+    scale_g, budget = scale, packed_bits(q)
+    for _ in range(3):
+        q_g = gptq(w, H, scale_g, bits, zero)
+        added = (packed_bits(q_g) - budget) / q.numel()  # bits per weight over round-to-nearest
+        if added <= 0.001:  # compressor noise
+            return min((q, scale), (q_g, scale_g), key=lambda c: out_err(*c))
+        scale_g = (scale_g.float() * 2 ** (1.25 * added)).half()  # a step twice as wide saves ~1 bit
+    return q, scale
+
+
+def quantize_tensor(name: str, t: Tensor, h, H: Tensor | None, drop: int, prune: float) -> tuple[int, list[Tensor]]:
+    """-> (bits, [fp16 tensor]) or (bits, [integers, row scales]); 3-D experts one matrix at a time."""
+    bits, sigmas = storage_grid(name, t, h)
+    if bits == 16:
+        return 16, [t.half()]
+    bits, parts = max(2, bits - drop), []
+    for i, w in enumerate(t.reshape(-1, *t.shape[-2:])):
+        zero = w.abs() <= w.abs().flatten().kthvalue(max(1, int(prune * w.numel()))).values if prune > 0 else None
+        use_h = H is not None and h.quant_method == "gptq"
+        parts.append(quantize_matrix(w, H.reshape(-1, *H.shape[-2:])[i] if use_h else None, bits, sigmas, zero))
+    return bits, [torch.cat([q for q, _ in parts]).to(torch.int8), torch.cat([s for _, s in parts])]
+
+
+def lqer_factors(err: Tensor, H: Tensor | None, rank: int, bits: int) -> list[Tensor]:
+    """LQER: rank-r A @ B ~ the error with input columns scaled by activation RMS; A^T, B as per-row intN."""
+    d = H.reshape(-1, *H.shape[-2:]).sum(0).diagonal().clamp_min(0).sqrt() + 1e-8 if H is not None else torch.ones(err.size(1))
+    U, S, Vh = torch.linalg.svd(err * d, full_matrices=False)
+    factors = []
+    for m in ((U[:, :rank] * S[:rank]).T, Vh[:rank] / d):
+        scale = (m.abs().amax(dim=1) / (2 ** (bits - 1) - 1)).clamp_min(6e-8).half()
+        factors += [round_to_grid(m, scale, bits).to(torch.int8), scale]
+    return factors
+
+
+def dequantize_entry(bits: int, tensors: list[Tensor], shape) -> Tensor:
+    if bits == 16:
+        return tensors[0].float().reshape(shape)
+    w = tensors[0].float() * tensors[1].float()[:, None]
+    if len(tensors) == 6:  # with LQER factors
+        w = w + (tensors[2].float() * tensors[3].float()[:, None]).T @ (tensors[4].float() * tensors[5].float()[:, None])
+    return w.reshape(shape)
+
+
+def quantize_state(state: dict[str, Tensor], h, hessians: dict | None = None, bits_drop: dict | None = None,
+                   extra_prune: float = 0.0):
     """-> (entries, relative squared error of the quantized tensors). entries: name -> (bits, tensors)."""
-    entries, err, total = {}, 0.0, 0.0
+    entries, scores, err, total, hessians = {}, {}, 0.0, 0.0, hessians or {}
     for name, t in state.items():
-        t = t.detach().cpu()
-        bits = storage_bits(name, t, h)
-        if bits == 16:
-            entries[name] = (16, t.half())
+        t, H = t.detach().float().cpu(), None if hessians.get(name) is None else hessians[name].float().cpu()
+        drop = (bits_drop or {}).get(QUANT_GROUP.get(param_class(name, t), "other"), 0)
+        entries[name] = quantize_tensor(name, t, h, H, drop, h.prune_frac + extra_prune)
+        if entries[name][0] == 16:
             continue
-        bits = max(2, bits - (bits_drop or {}).get(QUANT_GROUP.get(param_class(name, t), "other"), 0))
-        q, scale = quantize_rows(t, bits, h.prune_frac + extra_prune)
-        entries[name] = (bits, q, scale)
-        err += (dequantize_rows(q, scale, t.shape) - t.float()).square().sum().item()
-        total += t.float().square().sum().item()
+        delta = t - dequantize_entry(*entries[name], t.shape)
+        err, total = err + delta.square().sum().item(), total + t.square().sum().item()
+        if H is not None or not hessians:  # LQER ranks by output error tr(E H E^T), or |E|^2 without Hessians
+            d = delta.reshape(-1, *t.shape[-2:])
+            scores[name] = (d @ H.reshape(-1, *H.shape[-2:]) * d).sum().item() if H is not None else d.square().sum().item()
+    for name in sorted(scores, key=scores.get, reverse=True)[:h.lqer_top_k if h.lqer_enabled else 0]:
+        t = state[name].detach().float().cpu().reshape(-1, state[name].size(-1))
+        before = t - dequantize_entry(*entries[name], t.shape)
+        entries[name][1].extend(lqer_factors(before, hessians.get(name), h.lqer_rank, h.lqer_factor_bits))
+        err += (t - dequantize_entry(*entries[name], t.shape)).square().sum().item() - before.square().sum().item()
     return entries, err / max(total, 1e-30)
 
 
-def serialize_artifact(entries: dict, config: dict, shapes: dict, level: int) -> bytes:
-    """One zstd frame holding: magic, header length, JSON header (format, config, tensor table), data."""
-    table, blobs, offset = [], [], 0
-    for name, (bits, *tensors) in entries.items():
-        parts = [t.contiguous().numpy().tobytes() for t in tensors]
-        table.append(dict(name=name, bits=bits, rows=0 if bits == 16 else int(tensors[0].shape[0]),
-                          offset=offset, sizes=[len(p) for p in parts]))
-        blobs += parts
-        offset += sum(len(p) for p in parts)
-    header = json.dumps(dict(format=ARTIFACT_FORMAT, version=ARTIFACT_VERSION, config=config,
-                             shapes=shapes, tensors=table)).encode()
-    payload = ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + b"".join(blobs)
-    return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(payload)
+def serialize_artifact(entries: dict, config: dict, shapes: dict, compressor: str = "", level: int = 3) -> bytes:
+    """Compressor name, header length, CRC32, then compressed apart (a text header in front costs zstd ~10%)
+    the header (magic, JSON: format, config, tensor table) and the data: the integers of one role (every
+    layer's attn.c_q, ...) side by side, then scales and LQER factors, then fp16. No compressor: quick zstd."""
+    role = lambda name: ".".join(p for p in name.split(".") if not p.isdigit())  # noqa: E731
+    parts = sorted((2 if bits == 16 else min(j, 1), role(name), name, j, t.contiguous())
+                   for name, (bits, ts) in entries.items() for j, t in enumerate(ts))
+    table = {name: dict(name=name, bits=bits, parts=[None] * len(ts)) for name, (bits, ts) in entries.items()}
+    blobs, offset = [], 0
+    for *_, name, j, t in parts:
+        blobs.append(t.numpy().tobytes())
+        table[name]["parts"][j] = [offset, list(t.shape), str(t.dtype).removeprefix("torch.")]
+        offset += len(blobs[-1])
+    header = ARTIFACT_MAGIC + json.dumps(dict(format=ARTIFACT_FORMAT, version=ARTIFACT_VERSION, config=config,
+                                              shapes=shapes, tensors=list(table.values()))).encode()
+    compress = COMPRESSORS[compressor][1] if compressor else lambda d, lvl: zstandard.ZstdCompressor(level=lvl).compress(d)
+    head, data = compress(header, level), b"".join(blobs)
+    checksum = zlib.crc32(data, zlib.crc32(header))  # brotli and lzma frames carry none
+    return compressor.encode().ljust(8, b"\0") + struct.pack("<II", len(head), checksum) + head + compress(data, level)
 
 
-def unpack_artifact(path: str) -> tuple[dict, memoryview]:
-    """-> (JSON header, raw tensor data) of an artifact file; errors name the file and the problem."""
+def unpack_artifact(path: str) -> tuple[dict, dict]:
+    """-> (JSON header, entries) of an artifact file; errors name the file and the problem."""
     if not os.path.isfile(path):
         raise ArtifactError(f"{path}: no such artifact")
     with open(path, "rb") as f:
         blob = f.read()
+    compressor = blob[:8].rstrip(b"\0").decode("ascii", "replace")
+    if compressor not in COMPRESSORS or len(blob) < 16:
+        raise ArtifactError(f"{path}: corrupt or truncated artifact, or not a {ARTIFACT_FORMAT} v{ARTIFACT_VERSION} file "
+                            f"(unknown compressor tag {blob[:8]!r})")
+    hlen, checksum = struct.unpack_from("<II", blob, 8)
     try:
-        payload = zstandard.ZstdDecompressor().decompress(blob)
-    except zstandard.ZstdError as err:
-        raise ArtifactError(f"{path}: corrupt or truncated artifact (zstd: {err})") from None
-    if not payload.startswith(ARTIFACT_MAGIC):
-        raise ArtifactError(f"{path}: not a {ARTIFACT_FORMAT} file (bad magic)")
-    (hlen,) = struct.unpack_from("<I", payload, len(ARTIFACT_MAGIC))
-    start = len(ARTIFACT_MAGIC) + 4
+        header, data = (COMPRESSORS[compressor][2](b) for b in (blob[16:16 + hlen], blob[16 + hlen:]))
+    except Exception as err:  # each compressor raises its own error types
+        raise ArtifactError(f"{path}: corrupt or truncated artifact ({compressor}: {err})") from None
+    if zlib.crc32(data, zlib.crc32(header)) != checksum:
+        raise ArtifactError(f"{path}: corrupt or truncated artifact (checksum mismatch)")
     try:
-        header = json.loads(payload[start:start + hlen])
+        header = json.loads(header.removeprefix(ARTIFACT_MAGIC)) if header.startswith(ARTIFACT_MAGIC) else {}
     except ValueError:
-        raise ArtifactError(f"{path}: unreadable artifact header") from None
+        header = {}
     if header.get("format") != ARTIFACT_FORMAT or header.get("version") != ARTIFACT_VERSION:
-        raise ArtifactError(f"{path}: format {header.get('format')} v{header.get('version')} is not "
-                            f"{ARTIFACT_FORMAT} v{ARTIFACT_VERSION}")
-    data = memoryview(payload)[start + hlen:]
+        raise ArtifactError(f"{path}: not a {ARTIFACT_FORMAT} v{ARTIFACT_VERSION} artifact (bad magic or header)")
+    entries = {}
     for e in header["tensors"]:
-        if e["offset"] + sum(e["sizes"]) > len(data):
-            raise ArtifactError(f"{path}: tensor {e['name']} runs past the end of the data")
-    return header, data
+        tensors = []
+        for offset, shape, dtype in e["parts"]:
+            end = offset + math.prod(shape) * getattr(torch, dtype).itemsize
+            if end > len(data):
+                raise ArtifactError(f"{path}: tensor {e['name']} runs past the end of the data")
+            tensors.append(torch.frombuffer(bytearray(data[offset:end]), dtype=getattr(torch, dtype)).reshape(shape))
+        entries[e["name"]] = (e["bits"], tensors)
+    return header, entries
 
 
 def read_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
     """-> (model knobs, dequantized float state dict)."""
-    header, data = unpack_artifact(path)
-    state = {}
-    for e in header["tensors"]:
-        shape, start = header["shapes"][e["name"]], e["offset"]
-        raw = bytearray(data[start:start + e["sizes"][0]])
-        if e["bits"] == 16:
-            state[e["name"]] = torch.frombuffer(raw, dtype=torch.float16).float().reshape(shape)
-        else:
-            scales = bytearray(data[start + e["sizes"][0]:start + sum(e["sizes"])])
-            q = torch.frombuffer(raw, dtype=torch.int8).reshape(e["rows"], -1)
-            state[e["name"]] = dequantize_rows(q, torch.frombuffer(scales, dtype=torch.float16), shape)
-    return header["config"], state
+    header, entries = unpack_artifact(path)
+    return header["config"], {n: dequantize_entry(bits, ts, header["shapes"][n]) for n, (bits, ts) in entries.items()}
 
 
 def artifact_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
+@functools.lru_cache(maxsize=None)
+def grid_bits_per_param(bits: int, sigmas: float, compressor: str, level: int) -> float:
+    """Compressed bits/parameter of a seeded Gaussian matrix on this grid (SDClip rows are near-Gaussian)."""
+    w = torch.randn(256, 1024, generator=torch.Generator().manual_seed(0))
+    q = round_to_grid(w, sdclip_scale(w, bits, sigmas), bits).to(torch.int8)
+    return 8 * len(COMPRESSORS[compressor][1](q.numpy().tobytes(), level)) / q.numel()
+
+
 def estimate_artifact_bytes(model: nn.Module, h) -> tuple[int, dict[str, int]]:
-    """Budget preview from parameter counts, bit widths and the calibrated BITS_PER_PARAM."""
-    per_class: dict[str, float] = {}
+    """Budget preview: parameter counts x the measured bits per parameter of each tensor's grid."""
+    per_class, lqer = {}, []
     for name, t in artifact_state(model).items():
-        bits = storage_bits(name, t, h)
-        size = t.numel() * BITS_PER_PARAM[bits] / 8 + (0 if bits == 16 else t.numel() // t.size(-1) * SCALE_BITS / 8)
-        key = "fp16" if bits == 16 else QUANT_GROUP.get(param_class(name, t), "other")
+        bits, sigmas = storage_grid(name, t, h)
+        if bits == 16:
+            per_class["fp16"] = per_class.get("fp16", 0.0) + t.numel() * FP16_BITS / 8
+            continue
+        rows, key = t.numel() // t.size(-1), QUANT_GROUP.get(param_class(name, t), "other")
+        size = (t.numel() * grid_bits_per_param(bits, sigmas, h.compressor, h.zstd_level) + rows * SCALE_BITS) / 8
         per_class[key] = per_class.get(key, 0.0) + size
-    # The JSON header: ~120 bytes per tensor-table entry plus ~1.5 kB of config and framing.
-    header = 120 * len(artifact_state(model)) + 1500
+        lqer.append(h.lqer_rank * ((rows + t.size(-1)) * h.lqer_factor_bits + 32) / 8)
+    per_class["lqer"] = sum(sorted(lqer)[::-1][:h.lqer_top_k]) if h.lqer_enabled else 0  # the largest, at most
+    # The JSON header: ~150 bytes per tensor-table entry plus ~1.5 kB of config and framing.
+    header = 150 * len(artifact_state(model)) + 1500
     return int(sum(per_class.values()) + header), {k: int(v) for k, v in per_class.items()}
 
 
@@ -1132,27 +1252,28 @@ def shrink_steps():
                 yield drops, extra
 
 
-def export_artifact(model: nn.Module, h, path: str, code_bytes: int, log) -> int:
-    """Quantize, compress and write; shrink step by step until code + artifact fits SIZE_CAP_BYTES.
-    Each step's size is first predicted with a fast zstd level (scaled by the full/fast size ratio of
-    the first attempt); only steps predicted to fit pay for the full-level compression."""
+def export_artifact(model: nn.Module, h, path: str, code_bytes: int, log, hessians: dict | None = None) -> int:
+    """Quantize, compress and write; shrink step by step until code + artifact fits SIZE_CAP_BYTES. Each
+    step's size is first predicted from round-to-nearest integers and a fast zstd level, times the real /
+    predicted ratio of the first attempt; only steps predicted to fit pay for GPTQ and the full compressor."""
     config, state = {name: getattr(h, name.lower()) for name in MODEL_KNOBS}, artifact_state(model)
-    shapes = {n: list(t.shape) for n, t in state.items()}
-    limit = h.size_cap_bytes - code_bytes
-    entries, err = quantize_state(state, h)
-    blob = serialize_artifact(entries, config, shapes, h.zstd_level)
-    log(f"quant: relative squared error {err:.3e}, artifact {len(blob)} bytes + code {code_bytes}")
+    shapes, limit = {n: list(t.shape) for n, t in state.items()}, h.size_cap_bytes - code_bytes
+    rtn = SimpleNamespace(**{**vars(h), "quant_method": "rtn", "lqer_enabled": False})
+    entries, err = quantize_state(state, h, hessians)
+    blob = serialize_artifact(entries, config, shapes, h.compressor, h.zstd_level)
+    log(f"quant: {h.quant_method}{'+lqer' if h.lqer_enabled else ''}, relative squared error {err:.3e}, "
+        f"artifact {len(blob)} bytes ({h.compressor}) + code {code_bytes}")
     if len(blob) > limit:
-        ratio = len(blob) / len(serialize_artifact(entries, config, shapes, 1))
+        ratio = len(blob) / len(serialize_artifact(quantize_state(state, rtn)[0], config, shapes))
         for drops, extra in shrink_steps():
-            entries, err = quantize_state(state, h, drops, extra)
-            predicted = ratio * len(serialize_artifact(entries, config, shapes, 1))
-            step = f"fit: bits lowered {drops or 'none'}, pruning +{extra:.2f}, relative squared error {err:.3e}:"
+            predicted = ratio * len(serialize_artifact(quantize_state(state, rtn, None, drops, extra)[0], config, shapes))
+            step = f"fit: bits lowered {drops or 'none'}, pruning +{extra:.2f}:"
             if predicted > limit:
                 log(f"{step} predicted {predicted:.0f} bytes, over the cap")
                 continue
-            blob = serialize_artifact(entries, config, shapes, h.zstd_level)
-            log(f"{step} artifact {len(blob)} bytes")
+            entries, err = quantize_state(state, h, hessians, drops, extra)
+            blob = serialize_artifact(entries, config, shapes, h.compressor, h.zstd_level)
+            log(f"{step} relative squared error {err:.3e}, artifact {len(blob)} bytes")
             if len(blob) <= limit:
                 break
     if len(blob) > limit:
@@ -1162,6 +1283,61 @@ def export_artifact(model: nn.Module, h, path: str, code_bytes: int, log) -> int
         f.write(blob)
     return len(blob)
 
+
+@torch.no_grad()
+def collect_hessians(model: nn.Module, batches, world: int) -> tuple[dict[str, Tensor], list[str]]:
+    """-> ({matrix: X^T X of its inputs}, warnings), summed over ranks. A routed expert sees only its routed
+    tokens, a soft expert every token, each scaled by its gate; a starved expert gets a damped Hessian."""
+    hess, counts, hooks = {}, {}, []
+
+    def add(name: str, x: Tensor, expert: int = 0, n_experts: int = 1):
+        x = x.reshape(-1, x.size(-1)).float()
+        if name not in hess:
+            hess[name] = torch.zeros(n_experts, x.size(1), x.size(1), device=x.device)
+            counts[name] = torch.zeros(n_experts, device=x.device)
+        hess[name][expert].addmm_(x.T, x)
+        counts[name][expert] += x.size(0)
+
+    def add_experts(name: str, m: MoEBase, x: Tensor):
+        x = x.reshape(-1, x.size(-1)).float()
+        if isinstance(m, SoftMoE):
+            gates = m.E * torch.softmax(m.router_logits(x), -1)
+        else:
+            _, _, choice, gate = m.route(x)
+            gates = torch.zeros(x.size(0), m.E, device=x.device).scatter_add_(1, choice, gate.float())
+        for e in range(m.E):
+            rows = gates[:, e] > 0
+            g, xe = gates[rows, e:e + 1], x[rows]
+            add(f"{name}.up", xe * g, e, m.E)
+            add(f"{name}.down", mlp_act(xe @ m.up[e].float().T, m.act) * g, e, m.E)
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            hooks.append(mod.register_forward_pre_hook(lambda m, args, n=f"{name}.weight": add(n, args[0])))
+        elif isinstance(mod, MoEBase):
+            hooks.append(mod.register_forward_pre_hook(lambda m, args, n=name: add_experts(n, m, args[0])))
+    try:
+        for x, _ in batches:
+            with autocast(x.device):  # the head's input is the final hidden state
+                add("tok_emb.weight" if model.lm_head is None else "lm_head.weight", model.hidden(x))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return damp_sparse_experts(hess, counts, world)
+
+
+def damp_sparse_experts(hess: dict, counts: dict, world: int) -> tuple[dict[str, Tensor], list[str]]:
+    warnings, experts = [], {n for n, _ in hess.items() if n.endswith((".up", ".down"))}
+    for name in hess:  # the same order on every rank: the forward order
+        if world > 1:
+            dist.all_reduce(hess[name])
+            dist.all_reduce(counts[name])
+        for e, (H, n) in enumerate(zip(hess[name], counts[name].tolist())):
+            if name in experts and n < H.size(0):
+                H.diagonal().add_(0.1 * H.diagonal().mean() if n else 1.0)
+                warnings.append(f"WARNING gptq: expert {e} of {name} saw {n:.0f} calibration tokens "
+                                f"(fewer than its {H.size(0)} inputs): damped Hessian")
+    return {n: H if n in experts else H[0] for n, H in hess.items()}, warnings
 # ---- 8. Evaluation: exact val_loss / val_bpb, plain or sliding window, spread over ranks ---------
 def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -1476,8 +1652,8 @@ class Trainer:
         self.routing_totals: Tensor | None = None
 
     def progress(self, elapsed_ms: float) -> float:
-        """Fraction of the run done: the larger of steps / ITERATIONS and time / MAX_WALLCLOCK_SECONDS."""
-        by_time = elapsed_ms / (1000 * self.h.max_wallclock_seconds) if self.h.max_wallclock_seconds > 0 else 0.0
+        """Fraction of the run done: the larger of steps / ITERATIONS and time / (MAX_WALLCLOCK_SECONDS - GPTQ reserve)."""
+        by_time = elapsed_ms / (1000 * self.h.train_wallclock_seconds) if self.h.max_wallclock_seconds > 0 else 0.0
         return min(1.0, max(self.step / self.h.iterations, by_time))
 
     def set_schedules(self, progress: float) -> None:
@@ -1616,7 +1792,8 @@ class Trainer:
             if pending is not None:
                 agreed_ms = self.read_flags(pending, self.step - 1, t0, peak, False)
                 # Two more steps run after this is read: stop when their predicted time would reach the cap.
-                stop = 0 < h.max_wallclock_seconds * 1000 <= agreed_ms * (1 + 2 / max(self.step - 2, 1))
+                stop = 0 < h.max_wallclock_seconds and (  # the GPTQ reserve is not training time
+                    h.train_wallclock_seconds * 1000 <= agreed_ms * (1 + 2 / max(self.step - 2, 1)))
             pending = self.step_flags(ce, self.train_ms + 1000 * (time.perf_counter() - t0))
             progress = self.progress(agreed_ms)
             self.update_ema(progress - last_progress)
@@ -1648,7 +1825,7 @@ def log_budget_preview(model: GPT, h, log) -> None:
         f"+ code {code_bytes()} = ~{total} of {h.size_cap_bytes} (slack ~{h.size_cap_bytes - total})")
     if h.budget_margin >= 0 and total > h.size_cap_bytes * (1 + h.budget_margin):
         raise ConfigError(f"estimated artifact + code ~{total} bytes exceeds SIZE_CAP_BYTES={h.size_cap_bytes} by more "
-                          f"than BUDGET_MARGIN={h.budget_margin}; shrink the model or lower QUANT_BITS_*, or set BUDGET_MARGIN=-1")
+                          f"than BUDGET_MARGIN={h.budget_margin}; shrink the model or lower MATRIX_BITS / EMBED_BITS, or set BUDGET_MARGIN=-1")
 
 
 def log_header(h, model: GPT, world: int, accum: int, device, val_tokens: Tensor, log) -> None:
@@ -1708,8 +1885,8 @@ def dry_run(h) -> None:
         f"{PROJECTED_MFU * 1e6 / average:.0%})")
 
 
-def export_and_report(model: GPT, h, path: str, log) -> None:
-    size = export_artifact(model, h, path, code_bytes(), log)
+def export_and_report(model: GPT, h, path: str, log, hessians: dict | None) -> None:
+    size = export_artifact(model, h, path, code_bytes(), log, hessians)
     total, slack, digest = size + code_bytes(), h.size_cap_bytes - size - code_bytes(), sha256_file(path)
     log(f"Serialized model quant+zstd: {size} bytes")
     log(f"Code size: {code_bytes()} bytes")
@@ -1804,6 +1981,22 @@ def evaluate_artifact(h, rank: int, world: int, device: torch.device, log: Logge
     final_evaluation(qmodel.eval(), h, val_tokens, tables, device, rank, world, log, note, h.artifact_path)
 
 
+# issue 11: GPTQ calibration inside the wall clock, and the pre-quantization checkpoint
+def calibrate(trainer: Trainer, log) -> dict | None:
+    """GPTQ/LQER Hessians from the next training micro-batches (never validation) in the reserved time."""
+    h, t0, n = trainer.h, time.perf_counter(), trainer.h.gptq_calibration_batches
+    if not h.calibrate:
+        return None
+    batches = (b for _ in range(-(-n // trainer.accum)) for b in trainer.loader.next_step())
+    hessians, warnings = collect_hessians(trainer.model.eval(), (b for _, b in zip(range(n), batches)), trainer.world)
+    seconds = time.perf_counter() - t0
+    for line in warnings + [f"gptq: Hessians of {len(hessians)} matrices from {n} x {h.micro_batch_tokens} training tokens x "
+                            f"{trainer.world} ranks in {seconds:.1f}s (reserve {h.gptq_reserve_seconds:.1f}s"
+                            f"{'; WARNING: over the reserve' if h.max_wallclock_seconds and seconds > h.gptq_reserve_seconds else ''})"]:
+        log(line)
+    return hessians
+
+
 def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logger) -> None:
     path = h.artifact_path
     torch.manual_seed(h.seed)
@@ -1841,13 +2034,18 @@ def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logg
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB")
     if trainer.ema is not None:
         trainer.ema.copy_to_model()
+    hessians = calibrate(trainer, log)
+    if h.save_checkpoint and rank == 0:
+        with open(os.path.join(h.log_dir, f"{h.run_id}_fp.pt"), "xb") as f:  # never overwrites
+            torch.save(dict(config={n: getattr(h, n.lower()) for n in MODEL_KNOBS}, state=model.state_dict()), f)
+    if trainer.ema is not None:
         last_val[:] = validate()
         log(f"pre_quant_ema val_loss:{last_val[0]:.8f} val_bpb:{last_val[1]:.8f}{note}")
     if world > 1:
         check_ranks_in_sync(model, world, log)
     log.event("pre_quant", val_loss=last_val[0], val_bpb=last_val[1], eval_time_s=last_val[2], ema=trainer.ema is not None)
     if rank == 0:
-        export_and_report(model, h, path, log)
+        export_and_report(model, h, path, log, hessians)
     if world > 1:
         dist.barrier()
     qmodel, _ = load_artifact_model(path, device)

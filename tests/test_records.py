@@ -518,3 +518,18 @@ def test_pack_refuses_an_existing_folder_unless_forced(runs, tmp_path, capsys):
     assert records.main(pack_args(runs, tmp_path, "--force", "--all-artifacts")) == 0
     folder = tmp_path / "track_non_record_16mb" / "2026-01-02_Tiny"
     assert len(list(folder.glob("model_seed*.ptz"))) == len(SEEDS)
+
+
+# issue 11: the counted script in self-extracting form, the readable script beside it
+def test_pack_compress_code_counts_the_wrapper_and_verify_checks_it_is_the_same_program(runs, tmp_path, capsys):
+    assert records.main(pack_args(runs, tmp_path, "--compress-code")) == 0
+    folder = tmp_path / "track_non_record_16mb" / "2026-01-02_Tiny"
+    wrapper, readable = folder / records.SCRIPT, folder / records.READABLE
+    assert readable.read_bytes() == runs["script"].read_bytes()
+    assert wrapper.stat().st_size < readable.stat().st_size // 2
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["bytes_code"] == wrapper.stat().st_size
+    checks = verify(folder, "--token-limit", str(CHECK_TOKENS))  # evaluates with the wrapper as the script
+    assert not failed(checks) and any(c.name == "same program" for c in checks)
+    readable.write_bytes(swap_one_letter(readable.read_bytes()))
+    assert "same program" in failed(verify(folder, "--token-limit", str(CHECK_TOKENS)))

@@ -30,9 +30,11 @@ from pathlib import Path
 try:
     from . import runlog  # imported as tools.records
     from .common import mean_std, sha256_file
+    from .selfextract import extracted_source, self_extracting
 except ImportError:
     import runlog  # run as a script, or with tools/ on sys.path
     from common import mean_std, sha256_file
+    from selfextract import extracted_source, self_extracting
 
 RunLog = runlog.RunLog
 
@@ -45,6 +47,7 @@ TRAIN_LIMIT_MS = 600_000
 RUN_IDENTITY_KNOBS = ("SEED", "RUN_ID", "LOG_DIR", "ARTIFACT_PATH")
 SUBMISSION = "submission.json"
 SCRIPT = "train_gpt.py"
+READABLE = "train_gpt_readable.py"  # beside a self-extracting SCRIPT (pack --compress-code): what the logs ran
 
 
 class RecordError(Exception):
@@ -361,8 +364,12 @@ def summarize_config(config: dict) -> str:
         parts.append("SmearGate")
     if c.get("EMA_DECAY") != 0:  # unset: the default horizon; 0: off
         parts.append("EMA")
-    parts.append(f"int{c['QUANT_BITS_MLP']} MLP / int{c['QUANT_BITS_ATTN']} attn / int{c['QUANT_BITS_EMBED']} embed "
-                 f"+ zstd-{c['ZSTD_LEVEL']}")
+    if "MATRIX_BITS" in c:  # issue 11's quantizer
+        parts.append(f"{c['QUANT_METHOD'].upper()} int{c['MATRIX_BITS']} / int{c['EMBED_BITS']} embed"
+                     f"{' + LQER' if c.get('LQER_ENABLED') else ''} + {c['COMPRESSOR']}")
+    else:
+        parts.append(f"int{c['QUANT_BITS_MLP']} MLP / int{c['QUANT_BITS_ATTN']} attn / int{c['QUANT_BITS_EMBED']} embed "
+                     f"+ zstd-{c['ZSTD_LEVEL']}")
     if c.get("EVAL_STRIDE"):
         parts.append(f"sliding eval stride {c['EVAL_STRIDE']}")
     return ", ".join(parts)
@@ -468,6 +475,8 @@ def pack(opts: argparse.Namespace) -> Path:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     shutil.copyfile(script, folder / SCRIPT)
+    if opts.compress_code:
+        code_bytes = write_compressed_script(folder, script)
     results = {}
     for i, (run, artifact) in enumerate(zip(runs, artifacts)):
         shutil.copyfile(run.path, folder / f"train_seed{run.seed}.txt")
@@ -485,6 +494,14 @@ def pack(opts: argparse.Namespace) -> Path:
     readme = render_readme(sub, changed_knobs(runs[0].config, module.KNOBS), runs[0].world_size)
     (folder / "README.md").write_text(readme, encoding="utf-8")
     return folder
+
+
+def write_compressed_script(folder: Path, script: Path) -> int:
+    """Issue 11: the counted train_gpt.py as an lzma self-extracting wrapper, the exact script beside it."""
+    source = script.read_bytes()
+    (folder / READABLE).write_bytes(source)
+    (folder / SCRIPT).write_bytes(self_extracting(source))
+    return (folder / SCRIPT).stat().st_size
 
 
 def quick_check(opts, module, run: RunLog, artifact: Path) -> dict:
@@ -560,8 +577,15 @@ def size_checks(folder: Path, sub: dict, cap: int) -> list[Check]:
     code = script.stat().st_size if script.is_file() else -1
     script_sha = sha256_file(script) if script.is_file() else "missing"
     checks.append(Check("code size", code == sub["bytes_code"], f"{SCRIPT} is {code} bytes, bytes_code {sub['bytes_code']}"))
+    logged, logged_code, logged_sha = script, code, script_sha
+    if (folder / READABLE).is_file() and script.is_file():  # a self-extracting SCRIPT: the logs ran READABLE
+        logged = folder / READABLE
+        logged_code, logged_sha = logged.stat().st_size, sha256_file(logged)
+        checks.append(Check("same program", extracted_source(script.read_bytes()) == logged.read_bytes(),
+                            f"{SCRIPT} decompresses to exactly {READABLE}"))
     for seed, claim in sub["seed_results"].items():
-        checks += seed_checks(folder, seed, claim, sub["bytes_code"], code, script_sha, cap)
+        checks += seed_checks(folder, seed, claim, sub["bytes_code"] if logged is script else logged_code,
+                              logged_code, logged_sha, cap)
     best = sub["seed_results"][str(sub["best_seed"])]
     artifact = folder / best.get("artifact", "")
     size = artifact.stat().st_size if artifact.is_file() else -1
@@ -1018,6 +1042,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-partial-eval", action="store_true",
                    help="accept VAL_TOKEN_LIMIT runs (not a score), on the non-record track only")
     p.add_argument("--force", action="store_true", help="replace an existing folder")
+    p.add_argument("--compress-code", action="store_true",
+                   help=f"count {SCRIPT} in lzma self-extracting form, with the readable script as {READABLE}")
     p.add_argument("--check-data", help="validation data for the quick check (default: the log's DATA_PATH)")
     p.add_argument("--check-tokenizer", help="tokenizer for the quick check (default: the log's TOKENIZER_PATH)")
     p.add_argument("--check-tokens", type=int, default=16384)

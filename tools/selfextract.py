@@ -1,0 +1,55 @@
+"""The counted script in compressed, self-extracting form (what the records do to save code bytes).
+
+    python3 tools/selfextract.py train_gpt.py OUT.py     # OUT.py: lzma + base85, runs the same program
+    python3 tools/selfextract.py --check OUT.py train_gpt.py
+
+The wrapper is two lines that decompress the script's exact bytes and exec them in the wrapper's own
+module, so `__file__` (and with it the code size and sha256 a run logs) is the wrapper's. It needs
+only the standard library. `extracted_source` inverts it, which is how `records.py verify` checks
+that a packed wrapper and the readable script beside it are the same program.
+"""
+import base64
+import lzma
+import sys
+from pathlib import Path
+
+PREFIX = b'import lzma as L,base64 as B\nexec(compile(L.decompress(B.b85decode("'
+SUFFIX = b'")),__file__,"exec"))\n'
+
+
+def self_extracting(source: bytes) -> bytes:
+    """The wrapper of a script's bytes (lzma preset 9e, base85: no quotes or backslashes to escape)."""
+    return PREFIX + base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME)) + SUFFIX
+
+
+def extracted_source(wrapper: bytes) -> bytes | None:
+    """The script a wrapper runs, or None when it is not a wrapper this module wrote."""
+    if not (wrapper.startswith(PREFIX) and wrapper.endswith(SUFFIX)):
+        return None
+    try:
+        return lzma.decompress(base64.b85decode(wrapper[len(PREFIX):-len(SUFFIX)]))
+    except (ValueError, lzma.LZMAError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) == 3 and args[0] == "--check":
+        wrapper, readable = Path(args[1]).read_bytes(), Path(args[2]).read_bytes()
+        same = extracted_source(wrapper) == readable
+        print(f"{args[1]} {'runs exactly' if same else 'does NOT run'} {args[2]}")
+        return 0 if same else 1
+    if len(args) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    source, out = Path(args[0]).read_bytes(), Path(args[1])
+    if out.exists():
+        print(f"error: {out} exists (never overwritten)", file=sys.stderr)
+        return 2
+    out.write_bytes(self_extracting(source))
+    print(f"{out}: {out.stat().st_size} bytes (from {len(source)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
