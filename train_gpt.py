@@ -1196,6 +1196,7 @@ def damp_sparse_experts(hess: dict, counts: dict, world: int) -> tuple[dict[str,
                 warnings.append(f"WARNING gptq: expert {e} of {name} saw {n:.0f} calibration tokens "
                                 f"(fewer than its {H.size(0)} inputs): damped Hessian")
     return {n: H if n in experts else H[0] for n, H in hess.items()}, warnings
+
 # ---- 8. Evaluation: exact val_loss / val_bpb, plain or sliding window, spread over ranks ---------
 def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
