@@ -1071,7 +1071,7 @@ def gptq(w: Tensor, H: Tensor, scale: Tensor, bits: int, zero: Tensor | None = N
 
 
 def packed_bits(q: Tensor) -> int:
-    return 8 * len(zstandard.ZstdCompressor(level=3).compress(q.to(torch.int8).numpy().tobytes()))
+    return 8 * len(zstandard.ZstdCompressor(level=3).compress(q.to(torch.int8).cpu().numpy().tobytes()))
 
 
 def quantize_matrix(w: Tensor, H: Tensor | None, bits: int, sigmas: float, zero: Tensor | None = None):
@@ -1102,10 +1102,11 @@ def quantize_tensor(name: str, t: Tensor, h, H: Tensor | None, drop: int, prune:
         return 16, [t.half()]
     bits, parts = max(2, bits - drop), []
     for i, w in enumerate(t.reshape(-1, *t.shape[-2:])):
+        Hi = H.reshape(-1, *H.shape[-2:])[i] if H is not None and h.quant_method == "gptq" else None
+        w = w if Hi is None else w.to(Hi.device)  # GPTQ runs where the Hessian is: the GPU in a real run
         zero = w.abs() <= w.abs().flatten().kthvalue(max(1, int(prune * w.numel()))).values if prune > 0 else None
-        use_h = H is not None and h.quant_method == "gptq"
-        parts.append(quantize_matrix(w, H.reshape(-1, *H.shape[-2:])[i] if use_h else None, bits, sigmas, zero))
-    return bits, [torch.cat([q for q, _ in parts]).to(torch.int8), torch.cat([s for _, s in parts])]
+        parts.append(quantize_matrix(w, Hi, bits, sigmas, zero))
+    return bits, [torch.cat([q for q, _ in parts]).to(torch.int8).cpu(), torch.cat([s for _, s in parts]).cpu()]
 
 
 def lqer_factors(err: Tensor, H: Tensor | None, rank: int, bits: int) -> list[Tensor]:
@@ -1133,7 +1134,7 @@ def quantize_state(state: dict[str, Tensor], h, hessians: dict | None = None, bi
     """-> (entries, relative squared error of the quantized tensors). entries: name -> (bits, tensors)."""
     entries, scores, err, total, hessians = {}, {}, 0.0, 0.0, hessians or {}
     for name, t in state.items():
-        t, H = t.detach().float().cpu(), None if hessians.get(name) is None else hessians[name].float().cpu()
+        t, H = t.detach().float().cpu(), None if hessians.get(name) is None else hessians[name].float()
         drop = (bits_drop or {}).get(QUANT_GROUP.get(param_class(name, t), "other"), 0)
         entries[name] = quantize_tensor(name, t, h, H, drop, h.prune_frac + extra_prune)
         if entries[name][0] == 16:
@@ -1142,11 +1143,12 @@ def quantize_state(state: dict[str, Tensor], h, hessians: dict | None = None, bi
         err, total = err + delta.square().sum().item(), total + t.square().sum().item()
         if H is not None or not hessians:  # LQER ranks by output error tr(E H E^T), or |E|^2 without Hessians
             d = delta.reshape(-1, *t.shape[-2:])
-            scores[name] = (d @ H.reshape(-1, *H.shape[-2:]) * d).sum().item() if H is not None else d.square().sum().item()
+            scores[name] = (d @ H.cpu().reshape(-1, *H.shape[-2:]) * d).sum().item() if H is not None else d.square().sum().item()
     for name in sorted(scores, key=scores.get, reverse=True)[:h.lqer_top_k if h.lqer_enabled else 0]:
         t = state[name].detach().float().cpu().reshape(-1, state[name].size(-1))
         before = t - dequantize_entry(*entries[name], t.shape)
-        entries[name][1].extend(lqer_factors(before, hessians.get(name), h.lqer_rank, h.lqer_factor_bits))
+        H = None if hessians.get(name) is None else hessians[name].float().cpu()
+        entries[name][1].extend(lqer_factors(before, H, h.lqer_rank, h.lqer_factor_bits))
         err += (t - dequantize_entry(*entries[name], t.shape)).square().sum().item() - before.square().sum().item()
     return entries, err / max(total, 1e-30)
 
@@ -1338,6 +1340,7 @@ def damp_sparse_experts(hess: dict, counts: dict, world: int) -> tuple[dict[str,
                 warnings.append(f"WARNING gptq: expert {e} of {name} saw {n:.0f} calibration tokens "
                                 f"(fewer than its {H.size(0)} inputs): damped Hessian")
     return {n: H if n in experts else H[0] for n, H in hess.items()}, warnings
+
 # ---- 8. Evaluation: exact val_loss / val_bpb, plain or sliding window, spread over ranks ---------
 def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()

@@ -125,7 +125,7 @@ def test_jsonl_event_log_matches_the_text_log(moe_run):
 
 
 def test_over_budget_run_allowed_then_shrunk_to_fit(tmp_path):
-    cap = (REPO / "train_gpt.py").stat().st_size + 113_000  # the code counts too, and grows
+    cap = (REPO / "train_gpt.py").stat().st_size + 47_000  # ~3/4 of this model's natural artifact (~62 kB)
     result = run_train(tmp_path, SIZE_CAP_BYTES=cap, BUDGET_MARGIN=-1, ITERATIONS=2, MOE_MODE="none",
                        FP16_KEEP_MAX_NUMEL=1024)
     assert result.returncode == 0, result.stderr[-2000:]

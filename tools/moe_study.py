@@ -63,9 +63,8 @@ STUDY_SHAPE: dict[str, str] = {
     # (8.. of 11), the middle layers looped once more after 35% of the run (the record loops 3-5 twice
     # more; one extra pass keeps a CPU run within minutes). BigramHash stays off, as in the default.
     "XSA_LAST_N": "4", "PARALLEL_START_LAYER": "3", "NUM_LOOPS": "1", "LOOP_START": "1", "LOOP_END": "2",
-    # Knobs of issues 11 and 12, set once they exist (train_gpt.py refuses knobs it does not know):
-    # "TTT_ENABLED": "0",             # test-time training: its cost on CPU; the study compares MLPs
-    # "QUANT_METHOD": "...",          # the default quantizer (GPTQ once issue 11 is the default)
+    # Quantization (GPTQ int6 / int7 embedding + LQER + brotli) and evaluation (no test-time training)
+    # are the defaults: the study measures what a user runs.
 }
 # The arms, in table order: tools/common.py's presets, the context arm at this shape.
 ARM_NAMES = ("dense", "soft4", "topk4", "shared_routed", "topk4_nobalance", "topk4_4xbytes")
