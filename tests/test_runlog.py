@@ -306,3 +306,23 @@ def test_the_jsonl_contract_is_documented():
     doc = (REPO / "docs" / "runlog.md").read_text()
     for name in ("config", "params", "step", "val", "routing", "pre_quant", "size_check", "final", "error", "end"):
         assert f"| `{name}` |" in doc, name
+
+
+def test_a_result_the_trainer_marked_invalid_is_not_a_score(tmp_path, capsys):
+    """train_gpt.py marks an over-cap or non-finite result INVALID(...) in its text line and its `final`
+    event; the reader carries the reason, and the CLI refuses to call it a score (exit 1)."""
+    line = ("final_quant_zstd_roundtrip_exact val_loss:nan val_bpb:nan stride:128 seq_len:128 eval_time:5ms"
+            " INVALID(3 stored tensors not finite (a, b, c); val_bpb is not finite)")
+    text_log = tmp_path / "bad.txt"
+    text_log.write_text("step:2/2 train_loss:6.9 train_time:10ms step_avg:5.00ms tok/s:1\n" + line + "\n")
+    run = runlog.read(text_log)
+    assert run.score.invalid == "3 stored tensors not finite (a, b, c); val_bpb is not finite"
+    assert runlog.main([str(text_log)]) == 1
+    assert "marked the result INVALID" in capsys.readouterr().err
+    events = tmp_path / "ev.jsonl"
+    events.write_text("\n".join(json.dumps(e) for e in [
+        {"event": "config", "time": 0, "knobs": {}},
+        {"event": "final", "time": 1, "name": "final_quant_zstd_roundtrip_exact", "mode": "plain", "val_loss": 3.0,
+         "val_bpb": 2.0, "eval_time_s": 1.0, "invalid": ["code + artifact 200 bytes > SIZE_CAP_BYTES=100"]}]) + "\n")
+    assert runlog.read(events).score.invalid == "code + artifact 200 bytes > SIZE_CAP_BYTES=100"
+    assert runlog.main([str(events)]) == 1

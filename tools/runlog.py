@@ -78,6 +78,7 @@ class Eval:
     seq_len: int | None = None
     token_limit: int = 0  # 0: the whole split; N: the first N tokens only (not a score)
     line: int | None = None  # 1-based line in the file (text logs)
+    invalid: str = ""  # why the trainer marked this result invalid (INVALID(...) / the event's "invalid"); "" = valid
 
 
 @dataclass
@@ -221,7 +222,8 @@ class RunLog:
         return dict(
             path=str(self.path) if self.path else None, source=self.source,
             final_val_bpb=score.val_bpb if score else None, final_val_loss=score.val_loss if score else None,
-            final_name=score.name if score else None, pre_quant_val_bpb=self.pre_quant_val_bpb,
+            final_name=score.name if score else None, final_invalid=score.invalid if score else None,
+            pre_quant_val_bpb=self.pre_quant_val_bpb,
             code_bytes=self.code_bytes, artifact_bytes=self.artifact_bytes, total_bytes=self.total_bytes,
             steps=self.steps, step_avg_ms=self.step_avg_ms, train_time_ms=self.train_time_ms, seed=self.seed,
             partial_eval=self.partial_eval, runs_in_file=self.runs_in_file, first_line=self.first_line,
@@ -265,9 +267,10 @@ def _eval(m: re.Match, line_no: int) -> Eval:
         value = _number(extras.get(key, ""))
         return int(value) if value is not None else None
 
+    invalid = re.search(r"INVALID\((.*)\)\s*$", m["rest"])
     return Eval(m["name"], float(m["loss"]), float(m["bpb"]), eval_mode(m["name"]),
                 _number(extras.get("eval_time", "")), as_int("stride"), as_int("seq_len"),
-                int(partial[1]) if partial else 0, line_no)
+                int(partial[1]) if partial else 0, line_no, invalid[1] if invalid else "")
 
 
 def _step(m: re.Match) -> Step | None:
@@ -429,7 +432,8 @@ def _json_eval(event: dict, name: str) -> Eval:
     if ms is None and isinstance(event.get("eval_time_s"), (int, float)):
         ms = 1000.0 * event["eval_time_s"]
     return Eval(name, float(event["val_loss"]), float(event["val_bpb"]), event.get("mode") or eval_mode(name), ms,
-                event.get("stride"), event.get("seq_len"), int(event.get("token_limit") or 0))
+                event.get("stride"), event.get("seq_len"), int(event.get("token_limit") or 0),
+                invalid="; ".join(map(str, event.get("invalid") or [])))
 
 
 def _json_config(run: RunLog, event: dict) -> None:
@@ -570,6 +574,10 @@ def main(argv: list[str] | None = None) -> int:
         if run.score is None:
             print(f"WARNING: {path}: no final evaluation found: this log has NO SCORE "
                   f"(crashed, still running, or not a training log); final_val_bpb is null", file=sys.stderr)
+            status = 1
+        elif run.score.invalid:
+            print(f"WARNING: {path}: the trainer marked the result INVALID ({run.score.invalid}): not a score",
+                  file=sys.stderr)
             status = 1
         elif not all(math.isfinite(v) for v in (run.score.val_bpb, run.score.val_loss)):
             print(f"WARNING: {path}: the final evaluation is not finite ({run.score.val_bpb})", file=sys.stderr)
