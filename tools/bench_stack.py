@@ -10,9 +10,9 @@ per-GPU batch does not fit). Each phase compiles the model with fullgraph=True a
 (the warm-up steps pay for it), then reports the median step time, tokens/s on this GPU, the MFU
 by train_gpt's FLOP count, peak memory (CUDA), and how many graphs dynamo built: one per phase and
 no graph breaks, or the run fails (exit status 1). The last line projects the whole run: the
-time-weighted tokens/s per GPU with the loops switched on at ENABLE_LOOPING_AT, against the issue's
+time-weighted tokens/s per GPU with the loops switched on at ENABLE_LOOPING_AT, against the
 goal of 1.0M tokens/s per GPU. train_gpt.py imports zstandard: on a bare GPU machine install the
-wheel first (../shared/docs/gpu.md).
+wheel first (docs/gpu_runs.md).
 """
 from __future__ import annotations
 
