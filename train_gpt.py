@@ -175,6 +175,10 @@ def load_config(environ=None, **overrides) -> SimpleNamespace:
     return derive_config(SimpleNamespace(**values))
 
 
+def knob_values(h: SimpleNamespace, names=KNOBS) -> dict:
+    return {name: getattr(h, name.lower()) for name in names}
+
+
 def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     """Check knob combinations and fill in the values other knobs imply."""
     def require(cond: bool, msg: str):
@@ -189,14 +193,12 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     require(h.num_heads % h.num_kv_heads == 0, f"NUM_HEADS={h.num_heads} is not divisible by NUM_KV_HEADS={h.num_kv_heads}")
     h.head_dim = h.model_dim // h.num_heads
     h.rope_dims = min(h.rope_dims or h.head_dim, h.head_dim)  # 16 of 64 by default; small heads rotate all
-    require(h.rope_dims % 2 == 0 and h.rope_dims > 0, f"ROPE_DIMS={h.rope_dims}: must be even and positive")
+    require(h.rope_dims % 2 == 0, f"ROPE_DIMS={h.rope_dims}: must be even")
     require(h.vocab_size <= MAX_VOCAB_SIZE, f"VOCAB_SIZE={h.vocab_size}: shards hold uint16 token ids (at most {MAX_VOCAB_SIZE})")
-    require(1 <= h.top_k <= h.num_experts, f"TOP_K={h.top_k}: must be between 1 and NUM_EXPERTS={h.num_experts}")
+    require(h.top_k <= h.num_experts, f"TOP_K={h.top_k}: must be between 1 and NUM_EXPERTS={h.num_experts}")
     for layer in h.moe_layers:
         require(0 <= layer < h.num_layers, f"MOE_LAYERS: layer {layer} is outside 0..{h.num_layers - 1}")
-    h.moe_layer_ids = sorted(set(h.moe_layers)) if h.moe_layers else list(range(h.num_layers))
-    if h.moe_mode == "none":
-        h.moe_layer_ids = []
+    h.moe_layer_ids = [] if h.moe_mode == "none" else sorted(set(h.moe_layers or range(h.num_layers)))
     h.mlp_hidden = int(h.mlp_mult * h.model_dim)
     h.shared_mlp_hidden = (h.shared_hidden or h.mlp_hidden // 2) if h.moe_mode == "shared_routed" else 0
     free_hidden = h.mlp_hidden - h.shared_mlp_hidden
@@ -213,9 +215,8 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     require(h.micro_batch_tokens % h.train_seq_len == 0 and h.micro_batch_tokens > 0, f"MICRO_BATCH_TOKENS="
             f"{h.micro_batch_tokens}{h.micro_batch_source} is not a positive multiple of TRAIN_SEQ_LEN={h.train_seq_len}")
     h.eval_seq_len = h.eval_seq_len or h.train_seq_len
-    require(0 <= h.eval_stride <= h.eval_seq_len, f"EVAL_STRIDE={h.eval_stride}: must be in 0..EVAL_SEQ_LEN={h.eval_seq_len}")
+    require(h.eval_stride <= h.eval_seq_len, f"EVAL_STRIDE={h.eval_stride}: must be in 0..EVAL_SEQ_LEN={h.eval_seq_len}")
     derive_stack(h, require)
-    # test-time training and evaluation-only runs
     require(h.global_ttt_chunk_tokens >= h.eval_seq_len,
             f"GLOBAL_TTT_CHUNK_TOKENS={h.global_ttt_chunk_tokens}: must hold at least one EVAL_SEQ_LEN={h.eval_seq_len} sequence")
     require(not h.eval_only or os.path.isfile(h.artifact_path),
@@ -228,9 +229,9 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
 
 def derive_stack(h: SimpleNamespace, require) -> None:
     """Checks of the record-stack knobs that KNOB_LIMITS cannot express."""
-    require(1 <= h.gate_window <= h.model_dim, f"GATE_WINDOW={h.gate_window}: must be in 1..MODEL_DIM={h.model_dim}")
+    require(h.gate_window <= h.model_dim, f"GATE_WINDOW={h.gate_window}: must be in 1..MODEL_DIM={h.model_dim}")
     if h.num_loops:
-        require(0 <= h.loop_start <= h.loop_end < h.num_layers,
+        require(h.loop_start <= h.loop_end < h.num_layers,
                 f"LOOP_START={h.loop_start}, LOOP_END={h.loop_end}: need 0 <= LOOP_START <= LOOP_END < NUM_LAYERS={h.num_layers}")
     # Lanes run in decoder layers after the loop only, so a looped layer runs alike on every pass.
     first = max(h.num_layers // 2, h.loop_end + 1 if h.num_loops else 0)
@@ -243,7 +244,7 @@ def derive_quant_config(h: SimpleNamespace, require) -> None:
     require(not missing, f"COMPRESSOR={h.compressor} needs {missing}, which is not installed; install it or choose zstd")
     h.calibrate = h.quant_method == "gptq" or h.lqer_enabled  # Hessians are needed
     reserve = h.gptq_reserve_seconds if h.calibrate and h.max_wallclock_seconds > 0 else 0.0
-    require(0 <= reserve < h.max_wallclock_seconds or not reserve,
+    require(reserve < h.max_wallclock_seconds or not reserve,
             f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds}: must be in [0, MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds})")
     h.train_wallclock_seconds = h.max_wallclock_seconds - reserve  # training stops early to calibrate in time
 
@@ -542,24 +543,16 @@ def grouped_matmul(x: Tensor, weight_t: Tensor, offsets: Tensor) -> Tensor:
     return fn(x, weight_t, offs=offsets)
 
 
-def expert_dtype(x: Tensor) -> torch.dtype:
-    # grouped_mm is fast only in bf16 (and compiles only in bf16); eager CPU keeps fp32 for exact tests.
-    return torch.bfloat16 if x.is_cuda or torch.compiler.is_compiling() else x.dtype
-
-
 class MoEBase(nn.Module):
     """Router (fp32 logic, zero-initialised) and routing telemetry shared by all MoE modes."""
 
     def __init__(self, h, dim: int, num_experts: int, expert_hidden: int, router_init_std: float):
         super().__init__()
-        self.E = num_experts
-        self.act = h.mlp_act
+        self.E, self.act, self.router_init_std = num_experts, h.mlp_act, router_init_std
         self.router_weight = nn.Parameter(torch.empty(num_experts, dim))
         self.up = nn.Parameter(torch.empty(num_experts, expert_hidden, dim))
         self.down = nn.Parameter(torch.empty(num_experts, dim, expert_hidden))
-        self.router_init_std = router_init_std
-        self.z_coef = h.router_z_coef
-        self.aux_coef = h.moe_aux_loss_coef
+        self.z_coef, self.aux_coef = h.router_z_coef, h.moe_aux_loss_coef
         self.aux_terms: list[Tensor] = []  # this forward's weighted z- and aux losses; GPT.forward adds them
         self.register_buffer("stats", torch.zeros(len(RoutingStats._fields) - 1 + num_experts), persistent=False)
         self.reset_parameters()
@@ -620,11 +613,8 @@ class RoutedMoE(MoEBase):
 
     def __init__(self, h, dim: int):
         super().__init__(h, dim, h.num_experts, h.expert_mlp_hidden, ROUTED_INIT_STD)
-        self.k = h.top_k
-        self.score = h.router_score
-        self.noise = h.router_noise
-        self.dispatch_mode = h.moe_dispatch
-        self.capacity_factor = h.capacity_factor
+        self.k, self.score, self.noise = h.top_k, h.router_score, h.router_noise
+        self.dispatch_mode, self.capacity_factor = h.moe_dispatch, h.capacity_factor
         # An untrained router scores ~1/E (softmax) or ~1/2 (sigmoid): this makes the k gates sum to ~1.
         self.gate_scale = (self.E if self.score == "softmax" else 2.0) / self.k
         self.register_buffer("router_bias", torch.zeros(self.E))
@@ -647,7 +637,9 @@ class RoutedMoE(MoEBase):
         counts.scatter_add_(0, flat, torch.ones_like(flat))
         order = torch.argsort(flat, stable=True)
         dispatch = self.dispatch_grouped if self.dispatch_mode == "grouped" else self.dispatch_capacity
-        sorted_tokens = tokens.to(expert_dtype(tokens))[order // self.k]
+        # grouped_mm is fast only in bf16 (and compiles only in bf16); eager CPU keeps fp32 for exact tests.
+        bf16 = tokens.is_cuda or torch.compiler.is_compiling()
+        sorted_tokens = tokens.to(torch.bfloat16 if bf16 else tokens.dtype)[order // self.k]
         rows, dropped = dispatch(sorted_tokens, flat[order], counts)
         slots = torch.empty_like(rows).index_copy(0, order, rows)
         weighted = slots.view(tokens.size(0), self.k, -1) * gate.to(rows.dtype).unsqueeze(-1)
@@ -669,9 +661,7 @@ class RoutedMoE(MoEBase):
 
     def dispatch_capacity(self, xs: Tensor, experts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
         """Fixed buffers of C rows per expert; rows past C are dropped (output 0) and counted."""
-        E = self.E
-        rows = xs.size(0)
-        dim = xs.size(1)
+        E, (rows, dim) = self.E, xs.shape
         cap = math.ceil(self.capacity_factor * rows / E)
         slot = torch.arange(rows, device=xs.device) - (counts.cumsum(0) - counts)[experts]
         keep = slot < cap
@@ -736,8 +726,7 @@ def routing_summary(model: nn.Module, stats: Tensor) -> list[dict]:
     out = []
     for (layer, m), row in zip(moe_layers(model), stats.double().cpu()):
         totals = RoutingStats.unpack(row, m.E)
-        calls = max(totals.calls, 1)
-        tokens = max(totals.tokens, 1)
+        calls, tokens = max(totals.calls, 1), max(totals.tokens, 1)
         load = (totals.load / max(totals.load.sum().item(), 1e-12)).tolist()
         bias = m.router_bias.tolist() if isinstance(m, RoutedMoE) else [0.0]
         out.append(dict(layer=layer, load=load, load_std=float(np.std(load)), max_over_mean=max(load) * m.E,
@@ -986,7 +975,7 @@ class EMA:
     """Exponential moving average of the parameters, in fp32."""
 
     def __init__(self, model: nn.Module):
-        self.params = [p for p in model.parameters()]
+        self.params = list(model.parameters())
         self.shadow = [p.detach().float().clone() for p in self.params]
 
     @torch.no_grad()
@@ -1258,7 +1247,7 @@ def export_artifact(model: nn.Module, h, path: str, code_bytes: int, log, hessia
     """Quantize, compress and write; shrink step by step until code + artifact fits SIZE_CAP_BYTES. Each
     step's size is first predicted from round-to-nearest integers and a fast zstd level, times the real /
     predicted ratio of the first attempt; only steps predicted to fit pay for GPTQ and the full compressor."""
-    config, state = {name: getattr(h, name.lower()) for name in MODEL_KNOBS}, artifact_state(model)
+    config, state = knob_values(h, MODEL_KNOBS), artifact_state(model)
     shapes, limit = {n: list(t.shape) for n, t in state.items()}, h.size_cap_bytes - code_bytes
     rtn = SimpleNamespace(**{**vars(h), "quant_method": "rtn", "lqer_enabled": False})
     entries, err = quantize_state(state, h, hessians)
@@ -1565,11 +1554,12 @@ def use_compile(h, device: torch.device) -> bool:
 
 class Logger:
     """Rank 0 prints and appends to LOG_DIR/RUN_ID.txt and writes events to RUN_ID.jsonl (one JSON object
-    per line, fields in README.md); other ranks log nothing. A run never writes into another run's log."""
+    per line, fields in README.md); other ranks log nothing. A run never writes into another run's log.
+    Logger(None, console=True) is DRY_RUN's: it prints and writes no file."""
 
-    def __init__(self, stem: str | None):
+    def __init__(self, stem: str | None, console: bool = False):
         self.text = self.events = None
-        self.stem, self.training_started = stem, False
+        self.stem, self.training_started, self.console = stem, False, console or bool(stem)
         if stem:
             for path in (stem + ".txt", stem + ".jsonl"):
                 if os.path.exists(path):
@@ -1579,8 +1569,9 @@ class Logger:
             self.events = open(stem + ".jsonl", "x", encoding="utf-8")
 
     def __call__(self, msg: str) -> None:
-        if self.text is not None:
+        if self.console:
             print(msg, flush=True)
+        if self.text is not None:
             self.text.write(msg + "\n")
             self.text.flush()
 
@@ -1637,6 +1628,10 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 # ---- 10. Training loop: schedules, steps, compile warm-up, EMA, step lines -----------------------
+def loop_switch_planned(h) -> bool:
+    return h.num_loops > 0 and h.enable_looping_at < 1
+
+
 class Trainer:
     """One training run: data, model, optimizers, compile warm-up and the timed loop."""
 
@@ -1694,7 +1689,7 @@ class Trainer:
             return
         saved = (copy.deepcopy(self.model.state_dict()), [copy.deepcopy(o.state_dict()) for o in self.optimizers],
                  self.loader.stream.state())
-        for looping in (False, True) if self.loop_switch_planned() else (self.model.looping,):
+        for looping in (False, True) if loop_switch_planned(self.h) else (self.model.looping,):
             self.model.set_looping(looping)  # compile both layer orders now: the timed switch then costs none
             for _ in range(self.h.warmup_steps):
                 self.train_step()
@@ -1704,12 +1699,9 @@ class Trainer:
         self.loader.stream.restore(saved[2])
         self.routing_totals = None
 
-    def loop_switch_planned(self) -> bool:
-        return self.h.num_loops > 0 and self.h.enable_looping_at < 1
-
     def maybe_start_looping(self, progress: float) -> None:
         """Depth recurrence starts once ENABLE_LOOPING_AT of the run has passed (1 = never)."""
-        if self.loop_switch_planned() and not self.model.looping and progress >= self.h.enable_looping_at:
+        if loop_switch_planned(self.h) and not self.model.looping and progress >= self.h.enable_looping_at:
             self.model.set_looping(True)
             self.log(f"layer_loop:enabled step:{self.step} progress:{progress:.3f} order:{self.model.orders[1]}")
             self.log.event("layer_loop", step=self.step, progress=progress, order=self.model.orders[1])
@@ -1833,7 +1825,7 @@ def log_budget_preview(model: GPT, h, log) -> None:
 
 def log_header(h, model: GPT, world: int, accum: int, device, val_tokens: Tensor, log) -> None:
     device_name = f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-    code_sha, knobs = sha256_file(os.path.abspath(__file__)), {k: getattr(h, k.lower()) for k in KNOBS}
+    code_sha, knobs = sha256_file(os.path.abspath(__file__)), knob_values(h)
     log.event("config", knobs=knobs, code_sha256=code_sha, code_bytes=code_bytes(), torch=torch.__version__,
               python=sys.version.split()[0], device=device_name, world_size=world, grad_accum=accum)
     log(f"python {sys.version.split()[0]} torch {torch.__version__} device {device_name} world_size {world} grad_accum {accum}")
@@ -1843,22 +1835,12 @@ def log_header(h, model: GPT, world: int, accum: int, device, val_tokens: Tensor
 
 
 def log_model(h, model: GPT, log) -> None:
-    log("config " + json.dumps({k: getattr(h, k.lower()) for k in KNOBS}, sort_keys=True))
+    log("config " + json.dumps(knob_values(h), sort_keys=True))
     n_params = sum(p.numel() for p in model.parameters())
     n_router = sum(p.numel() for n, p in model.named_parameters() if "router" in n)
     log.event("params", total=n_params, active_matmul_per_token=matmul_params_per_token(model), router=n_router)
     log(f"params total:{n_params} active_matmul_per_token:{matmul_params_per_token(model)} router:{n_router} "
         f"moe_mode:{h.moe_mode} moe_layers:{h.moe_layer_ids}")
-
-
-class ConsoleLog:
-    """DRY_RUN's log: prints, writes no file."""
-
-    def __call__(self, msg: str) -> None:
-        print(msg, flush=True)
-
-    def event(self, kind: str, **fields) -> None:
-        pass
 
 
 PROJECTED_MFU = 0.30  # what the 1.0611 record's own step times imply (96 ms before its loop switch, 138 after)
@@ -1867,7 +1849,7 @@ PROJECTED_MFU = 0.30  # what the 1.0611 record's own step times imply (96 ms bef
 def dry_run(h) -> None:
     """DRY_RUN=1: the model on the meta device (no data, tokenizer or GPU): the config, parameter count,
     budget preview and the projected speed on 8xH100."""
-    log, peak, rates = ConsoleLog(), PEAK_BF16_FLOPS["H100"], []
+    log, peak, rates = Logger(None, console=True), PEAK_BF16_FLOPS["H100"], []
     with torch.device("meta"):
         model = GPT(h)
     log_model(h, model, log)
@@ -1880,7 +1862,7 @@ def dry_run(h) -> None:
         rates.append(PROJECTED_MFU * peak / flops)  # tokens/s per GPU
         log(f"projection loops:{'on' if looping else 'off'} flops_per_token:{flops:.4g} "
             f"ms_per_step:{1000 * h.train_batch_tokens / (8 * rates[-1]):.1f} tok/s_per_gpu:{rates[-1]:.0f}")
-    off_share = h.enable_looping_at if h.num_loops > 0 and h.enable_looping_at < 1 else 1.0
+    off_share = h.enable_looping_at if loop_switch_planned(h) else 1.0
     average = off_share * rates[0] + (1 - off_share) * rates[-1]  # the switch comes at a share of the wall clock
     steps = average * 8 * h.max_wallclock_seconds / h.train_batch_tokens
     log(f"projection run_average tok/s_per_gpu:{average:.0f} steps_in_{h.max_wallclock_seconds:.0f}s:{steps:.0f} "
@@ -1971,16 +1953,21 @@ def check_eval_time(model: GPT, h, val_tokens: Tensor, log) -> None:
                           "TTT_CHUNK_SIZE, lower PHASED_TTT_PREFIX_DOCS or TTT_GRAD_STEPS, or set EVAL_TIME_LIMIT=0")
 
 
+def load_eval_data(h) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, str]:
+    """-> byte tables, validation tokens and the note score lines carry when VAL_TOKEN_LIMIT cuts the split."""
+    tables = byte_tables(load_tokenizer(h.tokenizer_path, h.vocab_size))
+    val_tokens = load_val_tokens(h.data_path, h.vocab_size, h.val_token_limit)
+    return tables, val_tokens, f" (first {h.val_token_limit} tokens only: not a score)" if h.val_token_limit else ""
+
+
 def evaluate_artifact(h, rank: int, world: int, device: torch.device, log: Logger) -> None:
     """EVAL_ONLY=1: no training; the artifact's model gets the final evaluations a run would give it."""
     qmodel, stored = load_artifact_model(h.artifact_path, device)
     vars(h).update({k.lower(): getattr(stored, k.lower()) for k in MODEL_KNOBS})  # the network is the artifact's
-    tables = byte_tables(load_tokenizer(h.tokenizer_path, h.vocab_size))
-    val_tokens = load_val_tokens(h.data_path, h.vocab_size, h.val_token_limit)
+    tables, val_tokens, note = load_eval_data(h)
     log_header(h, qmodel, world, 0, device, val_tokens, log)
     log(f"eval_only artifact:{os.path.abspath(h.artifact_path)} sha256:{sha256_file(h.artifact_path)}")
     check_eval_time(qmodel, h, val_tokens, log)
-    note = f" (first {h.val_token_limit} tokens only: not a score)" if h.val_token_limit else ""
     final_evaluation(qmodel.eval(), h, val_tokens, tables, device, rank, world, log, note, h.artifact_path)
 
 
@@ -2001,18 +1988,14 @@ def calibrate(trainer: Trainer, log) -> dict | None:
 
 
 def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logger) -> None:
-    path = h.artifact_path
     torch.manual_seed(h.seed)
-    tables = byte_tables(load_tokenizer(h.tokenizer_path, h.vocab_size))
-    val_tokens = load_val_tokens(h.data_path, h.vocab_size, h.val_token_limit)
+    tables, val_tokens, note = load_eval_data(h)
     trainer = Trainer(h, rank, world, device, log)
     model = trainer.model
     log_header(h, model, world, trainer.accum, device, val_tokens, log)
     log_budget_preview(model, h, log)
     check_eval_time(model, h, val_tokens, log)
     eval_fn = torch.compile(model.logits, fullgraph=True, dynamic=False) if use_compile(h, device) else model.logits
-    note = f" (first {h.val_token_limit} tokens only: not a score)" if h.val_token_limit else ""
-
     last_val: list[float] = []  # loss, bpb, seconds of the newest pre-quant evaluation
 
     def validate(step: int | None = None) -> tuple[float, float, float]:
@@ -2040,7 +2023,7 @@ def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logg
     hessians = calibrate(trainer, log)
     if h.save_checkpoint and rank == 0:
         with open(os.path.join(h.log_dir, f"{h.run_id}_fp.pt"), "xb") as f:  # never overwrites
-            torch.save(dict(config={n: getattr(h, n.lower()) for n in MODEL_KNOBS}, state=model.state_dict()), f)
+            torch.save(dict(config=knob_values(h, MODEL_KNOBS), state=model.state_dict()), f)
     if trainer.ema is not None:
         last_val[:] = validate()
         log(f"pre_quant_ema val_loss:{last_val[0]:.8f} val_bpb:{last_val[1]:.8f}{note}")
@@ -2048,12 +2031,11 @@ def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logg
         check_ranks_in_sync(model, world, log)
     log.event("pre_quant", val_loss=last_val[0], val_bpb=last_val[1], eval_time_s=last_val[2], ema=trainer.ema is not None)
     if rank == 0:
-        export_and_report(model, h, path, log, hessians)
+        export_and_report(model, h, h.artifact_path, log, hessians)
     if world > 1:
         dist.barrier()
-    qmodel, _ = load_artifact_model(path, device)
-    qmodel.eval()
-    final_evaluation(qmodel, h, val_tokens, tables, device, rank, world, log, note, path)
+    qmodel = load_artifact_model(h.artifact_path, device)[0].eval()
+    final_evaluation(qmodel, h, val_tokens, tables, device, rank, world, log, note, h.artifact_path)
 
 
 def main() -> None:
