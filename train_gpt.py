@@ -2,9 +2,8 @@
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py      # knobs are environment variables
 
-Sections, top to bottom, in the order data flows: hyperparameters, data, model parts, MoE, the
-network, optimizer, quantization and artifact, evaluation, runtime (processes, log, FLOPs),
-training loop, main(). Importing this file does no work, so tools and tests reuse it.
+Sections follow the data flow (hyperparameters ... training loop, main()). Importing this file does
+no work, so tools and tests reuse it.
 """
 from __future__ import annotations
 
@@ -494,8 +493,7 @@ class BigramHash(nn.Module):
     def forward(self, idx: Tensor) -> Tensor:
         # Two large odd multipliers (1,000,003 is prime) spread (previous, current) pairs over the buckets.
         pair = (idx[:, :-1] * 92821) ^ (idx[:, 1:] * 1_000_003)
-        # The first position has no previous token and a BOS must not see the previous document's:
-        # both get the reserved last bucket.
+        # The first position (no previous token) and a BOS (whose previous is another document's) get the last bucket.
         first = torch.full_like(idx[:, :1], self.buckets - 1)
         bucket = torch.cat((first, pair % (self.buckets - 1)), dim=1).masked_fill(idx == BOS_ID, self.buckets - 1)
         return self.scale * self.proj(self.table(bucket))
@@ -562,8 +560,7 @@ class MoEBase(nn.Module):
         for matrix in self.up:  # Muon and the init treat every expert as its own matrix
             nn.init.orthogonal_(matrix)
         self.down.zero_()
-        # A zero router makes soft MoE start as the dense MLP; routed modes need distinct scores
-        # from the start, or every token ties and goes to the same expert.
+        # A zero router makes soft MoE start as the dense MLP; routed modes need distinct scores or every token ties.
         self.router_weight.normal_(0.0, self.router_init_std)
 
     def router_logits(self, x: Tensor) -> Tensor:
@@ -606,10 +603,8 @@ class SoftMoE(MoEBase):
 
 
 class RoutedMoE(MoEBase):
-    """Top-k routing with static-shape dispatch: sort by expert + grouped_mm, or fixed capacity + bmm.
-    Selection may add the balancing bias; the gate uses the unbiased score, scaled so that an
-    untrained router gives the chosen experts gates summing to 1 (no renormalisation, so even
-    top-1 gives the router a task gradient). shared_routed adds a dense shared MLP every token uses."""
+    """Top-k routing with static-shape dispatch: sort by expert + grouped_mm, or fixed capacity + bmm. Selection
+    may add the balancing bias; gates are unbiased scores, not renormalised (top-1 still trains the router)."""
 
     def __init__(self, h, dim: int):
         super().__init__(h, dim, h.num_experts, h.expert_mlp_hidden, ROUTED_INIT_STD)
@@ -774,9 +769,8 @@ class GPT(nn.Module):
         self.bigram = BigramHash(h.bigram_vocab_size, h.bigram_dim, h.model_dim) if h.bigram_vocab_size > 0 else None
         self.smear = SmearGate(h.model_dim) if h.smear_gate else None
         self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
-        # Depth recurrence: once switched on, layers LOOP_START..LOOP_END run NUM_LOOPS more times. The
-        # switch is a Python bool (one compiled graph per state), mirrored in a buffer that the artifact
-        # keeps, so a reloaded model runs in the state it was trained in.
+        # Depth recurrence: once on, layers LOOP_START..LOOP_END run NUM_LOOPS more times. A Python bool (one
+        # compiled graph per state), mirrored in a buffer the artifact keeps, so a reloaded model runs alike.
         plain = list(range(h.num_layers))
         repeats = plain[h.loop_start:h.loop_end + 1] * h.num_loops
         self.orders = (plain, plain[:h.loop_end + 1] + repeats + plain[h.loop_end + 1:])
@@ -880,8 +874,7 @@ def muon_dtype(t: Tensor) -> torch.dtype:
     return torch.bfloat16 if t.is_cuda else torch.float32  # CPUs without bf16 units are slow in bf16
 
 
-# Polar Express (Amsel et al., 2025), as the 1.0611 record uses: a minimax-optimal quintic per
-# iteration; steps past the fifth repeat the last, converged one.
+# Polar Express (Amsel et al., 2025), as the 1.0611 record: a minimax-optimal quintic per step; later steps repeat the last.
 POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
                  (4.042929935166739, -2.808917465908714, 0.5000178451051316),
                  (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
@@ -1712,8 +1705,7 @@ class Trainer:
         if self.ema is None:
             self.ema = EMA(self.model)
             return
-        # Unset: the decay follows this step's share of the run (~0.9965 at 4,930 steps), so short runs
-        # average like long ones. A number is the records' per-step decay, whatever the run length.
+        # Unset: the decay follows this step's share of the run, so short runs average like long ones.
         decay = self.h.ema_decay if self.h.ema_decay is not None else math.exp(-step_progress / EMA_RUN_HORIZON)
         self.ema.update(decay)
 
@@ -1895,9 +1887,8 @@ def check_ranks_in_sync(model: nn.Module, world: int, log) -> None:
 
 
 def final_evaluation(qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: int, world: int, log, note: str, path: str) -> None:
-    """Plain, sliding-window and TTT evaluation of the model read back from the artifact; the last is the score.
-    Score lines of an invalid
-    result (over the cap, non-finite stored tensors or score) are marked INVALID(...), then the run fails."""
+    """Plain, sliding-window and TTT evaluation of the read-back model; the last is the score. An invalid result
+    (over the cap, non-finite stored tensors or score) marks its lines INVALID(...), then the run fails."""
     total, bad = os.path.getsize(path) + code_bytes(), [n for n, t in artifact_state(qmodel).items() if not t.isfinite().all()]
     problems = ([f"code + artifact {total} bytes > SIZE_CAP_BYTES={h.size_cap_bytes}"] if total > h.size_cap_bytes else []) + (
         [f"{len(bad)} stored tensors not finite ({', '.join(bad[:3])})"] if bad else [])
@@ -1971,7 +1962,6 @@ def evaluate_artifact(h, rank: int, world: int, device: torch.device, log: Logge
     final_evaluation(qmodel.eval(), h, val_tokens, tables, device, rank, world, log, note, h.artifact_path)
 
 
-# issue 11: GPTQ calibration inside the wall clock, and the pre-quantization checkpoint
 def calibrate(trainer: Trainer, log) -> dict | None:
     """GPTQ/LQER Hessians from the next training micro-batches (never validation) in the reserved time."""
     h, t0, n = trainer.h, time.perf_counter(), trainer.h.gptq_calibration_batches
