@@ -1057,9 +1057,8 @@ def packed_bits(q: Tensor) -> int:
 
 
 def quantize_matrix(w: Tensor, H: Tensor | None, bits: int, sigmas: float, zero: Tensor | None = None):
-    """-> (integers, fp16 row scales) of a 2-D matrix on its SDClip grid; GPTQ when given a Hessian. GPTQ's
-    error feedback spreads the integers, costing bytes: its step is widened by the bits it added until
-    it costs no more than round-to-nearest, and the one with less output error is kept."""
+    """-> (integers, fp16 row scales) of a 2-D matrix on its SDClip grid. With a Hessian, GPTQ: its step is widened
+    until it costs no more bytes than round-to-nearest, and the one with less output error is kept."""
     scale = sdclip_scale(w, bits, sigmas)
     q = round_to_grid(w, scale, bits, zero)
     if H is None:
@@ -1329,9 +1328,8 @@ def autocast(device: torch.device):
 
 
 def eval_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
-    """(start, scored) per window of seq_len inputs so that every target is scored exactly once.
-    The first window scores all its positions, later ones their last `scored` (= stride) positions;
-    the last window is pulled back to end at the final token and scores only what is still unscored."""
+    """(start, scored) per window of seq_len inputs, every target scored once: the first window scores all its
+    positions, later ones their last `scored` (= stride); the last ends at the final token."""
     n_targets = n_tokens - 1
     seq_len = min(seq_len, n_targets)
     stride = stride or seq_len
@@ -1361,16 +1359,21 @@ def evaluate(logits_fn, tokens: Tensor, tables, seq_len: int, stride: int, batch
         idx = starts[:, None] + torch.arange(seq_len + 1, device=device)
         window = tokens[idx].long()
         x, y = window[:, :-1], window[:, 1:]
-        mask = (positions[None, :] >= seq_len - scored[:, None]).double()
+        mask = positions[None, :] >= seq_len - scored[:, None]
         with autocast(device):
             logits = logits_fn(x)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-        sums[0] += (loss.double().view_as(mask) * mask).sum()
-        sums[1] += mask.sum()
-        sums[2] += (target_bytes(x, y, tables).double() * mask).sum()
-        if token_losses is not None:
-            token_losses[(idx[:, :-1])[mask > 0]] = loss.view_as(mask)[mask > 0].float()
+        add_scores(sums, loss.view_as(mask), mask, x, y, tables, idx[:, :-1], token_losses)
     return reduce_scores(sums, token_losses, world_size)
+
+
+def add_scores(sums: Tensor, losses: Tensor, scored: Tensor, x: Tensor, y: Tensor, tables, target_index: Tensor,
+               token_losses: Tensor | None) -> None:
+    """Adds the scored targets' (loss, count, bytes) to sums and their losses to token_losses[target_index]."""
+    mask = scored.double()
+    sums += torch.stack(((losses.double() * mask).sum(), mask.sum(), (target_bytes(x, y, tables) * mask).sum()))
+    if token_losses is not None:
+        token_losses[target_index[scored]] = losses[scored].float()
 
 
 def reduce_scores(sums: Tensor, token_losses: Tensor | None, world_size: int) -> tuple[float, float]:
@@ -1457,10 +1460,7 @@ def ttt_batch(loss_fn, adapters, rows: list[int], docs, tokens: Tensor, h, table
         x, y, pos, scored = chunk_windows(tokens, starts, lens, ci, width, h)
         with autocast(device):
             loss = loss_fn(adapters, x, y)
-        mask, scores = scored.double(), loss.detach()  # final before any step below
-        sums += torch.stack(((scores.double() * mask).sum(), mask.sum(), (target_bytes(x, y, tables) * mask).sum()))
-        if token_losses is not None:
-            token_losses[pos[scored]] = scores[scored].float()
+        add_scores(sums, loss.detach(), scored, x, y, tables, pos, token_losses)  # final before any step below
         train = scored & (lens > (ci + 1) * h.ttt_chunk_size).to(tokens.device)[:, None]  # documents with chunks still to come
         for step in range(h.ttt_grad_steps if train.any() else 0):
             if step:
