@@ -135,10 +135,8 @@ REPLACED_KNOBS = {"BIGRAM_BUCKETS": "BIGRAM_VOCAB_SIZE", "MOE_START_LAYER": "MOE
 # Launcher variables that are not knobs but look like them.
 LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
-
 class ConfigError(ValueError):
     """A knob with a bad value or a bad combination of knobs; the message names the knob."""
-
 
 def parse_knob(name: str, raw: str, kind: type) -> object:
     try:
@@ -158,7 +156,6 @@ def parse_knob(name: str, raw: str, kind: type) -> object:
         raise ConfigError(f"{name}={raw!r}: expected one of {', '.join(CHOICES[name])}")
     return value
 
-
 def load_config(environ=None, **overrides) -> SimpleNamespace:
     """Read every knob from `environ` (default os.environ), apply keyword overrides, validate."""
     env = os.environ if environ is None else environ
@@ -174,10 +171,8 @@ def load_config(environ=None, **overrides) -> SimpleNamespace:
     values.update({k.lower(): v for k, v in overrides.items()})
     return derive_config(SimpleNamespace(**values))
 
-
 def knob_values(h: SimpleNamespace, names=KNOBS) -> dict:
     return {name: getattr(h, name.lower()) for name in names}
-
 
 def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     """Check knob combinations and fill in the values other knobs imply."""
@@ -226,7 +221,6 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
             "(files are never overwritten) or its folder does not")
     return h
 
-
 def derive_stack(h: SimpleNamespace, require) -> None:
     """Checks of the record-stack knobs that KNOB_LIMITS cannot express."""
     require(h.gate_window <= h.model_dim, f"GATE_WINDOW={h.gate_window}: must be in 1..MODEL_DIM={h.model_dim}")
@@ -248,7 +242,6 @@ def derive_quant_config(h: SimpleNamespace, require) -> None:
             f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds}: must be in [0, MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds})")
     h.train_wallclock_seconds = h.max_wallclock_seconds - reserve  # training stops early to calibrate in time
 
-
 def grad_accum_steps(h: SimpleNamespace, world_size: int) -> int:
     per_step = world_size * h.micro_batch_tokens
     if h.train_batch_tokens % per_step:
@@ -261,10 +254,8 @@ SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
 MAX_VOCAB_SIZE = 65536  # token ids are stored as uint16
 BOS_ID = 1
 
-
 class DataError(ValueError):
     """A missing or malformed data file; the message names the file."""
-
 
 def shard_token_count(path: str) -> int:
     """Checks a shard's magic, version and exact size without reading its tokens; -> token count."""
@@ -284,11 +275,9 @@ def shard_token_count(path: str) -> int:
                         f"({expected} bytes); truncated or corrupt")
     return int(header[2])
 
-
 def read_shard(path: str) -> np.ndarray:
     n = shard_token_count(path)  # memory-mapped: the training loop pages in what it reads, never whole files
     return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(n,)) if n else np.zeros(0, "<u2")
-
 
 def check_shards(files: list[str], vocab_size: int) -> list[str]:
     """Every shard's header, size and token ids, at start-up (one pass over memory-mapped tokens each)."""
@@ -296,7 +285,6 @@ def check_shards(files: list[str], vocab_size: int) -> list[str]:
         if (top := int(read_shard(path).max(initial=0))) >= vocab_size:
             raise DataError(f"{path}: token id {top} is outside VOCAB_SIZE={vocab_size}")
     return files
-
 
 def shard_files(data_path: str, split: str) -> list[str]:
     if not os.path.isdir(data_path):
@@ -306,7 +294,6 @@ def shard_files(data_path: str, split: str) -> list[str]:
     if not files:
         raise DataError(f"DATA_PATH={data_path}: no fineweb_{split}_*.bin shards")
     return files
-
 
 class TokenStream:
     """The training shards read in sorted order, wrapping around; its position can be saved."""
@@ -338,7 +325,6 @@ class TokenStream:
             n -= len(part)
         return np.concatenate(parts)
 
-
 class TrainLoader:
     """Each optimizer step reads one global span; rank r's micro-step m gets piece m*world + r."""
 
@@ -358,7 +344,6 @@ class TrainLoader:
             batches.append((piece[:-1].view(-1, self.seq_len), piece[1:].view(-1, self.seq_len)))
         return batches
 
-
 def load_val_tokens(data_path: str, vocab_size: int, limit: int = 0) -> Tensor:
     files = check_shards(shard_files(data_path, "val"), vocab_size)
     tokens = np.concatenate([read_shard(f) for f in files])
@@ -367,7 +352,6 @@ def load_val_tokens(data_path: str, vocab_size: int, limit: int = 0) -> Tensor:
     if len(tokens) < 2:
         raise DataError(f"{files[0]}: validation split has fewer than 2 tokens")
     return torch.from_numpy(tokens.astype(np.int32))
-
 
 def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
     if not os.path.isfile(path):
@@ -379,7 +363,6 @@ def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
     if sp.vocab_size() != vocab_size:
         raise DataError(f"{path}: tokenizer has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
     return sp
-
 
 def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[Tensor, Tensor, Tensor]:
     """Per token id: UTF-8 bytes without a leading space, starts-with-space, is-control (challenge.md)."""
@@ -396,7 +379,6 @@ def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[Tensor, Tensor, Tensor]
             base[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
     return torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(control)
 
-
 def target_bytes(prev: Tensor, tgt: Tensor, tables: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     base, space, control = tables
     return base[tgt].to(torch.int32) + (space[tgt] & ~control[prev]).to(torch.int32)
@@ -405,15 +387,12 @@ def target_bytes(prev: Tensor, tgt: Tensor, tables: tuple[Tensor, Tensor, Tensor
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
-
 def mlp_act(x: Tensor, kind: str) -> Tensor:
     return (F.relu(x) if kind == "relu2" else F.leaky_relu(x, 0.5)).square()
-
 
 def zero_init(module: nn.Module) -> nn.Module:
     module.zero_init = True  # output projections start at zero, so every block starts as identity
     return module
-
 
 class Rotary(nn.Module):
     def __init__(self, rope_dims: int, base: float):
@@ -427,7 +406,6 @@ class Rotary(nn.Module):
         x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
-
 def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
     """XSA: removes from each head's output (B, H, T, D) its component along the token's own value
     vector (B, H_kv, T, D), so attention carries only what the token does not already hold."""
@@ -435,7 +413,6 @@ def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
     unit = F.normalize(v, dim=-1).unsqueeze(2)
     grouped = y.view(B, v.size(1), H // v.size(1), T, D)
     return (grouped - (grouped * unit).sum(-1, keepdim=True) * unit).view(B, H, T, D)
-
 
 class Attention(nn.Module):
     def __init__(self, h, layer: int = 0):
@@ -468,7 +445,6 @@ class Attention(nn.Module):
             y = y * gate.transpose(1, 2).unsqueeze(-1)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
-
 class DenseMLP(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str):
         super().__init__()
@@ -478,7 +454,6 @@ class DenseMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(mlp_act(self.fc(x), self.act))
-
 
 class BigramHash(nn.Module):
     """A learned vector per hashed (previous token, token) pair, projected to the model width."""
@@ -498,7 +473,6 @@ class BigramHash(nn.Module):
         first = torch.full_like(idx[:, :1], self.buckets - 1)
         bucket = torch.cat((first, pair % (self.buckets - 1)), dim=1).masked_fill(idx == BOS_ID, self.buckets - 1)
         return self.scale * self.proj(self.table(bucket))
-
 
 class SmearGate(nn.Module):
     """Mixes each position's embedding with the previous position's, never across a BOS."""
@@ -530,17 +504,14 @@ class RoutingStats(NamedTuple):
     def unpack(cls, row: Tensor, num_experts: int) -> RoutingStats:
         return cls(row[:num_experts], *row[num_experts:].tolist())
 
-
 DEAD_LOAD_SHARE = 0.1  # an expert is "dead" when its load is under 10% of the uniform share
 COLLAPSE_SHARE = 0.8  # warn when one expert takes more than this share of a layer's tokens
 ROUTED_INIT_STD = 0.02  # router init of routed modes: logits of std ~0.45 on RMS-normed inputs
-
 
 def grouped_matmul(x: Tensor, weight_t: Tensor, offsets: Tensor) -> Tensor:
     """Rows of x in expert order times weight_t[e] (in, out) for the rows of expert e."""
     fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
     return fn(x, weight_t, offs=offsets)
-
 
 class MoEBase(nn.Module):
     """Router (fp32 logic, zero-initialised) and routing telemetry shared by all MoE modes."""
@@ -586,7 +557,6 @@ class MoEBase(nn.Module):
             extra = torch.stack((zero + probs.size(0), entropy, aux_value, z.detach(), dropped_value, zero + 1))
             self.stats.add_(torch.cat((load.float(), extra)))
 
-
 class SoftMoE(MoEBase):
     """One MLP whose hidden units form E groups, each scaled per token by E * softmax(router(x)).
     One fused up and one fused down matmul; with a zero router (the init) or E = 1 it is the dense MLP."""
@@ -601,7 +571,6 @@ class SoftMoE(MoEBase):
         flat_probs = probs.reshape(-1, self.E)
         self.account(logits.reshape(-1, self.E), flat_probs, flat_probs.sum(0))
         return out
-
 
 class RoutedMoE(MoEBase):
     """Top-k routing with static-shape dispatch: sort by expert + grouped_mm, or fixed capacity + bmm. Selection
@@ -667,11 +636,9 @@ class RoutedMoE(MoEBase):
         out = torch.bmm(mlp_act(torch.bmm(buf, up), self.act), down).reshape(E * cap, dim)
         return torch.cat((out, out.new_zeros(1, dim)))[dest], (~keep).sum()
 
-
 def switch_aux_loss(counts: Tensor, probs: Tensor, k: int) -> Tensor:
     """E * sum_e (share of assignments to e) * (mean router probability of e): 1 uniform, E collapsed."""
     return probs.size(-1) * ((counts.float() / (probs.size(0) * k)) * probs.mean(0)).sum()
-
 
 def make_mlp(h, layer: int) -> nn.Module:
     if layer not in h.moe_layer_ids:
@@ -680,10 +647,8 @@ def make_mlp(h, layer: int) -> nn.Module:
         return SoftMoE(h, h.model_dim, h.num_experts, h.expert_mlp_hidden, router_init_std=0.0)
     return RoutedMoE(h, h.model_dim)
 
-
 def moe_layers(model: nn.Module) -> list[tuple[int, MoEBase]]:
     return [(i, b.mlp) for i, b in enumerate(model.blocks) if isinstance(b.mlp, MoEBase)]
-
 
 @torch.no_grad()
 def collect_routing_stats(model: nn.Module, bias_rate: float, world_size: int) -> Tensor | None:
@@ -703,7 +668,6 @@ def collect_routing_stats(model: nn.Module, bias_rate: float, world_size: int) -
             m.router_bias.sub_(m.router_bias.mean())
     return stats
 
-
 def routing_log_lines(summary: list[dict]) -> list[str]:
     lines = []
     for r in summary:
@@ -715,7 +679,6 @@ def routing_log_lines(summary: list[dict]) -> list[str]:
             lines.append(f"WARNING moe layer:{r['layer']} routing collapse: one expert takes "
                          f"{100 * max(r['load']):.1f}% of the tokens")
     return lines
-
 
 def routing_summary(model: nn.Module, stats: Tensor) -> list[dict]:
     """Per MoE layer: load shares, max/mean, dead experts, entropy / ln E, aux, z, bias, drop rate."""
@@ -760,7 +723,6 @@ class Block(nn.Module):
         attn = self.attn_scale.to(dtype) * self.attn(rms_norm(mix[0] * lanes[0] + mix[1] * x0) * self.ln_scale)
         mlp = self.mlp_scale.to(dtype) * self.mlp(rms_norm(lanes[1]) * self.ln_scale)
         return tuple(resid[j] * lanes[j] + post[j, 0] * attn + post[j, 1] * mlp for j in range(2))
-
 
 class GPT(nn.Module):
     def __init__(self, h):
@@ -853,7 +815,6 @@ MATRIX_CLASSES = ("attn", "mlp", "bigram_proj", "other")  # trained by Muon
 QUANT_GROUP = {"embed": "embed", "head": "embed", "bigram_table": "bigram", "bigram_proj": "bigram",
                "mlp": "mlp", "attn": "attn"}
 
-
 def param_class(name: str, t: Tensor) -> str:
     """The one sorting of parameter names, used by the optimizer groups, quantization and FLOP counts."""
     if name.startswith("tok_emb."):
@@ -870,10 +831,8 @@ def param_class(name: str, t: Tensor) -> str:
         return "bigram_proj"
     return "mlp" if ".mlp." in name else "attn" if ".attn." in name else "other"
 
-
 def muon_dtype(t: Tensor) -> torch.dtype:
     return torch.bfloat16 if t.is_cuda else torch.float32  # CPUs without bf16 units are slow in bf16
-
 
 # Polar Express (Amsel et al., 2025), as the 1.0611 record: a minimax-optimal quintic per step; later steps repeat the last.
 POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -881,7 +840,6 @@ POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
                  (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
                  (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
                  (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
-
 
 def newton_schulz(G: Tensor, steps: int, eps: float = 1e-7, row_normalize: bool = False) -> Tensor:
     """Approximately orthogonalise each matrix in G (2-D, or a stack of experts in 3-D). row_normalize
@@ -898,7 +856,6 @@ def newton_schulz(G: Tensor, steps: int, eps: float = 1e-7, row_normalize: bool 
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return X.mT if tall else X
-
 
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalised; each rank orthogonalises every world_size-th matrix."""
@@ -930,7 +887,6 @@ class Muon(torch.optim.Optimizer):
                 p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
                 offset += p.numel()
 
-
 def build_optimizers(model: nn.Module, h, rank: int = 0, world_size: int = 1) -> list[torch.optim.Optimizer]:
     groups: dict[str, list] = {"matrix": [], "embed": [], "bigram_table": [], "head": [], "control": [], "router": []}
     for name, p in model.named_parameters():
@@ -953,17 +909,14 @@ def build_optimizers(model: nn.Module, h, rank: int = 0, world_size: int = 1) ->
             g["base_lr"] = g["lr"]
     return optimizers
 
-
 def lr_scale(progress: float, warmdown_frac: float, min_lr: float = 0.0) -> float:
     """Flat, then a linear warm-down over the last WARMDOWN_FRAC of the run to the floor MIN_LR."""
     if warmdown_frac > 0 and progress > 1 - warmdown_frac:
         return max(min_lr, (1 - progress) / warmdown_frac)
     return 1.0
 
-
 # Without EMA_DECAY the average spans the last ~5.8% of the run: the record's 0.9965 at its ~4,930 steps.
 EMA_RUN_HORIZON = 0.058
-
 
 class EMA:
     """Exponential moving average of the parameters, in fp32."""
@@ -995,21 +948,17 @@ COMPRESSORS = {
 # Compressed bits of a row's fp16 scale and of an fp16 parameter, measured on the sample model.
 SCALE_BITS, FP16_BITS = 13.0, 14.7
 
-
 class ArtifactError(ValueError):
     """An artifact that cannot be read back; the message names the file."""
 
-
 def lrzip(data: bytes, *args: str) -> bytes:  # through stdin and stdout
     return subprocess.run(["lrzip", "-q", *args], input=data, capture_output=True, check=True).stdout
-
 
 def compressor_missing(name: str) -> str | None:
     """What COMPRESSOR=name needs that is not installed, or None."""
     need = COMPRESSORS[name][0]
     found = shutil.which(need.split()[0]) if need.endswith(" binary") else importlib.util.find_spec(need)
     return None if found else f"the {need} (python module or binary on PATH)"
-
 
 def storage_grid(name: str, t: Tensor, h) -> tuple[int, float]:
     """(bits, clip sigmas) a tensor is stored with; 16 bits = fp16 (routers, controls, small tensors)."""
@@ -1021,17 +970,14 @@ def storage_grid(name: str, t: Tensor, h) -> tuple[int, float]:
     sigmas = {"embed": h.embed_clip_sigmas, "mlp": h.mlp_clip_sigmas, "attn": h.attn_clip_sigmas}
     return (h.embed_bits if group == "embed" else h.matrix_bits), sigmas.get(group, h.matrix_clip_sigmas)
 
-
 def sdclip_scale(w: Tensor, bits: int, sigmas: float) -> Tensor:
     """SDClip: each row's step is sigmas x its std / qmax, so the grid spans +-sigmas standard deviations."""
     return (sigmas * w.float().std(dim=-1) / (2 ** (bits - 1) - 1)).clamp_min(6e-8).half()
-
 
 def round_to_grid(w: Tensor, scale: Tensor, bits: int, zero: Tensor | None = None) -> Tensor:
     qmax = 2 ** (bits - 1) - 1
     q = torch.clamp(torch.round(w.float() / scale.float()[:, None]), -qmax, qmax)
     return q if zero is None else q.masked_fill(zero, 0)
-
 
 def gptq(w: Tensor, H: Tensor, scale: Tensor, bits: int, zero: Tensor | None = None, block: int = 128) -> Tensor:
     """GPTQ: column by column, each column's error fed into later columns through the inverse Hessian."""
@@ -1052,10 +998,8 @@ def gptq(w: Tensor, H: Tensor, scale: Tensor, bits: int, zero: Tensor | None = N
         W[:, end:] -= err @ U[i:end, end:]
     return Q[:, torch.argsort(perm)]
 
-
 def packed_bits(q: Tensor) -> int:
     return 8 * len(zstandard.ZstdCompressor(level=3).compress(q.to(torch.int8).cpu().numpy().tobytes()))
-
 
 def quantize_matrix(w: Tensor, H: Tensor | None, bits: int, sigmas: float, zero: Tensor | None = None):
     """-> (integers, fp16 row scales) of a 2-D matrix on its SDClip grid. With a Hessian, GPTQ: its step is widened
@@ -1076,7 +1020,6 @@ def quantize_matrix(w: Tensor, H: Tensor | None, bits: int, sigmas: float, zero:
         scale_g = (scale_g.float() * 2 ** (1.25 * added)).half()  # a step twice as wide saves ~1 bit
     return q, scale
 
-
 def quantize_tensor(name: str, t: Tensor, h, H: Tensor | None, drop: int, prune: float) -> tuple[int, list[Tensor]]:
     """-> (bits, [fp16 tensor]) or (bits, [integers, row scales]); 3-D experts one matrix at a time."""
     bits, sigmas = storage_grid(name, t, h)
@@ -1090,7 +1033,6 @@ def quantize_tensor(name: str, t: Tensor, h, H: Tensor | None, drop: int, prune:
         parts.append(quantize_matrix(w, Hi, bits, sigmas, zero))
     return bits, [torch.cat([q for q, _ in parts]).to(torch.int8).cpu(), torch.cat([s for _, s in parts]).cpu()]
 
-
 def lqer_factors(err: Tensor, H: Tensor | None, rank: int, bits: int) -> list[Tensor]:
     """LQER: rank-r A @ B ~ the error with input columns scaled by activation RMS; A^T, B as per-row intN."""
     d = H.reshape(-1, *H.shape[-2:]).sum(0).diagonal().clamp_min(0).sqrt() + 1e-8 if H is not None else torch.ones(err.size(1))
@@ -1101,7 +1043,6 @@ def lqer_factors(err: Tensor, H: Tensor | None, rank: int, bits: int) -> list[Te
         factors += [round_to_grid(m, scale, bits).to(torch.int8), scale]
     return factors
 
-
 def dequantize_entry(bits: int, tensors: list[Tensor], shape) -> Tensor:
     if bits == 16:
         return tensors[0].float().reshape(shape)
@@ -1109,7 +1050,6 @@ def dequantize_entry(bits: int, tensors: list[Tensor], shape) -> Tensor:
     if len(tensors) == 6:  # with LQER factors
         w = w + (tensors[2].float() * tensors[3].float()[:, None]).T @ (tensors[4].float() * tensors[5].float()[:, None])
     return w.reshape(shape)
-
 
 def quantize_state(state: dict[str, Tensor], h, hessians: dict | None = None, bits_drop: dict | None = None,
                    extra_prune: float = 0.0):
@@ -1134,7 +1074,6 @@ def quantize_state(state: dict[str, Tensor], h, hessians: dict | None = None, bi
         err += (t - dequantize_entry(*entries[name], t.shape)).square().sum().item() - before.square().sum().item()
     return entries, err / max(total, 1e-30)
 
-
 def serialize_artifact(entries: dict, config: dict, shapes: dict, compressor: str = "", level: int = 3) -> bytes:
     """Compressor name, header length, CRC32, then compressed apart (a text header in front costs zstd ~10%)
     the header (magic, JSON: format, config, tensor table) and the data: the integers of one role (every
@@ -1154,7 +1093,6 @@ def serialize_artifact(entries: dict, config: dict, shapes: dict, compressor: st
     head, data = compress(header, level), b"".join(blobs)
     checksum = zlib.crc32(data, zlib.crc32(header))  # brotli and lzma frames carry none
     return compressor.encode().ljust(8, b"\0") + struct.pack("<II", len(head), checksum) + head + compress(data, level)
-
 
 def unpack_artifact(path: str) -> tuple[dict, dict]:
     """-> (JSON header, entries) of an artifact file; errors name the file and the problem."""
@@ -1190,16 +1128,13 @@ def unpack_artifact(path: str) -> tuple[dict, dict]:
         entries[e["name"]] = (e["bits"], tensors)
     return header, entries
 
-
 def read_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
     """-> (model knobs, dequantized float state dict)."""
     header, entries = unpack_artifact(path)
     return header["config"], {n: dequantize_entry(bits, ts, header["shapes"][n]) for n, (bits, ts) in entries.items()}
 
-
 def artifact_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
-
 
 @functools.lru_cache(maxsize=None)
 def grid_bits_per_param(bits: int, sigmas: float, compressor: str, level: int) -> float:
@@ -1207,7 +1142,6 @@ def grid_bits_per_param(bits: int, sigmas: float, compressor: str, level: int) -
     w = torch.randn(256, 1024, generator=torch.Generator().manual_seed(0))
     q = round_to_grid(w, sdclip_scale(w, bits, sigmas), bits).to(torch.int8)
     return 8 * len(COMPRESSORS[compressor][1](q.numpy().tobytes(), level)) / q.numel()
-
 
 def estimate_artifact_bytes(model: nn.Module, h) -> tuple[int, dict[str, int]]:
     """Budget preview: parameter counts x the measured bits per parameter of each tensor's grid."""
@@ -1226,7 +1160,6 @@ def estimate_artifact_bytes(model: nn.Module, h) -> tuple[int, dict[str, int]]:
     header = 150 * len(artifact_state(model)) + 1500
     return int(sum(per_class.values()) + header), {k: int(v) for k, v in per_class.items()}
 
-
 def shrink_steps():
     """Deterministic shrink steps, in order of growing reconstruction error: (bits lowered, extra pruning)."""
     every = {"mlp": 1, "attn": 1, "embed": 1, "bigram": 1}
@@ -1234,7 +1167,6 @@ def shrink_steps():
         for extra in (0.0, 0.02, 0.05, 0.1):
             if drops or extra:
                 yield drops, extra
-
 
 def export_artifact(model: nn.Module, h, path: str, code_bytes: int, log, hessians: dict | None = None) -> int:
     """Quantize, compress and write; shrink step by step until code + artifact fits SIZE_CAP_BYTES. Each
@@ -1266,7 +1198,6 @@ def export_artifact(model: nn.Module, h, path: str, code_bytes: int, log, hessia
     with open(path, "wb") as f:
         f.write(blob)
     return len(blob)
-
 
 @torch.no_grad()
 def collect_hessians(model: nn.Module, batches, world: int) -> tuple[dict[str, Tensor], list[str]]:
@@ -1309,7 +1240,6 @@ def collect_hessians(model: nn.Module, batches, world: int) -> tuple[dict[str, T
             hook.remove()
     return damp_sparse_experts(hess, counts, world)
 
-
 def damp_sparse_experts(hess: dict, counts: dict, world: int) -> tuple[dict[str, Tensor], list[str]]:
     warnings, experts = [], {n for n, _ in hess.items() if n.endswith((".up", ".down"))}
     for name in hess:  # the same order on every rank: the forward order
@@ -1327,7 +1257,6 @@ def damp_sparse_experts(hess: dict, counts: dict, world: int) -> tuple[dict[str,
 def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
-
 def eval_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
     """(start, scored) per window of seq_len inputs, every target scored once: the first window scores all its
     positions, later ones their last `scored` (= stride); the last ends at the final token."""
@@ -1340,7 +1269,6 @@ def eval_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, in
         windows.append((start, start + seq_len - end))
         end = start + seq_len
     return windows
-
 
 @torch.no_grad()
 def evaluate(logits_fn, tokens: Tensor, tables, seq_len: int, stride: int, batch_seqs: int,
@@ -1367,7 +1295,6 @@ def evaluate(logits_fn, tokens: Tensor, tables, seq_len: int, stride: int, batch
         add_scores(sums, loss.view_as(mask), mask, x, y, tables, idx[:, :-1], token_losses)
     return reduce_scores(sums, token_losses, world_size)
 
-
 def add_scores(sums: Tensor, losses: Tensor, scored: Tensor, x: Tensor, y: Tensor, tables, target_index: Tensor,
                token_losses: Tensor | None) -> None:
     """Adds the scored targets' (loss, count, bytes) to sums and their losses to token_losses[target_index]."""
@@ -1376,18 +1303,15 @@ def add_scores(sums: Tensor, losses: Tensor, scored: Tensor, x: Tensor, y: Tenso
     if token_losses is not None:
         token_losses[target_index[scored]] = losses[scored].float()
 
-
 def reduce_scores(sums: Tensor, token_losses: Tensor | None, world_size: int) -> tuple[float, float]:
     """(loss, tokens, bytes) sums of every rank -> (val_loss, val_bpb); per-token losses summed too."""
     for t in [sums] + [token_losses] * (token_losses is not None) if world_size > 1 else []:
         dist.all_reduce(t)  # per-token losses: each target was scored on one rank, zeros elsewhere
     return (sums[0] / sums[1]).item(), (sums[0] / math.log(2) / sums[2]).item()
 
-
 # Test-time training (TTT): every chunk of a document is scored before any update that has seen it.
 LORA_ALPHA = 144.0  # adapter output scale alpha / rank (the 1.0611 record's): the step size does not follow the rank
 TTT_TARGETS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp")  # under blocks.N; "mlp" = the whole sub-layer
-
 
 class TTTAdapters(nn.Module):
     """LoRA, one per document row, on the attention projections, around every MLP sub-layer (dense or any MoE mode)
@@ -1416,7 +1340,6 @@ class TTTAdapters(nn.Module):
         logits = model.softcap * torch.tanh(logits / model.softcap)
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
-
 def ttt_schedule(tokens: Tensor, h) -> tuple[list[tuple[int, int]], list[tuple[list[list[int]], int]]]:
     """-> documents (start, targets: to the next BOS, so TTT scores what plain evaluation scores) and phases in
     stream order (batches, then SGD on the first N tokens), so no score at p depends on a token after p. A batch:
@@ -1433,12 +1356,10 @@ def ttt_schedule(tokens: Tensor, h) -> tuple[list[tuple[int, int]], list[tuple[l
         phases.append((batches, sum(docs[hi - 1]) if lo < hi <= n_prefix and hi < len(docs) else 0))
     return docs, phases
 
-
 def chunk_widths(longest: int, h) -> list[int]:
     """Window width per chunk: up to EVAL_SEQ_LEN, rounded up to whole chunks (fewer shapes to compile)."""
     C = h.ttt_chunk_size
     return [math.ceil(min((ci + 1) * C, longest, h.eval_seq_len) / C) * C for ci in range(math.ceil(longest / C))]
-
 
 def chunk_windows(tokens: Tensor, starts: Tensor, lens: Tensor, ci: int, width: int, h):
     """Chunk ci of each row, in a window of up to EVAL_SEQ_LEN tokens ending at the chunk's end -> inputs, targets,
@@ -1449,7 +1370,6 @@ def chunk_windows(tokens: Tensor, starts: Tensor, lens: Tensor, ci: int, width: 
     pos = torch.where(valid, starts[:, None] + ctx_start[:, None] + j, -1).to(tokens.device)
     scored = (valid & (j >= (ci * h.ttt_chunk_size - ctx_start)[:, None])).to(tokens.device)
     return tokens[pos.clamp(min=0)].long(), tokens[pos + 1].long(), pos, scored
-
 
 def ttt_batch(loss_fn, adapters, rows: list[int], docs, tokens: Tensor, h, tables, sums, token_losses, device) -> None:
     """Adapters reset; chunk ci of every document scored, then (if the document goes on) trained on."""
@@ -1470,7 +1390,6 @@ def ttt_batch(loss_fn, adapters, rows: list[int], docs, tokens: Tensor, h, table
             opt.zero_grad(set_to_none=True)  # each document's mean loss over targets it has scored
             (torch.where(train, loss, 0.0).sum(-1) / train.sum(-1).clamp_min(1)).sum().backward()
             opt.step()
-
 
 def global_sgd(model: nn.Module, tokens: Tensor, end: int, h, device, rank: int, world: int) -> None:
     """SGD (cosine decay) on the base weights over tokens[:end + 1], all scored; gradients summed over ranks."""
@@ -1495,7 +1414,6 @@ def global_sgd(model: nn.Module, tokens: Tensor, end: int, h, device, rank: int,
         opt.step()
     model.requires_grad_(False)
     model.zero_grad(set_to_none=True)
-
 
 def ttt_evaluate(model: nn.Module, h, tokens: Tensor, tables, device, rank: int = 0, world: int = 1,
                  token_losses: Tensor | None = None, log=print) -> tuple[float, float]:
@@ -1523,10 +1441,8 @@ def ttt_evaluate(model: nn.Module, h, tokens: Tensor, tables, device, rank: int 
 # ---- 9. Runtime: processes and devices, the log, FLOP counting -----------------------------------
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per GPU
 
-
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite, or the ranks' weights drifted apart."""
-
 
 def setup_distributed() -> tuple[int, int, int, torch.device]:
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
@@ -1541,10 +1457,8 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     return rank, world, local, device
 
-
 def use_compile(h, device: torch.device) -> bool:
     return h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
-
 
 class Logger:
     """Rank 0 prints and appends to LOG_DIR/RUN_ID.txt and writes events to RUN_ID.jsonl (one JSON object
@@ -1586,15 +1500,12 @@ class Logger:
             for ext in () if self.training_started else (".txt", ".jsonl"):
                 os.rename(self.stem + ext, f"{self.stem}.failed{n}{ext}")
 
-
 def code_bytes() -> int:
     return os.path.getsize(os.path.abspath(__file__))
-
 
 def sha256_file(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
-
 
 def matmul_params_per_token(model: nn.Module, looping: bool | None = None) -> int:
     """Weights a token multiplies by: every matrix except lookups (an untied input embedding; the tied head
@@ -1610,12 +1521,10 @@ def matmul_params_per_token(model: nn.Module, looping: bool | None = None) -> in
             n -= (m.up.numel() + m.down.numel()) * (m.E - m.k) // m.E * order.count(layer)
     return n
 
-
 def flops_per_token(model: nn.Module, h, looping: bool | None = None) -> float:
     layers = len(model.orders[model.looping if looping is None else looping])
     attention = 6 * layers * h.train_seq_len * h.model_dim  # causal QK^T and AV, fwd + bwd
     return 6 * matmul_params_per_token(model, looping) + attention
-
 
 def peak_flops(device: torch.device) -> float | None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -1624,7 +1533,6 @@ def peak_flops(device: torch.device) -> float | None:
 # ---- 10. Training loop: schedules, steps, compile warm-up, EMA, step lines -----------------------
 def loop_switch_planned(h) -> bool:
     return h.num_loops > 0 and h.enable_looping_at < 1
-
 
 class Trainer:
     """One training run: data, model, optimizers, compile warm-up and the timed loop."""
@@ -1803,7 +1711,6 @@ def load_artifact_model(path: str, device: torch.device, **overrides) -> tuple[G
     model.load_state_dict(state, strict=False)
     return model, h
 
-
 def log_budget_preview(model: GPT, h, log) -> None:
     estimate, per_class = estimate_artifact_bytes(model, h)
     total = estimate + code_bytes()
@@ -1815,7 +1722,6 @@ def log_budget_preview(model: GPT, h, log) -> None:
         raise ConfigError(f"estimated artifact + code ~{total} bytes exceeds SIZE_CAP_BYTES={h.size_cap_bytes} by more "
                           f"than BUDGET_MARGIN={h.budget_margin}; shrink the model or lower MATRIX_BITS / EMBED_BITS, or set BUDGET_MARGIN=-1")
 
-
 def log_header(h, model: GPT, world: int, accum: int, device, val_tokens: Tensor, log) -> None:
     device_name = f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     code_sha, knobs = sha256_file(os.path.abspath(__file__)), knob_values(h)
@@ -1826,7 +1732,6 @@ def log_header(h, model: GPT, world: int, accum: int, device, val_tokens: Tensor
     log(f"val_tokens:{val_tokens.numel()} token_limit:{h.val_token_limit} data:{os.path.abspath(h.data_path)}")
     log_model(h, model, log)
 
-
 def log_model(h, model: GPT, log) -> None:
     log("config " + json.dumps(knob_values(h), sort_keys=True))
     n_params = sum(p.numel() for p in model.parameters())
@@ -1835,9 +1740,7 @@ def log_model(h, model: GPT, log) -> None:
     log(f"params total:{n_params} active_matmul_per_token:{matmul_params_per_token(model)} router:{n_router} "
         f"moe_mode:{h.moe_mode} moe_layers:{h.moe_layer_ids}")
 
-
 PROJECTED_MFU = 0.30  # what the 1.0611 record's own step times imply (96 ms before its loop switch, 138 after)
-
 
 def dry_run(h) -> None:
     """DRY_RUN=1: the model on the meta device (no data, tokenizer or GPU): the config, parameter count,
@@ -1862,7 +1765,6 @@ def dry_run(h) -> None:
         f"(8xH100 at MFU {PROJECTED_MFU:.0%}, loops from {off_share:.0%} of the run; 1.0M tok/s needs MFU "
         f"{PROJECTED_MFU * 1e6 / average:.0%})")
 
-
 def export_and_report(model: GPT, h, path: str, log, hessians: dict | None) -> None:
     size = export_artifact(model, h, path, code_bytes(), log, hessians)
     total, slack, digest = size + code_bytes(), h.size_cap_bytes - size - code_bytes(), sha256_file(path)
@@ -1874,7 +1776,6 @@ def export_and_report(model: GPT, h, path: str, log, hessians: dict | None) -> N
     log.event("size_check", code_bytes=code_bytes(), artifact_bytes=size, total_bytes=total, cap=h.size_cap_bytes,
               slack=slack, artifact=os.path.abspath(path), sha256=digest)
 
-
 def check_ranks_in_sync(model: nn.Module, world: int, log) -> None:
     """Every rank must end with the same weights: float64 sums of every tensor, compared bit for bit."""
     names, tensors = zip(*artifact_state(model).items())
@@ -1885,7 +1786,6 @@ def check_ranks_in_sync(model: nn.Module, world: int, log) -> None:
         raise TrainingDiverged(f"ranks out of sync after training: {len(differ)} of {len(names)} tensors differ, first "
                                f"{names[differ[0]]} (sums by rank: {', '.join(f'{v:.10g}' for v in sums[:, differ[0]].tolist())})")
     log(f"ranks_in_sync:yes ranks:{world} tensors:{len(names)}")
-
 
 def final_evaluation(qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: int, world: int, log, note: str, path: str) -> None:
     """Plain, sliding-window and TTT evaluation of the read-back model; the last is the score. An invalid result
@@ -1918,11 +1818,9 @@ def final_evaluation(qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: i
     if problems:
         raise ArtifactError(f"{path}: not a valid result: {'; '.join(problems)}")
 
-
 # The 1.0611 record's TTT logs imply ~12% MFU for the FLOPs check_eval_time counts (~3.8e17 for its document
 # scoring and adapter training, ~380 s on 8xH100) and ~0.15 s per global SGD step (overhead-bound, not FLOPs).
 TTT_ASSUMED_MFU, GLOBAL_SGD_STEP_SECONDS = 0.12, 0.15
-
 
 def check_eval_time(model: GPT, h, val_tokens: Tensor, log) -> None:
     """Logs the TTT seconds expected on 8xH100 (FLOPs at TTT_ASSUMED_MFU + SGD steps); refuses > EVAL_TIME_LIMIT."""
@@ -1944,13 +1842,11 @@ def check_eval_time(model: GPT, h, val_tokens: Tensor, log) -> None:
         raise ConfigError(f"TTT is projected at ~{seconds:.0f}s on 8xH100, over EVAL_TIME_LIMIT={h.eval_time_limit:g}: raise "
                           "TTT_CHUNK_SIZE, lower PHASED_TTT_PREFIX_DOCS or TTT_GRAD_STEPS, or set EVAL_TIME_LIMIT=0")
 
-
 def load_eval_data(h) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, str]:
     """-> byte tables, validation tokens and the note score lines carry when VAL_TOKEN_LIMIT cuts the split."""
     tables = byte_tables(load_tokenizer(h.tokenizer_path, h.vocab_size))
     val_tokens = load_val_tokens(h.data_path, h.vocab_size, h.val_token_limit)
     return tables, val_tokens, f" (first {h.val_token_limit} tokens only: not a score)" if h.val_token_limit else ""
-
 
 def evaluate_artifact(h, rank: int, world: int, device: torch.device, log: Logger) -> None:
     """EVAL_ONLY=1: no training; the artifact's model gets the final evaluations a run would give it."""
@@ -1961,7 +1857,6 @@ def evaluate_artifact(h, rank: int, world: int, device: torch.device, log: Logge
     log(f"eval_only artifact:{os.path.abspath(h.artifact_path)} sha256:{sha256_file(h.artifact_path)}")
     check_eval_time(qmodel, h, val_tokens, log)
     final_evaluation(qmodel.eval(), h, val_tokens, tables, device, rank, world, log, note, h.artifact_path)
-
 
 def calibrate(trainer: Trainer, log) -> dict | None:
     """GPTQ/LQER Hessians from the next training micro-batches (never validation) in the reserved time."""
@@ -1976,7 +1871,6 @@ def calibrate(trainer: Trainer, log) -> dict | None:
                             f"{'; WARNING: over the reserve' if h.max_wallclock_seconds and seconds > h.gptq_reserve_seconds else ''})"]:
         log(line)
     return hessians
-
 
 def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logger) -> None:
     torch.manual_seed(h.seed)
@@ -2028,7 +1922,6 @@ def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logg
     qmodel = load_artifact_model(h.artifact_path, device)[0].eval()
     final_evaluation(qmodel, h, val_tokens, tables, device, rank, world, log, note, h.artifact_path)
 
-
 def main() -> None:
     h = load_config()
     if h.dry_run:
@@ -2051,7 +1944,6 @@ def main() -> None:
     if world > 1:
         dist.barrier()  # rank 0 has written its last line before any rank leaves
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     try:
