@@ -1460,6 +1460,10 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
 def use_compile(h, device: torch.device) -> bool:
     return h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
 
+def maybe_compile(fn, h, device: torch.device):
+    """One static graph of fn when COMPILE (auto: on a GPU) asks for it; else fn itself."""
+    return torch.compile(fn, fullgraph=True, dynamic=False) if use_compile(h, device) else fn
+
 class Logger:
     """Rank 0 prints and appends to LOG_DIR/RUN_ID.txt and writes events to RUN_ID.jsonl (one JSON object
     per line, fields in README.md); other ranks log nothing. A run never writes into another run's log.
@@ -1543,7 +1547,7 @@ class Trainer:
         self.loader = TrainLoader(check_shards(shard_files(h.data_path, "train"), h.vocab_size), rank, world, h.train_seq_len,
                                   h.micro_batch_tokens, self.accum, device)
         self.model = GPT(h).to(device)
-        self.compiled = torch.compile(self.model, fullgraph=True, dynamic=False) if use_compile(h, device) else self.model
+        self.compiled = maybe_compile(self.model, h, device)
         self.ddp = DDP(self.compiled, device_ids=[device.index] if device.type == "cuda" else None,
                        broadcast_buffers=False) if world > 1 else self.compiled
         self.optimizers = build_optimizers(self.model, h, rank, world)
@@ -1793,7 +1797,7 @@ def final_evaluation(qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: i
     total, bad = os.path.getsize(path) + code_bytes(), [n for n, t in artifact_state(qmodel).items() if not t.isfinite().all()]
     problems = ([f"code + artifact {total} bytes > SIZE_CAP_BYTES={h.size_cap_bytes}"] if total > h.size_cap_bytes else []) + (
         [f"{len(bad)} stored tensors not finite ({', '.join(bad[:3])})"] if bad else [])
-    q_fn = torch.compile(qmodel.logits, fullgraph=True, dynamic=False) if use_compile(h, device) else qmodel.logits
+    q_fn = maybe_compile(qmodel.logits, h, device)
     modes = [("roundtrip", "plain", h.eval_seq_len)] + [("sliding_window", "sliding", h.eval_stride)] * (
         h.eval_stride not in (0, h.eval_seq_len)) + [("ttt", "ttt", h.ttt_chunk_size)] * h.ttt_enabled
     for label, mode, stride in modes:  # per-token losses of the last, score-defining evaluation
@@ -1880,7 +1884,7 @@ def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logg
     log_header(h, model, world, trainer.accum, device, val_tokens, log)
     log_budget_preview(model, h, log)
     check_eval_time(model, h, val_tokens, log)
-    eval_fn = torch.compile(model.logits, fullgraph=True, dynamic=False) if use_compile(h, device) else model.logits
+    eval_fn = maybe_compile(model.logits, h, device)
     last_val: list[float] = []  # loss, bpb, seconds of the newest pre-quant evaluation
 
     def validate(step: int | None = None) -> tuple[float, float, float]:
