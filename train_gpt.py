@@ -797,8 +797,12 @@ class GPT(nn.Module):
         return rms_norm(x if lanes is None else 0.5 * (lanes[0] + lanes[1]))
 
     def logits(self, idx: Tensor) -> Tensor:
-        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(self.hidden(idx), weight).float()
+        return self.head(self.hidden(idx))
+
+    def head(self, hidden: Tensor, delta: Tensor | None = None) -> Tensor:
+        """Softcapped logits of final hidden states, plus a TTT adapter's `delta` when given."""
+        logits = F.linear(hidden, self.tok_emb.weight if self.lm_head is None else self.lm_head.weight)
+        logits = (logits if delta is None else logits + delta).float()
         return self.softcap * torch.tanh(logits / self.softcap)
 
     def forward(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -1333,11 +1337,9 @@ class TTTAdapters(nn.Module):
         return (x @ self.a[i][:x.size(0)].to(x.dtype).mT) @ self.b[i][:x.size(0)].to(x.dtype).mT * self.scale
 
     def token_losses(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        """Per-token cross-entropy (docs, T) with the adapters on; the head as in GPT.logits plus its adapter."""
+        """Per-token cross-entropy (docs, T) with the adapters on, the head's included."""
         hidden = model.hidden(x)
-        weight = model.tok_emb.weight if model.lm_head is None else model.lm_head.weight
-        logits = (F.linear(hidden, weight) + self.delta(-1, hidden)).float()
-        logits = model.softcap * torch.tanh(logits / model.softcap)
+        logits = model.head(hidden, self.delta(-1, hidden))
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
 def ttt_schedule(tokens: Tensor, h) -> tuple[list[tuple[int, int]], list[tuple[list[list[int]], int]]]:
