@@ -574,7 +574,8 @@ class SoftMoE(MoEBase):
 
 class RoutedMoE(MoEBase):
     """Top-k routing with static-shape dispatch: sort by expert + grouped_mm, or fixed capacity + bmm. Selection
-    may add the balancing bias; gates are unbiased scores, not renormalised (top-1 still trains the router)."""
+    may add the balancing bias; gates are unbiased scores, not renormalised (top-1 still trains the router).
+    shared_routed adds a dense MLP that every token uses."""
 
     def __init__(self, h, dim: int):
         super().__init__(h, dim, h.num_experts, h.expert_mlp_hidden, ROUTED_INIT_STD)
