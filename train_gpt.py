@@ -2,9 +2,8 @@
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py      # knobs are environment variables
 
-Sections, top to bottom, in the order data flows: hyperparameters, data, model parts, MoE, the
-network, optimizer, quantization and artifact, evaluation, runtime (processes, log, FLOPs),
-training loop, main(). Importing this file does no work, so tools and tests reuse it.
+Sections follow the data flow (hyperparameters ... training loop, main()). Importing this file does
+no work, so tools and tests reuse it.
 """
 from __future__ import annotations
 
@@ -110,23 +109,24 @@ MODEL_KNOBS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEA
 # "unset" value (derived from other knobs) of MICRO_BATCH_TOKENS, EVAL_SEQ_LEN, ROPE_DIMS, EXPERT_HIDDEN, SHARED_HIDDEN.
 KNOB_LIMITS: dict[str, tuple[float, float]] = {**dict.fromkeys((
     "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN", "TRAIN_BATCH_TOKENS", "ITERATIONS", "TOP_K",
-    "TRAIN_LOG_EVERY", "EVAL_BATCH_SEQS", "NUM_EXPERTS", "BIGRAM_DIM", "MUON_BACKEND_STEPS", "SIZE_CAP_BYTES"), (1, math.inf)),
+    "TRAIN_LOG_EVERY", "EVAL_BATCH_SEQS", "NUM_EXPERTS", "BIGRAM_DIM", "MUON_BACKEND_STEPS", "SIZE_CAP_BYTES", "ROPE_BASE",
+    "LOGIT_SOFTCAP", "GATE_WINDOW", "LQER_RANK", "GPTQ_CALIBRATION_BATCHES", "TTT_LORA_RANK", "TTT_CHUNK_SIZE",
+    "TTT_BATCH_SIZE", "TTT_GRAD_STEPS"), (1, math.inf)),
     **dict.fromkeys(("MICRO_BATCH_TOKENS", "EVAL_SEQ_LEN", "ROPE_DIMS", "EXPERT_HIDDEN", "SHARED_HIDDEN", "BIGRAM_VOCAB_SIZE",
     "SEED", "VAL_LOSS_EVERY", "VAL_TOKEN_LIMIT", "MAX_WALLCLOCK_SECONDS", "WARMUP_STEPS", "EVAL_STRIDE", "QK_GAIN_INIT",
     "FP16_KEEP_MAX_NUMEL", "TIED_EMBED_INIT_STD", "ROUTER_LR", "MATRIX_LR", "SCALAR_LR", "TIED_EMBED_LR", "EMBED_LR",
     "HEAD_LR", "MOE_AUX_LOSS_COEF", "ROUTER_Z_COEF", "ROUTER_BIAS_RATE", "ROUTER_NOISE", "MUON_WD", "ADAM_WD", "ADAM_EPS",
     "GRAD_CLIP_NORM", "EMBED_WD", "XSA_LAST_N", "PARALLEL_START_LAYER", "NUM_LOOPS", "LOOP_START", "LOOP_END",
     "SPARSE_ATTN_GATE_SCALE", "TTT_LORA_LR", "TTT_WEIGHT_DECAY", "PHASED_TTT_PREFIX_DOCS", "PHASED_TTT_NUM_PHASES",
-    "GLOBAL_TTT_LR", "GLOBAL_TTT_EPOCHS", "GLOBAL_TTT_GRAD_CLIP", "EVAL_TIME_LIMIT", "GLOBAL_TTT_CHUNK_TOKENS"), (0, math.inf)),
-    **dict.fromkeys(("TTT_LORA_RANK", "TTT_CHUNK_SIZE", "TTT_BATCH_SIZE", "TTT_GRAD_STEPS"), (1, math.inf)),
+    "GLOBAL_TTT_LR", "GLOBAL_TTT_EPOCHS", "GLOBAL_TTT_GRAD_CLIP", "EVAL_TIME_LIMIT", "GLOBAL_TTT_CHUNK_TOKENS",
+    "GPTQ_RESERVE_SECONDS", "LQER_TOP_K"), (0, math.inf)),
     **dict.fromkeys(("WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_FRAC", "MIN_LR", "ENABLE_LOOPING_AT"), (0, 1)),
     **dict.fromkeys(("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY", "TTT_BETA1", "TTT_BETA2",
                      "GLOBAL_TTT_MOMENTUM"), (0, 0.99999)),
-    **dict.fromkeys(("MATRIX_BITS", "EMBED_BITS", "LQER_FACTOR_BITS"), (2, 8)), "GPTQ_RESERVE_SECONDS": (0, math.inf),
+    **dict.fromkeys(("MATRIX_BITS", "EMBED_BITS", "LQER_FACTOR_BITS"), (2, 8)),
     **dict.fromkeys(("MATRIX_CLIP_SIGMAS", "MLP_CLIP_SIGMAS", "ATTN_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS"), (0.01, math.inf)),
-    **dict.fromkeys(("LQER_RANK", "GPTQ_CALIBRATION_BATCHES"), (1, math.inf)), "LQER_TOP_K": (0, math.inf),
-    "VOCAB_SIZE": (2, math.inf), "MLP_MULT": (0.25, math.inf), "ROPE_BASE": (1, math.inf), "LOGIT_SOFTCAP": (1, math.inf),
-    "CAPACITY_FACTOR": (0.1, math.inf), "GATE_WINDOW": (1, math.inf), "PRUNE_FRAC": (0, 0.99), "ZSTD_LEVEL": (1, 22), "BUDGET_MARGIN": (-1, 1)}
+    "VOCAB_SIZE": (2, math.inf), "MLP_MULT": (0.25, math.inf), "CAPACITY_FACTOR": (0.1, math.inf), "PRUNE_FRAC": (0, 0.99),
+    "ZSTD_LEVEL": (1, 22), "BUDGET_MARGIN": (-1, 1)}
 # Knobs merged or renamed by the restructure (issue 9): a clear error instead of a silently ignored variable.
 REPLACED_KNOBS = {"BIGRAM_BUCKETS": "BIGRAM_VOCAB_SIZE", "MOE_START_LAYER": "MOE_LAYERS (a list of layers)",
                   "EMA_HORIZON": "EMA_DECAY (unset = 5.8% of the run, 0 = off)", "EMA_START": "EMA_DECAY",
@@ -135,10 +135,8 @@ REPLACED_KNOBS = {"BIGRAM_BUCKETS": "BIGRAM_VOCAB_SIZE", "MOE_START_LAYER": "MOE
 # Launcher variables that are not knobs but look like them.
 LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
-
 class ConfigError(ValueError):
     """A knob with a bad value or a bad combination of knobs; the message names the knob."""
-
 
 def parse_knob(name: str, raw: str, kind: type) -> object:
     try:
@@ -158,7 +156,6 @@ def parse_knob(name: str, raw: str, kind: type) -> object:
         raise ConfigError(f"{name}={raw!r}: expected one of {', '.join(CHOICES[name])}")
     return value
 
-
 def load_config(environ=None, **overrides) -> SimpleNamespace:
     """Read every knob from `environ` (default os.environ), apply keyword overrides, validate."""
     env = os.environ if environ is None else environ
@@ -174,6 +171,8 @@ def load_config(environ=None, **overrides) -> SimpleNamespace:
     values.update({k.lower(): v for k, v in overrides.items()})
     return derive_config(SimpleNamespace(**values))
 
+def knob_values(h: SimpleNamespace, names=KNOBS) -> dict:
+    return {name: getattr(h, name.lower()) for name in names}
 
 def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     """Check knob combinations and fill in the values other knobs imply."""
@@ -189,14 +188,12 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     require(h.num_heads % h.num_kv_heads == 0, f"NUM_HEADS={h.num_heads} is not divisible by NUM_KV_HEADS={h.num_kv_heads}")
     h.head_dim = h.model_dim // h.num_heads
     h.rope_dims = min(h.rope_dims or h.head_dim, h.head_dim)  # 16 of 64 by default; small heads rotate all
-    require(h.rope_dims % 2 == 0 and h.rope_dims > 0, f"ROPE_DIMS={h.rope_dims}: must be even and positive")
+    require(h.rope_dims % 2 == 0, f"ROPE_DIMS={h.rope_dims}: must be even")
     require(h.vocab_size <= MAX_VOCAB_SIZE, f"VOCAB_SIZE={h.vocab_size}: shards hold uint16 token ids (at most {MAX_VOCAB_SIZE})")
-    require(1 <= h.top_k <= h.num_experts, f"TOP_K={h.top_k}: must be between 1 and NUM_EXPERTS={h.num_experts}")
+    require(h.top_k <= h.num_experts, f"TOP_K={h.top_k}: must be between 1 and NUM_EXPERTS={h.num_experts}")
     for layer in h.moe_layers:
         require(0 <= layer < h.num_layers, f"MOE_LAYERS: layer {layer} is outside 0..{h.num_layers - 1}")
-    h.moe_layer_ids = sorted(set(h.moe_layers)) if h.moe_layers else list(range(h.num_layers))
-    if h.moe_mode == "none":
-        h.moe_layer_ids = []
+    h.moe_layer_ids = [] if h.moe_mode == "none" else sorted(set(h.moe_layers or range(h.num_layers)))
     h.mlp_hidden = int(h.mlp_mult * h.model_dim)
     h.shared_mlp_hidden = (h.shared_hidden or h.mlp_hidden // 2) if h.moe_mode == "shared_routed" else 0
     free_hidden = h.mlp_hidden - h.shared_mlp_hidden
@@ -213,9 +210,8 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     require(h.micro_batch_tokens % h.train_seq_len == 0 and h.micro_batch_tokens > 0, f"MICRO_BATCH_TOKENS="
             f"{h.micro_batch_tokens}{h.micro_batch_source} is not a positive multiple of TRAIN_SEQ_LEN={h.train_seq_len}")
     h.eval_seq_len = h.eval_seq_len or h.train_seq_len
-    require(0 <= h.eval_stride <= h.eval_seq_len, f"EVAL_STRIDE={h.eval_stride}: must be in 0..EVAL_SEQ_LEN={h.eval_seq_len}")
+    require(h.eval_stride <= h.eval_seq_len, f"EVAL_STRIDE={h.eval_stride}: must be in 0..EVAL_SEQ_LEN={h.eval_seq_len}")
     derive_stack(h, require)
-    # test-time training and evaluation-only runs
     require(h.global_ttt_chunk_tokens >= h.eval_seq_len,
             f"GLOBAL_TTT_CHUNK_TOKENS={h.global_ttt_chunk_tokens}: must hold at least one EVAL_SEQ_LEN={h.eval_seq_len} sequence")
     require(not h.eval_only or os.path.isfile(h.artifact_path),
@@ -225,12 +221,11 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
             "(files are never overwritten) or its folder does not")
     return h
 
-
 def derive_stack(h: SimpleNamespace, require) -> None:
     """Checks of the record-stack knobs that KNOB_LIMITS cannot express."""
-    require(1 <= h.gate_window <= h.model_dim, f"GATE_WINDOW={h.gate_window}: must be in 1..MODEL_DIM={h.model_dim}")
+    require(h.gate_window <= h.model_dim, f"GATE_WINDOW={h.gate_window}: must be in 1..MODEL_DIM={h.model_dim}")
     if h.num_loops:
-        require(0 <= h.loop_start <= h.loop_end < h.num_layers,
+        require(h.loop_start <= h.loop_end < h.num_layers,
                 f"LOOP_START={h.loop_start}, LOOP_END={h.loop_end}: need 0 <= LOOP_START <= LOOP_END < NUM_LAYERS={h.num_layers}")
     # Lanes run in decoder layers after the loop only, so a looped layer runs alike on every pass.
     first = max(h.num_layers // 2, h.loop_end + 1 if h.num_loops else 0)
@@ -243,10 +238,9 @@ def derive_quant_config(h: SimpleNamespace, require) -> None:
     require(not missing, f"COMPRESSOR={h.compressor} needs {missing}, which is not installed; install it or choose zstd")
     h.calibrate = h.quant_method == "gptq" or h.lqer_enabled  # Hessians are needed
     reserve = h.gptq_reserve_seconds if h.calibrate and h.max_wallclock_seconds > 0 else 0.0
-    require(0 <= reserve < h.max_wallclock_seconds or not reserve,
+    require(reserve < h.max_wallclock_seconds or not reserve,
             f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds}: must be in [0, MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds})")
     h.train_wallclock_seconds = h.max_wallclock_seconds - reserve  # training stops early to calibrate in time
-
 
 def grad_accum_steps(h: SimpleNamespace, world_size: int) -> int:
     per_step = world_size * h.micro_batch_tokens
@@ -260,10 +254,8 @@ SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
 MAX_VOCAB_SIZE = 65536  # token ids are stored as uint16
 BOS_ID = 1
 
-
 class DataError(ValueError):
     """A missing or malformed data file; the message names the file."""
-
 
 def shard_token_count(path: str) -> int:
     """Checks a shard's magic, version and exact size without reading its tokens; -> token count."""
@@ -283,11 +275,9 @@ def shard_token_count(path: str) -> int:
                         f"({expected} bytes); truncated or corrupt")
     return int(header[2])
 
-
 def read_shard(path: str) -> np.ndarray:
     n = shard_token_count(path)  # memory-mapped: the training loop pages in what it reads, never whole files
     return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(n,)) if n else np.zeros(0, "<u2")
-
 
 def check_shards(files: list[str], vocab_size: int) -> list[str]:
     """Every shard's header, size and token ids, at start-up (one pass over memory-mapped tokens each)."""
@@ -295,7 +285,6 @@ def check_shards(files: list[str], vocab_size: int) -> list[str]:
         if (top := int(read_shard(path).max(initial=0))) >= vocab_size:
             raise DataError(f"{path}: token id {top} is outside VOCAB_SIZE={vocab_size}")
     return files
-
 
 def shard_files(data_path: str, split: str) -> list[str]:
     if not os.path.isdir(data_path):
@@ -305,7 +294,6 @@ def shard_files(data_path: str, split: str) -> list[str]:
     if not files:
         raise DataError(f"DATA_PATH={data_path}: no fineweb_{split}_*.bin shards")
     return files
-
 
 class TokenStream:
     """The training shards read in sorted order, wrapping around; its position can be saved."""
@@ -337,7 +325,6 @@ class TokenStream:
             n -= len(part)
         return np.concatenate(parts)
 
-
 class TrainLoader:
     """Each optimizer step reads one global span; rank r's micro-step m gets piece m*world + r."""
 
@@ -357,7 +344,6 @@ class TrainLoader:
             batches.append((piece[:-1].view(-1, self.seq_len), piece[1:].view(-1, self.seq_len)))
         return batches
 
-
 def load_val_tokens(data_path: str, vocab_size: int, limit: int = 0) -> Tensor:
     files = check_shards(shard_files(data_path, "val"), vocab_size)
     tokens = np.concatenate([read_shard(f) for f in files])
@@ -366,7 +352,6 @@ def load_val_tokens(data_path: str, vocab_size: int, limit: int = 0) -> Tensor:
     if len(tokens) < 2:
         raise DataError(f"{files[0]}: validation split has fewer than 2 tokens")
     return torch.from_numpy(tokens.astype(np.int32))
-
 
 def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
     if not os.path.isfile(path):
@@ -378,7 +363,6 @@ def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
     if sp.vocab_size() != vocab_size:
         raise DataError(f"{path}: tokenizer has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
     return sp
-
 
 def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[Tensor, Tensor, Tensor]:
     """Per token id: UTF-8 bytes without a leading space, starts-with-space, is-control (challenge.md)."""
@@ -395,7 +379,6 @@ def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[Tensor, Tensor, Tensor]
             base[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
     return torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(control)
 
-
 def target_bytes(prev: Tensor, tgt: Tensor, tables: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     base, space, control = tables
     return base[tgt].to(torch.int32) + (space[tgt] & ~control[prev]).to(torch.int32)
@@ -404,15 +387,12 @@ def target_bytes(prev: Tensor, tgt: Tensor, tables: tuple[Tensor, Tensor, Tensor
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
-
 def mlp_act(x: Tensor, kind: str) -> Tensor:
     return (F.relu(x) if kind == "relu2" else F.leaky_relu(x, 0.5)).square()
-
 
 def zero_init(module: nn.Module) -> nn.Module:
     module.zero_init = True  # output projections start at zero, so every block starts as identity
     return module
-
 
 class Rotary(nn.Module):
     def __init__(self, rope_dims: int, base: float):
@@ -426,7 +406,6 @@ class Rotary(nn.Module):
         x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
-
 def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
     """XSA: removes from each head's output (B, H, T, D) its component along the token's own value
     vector (B, H_kv, T, D), so attention carries only what the token does not already hold."""
@@ -434,7 +413,6 @@ def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
     unit = F.normalize(v, dim=-1).unsqueeze(2)
     grouped = y.view(B, v.size(1), H // v.size(1), T, D)
     return (grouped - (grouped * unit).sum(-1, keepdim=True) * unit).view(B, H, T, D)
-
 
 class Attention(nn.Module):
     def __init__(self, h, layer: int = 0):
@@ -467,7 +445,6 @@ class Attention(nn.Module):
             y = y * gate.transpose(1, 2).unsqueeze(-1)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
-
 class DenseMLP(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str):
         super().__init__()
@@ -477,7 +454,6 @@ class DenseMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(mlp_act(self.fc(x), self.act))
-
 
 class BigramHash(nn.Module):
     """A learned vector per hashed (previous token, token) pair, projected to the model width."""
@@ -493,12 +469,10 @@ class BigramHash(nn.Module):
     def forward(self, idx: Tensor) -> Tensor:
         # Two large odd multipliers (1,000,003 is prime) spread (previous, current) pairs over the buckets.
         pair = (idx[:, :-1] * 92821) ^ (idx[:, 1:] * 1_000_003)
-        # The first position has no previous token and a BOS must not see the previous document's:
-        # both get the reserved last bucket.
+        # The first position (no previous token) and a BOS (whose previous is another document's) get the last bucket.
         first = torch.full_like(idx[:, :1], self.buckets - 1)
         bucket = torch.cat((first, pair % (self.buckets - 1)), dim=1).masked_fill(idx == BOS_ID, self.buckets - 1)
         return self.scale * self.proj(self.table(bucket))
-
 
 class SmearGate(nn.Module):
     """Mixes each position's embedding with the previous position's, never across a BOS."""
@@ -530,36 +504,25 @@ class RoutingStats(NamedTuple):
     def unpack(cls, row: Tensor, num_experts: int) -> RoutingStats:
         return cls(row[:num_experts], *row[num_experts:].tolist())
 
-
 DEAD_LOAD_SHARE = 0.1  # an expert is "dead" when its load is under 10% of the uniform share
 COLLAPSE_SHARE = 0.8  # warn when one expert takes more than this share of a layer's tokens
 ROUTED_INIT_STD = 0.02  # router init of routed modes: logits of std ~0.45 on RMS-normed inputs
-
 
 def grouped_matmul(x: Tensor, weight_t: Tensor, offsets: Tensor) -> Tensor:
     """Rows of x in expert order times weight_t[e] (in, out) for the rows of expert e."""
     fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
     return fn(x, weight_t, offs=offsets)
 
-
-def expert_dtype(x: Tensor) -> torch.dtype:
-    # grouped_mm is fast only in bf16 (and compiles only in bf16); eager CPU keeps fp32 for exact tests.
-    return torch.bfloat16 if x.is_cuda or torch.compiler.is_compiling() else x.dtype
-
-
 class MoEBase(nn.Module):
     """Router (fp32 logic, zero-initialised) and routing telemetry shared by all MoE modes."""
 
     def __init__(self, h, dim: int, num_experts: int, expert_hidden: int, router_init_std: float):
         super().__init__()
-        self.E = num_experts
-        self.act = h.mlp_act
+        self.E, self.act, self.router_init_std = num_experts, h.mlp_act, router_init_std
         self.router_weight = nn.Parameter(torch.empty(num_experts, dim))
         self.up = nn.Parameter(torch.empty(num_experts, expert_hidden, dim))
         self.down = nn.Parameter(torch.empty(num_experts, dim, expert_hidden))
-        self.router_init_std = router_init_std
-        self.z_coef = h.router_z_coef
-        self.aux_coef = h.moe_aux_loss_coef
+        self.z_coef, self.aux_coef = h.router_z_coef, h.moe_aux_loss_coef
         self.aux_terms: list[Tensor] = []  # this forward's weighted z- and aux losses; GPT.forward adds them
         self.register_buffer("stats", torch.zeros(len(RoutingStats._fields) - 1 + num_experts), persistent=False)
         self.reset_parameters()
@@ -569,8 +532,7 @@ class MoEBase(nn.Module):
         for matrix in self.up:  # Muon and the init treat every expert as its own matrix
             nn.init.orthogonal_(matrix)
         self.down.zero_()
-        # A zero router makes soft MoE start as the dense MLP; routed modes need distinct scores
-        # from the start, or every token ties and goes to the same expert.
+        # A zero router makes soft MoE start as the dense MLP; routed modes need distinct scores or every token ties.
         self.router_weight.normal_(0.0, self.router_init_std)
 
     def router_logits(self, x: Tensor) -> Tensor:
@@ -595,7 +557,6 @@ class MoEBase(nn.Module):
             extra = torch.stack((zero + probs.size(0), entropy, aux_value, z.detach(), dropped_value, zero + 1))
             self.stats.add_(torch.cat((load.float(), extra)))
 
-
 class SoftMoE(MoEBase):
     """One MLP whose hidden units form E groups, each scaled per token by E * softmax(router(x)).
     One fused up and one fused down matmul; with a zero router (the init) or E = 1 it is the dense MLP."""
@@ -611,20 +572,15 @@ class SoftMoE(MoEBase):
         self.account(logits.reshape(-1, self.E), flat_probs, flat_probs.sum(0))
         return out
 
-
 class RoutedMoE(MoEBase):
-    """Top-k routing with static-shape dispatch: sort by expert + grouped_mm, or fixed capacity + bmm.
-    Selection may add the balancing bias; the gate uses the unbiased score, scaled so that an
-    untrained router gives the chosen experts gates summing to 1 (no renormalisation, so even
-    top-1 gives the router a task gradient). shared_routed adds a dense shared MLP every token uses."""
+    """Top-k routing with static-shape dispatch: sort by expert + grouped_mm, or fixed capacity + bmm. Selection
+    may add the balancing bias; gates are unbiased scores, not renormalised (top-1 still trains the router).
+    shared_routed adds a dense MLP that every token uses."""
 
     def __init__(self, h, dim: int):
         super().__init__(h, dim, h.num_experts, h.expert_mlp_hidden, ROUTED_INIT_STD)
-        self.k = h.top_k
-        self.score = h.router_score
-        self.noise = h.router_noise
-        self.dispatch_mode = h.moe_dispatch
-        self.capacity_factor = h.capacity_factor
+        self.k, self.score, self.noise = h.top_k, h.router_score, h.router_noise
+        self.dispatch_mode, self.capacity_factor = h.moe_dispatch, h.capacity_factor
         # An untrained router scores ~1/E (softmax) or ~1/2 (sigmoid): this makes the k gates sum to ~1.
         self.gate_scale = (self.E if self.score == "softmax" else 2.0) / self.k
         self.register_buffer("router_bias", torch.zeros(self.E))
@@ -647,7 +603,9 @@ class RoutedMoE(MoEBase):
         counts.scatter_add_(0, flat, torch.ones_like(flat))
         order = torch.argsort(flat, stable=True)
         dispatch = self.dispatch_grouped if self.dispatch_mode == "grouped" else self.dispatch_capacity
-        sorted_tokens = tokens.to(expert_dtype(tokens))[order // self.k]
+        # grouped_mm is fast only in bf16 (and compiles only in bf16); eager CPU keeps fp32 for exact tests.
+        bf16 = tokens.is_cuda or torch.compiler.is_compiling()
+        sorted_tokens = tokens.to(torch.bfloat16 if bf16 else tokens.dtype)[order // self.k]
         rows, dropped = dispatch(sorted_tokens, flat[order], counts)
         slots = torch.empty_like(rows).index_copy(0, order, rows)
         weighted = slots.view(tokens.size(0), self.k, -1) * gate.to(rows.dtype).unsqueeze(-1)
@@ -669,9 +627,7 @@ class RoutedMoE(MoEBase):
 
     def dispatch_capacity(self, xs: Tensor, experts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
         """Fixed buffers of C rows per expert; rows past C are dropped (output 0) and counted."""
-        E = self.E
-        rows = xs.size(0)
-        dim = xs.size(1)
+        E, (rows, dim) = self.E, xs.shape
         cap = math.ceil(self.capacity_factor * rows / E)
         slot = torch.arange(rows, device=xs.device) - (counts.cumsum(0) - counts)[experts]
         keep = slot < cap
@@ -681,11 +637,9 @@ class RoutedMoE(MoEBase):
         out = torch.bmm(mlp_act(torch.bmm(buf, up), self.act), down).reshape(E * cap, dim)
         return torch.cat((out, out.new_zeros(1, dim)))[dest], (~keep).sum()
 
-
 def switch_aux_loss(counts: Tensor, probs: Tensor, k: int) -> Tensor:
     """E * sum_e (share of assignments to e) * (mean router probability of e): 1 uniform, E collapsed."""
     return probs.size(-1) * ((counts.float() / (probs.size(0) * k)) * probs.mean(0)).sum()
-
 
 def make_mlp(h, layer: int) -> nn.Module:
     if layer not in h.moe_layer_ids:
@@ -694,10 +648,8 @@ def make_mlp(h, layer: int) -> nn.Module:
         return SoftMoE(h, h.model_dim, h.num_experts, h.expert_mlp_hidden, router_init_std=0.0)
     return RoutedMoE(h, h.model_dim)
 
-
 def moe_layers(model: nn.Module) -> list[tuple[int, MoEBase]]:
     return [(i, b.mlp) for i, b in enumerate(model.blocks) if isinstance(b.mlp, MoEBase)]
-
 
 @torch.no_grad()
 def collect_routing_stats(model: nn.Module, bias_rate: float, world_size: int) -> Tensor | None:
@@ -717,7 +669,6 @@ def collect_routing_stats(model: nn.Module, bias_rate: float, world_size: int) -
             m.router_bias.sub_(m.router_bias.mean())
     return stats
 
-
 def routing_log_lines(summary: list[dict]) -> list[str]:
     lines = []
     for r in summary:
@@ -730,14 +681,12 @@ def routing_log_lines(summary: list[dict]) -> list[str]:
                          f"{100 * max(r['load']):.1f}% of the tokens")
     return lines
 
-
 def routing_summary(model: nn.Module, stats: Tensor) -> list[dict]:
     """Per MoE layer: load shares, max/mean, dead experts, entropy / ln E, aux, z, bias, drop rate."""
     out = []
     for (layer, m), row in zip(moe_layers(model), stats.double().cpu()):
         totals = RoutingStats.unpack(row, m.E)
-        calls = max(totals.calls, 1)
-        tokens = max(totals.tokens, 1)
+        calls, tokens = max(totals.calls, 1), max(totals.tokens, 1)
         load = (totals.load / max(totals.load.sum().item(), 1e-12)).tolist()
         bias = m.router_bias.tolist() if isinstance(m, RoutedMoE) else [0.0]
         out.append(dict(layer=layer, load=load, load_std=float(np.std(load)), max_over_mean=max(load) * m.E,
@@ -776,7 +725,6 @@ class Block(nn.Module):
         mlp = self.mlp_scale.to(dtype) * self.mlp(rms_norm(lanes[1]) * self.ln_scale)
         return tuple(resid[j] * lanes[j] + post[j, 0] * attn + post[j, 1] * mlp for j in range(2))
 
-
 class GPT(nn.Module):
     def __init__(self, h):
         super().__init__()
@@ -785,9 +733,8 @@ class GPT(nn.Module):
         self.bigram = BigramHash(h.bigram_vocab_size, h.bigram_dim, h.model_dim) if h.bigram_vocab_size > 0 else None
         self.smear = SmearGate(h.model_dim) if h.smear_gate else None
         self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
-        # Depth recurrence: once switched on, layers LOOP_START..LOOP_END run NUM_LOOPS more times. The
-        # switch is a Python bool (one compiled graph per state), mirrored in a buffer that the artifact
-        # keeps, so a reloaded model runs in the state it was trained in.
+        # Depth recurrence: once on, layers LOOP_START..LOOP_END run NUM_LOOPS more times. A Python bool (one
+        # compiled graph per state), mirrored in a buffer the artifact keeps, so a reloaded model runs alike.
         plain = list(range(h.num_layers))
         repeats = plain[h.loop_start:h.loop_end + 1] * h.num_loops
         self.orders = (plain, plain[:h.loop_end + 1] + repeats + plain[h.loop_end + 1:])
@@ -851,8 +798,12 @@ class GPT(nn.Module):
         return rms_norm(x if lanes is None else 0.5 * (lanes[0] + lanes[1]))
 
     def logits(self, idx: Tensor) -> Tensor:
-        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(self.hidden(idx), weight).float()
+        return self.head(self.hidden(idx))
+
+    def head(self, hidden: Tensor, delta: Tensor | None = None) -> Tensor:
+        """Softcapped logits of final hidden states, plus a TTT adapter's `delta` when given."""
+        logits = F.linear(hidden, self.tok_emb.weight if self.lm_head is None else self.lm_head.weight)
+        logits = (logits if delta is None else logits + delta).float()
         return self.softcap * torch.tanh(logits / self.softcap)
 
     def forward(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -868,7 +819,6 @@ MATRIX_CLASSES = ("attn", "mlp", "bigram_proj", "other")  # trained by Muon
 # Which bits, clip sigmas and shrink step a class of weights follows (quantization section).
 QUANT_GROUP = {"embed": "embed", "head": "embed", "bigram_table": "bigram", "bigram_proj": "bigram",
                "mlp": "mlp", "attn": "attn"}
-
 
 def param_class(name: str, t: Tensor) -> str:
     """The one sorting of parameter names, used by the optimizer groups, quantization and FLOP counts."""
@@ -886,19 +836,15 @@ def param_class(name: str, t: Tensor) -> str:
         return "bigram_proj"
     return "mlp" if ".mlp." in name else "attn" if ".attn." in name else "other"
 
-
 def muon_dtype(t: Tensor) -> torch.dtype:
     return torch.bfloat16 if t.is_cuda else torch.float32  # CPUs without bf16 units are slow in bf16
 
-
-# Polar Express (Amsel et al., 2025), as the 1.0611 record uses: a minimax-optimal quintic per
-# iteration; steps past the fifth repeat the last, converged one.
+# Polar Express (Amsel et al., 2025), as the 1.0611 record: a minimax-optimal quintic per step; later steps repeat the last.
 POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
                  (4.042929935166739, -2.808917465908714, 0.5000178451051316),
                  (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
                  (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
                  (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
-
 
 def newton_schulz(G: Tensor, steps: int, eps: float = 1e-7, row_normalize: bool = False) -> Tensor:
     """Approximately orthogonalise each matrix in G (2-D, or a stack of experts in 3-D). row_normalize
@@ -915,7 +861,6 @@ def newton_schulz(G: Tensor, steps: int, eps: float = 1e-7, row_normalize: bool 
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return X.mT if tall else X
-
 
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalised; each rank orthogonalises every world_size-th matrix."""
@@ -947,7 +892,6 @@ class Muon(torch.optim.Optimizer):
                 p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
                 offset += p.numel()
 
-
 def build_optimizers(model: nn.Module, h, rank: int = 0, world_size: int = 1) -> list[torch.optim.Optimizer]:
     groups: dict[str, list] = {"matrix": [], "embed": [], "bigram_table": [], "head": [], "control": [], "router": []}
     for name, p in model.named_parameters():
@@ -970,23 +914,20 @@ def build_optimizers(model: nn.Module, h, rank: int = 0, world_size: int = 1) ->
             g["base_lr"] = g["lr"]
     return optimizers
 
-
 def lr_scale(progress: float, warmdown_frac: float, min_lr: float = 0.0) -> float:
     """Flat, then a linear warm-down over the last WARMDOWN_FRAC of the run to the floor MIN_LR."""
     if warmdown_frac > 0 and progress > 1 - warmdown_frac:
         return max(min_lr, (1 - progress) / warmdown_frac)
     return 1.0
 
-
 # Without EMA_DECAY the average spans the last ~5.8% of the run: the record's 0.9965 at its ~4,930 steps.
 EMA_RUN_HORIZON = 0.058
-
 
 class EMA:
     """Exponential moving average of the parameters, in fp32."""
 
     def __init__(self, model: nn.Module):
-        self.params = [p for p in model.parameters()]
+        self.params = list(model.parameters())
         self.shadow = [p.detach().float().clone() for p in self.params]
 
     @torch.no_grad()
@@ -1012,21 +953,17 @@ COMPRESSORS = {
 # Compressed bits of a row's fp16 scale and of an fp16 parameter, measured on the sample model.
 SCALE_BITS, FP16_BITS = 13.0, 14.7
 
-
 class ArtifactError(ValueError):
     """An artifact that cannot be read back; the message names the file."""
 
-
 def lrzip(data: bytes, *args: str) -> bytes:  # through stdin and stdout
     return subprocess.run(["lrzip", "-q", *args], input=data, capture_output=True, check=True).stdout
-
 
 def compressor_missing(name: str) -> str | None:
     """What COMPRESSOR=name needs that is not installed, or None."""
     need = COMPRESSORS[name][0]
     found = shutil.which(need.split()[0]) if need.endswith(" binary") else importlib.util.find_spec(need)
     return None if found else f"the {need} (python module or binary on PATH)"
-
 
 def storage_grid(name: str, t: Tensor, h) -> tuple[int, float]:
     """(bits, clip sigmas) a tensor is stored with; 16 bits = fp16 (routers, controls, small tensors)."""
@@ -1038,17 +975,14 @@ def storage_grid(name: str, t: Tensor, h) -> tuple[int, float]:
     sigmas = {"embed": h.embed_clip_sigmas, "mlp": h.mlp_clip_sigmas, "attn": h.attn_clip_sigmas}
     return (h.embed_bits if group == "embed" else h.matrix_bits), sigmas.get(group, h.matrix_clip_sigmas)
 
-
 def sdclip_scale(w: Tensor, bits: int, sigmas: float) -> Tensor:
     """SDClip: each row's step is sigmas x its std / qmax, so the grid spans +-sigmas standard deviations."""
     return (sigmas * w.float().std(dim=-1) / (2 ** (bits - 1) - 1)).clamp_min(6e-8).half()
-
 
 def round_to_grid(w: Tensor, scale: Tensor, bits: int, zero: Tensor | None = None) -> Tensor:
     qmax = 2 ** (bits - 1) - 1
     q = torch.clamp(torch.round(w.float() / scale.float()[:, None]), -qmax, qmax)
     return q if zero is None else q.masked_fill(zero, 0)
-
 
 def gptq(w: Tensor, H: Tensor, scale: Tensor, bits: int, zero: Tensor | None = None, block: int = 128) -> Tensor:
     """GPTQ: column by column, each column's error fed into later columns through the inverse Hessian."""
@@ -1069,15 +1003,12 @@ def gptq(w: Tensor, H: Tensor, scale: Tensor, bits: int, zero: Tensor | None = N
         W[:, end:] -= err @ U[i:end, end:]
     return Q[:, torch.argsort(perm)]
 
-
 def packed_bits(q: Tensor) -> int:
     return 8 * len(zstandard.ZstdCompressor(level=3).compress(q.to(torch.int8).cpu().numpy().tobytes()))
 
-
 def quantize_matrix(w: Tensor, H: Tensor | None, bits: int, sigmas: float, zero: Tensor | None = None):
-    """-> (integers, fp16 row scales) of a 2-D matrix on its SDClip grid; GPTQ when given a Hessian. GPTQ's
-    error feedback spreads the integers, costing bytes: its step is widened by the bits it added until
-    it costs no more than round-to-nearest, and the one with less output error is kept."""
+    """-> (integers, fp16 row scales) of a 2-D matrix on its SDClip grid. With a Hessian, GPTQ: its step is widened
+    until it costs no more bytes than round-to-nearest, and the one with less output error is kept."""
     scale = sdclip_scale(w, bits, sigmas)
     q = round_to_grid(w, scale, bits, zero)
     if H is None:
@@ -1094,7 +1025,6 @@ def quantize_matrix(w: Tensor, H: Tensor | None, bits: int, sigmas: float, zero:
         scale_g = (scale_g.float() * 2 ** (1.25 * added)).half()  # a step twice as wide saves ~1 bit
     return q, scale
 
-
 def quantize_tensor(name: str, t: Tensor, h, H: Tensor | None, drop: int, prune: float) -> tuple[int, list[Tensor]]:
     """-> (bits, [fp16 tensor]) or (bits, [integers, row scales]); 3-D experts one matrix at a time."""
     bits, sigmas = storage_grid(name, t, h)
@@ -1108,7 +1038,6 @@ def quantize_tensor(name: str, t: Tensor, h, H: Tensor | None, drop: int, prune:
         parts.append(quantize_matrix(w, Hi, bits, sigmas, zero))
     return bits, [torch.cat([q for q, _ in parts]).to(torch.int8).cpu(), torch.cat([s for _, s in parts]).cpu()]
 
-
 def lqer_factors(err: Tensor, H: Tensor | None, rank: int, bits: int) -> list[Tensor]:
     """LQER: rank-r A @ B ~ the error with input columns scaled by activation RMS; A^T, B as per-row intN."""
     d = H.reshape(-1, *H.shape[-2:]).sum(0).diagonal().clamp_min(0).sqrt() + 1e-8 if H is not None else torch.ones(err.size(1))
@@ -1119,7 +1048,6 @@ def lqer_factors(err: Tensor, H: Tensor | None, rank: int, bits: int) -> list[Te
         factors += [round_to_grid(m, scale, bits).to(torch.int8), scale]
     return factors
 
-
 def dequantize_entry(bits: int, tensors: list[Tensor], shape) -> Tensor:
     if bits == 16:
         return tensors[0].float().reshape(shape)
@@ -1127,7 +1055,6 @@ def dequantize_entry(bits: int, tensors: list[Tensor], shape) -> Tensor:
     if len(tensors) == 6:  # with LQER factors
         w = w + (tensors[2].float() * tensors[3].float()[:, None]).T @ (tensors[4].float() * tensors[5].float()[:, None])
     return w.reshape(shape)
-
 
 def quantize_state(state: dict[str, Tensor], h, hessians: dict | None = None, bits_drop: dict | None = None,
                    extra_prune: float = 0.0):
@@ -1152,7 +1079,6 @@ def quantize_state(state: dict[str, Tensor], h, hessians: dict | None = None, bi
         err += (t - dequantize_entry(*entries[name], t.shape)).square().sum().item() - before.square().sum().item()
     return entries, err / max(total, 1e-30)
 
-
 def serialize_artifact(entries: dict, config: dict, shapes: dict, compressor: str = "", level: int = 3) -> bytes:
     """Compressor name, header length, CRC32, then compressed apart (a text header in front costs zstd ~10%)
     the header (magic, JSON: format, config, tensor table) and the data: the integers of one role (every
@@ -1172,7 +1098,6 @@ def serialize_artifact(entries: dict, config: dict, shapes: dict, compressor: st
     head, data = compress(header, level), b"".join(blobs)
     checksum = zlib.crc32(data, zlib.crc32(header))  # brotli and lzma frames carry none
     return compressor.encode().ljust(8, b"\0") + struct.pack("<II", len(head), checksum) + head + compress(data, level)
-
 
 def unpack_artifact(path: str) -> tuple[dict, dict]:
     """-> (JSON header, entries) of an artifact file; errors name the file and the problem."""
@@ -1208,16 +1133,13 @@ def unpack_artifact(path: str) -> tuple[dict, dict]:
         entries[e["name"]] = (e["bits"], tensors)
     return header, entries
 
-
 def read_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
     """-> (model knobs, dequantized float state dict)."""
     header, entries = unpack_artifact(path)
     return header["config"], {n: dequantize_entry(bits, ts, header["shapes"][n]) for n, (bits, ts) in entries.items()}
 
-
 def artifact_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
-
 
 @functools.lru_cache(maxsize=None)
 def grid_bits_per_param(bits: int, sigmas: float, compressor: str, level: int) -> float:
@@ -1225,7 +1147,6 @@ def grid_bits_per_param(bits: int, sigmas: float, compressor: str, level: int) -
     w = torch.randn(256, 1024, generator=torch.Generator().manual_seed(0))
     q = round_to_grid(w, sdclip_scale(w, bits, sigmas), bits).to(torch.int8)
     return 8 * len(COMPRESSORS[compressor][1](q.numpy().tobytes(), level)) / q.numel()
-
 
 def estimate_artifact_bytes(model: nn.Module, h) -> tuple[int, dict[str, int]]:
     """Budget preview: parameter counts x the measured bits per parameter of each tensor's grid."""
@@ -1244,7 +1165,6 @@ def estimate_artifact_bytes(model: nn.Module, h) -> tuple[int, dict[str, int]]:
     header = 150 * len(artifact_state(model)) + 1500
     return int(sum(per_class.values()) + header), {k: int(v) for k, v in per_class.items()}
 
-
 def shrink_steps():
     """Deterministic shrink steps, in order of growing reconstruction error: (bits lowered, extra pruning)."""
     every = {"mlp": 1, "attn": 1, "embed": 1, "bigram": 1}
@@ -1253,12 +1173,11 @@ def shrink_steps():
             if drops or extra:
                 yield drops, extra
 
-
 def export_artifact(model: nn.Module, h, path: str, code_bytes: int, log, hessians: dict | None = None) -> int:
     """Quantize, compress and write; shrink step by step until code + artifact fits SIZE_CAP_BYTES. Each
     step's size is first predicted from round-to-nearest integers and a fast zstd level, times the real /
     predicted ratio of the first attempt; only steps predicted to fit pay for GPTQ and the full compressor."""
-    config, state = {name: getattr(h, name.lower()) for name in MODEL_KNOBS}, artifact_state(model)
+    config, state = knob_values(h, MODEL_KNOBS), artifact_state(model)
     shapes, limit = {n: list(t.shape) for n, t in state.items()}, h.size_cap_bytes - code_bytes
     rtn = SimpleNamespace(**{**vars(h), "quant_method": "rtn", "lqer_enabled": False})
     entries, err = quantize_state(state, h, hessians)
@@ -1284,7 +1203,6 @@ def export_artifact(model: nn.Module, h, path: str, code_bytes: int, log, hessia
     with open(path, "wb") as f:
         f.write(blob)
     return len(blob)
-
 
 @torch.no_grad()
 def collect_hessians(model: nn.Module, batches, world: int) -> tuple[dict[str, Tensor], list[str]]:
@@ -1327,7 +1245,6 @@ def collect_hessians(model: nn.Module, batches, world: int) -> tuple[dict[str, T
             hook.remove()
     return damp_sparse_experts(hess, counts, world)
 
-
 def damp_sparse_experts(hess: dict, counts: dict, world: int) -> tuple[dict[str, Tensor], list[str]]:
     warnings, experts = [], {n for n, _ in hess.items() if n.endswith((".up", ".down"))}
     for name in hess:  # the same order on every rank: the forward order
@@ -1345,11 +1262,9 @@ def damp_sparse_experts(hess: dict, counts: dict, world: int) -> tuple[dict[str,
 def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
-
 def eval_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
-    """(start, scored) per window of seq_len inputs so that every target is scored exactly once.
-    The first window scores all its positions, later ones their last `scored` (= stride) positions;
-    the last window is pulled back to end at the final token and scores only what is still unscored."""
+    """(start, scored) per window of seq_len inputs, every target scored once: the first window scores all its
+    positions, later ones their last `scored` (= stride); the last ends at the final token."""
     n_targets = n_tokens - 1
     seq_len = min(seq_len, n_targets)
     stride = stride or seq_len
@@ -1359,7 +1274,6 @@ def eval_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, in
         windows.append((start, start + seq_len - end))
         end = start + seq_len
     return windows
-
 
 @torch.no_grad()
 def evaluate(logits_fn, tokens: Tensor, tables, seq_len: int, stride: int, batch_seqs: int,
@@ -1379,17 +1293,20 @@ def evaluate(logits_fn, tokens: Tensor, tables, seq_len: int, stride: int, batch
         idx = starts[:, None] + torch.arange(seq_len + 1, device=device)
         window = tokens[idx].long()
         x, y = window[:, :-1], window[:, 1:]
-        mask = (positions[None, :] >= seq_len - scored[:, None]).double()
+        mask = positions[None, :] >= seq_len - scored[:, None]
         with autocast(device):
             logits = logits_fn(x)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-        sums[0] += (loss.double().view_as(mask) * mask).sum()
-        sums[1] += mask.sum()
-        sums[2] += (target_bytes(x, y, tables).double() * mask).sum()
-        if token_losses is not None:
-            token_losses[(idx[:, :-1])[mask > 0]] = loss.view_as(mask)[mask > 0].float()
+        add_scores(sums, loss.view_as(mask), mask, x, y, tables, idx[:, :-1], token_losses)
     return reduce_scores(sums, token_losses, world_size)
 
+def add_scores(sums: Tensor, losses: Tensor, scored: Tensor, x: Tensor, y: Tensor, tables, target_index: Tensor,
+               token_losses: Tensor | None) -> None:
+    """Adds the scored targets' (loss, count, bytes) to sums and their losses to token_losses[target_index]."""
+    mask = scored.double()
+    sums += torch.stack(((losses.double() * mask).sum(), mask.sum(), (target_bytes(x, y, tables) * mask).sum()))
+    if token_losses is not None:
+        token_losses[target_index[scored]] = losses[scored].float()
 
 def reduce_scores(sums: Tensor, token_losses: Tensor | None, world_size: int) -> tuple[float, float]:
     """(loss, tokens, bytes) sums of every rank -> (val_loss, val_bpb); per-token losses summed too."""
@@ -1397,11 +1314,9 @@ def reduce_scores(sums: Tensor, token_losses: Tensor | None, world_size: int) ->
         dist.all_reduce(t)  # per-token losses: each target was scored on one rank, zeros elsewhere
     return (sums[0] / sums[1]).item(), (sums[0] / math.log(2) / sums[2]).item()
 
-
 # Test-time training (TTT): every chunk of a document is scored before any update that has seen it.
 LORA_ALPHA = 144.0  # adapter output scale alpha / rank (the 1.0611 record's): the step size does not follow the rank
 TTT_TARGETS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp")  # under blocks.N; "mlp" = the whole sub-layer
-
 
 class TTTAdapters(nn.Module):
     """LoRA, one per document row, on the attention projections, around every MLP sub-layer (dense or any MoE mode)
@@ -1423,13 +1338,10 @@ class TTTAdapters(nn.Module):
         return (x @ self.a[i][:x.size(0)].to(x.dtype).mT) @ self.b[i][:x.size(0)].to(x.dtype).mT * self.scale
 
     def token_losses(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        """Per-token cross-entropy (docs, T) with the adapters on; the head as in GPT.logits plus its adapter."""
+        """Per-token cross-entropy (docs, T) with the adapters on, the head's included."""
         hidden = model.hidden(x)
-        weight = model.tok_emb.weight if model.lm_head is None else model.lm_head.weight
-        logits = (F.linear(hidden, weight) + self.delta(-1, hidden)).float()
-        logits = model.softcap * torch.tanh(logits / model.softcap)
+        logits = model.head(hidden, self.delta(-1, hidden))
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-
 
 def ttt_schedule(tokens: Tensor, h) -> tuple[list[tuple[int, int]], list[tuple[list[list[int]], int]]]:
     """-> documents (start, targets: to the next BOS, so TTT scores what plain evaluation scores) and phases in
@@ -1447,12 +1359,10 @@ def ttt_schedule(tokens: Tensor, h) -> tuple[list[tuple[int, int]], list[tuple[l
         phases.append((batches, sum(docs[hi - 1]) if lo < hi <= n_prefix and hi < len(docs) else 0))
     return docs, phases
 
-
 def chunk_widths(longest: int, h) -> list[int]:
     """Window width per chunk: up to EVAL_SEQ_LEN, rounded up to whole chunks (fewer shapes to compile)."""
     C = h.ttt_chunk_size
     return [math.ceil(min((ci + 1) * C, longest, h.eval_seq_len) / C) * C for ci in range(math.ceil(longest / C))]
-
 
 def chunk_windows(tokens: Tensor, starts: Tensor, lens: Tensor, ci: int, width: int, h):
     """Chunk ci of each row, in a window of up to EVAL_SEQ_LEN tokens ending at the chunk's end -> inputs, targets,
@@ -1464,7 +1374,6 @@ def chunk_windows(tokens: Tensor, starts: Tensor, lens: Tensor, ci: int, width: 
     scored = (valid & (j >= (ci * h.ttt_chunk_size - ctx_start)[:, None])).to(tokens.device)
     return tokens[pos.clamp(min=0)].long(), tokens[pos + 1].long(), pos, scored
 
-
 def ttt_batch(loss_fn, adapters, rows: list[int], docs, tokens: Tensor, h, tables, sums, token_losses, device) -> None:
     """Adapters reset; chunk ci of every document scored, then (if the document goes on) trained on."""
     adapters.load_state_dict(adapters.initial)
@@ -1475,10 +1384,7 @@ def ttt_batch(loss_fn, adapters, rows: list[int], docs, tokens: Tensor, h, table
         x, y, pos, scored = chunk_windows(tokens, starts, lens, ci, width, h)
         with autocast(device):
             loss = loss_fn(adapters, x, y)
-        mask, scores = scored.double(), loss.detach()  # final before any step below
-        sums += torch.stack(((scores.double() * mask).sum(), mask.sum(), (target_bytes(x, y, tables) * mask).sum()))
-        if token_losses is not None:
-            token_losses[pos[scored]] = scores[scored].float()
+        add_scores(sums, loss.detach(), scored, x, y, tables, pos, token_losses)  # final before any step below
         train = scored & (lens > (ci + 1) * h.ttt_chunk_size).to(tokens.device)[:, None]  # documents with chunks still to come
         for step in range(h.ttt_grad_steps if train.any() else 0):
             if step:
@@ -1487,7 +1393,6 @@ def ttt_batch(loss_fn, adapters, rows: list[int], docs, tokens: Tensor, h, table
             opt.zero_grad(set_to_none=True)  # each document's mean loss over targets it has scored
             (torch.where(train, loss, 0.0).sum(-1) / train.sum(-1).clamp_min(1)).sum().backward()
             opt.step()
-
 
 def global_sgd(model: nn.Module, tokens: Tensor, end: int, h, device, rank: int, world: int) -> None:
     """SGD (cosine decay) on the base weights over tokens[:end + 1], all scored; gradients summed over ranks."""
@@ -1512,7 +1417,6 @@ def global_sgd(model: nn.Module, tokens: Tensor, end: int, h, device, rank: int,
         opt.step()
     model.requires_grad_(False)
     model.zero_grad(set_to_none=True)
-
 
 def ttt_evaluate(model: nn.Module, h, tokens: Tensor, tables, device, rank: int = 0, world: int = 1,
                  token_losses: Tensor | None = None, log=print) -> tuple[float, float]:
@@ -1540,10 +1444,8 @@ def ttt_evaluate(model: nn.Module, h, tokens: Tensor, tables, device, rank: int 
 # ---- 9. Runtime: processes and devices, the log, FLOP counting -----------------------------------
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per GPU
 
-
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite, or the ranks' weights drifted apart."""
-
 
 def setup_distributed() -> tuple[int, int, int, torch.device]:
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
@@ -1558,18 +1460,21 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     return rank, world, local, device
 
-
 def use_compile(h, device: torch.device) -> bool:
     return h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
 
+def maybe_compile(fn, h, device: torch.device):
+    """One static graph of fn when COMPILE (auto: on a GPU) asks for it; else fn itself."""
+    return torch.compile(fn, fullgraph=True, dynamic=False) if use_compile(h, device) else fn
 
 class Logger:
     """Rank 0 prints and appends to LOG_DIR/RUN_ID.txt and writes events to RUN_ID.jsonl (one JSON object
-    per line, fields in README.md); other ranks log nothing. A run never writes into another run's log."""
+    per line, fields in README.md); other ranks log nothing. A run never writes into another run's log.
+    Logger(None, console=True) is DRY_RUN's: it prints and writes no file."""
 
-    def __init__(self, stem: str | None):
+    def __init__(self, stem: str | None, console: bool = False):
         self.text = self.events = None
-        self.stem, self.training_started = stem, False
+        self.stem, self.training_started, self.console = stem, False, console or bool(stem)
         if stem:
             for path in (stem + ".txt", stem + ".jsonl"):
                 if os.path.exists(path):
@@ -1579,8 +1484,9 @@ class Logger:
             self.events = open(stem + ".jsonl", "x", encoding="utf-8")
 
     def __call__(self, msg: str) -> None:
-        if self.text is not None:
+        if self.console:
             print(msg, flush=True)
+        if self.text is not None:
             self.text.write(msg + "\n")
             self.text.flush()
 
@@ -1601,15 +1507,12 @@ class Logger:
             for ext in () if self.training_started else (".txt", ".jsonl"):
                 os.rename(self.stem + ext, f"{self.stem}.failed{n}{ext}")
 
-
 def code_bytes() -> int:
     return os.path.getsize(os.path.abspath(__file__))
-
 
 def sha256_file(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
-
 
 def matmul_params_per_token(model: nn.Module, looping: bool | None = None) -> int:
     """Weights a token multiplies by: every matrix except lookups (an untied input embedding; the tied head
@@ -1625,18 +1528,19 @@ def matmul_params_per_token(model: nn.Module, looping: bool | None = None) -> in
             n -= (m.up.numel() + m.down.numel()) * (m.E - m.k) // m.E * order.count(layer)
     return n
 
-
 def flops_per_token(model: nn.Module, h, looping: bool | None = None) -> float:
     layers = len(model.orders[model.looping if looping is None else looping])
     attention = 6 * layers * h.train_seq_len * h.model_dim  # causal QK^T and AV, fwd + bwd
     return 6 * matmul_params_per_token(model, looping) + attention
-
 
 def peak_flops(device: torch.device) -> float | None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 # ---- 10. Training loop: schedules, steps, compile warm-up, EMA, step lines -----------------------
+def loop_switch_planned(h) -> bool:
+    return h.num_loops > 0 and h.enable_looping_at < 1
+
 class Trainer:
     """One training run: data, model, optimizers, compile warm-up and the timed loop."""
 
@@ -1646,7 +1550,7 @@ class Trainer:
         self.loader = TrainLoader(check_shards(shard_files(h.data_path, "train"), h.vocab_size), rank, world, h.train_seq_len,
                                   h.micro_batch_tokens, self.accum, device)
         self.model = GPT(h).to(device)
-        self.compiled = torch.compile(self.model, fullgraph=True, dynamic=False) if use_compile(h, device) else self.model
+        self.compiled = maybe_compile(self.model, h, device)
         self.ddp = DDP(self.compiled, device_ids=[device.index] if device.type == "cuda" else None,
                        broadcast_buffers=False) if world > 1 else self.compiled
         self.optimizers = build_optimizers(self.model, h, rank, world)
@@ -1694,7 +1598,7 @@ class Trainer:
             return
         saved = (copy.deepcopy(self.model.state_dict()), [copy.deepcopy(o.state_dict()) for o in self.optimizers],
                  self.loader.stream.state())
-        for looping in (False, True) if self.loop_switch_planned() else (self.model.looping,):
+        for looping in (False, True) if loop_switch_planned(self.h) else (self.model.looping,):
             self.model.set_looping(looping)  # compile both layer orders now: the timed switch then costs none
             for _ in range(self.h.warmup_steps):
                 self.train_step()
@@ -1704,12 +1608,9 @@ class Trainer:
         self.loader.stream.restore(saved[2])
         self.routing_totals = None
 
-    def loop_switch_planned(self) -> bool:
-        return self.h.num_loops > 0 and self.h.enable_looping_at < 1
-
     def maybe_start_looping(self, progress: float) -> None:
         """Depth recurrence starts once ENABLE_LOOPING_AT of the run has passed (1 = never)."""
-        if self.loop_switch_planned() and not self.model.looping and progress >= self.h.enable_looping_at:
+        if loop_switch_planned(self.h) and not self.model.looping and progress >= self.h.enable_looping_at:
             self.model.set_looping(True)
             self.log(f"layer_loop:enabled step:{self.step} progress:{progress:.3f} order:{self.model.orders[1]}")
             self.log.event("layer_loop", step=self.step, progress=progress, order=self.model.orders[1])
@@ -1720,8 +1621,7 @@ class Trainer:
         if self.ema is None:
             self.ema = EMA(self.model)
             return
-        # Unset: the decay follows this step's share of the run (~0.9965 at 4,930 steps), so short runs
-        # average like long ones. A number is the records' per-step decay, whatever the run length.
+        # Unset: the decay follows this step's share of the run, so short runs average like long ones.
         decay = self.h.ema_decay if self.h.ema_decay is not None else math.exp(-step_progress / EMA_RUN_HORIZON)
         self.ema.update(decay)
 
@@ -1818,7 +1718,6 @@ def load_artifact_model(path: str, device: torch.device, **overrides) -> tuple[G
     model.load_state_dict(state, strict=False)
     return model, h
 
-
 def log_budget_preview(model: GPT, h, log) -> None:
     estimate, per_class = estimate_artifact_bytes(model, h)
     total = estimate + code_bytes()
@@ -1830,10 +1729,9 @@ def log_budget_preview(model: GPT, h, log) -> None:
         raise ConfigError(f"estimated artifact + code ~{total} bytes exceeds SIZE_CAP_BYTES={h.size_cap_bytes} by more "
                           f"than BUDGET_MARGIN={h.budget_margin}; shrink the model or lower MATRIX_BITS / EMBED_BITS, or set BUDGET_MARGIN=-1")
 
-
 def log_header(h, model: GPT, world: int, accum: int, device, val_tokens: Tensor, log) -> None:
     device_name = f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-    code_sha, knobs = sha256_file(os.path.abspath(__file__)), {k: getattr(h, k.lower()) for k in KNOBS}
+    code_sha, knobs = sha256_file(os.path.abspath(__file__)), knob_values(h)
     log.event("config", knobs=knobs, code_sha256=code_sha, code_bytes=code_bytes(), torch=torch.__version__,
               python=sys.version.split()[0], device=device_name, world_size=world, grad_accum=accum)
     log(f"python {sys.version.split()[0]} torch {torch.__version__} device {device_name} world_size {world} grad_accum {accum}")
@@ -1841,33 +1739,20 @@ def log_header(h, model: GPT, world: int, accum: int, device, val_tokens: Tensor
     log(f"val_tokens:{val_tokens.numel()} token_limit:{h.val_token_limit} data:{os.path.abspath(h.data_path)}")
     log_model(h, model, log)
 
-
 def log_model(h, model: GPT, log) -> None:
-    log("config " + json.dumps({k: getattr(h, k.lower()) for k in KNOBS}, sort_keys=True))
+    log("config " + json.dumps(knob_values(h), sort_keys=True))
     n_params = sum(p.numel() for p in model.parameters())
     n_router = sum(p.numel() for n, p in model.named_parameters() if "router" in n)
     log.event("params", total=n_params, active_matmul_per_token=matmul_params_per_token(model), router=n_router)
     log(f"params total:{n_params} active_matmul_per_token:{matmul_params_per_token(model)} router:{n_router} "
         f"moe_mode:{h.moe_mode} moe_layers:{h.moe_layer_ids}")
 
-
-class ConsoleLog:
-    """DRY_RUN's log: prints, writes no file."""
-
-    def __call__(self, msg: str) -> None:
-        print(msg, flush=True)
-
-    def event(self, kind: str, **fields) -> None:
-        pass
-
-
 PROJECTED_MFU = 0.30  # what the 1.0611 record's own step times imply (96 ms before its loop switch, 138 after)
-
 
 def dry_run(h) -> None:
     """DRY_RUN=1: the model on the meta device (no data, tokenizer or GPU): the config, parameter count,
     budget preview and the projected speed on 8xH100."""
-    log, peak, rates = ConsoleLog(), PEAK_BF16_FLOPS["H100"], []
+    log, peak, rates = Logger(None, console=True), PEAK_BF16_FLOPS["H100"], []
     with torch.device("meta"):
         model = GPT(h)
     log_model(h, model, log)
@@ -1880,13 +1765,12 @@ def dry_run(h) -> None:
         rates.append(PROJECTED_MFU * peak / flops)  # tokens/s per GPU
         log(f"projection loops:{'on' if looping else 'off'} flops_per_token:{flops:.4g} "
             f"ms_per_step:{1000 * h.train_batch_tokens / (8 * rates[-1]):.1f} tok/s_per_gpu:{rates[-1]:.0f}")
-    off_share = h.enable_looping_at if h.num_loops > 0 and h.enable_looping_at < 1 else 1.0
+    off_share = h.enable_looping_at if loop_switch_planned(h) else 1.0
     average = off_share * rates[0] + (1 - off_share) * rates[-1]  # the switch comes at a share of the wall clock
     steps = average * 8 * h.max_wallclock_seconds / h.train_batch_tokens
     log(f"projection run_average tok/s_per_gpu:{average:.0f} steps_in_{h.max_wallclock_seconds:.0f}s:{steps:.0f} "
         f"(8xH100 at MFU {PROJECTED_MFU:.0%}, loops from {off_share:.0%} of the run; 1.0M tok/s needs MFU "
         f"{PROJECTED_MFU * 1e6 / average:.0%})")
-
 
 def export_and_report(model: GPT, h, path: str, log, hessians: dict | None) -> None:
     size = export_artifact(model, h, path, code_bytes(), log, hessians)
@@ -1899,7 +1783,6 @@ def export_and_report(model: GPT, h, path: str, log, hessians: dict | None) -> N
     log.event("size_check", code_bytes=code_bytes(), artifact_bytes=size, total_bytes=total, cap=h.size_cap_bytes,
               slack=slack, artifact=os.path.abspath(path), sha256=digest)
 
-
 def check_ranks_in_sync(model: nn.Module, world: int, log) -> None:
     """Every rank must end with the same weights: float64 sums of every tensor, compared bit for bit."""
     names, tensors = zip(*artifact_state(model).items())
@@ -1911,15 +1794,13 @@ def check_ranks_in_sync(model: nn.Module, world: int, log) -> None:
                                f"{names[differ[0]]} (sums by rank: {', '.join(f'{v:.10g}' for v in sums[:, differ[0]].tolist())})")
     log(f"ranks_in_sync:yes ranks:{world} tensors:{len(names)}")
 
-
 def final_evaluation(qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: int, world: int, log, note: str, path: str) -> None:
-    """Plain, sliding-window and TTT evaluation of the model read back from the artifact; the last is the score.
-    Score lines of an invalid
-    result (over the cap, non-finite stored tensors or score) are marked INVALID(...), then the run fails."""
+    """Plain, sliding-window and TTT evaluation of the read-back model; the last is the score. An invalid result
+    (over the cap, non-finite stored tensors or score) marks its lines INVALID(...), then the run fails."""
     total, bad = os.path.getsize(path) + code_bytes(), [n for n, t in artifact_state(qmodel).items() if not t.isfinite().all()]
     problems = ([f"code + artifact {total} bytes > SIZE_CAP_BYTES={h.size_cap_bytes}"] if total > h.size_cap_bytes else []) + (
         [f"{len(bad)} stored tensors not finite ({', '.join(bad[:3])})"] if bad else [])
-    q_fn = torch.compile(qmodel.logits, fullgraph=True, dynamic=False) if use_compile(h, device) else qmodel.logits
+    q_fn = maybe_compile(qmodel.logits, h, device)
     modes = [("roundtrip", "plain", h.eval_seq_len)] + [("sliding_window", "sliding", h.eval_stride)] * (
         h.eval_stride not in (0, h.eval_seq_len)) + [("ttt", "ttt", h.ttt_chunk_size)] * h.ttt_enabled
     for label, mode, stride in modes:  # per-token losses of the last, score-defining evaluation
@@ -1944,11 +1825,9 @@ def final_evaluation(qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: i
     if problems:
         raise ArtifactError(f"{path}: not a valid result: {'; '.join(problems)}")
 
-
 # The 1.0611 record's TTT logs imply ~12% MFU for the FLOPs check_eval_time counts (~3.8e17 for its document
 # scoring and adapter training, ~380 s on 8xH100) and ~0.15 s per global SGD step (overhead-bound, not FLOPs).
 TTT_ASSUMED_MFU, GLOBAL_SGD_STEP_SECONDS = 0.12, 0.15
-
 
 def check_eval_time(model: GPT, h, val_tokens: Tensor, log) -> None:
     """Logs the TTT seconds expected on 8xH100 (FLOPs at TTT_ASSUMED_MFU + SGD steps); refuses > EVAL_TIME_LIMIT."""
@@ -1970,21 +1849,22 @@ def check_eval_time(model: GPT, h, val_tokens: Tensor, log) -> None:
         raise ConfigError(f"TTT is projected at ~{seconds:.0f}s on 8xH100, over EVAL_TIME_LIMIT={h.eval_time_limit:g}: raise "
                           "TTT_CHUNK_SIZE, lower PHASED_TTT_PREFIX_DOCS or TTT_GRAD_STEPS, or set EVAL_TIME_LIMIT=0")
 
+def load_eval_data(h) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, str]:
+    """-> byte tables, validation tokens and the note score lines carry when VAL_TOKEN_LIMIT cuts the split."""
+    tables = byte_tables(load_tokenizer(h.tokenizer_path, h.vocab_size))
+    val_tokens = load_val_tokens(h.data_path, h.vocab_size, h.val_token_limit)
+    return tables, val_tokens, f" (first {h.val_token_limit} tokens only: not a score)" if h.val_token_limit else ""
 
 def evaluate_artifact(h, rank: int, world: int, device: torch.device, log: Logger) -> None:
     """EVAL_ONLY=1: no training; the artifact's model gets the final evaluations a run would give it."""
     qmodel, stored = load_artifact_model(h.artifact_path, device)
     vars(h).update({k.lower(): getattr(stored, k.lower()) for k in MODEL_KNOBS})  # the network is the artifact's
-    tables = byte_tables(load_tokenizer(h.tokenizer_path, h.vocab_size))
-    val_tokens = load_val_tokens(h.data_path, h.vocab_size, h.val_token_limit)
+    tables, val_tokens, note = load_eval_data(h)
     log_header(h, qmodel, world, 0, device, val_tokens, log)
     log(f"eval_only artifact:{os.path.abspath(h.artifact_path)} sha256:{sha256_file(h.artifact_path)}")
     check_eval_time(qmodel, h, val_tokens, log)
-    note = f" (first {h.val_token_limit} tokens only: not a score)" if h.val_token_limit else ""
     final_evaluation(qmodel.eval(), h, val_tokens, tables, device, rank, world, log, note, h.artifact_path)
 
-
-# issue 11: GPTQ calibration inside the wall clock, and the pre-quantization checkpoint
 def calibrate(trainer: Trainer, log) -> dict | None:
     """GPTQ/LQER Hessians from the next training micro-batches (never validation) in the reserved time."""
     h, t0, n = trainer.h, time.perf_counter(), trainer.h.gptq_calibration_batches
@@ -1999,20 +1879,15 @@ def calibrate(trainer: Trainer, log) -> dict | None:
         log(line)
     return hessians
 
-
 def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logger) -> None:
-    path = h.artifact_path
     torch.manual_seed(h.seed)
-    tables = byte_tables(load_tokenizer(h.tokenizer_path, h.vocab_size))
-    val_tokens = load_val_tokens(h.data_path, h.vocab_size, h.val_token_limit)
+    tables, val_tokens, note = load_eval_data(h)
     trainer = Trainer(h, rank, world, device, log)
     model = trainer.model
     log_header(h, model, world, trainer.accum, device, val_tokens, log)
     log_budget_preview(model, h, log)
     check_eval_time(model, h, val_tokens, log)
-    eval_fn = torch.compile(model.logits, fullgraph=True, dynamic=False) if use_compile(h, device) else model.logits
-    note = f" (first {h.val_token_limit} tokens only: not a score)" if h.val_token_limit else ""
-
+    eval_fn = maybe_compile(model.logits, h, device)
     last_val: list[float] = []  # loss, bpb, seconds of the newest pre-quant evaluation
 
     def validate(step: int | None = None) -> tuple[float, float, float]:
@@ -2040,7 +1915,7 @@ def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logg
     hessians = calibrate(trainer, log)
     if h.save_checkpoint and rank == 0:
         with open(os.path.join(h.log_dir, f"{h.run_id}_fp.pt"), "xb") as f:  # never overwrites
-            torch.save(dict(config={n: getattr(h, n.lower()) for n in MODEL_KNOBS}, state=model.state_dict()), f)
+            torch.save(dict(config=knob_values(h, MODEL_KNOBS), state=model.state_dict()), f)
     if trainer.ema is not None:
         last_val[:] = validate()
         log(f"pre_quant_ema val_loss:{last_val[0]:.8f} val_bpb:{last_val[1]:.8f}{note}")
@@ -2048,13 +1923,11 @@ def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logg
         check_ranks_in_sync(model, world, log)
     log.event("pre_quant", val_loss=last_val[0], val_bpb=last_val[1], eval_time_s=last_val[2], ema=trainer.ema is not None)
     if rank == 0:
-        export_and_report(model, h, path, log, hessians)
+        export_and_report(model, h, h.artifact_path, log, hessians)
     if world > 1:
         dist.barrier()
-    qmodel, _ = load_artifact_model(path, device)
-    qmodel.eval()
-    final_evaluation(qmodel, h, val_tokens, tables, device, rank, world, log, note, path)
-
+    qmodel = load_artifact_model(h.artifact_path, device)[0].eval()
+    final_evaluation(qmodel, h, val_tokens, tables, device, rank, world, log, note, h.artifact_path)
 
 def main() -> None:
     h = load_config()
@@ -2078,7 +1951,6 @@ def main() -> None:
     if world > 1:
         dist.barrier()  # rank 0 has written its last line before any rank leaves
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     try:
