@@ -1033,6 +1033,7 @@ def quantize_tensor(name: str, t: Tensor, h, H: Tensor | None, drop: int, prune:
     bits, parts = max(2, bits - drop), []
     for i, w in enumerate(t.reshape(-1, *t.shape[-2:])):
         Hi = H.reshape(-1, *H.shape[-2:])[i] if H is not None and h.quant_method == "gptq" else None
+        Hi = Hi if Hi is None or (w.isfinite().all() and Hi.isfinite().all()) else None  # rounded; the run is INVALID
         w = w if Hi is None else w.to(Hi.device)  # GPTQ runs where the Hessian is: the GPU in a real run
         zero = w.abs() <= w.abs().flatten().kthvalue(max(1, int(prune * w.numel()))).values if prune > 0 else None
         parts.append(quantize_matrix(w, Hi, bits, sigmas, zero))
@@ -1070,7 +1071,8 @@ def quantize_state(state: dict[str, Tensor], h, hessians: dict | None = None, bi
         err, total = err + delta.square().sum().item(), total + t.square().sum().item()
         if H is not None or not hessians:  # LQER ranks by output error tr(E H E^T), or |E|^2 without Hessians
             d = delta.reshape(-1, *t.shape[-2:])
-            scores[name] = (d @ H.cpu().reshape(-1, *H.shape[-2:]) * d).sum().item() if H is not None else d.square().sum().item()
+            score = (d @ H.cpu().reshape(-1, *H.shape[-2:]) * d).sum().item() if H is not None else d.square().sum().item()
+            scores.update({name: score} if math.isfinite(score) else {})  # a non-finite tensor gets no correction
     for name in sorted(scores, key=scores.get, reverse=True)[:h.lqer_top_k if h.lqer_enabled else 0]:
         t = state[name].detach().float().cpu().reshape(-1, state[name].size(-1))
         before = t - dequantize_entry(*entries[name], t.shape)

@@ -366,7 +366,8 @@ def test_loop_switch_compiles_one_more_graph_and_never_recompiles_per_step(mode)
 
 @pytest.mark.parametrize("looping", [False, True])
 def test_artifact_reloads_in_the_loop_state_it_was_trained_in(tmp_path, looping):
-    h = stack(ZSTD_LEVEL=1, MOE_MODE="none", QUANT_BITS_MLP=8, QUANT_BITS_ATTN=8, QUANT_BITS_BIGRAM=8)
+    h = stack(ZSTD_LEVEL=1, MOE_MODE="none", MATRIX_BITS=8, EMBED_BITS=8, MATRIX_CLIP_SIGMAS=4,  # fine grid: small noise
+              MLP_CLIP_SIGMAS=4, ATTN_CLIP_SIGMAS=4, EMBED_CLIP_SIGMAS=4)
     model = randomised(tg.GPT(h), std=0.1)
     model.set_looping(looping)
     path = str(tmp_path / "a.ptz")
