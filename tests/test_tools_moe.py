@@ -273,7 +273,7 @@ def test_calibrate_budget_reads_every_stored_parameter(moe_run):
     import train_gpt
 
     artifact = moe_run[0].parent / "test_model.ptz"
-    results = calibrate_budget.measure([str(artifact)], level=3)
+    results = calibrate_budget.measure([str(artifact)], "zstd", 3)
     _, state = train_gpt.read_artifact(str(artifact))
     assert sum(n for key, (n, _) in results.items() if key != "scales") == sum(t.numel() for t in state.values())
     assert {"16", "scales"} <= set(results) and len(results) >= 3  # fp16, at least one integer width, scales
