@@ -64,7 +64,7 @@ KNOBS: dict[str, tuple[type, object]] = {
     "NUM_LOOPS": (int, 2), "LOOP_START": (int, 3), "LOOP_END": (int, 5), "ENABLE_LOOPING_AT": (float, 0.35),
     "SPARSE_ATTN_GATE_ENABLED": (bool, True), "SPARSE_ATTN_GATE_SCALE": (float, 0.5), "GATE_WINDOW": (int, 12),
     # mixture of experts
-    "MOE_MODE": (str, "soft"), "NUM_EXPERTS": (int, 4), "TOP_K": (int, 1),
+    "MOE_MODE": (str, "none"), "NUM_EXPERTS": (int, 4), "TOP_K": (int, 1),
     "MOE_LAYERS": (list, []), "EXPERT_HIDDEN": (int, 0), "SHARED_HIDDEN": (int, 0),
     "ROUTER_SCORE": (str, "softmax"), "ROUTER_LR": (float, 0.01),
     "MOE_AUX_LOSS_COEF": (float, 0.01), "ROUTER_Z_COEF": (float, 0.001), "ROUTER_BIAS_RATE": (float, 0.001),
@@ -98,6 +98,8 @@ KNOBS: dict[str, tuple[type, object]] = {
     "GLOBAL_TTT_EPOCHS": (int, 1), "GLOBAL_TTT_CHUNK_TOKENS": (int, 32768), "GLOBAL_TTT_GRAD_CLIP": (float, 1.0),
     "EVAL_ONLY": (bool, False), "EVAL_TOKEN_LOSSES": (str, ""), "EVAL_TIME_LIMIT": (float, 600.0),
 }
+MOE_ONLY_KNOBS = ("NUM_EXPERTS", "TOP_K", "MOE_LAYERS", "EXPERT_HIDDEN", "SHARED_HIDDEN", "ROUTER_SCORE", "ROUTER_LR",
+                  "MOE_AUX_LOSS_COEF", "ROUTER_Z_COEF", "ROUTER_BIAS_RATE", "ROUTER_NOISE", "MOE_DISPATCH", "CAPACITY_FACTOR")
 # The knobs that define the network; the artifact stores them so it can rebuild the model.
 MODEL_KNOBS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_ACT",
                "ROPE_DIMS", "ROPE_BASE", "QK_GAIN_INIT", "LOGIT_SOFTCAP", "TIE_EMBEDDINGS", "BIGRAM_VOCAB_SIZE",
@@ -169,7 +171,12 @@ def load_config(environ=None, **overrides) -> SimpleNamespace:
     values = {name.lower(): parse_knob(name, env[name], kind) if env.get(name, "") != "" else copy.copy(default)
               for name, (kind, default) in KNOBS.items()}
     values.update({k.lower(): v for k, v in overrides.items()})
-    return derive_config(SimpleNamespace(**values))
+    h = derive_config(SimpleNamespace(**values))
+    moe_only = [f"{k}={env[k]}" for k in MOE_ONLY_KNOBS if env.get(k, "") != ""]
+    if moe_only and h.moe_mode == "none":  # the dense default would silently ignore them
+        raise ConfigError(f"{', '.join(moe_only)}: no effect with MOE_MODE=none (the dense MLP, the default); "
+                          "set MOE_MODE=soft, topk or shared_routed")
+    return h
 
 def knob_values(h: SimpleNamespace, names=KNOBS) -> dict:
     return {name: getattr(h, name.lower()) for name in names}

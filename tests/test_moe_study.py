@@ -151,6 +151,46 @@ def test_bad_input_is_one_clear_error(tmp_path, extra, message):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--more-seeds", "2"], "seeds already in --seeds"),
+    (["--more-seeds", "3", "--more-arms", "topk4"], "must name dense"),
+    (["--more-seeds", "3", "--more-arms", "dense,soft4"], "must name dense (the per-seed baseline) and arms of --arms"),
+])
+def test_bad_extra_seeds_are_one_clear_error(tmp_path, extra, message):
+    result = study(tmp_path / "s", *extra)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_more_seeds_run_only_the_named_arms(folder, tmp_path):
+    """Where the spread hides a difference: more seeds for dense (and the arms named), the rest untouched."""
+    out = copy_of(folder, tmp_path)
+    result = study(out, "--more-seeds", "3", "--more-arms", "dense", "--no-plots")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "5 runs planned: 4 finished (skipped), 1 to run" in result.stdout
+    assert (out / "runs" / "study_dense_s3.txt").is_file() and not (out / "runs" / "study_topk4_s3.txt").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["arms"]["dense"]["seeds"] == [1, 2, 3] and manifest["arms"]["topk4"]["seeds"] == [1, 2]
+    assert len(manifest["arms"]["dense"]["val_bpb"]) == 3 and manifest["seeds"] == [1, 2, 3]
+    assert manifest["command"].endswith(f"--more-seeds 3 --more-arms dense --script {out}/train_gpt.py")
+
+
+def test_speed_measures_each_arm_alone_in_rotated_rounds(folder, tmp_path):
+    out = copy_of(folder, tmp_path)
+    result = study(out, "--speed-steps", "4", "--repeats", "2", "--no-plots", command="speed")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    started = [line.split()[2].rstrip(":") for line in result.stdout.splitlines() if line.endswith("started")]
+    assert started == ["speed_r1_dense_s1337", "speed_r1_topk4_s1337", "speed_r2_topk4_s1337", "speed_r2_dense_s1337"]
+    speed = json.loads((out / "speed.json").read_text())
+    dense, topk = speed["arms"]["dense"], speed["arms"]["topk4"]
+    assert dense["ratio_to_dense"] == [1.0, 1.0] and len(topk["ms_per_step"]) == 2
+    assert topk["ratio_to_dense"] == pytest.approx([t / d for t, d in zip(topk["ms_per_step"], dense["ms_per_step"])])
+    assert "## Speed, measured alone (CPU)" in (out / "README.md").read_text()
+    assert not list((out / "runs").glob("speed_*"))  # the study's runs stay as they were
+    again = study(out, "--repeats", "1", command="speed")
+    assert again.returncode == 2 and "exists: move it away" in again.stderr
+
+
 def test_missing_data_folder_is_named(tmp_path):
     argv = [sys.executable, str(REPO / "tools" / "moe_study.py"), "run", "--data", str(tmp_path / "nope"),
             "--out", str(tmp_path / "s")]

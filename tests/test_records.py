@@ -378,7 +378,7 @@ def test_pack_writes_a_complete_folder(runs, packed):
     readme = (packed / "README.md").read_text()
     assert readme.count("TODO") >= 3 and "Not a score" in readme
     assert f"| {SEEDS[0]} | {parsed[0].score.val_loss:.8f} | {parsed[0].score.val_bpb:.8f} |" in readme
-    assert "MOE_MODE=none" in readme and "NUM_LAYERS=2" in readme and "SEED=$SEED" in readme
+    assert "ITERATIONS=4" in readme and "NUM_LAYERS=2" in readme and "SEED=$SEED" in readme
     assert "RUN_ID=test" not in readme and "NUM_EXPERTS=" not in readme  # identity knobs and defaults left out
 
 

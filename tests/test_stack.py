@@ -52,7 +52,7 @@ def test_defaults_are_the_record_stack():
     assert h.data_path.endswith("fineweb10B_sp8192") and h.tokenizer_path.endswith("fineweb_8192_bpe.model")
     assert (h.mlp_act, h.xsa_last_n, h.rope_dims, h.ln_scale, h.qk_gain_init) == ("leaky_relu2", 11, 16, True, 5.0)
     assert (h.parallel_start_layer, h.num_loops, h.loop_start, h.loop_end, h.enable_looping_at) == (8, 2, 3, 5, 0.35)
-    assert h.sparse_attn_gate_enabled and h.smear_gate and h.bigram_vocab_size == 0 and h.moe_mode == "soft"
+    assert h.sparse_attn_gate_enabled and h.smear_gate and h.bigram_vocab_size == 0 and h.moe_mode == "none"
     assert (h.min_lr, h.warmdown_frac, h.beta2, h.muon_wd, h.embed_wd, h.adam_wd) == (0.1, 0.85, 0.99, 0.095, 0.085, 0.02)
     assert h.muon_row_normalize and h.matrix_lr == 0.026 and h.muon_momentum == 0.97
     # EMA stays a fraction of the run: the record's 0.9965 per step at its ~4,930 steps.

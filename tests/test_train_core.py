@@ -29,9 +29,10 @@ def write_shard(path, tokens, magic=tg.SHARD_MAGIC, version=tg.SHARD_VERSION, co
     ({"MOE_LAYERS": "1,x"}, "MOE_LAYERS='1,x': expected a comma-separated list"),
     ({"NUM_LAYER": "12"}, "unknown variable NUM_LAYER: did you mean NUM_LAYERS?"),
     ({"MODEL_DIM": "100"}, "MODEL_DIM=100 is not divisible by NUM_HEADS=8"),
-    ({"TOP_K": "5"}, "TOP_K=5: must be between 1 and NUM_EXPERTS=4"),
-    ({"MOE_LAYERS": "3,12"}, "MOE_LAYERS: layer 12 is outside 0..10"),
-    ({"NUM_EXPERTS": "5"}, "NUM_EXPERTS=5: the parameter-matched expert size 2048/5 is not whole; set EXPERT_HIDDEN"),
+    ({"MOE_MODE": "topk", "TOP_K": "5"}, "TOP_K=5: must be between 1 and NUM_EXPERTS=4"),
+    ({"MOE_MODE": "soft", "MOE_LAYERS": "3,12"}, "MOE_LAYERS: layer 12 is outside 0..10"),
+    ({"NUM_EXPERTS": "8", "TOP_K": "2"}, "NUM_EXPERTS=8, TOP_K=2: no effect with MOE_MODE=none (the dense MLP, the default)"),
+    ({"MOE_MODE": "soft", "NUM_EXPERTS": "5"}, "NUM_EXPERTS=5: the parameter-matched expert size 2048/5 is not whole; set EXPERT_HIDDEN"),
     ({"MATRIX_BITS": "12"}, "MATRIX_BITS=12: expected 2..8"),
     ({"QUANT_BITS_MLP": "5"}, "QUANT_BITS_MLP is no longer a knob: use MATRIX_BITS"),
     ({"COMPRESSOR": "zip"}, "COMPRESSOR='zip': expected one of zstd, brotli"),
@@ -48,9 +49,9 @@ def test_knob_defaults_and_parsing():
     h = tg.load_config({"MOE_MODE": "topk", "MOE_LAYERS": "5,6, 7", "SMEAR_GATE": "0", "EMA_DECAY": "0.997"})
     assert h.moe_mode == "topk" and h.moe_layer_ids == [5, 6, 7] and h.smear_gate is False
     assert h.ema_decay == 0.997 and h.micro_batch_tokens == 786_432 // 8 and h.eval_seq_len == 2048
-    assert tg.load_config({}).moe_layer_ids == list(range(11))  # empty MOE_LAYERS: every layer
-    assert tg.load_config({"MOE_MODE": "none"}).moe_layer_ids == []
-    assert tg.load_config({}).expert_mlp_hidden == 2048 // 4
+    assert tg.load_config({"MOE_MODE": "soft"}).moe_layer_ids == list(range(11))  # empty MOE_LAYERS: every layer
+    assert tg.load_config({}).moe_mode == "none" and tg.load_config({}).moe_layer_ids == []
+    assert tg.load_config({"MOE_MODE": "soft"}).expert_mlp_hidden == 2048 // 4
 
 
 def test_grad_accum_is_derived_and_checked():
@@ -195,12 +196,12 @@ def test_partial_rope_leaves_other_channels_alone():
 
 
 def test_model_starts_with_zero_output_projections(tiny_config):
-    model = tg.GPT(tiny_config())
-    for block in model.blocks:
-        assert block.attn.proj.weight.abs().sum() == 0
-        assert block.mlp.down.abs().sum() == 0
-        assert block.mlp.router_weight.abs().sum() == 0
-    w = model.blocks[0].attn.c_q.weight
+    dense, soft = tg.GPT(tiny_config()), tg.GPT(tiny_config(MOE_MODE="soft"))
+    for block, soft_block in zip(dense.blocks, soft.blocks, strict=True):
+        assert block.attn.proj.weight.abs().sum() == 0 and block.mlp.proj.weight.abs().sum() == 0
+        assert soft_block.mlp.down.abs().sum() == 0
+        assert soft_block.mlp.router_weight.abs().sum() == 0
+    w = dense.blocks[0].attn.c_q.weight
     torch.testing.assert_close(w @ w.T, torch.eye(w.size(0)), atol=1e-5, rtol=0)  # orthogonal
 
 

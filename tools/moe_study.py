@@ -129,21 +129,34 @@ def plan(args) -> tuple[list[proxy_study.Run], dict[str, dict[str, str]], dict[s
         raise StudyError(f"--data {args.data}: no such folder (unpack the proxy corpus with its prepare.sh)")
     if not tokenizer.is_file():
         raise StudyError(f"--tokenizer {tokenizer}: no such file")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise StudyError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise StudyError(f"--seeds {args.seeds!r}: expected distinct seeds")
+    seeds = parse_seeds("--seeds", args.seeds)
+    more_seeds = parse_seeds("--more-seeds", args.more_seeds) if args.more_seeds else []
+    if set(seeds) & set(more_seeds):
+        raise StudyError(f"--more-seeds {args.more_seeds!r}: seeds already in --seeds {args.seeds!r}")
     shape = shape_env(args.env)
     arms = arm_configs([a for a in args.arms.split(",") if a], shape)
+    more_arms = [a for a in args.more_arms.split(",") if a] if more_seeds else []
+    if more_seeds and ("dense" not in more_arms or not set(more_arms) <= set(arms)):
+        raise StudyError(f"--more-arms {args.more_arms!r}: must name dense (the per-seed baseline) and arms of --arms")
     common = {"DATA_PATH": str(data), "TOKENIZER_PATH": str(tokenizer), **shape, "OMP_NUM_THREADS": "1"}
     try:
         runs = proxy_study.plan_runs(arms, seeds, common, TAG, runs_dir(args.out))
+        runs += proxy_study.plan_runs({a: arms[a] for a in more_arms}, more_seeds, common, TAG, runs_dir(args.out))
     except proxy_study.StudyError as err:
         raise StudyError(str(err)) from None
-    runs.sort(key=lambda r: seeds.index(r.seed))  # stable: arms keep their order within a seed
+    order = seeds + more_seeds
+    runs.sort(key=lambda r: order.index(r.seed))  # stable: arms keep their order within a seed
     return runs, arms, common
+
+
+def parse_seeds(option: str, text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise StudyError(f"{option} {text!r}: expected comma-separated integers") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise StudyError(f"{option} {text!r}: expected distinct seeds")
+    return seeds
 
 
 def runs_dir(out: Path) -> Path:
@@ -425,8 +438,11 @@ def build_manifest(args, runs, arms, common) -> dict:
 def reproduce_command(args) -> str:
     seeds = args.seeds
     extra = "".join(f" --env {e}" for e in args.env) + ("" if args.arms == ",".join(ARM_NAMES) else f" --arms {args.arms}")
+    extra += f" --more-seeds {args.more_seeds} --more-arms {args.more_arms}" if args.more_seeds else ""
     out = os.path.relpath(args.out, REPO) if args.out.is_relative_to(REPO) else str(args.out)
-    return f"python3 tools/moe_study.py run --data {args.data} --out {out} --seeds {seeds} --jobs {args.jobs}{extra}"
+    # The folder's own copy: the exact script of its logs, whatever train_gpt.py has become since.
+    return (f"python3 tools/moe_study.py run --data {args.data} --out {out} --seeds {seeds} --jobs {args.jobs}{extra}"
+            f" --script {out}/{SCRIPT}")
 
 
 # ---------------------------------------------------------------------------- the submission
@@ -607,7 +623,7 @@ def readme_head(args, manifest: dict) -> str:
 > tokens, at a small shape on CPU. They compare the arms with each other; they are not challenge scores.
 
 Does a Mixture-of-Experts MLP beat the dense MLP at equal artifact bytes? {len(manifest['arms'])} arms x seeds
-{', '.join(map(str, manifest['seeds']))}, each run the same data, steps, schedules and evaluation.
+{args.seeds.replace(',', ', ')}{more_seeds_text(args)}, each run the same data, steps, schedules and evaluation.
 **Verdict: {manifest['verdict']}** ({manifest['verdict_reason']}).
 
 Rule: {manifest['verdict_rule']}
@@ -635,9 +651,18 @@ sh ../shared/data/proxy_sp1024/prepare.sh {data['path']}
 {manifest['command']}
 ```
 
-The command skips runs whose logs in `runs/` are complete, so it also resumes an unfinished study;
+The command runs this folder's `train_gpt.py`, the exact script of every log, and skips runs whose
+logs in `runs/` are complete, so it also resumes an unfinished study. To rerun everything, give `--out`
+a new folder and keep `--script` pointing here (the script is copied there).
 `python3 tools/moe_study.py collect` with the same options rebuilds these files from the logs.
 """
+
+
+def more_seeds_text(args) -> str:
+    if not args.more_seeds:
+        return ""
+    return (f", and seeds {args.more_seeds.replace(',', ', ')} for {', '.join(args.more_arms.split(','))} only "
+            "(where the spread over the first seeds hid the difference)")
 
 
 def readme_results(args, manifest: dict, sub: dict | None) -> str:
@@ -664,7 +689,7 @@ entropy the gate entropy / ln E. Means ± sample std over seeds.
 {arms_table(manifest)}{missing}{failed}
 
 Per run and per layer: `findings_data.md`; everything as JSON: `manifest.json`.
-
+{speed_section(args)}
 ## Routing
 
 `routing-analysis.png`: load share per expert per layer of the `{manifest['plot_arm'] or '(none yet)'}` artifact on
@@ -680,6 +705,25 @@ artifacts stay out of git by `.gitignore`, except the one below); `manifest.json
 
 ```sh
 python3 tools/records.py verify {folder} --data {data['path']} --tokenizer {data['tokenizer']}
+```
+"""
+
+
+def speed_section(args) -> str:
+    """The ms/step of `speed` (speed.json), when measured: the study's own ms/step ran 2 at a time."""
+    path = args.out / SPEED_JSON
+    if not path.is_file():
+        return ""
+    speed = json.loads(path.read_text())
+    return f"""
+## Speed, measured alone (CPU)
+
+The ms/step above ran two at a time on a shared machine. `python3 tools/moe_study.py speed` (same options)
+measured it again: {speed['method']}; load average {speed['load_average_before_after'][0]:.2f} before,
+{speed['load_average_before_after'][1]:.2f} after. Runs in `{SPEED_DIR}/`, numbers in `{SPEED_JSON}`.
+
+```
+{speed_table(speed)}
 ```
 """
 
@@ -709,6 +753,65 @@ def render_findings_data(manifest: dict, analysed: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------- speed, measured alone
+
+
+SPEED_DIR, SPEED_JSON = "speed", "speed.json"
+SPEED_VAL_TOKENS = 16384  # the score of a speed run means nothing; a short evaluation keeps it quick
+
+
+def measure_speed(args, arms: dict[str, dict[str, str]], common: dict[str, str]) -> int:
+    """ms/step of every arm with nothing else of the study running: one run at a time, --speed-steps
+    steps of the study's recipe (schedules are fractions of the run, so the loop switch comes at the same
+    point), --repeats rounds in rotated arm order so a drift in the machine's load spreads over the arms;
+    each arm's ratio to dense is taken within a round. -> exit status."""
+    folder, script = args.out / SPEED_DIR, args.out / SCRIPT
+    if folder.exists():
+        raise StudyError(f"{folder} exists: move it away to measure again (logs are never overwritten)")
+    if not script.is_file():
+        raise StudyError(f"{script}: no such file (the study's script is copied there by its first run)")
+    env = {**common, "ITERATIONS": str(args.speed_steps), "VAL_TOKEN_LIMIT": str(SPEED_VAL_TOKENS)}
+    names, plan, rows = list(arms), [], []
+    for r in range(1, args.repeats + 1):
+        k = (r - 1) % len(names)
+        plan += [(r, proxy_study.plan_runs({n: arms[n]}, [1337], env, f"speed_r{r}", folder)[0])
+                 for n in names[k:] + names[:k]]
+    if args.dry_run:
+        for _, run in plan:
+            say(proxy_study.shell_line(run, [args.python, str(script)]))
+        return 0
+    load = [os.getloadavg()[0]]
+    for r, run in plan:
+        row = run_one(run, [args.python, str(script)], folder, args.timeout, f"[round {r}/{args.repeats}]")
+        rows.append(dict(round=r, arm=run.name, run_id=run.run_id, status=row["status"], ms_per_step=row.get("ms_per_step")))
+    load.append(os.getloadavg()[0])
+    result = speed_summary(rows, names, load, args.speed_steps)
+    (args.out / SPEED_JSON).write_text(json.dumps(result, indent=1) + "\n")
+    print(speed_table(result))
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+def speed_summary(rows: list[dict], names: list[str], load: list[float], steps: int) -> dict:
+    dense = {r["round"]: r["ms_per_step"] for r in rows if r["arm"] == "dense" and r["ms_per_step"]}
+    arms = {}
+    for name in names:
+        mine = [r for r in rows if r["arm"] == name and r["ms_per_step"]]
+        ms = [r["ms_per_step"] for r in mine]
+        ratio = [r["ms_per_step"] / dense[r["round"]] for r in mine if r["round"] in dense]
+        arms[name] = dict(ms_per_step=ms, ratio_to_dense=ratio, ms_per_step_mean=mean_std(ms)[0],
+                          ms_per_step_std=mean_std(ms)[1], ratio_mean=mean_std(ratio)[0], ratio_std=mean_std(ratio)[1])
+    return dict(method=f"one run at a time, {steps} steps each, rounds in rotated arm order, ratio to dense "
+                       "within a round; CPU (does not carry over to GPUs)",
+                load_average_before_after=load, runs=rows, arms=arms)
+
+
+def speed_table(speed: dict) -> str:
+    header = ["arm", "runs", "ms/step", "x dense"]
+    return format_table(header, [[n, str(len(a["ms_per_step"])), f"{cell(a['ms_per_step_mean'], 1)} ± "
+                                  f"{cell(a['ms_per_step_std'], 1)}", f"{cell(a['ratio_mean'], 3)} ± {cell(a['ratio_std'], 3)}"]
+                                 for n, a in speed["arms"].items()])
+
+
 # ---------------------------------------------------------------------------- entry point
 
 
@@ -717,7 +820,7 @@ def finalize(args, runs, arms, common) -> int:
     manifest = build_manifest(args, runs, arms, common)
     folder = args.out
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / ".gitignore").write_text("# artifacts stay out of git, except the submission's model_seed*.ptz\nruns/*.ptz\nruns/.lock\n")
+    (folder / ".gitignore").write_text("# artifacts stay out of git, except the submission's model_seed*.ptz\nruns/*.ptz\nruns/.lock\nspeed/*.ptz\n")
     sub = write_submission(args, manifest) if (folder / SCRIPT).is_file() else None
     manifest["best_arm"] = sub["arm"] if sub else None
     manifest["plot_arm"] = None
@@ -738,13 +841,17 @@ def finalize(args, runs, arms, common) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("run", "collect"), help="run: run what is missing, then collect; "
-                                                                     "collect: only rebuild the outputs from the logs")
+    parser.add_argument("command", choices=("run", "collect", "speed"),
+                        help="run: run what is missing, then collect; collect: only rebuild the outputs from the "
+                             "logs; speed: ms/step of every arm measured alone (speed.json), then collect")
     parser.add_argument("--data", required=True, help="the unpacked proxy corpus (prepare.sh DEST)")
     parser.add_argument("--tokenizer", help="default DATA/proxy_1024_bpe.model")
     parser.add_argument("--out", required=True, type=Path, help="the study folder (records/track_non_record_16mb/...)")
     parser.add_argument("--seeds", default="1337,1338,1339")
     parser.add_argument("--arms", default=",".join(ARM_NAMES), help=f"comma-separated, of {', '.join(ARM_NAMES)}")
+    parser.add_argument("--more-seeds", default="", help="extra seeds for --more-arms only, where the spread over "
+                                                          "--seeds hides a difference")
+    parser.add_argument("--more-arms", default="dense,soft4", help="the arms of --more-seeds; must include dense")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="override a STUDY_SHAPE knob for every run (tests, what-ifs)")
@@ -754,6 +861,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plot-arm", default=PLOT_ARM, help="the arm of routing-analysis.png and expert-by-class.png")
     parser.add_argument("--no-plots", action="store_true", help="skip the routing analysis and plots")
     parser.add_argument("--dry-run", action="store_true", help="print the runs to start, run nothing")
+    parser.add_argument("--speed-steps", type=int, default=32, help="speed: optimizer steps per run")
+    parser.add_argument("--repeats", type=int, default=3, help="speed: rounds over the arms")
     args = parser.parse_args(argv)
     args.out, args.script = args.out.resolve(), args.script.resolve()
     return args
@@ -770,7 +879,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.jobs < 1:
             raise StudyError(f"--jobs {args.jobs}: must be at least 1")
         runs, arms, common = plan(args)
-        status = run_study(args, runs) if args.command == "run" else 0
+        if args.command == "speed" and (args.speed_steps < 1 or args.repeats < 1):
+            raise StudyError("--speed-steps and --repeats must be at least 1")
+        status = {"run": lambda: run_study(args, runs), "speed": lambda: measure_speed(args, arms, common)}.get(
+            args.command, lambda: 0)()
         if args.dry_run:
             return status
         return finalize(args, runs, arms, common) or status
