@@ -185,6 +185,7 @@ def test_speed_measures_each_arm_alone_in_rotated_rounds(folder, tmp_path):
     dense, topk = speed["arms"]["dense"], speed["arms"]["topk4"]
     assert dense["ratio_to_dense"] == [1.0, 1.0] and len(topk["ms_per_step"]) == 2
     assert topk["ratio_to_dense"] == pytest.approx([t / d for t, d in zip(topk["ms_per_step"], dense["ms_per_step"])])
+    assert speed["command"].startswith("python3 tools/moe_study.py speed ") and speed["command"].endswith("--repeats 2")
     assert "## Speed, measured alone (CPU)" in (out / "README.md").read_text()
     assert not list((out / "runs").glob("speed_*"))  # the study's runs stay as they were
     again = study(out, "--repeats", "1", command="speed")

@@ -7,6 +7,7 @@ a verdict, plots and a submission that `tools/records.py verify` checks.
         --out records/track_non_record_16mb/2026-11-25_MoE_vs_Dense_Study --seeds 1337,1338,1339 --jobs 2
     python3 tools/moe_study.py run ... --dry-run     # the runs it would start, and the ones it would skip
     python3 tools/moe_study.py collect --data /work/proxy --out FOLDER   # rebuild the outputs, run nothing
+    python3 tools/moe_study.py speed ... --repeats 3  # ms/step of every arm alone, in rounds -> speed.json
 
 Resumable: a run whose log in FOLDER/runs/ is complete (it has its final evaluation) is skipped, so the
 same command continues a study across sessions; every finished run's logs stay in the folder. A failed
@@ -718,9 +719,13 @@ def speed_section(args) -> str:
     return f"""
 ## Speed, measured alone (CPU)
 
-The ms/step above ran two at a time on a shared machine. `python3 tools/moe_study.py speed` (same options)
-measured it again: {speed['method']}; load average {speed['load_average_before_after'][0]:.2f} before,
-{speed['load_average_before_after'][1]:.2f} after. Runs in `{SPEED_DIR}/`, numbers in `{SPEED_JSON}`.
+The ms/step above ran two at a time on a shared machine. This measured it again: {speed['method']};
+load average {speed['load_average_before_after'][0]:.2f} before, {speed['load_average_before_after'][1]:.2f} after
+(one run alone is 1). Runs in `{SPEED_DIR}/`, numbers in `{SPEED_JSON}`:
+
+```sh
+{speed['command']}
+```
 
 ```
 {speed_table(speed)}
@@ -786,6 +791,8 @@ def measure_speed(args, arms: dict[str, dict[str, str]], common: dict[str, str])
         rows.append(dict(round=r, arm=run.name, run_id=run.run_id, status=row["status"], ms_per_step=row.get("ms_per_step")))
     load.append(os.getloadavg()[0])
     result = speed_summary(rows, names, load, args.speed_steps)
+    result["command"] = (reproduce_command(args).replace(" run ", " speed ", 1)
+                         + f" --speed-steps {args.speed_steps} --repeats {args.repeats}")
     (args.out / SPEED_JSON).write_text(json.dumps(result, indent=1) + "\n")
     print(speed_table(result))
     return 0 if all(r["status"] == "ok" for r in rows) else 1
