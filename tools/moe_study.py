@@ -805,8 +805,9 @@ def speed_summary(rows: list[dict], names: list[str], load: list[float], steps: 
         mine = [r for r in rows if r["arm"] == name and r["ms_per_step"]]
         ms = [r["ms_per_step"] for r in mine]
         ratio = [r["ms_per_step"] / dense[r["round"]] for r in mine if r["round"] in dense]
-        arms[name] = dict(ms_per_step=ms, ratio_to_dense=ratio, ms_per_step_mean=mean_std(ms)[0],
-                          ms_per_step_std=mean_std(ms)[1], ratio_mean=mean_std(ratio)[0], ratio_std=mean_std(ratio)[1])
+        (ms_mean, ms_std), (ratio_mean, ratio_std) = mean_std(ms), mean_std(ratio)
+        arms[name] = dict(ms_per_step=ms, ratio_to_dense=ratio, ms_per_step_mean=ms_mean, ms_per_step_std=ms_std,
+                          ratio_mean=ratio_mean, ratio_std=ratio_std)
     return dict(method=f"one run at a time, {steps} steps each, rounds in rotated arm order, ratio to dense "
                        "within a round; CPU (does not carry over to GPUs)",
                 load_average_before_after=load, runs=rows, arms=arms)
@@ -888,8 +889,11 @@ def main(argv: list[str] | None = None) -> int:
         runs, arms, common = plan(args)
         if args.command == "speed" and (args.speed_steps < 1 or args.repeats < 1):
             raise StudyError("--speed-steps and --repeats must be at least 1")
-        status = {"run": lambda: run_study(args, runs), "speed": lambda: measure_speed(args, arms, common)}.get(
-            args.command, lambda: 0)()
+        status = 0  # collect runs nothing
+        if args.command == "run":
+            status = run_study(args, runs)
+        elif args.command == "speed":
+            status = measure_speed(args, arms, common)
         if args.dry_run:
             return status
         return finalize(args, runs, arms, common) or status
