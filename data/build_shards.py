@@ -58,7 +58,8 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import Iterable, Iterator, TextIO
+from typing import TextIO
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import sentencepiece as spm
@@ -67,7 +68,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # The shard format, its reader and the data error type live in train_gpt.py (the trainer reads
 # what this script writes): one definition of the format.
 from train_gpt import (  # noqa: E402,F401
-    BOS_ID, MAX_VOCAB_SIZE, SHARD_HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION, DataError, read_shard)
+    BOS_ID,
+    MAX_VOCAB_SIZE,
+    SHARD_HEADER_BYTES,
+    SHARD_MAGIC,
+    SHARD_VERSION,
+    DataError,
+    read_shard,
+)
 
 # The challenge's tokenizer spec; vocab_size is added per build.
 TOKENIZER_SPEC = dict(
@@ -220,7 +228,9 @@ def documents_of(path: Path, fmt: str, text_field: str) -> list[str]:
     try:
         texts = list(reader)
     except UNREADABLE_INPUT_ERRORS as exc:
-        raise DataError(f"{path}: not readable as UTF-8 {path_format} ({type(exc).__name__}): binary input?") from exc
+        raise DataError(
+            f"{path}: not readable as UTF-8 {path_format} ({type(exc).__name__}): binary input?"
+        ) from exc
     if not any(text.strip() for text in texts):
         raise DataError(f"{path}: no documents (the input is empty or whitespace only)")
     return texts
@@ -247,7 +257,9 @@ def shuffled_order(num_docs: int, seed: int) -> list[int]:
 def split_documents(documents: list[str], val_docs: int, seed: int) -> tuple[list[str], list[str]]:
     """Return (validation, train): the first ``val_docs`` of the seeded shuffle, then the rest."""
     if not 1 <= val_docs < len(documents):
-        raise DataError(f"--val-docs must be between 1 and {len(documents) - 1} for {len(documents)} documents")
+        raise DataError(
+            f"--val-docs must be between 1 and {len(documents) - 1} for {len(documents)} documents"
+        )
     order = shuffled_order(len(documents), seed)
     return [documents[i] for i in order[:val_docs]], [documents[i] for i in order[val_docs:]]
 
@@ -256,7 +268,11 @@ def split_documents(documents: list[str], val_docs: int, seed: int) -> tuple[lis
 
 
 def train_tokenizer(
-    train_docs: list[str], vocab_size: int, out_dir: Path, name: str = "tokenizer", text_source: str = "the text"
+    train_docs: list[str],
+    vocab_size: int,
+    out_dir: Path,
+    name: str = "tokenizer",
+    text_source: str = "the text",
 ) -> Path:
     """Train the challenge-spec tokenizer on ``train_docs``; write ``name``.model/.vocab."""
     longest_doc_bytes = max(len(doc.encode("utf-8")) for doc in train_docs)
@@ -308,7 +324,9 @@ def load_tokenizer(path: Path, vocab_size: int) -> spm.SentencePieceProcessor:
     except (OSError, RuntimeError) as exc:
         raise DataError(f"{path}: not a SentencePiece model ({exc})") from exc
     if sp.vocab_size() != vocab_size:
-        raise DataError(f"{path}: tokenizer vocab size is {sp.vocab_size()}, but --vocab-size is {vocab_size}")
+        raise DataError(
+            f"{path}: tokenizer vocab size is {sp.vocab_size()}, but --vocab-size is {vocab_size}"
+        )
     if sp.bos_id() != BOS_ID:
         raise DataError(f"{path}: tokenizer bos id is {sp.bos_id()}, the shard format needs {BOS_ID}")
     return sp
@@ -347,7 +365,9 @@ class Progress:
         )
 
 
-def write_split(sp: spm.SentencePieceProcessor, docs: list[str], out_dir: Path, split: str, shard_tokens: int) -> dict:
+def write_split(
+    sp: spm.SentencePieceProcessor, docs: list[str], out_dir: Path, split: str, shard_tokens: int
+) -> dict:
     """Encode ``docs`` as BOS + tokens each, write the split's shards, return its manifest entry."""
     writer = ShardWriter(out_dir, split, shard_tokens)
     progress = Progress(split, len(docs))
@@ -370,7 +390,9 @@ def write_split(sp: spm.SentencePieceProcessor, docs: list[str], out_dir: Path, 
 
 
 def existing_shards(out_dir: Path) -> list[Path]:
-    return sorted(p for p in out_dir.glob("fineweb_*.bin") if re.fullmatch(r"fineweb_(train|val)_\d{6}\.bin", p.name))
+    return sorted(
+        p for p in out_dir.glob("fineweb_*.bin") if re.fullmatch(r"fineweb_(train|val)_\d{6}\.bin", p.name)
+    )
 
 
 def planned_outputs(tokenizer: Path | None) -> list[str]:
@@ -446,7 +468,9 @@ def build(
 ) -> dict:
     """Run the whole pipeline; return the manifest (also written to ``out_dir/manifest.json``)."""
     if not 1 <= vocab_size <= MAX_VOCAB_SIZE:
-        raise DataError(f"--vocab-size must be between 1 and {MAX_VOCAB_SIZE} (token ids are stored as uint16)")
+        raise DataError(
+            f"--vocab-size must be between 1 and {MAX_VOCAB_SIZE} (token ids are stored as uint16)"
+        )
     if shard_tokens < 1:
         raise DataError("--shard-tokens must be positive")
     refuse_to_replace(out_dir, tokenizer, overwrite)
@@ -478,12 +502,18 @@ def build(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", type=Path, help="JSON-lines or plain-text files (.xz/.gz accepted)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "inputs", nargs="+", type=Path, help="JSON-lines or plain-text files (.xz/.gz accepted)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--val-docs", type=int, required=True, help="documents in the validation split")
     parser.add_argument("--vocab-size", type=int, default=1024)
-    parser.add_argument("--tokenizer", type=Path, help="reuse this SentencePiece .model instead of training one")
+    parser.add_argument(
+        "--tokenizer", type=Path, help="reuse this SentencePiece .model instead of training one"
+    )
     parser.add_argument("--seed", type=int, default=1337, help="seed of the document shuffle")
     parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="max tokens per shard")
     parser.add_argument("--format", choices=["auto", "jsonl", "text"], default="auto", dest="fmt")

@@ -247,7 +247,9 @@ class Fetcher:
         print(f"download {remote_name} -> {remote.local_path}", file=sys.stderr)
         download(remote, self.staging_dir, self.source)
         if not is_complete(remote.local_path):
-            raise DownloadError(f"{remote.local_path}: downloaded file is empty or its size does not match its header")
+            raise DownloadError(
+                f"{remote.local_path}: downloaded file is empty or its size does not match its header"
+            )
         self.downloaded.append(remote.local_path)
 
     def clean_up(self) -> None:
@@ -321,13 +323,21 @@ def fetch_variant(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--variant", default="sp1024", help="tokenizer variant: sp1024, sp4096 or sp8192")
-    parser.add_argument("--train-shards", type=int, default=DEFAULT_TRAIN_SHARDS, help="train shards to fetch")
+    parser.add_argument(
+        "--train-shards", type=int, default=DEFAULT_TRAIN_SHARDS, help="train shards to fetch"
+    )
     parser.add_argument("--repo-id", help=f"dataset repository (wins over ${REPO_ENV})")
-    parser.add_argument("--remote-root", help=f"folder of the export in the repository (wins over ${REMOTE_ROOT_ENV})")
+    parser.add_argument(
+        "--remote-root", help=f"folder of the export in the repository (wins over ${REMOTE_ROOT_ENV})"
+    )
     parser.add_argument("--skip-manifest", action="store_true", help="do not download the manifest")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="root of the local layout")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent, help="root of the local layout"
+    )
     return parser.parse_args(argv)
 
 

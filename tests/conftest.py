@@ -1,4 +1,5 @@
 """Shared helpers for the CPU test suite: paths, a tiny model configuration, a subprocess runner."""
+
 import os
 import subprocess
 import sys
@@ -16,23 +17,54 @@ torch.set_num_threads(1)
 
 # A model small enough to train for a few dozen steps on two CPU cores in seconds.
 TINY_ENV = {
-    "DATA_PATH": str(SAMPLE), "TOKENIZER_PATH": str(TOKENIZER), "VOCAB_SIZE": "1024",
-    "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "MLP_MULT": "2",
-    "TRAIN_SEQ_LEN": "128", "TRAIN_BATCH_TOKENS": "2048", "MICRO_BATCH_TOKENS": "1024",
-    "ITERATIONS": "20", "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "0", "TRAIN_LOG_EVERY": "5",
-    "VAL_TOKEN_LIMIT": "8192", "EVAL_STRIDE": "64", "EVAL_BATCH_SEQS": "16",
-    "BIGRAM_VOCAB_SIZE": "256", "BIGRAM_DIM": "16", "COMPILE": "0", "ZSTD_LEVEL": "3",
+    "DATA_PATH": str(SAMPLE),
+    "TOKENIZER_PATH": str(TOKENIZER),
+    "VOCAB_SIZE": "1024",
+    "NUM_LAYERS": "2",
+    "MODEL_DIM": "64",
+    "NUM_HEADS": "4",
+    "NUM_KV_HEADS": "2",
+    "MLP_MULT": "2",
+    "TRAIN_SEQ_LEN": "128",
+    "TRAIN_BATCH_TOKENS": "2048",
+    "MICRO_BATCH_TOKENS": "1024",
+    "ITERATIONS": "20",
+    "MAX_WALLCLOCK_SECONDS": "0",
+    "WARMUP_STEPS": "0",
+    "TRAIN_LOG_EVERY": "5",
+    "VAL_TOKEN_LIMIT": "8192",
+    "EVAL_STRIDE": "64",
+    "EVAL_BATCH_SEQS": "16",
+    "BIGRAM_VOCAB_SIZE": "256",
+    "BIGRAM_DIM": "16",
+    "COMPILE": "0",
+    "ZSTD_LEVEL": "3",
     # Structural stack mechanisms off, so other areas' tests keep a plain 2-layer model;
     # STACK_ENV below turns every mechanism of the record stack on.
-    "NUM_LOOPS": "0", "PARALLEL_START_LAYER": "0",
+    "NUM_LOOPS": "0",
+    "PARALLEL_START_LAYER": "0",
 }
 # TINY_ENV with every mechanism of the record stack on (4 layers: layers 1-2 looped twice more,
 # parallel lanes in layer 3, XSA everywhere, partial RoPE, BigramHash and SmearGate).
-STACK_ENV = {**TINY_ENV, "NUM_LAYERS": "4", "XSA_LAST_N": "4", "LN_SCALE": "1", "QK_GAIN_INIT": "5",
-             "PARALLEL_START_LAYER": "3", "NUM_LOOPS": "2", "LOOP_START": "1", "LOOP_END": "2",
-             "ENABLE_LOOPING_AT": "0.35", "SPARSE_ATTN_GATE_ENABLED": "1", "GATE_WINDOW": "12",
-             "ROPE_DIMS": "8", "MLP_ACT": "leaky_relu2", "SMEAR_GATE": "1", "MIN_LR": "0.1",
-             "MUON_ROW_NORMALIZE": "1"}
+STACK_ENV = {
+    **TINY_ENV,
+    "NUM_LAYERS": "4",
+    "XSA_LAST_N": "4",
+    "LN_SCALE": "1",
+    "QK_GAIN_INIT": "5",
+    "PARALLEL_START_LAYER": "3",
+    "NUM_LOOPS": "2",
+    "LOOP_START": "1",
+    "LOOP_END": "2",
+    "ENABLE_LOOPING_AT": "0.35",
+    "SPARSE_ATTN_GATE_ENABLED": "1",
+    "GATE_WINDOW": "12",
+    "ROPE_DIMS": "8",
+    "MLP_ACT": "leaky_relu2",
+    "SMEAR_GATE": "1",
+    "MIN_LR": "0.1",
+    "MUON_ROW_NORMALIZE": "1",
+}
 
 
 def run_train(tmp_path: Path, nproc: int = 1, timeout: int = 300, **env) -> subprocess.CompletedProcess:
@@ -42,8 +74,18 @@ def run_train(tmp_path: Path, nproc: int = 1, timeout: int = 300, **env) -> subp
     full.update({k: str(v) for k, v in env.items()})
     tmp_path.mkdir(parents=True, exist_ok=True)
     script = str(REPO / "train_gpt.py")
-    cmd = [sys.executable, script] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+    cmd = (
+        [sys.executable, script]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            script,
+        ]
+    )
     return subprocess.run(cmd, cwd=tmp_path, env=full, capture_output=True, text=True, timeout=timeout)
 
 
@@ -51,4 +93,5 @@ def run_train(tmp_path: Path, nproc: int = 1, timeout: int = 300, **env) -> subp
 def tiny_config():
     """tiny_config(MOE_MODE="topk", ...) -> a validated tiny configuration; os.environ is not read."""
     import train_gpt
+
     return lambda **env: train_gpt.load_config({**TINY_ENV, **{k: str(v) for k, v in env.items()}})

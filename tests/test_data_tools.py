@@ -2,7 +2,9 @@
 
 import os
 
-os.environ["HF_HUB_OFFLINE"] = "1"  # set before anything imports huggingface_hub: no test may reach the network
+os.environ["HF_HUB_OFFLINE"] = (
+    "1"  # set before anything imports huggingface_hub: no test may reach the network
+)
 
 import gzip
 import json
@@ -56,7 +58,9 @@ def synthetic_documents(count: int = 48) -> list[str]:
     words = "the river stone light garden winter paper signal market window forest engine".split()
     docs = []
     for i in range(count):
-        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 14))) for _ in range(rng.randint(1, 3))]
+        lines = [
+            " ".join(rng.choice(words) for _ in range(rng.randint(5, 14))) for _ in range(rng.randint(1, 3))
+        ]
         # "1999" recurs so that, without split_digits, BPE would merge its digits.
         docs.append(f"Document {i} of 1999: " + "\n".join(lines) + f" ﬁnal {rng.randint(0, 99999)} café ①.")
     return docs
@@ -312,9 +316,17 @@ def write_bad_input(path: Path, kind: str) -> None:
     [
         ("missing", "gone.txt", "gone.txt: input file not found"),
         ("binary", "blob.txt", "blob.txt: not readable as UTF-8 text (UnicodeDecodeError): binary input?"),
-        ("binary", "blob.jsonl", "blob.jsonl: not readable as UTF-8 jsonl (UnicodeDecodeError): binary input?"),
+        (
+            "binary",
+            "blob.jsonl",
+            "blob.jsonl: not readable as UTF-8 jsonl (UnicodeDecodeError): binary input?",
+        ),
         ("nul", "archive.txt", "archive.txt:1: NUL byte: binary input, not text"),
-        ("corrupt_xz", "docs.jsonl.xz", "docs.jsonl.xz: not readable as UTF-8 jsonl (LZMAError): binary input?"),
+        (
+            "corrupt_xz",
+            "docs.jsonl.xz",
+            "docs.jsonl.xz: not readable as UTF-8 jsonl (LZMAError): binary input?",
+        ),
         ("empty", "empty.txt", "empty.txt: no documents (the input is empty or whitespace only)"),
         ("blank", "blank.jsonl", "blank.jsonl: no documents (the input is empty or whitespace only)"),
     ],
@@ -325,7 +337,9 @@ def test_bad_input_gives_one_line_naming_it_and_creates_nothing(tmp_path, docs, 
     bad = tmp_path / name
     write_bad_input(bad, kind)
     out = tmp_path / "new" / "out"
-    message = cli_error([str(good), str(bad), "--out", str(out), "--val-docs", "2", "--vocab-size", str(VOCAB)])
+    message = cli_error(
+        [str(good), str(bad), "--out", str(out), "--val-docs", "2", "--vocab-size", str(VOCAB)]
+    )
     assert message == f"error: {bad}{expected.removeprefix(name)}"
     assert not (tmp_path / "new").exists()
 
@@ -345,14 +359,18 @@ def test_cli_failure_exits_nonzero_with_one_stderr_line(tmp_path):
     small.write_text("tiny\n\nnotes\n\nhere", encoding="utf-8")
     command = [sys.executable, str(DATA_DIR / "build_shards.py"), str(small), "--out", str(tmp_path / "out"),
                "--val-docs", "1", "--vocab-size", "4000"]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"error: {small}: --vocab-size 4000 is too large")
     assert not (tmp_path / "out").exists()
 
 
-def test_failure_midway_keeps_pre_existing_files_and_removes_only_its_own(tmp_path, jsonl_build, docs, monkeypatch):
+def test_failure_midway_keeps_pre_existing_files_and_removes_only_its_own(
+    tmp_path, jsonl_build, docs, monkeypatch
+):
     source = tmp_path / "docs.txt"
     source.write_text("\n\n".join(docs), encoding="utf-8")
     out = tmp_path / "out"
@@ -366,8 +384,12 @@ def test_failure_midway_keeps_pre_existing_files_and_removes_only_its_own(tmp_pa
 
     monkeypatch.setattr(bs, "write_split", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        bs.build([source], out, val_docs=VAL_DOCS, tokenizer=jsonl_build[0] / "tokenizer.model", vocab_size=VOCAB)
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # the staging folder is gone, the user's file kept
+        bs.build(
+            [source], out, val_docs=VAL_DOCS, tokenizer=jsonl_build[0] / "tokenizer.model", vocab_size=VOCAB
+        )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "notes.txt"
+    ]  # the staging folder is gone, the user's file kept
     assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
 
 
@@ -399,8 +421,16 @@ def test_overwrite_replaces_every_shard_of_the_previous_build(tmp_path, jsonl_bu
 
 FAKE_MANIFEST = {
     "datasets": [
-        {"name": "fineweb10B_sp4096", "tokenizer_name": "sp_bpe_4096", "stats": {"files_train": 9, "files_val": 1}},
-        {"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024", "stats": {"files_train": 5, "files_val": 1}},
+        {
+            "name": "fineweb10B_sp4096",
+            "tokenizer_name": "sp_bpe_4096",
+            "stats": {"files_train": 9, "files_val": 1},
+        },
+        {
+            "name": "fineweb10B_sp1024",
+            "tokenizer_name": "sp_bpe_1024",
+            "stats": {"files_train": 5, "files_val": 1},
+        },
     ],
     "tokenizers": [
         {
@@ -421,7 +451,9 @@ class FakeHub:
         self.calls = []
 
     def __call__(self, repo_id, filename, *, subfolder=None, repo_type=None, local_dir=None, **kwargs):
-        self.calls.append(dict(repo_id=repo_id, filename=filename, subfolder=subfolder, repo_type=repo_type, **kwargs))
+        self.calls.append(
+            dict(repo_id=repo_id, filename=filename, subfolder=subfolder, repo_type=repo_type, **kwargs)
+        )
         path = Path(local_dir) / (subfolder or "") / filename
         path.parent.mkdir(parents=True, exist_ok=True)
         if filename == "manifest.json":
@@ -502,7 +534,9 @@ def test_download_skips_present_files_and_refetches_broken_ones(tmp_path, fake_h
 
 
 def test_download_fails_clearly_for_missing_variant_or_too_many_shards(tmp_path, fake_hub):
-    with pytest.raises(ccf.DownloadError, match=r"'sp2048'.*not in datasets/manifest.json of willdepueoai.*--repo-id"):
+    with pytest.raises(
+        ccf.DownloadError, match=r"'sp2048'.*not in datasets/manifest.json of willdepueoai.*--repo-id"
+    ):
         ccf.fetch_variant("sp2048", 1, tmp_path)
     with pytest.raises(ccf.DownloadError, match="has 5 train shards.*6 requested"):
         ccf.fetch_variant("sp1024", 6, tmp_path)
@@ -528,8 +562,16 @@ def test_download_tolerates_sparse_manifest(tmp_path, monkeypatch):
 
 COMMUNITY_MANIFEST = {
     "datasets": [
-        {"name": "fineweb10B_sp8192", "tokenizer_name": "sp_bpe_8192", "stats": {"files_train": 128, "files_val": 1}},
-        {"name": "fineweb10B_sp4096", "tokenizer_name": "sp_bpe_4096", "stats": {"files_train": 100, "files_val": 1}},
+        {
+            "name": "fineweb10B_sp8192",
+            "tokenizer_name": "sp_bpe_8192",
+            "stats": {"files_train": 128, "files_val": 1},
+        },
+        {
+            "name": "fineweb10B_sp4096",
+            "tokenizer_name": "sp_bpe_4096",
+            "stats": {"files_train": 100, "files_val": 1},
+        },
     ],
     "tokenizers": [
         {
@@ -585,7 +627,10 @@ def test_repository_precedence_flag_then_env_then_default():
     assert ccf.resolve_source("sp8192", "flag/repo", None, env).repo_id == "flag/repo"
     assert ccf.resolve_source("sp8192", None, None, env).repo_id == "env/repo"
     assert ccf.resolve_source("sp1024", None, None, {}).repo_id == "willdepueoai/parameter-golf"
-    assert ccf.resolve_source("sp1024", None, None, {"MATCHED_FINEWEB_REPO_ID": ""}).repo_id == ccf.OFFICIAL_REPO_ID
+    assert (
+        ccf.resolve_source("sp1024", None, None, {"MATCHED_FINEWEB_REPO_ID": ""}).repo_id
+        == ccf.OFFICIAL_REPO_ID
+    )
     assert ccf.resolve_source("sp1024", None, None, env).repo_id == "env/repo"
     roots = {"MATCHED_FINEWEB_REMOTE_ROOT_PREFIX": "env_root/"}
     assert ccf.resolve_source("sp1024", None, None, roots).remote_root == "env_root"
@@ -627,7 +672,9 @@ def test_skip_manifest_reuses_a_local_manifest_of_the_same_repository(tmp_path, 
     source = ccf.Source(COMMUNITY, "datasets")
     ccf.fetch_variant("sp8192", 0, tmp_path, source)
     two_repo_hub.calls.clear()
-    with pytest.raises(ccf.DownloadError, match="has 128 train shards.*129 requested"):  # counts from the local copy
+    with pytest.raises(
+        ccf.DownloadError, match="has 128 train shards.*129 requested"
+    ):  # counts from the local copy
         ccf.fetch_variant("sp8192", 129, tmp_path, source, skip_manifest=True)
     ccf.fetch_variant("sp8192", 1, tmp_path, source, skip_manifest=True)
     assert "manifest.json" not in [name for _, name in two_repo_hub.requested()]
@@ -642,9 +689,13 @@ def test_skip_manifest_refuses_a_manifest_from_another_repository(tmp_path, two_
     message = str(info.value.code)
     assert "manifest.json came from willdepueoai/parameter-golf, not kevclark/parameter-golf" in message
     assert "without --skip-manifest" in message and two_repo_hub.calls == []
-    (tmp_path / "datasets/manifest.source.json").unlink()  # a manifest of unknown origin is not trusted either
+    (
+        tmp_path / "datasets/manifest.source.json"
+    ).unlink()  # a manifest of unknown origin is not trusted either
     with pytest.raises(ccf.DownloadError, match="came from an unrecorded repository"):
-        ccf.fetch_variant("sp1024", 0, tmp_path, ccf.Source(ccf.OFFICIAL_REPO_ID, "datasets"), skip_manifest=True)
+        ccf.fetch_variant(
+            "sp1024", 0, tmp_path, ccf.Source(ccf.OFFICIAL_REPO_ID, "datasets"), skip_manifest=True
+        )
 
 
 def test_stale_manifest_from_another_repository_is_fetched_again(tmp_path, two_repo_hub, capsys):
@@ -682,7 +733,9 @@ def test_hub_failure_is_one_line_naming_repository_and_file(tmp_path, monkeypatc
 
 def test_importing_download_module_does_not_import_the_hub():
     code = "import sys; import cached_challenge_fineweb; print('huggingface_hub' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], cwd=DATA_DIR, capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=DATA_DIR, capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "False"
 
 

@@ -1,4 +1,5 @@
 """train_gpt.py as users run it: a subprocess on the sample corpus, alone or under torchrun."""
+
 import json
 import re
 
@@ -34,7 +35,9 @@ def test_short_run_lowers_loss_and_writes_everything(moe_run):
     assert set(finals) == {"roundtrip", "sliding_window"} and all(0 < v[1] < 10 for v in finals.values())
     # More context does not hurt (within noise: after 30 steps the model barely uses context).
     assert finals["sliding_window"][0] <= finals["roundtrip"][0] + 0.005
-    assert (tmp / "logs" / "test_model.ptz").stat().st_size == int(re.search(r"Serialized model quant\+zstd: (\d+)", log)[1])
+    assert (tmp / "logs" / "test_model.ptz").stat().st_size == int(
+        re.search(r"Serialized model quant\+zstd: (\d+)", log)[1]
+    )
     assert re.search(r"size_check total:\d+ cap:16000000 slack:\d+ OK", log)
     assert re.search(r"^moe layer:1 load:[\d.,]+ max_mean:", log, re.M)
     assert not (tmp / "logs" / "test_routing.json").exists()  # routing analysis is tools/routing_analysis.py
@@ -59,18 +62,23 @@ def test_two_processes_match_one_process(tmp_path):
     assert len(losses_one) == 6
     for (s1, l1), (s2, l2) in zip(losses_one, losses_two, strict=True):
         assert s1 == s2 and float(l1) == pytest.approx(float(l2), abs=2e-4)
-    for (k1, loss1, _), (k2, loss2, _) in zip(FINAL.findall(one.stdout), FINAL.findall(two.stdout), strict=True):
+    for (k1, loss1, _), (k2, loss2, _) in zip(
+        FINAL.findall(one.stdout), FINAL.findall(two.stdout), strict=True
+    ):
         assert k1 == k2 and float(loss1) == pytest.approx(float(loss2), abs=1e-3)
 
 
-@pytest.mark.parametrize("env,needle", [
-    ({"DATA_PATH": "/nonexistent/shards"}, "DATA_PATH=/nonexistent/shards: no such directory"),
-    ({"TOKENIZER_PATH": "/nonexistent/tok.model"}, "TOKENIZER_PATH=/nonexistent/tok.model: no such file"),
-    ({"VOCAB_SIZE": "2048"}, "tokenizer has 1024 pieces but VOCAB_SIZE=2048"),
-    ({"NUM_LAYERS": "two"}, "NUM_LAYERS='two': expected int"),
-    ({"TRAIN_BATCH_TOKENS": "3000"}, "TRAIN_BATCH_TOKENS=3000 is not divisible"),
-    ({"SIZE_CAP_BYTES": "100000"}, "exceeds SIZE_CAP_BYTES=100000"),
-])
+@pytest.mark.parametrize(
+    "env,needle",
+    [
+        ({"DATA_PATH": "/nonexistent/shards"}, "DATA_PATH=/nonexistent/shards: no such directory"),
+        ({"TOKENIZER_PATH": "/nonexistent/tok.model"}, "TOKENIZER_PATH=/nonexistent/tok.model: no such file"),
+        ({"VOCAB_SIZE": "2048"}, "tokenizer has 1024 pieces but VOCAB_SIZE=2048"),
+        ({"NUM_LAYERS": "two"}, "NUM_LAYERS='two': expected int"),
+        ({"TRAIN_BATCH_TOKENS": "3000"}, "TRAIN_BATCH_TOKENS=3000 is not divisible"),
+        ({"SIZE_CAP_BYTES": "100000"}, "exceeds SIZE_CAP_BYTES=100000"),
+    ],
+)
 def test_bad_input_fails_with_a_message_naming_it(tmp_path, env, needle):
     result = run_train(tmp_path, **env)
     assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
@@ -126,8 +134,14 @@ def test_jsonl_event_log_matches_the_text_log(moe_run):
 
 def test_over_budget_run_allowed_then_shrunk_to_fit(tmp_path):
     cap = (REPO / "train_gpt.py").stat().st_size + 47_000  # ~3/4 of this model's natural artifact (~62 kB)
-    result = run_train(tmp_path, SIZE_CAP_BYTES=cap, BUDGET_MARGIN=-1, ITERATIONS=2, MOE_MODE="none",
-                       FP16_KEEP_MAX_NUMEL=1024)
+    result = run_train(
+        tmp_path,
+        SIZE_CAP_BYTES=cap,
+        BUDGET_MARGIN=-1,
+        ITERATIONS=2,
+        MOE_MODE="none",
+        FP16_KEEP_MAX_NUMEL=1024,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "predicted" in result.stdout and "fit: bits lowered" in result.stdout
     total = int(re.search(rf"size_check total:(\d+) cap:{cap} slack:\d+ OK", result.stdout)[1])
@@ -135,7 +149,13 @@ def test_over_budget_run_allowed_then_shrunk_to_fit(tmp_path):
 
 
 def test_budget_preview_is_within_ten_percent_on_the_sample_model(tmp_path):
-    env = {**sample_env(), "MAX_WALLCLOCK_SECONDS": "0", "ITERATIONS": "8", "VAL_TOKEN_LIMIT": "4096", "ZSTD_LEVEL": "22"}
+    env = {
+        **sample_env(),
+        "MAX_WALLCLOCK_SECONDS": "0",
+        "ITERATIONS": "8",
+        "VAL_TOKEN_LIMIT": "4096",
+        "ZSTD_LEVEL": "22",
+    }
     result = run_train(tmp_path, **env)
     assert result.returncode == 0, result.stderr[-2000:]
     estimate = int(re.search(r"budget_preview: artifact ~(\d+) bytes", result.stdout)[1])

@@ -1,4 +1,5 @@
 """Mixture-of-Experts layers: routing, dispatch, balancing, parameter counts, compile, telemetry."""
+
 import math
 
 import numpy as np
@@ -76,10 +77,14 @@ def test_full_size_experts_scale_with_expert_count(tiny_config):
         assert count(moe) == E * count(dense) + E * DIM
 
 
-@pytest.mark.parametrize("mode,dispatch", [("topk", "grouped"), ("topk", "capacity"), ("shared_routed", "grouped")])
+@pytest.mark.parametrize(
+    "mode,dispatch", [("topk", "grouped"), ("topk", "capacity"), ("shared_routed", "grouped")]
+)
 @pytest.mark.parametrize("k", [1, 2])
 def test_dispatch_matches_per_expert_loop(tiny_config, mode, dispatch, k):
-    m, _ = make(tiny_config, MOE_MODE=mode, NUM_EXPERTS=4, TOP_K=k, MOE_DISPATCH=dispatch, CAPACITY_FACTOR=4.0)
+    m, _ = make(
+        tiny_config, MOE_MODE=mode, NUM_EXPERTS=4, TOP_K=k, MOE_DISPATCH=dispatch, CAPACITY_FACTOR=4.0
+    )
     randomise(m)
     x = torch.randn(3, 20, DIM, requires_grad=True)
     out = m(x)
@@ -158,10 +163,13 @@ def test_bias_update_moves_skewed_load_towards_balance(tiny_config):
     assert tg.collect_routing_stats(model, 0.0, 1)[0, :4].sum() == 0  # nothing ran since
 
 
-@pytest.mark.parametrize("mode,dispatch", [("soft", "grouped"), ("topk", "grouped"), ("topk", "capacity"),
-                                           ("shared_routed", "grouped")])
+@pytest.mark.parametrize(
+    "mode,dispatch",
+    [("soft", "grouped"), ("topk", "grouped"), ("topk", "capacity"), ("shared_routed", "grouped")],
+)
 def test_fullgraph_compile_without_recompiles(tiny_config, mode, dispatch):
     from torch._dynamo.utils import counters
+
     m, _ = make(tiny_config, MOE_MODE=mode, MOE_DISPATCH=dispatch, ROUTER_NOISE=0.1)
     m = randomise(m).to(torch.bfloat16)
     torch._dynamo.reset()

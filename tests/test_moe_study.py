@@ -2,6 +2,7 @@
 
 One tiny study (module fixture: dense and topk4 x 2 seeds x 8 steps on data/sample, 2 at a time)
 feeds the checks of the folder, the manifest, resuming and records.py verify."""
+
 import json
 import os
 import shutil
@@ -22,18 +23,43 @@ from common import MOE_PRESETS, context_arm  # noqa: E402
 import train_gpt  # noqa: E402
 
 # The tiny shape of conftest.py, over the study's shape; the study sets its own run length and evaluation.
-TINY = {k: v for k, v in TINY_ENV.items() if k not in ("DATA_PATH", "TOKENIZER_PATH", "EVAL_STRIDE", "MAX_WALLCLOCK_SECONDS")}
+TINY = {
+    k: v
+    for k, v in TINY_ENV.items()
+    if k not in ("DATA_PATH", "TOKENIZER_PATH", "EVAL_STRIDE", "MAX_WALLCLOCK_SECONDS")
+}
 TINY.update(ITERATIONS="8", TRAIN_LOG_EVERY="4", MICRO_BATCH_TOKENS="2048")
 SEEDS = "1,2"
 ARMS = "dense,topk4"
 
 
 def study(out, *extra, env=TINY, arms=ARMS, seeds=SEEDS, command="run"):
-    argv = [sys.executable, str(REPO / "tools" / "moe_study.py"), command, "--data", str(SAMPLE), "--tokenizer",
-            str(TOKENIZER), "--out", str(out), "--seeds", seeds, "--arms", arms, "--jobs", "2"]
+    argv = [
+        sys.executable,
+        str(REPO / "tools" / "moe_study.py"),
+        command,
+        "--data",
+        str(SAMPLE),
+        "--tokenizer",
+        str(TOKENIZER),
+        "--out",
+        str(out),
+        "--seeds",
+        seeds,
+        "--arms",
+        arms,
+        "--jobs",
+        "2",
+    ]
     argv += [f"--env={k}={v}" for k, v in env.items()] + list(extra)
-    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        argv,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +78,16 @@ def copy_of(folder, tmp_path):
 
 
 def test_folder_holds_every_output(folder):
-    for name in ("train_gpt.py", "manifest.json", "submission.json", "README.md", "findings_data.md",
-                 "routing-analysis.png", "expert-by-class.png", ".gitignore"):
+    for name in (
+        "train_gpt.py",
+        "manifest.json",
+        "submission.json",
+        "README.md",
+        "findings_data.md",
+        "routing-analysis.png",
+        "expert-by-class.png",
+        ".gitignore",
+    ):
         assert (folder / name).is_file(), name
     assert (folder / "train_gpt.py").read_bytes() == (REPO / "train_gpt.py").read_bytes()
     for arm in ARMS.split(","):
@@ -72,8 +106,17 @@ def test_manifest_has_the_issue_keys(folder):
     assert manifest["verdict"] in ("adopt", "defer", "never")
     for name, arm in manifest["arms"].items():
         assert arm["seeds"] == [1, 2]
-        for key in ("val_bpb", "pre_quant_val_bpb", "ms_per_step", "artifact_bytes", "params", "dead_experts",
-                    "router_entropy", "load_std", "ms_per_step_ratio_to_dense"):
+        for key in (
+            "val_bpb",
+            "pre_quant_val_bpb",
+            "ms_per_step",
+            "artifact_bytes",
+            "params",
+            "dead_experts",
+            "router_entropy",
+            "load_std",
+            "ms_per_step_ratio_to_dense",
+        ):
             assert len(arm[key]) == 2, (name, key)
         assert all(0 < v < 10 for v in arm["val_bpb"])
         assert arm["env"]["MOE_MODE"] == ("none" if name == "dense" else "topk")
@@ -140,22 +183,31 @@ def test_refuses_to_mix_scripts(folder, tmp_path):
     assert not (out / "runs" / "study_dense_s3.txt").exists()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (dict(arms="dense,topk9"), "unknown arm(s) topk9"),
-    (dict(arms="topk4"), "must include dense"),
-    (dict(seeds="1,1"), "distinct seeds"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (dict(arms="dense,topk9"), "unknown arm(s) topk9"),
+        (dict(arms="topk4"), "must include dense"),
+        (dict(seeds="1,1"), "distinct seeds"),
+    ],
+)
 def test_bad_input_is_one_clear_error(tmp_path, extra, message):
     result = study(tmp_path / "s", **extra)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--more-seeds", "2"], "seeds already in --seeds"),
-    (["--more-seeds", "3", "--more-arms", "topk4"], "must name dense"),
-    (["--more-seeds", "3", "--more-arms", "dense,soft4"], "must name dense (the per-seed baseline) and arms of --arms"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--more-seeds", "2"], "seeds already in --seeds"),
+        (["--more-seeds", "3", "--more-arms", "topk4"], "must name dense"),
+        (
+            ["--more-seeds", "3", "--more-arms", "dense,soft4"],
+            "must name dense (the per-seed baseline) and arms of --arms",
+        ),
+    ],
+)
 def test_bad_extra_seeds_are_one_clear_error(tmp_path, extra, message):
     result = study(tmp_path / "s", *extra)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
@@ -168,7 +220,9 @@ def test_more_seeds_run_only_the_named_arms(folder, tmp_path):
     result = study(out, "--more-seeds", "3", "--more-arms", "dense", "--no-plots")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "5 runs planned: 4 finished (skipped), 1 to run" in result.stdout
-    assert (out / "runs" / "study_dense_s3.txt").is_file() and not (out / "runs" / "study_topk4_s3.txt").exists()
+    assert (out / "runs" / "study_dense_s3.txt").is_file() and not (
+        out / "runs" / "study_topk4_s3.txt"
+    ).exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["arms"]["dense"]["seeds"] == [1, 2, 3] and manifest["arms"]["topk4"]["seeds"] == [1, 2]
     assert len(manifest["arms"]["dense"]["val_bpb"]) == 3 and manifest["seeds"] == [1, 2, 3]
@@ -180,12 +234,21 @@ def test_speed_measures_each_arm_alone_in_rotated_rounds(folder, tmp_path):
     result = study(out, "--speed-steps", "4", "--repeats", "2", "--no-plots", command="speed")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     started = [line.split()[2].rstrip(":") for line in result.stdout.splitlines() if line.endswith("started")]
-    assert started == ["speed_r1_dense_s1337", "speed_r1_topk4_s1337", "speed_r2_topk4_s1337", "speed_r2_dense_s1337"]
+    assert started == [
+        "speed_r1_dense_s1337",
+        "speed_r1_topk4_s1337",
+        "speed_r2_topk4_s1337",
+        "speed_r2_dense_s1337",
+    ]
     speed = json.loads((out / "speed.json").read_text())
     dense, topk = speed["arms"]["dense"], speed["arms"]["topk4"]
     assert dense["ratio_to_dense"] == [1.0, 1.0] and len(topk["ms_per_step"]) == 2
-    assert topk["ratio_to_dense"] == pytest.approx([t / d for t, d in zip(topk["ms_per_step"], dense["ms_per_step"])])
-    assert speed["command"].startswith("python3 tools/moe_study.py speed ") and speed["command"].endswith("--repeats 2")
+    assert topk["ratio_to_dense"] == pytest.approx(
+        [t / d for t, d in zip(topk["ms_per_step"], dense["ms_per_step"])]
+    )
+    assert speed["command"].startswith("python3 tools/moe_study.py speed ") and speed["command"].endswith(
+        "--repeats 2"
+    )
     assert "## Speed, measured alone (CPU)" in (out / "README.md").read_text()
     assert not list((out / "runs").glob("speed_*"))  # the study's runs stay as they were
     again = study(out, "--repeats", "1", command="speed")
@@ -193,8 +256,15 @@ def test_speed_measures_each_arm_alone_in_rotated_rounds(folder, tmp_path):
 
 
 def test_missing_data_folder_is_named(tmp_path):
-    argv = [sys.executable, str(REPO / "tools" / "moe_study.py"), "run", "--data", str(tmp_path / "nope"),
-            "--out", str(tmp_path / "s")]
+    argv = [
+        sys.executable,
+        str(REPO / "tools" / "moe_study.py"),
+        "run",
+        "--data",
+        str(tmp_path / "nope"),
+        "--out",
+        str(tmp_path / "s"),
+    ]
     result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "nope" in result.stderr and "prepare.sh" in result.stderr
 
@@ -229,18 +299,49 @@ def arm(bpb, size=1000, params=500):
     return dict(val_bpb=bpb, artifact_bytes=[size] * len(bpb), params=[params] * len(bpb))
 
 
-@pytest.mark.parametrize("arms, verdict", [
-    ({"dense": arm([1.00, 1.01, 1.02]), "topk4": arm([0.90, 0.91, 0.92])}, "adopt"),
-    ({"dense": arm([1.00, 1.01, 1.02]), "topk4": arm([0.90, 0.91, 0.92], size=1040)}, "adopt"),  # 4% more bytes
-    ({"dense": arm([1.00, 1.01, 1.02]), "topk4": arm([0.90, 0.91, 0.92], size=1100)}, "defer"),  # 10% more bytes
-    ({"dense": arm([1.00, 1.01, 1.02]), "topk4": arm([0.90, 0.91, 0.92], params=520)}, "defer"),  # 4% more params
-    ({"dense": arm([1.00, 1.01, 1.02]), "topk4": arm([0.95, 1.05, 1.00])}, "defer"),  # within noise
-    ({"dense": arm([1.00, 1.01, 1.02]), "topk4_4xbytes": arm([0.90, 0.91, 0.92])}, "defer"),  # context arm only
-    ({"dense": arm([1.00, 1.01, 1.02]), "topk4": arm([1.10, 1.11, 1.12]), "soft4": arm([1.2, 1.21, 1.22])}, "never"),
-    ({"dense": arm([1.00, 1.01, 1.02]), "topk4": arm([1.10, 1.11, 1.12]), "soft4": arm([0.99, 1.02, 1.01])}, "defer"),
-])
+@pytest.mark.parametrize(
+    "arms, verdict",
+    [
+        ({"dense": arm([1.00, 1.01, 1.02]), "topk4": arm([0.90, 0.91, 0.92])}, "adopt"),
+        (
+            {"dense": arm([1.00, 1.01, 1.02]), "topk4": arm([0.90, 0.91, 0.92], size=1040)},
+            "adopt",
+        ),  # 4% more bytes
+        (
+            {"dense": arm([1.00, 1.01, 1.02]), "topk4": arm([0.90, 0.91, 0.92], size=1100)},
+            "defer",
+        ),  # 10% more bytes
+        (
+            {"dense": arm([1.00, 1.01, 1.02]), "topk4": arm([0.90, 0.91, 0.92], params=520)},
+            "defer",
+        ),  # 4% more params
+        ({"dense": arm([1.00, 1.01, 1.02]), "topk4": arm([0.95, 1.05, 1.00])}, "defer"),  # within noise
+        (
+            {"dense": arm([1.00, 1.01, 1.02]), "topk4_4xbytes": arm([0.90, 0.91, 0.92])},
+            "defer",
+        ),  # context arm only
+        (
+            {
+                "dense": arm([1.00, 1.01, 1.02]),
+                "topk4": arm([1.10, 1.11, 1.12]),
+                "soft4": arm([1.2, 1.21, 1.22]),
+            },
+            "never",
+        ),
+        (
+            {
+                "dense": arm([1.00, 1.01, 1.02]),
+                "topk4": arm([1.10, 1.11, 1.12]),
+                "soft4": arm([0.99, 1.02, 1.01]),
+            },
+            "defer",
+        ),
+    ],
+)
 def test_verdict_rule(arms, verdict):
-    tests = {n: moe_study.welch(arms["dense"]["val_bpb"], a["val_bpb"]) for n, a in arms.items() if n != "dense"}
+    tests = {
+        n: moe_study.welch(arms["dense"]["val_bpb"], a["val_bpb"]) for n, a in arms.items() if n != "dense"
+    }
     assert moe_study.decide(arms, tests)[0] == verdict
 
 
@@ -258,11 +359,31 @@ def test_a_second_run_on_the_same_folder_is_refused(folder, tmp_path):
 
 def test_a_stopped_study_stops_its_runs(tmp_path):
     out = tmp_path / "s"
-    argv = [sys.executable, str(REPO / "tools" / "moe_study.py"), "run", "--data", str(SAMPLE), "--tokenizer",
-            str(TOKENIZER), "--out", str(out), "--seeds", "1", "--arms", "dense", "--no-plots"]
+    argv = [
+        sys.executable,
+        str(REPO / "tools" / "moe_study.py"),
+        "run",
+        "--data",
+        str(SAMPLE),
+        "--tokenizer",
+        str(TOKENIZER),
+        "--out",
+        str(out),
+        "--seeds",
+        "1",
+        "--arms",
+        "dense",
+        "--no-plots",
+    ]
     argv += [f"--env={k}={v}" for k, v in {**TINY, "ITERATIONS": "5000"}.items()]
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     log = out / "runs" / "study_dense_s1.txt"
     deadline = time.time() + 120
     while not (log.is_file() and "step:" in log.read_text()) and time.time() < deadline:
@@ -273,7 +394,10 @@ def test_a_stopped_study_stops_its_runs(tmp_path):
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "interrupted" in stderr
     time.sleep(0.5)
-    assert not [pid for pid in children if os.path.exists(f"/proc/{pid}") and
-                open(f"/proc/{pid}/stat").read().split()[2] != "Z"], "a training outlived the study"
+    assert not [
+        pid
+        for pid in children
+        if os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+    ], "a training outlived the study"
     assert (out / "runs" / "failed" / "study_dense_s1-1" / "study_dense_s1.txt").is_file()
     assert not (out / "runs" / ".lock").exists()

@@ -1,5 +1,6 @@
 """Quantization and the artifact: GPTQ against round-to-nearest, LQER, MoE-aware Hessians, compressors,
 the budget preview, the checkpoint and tools/quant_study.py."""
+
 import copy
 import json
 import os
@@ -34,7 +35,9 @@ def trained(tmp_path_factory):
 def layer_inputs(model, module, batches):
     """The inputs a module sees on `batches` (held-out training tokens)."""
     seen = []
-    hook = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].size(-1)).float()))
+    hook = module.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].reshape(-1, args[0].size(-1)).float())
+    )
     with torch.no_grad():
         for x, _ in batches:
             model.hidden(x)
@@ -71,7 +74,9 @@ def test_lqer_lowers_the_output_error_of_the_tensors_it_corrects(trained):
     for name in fixed:  # LQER fits the error as the layer's inputs see it: tr(E H E^T)
         w, H = state[name].float(), hessians[name]
         before, after = (tg.dequantize_entry(*e[name], w.shape) - w for e in (plain, corrected))
-        assert (after @ H * after).sum() < 0.97 * (before @ H * before).sum()  # rank 4 of a trained 64-wide layer: a few % to 30%
+        assert (after @ H * after).sum() < 0.97 * (
+            before @ H * before
+        ).sum()  # rank 4 of a trained 64-wide layer: a few % to 30%
 
 
 def moe_model(tiny_config, mode, **env):
@@ -92,7 +97,7 @@ def test_routed_expert_hessian_comes_from_its_routed_tokens_only(tiny_config):
     hessians, _ = tg.collect_hessians(model, [(x, None)], 1)
     _, _, choice, gate = moe.route(inputs)
     for e in range(moe.E):
-        routed = (choice[:, 0] == e)
+        routed = choice[:, 0] == e
         xe = inputs[routed] * gate[routed, :1]
         assert torch.allclose(hessians["blocks.0.mlp.up"][e], xe.T @ xe, rtol=1e-4, atol=1e-5)
         hidden = tg.mlp_act(inputs[routed] @ moe.up[e].T, moe.act) * gate[routed, :1]
@@ -107,7 +112,7 @@ def test_soft_expert_hessian_is_weighted_by_its_gate(tiny_config):
     hessians, _ = tg.collect_hessians(model, [(x, None)], 1)
     gates = moe.E * torch.softmax(moe.router_logits(inputs), -1)
     for e in range(moe.E):
-        xe = inputs * gates[:, e:e + 1]
+        xe = inputs * gates[:, e : e + 1]
         assert torch.allclose(hessians["blocks.1.mlp.up"][e], xe.T @ xe, rtol=1e-4, atol=1e-5)
 
 
@@ -126,7 +131,9 @@ def test_an_expert_without_calibration_tokens_gets_a_damped_hessian_and_a_warnin
 
 @pytest.mark.parametrize("compressor", [c for c in tg.COMPRESSORS if not tg.compressor_missing(c)])
 def test_each_compressor_round_trips_the_artifact(tiny_config, tmp_path, compressor):
-    h = tiny_config(COMPRESSOR=compressor, LQER_ENABLED=1, LQER_TOP_K=1, MOE_MODE="topk", NUM_EXPERTS=4, TOP_K=1)
+    h = tiny_config(
+        COMPRESSOR=compressor, LQER_ENABLED=1, LQER_TOP_K=1, MOE_MODE="topk", NUM_EXPERTS=4, TOP_K=1
+    )
     model = moe_model(tiny_config, "topk")
     path = str(tmp_path / "model.ptz")
     size = tg.export_artifact(model, h, path, 0, lambda msg: None)
@@ -147,7 +154,9 @@ def test_a_missing_compressor_binary_stops_the_run_before_training(tmp_path):
 
 def test_budget_preview_is_within_two_percent_of_the_written_artifact(tiny_config, tmp_path):
     """Gaussian matrices of a realistic width (trained weights are near-Gaussian row by row)."""
-    h = tiny_config(MODEL_DIM=256, NUM_LAYERS=2, MLP_MULT=4, BIGRAM_VOCAB_SIZE=0, COMPRESSOR="zstd", ZSTD_LEVEL=19)
+    h = tiny_config(
+        MODEL_DIM=256, NUM_LAYERS=2, MLP_MULT=4, BIGRAM_VOCAB_SIZE=0, COMPRESSOR="zstd", ZSTD_LEVEL=19
+    )
     torch.manual_seed(0)
     model = tg.GPT(h)
     with torch.no_grad():
@@ -165,18 +174,43 @@ def test_checkpoint_and_quant_study(tmp_path):
     ckpt = tmp_path / "logs" / "test_fp.pt"
     saved = torch.load(ckpt, weights_only=True)
     assert saved["config"]["MODEL_DIM"] == 64 and "tok_emb.weight" in saved["state"]
-    out = subprocess.run([sys.executable, str(REPO / "tools" / "quant_study.py"), str(ckpt), "--data-path", str(SAMPLE),
-                          "--tokenizer", str(TOKENIZER), "--val-token-limit", "4096", "--calibration-batches", "2",
-                          "--seq-len", "128", "--batch-tokens", "1024", "--json"],
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "quant_study.py"),
+            str(ckpt),
+            "--data-path",
+            str(SAMPLE),
+            "--tokenizer",
+            str(TOKENIZER),
+            "--val-token-limit",
+            "4096",
+            "--calibration-batches",
+            "2",
+            "--seq-len",
+            "128",
+            "--batch-tokens",
+            "1024",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads(out.stdout)
     schemes = [r["scheme"] for r in rows]
     assert schemes[:3] == ["rtn/zstd", "gptq/zstd", "gptq+lqer/zstd"] and rows[0]["bits"] == 6
     assert all(set(r) >= {"scheme", "bytes", "val_bpb", "pre_quant_val_bpb"} for r in rows)
     assert len({r["pre_quant_val_bpb"] for r in rows}) == 1 and all(r["bytes"] > 1000 for r in rows)
-    only = subprocess.run([*out.args[:-1], "--only", "mlp", "--json"], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    only = subprocess.run(
+        [*out.args[:-1], "--only", "mlp", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
     assert only.returncode == 0, only.stderr[-2000:]
     mlp_only = json.loads(only.stdout)  # the other classes stay fp16: more bytes, a smaller gap
     assert mlp_only[0]["scheme"] == "rtn/zstd" and mlp_only[0]["bytes"] > rows[0]["bytes"]
@@ -185,13 +219,22 @@ def test_checkpoint_and_quant_study(tmp_path):
 def test_self_extracting_script_runs_the_same_program(tmp_path):
     sys.path.insert(0, str(REPO / "tools"))
     import selfextract
+
     source = (REPO / "train_gpt.py").read_bytes()
     wrapper = selfextract.self_extracting(source)
     assert len(wrapper) < len(source) // 2 and selfextract.extracted_source(wrapper) == source
     assert selfextract.extracted_source(wrapper.replace(b"exec", b"eval")) is None
     path = tmp_path / "train_gpt.py"
     path.write_bytes(wrapper)
-    out = subprocess.run([sys.executable, "-c", "import train_gpt as t; print(t.code_bytes(), t.ARTIFACT_VERSION)"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", "import train_gpt as t; print(t.code_bytes(), t.ARTIFACT_VERSION)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [str(len(wrapper)), str(tg.ARTIFACT_VERSION)]  # counts its own (compressed) bytes
+    assert out.stdout.split() == [
+        str(len(wrapper)),
+        str(tg.ARTIFACT_VERSION),
+    ]  # counts its own (compressed) bytes

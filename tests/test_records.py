@@ -1,4 +1,5 @@
 """tools/records.py: statistics against table values, the log parser, pack -> verify, refusals, compare."""
+
 import hashlib
 import json
 import math
@@ -20,10 +21,18 @@ RUN_ENV = dict(ITERATIONS=4, VAL_TOKEN_LIMIT=2048, MOE_MODE="none", EVAL_STRIDE=
 # ----------------------------------------------------------------------------------------------
 # statistics
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("t, df, p", [
-    (2.0, 5, 0.0510), (3.365, 5, 0.0100), (2.015, 5, 0.0500),   # t-table, one-sided
-    (1.812, 10, 0.0500), (2.764, 10, 0.0100), (2.457, 30, 0.0100), (3.747, 4, 0.0100),
-])
+@pytest.mark.parametrize(
+    "t, df, p",
+    [
+        (2.0, 5, 0.0510),
+        (3.365, 5, 0.0100),
+        (2.015, 5, 0.0500),  # t-table, one-sided
+        (1.812, 10, 0.0500),
+        (2.764, 10, 0.0100),
+        (2.457, 30, 0.0100),
+        (3.747, 4, 0.0100),
+    ],
+)
 def test_t_tail_matches_t_table(t, df, p):
     assert records.t_sf(t, df) == pytest.approx(p, abs=1e-4)
 
@@ -38,7 +47,7 @@ def test_t_tail_matches_closed_forms(t):
 
 def test_betainc_identities():
     assert records.betainc(1, 1, 0.3) == pytest.approx(0.3)
-    assert records.betainc(3, 1, 0.6) == pytest.approx(0.6 ** 3)
+    assert records.betainc(3, 1, 0.6) == pytest.approx(0.6**3)
     assert records.betainc(4.5, 4.5, 0.5) == pytest.approx(0.5)
     assert records.betainc(2, 3, 0.0) == 0.0 and records.betainc(2, 3, 1.0) == 1.0
 
@@ -56,7 +65,9 @@ def test_welch_textbook_example():
 def test_welch_by_hand_with_margin():
     # Means 1.31 and 1.21, both variances 0.0002, n=2: se = sqrt(0.0002), df = 2 exactly, so the
     # tail has the closed form 0.5 - t / (2 sqrt(2 + t^2)).
-    result = records.welch_test(records.Sample("b", [1.30, 1.32]), records.Sample("c", [1.20, 1.22]), margin=0.005)
+    result = records.welch_test(
+        records.Sample("b", [1.30, 1.32]), records.Sample("c", [1.20, 1.22]), margin=0.005
+    )
     t = 0.095 / math.sqrt(0.0002)
     assert result.t == pytest.approx(t, rel=1e-9)
     assert result.df == pytest.approx(2.0, rel=1e-9)
@@ -75,8 +86,12 @@ def test_welch_verdicts():
     assert worse.verdict.startswith("candidate is worse") and worse.p is None
     single = records.welch_test(records.Sample("b", [1.3]), records.Sample("c", [1.2, 1.21]), 0.005)
     assert single.verdict.startswith("cannot be tested") and "n=1" in single.verdict and single.p is None
-    clear = records.welch_test(records.Sample("b", [1.30, 1.301, 1.302]), records.Sample("c", [1.20, 1.201, 1.202]), 0.005)
-    assert clear.significant and clear.verdict.startswith("candidate beats baseline by more than the margin at p=")
+    clear = records.welch_test(
+        records.Sample("b", [1.30, 1.301, 1.302]), records.Sample("c", [1.20, 1.201, 1.202]), 0.005
+    )
+    assert clear.significant and clear.verdict.startswith(
+        "candidate beats baseline by more than the margin at p="
+    )
 
 
 def test_compare_cli(tmp_path, capsys):
@@ -91,7 +106,12 @@ def test_compare_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "n=3 mean=2.05000000 std=0.01000000" in out and "improvement (baseline - candidate): +0.05" in out
     assert "verdict: candidate beats baseline by more than the margin" in out
-    assert records.main(["compare", "--baseline", old, "--candidate", new, "--metric", "val_bpb", "--margin", "0.05"]) == 1
+    assert (
+        records.main(
+            ["compare", "--baseline", old, "--candidate", new, "--metric", "val_bpb", "--margin", "0.05"]
+        )
+        == 1
+    )
     assert "not significant" in capsys.readouterr().out
     assert records.main(["compare", "--baseline", "1.30", "--candidate", "1.2", "1.21"]) == 1
     assert "cannot be tested" in capsys.readouterr().out
@@ -118,11 +138,18 @@ def test_verify_real_folder(folder, capsys):
     status, out = verify_main(folder, capsys)
     failed = [line for line in out.splitlines() if line.startswith("FAIL  ")]
     if folder.name == CHANGED_AFTER_THE_RUNS:
-        assert status == 1 and len(failed) == 1 and failed[0].startswith("FAIL  code size (logs): train_gpt.py is 158429")
+        assert (
+            status == 1
+            and len(failed) == 1
+            and failed[0].startswith("FAIL  code size (logs): train_gpt.py is 158429")
+        )
     else:
         assert status == 0 and not failed, out
     assert "SKIP  re-evaluation" in out  # no artifact in a competitor's folder: skipped, not failed
-    assert re.search(r"PASS  (seed \d+ val_bpb|val_bpb from the logs|val_loss from the logs)", out) or "WARN" in out
+    assert (
+        re.search(r"PASS  (seed \d+ val_bpb|val_bpb from the logs|val_loss from the logs)", out)
+        or "WARN" in out
+    )
     assert "PASS  cap: every stated size <= 16,000,000" in out and "Traceback" not in out
 
 
@@ -139,16 +166,20 @@ def test_verify_real_folder_checks_each_claim(tmp_path, capsys):
     folder = shutil.copytree(FIXTURES / "2026-04-06_SP8192_QK5_LegalTTT_1.0828", tmp_path / "f")
     text = (folder / "submission.json").read_text()
     assert text.count('"val_bpb": 1.08209788') == 1
-    for old, new, failing in [('"val_bpb": 1.08209788', '"val_bpb": 1.08109788', "seed 0 val_bpb"),
-                              ('"val_bpb": 1.08279384', '"val_bpb": 1.08179384', "val_bpb mean"),
-                              ('"bytes_total": 15991018', '"bytes_total": 16000001', "cap"),
-                              ('"bytes_total": 15991018', '"bytes_total": 15991019', "seed 0 bytes_total")]:
+    for old, new, failing in [
+        ('"val_bpb": 1.08209788', '"val_bpb": 1.08109788', "seed 0 val_bpb"),
+        ('"val_bpb": 1.08279384', '"val_bpb": 1.08179384', "val_bpb mean"),
+        ('"bytes_total": 15991018', '"bytes_total": 16000001', "cap"),
+        ('"bytes_total": 15991018', '"bytes_total": 15991019', "seed 0 bytes_total"),
+    ]:
         (folder / "submission.json").write_text(text.replace(old, new))
         status, out = verify_main(folder, capsys)
         assert status == 1 and f"FAIL  {failing}:" in out, (failing, out)
     # std: the claimed value must be the sample or the population std of the seeds' claims.
     vl = shutil.copytree(FIXTURES / "2026-04-10_VarLenAttn", tmp_path / "v")
-    (vl / "submission.json").write_text((vl / "submission.json").read_text().replace("0.00084633", "0.00074633"))
+    (vl / "submission.json").write_text(
+        (vl / "submission.json").read_text().replace("0.00084633", "0.00074633")
+    )
     status, out = verify_main(vl, capsys)
     assert status == 1 and "FAIL  val_bpb_std" in out
     original = (FIXTURES / "2026-04-10_VarLenAttn" / "submission.json").read_text()
@@ -174,8 +205,10 @@ def test_verify_real_folder_without_logs_or_with_bad_json(tmp_path, capsys):
 def test_verify_warns_where_a_claim_is_not_the_last_evaluation(capsys):
     status, out = verify_main(FIXTURES / "2026-04-04_SP4096_DepthRecurrence_ParallelResid_MuonEqR", capsys)
     assert status == 0
-    assert ("WARN  seed 42 val_bpb: claimed 1.08938974 is train_seed42.log's earlier evaluation "
-            "final_int6_sliding_window; its last final evaluation, final_int6_ttt, gives 1.336032") in out
+    assert (
+        "WARN  seed 42 val_bpb: claimed 1.08938974 is train_seed42.log's earlier evaluation "
+        "final_int6_sliding_window; its last final evaluation, final_int6_ttt, gives 1.336032"
+    ) in out
     status, out = verify_main(FIXTURES / "2026-03-20_10L_Int5MLP_MuonWD04_SWA50", capsys)
     assert status == 0 and "submission.json labels a val_bpb as val_loss" in out
 
@@ -183,13 +216,17 @@ def test_verify_warns_where_a_claim_is_not_the_last_evaluation(capsys):
 def test_compare_real_folders(capsys):
     old = FIXTURES / "2026-03-23_LeakyReLU_LegalTTT_ParallelMuon"  # no per-seed list: scores from its logs
     new = FIXTURES / "2026-04-06_SP8192_QK5_LegalTTT_1.0828"  # per-seed claims under "seeds"
-    assert records.main(["compare", "--baseline", str(old), "--candidate", str(new), "--metric", "val_bpb"]) == 0
+    assert (
+        records.main(["compare", "--baseline", str(old), "--candidate", str(new), "--metric", "val_bpb"]) == 0
+    )
     out = capsys.readouterr().out
     assert f"from the logs of {old}: train_seed1337.log, train_seed2025.log, train_seed42.log" in out
     assert "n=3 mean=1.11937967" in out and "n=3 mean=1.08279384" in out
     assert "verdict: candidate beats baseline by more than the margin" in out
     # The other way round the improvement is negative: not significant, exit 1.
-    assert records.main(["compare", "--baseline", str(new), "--candidate", str(old), "--metric", "val_bpb"]) == 1
+    assert (
+        records.main(["compare", "--baseline", str(new), "--candidate", str(old), "--metric", "val_bpb"]) == 1
+    )
     assert "candidate is worse" in capsys.readouterr().out
 
 
@@ -218,58 +255,137 @@ def test_parse_canned_log(tmp_path):
     path.write_text(CANNED_LOG)
     run = records.parse_log(path)
     assert (run.seed, run.steps, run.train_time_ms, run.step_avg_ms) == (1337, 30, 9631, 321.05)
-    assert (run.artifact_bytes, run.code_bytes, run.size_check.artifact_path) == (240785, 71124, "logs/run_x_model.ptz")
+    assert (run.artifact_bytes, run.code_bytes, run.size_check.artifact_path) == (
+        240785,
+        71124,
+        "logs/run_x_model.ptz",
+    )
     assert run.pre_quant_val_bpb == 3.05788679
     assert records.hardware(run) == "8x NVIDIA H100 80GB HBM3" and run.torch == "2.14.1+cu130"
-    assert (run.score.val_loss, run.score.val_bpb, run.score.stride, run.score.eval_time_ms) == (5.41674422, 3.05823583, 32, 1070)
+    assert (run.score.val_loss, run.score.val_bpb, run.score.stride, run.score.eval_time_ms) == (
+        5.41674422,
+        3.05823583,
+        32,
+        1070,
+    )
     assert run.score.token_limit == 0
     assert (run.code_sha256, run.start_code_bytes, run.size_check.sha256) == (CODE_SHA, 71124, ARTIFACT_SHA)
 
     # A log of an older train_gpt.py, without the sha256 lines, still parses (pack then refuses it).
-    path.write_text(CANNED_LOG.replace(f"code_sha256:{CODE_SHA} code_bytes:71124\n", "")
-                    .replace(f" sha256:{ARTIFACT_SHA}", ""))
+    path.write_text(
+        CANNED_LOG.replace(f"code_sha256:{CODE_SHA} code_bytes:71124\n", "").replace(
+            f" sha256:{ARTIFACT_SHA}", ""
+        )
+    )
     run = records.parse_log(path)
-    assert (run.code_sha256, run.size_check.sha256, run.size_check.artifact_path) == (None, None, "logs/run_x_model.ptz")
+    assert (run.code_sha256, run.size_check.sha256, run.size_check.artifact_path) == (
+        None,
+        None,
+        "logs/run_x_model.ptz",
+    )
 
     # EVAL_STRIDE=0: no sliding line, the round trip is the score.
-    path.write_text(CANNED_LOG.replace('"EVAL_STRIDE": 32', '"EVAL_STRIDE": 0').rsplit("final_quant_zstd_sliding", 1)[0])
+    path.write_text(
+        CANNED_LOG.replace('"EVAL_STRIDE": 32', '"EVAL_STRIDE": 0').rsplit("final_quant_zstd_sliding", 1)[0]
+    )
     assert records.parse_log(path).score.val_bpb == 3.05787703
 
 
 def test_parse_our_jsonl_beside_the_text(tmp_path):
     """With RUN_ID.jsonl beside the text, pack reads the events; the artifact's path and sha256 come from
     the text's size_check line when the event lacks them; the token limit and geometry from the knobs."""
+
     def event(kind, **fields):
         return json.dumps({"event": kind, "time": 1.0, **fields})
 
-    knobs = {"EVAL_SEQ_LEN": 128, "EVAL_STRIDE": 32, "SEED": 1337, "TRAIN_SEQ_LEN": 128, "VAL_TOKEN_LIMIT": 4096}
-    (tmp_path / "run.jsonl").write_text("\n".join([
-        event("config", knobs=knobs, code_sha256=CODE_SHA, code_bytes=71124, torch="2.14.1", python="3.12",
-              device="cpu", world_size=1, grad_accum=1),
-        event("step", step=30, iterations=30, train_loss=5.1, train_time_ms=9629.0, step_avg_ms=320.98, tok_s=1.0,
-              mfu=None),
-        event("size_check", code_bytes=71124, artifact_bytes=240785, total_bytes=311909, cap=16000000, slack=1),
-        event("final", name="final_quant_zstd_roundtrip_exact", mode="plain", val_loss=5.4, val_bpb=3.05,
-              eval_time_s=0.2),
-        event("final", name="final_quant_zstd_sliding_window_exact", mode="sliding", val_loss=5.41, val_bpb=3.04,
-              eval_time_s=1.0),
-        event("end", status="ok")]) + "\n")
+    knobs = {
+        "EVAL_SEQ_LEN": 128,
+        "EVAL_STRIDE": 32,
+        "SEED": 1337,
+        "TRAIN_SEQ_LEN": 128,
+        "VAL_TOKEN_LIMIT": 4096,
+    }
+    (tmp_path / "run.jsonl").write_text(
+        "\n".join(
+            [
+                event(
+                    "config",
+                    knobs=knobs,
+                    code_sha256=CODE_SHA,
+                    code_bytes=71124,
+                    torch="2.14.1",
+                    python="3.12",
+                    device="cpu",
+                    world_size=1,
+                    grad_accum=1,
+                ),
+                event(
+                    "step",
+                    step=30,
+                    iterations=30,
+                    train_loss=5.1,
+                    train_time_ms=9629.0,
+                    step_avg_ms=320.98,
+                    tok_s=1.0,
+                    mfu=None,
+                ),
+                event(
+                    "size_check",
+                    code_bytes=71124,
+                    artifact_bytes=240785,
+                    total_bytes=311909,
+                    cap=16000000,
+                    slack=1,
+                ),
+                event(
+                    "final",
+                    name="final_quant_zstd_roundtrip_exact",
+                    mode="plain",
+                    val_loss=5.4,
+                    val_bpb=3.05,
+                    eval_time_s=0.2,
+                ),
+                event(
+                    "final",
+                    name="final_quant_zstd_sliding_window_exact",
+                    mode="sliding",
+                    val_loss=5.41,
+                    val_bpb=3.04,
+                    eval_time_s=1.0,
+                ),
+                event("end", status="ok"),
+            ]
+        )
+        + "\n"
+    )
     (tmp_path / "run.txt").write_text(CANNED_LOG)
     run = records.parse_log(tmp_path / "run.txt")
-    assert run.source == "jsonl" and (run.score.val_bpb, run.score.stride, run.score.seq_len) == (3.04, 32, 128)
-    assert run.score.token_limit == 4096  # a partial evaluation stays marked: pack refuses it on the record track
+    assert run.source == "jsonl" and (run.score.val_bpb, run.score.stride, run.score.seq_len) == (
+        3.04,
+        32,
+        128,
+    )
+    assert (
+        run.score.token_limit == 4096
+    )  # a partial evaluation stays marked: pack refuses it on the record track
     assert (run.size_check.artifact_path, run.size_check.sha256) == ("logs/run_x_model.ptz", ARTIFACT_SHA)
     assert (run.seed, run.steps, run.code_sha256, run.start_code_bytes) == (1337, 30, CODE_SHA, 71124)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda log: log.rsplit("final_quant_zstd_sliding", 1)[0], "lacks final results"),  # died in sliding eval
-    (lambda log: log.split("Serialized", 1)[0], "lacks final results"),
-    (lambda log: log + log, "holds 2 runs"),  # train_gpt.py appends when a RUN_ID is reused
-    (lambda log: log.replace("python 3.11.7", "pithon"), "not a train_gpt.py log"),
-    (lambda log: log.replace('"SEED": 1337, ', ""), "has no SEED"),
-    (lambda log: log.replace('"SEED": 1337', '"SEED": 1337,'), "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda log: log.rsplit("final_quant_zstd_sliding", 1)[0],
+            "lacks final results",
+        ),  # died in sliding eval
+        (lambda log: log.split("Serialized", 1)[0], "lacks final results"),
+        (lambda log: log + log, "holds 2 runs"),  # train_gpt.py appends when a RUN_ID is reused
+        (lambda log: log.replace("python 3.11.7", "pithon"), "not a train_gpt.py log"),
+        (lambda log: log.replace('"SEED": 1337, ', ""), "has no SEED"),
+        (lambda log: log.replace('"SEED": 1337', '"SEED": 1337,'), "not valid JSON"),
+    ],
+)
 def test_parse_refuses_incomplete_logs(tmp_path, edit, message):
     path = tmp_path / "run.txt"
     path.write_text(edit(CANNED_LOG))
@@ -299,18 +415,42 @@ def runs(tmp_path_factory):
         logs = [root / f"seed{seed}" / "logs" / "test.txt" for seed in SEEDS]
         code = script.read_bytes()
         ran = [records.parse_log(log) for log in logs]
-        if all(r.code_sha256 == hashlib.sha256(code).hexdigest() and r.start_code_bytes == r.code_bytes == len(code)
-               for r in ran):
+        if all(
+            r.code_sha256 == hashlib.sha256(code).hexdigest()
+            and r.start_code_bytes == r.code_bytes == len(code)
+            for r in ran
+        ):
             return dict(root=root, script=script, logs=logs)
     pytest.skip("train_gpt.py kept changing while the fixture trained")
 
 
 def pack_args(runs, records_dir, *extra):
-    return ["pack", *map(str, runs["logs"]), "--name", "Tiny", "--author", "Test", "--github-id", "test",
-            "--track", "track_non_record_16mb", "--allow-partial-eval", "--date", "2026-01-02",
-            "--script", str(runs["script"]), "--records-dir", str(records_dir),
-            "--check-data", str(SAMPLE), "--check-tokenizer", str(TOKENIZER),
-            "--check-tokens", str(CHECK_TOKENS), *extra]
+    return [
+        "pack",
+        *map(str, runs["logs"]),
+        "--name",
+        "Tiny",
+        "--author",
+        "Test",
+        "--github-id",
+        "test",
+        "--track",
+        "track_non_record_16mb",
+        "--allow-partial-eval",
+        "--date",
+        "2026-01-02",
+        "--script",
+        str(runs["script"]),
+        "--records-dir",
+        str(records_dir),
+        "--check-data",
+        str(SAMPLE),
+        "--check-tokenizer",
+        str(TOKENIZER),
+        "--check-tokens",
+        str(CHECK_TOKENS),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -338,20 +478,26 @@ def swap_one_letter(code: bytes) -> bytes:
     """The same script but for the case of the letter after its first "# ": same size, other bytes."""
     i = code.index(b"#") + 2
     assert chr(code[i]).isalpha()
-    return code[:i] + bytes([code[i] ^ 0x20]) + code[i + 1:]
+    return code[:i] + bytes([code[i] ^ 0x20]) + code[i + 1 :]
 
 
 def test_parse_real_log(runs):
     log = runs["logs"][0]
     run = records.parse_log(log)
     text = log.read_text()
-    sliding = next(line for line in text.splitlines() if line.startswith("final_quant_zstd_sliding_window_exact"))
+    sliding = next(
+        line for line in text.splitlines() if line.startswith("final_quant_zstd_sliding_window_exact")
+    )
     fields = dict(part.split(":", 1) for part in sliding.split()[1:6])
     # The JSONL beside the log holds the exact values; the text line rounds them to 8 places.
     assert run.source == "jsonl"
     assert run.score.val_loss == pytest.approx(float(fields["val_loss"]), abs=1e-8)
     assert run.score.val_bpb == pytest.approx(float(fields["val_bpb"]), abs=1e-8)
-    assert (run.score.stride, run.score.seq_len, run.score.token_limit) == (64, 128, RUN_ENV["VAL_TOKEN_LIMIT"])
+    assert (run.score.stride, run.score.seq_len, run.score.token_limit) == (
+        64,
+        128,
+        RUN_ENV["VAL_TOKEN_LIMIT"],
+    )
     assert (run.seed, run.steps, run.world_size, run.device) == (SEEDS[0], RUN_ENV["ITERATIONS"], 1, "cpu")
     assert run.artifact_bytes == (log.parent / "test_model.ptz").stat().st_size
     assert run.code_bytes == runs["script"].stat().st_size
@@ -364,22 +510,36 @@ def test_pack_writes_a_complete_folder(runs, packed):
     best = min(parsed, key=lambda r: r.score.val_bpb)
     assert sub["seeds"] == list(SEEDS) and sub["best_seed"] == best.seed
     assert sub["val_bpb"] == pytest.approx(sum(r.score.val_bpb for r in parsed) / 2, abs=1e-12)
-    assert sub["val_loss_std"] == pytest.approx(abs(parsed[0].score.val_loss - parsed[1].score.val_loss) / math.sqrt(2))
+    assert sub["val_loss_std"] == pytest.approx(
+        abs(parsed[0].score.val_loss - parsed[1].score.val_loss) / math.sqrt(2)
+    )
     assert sub["bytes_code"] == runs["script"].stat().st_size
     assert sub["bytes_total"] == sub["bytes_code"] + best.artifact_bytes
-    assert sub["hardware"] == "1x cpu" and sub["partial_eval"]["val_token_limit"] == RUN_ENV["VAL_TOKEN_LIMIT"]
-    assert set(sub["seed_results"][str(best.seed)]) >= {"val_loss", "val_bpb", "artifact_bytes", "steps",
-                                                        "step_avg_ms", "eval_time_s", "pre_quant_val_bpb"}
+    assert (
+        sub["hardware"] == "1x cpu" and sub["partial_eval"]["val_token_limit"] == RUN_ENV["VAL_TOKEN_LIMIT"]
+    )
+    assert set(sub["seed_results"][str(best.seed)]) >= {
+        "val_loss",
+        "val_bpb",
+        "artifact_bytes",
+        "steps",
+        "step_avg_ms",
+        "eval_time_s",
+        "pre_quant_val_bpb",
+    }
     assert sub["verify_check"]["tokens"] == CHECK_TOKENS and sub["verify_check"]["seed"] == best.seed
     assert (packed / "train_gpt.py").read_bytes() == runs["script"].read_bytes()
     assert sorted(p.name for p in packed.iterdir()) == sorted(
         ["README.md", "submission.json", "train_gpt.py", f"model_seed{best.seed}.ptz"]
-        + [f"train_seed{s}.{ext}" for s in SEEDS for ext in ("jsonl", "txt")])
+        + [f"train_seed{s}.{ext}" for s in SEEDS for ext in ("jsonl", "txt")]
+    )
     readme = (packed / "README.md").read_text()
     assert readme.count("TODO") >= 3 and "Not a score" in readme
     assert f"| {SEEDS[0]} | {parsed[0].score.val_loss:.8f} | {parsed[0].score.val_bpb:.8f} |" in readme
     assert "ITERATIONS=4" in readme and "NUM_LAYERS=2" in readme and "SEED=$SEED" in readme
-    assert "RUN_ID=test" not in readme and "NUM_EXPERTS=" not in readme  # identity knobs and defaults left out
+    assert (
+        "RUN_ID=test" not in readme and "NUM_EXPERTS=" not in readme
+    )  # identity knobs and defaults left out
 
 
 def test_verify_passes_quick_and_full(packed, capsys):
@@ -401,7 +561,9 @@ def test_verify_fails_on_one_changed_artifact_byte(folder_copy):
     artifact.write_bytes(bytes(blob))
     bad = failed(verify(folder_copy, "--token-limit", str(CHECK_TOKENS)))
     assert "artifact sha256" in bad and any(name.startswith("quick check") for name in bad)
-    assert f"{artifact.stem.replace('model_seed', 'seed ')} artifact sha256" in bad  # against the log's size_check
+    assert (
+        f"{artifact.stem.replace('model_seed', 'seed ')} artifact sha256" in bad
+    )  # against the log's size_check
 
 
 def test_verify_fails_on_a_wrong_claimed_bpb(folder_copy):
@@ -474,12 +636,21 @@ def test_pack_refuses_a_same_size_script_by_its_sha256(runs, tmp_path, capsys):
     assert "different train_gpt.py" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda log: "\n".join(line for line in log.splitlines() if not line.startswith("code_sha256:")),
-     "no code_sha256 line"),
-    (lambda log: re.sub(r"(?m)^(code_sha256:\S+ code_bytes:)(\d+)", lambda m: m[1] + str(int(m[2]) + 1), log),
-     "edited during the run"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda log: "\n".join(line for line in log.splitlines() if not line.startswith("code_sha256:")),
+            "no code_sha256 line",
+        ),
+        (
+            lambda log: re.sub(
+                r"(?m)^(code_sha256:\S+ code_bytes:)(\d+)", lambda m: m[1] + str(int(m[2]) + 1), log
+            ),
+            "edited during the run",
+        ),
+    ],
+)
 def test_pack_refuses_a_log_that_does_not_identify_its_script(runs, tmp_path, capsys, edit, message):
     log = tmp_path / "edited.txt"
     log.write_text(edit(runs["logs"][1].read_text()))
@@ -521,7 +692,9 @@ def test_pack_refuses_an_existing_folder_unless_forced(runs, tmp_path, capsys):
 
 
 # issue 11: the counted script in self-extracting form, the readable script beside it
-def test_pack_compress_code_counts_the_wrapper_and_verify_checks_it_is_the_same_program(runs, tmp_path, capsys):
+def test_pack_compress_code_counts_the_wrapper_and_verify_checks_it_is_the_same_program(
+    runs, tmp_path, capsys
+):
     assert records.main(pack_args(runs, tmp_path, "--compress-code")) == 0
     folder = tmp_path / "track_non_record_16mb" / "2026-01-02_Tiny"
     wrapper, readable = folder / records.SCRIPT, folder / records.READABLE

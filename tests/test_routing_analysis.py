@@ -1,4 +1,5 @@
 """tools/routing_analysis.py: routing of a saved artifact, per layer, expert and token class."""
+
 import json
 import sys
 
@@ -26,7 +27,9 @@ def saved_artifact(tiny_config, tmp_path, forced_expert=None, **env):
 
 def test_forced_expert_takes_every_token(tiny_config, tmp_path):
     path = saved_artifact(tiny_config, tmp_path, forced_expert=2, MOE_MODE="topk", NUM_EXPERTS=4)
-    report = routing_analysis.analyse_artifact(str(path), str(SAMPLE), str(TOKENIZER), token_limit=4096, batch_seqs=4, seq_len=128)
+    report = routing_analysis.analyse_artifact(
+        str(path), str(SAMPLE), str(TOKENIZER), token_limit=4096, batch_seqs=4, seq_len=128
+    )
     assert [layer["layer"] for layer in report["layers"]] == [0, 1]
     for layer in report["layers"]:
         assert layer["load"] == pytest.approx([0.0, 0.0, 1.0, 0.0])
@@ -40,7 +43,9 @@ def test_forced_expert_takes_every_token(tiny_config, tmp_path):
 
 def test_soft_routing_load_is_a_distribution(tiny_config, tmp_path):
     path = saved_artifact(tiny_config, tmp_path, MOE_MODE="soft", NUM_EXPERTS=2)
-    report = routing_analysis.analyse_artifact(str(path), str(SAMPLE), str(TOKENIZER), token_limit=4096, batch_seqs=2)
+    report = routing_analysis.analyse_artifact(
+        str(path), str(SAMPLE), str(TOKENIZER), token_limit=4096, batch_seqs=2
+    )
     for layer in report["layers"]:
         assert sum(layer["load"]) == pytest.approx(1.0)
         assert layer["load"] == pytest.approx([0.5, 0.5])  # a zero router (soft init) splits evenly
@@ -49,7 +54,17 @@ def test_soft_routing_load_is_a_distribution(tiny_config, tmp_path):
 
 def test_cli_writes_json_and_refuses_dense_and_overwrite(tiny_config, tmp_path, capsys):
     path = saved_artifact(tiny_config, tmp_path, MOE_MODE="topk")
-    args = [str(path), "--data", str(SAMPLE), "--tokenizer", str(TOKENIZER), "--token-limit", "2048", "--batch-seqs", "2"]
+    args = [
+        str(path),
+        "--data",
+        str(SAMPLE),
+        "--tokenizer",
+        str(TOKENIZER),
+        "--token-limit",
+        "2048",
+        "--batch-seqs",
+        "2",
+    ]
     assert routing_analysis.main(args) == 0
     out = tmp_path / "run_routing.json"
     assert json.loads(out.read_text())["num_experts"] == 4

@@ -1,5 +1,6 @@
 """The April-2026 record stack (issue 10): one test per mechanism showing what it does, the MoE
 compositions, the loop switch under torch.compile, DRY_RUN and the end-to-end tiny run."""
+
 import json
 import math
 import os
@@ -46,14 +47,41 @@ def capture_inputs(module):
 
 # --- defaults ----------------------------------------------------------------------------------
 
+
 def test_defaults_are_the_record_stack():
     h = tg.load_config({})
-    assert (h.vocab_size, h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads, h.mlp_mult) == (8192, 11, 512, 8, 4, 4.0)
+    assert (h.vocab_size, h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads, h.mlp_mult) == (
+        8192,
+        11,
+        512,
+        8,
+        4,
+        4.0,
+    )
     assert h.data_path.endswith("fineweb10B_sp8192") and h.tokenizer_path.endswith("fineweb_8192_bpe.model")
-    assert (h.mlp_act, h.xsa_last_n, h.rope_dims, h.ln_scale, h.qk_gain_init) == ("leaky_relu2", 11, 16, True, 5.0)
-    assert (h.parallel_start_layer, h.num_loops, h.loop_start, h.loop_end, h.enable_looping_at) == (8, 2, 3, 5, 0.35)
+    assert (h.mlp_act, h.xsa_last_n, h.rope_dims, h.ln_scale, h.qk_gain_init) == (
+        "leaky_relu2",
+        11,
+        16,
+        True,
+        5.0,
+    )
+    assert (h.parallel_start_layer, h.num_loops, h.loop_start, h.loop_end, h.enable_looping_at) == (
+        8,
+        2,
+        3,
+        5,
+        0.35,
+    )
     assert h.sparse_attn_gate_enabled and h.smear_gate and h.bigram_vocab_size == 0 and h.moe_mode == "none"
-    assert (h.min_lr, h.warmdown_frac, h.beta2, h.muon_wd, h.embed_wd, h.adam_wd) == (0.1, 0.85, 0.99, 0.095, 0.085, 0.02)
+    assert (h.min_lr, h.warmdown_frac, h.beta2, h.muon_wd, h.embed_wd, h.adam_wd) == (
+        0.1,
+        0.85,
+        0.99,
+        0.095,
+        0.085,
+        0.02,
+    )
     assert h.muon_row_normalize and h.matrix_lr == 0.026 and h.muon_momentum == 0.97
     # EMA stays a fraction of the run: the record's 0.9965 per step at its ~4,930 steps.
     assert h.ema_decay is None and math.exp(-1 / 4930 / tg.EMA_RUN_HORIZON) == pytest.approx(0.9965, abs=2e-4)
@@ -67,18 +95,21 @@ def test_default_shape_matches_the_record_parameter_count():
     assert model.orders[1] == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]  # the record's loop order
 
 
-@pytest.mark.parametrize("env, needle", [
-    ({"LOOP_END": "4"}, "LOOP_START=1, LOOP_END=4: need 0 <= LOOP_START <= LOOP_END < NUM_LAYERS=4"),
-    ({"LOOP_START": "2", "LOOP_END": "1"}, "LOOP_START=2, LOOP_END=1"),
-    ({"PARALLEL_START_LAYER": "2"}, "PARALLEL_START_LAYER=2: must be 0 (off) or at least 3"),
-    ({"GATE_WINDOW": "65"}, "GATE_WINDOW=65: must be in 1..MODEL_DIM=64"),
-    ({"MIN_LR": "1.5"}, "MIN_LR=1.5: expected 0..1"),
-    ({"ENABLE_LOOPING_AT": "-0.1"}, "ENABLE_LOOPING_AT=-0.1: expected 0..1"),
-    ({"NUM_LOOPS": "-1"}, "NUM_LOOPS=-1: expected >= 0"),
-    ({"XSA_LAST_N": "-1"}, "XSA_LAST_N=-1: expected >= 0"),
-    ({"EMBED_WD": "-0.1"}, "EMBED_WD=-0.1: expected >= 0"),
-    ({"MUON_ROW_NORMALIZE": "yes"}, "MUON_ROW_NORMALIZE='yes': expected 0 or 1"),
-])
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        ({"LOOP_END": "4"}, "LOOP_START=1, LOOP_END=4: need 0 <= LOOP_START <= LOOP_END < NUM_LAYERS=4"),
+        ({"LOOP_START": "2", "LOOP_END": "1"}, "LOOP_START=2, LOOP_END=1"),
+        ({"PARALLEL_START_LAYER": "2"}, "PARALLEL_START_LAYER=2: must be 0 (off) or at least 3"),
+        ({"GATE_WINDOW": "65"}, "GATE_WINDOW=65: must be in 1..MODEL_DIM=64"),
+        ({"MIN_LR": "1.5"}, "MIN_LR=1.5: expected 0..1"),
+        ({"ENABLE_LOOPING_AT": "-0.1"}, "ENABLE_LOOPING_AT=-0.1: expected 0..1"),
+        ({"NUM_LOOPS": "-1"}, "NUM_LOOPS=-1: expected >= 0"),
+        ({"XSA_LAST_N": "-1"}, "XSA_LAST_N=-1: expected >= 0"),
+        ({"EMBED_WD": "-0.1"}, "EMBED_WD=-0.1: expected >= 0"),
+        ({"MUON_ROW_NORMALIZE": "yes"}, "MUON_ROW_NORMALIZE='yes': expected 0 or 1"),
+    ],
+)
 def test_bad_stack_knobs_fail_naming_the_knob(env, needle):
     with pytest.raises(tg.ConfigError) as err:
         stack(**env)
@@ -86,6 +117,7 @@ def test_bad_stack_knobs_fail_naming_the_knob(env, needle):
 
 
 # --- model mechanisms --------------------------------------------------------------------------
+
 
 def test_leaky_relu2_keeps_a_quarter_of_negative_squares():
     x = torch.tensor([-2.0, -0.5, 0.0, 3.0])
@@ -129,7 +161,7 @@ def test_sparse_attention_gate_scales_each_head_by_a_window_of_the_input():
 
 
 def test_ln_scale_shrinks_block_inputs_by_depth():
-    for ln_scale, expected in ((1, [1, 2 ** -0.5, 3 ** -0.5, 0.5]), (0, [1, 1, 1, 1])):
+    for ln_scale, expected in ((1, [1, 2**-0.5, 3**-0.5, 0.5]), (0, [1, 1, 1, 1])):
         model = randomised(tg.GPT(stack(LN_SCALE=ln_scale, PARALLEL_START_LAYER=0, NUM_LOOPS=0)))
         hooks = [capture_inputs(block.attn) for block in model.blocks]
         model.logits(tokens())
@@ -181,7 +213,9 @@ def test_parallel_lanes_mix_skip_and_final_mean():
     block = model.blocks[3]
     assert block.parallel and not model.blocks[2].parallel
     fresh = tg.GPT(h).blocks[3]
-    assert torch.equal(fresh.lane_resid.data, torch.full((2,), 1.1)) and torch.equal(fresh.lane_post.data, torch.ones(2, 2))
+    assert torch.equal(fresh.lane_resid.data, torch.full((2,), 1.1)) and torch.equal(
+        fresh.lane_post.data, torch.ones(2, 2)
+    )
     lane0, lane1, x0 = torch.randn(3, 2, 8, 64).unbind(0)
     out0, out1 = block.forward_lanes((lane0, lane1), x0)
     mix = block.resid_mix
@@ -196,7 +230,7 @@ def test_parallel_lanes_mix_skip_and_final_mean():
     block.forward_lanes = lambda lanes, x0: calls.append((lanes, run_lanes(lanes, x0))) or calls[-1][1]
     model.blocks[0].register_forward_hook(lambda m, a, out: encoder_out.append(out))
     hidden = model.hidden(tokens())
-    (lanes_in, lanes_out), = calls
+    ((lanes_in, lanes_out),) = calls
     torch.testing.assert_close(lanes_in[0] - lanes_in[1], model.skip_weights[1] * encoder_out[0])
     torch.testing.assert_close(hidden, tg.rms_norm(0.5 * (lanes_out[0] + lanes_out[1])))
 
@@ -239,12 +273,18 @@ def test_loop_flops_count_each_pass():
     with torch.device("meta"):
         model = tg.GPT(tg.load_config({"MOE_MODE": "none"}))
     h = tg.load_config({"MOE_MODE": "none"})
-    block = sum(p.numel() for n, p in model.blocks[0].named_parameters()
-                if p.ndim == 2 and not any(s in n for s in tg.CONTROL_PATTERNS))
+    block = sum(
+        p.numel()
+        for n, p in model.blocks[0].named_parameters()
+        if p.ndim == 2 and not any(s in n for s in tg.CONTROL_PATTERNS)
+    )
     plain, looped = tg.matmul_params_per_token(model, False), tg.matmul_params_per_token(model, True)
     assert looped - plain == 6 * block  # three looped layers, two extra passes each
     extra_attention = 6 * 6 * h.train_seq_len * h.model_dim
-    assert tg.flops_per_token(model, h, True) - tg.flops_per_token(model, h, False) == 6 * 6 * block + extra_attention
+    assert (
+        tg.flops_per_token(model, h, True) - tg.flops_per_token(model, h, False)
+        == 6 * 6 * block + extra_attention
+    )
 
 
 def test_smear_gate_and_bigram_never_leak_into_a_bos_position():
@@ -260,7 +300,9 @@ def test_smear_gate_and_bigram_never_leak_into_a_bos_position():
     assert not torch.allclose(a[0, 5], b[0, 5])
     changed_mid = idx.clone()
     changed_mid[0, 2] = (idx[0, 2] + 7) % 1000 + 2
-    assert not torch.allclose(model.embed(changed_mid)[0, 3], a[0, 3])  # elsewhere the previous token mixes in
+    assert not torch.allclose(
+        model.embed(changed_mid)[0, 3], a[0, 3]
+    )  # elsewhere the previous token mixes in
 
 
 def test_bigram_hash_is_off_by_default():
@@ -270,6 +312,7 @@ def test_bigram_hash_is_off_by_default():
 
 
 # --- optimizer ---------------------------------------------------------------------------------
+
 
 def classic_newton_schulz(G, steps):
     X = G / G.norm()
@@ -330,20 +373,26 @@ def test_weight_decays_and_beta2_reach_the_optimizers():
     # With zero gradients only the decoupled decay moves a weight: p <- p (1 - lr wd).
     torch.testing.assert_close(after["tok_emb.weight"], before["tok_emb.weight"] * (1 - 0.1 * 0.5))
     torch.testing.assert_close(after["blocks.0.attn_scale"], before["blocks.0.attn_scale"] * (1 - 0.1 * 0.25))
-    torch.testing.assert_close(after["blocks.0.attn.c_q.weight"], before["blocks.0.attn.c_q.weight"] * (1 - 0.1 * 0.3))
+    torch.testing.assert_close(
+        after["blocks.0.attn.c_q.weight"], before["blocks.0.attn.c_q.weight"] * (1 - 0.1 * 0.3)
+    )
     assert muon.param_groups[0]["weight_decay"] == 0.3
     names = {id(p): n for n, p in model.named_parameters()}
     muon_names = {names[id(p)] for p in muon.param_groups[0]["params"]}
-    assert not any("attn_gate" in n or "lane_" in n for n in muon_names)  # gates and lane mixes are Adam scalars
+    assert not any(
+        "attn_gate" in n or "lane_" in n for n in muon_names
+    )  # gates and lane mixes are Adam scalars
 
 
 # --- loop switch under torch.compile -----------------------------------------------------------
+
 
 @pytest.mark.parametrize("mode", ["none", "topk"])
 def test_loop_switch_compiles_one_more_graph_and_never_recompiles_per_step(mode):
     """fullgraph compile: one graph per loop state, nothing per step (aot_eager: the same dynamo
     guards and graphs as inductor, without its minutes of C++ compilation on a CPU)."""
     from torch._dynamo.utils import counters
+
     model = randomised(tg.GPT(stack(MOE_MODE=mode)))
     if mode != "none":
         model = model.to(torch.bfloat16)  # grouped_mm compiles in bf16 only
@@ -364,10 +413,19 @@ def test_loop_switch_compiles_one_more_graph_and_never_recompiles_per_step(mode)
 
 # --- artifact and end to end -------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("looping", [False, True])
 def test_artifact_reloads_in_the_loop_state_it_was_trained_in(tmp_path, looping):
-    h = stack(ZSTD_LEVEL=1, MOE_MODE="none", MATRIX_BITS=8, EMBED_BITS=8, MATRIX_CLIP_SIGMAS=4,  # fine grid: small noise
-              MLP_CLIP_SIGMAS=4, ATTN_CLIP_SIGMAS=4, EMBED_CLIP_SIGMAS=4)
+    h = stack(
+        ZSTD_LEVEL=1,
+        MOE_MODE="none",
+        MATRIX_BITS=8,
+        EMBED_BITS=8,
+        MATRIX_CLIP_SIGMAS=4,  # fine grid: small noise
+        MLP_CLIP_SIGMAS=4,
+        ATTN_CLIP_SIGMAS=4,
+        EMBED_CLIP_SIGMAS=4,
+    )
     model = randomised(tg.GPT(h), std=0.1)
     model.set_looping(looping)
     path = str(tmp_path / "a.ptz")
@@ -389,7 +447,9 @@ def test_tiny_run_with_every_mechanism_trains_quantizes_and_round_trips(tmp_path
     result = run_train(tmp_path, **{**STACK_ENV, "BIGRAM_VOCAB_SIZE": "256", "ITERATIONS": "20"})
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout
-    switch = re.search(r"layer_loop:enabled step:(\d+) progress:([\d.]+) order:\[0, 1, 2, 1, 2, 1, 2, 3\]", log)
+    switch = re.search(
+        r"layer_loop:enabled step:(\d+) progress:([\d.]+) order:\[0, 1, 2, 1, 2, 1, 2, 3\]", log
+    )
     assert switch and int(switch[1]) == 7  # 35% of 20 steps
     events = [json.loads(line) for line in (tmp_path / "logs" / "test.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["event"] == "layer_loop"] == [7]
@@ -419,13 +479,27 @@ def test_stack_under_two_processes_matches_one_process(tmp_path):
 def test_routed_moe_run_under_compile_recompiles_at_most_once(tmp_path):
     """A whole tiny run with a routed MoE, loops switching on mid-run, compiled with fullgraph; dynamo
     logs every recompile. The wrapper only swaps inductor for aot_eager (same guards and graphs)."""
-    wrapper = ("import functools, runpy, sys, torch; "
-               "torch.compile = functools.partial(torch.compile, backend='aot_eager'); "
-               f"sys.argv = [{str(REPO / 'train_gpt.py')!r}]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    wrapper = (
+        "import functools, runpy, sys, torch; "
+        "torch.compile = functools.partial(torch.compile, backend='aot_eager'); "
+        f"sys.argv = [{str(REPO / 'train_gpt.py')!r}]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
     env = {k: v for k, v in os.environ.items()}
-    env.update(STACK_ENV, MOE_MODE="topk", COMPILE="1", ITERATIONS="12", WARMUP_STEPS="0", RUN_ID="compiled",
-               LOG_DIR=str(tmp_path / "logs"), OMP_NUM_THREADS="1", TORCH_LOGS="recompiles", VAL_TOKEN_LIMIT="4096")
-    result = subprocess.run([sys.executable, "-c", wrapper], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    env.update(
+        STACK_ENV,
+        MOE_MODE="topk",
+        COMPILE="1",
+        ITERATIONS="12",
+        WARMUP_STEPS="0",
+        RUN_ID="compiled",
+        LOG_DIR=str(tmp_path / "logs"),
+        OMP_NUM_THREADS="1",
+        TORCH_LOGS="recompiles",
+        VAL_TOKEN_LIMIT="4096",
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", wrapper], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "layer_loop:enabled step:5" in result.stdout  # 5 / 12 >= 0.35
     recompiles = re.findall(r"Recompiling function (\w+)", result.stderr)
@@ -435,12 +509,25 @@ def test_routed_moe_run_under_compile_recompiles_at_most_once(tmp_path):
 
 # --- DRY_RUN and the benchmark ------------------------------------------------------------------
 
+
 def dry_run(tmp_path, **env):
     full = {k: v for k, v in os.environ.items() if not k.startswith(("DATA_PATH", "TOKENIZER_PATH"))}
-    full.update(DRY_RUN="1", DATA_PATH=str(tmp_path / "nothing"), TOKENIZER_PATH=str(tmp_path / "none.model"),
-                LOG_DIR=str(tmp_path / "logs"), OMP_NUM_THREADS="1", **env)
-    return subprocess.run([sys.executable, str(REPO / "train_gpt.py")], cwd=tmp_path, env=full,
-                          capture_output=True, text=True, timeout=300)
+    full.update(
+        DRY_RUN="1",
+        DATA_PATH=str(tmp_path / "nothing"),
+        TOKENIZER_PATH=str(tmp_path / "none.model"),
+        LOG_DIR=str(tmp_path / "logs"),
+        OMP_NUM_THREADS="1",
+        **env,
+    )
+    return subprocess.run(
+        [sys.executable, str(REPO / "train_gpt.py")],
+        cwd=tmp_path,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_dry_run_needs_no_data_and_prints_size_and_speed(tmp_path):
@@ -463,11 +550,26 @@ def test_dry_run_reports_bad_knobs_like_a_real_run(tmp_path):
 
 
 def test_bench_stack_tiny_times_both_phases_with_one_graph_each():
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "bench_stack.py"), "--tiny", "--iters", "2",
-                             "--warmup", "1", "MOE_MODE=topk"], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "bench_stack.py"),
+            "--tiny",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+            "MOE_MODE=topk",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
-    phases = re.findall(r"phase:(loops_off|loops_on) ms_per_step:([\d.]+) tok/s:(\d+) graphs:(\d+)", result.stdout)
+    phases = re.findall(
+        r"phase:(loops_off|loops_on) ms_per_step:([\d.]+) tok/s:(\d+) graphs:(\d+)", result.stdout
+    )
     assert [p[0] for p in phases] == ["loops_off", "loops_on"] and all(p[3] == "1" for p in phases)
     assert all(float(p[1]) > 0 for p in phases)
     assert re.search(r"run_average tok/s_per_gpu:\d+ goal:1000000", result.stdout)

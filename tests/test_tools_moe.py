@@ -1,6 +1,7 @@
 """Tests for tools/routing_report.py, tools/proxy_study.py and tools/bench_moe.py, on CPU.
 
 One tiny top-k MoE training (module fixture) feeds the routing report and the log parser."""
+
 import json
 import re
 import shlex
@@ -34,8 +35,22 @@ def moe_run(tmp_path_factory):
     result = run_train(tmp, MOE_MODE="topk", NUM_EXPERTS=4, ITERATIONS=6, TRAIN_LOG_EVERY=2)
     assert result.returncode == 0, result.stderr[-3000:]
     routing_json = tmp / "logs" / "test_routing.json"
-    assert routing_analysis.main([str(tmp / "logs" / "test_model.ptz"), "--data", str(SAMPLE), "--tokenizer",
-                                  str(TOKENIZER), "--token-limit", "8192", "--seq-len", "128"]) == 0
+    assert (
+        routing_analysis.main(
+            [
+                str(tmp / "logs" / "test_model.ptz"),
+                "--data",
+                str(SAMPLE),
+                "--tokenizer",
+                str(TOKENIZER),
+                "--token-limit",
+                "8192",
+                "--seq-len",
+                "128",
+            ]
+        )
+        == 0
+    )
     return tmp / "logs" / "test.txt", routing_json
 
 
@@ -79,16 +94,21 @@ def test_routing_history_reads_the_last_run_and_says_so(moe_run, tmp_path, capsy
     log, _ = moe_run
     text = log.read_text()
     twice = tmp_path / "twice.txt"
-    twice.write_text(text[:text.index("step:2/")] + text)  # a crashed run, then a full one
+    twice.write_text(text[: text.index("step:2/")] + text)  # a crashed run, then a full one
     once = tmp_path / "once.txt"  # the same text log, without the JSONL beside it
     once.write_text(text)
     assert routing_report.load_history(twice) == routing_report.load_history(once)
     assert f"{twice}: holds 2 runs; read the last one" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("content, message", [("{not json", "malformed JSON"),
-                                              ('{"layers": []}', "no MoE layers"),
-                                              ('{"layers": [{"layer": 0}]}', "lacks 'layer' or a 'load' list")])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "malformed JSON"),
+        ('{"layers": []}', "no MoE layers"),
+        ('{"layers": [{"layer": 0}]}', "lacks 'layer' or a 'load' list"),
+    ],
+)
 def test_routing_report_rejects_bad_json(tmp_path, capsys, content, message):
     bad = tmp_path / "bad_routing.json"
     bad.write_text(content)
@@ -114,12 +134,24 @@ def test_parse_log_reads_the_numbers_of_a_real_run(moe_run):
     log, _ = moe_run
     text = log.read_text()
     parsed = proxy_study.parse_log(runlog.parse(text))
-    assert parsed["val_bpb_roundtrip"] == float(last_value(rf"^final_quant_zstd_roundtrip_exact val_loss:\S+ val_bpb:{FLOAT}", text))
-    assert parsed["val_bpb_sliding"] == float(last_value(rf"^final_quant_zstd_sliding_window_exact val_loss:\S+ val_bpb:{FLOAT}", text))
+    assert parsed["val_bpb_roundtrip"] == float(
+        last_value(rf"^final_quant_zstd_roundtrip_exact val_loss:\S+ val_bpb:{FLOAT}", text)
+    )
+    assert parsed["val_bpb_sliding"] == float(
+        last_value(rf"^final_quant_zstd_sliding_window_exact val_loss:\S+ val_bpb:{FLOAT}", text)
+    )
     assert parsed["score"] == parsed["val_bpb_sliding"]
-    assert parsed["val_bpb_prequant"] == float(last_value(rf"^pre_quant_ema val_loss:\S+ val_bpb:{FLOAT}", text))
-    step, step_avg, tok_s = re.findall(r"^step:(\d+)/\d+ train_loss:.* step_avg:([\d.]+)ms tok/s:(\d+)", text, re.M)[-1]
-    assert (parsed["steps"], parsed["ms_per_step"], parsed["tok_per_s"]) == (int(step), float(step_avg), int(tok_s))
+    assert parsed["val_bpb_prequant"] == float(
+        last_value(rf"^pre_quant_ema val_loss:\S+ val_bpb:{FLOAT}", text)
+    )
+    step, step_avg, tok_s = re.findall(
+        r"^step:(\d+)/\d+ train_loss:.* step_avg:([\d.]+)ms tok/s:(\d+)", text, re.M
+    )[-1]
+    assert (parsed["steps"], parsed["ms_per_step"], parsed["tok_per_s"]) == (
+        int(step),
+        float(step_avg),
+        int(tok_s),
+    )
     assert parsed["steps"] == 6
     assert parsed["artifact_bytes"] == int(last_value(r"^Serialized model quant\+zstd: (\d+) bytes", text))
     assert parsed["total_bytes"] == int(last_value(r"^Total submission size quant\+zstd: (\d+) bytes", text))
@@ -127,8 +159,12 @@ def test_parse_log_reads_the_numbers_of_a_real_run(moe_run):
     assert parsed["params"] == int(last_value(r"^params total:(\d+)", text))
     assert "peak_mib" not in parsed  # CUDA only
     assert parsed["partial_val"] is True  # TINY_ENV validates on a token subset
-    finals = {layer: (load, dead, float(entropy)) for layer, load, dead, entropy in
-              re.findall(rf"^moe layer:(\d) load:([\d.,]+) max_mean:\S+ dead:(\d+) entropy:{FLOAT}", text, re.M)}
+    finals = {
+        layer: (load, dead, float(entropy))
+        for layer, load, dead, entropy in re.findall(
+            rf"^moe layer:(\d) load:([\d.,]+) max_mean:\S+ dead:(\d+) entropy:{FLOAT}", text, re.M
+        )
+    }
     assert [r["layer"] for r in parsed["routing"]] == [0, 1]
     for r in parsed["routing"]:
         load, dead, entropy = finals[str(r["layer"])]
@@ -140,13 +176,14 @@ def test_parse_log_reads_the_numbers_of_a_real_run(moe_run):
 def test_parse_log_reads_only_the_last_run_of_an_appended_log(moe_run):
     """train_gpt.py appends to the log of a reused RUN_ID: a rerun that crashed keeps no earlier score."""
     text = moe_run[0].read_text()
-    crashed = text[:text.index("pre_quant_ema")]
+    crashed = text[: text.index("pre_quant_ema")]
     parsed = proxy_study.parse_log(runlog.parse(text + crashed))
     assert parsed["val_bpb_roundtrip"] is None and parsed["val_bpb_sliding"] is None
     assert "total_bytes" not in parsed and parsed["runs_in_log"] == 2
     assert "runs_in_log" not in proxy_study.parse_log(runlog.parse(text))
-    assert proxy_study.parse_log(runlog.parse(crashed + text)) == dict(proxy_study.parse_log(runlog.parse(text)),
-                                                                       runs_in_log=2)
+    assert proxy_study.parse_log(runlog.parse(crashed + text)) == dict(
+        proxy_study.parse_log(runlog.parse(text)), runs_in_log=2
+    )
 
 
 def run_of(name: str) -> proxy_study.Run:
@@ -155,7 +192,7 @@ def run_of(name: str) -> proxy_study.Run:
 
 def test_collect_marks_an_unfinished_log_failed(moe_run, tmp_path):
     text = moe_run[0].read_text()
-    cut = text[:text.index("final_quant_zstd_roundtrip_exact")]  # killed during the final evaluation
+    cut = text[: text.index("final_quant_zstd_roundtrip_exact")]  # killed during the final evaluation
     (tmp_path / "t_cut_s1.txt").write_text(cut)
     shutil.copy(moe_run[0], tmp_path / "t_good_s1.txt")
     assert proxy_study.collect(run_of("good"), tmp_path)["status"] == "ok"
@@ -168,10 +205,28 @@ def test_collect_marks_an_unfinished_log_failed(moe_run, tmp_path):
 def test_study_records_a_crashing_run_as_failed(tmp_path, capsys):
     """A real torchrun launch of a configuration train_gpt.py rejects: failed, with its error in the tail."""
     config = tmp_path / "study.json"
-    config.write_text(json.dumps({"broken": {"MOE_MODE": "topk", "NUM_EXPERTS": "3", "MODEL_DIM": "64", "MLP_MULT": "2"}}))
+    config.write_text(
+        json.dumps({"broken": {"MOE_MODE": "topk", "NUM_EXPERTS": "3", "MODEL_DIM": "64", "MLP_MULT": "2"}})
+    )
     out = tmp_path / "results.json"
-    argv = ["--config", str(config), "--data-path", str(SAMPLE), "--tokenizer-path", str(TOKENIZER), "--wallclock", "0",
-            "--log-dir", str(tmp_path / "logs"), "--tag", "t", "--json", str(out), "--timeout", "120"]
+    argv = [
+        "--config",
+        str(config),
+        "--data-path",
+        str(SAMPLE),
+        "--tokenizer-path",
+        str(TOKENIZER),
+        "--wallclock",
+        "0",
+        "--log-dir",
+        str(tmp_path / "logs"),
+        "--tag",
+        "t",
+        "--json",
+        str(out),
+        "--timeout",
+        "120",
+    ]
     assert proxy_study.main(argv) == 1
     (row,) = json.loads(out.read_text())["runs"]
     assert row["status"] == "failed" and row["reason"].startswith("exit status")
@@ -193,11 +248,29 @@ def processes_with_env(needle: str) -> list[int]:
 def test_study_timeout_ends_torchrun_and_its_workers(tmp_path):
     """A run past --timeout is recorded as timed out and leaves no worker behind."""
     config = tmp_path / "study.json"
-    config.write_text(json.dumps({"endless": {"MOE_MODE": "none", "ITERATIONS": "100000", "MODEL_DIM": "64"}}))
+    config.write_text(
+        json.dumps({"endless": {"MOE_MODE": "none", "ITERATIONS": "100000", "MODEL_DIM": "64"}})
+    )
     out = tmp_path / "results.json"
     tag = f"timeout{tmp_path.name}"
-    argv = ["--config", str(config), "--data-path", str(SAMPLE), "--tokenizer-path", str(TOKENIZER), "--wallclock", "0",
-            "--log-dir", str(tmp_path / "logs"), "--tag", tag, "--json", str(out), "--timeout", "20"]
+    argv = [
+        "--config",
+        str(config),
+        "--data-path",
+        str(SAMPLE),
+        "--tokenizer-path",
+        str(TOKENIZER),
+        "--wallclock",
+        "0",
+        "--log-dir",
+        str(tmp_path / "logs"),
+        "--tag",
+        tag,
+        "--json",
+        str(out),
+        "--timeout",
+        "20",
+    ]
     assert proxy_study.main(argv) == 1
     (row,) = json.loads(out.read_text())["runs"]
     assert row["status"] == "failed" and "timed out" in row["reason"]
@@ -208,22 +281,59 @@ def test_study_timeout_ends_torchrun_and_its_workers(tmp_path):
 
 
 def test_dry_run_prints_the_expected_commands(tmp_path, capsys):
-    argv = ["--only", "dense,topk4_nobalance", "--seeds", "1,2", "--dry-run", "--data-path", "/d", "--wallclock", "123",
-            "--log-dir", str(tmp_path / "logs"), "--python", "py", "--nproc", "2", "--env", "ZSTD_LEVEL=3"]
+    argv = [
+        "--only",
+        "dense,topk4_nobalance",
+        "--seeds",
+        "1,2",
+        "--dry-run",
+        "--data-path",
+        "/d",
+        "--wallclock",
+        "123",
+        "--log-dir",
+        str(tmp_path / "logs"),
+        "--python",
+        "py",
+        "--nproc",
+        "2",
+        "--env",
+        "ZSTD_LEVEL=3",
+    ]
     assert proxy_study.main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4
-    expected_command = ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train_gpt.py")]
-    for line, (name, seed) in zip(lines, [("dense", 1), ("dense", 2), ("topk4_nobalance", 1), ("topk4_nobalance", 2)]):
+    expected_command = [
+        "py",
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "train_gpt.py"),
+    ]
+    for line, (name, seed) in zip(
+        lines, [("dense", 1), ("dense", 2), ("topk4_nobalance", 1), ("topk4_nobalance", 2)]
+    ):
         words = shlex.split(line)
-        assert words[-len(expected_command):] == expected_command
-        env = dict(w.split("=", 1) for w in words[:-len(expected_command)])
-        assert env == {"DATA_PATH": "/d", "TOKENIZER_PATH": "/d/proxy_1024_bpe.model", "VOCAB_SIZE": "1024",
-                       "MAX_WALLCLOCK_SECONDS": "123", "VAL_LOSS_EVERY": "0", "ZSTD_LEVEL": "3",
-                       **proxy_study.PRESETS[name], "SEED": str(seed), "RUN_ID": f"proxy_{name}_s{seed}",
-                       "LOG_DIR": str(tmp_path / "logs")}
+        assert words[-len(expected_command) :] == expected_command
+        env = dict(w.split("=", 1) for w in words[: -len(expected_command)])
+        assert env == {
+            "DATA_PATH": "/d",
+            "TOKENIZER_PATH": "/d/proxy_1024_bpe.model",
+            "VOCAB_SIZE": "1024",
+            "MAX_WALLCLOCK_SECONDS": "123",
+            "VAL_LOSS_EVERY": "0",
+            "ZSTD_LEVEL": "3",
+            **proxy_study.PRESETS[name],
+            "SEED": str(seed),
+            "RUN_ID": f"proxy_{name}_s{seed}",
+            "LOG_DIR": str(tmp_path / "logs"),
+        }
     assert "MOE_MODE=none" in lines[0]
-    assert all(f"{k}=0" in lines[2] for k in ("MOE_AUX_LOSS_COEF", "ROUTER_Z_COEF", "ROUTER_BIAS_RATE", "ROUTER_NOISE"))
+    assert all(
+        f"{k}=0" in lines[2]
+        for k in ("MOE_AUX_LOSS_COEF", "ROUTER_Z_COEF", "ROUTER_BIAS_RATE", "ROUTER_NOISE")
+    )
     assert not (tmp_path / "logs").exists()  # nothing ran
 
 
@@ -240,9 +350,23 @@ def test_configurations_may_not_change_the_study_settings(tmp_path, capsys):
 
 def test_bench_cpu_smoke_compiles_once_per_mode(tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "bench_moe.py"), "--modes", "dense,topk4",
-                             "--iters", "1", "--warmup", "1", "--json", str(out)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "bench_moe.py"),
+            "--modes",
+            "dense,topk4",
+            "--iters",
+            "1",
+            "--warmup",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "CPU smoke test" in result.stdout
     results = json.loads(out.read_text())["results"]
@@ -262,7 +386,10 @@ def test_bench_compile_counts_catch_a_recompile():
     double(torch.ones(4))  # a new static shape: a second graph
     counts = bench_moe.compile_counts()
     assert counts["recompiles"] == 1
-    assert bench_moe.problems(dict(mode="m", **counts)) == ["m: 1 recompiles", "m: 2 graphs (expected exactly 1)"]
+    assert bench_moe.problems(dict(mode="m", **counts)) == [
+        "m: 1 recompiles",
+        "m: 2 graphs (expected exactly 1)",
+    ]
 
 
 # ---------------------------------------------------------------------------- calibrate_budget
@@ -275,7 +402,9 @@ def test_calibrate_budget_reads_every_stored_parameter(moe_run):
     artifact = moe_run[0].parent / "test_model.ptz"
     results = calibrate_budget.measure([str(artifact)], "zstd", 3)
     _, state = train_gpt.read_artifact(str(artifact))
-    assert sum(n for key, (n, _) in results.items() if key != "scales") == sum(t.numel() for t in state.values())
+    assert sum(n for key, (n, _) in results.items() if key != "scales") == sum(
+        t.numel() for t in state.values()
+    )
     assert {"16", "scales"} <= set(results) and len(results) >= 3  # fp16, at least one integer width, scales
     for key, (n, bits_per_param) in results.items():
         assert n > 0 and 0 < bits_per_param < (17 if key in ("16", "scales") else 9)

@@ -1,5 +1,6 @@
 """train_gpt.py pieces in-process: knobs, shards and loaders, byte accounting, model, optimizer,
 quantization and the artifact file, evaluation windows, EMA."""
+
 import math
 import os
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import SAMPLE, TINY_ENV, TOKENIZER
+from conftest import SAMPLE, TOKENIZER
 
 
 def write_shard(path, tokens, magic=tg.SHARD_MAGIC, version=tg.SHARD_VERSION, count=None):
@@ -21,24 +22,40 @@ def write_shard(path, tokens, magic=tg.SHARD_MAGIC, version=tg.SHARD_VERSION, co
 
 # --- knobs -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("env,needle", [
-    ({"NUM_LAYERS": "ten"}, "NUM_LAYERS='ten': expected int"),
-    ({"MATRIX_LR": "nan"}, "MATRIX_LR='nan': expected a finite number"),
-    ({"MOE_MODE": "dense"}, "MOE_MODE='dense': expected one of none, soft"),
-    ({"TIE_EMBEDDINGS": "yes"}, "TIE_EMBEDDINGS='yes': expected 0 or 1"),
-    ({"MOE_LAYERS": "1,x"}, "MOE_LAYERS='1,x': expected a comma-separated list"),
-    ({"NUM_LAYER": "12"}, "unknown variable NUM_LAYER: did you mean NUM_LAYERS?"),
-    ({"MODEL_DIM": "100"}, "MODEL_DIM=100 is not divisible by NUM_HEADS=8"),
-    ({"MOE_MODE": "topk", "TOP_K": "5"}, "TOP_K=5: must be between 1 and NUM_EXPERTS=4"),
-    ({"MOE_MODE": "soft", "MOE_LAYERS": "3,12"}, "MOE_LAYERS: layer 12 is outside 0..10"),
-    ({"NUM_EXPERTS": "8", "TOP_K": "2"}, "NUM_EXPERTS=8, TOP_K=2: no effect with MOE_MODE=none (the dense MLP, the default)"),
-    ({"MOE_MODE": "soft", "NUM_EXPERTS": "5"}, "NUM_EXPERTS=5: the parameter-matched expert size 2048/5 is not whole; set EXPERT_HIDDEN"),
-    ({"MATRIX_BITS": "12"}, "MATRIX_BITS=12: expected 2..8"),
-    ({"QUANT_BITS_MLP": "5"}, "QUANT_BITS_MLP is no longer a knob: use MATRIX_BITS"),
-    ({"COMPRESSOR": "zip"}, "COMPRESSOR='zip': expected one of zstd, brotli"),
-    ({"GPTQ_RESERVE_SECONDS": "700"}, "GPTQ_RESERVE_SECONDS=700.0: must be in [0, MAX_WALLCLOCK_SECONDS=600.0)"),
-    ({"TRAIN_SEQ_LEN": "1000"}, "MICRO_BATCH_TOKENS=98304 (unset: TRAIN_BATCH_TOKENS=786432 / 8) is not a positive multiple of TRAIN_SEQ_LEN=1000"),
-])
+
+@pytest.mark.parametrize(
+    "env,needle",
+    [
+        ({"NUM_LAYERS": "ten"}, "NUM_LAYERS='ten': expected int"),
+        ({"MATRIX_LR": "nan"}, "MATRIX_LR='nan': expected a finite number"),
+        ({"MOE_MODE": "dense"}, "MOE_MODE='dense': expected one of none, soft"),
+        ({"TIE_EMBEDDINGS": "yes"}, "TIE_EMBEDDINGS='yes': expected 0 or 1"),
+        ({"MOE_LAYERS": "1,x"}, "MOE_LAYERS='1,x': expected a comma-separated list"),
+        ({"NUM_LAYER": "12"}, "unknown variable NUM_LAYER: did you mean NUM_LAYERS?"),
+        ({"MODEL_DIM": "100"}, "MODEL_DIM=100 is not divisible by NUM_HEADS=8"),
+        ({"MOE_MODE": "topk", "TOP_K": "5"}, "TOP_K=5: must be between 1 and NUM_EXPERTS=4"),
+        ({"MOE_MODE": "soft", "MOE_LAYERS": "3,12"}, "MOE_LAYERS: layer 12 is outside 0..10"),
+        (
+            {"NUM_EXPERTS": "8", "TOP_K": "2"},
+            "NUM_EXPERTS=8, TOP_K=2: no effect with MOE_MODE=none (the dense MLP, the default)",
+        ),
+        (
+            {"MOE_MODE": "soft", "NUM_EXPERTS": "5"},
+            "NUM_EXPERTS=5: the parameter-matched expert size 2048/5 is not whole; set EXPERT_HIDDEN",
+        ),
+        ({"MATRIX_BITS": "12"}, "MATRIX_BITS=12: expected 2..8"),
+        ({"QUANT_BITS_MLP": "5"}, "QUANT_BITS_MLP is no longer a knob: use MATRIX_BITS"),
+        ({"COMPRESSOR": "zip"}, "COMPRESSOR='zip': expected one of zstd, brotli"),
+        (
+            {"GPTQ_RESERVE_SECONDS": "700"},
+            "GPTQ_RESERVE_SECONDS=700.0: must be in [0, MAX_WALLCLOCK_SECONDS=600.0)",
+        ),
+        (
+            {"TRAIN_SEQ_LEN": "1000"},
+            "MICRO_BATCH_TOKENS=98304 (unset: TRAIN_BATCH_TOKENS=786432 / 8) is not a positive multiple of TRAIN_SEQ_LEN=1000",
+        ),
+    ],
+)
 def test_bad_knobs_fail_naming_the_knob(env, needle):
     with pytest.raises(tg.ConfigError, match=None) as err:
         tg.load_config(env)
@@ -49,7 +66,9 @@ def test_knob_defaults_and_parsing():
     h = tg.load_config({"MOE_MODE": "topk", "MOE_LAYERS": "5,6, 7", "SMEAR_GATE": "0", "EMA_DECAY": "0.997"})
     assert h.moe_mode == "topk" and h.moe_layer_ids == [5, 6, 7] and h.smear_gate is False
     assert h.ema_decay == 0.997 and h.micro_batch_tokens == 786_432 // 8 and h.eval_seq_len == 2048
-    assert tg.load_config({"MOE_MODE": "soft"}).moe_layer_ids == list(range(11))  # empty MOE_LAYERS: every layer
+    assert tg.load_config({"MOE_MODE": "soft"}).moe_layer_ids == list(
+        range(11)
+    )  # empty MOE_LAYERS: every layer
     assert tg.load_config({}).moe_mode == "none" and tg.load_config({}).moe_layer_ids == []
     assert tg.load_config({"MOE_MODE": "soft"}).expert_mlp_hidden == 2048 // 4
 
@@ -69,6 +88,7 @@ def test_readme_documents_every_knob():
 
 # --- shards and loaders ------------------------------------------------------------------------
 
+
 def test_shard_round_trip(tmp_path):
     tokens = np.array([1, 5, 65535, 0, 7], dtype=np.uint16)
     path = write_shard(tmp_path / "fineweb_train_000000.bin", tokens)
@@ -76,11 +96,17 @@ def test_shard_round_trip(tmp_path):
     np.testing.assert_array_equal(tg.read_shard(path), tokens)
 
 
-@pytest.mark.parametrize("kind,needle", [
-    ("magic", "bad magic 123"), ("version", "unsupported shard version 2"),
-    ("truncated", "header promises 10 tokens"), ("extra", "header promises 2 tokens (1028 bytes)"),
-    ("short", "shorter than the 1024-byte shard header"), ("missing", "no such shard file"),
-])
+@pytest.mark.parametrize(
+    "kind,needle",
+    [
+        ("magic", "bad magic 123"),
+        ("version", "unsupported shard version 2"),
+        ("truncated", "header promises 10 tokens"),
+        ("extra", "header promises 2 tokens (1028 bytes)"),
+        ("short", "shorter than the 1024-byte shard header"),
+        ("missing", "no such shard file"),
+    ],
+)
 def test_corrupt_shards_fail_naming_file_and_problem(tmp_path, kind, needle):
     path = tmp_path / "fineweb_train_000000.bin"
     if kind == "magic":
@@ -119,8 +145,10 @@ def test_val_tokens_outside_vocab_fail(tmp_path):
 
 
 def loaders(tmp_path, world, accum, micro=8, seq=4):
-    files = [write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", np.arange(i * 1000, i * 1000 + 300) % 60000)
-             for i in range(2)]
+    files = [
+        write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", np.arange(i * 1000, i * 1000 + 300) % 60000)
+        for i in range(2)
+    ]
     return [tg.TrainLoader(files, r, world, seq, micro, accum, torch.device("cpu")) for r in range(world)]
 
 
@@ -131,7 +159,7 @@ def test_ranks_get_disjoint_spans_of_one_global_batch(tmp_path):
         per_rank = [loader.next_step() for loader in two]
         single = one.next_step()
         seen = [set(x.flatten().tolist()) for batches in per_rank for x, _ in batches]
-        assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1:])
+        assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1 :])
         # rank r's micro-step m is piece m*world + r of the span the one-process run reads in order
         merged = [per_rank[p % 2][p // 2] for p in range(4)]
         for (x1, y1), (x2, y2) in zip(single, merged):
@@ -162,6 +190,7 @@ def test_bpb_bytes_match_decoded_utf8_of_validation_text():
 
 
 # --- model -------------------------------------------------------------------------------------
+
 
 def test_smear_gate_never_mixes_across_bos():
     smear = tg.SmearGate(8)
@@ -207,6 +236,7 @@ def test_model_starts_with_zero_output_projections(tiny_config):
 
 # --- optimizer ---------------------------------------------------------------------------------
 
+
 def test_newton_schulz_is_near_orthogonal():
     torch.manual_seed(0)
     g = torch.randn(64, 128) * torch.logspace(-2, 1, 128)  # widely spread singular values
@@ -241,8 +271,15 @@ def test_lr_schedule_is_a_fraction_of_the_run():
     assert tg.lr_scale(0.99, 0.0) == 1.0
 
 
-@pytest.mark.parametrize("old,new", [("BIGRAM_BUCKETS", "BIGRAM_VOCAB_SIZE"), ("EMA_HORIZON", "EMA_DECAY"),
-                                     ("ALLOW_OVER_BUDGET", "BUDGET_MARGIN=-1"), ("MOE_START_LAYER", "MOE_LAYERS")])
+@pytest.mark.parametrize(
+    "old,new",
+    [
+        ("BIGRAM_BUCKETS", "BIGRAM_VOCAB_SIZE"),
+        ("EMA_HORIZON", "EMA_DECAY"),
+        ("ALLOW_OVER_BUDGET", "BUDGET_MARGIN=-1"),
+        ("MOE_START_LAYER", "MOE_LAYERS"),
+    ],
+)
 def test_replaced_knobs_name_their_successor(old, new):
     with pytest.raises(tg.ConfigError) as err:
         tg.load_config({old: "1"})
@@ -281,12 +318,15 @@ def test_ema_off_equals_raw_weights_and_on_matches_hand_computation(tiny_config,
 
 # --- quantization and artifact -----------------------------------------------------------------
 
-@pytest.mark.parametrize("bits,sigmas,bound", [(8, 4.0, 2e-4), (6, 4.0, 1.5e-3), (6, 12.85, 1.5e-2), (4, 3.0, 3e-2)])
+
+@pytest.mark.parametrize(
+    "bits,sigmas,bound", [(8, 4.0, 2e-4), (6, 4.0, 1.5e-3), (6, 12.85, 1.5e-2), (4, 3.0, 3e-2)]
+)
 def test_quantization_error_within_bound(bits, sigmas, bound):
     """SDClip round-to-nearest: the grid spans +-sigmas row standard deviations; inside it the error is
     at most half a step, and the relative squared error follows from the step."""
     torch.manual_seed(0)
-    w = torch.randn(256, 512) / 512 ** 0.5
+    w = torch.randn(256, 512) / 512**0.5
     q, scale = tg.quantize_matrix(w, None, bits, sigmas)
     assert q.abs().max() <= 2 ** (bits - 1) - 1
     back = tg.dequantize_entry(bits, [q, scale], w.shape)
@@ -301,11 +341,15 @@ def test_pruning_zeroes_the_smallest_weights():
     for H in (None, torch.eye(64) + 0.1):  # round-to-nearest and GPTQ
         q, _ = tg.quantize_matrix(w, H, 8, 4.0, zero)
         assert (q == 0).float().mean() >= 0.25 and (q[zero] == 0).all()
-        assert (q[w.abs() > w.abs().flatten().kthvalue(int(0.3 * w.numel())).values] != 0).float().mean() > 0.95
+        assert (
+            q[w.abs() > w.abs().flatten().kthvalue(int(0.3 * w.numel())).values] != 0
+        ).float().mean() > 0.95
 
 
 def small_quant_config(tiny_config, **env):
-    return tiny_config(**{"MODEL_DIM": 128, "MLP_MULT": 3, "FP16_KEEP_MAX_NUMEL": 1024, "ZSTD_LEVEL": 19, **env})
+    return tiny_config(
+        **{"MODEL_DIM": 128, "MLP_MULT": 3, "FP16_KEEP_MAX_NUMEL": 1024, "ZSTD_LEVEL": 19, **env}
+    )
 
 
 def test_artifact_round_trip_is_bit_exact(tiny_config, tmp_path):
@@ -322,10 +366,16 @@ def test_artifact_round_trip_is_bit_exact(tiny_config, tmp_path):
     assert set(tg.artifact_state(rebuilt)) == set(state)
 
 
-@pytest.mark.parametrize("damage,needle", [
-    ("flip", "corrupt or truncated artifact"), ("truncate", "corrupt or truncated artifact"),
-    ("garbage", "corrupt or truncated artifact"), ("magic", "bad magic"), ("missing", "no such artifact"),
-])
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        ("flip", "corrupt or truncated artifact"),
+        ("truncate", "corrupt or truncated artifact"),
+        ("garbage", "corrupt or truncated artifact"),
+        ("magic", "bad magic"),
+        ("missing", "no such artifact"),
+    ],
+)
 def test_corrupt_artifacts_fail_clearly(tiny_config, tmp_path, damage, needle):
     h = tiny_config(ZSTD_LEVEL=1, COMPRESSOR="zstd")
     path = tmp_path / "m.ptz"
@@ -340,10 +390,19 @@ def test_corrupt_artifacts_fail_clearly(tiny_config, tmp_path, damage, needle):
     elif damage == "magic":  # valid zstd frames whose header is not ours (with a matching checksum)
         import zlib
         import zstandard
-        data = zstandard.ZstdDecompressor().decompress(blob[16 + int.from_bytes(blob[8:12], "little"):])
-        head, crc = zstandard.ZstdCompressor().compress(b"NOTPG" + bytes(100)), zlib.crc32(data, zlib.crc32(b"NOTPG" + bytes(100)))
-        blob = bytearray(blob[:8] + len(head).to_bytes(4, "little") + crc.to_bytes(4, "little") + head
-                         + zstandard.ZstdCompressor().compress(data))
+
+        data = zstandard.ZstdDecompressor().decompress(blob[16 + int.from_bytes(blob[8:12], "little") :])
+        head, crc = (
+            zstandard.ZstdCompressor().compress(b"NOTPG" + bytes(100)),
+            zlib.crc32(data, zlib.crc32(b"NOTPG" + bytes(100))),
+        )
+        blob = bytearray(
+            blob[:8]
+            + len(head).to_bytes(4, "little")
+            + crc.to_bytes(4, "little")
+            + head
+            + zstandard.ZstdCompressor().compress(data)
+        )
     if damage == "missing":
         path.unlink()
     else:
@@ -374,15 +433,18 @@ def test_fit_loop_gets_an_over_cap_model_under_the_cap(tiny_config, tmp_path):
 
 # --- evaluation --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n,seq,stride", [(1001, 100, 10), (1001, 100, 100), (1001, 100, 0), (57, 100, 8),
-                                          (1000, 64, 64), (5000, 128, 50)])
+
+@pytest.mark.parametrize(
+    "n,seq,stride",
+    [(1001, 100, 10), (1001, 100, 100), (1001, 100, 0), (57, 100, 8), (1000, 64, 64), (5000, 128, 50)],
+)
 def test_eval_windows_score_every_target_exactly_once(n, seq, stride):
     windows = tg.eval_windows(n, seq, stride)
     length = min(seq, n - 1)
     scored = np.zeros(n, dtype=int)
     for start, count in windows:
         assert 0 <= start and start + length <= n - 1 and 0 < count <= length
-        scored[start + length - count + 1:start + length + 1] += 1
+        scored[start + length - count + 1 : start + length + 1] += 1
     assert scored[0] == 0 and (scored[1:] == 1).all()
     if stride and len(windows) > 2:
         assert all(c == stride for _, c in windows[1:-1])
@@ -401,7 +463,9 @@ def test_sliding_eval_with_stride_equal_window_equals_plain_eval(tiny_config):
     loss, bpb = tg.evaluate(model.logits, tokens, tables, 64, 64, 5, cpu)
     x, y = tokens[:-1].long().view(16, 64), tokens[1:].long().view(16, 64)
     with torch.no_grad():
-        nll = torch.nn.functional.cross_entropy(model.logits(x).reshape(-1, 1024), y.reshape(-1), reduction="sum")
+        nll = torch.nn.functional.cross_entropy(
+            model.logits(x).reshape(-1, 1024), y.reshape(-1), reduction="sum"
+        )
     n_bytes = tg.target_bytes(x, y, tables).sum()
     assert loss == pytest.approx(nll.item() / y.numel(), rel=1e-6)
     assert bpb == pytest.approx(nll.item() / math.log(2) / n_bytes.item(), rel=1e-6)
@@ -422,8 +486,9 @@ def test_one_parameter_classification_for_optimizer_and_quantizer(tiny_config):
     muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in muon_ids) == (classes[name] in tg.MATRIX_CLASSES), name
-        assert (tg.storage_grid(name, p, h)[0] == 16) == (classes[name] in ("router", "control")
-                                                        or p.numel() <= h.fp16_keep_max_numel), name
+        assert (tg.storage_grid(name, p, h)[0] == 16) == (
+            classes[name] in ("router", "control") or p.numel() <= h.fp16_keep_max_numel
+        ), name
 
 
 def test_artifact_written_with_a_replaced_knob_fails_clearly(tiny_config, tmp_path):

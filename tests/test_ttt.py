@@ -1,4 +1,5 @@
 """Test-time training, evaluation-only runs and per-token losses (issue 12): legality first."""
+
 import copy
 import re
 
@@ -11,11 +12,25 @@ from conftest import TINY_ENV, run_train
 
 CPU = torch.device("cpu")
 # Small and aggressive: a leak of unscored tokens into any update would show at once.
-TTT_ENV = {"TTT_LORA_RANK": "4", "TTT_LORA_LR": "0.01", "TTT_CHUNK_SIZE": "32", "TTT_BATCH_SIZE": "4",
-           "TTT_GRAD_STEPS": "2", "TTT_WEIGHT_DECAY": "0", "PHASED_TTT_PREFIX_DOCS": "4", "PHASED_TTT_NUM_PHASES": "2",
-           "GLOBAL_TTT_LR": "0.05", "GLOBAL_TTT_CHUNK_TOKENS": "256"}
-MODES = [("none", {}), ("soft", {}), ("topk", {}), ("topk", {"MOE_DISPATCH": "capacity", "CAPACITY_FACTOR": "0.8"}),
-         ("shared_routed", {})]
+TTT_ENV = {
+    "TTT_LORA_RANK": "4",
+    "TTT_LORA_LR": "0.01",
+    "TTT_CHUNK_SIZE": "32",
+    "TTT_BATCH_SIZE": "4",
+    "TTT_GRAD_STEPS": "2",
+    "TTT_WEIGHT_DECAY": "0",
+    "PHASED_TTT_PREFIX_DOCS": "4",
+    "PHASED_TTT_NUM_PHASES": "2",
+    "GLOBAL_TTT_LR": "0.05",
+    "GLOBAL_TTT_CHUNK_TOKENS": "256",
+}
+MODES = [
+    ("none", {}),
+    ("soft", {}),
+    ("topk", {}),
+    ("topk", {"MOE_DISPATCH": "capacity", "CAPACITY_FACTOR": "0.8"}),
+    ("shared_routed", {}),
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +50,9 @@ def val_pair():
     P = 700
     changed = val.clone()
     after = (torch.arange(val.numel()) > P) & (val != tg.BOS_ID)
-    changed[after] = (val[after] + torch.randint(3, 1000, (int(after.sum()),), generator=gen).int()) % 1021 + 3
+    changed[after] = (
+        val[after] + torch.randint(3, 1000, (int(after.sum()),), generator=gen).int()
+    ) % 1021 + 3
     return val, changed, P
 
 
@@ -59,7 +76,9 @@ def token_losses(kind: str, model, h, tokens, tables, batch: int) -> torch.Tenso
         h.ttt_batch_size = batch
         tg.ttt_evaluate(copy.deepcopy(model), h, tokens, tables, CPU, token_losses=out, log=lambda msg: None)
     else:
-        tg.evaluate(model.logits, tokens, tables, 128, 0 if kind == "plain" else 32, batch, CPU, token_losses=out)
+        tg.evaluate(
+            model.logits, tokens, tables, 128, 0 if kind == "plain" else 32, batch, CPU, token_losses=out
+        )
     return out
 
 
@@ -121,9 +140,9 @@ def test_ttt_changes_the_scores_and_adapters_start_at_zero(val_pair, tables):
     # (on documents that fit one EVAL_SEQ_LEN window).
     docs, _ = tg.ttt_schedule(val, h)
     for start, n in [d for d in docs if d[1] <= h.eval_seq_len][:4]:
-        x, y = val[start:start + n].long()[None], val[start + 1:start + n + 1].long()[None]
+        x, y = val[start : start + n].long()[None], val[start + 1 : start + n + 1].long()[None]
         plain = torch.nn.functional.cross_entropy(model.logits(x)[0], y[0], reduction="none")
-        assert torch.allclose(frozen[start:start + n], plain.detach(), atol=1e-5)
+        assert torch.allclose(frozen[start : start + n], plain.detach(), atol=1e-5)
 
 
 def test_documents_cover_every_target_once(val_pair):
@@ -142,7 +161,9 @@ def test_documents_cover_every_target_once(val_pair):
 def test_projection_refuses_before_training(tmp_path):
     r = run_train(tmp_path, TTT_ENABLED=1, EVAL_TIME_LIMIT=1e-9, **TTT_ENV)
     assert r.returncode == 2 and "EVAL_TIME_LIMIT" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "logs" / "test.txt").exists()  # failed before training: RUN_ID freed, log kept aside
+    assert not (
+        tmp_path / "logs" / "test.txt"
+    ).exists()  # failed before training: RUN_ID freed, log kept aside
     log = (tmp_path / "logs" / "test.failed1.txt").read_text()
     assert re.search(r"ttt_projection: ~[\d.]+s on 8xH100", log) and "step:1/" not in log
 
@@ -158,11 +179,17 @@ def test_projection_grows_with_the_work(tiny_config, val_pair):
     assert 0 < seconds[0] < seconds[1]  # smaller chunks: more windows over the same documents
 
 
-@pytest.mark.parametrize("env,message", [
-    ({"TTT_LORA_RANK": "0"}, "TTT_LORA_RANK=0"), ({"TTT_BETA2": "1.0"}, "TTT_BETA2=1.0"),
-    ({"GLOBAL_TTT_CHUNK_TOKENS": "64"}, "GLOBAL_TTT_CHUNK_TOKENS=64"),
-    ({"EVAL_ONLY": "1", "ARTIFACT_PATH": "/nonexistent.ptz"}, "ARTIFACT_PATH"),
-    ({"EVAL_TOKEN_LOSSES": __file__}, "EVAL_TOKEN_LOSSES"), ({"EVAL_TOKEN_LOSSES": "/no/such/dir/x.npy"}, "EVAL_TOKEN_LOSSES")])
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"TTT_LORA_RANK": "0"}, "TTT_LORA_RANK=0"),
+        ({"TTT_BETA2": "1.0"}, "TTT_BETA2=1.0"),
+        ({"GLOBAL_TTT_CHUNK_TOKENS": "64"}, "GLOBAL_TTT_CHUNK_TOKENS=64"),
+        ({"EVAL_ONLY": "1", "ARTIFACT_PATH": "/nonexistent.ptz"}, "ARTIFACT_PATH"),
+        ({"EVAL_TOKEN_LOSSES": __file__}, "EVAL_TOKEN_LOSSES"),
+        ({"EVAL_TOKEN_LOSSES": "/no/such/dir/x.npy"}, "EVAL_TOKEN_LOSSES"),
+    ],
+)
 def test_bad_knobs_name_themselves(tiny_config, env, message):
     with pytest.raises(tg.ConfigError, match=re.escape(message)):
         tiny_config(**env)
@@ -190,8 +217,16 @@ def test_eval_only_reproduces_the_run_and_writes_token_losses(trained):
     assert abs(float(sliding.mean(dtype=np.float64)) - final_line(text, "sliding_window")[0]) < 1e-6
 
     ttt_losses = tmp_path / "ttt.npy"
-    again = run_train(tmp_path, RUN_ID="again", EVAL_ONLY=1, ARTIFACT_PATH=artifact, VAL_TOKEN_LIMIT=2048,
-                      TTT_ENABLED=1, EVAL_TOKEN_LOSSES=ttt_losses, **TTT_ENV)
+    again = run_train(
+        tmp_path,
+        RUN_ID="again",
+        EVAL_ONLY=1,
+        ARTIFACT_PATH=artifact,
+        VAL_TOKEN_LIMIT=2048,
+        TTT_ENABLED=1,
+        EVAL_TOKEN_LOSSES=ttt_losses,
+        **TTT_ENV,
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     text2 = (tmp_path / "logs" / "again.txt").read_text()
     assert "step:" not in text2 and "eval_only artifact:" in text2
@@ -201,11 +236,18 @@ def test_eval_only_reproduces_the_run_and_writes_token_losses(trained):
     assert text2.index("final_quant_zstd_sliding") < text2.index("final_quant_zstd_ttt")
     per_token = np.load(ttt_losses)
     assert per_token.shape == (2048,) and abs(float(per_token.mean(dtype=np.float64)) - ttt[0]) < 1e-6
-    events = [e for e in map(__import__("json").loads, (tmp_path / "logs" / "again.jsonl").read_text().splitlines())
-              if e["event"] == "final"]
-    assert [e["mode"] for e in events] == ["plain", "sliding", "ttt"] and events[-1]["val_bpb"] == pytest.approx(ttt[1])
+    events = [
+        e
+        for e in map(__import__("json").loads, (tmp_path / "logs" / "again.jsonl").read_text().splitlines())
+        if e["event"] == "final"
+    ]
+    assert [e["mode"] for e in events] == ["plain", "sliding", "ttt"] and events[-1][
+        "val_bpb"
+    ] == pytest.approx(ttt[1])
     # Nothing is overwritten, and a missing artifact is one clear line.
-    refused = run_train(tmp_path, RUN_ID="third", EVAL_ONLY=1, ARTIFACT_PATH=artifact, EVAL_TOKEN_LOSSES=ttt_losses)
+    refused = run_train(
+        tmp_path, RUN_ID="third", EVAL_ONLY=1, ARTIFACT_PATH=artifact, EVAL_TOKEN_LOSSES=ttt_losses
+    )
     missing = run_train(tmp_path, RUN_ID="fourth", EVAL_ONLY=1, ARTIFACT_PATH=tmp_path / "none.ptz")
     for r, knob in ((refused, "EVAL_TOKEN_LOSSES"), (missing, "ARTIFACT_PATH")):
         assert r.returncode == 2 and knob in r.stderr and "Traceback" not in r.stderr

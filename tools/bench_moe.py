@@ -11,6 +11,7 @@ reference of the ratio column. After timing, each compiled mode runs a few steps
 routings (random, skewed, collapsed onto one expert); any recompile or graph break fails the run
 (exit status 1). Without CUDA it runs a tiny CPU smoke test whose timings mean nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,10 +53,18 @@ ROUTER_SCALES = (1.0, 8.0, 0.0)
 
 def build_layer(mode: str, dim: int, hidden: int, device: torch.device) -> nn.Module:
     """The MLP sub-layer train_gpt.py builds for `mode`, with random (not zero) weights and router."""
-    env = {"MODEL_DIM": str(dim), "MLP_MULT": repr(hidden / dim), "NUM_HEADS": "1", "NUM_KV_HEADS": "1", **MODES[mode]}
+    env = {
+        "MODEL_DIM": str(dim),
+        "MLP_MULT": repr(hidden / dim),
+        "NUM_HEADS": "1",
+        "NUM_KV_HEADS": "1",
+        **MODES[mode],
+    }
     h = train_gpt.load_config(env)
     if h.mlp_hidden != hidden:
-        raise SystemExit(f"--hidden {hidden} is not MLP_MULT x --dim {dim} for any float MLP_MULT (got {h.mlp_hidden})")
+        raise SystemExit(
+            f"--hidden {hidden} is not MLP_MULT x --dim {dim} for any float MLP_MULT (got {h.mlp_hidden})"
+        )
     layer = train_gpt.make_mlp(h, 0).to(device)
     # Zero-initialised projections and router (the training init) would route every token alike.
     with torch.no_grad():
@@ -69,6 +78,7 @@ def forward_fn(layer: nn.Module):
         out = layer(x)
         aux = getattr(layer, "aux_terms", [])  # the MoE layer's weighted z- and aux losses of this forward
         return out, (torch.stack(aux).sum() if aux else None)
+
     return forward
 
 
@@ -86,6 +96,7 @@ def make_step(layer: nn.Module, compiled: bool, backend: str, device: torch.devi
             outputs.append(aux)
             grads.append(torch.ones_like(aux))
         torch.autograd.backward(outputs, grads)
+
     return step
 
 
@@ -122,7 +133,9 @@ def router_scaled(layer: nn.Module, scale: float):
             router.copy_(saved)
 
 
-def vary_routing(step, layer: nn.Module, shape: tuple[int, int], grad: torch.Tensor, device: torch.device) -> None:
+def vary_routing(
+    step, layer: nn.Module, shape: tuple[int, int], grad: torch.Tensor, device: torch.device
+) -> None:
     """Steps on fresh inputs under each routing variant: none of them may trigger a recompile."""
     for scale in ROUTER_SCALES:
         with router_scaled(layer, scale):
@@ -132,7 +145,9 @@ def vary_routing(step, layer: nn.Module, shape: tuple[int, int], grad: torch.Ten
 def compile_counts() -> dict[str, int]:
     # With fullgraph=True every compilation yields exactly one graph, so graphs - 1 = recompiles.
     graphs = counters["stats"]["unique_graphs"]
-    return dict(graphs=graphs, recompiles=max(graphs - 1, 0), graph_breaks=sum(counters["graph_break"].values()))
+    return dict(
+        graphs=graphs, recompiles=max(graphs - 1, 0), graph_breaks=sum(counters["graph_break"].values())
+    )
 
 
 def bench_mode(mode: str, args, device: torch.device) -> dict:
@@ -161,8 +176,11 @@ def bench_mode(mode: str, args, device: torch.device) -> dict:
 def problems(result: dict) -> list[str]:
     if "error" in result:
         return [f"{result['mode']}: {result['error']}"]
-    found = [f"{result['mode']}: {result[key]} {key.replace('_', ' ')}" for key in ("recompiles", "graph_breaks")
-             if result.get(key)]
+    found = [
+        f"{result['mode']}: {result[key]} {key.replace('_', ' ')}"
+        for key in ("recompiles", "graph_breaks")
+        if result.get(key)
+    ]
     if result.get("graphs", 1) != 1:
         found.append(f"{result['mode']}: {result['graphs']} graphs (expected exactly 1)")
     return found
@@ -176,20 +194,32 @@ def format_table(results: list[dict]) -> str:
         if "error" in r:
             rows.append([r["mode"], "-", "FAILED", "-", "-", "-", "-", "-"])
             continue
-        rows.append([r["mode"], str(r["params"]), f"{r['ms']:.3f}",
-                     f"{r['ms'] / dense_ms:.2f}" if dense_ms else "-",
-                     *(str(r.get(k, "-")) for k in ("graphs", "recompiles", "graph_breaks", "peak_mib"))])
+        rows.append(
+            [
+                r["mode"],
+                str(r["params"]),
+                f"{r['ms']:.3f}",
+                f"{r['ms'] / dense_ms:.2f}" if dense_ms else "-",
+                *(str(r.get(k, "-")) for k in ("graphs", "recompiles", "graph_breaks", "peak_mib")),
+            ]
+        )
     return layout(header, rows)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokens", type=int, help="rows per step (CUDA default 65536, CPU 256)")
     parser.add_argument("--dim", type=int, help="model width (CUDA default 512, CPU 64)")
     parser.add_argument("--hidden", type=int, help="dense MLP hidden size (CUDA default 1536, CPU 128)")
-    parser.add_argument("--iters", type=int, help="timed steps; the median is reported (CUDA default 20, CPU 3)")
+    parser.add_argument(
+        "--iters", type=int, help="timed steps; the median is reported (CUDA default 20, CPU 3)"
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first, compilation included")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of: {', '.join(MODES)}")
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated subset of: {', '.join(MODES)}"
+    )
     parser.add_argument("--no-compile", action="store_true", help="eager mode (no compile counts)")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -203,10 +233,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def describe_setup(args, device: torch.device) -> str:
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU smoke test (no CUDA): timings mean nothing"
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else "CPU smoke test (no CUDA): timings mean nothing"
+    )
     how = "eager" if args.no_compile else f"torch.compile({args.backend}, fullgraph, static shapes)"
-    return (f"{where}; torch {torch.__version__}; {args.tokens} tokens x {args.dim}, hidden {args.hidden}; "
-            f"bf16 autocast, {how}; median of {args.iters} after {args.warmup} warm-up steps")
+    return (
+        f"{where}; torch {torch.__version__}; {args.tokens} tokens x {args.dim}, hidden {args.hidden}; "
+        f"bf16 autocast, {how}; median of {args.iters} after {args.warmup} warm-up steps"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,18 +258,25 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results.append(bench_mode(mode, args, device))
         except Exception as err:  # a mode that fails to build or compile is reported, not fatal to the others
-            results.append(dict(mode=mode, error=f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"))
+            results.append(
+                dict(mode=mode, error=f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}")
+            )
         done = results[-1]
         print(f"  {mode}: " + (done["error"] if "error" in done else f"{done['ms']:.3f} ms"), flush=True)
     print(format_table(results))
     if args.json:
         shape = dict(tokens=args.tokens, dim=args.dim, hidden=args.hidden)
-        args.json.write_text(json.dumps(dict(setup=setup, shape=shape, compiled=not args.no_compile, results=results), indent=1))
+        args.json.write_text(
+            json.dumps(
+                dict(setup=setup, shape=shape, compiled=not args.no_compile, results=results), indent=1
+            )
+        )
     found = [p for r in results for p in problems(r)]
     if found:
         print("FAILED: " + "; ".join(found), file=sys.stderr)
         return 1
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,6 +14,7 @@ time-weighted tokens/s per GPU with the loops switched on at ENABLE_LOOPING_AT, 
 goal of 1.0M tokens/s per GPU. train_gpt.py imports zstandard: on a bare GPU machine install the
 wheel first (docs/gpu_runs.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,21 @@ import train_gpt  # noqa: E402
 
 GOAL_TOKENS_PER_S = 1.0e6  # per GPU over the whole run (issue 10)
 # A tiny stack with every mechanism on (layers 1-2 looped, lanes in layer 3), for CPU smoke runs.
-TINY = {"VOCAB_SIZE": "1024", "NUM_LAYERS": "4", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
-        "MLP_MULT": "2", "TRAIN_SEQ_LEN": "128", "TRAIN_BATCH_TOKENS": "2048", "MICRO_BATCH_TOKENS": "256",
-        "LOOP_START": "1", "LOOP_END": "2", "PARALLEL_START_LAYER": "3", "ROPE_DIMS": "8"}
+TINY = {
+    "VOCAB_SIZE": "1024",
+    "NUM_LAYERS": "4",
+    "MODEL_DIM": "64",
+    "NUM_HEADS": "4",
+    "NUM_KV_HEADS": "2",
+    "MLP_MULT": "2",
+    "TRAIN_SEQ_LEN": "128",
+    "TRAIN_BATCH_TOKENS": "2048",
+    "MICRO_BATCH_TOKENS": "256",
+    "LOOP_START": "1",
+    "LOOP_END": "2",
+    "PARALLEL_START_LAYER": "3",
+    "ROPE_DIMS": "8",
+}
 
 
 def parse_args(argv=None):
@@ -42,7 +55,9 @@ def parse_args(argv=None):
     parser.add_argument("--tiny", action="store_true", help="tiny shape on the CPU (a smoke run)")
     parser.add_argument("--iters", type=int, default=None, help="timed steps per phase (CUDA 20, tiny 3)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per phase (compilation)")
-    parser.add_argument("--backend", default=None, help="torch.compile backend (CUDA inductor, CPU aot_eager)")
+    parser.add_argument(
+        "--backend", default=None, help="torch.compile backend (CUDA inductor, CPU aot_eager)"
+    )
     parser.add_argument("--json", help="also write the results here")
     return parser.parse_args(argv)
 
@@ -73,6 +88,7 @@ def make_step(model, compiled, optimizers, h, device):
             opt.step()
             opt.zero_grad(set_to_none=True)
         train_gpt.collect_routing_stats(model, h.router_bias_rate, 1)
+
     return step
 
 
@@ -105,8 +121,10 @@ def main(argv=None) -> int:
     compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=backend)
     step = make_step(model, compiled, optimizers, h, device)
     peak = train_gpt.peak_flops(device)
-    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} backend {backend} "
-          f"micro_batch {h.micro_batch_tokens} tokens x {h.train_seq_len} seq, moe_mode {h.moe_mode}")
+    print(
+        f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} backend {backend} "
+        f"micro_batch {h.micro_batch_tokens} tokens x {h.train_seq_len} seq, moe_mode {h.moe_mode}"
+    )
     results, ok = [], True
     for looping in sorted({False, h.num_loops > 0}):
         model.set_looping(looping)
@@ -118,25 +136,37 @@ def main(argv=None) -> int:
         tokens_per_s = h.micro_batch_tokens / (ms / 1000)
         flops = train_gpt.flops_per_token(model, h, looping)
         graphs = counters["stats"]["unique_graphs"] - graphs_before
-        row = dict(phase="loops_on" if looping else "loops_off", ms_per_step=ms, tokens_per_s=tokens_per_s,
-                   flops_per_token=flops, mfu=tokens_per_s * flops / peak if peak else None, graphs=graphs)
+        row = dict(
+            phase="loops_on" if looping else "loops_off",
+            ms_per_step=ms,
+            tokens_per_s=tokens_per_s,
+            flops_per_token=flops,
+            mfu=tokens_per_s * flops / peak if peak else None,
+            graphs=graphs,
+        )
         results.append(row)
         ok &= graphs == 1
         mfu = f" mfu:{100 * row['mfu']:.1f}%" if peak else ""
         if device.type == "cuda":
             row["peak_mib"] = torch.cuda.max_memory_allocated(device) // 2**20
             mfu += f" peak_mem:{row['peak_mib']}MiB"
-        print(f"phase:{row['phase']} ms_per_step:{ms:.2f} tok/s:{tokens_per_s:.0f}{mfu} graphs:{graphs} "
-              f"(median of {iters}, after {args.warmup} warm-up steps)")
+        print(
+            f"phase:{row['phase']} ms_per_step:{ms:.2f} tok/s:{tokens_per_s:.0f}{mfu} graphs:{graphs} "
+            f"(median of {iters}, after {args.warmup} warm-up steps)"
+        )
     off_share = h.enable_looping_at if h.num_loops > 0 and h.enable_looping_at < 1 else 1.0
     average = off_share * results[0]["tokens_per_s"] + (1 - off_share) * results[-1]["tokens_per_s"]
-    print(f"run_average tok/s_per_gpu:{average:.0f} goal:{GOAL_TOKENS_PER_S:.0f} "
-          f"{'MET' if average >= GOAL_TOKENS_PER_S else 'NOT MET'} (loops from {off_share:.0%} of the wall clock)")
+    print(
+        f"run_average tok/s_per_gpu:{average:.0f} goal:{GOAL_TOKENS_PER_S:.0f} "
+        f"{'MET' if average >= GOAL_TOKENS_PER_S else 'NOT MET'} (loops from {off_share:.0%} of the wall clock)"
+    )
     if counters["graph_break"]:
         print(f"graph breaks: {dict(counters['graph_break'])}")
         ok = False
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(phases=results, run_average_tokens_per_s=average), indent=1))
+        Path(args.json).write_text(
+            json.dumps(dict(phases=results, run_average_tokens_per_s=average), indent=1)
+        )
     if not ok:
         print("FAILED: expected exactly one graph per phase and no graph breaks")
     return 0 if ok else 1

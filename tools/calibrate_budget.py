@@ -7,6 +7,7 @@ them alone and reports bits per parameter; likewise for the fp16 row scales and 
 preview measures each grid on a seeded Gaussian matrix at start-up (train_gpt.grid_bits_per_param)
 and uses the constants SCALE_BITS and FP16_BITS for scales and fp16 tensors: compare with these.
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -27,12 +28,16 @@ def measure(paths: list[str], compressor: str, level: int) -> dict[str, tuple[in
                 groups.setdefault(key, []).append(t.numpy().tobytes())
                 counts[key] = counts.get(key, 0) + t.numel()
     compress = train_gpt.COMPRESSORS[compressor][1]
-    return {key: (counts[key], 8 * len(compress(b"".join(parts), level)) / max(counts[key], 1))
-            for key, parts in sorted(groups.items())}
+    return {
+        key: (counts[key], 8 * len(compress(b"".join(parts), level)) / max(counts[key], 1))
+        for key, parts in sorted(groups.items())
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("artifacts", nargs="+")
     parser.add_argument("--compressor", default="brotli", choices=list(train_gpt.COMPRESSORS))
     parser.add_argument("--level", type=int, default=22, help="zstd level")

@@ -1,6 +1,7 @@
 """Rules every tool shares, in one place: statistics over seeds, table layout, file hashes and the
 MoE configurations that the study and the benchmark compare. (The score rule and the pre-quant
 fallback live with the log reader, in tools/runlog.py.) Light: no torch import."""
+
 from __future__ import annotations
 
 import hashlib

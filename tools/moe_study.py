@@ -22,6 +22,7 @@ manifest.json, README.md, findings_data.md, submission.json + the smallest artif
 byte-matched arm, routing-analysis.png and expert-by-class.png (tools/routing_analysis.py and
 tools/routing_report.py on the artifact of --plot-arm), routing/*.json and plots/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,15 +56,31 @@ TAG = "study"
 # same first VAL_TOKEN_LIMIT validation tokens for every arm, plain round-trip windows (EVAL_STRIDE=0:
 # sliding windows cost 4x on CPU), eager mode.
 STUDY_SHAPE: dict[str, str] = {
-    "VOCAB_SIZE": "1024", "NUM_LAYERS": "4", "MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+    "VOCAB_SIZE": "1024",
+    "NUM_LAYERS": "4",
+    "MODEL_DIM": "128",
+    "NUM_HEADS": "4",
+    "NUM_KV_HEADS": "2",
     "MLP_MULT": "4",
-    "TRAIN_SEQ_LEN": "256", "TRAIN_BATCH_TOKENS": "8192", "MICRO_BATCH_TOKENS": "8192",
-    "ITERATIONS": "256", "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "0", "TRAIN_LOG_EVERY": "16",
-    "VAL_LOSS_EVERY": "0", "VAL_TOKEN_LIMIT": "262144", "EVAL_STRIDE": "0", "COMPILE": "0",
+    "TRAIN_SEQ_LEN": "256",
+    "TRAIN_BATCH_TOKENS": "8192",
+    "MICRO_BATCH_TOKENS": "8192",
+    "ITERATIONS": "256",
+    "MAX_WALLCLOCK_SECONDS": "0",
+    "WARMUP_STEPS": "0",
+    "TRAIN_LOG_EVERY": "16",
+    "VAL_LOSS_EVERY": "0",
+    "VAL_TOKEN_LIMIT": "262144",
+    "EVAL_STRIDE": "0",
+    "COMPILE": "0",
     # The record stack scaled to 4 layers: XSA everywhere (11 of 11), parallel lanes in the last layer
     # (8.. of 11), the middle layers looped once more after 35% of the run (the record loops 3-5 twice
     # more; one extra pass keeps a CPU run within minutes). BigramHash stays off, as in the default.
-    "XSA_LAST_N": "4", "PARALLEL_START_LAYER": "3", "NUM_LOOPS": "1", "LOOP_START": "1", "LOOP_END": "2",
+    "XSA_LAST_N": "4",
+    "PARALLEL_START_LAYER": "3",
+    "NUM_LOOPS": "1",
+    "LOOP_START": "1",
+    "LOOP_END": "2",
     # Quantization (GPTQ int6 / int7 embedding + LQER + brotli) and evaluation (no test-time training)
     # are the defaults: the study measures what a user runs.
 }
@@ -76,12 +93,14 @@ ALPHA = 0.05  # one-sided Welch test level for "beats dense" and "worse than den
 # a win at the small scale may not survive the 16 MB cap, so it is not adopted.
 PARAMS_TOLERANCE = 0.01
 BYTES_TOLERANCE = 0.05
-VERDICT_RULE = (f"adopt: a byte-matched MoE arm (soft4, topk4, shared_routed, topk4_nobalance; mean parameters "
-                f"within {PARAMS_TOLERANCE:.0%} and mean artifact bytes within {BYTES_TOLERANCE:.0%} of dense's) "
-                f"has a lower mean round-trip val_bpb than dense with "
-                f"one-sided Welch p < {ALPHA}; never: every byte-matched MoE arm is worse than dense with "
-                f"one-sided Welch p < {ALPHA}; defer: anything else (within noise, or too few seeds). "
-                f"The context arm ({', '.join(NOT_BYTE_MATCHED)}) is never a candidate: it breaks the byte cap's parity.")
+VERDICT_RULE = (
+    f"adopt: a byte-matched MoE arm (soft4, topk4, shared_routed, topk4_nobalance; mean parameters "
+    f"within {PARAMS_TOLERANCE:.0%} and mean artifact bytes within {BYTES_TOLERANCE:.0%} of dense's) "
+    f"has a lower mean round-trip val_bpb than dense with "
+    f"one-sided Welch p < {ALPHA}; never: every byte-matched MoE arm is worse than dense with "
+    f"one-sided Welch p < {ALPHA}; defer: anything else (within noise, or too few seeds). "
+    f"The context arm ({', '.join(NOT_BYTE_MATCHED)}) is never a candidate: it breaks the byte cap's parity."
+)
 MARKER = "<!-- written by tools/moe_study.py from the logs in runs/; rerun `collect` to refresh -->"
 # Knobs that may differ between sessions without changing the run (where the files are).
 PATH_KNOBS = ("DATA_PATH", "TOKENIZER_PATH", "LOG_DIR", "RUN_ID", "ARTIFACT_PATH")
@@ -125,7 +144,10 @@ def arm_configs(names: list[str], shape: dict[str, str]) -> dict[str, dict[str, 
 
 def plan(args) -> tuple[list[proxy_study.Run], dict[str, dict[str, str]], dict[str, str]]:
     """The runs, seed by seed (so an interrupted study holds whole seeds), the arms and the common env."""
-    data, tokenizer = Path(args.data).resolve(), Path(args.tokenizer or Path(args.data) / "proxy_1024_bpe.model").resolve()
+    data, tokenizer = (
+        Path(args.data).resolve(),
+        Path(args.tokenizer or Path(args.data) / "proxy_1024_bpe.model").resolve(),
+    )
     if not data.is_dir():
         raise StudyError(f"--data {args.data}: no such folder (unpack the proxy corpus with its prepare.sh)")
     if not tokenizer.is_file():
@@ -138,11 +160,15 @@ def plan(args) -> tuple[list[proxy_study.Run], dict[str, dict[str, str]], dict[s
     arms = arm_configs([a for a in args.arms.split(",") if a], shape)
     more_arms = [a for a in args.more_arms.split(",") if a] if more_seeds else []
     if more_seeds and ("dense" not in more_arms or not set(more_arms) <= set(arms)):
-        raise StudyError(f"--more-arms {args.more_arms!r}: must name dense (the per-seed baseline) and arms of --arms")
+        raise StudyError(
+            f"--more-arms {args.more_arms!r}: must name dense (the per-seed baseline) and arms of --arms"
+        )
     common = {"DATA_PATH": str(data), "TOKENIZER_PATH": str(tokenizer), **shape, "OMP_NUM_THREADS": "1"}
     try:
         runs = proxy_study.plan_runs(arms, seeds, common, TAG, runs_dir(args.out))
-        runs += proxy_study.plan_runs({a: arms[a] for a in more_arms}, more_seeds, common, TAG, runs_dir(args.out))
+        runs += proxy_study.plan_runs(
+            {a: arms[a] for a in more_arms}, more_seeds, common, TAG, runs_dir(args.out)
+        )
     except proxy_study.StudyError as err:
         raise StudyError(str(err)) from None
     order = seeds + more_seeds
@@ -181,9 +207,11 @@ def prepare_script(out: Path, script: Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(script, copy)
     elif sha256_file(copy) != sha256_file(script):
-        raise StudyError(f"{copy} differs from {script}: the study's runs must share one script. To continue "
-                         f"with the folder's copy pass --script {copy}; to start over on the new script, move "
-                         f"the folder away")
+        raise StudyError(
+            f"{copy} differs from {script}: the study's runs must share one script. To continue "
+            f"with the folder's copy pass --script {copy}; to start over on the new script, move "
+            f"the folder away"
+        )
     return copy
 
 
@@ -216,15 +244,20 @@ def finished(run: proxy_study.Run, logs: Path) -> dict | None:
     differ = [k for k, v in arm_env(run).items() if k not in config or not same_knob(config[k], v)]
     if differ:
         shown = ", ".join(f"{k}={config.get(k)!r} (planned {run.env[k]})" for k in differ[:6])
-        raise StudyError(f"{logs / run.run_id}.txt is a finished run of another recipe: {shown}. Use another "
-                         "--out, or the same knobs")
+        raise StudyError(
+            f"{logs / run.run_id}.txt is a finished run of another recipe: {shown}. Use another "
+            "--out, or the same knobs"
+        )
     return row
 
 
 def quarantine(run: proxy_study.Run, logs: Path, reason: str, tail: list[str] | None = None) -> Path | None:
     """Moves a failed or interrupted run's files to runs/failed/<run id>-<n>/ with reason.json."""
-    files = sorted(p for p in logs.glob(f"{run.run_id}*") if p.is_file()
-                   and p.name[len(run.run_id):].split(".")[0] in ("", "_model", "_routing"))
+    files = sorted(
+        p
+        for p in logs.glob(f"{run.run_id}*")
+        if p.is_file() and p.name[len(run.run_id) :].split(".")[0] in ("", "_model", "_routing")
+    )
     if not files:
         return None
     n = 1
@@ -234,8 +267,19 @@ def quarantine(run: proxy_study.Run, logs: Path, reason: str, tail: list[str] | 
     dest.mkdir(parents=True)
     for path in files:
         path.rename(dest / path.name)
-    (dest / "reason.json").write_text(json.dumps(dict(run_id=run.run_id, arm=run.name, seed=run.seed, reason=reason,
-                                                      tail=tail or [], time=time.strftime("%Y-%m-%d %H:%M:%S")), indent=1))
+    (dest / "reason.json").write_text(
+        json.dumps(
+            dict(
+                run_id=run.run_id,
+                arm=run.name,
+                seed=run.seed,
+                reason=reason,
+                tail=tail or [],
+                time=time.strftime("%Y-%m-%d %H:%M:%S"),
+            ),
+            indent=1,
+        )
+    )
     return dest
 
 
@@ -245,14 +289,18 @@ def run_one(run: proxy_study.Run, command: list[str], logs: Path, timeout: float
     row = proxy_study.collect(run, logs, outcome)
     if row["status"] != "ok":
         where = quarantine(run, logs, row.get("reason", "failed"), row.get("tail"))
-        say(f"{label} {run.run_id}: FAILED ({row.get('reason')}) after {outcome['wall_s']} s; files in {where}\n  "
-            + "\n  ".join(row.get("tail") or ["(no output)"]))
+        say(
+            f"{label} {run.run_id}: FAILED ({row.get('reason')}) after {outcome['wall_s']} s; files in {where}\n  "
+            + "\n  ".join(row.get("tail") or ["(no output)"])
+        )
     else:
         out, log = logs / f"{run.run_id}.out", logs / f"{run.run_id}.txt"
         if out.is_file() and out.read_bytes() == log.read_bytes():  # the console said nothing the log lacks
             out.unlink()
-        say(f"{label} {run.run_id}: ok in {outcome['wall_s']} s, val_bpb {cell(row.get('score'))}, "
-            f"{cell(row.get('ms_per_step'), 1)} ms/step")
+        say(
+            f"{label} {run.run_id}: ok in {outcome['wall_s']} s, val_bpb {cell(row.get('score'))}, "
+            f"{cell(row.get('ms_per_step'), 1)} ms/step"
+        )
     return row
 
 
@@ -278,8 +326,10 @@ def folder_lock(logs: Path):
     runs in progress aside as interrupted. A lock whose process is gone is taken over."""
     lock = logs / ".lock"
     if process_alive(lock):
-        raise StudyError(f"{lock}: another moe_study.py run (pid {lock.read_text().strip()}) is using this "
-                         "folder; wait for it to end")
+        raise StudyError(
+            f"{lock}: another moe_study.py run (pid {lock.read_text().strip()}) is using this "
+            "folder; wait for it to end"
+        )
     lock.write_text(str(os.getpid()))
     try:
         yield
@@ -310,18 +360,25 @@ def run_missing(args, todo: list[proxy_study.Run], script: Path, logs: Path) -> 
     labels = [f"[{i}/{len(todo)}]" for i in range(1, len(todo) + 1)]
     pool = ThreadPoolExecutor(max_workers=args.jobs)
     try:
-        rows = list(pool.map(lambda rl: run_one(rl[0], command, logs, args.timeout, rl[1]), zip(todo, labels)))
+        rows = list(
+            pool.map(lambda rl: run_one(rl[0], command, logs, args.timeout, rl[1]), zip(todo, labels))
+        )
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: no orphaned training may go on writing into the folder
         pool.shutdown(wait=False, cancel_futures=True)
         for pid in proxy_study.descendants(os.getpid()):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         pool.shutdown(wait=True)
-        raise StudyError("interrupted: the runs in progress were stopped and set aside in runs/failed/; "
-                         "the same command resumes the study") from None
+        raise StudyError(
+            "interrupted: the runs in progress were stopped and set aside in runs/failed/; "
+            "the same command resumes the study"
+        ) from None
     pool.shutdown(wait=True)
     failed = [r["run_id"] for r in rows if r["status"] != "ok"]
-    say(f"ran {len(rows)}: {len(rows) - len(failed)} ok" + (f", failed: {', '.join(failed)}" if failed else ""))
+    say(
+        f"ran {len(rows)}: {len(rows) - len(failed)} ok"
+        + (f", failed: {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 
@@ -345,7 +402,10 @@ def welch(dense: list[float], arm: list[float]) -> dict:
 
 def within(values: list, reference: list, tolerance: float) -> bool:
     """Whether the mean of values is within a relative tolerance of the mean of reference."""
-    mean, ref = mean_std([v for v in values if v is not None])[0], mean_std([v for v in reference if v is not None])[0]
+    mean, ref = (
+        mean_std([v for v in values if v is not None])[0],
+        mean_std([v for v in reference if v is not None])[0],
+    )
     return mean is not None and bool(ref) and abs(mean - ref) <= tolerance * ref
 
 
@@ -356,45 +416,83 @@ def decide(arms: dict[str, dict], tests: dict[str, dict]) -> tuple[str, str]:
         return "defer", "no byte-matched MoE arm and dense both finished"
 
     def matched(arm: str) -> bool:
-        return all(within(arms[arm][key], arms["dense"][key], tol)
-                   for key, tol in (("params", PARAMS_TOLERANCE), ("artifact_bytes", BYTES_TOLERANCE)))
+        return all(
+            within(arms[arm][key], arms["dense"][key], tol)
+            for key, tol in (("params", PARAMS_TOLERANCE), ("artifact_bytes", BYTES_TOLERANCE))
+        )
 
     beat = [a for a in candidates if tests[a]["p_better"] is not None and tests[a]["p_better"] < ALPHA]
     wins = [a for a in beat if matched(a)]
     if wins:
         return "adopt", f"{', '.join(wins)} beat(s) dense at p < {ALPHA} with equal bytes"
     if beat:
-        return "defer", f"{', '.join(beat)} beat(s) dense at p < {ALPHA} but not at equal bytes (see the rule)"
+        return (
+            "defer",
+            f"{', '.join(beat)} beat(s) dense at p < {ALPHA} but not at equal bytes (see the rule)",
+        )
     if all(tests[a]["p_worse"] is not None and tests[a]["p_worse"] < ALPHA for a in candidates):
-        return "never", f"every byte-matched MoE arm ({', '.join(candidates)}) is worse than dense at p < {ALPHA}"
-    return "defer", "no byte-matched MoE arm beats dense beyond noise, and not every one is worse beyond noise"
+        return (
+            "never",
+            f"every byte-matched MoE arm ({', '.join(candidates)}) is worse than dense at p < {ALPHA}",
+        )
+    return (
+        "defer",
+        "no byte-matched MoE arm beats dense beyond noise, and not every one is worse beyond noise",
+    )
 
 
 # ---------------------------------------------------------------------------- collecting
 
 
-METRICS = (("val_bpb", "score"), ("pre_quant_val_bpb", "val_bpb_prequant"), ("ms_per_step", "ms_per_step"),
-           ("artifact_bytes", "artifact_bytes"), ("total_bytes", "total_bytes"), ("params", "params"),
-           ("active_params", "active_params"), ("steps", "steps"), ("dead_experts", "dead"),
-           ("router_entropy", "entropy"), ("max_load", "max_load"))
+METRICS = (
+    ("val_bpb", "score"),
+    ("pre_quant_val_bpb", "val_bpb_prequant"),
+    ("ms_per_step", "ms_per_step"),
+    ("artifact_bytes", "artifact_bytes"),
+    ("total_bytes", "total_bytes"),
+    ("params", "params"),
+    ("active_params", "active_params"),
+    ("steps", "steps"),
+    ("dead_experts", "dead"),
+    ("router_entropy", "entropy"),
+    ("max_load", "max_load"),
+)
 
 
 def arm_results(name: str, env: dict[str, str], rows: list[dict], dense_ms: dict[int, float]) -> dict:
     """One arm of manifest.json: per-seed lists over its finished runs (seed order), means and stds."""
     ok = [r for r in rows if r["name"] == name and r["status"] == "ok"]
-    result = dict(env=env, seeds=[r["seed"] for r in ok], runs=[r["run_id"] for r in ok],
-                  logs=[f"runs/{r['run_id']}.txt" for r in ok])
+    result = dict(
+        env=env,
+        seeds=[r["seed"] for r in ok],
+        runs=[r["run_id"] for r in ok],
+        logs=[f"runs/{r['run_id']}.txt" for r in ok],
+    )
     for key, source in METRICS:
         result[key] = [r.get(source) for r in ok]
     result["ms_per_step_ratio_to_dense"] = [
         r["ms_per_step"] / dense_ms[r["seed"]] if r.get("ms_per_step") and dense_ms.get(r["seed"]) else None
-        for r in ok]
+        for r in ok
+    ]
     result["load_std_per_layer"] = [[layer["load_std"] for layer in r.get("routing", [])] for r in ok]
     result["load_std"] = [mean_std(v)[0] for v in result["load_std_per_layer"]]
-    result["quant_gap"] = [None if a is None or b is None else a - b
-                           for a, b in zip(result["val_bpb"], result["pre_quant_val_bpb"])]
-    for key in ("val_bpb", "pre_quant_val_bpb", "quant_gap", "ms_per_step", "ms_per_step_ratio_to_dense",
-                "artifact_bytes", "params", "load_std", "dead_experts", "router_entropy", "max_load"):
+    result["quant_gap"] = [
+        None if a is None or b is None else a - b
+        for a, b in zip(result["val_bpb"], result["pre_quant_val_bpb"])
+    ]
+    for key in (
+        "val_bpb",
+        "pre_quant_val_bpb",
+        "quant_gap",
+        "ms_per_step",
+        "ms_per_step_ratio_to_dense",
+        "artifact_bytes",
+        "params",
+        "load_std",
+        "dead_experts",
+        "router_entropy",
+        "max_load",
+    ):
         values = [v for v in result[key] if v is not None]
         result[f"{key}_mean"], result[f"{key}_std"] = mean_std(values)
     result["byte_matched"] = name not in NOT_BYTE_MATCHED
@@ -415,35 +513,58 @@ def failures(logs: Path) -> list[dict]:
 def build_manifest(args, runs, arms, common) -> dict:
     logs = runs_dir(args.out)
     rows = [proxy_study.collect(run, logs) for run in runs]
-    dense_ms = {r["seed"]: r["ms_per_step"] for r in rows if r["name"] == "dense" and r["status"] == "ok"
-                and r.get("ms_per_step")}
+    dense_ms = {
+        r["seed"]: r["ms_per_step"]
+        for r in rows
+        if r["name"] == "dense" and r["status"] == "ok" and r.get("ms_per_step")
+    }
     first = {run.name: run for run in reversed(runs)}
     results = {name: arm_results(name, arm_env(first[name]), rows, dense_ms) for name in arms}
-    tests = {name: welch(results["dense"]["val_bpb"], results[name]["val_bpb"]) for name in arms if name != "dense"}
+    tests = {
+        name: welch(results["dense"]["val_bpb"], results[name]["val_bpb"]) for name in arms if name != "dense"
+    }
     verdict, why = decide(results, tests)
     shape = {k: v for k, v in common.items() if k not in ("DATA_PATH", "TOKENIZER_PATH", "OMP_NUM_THREADS")}
     tokens = int(shape["ITERATIONS"]) * int(shape["TRAIN_BATCH_TOKENS"])
     return dict(
         study="matched MoE vs dense MLP, CPU, proxy corpus (NOT FineWeb: val_bpb here is not comparable with "
-              "challenge scores)",
-        data=dict(path=common["DATA_PATH"], tokenizer=common["TOKENIZER_PATH"], corpus="proxy_sp1024",
-                  val_token_limit=int(shape.get("VAL_TOKEN_LIMIT", 0)), train_tokens_per_run=tokens),
-        shape=shape, seeds=sorted({r.seed for r in runs}), arms=results,
-        p_values={name: t["p_better"] for name, t in tests.items()}, welch=tests,
-        verdict=verdict, verdict_reason=why, verdict_rule=VERDICT_RULE, alpha=ALPHA,
-        planned_runs=len(runs), finished_runs=sum(r["status"] == "ok" for r in rows),
-        missing_runs=[r["run_id"] for r in rows if r["status"] != "ok"], failed_attempts=failures(logs),
-        command=reproduce_command(args))
+        "challenge scores)",
+        data=dict(
+            path=common["DATA_PATH"],
+            tokenizer=common["TOKENIZER_PATH"],
+            corpus="proxy_sp1024",
+            val_token_limit=int(shape.get("VAL_TOKEN_LIMIT", 0)),
+            train_tokens_per_run=tokens,
+        ),
+        shape=shape,
+        seeds=sorted({r.seed for r in runs}),
+        arms=results,
+        p_values={name: t["p_better"] for name, t in tests.items()},
+        welch=tests,
+        verdict=verdict,
+        verdict_reason=why,
+        verdict_rule=VERDICT_RULE,
+        alpha=ALPHA,
+        planned_runs=len(runs),
+        finished_runs=sum(r["status"] == "ok" for r in rows),
+        missing_runs=[r["run_id"] for r in rows if r["status"] != "ok"],
+        failed_attempts=failures(logs),
+        command=reproduce_command(args),
+    )
 
 
 def reproduce_command(args) -> str:
     seeds = args.seeds
-    extra = "".join(f" --env {e}" for e in args.env) + ("" if args.arms == ",".join(ARM_NAMES) else f" --arms {args.arms}")
+    extra = "".join(f" --env {e}" for e in args.env) + (
+        "" if args.arms == ",".join(ARM_NAMES) else f" --arms {args.arms}"
+    )
     extra += f" --more-seeds {args.more_seeds} --more-arms {args.more_arms}" if args.more_seeds else ""
     out = os.path.relpath(args.out, REPO) if args.out.is_relative_to(REPO) else str(args.out)
     # The folder's own copy: the exact script of its logs, whatever train_gpt.py has become since.
-    return (f"python3 tools/moe_study.py run --data {args.data} --out {out} --seeds {seeds} --jobs {args.jobs}{extra}"
-            f" --script {out}/{SCRIPT}")
+    return (
+        f"python3 tools/moe_study.py run --data {args.data} --out {out} --seeds {seeds} --jobs {args.jobs}{extra}"
+        f" --script {out}/{SCRIPT}"
+    )
 
 
 # ---------------------------------------------------------------------------- the submission
@@ -467,16 +588,29 @@ def write_submission(args, manifest: dict) -> dict | None:
     records.check_scores(runs, records.TRACKS[1], allow_partial_eval=True)
     code_bytes = records.check_script(args.out / SCRIPT, runs)
     with_artifact = [(r, logs / f"{r.config['RUN_ID']}_model.ptz") for r in runs]
-    with_artifact = [(r, a) for r, a in with_artifact if a.is_file() and r.artifact_bytes + code_bytes <= records.CAP_BYTES]
+    with_artifact = [
+        (r, a) for r, a in with_artifact if a.is_file() and r.artifact_bytes + code_bytes <= records.CAP_BYTES
+    ]
     if not with_artifact:
-        raise StudyError(f"arm {name}: no artifact under the cap in {logs} (artifacts are kept beside the logs)")
+        raise StudyError(
+            f"arm {name}: no artifact under the cap in {logs} (artifacts are kept beside the logs)"
+        )
     best, artifact = min(with_artifact, key=lambda ra: (ra[0].artifact_bytes, ra[0].seed))
     records.check_artifacts([best], [artifact], code_bytes, records.CAP_BYTES)
-    opts = SimpleNamespace(check_data=manifest["data"]["path"], check_tokenizer=manifest["data"]["tokenizer"],
-                           check_tokens=min(16384, manifest["data"]["val_token_limit"] or 16384), check_stride=0,
-                           batch_seqs=32, author="moe_study", github_id="moe_study", name=args.out.name,
-                           blurb=f"MoE vs dense study: best byte-matched arm {name} (proxy corpus, not FineWeb)",
-                           date=time.strftime("%Y-%m-%d"), track=records.TRACKS[1], cap=records.CAP_BYTES)
+    opts = SimpleNamespace(
+        check_data=manifest["data"]["path"],
+        check_tokenizer=manifest["data"]["tokenizer"],
+        check_tokens=min(16384, manifest["data"]["val_token_limit"] or 16384),
+        check_stride=0,
+        batch_seqs=32,
+        author="moe_study",
+        github_id="moe_study",
+        name=args.out.name,
+        blurb=f"MoE vs dense study: best byte-matched arm {name} (proxy corpus, not FineWeb)",
+        date=time.strftime("%Y-%m-%d"),
+        track=records.TRACKS[1],
+        cap=records.CAP_BYTES,
+    )
     module = records.load_script(args.out / SCRIPT)
     check = records.quick_check(opts, module, best, artifact)
     for old in args.out.glob("model_seed*.ptz"):  # the previous best artifact, if the best arm changed
@@ -510,9 +644,14 @@ def routing_plots(args, manifest: dict) -> list[dict]:
         if name == "dense" or not artifacts:
             continue
         run_id = artifacts[0].name.removesuffix("_model.ptz")
-        report = routing_analysis.analyse_artifact(str(artifacts[0]), manifest["data"]["path"],
-                                                   manifest["data"]["tokenizer"], int(shape["VAL_TOKEN_LIMIT"]),
-                                                   batch_seqs=64, seq_len=int(shape["TRAIN_SEQ_LEN"]))
+        report = routing_analysis.analyse_artifact(
+            str(artifacts[0]),
+            manifest["data"]["path"],
+            manifest["data"]["tokenizer"],
+            int(shape["VAL_TOKEN_LIMIT"]),
+            batch_seqs=64,
+            seq_len=int(shape["TRAIN_SEQ_LEN"]),
+        )
         report["run_id"] = run_id
         (args.out / "routing" / f"{run_id}_routing.json").write_text(json.dumps(report, indent=1))
         routing_report.plot_load(report, args.out / "plots" / f"{name}-load.png")
@@ -539,35 +678,66 @@ def pm(arm: dict, key: str, digits: int = 4) -> str:
 def arms_table(manifest: dict) -> str:
     """Markdown: per arm mean ± std over seeds, the difference to dense and the Welch p-value."""
     dense = manifest["arms"].get("dense", {})
-    rows = ["| arm | runs | val_bpb (round trip) | vs dense | p (beats dense) | pre-quant val_bpb | quant gap | "
-            "ms/step | x dense | params | artifact bytes | x dense | load std | dead | entropy |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| arm | runs | val_bpb (round trip) | vs dense | p (beats dense) | pre-quant val_bpb | quant gap | "
+        "ms/step | x dense | params | artifact bytes | x dense | load std | dead | entropy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, arm in manifest["arms"].items():
-        delta = None if arm["val_bpb_mean"] is None or dense.get("val_bpb_mean") is None \
+        delta = (
+            None
+            if arm["val_bpb_mean"] is None or dense.get("val_bpb_mean") is None
             else arm["val_bpb_mean"] - dense["val_bpb_mean"]
+        )
         p = manifest["p_values"].get(name)
-        size_ratio = None if not dense.get("artifact_bytes_mean") or arm["artifact_bytes_mean"] is None \
+        size_ratio = (
+            None
+            if not dense.get("artifact_bytes_mean") or arm["artifact_bytes_mean"] is None
             else arm["artifact_bytes_mean"] / dense["artifact_bytes_mean"]
-        rows.append(f"| {name}{'' if arm['byte_matched'] else ' (4x bytes)'} | {len(arm['seeds'])} | "
-                    f"{pm(arm, 'val_bpb')} | {'-' if delta is None else f'{delta:+.4f}'} | "
-                    f"{'-' if p is None else f'{p:.3g}'} | {pm(arm, 'pre_quant_val_bpb')} | {pm(arm, 'quant_gap')} | "
-                    f"{pm(arm, 'ms_per_step', 1)} | {pm(arm, 'ms_per_step_ratio_to_dense', 2)} | "
-                    f"{cell(arm['params_mean'], 0)} | {cell(arm['artifact_bytes_mean'], 0)} | {cell(size_ratio, 3)} | "
-                    f"{pm(arm, 'load_std', 3)} | {cell(arm['dead_experts_mean'], 1)} | {pm(arm, 'router_entropy', 3)} |")
+        )
+        rows.append(
+            f"| {name}{'' if arm['byte_matched'] else ' (4x bytes)'} | {len(arm['seeds'])} | "
+            f"{pm(arm, 'val_bpb')} | {'-' if delta is None else f'{delta:+.4f}'} | "
+            f"{'-' if p is None else f'{p:.3g}'} | {pm(arm, 'pre_quant_val_bpb')} | {pm(arm, 'quant_gap')} | "
+            f"{pm(arm, 'ms_per_step', 1)} | {pm(arm, 'ms_per_step_ratio_to_dense', 2)} | "
+            f"{cell(arm['params_mean'], 0)} | {cell(arm['artifact_bytes_mean'], 0)} | {cell(size_ratio, 3)} | "
+            f"{pm(arm, 'load_std', 3)} | {cell(arm['dead_experts_mean'], 1)} | {pm(arm, 'router_entropy', 3)} |"
+        )
     return "\n".join(rows)
 
 
 def runs_table(manifest: dict) -> str:
-    header = ["run", "val_bpb", "prequant", "ms/step", "x dense", "params", "artifact", "maxload", "dead",
-              "entropy", "load std per layer"]
+    header = [
+        "run",
+        "val_bpb",
+        "prequant",
+        "ms/step",
+        "x dense",
+        "params",
+        "artifact",
+        "maxload",
+        "dead",
+        "entropy",
+        "load std per layer",
+    ]
     body = []
     for arm in manifest["arms"].values():
         for i, run_id in enumerate(arm["runs"]):
-            body.append([run_id, cell(arm["val_bpb"][i]), cell(arm["pre_quant_val_bpb"][i]),
-                         cell(arm["ms_per_step"][i], 1), cell(arm["ms_per_step_ratio_to_dense"][i], 2),
-                         cell(arm["params"][i]), cell(arm["artifact_bytes"][i]), cell(arm["max_load"][i], 2),
-                         cell(arm["dead_experts"][i]), cell(arm["router_entropy"][i], 3),
-                         ",".join(f"{v:.3f}" for v in arm["load_std_per_layer"][i]) or "-"])
+            body.append(
+                [
+                    run_id,
+                    cell(arm["val_bpb"][i]),
+                    cell(arm["pre_quant_val_bpb"][i]),
+                    cell(arm["ms_per_step"][i], 1),
+                    cell(arm["ms_per_step_ratio_to_dense"][i], 2),
+                    cell(arm["params"][i]),
+                    cell(arm["artifact_bytes"][i]),
+                    cell(arm["max_load"][i], 2),
+                    cell(arm["dead_experts"][i]),
+                    cell(arm["router_entropy"][i], 3),
+                    ",".join(f"{v:.3f}" for v in arm["load_std_per_layer"][i]) or "-",
+                ]
+            )
     return format_table(header, body) if body else "(no finished run)"
 
 
@@ -577,8 +747,11 @@ def class_table(analysed: list[dict]) -> str:
     lines = []
     for entry in analysed:
         report = entry["report"]
-        lines.append(f"\n{entry['arm']} ({entry['run_id']}, {report['tokens']} validation tokens; class sizes "
-                     + ", ".join(f"{c} {n}" for c, n in report["classes"].items()) + ")\n")
+        lines.append(
+            f"\n{entry['arm']} ({entry['run_id']}, {report['tokens']} validation tokens; class sizes "
+            + ", ".join(f"{c} {n}" for c, n in report["classes"].items())
+            + ")\n"
+        )
         header = ["layer", "expert", "load", "top class (lift)", "2nd class (lift)", "frequent/rare lift"]
         body = []
         for layer in report["layers"]:
@@ -586,8 +759,16 @@ def class_table(analysed: list[dict]) -> str:
                 lift = {c: v[e] / share for c, v in layer["class_load"].items() if share > 0}
                 kinds = sorted((c for c in lift if c not in ("frequent", "rare")), key=lambda c: -lift[c])
                 top = [f"{c} ({lift[c]:.2f})" for c in kinds[:2]] + ["-", "-"]
-                body.append([str(layer["layer"]), str(e), f"{share:.3f}", top[0], top[1],
-                             f"{lift.get('frequent', math.nan):.2f}/{lift.get('rare', math.nan):.2f}"])
+                body.append(
+                    [
+                        str(layer["layer"]),
+                        str(e),
+                        f"{share:.3f}",
+                        top[0],
+                        top[1],
+                        f"{lift.get('frequent', math.nan):.2f}/{lift.get('rare', math.nan):.2f}",
+                    ]
+                )
         lines.append("```\n" + format_table(header, body) + "\n```")
     return "\n".join(lines) if lines else "(no MoE artifact analysed)"
 
@@ -614,30 +795,32 @@ def render_readme(args, manifest: dict, sub: dict | None) -> str:
 def readme_head(args, manifest: dict) -> str:
     """Title, the not-FineWeb warning, the verdict, what was run and the one command."""
     shape, data = manifest["shape"], manifest["data"]
-    arms = "\n".join(f"| `{n}` | {' '.join(f'{k}={v}' for k, v in a['env'].items() if k not in shape)} |"
-                     for n, a in manifest["arms"].items())
+    arms = "\n".join(
+        f"| `{n}` | {' '.join(f'{k}={v}' for k, v in a['env'].items() if k not in shape)} |"
+        for n, a in manifest["arms"].items()
+    )
     return f"""{MARKER}
 # MoE vs dense MLP: a matched study on CPU (proxy corpus, not FineWeb)
 
 > **Not FineWeb.** Every number here is on the proxy corpus (`../shared/data/proxy_sp1024`: English web
-> and Wikipedia text with its own 1,024-token tokenizer), on the first {data['val_token_limit']:,} validation
+> and Wikipedia text with its own 1,024-token tokenizer), on the first {data["val_token_limit"]:,} validation
 > tokens, at a small shape on CPU. They compare the arms with each other; they are not challenge scores.
 
-Does a Mixture-of-Experts MLP beat the dense MLP at equal artifact bytes? {len(manifest['arms'])} arms x seeds
-{args.seeds.replace(',', ', ')}{more_seeds_text(args)}, each run the same data, steps, schedules and evaluation.
-**Verdict: {manifest['verdict']}** ({manifest['verdict_reason']}).
+Does a Mixture-of-Experts MLP beat the dense MLP at equal artifact bytes? {len(manifest["arms"])} arms x seeds
+{args.seeds.replace(",", ", ")}{more_seeds_text(args)}, each run the same data, steps, schedules and evaluation.
+**Verdict: {manifest["verdict"]}** ({manifest["verdict_reason"]}).
 
-Rule: {manifest['verdict_rule']}
+Rule: {manifest["verdict_rule"]}
 
 ## What was run
 
 - Script: `train_gpt.py` in this folder (the one every log ran; `code_sha256` in each log).
 - Machine: {environment(args.out, manifest)}; runs {args.jobs} at a time, one thread each, on a shared
   2-core machine, so ms/step is noisy and CPU ratios do not carry over to GPUs.
-- Data: proxy corpus at `{data['path']}`, {data['train_tokens_per_run']:,} training tokens per run
-  (ITERATIONS x TRAIN_BATCH_TOKENS), scored on the first {data['val_token_limit']:,} validation tokens
+- Data: proxy corpus at `{data["path"]}`, {data["train_tokens_per_run"]:,} training tokens per run
+  (ITERATIONS x TRAIN_BATCH_TOKENS), scored on the first {data["val_token_limit"]:,} validation tokens
   (`VAL_TOKEN_LIMIT`, the same for every arm) with plain windows (`EVAL_STRIDE=0`).
-- Knobs of every run (the rest: train_gpt.py's defaults): `{' '.join(f'{k}={v}' for k, v in shape.items())}`
+- Knobs of every run (the rest: train_gpt.py's defaults): `{" ".join(f"{k}={v}" for k, v in shape.items())}`
 - Arms (experts parameter-matched to the dense MLP, except the context arm's, each as wide as the
   dense MLP: the dense model's active FLOPs with 4x its MLP bytes):
 
@@ -648,8 +831,8 @@ Rule: {manifest['verdict_rule']}
 ## Reproduce
 
 ```sh
-sh ../shared/data/proxy_sp1024/prepare.sh {data['path']}
-{manifest['command']}
+sh ../shared/data/proxy_sp1024/prepare.sh {data["path"]}
+{manifest["command"]}
 ```
 
 The command runs this folder's `train_gpt.py`, the exact script of every log, and skips runs whose
@@ -662,21 +845,31 @@ a new folder and keep `--script` pointing here (the script is copied there).
 def more_seeds_text(args) -> str:
     if not args.more_seeds:
         return ""
-    return (f", and seeds {args.more_seeds.replace(',', ', ')} for {', '.join(args.more_arms.split(','))} only "
-            "(where the spread over the first seeds hid the difference)")
+    return (
+        f", and seeds {args.more_seeds.replace(',', ', ')} for {', '.join(args.more_arms.split(','))} only "
+        "(where the spread over the first seeds hid the difference)"
+    )
 
 
 def readme_results(args, manifest: dict, sub: dict | None) -> str:
     """The results table, the plots and the files."""
     data = manifest["data"]
-    submission = (f"`submission.json` describes the best byte-matched arm, **{sub['arm']}** (lowest mean "
-                  f"val_bpb), with its smallest artifact `{sub['verify_check']['artifact']}` "
-                  f"({sub['bytes_total']:,} bytes with the code, under the 16,000,000-byte cap)."
-                  if sub else "No submission yet: no finished run.")
-    missing = f"\n\nNot finished yet: {', '.join(manifest['missing_runs'])}." if manifest["missing_runs"] else ""
-    failed = (f"\n\nFailed attempts (kept in `runs/failed/`): "
-              + ", ".join(f"{f['run_id']} ({f['reason']})" for f in manifest["failed_attempts"])
-              if manifest["failed_attempts"] else "")
+    submission = (
+        f"`submission.json` describes the best byte-matched arm, **{sub['arm']}** (lowest mean "
+        f"val_bpb), with its smallest artifact `{sub['verify_check']['artifact']}` "
+        f"({sub['bytes_total']:,} bytes with the code, under the 16,000,000-byte cap)."
+        if sub
+        else "No submission yet: no finished run."
+    )
+    missing = (
+        f"\n\nNot finished yet: {', '.join(manifest['missing_runs'])}." if manifest["missing_runs"] else ""
+    )
+    failed = (
+        "\n\nFailed attempts (kept in `runs/failed/`): "
+        + ", ".join(f"{f['run_id']} ({f['reason']})" for f in manifest["failed_attempts"])
+        if manifest["failed_attempts"]
+        else ""
+    )
     folder = os.path.relpath(args.out, REPO) if args.out.is_relative_to(REPO) else args.out
     return f"""
 ## Results
@@ -693,7 +886,7 @@ Per run and per layer: `findings_data.md`; everything as JSON: `manifest.json`.
 {speed_section(args)}
 ## Routing
 
-`routing-analysis.png`: load share per expert per layer of the `{manifest['plot_arm'] or '(none yet)'}` artifact on
+`routing-analysis.png`: load share per expert per layer of the `{manifest["plot_arm"] or "(none yet)"}` artifact on
 validation text (uniform, skewed or dead experts?). `expert-by-class.png`: the share of each token class (word start,
 continuation, digit, punctuation, byte fallback; frequent and rare tokens) each expert takes. `plots/` has
 the same for every MoE arm, `routing/` the statistics (tools/routing_analysis.py, tools/routing_report.py).
@@ -705,7 +898,7 @@ artifacts stay out of git by `.gitignore`, except the one below); `manifest.json
 {submission}
 
 ```sh
-python3 tools/records.py verify {folder} --data {data['path']} --tokenizer {data['tokenizer']}
+python3 tools/records.py verify {folder} --data {data["path"]} --tokenizer {data["tokenizer"]}
 ```
 """
 
@@ -719,12 +912,12 @@ def speed_section(args) -> str:
     return f"""
 ## Speed, measured alone (CPU)
 
-The ms/step above ran two at a time on a shared machine. This measured it again: {speed['method']};
-load average {speed['load_average_before_after'][0]:.2f} before, {speed['load_average_before_after'][1]:.2f} after
+The ms/step above ran two at a time on a shared machine. This measured it again: {speed["method"]};
+load average {speed["load_average_before_after"][0]:.2f} before, {speed["load_average_before_after"][1]:.2f} after
 (one run alone is 1). Runs in `{SPEED_DIR}/`, numbers in `{SPEED_JSON}`:
 
 ```sh
-{speed['command']}
+{speed["command"]}
 ```
 
 ```
@@ -735,26 +928,78 @@ load average {speed['load_average_before_after'][0]:.2f} before, {speed['load_av
 
 def render_findings_data(manifest: dict, analysed: list[dict]) -> str:
     dense = manifest["arms"].get("dense", {})
-    lines = [MARKER, "# Findings data (facts for findings.md; proxy corpus, not FineWeb)", "",
-             f"Verdict by rule: **{manifest['verdict']}** ({manifest['verdict_reason']}).", "",
-             "## Per arm", "", arms_table(manifest), "", "## Welch tests against dense (one-sided, val_bpb)", "",
-             "```", format_table(["arm", "dense - arm", "t", "df", "p (arm better)", "p (arm worse)"], [
-                 [n, cell(t["improvement"], 5), cell(t["t"], 3), cell(t["df"], 2), cell(t["p_better"]),
-                  cell(t["p_worse"])] for n, t in manifest["welch"].items()]), "```", "",
-             "## Parameters and bytes relative to dense", "", "```"]
+    lines = [
+        MARKER,
+        "# Findings data (facts for findings.md; proxy corpus, not FineWeb)",
+        "",
+        f"Verdict by rule: **{manifest['verdict']}** ({manifest['verdict_reason']}).",
+        "",
+        "## Per arm",
+        "",
+        arms_table(manifest),
+        "",
+        "## Welch tests against dense (one-sided, val_bpb)",
+        "",
+        "```",
+        format_table(
+            ["arm", "dense - arm", "t", "df", "p (arm better)", "p (arm worse)"],
+            [
+                [
+                    n,
+                    cell(t["improvement"], 5),
+                    cell(t["t"], 3),
+                    cell(t["df"], 2),
+                    cell(t["p_better"]),
+                    cell(t["p_worse"]),
+                ]
+                for n, t in manifest["welch"].items()
+            ],
+        ),
+        "```",
+        "",
+        "## Parameters and bytes relative to dense",
+        "",
+        "```",
+    ]
     body = []
     for name, arm in manifest["arms"].items():
-        ratio = [None if not dense.get(f"{k}_mean") or arm[f"{k}_mean"] is None else arm[f"{k}_mean"] / dense[f"{k}_mean"]
-                 for k in ("params", "artifact_bytes")]
-        body.append([name, cell(arm["params_mean"], 0), cell(ratio[0], 3), cell(arm["artifact_bytes_mean"], 0),
-                     cell(ratio[1], 3), cell(mean_std([v for v in arm["active_params"] if v])[0], 0)])
-    lines += [format_table(["arm", "params", "x dense", "artifact bytes", "x dense", "active matmul params/token"], body),
-              "```", "", "## Every run", "", "```", runs_table(manifest), "```", "",
-              "## Expert x token class (lift > 1: the expert takes more than its share of that class)", "",
-              class_table(analysed), ""]
+        ratio = [
+            None
+            if not dense.get(f"{k}_mean") or arm[f"{k}_mean"] is None
+            else arm[f"{k}_mean"] / dense[f"{k}_mean"]
+            for k in ("params", "artifact_bytes")
+        ]
+        body.append(
+            [
+                name,
+                cell(arm["params_mean"], 0),
+                cell(ratio[0], 3),
+                cell(arm["artifact_bytes_mean"], 0),
+                cell(ratio[1], 3),
+                cell(mean_std([v for v in arm["active_params"] if v])[0], 0),
+            ]
+        )
+    lines += [
+        format_table(
+            ["arm", "params", "x dense", "artifact bytes", "x dense", "active matmul params/token"], body
+        ),
+        "```",
+        "",
+        "## Every run",
+        "",
+        "```",
+        runs_table(manifest),
+        "```",
+        "",
+        "## Expert x token class (lift > 1: the expert takes more than its share of that class)",
+        "",
+        class_table(analysed),
+        "",
+    ]
     if manifest["failed_attempts"]:
-        lines += ["## Failed attempts", ""] + [f"- {f['run_id']}: {f['reason']} ({f['files']})"
-                                                for f in manifest["failed_attempts"]]
+        lines += ["## Failed attempts", ""] + [
+            f"- {f['run_id']}: {f['reason']} ({f['files']})" for f in manifest["failed_attempts"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -779,8 +1024,10 @@ def measure_speed(args, arms: dict[str, dict[str, str]], common: dict[str, str])
     names, plan, rows = list(arms), [], []
     for r in range(1, args.repeats + 1):
         k = (r - 1) % len(names)
-        plan += [(r, proxy_study.plan_runs({n: arms[n]}, [1337], env, f"speed_r{r}", folder)[0])
-                 for n in names[k:] + names[:k]]
+        plan += [
+            (r, proxy_study.plan_runs({n: arms[n]}, [1337], env, f"speed_r{r}", folder)[0])
+            for n in names[k:] + names[:k]
+        ]
     if args.dry_run:
         for _, run in plan:
             say(proxy_study.shell_line(run, [args.python, str(script)]))
@@ -788,11 +1035,21 @@ def measure_speed(args, arms: dict[str, dict[str, str]], common: dict[str, str])
     load = [os.getloadavg()[0]]
     for r, run in plan:
         row = run_one(run, [args.python, str(script)], folder, args.timeout, f"[round {r}/{args.repeats}]")
-        rows.append(dict(round=r, arm=run.name, run_id=run.run_id, status=row["status"], ms_per_step=row.get("ms_per_step")))
+        rows.append(
+            dict(
+                round=r,
+                arm=run.name,
+                run_id=run.run_id,
+                status=row["status"],
+                ms_per_step=row.get("ms_per_step"),
+            )
+        )
     load.append(os.getloadavg()[0])
     result = speed_summary(rows, names, load, args.speed_steps)
-    result["command"] = (reproduce_command(args).replace(" run ", " speed ", 1)
-                         + f" --speed-steps {args.speed_steps} --repeats {args.repeats}")
+    result["command"] = (
+        reproduce_command(args).replace(" run ", " speed ", 1)
+        + f" --speed-steps {args.speed_steps} --repeats {args.repeats}"
+    )
     (args.out / SPEED_JSON).write_text(json.dumps(result, indent=1) + "\n")
     print(speed_table(result))
     return 0 if all(r["status"] == "ok" for r in rows) else 1
@@ -806,18 +1063,37 @@ def speed_summary(rows: list[dict], names: list[str], load: list[float], steps: 
         ms = [r["ms_per_step"] for r in mine]
         ratio = [r["ms_per_step"] / dense[r["round"]] for r in mine if r["round"] in dense]
         (ms_mean, ms_std), (ratio_mean, ratio_std) = mean_std(ms), mean_std(ratio)
-        arms[name] = dict(ms_per_step=ms, ratio_to_dense=ratio, ms_per_step_mean=ms_mean, ms_per_step_std=ms_std,
-                          ratio_mean=ratio_mean, ratio_std=ratio_std)
-    return dict(method=f"one run at a time, {steps} steps each, rounds in rotated arm order, ratio to dense "
-                       "within a round; CPU (does not carry over to GPUs)",
-                load_average_before_after=load, runs=rows, arms=arms)
+        arms[name] = dict(
+            ms_per_step=ms,
+            ratio_to_dense=ratio,
+            ms_per_step_mean=ms_mean,
+            ms_per_step_std=ms_std,
+            ratio_mean=ratio_mean,
+            ratio_std=ratio_std,
+        )
+    return dict(
+        method=f"one run at a time, {steps} steps each, rounds in rotated arm order, ratio to dense "
+        "within a round; CPU (does not carry over to GPUs)",
+        load_average_before_after=load,
+        runs=rows,
+        arms=arms,
+    )
 
 
 def speed_table(speed: dict) -> str:
     header = ["arm", "runs", "ms/step", "x dense"]
-    return format_table(header, [[n, str(len(a["ms_per_step"])), f"{cell(a['ms_per_step_mean'], 1)} ± "
-                                  f"{cell(a['ms_per_step_std'], 1)}", f"{cell(a['ratio_mean'], 3)} ± {cell(a['ratio_std'], 3)}"]
-                                 for n, a in speed["arms"].items()])
+    return format_table(
+        header,
+        [
+            [
+                n,
+                str(len(a["ms_per_step"])),
+                f"{cell(a['ms_per_step_mean'], 1)} ± {cell(a['ms_per_step_std'], 1)}",
+                f"{cell(a['ratio_mean'], 3)} ± {cell(a['ratio_std'], 3)}",
+            ]
+            for n, a in speed["arms"].items()
+        ],
+    )
 
 
 # ---------------------------------------------------------------------------- entry point
@@ -828,7 +1104,9 @@ def finalize(args, runs, arms, common) -> int:
     manifest = build_manifest(args, runs, arms, common)
     folder = args.out
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / ".gitignore").write_text("# artifacts stay out of git, except the submission's model_seed*.ptz\nruns/*.ptz\nruns/.lock\nspeed/*.ptz\n")
+    (folder / ".gitignore").write_text(
+        "# artifacts stay out of git, except the submission's model_seed*.ptz\nruns/*.ptz\nruns/.lock\nspeed/*.ptz\n"
+    )
     sub = write_submission(args, manifest) if (folder / SCRIPT).is_file() else None
     manifest["best_arm"] = sub["arm"] if sub else None
     manifest["plot_arm"] = None
@@ -840,33 +1118,68 @@ def finalize(args, runs, arms, common) -> int:
     print(f"\nverdict: {manifest['verdict']} ({manifest['verdict_reason']})")
     if sub is None:
         return 1
-    checks = records.verify(SimpleNamespace(folder=str(folder), data=None, tokenizer=None, token_limit=0,
-                                            tolerance=None, device="cpu", batch_seqs=32, cap=records.CAP_BYTES))
+    checks = records.verify(
+        SimpleNamespace(
+            folder=str(folder),
+            data=None,
+            tokenizer=None,
+            token_limit=0,
+            tolerance=None,
+            device="cpu",
+            batch_seqs=32,
+            cap=records.CAP_BYTES,
+        )
+    )
     bad = [c for c in checks if c.status == "FAIL"]
-    print(f"records.py verify {folder}: " + ("PASSED" if not bad else "FAILED\n  " + "\n  ".join(map(str, bad))))
+    print(
+        f"records.py verify {folder}: " + ("PASSED" if not bad else "FAILED\n  " + "\n  ".join(map(str, bad)))
+    )
     return 1 if bad else 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("run", "collect", "speed"),
-                        help="run: run what is missing, then collect; collect: only rebuild the outputs from the "
-                             "logs; speed: ms/step of every arm measured alone (speed.json), then collect")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "command",
+        choices=("run", "collect", "speed"),
+        help="run: run what is missing, then collect; collect: only rebuild the outputs from the "
+        "logs; speed: ms/step of every arm measured alone (speed.json), then collect",
+    )
     parser.add_argument("--data", required=True, help="the unpacked proxy corpus (prepare.sh DEST)")
     parser.add_argument("--tokenizer", help="default DATA/proxy_1024_bpe.model")
-    parser.add_argument("--out", required=True, type=Path, help="the study folder (records/track_non_record_16mb/...)")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="the study folder (records/track_non_record_16mb/...)"
+    )
     parser.add_argument("--seeds", default="1337,1338,1339")
-    parser.add_argument("--arms", default=",".join(ARM_NAMES), help=f"comma-separated, of {', '.join(ARM_NAMES)}")
-    parser.add_argument("--more-seeds", default="", help="extra seeds for --more-arms only, where the spread over "
-                                                          "--seeds hides a difference")
-    parser.add_argument("--more-arms", default="dense,soft4", help="the arms of --more-seeds; must include dense")
+    parser.add_argument(
+        "--arms", default=",".join(ARM_NAMES), help=f"comma-separated, of {', '.join(ARM_NAMES)}"
+    )
+    parser.add_argument(
+        "--more-seeds",
+        default="",
+        help="extra seeds for --more-arms only, where the spread over --seeds hides a difference",
+    )
+    parser.add_argument(
+        "--more-arms", default="dense,soft4", help="the arms of --more-seeds; must include dense"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a STUDY_SHAPE knob for every run (tests, what-ifs)")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a STUDY_SHAPE knob for every run (tests, what-ifs)",
+    )
     parser.add_argument("--script", type=Path, default=REPO / SCRIPT, help="the train_gpt.py to copy and run")
     parser.add_argument("--python", default=sys.executable)
-    parser.add_argument("--timeout", type=float, help="seconds before a run is stopped and recorded as failed")
-    parser.add_argument("--plot-arm", default=PLOT_ARM, help="the arm of routing-analysis.png and expert-by-class.png")
+    parser.add_argument(
+        "--timeout", type=float, help="seconds before a run is stopped and recorded as failed"
+    )
+    parser.add_argument(
+        "--plot-arm", default=PLOT_ARM, help="the arm of routing-analysis.png and expert-by-class.png"
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the routing analysis and plots")
     parser.add_argument("--dry-run", action="store_true", help="print the runs to start, run nothing")
     parser.add_argument("--speed-steps", type=int, default=32, help="speed: optimizer steps per run")

@@ -6,6 +6,7 @@ tied embedding, no BigramHash: 35.9M parameters), briefly trained on the sample 
 Prints, per compressor, the preview, the written size and the error; then the same for gptq+lqer.
 Artifacts go to /tmp/qs/rec_*.ptz.
 """
+
 import os
 import sys
 import time
@@ -19,24 +20,51 @@ import train_gpt as tg  # noqa: E402
 torch.set_num_threads(1)
 os.makedirs("/tmp/qs", exist_ok=True)
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-env = {"DATA_PATH": str(Path(__file__).resolve().parents[1] / "data" / "sample"), "VOCAB_SIZE": "8192", "NUM_LAYERS": "11", "MODEL_DIM": "512", "MLP_MULT": "4",
-       "MLP_ACT": "leaky_relu2", "MOE_MODE": "none", "BIGRAM_VOCAB_SIZE": "0", "TRAIN_SEQ_LEN": "256",
-       "TRAIN_BATCH_TOKENS": "4096", "MICRO_BATCH_TOKENS": "4096", "ITERATIONS": str(steps), "MAX_WALLCLOCK_SECONDS": "0",
-       "WARMUP_STEPS": "0", "COMPILE": "0", "TRAIN_LOG_EVERY": "1", "EMA_DECAY": "0"}
+env = {
+    "DATA_PATH": str(Path(__file__).resolve().parents[1] / "data" / "sample"),
+    "VOCAB_SIZE": "8192",
+    "NUM_LAYERS": "11",
+    "MODEL_DIM": "512",
+    "MLP_MULT": "4",
+    "MLP_ACT": "leaky_relu2",
+    "MOE_MODE": "none",
+    "BIGRAM_VOCAB_SIZE": "0",
+    "TRAIN_SEQ_LEN": "256",
+    "TRAIN_BATCH_TOKENS": "4096",
+    "MICRO_BATCH_TOKENS": "4096",
+    "ITERATIONS": str(steps),
+    "MAX_WALLCLOCK_SECONDS": "0",
+    "WARMUP_STEPS": "0",
+    "COMPILE": "0",
+    "TRAIN_LOG_EVERY": "1",
+    "EMA_DECAY": "0",
+}
 h = tg.load_config(env)
 torch.manual_seed(0)
 tr = tg.Trainer(h, 0, 1, torch.device("cpu"), tg.Logger(None))
 print("params", sum(p.numel() for p in tr.model.parameters()), flush=True)
-t0 = time.time(); tr.run(lambda s: None); print(f"trained {steps} steps in {time.time()-t0:.0f}s", flush=True)
+t0 = time.time()
+tr.run(lambda s: None)
+print(f"trained {steps} steps in {time.time() - t0:.0f}s", flush=True)
 model = tr.model.eval()
 for compressor in ("brotli", "zstd", "lzma"):
     hc = tg.load_config({**env, "COMPRESSOR": compressor, "QUANT_METHOD": "rtn", "LQER_ENABLED": "0"})
     est, per = tg.estimate_artifact_bytes(model, hc)
-    t0 = time.time(); real = tg.export_artifact(model, hc, f"/tmp/qs/rec_{compressor}.ptz", 0, print)
-    print(f"{compressor} rtn: preview {est} real {real} error {100*(est-real)/real:+.2f}% ({time.time()-t0:.0f}s) {per}", flush=True)
+    t0 = time.time()
+    real = tg.export_artifact(model, hc, f"/tmp/qs/rec_{compressor}.ptz", 0, print)
+    print(
+        f"{compressor} rtn: preview {est} real {real} error {100 * (est - real) / real:+.2f}% ({time.time() - t0:.0f}s) {per}",
+        flush=True,
+    )
 batches = [tr.loader.next_step()[0] for _ in range(2)]
-t0 = time.time(); hess, _ = tg.collect_hessians(model, batches, 1); print(f"hessians {time.time()-t0:.0f}s", flush=True)
+t0 = time.time()
+hess, _ = tg.collect_hessians(model, batches, 1)
+print(f"hessians {time.time() - t0:.0f}s", flush=True)
 hc = tg.load_config({**env, "COMPRESSOR": "brotli"})
 est, per = tg.estimate_artifact_bytes(model, hc)
-t0 = time.time(); real = tg.export_artifact(model, hc, "/tmp/qs/rec_gptq.ptz", 0, print, hess)
-print(f"brotli gptq+lqer: preview {est} real {real} error {100*(est-real)/real:+.2f}% ({time.time()-t0:.0f}s) {per}", flush=True)
+t0 = time.time()
+real = tg.export_artifact(model, hc, "/tmp/qs/rec_gptq.ptz", 0, print, hess)
+print(
+    f"brotli gptq+lqer: preview {est} real {real} error {100 * (est - real) / real:+.2f}% ({time.time() - t0:.0f}s) {per}",
+    flush=True,
+)

@@ -24,6 +24,7 @@ On a GPU machine (docs/gpu_runs.md; carry data/datasets/proxy_sp1024 and .wheels
 
 --timeout ends a run before the command limit does, so it is still recorded (as failed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,16 @@ except ImportError:
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = MOE_PRESETS  # the matched MoE-versus-dense study (README, "Mixture of Experts")
 # Set by the study for every run alike; a configuration may not change them.
-STUDY_KEYS = ("DATA_PATH", "TOKENIZER_PATH", "VOCAB_SIZE", "MAX_WALLCLOCK_SECONDS", "VAL_LOSS_EVERY",
-              "SEED", "RUN_ID", "LOG_DIR")
+STUDY_KEYS = (
+    "DATA_PATH",
+    "TOKENIZER_PATH",
+    "VOCAB_SIZE",
+    "MAX_WALLCLOCK_SECONDS",
+    "VAL_LOSS_EVERY",
+    "SEED",
+    "RUN_ID",
+    "LOG_DIR",
+)
 TAIL_LINES = 15
 TORCHRUN_FAILURE = re.compile(r"\] failed \(exitcode: -?\d+\) local_rank")
 
@@ -93,17 +102,26 @@ def select(configs: dict[str, dict[str, str]], only: str | None) -> dict[str, di
     return {n: configs[n] for n in names}
 
 
-def plan_runs(configs: dict[str, dict[str, str]], seeds: list[int], common: dict[str, str], tag: str,
-              log_dir: Path) -> list[Run]:
+def plan_runs(
+    configs: dict[str, dict[str, str]], seeds: list[int], common: dict[str, str], tag: str, log_dir: Path
+) -> list[Run]:
     runs = []
     for name, env in configs.items():
         fixed = [k for k in env if k in STUDY_KEYS]
         if fixed:
-            raise StudyError(f"configuration {name} sets {', '.join(fixed)}, which the study sets for every run")
+            raise StudyError(
+                f"configuration {name} sets {', '.join(fixed)}, which the study sets for every run"
+            )
         for seed in seeds:
             run_id = f"{tag}_{name}_s{seed}"
-            runs.append(Run(name, seed, run_id, {**common, **env, "SEED": str(seed), "RUN_ID": run_id,
-                                                 "LOG_DIR": str(log_dir)}))
+            runs.append(
+                Run(
+                    name,
+                    seed,
+                    run_id,
+                    {**common, **env, "SEED": str(seed), "RUN_ID": run_id, "LOG_DIR": str(log_dir)},
+                )
+            )
     return runs
 
 
@@ -161,13 +179,21 @@ def execute(run: Run, command: list[str], log_dir: Path, timeout: float | None) 
     t0 = time.time()
     with open(log_dir / f"{run.run_id}.out", "w") as out:
         # A session of its own, so a timeout ends torchrun and every worker it started.
-        proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, **run.env}, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env={**os.environ, **run.env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             returncode = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             stop_tree(proc)
-            return dict(returncode=None, wall_s=round(time.time() - t0, 1), reason=f"timed out after {timeout:.0f} s")
+            return dict(
+                returncode=None, wall_s=round(time.time() - t0, 1), reason=f"timed out after {timeout:.0f} s"
+            )
     return dict(returncode=returncode, wall_s=round(time.time() - t0, 1))
 
 
@@ -179,21 +205,34 @@ def parse_log(log: runlog.RunLog) -> dict:
     (runs_in_log says how many runs the log held when it held more than one)."""
     plain = [e.val_bpb for e in log.finals if e.mode == "plain"]
     sliding = [e.val_bpb for e in log.finals if e.mode == "sliding"]
-    result = dict(val_bpb_sliding=sliding[-1] if sliding else None, val_bpb_roundtrip=plain[-1] if plain else None,
-                  val_bpb_prequant=log.pre_quant_val_bpb, partial_val=log.partial_eval)
+    result = dict(
+        val_bpb_sliding=sliding[-1] if sliding else None,
+        val_bpb_roundtrip=plain[-1] if plain else None,
+        val_bpb_prequant=log.pre_quant_val_bpb,
+        partial_val=log.partial_eval,
+    )
     if log.runs_in_file > 1:
         result["runs_in_log"] = log.runs_in_file
     if log.torch:
         device = f"{log.device} ({log.device_name})" if log.device_name else log.device
         result.update(torch=log.torch, device=device, world_size=log.world_size)
     if log.params:
-        result.update(params=log.params.get("total"), active_params=log.params.get("active_matmul_per_token"),
-                      router_params=log.params.get("router"))
+        result.update(
+            params=log.params.get("total"),
+            active_params=log.params.get("active_matmul_per_token"),
+            router_params=log.params.get("router"),
+        )
     if log.last_train:
-        result.update(steps=log.last_train.step, ms_per_step=log.last_train.step_avg_ms,
-                      tok_per_s=log.last_train.tok_per_s)
-    for key, value in (("artifact_bytes", log.artifact_bytes), ("total_bytes", log.total_bytes),
-                       ("peak_mib", log.peak_mib)):
+        result.update(
+            steps=log.last_train.step,
+            ms_per_step=log.last_train.step_avg_ms,
+            tok_per_s=log.last_train.tok_per_s,
+        )
+    for key, value in (
+        ("artifact_bytes", log.artifact_bytes),
+        ("total_bytes", log.total_bytes),
+        ("peak_mib", log.peak_mib),
+    ):
         if value is not None:
             result[key] = value
     score = log.score
@@ -207,10 +246,22 @@ def routing_health(log: runlog.RunLog) -> dict:
     final = [records[-1] for _, records in sorted(log.moe_history().items())]
     if not final:
         return {}
-    layers = [dict(layer=r["layer"], max_load=max(r["load"]), dead=r["dead"], entropy=r["entropy"],
-                   load_std=r.get("load_std", statistics.pstdev(r["load"]))) for r in final]
-    return dict(routing=layers, max_load=max(r["max_load"] for r in layers), dead=sum(r["dead"] for r in layers),
-                entropy=statistics.fmean(r["entropy"] for r in layers))
+    layers = [
+        dict(
+            layer=r["layer"],
+            max_load=max(r["load"]),
+            dead=r["dead"],
+            entropy=r["entropy"],
+            load_std=r.get("load_std", statistics.pstdev(r["load"])),
+        )
+        for r in final
+    ]
+    return dict(
+        routing=layers,
+        max_load=max(r["max_load"] for r in layers),
+        dead=sum(r["dead"] for r in layers),
+        entropy=statistics.fmean(r["entropy"] for r in layers),
+    )
 
 
 def tail(path: Path) -> list[str]:
@@ -267,13 +318,45 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def runs_table(rows: list[dict]) -> str:
-    header = ["run", "status", "sliding", "roundtrip", "prequant", "steps", "ms/step", "tok/s", "artifact",
-              "total", "peakMiB", "params", "active", "maxload", "dead", "entropy"]
-    body = [[r["run_id"], r["status"] + ("*" if r.get("partial_val") else ""), cell(r.get("val_bpb_sliding")),
-             cell(r.get("val_bpb_roundtrip")), cell(r.get("val_bpb_prequant")), cell(r.get("steps")),
-             cell(r.get("ms_per_step"), 1), cell(r.get("tok_per_s")), cell(r.get("artifact_bytes")),
-             cell(r.get("total_bytes")), cell(r.get("peak_mib")), cell(r.get("params")), cell(r.get("active_params")),
-             cell(r.get("max_load"), 2), cell(r.get("dead")), cell(r.get("entropy"), 3)] for r in rows]
+    header = [
+        "run",
+        "status",
+        "sliding",
+        "roundtrip",
+        "prequant",
+        "steps",
+        "ms/step",
+        "tok/s",
+        "artifact",
+        "total",
+        "peakMiB",
+        "params",
+        "active",
+        "maxload",
+        "dead",
+        "entropy",
+    ]
+    body = [
+        [
+            r["run_id"],
+            r["status"] + ("*" if r.get("partial_val") else ""),
+            cell(r.get("val_bpb_sliding")),
+            cell(r.get("val_bpb_roundtrip")),
+            cell(r.get("val_bpb_prequant")),
+            cell(r.get("steps")),
+            cell(r.get("ms_per_step"), 1),
+            cell(r.get("tok_per_s")),
+            cell(r.get("artifact_bytes")),
+            cell(r.get("total_bytes")),
+            cell(r.get("peak_mib")),
+            cell(r.get("params")),
+            cell(r.get("active_params")),
+            cell(r.get("max_load"), 2),
+            cell(r.get("dead")),
+            cell(r.get("entropy"), 3),
+        ]
+        for r in rows
+    ]
     return format_table(header, body)
 
 
@@ -281,10 +364,32 @@ def summary_table(summary: list[dict]) -> str:
     def pm(entry: dict, key: str, digits: int = 4) -> str:
         std = entry[key + "_std"]
         return cell(entry[key], digits) + ("" if std is None else f" ±{std:.{digits}f}")
-    header = ["config", "ok/runs", "score (bpb)", "vs dense", "roundtrip", "prequant", "ms/step", "steps", "total bytes"]
-    body = [[s["name"], f"{s['ok']}/{s['runs']}", pm(s, "score"), cell(s["score_vs_dense"]), pm(s, "val_bpb_roundtrip"),
-             pm(s, "val_bpb_prequant"), pm(s, "ms_per_step", 1), pm(s, "steps", 0), pm(s, "total_bytes", 0)]
-            for s in summary]
+
+    header = [
+        "config",
+        "ok/runs",
+        "score (bpb)",
+        "vs dense",
+        "roundtrip",
+        "prequant",
+        "ms/step",
+        "steps",
+        "total bytes",
+    ]
+    body = [
+        [
+            s["name"],
+            f"{s['ok']}/{s['runs']}",
+            pm(s, "score"),
+            cell(s["score_vs_dense"]),
+            pm(s, "val_bpb_roundtrip"),
+            pm(s, "val_bpb_prequant"),
+            pm(s, "ms_per_step", 1),
+            pm(s, "steps", 0),
+            pm(s, "total_bytes", 0),
+        ]
+        for s in summary
+    ]
     return format_table(header, body)
 
 
@@ -293,13 +398,18 @@ def report(rows: list[dict], args, common: dict[str, str]) -> None:
     print(runs_table(rows))
     print()
     print(summary_table(summary))
-    print("score = the last final evaluation of each log (tools/runlog.py); "
-          "* = validation on a token subset, not a score")
+    print(
+        "score = the last final evaluation of each log (tools/runlog.py); "
+        "* = validation on a token subset, not a score"
+    )
     for r in rows:
         if r.get("runs_in_log"):
             print(f"\nnote: {r['run_id']}: its log holds {r['runs_in_log']} runs; the last one was read")
         if r["status"] != "ok":
-            print(f"\n{r['run_id']} {r['status']}: {r['reason']}\n  " + "\n  ".join(r.get("tail") or ["(no output)"]))
+            print(
+                f"\n{r['run_id']} {r['status']}: {r['reason']}\n  "
+                + "\n  ".join(r.get("tail") or ["(no output)"])
+            )
     path = args.json or args.log_dir / f"{args.tag}_study.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(dict(common_env=common, runs=rows, summary=summary), indent=1))
@@ -310,19 +420,33 @@ def report(rows: list[dict], args, common: dict[str, str]) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, help='JSON file {"name": {"ENV": "value"}, ...} (default: the presets)')
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", type=Path, help='JSON file {"name": {"ENV": "value"}, ...} (default: the presets)'
+    )
     parser.add_argument("--only", help="comma-separated configuration names to run")
     parser.add_argument("--seeds", default="1337", help="comma-separated seeds (default 1337)")
     parser.add_argument("--list", action="store_true", help="print the configurations and exit")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
-    parser.add_argument("--collect-only", type=Path, metavar="LOGDIR", help="run nothing; collect the logs in LOGDIR")
-    parser.add_argument("--data-path", default="/tmp/proxy", help="DATA_PATH (default /tmp/proxy, see docs/gpu_runs.md)")
+    parser.add_argument(
+        "--collect-only", type=Path, metavar="LOGDIR", help="run nothing; collect the logs in LOGDIR"
+    )
+    parser.add_argument(
+        "--data-path", default="/tmp/proxy", help="DATA_PATH (default /tmp/proxy, see docs/gpu_runs.md)"
+    )
     parser.add_argument("--tokenizer-path", help="TOKENIZER_PATH (default DATA_PATH/proxy_1024_bpe.model)")
     parser.add_argument("--vocab-size", default="1024")
-    parser.add_argument("--wallclock", default="240", help="MAX_WALLCLOCK_SECONDS for every run (default 240)")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra knob for every run")
-    parser.add_argument("--log-dir", type=Path, default=Path("logs/proxy"), help="LOG_DIR (default logs/proxy)")
+    parser.add_argument(
+        "--wallclock", default="240", help="MAX_WALLCLOCK_SECONDS for every run (default 240)"
+    )
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="extra knob for every run"
+    )
+    parser.add_argument(
+        "--log-dir", type=Path, default=Path("logs/proxy"), help="LOG_DIR (default logs/proxy)"
+    )
     parser.add_argument("--tag", default="proxy", help="run id prefix (default proxy)")
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs torchrun")
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run")
@@ -337,9 +461,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def common_env(args) -> dict[str, str]:
-    env = {"DATA_PATH": args.data_path,
-           "TOKENIZER_PATH": args.tokenizer_path or os.path.join(args.data_path, "proxy_1024_bpe.model"),
-           "VOCAB_SIZE": args.vocab_size, "MAX_WALLCLOCK_SECONDS": args.wallclock, "VAL_LOSS_EVERY": "0"}
+    env = {
+        "DATA_PATH": args.data_path,
+        "TOKENIZER_PATH": args.tokenizer_path or os.path.join(args.data_path, "proxy_1024_bpe.model"),
+        "VOCAB_SIZE": args.vocab_size,
+        "MAX_WALLCLOCK_SECONDS": args.wallclock,
+        "VAL_LOSS_EVERY": "0",
+    }
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -374,8 +502,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"[{i}/{len(runs)}] {run.run_id}: {shell_line(run, command)}", flush=True)
         rows.append(collect(run, args.log_dir, execute(run, command, args.log_dir, args.timeout)))
-        print(f"[{i}/{len(runs)}] {run.run_id}: {rows[-1]['status']} in {rows[-1]['wall_s']} s, "
-              f"score {cell(rows[-1].get('score'))}", flush=True)
+        print(
+            f"[{i}/{len(runs)}] {run.run_id}: {rows[-1]['status']} in {rows[-1]['wall_s']} s, "
+            f"score {cell(rows[-1].get('score'))}",
+            flush=True,
+        )
     report(rows, args, common)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 

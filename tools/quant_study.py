@@ -13,6 +13,7 @@ each with zstd (the round trip is evaluated), then gptq+lqer with every other in
 (mlp, attn, embed, bigram) and keeps the rest in fp16, to see what each class loses. --layouts
 prints what grouping by role, transposing and sorting rows would save, per compressor.
 """
+
 import argparse
 import copy
 import json
@@ -41,14 +42,26 @@ def load_checkpoint(path: str, device: torch.device):
     return model.eval(), h
 
 
-def calibration_batches(data_path: str, n: int, seq_len: int, batch_tokens: int, device: torch.device) -> list:
-    loader = train_gpt.TrainLoader(train_gpt.shard_files(data_path, "train"), 0, 1, seq_len, batch_tokens, 1, device)
+def calibration_batches(
+    data_path: str, n: int, seq_len: int, batch_tokens: int, device: torch.device
+) -> list:
+    loader = train_gpt.TrainLoader(
+        train_gpt.shard_files(data_path, "train"), 0, 1, seq_len, batch_tokens, 1, device
+    )
     return [loader.next_step()[0] for _ in range(n)]
 
 
 def scheme_config(h, bits: int, embed_bits: int, method: str, lqer: bool, compressor: str) -> SimpleNamespace:
-    return SimpleNamespace(**{**vars(h), "quant_method": method, "lqer_enabled": lqer, "compressor": compressor,
-                              "matrix_bits": bits, "embed_bits": embed_bits or bits + 1})
+    return SimpleNamespace(
+        **{
+            **vars(h),
+            "quant_method": method,
+            "lqer_enabled": lqer,
+            "compressor": compressor,
+            "matrix_bits": bits,
+            "embed_bits": embed_bits or bits + 1,
+        }
+    )
 
 
 def quantize(model, hq, hessians, only: str):
@@ -56,7 +69,11 @@ def quantize(model, hq, hessians, only: str):
     state = train_gpt.artifact_state(model)
     if not only:
         return train_gpt.quantize_state(state, hq, hessians)
-    keep = {n: t for n, t in state.items() if train_gpt.QUANT_GROUP.get(train_gpt.param_class(n, t), "other") != only}
+    keep = {
+        n: t
+        for n, t in state.items()
+        if train_gpt.QUANT_GROUP.get(train_gpt.param_class(n, t), "other") != only
+    }
     entries, err = train_gpt.quantize_state({n: t for n, t in state.items() if n not in keep}, hq, hessians)
     entries.update({n: (16, [t.detach().float().cpu().half()]) for n, t in keep.items()})
     return entries, err
@@ -83,11 +100,16 @@ def study(args) -> list[dict]:
 
     pre = evaluate(model)
     t0 = time.perf_counter()
-    batches = calibration_batches(args.data_path, args.calibration_batches, args.seq_len, args.batch_tokens, device)
+    batches = calibration_batches(
+        args.data_path, args.calibration_batches, args.seq_len, args.batch_tokens, device
+    )
     hessians, warnings = train_gpt.collect_hessians(model, batches, 1)
     for w in warnings:
         print(w, file=sys.stderr)
-    print(f"# {len(hessians)} Hessians from {args.calibration_batches} batches in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    print(
+        f"# {len(hessians)} Hessians from {args.calibration_batches} batches in {time.perf_counter() - t0:.1f}s",
+        file=sys.stderr,
+    )
     config = {name: getattr(h, name.lower()) for name in train_gpt.MODEL_KNOBS}
     shapes, rows = {n: list(t.shape) for n, t in train_gpt.artifact_state(model).items()}, []
     for bits in args.bits:
@@ -95,9 +117,19 @@ def study(args) -> list[dict]:
             hq = scheme_config(h, bits, args.embed_bits, method, lqer, "zstd")
             entries, err = quantize(model, hq, hessians, args.only)
             blob = train_gpt.serialize_artifact(entries, config, shapes, "zstd", 22)
-            rows.append(dict(scheme=f"{scheme}/zstd", bits=bits, bytes=len(blob), pre_quant_val_bpb=pre, rel_sq_error=err,
-                             val_bpb=round_trip_bpb(model, entries, shapes, evaluate)))
-        for compressor in train_gpt.COMPRESSORS:  # the same integers as the last scheme: only the bytes differ
+            rows.append(
+                dict(
+                    scheme=f"{scheme}/zstd",
+                    bits=bits,
+                    bytes=len(blob),
+                    pre_quant_val_bpb=pre,
+                    rel_sq_error=err,
+                    val_bpb=round_trip_bpb(model, entries, shapes, evaluate),
+                )
+            )
+        for (
+            compressor
+        ) in train_gpt.COMPRESSORS:  # the same integers as the last scheme: only the bytes differ
             if compressor != "zstd" and not train_gpt.compressor_missing(compressor):
                 blob = train_gpt.serialize_artifact(entries, config, shapes, compressor, 22)
                 rows.append(dict(rows[-1], scheme=f"gptq+lqer/{compressor}", bytes=len(blob)))
@@ -105,16 +137,24 @@ def study(args) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoint")
     parser.add_argument("--data-path", required=True)
     parser.add_argument("--tokenizer", required=True)
-    parser.add_argument("--bits", type=lambda v: [int(b) for b in v.split(",")], default=[6],
-                        help="MATRIX_BITS, or a comma-separated list (default 6)")
+    parser.add_argument(
+        "--bits",
+        type=lambda v: [int(b) for b in v.split(",")],
+        default=[6],
+        help="MATRIX_BITS, or a comma-separated list (default 6)",
+    )
     parser.add_argument("--embed-bits", type=int, default=0, help="EMBED_BITS (default bits + 1)")
     parser.add_argument("--val-token-limit", type=int, default=0)
     parser.add_argument("--calibration-batches", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=1024, help="calibration and evaluation window (use the run's)")
+    parser.add_argument(
+        "--seq-len", type=int, default=1024, help="calibration and evaluation window (use the run's)"
+    )
     parser.add_argument("--batch-tokens", type=int, default=16384, help="tokens per calibration batch")
     parser.add_argument("--only", choices=("mlp", "attn", "embed", "bigram"), default="")
     parser.add_argument("--json", action="store_true")
@@ -127,11 +167,15 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"pre-quant val_bpb {rows[0]['pre_quant_val_bpb']:.5f}{f' (only {args.only} quantized)' if args.only else ''}")
+    print(
+        f"pre-quant val_bpb {rows[0]['pre_quant_val_bpb']:.5f}{f' (only {args.only} quantized)' if args.only else ''}"
+    )
     print(f"{'bits':>4} {'scheme':<20} {'bytes':>10} {'val_bpb':>10} {'gap':>9} {'rel sq err':>11}")
     for r in rows:
-        print(f"{r['bits']:>4} {r['scheme']:<20} {r['bytes']:>10} {r['val_bpb']:>10.5f} "
-              f"{r['val_bpb'] - r['pre_quant_val_bpb']:>+9.5f} {r['rel_sq_error']:>11.3e}")
+        print(
+            f"{r['bits']:>4} {r['scheme']:<20} {r['bytes']:>10} {r['val_bpb']:>10.5f} "
+            f"{r['val_bpb'] - r['pre_quant_val_bpb']:>+9.5f} {r['rel_sq_error']:>11.3e}"
+        )
 
 
 if __name__ == "__main__":

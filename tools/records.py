@@ -10,6 +10,7 @@
 Exit status: 0 on success, 1 when a verification check fails or a comparison is not significant,
 2 on bad input (a refusal to pack, an unreadable log).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,9 @@ TRAIN_LIMIT_MS = 600_000
 RUN_IDENTITY_KNOBS = ("SEED", "RUN_ID", "LOG_DIR", "ARTIFACT_PATH")
 SUBMISSION = "submission.json"
 SCRIPT = "train_gpt.py"
-READABLE = "train_gpt_readable.py"  # beside a self-extracting SCRIPT (pack --compress-code): what the logs ran
+READABLE = (
+    "train_gpt_readable.py"  # beside a self-extracting SCRIPT (pack --compress-code): what the logs ran
+)
 
 
 class RecordError(Exception):
@@ -86,8 +89,7 @@ def betainc(a: float, b: float, x: float) -> float:
         return 0.0
     if x >= 1.0:
         return 1.0
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                 + a * math.log(x) + b * math.log1p(-x))
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
     # The fraction converges fast only below the mean; above it use I_x(a, b) = 1 - I_{1-x}(b, a).
     if x < (a + 1.0) / (a + b + 2.0):
         return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
@@ -144,18 +146,22 @@ def welch_test(baseline: Sample, candidate: Sample, margin: float, alpha: float 
         small = ", ".join(f"{s.label} has n={s.n}" for s in (baseline, candidate) if s.n < 2)
         result.verdict = f"cannot be tested: {small}, so there is no variance estimate (run more seeds)"
         return result
-    var_b, var_c = baseline.std ** 2 / baseline.n, candidate.std ** 2 / candidate.n
+    var_b, var_c = baseline.std**2 / baseline.n, candidate.std**2 / candidate.n
     if var_b + var_c == 0:
         result.verdict = "cannot be tested: both samples have zero variance"
         return result
     result.t = (result.improvement - margin) / math.sqrt(var_b + var_c)
     # Welch-Satterthwaite approximation of the degrees of freedom.
-    result.df = (var_b + var_c) ** 2 / (var_b ** 2 / (baseline.n - 1) + var_c ** 2 / (candidate.n - 1))
+    result.df = (var_b + var_c) ** 2 / (var_b**2 / (baseline.n - 1) + var_c**2 / (candidate.n - 1))
     result.p = t_sf(result.t, result.df)
     if result.p < alpha:
         result.verdict = f"candidate beats baseline by more than the margin at p={result.p:.4g} < {alpha:g}"
     else:
-        below = f"; the improvement {result.improvement:.6g} is below the margin" if result.improvement <= margin else ""
+        below = (
+            f"; the improvement {result.improvement:.6g} is below the margin"
+            if result.improvement <= margin
+            else ""
+        )
         result.verdict = f"not significant: p={result.p:.4g} >= {alpha:g}{below}"
     return result
 
@@ -184,12 +190,18 @@ def parse_log(path: str | Path) -> RunLog:
         raise LogError(f"{path}: cannot read the log ({err.strerror})") from None
     configs = len(re.findall(r"(?m)^config ", text)) if log.source == "text" else int(log.config is not None)
     if not log.torch or not configs:
-        raise LogError(f"{path}: no 'python ... torch ... device' header or no 'config' line: not a train_gpt.py log")
+        raise LogError(
+            f"{path}: no 'python ... torch ... device' header or no 'config' line: not a train_gpt.py log"
+        )
     runs = max(log.runs_in_file, configs)
     if runs > 1:
         # A reused RUN_ID mixes runs (even interleaved ones): a record must not pick one silently.
         raise LogError(f"{path}: holds {runs} runs (RUN_ID reused?); give each run its own log")
-    if log.source == "jsonl" and log.size_check and not (log.size_check.artifact_path and log.size_check.sha256):
+    if (
+        log.source == "jsonl"
+        and log.size_check
+        and not (log.size_check.artifact_path and log.size_check.sha256)
+    ):
         # The artifact's path and sha256 are printed on the text log's size_check line.
         try:
             printed = runlog.read(path, text_only=True).size_check
@@ -202,17 +214,24 @@ def parse_log(path: str | Path) -> RunLog:
         raise LogError(f"{path}: the config line is not valid JSON")
     if "SEED" not in log.config:
         raise LogError(f"{path}: the config line has no SEED")
-    found = dict(validation=log.steps, artifact_bytes=log.artifact_bytes, code_bytes=log.code_bytes,
-                 total_bytes=log.total_bytes, size_check=log.size_check, final_evaluation=log.score,
-                 train_time=log.train_time_ms)
+    found = dict(
+        validation=log.steps,
+        artifact_bytes=log.artifact_bytes,
+        code_bytes=log.code_bytes,
+        total_bytes=log.total_bytes,
+        size_check=log.size_check,
+        final_evaluation=log.score,
+        train_time=log.train_time_ms,
+    )
     missing = [k for k, v in found.items() if v is None]
     config = log.config
     stride, seq_len = config.get("EVAL_STRIDE", 0), config.get("EVAL_SEQ_LEN") or config.get("TRAIN_SEQ_LEN")
     if stride not in (0, seq_len) and not any(e.mode == "sliding" for e in log.finals):
         missing.append("sliding-window final evaluation")
     if missing:
-        raise LogError(f"{path}: lacks final results ({', '.join(missing)} missing): "
-                       "the run crashed or is still running")
+        raise LogError(
+            f"{path}: lacks final results ({', '.join(missing)} missing): the run crashed or is still running"
+        )
     return log
 
 
@@ -243,8 +262,17 @@ class EvalResult:
     tokenizer_sha256: str
 
 
-def evaluate_artifact(script, artifact: str | Path, data: str, tokenizer: str, token_limit: int,
-                      seq_len: int, stride: int, batch_seqs: int, device: str) -> EvalResult:
+def evaluate_artifact(
+    script,
+    artifact: str | Path,
+    data: str,
+    tokenizer: str,
+    token_limit: int,
+    seq_len: int,
+    stride: int,
+    batch_seqs: int,
+    device: str,
+) -> EvalResult:
     """val_loss/val_bpb of an artifact rebuilt by `script` (a loaded train_gpt module) on the first
     token_limit validation tokens (0: all), plus hashes that identify the data the numbers came from."""
     import torch  # only pack and verify need torch; compare stays light
@@ -272,24 +300,35 @@ def check_same_recipe(runs: list[RunLog]) -> None:
     for run, other in zip(runs[1:], recipe[1:]):
         differ = sorted(k for k in recipe[0].keys() | other.keys() if recipe[0].get(k) != other.get(k))
         if differ:
-            raise RecordError(f"{run.path} differs from {runs[0].path} in {', '.join(differ)}: "
-                              "a record's seeds must share one recipe")
+            raise RecordError(
+                f"{run.path} differs from {runs[0].path} in {', '.join(differ)}: "
+                "a record's seeds must share one recipe"
+            )
 
 
 def check_scores(runs: list[RunLog], track: str, allow_partial_eval: bool) -> None:
     for run in runs:
         score = run.score
         if not (math.isfinite(score.val_loss) and math.isfinite(score.val_bpb)):
-            raise RecordError(f"{run.path}: non-finite score val_loss={score.val_loss} val_bpb={score.val_bpb}")
+            raise RecordError(
+                f"{run.path}: non-finite score val_loss={score.val_loss} val_bpb={score.val_bpb}"
+            )
         if score.token_limit and not (allow_partial_eval and track != RECORD_TRACK):
-            raise RecordError(f"{run.path}: evaluated on the first {score.token_limit} validation tokens only "
-                              "(VAL_TOKEN_LIMIT): not a score; only a non-record track with --allow-partial-eval "
-                              "may pack it")
+            raise RecordError(
+                f"{run.path}: evaluated on the first {score.token_limit} validation tokens only "
+                "(VAL_TOKEN_LIMIT): not a score; only a non-record track with --allow-partial-eval "
+                "may pack it"
+            )
         if track == RECORD_TRACK and run.train_time_ms > TRAIN_LIMIT_MS:
-            raise RecordError(f"{run.path}: trained {run.train_time_ms / 1000:.1f}s, over the 600s limit of "
-                              f"{RECORD_TRACK}; use --track {TRACKS[1]}")
+            raise RecordError(
+                f"{run.path}: trained {run.train_time_ms / 1000:.1f}s, over the 600s limit of "
+                f"{RECORD_TRACK}; use --track {TRACKS[1]}"
+            )
         if track == RECORD_TRACK and (run.world_size != 8 or "H100" not in run.device_name):
-            print(f"warning: {run.path}: ran on {hardware(run)}, not the 8xH100 of {RECORD_TRACK}", file=sys.stderr)
+            print(
+                f"warning: {run.path}: ran on {hardware(run)}, not the 8xH100 of {RECORD_TRACK}",
+                file=sys.stderr,
+            )
 
 
 def check_script(script: Path, runs: list[RunLog]) -> int:
@@ -299,15 +338,21 @@ def check_script(script: Path, runs: list[RunLog]) -> int:
     size, sha = script.stat().st_size, sha256_file(script)
     for run in runs:
         if run.code_sha256 is None:
-            raise RecordError(f"{run.path}: no code_sha256 line, so the train_gpt.py that ran cannot be identified "
-                              "(a log of an older train_gpt.py?)")
+            raise RecordError(
+                f"{run.path}: no code_sha256 line, so the train_gpt.py that ran cannot be identified "
+                "(a log of an older train_gpt.py?)"
+            )
         if run.start_code_bytes is not None and run.start_code_bytes != run.code_bytes:
-            raise RecordError(f"{run.path}: train_gpt.py was {run.start_code_bytes} bytes at the start of the run but "
-                              f"{run.code_bytes} at export: it was edited during the run, so no script matches the log")
+            raise RecordError(
+                f"{run.path}: train_gpt.py was {run.start_code_bytes} bytes at the start of the run but "
+                f"{run.code_bytes} at export: it was edited during the run, so no script matches the log"
+            )
         if run.code_bytes != size or run.code_sha256 != sha:
-            raise RecordError(f"{script} ({size} bytes, sha256 {sha[:16]}...) is not the script of {run.path} "
-                              f"(Code size {run.code_bytes}, code_sha256 {run.code_sha256[:16]}...): the log came "
-                              "from a different train_gpt.py (pass the one that ran with --script)")
+            raise RecordError(
+                f"{script} ({size} bytes, sha256 {sha[:16]}...) is not the script of {run.path} "
+                f"(Code size {run.code_bytes}, code_sha256 {run.code_sha256[:16]}...): the log came "
+                "from a different train_gpt.py (pass the one that ran with --script)"
+            )
     return size
 
 
@@ -321,9 +366,11 @@ def find_artifact(run: RunLog) -> Path:
     for path in tries:
         if path.is_file():
             return path
-    raise RecordError(f"{run.path}: artifact {run.size_check.artifact_path} not found "
-                      f"(tried {', '.join(map(str, tries))}); "
-                      "pass --artifacts")
+    raise RecordError(
+        f"{run.path}: artifact {run.size_check.artifact_path} not found "
+        f"(tried {', '.join(map(str, tries))}); "
+        "pass --artifacts"
+    )
 
 
 def check_artifacts(runs: list[RunLog], artifacts: list[Path], code_bytes: int, cap: int) -> None:
@@ -331,29 +378,46 @@ def check_artifacts(runs: list[RunLog], artifacts: list[Path], code_bytes: int, 
         if not artifact.is_file():
             raise RecordError(f"{artifact}: no such artifact")
         size = artifact.stat().st_size
-        if size != run.artifact_bytes or (run.size_check.sha256 and sha256_file(artifact) != run.size_check.sha256):
-            raise RecordError(f"{artifact} ({size} bytes) is not the artifact {run.path} reports ({run.artifact_bytes} "
-                              "bytes, sha256 of its size_check line): overwritten by a later run?")
+        if size != run.artifact_bytes or (
+            run.size_check.sha256 and sha256_file(artifact) != run.size_check.sha256
+        ):
+            raise RecordError(
+                f"{artifact} ({size} bytes) is not the artifact {run.path} reports ({run.artifact_bytes} "
+                "bytes, sha256 of its size_check line): overwritten by a later run?"
+            )
         if size + code_bytes > cap:
-            raise RecordError(f"seed {run.seed}: artifact {size} + code {code_bytes} = {size + code_bytes} bytes "
-                              f"exceeds the cap of {cap} bytes by {size + code_bytes - cap}")
+            raise RecordError(
+                f"seed {run.seed}: artifact {size} + code {code_bytes} = {size + code_bytes} bytes "
+                f"exceeds the cap of {cap} bytes by {size + code_bytes - cap}"
+            )
 
 
 def seed_result(run: RunLog) -> dict:
     score = run.score
     eval_time_s = None if score.eval_time_ms is None else score.eval_time_ms / 1000
-    return dict(val_loss=score.val_loss, val_bpb=score.val_bpb, artifact_bytes=run.artifact_bytes,
-                steps=run.steps, step_avg_ms=run.step_avg_ms, eval_time_s=eval_time_s,
-                pre_quant_val_bpb=run.pre_quant_val_bpb, train_time_s=run.train_time_ms / 1000,
-                eval_stride=score.stride, eval_seq_len=score.seq_len, eval_token_limit=score.token_limit,
-                log=f"train_seed{run.seed}.txt")
+    return dict(
+        val_loss=score.val_loss,
+        val_bpb=score.val_bpb,
+        artifact_bytes=run.artifact_bytes,
+        steps=run.steps,
+        step_avg_ms=run.step_avg_ms,
+        eval_time_s=eval_time_s,
+        pre_quant_val_bpb=run.pre_quant_val_bpb,
+        train_time_s=run.train_time_ms / 1000,
+        eval_stride=score.stride,
+        eval_seq_len=score.seq_len,
+        eval_token_limit=score.token_limit,
+        log=f"train_seed{run.seed}.txt",
+    )
 
 
 def summarize_config(config: dict) -> str:
     """A one-line description of the recipe, for technique_summary when no --blurb is given."""
     c = config
-    parts = [f"{c['NUM_LAYERS']}L x {c['MODEL_DIM']}d, {c['NUM_HEADS']} heads / {c['NUM_KV_HEADS']} KV, "
-             f"{c['MLP_ACT']} MLP x{c['MLP_MULT']:g}"]
+    parts = [
+        f"{c['NUM_LAYERS']}L x {c['MODEL_DIM']}d, {c['NUM_HEADS']} heads / {c['NUM_KV_HEADS']} KV, "
+        f"{c['MLP_ACT']} MLP x{c['MLP_MULT']:g}"
+    ]
     if c.get("MOE_MODE", "none") != "none":
         layers = f"layers {c['MOE_LAYERS']}" if c.get("MOE_LAYERS") else "every layer"
         routing = "" if c["MOE_MODE"] == "soft" else f" top-{c['TOP_K']}"  # soft gating uses every expert
@@ -365,11 +429,15 @@ def summarize_config(config: dict) -> str:
     if c.get("EMA_DECAY") != 0:  # unset: the default horizon; 0: off
         parts.append("EMA")
     if "MATRIX_BITS" in c:  # issue 11's quantizer
-        parts.append(f"{c['QUANT_METHOD'].upper()} int{c['MATRIX_BITS']} / int{c['EMBED_BITS']} embed"
-                     f"{' + LQER' if c.get('LQER_ENABLED') else ''} + {c['COMPRESSOR']}")
+        parts.append(
+            f"{c['QUANT_METHOD'].upper()} int{c['MATRIX_BITS']} / int{c['EMBED_BITS']} embed"
+            f"{' + LQER' if c.get('LQER_ENABLED') else ''} + {c['COMPRESSOR']}"
+        )
     else:
-        parts.append(f"int{c['QUANT_BITS_MLP']} MLP / int{c['QUANT_BITS_ATTN']} attn / int{c['QUANT_BITS_EMBED']} embed "
-                     f"+ zstd-{c['ZSTD_LEVEL']}")
+        parts.append(
+            f"int{c['QUANT_BITS_MLP']} MLP / int{c['QUANT_BITS_ATTN']} attn / int{c['QUANT_BITS_EMBED']} embed "
+            f"+ zstd-{c['ZSTD_LEVEL']}"
+        )
     if c.get("EVAL_STRIDE"):
         parts.append(f"sliding eval stride {c['EVAL_STRIDE']}")
     return ", ".join(parts)
@@ -385,34 +453,44 @@ def env_value(value) -> str:
 
 def changed_knobs(config: dict, knobs: dict) -> dict:
     """Knobs whose logged value differs from the script's default (run identity knobs left out)."""
-    return {k: v for k, v in sorted(config.items())
-            if k in knobs and k not in RUN_IDENTITY_KNOBS and v != knobs[k][1]}
+    return {
+        k: v
+        for k, v in sorted(config.items())
+        if k in knobs and k not in RUN_IDENTITY_KNOBS and v != knobs[k][1]
+    }
 
 
 def render_readme(sub: dict, changed: dict, world_size: int) -> str:
     def fmt(v, spec=".8f"):
         return "n/a" if v is None else format(v, spec)
 
-    rows = [f"| {seed} | {r['val_loss']:.8f} | {r['val_bpb']:.8f} | {r['pre_quant_val_bpb']:.8f} | "
-            f"{r['artifact_bytes']:,} | {r['artifact_bytes'] + sub['bytes_code']:,} | {r['steps']} | "
-            f"{r['step_avg_ms']:.2f} | {fmt(r['eval_time_s'], '.1f')} |" for seed, r in sub["seed_results"].items()]
+    rows = [
+        f"| {seed} | {r['val_loss']:.8f} | {r['val_bpb']:.8f} | {r['pre_quant_val_bpb']:.8f} | "
+        f"{r['artifact_bytes']:,} | {r['artifact_bytes'] + sub['bytes_code']:,} | {r['steps']} | "
+        f"{r['step_avg_ms']:.2f} | {fmt(r['eval_time_s'], '.1f')} |"
+        for seed, r in sub["seed_results"].items()
+    ]
     rows.append(f"| **mean** | {fmt(sub['val_loss'])} | **{fmt(sub['val_bpb'])}** | | | | | | |")
     rows.append(f"| std | {fmt(sub['val_loss_std'])} | {fmt(sub['val_bpb_std'])} | | | | | | |")
     env = " ".join(f"{k}={env_value(v)}" for k, v in changed.items())
     partial = sub.get("partial_eval")
-    warning = (f"\n> **Not a score:** every seed was evaluated on the first {partial['val_token_limit']} "
-               "validation tokens only (VAL_TOKEN_LIMIT).\n" if partial else "")
+    warning = (
+        f"\n> **Not a score:** every seed was evaluated on the first {partial['val_token_limit']} "
+        "validation tokens only (VAL_TOKEN_LIMIT).\n"
+        if partial
+        else ""
+    )
     check = sub["verify_check"]
-    return f"""# {sub['name']}
+    return f"""# {sub["name"]}
 
 TODO: one paragraph: what is new in this submission and why it should lower val_bpb.
 {warning}
-- Track: `{sub['track']}`
-- Author: {sub['author']} (@{sub['github_id']}), {sub['date']}
-- Result: val_bpb **{fmt(sub['val_bpb'])}** (std {fmt(sub['val_bpb_std'])}), val_loss {fmt(sub['val_loss'])} nats, mean of {len(sub['seeds'])} seeds
-- Size: {sub['bytes_total']:,} bytes = code {sub['bytes_code']:,} + model {sub['bytes_total'] - sub['bytes_code']:,} (cap {sub['cap_bytes']:,})
-- Hardware: {sub['hardware']}, PyTorch {sub['pytorch_version']}
-- Recipe: {sub['technique_summary']}
+- Track: `{sub["track"]}`
+- Author: {sub["author"]} (@{sub["github_id"]}), {sub["date"]}
+- Result: val_bpb **{fmt(sub["val_bpb"])}** (std {fmt(sub["val_bpb_std"])}), val_loss {fmt(sub["val_loss"])} nats, mean of {len(sub["seeds"])} seeds
+- Size: {sub["bytes_total"]:,} bytes = code {sub["bytes_code"]:,} + model {sub["bytes_total"] - sub["bytes_code"]:,} (cap {sub["cap_bytes"]:,})
+- Hardware: {sub["hardware"]}, PyTorch {sub["pytorch_version"]}
+- Recipe: {sub["technique_summary"]}
 
 ## Results
 
@@ -423,8 +501,8 @@ TODO: one paragraph: what is new in this submission and why it should lower val_
 ## Command
 
 ```bash
-for SEED in {' '.join(map(str, sub['seeds']))}; do
-  RUN_ID={sub['name']}_seed$SEED SEED=$SEED {env} \\
+for SEED in {" ".join(map(str, sub["seeds"]))}; do
+  RUN_ID={sub["name"]}_seed$SEED SEED=$SEED {env} \\
     torchrun --standalone --nproc_per_node={world_size} train_gpt.py
 done
 ```
@@ -442,7 +520,7 @@ TODO: a table of runs that isolate each change.
 ## Verification
 
 ```bash
-python tools/records.py verify <this folder> --token-limit {check['tokens']}   # quick CPU check
+python tools/records.py verify <this folder> --token-limit {check["tokens"]}   # quick CPU check
 python tools/records.py verify <this folder> --device cuda --data <val data> --tokenizer <tokenizer>
 ```
 """
@@ -488,7 +566,9 @@ def pack(opts: argparse.Namespace) -> Path:
             shutil.copyfile(artifact, folder / f"model_seed{run.seed}.ptz")
             results[str(run.seed)]["artifact"] = f"model_seed{run.seed}.ptz"
     if sha256_file(folder / verify_check["artifact"]) != verify_check["artifact_sha256"]:
-        raise RecordError(f"{folder}: the copied artifact differs from {artifacts[best]} (changed while packing?)")
+        raise RecordError(
+            f"{folder}: the copied artifact differs from {artifacts[best]} (changed while packing?)"
+        )
     sub = build_submission(opts, runs, results, runs[best], code_bytes, verify_check)
     (folder / SUBMISSION).write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
     readme = render_readme(sub, changed_knobs(runs[0].config, module.KNOBS), runs[0].world_size)
@@ -509,17 +589,31 @@ def quick_check(opts, module, run: RunLog, artifact: Path) -> dict:
     data = opts.check_data or run.config["DATA_PATH"]
     tokenizer = opts.check_tokenizer or run.config["TOKENIZER_PATH"]
     if not Path(data).is_dir() or not Path(tokenizer).is_file():
-        raise RecordError(f"quick check: validation data {data} or tokenizer {tokenizer} not found; "
-                          "pass --check-data and --check-tokenizer")
+        raise RecordError(
+            f"quick check: validation data {data} or tokenizer {tokenizer} not found; "
+            "pass --check-data and --check-tokenizer"
+        )
     seq_len = run.score.seq_len
     stride = opts.check_stride or seq_len
     sha = sha256_file(artifact)
-    result = evaluate_artifact(module, artifact, data, tokenizer, opts.check_tokens, seq_len, stride,
-                               opts.batch_seqs, "cpu")
-    return dict(seed=run.seed, artifact=f"model_seed{run.seed}.ptz", artifact_sha256=sha, data=str(data),
-                tokenizer=str(tokenizer), tokens=opts.check_tokens, stride=stride, seq_len=seq_len,
-                device="cpu", val_loss=result.val_loss, val_bpb=result.val_bpb,
-                val_tokens_sha256=result.val_tokens_sha256, tokenizer_sha256=result.tokenizer_sha256)
+    result = evaluate_artifact(
+        module, artifact, data, tokenizer, opts.check_tokens, seq_len, stride, opts.batch_seqs, "cpu"
+    )
+    return dict(
+        seed=run.seed,
+        artifact=f"model_seed{run.seed}.ptz",
+        artifact_sha256=sha,
+        data=str(data),
+        tokenizer=str(tokenizer),
+        tokens=opts.check_tokens,
+        stride=stride,
+        seq_len=seq_len,
+        device="cpu",
+        val_loss=result.val_loss,
+        val_bpb=result.val_bpb,
+        val_tokens_sha256=result.val_tokens_sha256,
+        tokenizer_sha256=result.tokenizer_sha256,
+    )
 
 
 def build_submission(opts, runs, results: dict, best: RunLog, code_bytes: int, verify_check: dict) -> dict:
@@ -527,15 +621,28 @@ def build_submission(opts, runs, results: dict, best: RunLog, code_bytes: int, v
     bpb_mean, bpb_std = mean_std([r.score.val_bpb for r in runs])
     limit = best.score.token_limit
     return dict(
-        author=opts.author, github_id=opts.github_id, name=opts.name,
-        blurb=opts.blurb or "TODO: one-line blurb", date=opts.date, track=opts.track,
-        val_loss=loss_mean, val_bpb=bpb_mean, val_loss_std=loss_std, val_bpb_std=bpb_std,
-        bytes_total=code_bytes + best.artifact_bytes, bytes_code=code_bytes, cap_bytes=opts.cap,
-        seeds=[r.seed for r in runs], best_seed=best.seed, seed_results=results,
-        hardware=hardware(best), pytorch_version=best.torch,
+        author=opts.author,
+        github_id=opts.github_id,
+        name=opts.name,
+        blurb=opts.blurb or "TODO: one-line blurb",
+        date=opts.date,
+        track=opts.track,
+        val_loss=loss_mean,
+        val_bpb=bpb_mean,
+        val_loss_std=loss_std,
+        val_bpb_std=bpb_std,
+        bytes_total=code_bytes + best.artifact_bytes,
+        bytes_code=code_bytes,
+        cap_bytes=opts.cap,
+        seeds=[r.seed for r in runs],
+        best_seed=best.seed,
+        seed_results=results,
+        hardware=hardware(best),
+        pytorch_version=best.torch,
         technique_summary=opts.blurb or summarize_config(best.config),
         partial_eval=dict(val_token_limit=limit, note="first tokens only: not a score") if limit else None,
-        verify_check=verify_check)
+        verify_check=verify_check,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -576,34 +683,69 @@ def size_checks(folder: Path, sub: dict, cap: int) -> list[Check]:
     script = folder / SCRIPT
     code = script.stat().st_size if script.is_file() else -1
     script_sha = sha256_file(script) if script.is_file() else "missing"
-    checks.append(Check("code size", code == sub["bytes_code"], f"{SCRIPT} is {code} bytes, bytes_code {sub['bytes_code']}"))
+    checks.append(
+        Check(
+            "code size",
+            code == sub["bytes_code"],
+            f"{SCRIPT} is {code} bytes, bytes_code {sub['bytes_code']}",
+        )
+    )
     logged, logged_code, logged_sha = script, code, script_sha
     if (folder / READABLE).is_file() and script.is_file():  # a self-extracting SCRIPT: the logs ran READABLE
         logged = folder / READABLE
         logged_code, logged_sha = logged.stat().st_size, sha256_file(logged)
-        checks.append(Check("same program", extracted_source(script.read_bytes()) == logged.read_bytes(),
-                            f"{SCRIPT} decompresses to exactly {READABLE}"))
+        checks.append(
+            Check(
+                "same program",
+                extracted_source(script.read_bytes()) == logged.read_bytes(),
+                f"{SCRIPT} decompresses to exactly {READABLE}",
+            )
+        )
     for seed, claim in sub["seed_results"].items():
-        checks += seed_checks(folder, seed, claim, sub["bytes_code"] if logged is script else logged_code,
-                              logged_code, logged_sha, cap)
+        checks += seed_checks(
+            folder,
+            seed,
+            claim,
+            sub["bytes_code"] if logged is script else logged_code,
+            logged_code,
+            logged_sha,
+            cap,
+        )
     best = sub["seed_results"][str(sub["best_seed"])]
     artifact = folder / best.get("artifact", "")
     size = artifact.stat().st_size if artifact.is_file() else -1
-    checks.append(Check("bytes_total", sub["bytes_total"] == code + size,
-                        f"claimed {sub['bytes_total']}, files: code {code} + {artifact.name} {size} = {code + size}"))
-    checks.append(Check("cap", code + size <= cap and sub["bytes_total"] <= cap,
-                        f"total {code + size} <= cap {cap} (slack {cap - code - size})"))
+    checks.append(
+        Check(
+            "bytes_total",
+            sub["bytes_total"] == code + size,
+            f"claimed {sub['bytes_total']}, files: code {code} + {artifact.name} {size} = {code + size}",
+        )
+    )
+    checks.append(
+        Check(
+            "cap",
+            code + size <= cap and sub["bytes_total"] <= cap,
+            f"total {code + size} <= cap {cap} (slack {cap - code - size})",
+        )
+    )
     for key in ("val_loss", "val_bpb"):
         mean, std = mean_std([r[key] for r in sub["seed_results"].values()])
-        ok = close(mean, sub[key], 1e-9) and (std is None) == (sub[f"{key}_std"] is None) \
+        ok = (
+            close(mean, sub[key], 1e-9)
+            and (std is None) == (sub[f"{key}_std"] is None)
             and (std is None or close(std, sub[f"{key}_std"], 1e-9))
-        checks.append(Check(f"{key} mean/std", ok, f"claimed {sub[key]} / {sub[f'{key}_std']}, "
-                                                   f"seeds give {mean} / {std}"))
+        )
+        checks.append(
+            Check(
+                f"{key} mean/std", ok, f"claimed {sub[key]} / {sub[f'{key}_std']}, seeds give {mean} / {std}"
+            )
+        )
     return checks
 
 
-def seed_checks(folder: Path, seed: str, claim: dict, bytes_code: int, code: int, script_sha: str,
-                cap: int) -> list[Check]:
+def seed_checks(
+    folder: Path, seed: str, claim: dict, bytes_code: int, code: int, script_sha: str, cap: int
+) -> list[Check]:
     """The seed's log against the claim and the folder: same score, same sizes, the script's sha256; the
     artifact's size and sha256 (against the log's size_check line) if it was packed. The sha256 checks
     run where the log has the line (logs of older train_gpt.py versions lack it)."""
@@ -614,29 +756,56 @@ def seed_checks(folder: Path, seed: str, claim: dict, bytes_code: int, code: int
         return [Check(f"{name} log", False, str(err))]
     checks = [
         Check(f"{name} log seed", run.seed == int(seed), f"log SEED {run.seed}"),
-        Check(f"{name} log code size", run.code_bytes == bytes_code == code,
-              f"log Code size {run.code_bytes}, bytes_code {bytes_code}, {SCRIPT} {code}"),
-        Check(f"{name} log artifact size", run.artifact_bytes == claim["artifact_bytes"],
-              f"log {run.artifact_bytes}, claimed {claim['artifact_bytes']}"),
-        Check(f"{name} log score", run.score.val_bpb == claim["val_bpb"] and run.score.val_loss == claim["val_loss"],
-              f"log val_bpb {run.score.val_bpb} val_loss {run.score.val_loss}, "
-              f"claimed {claim['val_bpb']} {claim['val_loss']}"),
-        Check(f"{name} under cap", claim["artifact_bytes"] + bytes_code <= cap,
-              f"{claim['artifact_bytes']} + {bytes_code} = {claim['artifact_bytes'] + bytes_code} <= {cap}"),
+        Check(
+            f"{name} log code size",
+            run.code_bytes == bytes_code == code,
+            f"log Code size {run.code_bytes}, bytes_code {bytes_code}, {SCRIPT} {code}",
+        ),
+        Check(
+            f"{name} log artifact size",
+            run.artifact_bytes == claim["artifact_bytes"],
+            f"log {run.artifact_bytes}, claimed {claim['artifact_bytes']}",
+        ),
+        Check(
+            f"{name} log score",
+            run.score.val_bpb == claim["val_bpb"] and run.score.val_loss == claim["val_loss"],
+            f"log val_bpb {run.score.val_bpb} val_loss {run.score.val_loss}, "
+            f"claimed {claim['val_bpb']} {claim['val_loss']}",
+        ),
+        Check(
+            f"{name} under cap",
+            claim["artifact_bytes"] + bytes_code <= cap,
+            f"{claim['artifact_bytes']} + {bytes_code} = {claim['artifact_bytes'] + bytes_code} <= {cap}",
+        ),
     ]
     if run.code_sha256:
-        checks.append(Check(f"{name} log code sha256", run.code_sha256 == script_sha,
-                            f"log code_sha256 {run.code_sha256[:16]}..., {SCRIPT} {script_sha[:16]}..."))
+        checks.append(
+            Check(
+                f"{name} log code sha256",
+                run.code_sha256 == script_sha,
+                f"log code_sha256 {run.code_sha256[:16]}..., {SCRIPT} {script_sha[:16]}...",
+            )
+        )
     if "artifact" in claim:
         artifact = folder / claim["artifact"]
         size = artifact.stat().st_size if artifact.is_file() else -1
-        checks.append(Check(f"{name} artifact size", size == claim["artifact_bytes"],
-                            f"{claim['artifact']} is {size} bytes, claimed {claim['artifact_bytes']}"))
+        checks.append(
+            Check(
+                f"{name} artifact size",
+                size == claim["artifact_bytes"],
+                f"{claim['artifact']} is {size} bytes, claimed {claim['artifact_bytes']}",
+            )
+        )
         logged = run.size_check.sha256
         if logged:
             sha = sha256_file(artifact) if artifact.is_file() else "missing"
-            checks.append(Check(f"{name} artifact sha256", sha == logged,
-                                f"{claim['artifact']} {sha[:16]}..., log size_check {logged[:16]}..."))
+            checks.append(
+                Check(
+                    f"{name} artifact sha256",
+                    sha == logged,
+                    f"{claim['artifact']} {sha[:16]}..., log size_check {logged[:16]}...",
+                )
+            )
     return checks
 
 
@@ -646,9 +815,12 @@ def eval_check(name: str, run_eval, claimed: float, tol: float) -> Check:
         result = run_eval()
     except Exception as err:  # the folder's own script raises its own error classes (ArtifactError, ...)
         return Check(name, False, f"could not evaluate: {type(err).__name__}: {err}")
-    return Check(name, close(result.val_bpb, claimed, tol),
-                 f"val_bpb {result.val_bpb:.8f} (val_loss {result.val_loss:.8f}) vs claimed {claimed:.8f}, "
-                 f"|diff| {abs(result.val_bpb - claimed):.2e} <= tolerance {tol:g}")
+    return Check(
+        name,
+        close(result.val_bpb, claimed, tol),
+        f"val_bpb {result.val_bpb:.8f} (val_loss {result.val_loss:.8f}) vs claimed {claimed:.8f}, "
+        f"|diff| {abs(result.val_bpb - claimed):.2e} <= tolerance {tol:g}",
+    )
 
 
 def verify(opts: argparse.Namespace) -> list[Check]:
@@ -671,8 +843,13 @@ def verify(opts: argparse.Namespace) -> list[Check]:
         return [Check(SUBMISSION, False, f"unreadable or incomplete: {type(err).__name__}: {err}")]
     artifact = folder / check["artifact"]
     sha = sha256_file(artifact) if artifact.is_file() else "missing"
-    checks.append(Check("artifact sha256", sha == check["artifact_sha256"],
-                        f"{check['artifact']} {sha[:16]}..., verify_check {check['artifact_sha256'][:16]}..."))
+    checks.append(
+        Check(
+            "artifact sha256",
+            sha == check["artifact_sha256"],
+            f"{check['artifact']} {sha[:16]}..., verify_check {check['artifact_sha256'][:16]}...",
+        )
+    )
     try:
         module = load_script(folder / SCRIPT)
     except Exception as err:  # an edited script may not even import
@@ -684,32 +861,71 @@ def verify(opts: argparse.Namespace) -> list[Check]:
         tol = opts.tolerance if opts.tolerance is not None else 1e-3
         for seed, claim in sub["seed_results"].items():
             if "artifact" in claim:
-                checks.append(eval_check(
-                    f"seed {seed} val_bpb", lambda c=claim: evaluate_artifact(
-                        module, folder / c["artifact"], data, tokenizer, c["eval_token_limit"], c["eval_seq_len"],
-                        c["eval_stride"], opts.batch_seqs, opts.device), claim["val_bpb"], tol))
+                checks.append(
+                    eval_check(
+                        f"seed {seed} val_bpb",
+                        lambda c=claim: evaluate_artifact(
+                            module,
+                            folder / c["artifact"],
+                            data,
+                            tokenizer,
+                            c["eval_token_limit"],
+                            c["eval_seq_len"],
+                            c["eval_stride"],
+                            opts.batch_seqs,
+                            opts.device,
+                        ),
+                        claim["val_bpb"],
+                        tol,
+                    )
+                )
     return checks
 
 
 def quick_eval_checks(opts, module, folder: Path, check: dict, data: str, tokenizer: str) -> list[Check]:
     if opts.token_limit != check["tokens"]:
-        return [Check("quick check", False, f"--token-limit {opts.token_limit}: verify_check has a reference "
-                                            f"for {check['tokens']} tokens only")]
+        return [
+            Check(
+                "quick check",
+                False,
+                f"--token-limit {opts.token_limit}: verify_check has a reference "
+                f"for {check['tokens']} tokens only",
+            )
+        ]
     tol = opts.tolerance if opts.tolerance is not None else 1e-5  # same code, same device class: near exact
     results = []
 
     def run_eval():
-        result = evaluate_artifact(module, folder / check["artifact"], data, tokenizer, check["tokens"],
-                                   check["seq_len"], check["stride"], opts.batch_seqs, opts.device)
+        result = evaluate_artifact(
+            module,
+            folder / check["artifact"],
+            data,
+            tokenizer,
+            check["tokens"],
+            check["seq_len"],
+            check["stride"],
+            opts.batch_seqs,
+            opts.device,
+        )
         results.append(result)
         return result
 
     checks = [eval_check(f"quick check ({check['tokens']} tokens) val_bpb", run_eval, check["val_bpb"], tol)]
     if results:  # a mismatch in these explains a val_bpb mismatch: different data, not a different model
-        checks.append(Check("quick check data", results[0].val_tokens_sha256 == check["val_tokens_sha256"],
-                            f"validation tokens of {data} match verify_check"))
-        checks.append(Check("quick check tokenizer", results[0].tokenizer_sha256 == check["tokenizer_sha256"],
-                            f"{tokenizer} matches verify_check"))
+        checks.append(
+            Check(
+                "quick check data",
+                results[0].val_tokens_sha256 == check["val_tokens_sha256"],
+                f"validation tokens of {data} match verify_check",
+            )
+        )
+        checks.append(
+            Check(
+                "quick check tokenizer",
+                results[0].tokenizer_sha256 == check["tokenizer_sha256"],
+                f"{tokenizer} matches verify_check",
+            )
+        )
     return checks
 
 
@@ -727,6 +943,7 @@ NOT_LOGS = ("requirements.txt",)
 @dataclass
 class FolderLog:
     """A training log found in a record folder, with its seed (from its text, else its file name)."""
+
     path: Path
     run: RunLog
     seed: int | None
@@ -786,8 +1003,11 @@ def seed_claims(sub: dict, where: str = "") -> list[tuple[str, str, dict]]:
     for key, value in sub.items():
         if not isinstance(value, dict):
             continue
-        per_seed = key in SEED_KEYS and value and all(re.fullmatch(r"\d+", k) and isinstance(v, dict)
-                                                      for k, v in value.items())
+        per_seed = (
+            key in SEED_KEYS
+            and value
+            and all(re.fullmatch(r"\d+", k) and isinstance(v, dict) for k, v in value.items())
+        )
         if per_seed:
             found += [(where + key, seed, claim) for seed, claim in value.items()]
         else:
@@ -802,19 +1022,31 @@ def code_size_checks(folder: Path, sub: dict, logs: list[FolderLog]) -> list[Che
         return [Check("code size", False, f"no {SCRIPT} in the folder")]
     size = script.stat().st_size
     claims = {k: sub[k] for k in CODE_KEYS if isinstance(sub.get(k), int)}
-    checks = [Check(f"code size ({k})", v == size, f"{script.name} is {size} bytes, submission.json {k} {v}{note}")
-              for k, v in claims.items()]
+    checks = [
+        Check(f"code size ({k})", v == size, f"{script.name} is {size} bytes, submission.json {k} {v}{note}")
+        for k, v in claims.items()
+    ]
     logged = {fl.path.name: fl.run.source_code_bytes or fl.run.code_bytes for fl in logs}
     logged = {name: v for name, v in logged.items() if v is not None}
     same = [name for name, v in logged.items() if v == size]
     other = ", ".join(f"{name} {v}" for name, v in logged.items() if v != size)
     if same:
-        checks.append(Check("code size (logs)", True, f"{SCRIPT} is {size} bytes, as {', '.join(same)} report"))
+        checks.append(
+            Check("code size (logs)", True, f"{SCRIPT} is {size} bytes, as {', '.join(same)} report")
+        )
     if other and (same or claims):
-        checks.append(warn("code size (other logs)", f"{other} bytes: these runs used another revision of {SCRIPT}"))
+        checks.append(
+            warn("code size (other logs)", f"{other} bytes: these runs used another revision of {SCRIPT}")
+        )
     elif other:
-        checks.append(Check("code size (logs)", False, f"{SCRIPT} is {size} bytes but the logs report {other}: "
-                                                       "the script was changed after every run"))
+        checks.append(
+            Check(
+                "code size (logs)",
+                False,
+                f"{SCRIPT} is {size} bytes but the logs report {other}: "
+                "the script was changed after every run",
+            )
+        )
     if not claims and not logged:
         checks.append(skip("code size", "neither submission.json nor a log states it"))
     return checks
@@ -830,10 +1062,15 @@ def score_check(name: str, key: str, claim, logs: list[FolderLog]) -> Check:
     for fl in scored:
         for e in fl.run.finals[:-1]:
             if matches(claim, getattr(e, key)):
-                return warn(name, f"claimed {claim} is {fl.path.name}'s earlier evaluation {e.name}; its last final "
-                                  f"evaluation, {fl.run.score.name}, gives {getattr(fl.run.score, key)}")
+                return warn(
+                    name,
+                    f"claimed {claim} is {fl.path.name}'s earlier evaluation {e.name}; its last final "
+                    f"evaluation, {fl.run.score.name}, gives {getattr(fl.run.score, key)}",
+                )
     if not scored:
-        return Check(name, False, f"claimed {claim}; no final evaluation in {', '.join(fl.path.name for fl in logs)}")
+        return Check(
+            name, False, f"claimed {claim}; no final evaluation in {', '.join(fl.path.name for fl in logs)}"
+        )
     found = ", ".join(f"{fl.path.name} {getattr(fl.run.score, key)}" for fl in scored)
     return Check(name, False, f"claimed {claim}; the logs score {found}")
 
@@ -850,18 +1087,33 @@ def seed_checks_any(claims: list[tuple[str, str, dict]], logs: list[FolderLog]) 
         for key in ("val_bpb", "val_loss"):
             if key in claim:
                 checks.append(score_check(f"{name} {key}", key, claim[key], mine))
-                elsewhere = [fl for fl in logs if fl not in mine and fl.run.score
-                             and matches(claim[key], getattr(fl.run.score, key))]
+                elsewhere = [
+                    fl
+                    for fl in logs
+                    if fl not in mine and fl.run.score and matches(claim[key], getattr(fl.run.score, key))
+                ]
                 if not checks[-1].ok and elsewhere:
-                    checks[-1].detail += f" (the claimed value is the score of {elsewhere[0].path.name}, seed " \
-                                         f"{elsewhere[0].seed})"
-        scored = [fl for fl in mine if fl.run.score and matches(claim.get("val_bpb"), fl.run.score.val_bpb)] or mine
+                    checks[-1].detail += (
+                        f" (the claimed value is the score of {elsewhere[0].path.name}, seed "
+                        f"{elsewhere[0].seed})"
+                    )
+        scored = [
+            fl for fl in mine if fl.run.score and matches(claim.get("val_bpb"), fl.run.score.val_bpb)
+        ] or mine
         for key in SIZE_KEYS:
             if is_number(claim.get(key)):
-                sizes = {s for fl in scored for s in (fl.run.artifact_bytes, fl.run.total_bytes) if s is not None}
-                checks.append(Check(f"{name} {key}", claim[key] in sizes,
-                                    f"claimed {claim[key]}; the log's artifact / total: {sorted(sizes)}")
-                              if sizes else skip(f"{name} {key}", "the log states no size"))
+                sizes = {
+                    s for fl in scored for s in (fl.run.artifact_bytes, fl.run.total_bytes) if s is not None
+                }
+                checks.append(
+                    Check(
+                        f"{name} {key}",
+                        claim[key] in sizes,
+                        f"claimed {claim[key]}; the log's artifact / total: {sorted(sizes)}",
+                    )
+                    if sizes
+                    else skip(f"{name} {key}", "the log states no size")
+                )
     return checks
 
 
@@ -876,8 +1128,13 @@ def mean_checks(sub: dict, claims: list[tuple[str, str, dict]], logs: list[Folde
         values = [float(c[key]) for c in top if is_number(c.get(key))]
         if top and len(values) == len(top):
             mean, std = mean_std(values)
-            checks.append(Check(f"{key} mean", matches(claimed, mean), f"claimed {claimed}, mean of the "
-                                                                      f"{len(values)} seeds' claims {mean:.8f}"))
+            checks.append(
+                Check(
+                    f"{key} mean",
+                    matches(claimed, mean),
+                    f"claimed {claimed}, mean of the {len(values)} seeds' claims {mean:.8f}",
+                )
+            )
             checks += std_check(sub, key, values)
         else:
             checks.append(log_mean_check(key, claimed, logs))
@@ -894,7 +1151,10 @@ def std_check(sub: dict, key: str, values: list[float]) -> list[Check]:
         which = "sample std (ddof=1)" if matches(claimed, sample) else "population std (ddof=0)"
         return [Check(f"{key}_std", True, f"{detail}: the {which}")]
     # A std is a rough figure: off in its last digits (another rounding of the seeds) is a caveat.
-    near = is_number(claimed) and min(abs(float(claimed) - sample), abs(float(claimed) - population)) <= 0.05 * sample
+    near = (
+        is_number(claimed)
+        and min(abs(float(claimed) - sample), abs(float(claimed) - population)) <= 0.05 * sample
+    )
     return [warn(f"{key}_std", f"{detail}: within 5%") if near else Check(f"{key}_std", False, detail)]
 
 
@@ -910,33 +1170,62 @@ def log_mean_check(key: str, claimed, logs: list[FolderLog]) -> Check:
         values = [getattr(fl.run.score, metric) for fl in scored]
         mean = mean_std(values)[0]
         single = [fl.path.name for fl, v in zip(scored, values) if matches(claimed, v)]
-        how = (f"the mean of {len(values)} logs ({mean:.8f})" if matches(claimed, mean)
-               else f"the score of {', '.join(single)}" if single else None)
+        how = (
+            f"the mean of {len(values)} logs ({mean:.8f})"
+            if matches(claimed, mean)
+            else f"the score of {', '.join(single)}"
+            if single
+            else None
+        )
         if how and metric == key:
             return Check(name, True, f"claimed {claimed} is {how}")
         if how:
-            return warn(name, f"claimed {claimed} is {how} in val_bpb: submission.json labels a val_bpb as {key}")
+            return warn(
+                name, f"claimed {claimed} is {how} in val_bpb: submission.json labels a val_bpb as {key}"
+            )
     found = ", ".join(f"{fl.path.name} {getattr(fl.run.score, key)}" for fl in scored)
-    return score_check(name, key, claimed, scored) if len(scored) == 1 else \
-        Check(name, False, f"claimed {claimed}; neither the mean nor one log's score: {found}")
+    return (
+        score_check(name, key, claimed, scored)
+        if len(scored) == 1
+        else Check(name, False, f"claimed {claimed}; neither the mean nor one log's score: {found}")
+    )
 
 
-def size_cap_checks(sub: dict, claims: list[tuple[str, str, dict]], logs: list[FolderLog], cap: int) -> list[Check]:
-    sizes = {f"submission.json {k}": sub[k] for k in ("bytes_total", "artifact_bytes_max") if is_number(sub.get(k))}
-    sizes.update({f"seed {seed} {k}": c[k] for _, seed, c in claims for k in SIZE_KEYS if is_number(c.get(k))})
-    sizes.update({f"{fl.path.name} total": fl.run.total_bytes for fl in logs if fl.run.total_bytes is not None})
+def size_cap_checks(
+    sub: dict, claims: list[tuple[str, str, dict]], logs: list[FolderLog], cap: int
+) -> list[Check]:
+    sizes = {
+        f"submission.json {k}": sub[k] for k in ("bytes_total", "artifact_bytes_max") if is_number(sub.get(k))
+    }
+    sizes.update(
+        {f"seed {seed} {k}": c[k] for _, seed, c in claims for k in SIZE_KEYS if is_number(c.get(k))}
+    )
+    sizes.update(
+        {f"{fl.path.name} total": fl.run.total_bytes for fl in logs if fl.run.total_bytes is not None}
+    )
     if not sizes:
         return [skip("cap", "no size stated in submission.json or the logs")]
     over = {k: v for k, v in sizes.items() if v > cap}
     largest = max(sizes, key=sizes.get)
-    checks = [Check("cap", not over, f"over the cap of {cap:,}: " + ", ".join(f"{k} {v:,}" for k, v in over.items())
-                    if over else f"every stated size <= {cap:,} (largest: {largest} {sizes[largest]:,})")]
+    checks = [
+        Check(
+            "cap",
+            not over,
+            f"over the cap of {cap:,}: " + ", ".join(f"{k} {v:,}" for k, v in over.items())
+            if over
+            else f"every stated size <= {cap:,} (largest: {largest} {sizes[largest]:,})",
+        )
+    ]
     if is_number(sub.get("bytes_total")):
         totals = {fl.path.name: fl.run.total_bytes for fl in logs if fl.run.total_bytes is not None}
         hit = [n for n, v in totals.items() if v == sub["bytes_total"]]
-        checks.append(Check("bytes_total", True, f"{sub['bytes_total']} is {', '.join(hit)}'s total") if hit else
-                      warn("bytes_total", f"{sub['bytes_total']} is no log's total ({sorted(totals.values())})")
-                      if totals else skip("bytes_total", "no log states its total"))
+        checks.append(
+            Check("bytes_total", True, f"{sub['bytes_total']} is {', '.join(hit)}'s total")
+            if hit
+            else warn("bytes_total", f"{sub['bytes_total']} is no log's total ({sorted(totals.values())})")
+            if totals
+            else skip("bytes_total", "no log states its total")
+        )
     return checks
 
 
@@ -947,12 +1236,17 @@ def verify_any(folder: Path, sub: dict, cap: int) -> list[Check]:
     checks = code_size_checks(folder, sub, logs)
     if not logs:
         checks.append(skip("logs", "no training log in the folder: no score can be checked"))
-    checks += [warn(f"{fl.path.name} runs", f"holds {fl.run.runs_in_file} runs; the last one was read")
-               for fl in logs if fl.run.runs_in_file > 1]
+    checks += [
+        warn(f"{fl.path.name} runs", f"holds {fl.run.runs_in_file} runs; the last one was read")
+        for fl in logs
+        if fl.run.runs_in_file > 1
+    ]
     checks += seed_checks_any(claims, logs)
     checks += mean_checks(sub, claims, logs)
     checks += size_cap_checks(sub, claims, logs, cap)
-    checks.append(skip("re-evaluation", "no artifact and verify_check in the folder: the score cannot be recomputed"))
+    checks.append(
+        skip("re-evaluation", "no artifact and verify_check in the folder: the score cannot be recomputed")
+    )
     return checks
 
 
@@ -976,7 +1270,9 @@ def logged_per_seed(folder: Path, metric: str) -> tuple[list[float], list[str]]:
     for fl in folder_logs(folder):
         if fl.run.score is not None:
             by_seed[fl.seed if fl.seed is not None else fl.path.name] = fl
-    return [getattr(fl.run.score, metric) for fl in by_seed.values()], [fl.path.name for fl in by_seed.values()]
+    return [getattr(fl.run.score, metric) for fl in by_seed.values()], [
+        fl.path.name for fl in by_seed.values()
+    ]
 
 
 def load_sample(spec: list[str], label: str, metric: str) -> Sample:
@@ -994,12 +1290,16 @@ def load_sample(spec: list[str], label: str, metric: str) -> Sample:
             return Sample(f"{label} ({metric} per seed of {path})", values)
         values, names = logged_per_seed(folder, metric)
         if not values:
-            raise RecordError(f"{folder}: no per-seed {metric} in {SUBMISSION} and no log with a final evaluation")
+            raise RecordError(
+                f"{folder}: no per-seed {metric} in {SUBMISSION} and no log with a final evaluation"
+            )
         return Sample(f"{label} ({metric} from the logs of {folder}: {', '.join(names)})", values)
     try:
         return Sample(label, [float(v) for v in spec])
     except ValueError:
-        raise RecordError(f"--{label} {' '.join(spec)}: expected numbers, a submission.json or a record folder") from None
+        raise RecordError(
+            f"--{label} {' '.join(spec)}: expected numbers, a submission.json or a record folder"
+        ) from None
 
 
 def compare(opts: argparse.Namespace) -> WelchResult:
@@ -1011,8 +1311,10 @@ def compare(opts: argparse.Namespace) -> WelchResult:
         print(f"{s.label}: n={s.n} mean={s.mean:.8f} std={std}")
     print(f"improvement (baseline - candidate): {result.improvement:+.8f} (margin {opts.margin:g})")
     if result.t is not None:
-        print(f"Welch t={result.t:.4f} df={result.df:.2f} one-sided p={result.p:.4g} "
-              f"(H1: improvement > {opts.margin:g})")
+        print(
+            f"Welch t={result.t:.4f} df={result.df:.2f} one-sided p={result.p:.4g} "
+            f"(H1: improvement > {opts.margin:g})"
+        )
     print(f"verdict: {result.verdict}")
     return result
 
@@ -1023,7 +1325,9 @@ def compare(opts: argparse.Namespace) -> WelchResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pack", help="create records/<track>/<date>_<name>/ from run logs")
@@ -1032,40 +1336,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--author", required=True)
     p.add_argument("--github-id", required=True)
     p.add_argument("--track", choices=TRACKS, default=RECORD_TRACK)
-    p.add_argument("--blurb", default="", help="one line; also the technique_summary (default: from the config)")
+    p.add_argument(
+        "--blurb", default="", help="one line; also the technique_summary (default: from the config)"
+    )
     p.add_argument("--date", default=time.strftime("%Y-%m-%d"))
-    p.add_argument("--script", default=str(REPO / SCRIPT), help="the train_gpt.py that ran (default: the repo's)")
-    p.add_argument("--artifacts", nargs="+", help="artifact per log, in order (default: from the size_check lines)")
-    p.add_argument("--all-artifacts", action="store_true", help="include every seed's artifact, not only the best")
+    p.add_argument(
+        "--script", default=str(REPO / SCRIPT), help="the train_gpt.py that ran (default: the repo's)"
+    )
+    p.add_argument(
+        "--artifacts", nargs="+", help="artifact per log, in order (default: from the size_check lines)"
+    )
+    p.add_argument(
+        "--all-artifacts", action="store_true", help="include every seed's artifact, not only the best"
+    )
     p.add_argument("--records-dir", default=str(REPO / "records"))
     p.add_argument("--cap", type=int, default=CAP_BYTES, help="size cap in bytes (default %(default)s)")
-    p.add_argument("--allow-partial-eval", action="store_true",
-                   help="accept VAL_TOKEN_LIMIT runs (not a score), on the non-record track only")
+    p.add_argument(
+        "--allow-partial-eval",
+        action="store_true",
+        help="accept VAL_TOKEN_LIMIT runs (not a score), on the non-record track only",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing folder")
-    p.add_argument("--compress-code", action="store_true",
-                   help=f"count {SCRIPT} in lzma self-extracting form, with the readable script as {READABLE}")
+    p.add_argument(
+        "--compress-code",
+        action="store_true",
+        help=f"count {SCRIPT} in lzma self-extracting form, with the readable script as {READABLE}",
+    )
     p.add_argument("--check-data", help="validation data for the quick check (default: the log's DATA_PATH)")
-    p.add_argument("--check-tokenizer", help="tokenizer for the quick check (default: the log's TOKENIZER_PATH)")
+    p.add_argument(
+        "--check-tokenizer", help="tokenizer for the quick check (default: the log's TOKENIZER_PATH)"
+    )
     p.add_argument("--check-tokens", type=int, default=16384)
-    p.add_argument("--check-stride", type=int, default=0, help="quick check stride (default: non-overlapping)")
+    p.add_argument(
+        "--check-stride", type=int, default=0, help="quick check stride (default: non-overlapping)"
+    )
     p.add_argument("--batch-seqs", type=int, default=32)
 
     v = sub.add_parser("verify", help="check a record folder's sizes and re-evaluate its artifact")
     v.add_argument("folder")
     v.add_argument("--data", help="validation data (default: verify_check's)")
     v.add_argument("--tokenizer", help="tokenizer (default: verify_check's)")
-    v.add_argument("--token-limit", type=int, default=0,
-                   help="quick check on the first N tokens against verify_check (default: full re-evaluation)")
+    v.add_argument(
+        "--token-limit",
+        type=int,
+        default=0,
+        help="quick check on the first N tokens against verify_check (default: full re-evaluation)",
+    )
     v.add_argument("--tolerance", type=float, help="max |val_bpb diff| (default 1e-5 quick, 1e-3 full)")
     v.add_argument("--device", default="cpu", help="cpu or cuda")
     v.add_argument("--batch-seqs", type=int, default=32)
     v.add_argument("--cap", type=int, default=CAP_BYTES)
 
-    c = sub.add_parser("compare", help="one-sided Welch t-test: does the candidate beat the baseline by a margin")
-    c.add_argument("--baseline", nargs="+", required=True, help="numbers, a submission.json or a record folder")
-    c.add_argument("--candidate", nargs="+", required=True, help="numbers, a submission.json or a record folder")
-    c.add_argument("--metric", choices=("val_loss", "val_bpb"), default="val_loss",
-                   help="per-seed value read from submissions (the 0.005 rule is in nats: val_loss)")
+    c = sub.add_parser(
+        "compare", help="one-sided Welch t-test: does the candidate beat the baseline by a margin"
+    )
+    c.add_argument(
+        "--baseline", nargs="+", required=True, help="numbers, a submission.json or a record folder"
+    )
+    c.add_argument(
+        "--candidate", nargs="+", required=True, help="numbers, a submission.json or a record folder"
+    )
+    c.add_argument(
+        "--metric",
+        choices=("val_loss", "val_bpb"),
+        default="val_loss",
+        help="per-seed value read from submissions (the 0.005 rule is in nats: val_loss)",
+    )
     c.add_argument("--margin", type=float, default=0.005)
     c.add_argument("--alpha", type=float, default=0.01)
     return parser
@@ -1082,10 +1418,14 @@ def main(argv: list[str] | None = None) -> int:
             checks = verify(opts)
             for check in checks:
                 print(check)
-            counts = {status: sum(c.status == status for c in checks) for status in ("PASS", "WARN", "SKIP", "FAIL")}
+            counts = {
+                status: sum(c.status == status for c in checks) for status in ("PASS", "WARN", "SKIP", "FAIL")
+            }
             made = len(checks) - counts["SKIP"]
-            print(f"{'FAILED' if counts['FAIL'] else 'PASSED'}: {made - counts['FAIL']}/{made} checks pass "
-                  f"({counts['WARN']} with a warning), {counts['SKIP']} skipped")
+            print(
+                f"{'FAILED' if counts['FAIL'] else 'PASSED'}: {made - counts['FAIL']}/{made} checks pass "
+                f"({counts['WARN']} with a warning), {counts['SKIP']} skipped"
+            )
             return 1 if counts["FAIL"] else 0
         return 0 if compare(opts).significant else 1
     except RecordError as err:

@@ -6,6 +6,7 @@ Computed after the run from the artifact alone (its stored knobs rebuild the mod
 is counted in train_gpt.py. Writes a JSON report (default: the artifact's name with _routing.json)
 that tools/routing_report.py plots.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,14 +90,29 @@ def routing_report(model, x: torch.Tensor, sp, val_tokens: torch.Tensor) -> dict
         share = probs if isinstance(m, tg.SoftMoE) else F.one_hot(choice, m.E).float().mean(1)
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1) / max(math.log(m.E), 1e-12)
         load = share.mean(0)
-        class_load = {n: share[torch.from_numpy(mask)].mean(0).tolist() for n, mask in classes.items() if mask.any()}
-        report["layers"].append(dict(layer=layer, load=load.tolist(), entropy=entropy.mean().item(),
-                                     dead=int((load < tg.DEAD_LOAD_SHARE / m.E).sum()), class_load=class_load))
+        class_load = {
+            n: share[torch.from_numpy(mask)].mean(0).tolist() for n, mask in classes.items() if mask.any()
+        }
+        report["layers"].append(
+            dict(
+                layer=layer,
+                load=load.tolist(),
+                entropy=entropy.mean().item(),
+                dead=int((load < tg.DEAD_LOAD_SHARE / m.E).sum()),
+                class_load=class_load,
+            )
+        )
     return report
 
 
-def analyse_artifact(artifact: str, data_path: str, tokenizer_path: str, token_limit: int = 0,
-                     batch_seqs: int = 32, seq_len: int = 1024) -> dict:
+def analyse_artifact(
+    artifact: str,
+    data_path: str,
+    tokenizer_path: str,
+    token_limit: int = 0,
+    batch_seqs: int = 32,
+    seq_len: int = 1024,
+) -> dict:
     """Rebuilds the model from the artifact and reports the routing of the first validation batch."""
     device = torch.device("cpu")
     model, h = tg.load_artifact_model(artifact, device)
@@ -106,7 +122,7 @@ def analyse_artifact(artifact: str, data_path: str, tokenizer_path: str, token_l
     val_tokens = tg.load_val_tokens(data_path, h.vocab_size, token_limit)
     seq_len = min(seq_len, val_tokens.numel())  # the artifact stores model knobs only
     n_seqs = max(1, min(batch_seqs, val_tokens.numel() // seq_len))
-    x = val_tokens[:n_seqs * seq_len].long().view(n_seqs, seq_len).to(device)
+    x = val_tokens[: n_seqs * seq_len].long().view(n_seqs, seq_len).to(device)
     report = routing_report(model, x, sp, val_tokens)
     report.update(artifact=str(artifact), moe_mode=h.moe_mode, num_experts=h.num_experts, top_k=h.top_k)
     return report
@@ -122,13 +138,18 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per analysed sequence")
     parser.add_argument("--out", help="JSON report path (default: <artifact stem>_routing.json beside it)")
     args = parser.parse_args(argv)
-    out = Path(args.out) if args.out else Path(args.artifact).with_name(
-        Path(args.artifact).stem.removesuffix("_model") + "_routing.json")
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(args.artifact).with_name(Path(args.artifact).stem.removesuffix("_model") + "_routing.json")
+    )
     if out.exists():
         print(f"error: {out} already exists; choose another --out", file=sys.stderr)
         return 2
     try:
-        report = analyse_artifact(args.artifact, args.data, args.tokenizer, args.token_limit, args.batch_seqs, args.seq_len)
+        report = analyse_artifact(
+            args.artifact, args.data, args.tokenizer, args.token_limit, args.batch_seqs, args.seq_len
+        )
     except (tg.ConfigError, tg.DataError, tg.ArtifactError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

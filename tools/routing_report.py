@@ -7,6 +7,7 @@ The JSON is the one tools/routing_analysis.py writes from the run's artifact; th
 telemetry gives the training history (its `routing` events in RUN.jsonl when that file is beside
 the log, else its `moe layer:` lines; tools/runlog.py reads either). Prints the paths of the PNG files it writes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,9 @@ def load_routing(path: Path) -> dict:
         raise ReportError(f"{path}: malformed JSON ({err})") from None
     layers = report.get("layers") if isinstance(report, dict) else None
     if not layers:
-        raise ReportError(f"{path}: no MoE layers in the routing statistics (expected a non-empty 'layers' list)")
+        raise ReportError(
+            f"{path}: no MoE layers in the routing statistics (expected a non-empty 'layers' list)"
+        )
     for entry in layers:
         if not isinstance(entry, dict) or not isinstance(entry.get("load"), list) or "layer" not in entry:
             raise ReportError(f"{path}: a layer entry lacks 'layer' or a 'load' list: {str(entry)[:80]}")
@@ -61,7 +64,9 @@ def load_history(path: Path) -> dict[int, list[dict]]:
         print(f"note: {note}", file=sys.stderr)
     history = log.moe_history()
     if not history:
-        raise ReportError(f"{path}: no 'moe layer:' lines (not an MoE run, or it stopped before its first log step)")
+        raise ReportError(
+            f"{path}: no 'moe layer:' lines (not an MoE run, or it stopped before its first log step)"
+        )
     return history
 
 
@@ -74,8 +79,15 @@ def annotated_heatmap(ax, values: np.ndarray, rows: list[str], cols: list[str], 
     ax.set_yticks(range(len(rows)), rows)
     if values.size <= 200:  # numbers stay legible only on small grids
         for (r, c), v in np.ndenumerate(values):
-            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                    color="black" if v > 0.6 * vmax else "white")
+            ax.text(
+                c,
+                r,
+                f"{v:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="black" if v > 0.6 * vmax else "white",
+            )
     ax.figure.colorbar(image, ax=ax)
 
 
@@ -84,8 +96,13 @@ def plot_load(report: dict, path: Path) -> None:
     load = np.array([entry["load"] for entry in layers])
     E = load.shape[1]
     fig, ax = plt.subplots(figsize=(max(6.0, 2.5 + 0.7 * E), 1.8 + 0.45 * len(layers)))
-    annotated_heatmap(ax, load, [f"layer {e['layer']} (dead {e.get('dead', '?')})" for e in layers],
-                      [f"expert {e}" for e in range(E)], vmax=max(float(load.max()), 2.0 / E))
+    annotated_heatmap(
+        ax,
+        load,
+        [f"layer {e['layer']} (dead {e.get('dead', '?')})" for e in layers],
+        [f"expert {e}" for e in range(E)],
+        vmax=max(float(load.max()), 2.0 / E),
+    )
     ax.set_title(f"{report.get('run_id', '')} load share per expert (uniform = {1 / E:.2f})", fontsize=10)
     save(fig, path)
 
@@ -97,8 +114,13 @@ def plot_entropy(report: dict, path: Path) -> None:
     ax.bar(names, [e.get("entropy", math.nan) for e in layers], color="tab:blue", label="gate entropy / ln E")
     agreement = [e.get("quant_top1_agreement") for e in layers]
     if any(a is not None for a in agreement):
-        ax.plot(names, [math.nan if a is None else a for a in agreement], "o-", color="tab:red",
-                label="top-1 agreement, float vs quantized")
+        ax.plot(
+            names,
+            [math.nan if a is None else a for a in agreement],
+            "o-",
+            color="tab:red",
+            label="top-1 agreement, float vs quantized",
+        )
     ax.set(xlabel="MoE layer", ylim=(0, 1.4), title=f"{report.get('run_id', '')} routing entropy")
     ax.legend(loc="upper left", fontsize=7)  # above the bars, which stop at 1
     save(fig, path)
@@ -120,8 +142,13 @@ def plot_class_load(report: dict, path: Path) -> bool:
     for ax, entry in zip(axes[0], chosen):
         classes = list(entry["class_load"])
         share = np.array([entry["class_load"][c] for c in classes]).T  # experts x classes
-        annotated_heatmap(ax, share, [f"expert {e}" for e in range(share.shape[0])],
-                          [f"{c} ({counts.get(c, '?')})" for c in classes], vmax=1.0)
+        annotated_heatmap(
+            ax,
+            share,
+            [f"expert {e}" for e in range(share.shape[0])],
+            [f"{c} ({counts.get(c, '?')})" for c in classes],
+            vmax=1.0,
+        )
         ax.set_title(f"layer {entry['layer']}: share of each class's tokens", fontsize=9)
     fig.suptitle(f"{report.get('run_id', '')} expert x token class")
     save(fig, path)
@@ -178,10 +205,16 @@ def write_report(routing_json: Path, log: Path | None = None, out: Path | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("routing_json", type=Path, help="logs/<RUN_ID>_routing.json written by tools/routing_analysis.py")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "routing_json", type=Path, help="logs/<RUN_ID>_routing.json written by tools/routing_analysis.py"
+    )
     parser.add_argument("--log", type=Path, help="logs/<RUN_ID>.txt: adds load and entropy over training")
-    parser.add_argument("--out", type=Path, help="output folder (default: <json stem>_plots next to the JSON)")
+    parser.add_argument(
+        "--out", type=Path, help="output folder (default: <json stem>_plots next to the JSON)"
+    )
     args = parser.parse_args(argv)
     try:
         paths = write_report(args.routing_json, args.log, args.out)

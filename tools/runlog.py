@@ -24,6 +24,7 @@ Several runs in one file: the last run is read (a run starts at a start-of-run l
 of the previous run, or where the step counter restarts), and `runs_in_file` and `notes` say so.
 Lines stamped with a time (unix seconds or a date) are read without the stamp.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,10 @@ NUM = r"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf)"
 # Evaluation on the first N validation tokens only (our VAL_TOKEN_LIMIT): not a score.
 PARTIAL = re.compile(r"\(first (\d+) tokens only: not a score\)")
 # `NAME [key:value ...] val_loss:X val_bpb:Y [rest]`; NAME is words (no colon) from the line start.
-EVAL = re.compile(rf"^(?P<name>[A-Za-z][\w.+-]*(?: [A-Za-z][\w.+-]*)*)(?P<pre>(?: [\w/]+:\s?\S+)*)"
-                  rf" val_loss:\s?(?P<loss>{NUM}) val_bpb:\s?(?P<bpb>{NUM})(?P<rest>.*)$")
+EVAL = re.compile(
+    rf"^(?P<name>[A-Za-z][\w.+-]*(?: [A-Za-z][\w.+-]*)*)(?P<pre>(?: [\w/]+:\s?\S+)*)"
+    rf" val_loss:\s?(?P<loss>{NUM}) val_bpb:\s?(?P<bpb>{NUM})(?P<rest>.*)$"
+)
 # `step:N/M key:value ...` (older scripts) or `N/M key: value ...` (newer ones).
 STEP = re.compile(r"^(?:step:)?(?P<step>\d+)/(?P<of>\d+) (?P<rest>[\w/]+:.*)$")
 STOP = re.compile(r"^stopping_early: .*?train_time:\s?(?P<ms>\d+)ms step:\s?(?P<step>\d+)/(?P<of>\d+)")
@@ -51,11 +54,15 @@ TOTAL = re.compile(r"^Total submission size(?: (?P<how>[^:]+?))?: (?P<n>\d+) byt
 SEED = re.compile(r"^\s*seed[:=]\s?(\d+)\s*$")
 PEAK = re.compile(r"^peak memory allocated: (\d+) MiB")
 # Lines of our own trainer's text log that pack needs when no JSONL exists (older runs).
-HEADER = re.compile(r"^python (\S+) torch (\S+) device (\S+)(?: \((.*)\))? world_size (\d+) grad_accum (\d+)$")
+HEADER = re.compile(
+    r"^python (\S+) torch (\S+) device (\S+)(?: \((.*)\))? world_size (\d+) grad_accum (\d+)$"
+)
 CODE_SHA = re.compile(r"^code_sha256:([0-9a-f]{64}) code_bytes:(\d+)$")
 CONFIG = re.compile(r"^config (\{.*\})$")
-SIZE_CHECK = re.compile(r"^size_check (?P<kv>.*?) (?P<verdict>OK|OVER THE CAP) artifact:(?P<path>.+?)"
-                        r"(?: sha256:(?P<sha>[0-9a-f]{64}))?$")
+SIZE_CHECK = re.compile(
+    r"^size_check (?P<kv>.*?) (?P<verdict>OK|OVER THE CAP) artifact:(?P<path>.+?)"
+    r"(?: sha256:(?P<sha>[0-9a-f]{64}))?$"
+)
 MOE = re.compile(r"^moe layer:\d+ ")
 ROUTING_JSON = re.compile(r"^routing statistics: (.+)$")
 # Where a competitor's run starts: the lines their scripts print first.
@@ -69,6 +76,7 @@ UNRECOGNISED_KEPT = 20  # the first few unrecognised lines are kept as examples
 @dataclass
 class Eval:
     """One evaluation of the validation split."""
+
     name: str
     val_loss: float
     val_bpb: float
@@ -78,12 +86,15 @@ class Eval:
     seq_len: int | None = None
     token_limit: int = 0  # 0: the whole split; N: the first N tokens only (not a score)
     line: int | None = None  # 1-based line in the file (text logs)
-    invalid: str = ""  # why the trainer marked this result invalid (INVALID(...) / the event's "invalid"); "" = valid
+    invalid: str = (
+        ""  # why the trainer marked this result invalid (INVALID(...) / the event's "invalid"); "" = valid
+    )
 
 
 @dataclass
 class Step:
     """A periodic line of training progress: train_loss, or a validation (val_loss and val_bpb)."""
+
     step: int
     iterations: int
     train_loss: float | None = None
@@ -114,6 +125,7 @@ class SizeCheck:
 @dataclass
 class RunLog:
     """Everything found about the last run in one log; None / empty where absent."""
+
     path: Path | None = None
     source: str = "text"  # "jsonl" (our event log, exact) or "text" (lenient)
     runs_in_file: int = 0
@@ -220,15 +232,27 @@ class RunLog:
         """The numbers a reviewer asks for first (the CLI's default output)."""
         score = self.score
         return dict(
-            path=str(self.path) if self.path else None, source=self.source,
-            final_val_bpb=score.val_bpb if score else None, final_val_loss=score.val_loss if score else None,
-            final_name=score.name if score else None, final_invalid=score.invalid if score else None,
+            path=str(self.path) if self.path else None,
+            source=self.source,
+            final_val_bpb=score.val_bpb if score else None,
+            final_val_loss=score.val_loss if score else None,
+            final_name=score.name if score else None,
+            final_invalid=score.invalid if score else None,
             pre_quant_val_bpb=self.pre_quant_val_bpb,
-            code_bytes=self.code_bytes, artifact_bytes=self.artifact_bytes, total_bytes=self.total_bytes,
-            steps=self.steps, step_avg_ms=self.step_avg_ms, train_time_ms=self.train_time_ms, seed=self.seed,
-            partial_eval=self.partial_eval, runs_in_file=self.runs_in_file, first_line=self.first_line,
+            code_bytes=self.code_bytes,
+            artifact_bytes=self.artifact_bytes,
+            total_bytes=self.total_bytes,
+            steps=self.steps,
+            step_avg_ms=self.step_avg_ms,
+            train_time_ms=self.train_time_ms,
+            seed=self.seed,
+            partial_eval=self.partial_eval,
+            runs_in_file=self.runs_in_file,
+            first_line=self.first_line,
             finals=[dict(name=e.name, val_loss=e.val_loss, val_bpb=e.val_bpb) for e in self.finals],
-            unrecognised_lines=self.unrecognised_lines, notes=self.notes + self.warnings)
+            unrecognised_lines=self.unrecognised_lines,
+            notes=self.notes + self.warnings,
+        )
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -255,7 +279,9 @@ def eval_mode(name: str) -> str:
 
 def _is_pre_quant(name: str) -> bool:
     lowered = name.lower()
-    post_ema_float = "post" in lowered and "ema" in lowered and "quant" not in lowered  # "DIAGNOSTIC post_ema"
+    post_ema_float = (
+        "post" in lowered and "ema" in lowered and "quant" not in lowered
+    )  # "DIAGNOSTIC post_ema"
     return bool(re.search(r"pre.?quant", lowered)) or post_ema_float
 
 
@@ -268,28 +294,52 @@ def _eval(m: re.Match, line_no: int) -> Eval:
         return int(value) if value is not None else None
 
     invalid = re.search(r"INVALID\((.*)\)\s*$", m["rest"])
-    return Eval(m["name"], float(m["loss"]), float(m["bpb"]), eval_mode(m["name"]),
-                _number(extras.get("eval_time", "")), as_int("stride"), as_int("seq_len"),
-                int(partial[1]) if partial else 0, line_no, invalid[1] if invalid else "")
+    return Eval(
+        m["name"],
+        float(m["loss"]),
+        float(m["bpb"]),
+        eval_mode(m["name"]),
+        _number(extras.get("eval_time", "")),
+        as_int("stride"),
+        as_int("seq_len"),
+        int(partial[1]) if partial else 0,
+        line_no,
+        invalid[1] if invalid else "",
+    )
 
 
 def _step(m: re.Match) -> Step | None:
     values = {k: _number(v) for k, v in KEY_VALUE.findall(m["rest"])}
     partial = PARTIAL.search(m["rest"])
-    step = Step(int(m["step"]), int(m["of"]), values.get("train_loss"), values.get("val_loss"), values.get("val_bpb"),
-                values.get("train_time"), values.get("step_avg"), values.get("tok/s"), values.get("mfu"),
-                int(partial[1]) if partial else 0)
+    step = Step(
+        int(m["step"]),
+        int(m["of"]),
+        values.get("train_loss"),
+        values.get("val_loss"),
+        values.get("val_bpb"),
+        values.get("train_time"),
+        values.get("step_avg"),
+        values.get("tok/s"),
+        values.get("mfu"),
+        int(partial[1]) if partial else 0,
+    )
     return step if step.train_loss is not None or step.val_bpb is not None else None
 
 
 def _moe(line: str, step: int) -> dict:
     """A `moe layer:` telemetry line of our text log, by its key:value pairs."""
-    kv = dict(KEY_VALUE.findall(line[len("moe "):]))
+    kv = dict(KEY_VALUE.findall(line[len("moe ") :]))
     record = dict(layer=int(kv.get("layer", -1)), step=step)
     if "load" in kv:
         record["load"] = [float(v) for v in kv["load"].split(",") if v]
-    for key, name in (("max_mean", "max_over_mean"), ("dead", "dead"), ("entropy", "entropy"), ("aux", "aux"),
-                      ("z", "z"), ("drop", "dropped")):
+    for key, name in (
+        ("max_mean", "max_over_mean"),
+        ("dead", "dead"),
+        ("entropy", "entropy"),
+        ("aux", "aux"),
+        ("z", "z"),
+        ("drop", "dropped"),
+    ):
         if key in kv and _number(kv[key]) is not None:
             record[name] = _number(kv[key])
     if "dead" in record:
@@ -343,13 +393,14 @@ def _own_line(run: RunLog, line: str) -> bool:
             run.seed = run.config["SEED"]
         return True
     if line.startswith("params "):  # params total:N active_matmul_per_token:N router:N moe_mode:... (ours)
-        run.params = {k: int(v) if v.isdigit() else v for k, v in KEY_VALUE.findall(line[len("params "):])}
+        run.params = {k: int(v) if v.isdigit() else v for k, v in KEY_VALUE.findall(line[len("params ") :])}
         return bool(run.params)
     m = SIZE_CHECK.match(line)
     if m:
         kv = {k: int(v) for k, v in KEY_VALUE.findall(m["kv"]) if re.fullmatch(r"-?\d+", v)}
-        run.size_check = SizeCheck(kv.get("total"), kv.get("cap"), kv.get("slack"), m["verdict"] == "OK",
-                                   m["path"].strip(), m["sha"])
+        run.size_check = SizeCheck(
+            kv.get("total"), kv.get("cap"), kv.get("slack"), m["verdict"] == "OK", m["path"].strip(), m["sha"]
+        )
         return True
     return False
 
@@ -378,10 +429,12 @@ def _line(run: RunLog, line: str, line_no: int) -> bool:
     if MOE.match(line):
         run.moe.append(_moe(line, run.last_train.step if run.last_train else 0))
         return True
-    for pattern, apply in ((STOP, lambda m: setattr(run, "stop", (int(m["step"]), int(m["of"]), float(m["ms"])))),
-                           (SEED, lambda m: setattr(run, "seed", run.seed if run.seed is not None else int(m[1]))),
-                           (PEAK, lambda m: setattr(run, "peak_mib", int(m[1]))),
-                           (ROUTING_JSON, lambda m: setattr(run, "routing_json", m[1]))):
+    for pattern, apply in (
+        (STOP, lambda m: setattr(run, "stop", (int(m["step"]), int(m["of"]), float(m["ms"])))),
+        (SEED, lambda m: setattr(run, "seed", run.seed if run.seed is not None else int(m[1]))),
+        (PEAK, lambda m: setattr(run, "peak_mib", int(m[1]))),
+        (ROUTING_JSON, lambda m: setattr(run, "routing_json", m[1])),
+    ):
         m = pattern.match(line)
         if m:
             apply(m)
@@ -414,9 +467,12 @@ def parse(text: str, path: str | Path | None = None) -> RunLog:
     """Everything found about the last run of a text log; never raises on content."""
     lines = [STAMP.sub("", line, count=1) for line in text.splitlines()]
     starts = split_runs(lines)
-    run = RunLog(path=Path(path) if path is not None else None, first_line=starts[-1] + 1,
-                 runs_in_file=len(starts) if any(line.strip() for line in lines) else 0)
-    for number, line in enumerate(lines[starts[-1]:], start=starts[-1] + 1):
+    run = RunLog(
+        path=Path(path) if path is not None else None,
+        first_line=starts[-1] + 1,
+        runs_in_file=len(starts) if any(line.strip() for line in lines) else 0,
+    )
+    for number, line in enumerate(lines[starts[-1] :], start=starts[-1] + 1):
         if not _line(run, line, number) and line.strip():
             run.unrecognised_lines += 1
             if len(run.unrecognised_examples) < UNRECOGNISED_KEPT:
@@ -431,9 +487,17 @@ def _json_eval(event: dict, name: str) -> Eval:
     ms = event.get("eval_time_ms")
     if ms is None and isinstance(event.get("eval_time_s"), (int, float)):
         ms = 1000.0 * event["eval_time_s"]
-    return Eval(name, float(event["val_loss"]), float(event["val_bpb"]), event.get("mode") or eval_mode(name), ms,
-                event.get("stride"), event.get("seq_len"), int(event.get("token_limit") or 0),
-                invalid="; ".join(map(str, event.get("invalid") or [])))
+    return Eval(
+        name,
+        float(event["val_loss"]),
+        float(event["val_bpb"]),
+        event.get("mode") or eval_mode(name),
+        ms,
+        event.get("stride"),
+        event.get("seq_len"),
+        int(event.get("token_limit") or 0),
+        invalid="; ".join(map(str, event.get("invalid") or [])),
+    )
 
 
 def _json_config(run: RunLog, event: dict) -> None:
@@ -441,37 +505,67 @@ def _json_config(run: RunLog, event: dict) -> None:
     seed = (run.config or {}).get("SEED")
     run.seed = seed if isinstance(seed, int) else None
     run.code_sha256, run.start_code_bytes = event.get("code_sha256"), event.get("code_bytes")
-    run.torch, run.python, run.world_size, run.grad_accum = (event.get(k) for k in ("torch", "python", "world_size",
-                                                                                    "grad_accum"))
+    run.torch, run.python, run.world_size, run.grad_accum = (
+        event.get(k) for k in ("torch", "python", "world_size", "grad_accum")
+    )
     device = str(event.get("device") or "")
     m = re.fullmatch(r"(\S+) \((.*)\)", device)  # "cuda:0 (NVIDIA H100 80GB HBM3)"
     run.device, run.device_name = (m[1], m[2]) if m else (device or None, event.get("device_name") or "")
 
 
 def _json_size_check(run: RunLog, event: dict) -> None:
-    run.code_bytes, run.artifact_bytes, run.total_bytes = (event.get(k) for k in ("code_bytes", "artifact_bytes",
-                                                                                  "total_bytes"))
+    run.code_bytes, run.artifact_bytes, run.total_bytes = (
+        event.get(k) for k in ("code_bytes", "artifact_bytes", "total_bytes")
+    )
     cap, slack, total = event.get("cap"), event.get("slack"), event.get("total_bytes")
-    ok = event["ok"] if isinstance(event.get("ok"), bool) else (total is not None and cap is not None and total <= cap)
-    run.size_check = SizeCheck(total, cap, slack, ok, event.get("artifact_path") or event.get("artifact"),
-                               event.get("artifact_sha256") or event.get("sha256"))
+    ok = (
+        event["ok"]
+        if isinstance(event.get("ok"), bool)
+        else (total is not None and cap is not None and total <= cap)
+    )
+    run.size_check = SizeCheck(
+        total,
+        cap,
+        slack,
+        ok,
+        event.get("artifact_path") or event.get("artifact"),
+        event.get("artifact_sha256") or event.get("sha256"),
+    )
 
 
 def _json_step(run: RunLog, event: dict) -> None:
-    run.train_steps.append(Step(event["step"], event.get("iterations", 0), train_loss=event.get("train_loss"),
-                                train_time_ms=event.get("train_time_ms"), step_avg_ms=event.get("step_avg_ms"),
-                                tok_per_s=event.get("tok_s"), mfu_pct=event.get("mfu")))
+    run.train_steps.append(
+        Step(
+            event["step"],
+            event.get("iterations", 0),
+            train_loss=event.get("train_loss"),
+            train_time_ms=event.get("train_time_ms"),
+            step_avg_ms=event.get("step_avg_ms"),
+            tok_per_s=event.get("tok_s"),
+            mfu_pct=event.get("mfu"),
+        )
+    )
 
 
 def _json_val(run: RunLog, event: dict) -> None:
-    run.val_steps.append(Step(event["step"], event.get("iterations", 0), val_loss=event["val_loss"],
-                              val_bpb=event["val_bpb"], train_time_ms=event.get("train_time_ms"),
-                              step_avg_ms=event.get("step_avg_ms"), token_limit=int(event.get("token_limit") or 0)))
+    run.val_steps.append(
+        Step(
+            event["step"],
+            event.get("iterations", 0),
+            val_loss=event["val_loss"],
+            val_bpb=event["val_bpb"],
+            train_time_ms=event.get("train_time_ms"),
+            step_avg_ms=event.get("step_avg_ms"),
+            token_limit=int(event.get("token_limit") or 0),
+        )
+    )
 
 
 JSON_EVENTS = {
     "config": _json_config,
-    "params": lambda run, e: setattr(run, "params", {k: v for k, v in e.items() if k not in ("event", "time")}),
+    "params": lambda run, e: setattr(
+        run, "params", {k: v for k, v in e.items() if k not in ("event", "time")}
+    ),
     "step": _json_step,
     "val": _json_val,
     "routing": lambda run, e: run.moe.append({k: v for k, v in e.items() if k not in ("event", "time")}),
@@ -517,8 +611,12 @@ def parse_jsonl(text: str, path: str | Path | None = None) -> RunLog:
             bad.append(number)
     configs = [i for i, (_, e) in enumerate(records) if e["event"] == "config"]
     first = configs[-1] if configs else 0
-    run = RunLog(path=Path(path) if path is not None else None, source="jsonl", runs_in_file=max(len(configs), 1),
-                 first_line=records[first][0] if records else 1)
+    run = RunLog(
+        path=Path(path) if path is not None else None,
+        source="jsonl",
+        runs_in_file=max(len(configs), 1),
+        first_line=records[first][0] if records else 1,
+    )
     for number, event in records[first:]:
         handle = JSON_EVENTS.get(event["event"])
         try:
@@ -556,9 +654,13 @@ def read(path: str | Path, text_only: bool = False) -> RunLog:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("logs", nargs="+", type=Path)
-    parser.add_argument("--json", action="store_true", help="the summary as JSON (the default; kept for clarity)")
+    parser.add_argument(
+        "--json", action="store_true", help="the summary as JSON (the default; kept for clarity)"
+    )
     parser.add_argument("--full", action="store_true", help="everything found, not only the summary")
     parser.add_argument("--text", action="store_true", help="parse the text even when a JSONL is beside it")
     args = parser.parse_args(argv)
@@ -572,15 +674,22 @@ def main(argv: list[str] | None = None) -> int:
         for note in run.notes + run.warnings:
             print(f"note: {note}", file=sys.stderr)
         if run.score is None:
-            print(f"WARNING: {path}: no final evaluation found: this log has NO SCORE "
-                  f"(crashed, still running, or not a training log); final_val_bpb is null", file=sys.stderr)
+            print(
+                f"WARNING: {path}: no final evaluation found: this log has NO SCORE "
+                f"(crashed, still running, or not a training log); final_val_bpb is null",
+                file=sys.stderr,
+            )
             status = 1
         elif run.score.invalid:
-            print(f"WARNING: {path}: the trainer marked the result INVALID ({run.score.invalid}): not a score",
-                  file=sys.stderr)
+            print(
+                f"WARNING: {path}: the trainer marked the result INVALID ({run.score.invalid}): not a score",
+                file=sys.stderr,
+            )
             status = 1
         elif not all(math.isfinite(v) for v in (run.score.val_bpb, run.score.val_loss)):
-            print(f"WARNING: {path}: the final evaluation is not finite ({run.score.val_bpb})", file=sys.stderr)
+            print(
+                f"WARNING: {path}: the final evaluation is not finite ({run.score.val_bpb})", file=sys.stderr
+            )
             status = 1
         print(json.dumps(run.to_dict() if args.full else run.summary(), indent=1))
     return status

@@ -8,6 +8,7 @@ module, so `__file__` (and with it the code size and sha256 a run logs) is the w
 only the standard library. `extracted_source` inverts it, which is how `records.py verify` checks
 that a packed wrapper and the readable script beside it are the same program.
 """
+
 import base64
 import lzma
 import sys
@@ -27,7 +28,7 @@ def extracted_source(wrapper: bytes) -> bytes | None:
     if not (wrapper.startswith(PREFIX) and wrapper.endswith(SUFFIX)):
         return None
     try:
-        return lzma.decompress(base64.b85decode(wrapper[len(PREFIX):-len(SUFFIX)]))
+        return lzma.decompress(base64.b85decode(wrapper[len(PREFIX) : -len(SUFFIX)]))
     except (ValueError, lzma.LZMAError):
         return None
 
