@@ -37,7 +37,7 @@ import zstandard
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-# ---- 1. Hyperparameters: every knob is an environment variable (documented in README.md) ---------
+# ---- 1. Hyperparameters: every knob is an environment variable (documented in docs/knobs.md) ------
 CHOICES = {
     "COMPILE": ("auto", "0", "1"),
     "MLP_ACT": ("relu2", "leaky_relu2"),

@@ -1,7 +1,7 @@
 """Runs configurations x seeds of train_gpt.py on the proxy corpus, one after another, and collects
 the scores, speed, sizes and routing health from their logs into one table and a JSON file.
 
-    python tools/proxy_study.py --list                         # the built-in presets (README, "Mixture of Experts")
+    python tools/proxy_study.py --list                         # the built-in presets (docs/moe.md)
     python tools/proxy_study.py --only dense,topk4 --seeds 1337,1338,1339 --dry-run
     python tools/proxy_study.py --only topk4 --seeds 1337 --log-dir $OUT/logs         # one run
     python tools/proxy_study.py --seeds 1337,1338,1339 --collect-only logs/proxy      # the table
@@ -48,7 +48,7 @@ except ImportError:
     from common import MOE_PRESETS, cell, format_table, mean_std
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = MOE_PRESETS  # the matched MoE-versus-dense study (README, "Mixture of Experts")
+PRESETS = MOE_PRESETS  # the matched MoE-versus-dense study (docs/moe.md)
 # Set by the study for every run alike; a configuration may not change them.
 STUDY_KEYS = (
     "DATA_PATH",
