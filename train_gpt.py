@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import zlib
+from dataclasses import dataclass, fields
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -536,6 +537,58 @@ def grad_accum_steps(h: SimpleNamespace, world_size: int) -> int:
     return h.train_batch_tokens // per_step
 
 
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network's contract: what the model classes receive, and all they receive. Built from the
+    knobs an artifact stores plus the values derived from them, so a reloaded model is rebuilt alike."""
+
+    vocab_size: int
+    num_layers: int
+    model_dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_hidden: int  # the dense MLP's hidden width (MLP_MULT x MODEL_DIM)
+    mlp_act: str
+    rope_dims: int
+    rope_base: float
+    qk_gain_init: float
+    logit_softcap: float
+    tie_embeddings: bool
+    tied_embed_init_std: float
+    bigram_vocab_size: int
+    bigram_dim: int
+    smear_gate: bool
+    xsa_last_n: int
+    ln_scale: bool
+    sparse_attn_gate_enabled: bool
+    sparse_attn_gate_scale: float
+    gate_window: int
+    parallel_start_layer: int
+    num_loops: int
+    loop_start: int
+    loop_end: int
+    moe_mode: str
+    moe_layer_ids: tuple[int, ...]  # the layers whose MLP is an MoE (empty with MOE_MODE=none)
+    num_experts: int
+    top_k: int
+    expert_mlp_hidden: int
+    shared_mlp_hidden: int
+    router_score: str
+    moe_dispatch: str
+    capacity_factor: float
+    # The routers' training terms: applied inside the MoE layers, where the routing they shape lives.
+    router_noise: float
+    router_z_coef: float
+    moe_aux_loss_coef: float
+
+
+def model_config(h: SimpleNamespace) -> ModelConfig:
+    """The model contract of a checked run configuration (load_config's result)."""
+    values = {f.name: getattr(h, f.name) for f in fields(ModelConfig)}
+    return ModelConfig(**{**values, "moe_layer_ids": tuple(h.moe_layer_ids)})
+
+
 # ---- 2. Data: challenge shards (256 x int32 header, then uint16 tokens), loaders, tokenizer bytes ----
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
 MAX_VOCAB_SIZE = 65536  # token ids are stored as uint16
@@ -729,21 +782,23 @@ def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, h, layer: int = 0):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = h.num_heads, h.num_kv_heads, h.head_dim
-        kv_dim = h.num_kv_heads * h.head_dim
-        self.c_q = nn.Linear(h.model_dim, h.model_dim, bias=False)
-        self.c_k = nn.Linear(h.model_dim, kv_dim, bias=False)
-        self.c_v = nn.Linear(h.model_dim, kv_dim, bias=False)
-        self.proj = zero_init(nn.Linear(h.model_dim, h.model_dim, bias=False))
-        self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
-        self.rotary = Rotary(h.rope_dims, h.rope_base)
-        self.xsa = layer >= h.num_layers - h.xsa_last_n
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kv_dim = cfg.num_kv_heads * cfg.head_dim
+        self.c_q = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
+        self.c_k = nn.Linear(cfg.model_dim, kv_dim, bias=False)
+        self.c_v = nn.Linear(cfg.model_dim, kv_dim, bias=False)
+        self.proj = zero_init(nn.Linear(cfg.model_dim, cfg.model_dim, bias=False))
+        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
+        self.rotary = Rotary(cfg.rope_dims, cfg.rope_base)
+        self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
         # Sparse output gate: head j's output x sigmoid(scale * w_j . x[:GATE_WINDOW]); zero init = 0.5.
-        self.gate_window, self.gate_scale = h.gate_window, h.sparse_attn_gate_scale
+        self.gate_window, self.gate_scale = cfg.gate_window, cfg.sparse_attn_gate_scale
         self.attn_gate = (
-            nn.Parameter(torch.zeros(h.num_heads, h.gate_window)) if h.sparse_attn_gate_enabled else None
+            nn.Parameter(torch.zeros(cfg.num_heads, cfg.gate_window))
+            if cfg.sparse_attn_gate_enabled
+            else None
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -844,13 +899,15 @@ def grouped_matmul(x: Tensor, weight_t: Tensor, offsets: Tensor) -> Tensor:
 class MoEBase(nn.Module):
     """Router (fp32 logic, zero-initialised) and routing telemetry shared by all MoE modes."""
 
-    def __init__(self, h, dim: int, num_experts: int, expert_hidden: int, router_init_std: float):
+    def __init__(
+        self, cfg: ModelConfig, dim: int, num_experts: int, expert_hidden: int, router_init_std: float
+    ):
         super().__init__()
-        self.E, self.act, self.router_init_std = num_experts, h.mlp_act, router_init_std
+        self.E, self.act, self.router_init_std = num_experts, cfg.mlp_act, router_init_std
         self.router_weight = nn.Parameter(torch.empty(num_experts, dim))
         self.up = nn.Parameter(torch.empty(num_experts, expert_hidden, dim))
         self.down = nn.Parameter(torch.empty(num_experts, dim, expert_hidden))
-        self.z_coef, self.aux_coef = h.router_z_coef, h.moe_aux_loss_coef
+        self.z_coef, self.aux_coef = cfg.router_z_coef, cfg.moe_aux_loss_coef
         self.aux_terms: list[Tensor] = []  # this forward's weighted z- and aux losses; GPT.forward adds them
         self.register_buffer(
             "stats", torch.zeros(len(RoutingStats._fields) - 1 + num_experts), persistent=False
@@ -911,14 +968,14 @@ class RoutedMoE(MoEBase):
     may add the balancing bias; gates are unbiased scores, not renormalised (top-1 still trains the router).
     shared_routed adds a dense MLP that every token uses."""
 
-    def __init__(self, h, dim: int):
-        super().__init__(h, dim, h.num_experts, h.expert_mlp_hidden, ROUTED_INIT_STD)
-        self.k, self.score, self.noise = h.top_k, h.router_score, h.router_noise
-        self.dispatch_mode, self.capacity_factor = h.moe_dispatch, h.capacity_factor
+    def __init__(self, cfg: ModelConfig, dim: int):
+        super().__init__(cfg, dim, cfg.num_experts, cfg.expert_mlp_hidden, ROUTED_INIT_STD)
+        self.k, self.score, self.noise = cfg.top_k, cfg.router_score, cfg.router_noise
+        self.dispatch_mode, self.capacity_factor = cfg.moe_dispatch, cfg.capacity_factor
         # An untrained router scores ~1/E (softmax) or ~1/2 (sigmoid): this makes the k gates sum to ~1.
         self.gate_scale = (self.E if self.score == "softmax" else 2.0) / self.k
         self.register_buffer("router_bias", torch.zeros(self.E))
-        self.shared = DenseMLP(dim, h.shared_mlp_hidden, h.mlp_act) if h.shared_mlp_hidden else None
+        self.shared = DenseMLP(dim, cfg.shared_mlp_hidden, cfg.mlp_act) if cfg.shared_mlp_hidden else None
 
     def route(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """-> (router logits, scores, chosen experts (T, k), gates (T, k)) for tokens (T, dim)."""
@@ -977,12 +1034,12 @@ def switch_aux_loss(counts: Tensor, probs: Tensor, k: int) -> Tensor:
     return probs.size(-1) * ((counts.float() / (probs.size(0) * k)) * probs.mean(0)).sum()
 
 
-def make_mlp(h, layer: int) -> nn.Module:
-    if layer not in h.moe_layer_ids:
-        return DenseMLP(h.model_dim, h.mlp_hidden, h.mlp_act)
-    if h.moe_mode == "soft":
-        return SoftMoE(h, h.model_dim, h.num_experts, h.expert_mlp_hidden, router_init_std=0.0)
-    return RoutedMoE(h, h.model_dim)
+def make_mlp(cfg: ModelConfig, layer: int) -> nn.Module:
+    if layer not in cfg.moe_layer_ids:
+        return DenseMLP(cfg.model_dim, cfg.mlp_hidden, cfg.mlp_act)
+    if cfg.moe_mode == "soft":
+        return SoftMoE(cfg, cfg.model_dim, cfg.num_experts, cfg.expert_mlp_hidden, router_init_std=0.0)
+    return RoutedMoE(cfg, cfg.model_dim)
 
 
 def moe_layers(model: nn.Module) -> list[tuple[int, MoEBase]]:
@@ -1053,18 +1110,17 @@ def routing_summary(model: nn.Module, stats: Tensor) -> list[dict]:
 
 # ---- 5. The network: blocks with an MLP or MoE, U-Net skips, the loss ----------------------------
 class Block(nn.Module):
-    def __init__(self, h, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.attn = Attention(h, layer)
-        self.mlp = make_mlp(h, layer)
-        self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
-        self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
-        self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
-        self.ln_scale = 1 / math.sqrt(layer + 1) if h.ln_scale else 1.0  # deeper blocks read smaller inputs
-        self.parallel = 0 < h.parallel_start_layer <= layer
-        if (
-            self.parallel
-        ):  # lane j keeps lane_resid[j] x itself + lane_post[j] . (attention, MLP); the record's init
+        self.attn = Attention(cfg, layer)
+        self.mlp = make_mlp(cfg, layer)
+        self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
+        self.ln_scale = 1 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0  # deeper blocks read smaller inputs
+        self.parallel = 0 < cfg.parallel_start_layer <= layer
+        if self.parallel:
+            # Lane j keeps lane_resid[j] x itself + lane_post[j] . (attention, MLP); the record's init.
             self.lane_resid = nn.Parameter(torch.full((2,), 1.1))
             self.lane_post = nn.Parameter(torch.ones(2, 2))
 
@@ -1086,27 +1142,31 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, h):
+    def __init__(self, cfg: ModelConfig):
+        if not isinstance(cfg, ModelConfig):  # a run configuration carries training knobs too
+            raise TypeError(f"GPT takes a ModelConfig, not {type(cfg).__name__}: use GPT(model_config(h))")
         super().__init__()
-        self.softcap, self.vocab_size = h.logit_softcap, h.vocab_size
-        self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
+        self.softcap, self.vocab_size = cfg.logit_softcap, cfg.vocab_size
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         self.bigram = (
-            BigramHash(h.bigram_vocab_size, h.bigram_dim, h.model_dim) if h.bigram_vocab_size > 0 else None
+            BigramHash(cfg.bigram_vocab_size, cfg.bigram_dim, cfg.model_dim)
+            if cfg.bigram_vocab_size > 0
+            else None
         )
-        self.smear = SmearGate(h.model_dim) if h.smear_gate else None
-        self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
+        self.smear = SmearGate(cfg.model_dim) if cfg.smear_gate else None
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         # Depth recurrence: once on, layers LOOP_START..LOOP_END run NUM_LOOPS more times. A Python bool (one
         # compiled graph per state), mirrored in a buffer the artifact keeps, so a reloaded model runs alike.
-        plain = list(range(h.num_layers))
-        repeats = plain[h.loop_start : h.loop_end + 1] * h.num_loops
-        self.orders = (plain, plain[: h.loop_end + 1] + repeats + plain[h.loop_end + 1 :])
+        plain = list(range(cfg.num_layers))
+        repeats = plain[cfg.loop_start : cfg.loop_end + 1] * cfg.num_loops
+        self.orders = (plain, plain[: cfg.loop_end + 1] + repeats + plain[cfg.loop_end + 1 :])
         self.looping = False
         self.register_buffer("loop_state", torch.zeros(()))
-        self.skip_weights = nn.Parameter(torch.ones(len(self.orders[1]) // 2, h.model_dim))
+        self.skip_weights = nn.Parameter(torch.ones(len(self.orders[1]) // 2, cfg.model_dim))
         self.lm_head = (
-            None if h.tie_embeddings else zero_init(nn.Linear(h.model_dim, h.vocab_size, bias=False))
+            None if cfg.tie_embeddings else zero_init(nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False))
         )
-        self.reset_parameters(h.tied_embed_init_std)
+        self.reset_parameters(cfg.tied_embed_init_std)
 
     @torch.no_grad()
     def reset_parameters(self, embed_std: float) -> None:
@@ -1116,10 +1176,10 @@ class GPT(nn.Module):
         for module in self.modules():
             if isinstance(module, MoEBase):
                 module.reset_parameters()
+            elif isinstance(module, nn.Linear) and getattr(module, "zero_init", False):
+                nn.init.zeros_(module.weight)
             elif isinstance(module, nn.Linear):
-                nn.init.zeros_(module.weight) if getattr(module, "zero_init", False) else nn.init.orthogonal_(
-                    module.weight
-                )
+                nn.init.orthogonal_(module.weight)
 
     def set_looping(self, on: bool) -> None:
         self.looping = bool(on)
@@ -2235,7 +2295,7 @@ class Trainer:
             self.accum,
             device,
         )
-        self.model = GPT(h).to(device)
+        self.model = GPT(model_config(h)).to(device)
         self.compiled = maybe_compile(self.model, h, device)
         self.ddp = (
             DDP(
@@ -2432,7 +2492,7 @@ def load_artifact_model(path: str, device: torch.device, **overrides) -> tuple[G
     """Rebuild the model from an artifact alone (its stored knobs) and load the dequantized weights."""
     config, state = read_artifact(path)
     h = load_config({}, **config, **overrides)
-    model = GPT(h).to(device)
+    model = GPT(model_config(h)).to(device)
     missing = set(artifact_state(model)) - set(state)
     if missing:
         raise ArtifactError(f"{path}: artifact lacks tensors {sorted(missing)[:3]}")
@@ -2509,7 +2569,7 @@ def dry_run(h) -> None:
     budget preview and the projected speed on 8xH100."""
     log, peak, rates = Logger(None, console=True), PEAK_BF16_FLOPS["H100"], []
     with torch.device("meta"):
-        model = GPT(h)
+        model = GPT(model_config(h))
     log_model(h, model, log)
     try:
         log_budget_preview(model, h, log)

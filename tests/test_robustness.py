@@ -218,7 +218,7 @@ def test_artifact_over_the_cap_fails_even_when_over_budget_is_allowed(tmp_path):
 @pytest.mark.parametrize("mode", ["soft", "topk"])
 def test_router_logits_are_fp32_under_bf16_autocast(tiny_config, mode):
     torch.manual_seed(0)
-    moe = tg.make_mlp(tiny_config(MOE_MODE=mode), 0)
+    moe = tg.make_mlp(tg.model_config(tiny_config(MOE_MODE=mode)), 0)
     with torch.no_grad():
         moe.router_weight.normal_(0, 0.5)
     x = torch.randn(512, moe.router_weight.size(1))
@@ -231,7 +231,9 @@ def test_router_logits_are_fp32_under_bf16_autocast(tiny_config, mode):
 
 
 def test_untied_input_embedding_is_a_lookup_not_matmul_flops(tiny_config):
-    tied, untied = (tg.GPT(tiny_config(TIE_EMBEDDINGS=tie, MOE_MODE="none")) for tie in (1, 0))
+    tied, untied = (
+        tg.GPT(tg.model_config(tiny_config(TIE_EMBEDDINGS=tie, MOE_MODE="none"))) for tie in (1, 0)
+    )
     # the tied table is the output head (counted once); untied, the head counts and the input table does not
     assert tg.matmul_params_per_token(untied) == tg.matmul_params_per_token(tied)
 
@@ -280,7 +282,7 @@ import train_gpt as tg
 dist.init_process_group("gloo")
 h = tg.load_config({env!r})
 torch.manual_seed(0)
-model = tg.GPT(h)
+model = tg.GPT(tg.model_config(h))
 tg.check_ranks_in_sync(model, 2, print)
 if dist.get_rank() == 1:
     with torch.no_grad():

@@ -61,7 +61,7 @@ def random_model(mode: str, **env):
     attention, MLPs and routers would not matter and legality would hold trivially)."""
     h = tg.load_config({**TINY_ENV, **TTT_ENV, "MOE_MODE": mode, **env})
     torch.manual_seed(0)
-    model = tg.GPT(h)
+    model = tg.GPT(tg.model_config(h))
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim >= 2:
@@ -175,7 +175,7 @@ def test_projection_grows_with_the_work(tiny_config, val_pair):
         h = tiny_config(TTT_ENABLED=1, EVAL_TIME_LIMIT=0, **{**TTT_ENV, "TTT_CHUNK_SIZE": chunk})
         log = lambda msg: None
         log.event = lambda kind, **fields: seconds.append(fields["seconds"])
-        tg.check_eval_time(tg.GPT(h), h, val, log)
+        tg.check_eval_time(tg.GPT(tg.model_config(h)), h, val, log)
     assert 0 < seconds[0] < seconds[1]  # smaller chunks: more windows over the same documents
 
 

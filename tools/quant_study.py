@@ -39,7 +39,7 @@ def load_checkpoint(path: str, device: torch.device):
         h = train_gpt.load_config({}, **saved["config"])
     except (OSError, RuntimeError, KeyError, TypeError) as err:
         raise SystemExit(f"error: {path}: not a train_gpt.py checkpoint ({err})") from None
-    model = train_gpt.GPT(h).to(device)
+    model = train_gpt.GPT(train_gpt.model_config(h)).to(device)
     model.load_state_dict(saved["state"])
     return model.eval(), h
 
