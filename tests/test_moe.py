@@ -167,6 +167,7 @@ def test_bias_update_moves_skewed_load_towards_balance(tiny_config):
     "mode,dispatch",
     [("soft", "grouped"), ("topk", "grouped"), ("topk", "capacity"), ("shared_routed", "grouped")],
 )
+@pytest.mark.slow
 def test_fullgraph_compile_without_recompiles(tiny_config, mode, dispatch):
     from torch._dynamo.utils import counters
 

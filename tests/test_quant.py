@@ -168,6 +168,7 @@ def test_budget_preview_is_within_two_percent_of_the_written_artifact(tiny_confi
     assert abs(estimate - real) / real < 0.02, (estimate, real)
 
 
+@pytest.mark.slow
 def test_checkpoint_and_quant_study(tmp_path):
     result = run_train(tmp_path, ITERATIONS=10, SAVE_CHECKPOINT=1, GPTQ_CALIBRATION_BATCHES=2)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -216,6 +217,7 @@ def test_checkpoint_and_quant_study(tmp_path):
     assert mlp_only[0]["scheme"] == "rtn/zstd" and mlp_only[0]["bytes"] > rows[0]["bytes"]
 
 
+@pytest.mark.slow
 def test_self_extracting_script_runs_the_same_program(tmp_path):
     sys.path.insert(0, str(REPO / "tools"))
     import selfextract

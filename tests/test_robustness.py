@@ -112,6 +112,7 @@ def test_grouped_dispatch_refuses_widths_not_multiple_of_8():
     )  # no grouped_mm in soft MoE
 
 
+@pytest.mark.slow
 def test_bad_knob_fails_before_training_and_leaves_no_log(tmp_path):
     result = run_train(tmp_path, ZSTD_LEVEL=99)
     assert_refused_before_training(result, "error: ZSTD_LEVEL=99: expected 1..22")
@@ -121,6 +122,7 @@ def test_bad_knob_fails_before_training_and_leaves_no_log(tmp_path):
 # --- shards ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_corrupt_train_shard_1_is_named_at_startup_in_the_log_and_the_run_id_stays_free(tmp_path):
     data = sample_copy(tmp_path)
     shard = data / "fineweb_train_000001.bin"
@@ -146,6 +148,7 @@ def test_corrupt_train_shard_1_is_named_at_startup_in_the_log_and_the_run_id_sta
     assert events(logs / "test.jsonl")[-1] == {**events(logs / "test.jsonl")[-1], "status": "ok"}
 
 
+@pytest.mark.slow
 def test_out_of_range_token_in_a_train_shard_is_named_at_startup(tmp_path):
     data = sample_copy(tmp_path)
     shard = data / "fineweb_train_000002.bin"
@@ -180,6 +183,7 @@ def test_train_shards_are_memory_mapped_not_read_whole(tiny_config):
 # --- nothing overwritten, invalid results fail ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_existing_artifact_path_is_refused_before_training_and_untouched(tmp_path):
     artifact = tmp_path / "precious.ptz"
     artifact.write_bytes(b"another run's artifact")
@@ -191,6 +195,7 @@ def test_existing_artifact_path_is_refused_before_training_and_untouched(tmp_pat
     )  # logged; RUN_ID stays free
 
 
+@pytest.mark.slow
 def test_non_finite_stored_tensors_and_score_exit_non_zero_with_marked_score_lines(tmp_path):
     result = run_train(tmp_path, SCALAR_LR="1e9", ITERATIONS=2, MOE_MODE="none")
     assert result.returncode == 2, result.stderr[-2000:]
@@ -204,6 +209,7 @@ def test_non_finite_stored_tensors_and_score_exit_non_zero_with_marked_score_lin
     assert [e["event"] for e in log[-2:]] == ["error", "end"] and log[-1]["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_artifact_over_the_cap_fails_even_when_over_budget_is_allowed(tmp_path):
     result = run_train(tmp_path, SIZE_CAP_BYTES=100000, BUDGET_MARGIN=-1, ITERATIONS=2, MOE_MODE="none")
     assert result.returncode == 2
@@ -295,6 +301,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_ranks_checksum_names_the_tensor_that_drifted(tmp_path):
     script = tmp_path / "check_sync.py"
     script.write_text(CHECK_SYNC.format(repo=str(REPO), env={**TINY_ENV, "MOE_MODE": "none"}))
@@ -312,6 +319,7 @@ def test_ranks_checksum_names_the_tensor_that_drifted(tmp_path):
     assert "tensors differ, first blocks.1.attn_scale (sums by rank:" in result.stdout
 
 
+@pytest.mark.slow
 def test_two_rank_run_on_a_wall_clock_schedule_ends_in_sync(tmp_path):
     # LR warm-down, momentum warm-up and the EMA decay all follow the clock here: ranks must agree on it.
     result = run_train(

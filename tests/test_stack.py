@@ -396,6 +396,7 @@ def test_weight_decays_and_beta2_reach_the_optimizers():
 # --- loop switch under torch.compile -----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["none", "topk"])
 def test_loop_switch_compiles_one_more_graph_and_never_recompiles_per_step(mode):
     """fullgraph compile: one graph per loop state, nothing per step (aot_eager: the same dynamo
@@ -452,6 +453,7 @@ def test_artifact_reloads_in_the_loop_state_it_was_trained_in(tmp_path, looping)
 FINAL = re.compile(r"final_quant_zstd_(roundtrip|sliding_window)_exact val_loss:([\d.]+) val_bpb:([\d.]+)")
 
 
+@pytest.mark.slow
 def test_tiny_run_with_every_mechanism_trains_quantizes_and_round_trips(tmp_path):
     result = run_train(tmp_path, **{**STACK_ENV, "BIGRAM_VOCAB_SIZE": "256", "ITERATIONS": "20"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -471,6 +473,7 @@ def test_tiny_run_with_every_mechanism_trains_quantizes_and_round_trips(tmp_path
     assert re.search(r"size_check total:\d+ cap:16000000 slack:\d+ OK", log)
 
 
+@pytest.mark.slow
 def test_stack_under_two_processes_matches_one_process(tmp_path):
     """DDP with the loop switch mid-run, lanes and a routed MoE: 2 processes x 1 micro-step match
     1 process x 2 micro-steps (gloo, CPU), before and after the switch."""
@@ -485,6 +488,7 @@ def test_stack_under_two_processes_matches_one_process(tmp_path):
         assert s1 == s2 and float(l1) == pytest.approx(float(l2), abs=2e-4)
 
 
+@pytest.mark.slow
 def test_routed_moe_run_under_compile_recompiles_at_most_once(tmp_path):
     """A whole tiny run with a routed MoE, loops switching on mid-run, compiled with fullgraph; dynamo
     logs every recompile. The wrapper only swaps inductor for aot_eager (same guards and graphs)."""
@@ -539,6 +543,7 @@ def dry_run(tmp_path, **env):
     )
 
 
+@pytest.mark.slow
 def test_dry_run_needs_no_data_and_prints_size_and_speed(tmp_path):
     result = dry_run(tmp_path, MOE_MODE="none")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -553,11 +558,13 @@ def test_dry_run_needs_no_data_and_prints_size_and_speed(tmp_path):
     assert not (tmp_path / "logs").exists()  # a dry run writes nothing
 
 
+@pytest.mark.slow
 def test_dry_run_reports_bad_knobs_like_a_real_run(tmp_path):
     result = dry_run(tmp_path, LOOP_END="11")
     assert result.returncode == 2 and "LOOP_END=11" in result.stderr
 
 
+@pytest.mark.slow
 def test_bench_stack_tiny_times_both_phases_with_one_graph_each():
     result = subprocess.run(
         [

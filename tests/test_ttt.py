@@ -158,6 +158,7 @@ def test_documents_cover_every_target_once(val_pair):
     assert all(rows == sorted(rows) for batches, _ in phases for rows in batches)
 
 
+@pytest.mark.slow
 def test_projection_refuses_before_training(tmp_path):
     r = run_train(tmp_path, TTT_ENABLED=1, EVAL_TIME_LIMIT=1e-9, **TTT_ENV)
     assert r.returncode == 2 and "EVAL_TIME_LIMIT" in r.stderr and "Traceback" not in r.stderr
@@ -209,6 +210,7 @@ def trained(tmp_path_factory):
     return tmp, (tmp / "logs" / "test.txt").read_text(), tmp / "logs" / "test_model.ptz"
 
 
+@pytest.mark.slow
 def test_eval_only_reproduces_the_run_and_writes_token_losses(trained):
     tmp_path, text, artifact = trained
     losses = tmp_path / "sliding.npy"
@@ -253,6 +255,7 @@ def test_eval_only_reproduces_the_run_and_writes_token_losses(trained):
         assert r.returncode == 2 and knob in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_one_rank_scores(trained, tmp_path):
     artifact = trained[2]
     env = dict(EVAL_ONLY=1, ARTIFACT_PATH=artifact, VAL_TOKEN_LIMIT=2048, TTT_ENABLED=1, **TTT_ENV)
