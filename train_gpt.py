@@ -938,7 +938,8 @@ class RoutedMoE(MoEBase):
         order = torch.argsort(flat, stable=True)
         dispatch = self.dispatch_grouped if self.dispatch_mode == "grouped" else self.dispatch_capacity
         # grouped_mm is fast only in bf16 (and compiles only in bf16); eager CPU keeps fp32 for exact tests.
-        bf16 = tokens.is_cuda or torch.compiler.is_compiling()
+        autocast_on = torch.is_autocast_enabled(tokens.device.type)
+        bf16 = tokens.is_cuda or torch.compiler.is_compiling() or autocast_on
         sorted_tokens = tokens.to(torch.bfloat16 if bf16 else tokens.dtype)[order // self.k]
         rows, dropped = dispatch(sorted_tokens, flat[order], counts)
         slots = torch.empty_like(rows).index_copy(0, order, rows)
@@ -956,7 +957,8 @@ class RoutedMoE(MoEBase):
     def dispatch_grouped(self, xs: Tensor, experts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
         up, down = self.expert_weights(xs.dtype)
         offsets = counts.cumsum(0).to(torch.int32)
-        hidden = mlp_act(grouped_matmul(xs, up, offsets), self.act)
+        # Autocast runs square() (aten::pow) in fp32 and grouped_mm has no autocast kernel: cast back by hand.
+        hidden = mlp_act(grouped_matmul(xs, up, offsets), self.act).to(xs.dtype)
         return grouped_matmul(hidden, down, offsets), torch.zeros((), device=xs.device)
 
     def dispatch_capacity(self, xs: Tensor, experts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
