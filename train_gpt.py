@@ -35,6 +35,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import zstandard
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # ---- 1. Hyperparameters: every knob is an environment variable (documented in README.md) ---------
@@ -2217,6 +2219,97 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+class FlashLikeAttention(torch.autograd.Function):
+    """Causal attention's output for fake tensors, saving what flash attention saves for its backward (q, k, v,
+    the output, an fp32 log-sum-exp per row): which backend a GPU picks cannot be traced without one."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tuple(torch.empty_like(t) for t in ctx.saved_tensors[:3])
+
+
+def fake_model(h, device) -> GPT:
+    """GPT(h) whose parameters and buffers are fake tensors on `device` (call inside a FakeTensorMode): shapes
+    and dtypes only, so any shape can be traced on any machine."""
+    with torch.device("meta"):
+        model = GPT(h)
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:  # a Linear without bias holds None
+                fake = torch.empty(p.shape, dtype=p.dtype, device=device)
+                module._parameters[name] = nn.Parameter(fake, p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype, device=device)
+    return model
+
+
+def saved_activations(h, device, looping: bool) -> dict[str, int]:
+    """Bytes by dtype that autograd keeps for backward from one eager training micro-batch (once per storage,
+    parameters excluded), traced with fake tensors: nothing is allocated or run on the device."""
+    saved: dict[int, tuple[int, str]] = {}
+    sdpa = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = lambda q, k, v, **kwargs: FlashLikeAttention.apply(q, k, v)
+    try:
+        with FakeTensorMode():
+            model = fake_model(h, device).train()
+            model.set_looping(looping)
+            params = {StorageWeakRef(p.untyped_storage()).cdata for p in model.parameters()}
+
+            def pack(t: Tensor) -> Tensor:
+                key = StorageWeakRef(t.untyped_storage()).cdata
+                if key not in params:
+                    saved[key] = (t.untyped_storage().nbytes(), str(t.dtype).removeprefix("torch."))
+                return t
+
+            x = torch.zeros(h.micro_batch_tokens // h.train_seq_len, h.train_seq_len, dtype=torch.long)
+            x = x.to(device)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(torch.device(device)):
+                model(x, x)
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    by_dtype: dict[str, int] = {}
+    for nbytes, dtype in saved.values():
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
+    return by_dtype
+
+
+def static_training_bytes(h, world: int) -> int:
+    """fp32 weights, gradients, optimizer state (Muon momentum; Adam moments), EMA copy, DDP buckets."""
+    with torch.device("meta"):
+        model = GPT(h)
+    n = sum(p.numel() for p in model.parameters())
+    muon = sum(p.numel() for name, p in model.named_parameters() if param_class(name, p) in MATRIX_CLASSES)
+    return 4 * (2 * n + muon + 2 * (n - muon) + n * (h.ema_decay != 0) + n * (world > 1))
+
+
+def eager_peak_bytes(h, device, world: int) -> int:
+    """One rank's peak without torch.compile: static bytes + the larger loop state's saved activations + the
+    loss's backward working set (two fp32 tokens x vocab gradients of the logits)."""
+    saved = max(sum(saved_activations(h, device, on).values()) for on in {False, h.num_loops > 0})
+    return static_training_bytes(h, world) + saved + 8 * h.micro_batch_tokens * h.vocab_size
+
+
+def check_eager_memory(h, device: torch.device, world: int, log) -> None:
+    """COMPILE=0 on a GPU saves every intermediate for backward: warn when the micro-batch cannot fit."""
+    if device.type != "cuda" or use_compile(h, device):
+        return
+    peak, total = eager_peak_bytes(h, device, world), torch.cuda.get_device_properties(device).total_memory
+    log(f"eager_memory: ~{peak / 2**30:.1f} GiB per rank estimated (COMPILE=0) of {total / 2**30:.1f} GiB")
+    if peak > total:
+        rows = max(1, int(h.micro_batch_tokens / h.train_seq_len * total / peak))
+        log(
+            f"WARNING eager_memory: MICRO_BATCH_TOKENS={h.micro_batch_tokens} is estimated not to fit without "
+            f"torch.compile; use COMPILE=1 or MICRO_BATCH_TOKENS of at most ~{rows * h.train_seq_len}"
+        )
+
+
 # ---- 10. Training loop: schedules, steps, compile warm-up, EMA, step lines -----------------------
 def loop_switch_planned(h) -> bool:
     return h.num_loops > 0 and h.enable_looping_at < 1
@@ -2647,15 +2740,23 @@ def final_evaluation(
         raise ArtifactError(f"{path}: not a valid result: {'; '.join(problems)}")
 
 
-# The 1.0611 record's TTT logs imply ~12% MFU for the FLOPs check_eval_time counts (~3.8e17 for its document
+# The 1.0611 record's TTT logs imply ~12% MFU for the FLOPs ttt_seconds counts (~3.8e17 for its document
 # scoring and adapter training, ~380 s on 8xH100) and ~0.15 s per global SGD step (overhead-bound, not FLOPs).
 TTT_ASSUMED_MFU, GLOBAL_SGD_STEP_SECONDS = 0.12, 0.15
+# Its plain evaluation of 40,540,160 tokens took 6.7 s once compiled: ~11% MFU by this file's forward FLOPs;
+# the read-back model's first evaluation took ~5 s longer (its compilation) and the TTT warm-up 88.8 s. The
+# 2026-04-06 record (same shape) scored 633,409 sliding windows of 2048 in 83.6 s: ~25% MFU.
+EVAL_ASSUMED_MFU, SLIDING_ASSUMED_MFU = 0.11, 0.25
+EVAL_COMPILE_SECONDS, TTT_COMPILE_SECONDS = 5.0, 89.0
 
 
-def check_eval_time(model: GPT, h, val_tokens: Tensor, log) -> None:
-    """Logs the TTT seconds expected on 8xH100 (FLOPs at TTT_ASSUMED_MFU + SGD steps); refuses > EVAL_TIME_LIMIT."""
-    if not h.ttt_enabled:
-        return
+def final_looping(model: GPT, h) -> bool:
+    """The loop state the final evaluations run in: a training run switches the loops on as planned."""
+    return model.looping or (not h.eval_only and loop_switch_planned(h))
+
+
+def ttt_seconds(model: GPT, h, val_tokens: Tensor) -> float:
+    """TTT's seconds on 8xH100: counted FLOPs at TTT_ASSUMED_MFU + the global SGD steps."""
     docs, phases = ttt_schedule(val_tokens, h)
     window_tokens = sgd_tokens = steps = 0
     for batches, sgd_end in phases:
@@ -2665,20 +2766,60 @@ def check_eval_time(model: GPT, h, val_tokens: Tensor, log) -> None:
                 sum(widths) * 2 * h.ttt_grad_steps - (2 * h.ttt_grad_steps - 1) * widths[-1]
             )
         sgd_tokens, steps = sgd_tokens + 3 * sgd_end, steps + math.ceil(sgd_end / h.global_ttt_chunk_tokens)
-    flops = flops_per_token(model, h) / 3 * (window_tokens + sgd_tokens * h.global_ttt_epochs)
-    seconds = (
+    flops = (
+        flops_per_token(model, h, final_looping(model, h))
+        / 3
+        * (window_tokens + sgd_tokens * h.global_ttt_epochs)
+    )
+    return (
         flops / (8 * PEAK_BF16_FLOPS["H100"] * TTT_ASSUMED_MFU)
         + steps * h.global_ttt_epochs * GLOBAL_SGD_STEP_SECONDS
     )
+
+
+def eval_seconds(model: GPT, h, val_tokens: Tensor) -> dict[str, float]:
+    """Seconds on 8xH100 of every final evaluation the run performs (plain, sliding, TTT) and of their
+    compile warm-ups (COMPILE is on by default on GPUs)."""
+    forward_flops = flops_per_token(model, h, final_looping(model, h)) / 3
+    rate = 8 * PEAK_BF16_FLOPS["H100"] / forward_flops  # tokens per second at 100% MFU
+    windows = eval_windows(val_tokens.numel(), h.eval_seq_len, h.eval_stride)
+    sliding = h.eval_stride not in (0, h.eval_seq_len)
+    parts = {"plain": (val_tokens.numel() - 1) / (rate * EVAL_ASSUMED_MFU)}
+    if sliding:
+        window_tokens = len(windows) * min(h.eval_seq_len, val_tokens.numel() - 1)
+        parts["sliding"] = window_tokens / (rate * SLIDING_ASSUMED_MFU)
+    if h.ttt_enabled:
+        parts["ttt"] = ttt_seconds(model, h, val_tokens)
+    if h.compile != "0":
+        parts["compile"] = EVAL_COMPILE_SECONDS * (1 + sliding) + TTT_COMPILE_SECONDS * h.ttt_enabled
+    return parts
+
+
+def check_eval_time(model: GPT, h, val_tokens: Tensor, log) -> None:
+    """Logs the final evaluations' projected seconds on 8xH100; refuses a total over EVAL_TIME_LIMIT."""
+    parts = eval_seconds(model, h, val_tokens)
+    seconds = sum(parts.values())
+    if h.ttt_enabled:
+        log(
+            f"ttt_projection: ~{parts['ttt']:.1f}s on 8xH100 for these {val_tokens.numel()} validation tokens "
+            f"(counted FLOPs at an assumed {100 * TTT_ASSUMED_MFU:.0f}% MFU "
+            f"+ {GLOBAL_SGD_STEP_SECONDS}s per global SGD step)"
+        )
+        log.event(
+            "ttt_projection", seconds=parts["ttt"], assumed_mfu=TTT_ASSUMED_MFU, val_tokens=val_tokens.numel()
+        )
     log(
-        f"ttt_projection: ~{seconds:.1f}s on 8xH100 for these {val_tokens.numel()} validation tokens (counted FLOPs "
-        f"at an assumed {100 * TTT_ASSUMED_MFU:.0f}% MFU + {GLOBAL_SGD_STEP_SECONDS}s per global SGD step)"
+        f"eval_projection: ~{seconds:.1f}s on 8xH100 for every final evaluation "
+        f"({', '.join(f'{k} ~{v:.1f}s' for k, v in parts.items())}; forward FLOPs at the records' "
+        f"{100 * EVAL_ASSUMED_MFU:.0f}% MFU, sliding {100 * SLIDING_ASSUMED_MFU:.0f}%)"
     )
-    log.event("ttt_projection", seconds=seconds, assumed_mfu=TTT_ASSUMED_MFU, val_tokens=val_tokens.numel())
+    log.event("eval_projection", seconds=seconds, parts=parts, val_tokens=val_tokens.numel())
     if h.eval_time_limit and seconds > h.eval_time_limit:
         raise ConfigError(
-            f"TTT is projected at ~{seconds:.0f}s on 8xH100, over EVAL_TIME_LIMIT={h.eval_time_limit:g}: raise "
-            "TTT_CHUNK_SIZE, lower PHASED_TTT_PREFIX_DOCS or TTT_GRAD_STEPS, or set EVAL_TIME_LIMIT=0"
+            f"the final evaluations are projected at ~{seconds:.0f}s on 8xH100 "
+            f"({', '.join(f'{k} ~{v:.0f}s' for k, v in parts.items())}), over EVAL_TIME_LIMIT="
+            f"{h.eval_time_limit:g}: raise EVAL_STRIDE or TTT_CHUNK_SIZE, lower PHASED_TTT_PREFIX_DOCS or "
+            "TTT_GRAD_STEPS, or set EVAL_TIME_LIMIT=0"
         )
 
 
@@ -2733,6 +2874,7 @@ def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logg
     log_header(h, model, world, trainer.accum, device, val_tokens, log)
     log_budget_preview(model, h, log)
     check_eval_time(model, h, val_tokens, log)
+    check_eager_memory(h, device, world, log)
     eval_fn = maybe_compile(model.logits, h, device)
     last_val: list[float] = []  # loss, bpb, seconds of the newest pre-quant evaluation
 

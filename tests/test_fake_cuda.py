@@ -53,9 +53,10 @@ def fake_cuda_forward(env: dict, looping: bool):
     h = train_gpt.load_config(env)
     matmuls = MatmulDtypes()
     with FakeTensorMode(), gpu_memory.cuda_autocast_without_gpu():
-        model = gpu_memory.fake_model(h, "cuda").train()
+        model = train_gpt.fake_model(h, "cuda").train()
         model.set_looping(looping)
-        x = gpu_memory.micro_batch(h, "cuda")
+        rows = h.micro_batch_tokens // h.train_seq_len
+        x = torch.zeros(rows, h.train_seq_len, dtype=torch.long, device="cuda")
         with torch.autocast("cuda", dtype=torch.bfloat16), matmuls:
             assert torch.is_autocast_enabled("cuda")  # the patch works: autocast is really on
             loss, ce = model(x, x)
