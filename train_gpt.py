@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import difflib
 import functools
 import glob
@@ -63,6 +64,7 @@ KNOBS: dict[str, tuple[type, object]] = {
     "VAL_TOKEN_LIMIT": (int, 0),
     "COMPILE": (str, "auto"),
     "DRY_RUN": (bool, False),
+    "ALLOW_CPU_DISTRIBUTED": (bool, False),
     # run length and schedules (fractions of the run, so short runs are miniatures of long ones)
     "ITERATIONS": (int, 20000),
     "MAX_WALLCLOCK_SECONDS": (float, 600.0),
@@ -578,11 +580,17 @@ def read_shard(path: str) -> np.ndarray:
     )
 
 
+def check_token_range(path: str, tokens: np.ndarray, vocab_size: int) -> np.ndarray:
+    if (top := int(tokens.max(initial=0))) >= vocab_size:
+        raise DataError(f"{path}: token id {top} is outside VOCAB_SIZE={vocab_size}")
+    return tokens
+
+
 def check_shards(files: list[str], vocab_size: int) -> list[str]:
-    """Every shard's header, size and token ids, at start-up (one pass over memory-mapped tokens each)."""
+    """Every shard's header and size at start-up, without reading tokens: the token ids of a shard are
+    checked when it is first loaded (check_token_range)."""
     for path in files:
-        if (top := int(read_shard(path).max(initial=0))) >= vocab_size:
-            raise DataError(f"{path}: token id {top} is outside VOCAB_SIZE={vocab_size}")
+        shard_token_count(path)
     return files
 
 
@@ -601,19 +609,28 @@ def shard_files(data_path: str, split: str) -> list[str]:
 class TokenStream:
     """The training shards read in sorted order, wrapping around; its position can be saved."""
 
-    def __init__(self, files: list[str]):
+    def __init__(self, files: list[str], vocab_size: int = MAX_VOCAB_SIZE):
         bad = [f for f in files if "_val_" in os.path.basename(f)]
         if bad:
             raise DataError(f"{bad[0]}: a validation shard must never feed training")
         self.files, self.file_idx, self.pos = files, 0, 0
-        self.tokens = read_shard(files[0])
+        self.vocab_size, self.checked = vocab_size, set()
+        self.tokens = self.load(0)
+
+    def load(self, idx: int) -> np.ndarray:
+        """Shard idx, memory-mapped; its token ids are checked the first time it is loaded."""
+        tokens = read_shard(self.files[idx])
+        if idx not in self.checked:
+            check_token_range(self.files[idx], tokens, self.vocab_size)
+            self.checked.add(idx)
+        return tokens
 
     def state(self) -> tuple[int, int]:
         return self.file_idx, self.pos
 
     def restore(self, state: tuple[int, int]) -> None:
         if state[0] != self.file_idx:
-            self.tokens = read_shard(self.files[state[0]])
+            self.tokens = self.load(state[0])
         self.file_idx, self.pos = state
 
     def take(self, n: int) -> np.ndarray:
@@ -621,7 +638,7 @@ class TokenStream:
         while n > 0:
             if self.pos >= len(self.tokens):
                 self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens, self.pos = read_shard(self.files[self.file_idx]), 0
+                self.tokens, self.pos = self.load(self.file_idx), 0
             part = self.tokens[self.pos : self.pos + n]
             parts.append(part)
             self.pos += len(part)
@@ -632,8 +649,10 @@ class TokenStream:
 class TrainLoader:
     """Each optimizer step reads one global span; rank r's micro-step m gets piece m*world + r."""
 
-    def __init__(self, files, rank, world_size, seq_len, micro_tokens, accum, device):
-        self.stream = TokenStream(files)
+    def __init__(
+        self, files, rank, world_size, seq_len, micro_tokens, accum, device, vocab_size=MAX_VOCAB_SIZE
+    ):
+        self.stream = TokenStream(files, vocab_size)
         self.rank, self.world, self.seq_len = rank, world_size, seq_len
         self.span, self.accum, self.device = micro_tokens + 1, accum, device
 
@@ -651,7 +670,7 @@ class TrainLoader:
 
 def load_val_tokens(data_path: str, vocab_size: int, limit: int = 0) -> Tensor:
     files = check_shards(shard_files(data_path, "val"), vocab_size)
-    tokens = np.concatenate([read_shard(f) for f in files])
+    tokens = np.concatenate([check_token_range(f, read_shard(f), vocab_size) for f in files])
     if limit:
         tokens = tokens[: limit + 1]
     if len(tokens) < 2:
@@ -2110,22 +2129,48 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite, or the ranks' weights drifted apart."""
 
 
-def setup_distributed() -> tuple[int, int, int, torch.device]:
+# Rank 0 alone runs GPTQ, LQER, the compressor and any shrink steps while the other ranks wait in a barrier:
+# NCCL's default 10-minute timeout would kill a slow export, so the collectives wait an hour before failing.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
+
+
+def setup_distributed(h) -> tuple[int, int, int, torch.device]:
     rank, world, local = (
         int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))
     )
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if world > 1 and device.type == "cpu" and not h.allow_cpu_distributed:
+        raise ConfigError(
+            f"WORLD_SIZE={world} but CUDA is not usable here (no GPU, or a driver too old for torch "
+            f"{torch.__version__}): the ranks would train on the CPU over gloo. Fix the GPU setup, or set "
+            "ALLOW_CPU_DISTRIBUTED=1 to run on the CPU on purpose"
+        )
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # TF32 for fp32 matmuls in training, as the records (the routers); exact_fp32_matmuls() turns it off.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     elif "OMP_NUM_THREADS" not in os.environ:  # share the cores between local ranks
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     if world > 1:
         dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+            "nccl" if device.type == "cuda" else "gloo",
+            device_id=device if device.type == "cuda" else None,
+            timeout=PROCESS_GROUP_TIMEOUT,
         )
     return rank, world, local, device
+
+
+@contextlib.contextmanager
+def exact_fp32_matmuls():
+    """TF32 off (it rounds fp32 matmul inputs to 10 mantissa bits) while Hessians are summed and GPTQ/LQER
+    feed rounding errors forward: these fp32 products must be fp32."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def use_compile(h, device: torch.device) -> bool:
@@ -2329,6 +2374,7 @@ class Trainer:
             h.micro_batch_tokens,
             self.accum,
             device,
+            h.vocab_size,
         )
         self.model = GPT(h).to(device)
         self.compiled = maybe_compile(self.model, h, device)
@@ -2630,7 +2676,8 @@ def dry_run(h) -> None:
 
 
 def export_and_report(model: GPT, h, path: str, log, hessians: dict | None) -> None:
-    size = export_artifact(model, h, path, code_bytes(), log, hessians)
+    with exact_fp32_matmuls():
+        size = export_artifact(model, h, path, code_bytes(), log, hessians)
     total, slack, digest = size + code_bytes(), h.size_cap_bytes - size - code_bytes(), sha256_file(path)
     log(f"Serialized model quant+zstd: {size} bytes")
     log(f"Code size: {code_bytes()} bytes")
@@ -2853,9 +2900,10 @@ def calibrate(trainer: Trainer, log) -> dict | None:
     if not h.calibrate:
         return None
     batches = (b for _ in range(-(-n // trainer.accum)) for b in trainer.loader.next_step())
-    hessians, warnings = collect_hessians(
-        trainer.model.eval(), (b for _, b in zip(range(n), batches)), trainer.world
-    )
+    with exact_fp32_matmuls():
+        hessians, warnings = collect_hessians(
+            trainer.model.eval(), (b for _, b in zip(range(n), batches)), trainer.world
+        )
     seconds = time.perf_counter() - t0
     for line in warnings + [
         f"gptq: Hessians of {len(hessians)} matrices from {n} x {h.micro_batch_tokens} training tokens x "
@@ -2934,7 +2982,7 @@ def main() -> None:
     h = load_config()
     if h.dry_run:
         return dry_run(h)
-    rank, world, _, device = setup_distributed()
+    rank, world, _, device = setup_distributed(h)
     run_id = [h.run_id or time.strftime("run_%Y%m%d_%H%M%S")]
     if world > 1:
         dist.broadcast_object_list(run_id)  # every rank must agree on the artifact path
