@@ -84,3 +84,47 @@ def test_fake_cuda_forward(env, looping):
         grouped = [d for op, d, _ in calls if op == "aten._grouped_mm.default"]
         passes = len(h.moe_layer_ids) + (h.num_loops * (h.loop_end - h.loop_start + 1) if looping else 0)
         assert len(grouped) == 2 * passes and all(d[0] == d[1] == torch.bfloat16 for d in grouped)
+
+
+# --- the joint forward+backward: fake CPU tensors under CPU autocast with CUDA's fp32 rules --------------
+# (the autograd engine cannot run on a fake CUDA device without a driver; the emulation is checked first)
+
+
+def cuda_like_cpu_autocast(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("env", [MATRIX[0], MATRIX[1], MATRIX[3], MATRIX[7]], ids=case_id)
+def test_cpu_emulation_saves_exactly_what_fake_cuda_saves(env, monkeypatch):
+    h = train_gpt.load_config({**env, "MICRO_BATCH_TOKENS": "8192"})
+    with gpu_memory.cuda_autocast_without_gpu():
+        cuda = train_gpt.saved_activations(h, "cuda", looping=True)
+    monkeypatch.setattr(train_gpt, "autocast", cuda_like_cpu_autocast)  # train_gpt's CPU autocast is off
+    with gpu_memory.cpu_autocast_like_cuda():
+        cpu = train_gpt.saved_activations(h, "cpu", looping=True)
+    assert cpu == cuda and cuda["bfloat16"] > 0 and cuda["float32"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("looping", [False, True], ids=["loops_off", "loops_on"])
+@pytest.mark.parametrize("env", MATRIX, ids=case_id)
+def test_fake_forward_and_backward(env, looping):
+    h = train_gpt.load_config(env)
+    with FakeTensorMode(), gpu_memory.cpu_autocast_like_cuda():
+        model = train_gpt.fake_model(h, "cpu").train()
+        model.set_looping(looping)
+        x = torch.zeros(h.micro_batch_tokens // h.train_seq_len, h.train_seq_len, dtype=torch.long)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = model(x, x)
+        loss.backward()
+        for name, p in model.named_parameters():
+            assert p.grad is not None and p.grad.shape == p.shape and p.grad.dtype == p.dtype, name
+
+
+def test_compiled_partition_traces_a_routed_model_and_saves_less_than_eager():
+    h = train_gpt.load_config({**MATRIX[3], "NUM_LAYERS": "4", "LOOP_START": "1", "LOOP_END": "1"})
+    h.micro_batch_tokens = 8192
+    compiled = gpu_memory.compiled_saved_activations(h, looping=True)
+    with gpu_memory.cuda_autocast_without_gpu():
+        eager = train_gpt.saved_activations(h, "cuda", looping=True)
+    assert 0 < sum(compiled.values()) < 0.8 * sum(eager.values())

@@ -141,16 +141,25 @@ def test_saved_activations_scale_with_the_micro_batch_and_exclude_parameters():
     assert total[1] == pytest.approx(2 * total[0], rel=0.01)  # activations only: no parameter is counted
 
 
-def test_estimate_against_the_2026_04_14_record(tmp_path, capsys):
-    assert gpu_memory.main(["--check-record", "--json", str(tmp_path / "m.json")]) == 0
+def test_eager_estimate_against_the_2026_04_14_record(tmp_path, capsys):
+    argv = ["--eager-only", "--check-record", "--json", str(tmp_path / "m.json")]
+    assert gpu_memory.main(argv) == 0
     result = json.loads((tmp_path / "m.json").read_text())
-    logged = result["record"]["peak_mib"]
-    assert logged == 40019  # the record's logged peak (compiled, FlashAttention 3, same shape and batch)
+    assert result["record"]["peak_mib"] == 40019  # logged: compiled, FlashAttention 3, same shape and batch
     on, off = (next(p for p in result["phases"] if p["phase"] == k) for k in ("loops_on", "loops_off"))
     assert on["saved_bytes"] > 1.3 * off["saved_bytes"]  # 17 layer passes instead of 11
-    # Eager saves what inductor recomputes: the estimate is an upper bound, about twice the compiled peak.
-    assert 1.5 < result["record"]["ratio"] < 2.6
-    assert "is 2." in capsys.readouterr().out
+    # Eager saves what inductor recomputes: an upper bound, about twice the compiled peak.
+    assert 1.5 < result["record"]["eager_ratio"] < 2.6
+    assert "eager estimate 2." in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_compiled_estimate_against_the_2026_04_14_record(tmp_path):
+    assert gpu_memory.main(["--check-record", "--json", str(tmp_path / "m.json")]) == 0
+    record = json.loads((tmp_path / "m.json").read_text())["record"]
+    # The min-cut partition saves far less than eager; it stays above the record, whose fused Triton MLP
+    # saves only bf16 pre/post activations (this model's square() saves fp32 under autocast).
+    assert 1.0 < record["compiled_ratio"] < 0.75 * record["eager_ratio"]
 
 
 def test_compile_off_on_a_gpu_warns_when_the_micro_batch_cannot_fit(monkeypatch):
