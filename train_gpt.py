@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import difflib
 import functools
 import glob
@@ -36,6 +37,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import zstandard
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # ---- 1. Hyperparameters: every knob is an environment variable (documented in docs/knobs.md) ------
@@ -62,6 +65,7 @@ KNOBS: dict[str, tuple[type, object]] = {
     "VAL_TOKEN_LIMIT": (int, 0),
     "COMPILE": (str, "auto"),
     "DRY_RUN": (bool, False),
+    "ALLOW_CPU_DISTRIBUTED": (bool, False),
     # run length and schedules (fractions of the run, so short runs are miniatures of long ones)
     "ITERATIONS": (int, 20000),
     "MAX_WALLCLOCK_SECONDS": (float, 600.0),
@@ -629,11 +633,17 @@ def read_shard(path: str) -> np.ndarray:
     )
 
 
+def check_token_range(path: str, tokens: np.ndarray, vocab_size: int) -> np.ndarray:
+    if (top := int(tokens.max(initial=0))) >= vocab_size:
+        raise DataError(f"{path}: token id {top} is outside VOCAB_SIZE={vocab_size}")
+    return tokens
+
+
 def check_shards(files: list[str], vocab_size: int) -> list[str]:
-    """Every shard's header, size and token ids, at start-up (one pass over memory-mapped tokens each)."""
+    """Every shard's header and size at start-up, without reading tokens: the token ids of a shard are
+    checked when it is first loaded (check_token_range)."""
     for path in files:
-        if (top := int(read_shard(path).max(initial=0))) >= vocab_size:
-            raise DataError(f"{path}: token id {top} is outside VOCAB_SIZE={vocab_size}")
+        shard_token_count(path)
     return files
 
 
@@ -652,19 +662,28 @@ def shard_files(data_path: str, split: str) -> list[str]:
 class TokenStream:
     """The training shards read in sorted order, wrapping around; its position can be saved."""
 
-    def __init__(self, files: list[str]):
+    def __init__(self, files: list[str], vocab_size: int = MAX_VOCAB_SIZE):
         bad = [f for f in files if "_val_" in os.path.basename(f)]
         if bad:
             raise DataError(f"{bad[0]}: a validation shard must never feed training")
         self.files, self.file_idx, self.pos = files, 0, 0
-        self.tokens = read_shard(files[0])
+        self.vocab_size, self.checked = vocab_size, set()
+        self.tokens = self.load(0)
+
+    def load(self, idx: int) -> np.ndarray:
+        """Shard idx, memory-mapped; its token ids are checked the first time it is loaded."""
+        tokens = read_shard(self.files[idx])
+        if idx not in self.checked:
+            check_token_range(self.files[idx], tokens, self.vocab_size)
+            self.checked.add(idx)
+        return tokens
 
     def state(self) -> tuple[int, int]:
         return self.file_idx, self.pos
 
     def restore(self, state: tuple[int, int]) -> None:
         if state[0] != self.file_idx:
-            self.tokens = read_shard(self.files[state[0]])
+            self.tokens = self.load(state[0])
         self.file_idx, self.pos = state
 
     def take(self, n: int) -> np.ndarray:
@@ -672,7 +691,7 @@ class TokenStream:
         while n > 0:
             if self.pos >= len(self.tokens):
                 self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens, self.pos = read_shard(self.files[self.file_idx]), 0
+                self.tokens, self.pos = self.load(self.file_idx), 0
             part = self.tokens[self.pos : self.pos + n]
             parts.append(part)
             self.pos += len(part)
@@ -683,8 +702,10 @@ class TokenStream:
 class TrainLoader:
     """Each optimizer step reads one global span; rank r's micro-step m gets piece m*world + r."""
 
-    def __init__(self, files, rank, world_size, seq_len, micro_tokens, accum, device):
-        self.stream = TokenStream(files)
+    def __init__(
+        self, files, rank, world_size, seq_len, micro_tokens, accum, device, vocab_size=MAX_VOCAB_SIZE
+    ):
+        self.stream = TokenStream(files, vocab_size)
         self.rank, self.world, self.seq_len = rank, world_size, seq_len
         self.span, self.accum, self.device = micro_tokens + 1, accum, device
 
@@ -702,7 +723,7 @@ class TrainLoader:
 
 def load_val_tokens(data_path: str, vocab_size: int, limit: int = 0) -> Tensor:
     files = check_shards(shard_files(data_path, "val"), vocab_size)
-    tokens = np.concatenate([read_shard(f) for f in files])
+    tokens = np.concatenate([check_token_range(f, read_shard(f), vocab_size) for f in files])
     if limit:
         tokens = tokens[: limit + 1]
     if len(tokens) < 2:
@@ -995,7 +1016,8 @@ class RoutedMoE(MoEBase):
         order = torch.argsort(flat, stable=True)
         dispatch = self.dispatch_grouped if self.dispatch_mode == "grouped" else self.dispatch_capacity
         # grouped_mm is fast only in bf16 (and compiles only in bf16); eager CPU keeps fp32 for exact tests.
-        bf16 = tokens.is_cuda or torch.compiler.is_compiling()
+        autocast_on = torch.is_autocast_enabled(tokens.device.type)
+        bf16 = tokens.is_cuda or torch.compiler.is_compiling() or autocast_on
         sorted_tokens = tokens.to(torch.bfloat16 if bf16 else tokens.dtype)[order // self.k]
         rows, dropped = dispatch(sorted_tokens, flat[order], counts)
         slots = torch.empty_like(rows).index_copy(0, order, rows)
@@ -1013,7 +1035,8 @@ class RoutedMoE(MoEBase):
     def dispatch_grouped(self, xs: Tensor, experts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
         up, down = self.expert_weights(xs.dtype)
         offsets = counts.cumsum(0).to(torch.int32)
-        hidden = mlp_act(grouped_matmul(xs, up, offsets), self.act)
+        # Autocast runs square() (aten::pow) in fp32 and grouped_mm has no autocast kernel: cast back by hand.
+        hidden = mlp_act(grouped_matmul(xs, up, offsets), self.act).to(xs.dtype)
         return grouped_matmul(hidden, down, offsets), torch.zeros((), device=xs.device)
 
     def dispatch_capacity(self, xs: Tensor, experts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
@@ -2168,22 +2191,48 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite, or the ranks' weights drifted apart."""
 
 
-def setup_distributed() -> tuple[int, int, int, torch.device]:
+# Rank 0 alone runs GPTQ, LQER, the compressor and any shrink steps while the other ranks wait in a barrier:
+# NCCL's default 10-minute timeout would kill a slow export, so the collectives wait an hour before failing.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
+
+
+def setup_distributed(h) -> tuple[int, int, int, torch.device]:
     rank, world, local = (
         int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))
     )
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if world > 1 and device.type == "cpu" and not h.allow_cpu_distributed:
+        raise ConfigError(
+            f"WORLD_SIZE={world} but CUDA is not usable here (no GPU, or a driver too old for torch "
+            f"{torch.__version__}): the ranks would train on the CPU over gloo. Fix the GPU setup, or set "
+            "ALLOW_CPU_DISTRIBUTED=1 to run on the CPU on purpose"
+        )
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # TF32 for fp32 matmuls in training, as the records (the routers); exact_fp32_matmuls() turns it off.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     elif "OMP_NUM_THREADS" not in os.environ:  # share the cores between local ranks
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     if world > 1:
         dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+            "nccl" if device.type == "cuda" else "gloo",
+            device_id=device if device.type == "cuda" else None,
+            timeout=PROCESS_GROUP_TIMEOUT,
         )
     return rank, world, local, device
+
+
+@contextlib.contextmanager
+def exact_fp32_matmuls():
+    """TF32 off (it rounds fp32 matmul inputs to 10 mantissa bits) while Hessians are summed and GPTQ/LQER
+    feed rounding errors forward: these fp32 products must be fp32."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def use_compile(h, device: torch.device) -> bool:
@@ -2277,6 +2326,97 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+class FlashLikeAttention(torch.autograd.Function):
+    """Causal attention's output for fake tensors, saving what flash attention saves for its backward (q, k, v,
+    the output, an fp32 log-sum-exp per row): which backend a GPU picks cannot be traced without one."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tuple(torch.empty_like(t) for t in ctx.saved_tensors[:3])
+
+
+def fake_model(h, device) -> GPT:
+    """GPT(h) whose parameters and buffers are fake tensors on `device` (call inside a FakeTensorMode): shapes
+    and dtypes only, so any shape can be traced on any machine."""
+    with torch.device("meta"):
+        model = GPT(h)
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:  # a Linear without bias holds None
+                fake = torch.empty(p.shape, dtype=p.dtype, device=device)
+                module._parameters[name] = nn.Parameter(fake, p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype, device=device)
+    return model
+
+
+def saved_activations(h, device, looping: bool) -> dict[str, int]:
+    """Bytes by dtype that autograd keeps for backward from one eager training micro-batch (once per storage,
+    parameters excluded), traced with fake tensors: nothing is allocated or run on the device."""
+    saved: dict[int, tuple[int, str]] = {}
+    sdpa = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = lambda q, k, v, **kwargs: FlashLikeAttention.apply(q, k, v)
+    try:
+        with FakeTensorMode():
+            model = fake_model(h, device).train()
+            model.set_looping(looping)
+            params = {StorageWeakRef(p.untyped_storage()).cdata for p in model.parameters()}
+
+            def pack(t: Tensor) -> Tensor:
+                key = StorageWeakRef(t.untyped_storage()).cdata
+                if key not in params:
+                    saved[key] = (t.untyped_storage().nbytes(), str(t.dtype).removeprefix("torch."))
+                return t
+
+            x = torch.zeros(h.micro_batch_tokens // h.train_seq_len, h.train_seq_len, dtype=torch.long)
+            x = x.to(device)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(torch.device(device)):
+                model(x, x)
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    by_dtype: dict[str, int] = {}
+    for nbytes, dtype in saved.values():
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
+    return by_dtype
+
+
+def static_training_bytes(h, world: int) -> int:
+    """fp32 weights, gradients, optimizer state (Muon momentum; Adam moments), EMA copy, DDP buckets."""
+    with torch.device("meta"):
+        model = GPT(h)
+    n = sum(p.numel() for p in model.parameters())
+    muon = sum(p.numel() for name, p in model.named_parameters() if param_class(name, p) in MATRIX_CLASSES)
+    return 4 * (2 * n + muon + 2 * (n - muon) + n * (h.ema_decay != 0) + n * (world > 1))
+
+
+def eager_peak_bytes(h, device, world: int) -> int:
+    """One rank's peak without torch.compile: static bytes + the larger loop state's saved activations + the
+    loss's backward working set (two fp32 tokens x vocab gradients of the logits)."""
+    saved = max(sum(saved_activations(h, device, on).values()) for on in {False, h.num_loops > 0})
+    return static_training_bytes(h, world) + saved + 8 * h.micro_batch_tokens * h.vocab_size
+
+
+def check_eager_memory(h, device: torch.device, world: int, log) -> None:
+    """COMPILE=0 on a GPU saves every intermediate for backward: warn when the micro-batch cannot fit."""
+    if device.type != "cuda" or use_compile(h, device):
+        return
+    peak, total = eager_peak_bytes(h, device, world), torch.cuda.get_device_properties(device).total_memory
+    log(f"eager_memory: ~{peak / 2**30:.1f} GiB per rank estimated (COMPILE=0) of {total / 2**30:.1f} GiB")
+    if peak > total:
+        rows = max(1, int(h.micro_batch_tokens / h.train_seq_len * total / peak))
+        log(
+            f"WARNING eager_memory: MICRO_BATCH_TOKENS={h.micro_batch_tokens} is estimated not to fit without "
+            f"torch.compile; use COMPILE=1 or MICRO_BATCH_TOKENS of at most ~{rows * h.train_seq_len}"
+        )
+
+
 # ---- 10. Training loop: schedules, steps, compile warm-up, EMA, step lines -----------------------
 def loop_switch_planned(h) -> bool:
     return h.num_loops > 0 and h.enable_looping_at < 1
@@ -2296,6 +2436,7 @@ class Trainer:
             h.micro_batch_tokens,
             self.accum,
             device,
+            h.vocab_size,
         )
         self.model = GPT(model_config(h)).to(device)
         self.compiled = maybe_compile(self.model, h, device)
@@ -2597,7 +2738,8 @@ def dry_run(h) -> None:
 
 
 def export_and_report(model: GPT, h, path: str, log, hessians: dict | None) -> None:
-    size = export_artifact(model, h, path, code_bytes(), log, hessians)
+    with exact_fp32_matmuls():
+        size = export_artifact(model, h, path, code_bytes(), log, hessians)
     total, slack, digest = size + code_bytes(), h.size_cap_bytes - size - code_bytes(), sha256_file(path)
     log(f"Serialized model quant+zstd: {size} bytes")
     log(f"Code size: {code_bytes()} bytes")
@@ -2707,15 +2849,23 @@ def final_evaluation(
         raise ArtifactError(f"{path}: not a valid result: {'; '.join(problems)}")
 
 
-# The 1.0611 record's TTT logs imply ~12% MFU for the FLOPs check_eval_time counts (~3.8e17 for its document
+# The 1.0611 record's TTT logs imply ~12% MFU for the FLOPs ttt_seconds counts (~3.8e17 for its document
 # scoring and adapter training, ~380 s on 8xH100) and ~0.15 s per global SGD step (overhead-bound, not FLOPs).
 TTT_ASSUMED_MFU, GLOBAL_SGD_STEP_SECONDS = 0.12, 0.15
+# Its plain evaluation of 40,540,160 tokens took 6.7 s once compiled: ~11% MFU by this file's forward FLOPs;
+# the read-back model's first evaluation took ~5 s longer (its compilation) and the TTT warm-up 88.8 s. The
+# 2026-04-06 record (same shape) scored 633,409 sliding windows of 2048 in 83.6 s: ~25% MFU.
+EVAL_ASSUMED_MFU, SLIDING_ASSUMED_MFU = 0.11, 0.25
+EVAL_COMPILE_SECONDS, TTT_COMPILE_SECONDS = 5.0, 89.0
 
 
-def check_eval_time(model: GPT, h, val_tokens: Tensor, log) -> None:
-    """Logs the TTT seconds expected on 8xH100 (FLOPs at TTT_ASSUMED_MFU + SGD steps); refuses > EVAL_TIME_LIMIT."""
-    if not h.ttt_enabled:
-        return
+def final_looping(model: GPT, h) -> bool:
+    """The loop state the final evaluations run in: a training run switches the loops on as planned."""
+    return model.looping or (not h.eval_only and loop_switch_planned(h))
+
+
+def ttt_seconds(model: GPT, h, val_tokens: Tensor) -> float:
+    """TTT's seconds on 8xH100: counted FLOPs at TTT_ASSUMED_MFU + the global SGD steps."""
     docs, phases = ttt_schedule(val_tokens, h)
     window_tokens = sgd_tokens = steps = 0
     for batches, sgd_end in phases:
@@ -2725,20 +2875,60 @@ def check_eval_time(model: GPT, h, val_tokens: Tensor, log) -> None:
                 sum(widths) * 2 * h.ttt_grad_steps - (2 * h.ttt_grad_steps - 1) * widths[-1]
             )
         sgd_tokens, steps = sgd_tokens + 3 * sgd_end, steps + math.ceil(sgd_end / h.global_ttt_chunk_tokens)
-    flops = flops_per_token(model, h) / 3 * (window_tokens + sgd_tokens * h.global_ttt_epochs)
-    seconds = (
+    flops = (
+        flops_per_token(model, h, final_looping(model, h))
+        / 3
+        * (window_tokens + sgd_tokens * h.global_ttt_epochs)
+    )
+    return (
         flops / (8 * PEAK_BF16_FLOPS["H100"] * TTT_ASSUMED_MFU)
         + steps * h.global_ttt_epochs * GLOBAL_SGD_STEP_SECONDS
     )
+
+
+def eval_seconds(model: GPT, h, val_tokens: Tensor) -> dict[str, float]:
+    """Seconds on 8xH100 of every final evaluation the run performs (plain, sliding, TTT) and of their
+    compile warm-ups (COMPILE is on by default on GPUs)."""
+    forward_flops = flops_per_token(model, h, final_looping(model, h)) / 3
+    rate = 8 * PEAK_BF16_FLOPS["H100"] / forward_flops  # tokens per second at 100% MFU
+    windows = eval_windows(val_tokens.numel(), h.eval_seq_len, h.eval_stride)
+    sliding = h.eval_stride not in (0, h.eval_seq_len)
+    parts = {"plain": (val_tokens.numel() - 1) / (rate * EVAL_ASSUMED_MFU)}
+    if sliding:
+        window_tokens = len(windows) * min(h.eval_seq_len, val_tokens.numel() - 1)
+        parts["sliding"] = window_tokens / (rate * SLIDING_ASSUMED_MFU)
+    if h.ttt_enabled:
+        parts["ttt"] = ttt_seconds(model, h, val_tokens)
+    if h.compile != "0":
+        parts["compile"] = EVAL_COMPILE_SECONDS * (1 + sliding) + TTT_COMPILE_SECONDS * h.ttt_enabled
+    return parts
+
+
+def check_eval_time(model: GPT, h, val_tokens: Tensor, log) -> None:
+    """Logs the final evaluations' projected seconds on 8xH100; refuses a total over EVAL_TIME_LIMIT."""
+    parts = eval_seconds(model, h, val_tokens)
+    seconds = sum(parts.values())
+    if h.ttt_enabled:
+        log(
+            f"ttt_projection: ~{parts['ttt']:.1f}s on 8xH100 for these {val_tokens.numel()} validation tokens "
+            f"(counted FLOPs at an assumed {100 * TTT_ASSUMED_MFU:.0f}% MFU "
+            f"+ {GLOBAL_SGD_STEP_SECONDS}s per global SGD step)"
+        )
+        log.event(
+            "ttt_projection", seconds=parts["ttt"], assumed_mfu=TTT_ASSUMED_MFU, val_tokens=val_tokens.numel()
+        )
     log(
-        f"ttt_projection: ~{seconds:.1f}s on 8xH100 for these {val_tokens.numel()} validation tokens (counted FLOPs "
-        f"at an assumed {100 * TTT_ASSUMED_MFU:.0f}% MFU + {GLOBAL_SGD_STEP_SECONDS}s per global SGD step)"
+        f"eval_projection: ~{seconds:.1f}s on 8xH100 for every final evaluation "
+        f"({', '.join(f'{k} ~{v:.1f}s' for k, v in parts.items())}; forward FLOPs at the records' "
+        f"{100 * EVAL_ASSUMED_MFU:.0f}% MFU, sliding {100 * SLIDING_ASSUMED_MFU:.0f}%)"
     )
-    log.event("ttt_projection", seconds=seconds, assumed_mfu=TTT_ASSUMED_MFU, val_tokens=val_tokens.numel())
+    log.event("eval_projection", seconds=seconds, parts=parts, val_tokens=val_tokens.numel())
     if h.eval_time_limit and seconds > h.eval_time_limit:
         raise ConfigError(
-            f"TTT is projected at ~{seconds:.0f}s on 8xH100, over EVAL_TIME_LIMIT={h.eval_time_limit:g}: raise "
-            "TTT_CHUNK_SIZE, lower PHASED_TTT_PREFIX_DOCS or TTT_GRAD_STEPS, or set EVAL_TIME_LIMIT=0"
+            f"the final evaluations are projected at ~{seconds:.0f}s on 8xH100 "
+            f"({', '.join(f'{k} ~{v:.0f}s' for k, v in parts.items())}), over EVAL_TIME_LIMIT="
+            f"{h.eval_time_limit:g}: raise EVAL_STRIDE or TTT_CHUNK_SIZE, lower PHASED_TTT_PREFIX_DOCS or "
+            "TTT_GRAD_STEPS, or set EVAL_TIME_LIMIT=0"
         )
 
 
@@ -2772,9 +2962,10 @@ def calibrate(trainer: Trainer, log) -> dict | None:
     if not h.calibrate:
         return None
     batches = (b for _ in range(-(-n // trainer.accum)) for b in trainer.loader.next_step())
-    hessians, warnings = collect_hessians(
-        trainer.model.eval(), (b for _, b in zip(range(n), batches)), trainer.world
-    )
+    with exact_fp32_matmuls():
+        hessians, warnings = collect_hessians(
+            trainer.model.eval(), (b for _, b in zip(range(n), batches)), trainer.world
+        )
     seconds = time.perf_counter() - t0
     for line in warnings + [
         f"gptq: Hessians of {len(hessians)} matrices from {n} x {h.micro_batch_tokens} training tokens x "
@@ -2793,6 +2984,7 @@ def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logg
     log_header(h, model, world, trainer.accum, device, val_tokens, log)
     log_budget_preview(model, h, log)
     check_eval_time(model, h, val_tokens, log)
+    check_eager_memory(h, device, world, log)
     eval_fn = maybe_compile(model.logits, h, device)
     last_val: list[float] = []  # loss, bpb, seconds of the newest pre-quant evaluation
 
@@ -2852,7 +3044,7 @@ def main() -> None:
     h = load_config()
     if h.dry_run:
         return dry_run(h)
-    rank, world, _, device = setup_distributed()
+    rank, world, _, device = setup_distributed(h)
     run_id = [h.run_id or time.strftime("run_%Y%m%d_%H%M%S")]
     if world > 1:
         dist.broadcast_object_list(run_id)  # every rank must agree on the artifact path

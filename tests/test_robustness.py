@@ -149,17 +149,23 @@ def test_corrupt_train_shard_1_is_named_at_startup_in_the_log_and_the_run_id_sta
 
 
 @pytest.mark.slow
-def test_out_of_range_token_in_a_train_shard_is_named_at_startup(tmp_path):
+def test_out_of_range_token_in_a_train_shard_is_named_when_first_loaded(tmp_path):
     data = sample_copy(tmp_path)
-    shard = data / "fineweb_train_000002.bin"
-    tokens = np.memmap(shard, dtype="<u2", mode="r+", offset=tg.SHARD_HEADER_BYTES)
-    tokens[5000] = 1500
-    tokens.flush()
-    del tokens
-    with pytest.raises(tg.DataError, match=re.escape(f"{shard}: token id 1500 is outside VOCAB_SIZE=1024")):
-        tg.check_shards(tg.shard_files(str(data), "train"), 1024)
+    for name, position in (("fineweb_train_000000.bin", 7), ("fineweb_train_000002.bin", 5000)):
+        tokens = np.memmap(data / name, dtype="<u2", mode="r+", offset=tg.SHARD_HEADER_BYTES)
+        tokens[position] = 1500
+        tokens.flush()
+        del tokens
+    files = tg.shard_files(str(data), "train")
+    assert tg.check_shards(files, 1024) == files  # start-up checks read headers and sizes only
+    stream = tg.TokenStream(files[1:], 1024)  # shard 1 is good; shard 2 is checked when the stream reaches it
+    with pytest.raises(
+        tg.DataError, match=re.escape(f"{files[2]}: token id 1500 is outside VOCAB_SIZE=1024")
+    ):
+        stream.take(tg.shard_token_count(files[1]) + 1)
+    # the first shard loads before training, so a run names it and refuses to start
     assert_refused_before_training(
-        run_train(tmp_path, DATA_PATH=data), f"{shard}: token id 1500 is outside VOCAB_SIZE=1024"
+        run_train(tmp_path, DATA_PATH=data), f"{files[0]}: token id 1500 is outside VOCAB_SIZE=1024"
     )
 
 
