@@ -328,8 +328,8 @@ def fetch_variant(
 
 
 def record_tokenizer(out_dir: Path, plan: VariantPlan, source: Source) -> None:
-    """Writes the shard folder's manifest.json naming the export's tokenizer and its sha256: the trainer checks
-    TOKENIZER_PATH against it (another tokenizer of the same size would give a silently wrong score)."""
+    """Writes the shard folder's manifest.json naming the export's tokenizer and its sha256: the trainer
+    checks TOKENIZER_PATH against it (another tokenizer of the same size gives a silently wrong score)."""
     models = [p for p in plan.tokenizer_paths if p.endswith(".model")]
     manifest_path = out_dir / "datasets" / plan.dataset_dir / "manifest.json"
     if not models:
