@@ -20,6 +20,7 @@ import json
 import lzma
 import math
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -353,6 +354,48 @@ REPLACED_KNOBS = {
     "LR_WARMUP_FRAC": "nothing (no LR warm-up)",
     **{f"QUANT_BITS_{c}": "MATRIX_BITS / EMBED_BITS" for c in ("MLP", "ATTN", "EMBED", "BIGRAM")},
 }
+# Knob names of the challenge baseline and the records that this trainer reads under another name ("" = has
+# no equivalent): setting one is an error naming ours, never a silently ignored variable.
+FOREIGN_KNOBS = {
+    "WARMDOWN_ITERS": "WARMDOWN_FRAC (a fraction of the run)",
+    "MUON_MOMENTUM_WARMUP_STEPS": "MUON_MOMENTUM_WARMUP_FRAC (a fraction of the run)",
+    **dict.fromkeys(("VAL_BATCH_SIZE", "VAL_BATCH_TOKENS", "SW_EVAL_BATCH"), "EVAL_BATCH_SEQS"),
+    "SLIDING_WINDOW_ENABLED": "EVAL_STRIDE (0 = plain windows)",
+    "VAL_DOC_FRACTION": "VAL_TOKEN_LIMIT",
+    "DATA_DIR": "DATA_PATH and TOKENIZER_PATH",
+    "ARTIFACT_DIR": "LOG_DIR or ARTIFACT_PATH",
+    "EVAL_ONLY_PATH": "EVAL_ONLY=1 ARTIFACT_PATH=...",
+    "TTT_EVAL_ONLY": "EVAL_ONLY=1",
+    "EMBEDDING_DIM": "MODEL_DIM",
+    "SMEAR_GATE_ENABLED": "SMEAR_GATE",
+    **dict.fromkeys(
+        ("GATED_ATTENTION", "GATED_ATTN_ENABLED", "ATTN_OUT_GATE_ENABLED"), "SPARSE_ATTN_GATE_ENABLED"
+    ),
+    "ATTN_OUT_GATE_SRC": "GATE_WINDOW",
+    "EMA_ENABLED": "EMA_DECAY (0 = off)",
+    "WEIGHT_DECAY": "MUON_WD, ADAM_WD, EMBED_WD",
+    "CONTROL_TENSOR_NAME_PATTERNS": "FP16_KEEP_NAME_PATTERNS",
+    "PHASED_TTT_ENABLED": "TTT_ENABLED",
+    "TTT_EVAL_SEQ_LEN": "EVAL_SEQ_LEN",
+    "TTT_LR": "TTT_LORA_LR or GLOBAL_TTT_LR",
+    "TTT_CHUNK_TOKENS": "TTT_CHUNK_SIZE or GLOBAL_TTT_CHUNK_TOKENS",
+    "TTT_BATCH_SEQS": "TTT_BATCH_SIZE",
+    "GLOBAL_TTT_BATCH_SEQS": "GLOBAL_TTT_CHUNK_TOKENS",
+    **{f"TTT_{k}": f"GLOBAL_TTT_{k}" for k in ("MOMENTUM", "EPOCHS", "GRAD_CLIP")},
+    **dict.fromkeys(
+        (
+            "PREQUANT_ONLY GATED_ATTN_INIT_STD SPARSE_ATTN_GATE_INIT_STD GATED_ATTN_QUANT_GATE "
+            "SKIP_GATES_ENABLED TTT_LORA_ALPHA TTT_K_LORA TTT_O_LORA TTT_MLP_LORA TTT_OPTIMIZER "
+            "TTT_FREEZE_BLOCKS TTT_WARM_START_A TTT_EVAL_BATCHES TTT_OUTPUT_DIR TTT_DEBUG_BYPASS "
+            "GLOBAL_TTT_WARMUP_START_LR GLOBAL_TTT_WARMUP_CHUNKS GLOBAL_TTT_RESPECT_DOC_BOUNDARIES "
+            "ROPE_YARN ROPE_TRAIN_SEQ_LEN PARALLEL_FINAL_LANE SWA_ENABLED SWA_EVERY SWA_START_FRAC "
+            "LAWA_ENABLED LAWA_K LAWA_FREQ MUON_BETA2 QAT_ENABLED LATE_QAT_THRESHOLD MTP_NUM_HEADS "
+            "MTP_LOSS_WEIGHT LQER_ASYM_ENABLED LQER_ASYM_GROUP FUSED_CE_ENABLED CASEOPS_ENABLED "
+            "VE_ENABLED VE_DIM VE_LAYERS VALUE_RESIDUAL DTG_ENABLED"
+        ).split(),
+        "",
+    ),
+}
 # Launcher variables that are not knobs but look like them.
 LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
@@ -386,6 +429,11 @@ def load_config(environ=None, **overrides) -> SimpleNamespace:
     for key in [*env, *(k.upper() for k in overrides)]:  # overrides: e.g. the knobs an artifact stores
         if key in REPLACED_KNOBS and (env.get(key, "") != "" or key in overrides or key.lower() in overrides):
             raise ConfigError(f"{key} is no longer a knob: use {REPLACED_KNOBS[key]}")
+        if key in FOREIGN_KNOBS and env.get(key, "") != "":
+            use = FOREIGN_KNOBS[key] or "nothing: this trainer has no equivalent"
+            raise ConfigError(f"{key} is another script's knob, not this trainer's: use {use}")
+        if key != key.upper() and key.upper() in KNOBS and env.get(key, "") != "":
+            raise ConfigError(f"{key}: knob names are upper case; use {key.upper()}")
         if key not in KNOBS and key not in LAUNCHER_VARS:
             close = difflib.get_close_matches(key, list(KNOBS), n=1, cutoff=0.9)
             if close:
@@ -482,6 +530,10 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
         f"GLOBAL_TTT_CHUNK_TOKENS={h.global_ttt_chunk_tokens}: must hold at least one EVAL_SEQ_LEN={h.eval_seq_len} sequence",
     )
     require(
+        not re.search(r"[/\\\s]", h.run_id) and not h.run_id.startswith("."),
+        f"RUN_ID={h.run_id!r}: must be a file name in LOG_DIR (no '/', '\\', spaces or leading '.')",
+    )
+    require(
         not h.eval_only or os.path.isfile(h.artifact_path),
         f"EVAL_ONLY=1 needs ARTIFACT_PATH to name an existing artifact (ARTIFACT_PATH={h.artifact_path!r})",
     )
@@ -499,6 +551,7 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
 
 def derive_stack(h: SimpleNamespace, require) -> None:
     """Checks of the record-stack knobs that KNOB_LIMITS cannot express."""
+    h.xsa_last_n = min(h.xsa_last_n, h.num_layers)  # the config line shows the layers XSA really runs in
     require(
         h.gate_window <= h.model_dim, f"GATE_WINDOW={h.gate_window}: must be in 1..MODEL_DIM={h.model_dim}"
     )
@@ -733,7 +786,10 @@ def load_val_tokens(data_path: str, vocab_size: int, limit: int = 0) -> Tensor:
 
 def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
     if not os.path.isfile(path):
-        raise DataError(f"TOKENIZER_PATH={path}: no such file")
+        raise DataError(
+            f"TOKENIZER_PATH={path}: no such file (download it with the data: MATCHED_FINEWEB_REPO_ID="
+            "kevclark/parameter-golf python3 data/cached_challenge_fineweb.py --variant sp8192)"
+        )
     try:
         sp = spm.SentencePieceProcessor(model_file=path)
     except (RuntimeError, OSError) as err:
@@ -741,6 +797,27 @@ def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
     if sp.vocab_size() != vocab_size:
         raise DataError(f"{path}: tokenizer has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
     return sp
+
+
+def check_tokenizer_identity(data_path: str, tokenizer_path: str) -> str | None:
+    """Another tokenizer of the same size scores silently wrong: TOKENIZER_PATH must match the sha256 in
+    DATA_PATH/manifest.json (data/ scripts write it). -> a warning when there is none."""
+    manifest_path = os.path.join(data_path, "manifest.json")
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            expected = json.load(f).get("tokenizer_sha256")
+    except (OSError, ValueError, AttributeError):
+        expected = None
+    if not expected:
+        return (
+            f"warning: no tokenizer_sha256 in {manifest_path}: cannot check TOKENIZER_PATH against the shards"
+        )
+    if (actual := sha256_file(tokenizer_path)) != expected:
+        raise DataError(
+            f"TOKENIZER_PATH={tokenizer_path} is not the tokenizer that made DATA_PATH={data_path} (sha256 "
+            f"{actual[:12]}..., {manifest_path} says {expected[:12]}...): the scores would be wrong"
+        )
+    return None
 
 
 def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[Tensor, Tensor, Tensor]:
@@ -1621,10 +1698,13 @@ def quantize_state(
     hessians: dict | None = None,
     bits_drop: dict | None = None,
     extra_prune: float = 0.0,
+    progress=None,
 ):
     """-> (entries, relative squared error of the quantized tensors). entries: name -> (bits, tensors)."""
     entries, scores, err, total, hessians = {}, {}, 0.0, 0.0, hessians or {}
-    for name, t in state.items():
+    for done, (name, t) in enumerate(state.items(), 1):
+        if progress is not None:
+            progress(done - 1)
         t, H = t.detach().float().cpu(), None if hessians.get(name) is None else hessians[name].float()
         drop = (bits_drop or {}).get(QUANT_GROUP.get(param_class(name, t), "other"), 0)
         entries[name] = quantize_tensor(name, t, h, H, drop, h.prune_frac + extra_prune)
@@ -1799,7 +1879,9 @@ def export_artifact(
     config, state = knob_values(h, MODEL_KNOBS), artifact_state(model)
     shapes, limit = {n: list(t.shape) for n, t in state.items()}, h.size_cap_bytes - code_bytes
     rtn = SimpleNamespace(**{**vars(h), "quant_method": "rtn", "lqer_enabled": False})
-    entries, err = quantize_state(state, h, hessians)
+    entries, err = quantize_state(
+        state, h, hessians, progress=Progress(log, f"quantization ({h.quant_method})", len(state), "tensors")
+    )
     blob = serialize_artifact(entries, config, shapes, h.compressor, h.zstd_level)
     log(
         f"quant: {h.quant_method}{'+lqer' if h.lqer_enabled else ''}, relative squared error {err:.3e}, "
@@ -1831,7 +1913,9 @@ def export_artifact(
 
 
 @torch.no_grad()
-def collect_hessians(model: nn.Module, batches, world: int) -> tuple[dict[str, Tensor], list[str]]:
+def collect_hessians(
+    model: nn.Module, batches, world: int, progress=None
+) -> tuple[dict[str, Tensor], list[str]]:
     """-> ({matrix: X^T X of its inputs}, warnings), summed over ranks. A routed expert sees only its routed
     tokens, a soft expert every token, each scaled by its gate; a starved expert gets a damped Hessian."""
     hess, counts, hooks = {}, {}, []
@@ -1863,9 +1947,11 @@ def collect_hessians(model: nn.Module, batches, world: int) -> tuple[dict[str, T
         elif isinstance(mod, MoEBase):
             hooks.append(mod.register_forward_pre_hook(lambda m, args, n=name: add_experts(n, m, args[0])))
     try:
-        for x, _ in batches:
+        for done, (x, _) in enumerate(batches, 1):
             with autocast(x.device):  # the head's input is the final hidden state
                 add("tok_emb.weight" if model.lm_head is None else "lm_head.weight", model.hidden(x))
+            if progress is not None:
+                progress(done)
     finally:
         for hook in hooks:
             hook.remove()
@@ -1919,11 +2005,15 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
     token_losses: Tensor | None = None,
+    log=None,
+    phase: str = "evaluation",
 ):
-    """-> (val_loss, val_bpb); float64 sums over ranks. `token_losses[target position - 1]` gets each loss."""
+    """-> (val_loss, val_bpb); float64 sums over ranks. `token_losses[target position - 1]` gets each loss.
+    With `log`, the phase's progress and ETA are logged."""
     windows = eval_windows(tokens.numel(), seq_len, stride)
     seq_len = min(seq_len, tokens.numel() - 1)
     mine = windows[len(windows) * rank // world_size : len(windows) * (rank + 1) // world_size]
+    progress = Progress(log, phase, -(-len(mine) // batch_seqs), "batches") if log is not None else None
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
     tables, tokens = tuple(t.to(device) for t in tables), tokens.to(device)
     positions = torch.arange(seq_len, device=device)
@@ -1940,6 +2030,8 @@ def evaluate(
             logits = logits_fn(x)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
         add_scores(sums, loss.view_as(mask), mask, x, y, tables, idx[:, :-1], token_losses)
+        if progress is not None:
+            progress(i // batch_seqs + 1)
     return reduce_scores(sums, token_losses, world_size)
 
 
@@ -2172,10 +2264,13 @@ def ttt_evaluate(
             None,
             device,
         )
+    progress, done = Progress(log, "ttt", sum(len(b[rank::world]) for b, _ in phases), "batches"), 0
     for batches, sgd_end in phases:
         adapters.enabled = True
         for rows in batches[rank::world]:
             ttt_batch(loss_fn, adapters, rows, docs, tokens, h, tables, sums, token_losses, device)
+            done += 1
+            progress(done)
         adapters.enabled = False
         if sgd_end:
             log(f"ttt_phase: global SGD on the first {sgd_end + 1} validation tokens, all scored")
@@ -2191,9 +2286,37 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite, or the ranks' weights drifted apart."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C: the message says where the run stopped and where its logs are."""
+
+
+PROGRESS_QUIET_SECONDS = 5.0  # a phase shorter than this prints only its start line
+
+
+class Progress:
+    """A long phase's start line, then its ETA at each tenth done, at most once per PROGRESS_QUIET_SECONDS."""
+
+    def __init__(self, log, name: str, total: int, unit: str):
+        self.log, self.name, self.total, self.unit = log, name, max(total, 1), unit
+        self.t0 = self.last = time.perf_counter()
+        self.tenths = 0
+        log(f"{name}: started ({total} {unit})")
+
+    def __call__(self, done: int) -> None:
+        now, tenths = time.perf_counter(), 10 * done // self.total
+        if tenths > self.tenths and now - self.last >= PROGRESS_QUIET_SECONDS and done < self.total:
+            self.tenths, self.last, elapsed = tenths, now, now - self.t0
+            self.log(
+                f"{self.name}: {100 * done // self.total}% ({done}/{self.total} {self.unit}) {elapsed:.0f}s "
+                f"elapsed, ~{elapsed * (self.total - done) / done:.0f}s left"
+            )
+
+
+
 # Rank 0 alone runs GPTQ, LQER, the compressor and any shrink steps while the other ranks wait in a barrier:
 # NCCL's default 10-minute timeout would kill a slow export, so the collectives wait an hour before failing.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
+
 
 
 def setup_distributed(h) -> tuple[int, int, int, torch.device]:
@@ -2274,7 +2397,7 @@ class Logger:
             self.events.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")
             self.events.flush()
 
-    def fail(self, err: BaseException) -> None:
+    def fail(self, err: BaseException) -> str | None:
         """Writes the error into both logs; a failed start frees its RUN_ID (its logs become RUN_ID.failedN.*)."""
         if self.text is not None:
             print(
@@ -2287,6 +2410,8 @@ class Logger:
                 n += 1
             for ext in () if self.training_started else (".txt", ".jsonl"):
                 os.rename(self.stem + ext, f"{self.stem}.failed{n}{ext}")
+            return self.stem + ".txt" if self.training_started else f"{self.stem}.failed{n}.txt"
+        return None
 
 
 def code_bytes() -> int:
@@ -2453,6 +2578,12 @@ class Trainer:
         self.ema: EMA | None = None
         self.step, self.train_ms = 0, 0.0
         self.routing_totals: Tensor | None = None
+        # Step lines read step:N/ITERATIONS; when the wall clock stops the run first, they say so.
+        self.stop_rule = (
+            f" (stops at {h.train_wallclock_seconds:g}s or step {h.iterations}, whichever first)"
+            if h.max_wallclock_seconds > 0
+            else ""
+        )
 
     def progress(self, elapsed_ms: float) -> float:
         """Fraction of the run done: the larger of steps / ITERATIONS and time / (MAX_WALLCLOCK_SECONDS - GPTQ reserve)."""
@@ -2540,6 +2671,7 @@ class Trainer:
             f"step:{step}/{self.h.iterations} train_loss:{ce:.4f} train_time:{elapsed_ms:.0f}ms "
             f"step_avg:{elapsed_ms / step:.2f}ms tok/s:{tokens_per_s:.0f}"
             + (f" mfu:{mfu_pct:.1f}%" if peak else "")
+            + self.stop_rule
         )
         self.log.event(
             "step",
@@ -2658,7 +2790,14 @@ def log_budget_preview(model: GPT, h, log) -> None:
         f"budget_preview: artifact ~{estimate} bytes ({', '.join(f'{k}:{v}' for k, v in sorted(per_class.items()))}) "
         f"+ code {code_bytes()} = ~{total} of {h.size_cap_bytes} (slack ~{h.size_cap_bytes - total})"
     )
-    if h.budget_margin >= 0 and total > h.size_cap_bytes * (1 + h.budget_margin):
+    refused = h.budget_margin >= 0 and total > h.size_cap_bytes * (1 + h.budget_margin)
+    if total > h.size_cap_bytes and not refused:
+        log(
+            f"budget: ~{total - h.size_cap_bytes} bytes over the cap, allowed by BUDGET_MARGIN="
+            f"{h.budget_margin:g}: the run starts; if the written artifact is over, the export shrinks it "
+            "(more pruning, then fewer bits) until it fits"
+        )
+    if refused:
         raise ConfigError(
             f"estimated artifact + code ~{total} bytes exceeds SIZE_CAP_BYTES={h.size_cap_bytes} by more "
             f"than BUDGET_MARGIN={h.budget_margin}; shrink the model or lower MATRIX_BITS / EMBED_BITS, or set BUDGET_MARGIN=-1"
@@ -2821,6 +2960,8 @@ def final_evaluation(
                 rank,
                 world,
                 losses,
+                log=log,
+                phase=f"final {label} evaluation",
             )
         seconds = time.perf_counter() - t0
         if not math.isfinite(bpb) and "val_bpb is not finite" not in problems:
@@ -2932,10 +3073,13 @@ def check_eval_time(model: GPT, h, val_tokens: Tensor, log) -> None:
         )
 
 
-def load_eval_data(h) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, str]:
+def load_eval_data(h, log=None) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, str]:
     """-> byte tables, validation tokens and the note score lines carry when VAL_TOKEN_LIMIT cuts the split."""
     tables = byte_tables(load_tokenizer(h.tokenizer_path, h.vocab_size))
     val_tokens = load_val_tokens(h.data_path, h.vocab_size, h.val_token_limit)
+    warning = check_tokenizer_identity(h.data_path, h.tokenizer_path)
+    if warning and log is not None:
+        log(warning)
     return (
         tables,
         val_tokens,
@@ -2946,10 +3090,16 @@ def load_eval_data(h) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, str]:
 def evaluate_artifact(h, rank: int, world: int, device: torch.device, log: Logger) -> None:
     """EVAL_ONLY=1: no training; the artifact's model gets the final evaluations a run would give it."""
     qmodel, stored = load_artifact_model(h.artifact_path, device)
+    for name in MODEL_KNOBS:  # the artifact defines the network: a differing model knob is said, not used
+        if os.environ.get(name, "") != "" and getattr(h, name.lower()) != getattr(stored, name.lower()):
+            log(
+                f"eval_only: ignoring {name}={os.environ[name]} from the environment: "
+                f"the artifact's network has {name}={getattr(stored, name.lower())}"
+            )
     vars(h).update(
         {k.lower(): getattr(stored, k.lower()) for k in MODEL_KNOBS}
     )  # the network is the artifact's
-    tables, val_tokens, note = load_eval_data(h)
+    tables, val_tokens, note = load_eval_data(h, log)
     log_header(h, qmodel, world, 0, device, val_tokens, log)
     log(f"eval_only artifact:{os.path.abspath(h.artifact_path)} sha256:{sha256_file(h.artifact_path)}")
     check_eval_time(qmodel, h, val_tokens, log)
@@ -2964,7 +3114,10 @@ def calibrate(trainer: Trainer, log) -> dict | None:
     batches = (b for _ in range(-(-n // trainer.accum)) for b in trainer.loader.next_step())
     with exact_fp32_matmuls():
         hessians, warnings = collect_hessians(
-            trainer.model.eval(), (b for _, b in zip(range(n), batches)), trainer.world
+            trainer.model.eval(),
+            (b for _, b in zip(range(n), batches)),
+            trainer.world,
+            Progress(log, "gptq calibration", n, "micro-batches"),
         )
     seconds = time.perf_counter() - t0
     for line in warnings + [
@@ -2978,7 +3131,7 @@ def calibrate(trainer: Trainer, log) -> dict | None:
 
 def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logger) -> None:
     torch.manual_seed(h.seed)
-    tables, val_tokens, note = load_eval_data(h)
+    tables, val_tokens, note = load_eval_data(h, log)
     trainer = Trainer(h, rank, world, device, log)
     model = trainer.model
     log_header(h, model, world, trainer.accum, device, val_tokens, log)
@@ -2992,8 +3145,20 @@ def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logg
         """Plain-window validation; with a step: a periodic (or last) val line and event."""
         model.eval()
         t0 = time.perf_counter()
+        phase = "validation" if step is not None else "pre_quant_ema evaluation"
         loss, bpb = evaluate(
-            eval_fn, val_tokens, tables, h.eval_seq_len, 0, h.eval_batch_seqs, device, rank, world
+            eval_fn,
+            val_tokens,
+            tables,
+            h.eval_seq_len,
+            0,
+            h.eval_batch_seqs,
+            device,
+            rank,
+            world,
+            None,
+            log,
+            phase,
         )
         model.train()
         if step is not None:
@@ -3011,7 +3176,10 @@ def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logg
     log.training_started = (
         True  # from here a failure keeps its RUN_ID: its log is the record of spent compute
     )
-    trainer.run(validate)
+    try:
+        trainer.run(validate)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted at step {trainer.step}") from None
     if device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB")
     if trainer.ema is not None:
@@ -3050,13 +3218,24 @@ def main() -> None:
         dist.broadcast_object_list(run_id)  # every rank must agree on the artifact path
     h.run_id = run_id[0]
     h.artifact_path = h.artifact_path or os.path.join(h.log_dir, f"{h.run_id}_model.ptz")
-    log = Logger(os.path.join(h.log_dir, h.run_id) if rank == 0 else None)
+    try:
+        log = Logger(os.path.join(h.log_dir, h.run_id) if rank == 0 else None)
+    except OSError as err:  # a file in the way, no permission, a read-only disk
+        raise ConfigError(
+            f"LOG_DIR={h.log_dir}: cannot write the logs there ({err.strerror or err})"
+        ) from None
     try:
         if os.path.exists(h.artifact_path) and not h.eval_only:
             raise ConfigError(
                 f"ARTIFACT_PATH={h.artifact_path} already exists; an artifact is never overwritten"
             )
         (evaluate_artifact if h.eval_only else train_and_evaluate)(h, rank, world, device, log)
+    except KeyboardInterrupt as err:  # Ctrl-C: one line, no traceback; the logs say the run failed
+        where = str(err) or f"interrupted {'after' if log.training_started else 'before'} training"
+        kept = log.fail(KeyboardInterrupt(where))
+        raise RunInterrupted(
+            f"{where}; run marked failed" + (f", logs kept: {kept}" if kept else "")
+        ) from None
     except BaseException as err:
         log.fail(err)
         raise
@@ -3067,8 +3246,17 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    first_rank = os.environ.get("RANK", "0") == "0"
     try:
         main()
-    except (ConfigError, DataError, ArtifactError, TrainingDiverged) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except RunInterrupted as err:
+        if first_rank:
+            print(str(err), file=sys.stderr)
+        sys.exit(130)
+    except (ConfigError, DataError) as err:  # the same inputs fail alike on every rank: rank 0 says it once
+        if first_rank:
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (ArtifactError, TrainingDiverged) as err:
+        print(f"error: {err}" if first_rank else f"error (rank {os.environ['RANK']}): {err}", file=sys.stderr)
         sys.exit(2)
