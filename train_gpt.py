@@ -2312,11 +2312,9 @@ class Progress:
             )
 
 
-
 # Rank 0 alone runs GPTQ, LQER, the compressor and any shrink steps while the other ranks wait in a barrier:
 # NCCL's default 10-minute timeout would kill a slow export, so the collectives wait an hour before failing.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
-
 
 
 def setup_distributed(h) -> tuple[int, int, int, torch.device]:
