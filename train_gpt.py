@@ -2465,10 +2465,10 @@ class FlashLikeAttention(torch.autograd.Function):
 
 
 def fake_model(h, device) -> GPT:
-    """GPT(h) whose parameters and buffers are fake tensors on `device` (call inside a FakeTensorMode): shapes
+    """GPT(model_config(h)) whose parameters and buffers are fake tensors on `device` (call inside a FakeTensorMode): shapes
     and dtypes only, so any shape can be traced on any machine."""
     with torch.device("meta"):
-        model = GPT(h)
+        model = GPT(model_config(h))
     for module in model.modules():
         for name, p in module._parameters.items():
             if p is not None:  # a Linear without bias holds None
@@ -2513,7 +2513,7 @@ def saved_activations(h, device, looping: bool) -> dict[str, int]:
 def static_training_bytes(h, world: int) -> int:
     """fp32 weights, gradients, optimizer state (Muon momentum; Adam moments), EMA copy, DDP buckets."""
     with torch.device("meta"):
-        model = GPT(h)
+        model = GPT(model_config(h))
     n = sum(p.numel() for p in model.parameters())
     muon = sum(p.numel() for name, p in model.named_parameters() if param_class(name, p) in MATRIX_CLASSES)
     return 4 * (2 * n + muon + 2 * (n - muon) + n * (h.ema_decay != 0) + n * (world > 1))

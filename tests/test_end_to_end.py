@@ -109,7 +109,9 @@ def test_jsonl_event_log_matches_the_text_log(moe_run):
     tmp, stdout = moe_run
     events = read_events(tmp / "logs" / "test.jsonl")
     kinds = [e["event"] for e in events]
-    assert kinds[:4] == ["config", "params", "budget_preview", "step"] and kinds[-1] == "end"
+    assert (
+        kinds[:5] == ["config", "params", "budget_preview", "eval_projection", "step"] and kinds[-1] == "end"
+    )
     assert events[-1]["status"] == "ok" and "error" not in kinds
     config = events[0]
     assert config["knobs"]["MOE_MODE"] == "topk" and config["knobs"]["ITERATIONS"] == 30

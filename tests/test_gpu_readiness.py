@@ -68,7 +68,7 @@ def test_hessians_and_export_run_with_tf32_off_and_restore_it(monkeypatch, tmp_p
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
 
-    def fake_collect(model, batches, world):
+    def fake_collect(model, batches, world, progress=None):
         seen.append(("hessians", flags()))
         return {}, []
 
@@ -81,7 +81,7 @@ def test_hessians_and_export_run_with_tf32_off_and_restore_it(monkeypatch, tmp_p
     monkeypatch.setattr(tg, "export_artifact", fake_export)
     h = tiny_config()
     loader = SimpleNamespace(next_step=lambda: [])
-    trainer = SimpleNamespace(h=h, accum=1, loader=loader, world=1, model=tg.GPT(h))
+    trainer = SimpleNamespace(h=h, accum=1, loader=loader, world=1, model=tg.GPT(tg.model_config(h)))
     tg.calibrate(trainer, Log())
     tg.export_and_report(trainer.model, h, str(tmp_path / "a.ptz"), Log(), {})
     assert seen == [("hessians", (False, False)), ("export", (False, False))]
@@ -94,7 +94,7 @@ def test_hessians_and_export_run_with_tf32_off_and_restore_it(monkeypatch, tmp_p
 def projection(env: dict, n_tokens: int = 1_000_000) -> tuple[dict, Log]:
     h = tg.load_config({"EVAL_TIME_LIMIT": "0", **env})
     with torch.device("meta"):
-        model = tg.GPT(h)
+        model = tg.GPT(tg.model_config(h))
     val = torch.randint(2, 1000, (n_tokens,), dtype=torch.int32)
     val[::500] = tg.BOS_ID
     log = Log()
@@ -122,7 +122,7 @@ def test_projection_counts_every_final_evaluation_and_the_compile_warmups():
 def test_projection_over_the_limit_is_refused_without_ttt():
     h = tg.load_config({"EVAL_TIME_LIMIT": "1"})
     with torch.device("meta"):
-        model = tg.GPT(h)
+        model = tg.GPT(tg.model_config(h))
     with pytest.raises(tg.ConfigError, match=r"final evaluations are projected at .*EVAL_TIME_LIMIT=1"):
         tg.check_eval_time(model, h, torch.ones(5_000_000, dtype=torch.int32), Log())
 

@@ -124,7 +124,7 @@ def measure(mode: str, looping: bool, cpu: bool, device: torch.device) -> dict:
     try:
         h = train_gpt.load_config(knobs(mode, cpu))
         torch.manual_seed(0)
-        model = train_gpt.GPT(h).to(device)
+        model = train_gpt.GPT(train_gpt.model_config(h)).to(device)
         model.set_looping(looping)
         optimizers = train_gpt.build_optimizers(model, h)
         torch._dynamo.reset()
