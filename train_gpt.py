@@ -138,6 +138,8 @@ KNOBS: dict[str, tuple[type, object]] = {
     "GPTQ_CALIBRATION_BATCHES": (int, 16),
     "MATRIX_BITS": (int, 6),
     "EMBED_BITS": (int, 7),
+    "EXPERT_BITS": (int, 0),
+    "QAT_START_FRAC": (float, 1.0),
     "MATRIX_CLIP_SIGMAS": (float, 12.85),
     "MLP_CLIP_SIGMAS": (float, 11.5),
     "ATTN_CLIP_SIGMAS": (float, 13.0),
@@ -193,6 +195,7 @@ MOE_ONLY_KNOBS = (
     "ROUTER_NOISE",
     "MOE_DISPATCH",
     "CAPACITY_FACTOR",
+    "EXPERT_BITS",
 )
 # The knobs that define the network; the artifact stores them so it can rebuild the model.
 MODEL_KNOBS = (
@@ -313,7 +316,10 @@ KNOB_LIMITS: dict[str, tuple[float, float]] = {
         ),
         (0, math.inf),
     ),
-    **dict.fromkeys(("WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_FRAC", "MIN_LR", "ENABLE_LOOPING_AT"), (0, 1)),
+    **dict.fromkeys(
+        ("WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_FRAC", "MIN_LR", "ENABLE_LOOPING_AT", "QAT_START_FRAC"),
+        (0, 1),
+    ),
     **dict.fromkeys(
         (
             "MUON_MOMENTUM",
@@ -328,6 +334,7 @@ KNOB_LIMITS: dict[str, tuple[float, float]] = {
         (0, 0.99999),
     ),
     **dict.fromkeys(("MATRIX_BITS", "EMBED_BITS", "LQER_FACTOR_BITS"), (2, 8)),
+    "EXPERT_BITS": (0, 8),
     **dict.fromkeys(
         ("MATRIX_CLIP_SIGMAS", "MLP_CLIP_SIGMAS", "ATTN_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS"), (0.01, math.inf)
     ),
@@ -517,6 +524,8 @@ def derive_quant_config(h: SimpleNamespace, require) -> None:
         not missing,
         f"COMPRESSOR={h.compressor} needs {missing}, which is not installed; install it or choose zstd",
     )
+    require(h.expert_bits != 1, "EXPERT_BITS=1: expected 0 (= MATRIX_BITS) or 2..8")
+    h.expert_bits = h.expert_bits or h.matrix_bits
     h.calibrate = h.quant_method == "gptq" or h.lqer_enabled  # Hessians are needed
     reserve = h.gptq_reserve_seconds if h.calibrate and h.max_wallclock_seconds > 0 else 0.0
     require(
@@ -1414,7 +1423,9 @@ def storage_grid(name: str, t: Tensor, h) -> tuple[int, float]:
         return 16, 0.0
     group = QUANT_GROUP.get(cls, "other")
     sigmas = {"embed": h.embed_clip_sigmas, "mlp": h.mlp_clip_sigmas, "attn": h.attn_clip_sigmas}
-    return (h.embed_bits if group == "embed" else h.matrix_bits), sigmas.get(group, h.matrix_clip_sigmas)
+    expert = cls == "mlp" and name.endswith((".mlp.up", ".mlp.down"))  # an MoE layer's 3-D expert stacks
+    bits = h.embed_bits if group == "embed" else h.expert_bits if expert else h.matrix_bits
+    return bits, sigmas.get(group, h.matrix_clip_sigmas)
 
 
 def sdclip_scale(w: Tensor, bits: int, sigmas: float) -> Tensor:
@@ -1426,6 +1437,13 @@ def round_to_grid(w: Tensor, scale: Tensor, bits: int, zero: Tensor | None = Non
     qmax = 2 ** (bits - 1) - 1
     q = torch.clamp(torch.round(w.float() / scale.float()[:, None]), -qmax, qmax)
     return q if zero is None else q.masked_fill(zero, 0)
+
+
+def fake_quantize(w: Tensor, bits: int, sigmas: float) -> Tensor:
+    """w on its round-to-nearest export grid, dequantized as the reader does: the QAT forward weights."""
+    rows = w.detach().reshape(-1, w.size(-1))
+    scale = sdclip_scale(rows, bits, sigmas)
+    return (round_to_grid(rows, scale, bits) * scale.float()[:, None]).reshape(w.shape).to(w.dtype)
 
 
 def gptq(
@@ -2247,6 +2265,11 @@ class Trainer:
             else self.compiled
         )
         self.optimizers = build_optimizers(self.model, h, rank, world)
+        # QAT: each tensor stored as integers, with its export grid; copies of the float weights.
+        self.qat = False
+        grids = ((p, *storage_grid(name, p, h)) for name, p in self.model.named_parameters())
+        self.qat_grids = [(p, bits, sigmas) for p, bits, sigmas in grids if bits < 16]
+        self.qat_masters: list[Tensor] = []
         self.ema: EMA | None = None
         self.step, self.train_ms = 0, 0.0
         self.routing_totals: Tensor | None = None
@@ -2273,12 +2296,16 @@ class Trainer:
         """Forward/backward over the micro-batches, clip, step; returns the mean cross-entropy."""
         ce_sum = torch.zeros((), device=self.device)
         batches = self.loader.next_step()
+        if self.qat:
+            self.fake_quantize_weights()
         for micro, (x, y) in enumerate(batches):
             sync = self.world == 1 or micro == len(batches) - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync(), autocast(self.device):
                 loss, ce = self.ddp(x, y)
             (loss / self.accum).backward()
             ce_sum += ce
+        if self.qat:
+            self.restore_float_weights()
         if self.h.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.h.grad_clip_norm)
         for opt in self.optimizers:
@@ -2288,6 +2315,29 @@ class Trainer:
         if stats is not None:
             self.routing_totals = stats if self.routing_totals is None else self.routing_totals + stats
         return ce_sum / len(batches)
+
+    @torch.no_grad()
+    def fake_quantize_weights(self) -> None:
+        """QAT forward: the weights become their dequantized export integers in place (same tensors, so no
+        graph changes); the gradient they receive is applied to the float weights restored before the step:
+        a straight-through estimator."""
+        if not self.qat_masters:
+            self.qat_masters = [torch.empty_like(p) for p, _, _ in self.qat_grids]
+        for (p, bits, sigmas), master in zip(self.qat_grids, self.qat_masters):
+            master.copy_(p)
+            p.copy_(fake_quantize(p, bits, sigmas))
+
+    @torch.no_grad()
+    def restore_float_weights(self) -> None:
+        for (p, _, _), master in zip(self.qat_grids, self.qat_masters):
+            p.copy_(master)
+
+    def maybe_start_qat(self, progress: float) -> None:
+        """Quantization-aware training for the run after QAT_START_FRAC (1 = never)."""
+        if self.h.qat_start_frac < 1 and not self.qat and progress >= self.h.qat_start_frac:
+            self.qat = True
+            self.log(f"qat:enabled step:{self.step} progress:{progress:.3f} tensors:{len(self.qat_grids)}")
+            self.log.event("qat", step=self.step, progress=progress, tensors=len(self.qat_grids))
 
     def compile_warmup(self) -> None:
         """Run WARMUP_STEPS steps to compile, then restore weights, optimizer state and data position."""
@@ -2409,6 +2459,7 @@ class Trainer:
             progress = self.progress(agreed_ms)
             self.set_schedules(progress)
             self.maybe_start_looping(progress)
+            self.maybe_start_qat(progress)
             ce = self.train_step()
             self.step += 1
             if pending is not None:
