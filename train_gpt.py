@@ -1095,7 +1095,7 @@ def routing_summary(model: nn.Module, stats: Tensor) -> list[dict]:
         out.append(
             dict(
                 layer=layer,
-                **{"pass": p},
+                **{"pass": p},  # a Python keyword, so not pass=p
                 load=load,
                 load_std=float(np.std(load)),
                 max_over_mean=max(load) * m.E,
