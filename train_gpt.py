@@ -118,6 +118,7 @@ KNOBS: dict[str, tuple[type, object]] = {
     "ROUTER_NOISE": (float, 0.0),
     "MOE_DISPATCH": (str, "grouped"),
     "CAPACITY_FACTOR": (float, 1.25),
+    "ROUTER_PER_PASS": (bool, False),
     # optimizer
     "MATRIX_LR": (float, 0.026),
     "SCALAR_LR": (float, 0.02),
@@ -144,6 +145,8 @@ KNOBS: dict[str, tuple[type, object]] = {
     "GPTQ_CALIBRATION_BATCHES": (int, 16),
     "MATRIX_BITS": (int, 6),
     "EMBED_BITS": (int, 7),
+    "EXPERT_BITS": (int, 0),
+    "QAT_START_FRAC": (float, 1.0),
     "MATRIX_CLIP_SIGMAS": (float, 12.85),
     "MLP_CLIP_SIGMAS": (float, 11.5),
     "ATTN_CLIP_SIGMAS": (float, 13.0),
@@ -199,6 +202,8 @@ MOE_ONLY_KNOBS = (
     "ROUTER_NOISE",
     "MOE_DISPATCH",
     "CAPACITY_FACTOR",
+    "EXPERT_BITS",
+    "ROUTER_PER_PASS",
 )
 # The knobs that define the network; the artifact stores them so it can rebuild the model.
 MODEL_KNOBS = (
@@ -226,6 +231,7 @@ MODEL_KNOBS = (
     "ROUTER_SCORE",
     "MOE_DISPATCH",
     "CAPACITY_FACTOR",
+    "ROUTER_PER_PASS",
     "XSA_LAST_N",
     "LN_SCALE",
     "PARALLEL_START_LAYER",
@@ -319,7 +325,10 @@ KNOB_LIMITS: dict[str, tuple[float, float]] = {
         ),
         (0, math.inf),
     ),
-    **dict.fromkeys(("WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_FRAC", "MIN_LR", "ENABLE_LOOPING_AT"), (0, 1)),
+    **dict.fromkeys(
+        ("WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_FRAC", "MIN_LR", "ENABLE_LOOPING_AT", "QAT_START_FRAC"),
+        (0, 1),
+    ),
     **dict.fromkeys(
         (
             "MUON_MOMENTUM",
@@ -334,6 +343,7 @@ KNOB_LIMITS: dict[str, tuple[float, float]] = {
         (0, 0.99999),
     ),
     **dict.fromkeys(("MATRIX_BITS", "EMBED_BITS", "LQER_FACTOR_BITS"), (2, 8)),
+    "EXPERT_BITS": (0, 8),
     **dict.fromkeys(
         ("MATRIX_CLIP_SIGMAS", "MLP_CLIP_SIGMAS", "ATTN_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS"), (0.01, math.inf)
     ),
@@ -525,6 +535,7 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
         f"EVAL_STRIDE={h.eval_stride}: must be in 0..EVAL_SEQ_LEN={h.eval_seq_len}",
     )
     derive_stack(h, require)
+    derive_router_passes(h, require)
     require(
         h.global_ttt_chunk_tokens >= h.eval_seq_len,
         f"GLOBAL_TTT_CHUNK_TOKENS={h.global_ttt_chunk_tokens}: must hold at least one EVAL_SEQ_LEN={h.eval_seq_len} sequence",
@@ -568,6 +579,28 @@ def derive_stack(h: SimpleNamespace, require) -> None:
     )
 
 
+def derive_router_passes(h: SimpleNamespace, require) -> None:
+    """ROUTER_PER_PASS: the MoE layers inside the loop get one router per pass (1 + NUM_LOOPS)."""
+    h.router_passes = 1 + h.num_loops if h.router_per_pass else 1
+    if not h.router_per_pass:
+        return
+    require(
+        h.moe_mode != "none",
+        "ROUTER_PER_PASS=1 needs MoE layers: MOE_MODE=none (the dense MLP) has no router; "
+        "set MOE_MODE=soft, topk or shared_routed",
+    )
+    require(
+        h.num_loops > 0,
+        "ROUTER_PER_PASS=1 needs the layer loop: with NUM_LOOPS=0 every layer runs once (one pass)",
+    )
+    looped = [layer for layer in h.moe_layer_ids if h.loop_start <= layer <= h.loop_end]
+    require(
+        bool(looped),
+        f"ROUTER_PER_PASS=1: no MoE layer is looped (MOE_LAYERS={','.join(map(str, h.moe_layer_ids))}, "
+        f"looped layers LOOP_START={h.loop_start}..LOOP_END={h.loop_end}); put MOE_LAYERS inside the loop",
+    )
+
+
 def derive_quant_config(h: SimpleNamespace, require) -> None:
     """Quantization knobs KNOB_LIMITS cannot check; the GPTQ reserve shortens the training wall clock."""
     missing = compressor_missing(h.compressor)
@@ -575,6 +608,8 @@ def derive_quant_config(h: SimpleNamespace, require) -> None:
         not missing,
         f"COMPRESSOR={h.compressor} needs {missing}, which is not installed; install it or choose zstd",
     )
+    require(h.expert_bits != 1, "EXPERT_BITS=1: expected 0 (= MATRIX_BITS) or 2..8")
+    h.expert_bits = h.expert_bits or h.matrix_bits
     h.calibrate = h.quant_method == "gptq" or h.lqer_enabled  # Hessians are needed
     reserve = h.gptq_reserve_seconds if h.calibrate and h.max_wallclock_seconds > 0 else 0.0
     require(
@@ -627,6 +662,7 @@ class ModelConfig:
     loop_end: int
     moe_mode: str
     moe_layer_ids: tuple[int, ...]  # the layers whose MLP is an MoE (empty with MOE_MODE=none)
+    router_passes: int  # routers per looped MoE layer: 1 + NUM_LOOPS with ROUTER_PER_PASS, else 1
     num_experts: int
     top_k: int
     expert_mlp_hidden: int
@@ -995,20 +1031,34 @@ def grouped_matmul(x: Tensor, weight_t: Tensor, offsets: Tensor) -> Tensor:
 
 
 class MoEBase(nn.Module):
-    """Router (fp32 logic, zero-initialised) and routing telemetry shared by all MoE modes."""
+    """Router (fp32 logic, zero-initialised) and routing telemetry shared by all MoE modes. With passes > 1
+    (ROUTER_PER_PASS in a looped layer) the router weights, balancing bias and telemetry are stacked, one per
+    pass of the loop, while the experts are shared; forward's pass_index picks the pass."""
 
     def __init__(
-        self, cfg: ModelConfig, dim: int, num_experts: int, expert_hidden: int, router_init_std: float
+        self,
+        cfg: ModelConfig,
+        dim: int,
+        num_experts: int,
+        expert_hidden: int,
+        router_init_std: float,
+        passes: int = 1,
     ):
         super().__init__()
-        self.E, self.act, self.router_init_std = num_experts, cfg.mlp_act, router_init_std
-        self.router_weight = nn.Parameter(torch.empty(num_experts, dim))
+        self.E, self.act, self.router_init_std, self.passes = (
+            num_experts,
+            cfg.mlp_act,
+            router_init_std,
+            passes,
+        )
+        per_pass = (passes,) if passes > 1 else ()
+        self.router_weight = nn.Parameter(torch.empty(*per_pass, num_experts, dim))
         self.up = nn.Parameter(torch.empty(num_experts, expert_hidden, dim))
         self.down = nn.Parameter(torch.empty(num_experts, dim, expert_hidden))
         self.z_coef, self.aux_coef = cfg.router_z_coef, cfg.moe_aux_loss_coef
         self.aux_terms: list[Tensor] = []  # this forward's weighted z- and aux losses; GPT.forward adds them
         self.register_buffer(
-            "stats", torch.zeros(len(RoutingStats._fields) - 1 + num_experts), persistent=False
+            "stats", torch.zeros(*per_pass, len(RoutingStats._fields) - 1 + num_experts), persistent=False
         )
         self.reset_parameters()
 
@@ -1019,12 +1069,20 @@ class MoEBase(nn.Module):
         self.down.zero_()
         # A zero router makes soft MoE start as the dense MLP; routed modes need distinct scores or every token ties.
         self.router_weight.normal_(0.0, self.router_init_std)
+        if self.passes > 1:  # every pass starts with the same router (zero for soft MoE): passes start alike
+            self.router_weight[1:] = self.router_weight[0]
 
-    def router_logits(self, x: Tensor) -> Tensor:
+    def pass_slice(self, t: Tensor, pass_index: int) -> Tensor:
+        """This pass's part of a per-pass stacked tensor (router weight, bias, stats)."""
+        return t[pass_index] if self.passes > 1 else t
+
+    def router_logits(self, x: Tensor, pass_index: int = 0) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):  # autocast would run this matmul in bf16
-            return F.linear(x.float(), self.router_weight.float())
+            return F.linear(x.float(), self.pass_slice(self.router_weight, pass_index).float())
 
-    def account(self, logits: Tensor, probs: Tensor, load: Tensor, aux_loss=None, dropped=None):
+    def account(
+        self, logits: Tensor, probs: Tensor, load: Tensor, aux_loss=None, dropped=None, pass_index: int = 0
+    ):
         """Sets aux_terms (z-loss, Switch aux loss) and accumulates telemetry, while training only."""
         self.aux_terms = []
         if not self.training:
@@ -1042,22 +1100,22 @@ class MoEBase(nn.Module):
             extra = torch.stack(
                 (zero + probs.size(0), entropy, aux_value, z.detach(), dropped_value, zero + 1)
             )
-            self.stats.add_(torch.cat((load.float(), extra)))
+            self.pass_slice(self.stats, pass_index).add_(torch.cat((load.float(), extra)))
 
 
 class SoftMoE(MoEBase):
     """One MLP whose hidden units form E groups, each scaled per token by E * softmax(router(x)).
     One fused up and one fused down matmul; with a zero router (the init) or E = 1 it is the dense MLP."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        logits = self.router_logits(x)
+    def forward(self, x: Tensor, pass_index: int = 0) -> Tensor:
+        logits = self.router_logits(x, pass_index)
         probs = torch.softmax(logits, dim=-1)
         hidden = mlp_act(F.linear(x, self.up.flatten(0, 1).to(x.dtype)), self.act)
         expert_scale = (self.E * probs).to(hidden.dtype).unsqueeze(-1)
         hidden = (hidden.unflatten(-1, (self.E, -1)) * expert_scale).flatten(-2)
         out = F.linear(hidden, self.down.transpose(0, 1).flatten(1).to(hidden.dtype))
         flat_probs = probs.reshape(-1, self.E)
-        self.account(logits.reshape(-1, self.E), flat_probs, flat_probs.sum(0))
+        self.account(logits.reshape(-1, self.E), flat_probs, flat_probs.sum(0), pass_index=pass_index)
         return out
 
 
@@ -1066,27 +1124,27 @@ class RoutedMoE(MoEBase):
     may add the balancing bias; gates are unbiased scores, not renormalised (top-1 still trains the router).
     shared_routed adds a dense MLP that every token uses."""
 
-    def __init__(self, cfg: ModelConfig, dim: int):
-        super().__init__(cfg, dim, cfg.num_experts, cfg.expert_mlp_hidden, ROUTED_INIT_STD)
+    def __init__(self, cfg: ModelConfig, dim: int, passes: int = 1):
+        super().__init__(cfg, dim, cfg.num_experts, cfg.expert_mlp_hidden, ROUTED_INIT_STD, passes)
         self.k, self.score, self.noise = cfg.top_k, cfg.router_score, cfg.router_noise
         self.dispatch_mode, self.capacity_factor = cfg.moe_dispatch, cfg.capacity_factor
         # An untrained router scores ~1/E (softmax) or ~1/2 (sigmoid): this makes the k gates sum to ~1.
         self.gate_scale = (self.E if self.score == "softmax" else 2.0) / self.k
-        self.register_buffer("router_bias", torch.zeros(self.E))
+        self.register_buffer("router_bias", torch.zeros(*((passes,) if passes > 1 else ()), self.E))
         self.shared = DenseMLP(dim, cfg.shared_mlp_hidden, cfg.mlp_act) if cfg.shared_mlp_hidden else None
 
-    def route(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def route(self, tokens: Tensor, pass_index: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """-> (router logits, scores, chosen experts (T, k), gates (T, k)) for tokens (T, dim)."""
-        logits = self.router_logits(tokens)
+        logits = self.router_logits(tokens, pass_index)
         if self.training and self.noise > 0:
             logits = logits + self.noise * torch.randn_like(logits)
         scores = torch.softmax(logits, -1) if self.score == "softmax" else torch.sigmoid(logits)
-        choice = (scores + self.router_bias).topk(self.k, dim=-1).indices
+        choice = (scores + self.pass_slice(self.router_bias, pass_index)).topk(self.k, dim=-1).indices
         return logits, scores, choice, scores.gather(-1, choice) * self.gate_scale
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, pass_index: int = 0) -> Tensor:
         tokens = x.reshape(-1, x.size(-1))
-        logits, scores, choice, gate = self.route(tokens)
+        logits, scores, choice, gate = self.route(tokens, pass_index)
         flat = choice.reshape(-1)  # the k choices of token t sit at t*k .. t*k+k-1
         counts = torch.zeros(self.E, dtype=torch.long, device=x.device)
         counts.scatter_add_(0, flat, torch.ones_like(flat))
@@ -1103,7 +1161,7 @@ class RoutedMoE(MoEBase):
         if self.shared is not None:
             out = out + self.shared(x)
         probs = scores / scores.sum(-1, keepdim=True)
-        self.account(logits, probs, counts, switch_aux_loss(counts, probs, self.k), dropped)
+        self.account(logits, probs, counts, switch_aux_loss(counts, probs, self.k), dropped, pass_index)
         return out
 
     def expert_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -1137,13 +1195,24 @@ def switch_aux_loss(counts: Tensor, probs: Tensor, k: int) -> Tensor:
 def make_mlp(cfg: ModelConfig, layer: int) -> nn.Module:
     if layer not in cfg.moe_layer_ids:
         return DenseMLP(cfg.model_dim, cfg.mlp_hidden, cfg.mlp_act)
+    looped = cfg.num_loops > 0 and cfg.loop_start <= layer <= cfg.loop_end
+    passes = cfg.router_passes if looped else 1
     if cfg.moe_mode == "soft":
-        return SoftMoE(cfg, cfg.model_dim, cfg.num_experts, cfg.expert_mlp_hidden, router_init_std=0.0)
-    return RoutedMoE(cfg, cfg.model_dim)
+        return SoftMoE(
+            cfg, cfg.model_dim, cfg.num_experts, cfg.expert_mlp_hidden, router_init_std=0.0, passes=passes
+        )
+    return RoutedMoE(cfg, cfg.model_dim, passes)
 
 
 def moe_layers(model: nn.Module) -> list[tuple[int, MoEBase]]:
     return [(i, b.mlp) for i, b in enumerate(model.blocks) if isinstance(b.mlp, MoEBase)]
+
+
+def routing_rows(model: nn.Module) -> list[tuple[int, int | None, MoEBase]]:
+    """(layer, pass or None for a single router, module): one telemetry row each, in stats order."""
+    return [
+        (layer, p if m.passes > 1 else None, m) for layer, m in moe_layers(model) for p in range(m.passes)
+    ]
 
 
 @torch.no_grad()
@@ -1153,46 +1222,49 @@ def collect_routing_stats(model: nn.Module, bias_rate: float, world_size: int) -
     layers = moe_layers(model)
     if not layers:
         return None
-    stats = torch.stack([m.stats for _, m in layers])
+    stats = torch.cat([m.stats.view(-1, m.stats.size(-1)) for _, m in layers])  # a row per layer and pass
     if world_size > 1:
         dist.all_reduce(stats)
-    for (_, m), row in zip(layers, stats):
+    for (_, p, m), row in zip(routing_rows(model), stats):
         m.stats.zero_()
         if bias_rate > 0 and isinstance(m, RoutedMoE):
-            load = RoutingStats.unpack(row, m.E).load
-            m.router_bias.add_(bias_rate * torch.sign(load.mean() - load))
-            m.router_bias.sub_(m.router_bias.mean())
+            load, bias = RoutingStats.unpack(row, m.E).load, m.pass_slice(m.router_bias, p or 0)
+            bias.add_(bias_rate * torch.sign(load.mean() - load))
+            bias.sub_(bias.mean())
     return stats
 
 
 def routing_log_lines(summary: list[dict]) -> list[str]:
     lines = []
     for r in summary:
+        where = f"layer:{r['layer']}" + ("" if r["pass"] is None else f" pass:{r['pass']}")
         lines.append(
-            f"moe layer:{r['layer']} load:{','.join(f'{v:.3f}' for v in r['load'])} "
+            f"moe {where} load:{','.join(f'{v:.3f}' for v in r['load'])} "
             f"max_mean:{r['max_over_mean']:.2f} dead:{r['dead']} entropy:{r['entropy']:.3f} "
             f"aux:{r['aux']:.4f} z:{r['z']:.4f} bias:{r['bias_min']:.4f}..{r['bias_max']:.4f} "
             f"drop:{r['drop_rate']:.4f}"
         )
         if max(r["load"]) > COLLAPSE_SHARE:
             lines.append(
-                f"WARNING moe layer:{r['layer']} routing collapse: one expert takes "
+                f"WARNING moe {where} routing collapse: one expert takes "
                 f"{100 * max(r['load']):.1f}% of the tokens"
             )
     return lines
 
 
 def routing_summary(model: nn.Module, stats: Tensor) -> list[dict]:
-    """Per MoE layer: load shares, max/mean, dead experts, entropy / ln E, aux, z, bias, drop rate."""
+    """Per MoE layer (and pass, with per-pass routers): load shares, max/mean, dead experts, entropy / ln E,
+    aux, z, bias, drop rate. `pass` is None for a layer with one router."""
     out = []
-    for (layer, m), row in zip(moe_layers(model), stats.double().cpu()):
+    for (layer, p, m), row in zip(routing_rows(model), stats.double().cpu()):
         totals = RoutingStats.unpack(row, m.E)
         calls, tokens = max(totals.calls, 1), max(totals.tokens, 1)
         load = (totals.load / max(totals.load.sum().item(), 1e-12)).tolist()
-        bias = m.router_bias.tolist() if isinstance(m, RoutedMoE) else [0.0]
+        bias = m.pass_slice(m.router_bias, p or 0).tolist() if isinstance(m, RoutedMoE) else [0.0]
         out.append(
             dict(
                 layer=layer,
+                **{"pass": p},  # a Python keyword, so not pass=p
                 load=load,
                 load_std=float(np.std(load)),
                 max_over_mean=max(load) * m.E,
@@ -1224,11 +1296,12 @@ class Block(nn.Module):
             self.lane_resid = nn.Parameter(torch.full((2,), 1.1))
             self.lane_post = nn.Parameter(torch.ones(2, 2))
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, pass_index: int = 0) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale)
+        per_pass = {"pass_index": pass_index} if isinstance(self.mlp, MoEBase) else {}
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale, **per_pass)
 
     def forward_lanes(self, lanes: tuple[Tensor, Tensor], x0: Tensor) -> tuple[Tensor, Tensor]:
         """Parallel residual: attention reads lane 0 (mixed with x0), the MLP lane 1; both write both."""
@@ -1260,6 +1333,10 @@ class GPT(nn.Module):
         plain = list(range(cfg.num_layers))
         repeats = plain[cfg.loop_start : cfg.loop_end + 1] * cfg.num_loops
         self.orders = (plain, plain[: cfg.loop_end + 1] + repeats + plain[cfg.loop_end + 1 :])
+        # Each position's pass: 0 on a layer's first visit, then 1, 2, ... (for per-pass routers).
+        self.pass_indices = tuple(
+            [order[:pos].count(layer) for pos, layer in enumerate(order)] for order in self.orders
+        )
         self.looping = False
         self.register_buffer("loop_state", torch.zeros(()))
         self.skip_weights = nn.Parameter(torch.ones(len(self.orders[1]) // 2, cfg.model_dim))
@@ -1300,7 +1377,7 @@ class GPT(nn.Module):
     def hidden(self, idx: Tensor) -> Tensor:
         x = self.embed(idx)
         x0, skips, lanes, routing_aux = x, [], None, []
-        order = self.orders[self.looping]
+        order, pass_indices = self.orders[self.looping], self.pass_indices[self.looping]
         n_encoder = len(order) // 2
         for pos, layer in enumerate(order):
             block = self.blocks[layer]
@@ -1313,7 +1390,7 @@ class GPT(nn.Module):
                 else:
                     lanes = (lanes[0] + skip, lanes[1])
             if lanes is None:
-                x = block(x, x0)
+                x = block(x, x0, pass_indices[pos])
             else:
                 lanes = block.forward_lanes(lanes, x0)
             routing_aux += getattr(block.mlp, "aux_terms", [])  # a looped MoE layer adds its losses per pass
@@ -1574,7 +1651,9 @@ def storage_grid(name: str, t: Tensor, h) -> tuple[int, float]:
         return 16, 0.0
     group = QUANT_GROUP.get(cls, "other")
     sigmas = {"embed": h.embed_clip_sigmas, "mlp": h.mlp_clip_sigmas, "attn": h.attn_clip_sigmas}
-    return (h.embed_bits if group == "embed" else h.matrix_bits), sigmas.get(group, h.matrix_clip_sigmas)
+    expert = cls == "mlp" and name.endswith((".mlp.up", ".mlp.down"))  # an MoE layer's 3-D expert stacks
+    bits = h.embed_bits if group == "embed" else h.expert_bits if expert else h.matrix_bits
+    return bits, sigmas.get(group, h.matrix_clip_sigmas)
 
 
 def sdclip_scale(w: Tensor, bits: int, sigmas: float) -> Tensor:
@@ -1586,6 +1665,13 @@ def round_to_grid(w: Tensor, scale: Tensor, bits: int, zero: Tensor | None = Non
     qmax = 2 ** (bits - 1) - 1
     q = torch.clamp(torch.round(w.float() / scale.float()[:, None]), -qmax, qmax)
     return q if zero is None else q.masked_fill(zero, 0)
+
+
+def fake_quantize(w: Tensor, bits: int, sigmas: float) -> Tensor:
+    """w on its round-to-nearest export grid, dequantized as the reader does: the QAT forward weights."""
+    rows = w.detach().reshape(-1, w.size(-1))
+    scale = sdclip_scale(rows, bits, sigmas)
+    return (round_to_grid(rows, scale, bits) * scale.float()[:, None]).reshape(w.shape).to(w.dtype)
 
 
 def gptq(
@@ -1928,12 +2014,13 @@ def collect_hessians(
         hess[name][expert].addmm_(x.T, x)
         counts[name][expert] += x.size(0)
 
-    def add_experts(name: str, m: MoEBase, x: Tensor):
+    def add_experts(name: str, m: MoEBase, x: Tensor, pass_index: int):
+        """Each pass (per-pass routers) adds its tokens, weighted by its own gates, to the shared experts."""
         x = x.reshape(-1, x.size(-1)).float()
         if isinstance(m, SoftMoE):
-            gates = m.E * torch.softmax(m.router_logits(x), -1)
+            gates = m.E * torch.softmax(m.router_logits(x, pass_index), -1)
         else:
-            _, _, choice, gate = m.route(x)
+            _, _, choice, gate = m.route(x, pass_index)
             gates = torch.zeros(x.size(0), m.E, device=x.device).scatter_add_(1, choice, gate.float())
         for e in range(m.E):
             rows = gates[:, e] > 0
@@ -1945,7 +2032,12 @@ def collect_hessians(
         if isinstance(mod, nn.Linear):
             hooks.append(mod.register_forward_pre_hook(lambda m, args, n=f"{name}.weight": add(n, args[0])))
         elif isinstance(mod, MoEBase):
-            hooks.append(mod.register_forward_pre_hook(lambda m, args, n=name: add_experts(n, m, args[0])))
+            hooks.append(
+                mod.register_forward_pre_hook(
+                    lambda m, args, kwargs, n=name: add_experts(n, m, args[0], kwargs.get("pass_index", 0)),
+                    with_kwargs=True,
+                )
+            )
     try:
         for done, (x, _) in enumerate(batches, 1):
             with autocast(x.device):  # the head's input is the final hidden state
@@ -2435,6 +2527,8 @@ def matmul_params_per_token(model: nn.Module, looping: bool | None = None) -> in
     for layer, m in moe_layers(model):
         if isinstance(m, RoutedMoE):  # only k of E experts run per token
             n -= (m.up.numel() + m.down.numel()) * (m.E - m.k) // m.E * order.count(layer)
+        if m.passes > 1:  # each pass multiplies by its own router only
+            n -= m.router_weight[1:].numel() * order.count(layer)
     return n
 
 
@@ -2573,6 +2667,11 @@ class Trainer:
             else self.compiled
         )
         self.optimizers = build_optimizers(self.model, h, rank, world)
+        # QAT: each tensor stored as integers, with its export grid; copies of the float weights.
+        self.qat = False
+        grids = ((p, *storage_grid(name, p, h)) for name, p in self.model.named_parameters())
+        self.qat_grids = [(p, bits, sigmas) for p, bits, sigmas in grids if bits < 16]
+        self.qat_masters: list[Tensor] = []
         self.ema: EMA | None = None
         self.step, self.train_ms = 0, 0.0
         self.routing_totals: Tensor | None = None
@@ -2605,12 +2704,16 @@ class Trainer:
         """Forward/backward over the micro-batches, clip, step; returns the mean cross-entropy."""
         ce_sum = torch.zeros((), device=self.device)
         batches = self.loader.next_step()
+        if self.qat:
+            self.fake_quantize_weights()
         for micro, (x, y) in enumerate(batches):
             sync = self.world == 1 or micro == len(batches) - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync(), autocast(self.device):
                 loss, ce = self.ddp(x, y)
             (loss / self.accum).backward()
             ce_sum += ce
+        if self.qat:
+            self.restore_float_weights()
         if self.h.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.h.grad_clip_norm)
         for opt in self.optimizers:
@@ -2620,6 +2723,29 @@ class Trainer:
         if stats is not None:
             self.routing_totals = stats if self.routing_totals is None else self.routing_totals + stats
         return ce_sum / len(batches)
+
+    @torch.no_grad()
+    def fake_quantize_weights(self) -> None:
+        """QAT forward: the weights become their dequantized export integers in place (same tensors, so no
+        graph changes); the gradient they receive is applied to the float weights restored before the step:
+        a straight-through estimator."""
+        if not self.qat_masters:
+            self.qat_masters = [torch.empty_like(p) for p, _, _ in self.qat_grids]
+        for (p, bits, sigmas), master in zip(self.qat_grids, self.qat_masters):
+            master.copy_(p)
+            p.copy_(fake_quantize(p, bits, sigmas))
+
+    @torch.no_grad()
+    def restore_float_weights(self) -> None:
+        for (p, _, _), master in zip(self.qat_grids, self.qat_masters):
+            p.copy_(master)
+
+    def maybe_start_qat(self, progress: float) -> None:
+        """Quantization-aware training for the run after QAT_START_FRAC (1 = never)."""
+        if self.h.qat_start_frac < 1 and not self.qat and progress >= self.h.qat_start_frac:
+            self.qat = True
+            self.log(f"qat:enabled step:{self.step} progress:{progress:.3f} tensors:{len(self.qat_grids)}")
+            self.log.event("qat", step=self.step, progress=progress, tensors=len(self.qat_grids))
 
     def compile_warmup(self) -> None:
         """Run WARMUP_STEPS steps to compile, then restore weights, optimizer state and data position."""
@@ -2742,6 +2868,7 @@ class Trainer:
             progress = self.progress(agreed_ms)
             self.set_schedules(progress)
             self.maybe_start_looping(progress)
+            self.maybe_start_qat(progress)
             ce = self.train_step()
             self.step += 1
             if pending is not None:

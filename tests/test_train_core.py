@@ -509,7 +509,14 @@ def test_model_receives_only_the_model_contract(tiny_config):
     with pytest.raises(TypeError, match="model_config"):
         tg.GPT(h)
     stored = {name.lower() for name in tg.MODEL_KNOBS}
-    derived = {"head_dim", "mlp_hidden", "moe_layer_ids", "expert_mlp_hidden", "shared_mlp_hidden"}
+    derived = {
+        "head_dim",
+        "mlp_hidden",
+        "moe_layer_ids",
+        "expert_mlp_hidden",
+        "shared_mlp_hidden",
+        "router_passes",
+    }
     router_terms = {"router_noise", "router_z_coef", "moe_aux_loss_coef", "tied_embed_init_std"}
     names = {f.name for f in dataclasses.fields(tg.ModelConfig)}
     assert names - stored - derived == router_terms

@@ -61,6 +61,7 @@ def scheme_config(h, bits: int, embed_bits: int, method: str, lqer: bool, compre
             "lqer_enabled": lqer,
             "compressor": compressor,
             "matrix_bits": bits,
+            "expert_bits": bits,  # experts follow the matrices' bits here, as by default
             "embed_bits": embed_bits or bits + 1,
         }
     )

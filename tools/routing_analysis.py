@@ -51,14 +51,20 @@ def token_classes(sp, val_tokens: torch.Tensor) -> tuple[list[str], np.ndarray, 
 
 
 @torch.no_grad()
-def record_routing(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Runs the model eagerly on x; -> (router probabilities, chosen experts) per MoE layer, per token.
+def record_routing(model: torch.nn.Module, x: torch.Tensor) -> list[tuple]:
+    """Runs the model eagerly on x; -> (layer, pass, router probabilities, chosen experts) per MoE layer
+    and, for a layer with one router per pass of the loop, per pass (else pass None: a looped layer's
+    passes pooled); sorted by layer and pass, every token of every pass counted.
 
-    Hooks capture each MoE layer's input; the routing is recomputed from it with the layer's own router.
+    Hooks capture each call's input and pass; the routing is recomputed from it with that pass's router.
     """
-    layers = [m for _, m in tg.moe_layers(model)]
-    inputs: list[torch.Tensor] = []
-    hooks = [m.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach())) for m in layers]
+    layer_of = {id(m): layer for layer, m in tg.moe_layers(model)}
+    calls: list[tuple] = []
+
+    def capture(m, args, kwargs):
+        calls.append((m, kwargs.get("pass_index", 0), args[0].detach()))
+
+    hooks = [m.register_forward_pre_hook(capture, with_kwargs=True) for _, m in tg.moe_layers(model)]
     model.eval()
     try:
         with tg.autocast(x.device):
@@ -66,17 +72,21 @@ def record_routing(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[torch.
     finally:
         for hook in hooks:
             hook.remove()
-    routing = []
-    for m, layer_input in zip(layers, inputs):
+    pooled: dict[tuple, list] = {}
+    for m, pass_index, layer_input in calls:
         tokens = layer_input.reshape(-1, layer_input.size(-1))
         if isinstance(m, tg.RoutedMoE):
-            _, scores, choice, _ = m.route(tokens)
+            _, scores, choice, _ = m.route(tokens, pass_index)
             probs = scores / scores.sum(-1, keepdim=True)
         else:
-            probs = torch.softmax(m.router_logits(tokens), dim=-1)
+            probs = torch.softmax(m.router_logits(tokens, pass_index), dim=-1)
             choice = probs.argmax(-1, keepdim=True)
-        routing.append((probs.float().cpu(), choice.cpu()))
-    return routing
+        key = (layer_of[id(m)], pass_index if m.passes > 1 else None)
+        pooled.setdefault(key, []).append((probs.float().cpu(), choice.cpu()))
+    return [
+        (layer, p, torch.cat([c[0] for c in parts]), torch.cat([c[1] for c in parts]))
+        for (layer, p), parts in sorted(pooled.items(), key=lambda item: (item[0][0], item[0][1] or 0))
+    ]
 
 
 def routing_report(model, x: torch.Tensor, sp, val_tokens: torch.Tensor) -> dict:
@@ -86,16 +96,22 @@ def routing_report(model, x: torch.Tensor, sp, val_tokens: torch.Tensor) -> dict
     classes = {n: kind[ids] == j for j, n in enumerate(names)}
     classes.update(frequent=frequent[ids], rare=~frequent[ids])
     report = dict(tokens=int(ids.size), classes={n: int(m.sum()) for n, m in classes.items()}, layers=[])
-    for (layer, m), (probs, choice) in zip(tg.moe_layers(model), record_routing(model, x)):
+    modules = dict(tg.moe_layers(model))
+    for layer, pass_index, probs, choice in record_routing(model, x):
+        m = modules[layer]
+        calls = probs.size(0) // ids.size  # a looped layer's pooled passes: the batch's tokens once per pass
         share = probs if isinstance(m, tg.SoftMoE) else F.one_hot(choice, m.E).float().mean(1)
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1) / max(math.log(m.E), 1e-12)
         load = share.mean(0)
         class_load = {
-            n: share[torch.from_numpy(mask)].mean(0).tolist() for n, mask in classes.items() if mask.any()
+            n: share[torch.from_numpy(mask).repeat(calls)].mean(0).tolist()
+            for n, mask in classes.items()
+            if mask.any()
         }
         report["layers"].append(
             dict(
                 layer=layer,
+                **{"pass": pass_index},
                 load=load.tolist(),
                 entropy=entropy.mean().item(),
                 dead=int((load < tg.DEAD_LOAD_SHARE / m.E).sum()),
@@ -103,6 +119,38 @@ def routing_report(model, x: torch.Tensor, sp, val_tokens: torch.Tensor) -> dict
             )
         )
     return report
+
+
+def plot_pass_load(report: dict, path: Path) -> bool:
+    """One panel per layer with routers per pass: each pass's load share per expert, side by side, so a
+    reader sees whether the passes route differently. False (nothing written) without such layers."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only
+    import matplotlib.pyplot as plt
+
+    per_pass: dict[int, list[dict]] = {}
+    for entry in report["layers"]:
+        if entry.get("pass") is not None:
+            per_pass.setdefault(entry["layer"], []).append(entry)
+    if not per_pass:
+        return False
+    fig, axes = plt.subplots(1, len(per_pass), figsize=(3.6 * len(per_pass), 3.2), squeeze=False)
+    for ax, (layer, entries) in zip(axes[0], sorted(per_pass.items())):
+        E, width = len(entries[0]["load"]), 0.8 / len(entries)
+        for i, entry in enumerate(entries):
+            ax.bar(
+                np.arange(E) + (i - (len(entries) - 1) / 2) * width, entry["load"], width, label=f"pass {i}"
+            )
+        ax.axhline(1 / E, color="grey", lw=0.8, ls="--")
+        ax.set(title=f"layer {layer}", xlabel="expert", xticks=range(E), ylim=(0, 1))
+    axes[0, 0].set_ylabel("load share")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("load per expert, per pass of the loop (dashed: uniform)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def analyse_artifact(
@@ -137,6 +185,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-seqs", type=int, default=32, help="sequences in the analysed batch")
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per analysed sequence")
     parser.add_argument("--out", help="JSON report path (default: <artifact stem>_routing.json beside it)")
+    parser.add_argument(
+        "--pass-plot", help="also write this PNG: per-pass load of layers with routers per pass (if any)"
+    )
     args = parser.parse_args(argv)
     out = (
         Path(args.out)
@@ -155,6 +206,8 @@ def main(argv=None) -> int:
         return 2
     out.write_text(json.dumps(report, indent=1))
     print(f"routing statistics: {out}")
+    if args.pass_plot and plot_pass_load(report, Path(args.pass_plot)):
+        print(f"per-pass load plot: {args.pass_plot}")
     return 0
 
 

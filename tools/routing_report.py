@@ -92,6 +92,11 @@ def annotated_heatmap(ax, values: np.ndarray, rows: list[str], cols: list[str], 
     ax.figure.colorbar(image, ax=ax)
 
 
+def layer_label(entry: dict) -> str:
+    """Its label: "layer 3", or "layer 3 pass 1" for a layer with one router per pass of the loop."""
+    return f"layer {entry['layer']}" + ("" if entry.get("pass") is None else f" pass {entry['pass']}")
+
+
 def plot_load(report: dict, path: Path) -> None:
     layers = report["layers"]
     load = np.array([entry["load"] for entry in layers])
@@ -100,7 +105,7 @@ def plot_load(report: dict, path: Path) -> None:
     annotated_heatmap(
         ax,
         load,
-        [f"layer {e['layer']} (dead {e.get('dead', '?')})" for e in layers],
+        [f"{layer_label(e)} (dead {e.get('dead', '?')})" for e in layers],
         [f"expert {e}" for e in range(E)],
         vmax=max(float(load.max()), 2.0 / E),
     )
@@ -156,9 +161,14 @@ def plot_class_load(report: dict, path: Path) -> bool:
     return True
 
 
+def layer_order(item: tuple) -> tuple[int, str]:
+    """Sorts history keys: layers by number, a per-pass layer's series ("1 pass 2") by pass."""
+    return int(str(item[0]).split()[0]), str(item[0])
+
+
 def plot_training_load(history: dict[int, list[dict]], path: Path) -> None:
     fig, axes = plt.subplots(len(history), 1, figsize=(7, 2.2 * len(history)), squeeze=False, sharex=True)
-    for ax, (layer, records) in zip(axes[:, 0], sorted(history.items())):
+    for ax, (layer, records) in zip(axes[:, 0], sorted(history.items(), key=layer_order)):
         steps = [r["step"] for r in records]
         for e, series in enumerate(np.array([r["load"] for r in records]).T):
             ax.plot(steps, series, label=f"expert {e}")
@@ -171,7 +181,7 @@ def plot_training_load(history: dict[int, list[dict]], path: Path) -> None:
 
 def plot_training_entropy(history: dict[int, list[dict]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    for layer, records in sorted(history.items()):
+    for layer, records in sorted(history.items(), key=layer_order):
         ax.plot([r["step"] for r in records], [r["entropy"] for r in records], label=f"layer {layer}")
     ax.set(xlabel="step", ylabel="gate entropy / ln E", ylim=(0, 1.05), title="routing entropy over training")
     ax.legend(fontsize=7)

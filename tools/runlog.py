@@ -222,11 +222,14 @@ class RunLog:
             return [f"{where}holds {self.runs_in_file} runs; read the last one (from line {self.first_line})"]
         return []
 
-    def moe_history(self) -> dict[int, list[dict]]:
-        """layer -> its routing records in step order."""
+    def moe_history(self) -> dict[int | str, list[dict]]:
+        """layer (or "layer pass p") -> its routing records in step order."""
         history: dict[int, list[dict]] = {}
-        for record in self.moe:
-            history.setdefault(record["layer"], []).append(record)
+        for record in self.moe:  # a layer with one router per pass of the loop: one series per pass
+            key = (
+                record["layer"] if record.get("pass") is None else f"{record['layer']} pass {record['pass']}"
+            )
+            history.setdefault(key, []).append(record)
         return history
 
     def summary(self) -> dict:
@@ -331,6 +334,8 @@ def _moe(line: str, step: int) -> dict:
     """A `moe layer:` telemetry line of our text log, by its key:value pairs."""
     kv = dict(KEY_VALUE.findall(line[len("moe ") :]))
     record = dict(layer=int(kv.get("layer", -1)), step=step)
+    if "pass" in kv:
+        record["pass"] = int(kv["pass"])
     if "load" in kv:
         record["load"] = [float(v) for v in kv["load"].split(",") if v]
     for key, name in (
