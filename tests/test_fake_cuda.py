@@ -25,6 +25,15 @@ MATRIX = [
     {"MOE_MODE": "topk", "TOP_K": "2", "MOE_DISPATCH": "capacity"},
     {"MOE_MODE": "shared_routed", "MOE_DISPATCH": "grouped"},
     {"MOE_MODE": "shared_routed", "MOE_DISPATCH": "capacity"},
+    # Per-pass routers in the looped layers only (the rest dense), soft and routed.
+    {"MOE_MODE": "soft", "MOE_LAYERS": "3,4,5", "ROUTER_PER_PASS": "1"},
+    {
+        "MOE_MODE": "topk",
+        "TOP_K": "2",
+        "MOE_DISPATCH": "grouped",
+        "MOE_LAYERS": "3,4,5",
+        "ROUTER_PER_PASS": "1",
+    },
 ]
 MATMULS = {"aten.mm.default", "aten.bmm.default", "aten.addmm.default", "aten._grouped_mm.default"}
 

@@ -41,7 +41,7 @@ def tokens(batch=2, length=32, seed=1):
 def single_router_twin(model, h, pass_index=0):
     """The same network with one router per layer (ROUTER_PER_PASS=0), every router = `pass_index`'s."""
     twin_h = tg.load_config({**PER_PASS_ENV, "ROUTER_PER_PASS": "0", "MOE_MODE": h.moe_mode})
-    twin = tg.GPT(twin_h)
+    twin = tg.GPT(tg.model_config(twin_h))
     state = {
         name: (t[pass_index] if "router" in name and t.ndim > twin.state_dict()[name].ndim else t)
         for name, t in model.state_dict().items()
@@ -56,7 +56,7 @@ def single_router_twin(model, h, pass_index=0):
 @pytest.mark.parametrize("mode", ROUTED_MODES)
 def test_one_router_per_pass_in_looped_moe_layers_only(mode):
     h = per_pass_config(MOE_MODE=mode, MOE_LAYERS="0,1,2")
-    model = tg.GPT(h)
+    model = tg.GPT(tg.model_config(h))
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if "router" in n}
     assert shapes == {
         "blocks.0.mlp.router_weight": (4, 64),  # outside the loop: one router
@@ -68,7 +68,7 @@ def test_one_router_per_pass_in_looped_moe_layers_only(mode):
         router = model.blocks[layer].mlp.router_weight
         assert all(torch.equal(router[p], router[0]) for p in range(3))
         assert (router.abs().sum() == 0) == (mode == "soft")
-    single = tg.GPT(per_pass_config(MOE_MODE=mode, MOE_LAYERS="0,1,2", ROUTER_PER_PASS=0))
+    single = tg.GPT(tg.model_config(per_pass_config(MOE_MODE=mode, MOE_LAYERS="0,1,2", ROUTER_PER_PASS=0)))
     extra = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in single.parameters())
     assert extra == 2 * 2 * 4 * 64  # two looped MoE layers x two extra routers; the experts are shared
 
@@ -76,7 +76,7 @@ def test_one_router_per_pass_in_looped_moe_layers_only(mode):
 @pytest.mark.parametrize("mode", ROUTED_MODES)
 def test_identical_passes_equal_one_router_and_different_routers_differ(mode):
     h = per_pass_config(MOE_MODE=mode)
-    model = randomised(tg.GPT(h)).eval()
+    model = randomised(tg.GPT(tg.model_config(h))).eval()
     with torch.no_grad():  # pass routers equal, as at initialisation
         for layer in (1, 2):
             router = model.blocks[layer].mlp.router_weight
@@ -93,7 +93,7 @@ def test_identical_passes_equal_one_router_and_different_routers_differ(mode):
 
 @pytest.mark.parametrize("mode", ROUTED_MODES)
 def test_gradient_reaches_each_passes_router_only_on_its_pass(mode):
-    moe = randomised(tg.GPT(per_pass_config(MOE_MODE=mode))).blocks[1].mlp
+    moe = randomised(tg.GPT(tg.model_config(per_pass_config(MOE_MODE=mode)))).blocks[1].mlp
     x = torch.randn(64, 64)
     for p in range(3):
         moe.zero_grad()
@@ -101,7 +101,7 @@ def test_gradient_reaches_each_passes_router_only_on_its_pass(mode):
         grad = moe.router_weight.grad
         assert grad[p].abs().sum() > 0
         assert all(grad[q].abs().sum() == 0 for q in range(3) if q != p)
-    model = randomised(tg.GPT(per_pass_config(MOE_MODE=mode)))
+    model = randomised(tg.GPT(tg.model_config(per_pass_config(MOE_MODE=mode))))
     loss, _ = model(tokens(), tokens(seed=2))  # the loop off (before the switch): passes 1, 2 get nothing
     loss.backward()
     grad = model.blocks[1].mlp.router_weight.grad
@@ -109,7 +109,7 @@ def test_gradient_reaches_each_passes_router_only_on_its_pass(mode):
 
 
 def test_telemetry_and_balancing_bias_per_pass():
-    model = randomised(tg.GPT(per_pass_config(MOE_MODE="topk")))
+    model = randomised(tg.GPT(tg.model_config(per_pass_config(MOE_MODE="topk"))))
     model.set_looping(True)
     with torch.no_grad():
         model.blocks[1].mlp.router_bias[1, 3] = 1e4  # pass 1 of layer 1 sends every token to expert 3
@@ -127,7 +127,7 @@ def test_telemetry_and_balancing_bias_per_pass():
 
 def test_gptq_weights_each_passes_tokens_by_its_own_gates():
     """Pass p of layer 1 sends every token to expert p: experts 0-2 get Hessians, expert 3 none."""
-    model = randomised(tg.GPT(per_pass_config(MOE_MODE="topk")))
+    model = randomised(tg.GPT(tg.model_config(per_pass_config(MOE_MODE="topk"))))
     model.set_looping(True)
     with torch.no_grad():
         for p in range(3):
@@ -139,7 +139,7 @@ def test_gptq_weights_each_passes_tokens_by_its_own_gates():
 
 def test_per_pass_routers_survive_the_artifact_bit_exact(tmp_path):
     h = per_pass_config(MOE_MODE="topk", ZSTD_LEVEL=1)
-    model = randomised(tg.GPT(h))
+    model = randomised(tg.GPT(tg.model_config(h)))
     model.set_looping(True)
     with torch.no_grad():
         for layer in (1, 2):
@@ -183,7 +183,7 @@ def test_routing_analysis_reports_and_plots_each_pass(tmp_path):
     import routing_analysis
 
     h = per_pass_config(MOE_MODE="topk", ZSTD_LEVEL=1)
-    model = randomised(tg.GPT(h))
+    model = randomised(tg.GPT(tg.model_config(h)))
     model.set_looping(True)
     with torch.no_grad():
         for p in range(3):
@@ -213,7 +213,7 @@ def test_routing_analysis_reports_and_plots_each_pass(tmp_path):
 
 def test_expert_bits_reach_the_grid_the_preview_and_the_fit_ladder(tiny_config):
     h6, h4 = (tiny_config(MOE_MODE="shared_routed", EXPERT_BITS=b, MLP_MULT=4) for b in (6, 4))
-    model = tg.GPT(h6)
+    model = tg.GPT(tg.model_config(h6))
     assert tg.storage_grid("blocks.0.mlp.up", model.blocks[0].mlp.up, h4)[0] == 4
     shared = model.blocks[0].mlp.shared.fc.weight  # the shared MLP is not an expert: MATRIX_BITS
     assert tg.storage_grid("blocks.0.mlp.shared.fc.weight", shared, h4)[0] == 6
@@ -251,7 +251,7 @@ def test_straight_through_gradient_is_the_gradient_at_the_quantized_weights(tiny
     trainer = tg.Trainer(h, 0, 1, torch.device("cpu"), lambda msg: None)
     model = randomised(trainer.model, std=0.1)
     x, y = tokens(), tokens(seed=2)
-    reference = tg.GPT(h)
+    reference = tg.GPT(tg.model_config(h))
     reference.load_state_dict(model.state_dict())
     with torch.no_grad():  # the reference holds the export grid's weights as its own
         for name, p in reference.named_parameters():
