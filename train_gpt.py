@@ -92,7 +92,7 @@ KNOBS: dict[str, tuple[type, object]] = {
     "BIGRAM_VOCAB_SIZE": (int, 0),
     "BIGRAM_DIM": (int, 128),
     "SMEAR_GATE": (bool, True),
-    # the April-2026 record stack (issue 10): attention variants, parallel lanes, depth recurrence
+    # the April-2026 record stack: attention variants, parallel lanes, depth recurrence
     "XSA_LAST_N": (int, 11),
     "LN_SCALE": (bool, True),
     "PARALLEL_START_LAYER": (int, 8),
@@ -139,7 +139,7 @@ KNOBS: dict[str, tuple[type, object]] = {
     "GRAD_CLIP_NORM": (float, 0.3),
     # weight averaging: unset = a horizon of EMA_RUN_HORIZON of the run; a number = per-step decay; 0 = off
     "EMA_DECAY": (float, None),
-    # quantization and the artifact (issue 11: GPTQ, SDClip, LQER, compressors)
+    # quantization and the artifact: GPTQ, SDClip, LQER, compressors
     "QUANT_METHOD": (str, "gptq"),
     "GPTQ_RESERVE_SECONDS": (float, 5.0),
     "GPTQ_CALIBRATION_BATCHES": (int, 16),
@@ -167,7 +167,7 @@ KNOBS: dict[str, tuple[type, object]] = {
     "EVAL_STRIDE": (int, 64),
     "EVAL_SEQ_LEN": (int, 0),
     "EVAL_BATCH_SEQS": (int, 32),
-    # test-time training (score first, then adapt), evaluation-only runs (issue 12); the 1.0611 record's values
+    # test-time training (score first, then adapt), evaluation-only runs; the 1.0611 record's values
     "TTT_ENABLED": (bool, False),
     "TTT_LORA_RANK": (int, 80),
     "TTT_LORA_LR": (float, 1e-4),
@@ -242,7 +242,7 @@ MODEL_KNOBS = (
     "SPARSE_ATTN_GATE_SCALE",
     "GATE_WINDOW",
 )
-# ---- knob ranges (issue 8): every numeric knob's inclusive (low, high), checked first, naming the knob. 0 is the
+# ---- knob ranges: every numeric knob's inclusive (low, high), checked first, naming the knob. 0 is the
 # "unset" value (derived from other knobs) of MICRO_BATCH_TOKENS, EVAL_SEQ_LEN, ROPE_DIMS, EXPERT_HIDDEN, SHARED_HIDDEN.
 KNOB_LIMITS: dict[str, tuple[float, float]] = {
     **dict.fromkeys(
@@ -354,7 +354,7 @@ KNOB_LIMITS: dict[str, tuple[float, float]] = {
     "ZSTD_LEVEL": (1, 22),
     "BUDGET_MARGIN": (-1, 1),
 }
-# Knobs merged or renamed by the restructure (issue 9): a clear error instead of a silently ignored variable.
+# Knobs merged or renamed by an earlier restructure: a clear error instead of a silently ignored variable.
 REPLACED_KNOBS = {
     "BIGRAM_BUCKETS": "BIGRAM_VOCAB_SIZE",
     "MOE_START_LAYER": "MOE_LAYERS (a list of layers)",
@@ -2148,15 +2148,16 @@ def add_scores(
 
 def reduce_scores(sums: Tensor, token_losses: Tensor | None, world_size: int) -> tuple[float, float]:
     """(loss, tokens, bytes) sums of every rank -> (val_loss, val_bpb); per-token losses summed too."""
-    for t in [sums] + [token_losses] * (token_losses is not None) if world_size > 1 else []:
-        dist.all_reduce(t)  # per-token losses: each target was scored on one rank, zeros elsewhere
+    if world_size > 1:
+        dist.all_reduce(sums)
+        if token_losses is not None:
+            dist.all_reduce(token_losses)  # each target was scored on one rank, zeros elsewhere
     return (sums[0] / sums[1]).item(), (sums[0] / math.log(2) / sums[2]).item()
 
 
 # Test-time training (TTT): every chunk of a document is scored before any update that has seen it.
-LORA_ALPHA = (
-    144.0  # adapter output scale alpha / rank (the 1.0611 record's): the step size does not follow the rank
-)
+# Adapter output scale alpha / rank (the 1.0611 record's): the step size does not follow the rank.
+LORA_ALPHA = 144.0
 TTT_TARGETS = (
     "attn.c_q",
     "attn.c_k",
@@ -2172,12 +2173,9 @@ class TTTAdapters(nn.Module):
 
     def __init__(self, model: nn.Module, docs: int, rank: int):
         super().__init__()
-        gen, dim, self.enabled, self.scale = (
-            torch.Generator().manual_seed(0),
-            model.tok_emb.embedding_dim,
-            True,
-            LORA_ALPHA / rank,
-        )
+        gen = torch.Generator().manual_seed(0)
+        dim = model.tok_emb.embedding_dim
+        self.enabled, self.scale = True, LORA_ALPHA / rank
         targets = [
             m
             for n, m in model.named_modules()
@@ -2192,9 +2190,8 @@ class TTTAdapters(nn.Module):
             for n, _ in shapes
         )
         self.b = nn.ParameterList(torch.zeros(docs, n, rank) for _, n in shapes)
-        self.initial = copy.deepcopy(
-            self.to(model.tok_emb.weight).state_dict()
-        )  # every batch starts from here
+        # Every batch starts from here.
+        self.initial = copy.deepcopy(self.to(model.tok_emb.weight).state_dict())
         for i, m in enumerate(targets):
             m.register_forward_hook(
                 lambda _m, args, out, i=i: out + self.delta(i, args[0]) if self.enabled else out
@@ -2285,11 +2282,9 @@ def ttt_batch(
 
 def global_sgd(model: nn.Module, tokens: Tensor, end: int, h, device, rank: int, world: int) -> None:
     """SGD (cosine decay) on the base weights over tokens[:end + 1], all scored; gradients summed over ranks."""
-    S, chunk, params = (
-        h.eval_seq_len,
-        h.global_ttt_chunk_tokens,
-        list(model.requires_grad_(True).parameters()),
-    )
+    S, chunk = h.eval_seq_len, h.global_ttt_chunk_tokens
+    model.requires_grad_(True)
+    params = list(model.parameters())
     for p in params:
         p.grad = torch.zeros_like(p)  # every rank reduces every gradient, used or not
     opt = torch.optim.SGD(params, lr=h.global_ttt_lr, momentum=h.global_ttt_momentum)
@@ -2824,7 +2819,8 @@ class Trainer:
         """(elapsed ms, loss not finite, loss) over ranks: slowest clock, any, mean; queued, not waited for."""
         flags = torch.stack((torch.full_like(ce, elapsed_ms), (~torch.isfinite(ce)).float(), ce))
         if self.world > 1:
-            dist.all_gather(ranks := [torch.empty_like(flags) for _ in range(self.world)], flags)
+            ranks = [torch.empty_like(flags) for _ in range(self.world)]
+            dist.all_gather(ranks, flags)
             table = torch.stack(ranks)
             flags = torch.cat((table[:, :2].amax(0), table[:, 2].mean(0, keepdim=True)))
         done = torch.cuda.Event() if flags.is_cuda else None
@@ -3027,17 +3023,17 @@ def export_and_report(model: GPT, h, path: str, log, hessians: dict | None) -> N
 def check_ranks_in_sync(model: nn.Module, world: int, log) -> None:
     """Every rank must end with the same weights: float64 sums of every tensor, compared bit for bit."""
     names, tensors = zip(*artifact_state(model).items())
-    dist.all_gather(
-        ranks := [
-            torch.empty(len(names), dtype=torch.float64, device=tensors[0].device) for _ in range(world)
-        ],
-        torch.stack([t.detach().double().sum() for t in tensors]),
-    )
-    sums = torch.stack(ranks).cpu()
-    if differ := (sums.view(torch.int64) != sums[:1].view(torch.int64)).any(0).nonzero().flatten().tolist():
+    mine = torch.stack([t.detach().double().sum() for t in tensors])
+    ranks = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(ranks, mine)
+    sums = torch.stack(ranks).cpu()  # (world, tensors)
+    bits_differ = (sums.view(torch.int64) != sums[:1].view(torch.int64)).any(0)
+    differ = bits_differ.nonzero().flatten().tolist()
+    if differ:
+        by_rank = ", ".join(f"{v:.10g}" for v in sums[:, differ[0]].tolist())
         raise TrainingDiverged(
             f"ranks out of sync after training: {len(differ)} of {len(names)} tensors differ, first "
-            f"{names[differ[0]]} (sums by rank: {', '.join(f'{v:.10g}' for v in sums[:, differ[0]].tolist())})"
+            f"{names[differ[0]]} (sums by rank: {by_rank})"
         )
     log(f"ranks_in_sync:yes ranks:{world} tensors:{len(names)}")
 
@@ -3047,21 +3043,19 @@ def final_evaluation(
 ) -> None:
     """Plain, sliding-window and TTT evaluation of the read-back model; the last is the score. An invalid result
     (over the cap, non-finite stored tensors or score) marks its lines INVALID(...), then the run fails."""
-    total, bad = (
-        os.path.getsize(path) + code_bytes(),
-        [n for n, t in artifact_state(qmodel).items() if not t.isfinite().all()],
-    )
-    problems = (
-        [f"code + artifact {total} bytes > SIZE_CAP_BYTES={h.size_cap_bytes}"]
-        if total > h.size_cap_bytes
-        else []
-    ) + ([f"{len(bad)} stored tensors not finite ({', '.join(bad[:3])})"] if bad else [])
+    total = os.path.getsize(path) + code_bytes()
+    bad = [n for n, t in artifact_state(qmodel).items() if not t.isfinite().all()]
+    problems = []
+    if total > h.size_cap_bytes:
+        problems.append(f"code + artifact {total} bytes > SIZE_CAP_BYTES={h.size_cap_bytes}")
+    if bad:
+        problems.append(f"{len(bad)} stored tensors not finite ({', '.join(bad[:3])})")
     q_fn = maybe_compile(qmodel.logits, h, device)
-    modes = (
-        [("roundtrip", "plain", h.eval_seq_len)]
-        + [("sliding_window", "sliding", h.eval_stride)] * (h.eval_stride not in (0, h.eval_seq_len))
-        + [("ttt", "ttt", h.ttt_chunk_size)] * h.ttt_enabled
-    )
+    modes = [("roundtrip", "plain", h.eval_seq_len)]  # (line label, mode, stride)
+    if h.eval_stride not in (0, h.eval_seq_len):
+        modes.append(("sliding_window", "sliding", h.eval_stride))
+    if h.ttt_enabled:
+        modes.append(("ttt", "ttt", h.ttt_chunk_size))
     for label, mode, stride in modes:  # per-token losses of the last, score-defining evaluation
         losses = (
             torch.zeros(val_tokens.numel() - 1, device=device)

@@ -1,4 +1,4 @@
-"""Issue 8, sections 2 and 3: bad input fails before training, naming what is wrong; failed runs leave
+"""Bad input fails before training, naming what is wrong; failed runs leave
 nothing burned or overwritten; invalid results exit non-zero; ranks stay in sync; the GPU-path fixes."""
 
 import json

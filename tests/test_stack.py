@@ -1,4 +1,4 @@
-"""The April-2026 record stack (issue 10): one test per mechanism showing what it does, the MoE
+"""The April-2026 record stack: one test per mechanism showing what it does, the MoE
 compositions, the loop switch under torch.compile, DRY_RUN and the end-to-end tiny run."""
 
 import json

@@ -1,4 +1,4 @@
-"""Test-time training, evaluation-only runs and per-token losses (issue 12): legality first."""
+"""Test-time training, evaluation-only runs and per-token losses: legality first."""
 
 import copy
 import re
