@@ -495,7 +495,9 @@ def test_artifact_written_with_a_replaced_knob_fails_clearly(tiny_config, tmp_pa
     state = tg.artifact_state(tg.GPT(tg.model_config(h)))
     entries, _ = tg.quantize_state(state, h)
     config = {n: getattr(h, n.lower()) for n in tg.MODEL_KNOBS}
-    config["BIGRAM_BUCKETS"] = config.pop("BIGRAM_VOCAB_SIZE")  # as artifacts of the earlier knob names were written
+    config["BIGRAM_BUCKETS"] = config.pop(
+        "BIGRAM_VOCAB_SIZE"
+    )  # as artifacts of the earlier knob names were written
     blob = tg.serialize_artifact(entries, config, {n: list(t.shape) for n, t in state.items()}, "zstd", 1)
     (tmp_path / "old.ptz").write_bytes(blob)
     with pytest.raises(tg.ConfigError, match="BIGRAM_BUCKETS is no longer a knob: use BIGRAM_VOCAB_SIZE"):
