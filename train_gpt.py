@@ -243,7 +243,8 @@ MODEL_KNOBS = (
     "GATE_WINDOW",
 )
 # ---- knob ranges: every numeric knob's inclusive (low, high), checked first, naming the knob. 0 is the
-# "unset" value (derived from other knobs) of MICRO_BATCH_TOKENS, EVAL_SEQ_LEN, ROPE_DIMS, EXPERT_HIDDEN, SHARED_HIDDEN.
+# "unset" value (derived from other knobs) of MICRO_BATCH_TOKENS, EVAL_SEQ_LEN, ROPE_DIMS, EXPERT_HIDDEN,
+# SHARED_HIDDEN.
 KNOB_LIMITS: dict[str, tuple[float, float]] = {
     **dict.fromkeys(
         (
@@ -509,14 +510,16 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     if h.moe_mode != "none" and not h.expert_hidden:
         require(
             free_hidden > 0 and free_hidden % h.num_experts == 0,
-            f"NUM_EXPERTS={h.num_experts}: the parameter-matched expert size {free_hidden}/{h.num_experts} is not whole; set EXPERT_HIDDEN",
+            f"NUM_EXPERTS={h.num_experts}: the parameter-matched expert size {free_hidden}/{h.num_experts} "
+            "is not whole; set EXPERT_HIDDEN",
         )
     h.expert_mlp_hidden = h.expert_hidden or max(free_hidden // h.num_experts, 0)
     require(
         h.moe_mode in ("none", "soft")
         or h.moe_dispatch != "grouped"
         or h.model_dim % 8 == h.expert_mlp_hidden % 8 == 0,
-        f"MOE_DISPATCH=grouped needs MODEL_DIM={h.model_dim} and the expert width {h.expert_mlp_hidden} (EXPERT_HIDDEN) "
+        f"MOE_DISPATCH=grouped needs MODEL_DIM={h.model_dim} and the expert width {h.expert_mlp_hidden} "
+        "(EXPERT_HIDDEN) "
         "to be multiples of 8 (16-byte aligned rows); change them or use MOE_DISPATCH=capacity",
     )
     derive_quant_config(h, require)
@@ -527,7 +530,8 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     require(
         h.micro_batch_tokens % h.train_seq_len == 0 and h.micro_batch_tokens > 0,
         f"MICRO_BATCH_TOKENS="
-        f"{h.micro_batch_tokens}{h.micro_batch_source} is not a positive multiple of TRAIN_SEQ_LEN={h.train_seq_len}",
+        f"{h.micro_batch_tokens}{h.micro_batch_source} is not a positive multiple of "
+        f"TRAIN_SEQ_LEN={h.train_seq_len}",
     )
     h.eval_seq_len = h.eval_seq_len or h.train_seq_len
     require(
@@ -538,7 +542,8 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     derive_router_passes(h, require)
     require(
         h.global_ttt_chunk_tokens >= h.eval_seq_len,
-        f"GLOBAL_TTT_CHUNK_TOKENS={h.global_ttt_chunk_tokens}: must hold at least one EVAL_SEQ_LEN={h.eval_seq_len} sequence",
+        f"GLOBAL_TTT_CHUNK_TOKENS={h.global_ttt_chunk_tokens}: must hold at least one "
+        f"EVAL_SEQ_LEN={h.eval_seq_len} sequence",
     )
     require(
         not re.search(r"[/\\\s]", h.run_id) and not h.run_id.startswith("."),
@@ -569,13 +574,15 @@ def derive_stack(h: SimpleNamespace, require) -> None:
     if h.num_loops:
         require(
             h.loop_start <= h.loop_end < h.num_layers,
-            f"LOOP_START={h.loop_start}, LOOP_END={h.loop_end}: need 0 <= LOOP_START <= LOOP_END < NUM_LAYERS={h.num_layers}",
+            f"LOOP_START={h.loop_start}, LOOP_END={h.loop_end}: need 0 <= LOOP_START <= LOOP_END < "
+            f"NUM_LAYERS={h.num_layers}",
         )
     # Lanes run in decoder layers after the loop only, so a looped layer runs alike on every pass.
     first = max(h.num_layers // 2, h.loop_end + 1 if h.num_loops else 0)
     require(
         h.parallel_start_layer == 0 or h.parallel_start_layer >= first,
-        f"PARALLEL_START_LAYER={h.parallel_start_layer}: must be 0 (off) or at least {first} (decoder layers after the loop)",
+        f"PARALLEL_START_LAYER={h.parallel_start_layer}: must be 0 (off) or at least {first} (decoder "
+        "layers after the loop)",
     )
 
 
@@ -614,7 +621,8 @@ def derive_quant_config(h: SimpleNamespace, require) -> None:
     reserve = h.gptq_reserve_seconds if h.calibrate and h.max_wallclock_seconds > 0 else 0.0
     require(
         reserve < h.max_wallclock_seconds or not reserve,
-        f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds}: must be in [0, MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds})",
+        f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds}: must be in [0, "
+        f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds})",
     )
     h.train_wallclock_seconds = h.max_wallclock_seconds - reserve  # training stops early to calibrate in time
 
@@ -978,7 +986,8 @@ class BigramHash(nn.Module):
     def forward(self, idx: Tensor) -> Tensor:
         # Two large odd multipliers (1,000,003 is prime) spread (previous, current) pairs over the buckets.
         pair = (idx[:, :-1] * 92821) ^ (idx[:, 1:] * 1_000_003)
-        # The first position (no previous token) and a BOS (whose previous is another document's) get the last bucket.
+        # The first position (no previous token) and a BOS (whose previous is another document's) get the last
+        # bucket.
         first = torch.full_like(idx[:, :1], self.buckets - 1)
         bucket = torch.cat((first, pair % (self.buckets - 1)), dim=1).masked_fill(
             idx == BOS_ID, self.buckets - 1
@@ -1067,7 +1076,8 @@ class MoEBase(nn.Module):
         for matrix in self.up:  # Muon and the init treat every expert as its own matrix
             nn.init.orthogonal_(matrix)
         self.down.zero_()
-        # A zero router makes soft MoE start as the dense MLP; routed modes need distinct scores or every token ties.
+        # A zero router makes soft MoE start as the dense MLP; routed modes need distinct scores or every
+        # token ties.
         self.router_weight.normal_(0.0, self.router_init_std)
         if self.passes > 1:  # every pass starts with the same router (zero for soft MoE): passes start alike
             self.router_weight[1:] = self.router_weight[0]
@@ -1120,7 +1130,8 @@ class SoftMoE(MoEBase):
 
 
 class RoutedMoE(MoEBase):
-    """Top-k routing with static-shape dispatch: sort by expert + grouped_mm, or fixed capacity + bmm. Selection
+    """Top-k routing with static-shape dispatch: sort by expert + grouped_mm, or fixed capacity + bmm.
+    Selection
     may add the balancing bias; gates are unbiased scores, not renormalised (top-1 still trains the router).
     shared_routed adds a dense MLP that every token uses."""
 
@@ -1461,7 +1472,8 @@ def muon_dtype(t: Tensor) -> torch.dtype:
     return torch.bfloat16 if t.is_cuda else torch.float32  # CPUs without bf16 units are slow in bf16
 
 
-# Polar Express (Amsel et al., 2025), as the 1.0611 record: a minimax-optimal quintic per step; later steps repeat the last.
+# Polar Express (Amsel et al., 2025), as the 1.0611 record: a minimax-optimal quintic per step; later steps
+# repeat the last.
 POLAR_EXPRESS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -1703,7 +1715,8 @@ def packed_bits(q: Tensor) -> int:
 
 
 def quantize_matrix(w: Tensor, H: Tensor | None, bits: int, sigmas: float, zero: Tensor | None = None):
-    """-> (integers, fp16 row scales) of a 2-D matrix on its SDClip grid. With a Hessian, GPTQ: its step is widened
+    """-> (integers, fp16 row scales) of a 2-D matrix on its SDClip grid. With a Hessian, GPTQ: its step is
+    widened
     until it costs no more bytes than round-to-nearest, and the one with less output error is kept."""
     scale = sdclip_scale(w, bits, sigmas)
     q = round_to_grid(w, scale, bits, zero)
@@ -1824,7 +1837,8 @@ def serialize_artifact(
 ) -> bytes:
     """Compressor name, header length, CRC32, then compressed apart (a text header in front costs zstd ~10%)
     the header (magic, JSON: format, config, tensor table) and the data: the integers of one role (every
-    layer's attn.c_q, ...) side by side, then scales and LQER factors, then fp16. No compressor: quick zstd."""
+    layer's attn.c_q, ...) side by side, then scales and LQER factors, then fp16. No compressor: quick
+    zstd."""
     role = lambda name: ".".join(p for p in name.split(".") if not p.isdigit())  # noqa: E731
     parts = sorted(
         (2 if bits == 16 else min(j, 1), role(name), name, j, t.contiguous())
@@ -1990,7 +2004,8 @@ def export_artifact(
                 break
     if len(blob) > limit:
         log(
-            f"!!! ARTIFACT OVER THE CAP: {len(blob) + code_bytes} > {h.size_cap_bytes} bytes even after every fit step !!!"
+            f"!!! ARTIFACT OVER THE CAP: {len(blob) + code_bytes} > {h.size_cap_bytes} bytes even after "
+            "every fit step !!!"
         )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
@@ -2137,7 +2152,8 @@ def add_scores(
     target_index: Tensor,
     token_losses: Tensor | None,
 ) -> None:
-    """Adds the scored targets' (loss, count, bytes) to sums and their losses to token_losses[target_index]."""
+    """Adds the scored targets' (loss, count, bytes) to sums and their losses to
+    token_losses[target_index]."""
     mask = scored.double()
     sums += torch.stack(
         ((losses.double() * mask).sum(), mask.sum(), (target_bytes(x, y, tables) * mask).sum())
@@ -2168,8 +2184,10 @@ TTT_TARGETS = (
 
 
 class TTTAdapters(nn.Module):
-    """LoRA, one per document row, on the attention projections, around every MLP sub-layer (dense or any MoE mode)
-    and on the head. Forward hooks add a module's delta of its input to its output: the model has no TTT path."""
+    """LoRA, one per document row, on the attention projections, around every MLP sub-layer (dense or any MoE
+    mode)
+    and on the head. Forward hooks add a module's delta of its input to its output: the model has no TTT
+    path."""
 
     def __init__(self, model: nn.Module, docs: int, rank: int):
         super().__init__()
@@ -2184,7 +2202,8 @@ class TTTAdapters(nn.Module):
         shapes = [(getattr(m, "in_features", dim), getattr(m, "out_features", dim)) for m in targets] + [
             (dim, model.vocab_size)
         ]
-        # Every row starts from the same A (and B = 0, no change), so no document depends on its row, batch or rank.
+        # Every row starts from the same A (and B = 0, no change), so no document depends on its row, batch or
+        # rank.
         self.a = nn.ParameterList(
             ((2 * torch.rand(rank, n, generator=gen) - 1) / math.sqrt(n)).repeat(docs, 1, 1)
             for n, _ in shapes
@@ -2210,8 +2229,10 @@ class TTTAdapters(nn.Module):
 
 
 def ttt_schedule(tokens: Tensor, h) -> tuple[list[tuple[int, int]], list[tuple[list[list[int]], int]]]:
-    """-> documents (start, targets: to the next BOS, so TTT scores what plain evaluation scores) and phases in
-    stream order (batches, then SGD on the first N tokens), so no score at p depends on a token after p. A batch:
+    """-> documents (start, targets: to the next BOS, so TTT scores what plain evaluation scores) and phases
+    in
+    stream order (batches, then SGD on the first N tokens), so no score at p depends on a token after p. A
+    batch:
     similar lengths, rows in stream order (capacity dispatch favours earlier rows, i.e. earlier documents)."""
     starts = (tokens == BOS_ID).nonzero().flatten().tolist()
     starts = starts if starts and starts[0] == 0 else [0] + starts
@@ -2238,7 +2259,8 @@ def chunk_widths(longest: int, h) -> list[int]:
 
 
 def chunk_windows(tokens: Tensor, starts: Tensor, lens: Tensor, ci: int, width: int, h):
-    """Chunk ci of each row, in a window of up to EVAL_SEQ_LEN tokens ending at the chunk's end -> inputs, targets,
+    """Chunk ci of each row, in a window of up to EVAL_SEQ_LEN tokens ending at the chunk's end -> inputs,
+    targets,
     target index (position - 1; -1 = padding) and the targets it scores."""
     end = lens.clamp(max=(ci + 1) * h.ttt_chunk_size)
     ctx_start, j = (end - h.eval_seq_len).clamp(min=0), torch.arange(width)
@@ -2281,7 +2303,8 @@ def ttt_batch(
 
 
 def global_sgd(model: nn.Module, tokens: Tensor, end: int, h, device, rank: int, world: int) -> None:
-    """SGD (cosine decay) on the base weights over tokens[:end + 1], all scored; gradients summed over ranks."""
+    """SGD (cosine decay) on the base weights over tokens[:end + 1], all scored; gradients summed over
+    ranks."""
     S, chunk = h.eval_seq_len, h.global_ttt_chunk_tokens
     model.requires_grad_(True)
     params = list(model.parameters())
@@ -2322,7 +2345,8 @@ def ttt_evaluate(
     token_losses: Tensor | None = None,
     log=print,
 ) -> tuple[float, float]:
-    """Phased score-first TTT of `model` (its weights change; disabled adapter hooks stay) -> (val_loss, val_bpb)."""
+    """Phased score-first TTT of `model` (its weights change; disabled adapter hooks stay) -> (val_loss,
+    val_bpb)."""
     model.eval().requires_grad_(False)
     (docs, phases), tokens, tables = (
         ttt_schedule(tokens, h),
@@ -2464,7 +2488,8 @@ class Logger:
             for path in (stem + ".txt", stem + ".jsonl"):
                 if os.path.exists(path):
                     raise ConfigError(
-                        f"RUN_ID: {path} already exists; choose a new RUN_ID (runs never overwrite each other)"
+                        f"RUN_ID: {path} already exists; choose a new RUN_ID (runs never overwrite each "
+                        "other)"
                     )
             os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
             self.text = open(stem + ".txt", "x", encoding="utf-8")
@@ -2483,7 +2508,8 @@ class Logger:
             self.events.flush()
 
     def fail(self, err: BaseException) -> str | None:
-        """Writes the error into both logs; a failed start frees its RUN_ID (its logs become RUN_ID.failedN.*)."""
+        """Writes the error into both logs; a failed start frees its RUN_ID (its logs become
+        RUN_ID.failedN.*)."""
         if self.text is not None:
             print(
                 f"error: {str(err) or type(err).__name__}", file=self.text, flush=True
@@ -2539,7 +2565,8 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 class FlashLikeAttention(torch.autograd.Function):
-    """Causal attention's output for fake tensors, saving what flash attention saves for its backward (q, k, v,
+    """Causal attention's output for fake tensors, saving what flash attention saves for its backward (q, k,
+    v,
     the output, an fp32 log-sum-exp per row): which backend a GPU picks cannot be traced without one."""
 
     @staticmethod
@@ -2554,7 +2581,8 @@ class FlashLikeAttention(torch.autograd.Function):
 
 
 def fake_model(h, device) -> GPT:
-    """GPT(model_config(h)) whose parameters and buffers are fake tensors on `device` (call inside a FakeTensorMode): shapes
+    """GPT(model_config(h)) whose parameters and buffers are fake tensors on `device` (call inside a
+    FakeTensorMode): shapes
     and dtypes only, so any shape can be traced on any machine."""
     with torch.device("meta"):
         model = GPT(model_config(h))
@@ -2624,7 +2652,8 @@ def check_eager_memory(h, device: torch.device, world: int, log) -> None:
     if peak > total:
         rows = max(1, int(h.micro_batch_tokens / h.train_seq_len * total / peak))
         log(
-            f"WARNING eager_memory: MICRO_BATCH_TOKENS={h.micro_batch_tokens} is estimated not to fit without "
+            f"WARNING eager_memory: MICRO_BATCH_TOKENS={h.micro_batch_tokens} is estimated not to fit "
+            "without "
             f"torch.compile; use COMPILE=1 or MICRO_BATCH_TOKENS of at most ~{rows * h.train_seq_len}"
         )
 
@@ -2678,7 +2707,8 @@ class Trainer:
         )
 
     def progress(self, elapsed_ms: float) -> float:
-        """Fraction of the run done: the larger of steps / ITERATIONS and time / (MAX_WALLCLOCK_SECONDS - GPTQ reserve)."""
+        """Fraction of the run done: the larger of steps / ITERATIONS and time / (MAX_WALLCLOCK_SECONDS - GPTQ
+        reserve)."""
         by_time = (
             elapsed_ms / (1000 * self.h.train_wallclock_seconds) if self.h.max_wallclock_seconds > 0 else 0.0
         )
@@ -2816,7 +2846,8 @@ class Trainer:
             self.routing_totals = None
 
     def step_flags(self, ce: Tensor, elapsed_ms: float) -> tuple[Tensor, object]:
-        """(elapsed ms, loss not finite, loss) over ranks: slowest clock, any, mean; queued, not waited for."""
+        """(elapsed ms, loss not finite, loss) over ranks: slowest clock, any, mean; queued, not waited
+        for."""
         flags = torch.stack((torch.full_like(ce, elapsed_ms), (~torch.isfinite(ce)).float(), ce))
         if self.world > 1:
             ranks = [torch.empty_like(flags) for _ in range(self.world)]
@@ -2830,7 +2861,8 @@ class Trainer:
         return flags, done
 
     def read_flags(self, pending: tuple[Tensor, object], step: int, t0: float, peak, final: bool) -> float:
-        """The one wait per step, for step `step` (then complete on every rank): logs its line; -> agreed ms."""
+        """The one wait per step, for step `step` (then complete on every rank): logs its line;
+        -> agreed ms."""
         flags, done = pending
         if done is not None:
             done.synchronize()
@@ -2842,8 +2874,10 @@ class Trainer:
         return elapsed_ms
 
     def run(self, validate) -> None:
-        """The timed loop (`validate()` runs with the clock paused). Schedules, EMA and the stop follow the agreed
-        time of step N-1's flags, read after step N is launched, so every rank decides alike without waiting."""
+        """The timed loop (`validate()` runs with the clock paused). Schedules, EMA and the stop follow the
+        agreed
+        time of step N-1's flags, read after step N is launched, so every rank decides alike without
+        waiting."""
         h = self.h
         peak = peak_flops(self.device)
         stop, last_progress, agreed_ms, pending = False, 0.0, 0.0, None
@@ -2908,7 +2942,8 @@ def log_budget_preview(model: GPT, h, log) -> None:
         total_bytes=total,
     )
     log(
-        f"budget_preview: artifact ~{estimate} bytes ({', '.join(f'{k}:{v}' for k, v in sorted(per_class.items()))}) "
+        f"budget_preview: artifact ~{estimate} bytes "
+        f"({', '.join(f'{k}:{v}' for k, v in sorted(per_class.items()))}) "
         f"+ code {code_bytes()} = ~{total} of {h.size_cap_bytes} (slack ~{h.size_cap_bytes - total})"
     )
     refused = h.budget_margin >= 0 and total > h.size_cap_bytes * (1 + h.budget_margin)
@@ -2921,7 +2956,8 @@ def log_budget_preview(model: GPT, h, log) -> None:
     if refused:
         raise ConfigError(
             f"estimated artifact + code ~{total} bytes exceeds SIZE_CAP_BYTES={h.size_cap_bytes} by more "
-            f"than BUDGET_MARGIN={h.budget_margin}; shrink the model or lower MATRIX_BITS / EMBED_BITS, or set BUDGET_MARGIN=-1"
+            f"than BUDGET_MARGIN={h.budget_margin}; shrink the model or lower MATRIX_BITS / EMBED_BITS, or "
+            "set BUDGET_MARGIN=-1"
         )
 
 
@@ -2940,7 +2976,8 @@ def log_header(h, model: GPT, world: int, accum: int, device, val_tokens: Tensor
         grad_accum=accum,
     )
     log(
-        f"python {sys.version.split()[0]} torch {torch.__version__} device {device_name} world_size {world} grad_accum {accum}"
+        f"python {sys.version.split()[0]} torch {torch.__version__} device {device_name} world_size "
+        f"{world} grad_accum {accum}"
     )
     log(f"code_sha256:{code_sha} code_bytes:{code_bytes()}")
     log(
@@ -2991,7 +3028,8 @@ def dry_run(h) -> None:
     )  # the switch comes at a share of the wall clock
     steps = average * 8 * h.max_wallclock_seconds / h.train_batch_tokens
     log(
-        f"projection run_average tok/s_per_gpu:{average:.0f} steps_in_{h.max_wallclock_seconds:.0f}s:{steps:.0f} "
+        f"projection run_average tok/s_per_gpu:{average:.0f} "
+        f"steps_in_{h.max_wallclock_seconds:.0f}s:{steps:.0f} "
         f"(8xH100 at MFU {PROJECTED_MFU:.0%}, loops from {off_share:.0%} of the run; 1.0M tok/s needs MFU "
         f"{PROJECTED_MFU * 1e6 / average:.0%})"
     )
@@ -3005,7 +3043,8 @@ def export_and_report(model: GPT, h, path: str, log, hessians: dict | None) -> N
     log(f"Code size: {code_bytes()} bytes")
     log(f"Total submission size quant+zstd: {total} bytes")
     log(
-        f"size_check total:{total} cap:{h.size_cap_bytes} slack:{slack} {'OK' if slack >= 0 else 'OVER THE CAP'} "
+        f"size_check total:{total} cap:{h.size_cap_bytes} slack:{slack} "
+        f"{'OK' if slack >= 0 else 'OVER THE CAP'} "
         f"artifact:{os.path.abspath(path)} sha256:{digest}"
     )
     log.event(
@@ -3041,7 +3080,8 @@ def check_ranks_in_sync(model: nn.Module, world: int, log) -> None:
 def final_evaluation(
     qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: int, world: int, log, note: str, path: str
 ) -> None:
-    """Plain, sliding-window and TTT evaluation of the read-back model; the last is the score. An invalid result
+    """Plain, sliding-window and TTT evaluation of the read-back model; the last is the score. An invalid
+    result
     (over the cap, non-finite stored tensors or score) marks its lines INVALID(...), then the run fails."""
     total = os.path.getsize(path) + code_bytes()
     bad = [n for n, t in artifact_state(qmodel).items() if not t.isfinite().all()]
@@ -3170,7 +3210,8 @@ def check_eval_time(model: GPT, h, val_tokens: Tensor, log) -> None:
     seconds = sum(parts.values())
     if h.ttt_enabled:
         log(
-            f"ttt_projection: ~{parts['ttt']:.1f}s on 8xH100 for these {val_tokens.numel()} validation tokens "
+            f"ttt_projection: ~{parts['ttt']:.1f}s on 8xH100 for these {val_tokens.numel()} validation "
+            "tokens "
             f"(counted FLOPs at an assumed {100 * TTT_ASSUMED_MFU:.0f}% MFU "
             f"+ {GLOBAL_SGD_STEP_SECONDS}s per global SGD step)"
         )
@@ -3193,7 +3234,8 @@ def check_eval_time(model: GPT, h, val_tokens: Tensor, log) -> None:
 
 
 def load_eval_data(h, log=None) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, str]:
-    """-> byte tables, validation tokens and the note score lines carry when VAL_TOKEN_LIMIT cuts the split."""
+    """-> byte tables, validation tokens and the note score lines carry when VAL_TOKEN_LIMIT cuts
+    the split."""
     tables = byte_tables(load_tokenizer(h.tokenizer_path, h.vocab_size))
     val_tokens = load_val_tokens(h.data_path, h.vocab_size, h.val_token_limit)
     warning = check_tokenizer_identity(h.data_path, h.tokenizer_path)
@@ -3239,10 +3281,12 @@ def calibrate(trainer: Trainer, log) -> dict | None:
             Progress(log, "gptq calibration", n, "micro-batches"),
         )
     seconds = time.perf_counter() - t0
+    late = h.max_wallclock_seconds and seconds > h.gptq_reserve_seconds
+    over_reserve = "; WARNING: over the reserve" if late else ""
     for line in warnings + [
         f"gptq: Hessians of {len(hessians)} matrices from {n} x {h.micro_batch_tokens} training tokens x "
         f"{trainer.world} ranks in {seconds:.1f}s (reserve {h.gptq_reserve_seconds:.1f}s"
-        f"{'; WARNING: over the reserve' if h.max_wallclock_seconds and seconds > h.gptq_reserve_seconds else ''})"
+        f"{over_reserve})"
     ]:
         log(line)
     return hessians
@@ -3282,7 +3326,8 @@ def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logg
         model.train()
         if step is not None:
             log(
-                f"step:{step}/{h.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} train_time:{trainer.train_ms:.0f}ms "
+                f"step:{step}/{h.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
+                f"train_time:{trainer.train_ms:.0f}ms "
                 f"step_avg:{trainer.train_ms / max(step, 1):.2f}ms{note}"
             )
             log.event("val", step=step, val_loss=loss, val_bpb=bpb, train_time_ms=trainer.train_ms)
