@@ -14,13 +14,15 @@ import lzma
 import sys
 from pathlib import Path
 
-PREFIX = b'import lzma as L,base64 as B\nexec(compile(L.decompress(B.b85decode("'
-SUFFIX = b'")),__file__,"exec"))\n'
+try:  # imported as tools.selfextract, or run from tools/
+    from .common import import_trainer
+except ImportError:
+    from common import import_trainer
 
-
-def self_extracting(source: bytes) -> bytes:
-    """The wrapper of a script's bytes (lzma preset 9e, base85: no quotes or backslashes to escape)."""
-    return PREFIX + base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME)) + SUFFIX
+# The wrapper's format is the trainer's rule (its budget preview counts the wrapper's bytes); one place.
+_trainer = import_trainer()
+PREFIX, SUFFIX = _trainer.WRAPPER_PREFIX, _trainer.WRAPPER_SUFFIX
+self_extracting = _trainer.self_extracting
 
 
 def extracted_source(wrapper: bytes) -> bytes | None:
