@@ -427,8 +427,8 @@ def load_config(environ=None, **overrides) -> SimpleNamespace:
         if key in REPLACED_KNOBS and (env.get(key, "") != "" or key in overrides or key.lower() in overrides):
             raise ConfigError(f"{key} is no longer a knob: use {REPLACED_KNOBS[key]}")
         if key in FOREIGN_KNOBS and env.get(key, "") != "":
-            use = FOREIGN_KNOBS[key] or "nothing: this trainer has no equivalent"
-            raise ConfigError(f"{key} is another script's knob, not this trainer's: use {use}")
+            use = f"use {FOREIGN_KNOBS[key]}" if FOREIGN_KNOBS[key] else "it has no equivalent here"
+            raise ConfigError(f"{key} is another script's knob, not this trainer's: {use}")
         if key != key.upper() and key.upper() in KNOBS and env.get(key, "") != "":
             raise ConfigError(f"{key}: knob names are upper case; use {key.upper()}")
         if key not in KNOBS and key not in LAUNCHER_VARS:
