@@ -386,7 +386,9 @@ FOREIGN_KNOBS = {
     "ATTN_OUT_GATE_SRC": "GATE_WINDOW",
     "EMA_ENABLED": "EMA_DECAY (0 = off)",
     "WEIGHT_DECAY": "MUON_WD, ADAM_WD, EMBED_WD",
-    "CONTROL_TENSOR_NAME_PATTERNS": "FP16_KEEP_NAME_PATTERNS",
+    **dict.fromkeys(
+        ("CONTROL_TENSOR_NAME_PATTERNS", "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS"), "FP16_KEEP_NAME_PATTERNS"
+    ),
     "PHASED_TTT_ENABLED": "TTT_ENABLED",
     "TTT_EVAL_SEQ_LEN": "EVAL_SEQ_LEN",
     "TTT_LR": "TTT_LORA_LR or GLOBAL_TTT_LR",
@@ -403,7 +405,7 @@ FOREIGN_KNOBS = {
             "ROPE_YARN ROPE_TRAIN_SEQ_LEN PARALLEL_FINAL_LANE SWA_ENABLED SWA_EVERY SWA_START_FRAC "
             "LAWA_ENABLED LAWA_K LAWA_FREQ MUON_BETA2 QAT_ENABLED LATE_QAT_THRESHOLD MTP_NUM_HEADS "
             "MTP_LOSS_WEIGHT LQER_ASYM_ENABLED LQER_ASYM_GROUP FUSED_CE_ENABLED CASEOPS_ENABLED "
-            "VE_ENABLED VE_DIM VE_LAYERS VALUE_RESIDUAL DTG_ENABLED"
+            "VE_ENABLED VE_DIM VE_LAYERS VALUE_RESIDUAL DTG_ENABLED INT8_FULL_RANGE_PATTERNS"
         ).split(),
         "",
     ),
@@ -442,8 +444,8 @@ def load_config(environ=None, **overrides) -> SimpleNamespace:
         if key in REPLACED_KNOBS and (env.get(key, "") != "" or key in overrides or key.lower() in overrides):
             raise ConfigError(f"{key} is no longer a knob: use {REPLACED_KNOBS[key]}")
         if key in FOREIGN_KNOBS and env.get(key, "") != "":
-            use = FOREIGN_KNOBS[key] or "nothing: this trainer has no equivalent"
-            raise ConfigError(f"{key} is another script's knob, not this trainer's: use {use}")
+            use = f"use {FOREIGN_KNOBS[key]}" if FOREIGN_KNOBS[key] else "it has no equivalent here"
+            raise ConfigError(f"{key} is another script's knob, not this trainer's: {use}")
         if key != key.upper() and key.upper() in KNOBS and env.get(key, "") != "":
             raise ConfigError(f"{key}: knob names are upper case; use {key.upper()}")
         if key not in KNOBS and key not in LAUNCHER_VARS:
@@ -845,8 +847,7 @@ def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
 
 
 def check_tokenizer_identity(data_path: str, tokenizer_path: str) -> str | None:
-    """Another tokenizer of the same size scores silently wrong: TOKENIZER_PATH must match the sha256 in
-    DATA_PATH/manifest.json (data/ scripts write it). -> a warning when there is none."""
+    """Another tokenizer of the same size scores silently wrong: its sha256 must match DATA_PATH's."""
     manifest_path = os.path.join(data_path, "manifest.json")
     try:
         with open(manifest_path, encoding="utf-8") as f:
@@ -2399,7 +2400,7 @@ class TrainingDiverged(RuntimeError):
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C: the message says where the run stopped and where its logs are."""
+    """Ctrl-C, with where the run stopped."""
 
 
 PROGRESS_QUIET_SECONDS = 5.0  # a phase shorter than this prints only its start line
@@ -2724,7 +2725,7 @@ class Trainer:
         self.ema: EMA | None = None
         self.step, self.train_ms = 0, 0.0
         self.routing_totals: Tensor | None = None
-        # Step lines read step:N/ITERATIONS; when the wall clock stops the run first, they say so.
+        # step lines show the wall-clock stop
         self.stop_rule = (
             f" (stops at {h.train_wallclock_seconds:g}s or step {h.iterations}, whichever first)"
             if h.max_wallclock_seconds > 0
@@ -3280,7 +3281,7 @@ def evaluate_artifact(h, rank: int, world: int, device: torch.device, log: Logge
     for name in MODEL_KNOBS:  # the artifact defines the network: a differing model knob is said, not used
         if os.environ.get(name, "") != "" and getattr(h, name.lower()) != getattr(stored, name.lower()):
             log(
-                f"eval_only: ignoring {name}={os.environ[name]} from the environment: "
+                f"eval_only: ignoring {name}={os.environ[name]}: "
                 f"the artifact's network has {name}={getattr(stored, name.lower())}"
             )
     vars(h).update(

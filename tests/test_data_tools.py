@@ -7,6 +7,7 @@ os.environ["HF_HUB_OFFLINE"] = (
 )
 
 import gzip
+import hashlib
 import json
 import lzma
 import random
@@ -27,6 +28,7 @@ sys.path.insert(0, str(DATA_DIR))
 
 import build_shards as bs  # noqa: E402
 import cached_challenge_fineweb as ccf  # noqa: E402
+import train_gpt as tg  # noqa: E402
 
 VOCAB = 320
 VAL_DOCS = 6
@@ -510,6 +512,7 @@ def test_download_requests_exactly_the_needed_files(tmp_path, fake_hub, capsys):
         "datasets/fineweb10B_sp1024/fineweb_train_000000.bin",
         "datasets/fineweb10B_sp1024/fineweb_train_000001.bin",
         "datasets/fineweb10B_sp1024/fineweb_val_000000.bin",
+        "datasets/fineweb10B_sp1024/manifest.json",
         "datasets/manifest.json",
         "datasets/manifest.source.json",
         "tokenizers/fineweb_1024_bpe.model",
@@ -517,6 +520,12 @@ def test_download_requests_exactly_the_needed_files(tmp_path, fake_hub, capsys):
     ]
     record = json.loads((tmp_path / "datasets/manifest.source.json").read_text(encoding="utf-8"))
     assert record == {"repo_id": "willdepueoai/parameter-golf", "remote_root": "datasets"}
+    # the shard folder names the export's tokenizer: the trainer checks TOKENIZER_PATH against it
+    identity = json.loads((tmp_path / "datasets/fineweb10B_sp1024/manifest.json").read_text(encoding="utf-8"))
+    model = tmp_path / "tokenizers/fineweb_1024_bpe.model"
+    assert identity["tokenizer"] == model.name
+    assert identity["tokenizer_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert tg.check_tokenizer_identity(str(tmp_path / "datasets/fineweb10B_sp1024"), str(model)) is None
     assert "downloaded 6 file(s), skipped 0" in capsys.readouterr().out
 
 
@@ -616,6 +625,7 @@ def test_sp8192_comes_from_the_named_repository_in_the_records_layout(tmp_path, 
         "datasets/fineweb10B_sp8192/fineweb_train_000000.bin",
         "datasets/fineweb10B_sp8192/fineweb_train_000001.bin",
         "datasets/fineweb10B_sp8192/fineweb_val_000000.bin",
+        "datasets/fineweb10B_sp8192/manifest.json",
         "datasets/manifest.json",
         "datasets/manifest.source.json",
         "tokenizers/fineweb_8192_bpe.model",

@@ -241,7 +241,10 @@ def finished(run: proxy_study.Run, logs: Path) -> dict | None:
     if row["status"] != "ok":
         return None
     config = runlog.read(logs / f"{run.run_id}.txt").config or {}
-    differ = [k for k, v in arm_env(run).items() if k not in config or not same_knob(config[k], v)]
+    planned = dict(arm_env(run))
+    if "XSA_LAST_N" in planned and "NUM_LAYERS" in config:  # the trainer records the layers XSA runs in
+        planned["XSA_LAST_N"] = str(min(int(planned["XSA_LAST_N"]), int(config["NUM_LAYERS"])))
+    differ = [k for k, v in planned.items() if k not in config or not same_knob(config[k], v)]
     if differ:
         shown = ", ".join(f"{k}={config.get(k)!r} (planned {run.env[k]})" for k in differ[:6])
         raise StudyError(
