@@ -190,3 +190,12 @@ def test_dense_parameter_count_from_the_script():
     # tied 1024 x 64 embedding + 3 blocks of attention (64x64 q, o; 64x32 k, v) and a 64 -> 256 -> 64 MLP
     matrices = 1024 * 64 + 3 * (2 * 64 * 64 + 2 * 64 * 32 + 2 * 64 * 256)
     assert matrices < params < matrices * 1.05
+
+
+def test_holm_family_is_the_plans_six_design_comparisons():
+    assert len(moe_regime.HOLM_FAMILY) == 6
+    assert "soft4_qat_tpp100 vs dense_qat" in moe_regime.HOLM_FAMILY
+    assert "perpass_tpp100 vs perpass_control" not in moe_regime.HOLM_FAMILY  # attribution, reported apart
+    for key in moe_regime.HOLM_FAMILY:  # every member is a declared control of a declared arm
+        config, control = key.split(" vs ")
+        assert control in moe_regime.ARMS[moe_regime.arm_of(config)].controls
