@@ -26,7 +26,9 @@ SIMULATIONS = 400_000
 manifest = json.loads((Path(__file__).parent / "manifest.json").read_text())
 dense = np.array(manifest["arms"]["dense"]["val_bpb"])
 soft = np.array(manifest["arms"]["soft4"]["val_bpb"])
-assert manifest["arms"]["dense"]["seeds"] == manifest["arms"]["soft4"]["seeds"] == [1337, 1338, 1339, 1340, 1341]
+assert (
+    manifest["arms"]["dense"]["seeds"] == manifest["arms"]["soft4"]["seeds"] == [1337, 1338, 1339, 1340, 1341]
+)
 
 
 def p_worse(arm, base, axis=-1):
@@ -44,6 +46,8 @@ stopped = p1 < ALPHA
 reported = np.where(stopped, p1, p5)
 print(f"observed: 3-seed p {p_stage1:.4f}, 5-seed p {p_all:.4f} (one-sided Welch, soft4 worse than dense)")
 print(f"two-stage p (ordered by the reported p): {(reported <= p_all).mean():.4f}")
-print(f"two-stage p (stagewise ordering, the strictest): {stopped.mean() + (~stopped & (p5 <= p_all)).mean():.4f}")
+print(
+    f"two-stage p (stagewise ordering, the strictest): {stopped.mean() + (~stopped & (p5 <= p_all)).mean():.4f}"
+)
 print(f"type-I error of the two-stage procedure at {ALPHA}: {(reported < ALPHA).mean():.4f}")
 print(f"({SIMULATIONS:,} simulations, seed 0)")
