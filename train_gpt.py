@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import difflib
 import functools
 import glob
@@ -19,12 +20,14 @@ import json
 import lzma
 import math
 import os
+import re
 import shutil
 import struct
 import subprocess
 import sys
 import time
 import zlib
+from dataclasses import dataclass, fields
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -35,9 +38,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import zstandard
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-# ---- 1. Hyperparameters: every knob is an environment variable (documented in README.md) ---------
+# ---- 1. Hyperparameters: every knob is an environment variable (documented in docs/knobs.md) ------
 CHOICES = {
     "COMPILE": ("auto", "0", "1"),
     "MLP_ACT": ("relu2", "leaky_relu2"),
@@ -61,6 +66,7 @@ KNOBS: dict[str, tuple[type, object]] = {
     "VAL_TOKEN_LIMIT": (int, 0),
     "COMPILE": (str, "auto"),
     "DRY_RUN": (bool, False),
+    "ALLOW_CPU_DISTRIBUTED": (bool, False),
     # run length and schedules (fractions of the run, so short runs are miniatures of long ones)
     "ITERATIONS": (int, 20000),
     "MAX_WALLCLOCK_SECONDS": (float, 600.0),
@@ -348,6 +354,48 @@ REPLACED_KNOBS = {
     "LR_WARMUP_FRAC": "nothing (no LR warm-up)",
     **{f"QUANT_BITS_{c}": "MATRIX_BITS / EMBED_BITS" for c in ("MLP", "ATTN", "EMBED", "BIGRAM")},
 }
+# Knob names of the challenge baseline and the records that this trainer reads under another name ("" = has
+# no equivalent): setting one is an error naming ours, never a silently ignored variable.
+FOREIGN_KNOBS = {
+    "WARMDOWN_ITERS": "WARMDOWN_FRAC (a fraction of the run)",
+    "MUON_MOMENTUM_WARMUP_STEPS": "MUON_MOMENTUM_WARMUP_FRAC (a fraction of the run)",
+    **dict.fromkeys(("VAL_BATCH_SIZE", "VAL_BATCH_TOKENS", "SW_EVAL_BATCH"), "EVAL_BATCH_SEQS"),
+    "SLIDING_WINDOW_ENABLED": "EVAL_STRIDE (0 = plain windows)",
+    "VAL_DOC_FRACTION": "VAL_TOKEN_LIMIT",
+    "DATA_DIR": "DATA_PATH and TOKENIZER_PATH",
+    "ARTIFACT_DIR": "LOG_DIR or ARTIFACT_PATH",
+    "EVAL_ONLY_PATH": "EVAL_ONLY=1 ARTIFACT_PATH=...",
+    "TTT_EVAL_ONLY": "EVAL_ONLY=1",
+    "EMBEDDING_DIM": "MODEL_DIM",
+    "SMEAR_GATE_ENABLED": "SMEAR_GATE",
+    **dict.fromkeys(
+        ("GATED_ATTENTION", "GATED_ATTN_ENABLED", "ATTN_OUT_GATE_ENABLED"), "SPARSE_ATTN_GATE_ENABLED"
+    ),
+    "ATTN_OUT_GATE_SRC": "GATE_WINDOW",
+    "EMA_ENABLED": "EMA_DECAY (0 = off)",
+    "WEIGHT_DECAY": "MUON_WD, ADAM_WD, EMBED_WD",
+    "CONTROL_TENSOR_NAME_PATTERNS": "FP16_KEEP_NAME_PATTERNS",
+    "PHASED_TTT_ENABLED": "TTT_ENABLED",
+    "TTT_EVAL_SEQ_LEN": "EVAL_SEQ_LEN",
+    "TTT_LR": "TTT_LORA_LR or GLOBAL_TTT_LR",
+    "TTT_CHUNK_TOKENS": "TTT_CHUNK_SIZE or GLOBAL_TTT_CHUNK_TOKENS",
+    "TTT_BATCH_SEQS": "TTT_BATCH_SIZE",
+    "GLOBAL_TTT_BATCH_SEQS": "GLOBAL_TTT_CHUNK_TOKENS",
+    **{f"TTT_{k}": f"GLOBAL_TTT_{k}" for k in ("MOMENTUM", "EPOCHS", "GRAD_CLIP")},
+    **dict.fromkeys(
+        (
+            "PREQUANT_ONLY GATED_ATTN_INIT_STD SPARSE_ATTN_GATE_INIT_STD GATED_ATTN_QUANT_GATE "
+            "SKIP_GATES_ENABLED TTT_LORA_ALPHA TTT_K_LORA TTT_O_LORA TTT_MLP_LORA TTT_OPTIMIZER "
+            "TTT_FREEZE_BLOCKS TTT_WARM_START_A TTT_EVAL_BATCHES TTT_OUTPUT_DIR TTT_DEBUG_BYPASS "
+            "GLOBAL_TTT_WARMUP_START_LR GLOBAL_TTT_WARMUP_CHUNKS GLOBAL_TTT_RESPECT_DOC_BOUNDARIES "
+            "ROPE_YARN ROPE_TRAIN_SEQ_LEN PARALLEL_FINAL_LANE SWA_ENABLED SWA_EVERY SWA_START_FRAC "
+            "LAWA_ENABLED LAWA_K LAWA_FREQ MUON_BETA2 QAT_ENABLED LATE_QAT_THRESHOLD MTP_NUM_HEADS "
+            "MTP_LOSS_WEIGHT LQER_ASYM_ENABLED LQER_ASYM_GROUP FUSED_CE_ENABLED CASEOPS_ENABLED "
+            "VE_ENABLED VE_DIM VE_LAYERS VALUE_RESIDUAL DTG_ENABLED"
+        ).split(),
+        "",
+    ),
+}
 # Launcher variables that are not knobs but look like them.
 LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
@@ -381,6 +429,11 @@ def load_config(environ=None, **overrides) -> SimpleNamespace:
     for key in [*env, *(k.upper() for k in overrides)]:  # overrides: e.g. the knobs an artifact stores
         if key in REPLACED_KNOBS and (env.get(key, "") != "" or key in overrides or key.lower() in overrides):
             raise ConfigError(f"{key} is no longer a knob: use {REPLACED_KNOBS[key]}")
+        if key in FOREIGN_KNOBS and env.get(key, "") != "":
+            use = FOREIGN_KNOBS[key] or "nothing: this trainer has no equivalent"
+            raise ConfigError(f"{key} is another script's knob, not this trainer's: use {use}")
+        if key != key.upper() and key.upper() in KNOBS and env.get(key, "") != "":
+            raise ConfigError(f"{key}: knob names are upper case; use {key.upper()}")
         if key not in KNOBS and key not in LAUNCHER_VARS:
             close = difflib.get_close_matches(key, list(KNOBS), n=1, cutoff=0.9)
             if close:
@@ -477,6 +530,10 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
         f"GLOBAL_TTT_CHUNK_TOKENS={h.global_ttt_chunk_tokens}: must hold at least one EVAL_SEQ_LEN={h.eval_seq_len} sequence",
     )
     require(
+        not re.search(r"[/\\\s]", h.run_id) and not h.run_id.startswith("."),
+        f"RUN_ID={h.run_id!r}: must be a file name in LOG_DIR (no '/', '\\', spaces or leading '.')",
+    )
+    require(
         not h.eval_only or os.path.isfile(h.artifact_path),
         f"EVAL_ONLY=1 needs ARTIFACT_PATH to name an existing artifact (ARTIFACT_PATH={h.artifact_path!r})",
     )
@@ -494,6 +551,7 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
 
 def derive_stack(h: SimpleNamespace, require) -> None:
     """Checks of the record-stack knobs that KNOB_LIMITS cannot express."""
+    h.xsa_last_n = min(h.xsa_last_n, h.num_layers)  # the config line shows the layers XSA really runs in
     require(
         h.gate_window <= h.model_dim, f"GATE_WINDOW={h.gate_window}: must be in 1..MODEL_DIM={h.model_dim}"
     )
@@ -536,6 +594,58 @@ def grad_accum_steps(h: SimpleNamespace, world_size: int) -> int:
     return h.train_batch_tokens // per_step
 
 
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network's contract: what the model classes receive, and all they receive. Built from the
+    knobs an artifact stores plus the values derived from them, so a reloaded model is rebuilt alike."""
+
+    vocab_size: int
+    num_layers: int
+    model_dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_hidden: int  # the dense MLP's hidden width (MLP_MULT x MODEL_DIM)
+    mlp_act: str
+    rope_dims: int
+    rope_base: float
+    qk_gain_init: float
+    logit_softcap: float
+    tie_embeddings: bool
+    tied_embed_init_std: float
+    bigram_vocab_size: int
+    bigram_dim: int
+    smear_gate: bool
+    xsa_last_n: int
+    ln_scale: bool
+    sparse_attn_gate_enabled: bool
+    sparse_attn_gate_scale: float
+    gate_window: int
+    parallel_start_layer: int
+    num_loops: int
+    loop_start: int
+    loop_end: int
+    moe_mode: str
+    moe_layer_ids: tuple[int, ...]  # the layers whose MLP is an MoE (empty with MOE_MODE=none)
+    num_experts: int
+    top_k: int
+    expert_mlp_hidden: int
+    shared_mlp_hidden: int
+    router_score: str
+    moe_dispatch: str
+    capacity_factor: float
+    # The routers' training terms: applied inside the MoE layers, where the routing they shape lives.
+    router_noise: float
+    router_z_coef: float
+    moe_aux_loss_coef: float
+
+
+def model_config(h: SimpleNamespace) -> ModelConfig:
+    """The model contract of a checked run configuration (load_config's result)."""
+    values = {f.name: getattr(h, f.name) for f in fields(ModelConfig)}
+    return ModelConfig(**{**values, "moe_layer_ids": tuple(h.moe_layer_ids)})
+
+
 # ---- 2. Data: challenge shards (256 x int32 header, then uint16 tokens), loaders, tokenizer bytes ----
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
 MAX_VOCAB_SIZE = 65536  # token ids are stored as uint16
@@ -576,11 +686,17 @@ def read_shard(path: str) -> np.ndarray:
     )
 
 
+def check_token_range(path: str, tokens: np.ndarray, vocab_size: int) -> np.ndarray:
+    if (top := int(tokens.max(initial=0))) >= vocab_size:
+        raise DataError(f"{path}: token id {top} is outside VOCAB_SIZE={vocab_size}")
+    return tokens
+
+
 def check_shards(files: list[str], vocab_size: int) -> list[str]:
-    """Every shard's header, size and token ids, at start-up (one pass over memory-mapped tokens each)."""
+    """Every shard's header and size at start-up, without reading tokens: the token ids of a shard are
+    checked when it is first loaded (check_token_range)."""
     for path in files:
-        if (top := int(read_shard(path).max(initial=0))) >= vocab_size:
-            raise DataError(f"{path}: token id {top} is outside VOCAB_SIZE={vocab_size}")
+        shard_token_count(path)
     return files
 
 
@@ -599,19 +715,28 @@ def shard_files(data_path: str, split: str) -> list[str]:
 class TokenStream:
     """The training shards read in sorted order, wrapping around; its position can be saved."""
 
-    def __init__(self, files: list[str]):
+    def __init__(self, files: list[str], vocab_size: int = MAX_VOCAB_SIZE):
         bad = [f for f in files if "_val_" in os.path.basename(f)]
         if bad:
             raise DataError(f"{bad[0]}: a validation shard must never feed training")
         self.files, self.file_idx, self.pos = files, 0, 0
-        self.tokens = read_shard(files[0])
+        self.vocab_size, self.checked = vocab_size, set()
+        self.tokens = self.load(0)
+
+    def load(self, idx: int) -> np.ndarray:
+        """Shard idx, memory-mapped; its token ids are checked the first time it is loaded."""
+        tokens = read_shard(self.files[idx])
+        if idx not in self.checked:
+            check_token_range(self.files[idx], tokens, self.vocab_size)
+            self.checked.add(idx)
+        return tokens
 
     def state(self) -> tuple[int, int]:
         return self.file_idx, self.pos
 
     def restore(self, state: tuple[int, int]) -> None:
         if state[0] != self.file_idx:
-            self.tokens = read_shard(self.files[state[0]])
+            self.tokens = self.load(state[0])
         self.file_idx, self.pos = state
 
     def take(self, n: int) -> np.ndarray:
@@ -619,7 +744,7 @@ class TokenStream:
         while n > 0:
             if self.pos >= len(self.tokens):
                 self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens, self.pos = read_shard(self.files[self.file_idx]), 0
+                self.tokens, self.pos = self.load(self.file_idx), 0
             part = self.tokens[self.pos : self.pos + n]
             parts.append(part)
             self.pos += len(part)
@@ -630,8 +755,10 @@ class TokenStream:
 class TrainLoader:
     """Each optimizer step reads one global span; rank r's micro-step m gets piece m*world + r."""
 
-    def __init__(self, files, rank, world_size, seq_len, micro_tokens, accum, device):
-        self.stream = TokenStream(files)
+    def __init__(
+        self, files, rank, world_size, seq_len, micro_tokens, accum, device, vocab_size=MAX_VOCAB_SIZE
+    ):
+        self.stream = TokenStream(files, vocab_size)
         self.rank, self.world, self.seq_len = rank, world_size, seq_len
         self.span, self.accum, self.device = micro_tokens + 1, accum, device
 
@@ -649,7 +776,7 @@ class TrainLoader:
 
 def load_val_tokens(data_path: str, vocab_size: int, limit: int = 0) -> Tensor:
     files = check_shards(shard_files(data_path, "val"), vocab_size)
-    tokens = np.concatenate([read_shard(f) for f in files])
+    tokens = np.concatenate([check_token_range(f, read_shard(f), vocab_size) for f in files])
     if limit:
         tokens = tokens[: limit + 1]
     if len(tokens) < 2:
@@ -659,7 +786,10 @@ def load_val_tokens(data_path: str, vocab_size: int, limit: int = 0) -> Tensor:
 
 def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
     if not os.path.isfile(path):
-        raise DataError(f"TOKENIZER_PATH={path}: no such file")
+        raise DataError(
+            f"TOKENIZER_PATH={path}: no such file (download it with the data: MATCHED_FINEWEB_REPO_ID="
+            "kevclark/parameter-golf python3 data/cached_challenge_fineweb.py --variant sp8192)"
+        )
     try:
         sp = spm.SentencePieceProcessor(model_file=path)
     except (RuntimeError, OSError) as err:
@@ -667,6 +797,27 @@ def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
     if sp.vocab_size() != vocab_size:
         raise DataError(f"{path}: tokenizer has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
     return sp
+
+
+def check_tokenizer_identity(data_path: str, tokenizer_path: str) -> str | None:
+    """Another tokenizer of the same size scores silently wrong: TOKENIZER_PATH must match the sha256 in
+    DATA_PATH/manifest.json (data/ scripts write it). -> a warning when there is none."""
+    manifest_path = os.path.join(data_path, "manifest.json")
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            expected = json.load(f).get("tokenizer_sha256")
+    except (OSError, ValueError, AttributeError):
+        expected = None
+    if not expected:
+        return (
+            f"warning: no tokenizer_sha256 in {manifest_path}: cannot check TOKENIZER_PATH against the shards"
+        )
+    if (actual := sha256_file(tokenizer_path)) != expected:
+        raise DataError(
+            f"TOKENIZER_PATH={tokenizer_path} is not the tokenizer that made DATA_PATH={data_path} (sha256 "
+            f"{actual[:12]}..., {manifest_path} says {expected[:12]}...): the scores would be wrong"
+        )
+    return None
 
 
 def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[Tensor, Tensor, Tensor]:
@@ -729,21 +880,23 @@ def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, h, layer: int = 0):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = h.num_heads, h.num_kv_heads, h.head_dim
-        kv_dim = h.num_kv_heads * h.head_dim
-        self.c_q = nn.Linear(h.model_dim, h.model_dim, bias=False)
-        self.c_k = nn.Linear(h.model_dim, kv_dim, bias=False)
-        self.c_v = nn.Linear(h.model_dim, kv_dim, bias=False)
-        self.proj = zero_init(nn.Linear(h.model_dim, h.model_dim, bias=False))
-        self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
-        self.rotary = Rotary(h.rope_dims, h.rope_base)
-        self.xsa = layer >= h.num_layers - h.xsa_last_n
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kv_dim = cfg.num_kv_heads * cfg.head_dim
+        self.c_q = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
+        self.c_k = nn.Linear(cfg.model_dim, kv_dim, bias=False)
+        self.c_v = nn.Linear(cfg.model_dim, kv_dim, bias=False)
+        self.proj = zero_init(nn.Linear(cfg.model_dim, cfg.model_dim, bias=False))
+        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
+        self.rotary = Rotary(cfg.rope_dims, cfg.rope_base)
+        self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
         # Sparse output gate: head j's output x sigmoid(scale * w_j . x[:GATE_WINDOW]); zero init = 0.5.
-        self.gate_window, self.gate_scale = h.gate_window, h.sparse_attn_gate_scale
+        self.gate_window, self.gate_scale = cfg.gate_window, cfg.sparse_attn_gate_scale
         self.attn_gate = (
-            nn.Parameter(torch.zeros(h.num_heads, h.gate_window)) if h.sparse_attn_gate_enabled else None
+            nn.Parameter(torch.zeros(cfg.num_heads, cfg.gate_window))
+            if cfg.sparse_attn_gate_enabled
+            else None
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -844,13 +997,15 @@ def grouped_matmul(x: Tensor, weight_t: Tensor, offsets: Tensor) -> Tensor:
 class MoEBase(nn.Module):
     """Router (fp32 logic, zero-initialised) and routing telemetry shared by all MoE modes."""
 
-    def __init__(self, h, dim: int, num_experts: int, expert_hidden: int, router_init_std: float):
+    def __init__(
+        self, cfg: ModelConfig, dim: int, num_experts: int, expert_hidden: int, router_init_std: float
+    ):
         super().__init__()
-        self.E, self.act, self.router_init_std = num_experts, h.mlp_act, router_init_std
+        self.E, self.act, self.router_init_std = num_experts, cfg.mlp_act, router_init_std
         self.router_weight = nn.Parameter(torch.empty(num_experts, dim))
         self.up = nn.Parameter(torch.empty(num_experts, expert_hidden, dim))
         self.down = nn.Parameter(torch.empty(num_experts, dim, expert_hidden))
-        self.z_coef, self.aux_coef = h.router_z_coef, h.moe_aux_loss_coef
+        self.z_coef, self.aux_coef = cfg.router_z_coef, cfg.moe_aux_loss_coef
         self.aux_terms: list[Tensor] = []  # this forward's weighted z- and aux losses; GPT.forward adds them
         self.register_buffer(
             "stats", torch.zeros(len(RoutingStats._fields) - 1 + num_experts), persistent=False
@@ -911,14 +1066,14 @@ class RoutedMoE(MoEBase):
     may add the balancing bias; gates are unbiased scores, not renormalised (top-1 still trains the router).
     shared_routed adds a dense MLP that every token uses."""
 
-    def __init__(self, h, dim: int):
-        super().__init__(h, dim, h.num_experts, h.expert_mlp_hidden, ROUTED_INIT_STD)
-        self.k, self.score, self.noise = h.top_k, h.router_score, h.router_noise
-        self.dispatch_mode, self.capacity_factor = h.moe_dispatch, h.capacity_factor
+    def __init__(self, cfg: ModelConfig, dim: int):
+        super().__init__(cfg, dim, cfg.num_experts, cfg.expert_mlp_hidden, ROUTED_INIT_STD)
+        self.k, self.score, self.noise = cfg.top_k, cfg.router_score, cfg.router_noise
+        self.dispatch_mode, self.capacity_factor = cfg.moe_dispatch, cfg.capacity_factor
         # An untrained router scores ~1/E (softmax) or ~1/2 (sigmoid): this makes the k gates sum to ~1.
         self.gate_scale = (self.E if self.score == "softmax" else 2.0) / self.k
         self.register_buffer("router_bias", torch.zeros(self.E))
-        self.shared = DenseMLP(dim, h.shared_mlp_hidden, h.mlp_act) if h.shared_mlp_hidden else None
+        self.shared = DenseMLP(dim, cfg.shared_mlp_hidden, cfg.mlp_act) if cfg.shared_mlp_hidden else None
 
     def route(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """-> (router logits, scores, chosen experts (T, k), gates (T, k)) for tokens (T, dim)."""
@@ -938,7 +1093,8 @@ class RoutedMoE(MoEBase):
         order = torch.argsort(flat, stable=True)
         dispatch = self.dispatch_grouped if self.dispatch_mode == "grouped" else self.dispatch_capacity
         # grouped_mm is fast only in bf16 (and compiles only in bf16); eager CPU keeps fp32 for exact tests.
-        bf16 = tokens.is_cuda or torch.compiler.is_compiling()
+        autocast_on = torch.is_autocast_enabled(tokens.device.type)
+        bf16 = tokens.is_cuda or torch.compiler.is_compiling() or autocast_on
         sorted_tokens = tokens.to(torch.bfloat16 if bf16 else tokens.dtype)[order // self.k]
         rows, dropped = dispatch(sorted_tokens, flat[order], counts)
         slots = torch.empty_like(rows).index_copy(0, order, rows)
@@ -956,7 +1112,8 @@ class RoutedMoE(MoEBase):
     def dispatch_grouped(self, xs: Tensor, experts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
         up, down = self.expert_weights(xs.dtype)
         offsets = counts.cumsum(0).to(torch.int32)
-        hidden = mlp_act(grouped_matmul(xs, up, offsets), self.act)
+        # Autocast runs square() (aten::pow) in fp32 and grouped_mm has no autocast kernel: cast back by hand.
+        hidden = mlp_act(grouped_matmul(xs, up, offsets), self.act).to(xs.dtype)
         return grouped_matmul(hidden, down, offsets), torch.zeros((), device=xs.device)
 
     def dispatch_capacity(self, xs: Tensor, experts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
@@ -977,12 +1134,12 @@ def switch_aux_loss(counts: Tensor, probs: Tensor, k: int) -> Tensor:
     return probs.size(-1) * ((counts.float() / (probs.size(0) * k)) * probs.mean(0)).sum()
 
 
-def make_mlp(h, layer: int) -> nn.Module:
-    if layer not in h.moe_layer_ids:
-        return DenseMLP(h.model_dim, h.mlp_hidden, h.mlp_act)
-    if h.moe_mode == "soft":
-        return SoftMoE(h, h.model_dim, h.num_experts, h.expert_mlp_hidden, router_init_std=0.0)
-    return RoutedMoE(h, h.model_dim)
+def make_mlp(cfg: ModelConfig, layer: int) -> nn.Module:
+    if layer not in cfg.moe_layer_ids:
+        return DenseMLP(cfg.model_dim, cfg.mlp_hidden, cfg.mlp_act)
+    if cfg.moe_mode == "soft":
+        return SoftMoE(cfg, cfg.model_dim, cfg.num_experts, cfg.expert_mlp_hidden, router_init_std=0.0)
+    return RoutedMoE(cfg, cfg.model_dim)
 
 
 def moe_layers(model: nn.Module) -> list[tuple[int, MoEBase]]:
@@ -1053,18 +1210,17 @@ def routing_summary(model: nn.Module, stats: Tensor) -> list[dict]:
 
 # ---- 5. The network: blocks with an MLP or MoE, U-Net skips, the loss ----------------------------
 class Block(nn.Module):
-    def __init__(self, h, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.attn = Attention(h, layer)
-        self.mlp = make_mlp(h, layer)
-        self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
-        self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
-        self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
-        self.ln_scale = 1 / math.sqrt(layer + 1) if h.ln_scale else 1.0  # deeper blocks read smaller inputs
-        self.parallel = 0 < h.parallel_start_layer <= layer
-        if (
-            self.parallel
-        ):  # lane j keeps lane_resid[j] x itself + lane_post[j] . (attention, MLP); the record's init
+        self.attn = Attention(cfg, layer)
+        self.mlp = make_mlp(cfg, layer)
+        self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
+        self.ln_scale = 1 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0  # deeper blocks read smaller inputs
+        self.parallel = 0 < cfg.parallel_start_layer <= layer
+        if self.parallel:
+            # Lane j keeps lane_resid[j] x itself + lane_post[j] . (attention, MLP); the record's init.
             self.lane_resid = nn.Parameter(torch.full((2,), 1.1))
             self.lane_post = nn.Parameter(torch.ones(2, 2))
 
@@ -1086,27 +1242,31 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, h):
+    def __init__(self, cfg: ModelConfig):
+        if not isinstance(cfg, ModelConfig):  # a run configuration carries training knobs too
+            raise TypeError(f"GPT takes a ModelConfig, not {type(cfg).__name__}: use GPT(model_config(h))")
         super().__init__()
-        self.softcap, self.vocab_size = h.logit_softcap, h.vocab_size
-        self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
+        self.softcap, self.vocab_size = cfg.logit_softcap, cfg.vocab_size
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         self.bigram = (
-            BigramHash(h.bigram_vocab_size, h.bigram_dim, h.model_dim) if h.bigram_vocab_size > 0 else None
+            BigramHash(cfg.bigram_vocab_size, cfg.bigram_dim, cfg.model_dim)
+            if cfg.bigram_vocab_size > 0
+            else None
         )
-        self.smear = SmearGate(h.model_dim) if h.smear_gate else None
-        self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
+        self.smear = SmearGate(cfg.model_dim) if cfg.smear_gate else None
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         # Depth recurrence: once on, layers LOOP_START..LOOP_END run NUM_LOOPS more times. A Python bool (one
         # compiled graph per state), mirrored in a buffer the artifact keeps, so a reloaded model runs alike.
-        plain = list(range(h.num_layers))
-        repeats = plain[h.loop_start : h.loop_end + 1] * h.num_loops
-        self.orders = (plain, plain[: h.loop_end + 1] + repeats + plain[h.loop_end + 1 :])
+        plain = list(range(cfg.num_layers))
+        repeats = plain[cfg.loop_start : cfg.loop_end + 1] * cfg.num_loops
+        self.orders = (plain, plain[: cfg.loop_end + 1] + repeats + plain[cfg.loop_end + 1 :])
         self.looping = False
         self.register_buffer("loop_state", torch.zeros(()))
-        self.skip_weights = nn.Parameter(torch.ones(len(self.orders[1]) // 2, h.model_dim))
+        self.skip_weights = nn.Parameter(torch.ones(len(self.orders[1]) // 2, cfg.model_dim))
         self.lm_head = (
-            None if h.tie_embeddings else zero_init(nn.Linear(h.model_dim, h.vocab_size, bias=False))
+            None if cfg.tie_embeddings else zero_init(nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False))
         )
-        self.reset_parameters(h.tied_embed_init_std)
+        self.reset_parameters(cfg.tied_embed_init_std)
 
     @torch.no_grad()
     def reset_parameters(self, embed_std: float) -> None:
@@ -1116,10 +1276,10 @@ class GPT(nn.Module):
         for module in self.modules():
             if isinstance(module, MoEBase):
                 module.reset_parameters()
+            elif isinstance(module, nn.Linear) and getattr(module, "zero_init", False):
+                nn.init.zeros_(module.weight)
             elif isinstance(module, nn.Linear):
-                nn.init.zeros_(module.weight) if getattr(module, "zero_init", False) else nn.init.orthogonal_(
-                    module.weight
-                )
+                nn.init.orthogonal_(module.weight)
 
     def set_looping(self, on: bool) -> None:
         self.looping = bool(on)
@@ -1469,7 +1629,9 @@ def quantize_matrix(w: Tensor, H: Tensor | None, bits: int, sigmas: float, zero:
         return (delta @ H.float() * delta).sum()
 
     scale_g, budget = scale, packed_bits(q)
-    for _ in range(3):
+    # The byte count is noisy (about 0.005 bits per weight on a small matrix), so the widening gets five
+    # tries to land within the budget; three gave up on a 4-bit matrix a fourth try fitted.
+    for _ in range(5):
         q_g = gptq(w, H, scale_g, bits, zero)
         added = (packed_bits(q_g) - budget) / q.numel()  # bits per weight over round-to-nearest
         if added <= 0.001:  # compressor noise
@@ -1536,10 +1698,13 @@ def quantize_state(
     hessians: dict | None = None,
     bits_drop: dict | None = None,
     extra_prune: float = 0.0,
+    progress=None,
 ):
     """-> (entries, relative squared error of the quantized tensors). entries: name -> (bits, tensors)."""
     entries, scores, err, total, hessians = {}, {}, 0.0, 0.0, hessians or {}
-    for name, t in state.items():
+    for done, (name, t) in enumerate(state.items(), 1):
+        if progress is not None:
+            progress(done - 1)
         t, H = t.detach().float().cpu(), None if hessians.get(name) is None else hessians[name].float()
         drop = (bits_drop or {}).get(QUANT_GROUP.get(param_class(name, t), "other"), 0)
         entries[name] = quantize_tensor(name, t, h, H, drop, h.prune_frac + extra_prune)
@@ -1714,7 +1879,9 @@ def export_artifact(
     config, state = knob_values(h, MODEL_KNOBS), artifact_state(model)
     shapes, limit = {n: list(t.shape) for n, t in state.items()}, h.size_cap_bytes - code_bytes
     rtn = SimpleNamespace(**{**vars(h), "quant_method": "rtn", "lqer_enabled": False})
-    entries, err = quantize_state(state, h, hessians)
+    entries, err = quantize_state(
+        state, h, hessians, progress=Progress(log, f"quantization ({h.quant_method})", len(state), "tensors")
+    )
     blob = serialize_artifact(entries, config, shapes, h.compressor, h.zstd_level)
     log(
         f"quant: {h.quant_method}{'+lqer' if h.lqer_enabled else ''}, relative squared error {err:.3e}, "
@@ -1746,7 +1913,9 @@ def export_artifact(
 
 
 @torch.no_grad()
-def collect_hessians(model: nn.Module, batches, world: int) -> tuple[dict[str, Tensor], list[str]]:
+def collect_hessians(
+    model: nn.Module, batches, world: int, progress=None
+) -> tuple[dict[str, Tensor], list[str]]:
     """-> ({matrix: X^T X of its inputs}, warnings), summed over ranks. A routed expert sees only its routed
     tokens, a soft expert every token, each scaled by its gate; a starved expert gets a damped Hessian."""
     hess, counts, hooks = {}, {}, []
@@ -1778,9 +1947,11 @@ def collect_hessians(model: nn.Module, batches, world: int) -> tuple[dict[str, T
         elif isinstance(mod, MoEBase):
             hooks.append(mod.register_forward_pre_hook(lambda m, args, n=name: add_experts(n, m, args[0])))
     try:
-        for x, _ in batches:
+        for done, (x, _) in enumerate(batches, 1):
             with autocast(x.device):  # the head's input is the final hidden state
                 add("tok_emb.weight" if model.lm_head is None else "lm_head.weight", model.hidden(x))
+            if progress is not None:
+                progress(done)
     finally:
         for hook in hooks:
             hook.remove()
@@ -1834,11 +2005,15 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
     token_losses: Tensor | None = None,
+    log=None,
+    phase: str = "evaluation",
 ):
-    """-> (val_loss, val_bpb); float64 sums over ranks. `token_losses[target position - 1]` gets each loss."""
+    """-> (val_loss, val_bpb); float64 sums over ranks. `token_losses[target position - 1]` gets each loss.
+    With `log`, the phase's progress and ETA are logged."""
     windows = eval_windows(tokens.numel(), seq_len, stride)
     seq_len = min(seq_len, tokens.numel() - 1)
     mine = windows[len(windows) * rank // world_size : len(windows) * (rank + 1) // world_size]
+    progress = Progress(log, phase, -(-len(mine) // batch_seqs), "batches") if log is not None else None
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
     tables, tokens = tuple(t.to(device) for t in tables), tokens.to(device)
     positions = torch.arange(seq_len, device=device)
@@ -1855,6 +2030,8 @@ def evaluate(
             logits = logits_fn(x)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
         add_scores(sums, loss.view_as(mask), mask, x, y, tables, idx[:, :-1], token_losses)
+        if progress is not None:
+            progress(i // batch_seqs + 1)
     return reduce_scores(sums, token_losses, world_size)
 
 
@@ -2087,10 +2264,13 @@ def ttt_evaluate(
             None,
             device,
         )
+    progress, done = Progress(log, "ttt", sum(len(b[rank::world]) for b, _ in phases), "batches"), 0
     for batches, sgd_end in phases:
         adapters.enabled = True
         for rows in batches[rank::world]:
             ttt_batch(loss_fn, adapters, rows, docs, tokens, h, tables, sums, token_losses, device)
+            done += 1
+            progress(done)
         adapters.enabled = False
         if sgd_end:
             log(f"ttt_phase: global SGD on the first {sgd_end + 1} validation tokens, all scored")
@@ -2106,22 +2286,74 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite, or the ranks' weights drifted apart."""
 
 
-def setup_distributed() -> tuple[int, int, int, torch.device]:
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C: the message says where the run stopped and where its logs are."""
+
+
+PROGRESS_QUIET_SECONDS = 5.0  # a phase shorter than this prints only its start line
+
+
+class Progress:
+    """A long phase's start line, then its ETA at each tenth done, at most once per PROGRESS_QUIET_SECONDS."""
+
+    def __init__(self, log, name: str, total: int, unit: str):
+        self.log, self.name, self.total, self.unit = log, name, max(total, 1), unit
+        self.t0 = self.last = time.perf_counter()
+        self.tenths = 0
+        log(f"{name}: started ({total} {unit})")
+
+    def __call__(self, done: int) -> None:
+        now, tenths = time.perf_counter(), 10 * done // self.total
+        if tenths > self.tenths and now - self.last >= PROGRESS_QUIET_SECONDS and done < self.total:
+            self.tenths, self.last, elapsed = tenths, now, now - self.t0
+            self.log(
+                f"{self.name}: {100 * done // self.total}% ({done}/{self.total} {self.unit}) {elapsed:.0f}s "
+                f"elapsed, ~{elapsed * (self.total - done) / done:.0f}s left"
+            )
+
+
+# Rank 0 alone runs GPTQ, LQER, the compressor and any shrink steps while the other ranks wait in a barrier:
+# NCCL's default 10-minute timeout would kill a slow export, so the collectives wait an hour before failing.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
+
+
+def setup_distributed(h) -> tuple[int, int, int, torch.device]:
     rank, world, local = (
         int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))
     )
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if world > 1 and device.type == "cpu" and not h.allow_cpu_distributed:
+        raise ConfigError(
+            f"WORLD_SIZE={world} but CUDA is not usable here (no GPU, or a driver too old for torch "
+            f"{torch.__version__}): the ranks would train on the CPU over gloo. Fix the GPU setup, or set "
+            "ALLOW_CPU_DISTRIBUTED=1 to run on the CPU on purpose"
+        )
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # TF32 for fp32 matmuls in training, as the records (the routers); exact_fp32_matmuls() turns it off.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     elif "OMP_NUM_THREADS" not in os.environ:  # share the cores between local ranks
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     if world > 1:
         dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+            "nccl" if device.type == "cuda" else "gloo",
+            device_id=device if device.type == "cuda" else None,
+            timeout=PROCESS_GROUP_TIMEOUT,
         )
     return rank, world, local, device
+
+
+@contextlib.contextmanager
+def exact_fp32_matmuls():
+    """TF32 off (it rounds fp32 matmul inputs to 10 mantissa bits) while Hessians are summed and GPTQ/LQER
+    feed rounding errors forward: these fp32 products must be fp32."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def use_compile(h, device: torch.device) -> bool:
@@ -2163,7 +2395,7 @@ class Logger:
             self.events.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")
             self.events.flush()
 
-    def fail(self, err: BaseException) -> None:
+    def fail(self, err: BaseException) -> str | None:
         """Writes the error into both logs; a failed start frees its RUN_ID (its logs become RUN_ID.failedN.*)."""
         if self.text is not None:
             print(
@@ -2176,6 +2408,8 @@ class Logger:
                 n += 1
             for ext in () if self.training_started else (".txt", ".jsonl"):
                 os.rename(self.stem + ext, f"{self.stem}.failed{n}{ext}")
+            return self.stem + ".txt" if self.training_started else f"{self.stem}.failed{n}.txt"
+        return None
 
 
 def code_bytes() -> int:
@@ -2215,6 +2449,97 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+class FlashLikeAttention(torch.autograd.Function):
+    """Causal attention's output for fake tensors, saving what flash attention saves for its backward (q, k, v,
+    the output, an fp32 log-sum-exp per row): which backend a GPU picks cannot be traced without one."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tuple(torch.empty_like(t) for t in ctx.saved_tensors[:3])
+
+
+def fake_model(h, device) -> GPT:
+    """GPT(h) whose parameters and buffers are fake tensors on `device` (call inside a FakeTensorMode): shapes
+    and dtypes only, so any shape can be traced on any machine."""
+    with torch.device("meta"):
+        model = GPT(h)
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:  # a Linear without bias holds None
+                fake = torch.empty(p.shape, dtype=p.dtype, device=device)
+                module._parameters[name] = nn.Parameter(fake, p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype, device=device)
+    return model
+
+
+def saved_activations(h, device, looping: bool) -> dict[str, int]:
+    """Bytes by dtype that autograd keeps for backward from one eager training micro-batch (once per storage,
+    parameters excluded), traced with fake tensors: nothing is allocated or run on the device."""
+    saved: dict[int, tuple[int, str]] = {}
+    sdpa = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = lambda q, k, v, **kwargs: FlashLikeAttention.apply(q, k, v)
+    try:
+        with FakeTensorMode():
+            model = fake_model(h, device).train()
+            model.set_looping(looping)
+            params = {StorageWeakRef(p.untyped_storage()).cdata for p in model.parameters()}
+
+            def pack(t: Tensor) -> Tensor:
+                key = StorageWeakRef(t.untyped_storage()).cdata
+                if key not in params:
+                    saved[key] = (t.untyped_storage().nbytes(), str(t.dtype).removeprefix("torch."))
+                return t
+
+            x = torch.zeros(h.micro_batch_tokens // h.train_seq_len, h.train_seq_len, dtype=torch.long)
+            x = x.to(device)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(torch.device(device)):
+                model(x, x)
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    by_dtype: dict[str, int] = {}
+    for nbytes, dtype in saved.values():
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
+    return by_dtype
+
+
+def static_training_bytes(h, world: int) -> int:
+    """fp32 weights, gradients, optimizer state (Muon momentum; Adam moments), EMA copy, DDP buckets."""
+    with torch.device("meta"):
+        model = GPT(h)
+    n = sum(p.numel() for p in model.parameters())
+    muon = sum(p.numel() for name, p in model.named_parameters() if param_class(name, p) in MATRIX_CLASSES)
+    return 4 * (2 * n + muon + 2 * (n - muon) + n * (h.ema_decay != 0) + n * (world > 1))
+
+
+def eager_peak_bytes(h, device, world: int) -> int:
+    """One rank's peak without torch.compile: static bytes + the larger loop state's saved activations + the
+    loss's backward working set (two fp32 tokens x vocab gradients of the logits)."""
+    saved = max(sum(saved_activations(h, device, on).values()) for on in {False, h.num_loops > 0})
+    return static_training_bytes(h, world) + saved + 8 * h.micro_batch_tokens * h.vocab_size
+
+
+def check_eager_memory(h, device: torch.device, world: int, log) -> None:
+    """COMPILE=0 on a GPU saves every intermediate for backward: warn when the micro-batch cannot fit."""
+    if device.type != "cuda" or use_compile(h, device):
+        return
+    peak, total = eager_peak_bytes(h, device, world), torch.cuda.get_device_properties(device).total_memory
+    log(f"eager_memory: ~{peak / 2**30:.1f} GiB per rank estimated (COMPILE=0) of {total / 2**30:.1f} GiB")
+    if peak > total:
+        rows = max(1, int(h.micro_batch_tokens / h.train_seq_len * total / peak))
+        log(
+            f"WARNING eager_memory: MICRO_BATCH_TOKENS={h.micro_batch_tokens} is estimated not to fit without "
+            f"torch.compile; use COMPILE=1 or MICRO_BATCH_TOKENS of at most ~{rows * h.train_seq_len}"
+        )
+
+
 # ---- 10. Training loop: schedules, steps, compile warm-up, EMA, step lines -----------------------
 def loop_switch_planned(h) -> bool:
     return h.num_loops > 0 and h.enable_looping_at < 1
@@ -2234,8 +2559,9 @@ class Trainer:
             h.micro_batch_tokens,
             self.accum,
             device,
+            h.vocab_size,
         )
-        self.model = GPT(h).to(device)
+        self.model = GPT(model_config(h)).to(device)
         self.compiled = maybe_compile(self.model, h, device)
         self.ddp = (
             DDP(
@@ -2250,6 +2576,12 @@ class Trainer:
         self.ema: EMA | None = None
         self.step, self.train_ms = 0, 0.0
         self.routing_totals: Tensor | None = None
+        # Step lines read step:N/ITERATIONS; when the wall clock stops the run first, they say so.
+        self.stop_rule = (
+            f" (stops at {h.train_wallclock_seconds:g}s or step {h.iterations}, whichever first)"
+            if h.max_wallclock_seconds > 0
+            else ""
+        )
 
     def progress(self, elapsed_ms: float) -> float:
         """Fraction of the run done: the larger of steps / ITERATIONS and time / (MAX_WALLCLOCK_SECONDS - GPTQ reserve)."""
@@ -2337,6 +2669,7 @@ class Trainer:
             f"step:{step}/{self.h.iterations} train_loss:{ce:.4f} train_time:{elapsed_ms:.0f}ms "
             f"step_avg:{elapsed_ms / step:.2f}ms tok/s:{tokens_per_s:.0f}"
             + (f" mfu:{mfu_pct:.1f}%" if peak else "")
+            + self.stop_rule
         )
         self.log.event(
             "step",
@@ -2432,7 +2765,7 @@ def load_artifact_model(path: str, device: torch.device, **overrides) -> tuple[G
     """Rebuild the model from an artifact alone (its stored knobs) and load the dequantized weights."""
     config, state = read_artifact(path)
     h = load_config({}, **config, **overrides)
-    model = GPT(h).to(device)
+    model = GPT(model_config(h)).to(device)
     missing = set(artifact_state(model)) - set(state)
     if missing:
         raise ArtifactError(f"{path}: artifact lacks tensors {sorted(missing)[:3]}")
@@ -2455,7 +2788,14 @@ def log_budget_preview(model: GPT, h, log) -> None:
         f"budget_preview: artifact ~{estimate} bytes ({', '.join(f'{k}:{v}' for k, v in sorted(per_class.items()))}) "
         f"+ code {code_bytes()} = ~{total} of {h.size_cap_bytes} (slack ~{h.size_cap_bytes - total})"
     )
-    if h.budget_margin >= 0 and total > h.size_cap_bytes * (1 + h.budget_margin):
+    refused = h.budget_margin >= 0 and total > h.size_cap_bytes * (1 + h.budget_margin)
+    if total > h.size_cap_bytes and not refused:
+        log(
+            f"budget: ~{total - h.size_cap_bytes} bytes over the cap, allowed by BUDGET_MARGIN="
+            f"{h.budget_margin:g}: the run starts; if the written artifact is over, the export shrinks it "
+            "(more pruning, then fewer bits) until it fits"
+        )
+    if refused:
         raise ConfigError(
             f"estimated artifact + code ~{total} bytes exceeds SIZE_CAP_BYTES={h.size_cap_bytes} by more "
             f"than BUDGET_MARGIN={h.budget_margin}; shrink the model or lower MATRIX_BITS / EMBED_BITS, or set BUDGET_MARGIN=-1"
@@ -2509,7 +2849,7 @@ def dry_run(h) -> None:
     budget preview and the projected speed on 8xH100."""
     log, peak, rates = Logger(None, console=True), PEAK_BF16_FLOPS["H100"], []
     with torch.device("meta"):
-        model = GPT(h)
+        model = GPT(model_config(h))
     log_model(h, model, log)
     try:
         log_budget_preview(model, h, log)
@@ -2535,7 +2875,8 @@ def dry_run(h) -> None:
 
 
 def export_and_report(model: GPT, h, path: str, log, hessians: dict | None) -> None:
-    size = export_artifact(model, h, path, code_bytes(), log, hessians)
+    with exact_fp32_matmuls():
+        size = export_artifact(model, h, path, code_bytes(), log, hessians)
     total, slack, digest = size + code_bytes(), h.size_cap_bytes - size - code_bytes(), sha256_file(path)
     log(f"Serialized model quant+zstd: {size} bytes")
     log(f"Code size: {code_bytes()} bytes")
@@ -2617,6 +2958,8 @@ def final_evaluation(
                 rank,
                 world,
                 losses,
+                log=log,
+                phase=f"final {label} evaluation",
             )
         seconds = time.perf_counter() - t0
         if not math.isfinite(bpb) and "val_bpb is not finite" not in problems:
@@ -2645,15 +2988,23 @@ def final_evaluation(
         raise ArtifactError(f"{path}: not a valid result: {'; '.join(problems)}")
 
 
-# The 1.0611 record's TTT logs imply ~12% MFU for the FLOPs check_eval_time counts (~3.8e17 for its document
+# The 1.0611 record's TTT logs imply ~12% MFU for the FLOPs ttt_seconds counts (~3.8e17 for its document
 # scoring and adapter training, ~380 s on 8xH100) and ~0.15 s per global SGD step (overhead-bound, not FLOPs).
 TTT_ASSUMED_MFU, GLOBAL_SGD_STEP_SECONDS = 0.12, 0.15
+# Its plain evaluation of 40,540,160 tokens took 6.7 s once compiled: ~11% MFU by this file's forward FLOPs;
+# the read-back model's first evaluation took ~5 s longer (its compilation) and the TTT warm-up 88.8 s. The
+# 2026-04-06 record (same shape) scored 633,409 sliding windows of 2048 in 83.6 s: ~25% MFU.
+EVAL_ASSUMED_MFU, SLIDING_ASSUMED_MFU = 0.11, 0.25
+EVAL_COMPILE_SECONDS, TTT_COMPILE_SECONDS = 5.0, 89.0
 
 
-def check_eval_time(model: GPT, h, val_tokens: Tensor, log) -> None:
-    """Logs the TTT seconds expected on 8xH100 (FLOPs at TTT_ASSUMED_MFU + SGD steps); refuses > EVAL_TIME_LIMIT."""
-    if not h.ttt_enabled:
-        return
+def final_looping(model: GPT, h) -> bool:
+    """The loop state the final evaluations run in: a training run switches the loops on as planned."""
+    return model.looping or (not h.eval_only and loop_switch_planned(h))
+
+
+def ttt_seconds(model: GPT, h, val_tokens: Tensor) -> float:
+    """TTT's seconds on 8xH100: counted FLOPs at TTT_ASSUMED_MFU + the global SGD steps."""
     docs, phases = ttt_schedule(val_tokens, h)
     window_tokens = sgd_tokens = steps = 0
     for batches, sgd_end in phases:
@@ -2663,27 +3014,70 @@ def check_eval_time(model: GPT, h, val_tokens: Tensor, log) -> None:
                 sum(widths) * 2 * h.ttt_grad_steps - (2 * h.ttt_grad_steps - 1) * widths[-1]
             )
         sgd_tokens, steps = sgd_tokens + 3 * sgd_end, steps + math.ceil(sgd_end / h.global_ttt_chunk_tokens)
-    flops = flops_per_token(model, h) / 3 * (window_tokens + sgd_tokens * h.global_ttt_epochs)
-    seconds = (
+    flops = (
+        flops_per_token(model, h, final_looping(model, h))
+        / 3
+        * (window_tokens + sgd_tokens * h.global_ttt_epochs)
+    )
+    return (
         flops / (8 * PEAK_BF16_FLOPS["H100"] * TTT_ASSUMED_MFU)
         + steps * h.global_ttt_epochs * GLOBAL_SGD_STEP_SECONDS
     )
+
+
+def eval_seconds(model: GPT, h, val_tokens: Tensor) -> dict[str, float]:
+    """Seconds on 8xH100 of every final evaluation the run performs (plain, sliding, TTT) and of their
+    compile warm-ups (COMPILE is on by default on GPUs)."""
+    forward_flops = flops_per_token(model, h, final_looping(model, h)) / 3
+    rate = 8 * PEAK_BF16_FLOPS["H100"] / forward_flops  # tokens per second at 100% MFU
+    windows = eval_windows(val_tokens.numel(), h.eval_seq_len, h.eval_stride)
+    sliding = h.eval_stride not in (0, h.eval_seq_len)
+    parts = {"plain": (val_tokens.numel() - 1) / (rate * EVAL_ASSUMED_MFU)}
+    if sliding:
+        window_tokens = len(windows) * min(h.eval_seq_len, val_tokens.numel() - 1)
+        parts["sliding"] = window_tokens / (rate * SLIDING_ASSUMED_MFU)
+    if h.ttt_enabled:
+        parts["ttt"] = ttt_seconds(model, h, val_tokens)
+    if h.compile != "0":
+        parts["compile"] = EVAL_COMPILE_SECONDS * (1 + sliding) + TTT_COMPILE_SECONDS * h.ttt_enabled
+    return parts
+
+
+def check_eval_time(model: GPT, h, val_tokens: Tensor, log) -> None:
+    """Logs the final evaluations' projected seconds on 8xH100; refuses a total over EVAL_TIME_LIMIT."""
+    parts = eval_seconds(model, h, val_tokens)
+    seconds = sum(parts.values())
+    if h.ttt_enabled:
+        log(
+            f"ttt_projection: ~{parts['ttt']:.1f}s on 8xH100 for these {val_tokens.numel()} validation tokens "
+            f"(counted FLOPs at an assumed {100 * TTT_ASSUMED_MFU:.0f}% MFU "
+            f"+ {GLOBAL_SGD_STEP_SECONDS}s per global SGD step)"
+        )
+        log.event(
+            "ttt_projection", seconds=parts["ttt"], assumed_mfu=TTT_ASSUMED_MFU, val_tokens=val_tokens.numel()
+        )
     log(
-        f"ttt_projection: ~{seconds:.1f}s on 8xH100 for these {val_tokens.numel()} validation tokens (counted FLOPs "
-        f"at an assumed {100 * TTT_ASSUMED_MFU:.0f}% MFU + {GLOBAL_SGD_STEP_SECONDS}s per global SGD step)"
+        f"eval_projection: ~{seconds:.1f}s on 8xH100 for every final evaluation "
+        f"({', '.join(f'{k} ~{v:.1f}s' for k, v in parts.items())}; forward FLOPs at the records' "
+        f"{100 * EVAL_ASSUMED_MFU:.0f}% MFU, sliding {100 * SLIDING_ASSUMED_MFU:.0f}%)"
     )
-    log.event("ttt_projection", seconds=seconds, assumed_mfu=TTT_ASSUMED_MFU, val_tokens=val_tokens.numel())
+    log.event("eval_projection", seconds=seconds, parts=parts, val_tokens=val_tokens.numel())
     if h.eval_time_limit and seconds > h.eval_time_limit:
         raise ConfigError(
-            f"TTT is projected at ~{seconds:.0f}s on 8xH100, over EVAL_TIME_LIMIT={h.eval_time_limit:g}: raise "
-            "TTT_CHUNK_SIZE, lower PHASED_TTT_PREFIX_DOCS or TTT_GRAD_STEPS, or set EVAL_TIME_LIMIT=0"
+            f"the final evaluations are projected at ~{seconds:.0f}s on 8xH100 "
+            f"({', '.join(f'{k} ~{v:.0f}s' for k, v in parts.items())}), over EVAL_TIME_LIMIT="
+            f"{h.eval_time_limit:g}: raise EVAL_STRIDE or TTT_CHUNK_SIZE, lower PHASED_TTT_PREFIX_DOCS or "
+            "TTT_GRAD_STEPS, or set EVAL_TIME_LIMIT=0"
         )
 
 
-def load_eval_data(h) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, str]:
+def load_eval_data(h, log=None) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, str]:
     """-> byte tables, validation tokens and the note score lines carry when VAL_TOKEN_LIMIT cuts the split."""
     tables = byte_tables(load_tokenizer(h.tokenizer_path, h.vocab_size))
     val_tokens = load_val_tokens(h.data_path, h.vocab_size, h.val_token_limit)
+    warning = check_tokenizer_identity(h.data_path, h.tokenizer_path)
+    if warning and log is not None:
+        log(warning)
     return (
         tables,
         val_tokens,
@@ -2694,10 +3088,16 @@ def load_eval_data(h) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, str]:
 def evaluate_artifact(h, rank: int, world: int, device: torch.device, log: Logger) -> None:
     """EVAL_ONLY=1: no training; the artifact's model gets the final evaluations a run would give it."""
     qmodel, stored = load_artifact_model(h.artifact_path, device)
+    for name in MODEL_KNOBS:  # the artifact defines the network: a differing model knob is said, not used
+        if os.environ.get(name, "") != "" and getattr(h, name.lower()) != getattr(stored, name.lower()):
+            log(
+                f"eval_only: ignoring {name}={os.environ[name]} from the environment: "
+                f"the artifact's network has {name}={getattr(stored, name.lower())}"
+            )
     vars(h).update(
         {k.lower(): getattr(stored, k.lower()) for k in MODEL_KNOBS}
     )  # the network is the artifact's
-    tables, val_tokens, note = load_eval_data(h)
+    tables, val_tokens, note = load_eval_data(h, log)
     log_header(h, qmodel, world, 0, device, val_tokens, log)
     log(f"eval_only artifact:{os.path.abspath(h.artifact_path)} sha256:{sha256_file(h.artifact_path)}")
     check_eval_time(qmodel, h, val_tokens, log)
@@ -2710,9 +3110,13 @@ def calibrate(trainer: Trainer, log) -> dict | None:
     if not h.calibrate:
         return None
     batches = (b for _ in range(-(-n // trainer.accum)) for b in trainer.loader.next_step())
-    hessians, warnings = collect_hessians(
-        trainer.model.eval(), (b for _, b in zip(range(n), batches)), trainer.world
-    )
+    with exact_fp32_matmuls():
+        hessians, warnings = collect_hessians(
+            trainer.model.eval(),
+            (b for _, b in zip(range(n), batches)),
+            trainer.world,
+            Progress(log, "gptq calibration", n, "micro-batches"),
+        )
     seconds = time.perf_counter() - t0
     for line in warnings + [
         f"gptq: Hessians of {len(hessians)} matrices from {n} x {h.micro_batch_tokens} training tokens x "
@@ -2725,12 +3129,13 @@ def calibrate(trainer: Trainer, log) -> dict | None:
 
 def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logger) -> None:
     torch.manual_seed(h.seed)
-    tables, val_tokens, note = load_eval_data(h)
+    tables, val_tokens, note = load_eval_data(h, log)
     trainer = Trainer(h, rank, world, device, log)
     model = trainer.model
     log_header(h, model, world, trainer.accum, device, val_tokens, log)
     log_budget_preview(model, h, log)
     check_eval_time(model, h, val_tokens, log)
+    check_eager_memory(h, device, world, log)
     eval_fn = maybe_compile(model.logits, h, device)
     last_val: list[float] = []  # loss, bpb, seconds of the newest pre-quant evaluation
 
@@ -2738,8 +3143,20 @@ def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logg
         """Plain-window validation; with a step: a periodic (or last) val line and event."""
         model.eval()
         t0 = time.perf_counter()
+        phase = "validation" if step is not None else "pre_quant_ema evaluation"
         loss, bpb = evaluate(
-            eval_fn, val_tokens, tables, h.eval_seq_len, 0, h.eval_batch_seqs, device, rank, world
+            eval_fn,
+            val_tokens,
+            tables,
+            h.eval_seq_len,
+            0,
+            h.eval_batch_seqs,
+            device,
+            rank,
+            world,
+            None,
+            log,
+            phase,
         )
         model.train()
         if step is not None:
@@ -2757,7 +3174,10 @@ def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logg
     log.training_started = (
         True  # from here a failure keeps its RUN_ID: its log is the record of spent compute
     )
-    trainer.run(validate)
+    try:
+        trainer.run(validate)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted at step {trainer.step}") from None
     if device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB")
     if trainer.ema is not None:
@@ -2790,19 +3210,30 @@ def main() -> None:
     h = load_config()
     if h.dry_run:
         return dry_run(h)
-    rank, world, _, device = setup_distributed()
+    rank, world, _, device = setup_distributed(h)
     run_id = [h.run_id or time.strftime("run_%Y%m%d_%H%M%S")]
     if world > 1:
         dist.broadcast_object_list(run_id)  # every rank must agree on the artifact path
     h.run_id = run_id[0]
     h.artifact_path = h.artifact_path or os.path.join(h.log_dir, f"{h.run_id}_model.ptz")
-    log = Logger(os.path.join(h.log_dir, h.run_id) if rank == 0 else None)
+    try:
+        log = Logger(os.path.join(h.log_dir, h.run_id) if rank == 0 else None)
+    except OSError as err:  # a file in the way, no permission, a read-only disk
+        raise ConfigError(
+            f"LOG_DIR={h.log_dir}: cannot write the logs there ({err.strerror or err})"
+        ) from None
     try:
         if os.path.exists(h.artifact_path) and not h.eval_only:
             raise ConfigError(
                 f"ARTIFACT_PATH={h.artifact_path} already exists; an artifact is never overwritten"
             )
         (evaluate_artifact if h.eval_only else train_and_evaluate)(h, rank, world, device, log)
+    except KeyboardInterrupt as err:  # Ctrl-C: one line, no traceback; the logs say the run failed
+        where = str(err) or f"interrupted {'after' if log.training_started else 'before'} training"
+        kept = log.fail(KeyboardInterrupt(where))
+        raise RunInterrupted(
+            f"{where}; run marked failed" + (f", logs kept: {kept}" if kept else "")
+        ) from None
     except BaseException as err:
         log.fail(err)
         raise
@@ -2813,8 +3244,17 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    first_rank = os.environ.get("RANK", "0") == "0"
     try:
         main()
-    except (ConfigError, DataError, ArtifactError, TrainingDiverged) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except RunInterrupted as err:
+        if first_rank:
+            print(str(err), file=sys.stderr)
+        sys.exit(130)
+    except (ConfigError, DataError) as err:  # the same inputs fail alike on every rank: rank 0 says it once
+        if first_rank:
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (ArtifactError, TrainingDiverged) as err:
+        print(f"error: {err}" if first_rank else f"error (rank {os.environ['RANK']}): {err}", file=sys.stderr)
         sys.exit(2)

@@ -486,6 +486,8 @@ def build(
         manifest = {
             "format": MANIFEST_FORMAT,
             "tokenizer": model_path.name,
+            # the trainer compares it with TOKENIZER_PATH: other pieces give the same ids a wrong byte count
+            "tokenizer_sha256": hashlib.sha256(model_path.read_bytes()).hexdigest(),
             "tokenizer_trained_here": tokenizer is None,
             "vocab_size": vocab_size,
             "seed": seed,

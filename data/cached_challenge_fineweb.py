@@ -19,6 +19,8 @@ env ``MATCHED_FINEWEB_REMOTE_ROOT_PREFIX``):
 Local layout under ``--out`` (default: this script's directory, i.e. ``data/``):
     datasets/manifest.json (+ manifest.source.json: the repository and root it came from)
     datasets/fineweb10B_sp8192/fineweb_train_000000.bin ... fineweb_val_000000.bin
+    datasets/fineweb10B_sp8192/manifest.json (the export's tokenizer and its sha256, which the trainer
+        checks TOKENIZER_PATH against)
     tokenizers/fineweb_8192_bpe.model, tokenizers/fineweb_8192_bpe.vocab
 
 Files already present are skipped: shards when their header matches their size, other files
@@ -34,6 +36,7 @@ Examples
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -53,6 +56,7 @@ REMOTE_ROOT_ENV = "MATCHED_FINEWEB_REMOTE_ROOT_PREFIX"
 DEFAULT_REMOTE_ROOT = "datasets"
 DEFAULT_TRAIN_SHARDS = 80
 STAGING_DIR_NAME = ".hf_staging"
+WRITTEN_BY = "data/cached_challenge_fineweb.py"
 
 
 class DownloadError(RuntimeError):
@@ -317,9 +321,35 @@ def fetch_variant(
             plan = plan_variant(manifest, variant, source)
         for remote in files_to_fetch(plan, train_shards, out_dir, source):
             fetcher.fetch(remote)
+        record_tokenizer(out_dir, plan, source)
     finally:
         fetcher.clean_up()
     return fetcher
+
+
+def record_tokenizer(out_dir: Path, plan: VariantPlan, source: Source) -> None:
+    """Writes the shard folder's manifest.json naming the export's tokenizer and its sha256: the trainer
+    checks TOKENIZER_PATH against it (another tokenizer of the same size gives a silently wrong score)."""
+    models = [p for p in plan.tokenizer_paths if p.endswith(".model")]
+    manifest_path = out_dir / "datasets" / plan.dataset_dir / "manifest.json"
+    if not models:
+        return
+    model = out_dir / "tokenizers" / models[0].rpartition("/")[2]
+    if manifest_path.exists():
+        try:
+            ours = json.loads(manifest_path.read_text(encoding="utf-8")).get("written_by") == WRITTEN_BY
+        except (ValueError, AttributeError):
+            ours = False
+        if not ours:  # never replace a file this script did not write
+            print(f"{manifest_path} exists and was not written here: tokenizer not recorded", file=sys.stderr)
+            return
+    record = {
+        "written_by": WRITTEN_BY,
+        "source": source.as_record(),
+        "tokenizer": model.name,
+        "tokenizer_sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
+    }
+    manifest_path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

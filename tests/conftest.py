@@ -71,6 +71,8 @@ def run_train(tmp_path: Path, nproc: int = 1, timeout: int = 300, **env) -> subp
     """Runs train_gpt.py (through torchrun when nproc > 1) in tmp_path with TINY_ENV plus `env`."""
     full = {k: v for k, v in os.environ.items() if k not in TINY_ENV}
     full.update(TINY_ENV, RUN_ID="test", LOG_DIR=str(tmp_path / "logs"), OMP_NUM_THREADS="1")
+    if nproc > 1:  # several ranks on the CPU (gloo) must be asked for: train_gpt refuses them otherwise
+        full["ALLOW_CPU_DISTRIBUTED"] = "1"
     full.update({k: str(v) for k, v in env.items()})
     tmp_path.mkdir(parents=True, exist_ok=True)
     script = str(REPO / "train_gpt.py")

@@ -354,6 +354,7 @@ def test_vocab_too_large_for_the_text_names_the_input_and_leaves_no_folder(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small.txt"]  # new/deeper/out all removed
 
 
+@pytest.mark.slow
 def test_cli_failure_exits_nonzero_with_one_stderr_line(tmp_path):
     small = tmp_path / "small.txt"
     small.write_text("tiny\n\nnotes\n\nhere", encoding="utf-8")
@@ -731,6 +732,7 @@ def test_hub_failure_is_one_line_naming_repository_and_file(tmp_path, monkeypatc
     assert not (tmp_path / ccf.STAGING_DIR_NAME).exists()
 
 
+@pytest.mark.slow
 def test_importing_download_module_does_not_import_the_hub():
     code = "import sys; import cached_challenge_fineweb; print('huggingface_hub' in sys.modules)"
     result = subprocess.run(

@@ -25,6 +25,7 @@ def moe_run(tmp_path_factory):
     return tmp, result.stdout
 
 
+@pytest.mark.slow
 def test_short_run_lowers_loss_and_writes_everything(moe_run):
     tmp, stdout = moe_run
     losses = [float(v) for _, v in STEP.findall(stdout)]
@@ -51,6 +52,7 @@ def test_existing_run_id_is_never_overwritten(moe_run):
     assert (tmp / "logs" / "test.txt").read_text() == before
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     """Same global batch: 1 process x 2 micro-steps equals 2 processes x 1 micro-step (gloo, CPU)."""
     one = run_train(tmp_path / "one", ITERATIONS=6, TRAIN_LOG_EVERY=1, MOE_MODE="topk")
@@ -79,11 +81,13 @@ def test_two_processes_match_one_process(tmp_path):
         ({"SIZE_CAP_BYTES": "100000"}, "exceeds SIZE_CAP_BYTES=100000"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_fails_with_a_message_naming_it(tmp_path, env, needle):
     result = run_train(tmp_path, **env)
     assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_with_the_step(tmp_path):
     result = run_train(tmp_path, SCALAR_LR="1e30", ITERATIONS=10)
     assert result.returncode == 2
@@ -132,6 +136,7 @@ def test_jsonl_event_log_matches_the_text_log(moe_run):
     assert f"{finals[-1]['val_loss']:.8f}" == last_line[1] and f"{finals[-1]['val_bpb']:.8f}" == last_line[2]
 
 
+@pytest.mark.slow
 def test_over_budget_run_allowed_then_shrunk_to_fit(tmp_path):
     cap = (REPO / "train_gpt.py").stat().st_size + 47_000  # ~3/4 of this model's natural artifact (~62 kB)
     result = run_train(
@@ -148,6 +153,7 @@ def test_over_budget_run_allowed_then_shrunk_to_fit(tmp_path):
     assert total <= cap
 
 
+@pytest.mark.slow
 def test_budget_preview_is_within_ten_percent_on_the_sample_model(tmp_path):
     env = {
         **sample_env(),

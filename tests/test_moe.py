@@ -15,7 +15,7 @@ DIM = 64
 def make(tiny_config, layer=0, **env):
     h = tiny_config(MODEL_DIM=DIM, MLP_MULT=4, **env)
     torch.manual_seed(0)
-    return tg.make_mlp(h, layer), h
+    return tg.make_mlp(tg.model_config(h), layer), h
 
 
 def randomise(module, std=0.2):
@@ -167,6 +167,7 @@ def test_bias_update_moves_skewed_load_towards_balance(tiny_config):
     "mode,dispatch",
     [("soft", "grouped"), ("topk", "grouped"), ("topk", "capacity"), ("shared_routed", "grouped")],
 )
+@pytest.mark.slow
 def test_fullgraph_compile_without_recompiles(tiny_config, mode, dispatch):
     from torch._dynamo.utils import counters
 
@@ -213,7 +214,7 @@ def test_telemetry_lines_and_collapse_warning(tiny_config):
 
 def test_aux_losses_reach_training_loss_but_not_eval(tiny_config):
     h = tiny_config(MOE_MODE="topk", MOE_AUX_LOSS_COEF=0.5, ROUTER_Z_COEF=0.1)
-    model = tg.GPT(h)
+    model = tg.GPT(tg.model_config(h))
     randomise(model, 0.05)
     x = torch.randint(0, 1024, (2, 16))
     loss, ce = model(x, x)
@@ -225,7 +226,7 @@ def test_aux_losses_reach_training_loss_but_not_eval(tiny_config):
 
 def test_routers_and_controls_survive_artifact_bit_exact(tiny_config, tmp_path):
     h = tiny_config(MOE_MODE="topk", ZSTD_LEVEL=1)
-    model = randomise(tg.GPT(h), 0.05)
+    model = randomise(tg.GPT(tg.model_config(h)), 0.05)
     with torch.no_grad():
         for _, m in tg.moe_layers(model):
             m.router_bias.normal_()

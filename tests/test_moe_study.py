@@ -77,6 +77,7 @@ def copy_of(folder, tmp_path):
     return dest
 
 
+@pytest.mark.slow
 def test_folder_holds_every_output(folder):
     for name in (
         "train_gpt.py",
@@ -143,6 +144,7 @@ def test_submission_is_the_best_arm_and_verifies(folder):
     assert records.main(["verify", str(folder)]) == 0
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_runs(folder):
     logs = sorted((folder / "runs").glob("*.txt"))
     before = {p: p.stat().st_mtime_ns for p in logs}
@@ -152,6 +154,7 @@ def test_resume_skips_finished_runs(folder):
     assert {p: p.stat().st_mtime_ns for p in logs} == before
 
 
+@pytest.mark.slow
 def test_resume_reruns_an_interrupted_run(folder, tmp_path):
     out = copy_of(folder, tmp_path)
     for suffix in (".txt", ".jsonl"):  # cut the run off before its final evaluation
@@ -214,6 +217,7 @@ def test_bad_extra_seeds_are_one_clear_error(tmp_path, extra, message):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow
 def test_more_seeds_run_only_the_named_arms(folder, tmp_path):
     """Where the spread hides a difference: more seeds for dense (and the arms named), the rest untouched."""
     out = copy_of(folder, tmp_path)
@@ -229,6 +233,7 @@ def test_more_seeds_run_only_the_named_arms(folder, tmp_path):
     assert manifest["command"].endswith(f"--more-seeds 3 --more-arms dense --script {out}/train_gpt.py")
 
 
+@pytest.mark.slow
 def test_speed_measures_each_arm_alone_in_rotated_rounds(folder, tmp_path):
     out = copy_of(folder, tmp_path)
     result = study(out, "--speed-steps", "4", "--repeats", "2", "--no-plots", command="speed")
@@ -357,6 +362,7 @@ def test_a_second_run_on_the_same_folder_is_refused(folder, tmp_path):
     assert not (out / "runs" / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_a_stopped_study_stops_its_runs(tmp_path):
     out = tmp_path / "s"
     argv = [

@@ -81,7 +81,7 @@ def test_lqer_lowers_the_output_error_of_the_tensors_it_corrects(trained):
 
 def moe_model(tiny_config, mode, **env):
     torch.manual_seed(1)
-    model = tg.GPT(tiny_config(MOE_MODE=mode, NUM_EXPERTS=4, TOP_K=1, **env)).eval()
+    model = tg.GPT(tg.model_config(tiny_config(MOE_MODE=mode, NUM_EXPERTS=4, TOP_K=1, **env))).eval()
     with torch.no_grad():
         for p in model.parameters():  # make every matrix (and router) non-trivial
             if p.ndim >= 2:
@@ -158,7 +158,7 @@ def test_budget_preview_is_within_two_percent_of_the_written_artifact(tiny_confi
         MODEL_DIM=256, NUM_LAYERS=2, MLP_MULT=4, BIGRAM_VOCAB_SIZE=0, COMPRESSOR="zstd", ZSTD_LEVEL=19
     )
     torch.manual_seed(0)
-    model = tg.GPT(h)
+    model = tg.GPT(tg.model_config(h))
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim >= 2:
@@ -168,6 +168,7 @@ def test_budget_preview_is_within_two_percent_of_the_written_artifact(tiny_confi
     assert abs(estimate - real) / real < 0.02, (estimate, real)
 
 
+@pytest.mark.slow
 def test_checkpoint_and_quant_study(tmp_path):
     result = run_train(tmp_path, ITERATIONS=10, SAVE_CHECKPOINT=1, GPTQ_CALIBRATION_BATCHES=2)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -216,6 +217,7 @@ def test_checkpoint_and_quant_study(tmp_path):
     assert mlp_only[0]["scheme"] == "rtn/zstd" and mlp_only[0]["bytes"] > rows[0]["bytes"]
 
 
+@pytest.mark.slow
 def test_self_extracting_script_runs_the_same_program(tmp_path):
     sys.path.insert(0, str(REPO / "tools"))
     import selfextract

@@ -16,7 +16,7 @@ import train_gpt as tg  # noqa: E402
 def saved_artifact(tiny_config, tmp_path, forced_expert=None, **env):
     h = tiny_config(**env)
     torch.manual_seed(0)
-    model = tg.GPT(h)
+    model = tg.GPT(tg.model_config(h))
     for _, m in tg.moe_layers(model):
         if forced_expert is not None:  # a huge balancing bias makes every token choose this expert
             m.router_bias[forced_expert] = 1e4

@@ -89,7 +89,7 @@ def test_defaults_are_the_record_stack():
 
 def test_default_shape_matches_the_record_parameter_count():
     with torch.device("meta"):
-        model = tg.GPT(tg.load_config({"MOE_MODE": "none"}))
+        model = tg.GPT(tg.model_config(tg.load_config({"MOE_MODE": "none"})))
     total = sum(p.numel() for p in model.parameters())
     assert abs(total - 35_945_671) / 35_945_671 < 1e-3  # the record's model_params (its log)
     assert model.orders[1] == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]  # the record's loop order
@@ -127,7 +127,7 @@ def test_leaky_relu2_keeps_a_quarter_of_negative_squares():
 
 def attention_heads(h, layer, x):
     """(attention module with identity output projection, per-head output (B, H, T, D), values)."""
-    attn = randomised(tg.Attention(h, layer), std=0.2)
+    attn = randomised(tg.Attention(tg.model_config(h), layer), std=0.2)
     with torch.no_grad():
         attn.proj.weight.copy_(torch.eye(h.model_dim))
     B, T, _ = x.shape
@@ -139,7 +139,12 @@ def attention_heads(h, layer, x):
 def test_xsa_removes_each_heads_component_along_its_own_value():
     x = torch.randn(2, 16, 64)
     h = stack(SPARSE_ATTN_GATE_ENABLED=0, XSA_LAST_N=2)
-    assert [tg.Attention(h, i).xsa for i in range(4)] == [False, False, True, True]  # the last N layers
+    assert [tg.Attention(tg.model_config(h), i).xsa for i in range(4)] == [
+        False,
+        False,
+        True,
+        True,
+    ]  # the last N layers
     _, y, v = attention_heads(h, 3, x)
     unit = F.normalize(v, dim=-1).repeat_interleave(h.num_heads // h.num_kv_heads, dim=1)
     assert (y * unit).sum(-1).abs().max() < 1e-5  # nothing left along the token's own value
@@ -156,13 +161,15 @@ def test_sparse_attention_gate_scales_each_head_by_a_window_of_the_input():
     expected = torch.sigmoid(gated.sparse_attn_gate_scale * x[..., :12] @ attn.attn_gate.T)  # (B, T, H)
     torch.testing.assert_close(y, y_plain * expected.transpose(1, 2).unsqueeze(-1))
     assert tuple(attn.attn_gate.shape) == (4, 12)  # heads x GATE_WINDOW
-    fresh = tg.Attention(gated, 0)
+    fresh = tg.Attention(tg.model_config(gated), 0)
     assert fresh.attn_gate.abs().sum() == 0  # zero init: every head starts at sigmoid(0) = 0.5
 
 
 def test_ln_scale_shrinks_block_inputs_by_depth():
     for ln_scale, expected in ((1, [1, 2**-0.5, 3**-0.5, 0.5]), (0, [1, 1, 1, 1])):
-        model = randomised(tg.GPT(stack(LN_SCALE=ln_scale, PARALLEL_START_LAYER=0, NUM_LOOPS=0)))
+        model = randomised(
+            tg.GPT(tg.model_config(stack(LN_SCALE=ln_scale, PARALLEL_START_LAYER=0, NUM_LOOPS=0)))
+        )
         hooks = [capture_inputs(block.attn) for block in model.blocks]
         model.logits(tokens())
         rms = [seen[0].square().mean(-1).sqrt().mean().item() for seen, _ in hooks]
@@ -178,7 +185,7 @@ def test_rope_dims_default_is_partial_and_small_heads_rotate_everything():
 
 def test_qk_gain_starts_at_five_and_sharpens_attention():
     h = stack(XSA_LAST_N=0, SPARSE_ATTN_GATE_ENABLED=0)
-    assert torch.equal(tg.Attention(h, 0).q_gain.data, torch.full((4,), 5.0))
+    assert torch.equal(tg.Attention(tg.model_config(h), 0).q_gain.data, torch.full((4,), 5.0))
     x = torch.randn(2, 32, 64)
     norms = {}
     for gain in (1.5, 5.0):
@@ -197,7 +204,7 @@ def test_parallel_lanes_mlp_does_not_read_its_own_layers_attention(mode):
     results = {}
     for start in (0, 3):
         h = stack(MOE_MODE=mode, PARALLEL_START_LAYER=start, NUM_LOOPS=0)
-        model = randomised(tg.GPT(h))
+        model = randomised(tg.GPT(tg.model_config(h)))
         seen, _ = capture_inputs(model.blocks[3].mlp)
         model.logits(tokens())
         with torch.no_grad():
@@ -209,10 +216,10 @@ def test_parallel_lanes_mlp_does_not_read_its_own_layers_attention(mode):
 
 def test_parallel_lanes_mix_skip_and_final_mean():
     h = stack(NUM_LOOPS=0)
-    model = randomised(tg.GPT(h))
+    model = randomised(tg.GPT(tg.model_config(h)))
     block = model.blocks[3]
     assert block.parallel and not model.blocks[2].parallel
-    fresh = tg.GPT(h).blocks[3]
+    fresh = tg.GPT(tg.model_config(h)).blocks[3]
     assert torch.equal(fresh.lane_resid.data, torch.full((2,), 1.1)) and torch.equal(
         fresh.lane_post.data, torch.ones(2, 2)
     )
@@ -245,7 +252,7 @@ def count_attention_calls(model):
 @pytest.mark.parametrize("mode", MOE_MODES)
 def test_depth_recurrence_reruns_the_same_modules(mode):
     h = stack(MOE_MODE=mode)
-    model = randomised(tg.GPT(h))
+    model = randomised(tg.GPT(tg.model_config(h)))
     n_params = sum(p.numel() for p in model.parameters())
     assert model.orders == ([0, 1, 2, 3], [0, 1, 2, 1, 2, 1, 2, 3])
     mlp_inputs, _ = capture_inputs(model.blocks[1].mlp)
@@ -271,7 +278,7 @@ def test_depth_recurrence_reruns_the_same_modules(mode):
 
 def test_loop_flops_count_each_pass():
     with torch.device("meta"):
-        model = tg.GPT(tg.load_config({"MOE_MODE": "none"}))
+        model = tg.GPT(tg.model_config(tg.load_config({"MOE_MODE": "none"})))
     h = tg.load_config({"MOE_MODE": "none"})
     block = sum(
         p.numel()
@@ -289,7 +296,7 @@ def test_loop_flops_count_each_pass():
 
 def test_smear_gate_and_bigram_never_leak_into_a_bos_position():
     """The record's fix: the token before a BOS (the last of the previous document) must not reach it."""
-    model = randomised(tg.GPT(stack(BIGRAM_VOCAB_SIZE=256)), std=0.5)
+    model = randomised(tg.GPT(tg.model_config(stack(BIGRAM_VOCAB_SIZE=256))), std=0.5)
     assert model.bigram is not None and model.smear is not None
     idx = tokens(1, 12)
     idx[0, 6] = tg.BOS_ID
@@ -307,7 +314,7 @@ def test_smear_gate_and_bigram_never_leak_into_a_bos_position():
 
 def test_bigram_hash_is_off_by_default():
     with torch.device("meta"):
-        model = tg.GPT(tg.load_config({}))
+        model = tg.GPT(tg.model_config(tg.load_config({})))
     assert model.bigram is None and not any(n.startswith("bigram") for n, _ in model.named_parameters())
 
 
@@ -343,10 +350,12 @@ def test_muon_row_normalize_equalises_row_updates():
     assert plain.max() / plain.min() > 1.2
     assert rows.max() / rows.min() < 1.1
     h = stack(MUON_ROW_NORMALIZE=0)
-    muon = [o for o in tg.build_optimizers(tg.GPT(h), h) if isinstance(o, tg.Muon)][0]
+    muon = [o for o in tg.build_optimizers(tg.GPT(tg.model_config(h)), h) if isinstance(o, tg.Muon)][0]
     assert muon.row_normalize is False
     h = stack()
-    assert [o for o in tg.build_optimizers(tg.GPT(h), h) if isinstance(o, tg.Muon)][0].row_normalize is True
+    assert [o for o in tg.build_optimizers(tg.GPT(tg.model_config(h)), h) if isinstance(o, tg.Muon)][
+        0
+    ].row_normalize is True
 
 
 def test_min_lr_floors_the_warm_down_and_warm_down_starts_at_fifteen_percent():
@@ -360,7 +369,7 @@ def test_min_lr_floors_the_warm_down_and_warm_down_starts_at_fifteen_percent():
 
 def test_weight_decays_and_beta2_reach_the_optimizers():
     h = stack(TIED_EMBED_LR=0.1, SCALAR_LR=0.1, EMBED_WD=0.5, ADAM_WD=0.25, MUON_WD=0.3, MATRIX_LR=0.1)
-    model = tg.GPT(h)
+    model = tg.GPT(tg.model_config(h))
     optimizers = tg.build_optimizers(model, h)
     adam, muon = optimizers[0], [o for o in optimizers if isinstance(o, tg.Muon)][0]
     assert adam.defaults["betas"] == (0.9, 0.99)
@@ -387,13 +396,14 @@ def test_weight_decays_and_beta2_reach_the_optimizers():
 # --- loop switch under torch.compile -----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["none", "topk"])
 def test_loop_switch_compiles_one_more_graph_and_never_recompiles_per_step(mode):
     """fullgraph compile: one graph per loop state, nothing per step (aot_eager: the same dynamo
     guards and graphs as inductor, without its minutes of C++ compilation on a CPU)."""
     from torch._dynamo.utils import counters
 
-    model = randomised(tg.GPT(stack(MOE_MODE=mode)))
+    model = randomised(tg.GPT(tg.model_config(stack(MOE_MODE=mode))))
     if mode != "none":
         model = model.to(torch.bfloat16)  # grouped_mm compiles in bf16 only
     torch._dynamo.reset()
@@ -426,7 +436,7 @@ def test_artifact_reloads_in_the_loop_state_it_was_trained_in(tmp_path, looping)
         ATTN_CLIP_SIGMAS=4,
         EMBED_CLIP_SIGMAS=4,
     )
-    model = randomised(tg.GPT(h), std=0.1)
+    model = randomised(tg.GPT(tg.model_config(h)), std=0.1)
     model.set_looping(looping)
     path = str(tmp_path / "a.ptz")
     tg.export_artifact(model, h, path, 0, lambda msg: None)
@@ -443,6 +453,7 @@ def test_artifact_reloads_in_the_loop_state_it_was_trained_in(tmp_path, looping)
 FINAL = re.compile(r"final_quant_zstd_(roundtrip|sliding_window)_exact val_loss:([\d.]+) val_bpb:([\d.]+)")
 
 
+@pytest.mark.slow
 def test_tiny_run_with_every_mechanism_trains_quantizes_and_round_trips(tmp_path):
     result = run_train(tmp_path, **{**STACK_ENV, "BIGRAM_VOCAB_SIZE": "256", "ITERATIONS": "20"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -462,6 +473,7 @@ def test_tiny_run_with_every_mechanism_trains_quantizes_and_round_trips(tmp_path
     assert re.search(r"size_check total:\d+ cap:16000000 slack:\d+ OK", log)
 
 
+@pytest.mark.slow
 def test_stack_under_two_processes_matches_one_process(tmp_path):
     """DDP with the loop switch mid-run, lanes and a routed MoE: 2 processes x 1 micro-step match
     1 process x 2 micro-steps (gloo, CPU), before and after the switch."""
@@ -476,6 +488,7 @@ def test_stack_under_two_processes_matches_one_process(tmp_path):
         assert s1 == s2 and float(l1) == pytest.approx(float(l2), abs=2e-4)
 
 
+@pytest.mark.slow
 def test_routed_moe_run_under_compile_recompiles_at_most_once(tmp_path):
     """A whole tiny run with a routed MoE, loops switching on mid-run, compiled with fullgraph; dynamo
     logs every recompile. The wrapper only swaps inductor for aot_eager (same guards and graphs)."""
@@ -530,6 +543,7 @@ def dry_run(tmp_path, **env):
     )
 
 
+@pytest.mark.slow
 def test_dry_run_needs_no_data_and_prints_size_and_speed(tmp_path):
     result = dry_run(tmp_path, MOE_MODE="none")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -544,11 +558,13 @@ def test_dry_run_needs_no_data_and_prints_size_and_speed(tmp_path):
     assert not (tmp_path / "logs").exists()  # a dry run writes nothing
 
 
+@pytest.mark.slow
 def test_dry_run_reports_bad_knobs_like_a_real_run(tmp_path):
     result = dry_run(tmp_path, LOOP_END="11")
     assert result.returncode == 2 and "LOOP_END=11" in result.stderr
 
 
+@pytest.mark.slow
 def test_bench_stack_tiny_times_both_phases_with_one_graph_each():
     result = subprocess.run(
         [

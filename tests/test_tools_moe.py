@@ -63,6 +63,7 @@ def last_value(pattern: str, text: str) -> str:
 # ---------------------------------------------------------------------------- routing_report
 
 
+@pytest.mark.slow
 def test_routing_report_writes_valid_pngs(moe_run, tmp_path, capsys):
     log, routing_json = moe_run
     assert routing_report.main([str(routing_json), "--log", str(log), "--out", str(tmp_path)]) == 0
@@ -202,6 +203,7 @@ def test_collect_marks_an_unfinished_log_failed(moe_run, tmp_path):
     assert proxy_study.collect(run_of("absent"), tmp_path)["status"] == "missing"
 
 
+@pytest.mark.slow
 def test_study_records_a_crashing_run_as_failed(tmp_path, capsys):
     """A real torchrun launch of a configuration train_gpt.py rejects: failed, with its error in the tail."""
     config = tmp_path / "study.json"
@@ -245,6 +247,7 @@ def processes_with_env(needle: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_study_timeout_ends_torchrun_and_its_workers(tmp_path):
     """A run past --timeout is recorded as timed out and leaves no worker behind."""
     config = tmp_path / "study.json"
@@ -348,6 +351,7 @@ def test_configurations_may_not_change_the_study_settings(tmp_path, capsys):
 # ---------------------------------------------------------------------------- bench_moe
 
 
+@pytest.mark.slow
 def test_bench_cpu_smoke_compiles_once_per_mode(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(

@@ -61,7 +61,7 @@ def random_model(mode: str, **env):
     attention, MLPs and routers would not matter and legality would hold trivially)."""
     h = tg.load_config({**TINY_ENV, **TTT_ENV, "MOE_MODE": mode, **env})
     torch.manual_seed(0)
-    model = tg.GPT(h)
+    model = tg.GPT(tg.model_config(h))
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim >= 2:
@@ -158,6 +158,7 @@ def test_documents_cover_every_target_once(val_pair):
     assert all(rows == sorted(rows) for batches, _ in phases for rows in batches)
 
 
+@pytest.mark.slow
 def test_projection_refuses_before_training(tmp_path):
     r = run_train(tmp_path, TTT_ENABLED=1, EVAL_TIME_LIMIT=1e-9, **TTT_ENV)
     assert r.returncode == 2 and "EVAL_TIME_LIMIT" in r.stderr and "Traceback" not in r.stderr
@@ -174,8 +175,8 @@ def test_projection_grows_with_the_work(tiny_config, val_pair):
     for chunk in ("64", "16"):
         h = tiny_config(TTT_ENABLED=1, EVAL_TIME_LIMIT=0, **{**TTT_ENV, "TTT_CHUNK_SIZE": chunk})
         log = lambda msg: None
-        log.event = lambda kind, **fields: seconds.append(fields["seconds"])
-        tg.check_eval_time(tg.GPT(h), h, val, log)
+        log.event = lambda kind, **fields: kind == "ttt_projection" and seconds.append(fields["seconds"])
+        tg.check_eval_time(tg.GPT(tg.model_config(h)), h, val, log)
     assert 0 < seconds[0] < seconds[1]  # smaller chunks: more windows over the same documents
 
 
@@ -209,6 +210,7 @@ def trained(tmp_path_factory):
     return tmp, (tmp / "logs" / "test.txt").read_text(), tmp / "logs" / "test_model.ptz"
 
 
+@pytest.mark.slow
 def test_eval_only_reproduces_the_run_and_writes_token_losses(trained):
     tmp_path, text, artifact = trained
     losses = tmp_path / "sliding.npy"
@@ -253,6 +255,7 @@ def test_eval_only_reproduces_the_run_and_writes_token_losses(trained):
         assert r.returncode == 2 and knob in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_one_rank_scores(trained, tmp_path):
     artifact = trained[2]
     env = dict(EVAL_ONLY=1, ARTIFACT_PATH=artifact, VAL_TOKEN_LIMIT=2048, TTT_ENABLED=1, **TTT_ENV)

@@ -65,7 +65,7 @@ def build_layer(mode: str, dim: int, hidden: int, device: torch.device) -> nn.Mo
         raise SystemExit(
             f"--hidden {hidden} is not MLP_MULT x --dim {dim} for any float MLP_MULT (got {h.mlp_hidden})"
         )
-    layer = train_gpt.make_mlp(h, 0).to(device)
+    layer = train_gpt.make_mlp(train_gpt.model_config(h), 0).to(device)
     # Zero-initialised projections and router (the training init) would route every token alike.
     with torch.no_grad():
         for p in layer.parameters():

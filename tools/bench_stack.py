@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     iters = args.iters or (20 if device.type == "cuda" else 3)
     backend = args.backend or ("inductor" if device.type == "cuda" else "aot_eager")
     torch.manual_seed(0)
-    model = train_gpt.GPT(h).to(device)
+    model = train_gpt.GPT(train_gpt.model_config(h)).to(device)
     optimizers = train_gpt.build_optimizers(model, h)
     torch._dynamo.reset()
     counters.clear()

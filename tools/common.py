@@ -6,7 +6,20 @@ from __future__ import annotations
 
 import hashlib
 import statistics
+import sys
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def import_trainer():
+    """train_gpt.py as a module: the one way tools reach the trainer (it imports torch, so only on call)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import train_gpt
+
+    return train_gpt
+
 
 # The MoE modes compared against the parameter-matched dense MLP (train_gpt.py sizes each expert
 # hidden/E; shared_routed keeps a shared half plus E experts of the rest). The study trains each;

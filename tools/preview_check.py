@@ -52,8 +52,9 @@ for compressor in ("brotli", "zstd", "lzma"):
     est, per = tg.estimate_artifact_bytes(model, hc)
     t0 = time.time()
     real = tg.export_artifact(model, hc, f"/tmp/qs/rec_{compressor}.ptz", 0, print)
+    error = 100 * (est - real) / real
     print(
-        f"{compressor} rtn: preview {est} real {real} error {100 * (est - real) / real:+.2f}% ({time.time() - t0:.0f}s) {per}",
+        f"{compressor} rtn: preview {est} real {real} error {error:+.2f}% ({time.time() - t0:.0f}s) {per}",
         flush=True,
     )
 batches = [tr.loader.next_step()[0] for _ in range(2)]
@@ -64,7 +65,8 @@ hc = tg.load_config({**env, "COMPRESSOR": "brotli"})
 est, per = tg.estimate_artifact_bytes(model, hc)
 t0 = time.time()
 real = tg.export_artifact(model, hc, "/tmp/qs/rec_gptq.ptz", 0, print, hess)
+error = 100 * (est - real) / real
 print(
-    f"brotli gptq+lqer: preview {est} real {real} error {100 * (est - real) / real:+.2f}% ({time.time() - t0:.0f}s) {per}",
+    f"brotli gptq+lqer: preview {est} real {real} error {error:+.2f}% ({time.time() - t0:.0f}s) {per}",
     flush=True,
 )

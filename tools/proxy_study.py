@@ -1,7 +1,7 @@
 """Runs configurations x seeds of train_gpt.py on the proxy corpus, one after another, and collects
 the scores, speed, sizes and routing health from their logs into one table and a JSON file.
 
-    python tools/proxy_study.py --list                         # the built-in presets (README, "Mixture of Experts")
+    python tools/proxy_study.py --list                 # the built-in presets (docs/moe.md)
     python tools/proxy_study.py --only dense,topk4 --seeds 1337,1338,1339 --dry-run
     python tools/proxy_study.py --only topk4 --seeds 1337 --log-dir $OUT/logs         # one run
     python tools/proxy_study.py --seeds 1337,1338,1339 --collect-only logs/proxy      # the table
@@ -17,7 +17,8 @@ A run that fails is recorded as failed with the last lines of its output.
 
 On a GPU machine (docs/gpu_runs.md; carry data/datasets/proxy_sp1024 and .wheels), one call per run:
 
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .wheels/*.whl && export PYTHONPATH=/tmp/site;
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .wheels/*.whl
+    export PYTHONPATH=/tmp/site
     sh data/datasets/proxy_sp1024/prepare.sh /tmp/proxy;
     python3 tools/proxy_study.py --only dense --seeds 1337 --log-dir $OUT/logs --timeout 540 \
         --env ARTIFACT_PATH=/tmp/model.ptz        # keeps the 15 MB artifact out of what comes back
@@ -48,7 +49,7 @@ except ImportError:
     from common import MOE_PRESETS, cell, format_table, mean_std
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = MOE_PRESETS  # the matched MoE-versus-dense study (README, "Mixture of Experts")
+PRESETS = MOE_PRESETS  # the matched MoE-versus-dense study (docs/moe.md)
 # Set by the study for every run alike; a configuration may not change them.
 STUDY_KEYS = (
     "DATA_PATH",

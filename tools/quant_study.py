@@ -1,10 +1,12 @@
 """Quantize one checkpoint with each scheme and compressor; print bytes and round-trip val_bpb.
 
-    python3 tools/quant_study.py logs/RUN_fp.pt --data-path D --tokenizer T [--bits 6] [--val-token-limit N] [--json]
+    python3 tools/quant_study.py logs/RUN_fp.pt --data-path D --tokenizer T [--bits 6] \
+        [--val-token-limit N] [--json]
 
 The checkpoint is what SAVE_CHECKPOINT=1 writes (the EMA weights and the model knobs). Hessians come
-from the first --calibration-batches batches of --batch-tokens training tokens of D (never validation tokens). Every
-scheme uses train_gpt.py's own quantizer and artifact writer, so the bytes are the bytes a run writes:
+from the first --calibration-batches batches of --batch-tokens training tokens of D (never validation
+tokens). Every scheme uses train_gpt.py's own quantizer and artifact writer, so the bytes are the
+bytes a run writes:
   rtn          round-to-nearest on the SDClip grid
   gptq         GPTQ on the same grid (its step widened until it costs no more bytes than rtn)
   gptq+lqer    plus the rank-LQER_RANK correction of the LQER_TOP_K worst tensors
@@ -37,7 +39,7 @@ def load_checkpoint(path: str, device: torch.device):
         h = train_gpt.load_config({}, **saved["config"])
     except (OSError, RuntimeError, KeyError, TypeError) as err:
         raise SystemExit(f"error: {path}: not a train_gpt.py checkpoint ({err})") from None
-    model = train_gpt.GPT(h).to(device)
+    model = train_gpt.GPT(train_gpt.model_config(h)).to(device)
     model.load_state_dict(saved["state"])
     return model.eval(), h
 
@@ -106,8 +108,9 @@ def study(args) -> list[dict]:
     hessians, warnings = train_gpt.collect_hessians(model, batches, 1)
     for w in warnings:
         print(w, file=sys.stderr)
+    seconds = time.perf_counter() - t0
     print(
-        f"# {len(hessians)} Hessians from {args.calibration_batches} batches in {time.perf_counter() - t0:.1f}s",
+        f"# {len(hessians)} Hessians from {args.calibration_batches} batches in {seconds:.1f}s",
         file=sys.stderr,
     )
     config = {name: getattr(h, name.lower()) for name in train_gpt.MODEL_KNOBS}
@@ -167,9 +170,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print(
-        f"pre-quant val_bpb {rows[0]['pre_quant_val_bpb']:.5f}{f' (only {args.only} quantized)' if args.only else ''}"
-    )
+    only = f" (only {args.only} quantized)" if args.only else ""
+    print(f"pre-quant val_bpb {rows[0]['pre_quant_val_bpb']:.5f}{only}")
     print(f"{'bits':>4} {'scheme':<20} {'bytes':>10} {'val_bpb':>10} {'gap':>9} {'rel sq err':>11}")
     for r in rows:
         print(

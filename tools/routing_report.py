@@ -5,7 +5,8 @@ and (with --log) load share and entropy over training.
 
 The JSON is the one tools/routing_analysis.py writes from the run's artifact; the run's routing
 telemetry gives the training history (its `routing` events in RUN.jsonl when that file is beside
-the log, else its `moe layer:` lines; tools/runlog.py reads either). Prints the paths of the PNG files it writes.
+the log, else its `moe layer:` lines; tools/runlog.py reads either). Prints the paths of the PNG files
+it writes.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The one reader of training logs, ours and the challenge's, and the home of the score rule.
 
-    python3 tools/runlog.py LOG [LOG...]          # summary per log, as JSON (one object per log)
+    python3 tools/runlog.py LOG [LOG...]          # summary per log, as a short table for people
+    python3 tools/runlog.py LOG --json            # the summary as JSON (one object per log)
     python3 tools/runlog.py LOG --full            # everything found, as JSON
 
 Two paths:
@@ -653,13 +654,50 @@ def read(path: str | Path, text_only: bool = False) -> RunLog:
     return parse(path.read_text(encoding="utf-8", errors="replace"), path)
 
 
+def _num(value, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def human_summary(summary: dict) -> str:
+    """The summary as a few aligned lines for a person (--json gives the same numbers to programs)."""
+    steps, ms, bpb = summary["steps"], summary["train_time_ms"], summary["final_val_bpb"]
+    score = f"val_bpb {_num(bpb, 8)} (val_loss {_num(summary['final_val_loss'], 8)}, {summary['final_name']})"
+    rows = [
+        ("log", f"{summary['path']} (read from its {summary['source']})"),
+        ("score", score if bpb is not None else "NONE: no final evaluation in this log"),
+        *[("also", f"val_bpb {_num(e['val_bpb'], 8)} ({e['name']})") for e in summary["finals"][:-1]],
+        ("pre-quant", f"val_bpb {_num(summary['pre_quant_val_bpb'], 8)}"),
+        (
+            "bytes",
+            f"{_num(summary['total_bytes'])} total = code {_num(summary['code_bytes'])} + artifact "
+            f"{_num(summary['artifact_bytes'])}",
+        ),
+        (
+            "training",
+            f"{_num(steps)} steps in {_num(ms / 1000 if ms is not None else None, 1)} s "
+            f"({_num(summary['step_avg_ms'], 2)} ms/step), seed {summary['seed']}",
+        ),
+    ]
+    if summary["final_invalid"]:
+        rows.append(("INVALID", summary["final_invalid"]))
+    if summary["partial_eval"]:
+        rows.append(("note", "evaluated on part of the validation split only: not a score"))
+    if summary["runs_in_file"] > 1:
+        first = summary["first_line"]
+        rows.append(
+            ("note", f"{summary['runs_in_file']} runs in the file; the last (from line {first}) is shown")
+        )
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("logs", nargs="+", type=Path)
     parser.add_argument(
-        "--json", action="store_true", help="the summary as JSON (the default; kept for clarity)"
+        "--json", action="store_true", help="the summary as JSON (default: a short table for people)"
     )
     parser.add_argument("--full", action="store_true", help="everything found, not only the summary")
     parser.add_argument("--text", action="store_true", help="parse the text even when a JSONL is beside it")
@@ -691,7 +729,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"WARNING: {path}: the final evaluation is not finite ({run.score.val_bpb})", file=sys.stderr
             )
             status = 1
-        print(json.dumps(run.to_dict() if args.full else run.summary(), indent=1))
+        if args.full or args.json:
+            print(json.dumps(run.to_dict() if args.full else run.summary(), indent=1))
+        else:
+            print(human_summary(run.summary()) + ("\n" if len(args.logs) > 1 else ""))
     return status
 
 
