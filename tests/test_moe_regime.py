@@ -12,6 +12,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "tools"))
 import moe_regime  # noqa: E402
+import runlog  # noqa: E402
 from common import sha256_file  # noqa: E402
 
 
@@ -199,3 +200,27 @@ def test_holm_family_is_the_plans_six_design_comparisons():
     for key in moe_regime.HOLM_FAMILY:  # every member is a declared control of a declared arm
         config, control = key.split(" vs ")
         assert control in moe_regime.ARMS[moe_regime.arm_of(config)].controls
+
+
+def test_manifest_from_the_committed_logs_at_10_tokens_per_param(tmp_path):
+    """tokens_per_param per arm uses that arm's own logged parameter count; the gap is the arms' means."""
+    folder = REPO / "records" / "track_non_record_16mb" / "2026-12-03_MoE_Regime_Study"
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "proxy_1024_bpe.model").write_bytes(b"")
+    argv = ["collect", "--data", str(data), "--out", str(folder), "--stages", "sweep", "--budgets", "10"]
+    args = moe_regime.parse_args(argv)
+    stages, common = moe_regime.plan(args)
+    sweep = moe_regime.build_manifest(args, stages, common)["stages"]["sweep"]
+    dense, soft = sweep["entries"]["dense_tpp10"], sweep["entries"]["soft4_tpp10"]
+    assert dense["seeds"] == soft["seeds"] == [1337, 1338, 1339]
+    assert dense["tokens_per_param"] == pytest.approx(246 * 8192 / 201_826)
+    assert soft["params"][0] > dense["params"][0]  # the routers
+    assert soft["tokens_per_param"] == pytest.approx(246 * 8192 / soft["params"][0])
+    scores = {
+        name: [runlog.read(folder / log).score.val_bpb for log in entry["logs"]]
+        for name, entry in (("dense", dense), ("soft4", soft))
+    }
+    expected = sum(scores["soft4"]) / 3 - sum(scores["dense"]) / 3
+    assert sweep["comparisons"]["soft4_tpp10 vs dense"]["round_trip"]["gap"] == pytest.approx(expected)
+    assert sweep["comparisons"]["soft4_tpp10 vs dense"]["round_trip"]["p_better_holm"] is None
