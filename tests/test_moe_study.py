@@ -104,7 +104,7 @@ def test_folder_holds_every_output(folder):
 def test_manifest_has_the_issue_keys(folder):
     manifest = json.loads((folder / "manifest.json").read_text())
     assert set(manifest["arms"]) == {"dense", "topk4"}
-    assert manifest["verdict"] in ("adopt", "defer", "never")
+    assert manifest["verdict"] in ("adopt", "defer", "never at this scale")
     for name, arm in manifest["arms"].items():
         assert arm["seeds"] == [1, 2]
         for key in (
@@ -331,7 +331,7 @@ def arm(bpb, size=1000, params=500):
                 "topk4": arm([1.10, 1.11, 1.12]),
                 "soft4": arm([1.2, 1.21, 1.22]),
             },
-            "never",
+            "never at this scale",
         ),
         (
             {
@@ -407,3 +407,18 @@ def test_a_stopped_study_stops_its_runs(tmp_path):
     ], "a training outlived the study"
     assert (out / "runs" / "failed" / "study_dense_s1-1" / "study_dense_s1.txt").is_file()
     assert not (out / "runs" / ".lock").exists()
+
+
+def test_first_study_states_its_regime():
+    """The committed study's verdict is conditional on its regime: 2.1M tokens for 855K parameters."""
+    folder = REPO / "records" / "track_non_record_16mb" / "2026-11-25_MoE_vs_Dense_Study"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert moe_study.regime_text(manifest).startswith("in this regime: 2.5 tokens per parameter")
+    assert manifest["verdict"] == moe_study.NEVER == "never at this scale"
+    for name in ("README.md", "findings_data.md"):
+        assert moe_study.regime_text(manifest) in (folder / name).read_text()
+
+
+def test_regime_without_dense_run():
+    manifest = dict(data=dict(train_tokens_per_run=1000), arms={})
+    assert "unknown" in moe_study.regime_text(manifest)

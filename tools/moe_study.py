@@ -97,10 +97,13 @@ VERDICT_RULE = (
     f"adopt: a byte-matched MoE arm (soft4, topk4, shared_routed, topk4_nobalance; mean parameters "
     f"within {PARAMS_TOLERANCE:.0%} and mean artifact bytes within {BYTES_TOLERANCE:.0%} of dense's) "
     f"has a lower mean round-trip val_bpb than dense with "
-    f"one-sided Welch p < {ALPHA}; never: every byte-matched MoE arm is worse than dense with "
-    f"one-sided Welch p < {ALPHA}; defer: anything else (within noise, or too few seeds). "
+    f"one-sided Welch p < {ALPHA}; never at this scale: every byte-matched MoE arm is worse than dense "
+    f"with one-sided Welch p < {ALPHA}; defer: anything else (within noise, or too few seeds). A verdict "
+    "holds only for the study's regime (its tokens per parameter, equal steps), not for longer runs. "
     f"The context arm ({', '.join(NOT_BYTE_MATCHED)}) is never a candidate: it breaks the byte cap's parity."
 )
+# The verdict when every MoE arm loses: a fact about the study's regime, not about MoE at any length.
+NEVER = "never at this scale"
 MARKER = "<!-- written by tools/moe_study.py from the logs in runs/; rerun `collect` to refresh -->"
 # Knobs that may differ between sessions without changing the run (where the files are).
 PATH_KNOBS = ("DATA_PATH", "TOKENIZER_PATH", "LOG_DIR", "RUN_ID", "ARTIFACT_PATH")
@@ -435,7 +438,7 @@ def decide(arms: dict[str, dict], tests: dict[str, dict]) -> tuple[str, str]:
         )
     if all(tests[a]["p_worse"] is not None and tests[a]["p_worse"] < ALPHA for a in candidates):
         return (
-            "never",
+            NEVER,
             f"every byte-matched MoE arm ({', '.join(candidates)}) is worse than dense at p < {ALPHA}",
         )
     return (
@@ -527,6 +530,7 @@ def build_manifest(args, runs, arms, common) -> dict:
         name: welch(results["dense"]["val_bpb"], results[name]["val_bpb"]) for name in arms if name != "dense"
     }
     verdict, why = decide(results, tests)
+    dense_params = results["dense"]["params_mean"]
     shape = {k: v for k, v in common.items() if k not in ("DATA_PATH", "TOKENIZER_PATH", "OMP_NUM_THREADS")}
     tokens = int(shape["ITERATIONS"]) * int(shape["TRAIN_BATCH_TOKENS"])
     return dict(
@@ -538,6 +542,8 @@ def build_manifest(args, runs, arms, common) -> dict:
             corpus="proxy_sp1024",
             val_token_limit=int(shape.get("VAL_TOKEN_LIMIT", 0)),
             train_tokens_per_run=tokens,
+            # every verdict holds for this regime only (the 16 MB record trains at about 108)
+            tokens_per_param=tokens / dense_params if dense_params else None,
         ),
         shape=shape,
         seeds=sorted({r.seed for r in runs}),
@@ -811,7 +817,8 @@ def readme_head(args, manifest: dict) -> str:
 
 Does a Mixture-of-Experts MLP beat the dense MLP at equal artifact bytes? {len(manifest["arms"])} arms x seeds
 {args.seeds.replace(",", ", ")}{more_seeds_text(args)}, each run the same data, steps, schedules and evaluation.
-**Verdict: {manifest["verdict"]}** ({manifest["verdict_reason"]}).
+**Verdict: {manifest["verdict"]}** ({manifest["verdict_reason"]}), {regime_text(manifest)}.
+What this shows and what it does not: `findings.md`.
 
 Rule: {manifest["verdict_rule"]}
 
@@ -849,9 +856,23 @@ def more_seeds_text(args) -> str:
     if not args.more_seeds:
         return ""
     return (
-        f", and seeds {args.more_seeds.replace(',', ', ')} for {', '.join(args.more_arms.split(','))} only "
-        "(where the spread over the first seeds hid the difference)"
+        f", and seeds {args.more_seeds.replace(',', ', ')} for {', '.join(args.more_arms.split(','))} only, "
+        "added after the planned runs had given `defer` (the spread over the first seeds hid the "
+        "difference; a p-value on all seeds is then optimistic unless corrected for the look)"
     )
+
+
+def tokens_per_param(manifest: dict) -> float | None:
+    """Training tokens per run over dense's parameters (all of them, embedding included)."""
+    params = manifest["arms"].get("dense", {}).get("params_mean")
+    return manifest["data"]["train_tokens_per_run"] / params if params else None
+
+
+def regime_text(manifest: dict) -> str:
+    """The regime every verdict of the study is conditional on."""
+    ratio = tokens_per_param(manifest)
+    shown = f"{ratio:.1f} tokens per parameter" if ratio else "tokens per parameter unknown (no dense run)"
+    return f"in this regime: {shown}, equal optimizer steps for every arm"
 
 
 def readme_results(args, manifest: dict, sub: dict | None) -> str:
@@ -935,7 +956,8 @@ def render_findings_data(manifest: dict, analysed: list[dict]) -> str:
         MARKER,
         "# Findings data (facts for findings.md; proxy corpus, not FineWeb)",
         "",
-        f"Verdict by rule: **{manifest['verdict']}** ({manifest['verdict_reason']}).",
+        f"Verdict by rule: **{manifest['verdict']}** ({manifest['verdict_reason']}), "
+        f"{regime_text(manifest)}.",
         "",
         "## Per arm",
         "",

@@ -1,0 +1,226 @@
+"""Tests for tools/moe_regime.py: budgets from parameter counts, the plan's arms and order, bad input,
+and the statistics of the gap against tokens per parameter. CPU only; one slow test counts parameters
+with the real script."""
+
+import json
+import math
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "tools"))
+import moe_regime  # noqa: E402
+import runlog  # noqa: E402
+from common import sha256_file  # noqa: E402
+
+
+def test_iterations_from_parameter_count():
+    # 10 tokens per parameter for 201,826 parameters at 8,192 tokens a step: 2,018,260 tokens = 246.4 steps
+    assert moe_regime.iterations_for(10, 201_826, 8192) == 246
+    assert moe_regime.iterations_for(100, 201_826, 8192) == 2464
+    assert moe_regime.iterations_for(30, 1000, 10) == 3000
+
+
+@pytest.mark.parametrize(
+    "budget, params, batch, names",
+    [
+        (0, 1000, 10, "budget"),
+        (-10, 1000, 10, "budget"),
+        (math.nan, 1000, 10, "budget"),
+        (10, 0, 10, "parameter count"),
+        (10, 12.5, 10, "parameter count"),
+        (10, 1000, 0, "TRAIN_BATCH_TOKENS"),
+        (1, 10, 8192, "under one step"),
+    ],
+)
+def test_iterations_bad_input(budget, params, batch, names):
+    with pytest.raises(moe_regime.StudyError, match=names):
+        moe_regime.iterations_for(budget, params, batch)
+
+
+def test_parse_params():
+    text = "config ...\nparams total:201826 active_matmul_per_token:200704 router:0\n"
+    assert moe_regime.parse_params(text) == 201826
+    with pytest.raises(moe_regime.StudyError, match="params total"):
+        moe_regime.parse_params("Traceback: no model\n")
+
+
+def test_budgets_and_stages_parse_in_plan_order():
+    assert moe_regime.parse_budgets("30,10") == [30, 10]
+    assert moe_regime.parse_stages("qat,sweep") == ["sweep", "qat"]  # always the pre-registered order
+    for bad in ("", "20", "10,x"):
+        with pytest.raises(moe_regime.StudyError, match="--budgets"):
+            moe_regime.parse_budgets(bad)
+    with pytest.raises(moe_regime.StudyError, match="--stages"):
+        moe_regime.parse_stages("sweep,extra")
+
+
+def test_declared_arms_match_the_plan():
+    arms = moe_regime.ARMS
+    assert arms["perpass"].env["ROUTER_PER_PASS"] == "1"
+    assert arms["perpass"].env["MOE_LAYERS"] == moe_regime.REGIME_SHAPE["LOOP_START"]  # the looped layer
+    assert "ROUTER_PER_PASS" not in arms["perpass_control"].env  # the control: one shared router
+    assert {k: v for k, v in arms["perpass"].env.items() if k != "ROUTER_PER_PASS"} == arms[
+        "perpass_control"
+    ].env
+    for name in ("dense_qat", "soft4_qat", "perpass_qat"):
+        assert arms[name].env["QAT_START_FRAC"] == "0.75" and "QAT_START_FRAC" in arms[name].needs
+    assert arms["soft4_qat"].controls == ("dense_qat",)
+    assert moe_regime.STAGES["sweep"][:2] == [("dense", 10), ("soft4", 10)]  # the 10s run first
+    assert 100 < moe_regime.REAL_RUN_TOKENS_PER_PARAM < 110
+
+
+def args_for(tmp_path, *extra):
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    (data / "proxy_1024_bpe.model").write_bytes(b"")
+    argv = ["run", "--data", str(data), "--out", str(tmp_path / "study"), "--dry-run", *extra]
+    return moe_regime.parse_args(argv)
+
+
+def test_budgets_come_from_the_counted_parameters(tmp_path, capsys):
+    """ITERATIONS per budget follow the parameter count in budget.json (counted once by DRY_RUN=1)."""
+    folder = tmp_path / "study"
+    folder.mkdir()
+    script = folder / "train_gpt.py"
+    script.write_text((REPO / "train_gpt.py").read_text())
+    counted = {"10": 50, "30": 150, "100": 500}
+    (folder / moe_regime.BUDGET_JSON).write_text(
+        json.dumps(
+            dict(
+                dense_params=40960,
+                train_batch_tokens=8192,
+                iterations=counted,
+                script_sha256=sha256_file(script),
+            )
+        )
+    )
+    stages, _ = moe_regime.plan(args_for(tmp_path, "--stages", "sweep", "--budgets", "10,100"))
+    (sweep,) = stages
+    assert {(r.name, r.env["ITERATIONS"]) for r in sweep.runs} == {
+        ("dense_tpp10", "50"),
+        ("soft4_tpp10", "50"),
+        ("dense_tpp100", "500"),
+        ("soft4_tpp100", "500"),
+    }
+    assert [r.run_id for r in sweep.runs[:2]] == ["regime_dense_tpp10_s1337", "regime_soft4_tpp10_s1337"]
+    # a budget.json of another script is a refusal, not a silent reuse
+    script.write_text(script.read_text() + "\n# changed\n")
+    with pytest.raises(moe_regime.StudyError, match="another script"):
+        moe_regime.plan(args_for(tmp_path, "--stages", "sweep"))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--budgets", "20"], "--budgets '20'"),
+        (["--stages", "designs", "--design-script", "SCRIPT"], "lacks ROUTER_PER_PASS"),
+        (["--stages", "designs"], "no script: pass --design-script"),
+        (["--seeds", "1,1"], "--seeds"),
+        (["--jobs", "0"], "--jobs 0"),
+        (["--stages", "sweep", "--topk-time-ratio", "9"], "--topk-time-ratio 9"),
+    ],
+)
+def test_bad_input_is_an_error_before_any_run(tmp_path, capsys, extra, message):
+    script = tmp_path / "old_train_gpt.py"
+    script.write_text('KNOBS = {\n    "MOE_MODE": (str, "none"),\n    "QAT_START_FRAC": (float, 1.0),\n}\n')
+    extra = [str(script) if e == "SCRIPT" else e for e in extra]
+    args = args_for(tmp_path, *extra)
+    argv = [
+        "run",
+        "--data",
+        str(tmp_path / "data"),
+        "--out",
+        str(args.out),
+        "--dry-run",
+        "--script",
+        str(script),
+        *extra,
+    ]
+    assert moe_regime.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "study" / "runs").exists()
+
+
+def test_missing_data_folder(tmp_path, capsys):
+    argv = ["run", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s"), "--dry-run"]
+    assert moe_regime.main(argv) == 2
+    assert "--data" in capsys.readouterr().err
+
+
+def test_script_knobs_reads_the_knob_table():
+    knobs = moe_regime.script_knobs(REPO / "train_gpt.py")
+    assert {"MOE_MODE", "NUM_LOOPS", "MOE_LAYERS"} <= knobs
+
+
+def test_holm():
+    adjusted = moe_regime.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": None})
+    assert adjusted["a"] == pytest.approx(0.03)
+    assert adjusted["c"] == pytest.approx(0.06)
+    assert adjusted["b"] == pytest.approx(0.06)  # monotone: never below the step before
+    assert adjusted["d"] is None
+
+
+def test_trend_readings():
+    toward_moe = moe_regime.trend([(10, 0.02, 0.002), (100, 0.0, 0.002), (1000, -0.02, 0.002)])
+    assert toward_moe["slope"] == pytest.approx(-0.02) and "toward the MoE arm" in toward_moe["reading"]
+    toward_dense = moe_regime.trend([(10, -0.01, 0.002), (100, 0.01, 0.002)])
+    assert "toward dense" in toward_dense["reading"]
+    noisy = moe_regime.trend([(10, 0.01, 0.02), (100, 0.012, 0.02)])
+    assert "holds" in noisy["reading"]
+    assert moe_regime.trend([(10, 0.01, 0.002), (30, None, None)])["slope"] is None
+
+
+def test_gap_and_welch_direction():
+    arm = dict(val_bpb=[1.10, 1.11, 1.12])
+    control = dict(val_bpb=[1.00, 1.01, 1.02])
+    result = moe_regime.gap(arm, control, "val_bpb")
+    assert result["gap"] == pytest.approx(0.10)
+    assert result["p_worse"] < 0.01 < 0.99 < result["p_better"]
+    assert moe_regime.gap(dict(val_bpb=[1.0]), control, "val_bpb")["gap"] is None
+
+
+@pytest.mark.slow
+def test_dense_parameter_count_from_the_script():
+    """The budget's parameter count is the script's own (DRY_RUN=1, meta device): all parameters."""
+    env = {**moe_regime.REGIME_SHAPE, "MOE_MODE": "none"}
+    params = moe_regime.count_params(REPO / "train_gpt.py", env, sys.executable)
+    # tied 1024 x 64 embedding + 3 blocks of attention (64x64 q, o; 64x32 k, v) and a 64 -> 256 -> 64 MLP
+    matrices = 1024 * 64 + 3 * (2 * 64 * 64 + 2 * 64 * 32 + 2 * 64 * 256)
+    assert matrices < params < matrices * 1.05
+
+
+def test_holm_family_is_the_plans_six_design_comparisons():
+    assert len(moe_regime.HOLM_FAMILY) == 6
+    assert "soft4_qat_tpp100 vs dense_qat" in moe_regime.HOLM_FAMILY
+    assert "perpass_tpp100 vs perpass_control" not in moe_regime.HOLM_FAMILY  # attribution, reported apart
+    for key in moe_regime.HOLM_FAMILY:  # every member is a declared control of a declared arm
+        config, control = key.split(" vs ")
+        assert control in moe_regime.ARMS[moe_regime.arm_of(config)].controls
+
+
+def test_manifest_from_the_committed_logs_at_10_tokens_per_param(tmp_path):
+    """tokens_per_param per arm uses that arm's own logged parameter count; the gap is the arms' means."""
+    folder = REPO / "records" / "track_non_record_16mb" / "2026-12-03_MoE_Regime_Study"
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "proxy_1024_bpe.model").write_bytes(b"")
+    argv = ["collect", "--data", str(data), "--out", str(folder), "--stages", "sweep", "--budgets", "10"]
+    args = moe_regime.parse_args(argv)
+    stages, common = moe_regime.plan(args)
+    sweep = moe_regime.build_manifest(args, stages, common)["stages"]["sweep"]
+    dense, soft = sweep["entries"]["dense_tpp10"], sweep["entries"]["soft4_tpp10"]
+    assert dense["seeds"] == soft["seeds"] == [1337, 1338, 1339]
+    assert dense["tokens_per_param"] == pytest.approx(246 * 8192 / 201_826)
+    assert soft["params"][0] > dense["params"][0]  # the routers
+    assert soft["tokens_per_param"] == pytest.approx(246 * 8192 / soft["params"][0])
+    scores = {
+        name: [runlog.read(folder / log).score.val_bpb for log in entry["logs"]]
+        for name, entry in (("dense", dense), ("soft4", soft))
+    }
+    expected = sum(scores["soft4"]) / 3 - sum(scores["dense"]) / 3
+    assert sweep["comparisons"]["soft4_tpp10 vs dense"]["round_trip"]["gap"] == pytest.approx(expected)
+    assert sweep["comparisons"]["soft4_tpp10 vs dense"]["round_trip"]["p_better_holm"] is None

@@ -1,0 +1,699 @@
+"""The MoE study in the real run's regime, on CPU (proxy corpus, not FineWeb): dense and soft MoE trained
+at 10, 30 and 100 tokens per parameter, then the new designs at 100. The real 16 MB record trains at
+about 108 tokens per parameter; the first study (2026-11-25_MoE_vs_Dense_Study) at 2.5.
+
+    sh ../shared/data/proxy_sp1024/prepare.sh /tmp/proxy          # the corpus, outside the repository
+    python3 tools/moe_regime.py run --data /tmp/proxy \\
+        --out records/track_non_record_16mb/2026-12-03_MoE_Regime_Study
+    python3 tools/moe_regime.py run ... --stages sweep --budgets 10   # only part of the plan, in its order
+    python3 tools/moe_regime.py run ... --dry-run                     # the runs it would start
+    python3 tools/moe_regime.py collect --data /tmp/proxy --out FOLDER  # manifest, results.md, plot
+
+The plan (plan.md in the folder, committed before the first run) fixes the stages, in this order:
+sweep (dense and soft4 at every budget), designs (per-pass routing and its control at 100), qat (the
+QAT arms at 100) and topk_time (topk4 at dense's CPU time at 100). A budget is a number of tokens per
+parameter: ITERATIONS = round(budget x dense parameters / TRAIN_BATCH_TOKENS), dense's parameters counted
+by the script itself (DRY_RUN=1: all parameters, embedding included), the same ITERATIONS for every arm
+of a budget (equal tokens and steps), except topk4_equal_time, whose steps are scaled by the measured
+step-time ratio (--topk-time-ratio). Every schedule of train_gpt.py is a fraction of the run.
+
+The sweep runs the folder's train_gpt.py (copied at the first run). The other stages need knobs the
+sweep's script may lack (ROUTER_PER_PASS, QAT_START_FRAC); they run in FOLDER/designs/ on their own copy
+(--design-script), with their own dense and soft4 controls, so no comparison mixes two scripts.
+Resumable like tools/moe_study.py: a run whose log is complete is skipped, a failed or interrupted one is
+set aside in runs/failed/ and tried again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import moe_study  # noqa: E402  (tools/ modules import each other by name when run as scripts)
+import proxy_study  # noqa: E402
+import records  # noqa: E402
+from common import MOE_PRESETS, cell, mean_std, sha256_file  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TAG = "regime"
+StudyError = moe_study.StudyError
+
+# The record stack scaled to 3 layers x 64 (201,826 parameters with the dense MLP): XSA in every layer,
+# parallel lanes in the last, the middle layer looped once more after 35% of the run (so per-pass routing
+# has two passes to route), BigramHash off. One thread per run (two threads were 4.7x slower on the shared
+# 2-core machine), eager (compiling took 306 s before the first step, more than a 10-tokens-per-parameter
+# run's training), one micro-batch of 8,192 tokens (tokens per step per parameter 0.04, near the record's
+# 0.02). Quantization and evaluation are the defaults; plain round-trip windows on the first 262,144
+# validation tokens, as in the first study.
+REGIME_SHAPE: dict[str, str] = {
+    "VOCAB_SIZE": "1024",
+    "NUM_LAYERS": "3",
+    "MODEL_DIM": "64",
+    "NUM_HEADS": "4",
+    "NUM_KV_HEADS": "2",
+    "MLP_MULT": "4",
+    "ROPE_DIMS": "8",
+    "TRAIN_SEQ_LEN": "256",
+    "TRAIN_BATCH_TOKENS": "8192",
+    "MICRO_BATCH_TOKENS": "8192",
+    "MAX_WALLCLOCK_SECONDS": "0",
+    "WARMUP_STEPS": "0",
+    "TRAIN_LOG_EVERY": "64",
+    "VAL_LOSS_EVERY": "0",
+    "VAL_TOKEN_LIMIT": "262144",
+    "EVAL_STRIDE": "0",
+    "COMPILE": "0",
+    "XSA_LAST_N": "3",
+    "PARALLEL_START_LAYER": "2",
+    "NUM_LOOPS": "1",
+    "LOOP_START": "1",
+    "LOOP_END": "1",
+}
+BUDGETS = (10, 30, 100)  # tokens per parameter
+DESIGN_BUDGET = 100
+# The 1.0611 record: 4,931 steps x 786,432 tokens over 35.9M parameters.
+REAL_RUN_TOKENS_PER_PARAM = 4931 * 786432 / 35.9e6
+ALPHA = 0.05
+BYTES_TOLERANCE = 0.02  # "byte-matched": mean artifact bytes within 2% of the control's
+LOOPED_LAYER = REGIME_SHAPE["LOOP_START"]
+QAT = {"QAT_START_FRAC": "0.75"}  # fake quantization for the last quarter of the run
+SOFT_LOOPED = {**MOE_PRESETS["soft4"], "MOE_LAYERS": LOOPED_LAYER}
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    env: dict
+    controls: tuple = ()  # the arms it is tested against (one-sided Welch, "the arm is better")
+    needs: tuple = ()  # knobs the script must have
+    time_matched: bool = False  # steps scaled by dense's step time over its own
+
+
+ARMS = {
+    a.name: a
+    for a in (
+        Arm("dense", dict(MOE_PRESETS["dense"])),
+        Arm("soft4", dict(MOE_PRESETS["soft4"]), ("dense",)),
+        Arm(
+            "perpass",
+            {**SOFT_LOOPED, "ROUTER_PER_PASS": "1"},
+            ("dense", "perpass_control"),
+            ("ROUTER_PER_PASS",),
+        ),
+        Arm("perpass_control", dict(SOFT_LOOPED), ("dense",)),
+        Arm("dense_qat", {**MOE_PRESETS["dense"], **QAT}, ("dense",), ("QAT_START_FRAC",)),
+        Arm("soft4_qat", {**MOE_PRESETS["soft4"], **QAT}, ("dense_qat",), ("QAT_START_FRAC",)),
+        Arm(
+            "perpass_qat",
+            {**SOFT_LOOPED, "ROUTER_PER_PASS": "1", **QAT},
+            ("dense_qat",),
+            ("ROUTER_PER_PASS", "QAT_START_FRAC"),
+        ),
+        Arm("topk4_equal_time", dict(MOE_PRESETS["topk4"]), ("dense",), time_matched=True),
+    )
+}
+# The pre-registered order (plan.md): stage -> (arm, budget) in run order within a seed.
+STAGES: dict[str, list[tuple[str, int]]] = {
+    "sweep": [(arm, b) for b in BUDGETS for arm in ("dense", "soft4")],
+    "designs": [(arm, DESIGN_BUDGET) for arm in ("dense", "soft4", "perpass", "perpass_control")],
+    "qat": [(arm, DESIGN_BUDGET) for arm in ("dense_qat", "soft4_qat", "perpass_qat")],
+    "topk_time": [("topk4_equal_time", DESIGN_BUDGET)],
+}
+# The family of plan.md's design decision, Holm-adjusted together (the attribution test perpass vs
+# perpass_control and the QAT evidence dense_qat vs dense are reported apart).
+HOLM_FAMILY = {
+    f"{arm}_tpp{DESIGN_BUDGET} vs {control}"
+    for arm, control in (
+        ("soft4", "dense"),
+        ("perpass", "dense"),
+        ("perpass_control", "dense"),
+        ("topk4_equal_time", "dense"),
+        ("soft4_qat", "dense_qat"),
+        ("perpass_qat", "dense_qat"),
+    )
+}
+DESIGN_FOLDER = "designs"  # the stages after the sweep, on their own script
+BUDGET_JSON = "budget.json"
+PLOT = "gap-vs-tokens-per-param.png"
+
+
+# ---------------------------------------------------------------------------- budgets
+
+
+def iterations_for(tokens_per_param: float, params: int, batch_tokens: int) -> int:
+    """Optimizer steps that give `tokens_per_param` training tokens per parameter (rounded to a step)."""
+    if not (isinstance(params, int) and params > 0):
+        raise StudyError(f"parameter count {params!r}: must be a positive integer")
+    if not (isinstance(batch_tokens, int) and batch_tokens > 0):
+        raise StudyError(f"TRAIN_BATCH_TOKENS={batch_tokens!r}: must be a positive integer")
+    if not (math.isfinite(tokens_per_param) and tokens_per_param > 0):
+        raise StudyError(f"budget {tokens_per_param!r} tokens per parameter: must be a positive number")
+    steps = round(tokens_per_param * params / batch_tokens)
+    if steps < 1:
+        raise StudyError(
+            f"budget {tokens_per_param} tokens per parameter is under one step of {batch_tokens}"
+        )
+    return steps
+
+
+def parse_params(text: str) -> int:
+    """The total parameter count from train_gpt.py's `params total:N` line."""
+    found = re.findall(r"^params total:(\d+)", text, flags=re.M)
+    if not found:
+        raise StudyError("the script printed no `params total:N` line (DRY_RUN=1 failed?)")
+    return int(found[-1])
+
+
+def count_params(script: Path, env: dict[str, str], python: str) -> int:
+    """All parameters of the model `env` builds, embedding included, counted by the script (meta device)."""
+    run_env = {k: v for k, v in env.items() if k not in ("DATA_PATH", "TOKENIZER_PATH")}
+    proc = subprocess.run(
+        [python, str(script)],
+        env={"PATH": "/usr/bin:/bin", **run_env, "DRY_RUN": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if proc.returncode != 0:
+        raise StudyError(f"DRY_RUN=1 {script} failed: {(proc.stderr or proc.stdout).strip()[-400:]}")
+    return parse_params(proc.stdout)
+
+
+def parse_budgets(text: str) -> list[int]:
+    try:
+        budgets = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise StudyError(f"--budgets {text!r}: expected comma-separated integers of {BUDGETS}") from None
+    bad = [b for b in budgets if b not in BUDGETS]
+    if not budgets or bad:
+        raise StudyError(f"--budgets {text!r}: the plan's budgets are {', '.join(map(str, BUDGETS))}")
+    return budgets
+
+
+def parse_stages(text: str) -> list[str]:
+    stages = [s for s in text.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if not stages or bad:
+        raise StudyError(f"--stages {text!r}: known stages, in the plan's order: {', '.join(STAGES)}")
+    return [s for s in STAGES if s in stages]  # always the pre-registered order
+
+
+def script_knobs(script: Path) -> set[str]:
+    """The knob names of a train_gpt.py (its KNOBS table's keys)."""
+    return set(re.findall(r'^\s+"([A-Z][A-Z0-9_]+)": \(', script.read_text(encoding="utf-8"), flags=re.M))
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+@dataclass
+class Stage:
+    name: str
+    folder: Path
+    script: Path  # the script to copy into the folder (or the folder's copy)
+    runs: list
+
+
+def budget_info(args, folder: Path, script: Path, common: dict[str, str]) -> dict:
+    """Dense's parameter count and every budget's ITERATIONS, counted once per folder (budget.json)."""
+    path = folder / BUDGET_JSON
+    batch = int(common["TRAIN_BATCH_TOKENS"])
+    if path.is_file():
+        info = json.loads(path.read_text())
+        if info.get("script_sha256") == sha256_file(script) and info.get("train_batch_tokens") == batch:
+            return info
+        raise StudyError(
+            f"{path} was counted for another script or batch: move the folder away to start over"
+        )
+    params = count_params(script, {**common, **ARMS["dense"].env}, args.python)
+    info = dict(
+        dense_params=params,
+        train_batch_tokens=batch,
+        iterations={str(b): iterations_for(b, params, batch) for b in BUDGETS},
+        script_sha256=sha256_file(script),
+    )
+    if not args.dry_run:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def plan(args) -> tuple[list[Stage], dict[str, str]]:
+    data = Path(args.data).resolve()
+    tokenizer = Path(args.tokenizer or data / "proxy_1024_bpe.model").resolve()
+    if not data.is_dir():
+        raise StudyError(f"--data {args.data}: no such folder (unpack the proxy corpus with its prepare.sh)")
+    if not tokenizer.is_file():
+        raise StudyError(f"--tokenizer {tokenizer}: no such file")
+    seeds = moe_study.parse_seeds("--seeds", args.seeds)
+    budgets = parse_budgets(args.budgets)
+    common = {
+        "DATA_PATH": str(data),
+        "TOKENIZER_PATH": str(tokenizer),
+        **REGIME_SHAPE,
+        "OMP_NUM_THREADS": "1",
+    }
+    stages = []
+    for name in parse_stages(args.stages):
+        folder = args.out if name == "sweep" else args.out / DESIGN_FOLDER
+        given = args.script if name == "sweep" else args.design_script
+        copy = folder / moe_study.SCRIPT
+        script = copy if copy.is_file() else given
+        entries = [(arm, b) for arm, b in STAGES[name] if b in budgets]
+        if not entries:
+            continue
+        blocked = None
+        if script is None or not script.is_file():
+            blocked = (
+                f"stage {name}: no script: pass --design-script, a train_gpt.py with "
+                f"ROUTER_PER_PASS and QAT_START_FRAC (it is copied to {copy})"
+            )
+        elif lacking := sorted({k for arm, _ in entries for k in ARMS[arm].needs} - script_knobs(script)):
+            blocked = (
+                f"stage {name}: {script} lacks {', '.join(lacking)}; pass --design-script with a "
+                "train_gpt.py that has them, or leave the stage out (--stages)"
+            )
+        elif any(ARMS[arm].time_matched for arm, _ in entries) and not args.topk_time_ratio:
+            blocked = (
+                "stage topk_time: --topk-time-ratio is required: dense's ms/step over topk4's, measured "
+                "alone at this shape (tools/moe_study.py speed with --env for the regime shape)"
+            )
+        if blocked and (args.stages != ",".join(STAGES) or args.command == "collect" and name == "sweep"):
+            raise StudyError(blocked)  # asked for by name: a refusal, not a skip
+        if blocked:
+            moe_study.say(f"{blocked}: not run yet (the whole plan was asked for)")
+            continue
+        if args.topk_time_ratio is not None and not 0.2 <= args.topk_time_ratio <= 5:
+            raise StudyError(f"--topk-time-ratio {args.topk_time_ratio}: expected a measured ratio in 0.2..5")
+        info = budget_info(args, folder, script, common)
+        configs = {}
+        for arm, budget in entries:
+            steps = info["iterations"][str(budget)]
+            if ARMS[arm].time_matched:
+                steps = round(steps * args.topk_time_ratio)
+            configs[f"{arm}_tpp{budget}"] = {**ARMS[arm].env, "ITERATIONS": str(steps)}
+        try:
+            runs = proxy_study.plan_runs(configs, seeds, common, TAG, moe_study.runs_dir(folder))
+        except proxy_study.StudyError as err:
+            raise StudyError(str(err)) from None
+        order = {key: i for i, key in enumerate(configs)}
+        runs.sort(key=lambda r: (budget_of(r.name), seeds.index(r.seed), order[r.name]))
+        stages.append(Stage(name, folder, given if given and given.is_file() else script, runs))
+    return stages, common
+
+
+def budget_of(config: str) -> int:
+    return int(config.rsplit("_tpp", 1)[1])
+
+
+def arm_of(config: str) -> str:
+    return config.rsplit("_tpp", 1)[0]
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def run_stages(args, stages: list[Stage]) -> int:
+    status = 0
+    for stage in stages:
+        logs = moe_study.runs_dir(stage.folder)
+        todo = [run for run in stage.runs if moe_study.finished(run, logs) is None]
+        moe_study.say(
+            f"stage {stage.name}: {len(stage.runs)} runs planned, {len(stage.runs) - len(todo)} finished, "
+            f"{len(todo)} to run, {args.jobs} at a time"
+        )
+        if args.dry_run:
+            for run in todo:
+                moe_study.say(
+                    proxy_study.shell_line(run, [args.python, str(stage.folder / moe_study.SCRIPT)])
+                )
+            continue
+        if not todo:
+            continue
+        script = moe_study.prepare_script(stage.folder, stage.script)
+        logs.mkdir(parents=True, exist_ok=True)
+        (stage.folder / ".gitignore").write_text("# artifacts stay out of git\nruns/*.ptz\nruns/.lock\n")
+        with moe_study.folder_lock(logs):
+            status = moe_study.run_missing(args, todo, script, logs) or status
+    return status
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def entry_results(runs: list, logs: Path, params_dense: int) -> dict[str, dict]:
+    """Per (arm, budget): the finished runs' scores, sizes and tokens per parameter."""
+    rows = [proxy_study.collect(run, logs) for run in runs]
+    results = {}
+    for config in dict.fromkeys(r.name for r in runs):
+        ok = [r for r in rows if r["name"] == config and r["status"] == "ok"]
+        run = next(r for r in runs if r.name == config)
+        steps = int(run.env["ITERATIONS"])
+        tokens = steps * int(run.env["TRAIN_BATCH_TOKENS"])
+        entry = dict(
+            arm=arm_of(config),
+            budget=budget_of(config),
+            env={k: v for k, v in moe_study.arm_env(run).items() if k not in REGIME_SHAPE},
+            iterations=steps,
+            train_tokens=tokens,
+            seeds=[r["seed"] for r in ok],
+            runs=[r["run_id"] for r in ok],
+            logs=[f"runs/{r['run_id']}.txt" for r in ok],
+        )
+        for key, source in (
+            ("val_bpb", "score"),
+            ("pre_quant_val_bpb", "val_bpb_prequant"),
+            ("params", "params"),
+            ("artifact_bytes", "artifact_bytes"),
+            ("ms_per_step", "ms_per_step"),
+        ):
+            entry[key] = [r.get(source) for r in ok]
+            entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std([v for v in entry[key] if v is not None])
+        # every parameter of this arm, embedding included; dense's count before any run finished
+        params = entry["params_mean"] or (params_dense if entry["arm"] == "dense" else None)
+        entry["tokens_per_param"] = tokens / params if params else None
+        entry["missing"] = [r["run_id"] for r in rows if r["name"] == config and r["status"] != "ok"]
+        results[config] = entry
+    return results
+
+
+def gap(arm: dict, control: dict, key: str) -> dict:
+    """Arm minus control (mean), its standard error, and one-sided Welch p both ways."""
+    a = [v for v in arm[key] if v is not None]
+    c = [v for v in control[key] if v is not None]
+    if len(a) < 2 or len(c) < 2:
+        return dict(gap=None, se=None, p_better=None, p_worse=None, n=[len(a), len(c)])
+    tests = moe_study.welch(c, a)
+    se = math.sqrt(mean_std(a)[1] ** 2 / len(a) + mean_std(c)[1] ** 2 / len(c))
+    return dict(
+        gap=mean_std(a)[0] - mean_std(c)[0],
+        se=se,
+        p_better=tests["p_better"],
+        p_worse=tests["p_worse"],
+        n=[len(a), len(c)],
+    )
+
+
+def trend(points: list[tuple[float, float, float]]) -> dict:
+    """Weighted least squares of the gap on log10(tokens per parameter), weights 1/se^2: the slope per
+    decade, its 95% interval, and what it says (toward the MoE arm, toward dense, or within noise)."""
+    usable = [(math.log10(x), g, se) for x, g, se in points if g is not None and se]
+    if len(usable) < 2:
+        return dict(slope=None, ci=None, reading="too few budgets with 2+ seeds per arm")
+    w = [1 / se**2 for _, _, se in usable]
+    xm = sum(wi * x for wi, (x, _, _) in zip(w, usable)) / sum(w)
+    ym = sum(wi * g for wi, (_, g, _) in zip(w, usable)) / sum(w)
+    sxx = sum(wi * (x - xm) ** 2 for wi, (x, _, _) in zip(w, usable))
+    slope = sum(wi * (x - xm) * (g - ym) for wi, (x, g, _) in zip(w, usable)) / sxx
+    half = 1.96 / math.sqrt(sxx)
+    ci = [slope - half, slope + half]
+    if ci[1] < 0:
+        reading = "the gap moves toward the MoE arm as tokens per parameter grow"
+    elif ci[0] > 0:
+        reading = "the gap moves toward dense as tokens per parameter grow"
+    else:
+        reading = "the gap holds (its slope is within noise)"
+    return dict(slope=slope, ci=ci, reading=reading)
+
+
+def holm(pvalues: dict[str, float | None]) -> dict[str, float | None]:
+    """Holm-adjusted p-values over one family of comparisons (None stays None, and is not counted)."""
+    known = sorted((p, k) for k, p in pvalues.items() if p is not None)
+    adjusted, running = {k: None for k in pvalues}, 0.0
+    for i, (p, k) in enumerate(known):
+        running = max(running, min(1.0, (len(known) - i) * p))
+        adjusted[k] = running
+    return adjusted
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+def build_manifest(args, stages: list[Stage], common: dict[str, str]) -> dict:
+    manifest = dict(
+        study="MoE vs dense in the real run's regime, CPU, proxy corpus (NOT FineWeb: val_bpb here is not "
+        "comparable with challenge scores)",
+        data=dict(
+            path=common["DATA_PATH"],
+            tokenizer=common["TOKENIZER_PATH"],
+            corpus="proxy_sp1024",
+            val_token_limit=int(REGIME_SHAPE["VAL_TOKEN_LIMIT"]),
+        ),
+        shape=dict(REGIME_SHAPE),
+        real_run_tokens_per_param=REAL_RUN_TOKENS_PER_PARAM,
+        seeds=moe_study.parse_seeds("--seeds", args.seeds),
+        stages={},
+        command=reproduce_command(args),
+    )
+    for stage in stages:
+        info = (
+            json.loads((stage.folder / BUDGET_JSON).read_text())
+            if (stage.folder / BUDGET_JSON).is_file()
+            else {}
+        )
+        entries = entry_results(stage.runs, moe_study.runs_dir(stage.folder), info.get("dense_params"))
+        comparisons = {}
+        for config, entry in entries.items():
+            for control in ARMS[entry["arm"]].controls:
+                ref = f"{control}_tpp{entry['budget']}"
+                if ref in entries:
+                    comparisons[f"{config} vs {control}"] = dict(
+                        round_trip=gap(entry, entries[ref], "val_bpb"),
+                        pre_quant=gap(entry, entries[ref], "pre_quant_val_bpb"),
+                        bytes_ratio=(entry["artifact_bytes_mean"] / entries[ref]["artifact_bytes_mean"])
+                        if entry["artifact_bytes_mean"] and entries[ref]["artifact_bytes_mean"]
+                        else None,
+                    )
+        manifest["stages"][stage.name] = dict(
+            folder=str(stage.folder.relative_to(args.out)) if stage.folder != args.out else ".",
+            dense_params=info.get("dense_params"),
+            iterations=info.get("iterations"),
+            entries=entries,
+            comparisons=comparisons,
+        )
+    # Holm over the plan's family of design comparisons at 100 (all in designs/); None elsewhere
+    family = {
+        key: c
+        for name, stage in manifest["stages"].items()
+        if name != "sweep"
+        for key, c in stage["comparisons"].items()
+        if key in HOLM_FAMILY
+    }
+    adjusted = holm({key: c["round_trip"]["p_better"] for key, c in family.items()})
+    for stage in manifest["stages"].values():
+        for key, c in stage["comparisons"].items():
+            c["round_trip"]["p_better_holm"] = adjusted.get(key) if key in family else None
+    sweep = manifest["stages"].get("sweep")
+    if sweep:
+        for key in ("round_trip", "pre_quant"):
+            points = [
+                (float(b), c[key]["gap"], c[key]["se"])
+                for b in BUDGETS
+                if (c := sweep["comparisons"].get(f"soft4_tpp{b} vs dense")) is not None
+            ]
+            sweep[f"trend_{key}"] = trend(points)
+    return manifest
+
+
+def reproduce_command(args) -> str:
+    out = Path(args.out)
+    shown = out.relative_to(REPO) if out.is_relative_to(REPO) else out
+    extra = "" if args.stages == ",".join(STAGES) else f" --stages {args.stages}"
+    extra += "" if args.budgets == ",".join(map(str, BUDGETS)) else f" --budgets {args.budgets}"
+    extra += f" --topk-time-ratio {args.topk_time_ratio}" if args.topk_time_ratio else ""
+    return (
+        f"python3 tools/moe_regime.py run --data {args.data} --out {shown} --seeds {args.seeds} "
+        f"--jobs {args.jobs}{extra} --script {shown}/{moe_study.SCRIPT}"
+    )
+
+
+def results_text(manifest: dict) -> str:
+    lines = [
+        moe_study.MARKER.replace("moe_study.py", "moe_regime.py"),
+        "# Results as the logs stand (proxy corpus, not FineWeb)",
+        "",
+        "Round-trip val_bpb of the quantized artifact on the first 262,144 proxy validation tokens; mean ± "
+        "sample std over the finished seeds. Gap = arm minus control (negative: the arm is better), ± its "
+        "standard error; p = one-sided Welch that the arm is better; Holm p: adjusted over plan.md's 6 "
+        "design comparisons at 100 (blank in the sweep, which is read by its trend).",
+    ]
+    for name, stage in manifest["stages"].items():
+        lines += [
+            "",
+            f"## Stage {name} (folder `{stage['folder']}`, dense parameters {stage['dense_params']})",
+            "",
+        ]
+        lines += [
+            "| arm | tokens/param | steps | seeds | val_bpb | pre-quant | artifact bytes | ms/step "
+            "| missing |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for entry in stage["entries"].values():
+            lines.append(
+                f"| {entry['arm']} | {cell(entry['tokens_per_param'], 1)} | {entry['iterations']} | "
+                f"{len(entry['seeds'])} | {moe_study.pm(entry, 'val_bpb')} | "
+                f"{moe_study.pm(entry, 'pre_quant_val_bpb')} | {cell(entry['artifact_bytes_mean'], 0)} | "
+                f"{cell(entry['ms_per_step_mean'], 1)} | {len(entry['missing'])} |"
+            )
+        if stage["comparisons"]:
+            lines += [
+                "",
+                "| comparison | gap (round trip) | p better | p worse | Holm p | gap (pre-quant) | bytes x |",
+            ]
+            lines.append("|---|---|---|---|---|---|---|")
+            for key, c in stage["comparisons"].items():
+                rt, pq = c["round_trip"], c["pre_quant"]
+                lines.append(
+                    f"| {key} | {signed(rt['gap'])} ± {cell(rt['se'])} | {pval(rt['p_better'])} | "
+                    f"{pval(rt['p_worse'])} | {pval(rt['p_better_holm'])} | {signed(pq['gap'])} ± "
+                    f"{cell(pq['se'])} | {cell(c['bytes_ratio'], 3)} |"
+                )
+        for key in ("trend_round_trip", "trend_pre_quant"):
+            if key in stage:
+                t = stage[key]
+                slope = (
+                    "-"
+                    if t["slope"] is None
+                    else f"{t['slope']:+.4f} per decade, 95% [{t['ci'][0]:+.4f}, {t['ci'][1]:+.4f}]"
+                )
+                lines += [
+                    "",
+                    f"Soft4-minus-dense {key[6:].replace('_', ' ')} gap against log10(tokens per "
+                    f"parameter): {slope}; {t['reading']}.",
+                ]
+    return "\n".join(lines) + "\n"
+
+
+def signed(value) -> str:
+    return "-" if value is None else f"{value:+.4f}"
+
+
+def pval(value) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def gap_plot(manifest: dict, path: Path) -> bool:
+    """soft4 minus dense against tokens per parameter (log x), round trip and pre-quant, ± 1 s.e."""
+    sweep = manifest["stages"].get("sweep")
+    if not sweep:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drawn = False
+    for key, label, shift, marker in (
+        ("round_trip", "round trip", 1.0, "o"),
+        ("pre_quant", "pre-quant", 1.04, "s"),
+    ):
+        xs, ys, es = [], [], []
+        for b in BUDGETS:
+            c = sweep["comparisons"].get(f"soft4_tpp{b} vs dense")
+            if c and c[key]["gap"] is not None:
+                tpp = sweep["entries"][f"dense_tpp{b}"]["tokens_per_param"]
+                xs.append(tpp * shift)
+                ys.append(c[key]["gap"])
+                es.append(c[key]["se"])
+        if xs:
+            ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=4, label=f"soft4 - dense, {label}")
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xscale("log")
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.axvline(REAL_RUN_TOKENS_PER_PARAM, color="red", ls="--", lw=1)
+    ax.text(REAL_RUN_TOKENS_PER_PARAM, ax.get_ylim()[1], " real run ~108", color="red", va="top", fontsize=8)
+    ax.set_xlim(5, 200)
+    ax.set_xlabel("training tokens per parameter (log)")
+    ax.set_ylabel("val_bpb gap (positive: dense better)")
+    ax.set_title("soft4 minus dense, mean ± 1 s.e. over seeds (proxy corpus, CPU; not FineWeb)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def finalize(args, stages: list[Stage], common: dict[str, str]) -> int:
+    manifest = build_manifest(args, stages, common)
+    args.out.mkdir(parents=True, exist_ok=True)
+    manifest["plot"] = PLOT if gap_plot(manifest, args.out / PLOT) else None
+    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    path = args.out / "results.md"
+    text = results_text(manifest)
+    if path.exists() and "moe_regime.py" not in path.read_text().split("\n", 1)[0]:
+        raise StudyError(f"{path} exists and was not written by tools/moe_regime.py; move it away")
+    path.write_text(text)
+    print(text)
+    return 0
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "command", choices=("run", "collect"), help="run what is missing then collect; or collect only"
+    )
+    parser.add_argument("--data", required=True, help="the unpacked proxy corpus (prepare.sh DEST)")
+    parser.add_argument("--tokenizer", help="default DATA/proxy_1024_bpe.model")
+    parser.add_argument("--out", required=True, type=Path, help="the study folder")
+    parser.add_argument("--seeds", default="1337,1338,1339")
+    parser.add_argument(
+        "--stages", default=",".join(STAGES), help=f"of {', '.join(STAGES)}; run in that order"
+    )
+    parser.add_argument(
+        "--budgets", default=",".join(map(str, BUDGETS)), help="tokens per parameter, of 10,30,100"
+    )
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    parser.add_argument(
+        "--script", type=Path, default=REPO / moe_study.SCRIPT, help="the sweep's train_gpt.py"
+    )
+    parser.add_argument("--design-script", type=Path, help="the train_gpt.py of the stages after the sweep")
+    parser.add_argument(
+        "--topk-time-ratio", type=float, help="dense ms/step over topk4 ms/step, measured alone"
+    )
+    parser.add_argument("--python", default=sys.executable)
+    parser.add_argument(
+        "--timeout", type=float, help="seconds before a run is stopped and recorded as failed"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the runs to start, run nothing")
+    args = parser.parse_args(argv)
+    args.out = args.out.resolve()
+    args.script = args.script.resolve()
+    args.design_script = args.design_script.resolve() if args.design_script else None
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, moe_study.interrupt)  # a stopped study stops its runs too
+    try:
+        if args.jobs < 1:
+            raise StudyError(f"--jobs {args.jobs}: must be at least 1")
+        stages, common = plan(args)
+        status = run_stages(args, stages) if args.command == "run" else 0
+        if args.dry_run:
+            return status
+        return finalize(args, stages, common) or status
+    except (StudyError, records.RecordError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
