@@ -2689,6 +2689,34 @@ def loop_switch_planned(h) -> bool:
     return h.num_loops > 0 and h.enable_looping_at < 1
 
 
+class Schedule(NamedTuple):
+    """Everything that follows the run's progress (a fraction of steps or of the wall clock)."""
+
+    lr_scale: float  # of every group's peak learning rate
+    muon_momentum: float
+    looping: bool  # depth recurrence on (it never switches off)
+    qat: bool  # quantization-aware training on (it never switches off)
+
+
+def schedule(progress: float, h) -> Schedule:
+    """The one table of the run's stages, as a function of progress in [0, 1]."""
+    warmup = h.muon_momentum_warmup_frac
+    ramp = min(1.0, progress / warmup) if warmup > 0 else 1.0
+    start = h.muon_momentum_warmup_start
+    return Schedule(
+        lr_scale=lr_scale(progress, h.warmdown_frac, h.min_lr),
+        muon_momentum=start + ramp * (h.muon_momentum - start),
+        looping=loop_switch_planned(h) and progress >= h.enable_looping_at,
+        qat=h.qat_start_frac < 1 and progress >= h.qat_start_frac,
+    )
+
+
+def ema_decay(step_share: float, h) -> float:
+    """The EMA's decay for a step that took `step_share` of the run: EMA_DECAY when given (per step, as
+    the records), else one that follows the step's share, so short runs average like long ones."""
+    return h.ema_decay if h.ema_decay is not None else math.exp(-step_share / EMA_RUN_HORIZON)
+
+
 class Trainer:
     """One training run: data, model, optimizers, compile warm-up and the timed loop."""
 
@@ -2740,16 +2768,18 @@ class Trainer:
         )
         return min(1.0, max(self.step / self.h.iterations, by_time))
 
-    def set_schedules(self, progress: float) -> None:
-        h, scale = self.h, lr_scale(progress, self.h.warmdown_frac, self.h.min_lr)
-        ramp = min(1.0, progress / h.muon_momentum_warmup_frac) if h.muon_momentum_warmup_frac > 0 else 1.0
+    def apply_schedule(self, progress: float) -> None:
+        """Sets learning rates and Muon momentum, and switches the loop and QAT on when their time comes."""
+        stage = schedule(progress, self.h)
         for opt in self.optimizers:
             for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * scale
+                g["lr"] = g["base_lr"] * stage.lr_scale
                 if isinstance(opt, Muon):
-                    g["momentum"] = h.muon_momentum_warmup_start + ramp * (
-                        h.muon_momentum - h.muon_momentum_warmup_start
-                    )
+                    g["momentum"] = stage.muon_momentum
+        if stage.looping and not self.model.looping:
+            self.start_looping(progress)
+        if stage.qat and not self.qat:
+            self.start_qat(progress)
 
     def train_step(self) -> Tensor:
         """Forward/backward over the micro-batches, clip, step; returns the mean cross-entropy."""
@@ -2791,12 +2821,10 @@ class Trainer:
         for (p, _, _), master in zip(self.qat_grids, self.qat_masters):
             p.copy_(master)
 
-    def maybe_start_qat(self, progress: float) -> None:
-        """Quantization-aware training for the run after QAT_START_FRAC (1 = never)."""
-        if self.h.qat_start_frac < 1 and not self.qat and progress >= self.h.qat_start_frac:
-            self.qat = True
-            self.log(f"qat:enabled step:{self.step} progress:{progress:.3f} tensors:{len(self.qat_grids)}")
-            self.log.event("qat", step=self.step, progress=progress, tensors=len(self.qat_grids))
+    def start_qat(self, progress: float) -> None:
+        self.qat = True
+        self.log(f"qat:enabled step:{self.step} progress:{progress:.3f} tensors:{len(self.qat_grids)}")
+        self.log.event("qat", step=self.step, progress=progress, tensors=len(self.qat_grids))
 
     def compile_warmup(self) -> None:
         """Run WARMUP_STEPS steps to compile, then restore weights, optimizer state and data position."""
@@ -2817,14 +2845,11 @@ class Trainer:
         self.loader.stream.restore(saved[2])
         self.routing_totals = None
 
-    def maybe_start_looping(self, progress: float) -> None:
-        """Depth recurrence starts once ENABLE_LOOPING_AT of the run has passed (1 = never)."""
-        if loop_switch_planned(self.h) and not self.model.looping and progress >= self.h.enable_looping_at:
-            self.model.set_looping(True)
-            self.log(
-                f"layer_loop:enabled step:{self.step} progress:{progress:.3f} order:{self.model.orders[1]}"
-            )
-            self.log.event("layer_loop", step=self.step, progress=progress, order=self.model.orders[1])
+    def start_looping(self, progress: float) -> None:
+        self.model.set_looping(True)
+        order = self.model.orders[1]
+        self.log(f"layer_loop:enabled step:{self.step} progress:{progress:.3f} order:{order}")
+        self.log.event("layer_loop", step=self.step, progress=progress, order=order)
 
     def update_ema(self, step_progress: float) -> None:
         if self.h.ema_decay == 0:
@@ -2832,11 +2857,7 @@ class Trainer:
         if self.ema is None:
             self.ema = EMA(self.model)
             return
-        # Unset: the decay follows this step's share of the run, so short runs average like long ones.
-        decay = (
-            self.h.ema_decay if self.h.ema_decay is not None else math.exp(-step_progress / EMA_RUN_HORIZON)
-        )
-        self.ema.update(decay)
+        self.ema.update(ema_decay(step_progress, self.h))
 
     def log_step(self, step: int, ce: float, elapsed_ms: float, peak: float | None) -> None:
         tokens_per_s = step * self.h.train_batch_tokens / max(elapsed_ms / 1000, 1e-9)
@@ -2922,9 +2943,7 @@ class Trainer:
             if last:
                 break
             progress = self.progress(agreed_ms)
-            self.set_schedules(progress)
-            self.maybe_start_looping(progress)
-            self.maybe_start_qat(progress)
+            self.apply_schedule(progress)
             ce = self.train_step()
             self.step += 1
             if pending is not None:

@@ -525,3 +525,22 @@ def test_model_receives_only_the_model_contract(tiny_config):
     cfg = tg.model_config(h)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.model_dim = 8
+
+
+def test_schedule_is_one_table_of_the_run_stages(tiny_config):
+    h = tiny_config(
+        NUM_LOOPS="1",
+        LOOP_START="0",
+        LOOP_END="0",
+        ENABLE_LOOPING_AT="0.35",
+        QAT_START_FRAC="0.85",
+        WARMDOWN_FRAC="0.5",
+        MIN_LR="0.1",
+    )
+    start, loop_on, late = (tg.schedule(p, h) for p in (0.0, 0.35, 0.9))
+    assert start == (1.0, h.muon_momentum_warmup_start, False, False)
+    assert loop_on.looping and not loop_on.qat and loop_on.lr_scale == 1.0
+    assert late.looping and late.qat and late.lr_scale == pytest.approx(0.2)
+    assert late.muon_momentum == h.muon_momentum
+    assert tg.ema_decay(0.058, h) == pytest.approx(math.exp(-1))
+    assert tg.ema_decay(0.5, tiny_config(EMA_DECAY="0.99")) == 0.99
