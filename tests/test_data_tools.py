@@ -620,7 +620,8 @@ def test_sp8192_comes_from_the_named_repository_in_the_records_layout(tmp_path, 
         ("datasets/tokenizers", "fineweb_8192_bpe.model"),
         ("datasets/tokenizers", "fineweb_8192_bpe.vocab"),
     ]
-    # the paths the sp8192 records read: data/datasets/fineweb10B_sp8192, data/tokenizers/fineweb_8192_bpe.model
+    # the paths the sp8192 records read: data/datasets/fineweb10B_sp8192,
+    # data/tokenizers/fineweb_8192_bpe.model
     assert local_files(tmp_path) == [
         "datasets/fineweb10B_sp8192/fineweb_train_000000.bin",
         "datasets/fineweb10B_sp8192/fineweb_train_000001.bin",

@@ -53,7 +53,8 @@ def write_shard(path, tokens, magic=tg.SHARD_MAGIC, version=tg.SHARD_VERSION, co
         ),
         (
             {"TRAIN_SEQ_LEN": "1000"},
-            "MICRO_BATCH_TOKENS=98304 (unset: TRAIN_BATCH_TOKENS=786432 / 8) is not a positive multiple of TRAIN_SEQ_LEN=1000",
+            "MICRO_BATCH_TOKENS=98304 (unset: TRAIN_BATCH_TOKENS=786432 / 8) is not a positive multiple of "
+            "TRAIN_SEQ_LEN=1000",
         ),
     ],
 )

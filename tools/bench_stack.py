@@ -1,9 +1,9 @@
 """Times a full training step (forward, backward, clip, optimizer) of train_gpt.py's model per phase
 of the run: before the depth-recurrence switch and after it, as one GPU of an 8-GPU run sees it.
 
-    python3 tools/bench_stack.py                         # CUDA: the default (record) shape, 98,304 tokens per step
+    python3 tools/bench_stack.py              # CUDA: the default (record) shape, 98,304 tokens per step
     python3 tools/bench_stack.py MOE_MODE=none --iters 30 --json bench.json
-    python3 tools/bench_stack.py --tiny                  # CPU smoke run: a tiny shape, timings mean nothing
+    python3 tools/bench_stack.py --tiny       # CPU smoke run: a tiny shape, timings mean nothing
 
 KEY=VALUE arguments override knobs as in a real run (e.g. MICRO_BATCH_TOKENS=49152 if the full
 per-GPU batch does not fit). Each phase compiles the model with fullgraph=True and dynamic=False
@@ -158,7 +158,8 @@ def main(argv=None) -> int:
     average = off_share * results[0]["tokens_per_s"] + (1 - off_share) * results[-1]["tokens_per_s"]
     print(
         f"run_average tok/s_per_gpu:{average:.0f} goal:{GOAL_TOKENS_PER_S:.0f} "
-        f"{'MET' if average >= GOAL_TOKENS_PER_S else 'NOT MET'} (loops from {off_share:.0%} of the wall clock)"
+        f"{'MET' if average >= GOAL_TOKENS_PER_S else 'NOT MET'} (loops from {off_share:.0%} of the wall "
+        "clock)"
     )
     if counters["graph_break"]:
         print(f"graph breaks: {dict(counters['graph_break'])}")

@@ -43,7 +43,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import proxy_study  # noqa: E402  (tools/ modules import each other by name when run as scripts)
 import records  # noqa: E402
 import runlog  # noqa: E402
-from common import MOE_PRESETS, NOT_BYTE_MATCHED, cell, context_arm, format_table, mean_std, sha256_file  # noqa: E402
+from common import (  # noqa: E402
+    MOE_PRESETS,
+    NOT_BYTE_MATCHED,
+    cell,
+    context_arm,
+    format_table,
+    mean_std,
+    sha256_file,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = "train_gpt.py"
@@ -296,8 +304,8 @@ def run_one(run: proxy_study.Run, command: list[str], logs: Path, timeout: float
     if row["status"] != "ok":
         where = quarantine(run, logs, row.get("reason", "failed"), row.get("tail"))
         say(
-            f"{label} {run.run_id}: FAILED ({row.get('reason')}) after {outcome['wall_s']} s; files in {where}\n  "
-            + "\n  ".join(row.get("tail") or ["(no output)"])
+            f"{label} {run.run_id}: FAILED ({row.get('reason')}) after {outcome['wall_s']} s; files in "
+            f"{where}\n  " + "\n  ".join(row.get("tail") or ["(no output)"])
         )
     else:
         out, log = logs / f"{run.run_id}.out", logs / f"{run.run_id}.txt"
@@ -571,7 +579,8 @@ def reproduce_command(args) -> str:
     out = os.path.relpath(args.out, REPO) if args.out.is_relative_to(REPO) else str(args.out)
     # The folder's own copy: the exact script of its logs, whatever train_gpt.py has become since.
     return (
-        f"python3 tools/moe_study.py run --data {args.data} --out {out} --seeds {seeds} --jobs {args.jobs}{extra}"
+        f"python3 tools/moe_study.py run --data {args.data} --out {out} --seeds {seeds} --jobs "
+        f"{args.jobs}{extra}"
         f" --script {out}/{SCRIPT}"
     )
 
@@ -709,8 +718,10 @@ def arms_table(manifest: dict) -> str:
             f"{pm(arm, 'val_bpb')} | {'-' if delta is None else f'{delta:+.4f}'} | "
             f"{'-' if p is None else f'{p:.3g}'} | {pm(arm, 'pre_quant_val_bpb')} | {pm(arm, 'quant_gap')} | "
             f"{pm(arm, 'ms_per_step', 1)} | {pm(arm, 'ms_per_step_ratio_to_dense', 2)} | "
-            f"{cell(arm['params_mean'], 0)} | {cell(arm['artifact_bytes_mean'], 0)} | {cell(size_ratio, 3)} | "
-            f"{pm(arm, 'load_std', 3)} | {cell(arm['dead_experts_mean'], 1)} | {pm(arm, 'router_entropy', 3)} |"
+            f"{cell(arm['params_mean'], 0)} | {cell(arm['artifact_bytes_mean'], 0)} | "
+            f"{cell(size_ratio, 3)} | "
+            f"{pm(arm, 'load_std', 3)} | {cell(arm['dead_experts_mean'], 1)} | "
+            f"{pm(arm, 'router_entropy', 3)} |"
         )
     return "\n".join(rows)
 
@@ -816,7 +827,8 @@ def readme_head(args, manifest: dict) -> str:
 > tokens, at a small shape on CPU. They compare the arms with each other; they are not challenge scores.
 
 Does a Mixture-of-Experts MLP beat the dense MLP at equal artifact bytes? {len(manifest["arms"])} arms x seeds
-{args.seeds.replace(",", ", ")}{more_seeds_text(args)}, each run the same data, steps, schedules and evaluation.
+{args.seeds.replace(",", ", ")}{more_seeds_text(args)}, each run the same data, steps, schedules and
+evaluation.
 **Verdict: {manifest["verdict"]}** ({manifest["verdict_reason"]}), {regime_text(manifest)}.
 What this shows and what it does not: `findings.md`.
 
@@ -910,8 +922,9 @@ Per run and per layer: `findings_data.md`; everything as JSON: `manifest.json`.
 {speed_section(args)}
 ## Routing
 
-`routing-analysis.png`: load share per expert per layer of the `{manifest["plot_arm"] or "(none yet)"}` artifact on
-validation text (uniform, skewed or dead experts?). `expert-by-class.png`: the share of each token class (word start,
+`routing-analysis.png`: load share per expert per layer of the `{manifest["plot_arm"] or "(none yet)"}`
+artifact on validation text (uniform, skewed or dead experts?). `expert-by-class.png`: the share of each
+token class (word start,
 continuation, digit, punctuation, byte fallback; frequent and rare tokens) each expert takes. `plots/` has
 the same for every MoE arm, `routing/` the statistics (tools/routing_analysis.py, tools/routing_report.py).
 
@@ -937,7 +950,8 @@ def speed_section(args) -> str:
 ## Speed, measured alone (CPU)
 
 The ms/step above ran two at a time on a shared machine. This measured it again: {speed["method"]};
-load average {speed["load_average_before_after"][0]:.2f} before, {speed["load_average_before_after"][1]:.2f} after
+load average {speed["load_average_before_after"][0]:.2f} before,
+{speed["load_average_before_after"][1]:.2f} after
 (one run alone is 1). Runs in `{SPEED_DIR}/`, numbers in `{SPEED_JSON}`:
 
 ```sh
@@ -1130,7 +1144,8 @@ def finalize(args, runs, arms, common) -> int:
     folder = args.out
     folder.mkdir(parents=True, exist_ok=True)
     (folder / ".gitignore").write_text(
-        "# artifacts stay out of git, except the submission's model_seed*.ptz\nruns/*.ptz\nruns/.lock\nspeed/*.ptz\n"
+        "# artifacts stay out of git, except the submission's "
+        "model_seed*.ptz\nruns/*.ptz\nruns/.lock\nspeed/*.ptz\n"
     )
     sub = write_submission(args, manifest) if (folder / SCRIPT).is_file() else None
     manifest["best_arm"] = sub["arm"] if sub else None

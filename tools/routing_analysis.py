@@ -1,6 +1,7 @@
 """Routing of a trained MoE artifact on validation data, per layer, expert and token class.
 
-    python tools/routing_analysis.py logs/RUN_model.ptz --data data/sample --tokenizer data/sample/tokenizer.model
+    python tools/routing_analysis.py logs/RUN_model.ptz --data data/sample --tokenizer
+    data/sample/tokenizer.model
 
 Computed after the run from the artifact alone (its stored knobs rebuild the model), so none of this
 is counted in train_gpt.py. Writes a JSON report (default: the artifact's name with _routing.json)
