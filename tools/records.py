@@ -4,8 +4,15 @@
         --track track_10min_16mb --check-data data/datasets/fineweb10B_sp1024 \\
         --check-tokenizer data/tokenizers/fineweb_1024_bpe.model
     python tools/records.py verify records/track_10min_16mb/2026-05-01_MoE10L --token-limit 16384
-    python tools/records.py verify records/track_10min_16mb/2026-05-01_MoE10L --device cuda --data ... --tokenizer ...
-    python tools/records.py compare --baseline records/.../2026-04-27_Old --candidate records/.../2026-05-01_New
+    python tools/records.py verify records/track_10min_16mb/2026-05-01_MoE10L --device cuda \\
+        --data ... --tokenizer ...
+    python tools/records.py compare records/.../2026-04-27_Old records/.../2026-05-01_New   # A, then B
+    python tools/records.py audit <challenge clone>/records > records_audit_table.md
+
+verify checks what the challenge's reviewers checked (size as shipped, data provenance, one
+configuration across seeds, time, the recomputed mean, legality hints from the script text, the
+community validator's layout); on a folder this tool packed it also re-scores each artifact with
+EVAL_ONLY and runs the one-token-flip causality and normalisation probes on it.
 
 Exit status: 0 on success, 1 when a verification check fails or a comparison is not significant,
 2 on bad input (a refusal to pack, an unreadable log).
@@ -514,14 +521,18 @@ def pack(opts: argparse.Namespace) -> Path:
     folder = Path(opts.records_dir) / opts.track / f"{opts.date}_{opts.name}"
     if folder.exists() and not opts.force:
         raise RecordError(f"{folder} already exists (pass --force to replace it)")
+    outputs = pack_outputs(runs, opts.compress_code)
+    replaced = files_to_replace(folder, outputs) if folder.exists() else []
 
     best = min(range(len(runs)), key=lambda i: runs[i].score.val_bpb)
     module = load_script(script)
     verify_check = quick_check(opts, module, runs[best], artifacts[best])
 
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    for name in replaced:
+        (folder / name).unlink()
+    if replaced:
+        print(f"replacing in {folder}: {', '.join(replaced)}", file=sys.stderr)
+    folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(script, folder / SCRIPT)
     if opts.compress_code:
         code_bytes = write_compressed_script(folder, script)
@@ -540,10 +551,49 @@ def pack(opts: argparse.Namespace) -> Path:
             f"{folder}: the copied artifact differs from {artifacts[best]} (changed while packing?)"
         )
     sub = build_submission(opts, runs, results, runs[best], code_bytes, verify_check)
-    (folder / SUBMISSION).write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
     readme = render_readme(sub, changed_knobs(runs[0].config, module.KNOBS), runs[0].world_size)
     (folder / "README.md").write_text(readme, encoding="utf-8")
+    # What pack wrote, so a later --force replaces exactly these and never a file edited since.
+    written = [n for n in sorted(outputs) if n != SUBMISSION and (folder / n).is_file()]
+    sub["packed_files"] = {n: sha256_file(folder / n) for n in written}
+    (folder / SUBMISSION).write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
     return folder
+
+
+def pack_outputs(runs: list[RunLog], compress_code: bool) -> set[str]:
+    """Every name pack may write into a record folder."""
+    names = {SCRIPT, SUBMISSION, "README.md"} | ({READABLE} if compress_code else set())
+    for run in runs:
+        names |= {f"train_seed{run.seed}.txt", f"train_seed{run.seed}.jsonl", f"model_seed{run.seed}.ptz"}
+    return names
+
+
+def files_to_replace(folder: Path, outputs: set[str]) -> list[str]:
+    """The files an earlier pack wrote into folder, unchanged since (replaced by --force). Refused: a file
+    pack would write that it did not write, or one edited since; every other file stays untouched."""
+    try:
+        previous = json.loads((folder / SUBMISSION).read_text(encoding="utf-8")).get("packed_files", {})
+    except (OSError, ValueError, AttributeError):
+        previous = {}
+    present = sorted(p.name for p in folder.iterdir() if p.is_file())
+    edited = [n for n in present if n in previous and sha256_file(folder / n) != previous[n]]
+    foreign = [n for n in present if n in outputs and n not in previous and n != SUBMISSION]
+    if (folder / SUBMISSION).is_file() and not previous:
+        foreign.append(SUBMISSION)
+    if edited or foreign:
+        raise RecordError(
+            f"{folder}: pack --force never replaces what it did not write: "
+            + "; ".join(
+                part
+                for part in (
+                    f"edited since pack wrote them: {', '.join(edited)}" if edited else "",
+                    f"not written by pack: {', '.join(foreign)}" if foreign else "",
+                )
+                if part
+            )
+            + " (move them away first)"
+        )
+    return [n for n in present if n in previous] + ([SUBMISSION] if SUBMISSION in present else [])
 
 
 def write_compressed_script(folder: Path, script: Path) -> int:
@@ -1982,9 +2032,47 @@ def legality_hints(code: ShippedCode | None) -> list[Check]:
     return checks
 
 
+def layout_check(folder: Path, sub: dict) -> Check:
+    """The community's submission validator (the challenge's PR #683): README.md, submission.json, a
+    train_gpt*.py that parses and a train log at the folder's top level; val_bpb (or mean_val_bpb), name
+    (or run_name) and date in submission.json with the right types. A folder outside records/<track>/
+    (a copy being checked) is a WARN, not a FAIL."""
+    name = "layout (community validator)"
+    problems = [f for f in ("README.md", SUBMISSION) if not (folder / f).is_file()]
+    scripts = sorted(folder.glob("train_gpt*.py"))
+    if not scripts:
+        problems.append("train_gpt*.py")
+    top_logs = [fl for fl in folder_logs(folder) if fl.path.parent == folder]
+    if not top_logs:
+        problems.append("a train log at the top level")
+    for script in scripts:
+        try:
+            ast.parse(script.read_bytes())
+        except (SyntaxError, ValueError) as err:
+            problems.append(f"{script.name} does not parse under Python {sys.version.split()[0]} ({err})")
+    fields = (
+        (("val_bpb", "mean_val_bpb"), (int, float, Decimal)),
+        (("name", "run_name"), (str,)),
+        (("date",), (str,)),
+    )
+    for keys, types in fields:
+        if not any(isinstance(sub.get(k), types) and not isinstance(sub.get(k), bool) for k in keys):
+            problems.append(f"submission.json {' or '.join(keys)}")
+    if problems:
+        return Check(name, False, "missing or invalid: " + "; ".join(problems))
+    logs = ", ".join(fl.path.name for fl in top_logs)
+    where = folder.resolve().parent.name
+    if where not in TRACKS:
+        return warn(
+            name, f"files and fields as required (logs: {logs}); the folder is not under records/<track>/"
+        )
+    return Check(name, True, f"{where}: files and fields as required (logs: {logs})")
+
+
 def reviewer_checks(folder: Path, sub: dict, logs: list[FolderLog], cap: int) -> list[Check]:
     code = shipped_code(folder)
     return [
+        layout_check(folder, sub),
         *shipped_size_check(folder, sub, logs, cap),
         provenance_check(logs),
         *same_config_check(logs),
@@ -2052,7 +2140,7 @@ def compare(opts: argparse.Namespace) -> WelchResult:
     if opts.samples:
         if len(opts.samples) != 2 or baseline_spec or candidate_spec:
             raise RecordError(
-                "compare A B: give two folders (A the baseline, B the candidate), or use --baseline/--candidate"
+                "compare A B: give two folders (A the baseline, B the candidate), or --baseline/--candidate"
             )
         baseline_spec, candidate_spec = [opts.samples[0]], [opts.samples[1]]
     if not baseline_spec or not candidate_spec:
