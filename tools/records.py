@@ -1755,7 +1755,7 @@ def provenance_check(logs: list[FolderLog]) -> Check:
 # -- one configuration across seeds ---------------------------------------------------------------
 
 
-def run_settings(text: str, run: RunLog, seed: int | None) -> dict[str, str]:
+def run_settings(text: str, run: RunLog) -> dict[str, str]:
     """The settings a log states: our config line, else a `Hyperparameters:` block, else the header's
     key:value lines; plus the code identity (sha256, else the code size)."""
     settings: dict[str, str] = {}
@@ -1776,11 +1776,7 @@ def run_settings(text: str, run: RunLog, seed: int | None) -> dict[str, str]:
                 if HEADER_PAIRS.fullmatch(line.strip()) and not line.startswith((" ", "\t")):
                     settings.update((k.lower(), v) for k, v in runlog.KEY_VALUE.findall(line))
     settings = {
-        k: v
-        for k, v in settings.items()
-        if k not in IDENTITY_SETTINGS
-        and k not in UNTIMED_HEADER_KEYS
-        and v != str(seed)  # a seed, however named
+        k: v for k, v in settings.items() if k not in IDENTITY_SETTINGS and k not in UNTIMED_HEADER_KEYS
     }
     if run.code_sha256:
         settings["code sha256"] = run.code_sha256
@@ -1797,7 +1793,7 @@ def same_config_check(logs: list[FolderLog]) -> list[Check]:
     scored = [fl for fl in logs if fl.run.score is not None]
     if len(scored) < 2:
         return [skip(name, f"{len(scored)} scored log(s): nothing to compare")]
-    settings = {fl.path.name: run_settings(log_text(fl), fl.run, fl.seed) for fl in scored}
+    settings = {fl.path.name: run_settings(log_text(fl), fl.run) for fl in scored}
     first = scored[0].path.name
     if not any(settings.values()):
         return [warn(name, f"{len(scored)} logs state no settings to compare")]
