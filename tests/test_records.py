@@ -21,37 +21,6 @@ RUN_ENV = dict(ITERATIONS=4, VAL_TOKEN_LIMIT=2048, MOE_MODE="none", EVAL_STRIDE=
 # ----------------------------------------------------------------------------------------------
 # statistics
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "t, df, p",
-    [
-        (2.0, 5, 0.0510),
-        (3.365, 5, 0.0100),
-        (2.015, 5, 0.0500),  # t-table, one-sided
-        (1.812, 10, 0.0500),
-        (2.764, 10, 0.0100),
-        (2.457, 30, 0.0100),
-        (3.747, 4, 0.0100),
-    ],
-)
-def test_t_tail_matches_t_table(t, df, p):
-    assert records.t_sf(t, df) == pytest.approx(p, abs=1e-4)
-
-
-@pytest.mark.parametrize("t", [0.3, 1.0, 2.5, 10.0, 100.0])
-def test_t_tail_matches_closed_forms(t):
-    assert records.t_sf(t, 1) == pytest.approx(0.5 - math.atan(t) / math.pi, rel=1e-10)  # Cauchy
-    assert records.t_sf(t, 2) == pytest.approx(0.5 - t / (2 * math.sqrt(2 + t * t)), rel=1e-10)
-    assert records.t_sf(-t, 7.5) == pytest.approx(1 - records.t_sf(t, 7.5), abs=1e-14)
-    assert records.t_sf(0.0, 3) == pytest.approx(0.5)
-
-
-def test_betainc_identities():
-    assert records.betainc(1, 1, 0.3) == pytest.approx(0.3)
-    assert records.betainc(3, 1, 0.6) == pytest.approx(0.6**3)
-    assert records.betainc(4.5, 4.5, 0.5) == pytest.approx(0.5)
-    assert records.betainc(2, 3, 0.0) == 0.0 and records.betainc(2, 3, 1.0) == 1.0
-
-
 def test_welch_textbook_example():
     # Wikipedia, "Welch's t-test", example 1: t = -2.46, df = 24.99, two-sided p = 0.021.
     a1 = [27.5, 21.0, 19.0, 23.6, 17.0, 17.9, 16.9, 20.1, 21.9, 22.6, 23.1, 19.6, 19.0, 21.7, 21.4]
@@ -78,7 +47,9 @@ def test_welch_by_hand_with_margin():
     result = records.welch_test(records.Sample("b", [10, 12, 14]), records.Sample("c", [5, 6, 7]), margin=0.0)
     assert result.t == pytest.approx(6 / math.sqrt(5 / 3), rel=1e-12)
     assert result.df == pytest.approx(50 / 17, rel=1e-12)
-    assert records.t_sf(result.t, 3) < result.p < records.t_sf(result.t, 2)
+    # A fractional df lies between its neighbours' tails (closed forms of Student's t for df = 3 and 2).
+    t, u = result.t, result.t / math.sqrt(3)
+    assert 0.5 - (math.atan(u) + u / (1 + u * u)) / math.pi < result.p < 0.5 - t / (2 * math.sqrt(2 + t * t))
 
 
 def test_welch_verdicts():
@@ -123,8 +94,33 @@ def test_compare_cli(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------
 FIXTURES = REPO / "tests" / "fixtures" / "real_records"
 FOLDERS = sorted(p for p in FIXTURES.iterdir() if p.is_dir())
-# The committed train_gpt.py of this folder (158,429 bytes) is not the script of any of its logs
-# (all three report 157,868 bytes, counted the same way): a real finding, so verify fails it.
+# Real findings, so verify fails these folders (docs/records_audit.md explains each):
+EXPECTED_FAILS = {
+    # the committed train_gpt.py (158,429 bytes) is no log's script (all three report 157,868); GPTQ
+    # calibration after a 599.5 s training loop ends past 600 s
+    "2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611": [
+        "code size (logs): train_gpt.py is 158429",
+        "time (training incl. calibration): train_seed0.log 599.4s + calibration 4.9s > 600.2s",
+    ],
+    # seed 42 ran with TTT on, seeds 314 and 999 without
+    "2026-04-04_SP4096_DepthRecurrence_ParallelResid_MuonEqR": [
+        "same configuration across seeds: 3 logs differ in 1 of 77 settings: ttt_enabled"
+    ],
+    # its logs sit in logs/, where the community's validator does not look; three seeds, three revisions
+    "2026-04-10_VarLenAttn": [
+        "layout (community validator): missing or invalid: a train log at the top level",
+        "same configuration across seeds: 3 logs differ in 5 of 97 settings: code size",
+    ],
+    # submission.json has no val_bpb (its val_bpb sits under val_loss)
+    "2026-03-20_10L_Int5MLP_MuonWD04_SWA50": [
+        "layout (community validator): missing or invalid: submission.json val_bpb or mean_val_bpb"
+    ],
+    # the original runs (GPTQ past 600 s) beside their reruns with an 8 s reserve
+    "2026-04-29_SmearGateBOSFix_3Seed_1.06141": [
+        "same configuration across seeds: 6 logs differ in 4 of 119 settings",
+        "time (training incl. calibration): train_seed1234_original.log 599.5s + calibration 3.5s > 600.2s",
+    ],
+}
 CHANGED_AFTER_THE_RUNS = "2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611"
 
 
@@ -137,14 +133,11 @@ def verify_main(folder, capsys) -> tuple[int, str]:
 def test_verify_real_folder(folder, capsys):
     status, out = verify_main(folder, capsys)
     failed = [line for line in out.splitlines() if line.startswith("FAIL  ")]
-    if folder.name == CHANGED_AFTER_THE_RUNS:
-        assert (
-            status == 1
-            and len(failed) == 1
-            and failed[0].startswith("FAIL  code size (logs): train_gpt.py is 158429")
-        )
-    else:
-        assert status == 0 and not failed, out
+    expected = EXPECTED_FAILS.get(folder.name, [])
+    assert status == (1 if expected else 0), out
+    assert len(failed) == len(expected), out
+    for line, start in zip(failed, expected):
+        assert line.startswith(f"FAIL  {start}"), (line, start)
     assert "SKIP  re-evaluation" in out  # no artifact in a competitor's folder: skipped, not failed
     assert (
         re.search(r"PASS  (seed \d+ val_bpb|val_bpb from the logs|val_loss from the logs)", out)
@@ -185,7 +178,8 @@ def test_verify_real_folder_checks_each_claim(tmp_path, capsys):
     original = (FIXTURES / "2026-04-10_VarLenAttn" / "submission.json").read_text()
     (vl / "submission.json").write_text(original.replace("0.00084633", "0.00082"))
     status, out = verify_main(vl, capsys)  # 3% off: another rounding, a caveat only
-    assert status == 0 and "WARN  val_bpb_std: claimed 0.00082; seeds give sample 0.00084633" in out
+    assert "FAIL  val_bpb_std" not in out  # (the folder fails on its seeds' configurations, not on this)
+    assert "WARN  val_bpb_std: claimed 0.00082; seeds give sample 0.00084633" in out
 
 
 def test_verify_real_folder_without_logs_or_with_bad_json(tmp_path, capsys):
@@ -547,7 +541,15 @@ def test_verify_passes_quick_and_full(packed, capsys):
     out = capsys.readouterr().out
     assert "PASS  quick check" in out and "FAIL" not in out
     checks = verify(packed)  # full: re-evaluates on the claim's own (partial) token range
-    assert not failed(checks) and any(c.name.endswith("val_bpb") and "|diff|" in c.detail for c in checks)
+    assert not failed(checks)
+    assert any(c.name.endswith("re-score (EVAL_ONLY)") and "|diff|" in c.detail for c in checks)
+    probes = {re.sub(r" \d+\)", ")", c.name): c.status for c in checks if "probe" in c.name}
+    assert probes == {
+        "causality probe (plain)": "PASS",
+        "causality probe (sliding)": "PASS",
+        "causality probe (ttt)": "PASS",
+        "normalisation probe": "PASS",
+    }, probes
     names = {c.name for c in checks}
     assert {f"seed {s} log code sha256" for s in SEEDS} <= names  # the folder's script is the one that ran
     best = json.loads((packed / "submission.json").read_text())["best_seed"]
@@ -686,8 +688,21 @@ def test_pack_refuses_an_existing_folder_unless_forced(runs, tmp_path, capsys):
     assert records.main(pack_args(runs, tmp_path)) == 0
     assert records.main(pack_args(runs, tmp_path)) == 2
     assert "already exists" in capsys.readouterr().err
-    assert records.main(pack_args(runs, tmp_path, "--force", "--all-artifacts")) == 0
+    capsys.readouterr()
     folder = tmp_path / "track_non_record_16mb" / "2026-01-02_Tiny"
+    (folder / "notes.txt").write_text("mine")  # a file pack did not write: kept, never deleted
+    readme = (folder / "README.md").read_text()
+    (folder / "README.md").write_text(readme + "hand-written paragraph\n")  # edited since pack wrote it
+    assert records.main(pack_args(runs, tmp_path, "--force", "--all-artifacts")) == 2
+    assert "edited since pack wrote them: README.md" in capsys.readouterr().err
+    assert (folder / "README.md").read_text().endswith("hand-written paragraph\n")
+    (folder / "README.md").write_text(readme)
+    assert records.main(pack_args(runs, tmp_path, "--force", "--all-artifacts")) == 0
+    err = capsys.readouterr().err
+    assert (
+        "replacing in" in err and "README.md" in err and "submission.json" in err and "notes.txt" not in err
+    )
+    assert (folder / "notes.txt").read_text() == "mine"
     assert len(list(folder.glob("model_seed*.ptz"))) == len(SEEDS)
 
 
@@ -706,3 +721,243 @@ def test_pack_compress_code_counts_the_wrapper_and_verify_checks_it_is_the_same_
     assert not failed(checks) and any(c.name == "same program" for c in checks)
     readable.write_bytes(swap_one_letter(readable.read_bytes()))
     assert "same program" in failed(verify(folder, "--token-limit", str(CHECK_TOKENS)))
+
+
+# ----------------------------------------------------------------------------------------------
+# the reviewers' checks, each on a doctored copy of a real folder
+# ----------------------------------------------------------------------------------------------
+CLEAN = "2026-04-06_SP8192_QK5_LegalTTT_1.0828"  # passes every reviewer check
+
+
+def doctored(tmp_path, name=CLEAN, track=None):
+    """A copy of a fixture folder (under tmp/<track>/ when a track is given)."""
+    return shutil.copytree(FIXTURES / name, tmp_path / (track or "any") / name)
+
+
+def edit(path, old, new):
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new))
+
+
+def line_of(out, name):
+    return next(
+        (line for line in out.splitlines() if re.match(rf"(PASS|WARN|FAIL|SKIP)  {re.escape(name)}:", line)),
+        "",
+    )
+
+
+def test_reviewer_checks_pass_on_a_clean_record(capsys):
+    status, out = verify_main(FIXTURES / CLEAN, capsys)
+    assert status == 0, out
+    assert line_of(out, "size as shipped").startswith(
+        "PASS  size as shipped: code train_gpt.py 16,719 (a compressed wrapper) + model 15,975,827"
+    )
+    assert (
+        "PASS  data provenance: train_seed0.log, train_seed1234.log, train_seed42.log: train_shards 80, "
+        in out
+    )
+    assert "the sp8192 export's full validation set" in out
+    assert "PASS  same configuration across seeds: 3 logs agree on" in out
+    assert "PASS  time (training incl. calibration): train_seed0.log 588.0s + calibration 11.3s" in out
+    assert "PASS  time (evaluation): train_seed0.log 293.4s (legal_ttt_exact)" in out
+    assert "PASS  recomputed mean: claimed 1.08279384; 3 log(s)" in out
+
+
+def test_size_as_shipped_fails_over_the_cap(tmp_path, capsys):
+    folder = doctored(tmp_path)
+    with open(folder / "train_gpt.py", "a") as f:  # slack 7,454: a wrapper 7,455 bytes longer is over
+        f.write("#" * 7454 + "\n")
+    status, out = verify_main(folder, capsys)
+    assert status == 1
+    assert line_of(out, "size as shipped").startswith(
+        "FAIL  size as shipped: code train_gpt.py 24,174 (a compressed wrapper) + model 15,975,827 "
+        "(train_seed42.log) = 16,000,001 bytes"
+    )
+
+
+def test_size_as_shipped_counts_a_readable_script_as_shipped(tmp_path, capsys):
+    name = "2026-04-14_MultiPhaseGlobalSGD_PhasedTTT"  # ships 122,168 readable bytes, logs count 27,610
+    status, out = verify_main(FIXTURES / name, capsys)
+    line = line_of(out, "size as shipped")
+    assert line.startswith("WARN  size as shipped: code train_gpt.py 122,168 + model 15,912,231"), line
+    assert "= 16,034,399 bytes" in line and "the logs printed totals up to 15,939,841, 94,558 less" in line
+    assert "would total 15,942,481, which the folder does not contain" in line
+    folder = doctored(tmp_path, name)
+    with open(folder / "train_gpt.py", "a") as f:  # 100 KB that no compressor can shrink
+        f.write("# " + random_text(100_000) + "\n")
+    status, out = verify_main(folder, capsys)
+    assert status == 1 and line_of(out, "size as shipped").endswith(": over the cap")
+
+
+def random_text(n):
+    import random
+
+    rng = random.Random(0)
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(n))
+
+
+def test_data_provenance_fails_on_more_shards_or_fewer_validation_tokens(tmp_path, capsys):
+    folder = doctored(tmp_path)
+    log = folder / "train_seed42.log"
+    edit(log, "train_shards: 80\n", "train_shards: 1499\n")
+    status, out = verify_main(folder, capsys)
+    assert status == 1
+    line = line_of(out, "data provenance")
+    assert (
+        line.startswith("FAIL  data provenance") and "1499 train shards, beyond the 128 of the sp8192" in line
+    )
+    edit(log, "train_shards: 1499\n", "train_shards: 80\n")
+    edit(log, "val_tokens: 40540160\n", "val_tokens: 8108032\n")
+    status, out = verify_main(folder, capsys)
+    line = line_of(out, "data provenance")
+    assert (
+        status == 1
+        and "train_seed42.log: train_shards 80, val_tokens 8,108,032: a validation set smaller "
+        "than the sp8192 export's 40,540,160 tokens"
+        in line
+    )
+
+
+def test_same_configuration_fails_on_a_changed_setting_or_code(tmp_path, capsys):
+    folder = doctored(tmp_path)
+    edit(folder / "train_seed42.log", "  matrix_lr: 0.02\n", "  matrix_lr: 0.03\n")
+    status, out = verify_main(folder, capsys)
+    line = line_of(out, "same configuration across seeds")
+    assert status == 1 and "matrix_lr: train_seed0.log 0.02 vs train_seed42.log 0.03" in line
+    folder = doctored(tmp_path / "2")
+    edit(folder / "train_seed0.log", "Code size: 16719 bytes", "Code size: 16720 bytes")
+    status, out = verify_main(folder, capsys)
+    line = line_of(out, "same configuration across seeds")
+    assert status == 1 and "code size: train_seed0.log 16720 vs train_seed1234.log 16719" in line
+
+
+@pytest.mark.parametrize(
+    "old, new, phase, shown",
+    [
+        (
+            "train_time: 588015ms step: 5082",
+            "train_time: 598015ms step: 5082",
+            "training",
+            "598.0s + calibration 11.3s > 600.1s",
+        ),
+        (
+            "GPTQ:collected 67 Hessians in 11.3s",
+            "GPTQ:collected 67 Hessians in 12.5s",
+            "training",
+            "588.0s + calibration 12.5s > 600.1s",
+        ),
+        (
+            "val_bpb:1.08314800 eval_time:289945ms",
+            "val_bpb:1.08314800 eval_time:610000ms",
+            "evaluation",
+            "610.0s (legal_ttt_exact) > 600.0s",
+        ),
+    ],
+)
+def test_time_fails_past_600_seconds(tmp_path, capsys, old, new, phase, shown):
+    folder = doctored(tmp_path)
+    edit(folder / "train_seed42.log", old, new)
+    status, out = verify_main(folder, capsys)
+    name = "time (training incl. calibration)" if phase == "training" else "time (evaluation)"
+    line = line_of(out, name)
+    assert status == 1 and line.startswith(f"FAIL  {name}") and f"train_seed42.log {shown}" in line, line
+    # The non-record track may break the limit: the same logs are a warning there.
+    folder = doctored(tmp_path / "nr", track="track_non_record_16mb")
+    edit(folder / "train_seed42.log", old, new)
+    status, out = verify_main(folder, capsys)
+    assert status == 0 and line_of(out, name).startswith(f"WARN  {name}")
+
+
+def test_time_warns_where_not_logged(tmp_path, capsys):
+    folder = doctored(tmp_path)
+    edit(folder / "train_seed42.log", "val_bpb:1.08314800 eval_time:289945ms", "val_bpb:1.08314800")
+    status, out = verify_main(folder, capsys)
+    assert status == 0 and "WARN  time (evaluation)" in out and "train_seed42.log not logged" in out
+
+
+def test_recomputed_mean_fails_when_the_logs_miss_the_claim(tmp_path, capsys):
+    folder = doctored(tmp_path)
+    edit(folder / "submission.json", '"val_bpb": 1.08279384', '"val_bpb": 1.08179384')
+    status, out = verify_main(folder, capsys)
+    line = line_of(out, "recomputed mean")
+    assert status == 1 and line.startswith("FAIL  recomputed mean: claimed 1.08179384; 3 log(s)")
+    assert "give 1.08279384" in line and "claimed - logs -0.001000" in line
+    # A claim that is one seed's score, not the mean of the seeds: a warning that says so.
+    status, out = verify_main(FIXTURES / "2026-03-20_11L_XSA4_EMA_Int6_MLP3x_WD04_1.1271", capsys)
+    assert "the claim is the score of one run (1337), not the mean" in line_of(out, "recomputed mean")
+
+
+def test_legality_hints_name_the_lines(tmp_path, capsys):
+    status, out = verify_main(FIXTURES / "2026-03-17_NaiveBaseline", capsys)
+    assert "PASS  legality hint: no n-gram/PPM mixture" in out
+    folder = doctored(tmp_path, "2026-03-17_NaiveBaseline")
+    n = len((folder / "train_gpt.py").read_text().splitlines())
+    with open(folder / "train_gpt.py", "a") as f:
+        f.write(
+            "\n\ndef eval_ttt_doctored(model, opt, tokens):\n"  # n+3
+            "    loss = model(tokens)\n"
+            "    loss.backward()\n"  # n+5: an update ...
+            "    opt.step()\n"
+            "    loss_sum = loss.detach()\n"
+            "    loss_sum += loss\n"  # n+8: ... before the score
+            "\n\ndef collect_hessians_doctored(model, val_tokens):\n"  # n+11
+            "    return model(val_tokens)\n"  # n+12
+            "\n\nngram_cache = {}\n"  # n+15
+        )
+    status, out = verify_main(folder, capsys)
+    assert (
+        f"WARN  legality hint (update before score): score each token before any update that saw it: "
+        f"eval_ttt_doctored: update at line {n + 5}, first score at line {n + 8}" in out
+    )
+    assert (
+        "WARN  legality hint (validation data in training): " in out
+        and f"{n + 12}: return model(val_tokens)" in out
+    )
+    assert "WARN  legality hint (n-gram / PPM): " in out and f"{n + 15}: ngram_cache = {{}}" in out
+
+
+def test_compare_states_both_rules(tmp_path, capsys):
+    old = FIXTURES / "2026-03-23_LeakyReLU_LegalTTT_ParallelMuon"
+    new = FIXTURES / "2026-04-06_SP8192_QK5_LegalTTT_1.0828"
+    assert records.main(["compare", str(old), str(new), "--metric", "val_bpb"]) == 0
+    out = capsys.readouterr().out
+    assert "README rule (beat A by 0.005 at p < 0.01):" in out
+    assert "chronological rule (beat A at p < 0.25):" in out
+
+
+def test_verify_skips_the_rescore_with_the_data_hint(tmp_path, capsys):
+    study = REPO / "records" / "track_non_record_16mb" / "2026-11-25_MoE_vs_Dense_Study"
+    status, out = verify_main(study, capsys)
+    hint = (
+        f"rerun with: python3 tools/records.py verify {study} --data <folder with fineweb_val_*.bin> "
+        "--tokenizer <tokenizer .model>"
+    )
+    assert status == 0 and "SKIP  re-score: validation data" in out and hint in out, out
+    assert "SKIP  legality probes" in out
+
+
+def test_flip_probe_catches_a_look_ahead():
+    import torch
+
+    tokens = torch.arange(40) % 7
+
+    def causal(toks):
+        return torch.cumsum(toks.float(), 0)[1:]  # loss of target p from tokens <= p
+
+    def peeks(toks):
+        return torch.cat([toks[2:].float(), torch.zeros(1)])  # loss of target p sees token p + 1
+
+    assert records.flip_probe(causal, tokens, 20)[0]
+    ok, detail = records.flip_probe(peeks, tokens, 20)
+    assert not ok and "1 of 19 earlier losses changed" in detail
+
+
+def test_normalisation_probe_fails_on_non_finite_logits():
+    import torch
+
+    assert records.normalisation_check(torch.randn(4, 32)).ok
+    bad = torch.randn(4, 32)
+    bad[2, 5] = float("nan")
+    check = records.normalisation_check(bad)
+    assert not check.ok and "max |sum of p - 1| inf" in check.detail

@@ -46,6 +46,10 @@ def context_arm(model_dim: int, mlp_mult: float) -> dict[str, str]:
     return {**MOE_PRESETS["topk4_4xbytes"], "EXPERT_HIDDEN": str(int(mlp_mult * model_dim))}
 
 
+class StudyError(ValueError):
+    """Bad input or a refusal of a study tool; the message names the option, file or knob."""
+
+
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     """Mean and sample standard deviation (ddof=1, as the challenge's records report it); the std
     is None for fewer than two values, both are None for none."""

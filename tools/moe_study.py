@@ -46,6 +46,7 @@ import runlog  # noqa: E402
 from common import (  # noqa: E402
     MOE_PRESETS,
     NOT_BYTE_MATCHED,
+    StudyError,
     cell,
     context_arm,
     format_table,
@@ -118,10 +119,6 @@ PATH_KNOBS = ("DATA_PATH", "TOKENIZER_PATH", "LOG_DIR", "RUN_ID", "ARTIFACT_PATH
 _print_lock = threading.Lock()
 
 
-class StudyError(ValueError):
-    """Bad input or a refusal; the message names the option, file or knob."""
-
-
 def say(message: str) -> None:
     with _print_lock:
         print(message, flush=True)
@@ -175,13 +172,10 @@ def plan(args) -> tuple[list[proxy_study.Run], dict[str, dict[str, str]], dict[s
             f"--more-arms {args.more_arms!r}: must name dense (the per-seed baseline) and arms of --arms"
         )
     common = {"DATA_PATH": str(data), "TOKENIZER_PATH": str(tokenizer), **shape, "OMP_NUM_THREADS": "1"}
-    try:
-        runs = proxy_study.plan_runs(arms, seeds, common, TAG, runs_dir(args.out))
-        runs += proxy_study.plan_runs(
-            {a: arms[a] for a in more_arms}, more_seeds, common, TAG, runs_dir(args.out)
-        )
-    except proxy_study.StudyError as err:
-        raise StudyError(str(err)) from None
+    runs = proxy_study.plan_runs(arms, seeds, common, TAG, runs_dir(args.out))
+    runs += proxy_study.plan_runs(
+        {a: arms[a] for a in more_arms}, more_seeds, common, TAG, runs_dir(args.out)
+    )
     order = seeds + more_seeds
     runs.sort(key=lambda r: order.index(r.seed))  # stable: arms keep their order within a seed
     return runs, arms, common

@@ -43,10 +43,10 @@ from pathlib import Path
 
 try:
     from . import runlog  # imported as tools.proxy_study
-    from .common import MOE_PRESETS, cell, format_table, mean_std
+    from .common import MOE_PRESETS, StudyError, cell, format_table, mean_std
 except ImportError:
     import runlog  # run as a script, or with tools/ on sys.path
-    from common import MOE_PRESETS, cell, format_table, mean_std
+    from common import MOE_PRESETS, StudyError, cell, format_table, mean_std
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = MOE_PRESETS  # the matched MoE-versus-dense study (docs/moe.md)
@@ -71,10 +71,6 @@ class Run:
     seed: int
     run_id: str
     env: dict[str, str]
-
-
-class StudyError(ValueError):
-    """A bad configuration file or option; the message says which."""
 
 
 # ---------------------------------------------------------------------------- planning

@@ -4,8 +4,15 @@
         --track track_10min_16mb --check-data data/datasets/fineweb10B_sp1024 \\
         --check-tokenizer data/tokenizers/fineweb_1024_bpe.model
     python tools/records.py verify records/track_10min_16mb/2026-05-01_MoE10L --token-limit 16384
-    python tools/records.py verify records/track_10min_16mb/2026-05-01_MoE10L --device cuda --data ... --tokenizer ...
-    python tools/records.py compare --baseline records/.../2026-04-27_Old --candidate records/.../2026-05-01_New
+    python tools/records.py verify records/track_10min_16mb/2026-05-01_MoE10L --device cuda \\
+        --data ... --tokenizer ...
+    python tools/records.py compare records/.../2026-04-27_Old records/.../2026-05-01_New   # A, then B
+    python tools/records.py audit <challenge clone>/records > records_audit_table.md
+
+verify checks what the challenge's reviewers checked (size as shipped, data provenance, one
+configuration across seeds, time, the recomputed mean, legality hints from the script text, the
+community validator's layout); on a folder this tool packed it also re-scores each artifact with
+EVAL_ONLY and runs the one-token-flip causality and normalisation probes on it.
 
 Exit status: 0 on success, 1 when a verification check fails or a comparison is not significant,
 2 on bad input (a refusal to pack, an unreadable log).
@@ -14,16 +21,23 @@ Exit status: 0 on success, 1 when a verification check fails or a comparison is 
 from __future__ import annotations
 
 import argparse
+import ast
+import base64
 import hashlib
 import importlib.util
 import itertools
 import json
+import lzma
 import math
+import os
 import re
 import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -58,48 +72,10 @@ class RecordError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# Statistics: Student's t tail via the regularized incomplete beta function, Welch's t-test
+# Statistics: Welch's t-test (scipy.stats)
 # ----------------------------------------------------------------------------------------------
-
-
-def _beta_continued_fraction(a: float, b: float, x: float, tol: float = 1e-15, max_iter: int = 1000) -> float:
-    """The continued fraction of I_x(a, b), evaluated with the modified Lentz method."""
-    tiny = 1e-300
-
-    def guard(v: float) -> float:
-        return v if abs(v) > tiny else tiny
-
-    c, d = 1.0, 1.0 / guard(1.0 - (a + b) * x / (a + 1.0))
-    result = d
-    for m in range(1, max_iter + 1):
-        even = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
-        d, c = 1.0 / guard(1.0 + even * d), guard(1.0 + even / c)
-        result *= d * c
-        odd = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
-        d, c = 1.0 / guard(1.0 + odd * d), guard(1.0 + odd / c)
-        result *= d * c
-        if abs(d * c - 1.0) < tol:
-            return result
-    raise ArithmeticError(f"incomplete beta continued fraction did not converge (a={a}, b={b}, x={x})")
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta function I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    # The fraction converges fast only below the mean; above it use I_x(a, b) = 1 - I_{1-x}(b, a).
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
-
-
-def t_sf(t: float, df: float) -> float:
-    """P(T > t) for Student's t with df (possibly fractional) degrees of freedom."""
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
-    return tail if t >= 0 else 1.0 - tail
+README_MARGIN, README_ALPHA = 0.005, 0.01  # the README's rule: beat the record by 0.005 nats at p < 0.01
+CHRONOLOGICAL_ALPHA = 0.25  # the maintainers' final audit: beat the previous row at one-sided p < 0.25
 
 
 @dataclass
@@ -150,10 +126,11 @@ def welch_test(baseline: Sample, candidate: Sample, margin: float, alpha: float 
     if var_b + var_c == 0:
         result.verdict = "cannot be tested: both samples have zero variance"
         return result
-    result.t = (result.improvement - margin) / math.sqrt(var_b + var_c)
-    # Welch-Satterthwaite approximation of the degrees of freedom.
-    result.df = (var_b + var_c) ** 2 / (var_b**2 / (baseline.n - 1) + var_c**2 / (candidate.n - 1))
-    result.p = t_sf(result.t, result.df)
+    from scipy import stats  # only compare needs it
+
+    shifted = [v - margin for v in baseline.values]  # H1: baseline - margin > candidate
+    test = stats.ttest_ind(shifted, candidate.values, equal_var=False, alternative="greater")
+    result.t, result.df, result.p = float(test.statistic), float(test.df), float(test.pvalue)
     if result.p < alpha:
         result.verdict = f"candidate beats baseline by more than the margin at p={result.p:.4g} < {alpha:g}"
     else:
@@ -544,14 +521,18 @@ def pack(opts: argparse.Namespace) -> Path:
     folder = Path(opts.records_dir) / opts.track / f"{opts.date}_{opts.name}"
     if folder.exists() and not opts.force:
         raise RecordError(f"{folder} already exists (pass --force to replace it)")
+    outputs = pack_outputs(runs, opts.compress_code)
+    replaced = files_to_replace(folder, outputs) if folder.exists() else []
 
     best = min(range(len(runs)), key=lambda i: runs[i].score.val_bpb)
     module = load_script(script)
     verify_check = quick_check(opts, module, runs[best], artifacts[best])
 
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    for name in replaced:
+        (folder / name).unlink()
+    if replaced:
+        print(f"replacing in {folder}: {', '.join(replaced)}", file=sys.stderr)
+    folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(script, folder / SCRIPT)
     if opts.compress_code:
         code_bytes = write_compressed_script(folder, script)
@@ -570,10 +551,49 @@ def pack(opts: argparse.Namespace) -> Path:
             f"{folder}: the copied artifact differs from {artifacts[best]} (changed while packing?)"
         )
     sub = build_submission(opts, runs, results, runs[best], code_bytes, verify_check)
-    (folder / SUBMISSION).write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
     readme = render_readme(sub, changed_knobs(runs[0].config, module.KNOBS), runs[0].world_size)
     (folder / "README.md").write_text(readme, encoding="utf-8")
+    # What pack wrote, so a later --force replaces exactly these and never a file edited since.
+    written = [n for n in sorted(outputs) if n != SUBMISSION and (folder / n).is_file()]
+    sub["packed_files"] = {n: sha256_file(folder / n) for n in written}
+    (folder / SUBMISSION).write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
     return folder
+
+
+def pack_outputs(runs: list[RunLog], compress_code: bool) -> set[str]:
+    """Every name pack may write into a record folder."""
+    names = {SCRIPT, SUBMISSION, "README.md"} | ({READABLE} if compress_code else set())
+    for run in runs:
+        names |= {f"train_seed{run.seed}.txt", f"train_seed{run.seed}.jsonl", f"model_seed{run.seed}.ptz"}
+    return names
+
+
+def files_to_replace(folder: Path, outputs: set[str]) -> list[str]:
+    """The files an earlier pack wrote into folder, unchanged since (replaced by --force). Refused: a file
+    pack would write that it did not write, or one edited since; every other file stays untouched."""
+    try:
+        previous = json.loads((folder / SUBMISSION).read_text(encoding="utf-8")).get("packed_files", {})
+    except (OSError, ValueError, AttributeError):
+        previous = {}
+    present = sorted(p.name for p in folder.iterdir() if p.is_file())
+    edited = [n for n in present if n in previous and sha256_file(folder / n) != previous[n]]
+    foreign = [n for n in present if n in outputs and n not in previous and n != SUBMISSION]
+    if (folder / SUBMISSION).is_file() and not previous:
+        foreign.append(SUBMISSION)
+    if edited or foreign:
+        raise RecordError(
+            f"{folder}: pack --force never replaces what it did not write: "
+            + "; ".join(
+                part
+                for part in (
+                    f"edited since pack wrote them: {', '.join(edited)}" if edited else "",
+                    f"not written by pack: {', '.join(foreign)}" if foreign else "",
+                )
+                if part
+            )
+            + " (move them away first)"
+        )
+    return [n for n in present if n in previous] + ([SUBMISSION] if SUBMISSION in present else [])
 
 
 def write_compressed_script(folder: Path, script: Path) -> int:
@@ -658,6 +678,7 @@ class Check:
     # PASS, FAIL, SKIP (cannot be checked here: what it needs is absent) or WARN (passed, with a caveat
     # a reviewer should read); only FAIL fails the verification.
     status: str = ""
+    brief: str = ""  # the number a summary table shows (records.py audit)
 
     def __post_init__(self) -> None:
         self.status = self.status or ("PASS" if self.ok else "FAIL")
@@ -854,42 +875,62 @@ def verify(opts: argparse.Namespace) -> list[Check]:
         module = load_script(folder / SCRIPT)
     except Exception as err:  # an edited script may not even import
         return checks + [Check("import train_gpt.py", False, f"{type(err).__name__}: {err}")]
-    data, tokenizer = opts.data or check["data"], opts.tokenizer or check["tokenizer"]
+    data = stored_path(opts.data or check["data"], folder)
+    tokenizer = stored_path(opts.tokenizer or check["tokenizer"], folder)
+    checks += reviewer_checks(folder, sub, own_logs(folder, sub), opts.cap)
+    hint = data_hint(folder, data, tokenizer)
+    if hint:
+        return checks + [skip("re-score", hint), skip("legality probes", hint)]
     if opts.token_limit:
-        checks += quick_eval_checks(opts, module, folder, check, data, tokenizer)
+        checks += quick_eval_checks(opts, module, folder, check, str(data), str(tokenizer))
     else:
-        tol = opts.tolerance if opts.tolerance is not None else 1e-3
         for seed, claim in sub["seed_results"].items():
             if "artifact" in claim:
-                checks.append(
-                    eval_check(
-                        f"seed {seed} val_bpb",
-                        lambda c=claim: evaluate_artifact(
-                            module,
-                            folder / c["artifact"],
-                            data,
-                            tokenizer,
-                            c["eval_token_limit"],
-                            c["eval_seq_len"],
-                            c["eval_stride"],
-                            opts.batch_seqs,
-                            opts.device,
-                        ),
-                        claim["val_bpb"],
-                        tol,
-                    )
-                )
+                checks.append(rescore_check(folder, module, seed, claim, data, tokenizer, opts))
+    best = sub["seed_results"].get(str(check["seed"]), {})
+    try:
+        config = parse_log(folder / best["log"]).config if "log" in best else {}
+        checks += probe_checks(
+            module, folder / check["artifact"], data, tokenizer, opts.device, config, check["seq_len"]
+        )
+    except Exception as err:  # an artifact or script the probes cannot load
+        checks.append(Check("legality probes", False, f"could not run: {type(err).__name__}: {err}"))
     return checks
+
+
+def own_logs(folder: Path, sub: dict) -> list[FolderLog]:
+    """The seed logs a folder of ours names in seed_results."""
+    found = []
+    for seed, claim in sub["seed_results"].items():
+        path = folder / claim.get("log", "")
+        if path.is_file():
+            found.append(FolderLog(path, runlog.read(path), int(seed)))
+    return found
 
 
 def quick_eval_checks(opts, module, folder: Path, check: dict, data: str, tokenizer: str) -> list[Check]:
     if opts.token_limit != check["tokens"]:
+        # Another measurement, not a wrong one: its numbers are shown, with nothing to compare them to.
+        name = f"quick check ({opts.token_limit} tokens)"
+        try:
+            result = evaluate_artifact(
+                module,
+                folder / check["artifact"],
+                data,
+                tokenizer,
+                opts.token_limit,
+                check["seq_len"],
+                check["stride"],
+                opts.batch_seqs,
+                opts.device,
+            )
+        except Exception as err:  # the folder's own script raises its own error classes
+            return [Check(name, False, f"could not evaluate: {type(err).__name__}: {err}")]
         return [
-            Check(
-                "quick check",
-                False,
-                f"--token-limit {opts.token_limit}: verify_check has a reference "
-                f"for {check['tokens']} tokens only",
+            warn(
+                name,
+                f"val_bpb {result.val_bpb:.8f} (val_loss {result.val_loss:.8f}); verify_check holds a "
+                f"reference for {check['tokens']} tokens only, so nothing to compare with",
             )
         ]
     tol = opts.tolerance if opts.tolerance is not None else 1e-5  # same code, same device class: near exact
@@ -927,6 +968,192 @@ def quick_eval_checks(opts, module, folder: Path, check: dict, data: str, tokeni
             )
         )
     return checks
+
+
+# ----------------------------------------------------------------------------------------------
+# Our own artifacts: re-scored by the folder's script with EVAL_ONLY, and two legality probes
+# ----------------------------------------------------------------------------------------------
+# Knobs a re-score sets itself (or that would write files beside the artifact): never copied from the log.
+RESCORE_OWN_KNOBS = ("DATA_PATH", "TOKENIZER_PATH", "EVAL_ONLY", "ARTIFACT_PATH", "VAL_TOKEN_LIMIT")
+RESCORE_NO_FILES = ("EVAL_TOKEN_LOSSES", "SAVE_CHECKPOINT")
+PROBE_POSITIONS = 16  # positions whose predicted distribution must sum to one
+NORM_TOLERANCE = 1e-5
+
+
+def stored_path(value: str, folder: Path) -> Path:
+    """A path stored in verify_check: absolute as written; a relative one from the cwd, the repository
+    or the folder, whichever exists (so a packed folder verifies from any directory)."""
+    path = Path(value)
+    if path.is_absolute():
+        return path
+    for base in (Path.cwd(), REPO, folder):
+        if (base / path).exists():
+            return (base / path).resolve()
+    return path
+
+
+def data_hint(folder: Path, data: Path, tokenizer: Path) -> str | None:
+    """None when the validation data and tokenizer are here, else what is missing and the command."""
+    missing = [f"validation data {data}" for _ in [0] if not data.is_dir()]
+    missing += [f"tokenizer {tokenizer}" for _ in [0] if not tokenizer.is_file()]
+    if not missing:
+        return None
+    return (
+        f"{' and '.join(missing)} not found here; rerun with: python3 tools/records.py verify {folder} "
+        "--data <folder with fineweb_val_*.bin> --tokenizer <tokenizer .model>"
+    )
+
+
+def rescore_env(module, run: RunLog, artifact: Path, data: Path, tokenizer: Path, log_dir: Path, limit: int):
+    """The environment of an EVAL_ONLY run of the seed's configuration: the knobs its log changed from the
+    script's defaults, nothing from the caller's environment that the script reads."""
+    env = {k: v for k, v in os.environ.items() if k not in module.KNOBS}
+    changed = changed_knobs(run.config, module.KNOBS)
+    env.update(
+        {
+            k: env_value(v)
+            for k, v in changed.items()
+            if v is not None and k not in RESCORE_OWN_KNOBS and k not in RESCORE_NO_FILES
+        }
+    )
+    env.update(
+        EVAL_ONLY="1",
+        ARTIFACT_PATH=str(artifact.resolve()),
+        DATA_PATH=str(data),
+        TOKENIZER_PATH=str(tokenizer),
+        VAL_TOKEN_LIMIT=str(limit),
+        LOG_DIR=str(log_dir),
+        RUN_ID="rescore",
+    )
+    return env
+
+
+def rescore_check(folder: Path, module, seed: str, claim: dict, data: Path, tokenizer: Path, opts) -> Check:
+    """`EVAL_ONLY=1 python3 FOLDER/train_gpt.py` on the seed's artifact; its score against the claim."""
+    name = f"seed {seed} re-score (EVAL_ONLY)"
+    try:
+        run = parse_log(folder / claim["log"])
+    except RecordError as err:
+        return Check(name, False, f"the seed's log: {err}")
+    tol = opts.tolerance if opts.tolerance is not None else 1e-3
+    with tempfile.TemporaryDirectory(prefix="verify_") as tmp:
+        env = rescore_env(
+            module, run, folder / claim["artifact"], data, tokenizer, Path(tmp), claim["eval_token_limit"]
+        )
+        if opts.device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        print(f"verify: re-scoring seed {seed} with EVAL_ONLY ...", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, str((folder / SCRIPT).resolve())],
+            env=env,
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+        )
+        seconds = time.monotonic() - started
+        log = Path(tmp) / "rescore.txt"
+        scored = runlog.read(log).score if log.is_file() else None
+    if done.returncode != 0 or scored is None:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return Check(name, False, f"EVAL_ONLY exited {done.returncode}: {last}")
+    return Check(
+        name,
+        close(scored.val_bpb, claim["val_bpb"], tol),
+        f"{scored.name} val_bpb {scored.val_bpb:.8f} vs claimed {claim['val_bpb']:.8f}, "
+        f"|diff| {abs(scored.val_bpb - claim['val_bpb']):.2e} <= tolerance {tol:g} ({seconds:.0f}s)",
+    )
+
+
+def flip_probe(evaluate_losses, tokens, position: int) -> tuple[bool, str]:
+    """Losses of every target before `position` bit-identical after token `position` changes; the changed
+    token's own loss (or a later one) must move, or the probe did not probe anything."""
+    import torch
+
+    before = evaluate_losses(tokens)
+    flipped = tokens.clone()
+    flipped[position] = (int(tokens[position]) + 1) % int(tokens.max() + 2)
+    after = evaluate_losses(flipped)
+    earlier = slice(0, position - 1)  # token_losses[p - 1] is the loss of target p
+    same = torch.equal(before[earlier], after[earlier])
+    moved = not torch.equal(before[position - 1 :], after[position - 1 :])
+    changed = int((before[earlier] != after[earlier]).sum())
+    return same and moved, (
+        f"token {position} flipped: {changed} of {position - 1} earlier losses changed"
+        + ("" if moved else "; no later loss changed either (the flip reached nothing)")
+    )
+
+
+def probe_checks(
+    module, artifact: Path, data: Path, tokenizer: Path, device: str, config: dict, seq_len: int
+) -> list[Check]:
+    """The reviewers' two probes on the artifact itself: one-token-flip causality for every evaluation mode
+    (plain windows, sliding windows, score-first TTT) and the normalisation of the scored distribution.
+    The run's own evaluation knobs (its log's config) apply; the network is the artifact's."""
+    import copy
+
+    import torch
+
+    dev = torch.device(device)
+    model, h = module.load_artifact_model(str(artifact), dev)
+    model.eval()
+    model_knobs = set(getattr(module, "MODEL_KNOBS", ()))
+    for knob, value in config.items():
+        if knob not in model_knobs and knob.lower() in vars(h):
+            setattr(h, knob.lower(), value)
+    h.eval_seq_len = seq_len
+    tables = module.byte_tables(module.load_tokenizer(str(tokenizer), h.vocab_size))
+    tokens = module.load_val_tokens(str(data), h.vocab_size, 3 * seq_len + 1)
+    position = 2 * seq_len + seq_len // 3  # inside a later window, after any first-window special case
+    stride = h.eval_stride if h.eval_stride not in (0, seq_len) else max(1, seq_len // 4)
+
+    def windows(step):
+        def losses(toks):
+            out = torch.zeros(toks.numel() - 1)
+            module.evaluate(model.logits, toks, tables, seq_len, step, 8, dev, token_losses=out)
+            return out
+
+        return losses
+
+    def ttt_losses(toks):
+        out = torch.zeros(toks.numel() - 1)
+        module.ttt_evaluate(copy.deepcopy(model), h, toks, tables, dev, token_losses=out, log=lambda _: None)
+        return out
+
+    checks = []
+    for mode, fn in (("plain", windows(0)), (f"sliding {stride}", windows(stride)), ("ttt", ttt_losses)):
+        print(f"verify: causality probe ({mode}) ...", file=sys.stderr, flush=True)
+        try:
+            ok, detail = flip_probe(fn, tokens, position)
+        except Exception as err:  # the folder's own script raises its own error classes
+            ok, detail = False, f"could not run: {type(err).__name__}: {err}"
+        checks.append(Check(f"causality probe ({mode})", ok, detail))
+    with torch.no_grad(), module.autocast(dev):
+        logits = model.logits(tokens[None, :seq_len].long().to(dev))
+    logits = logits[0].float()
+    picks = torch.linspace(0, seq_len - 1, PROBE_POSITIONS).long().to(logits.device)
+    checks.append(normalisation_check(logits[picks]))
+    return checks
+
+
+def normalisation_check(logits) -> Check:
+    """The probability the scorer gives each candidate token (exp of minus its cross-entropy), summed over
+    the vocabulary, is 1 within NORM_TOLERANCE at every given position (rows of logits)."""
+    import torch
+    import torch.nn.functional as F
+
+    sums = []
+    candidates = torch.arange(logits.size(-1), device=logits.device)
+    for row in logits:
+        ce = F.cross_entropy(row.float().expand(len(candidates), -1), candidates, reduction="none")
+        sums.append(float(torch.exp(-ce.double()).sum()))
+    errors = [abs(total - 1.0) for total in sums]
+    worst = max(errors) if all(math.isfinite(e) for e in errors) else math.inf
+    return Check(
+        "normalisation probe",
+        worst <= NORM_TOLERANCE,
+        f"{len(sums)} positions: max |sum of p - 1| {worst:.2e} <= {NORM_TOLERANCE:g}",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1244,10 +1471,611 @@ def verify_any(folder: Path, sub: dict, cap: int) -> list[Check]:
     checks += seed_checks_any(claims, logs)
     checks += mean_checks(sub, claims, logs)
     checks += size_cap_checks(sub, claims, logs, cap)
+    checks += reviewer_checks(folder, sub, logs, cap)
     checks.append(
         skip("re-evaluation", "no artifact and verify_check in the folder: the score cannot be recomputed")
     )
     return checks
+
+
+# ----------------------------------------------------------------------------------------------
+# What the challenge's reviewers checked, on any folder: the size as shipped, where the data came
+# from, one configuration across seeds, the time limits, the recomputed mean, and legality hints
+# read from the script's text (hints for a human, never a verdict)
+# ----------------------------------------------------------------------------------------------
+PHASE_LIMIT_S = 600.0  # training (calibration that reads training data included) and evaluation, each
+
+
+@dataclass(frozen=True)
+class Export:
+    """A published tokenization of FineWeb: its full validation set and its train shards."""
+
+    name: str
+    vocab: int
+    val_tokens: int  # as the records' logs print it
+    standard_shards: int  # what the download script fetches by default
+    max_shards: int  # see EXPORTS
+
+
+# max_shards: the most train shards an accepted record logged together with the export's full
+# validation set (sp1024: the data README's own example, 180), because the manifests that publish
+# the exact counts cannot be read offline. A count beyond it did not come from the export.
+EXPORTS = (
+    Export("sp1024", 1024, 62_021_632, 80, 180),
+    Export("sp4096", 4096, 45_508_608, 80, 143),
+    Export("sp8192", 8192, 40_540_160, 80, 128),
+    Export("sp8192 case-ops", 8192, 47_851_520, 80, 80),
+    Export("byte260", 260, 151_130_112, 80, 476),
+)
+# A printed validation count may drop a last partial window or count one token more: 0.1% of slack.
+VAL_SLACK = 1e-3
+LOG_SHARDS = re.compile(r"(?m)^\s*(?:train_loader:dataset:\S+ )?train_shards:\s?(\d+)\s*$")
+LOG_VAL_TOKENS = re.compile(r"(?m)^\s*(?:val_tokens:\s?|val_loader:shards pattern=\S+ tokens:)(\d+)")
+LOG_VOCAB = re.compile(r"(?m)^\s*vocab_size:\s?(\d+)\s*$")
+LOG_DATASET = re.compile(r"fineweb10B_(sp\d+|byte\d+)")
+LOG_TOKEN_LIMIT = re.compile(r"(?m)^val_tokens:\d+ token_limit:(\d+)")
+# Calibration after the training loop, timed by the scripts: GPTQ Hessians from training batches.
+LOG_CALIBRATION = (
+    re.compile(r"(?m)^GPTQ:collected \d+ Hessians in ([\d.]+)s"),
+    re.compile(r"(?m)^gptq:calibrated \d+ layers in ([\d.]+)s"),
+    re.compile(r"(?m)^gptq: Hessians of .* in ([\d.]+)s"),
+)
+LOG_TOTAL_EVAL = re.compile(r"(?m)^total_eval_time:\s?([\d.]+)s")
+HYPERPARAMETER = re.compile(r"^  (\w+): ?(.*)$")
+HEADER_PAIRS = re.compile(r"[\w/]+:\s?\S+(?:\s+[\w/]+:\s?\S+)*")
+# Settings that name a run, not its recipe (our knobs and the challenge scripts' spellings).
+IDENTITY_SETTINGS = {"seed", "run_id", "logfile", "local_rank", "rank", "is_main_process", "log_dir"}
+IDENTITY_SETTINGS |= {k.lower() for k in RUN_IDENTITY_KNOBS} | {"s"}  # one script prints the seed as s:N
+UNTIMED_HEADER_KEYS = {"warmup_step", "model_params"}
+
+
+def log_text(fl: FolderLog) -> str:
+    """The text of the run the log reader read (the last one in a file with several)."""
+    lines = fl.path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return "\n".join(lines[fl.run.first_line - 1 :])
+
+
+def track_of(folder: Path, sub: dict) -> str:
+    track = sub.get("track")
+    if isinstance(track, str) and track in TRACKS:
+        return track
+    return folder.resolve().parent.name if folder.resolve().parent.name in TRACKS else RECORD_TRACK
+
+
+# -- the script as shipped ----------------------------------------------------------------------
+
+
+def decompressed(data: bytes, raw_lzma: bool) -> bytes | None:
+    """lzma (raw LZMA2 where the wrapper says FORMAT_RAW, else any container) or zlib; None if neither."""
+    if raw_lzma:
+        try:
+            return lzma.decompress(data, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}])
+        except lzma.LZMAError:
+            return None
+    for decompress in (lzma.decompress, zlib.decompress):
+        try:
+            return decompress(data)
+        except (lzma.LZMAError, zlib.error):
+            continue
+    return None
+
+
+def unwrap(source: bytes) -> bytes | None:
+    """The program a compressed wrapper runs (exec of lzma/zlib over base85/base64 text), read without
+    running anything; None when the source is no such wrapper."""
+    ours = extracted_source(source)
+    if ours is not None:
+        return ours
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return None
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        if node.func.attr != "decompress" or not node.args or not isinstance(node.args[0], ast.Call):
+            continue
+        inner = node.args[0]
+        decoder = getattr(inner.func, "attr", getattr(inner.func, "id", ""))
+        if decoder not in ("b85decode", "b64decode") or not inner.args:
+            continue
+        if not isinstance(inner.args[0], ast.Constant) or not isinstance(inner.args[0].value, (str, bytes)):
+            continue
+        text = inner.args[0].value
+        try:
+            data = getattr(base64, decoder)(text)
+        except ValueError:
+            continue
+        raw = any(k.arg == "format" and "RAW" in ast.unparse(k.value) for k in node.keywords)
+        program = decompressed(data, raw)
+        if program is not None:
+            return program
+    return None
+
+
+@dataclass
+class ShippedCode:
+    """The counted code of a folder as it sits there, and the program text it runs."""
+
+    files: list[Path]
+    bytes: int
+    source: str  # the readable program (decompressed where the script is a wrapper)
+    wrapped: bool  # the script is a compressed wrapper
+    wrapper_bytes: int  # what our own lzma wrapper of the readable program would weigh
+
+
+def shipped_code(folder: Path) -> ShippedCode | None:
+    script, _ = named_file(folder, SCRIPT, "train_gpt*.py")
+    if not script.is_file():
+        return None
+    raw = script.read_bytes()
+    files, inner = [script], unwrap(raw)
+    program = inner if inner is not None else raw
+    # A script that runs another file of the folder (exec(open(...)), an import) ships that file too.
+    for other in sorted(folder.glob("*.py")):
+        if other != script and other.name in program.decode("utf-8", "replace"):
+            files.append(other)
+            program += b"\n" + (unwrap(other.read_bytes()) or other.read_bytes())
+    size = sum(f.stat().st_size for f in files)
+    wrapper = len(self_extracting(program)) if inner is None else size
+    return ShippedCode(files, size, program.decode("utf-8", "replace"), inner is not None, wrapper)
+
+
+def shipped_size_check(folder: Path, sub: dict, logs: list[FolderLog], cap: int) -> list[Check]:
+    """Code as the folder ships it + each seed's model bytes (its file, else its log's), against the cap
+    and against the totals the logs printed (compared, not trusted)."""
+    name = "size as shipped"
+    code = shipped_code(folder)
+    if code is None:
+        return [Check(name, False, f"no {SCRIPT} in the folder")]
+    models = {}
+    for path in sorted(folder.glob("*.ptz")):
+        models[path.name] = path.stat().st_size
+    for fl in logs:
+        if fl.run.artifact_bytes is not None and fl.run.score is not None:
+            models.setdefault(fl.path.name, fl.run.artifact_bytes)
+    files = " + ".join(f"{f.name} {f.stat().st_size:,}" for f in code.files)
+    how = " (a compressed wrapper)" if code.wrapped else ""
+    if not models:
+        return [skip(name, f"code {files}{how}; no model file and no log states the model's bytes")]
+    largest = max(models, key=models.get)
+    total = code.bytes + models[largest]
+    printed = [
+        fl.run.total_bytes for fl in logs if fl.run.total_bytes is not None and fl.run.score is not None
+    ]
+    printed_note = ""
+    if printed and max(printed) < total:
+        printed_note = f"; the logs printed totals up to {max(printed):,}, {total - max(printed):,} less"
+    detail = (
+        f"code {files}{how} + model {models[largest]:,} ({largest}) = {total:,} bytes, "
+        f"cap {cap:,} (slack {cap - total:,}){printed_note}"
+    )
+    if total <= cap:
+        return [Check(name, True, detail, brief=f"{total:,}")]
+    wrapped_total = code.wrapper_bytes + models[largest]
+    if not code.wrapped and wrapped_total <= cap:
+        return [
+            Check(
+                name,
+                True,
+                f"{detail}: over as shipped; the same program as an lzma self-extracting "
+                f"{SCRIPT} ({code.wrapper_bytes:,} bytes) would total {wrapped_total:,}, which the folder "
+                "does not contain",
+                "WARN",
+                brief=f"{total:,} (wrapped {wrapped_total:,})",
+            )
+        ]
+    return [Check(name, False, f"{detail}: over the cap", brief=f"{total:,}")]
+
+
+# -- data provenance ----------------------------------------------------------------------------
+
+
+def log_provenance(text: str, run: RunLog) -> tuple[int | None, int | None, int | None, str]:
+    """(train shards, validation tokens, vocabulary, dataset hint) as the log printed them."""
+    shards = [int(m) for m in LOG_SHARDS.findall(text)]
+    val = [int(m) for m in LOG_VAL_TOKENS.findall(text)]
+    vocab = [int(m) for m in LOG_VOCAB.findall(text)]
+    if run.config and isinstance(run.config.get("VOCAB_SIZE"), int):
+        vocab.append(run.config["VOCAB_SIZE"])
+    dataset = LOG_DATASET.search(text)
+    hint = "case-ops" if re.search(r"caseops|case_ops", text) else dataset[1] if dataset else ""
+    if not vocab and dataset and dataset[1].startswith("sp"):
+        vocab.append(int(dataset[1][2:]))
+    if not vocab and dataset and dataset[1] == "byte260":
+        vocab.append(260)
+    return (
+        shards[-1] if shards else None,
+        val[-1] if val else None,
+        vocab[-1] if vocab else None,
+        hint,
+    )
+
+
+def provenance_verdict(shards: int | None, val: int | None, vocab: int | None, hint: str) -> tuple[str, str]:
+    """(status, words) for one log's data against the known exports."""
+    candidates = [e for e in EXPORTS if vocab is None or e.vocab == vocab]
+    if hint == "case-ops":
+        candidates = [e for e in candidates if "case-ops" in e.name] or candidates
+    elif vocab == 8192:
+        candidates = [e for e in candidates if "case-ops" not in e.name] + [
+            e for e in candidates if "case-ops" in e.name
+        ]
+    seen = f"train_shards {shards if shards is not None else 'not logged'}, val_tokens " + (
+        f"{val:,}" if val is not None else "not logged"
+    )
+    if val is None:
+        return ("SKIP" if shards is None else "WARN"), f"{seen}: the validation set size is not logged"
+    export = next((e for e in candidates if abs(val - e.val_tokens) <= VAL_SLACK * e.val_tokens), None)
+    if export is None:
+        if candidates and val < min(e.val_tokens for e in candidates) * (1 - VAL_SLACK):
+            smallest = min(candidates, key=lambda e: e.val_tokens)
+            return "FAIL", (
+                f"{seen}: a validation set smaller than the {smallest.name} export's {smallest.val_tokens:,} "
+                "tokens (validation documents moved into training?)"
+            )
+        return "WARN", f"{seen}: matches no known export ({vocab or '?'}-token vocabulary)"
+    if shards is None:
+        return "WARN", f"{seen}: the {export.name} export's full validation set; train shards not logged"
+    if shards > export.max_shards:
+        return "FAIL", (
+            f"{seen}: {shards} train shards, beyond the {export.max_shards} of the {export.name} export "
+            "(data prepared another way: were validation documents among them?)"
+        )
+    extra = f", more than the standard {export.standard_shards}" if shards > export.standard_shards else ""
+    return "PASS", f"{seen}: the {export.name} export's full validation set{extra}"
+
+
+def provenance_check(logs: list[FolderLog]) -> Check:
+    name = "data provenance"
+    if not logs:
+        return skip(name, "no training log in the folder")
+    verdicts: dict[tuple[str, str], list[str]] = {}
+    seen = []
+    for fl in logs:
+        text = log_text(fl)
+        shards, val, vocab, hint = log_provenance(text, fl.run)
+        status, words = provenance_verdict(shards, val, vocab, hint)
+        pair = f"{'-' if shards is None else shards} / {'-' if val is None else f'{val:,}'}"
+        seen += [pair] if pair not in seen else []
+        limit = LOG_TOKEN_LIMIT.search(text)
+        if limit and int(limit[1]):  # our VAL_TOKEN_LIMIT: a partial evaluation by choice, said in its log
+            status = "WARN"
+            words = (
+                f"train_shards {'not logged' if shards is None else shards}: evaluated on the first "
+                f"{int(limit[1]):,} validation tokens only (VAL_TOKEN_LIMIT), not a full-validation score"
+            )
+        verdicts.setdefault((status, words), []).append(fl.path.name)
+    order = ("FAIL", "WARN", "PASS", "SKIP")
+    worst = min((s for s, _ in verdicts), key=order.index)
+    detail = "; ".join(f"{', '.join(names)}: {words}" for (s, words), names in verdicts.items())
+    return Check(name, worst != "FAIL", detail, worst, brief="; ".join(seen))
+
+
+# -- one configuration across seeds ---------------------------------------------------------------
+
+
+def run_settings(text: str, run: RunLog) -> dict[str, str]:
+    """The settings a log states: our config line, else a `Hyperparameters:` block, else the header's
+    key:value lines; plus the code identity (sha256, else the code size)."""
+    settings: dict[str, str] = {}
+    if run.config:
+        settings = {k.lower(): json.dumps(v) for k, v in run.config.items()}
+    else:
+        lines = text.splitlines()
+        if "Hyperparameters:" in lines:
+            for line in lines[lines.index("Hyperparameters:") + 1 :]:
+                m = HYPERPARAMETER.match(line)
+                if not m:
+                    break
+                settings[m[1].lower()] = m[2].strip()
+        else:
+            for line in lines:
+                if STEP_LINE.match(line):
+                    break
+                if HEADER_PAIRS.fullmatch(line.strip()) and not line.startswith((" ", "\t")):
+                    settings.update((k.lower(), v) for k, v in runlog.KEY_VALUE.findall(line))
+    settings = {
+        k: v for k, v in settings.items() if k not in IDENTITY_SETTINGS and k not in UNTIMED_HEADER_KEYS
+    }
+    if run.code_sha256:
+        settings["code sha256"] = run.code_sha256
+    elif run.source_code_bytes or run.code_bytes:
+        settings["code size"] = str(run.source_code_bytes or run.code_bytes)
+    return settings
+
+
+STEP_LINE = re.compile(r"^(?:step:)?\d+/\d+ [\w/]+:")
+
+
+def same_config_check(logs: list[FolderLog]) -> list[Check]:
+    name = "same configuration across seeds"
+    scored = [fl for fl in logs if fl.run.score is not None]
+    if len(scored) < 2:
+        return [skip(name, f"{len(scored)} scored log(s): nothing to compare")]
+    settings = {fl.path.name: run_settings(log_text(fl), fl.run) for fl in scored}
+    first = scored[0].path.name
+    if not any(settings.values()):
+        return [warn(name, f"{len(scored)} logs state no settings to compare")]
+    differ: dict[str, list[str]] = {}
+    for log_name, mine in settings.items():
+        for key in sorted(settings[first].keys() | mine.keys()):
+            if settings[first].get(key) != mine.get(key):
+                differ.setdefault(key, []).append(log_name)
+    paths = {k for k in differ if all("/" in (s.get(k) or "/") for s in settings.values())}
+    real = {k: v for k, v in differ.items() if k not in paths}
+    keys = f"{len(settings[first])} settings"
+    if real:
+        shown = "; ".join(
+            f"{k}: {first} {settings[first].get(k, 'absent')} vs "
+            + ", ".join(f"{n} {settings[n].get(k, 'absent')}" for n in names)
+            for k, names in list(real.items())[:6]
+        )
+        more = f" (+{len(real) - 6} more)" if len(real) > 6 else ""
+        detail = f"{len(scored)} logs differ in {len(real)} of {keys}: {shown}{more}"
+        return [Check(name, False, detail, brief=f"no: {', '.join(list(real)[:3])}")]
+    note = f"; only paths differ ({', '.join(sorted(paths))})" if paths else ""
+    detail = f"{len(scored)} logs agree on {keys} apart from the seed{note}"
+    return [Check(name, True, detail, brief=f"yes ({len(scored)} logs)")]
+
+
+# -- time -----------------------------------------------------------------------------------------
+
+
+def time_check(logs: list[FolderLog], track: str) -> list[Check]:
+    """Training (+ calibration after the loop) and evaluation of each scored log against 600 s each."""
+    scored = [fl for fl in logs if fl.run.score is not None]
+    if not scored:
+        return [skip("time", "no scored log in the folder")]
+    over = "FAIL" if track == RECORD_TRACK else "WARN"  # the non-record track may break the limit
+    checks = []
+    for phase in ("train", "eval"):
+        parts, worst, longest = [], "PASS", 0.0
+        for fl in scored:
+            text = log_text(fl)
+            if phase == "train":
+                train_ms = fl.run.train_time_ms
+                calib = [float(m) for pattern in LOG_CALIBRATION for m in pattern.findall(text)]
+                if train_ms is None:
+                    parts.append(f"{fl.path.name} not logged")
+                    worst = "WARN" if worst == "PASS" else worst
+                    continue
+                seconds = train_ms / 1000 + sum(calib)
+                how = f"{train_ms / 1000:.1f}s" + (f" + calibration {sum(calib):.1f}s" if calib else "")
+            else:
+                total = LOG_TOTAL_EVAL.findall(text)
+                eval_ms = fl.run.score.eval_time_ms
+                if not total and eval_ms is None:
+                    parts.append(f"{fl.path.name} not logged")
+                    worst = "WARN" if worst == "PASS" else worst
+                    continue
+                seconds = max([float(t) for t in total] + ([eval_ms / 1000] if eval_ms is not None else []))
+                how = f"{seconds:.1f}s ({fl.run.score.name})"
+            longest = max(longest, seconds)
+            # The loop reads the clock once per step, so the step that crosses 600 s is part of the run:
+            # two average steps of grace (the last steps run slower than the average).
+            allowed = PHASE_LIMIT_S + 2 * (fl.run.step_avg_ms or 0) / 1000 * (phase == "train")
+            if seconds > allowed:
+                worst = over if worst != "FAIL" else worst
+                how += f" > {allowed:.1f}s"
+            parts.append(f"{fl.path.name} {how}")
+        label = "time (training incl. calibration)" if phase == "train" else "time (evaluation)"
+        brief = f"{longest:.0f}s" if longest else "-"
+        checks.append(Check(label, worst != "FAIL", "; ".join(parts), worst, brief=brief))
+    return checks
+
+
+# -- the mean, recomputed from the logs -----------------------------------------------------------
+
+
+def recomputed_mean_check(sub: dict, logs: list[FolderLog]) -> Check:
+    """The claimed val_bpb against the mean over seeds of the logs' scored evaluation (the one whose name
+    a per-seed claim matches, else the last), one log per seed (the last in name order)."""
+    name = "recomputed mean"
+    claimed = sub.get("val_bpb")
+    if not is_number(claimed):
+        return skip(name, "submission.json states no val_bpb")
+    claims = [c.get("val_bpb") for where, _, c in seed_claims(sub) if where in SEED_KEYS]
+    by_seed: dict = {}
+    for fl in logs:
+        if fl.run.score is not None:
+            by_seed[fl.seed if fl.seed is not None else fl.path.name] = fl
+    if not by_seed:
+        return skip(name, f"claimed {claimed}; no scored log in the folder")
+    scored_name = None
+    for fl in by_seed.values():
+        for e in reversed(fl.run.finals):
+            if any(matches(c, e.val_bpb) for c in claims) and scored_name is None:
+                scored_name = e.name
+    values = []
+    for fl in by_seed.values():
+        named = [e for e in fl.run.finals if e.name == scored_name]
+        values.append((named[-1] if named else fl.run.score).val_bpb)
+    mean, std = mean_std(values)
+    diff = float(claimed) - mean
+    spread = f", std {std:.6f}" if std is not None else ""
+    detail = (
+        f"claimed {claimed}; {len(values)} log(s) ({', '.join(str(k) for k in by_seed)}) give "
+        f"{mean:.8f}{spread}, claimed - logs {diff:+.6f}"
+    )
+    brief = f"{mean:.5f}"
+    if matches(claimed, mean) or abs(diff) <= 1e-6:
+        return Check(name, True, detail, brief=brief)
+    single = [str(k) for k, v in zip(by_seed, values) if matches(claimed, v)]
+    if single and len(values) > 1:
+        detail += f": the claim is the score of one run ({', '.join(single)}), not the mean"
+        return Check(name, True, detail, "WARN", brief)
+    if abs(diff) <= 5e-4:
+        return Check(name, True, f"{detail} (another set of runs or rounding?)", "WARN", brief)
+    return Check(name, False, f"{detail}: the logs do not give the claimed score", brief=brief)
+
+
+# -- legality hints from the script text ------------------------------------------------------------
+NGRAM = re.compile(r"\b(?:ppm|n_?gram\w*|\w*_ngram\w*)\b", re.IGNORECASE)
+VAL_NAME = re.compile(r"val_(?:tokens|data|files|loader|seqs)|fineweb_val", re.IGNORECASE)
+# Calibration and warm-up run before the score and may read training data only (training functions also
+# validate periodically, which is legal, so they are not searched).
+CALIBRATION_FUNC = re.compile(r"warm_?up|calib|hessian|gptq", re.IGNORECASE)
+EVAL_FUNC = re.compile(r"ttt|^eval|_eval", re.IGNORECASE)
+SCORE_TARGET = re.compile(r"loss|nll|bpb|score|sum", re.IGNORECASE)
+
+
+def update_and_score_lines(nodes) -> tuple[list[int], list[int]]:
+    """Lines of a function that update weights (backward, an optimizer's step) and that accumulate a
+    score (`loss_sum += ...`, `loss_sum.add_(...)`)."""
+    updates, scores = [], []
+    for n in nodes:
+        if isinstance(n, ast.AugAssign) and SCORE_TARGET.search(ast.unparse(n.target)):
+            scores.append(n)
+        if not (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)):
+            continue
+        owner = ast.unparse(n.func.value)
+        if n.func.attr == "backward" or (n.func.attr == "step" and "opt" in owner.lower()):
+            updates.append(n)
+        if n.func.attr in ("add_", "index_add_") and SCORE_TARGET.search(owner):
+            scores.append(n)
+    return _lines(updates), _lines(scores)
+
+
+def _lines(nodes) -> list[int]:
+    return sorted({n.lineno for n in nodes if hasattr(n, "lineno")})
+
+
+def _shown(lines: list[int], source_lines: list[str]) -> str:
+    shown = ", ".join(f"{n}: {source_lines[n - 1].strip()[:60]}" for n in lines[:4])
+    return shown + (f" (+{len(lines) - 4} more)" if len(lines) > 4 else "")
+
+
+def legality_hints(code: ShippedCode | None) -> list[Check]:
+    """WARN with the lines where the script does what reviewers rejected when done wrong: evaluation or
+    TTT updating before it scores, n-gram / PPM mixtures, validation data in training, warm-up or
+    calibration. A hint for a human reading those lines, not a verdict."""
+    name = "legality hint"
+    if code is None:
+        return [skip(name, f"no {SCRIPT} to read")]
+    source_lines = code.source.splitlines()
+    try:
+        tree = ast.parse(code.source)
+    except SyntaxError as err:
+        tree = None
+        checks = [
+            warn(
+                name,
+                f"{SCRIPT} does not parse under Python {sys.version.split()[0]} ({err.msg}, line "
+                f"{err.lineno}): only its text was searched",
+            )
+        ]
+    else:
+        checks = []
+    ngram = [
+        i + 1
+        for i, line in enumerate(source_lines)
+        if NGRAM.search(line) and not line.lstrip().startswith("#")
+    ]
+    if ngram:
+        checks.append(
+            warn(
+                f"{name} (n-gram / PPM)",
+                f"the distribution must stay normalised and causal: {_shown(ngram, source_lines)}",
+            )
+        )
+    early, val_in_training = [], []
+    for func in ast.walk(tree) if tree is not None else ():
+        if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        nodes = list(ast.walk(func))
+        if EVAL_FUNC.search(func.name) and not func.name.startswith("train"):
+            updates, scores = update_and_score_lines(nodes)
+            # Only a function that both scores and updates can be read this way; updates on tokens
+            # scored elsewhere (phased global steps) are legal and not flagged.
+            if updates and scores and updates[0] < scores[0]:
+                early.append(f"{func.name}: update at line {updates[0]}, first score at line {scores[0]}")
+        if CALIBRATION_FUNC.search(func.name) and not EVAL_FUNC.search(func.name):
+            val_in_training += _lines(
+                n for n in nodes if isinstance(n, ast.Name) and VAL_NAME.fullmatch(n.id)
+            )
+        for call in (n for n in nodes if isinstance(n, ast.Call)):
+            callee = ast.unparse(call.func)
+            if CALIBRATION_FUNC.search(callee) and not EVAL_FUNC.search(callee):
+                if any(
+                    VAL_NAME.search(ast.unparse(a)) for a in [*call.args, *(k.value for k in call.keywords)]
+                ):
+                    val_in_training.append(call.lineno)
+    if early:
+        checks.append(
+            warn(
+                f"{name} (update before score)",
+                "score each token before any update that saw it: " + "; ".join(early[:3]),
+            )
+        )
+    if val_in_training:
+        lines = sorted(set(val_in_training))
+        checks.append(
+            warn(
+                f"{name} (validation data in training)",
+                "training, warm-up and calibration may read training data only: "
+                + _shown(lines, source_lines),
+            )
+        )
+    if not checks:
+        checks.append(
+            Check(
+                name,
+                True,
+                "no n-gram/PPM mixture, no update before scoring, no validation data in training found",
+            )
+        )
+    return checks
+
+
+def layout_check(folder: Path, sub: dict) -> Check:
+    """The community's submission validator (the challenge's PR #683): README.md, submission.json, a
+    train_gpt*.py that parses and a train log at the folder's top level; val_bpb (or mean_val_bpb), name
+    (or run_name) and date in submission.json with the right types. A folder outside records/<track>/
+    (a copy being checked) is a WARN, not a FAIL."""
+    name = "layout (community validator)"
+    problems = [f for f in ("README.md", SUBMISSION) if not (folder / f).is_file()]
+    scripts = sorted(folder.glob("train_gpt*.py"))
+    if not scripts:
+        problems.append("train_gpt*.py")
+    top_logs = [fl for fl in folder_logs(folder) if fl.path.parent == folder]
+    if not top_logs:
+        problems.append("a train log at the top level")
+    for script in scripts:
+        try:
+            ast.parse(script.read_bytes())
+        except (SyntaxError, ValueError) as err:
+            problems.append(f"{script.name} does not parse under Python {sys.version.split()[0]} ({err})")
+    fields = (
+        (("val_bpb", "mean_val_bpb"), (int, float, Decimal)),
+        (("name", "run_name"), (str,)),
+        (("date",), (str,)),
+    )
+    for keys, types in fields:
+        if not any(isinstance(sub.get(k), types) and not isinstance(sub.get(k), bool) for k in keys):
+            problems.append(f"submission.json {' or '.join(keys)}")
+    if problems:
+        return Check(name, False, "missing or invalid: " + "; ".join(problems))
+    logs = ", ".join(fl.path.name for fl in top_logs)
+    where = folder.resolve().parent.name
+    if where not in TRACKS:
+        return warn(
+            name, f"files and fields as required (logs: {logs}); the folder is not under records/<track>/"
+        )
+    return Check(name, True, f"{where}: files and fields as required (logs: {logs})")
+
+
+def reviewer_checks(folder: Path, sub: dict, logs: list[FolderLog], cap: int) -> list[Check]:
+    code = shipped_code(folder)
+    return [
+        layout_check(folder, sub),
+        *shipped_size_check(folder, sub, logs, cap),
+        provenance_check(logs),
+        *same_config_check(logs),
+        *time_check(logs, track_of(folder, sub)),
+        recomputed_mean_check(sub, logs),
+        *legality_hints(code),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1303,8 +2131,18 @@ def load_sample(spec: list[str], label: str, metric: str) -> Sample:
 
 
 def compare(opts: argparse.Namespace) -> WelchResult:
-    baseline = load_sample(opts.baseline, "baseline", opts.metric)
-    candidate = load_sample(opts.candidate, "candidate", opts.metric)
+    """The Welch test at --margin / --alpha (the exit status), then both of the challenge's rules."""
+    baseline_spec, candidate_spec = opts.baseline, opts.candidate
+    if opts.samples:
+        if len(opts.samples) != 2 or baseline_spec or candidate_spec:
+            raise RecordError(
+                "compare A B: give two folders (A the baseline, B the candidate), or --baseline/--candidate"
+            )
+        baseline_spec, candidate_spec = [opts.samples[0]], [opts.samples[1]]
+    if not baseline_spec or not candidate_spec:
+        raise RecordError("compare: give A and B, or --baseline and --candidate")
+    baseline = load_sample(baseline_spec, "baseline", opts.metric)
+    candidate = load_sample(candidate_spec, "candidate", opts.metric)
     result = welch_test(baseline, candidate, opts.margin, opts.alpha)
     for s in (baseline, candidate):
         std = "n/a (n=1)" if s.std is None else f"{s.std:.8f}"
@@ -1316,7 +2154,89 @@ def compare(opts: argparse.Namespace) -> WelchResult:
             f"(H1: improvement > {opts.margin:g})"
         )
     print(f"verdict: {result.verdict}")
+    units = "" if opts.metric == "val_loss" else f" (the README's margin is in nats; these are {opts.metric})"
+    for label, margin, alpha in (
+        (f"README rule (beat A by {README_MARGIN:g} at p < {README_ALPHA:g})", README_MARGIN, README_ALPHA),
+        (f"chronological rule (beat A at p < {CHRONOLOGICAL_ALPHA:g})", 0.0, CHRONOLOGICAL_ALPHA),
+    ):
+        rule = welch_test(baseline, candidate, margin, alpha)
+        p = "n/a" if rule.p is None else f"{rule.p:.4g}"
+        print(
+            f"{label}: one-sided p={p}: {'met' if rule.significant else 'not met'}{units if margin else ''}"
+        )
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# audit: verify every record folder of a records/ tree, one table row per folder
+# ----------------------------------------------------------------------------------------------
+AUDIT_COLUMNS = (
+    ("size as shipped", "size as shipped"),
+    ("shards / val tokens", "data provenance"),
+    ("seeds consistent", "same configuration across seeds"),
+    ("train", "time (training incl. calibration)"),
+    ("eval", "time (evaluation)"),
+)
+
+
+def audit_row(folder: Path, checks: list[Check], sub_text: str) -> list[str]:
+    by_name = {c.name: c for c in checks}
+    try:
+        claimed = json.loads(sub_text, parse_float=Decimal).get("val_bpb", "-")
+    except (ValueError, AttributeError):
+        claimed = "-"
+    mean = by_name.get("recomputed mean")
+    cells = [folder.name, str(claimed), mean.brief or "-" if mean else "-"]
+    for _, check_name in AUDIT_COLUMNS:
+        check = by_name.get(check_name)
+        if check is None:
+            cells.append("-")
+            continue
+        mark = "" if check.status == "PASS" else f" **{check.status}**"
+        cells.append(f"{check.brief or '-'}{mark}")
+    flags = [f"{c.status} {c.name}" for c in checks if c.status in ("FAIL", "WARN")]
+    cells.append("; ".join(flags) or "-")
+    return cells
+
+
+def audit(opts: argparse.Namespace) -> int:
+    """A markdown table of `verify` over every folder of both tracks under opts.root, then each FAIL."""
+    root = Path(opts.root)
+    folders = [f for track in TRACKS for f in sorted((root / track).glob("*")) if f.is_dir()]
+    if not folders:
+        raise RecordError(f"{root}: no folders under {' or '.join(TRACKS)}")
+    header = ["folder", "claimed val_bpb", "recomputed mean", *(c for c, _ in AUDIT_COLUMNS), "flags"]
+    tables: dict[str, list[list[str]]] = {track: [] for track in TRACKS}
+    failures, totals = [], {status: 0 for status in ("PASS", "WARN", "FAIL")}
+    started = time.monotonic()
+    for i, folder in enumerate(folders, 1):
+        print(f"audit: {i}/{len(folders)} {folder.parent.name}/{folder.name}", file=sys.stderr, flush=True)
+        opts_one = argparse.Namespace(
+            folder=str(folder), cap=opts.cap, data=None, tokenizer=None, token_limit=0, tolerance=None
+        )
+        checks = verify(argparse.Namespace(**vars(opts_one), device="cpu", batch_seqs=32))
+        sub_path = named_file(folder, SUBMISSION, "submission*.json")[0]
+        sub_text = sub_path.read_text(encoding="utf-8") if sub_path.is_file() else "{}"
+        tables[folder.parent.name].append(audit_row(folder, checks, sub_text))
+        failed = [c for c in checks if c.status == "FAIL"]
+        verdict = "FAIL" if failed else "WARN" if any(c.status == "WARN" for c in checks) else "PASS"
+        totals[verdict] += 1
+        failures += [(folder, c) for c in failed]
+    print(f"audit: {len(folders)} folders in {time.monotonic() - started:.0f}s", file=sys.stderr)
+    for track, rows in tables.items():
+        print(f"\n### {track} ({len(rows)} folders)\n")
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for row in rows:
+            print("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |")
+    print(
+        f"\nTotals: {len(folders)} folders; {totals['PASS']} pass every check, {totals['WARN']} pass with "
+        f"warnings, {totals['FAIL']} have at least one FAIL ({len(failures)} FAIL checks)."
+    )
+    print("\n### Every FAIL, as verify printed it\n")
+    for folder, check in failures:
+        print(f"- `{folder.parent.name}/{folder.name}`: {check}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1387,15 +2307,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-seqs", type=int, default=32)
     v.add_argument("--cap", type=int, default=CAP_BYTES)
 
+    a = sub.add_parser("audit", help="verify every record folder of a records/ tree: a markdown table")
+    a.add_argument("root", help="a records/ folder holding track_10min_16mb/ and track_non_record_16mb/")
+    a.add_argument("--cap", type=int, default=CAP_BYTES)
+
     c = sub.add_parser(
         "compare", help="one-sided Welch t-test: does the candidate beat the baseline by a margin"
     )
-    c.add_argument(
-        "--baseline", nargs="+", required=True, help="numbers, a submission.json or a record folder"
-    )
-    c.add_argument(
-        "--candidate", nargs="+", required=True, help="numbers, a submission.json or a record folder"
-    )
+    c.add_argument("samples", nargs="*", help="A B: two record folders, A the baseline, B the candidate")
+    c.add_argument("--baseline", nargs="+", help="numbers, a submission.json or a record folder")
+    c.add_argument("--candidate", nargs="+", help="numbers, a submission.json or a record folder")
     c.add_argument(
         "--metric",
         choices=("val_loss", "val_bpb"),
@@ -1427,6 +2348,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"({counts['WARN']} with a warning), {counts['SKIP']} skipped"
             )
             return 1 if counts["FAIL"] else 0
+        if opts.command == "audit":
+            return audit(opts)
         return 0 if compare(opts).significant else 1
     except RecordError as err:
         print(f"error: {err}", file=sys.stderr)
