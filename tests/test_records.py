@@ -241,7 +241,7 @@ Total submission size quant+zstd: 311909 bytes
 size_check total:311909 cap:16000000 slack:15688091 OK artifact:logs/run_x_model.ptz sha256:{ARTIFACT_SHA}
 final_quant_zstd_roundtrip_exact val_loss:5.41610870 val_bpb:3.05787703 stride:128 seq_len:128 eval_time:248ms
 final_quant_zstd_sliding_window_exact val_loss:5.41674422 val_bpb:3.05823583 stride:32 seq_len:128 eval_time:1070ms
-"""
+"""  # noqa: E501 (log lines verbatim, as the trainer prints them)
 
 
 def test_parse_canned_log(tmp_path):
@@ -393,12 +393,12 @@ def test_parse_refuses_incomplete_logs(tmp_path, edit, message):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two tiny seeds trained in parallel, plus a snapshot of the train_gpt.py they ran."""
-    for attempt in range(3):  # others may edit the repo's train_gpt.py while we train: snapshot and retry
+    for _attempt in range(3):  # others may edit the repo's train_gpt.py while we train: snapshot and retry
         root = tmp_path_factory.mktemp("runs")
         script = root / "train_gpt.py"
         shutil.copyfile(REPO / "train_gpt.py", script)
 
-        def train(seed):
+        def train(seed, root=root):
             (root / f"seed{seed}").mkdir()
             return run_train(root / f"seed{seed}", SEED=seed, **RUN_ENV)
 

@@ -412,8 +412,8 @@ def summarize_config(config: dict) -> str:
         )
     else:
         parts.append(
-            f"int{c['QUANT_BITS_MLP']} MLP / int{c['QUANT_BITS_ATTN']} attn / int{c['QUANT_BITS_EMBED']} embed "
-            f"+ zstd-{c['ZSTD_LEVEL']}"
+            f"int{c['QUANT_BITS_MLP']} MLP / int{c['QUANT_BITS_ATTN']} attn / "
+            f"int{c['QUANT_BITS_EMBED']} embed + zstd-{c['ZSTD_LEVEL']}"
         )
     if c.get("EVAL_STRIDE"):
         parts.append(f"sliding eval stride {c['EVAL_STRIDE']}")
@@ -435,6 +435,12 @@ def changed_knobs(config: dict, knobs: dict) -> dict:
         for k, v in sorted(config.items())
         if k in knobs and k not in RUN_IDENTITY_KNOBS and v != knobs[k][1]
     }
+
+
+RESULTS_HEADER = (
+    "| seed | val_loss | val_bpb | pre-quant val_bpb | artifact bytes | total bytes | steps "
+    "| step_avg ms | eval s |\n|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def render_readme(sub: dict, changed: dict, world_size: int) -> str:
@@ -464,15 +470,16 @@ TODO: one paragraph: what is new in this submission and why it should lower val_
 {warning}
 - Track: `{sub["track"]}`
 - Author: {sub["author"]} (@{sub["github_id"]}), {sub["date"]}
-- Result: val_bpb **{fmt(sub["val_bpb"])}** (std {fmt(sub["val_bpb_std"])}), val_loss {fmt(sub["val_loss"])} nats, mean of {len(sub["seeds"])} seeds
-- Size: {sub["bytes_total"]:,} bytes = code {sub["bytes_code"]:,} + model {sub["bytes_total"] - sub["bytes_code"]:,} (cap {sub["cap_bytes"]:,})
+- Result: val_bpb **{fmt(sub["val_bpb"])}** (std {fmt(sub["val_bpb_std"])}),
+  val_loss {fmt(sub["val_loss"])} nats, mean of {len(sub["seeds"])} seeds
+- Size: {sub["bytes_total"]:,} bytes = code {sub["bytes_code"]:,}
+  + model {sub["bytes_total"] - sub["bytes_code"]:,} (cap {sub["cap_bytes"]:,})
 - Hardware: {sub["hardware"]}, PyTorch {sub["pytorch_version"]}
 - Recipe: {sub["technique_summary"]}
 
 ## Results
 
-| seed | val_loss | val_bpb | pre-quant val_bpb | artifact bytes | total bytes | steps | step_avg ms | eval s |
-|---|---|---|---|---|---|---|---|---|
+{RESULTS_HEADER}
 {chr(10).join(rows)}
 
 ## Command
@@ -605,7 +612,8 @@ def write_compressed_script(folder: Path, script: Path) -> int:
 
 
 def quick_check(opts, module, run: RunLog, artifact: Path) -> dict:
-    """Evaluate the best artifact on CPU on the first --check-tokens tokens: `verify --token-limit` reference."""
+    """Evaluate the best artifact on CPU on the first --check-tokens tokens: the `verify --token-limit`
+    reference."""
     data = opts.check_data or run.config["DATA_PATH"]
     tokenizer = opts.check_tokenizer or run.config["TOKENIZER_PATH"]
     if not Path(data).is_dir() or not Path(tokenizer).is_file():
