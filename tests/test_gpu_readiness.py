@@ -175,3 +175,42 @@ def test_compile_off_on_a_gpu_warns_when_the_micro_batch_cannot_fit(monkeypatch)
     log = Log()
     tg.check_eager_memory(tg.load_config({}), cuda, 8, log)  # compiled (COMPILE=auto on a GPU): no trace
     assert log == []
+
+
+# --- the prepared GPU check -------------------------------------------------------------------------------
+
+
+def test_gpu_check_plan_covers_every_mode_and_the_proxy_pair(capsys):
+    from tools import gpu_check
+
+    assert gpu_check.main(["--dry"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    smoke = [line.split()[1] for line in lines if "loops on" in line]
+    timing = [line.split()[1] for line in lines if "loops off" in line]
+    assert smoke == list(gpu_check.MODES) and timing == ["dense", "soft4", "topk4"]
+    assert any(line.startswith("proxy dense+soft4") and "90 s" in line for line in lines)
+    # every routed dispatch and k is smoked: the modes the fake-CUDA matrix guards
+    modes = {tuple(sorted(env.items())) for env in gpu_check.MODES.values()}
+    assert len(modes) == len(gpu_check.MODES) == 6
+    assert gpu_check.main(["--dry", "--steps", "smoke,nope"]) == 2
+    assert gpu_check.main(["--dry", "--modes", "dense,nope"]) == 2
+
+
+@pytest.mark.slow
+def test_gpu_check_rehearsal_on_the_cpu(tmp_path):
+    from tools import gpu_check
+
+    out = tmp_path / "out"
+    rc = gpu_check.main(["--cpu", "--modes", "dense", "--budget", "1200", "--out", str(out)])
+    result = json.loads((out / "gpu_check.json").read_text())
+    assert rc == 0, result
+    assert [(r["mode"], r["phase"], r["ok"]) for r in result["phases"]] == [
+        ("dense", "loops_on", True),
+        ("dense", "loops_off", True),
+    ]
+    assert all(r["graphs"] == 1 and r["ms_per_step"] > 0 for r in result["phases"])
+    assert [r["mode"] for r in result["proxy"]] == ["dense", "soft4"]
+    assert all(r["ok"] and 0 < r["val_bpb"] < 10 and r["steps"] > 0 for r in result["proxy"])
+    assert set(result["estimates"]) == {"dense"} and result["estimates"]["dense"]["peak_mib"] > 0
+    table = (out / "gpu_check.md").read_text()
+    assert "| dense | off | yes |" in table and "| soft4 | yes |" in table

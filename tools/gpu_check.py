@@ -66,9 +66,10 @@ PROXY_ENV = {
     "VAL_LOSS_EVERY": "0",
     "SEED": "1337",
 }
-CPU_PROXY_ENV = {**bench_stack.TINY, "MICRO_BATCH_TOKENS": "1024", "MAX_WALLCLOCK_SECONDS": "4"}
+CPU_PROXY_ENV = {**bench_stack.TINY, "MICRO_BATCH_TOKENS": "1024", "MAX_WALLCLOCK_SECONDS": "8"}
 CPU_PROXY_ENV.update(VAL_TOKEN_LIMIT="8192", EVAL_STRIDE="0", COMPRESSOR="zstd", ZSTD_LEVEL="3")
 CPU_PROXY_ENV.update(WARMUP_STEPS="1", TRAIN_LOG_EVERY="5", GPTQ_CALIBRATION_BATCHES="2")
+CPU_PROXY_ENV["GPTQ_RESERVE_SECONDS"] = "1"
 FINAL = re.compile(r"^final_quant_zstd_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)", re.M)
 STEP = re.compile(r"^step:(\d+)/\d+ train_loss:\S+ train_time:\d+ms step_avg:([\d.]+)ms", re.M)
 
@@ -82,7 +83,8 @@ class Budget:
 
 
 def knobs(mode: str, cpu: bool) -> dict[str, str]:
-    return {**(bench_stack.TINY if cpu else {}), **MODES[mode]}
+    # zstd: the compressor is irrelevant to a training step, and the machine may lack brotli
+    return {**(bench_stack.TINY if cpu else {}), "COMPRESSOR": "zstd", **MODES[mode]}
 
 
 def start_estimates(modes: list[str], out: Path) -> dict[str, subprocess.Popen]:
