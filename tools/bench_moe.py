@@ -26,8 +26,12 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_gpt  # noqa: E402
+try:  # imported as a module of the tools package, or run from tools/
+    from .common import import_trainer
+except ImportError:
+    from common import import_trainer
+
+train_gpt = import_trainer()
 from tools.common import MOE_PRESETS, format_table as layout  # noqa: E402
 
 # name -> MoE knobs: the study's presets (tools/common.py) plus dispatch and width variants

@@ -27,8 +27,12 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_gpt  # noqa: E402
+try:  # imported as a module of the tools package, or run from tools/
+    from .common import import_trainer
+except ImportError:
+    from common import import_trainer
+
+train_gpt = import_trainer()
 
 GOAL_TOKENS_PER_S = 1.0e6  # per GPU over the whole run: about the 1.1428 stack's 1.05M on one H100
 # A tiny stack with every mechanism on (layers 1-2 looped, lanes in layer 3), for CPU smoke runs.

@@ -10,10 +10,13 @@ and uses the constants SCALE_BITS and FP16_BITS for scales and fp16 tensors: com
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_gpt  # noqa: E402
+try:  # imported as a module of the tools package, or run from tools/
+    from .common import import_trainer
+except ImportError:
+    from common import import_trainer
+
+train_gpt = import_trainer()
 
 
 def measure(paths: list[str], compressor: str, level: int) -> dict[str, tuple[int, float]]:

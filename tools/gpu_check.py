@@ -35,12 +35,12 @@ import torch
 from torch._dynamo.utils import counters
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "tools"))  # its sibling tools, imported by name
 import bench_stack  # noqa: E402
 import gpu_memory  # noqa: E402
-import train_gpt  # noqa: E402
-from common import MOE_PRESETS  # noqa: E402
+from common import MOE_PRESETS, import_trainer  # noqa: E402
+
+train_gpt = import_trainer()
 
 # Every MLP mode and routed dispatch; the first three are also timed with the loops off.
 MODES = {

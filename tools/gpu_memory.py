@@ -44,8 +44,12 @@ from torch.utils._pytree import tree_map
 
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-import train_gpt  # noqa: E402
+try:  # imported as a module of the tools package, or run from tools/
+    from .common import import_trainer
+except ImportError:
+    from common import import_trainer
+
+train_gpt = import_trainer()
 
 MIB = 2**20
 # The 2026-04-14 record: the default shape (11 x 512, loops 3-5 twice more from 35%), 98,304 tokens per

@@ -12,10 +12,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
-import train_gpt as tg  # noqa: E402
+try:  # imported as a module of the tools package, or run from tools/
+    from .common import import_trainer
+except ImportError:
+    from common import import_trainer
+
+tg = import_trainer()
 
 torch.set_num_threads(1)
 os.makedirs("/tmp/qs", exist_ok=True)

@@ -21,13 +21,16 @@ import copy
 import json
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_gpt  # noqa: E402
+try:  # imported as a module of the tools package, or run from tools/
+    from .common import import_trainer
+except ImportError:
+    from common import import_trainer
+
+train_gpt = import_trainer()
 
 SCHEMES = {"rtn": ("rtn", False), "gptq": ("gptq", False), "gptq+lqer": ("gptq", True)}
 

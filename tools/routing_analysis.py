@@ -20,8 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_gpt as tg  # noqa: E402
+try:  # imported as a module of the tools package, or run from tools/
+    from .common import import_trainer
+except ImportError:
+    from common import import_trainer
+
+tg = import_trainer()
 
 TOKEN_KINDS = ("word_start", "continuation", "digit", "punct", "byte", "control")
 
