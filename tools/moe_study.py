@@ -631,6 +631,8 @@ def write_submission(args, manifest: dict) -> dict | None:
     results = {}
     for run, log in zip(runs, arm["logs"]):
         results[str(run.seed)] = dict(records.seed_result(run), log=log, arm=name)
+        # The community's submission validator looks for the train logs at the folder's top level.
+        shutil.copyfile(args.out / log, args.out / f"train_seed{run.seed}.txt")
     results[str(best.seed)]["artifact"] = check["artifact"]
     sub = records.build_submission(opts, runs, results, best, code_bytes, check)
     sub.update(arm=name, study="manifest.json", not_fineweb=True)
