@@ -619,7 +619,6 @@ def derive_quant_config(h: SimpleNamespace, require) -> None:
         f"COMPRESSOR={h.compressor} needs {missing}, which is not installed; install it or choose zstd",
     )
     require(h.expert_bits != 1, "EXPERT_BITS=1: expected 0 (= MATRIX_BITS) or 2..8")
-    h.expert_bits = h.expert_bits or h.matrix_bits
     h.calibrate = h.quant_method == "gptq" or h.lqer_enabled  # Hessians are needed
     reserve = h.gptq_reserve_seconds if h.calibrate and h.max_wallclock_seconds > 0 else 0.0
     require(
@@ -1666,7 +1665,8 @@ def storage_grid(name: str, t: Tensor, h) -> tuple[int, float]:
     group = QUANT_GROUP.get(cls, "other")
     sigmas = {"embed": h.embed_clip_sigmas, "mlp": h.mlp_clip_sigmas, "attn": h.attn_clip_sigmas}
     expert = cls == "mlp" and name.endswith((".mlp.up", ".mlp.down"))  # an MoE layer's 3-D expert stacks
-    bits = h.embed_bits if group == "embed" else h.expert_bits if expert else h.matrix_bits
+    # EXPERT_BITS stays 0 in the run's record when unset, so a dense run's config holds no MoE knob.
+    bits = h.embed_bits if group == "embed" else (h.expert_bits or h.matrix_bits) if expert else h.matrix_bits
     return bits, sigmas.get(group, h.matrix_clip_sigmas)
 
 

@@ -83,7 +83,7 @@ def test_xsa_last_n_over_the_layer_count_is_allowed_and_the_config_shows_the_eff
     h = tg.load_config({**TINY_ENV, "XSA_LAST_N": "50"})
     assert h.num_layers == 2 and tg.knob_values(h)["XSA_LAST_N"] == 2
     with torch.device("meta"):
-        tg.log_model(h, tg.GPT(h), tg.Logger(None, console=True))
+        tg.log_model(h, tg.GPT(tg.model_config(h)), tg.Logger(None, console=True))
     assert '"XSA_LAST_N": 2' in capsys.readouterr().out.splitlines()[0]
 
 
@@ -236,9 +236,9 @@ def test_progress_lines_give_the_share_done_and_an_eta(monkeypatch):
 
 def test_a_budget_preview_over_the_cap_but_within_the_margin_says_what_will_happen(tiny_config, capsys):
     h = tiny_config()
-    model = tg.GPT(h)
+    model = tg.GPT(tg.model_config(h))
     estimate, _ = tg.estimate_artifact_bytes(model, h)
-    h.size_cap_bytes = estimate + tg.code_bytes() - 1000  # 1,000 bytes over, within 2%
+    h.size_cap_bytes = estimate + tg.shipped_code_bytes() - 1000  # 1,000 bytes over, within 2%
     tg.log_budget_preview(model, h, tg.Logger(None, console=True))
     lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(

@@ -546,7 +546,7 @@ def test_verify_passes_quick_and_full(packed, capsys):
     out = capsys.readouterr().out
     assert "PASS  quick check" in out and "FAIL" not in out
     checks = verify(packed)  # full: re-evaluates on the claim's own (partial) token range
-    assert not failed(checks)
+    assert not failed(checks), [c.detail for c in checks if not c.ok]
     assert any(c.name.endswith("re-score (EVAL_ONLY)") and "|diff|" in c.detail for c in checks)
     probes = {re.sub(r" \d+\)", ")", c.name): c.status for c in checks if "probe" in c.name}
     assert probes == {
@@ -716,7 +716,7 @@ def test_pack_refuses_an_existing_folder_unless_forced(runs, tmp_path, capsys):
     assert len(list(folder.glob("model_seed*.ptz"))) == len(SEEDS)
 
 
-# issue 11: the counted script in self-extracting form, the readable script beside it
+# the counted script in self-extracting form, the readable script beside it
 def test_pack_compress_code_counts_the_wrapper_and_verify_checks_it_is_the_same_program(
     runs, tmp_path, capsys
 ):

@@ -1,4 +1,4 @@
-"""The matched MoE-versus-dense study on CPU (issue 13): every arm x seed run of train_gpt.py at one
+"""The matched MoE-versus-dense study on CPU: every arm x seed run of train_gpt.py at one
 small shape on the proxy corpus (not FineWeb), then one record folder with every log, the statistics,
 a verdict, plots and a submission that `tools/records.py verify` checks.
 

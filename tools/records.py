@@ -405,7 +405,7 @@ def summarize_config(config: dict) -> str:
         parts.append("SmearGate")
     if c.get("EMA_DECAY") != 0:  # unset: the default horizon; 0: off
         parts.append("EMA")
-    if "MATRIX_BITS" in c:  # issue 11's quantizer
+    if "MATRIX_BITS" in c:  # the GPTQ/SDClip quantizer's knobs
         parts.append(
             f"{c['QUANT_METHOD'].upper()} int{c['MATRIX_BITS']} / int{c['EMBED_BITS']} embed"
             f"{' + LQER' if c.get('LQER_ENABLED') else ''} + {c['COMPRESSOR']}"
@@ -604,7 +604,7 @@ def files_to_replace(folder: Path, outputs: set[str]) -> list[str]:
 
 
 def write_compressed_script(folder: Path, script: Path) -> int:
-    """Issue 11: the counted train_gpt.py as an lzma self-extracting wrapper, the exact script beside it."""
+    """The counted train_gpt.py as an lzma self-extracting wrapper, the exact script beside it."""
     source = script.read_bytes()
     (folder / READABLE).write_bytes(source)
     (folder / SCRIPT).write_bytes(self_extracting(source))
