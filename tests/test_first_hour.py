@@ -190,7 +190,12 @@ def test_a_config_error_under_torchrun_is_printed_once_and_every_rank_exits_2(tm
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert output.count("ZSTD_LEVEL=99: expected 1..22") == 1, output[-3000:]
-    assert len(re.findall(r"exitcode\s*:\s*2\b", output)) == 2, output[-3000:]  # torchrun's report per rank
+    # torchrun's report names each failed rank with its exit code (and may log the first one again)
+    reported = re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", output)
+    # A rank exits 2, unless torchrun's SIGTERM (-15) after the other rank's exit reaches it first.
+    assert {rank for rank, _ in reported} == {"0", "1"}, output[-3000:]
+    codes = {code for _, code in reported}
+    assert "2" in codes and codes <= {"2", "-15"}, output[-3000:]
 
 
 @pytest.mark.slow
