@@ -1,6 +1,7 @@
 """Shared helpers for the CPU test suite: paths, a tiny model configuration, a subprocess runner."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,19 @@ def tiny_config():
     import train_gpt
 
     return lambda **env: train_gpt.load_config({**TINY_ENV, **{k: str(v) for k, v in env.items()}})
+
+
+def run_compiled(tmp_path: Path, env: dict) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """One whole run of train_gpt.py with torch.compile's backend swapped for aot_eager (the same dynamo
+    guards and graphs, no inductor) and dynamo logging every recompile -> (result, recompiled functions)."""
+    wrapper = (
+        "import functools, runpy, sys, torch; "
+        "torch.compile = functools.partial(torch.compile, backend='aot_eager'); "
+        f"sys.argv = [{str(REPO / 'train_gpt.py')!r}]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    full = {**os.environ, **env, "LOG_DIR": str(tmp_path / "logs"), "OMP_NUM_THREADS": "1"}
+    full.update(COMPILE="1", TORCH_LOGS="recompiles", VAL_TOKEN_LIMIT="4096")
+    result = subprocess.run(
+        [sys.executable, "-c", wrapper], cwd=tmp_path, env=full, capture_output=True, text=True, timeout=900
+    )
+    return result, re.findall(r"Recompiling function (\w+)", result.stderr)

@@ -2,9 +2,7 @@
 and EXPERT_BITS: what each does, and that both survive the artifact, compile and two ranks."""
 
 import json
-import os
 import re
-import subprocess
 import sys
 import zlib
 
@@ -12,7 +10,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import REPO, SAMPLE, STACK_ENV, TINY_ENV, TOKENIZER, run_train
+from conftest import REPO, SAMPLE, STACK_ENV, TINY_ENV, TOKENIZER, run_compiled, run_train
 
 ROUTED_MODES = ["soft", "topk", "shared_routed"]
 # The record stack in miniature (layers 1-2 looped twice more) with MoE only in the looped layers.
@@ -335,28 +333,16 @@ def test_per_pass_run_reevaluates_from_the_artifact_alone(tmp_path):
 def test_per_pass_and_qat_compile_fullgraph_with_one_recompile_at_the_loop_switch(tmp_path):
     """A whole tiny run, routers per pass, QAT from the same step as the loops: dynamo logs every
     recompile. The wrapper swaps inductor for aot_eager (same guards and graphs)."""
-    wrapper = (
-        "import functools, runpy, sys, torch; "
-        "torch.compile = functools.partial(torch.compile, backend='aot_eager'); "
-        f"sys.argv = [{str(REPO / 'train_gpt.py')!r}]; runpy.run_path(sys.argv[0], run_name='__main__')"
-    )
-    env = dict(os.environ)
-    env.update(
-        PER_PASS_ENV,
-        MOE_MODE="topk",
-        COMPILE="1",
-        ITERATIONS="12",
-        QAT_START_FRAC="0.6",
-        RUN_ID="compiled",
-        LOG_DIR=str(tmp_path / "logs"),
-        OMP_NUM_THREADS="1",
-        TORCH_LOGS="recompiles",
-        VAL_TOKEN_LIMIT="4096",
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", wrapper], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    result, recompiles = run_compiled(
+        tmp_path,
+        {
+            **PER_PASS_ENV,
+            "MOE_MODE": "topk",
+            "ITERATIONS": "12",
+            "QAT_START_FRAC": "0.6",
+            "RUN_ID": "compiled",
+        },
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "layer_loop:enabled step:5" in result.stdout and "qat:enabled step:8" in result.stdout
-    recompiles = re.findall(r"Recompiling function (\w+)", result.stderr)
     assert recompiles.count("forward") == 1, result.stderr[-3000:]  # the loop switch; QAT adds none

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import REPO, STACK_ENV, run_train
+from conftest import REPO, STACK_ENV, run_compiled, run_train
 
 MOE_MODES = ["none", "soft", "topk", "shared_routed"]
 
@@ -492,30 +492,12 @@ def test_stack_under_two_processes_matches_one_process(tmp_path):
 def test_routed_moe_run_under_compile_recompiles_at_most_once(tmp_path):
     """A whole tiny run with a routed MoE, loops switching on mid-run, compiled with fullgraph; dynamo
     logs every recompile. The wrapper only swaps inductor for aot_eager (same guards and graphs)."""
-    wrapper = (
-        "import functools, runpy, sys, torch; "
-        "torch.compile = functools.partial(torch.compile, backend='aot_eager'); "
-        f"sys.argv = [{str(REPO / 'train_gpt.py')!r}]; runpy.run_path(sys.argv[0], run_name='__main__')"
-    )
-    env = {k: v for k, v in os.environ.items()}
-    env.update(
-        STACK_ENV,
-        MOE_MODE="topk",
-        COMPILE="1",
-        ITERATIONS="12",
-        WARMUP_STEPS="0",
-        RUN_ID="compiled",
-        LOG_DIR=str(tmp_path / "logs"),
-        OMP_NUM_THREADS="1",
-        TORCH_LOGS="recompiles",
-        VAL_TOKEN_LIMIT="4096",
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", wrapper], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    result, recompiles = run_compiled(
+        tmp_path,
+        {**STACK_ENV, "MOE_MODE": "topk", "ITERATIONS": "12", "WARMUP_STEPS": "0", "RUN_ID": "compiled"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "layer_loop:enabled step:5" in result.stdout  # 5 / 12 >= 0.35
-    recompiles = re.findall(r"Recompiling function (\w+)", result.stderr)
     assert recompiles.count("forward") == 1, result.stderr[-3000:]  # the loop switch, once
     assert "final_quant_zstd_roundtrip_exact" in result.stdout
 
