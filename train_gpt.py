@@ -799,23 +799,24 @@ class TokenStream:
 
 
 class TrainLoader:
-    """Each optimizer step reads one global span; rank r's micro-step m gets piece m*world + r."""
+    """Each optimizer step reads one global span; rank r's micro-step m gets piece m*world_size + r."""
 
     def __init__(
         self, files, rank, world_size, seq_len, micro_tokens, accum, device, vocab_size=MAX_VOCAB_SIZE
     ):
         self.stream = TokenStream(files, vocab_size)
-        self.rank, self.world, self.seq_len = rank, world_size, seq_len
+        self.rank, self.world_size, self.seq_len = rank, world_size, seq_len
         self.span, self.accum, self.device = micro_tokens + 1, accum, device
 
     def next_step(self) -> list[tuple[Tensor, Tensor]]:
-        chunk = self.stream.take(self.span * self.world * self.accum)
+        chunk = self.stream.take(self.span * self.world_size * self.accum)
         batches = []
         for micro in range(self.accum):
-            start = (micro * self.world + self.rank) * self.span
+            start = (micro * self.world_size + self.rank) * self.span
             piece = torch.from_numpy(chunk[start : start + self.span].astype(np.int64))
             if self.device.type == "cuda":
                 piece = piece.pin_memory().to(self.device, non_blocking=True)
+            # (micro_tokens + 1,) -> inputs and targets, each (micro_tokens / seq_len, seq_len)
             batches.append((piece[:-1].view(-1, self.seq_len), piece[1:].view(-1, self.seq_len)))
         return batches
 
@@ -919,8 +920,8 @@ def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
     """XSA: removes from each head's output (B, H, T, D) its component along the token's own value
     vector (B, H_kv, T, D), so attention carries only what the token does not already hold."""
     B, H, T, D = y.shape
-    unit = F.normalize(v, dim=-1).unsqueeze(2)
-    grouped = y.view(B, v.size(1), H // v.size(1), T, D)
+    unit = F.normalize(v, dim=-1).unsqueeze(2)  # (B, H_kv, 1, T, D)
+    grouped = y.view(B, v.size(1), H // v.size(1), T, D)  # the query heads that share each value head
     return (grouped - (grouped * unit).sum(-1, keepdim=True) * unit).view(B, H, T, D)
 
 
@@ -946,20 +947,22 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, D = x.shape
+        # (B, T, heads * head_dim) -> (B, heads, T, head_dim): one attention per head
         q = self.c_q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
-        k = self.c_k(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, kv_heads, T, head_dim)
         v = self.c_v(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q = rms_norm(q) * self.q_gain.to(q.dtype)[:, None, None]
         q, k = self.rotary(q), self.rotary(rms_norm(k))
+        # (B, heads, T, head_dim); each group of heads / kv_heads query heads reads one key/value head
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
         if self.xsa:
             y = exclude_self_value(y, v)
         if self.attn_gate is not None:
             gate = torch.sigmoid(
                 self.gate_scale * F.linear(x[..., : self.gate_window], self.attn_gate.to(x.dtype))
-            )
-            y = y * gate.transpose(1, 2).unsqueeze(-1)
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+            )  # (B, T, heads)
+            y = y * gate.transpose(1, 2).unsqueeze(-1)  # gate as (B, heads, T, 1)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))  # heads side by side again: (B, T, D)
 
 
 class DenseMLP(nn.Module):
@@ -1119,22 +1122,24 @@ class SoftMoE(MoEBase):
     One fused up and one fused down matmul; with a zero router (the init) or E = 1 it is the dense MLP."""
 
     def forward(self, x: Tensor, pass_index: int = 0) -> Tensor:
-        logits = self.router_logits(x, pass_index)
+        logits = self.router_logits(x, pass_index)  # (B, T, E)
         probs = torch.softmax(logits, dim=-1)
+        # up (E, hidden, dim) -> one (E * hidden, dim) matrix; hidden: (B, T, E * hidden)
         hidden = mlp_act(F.linear(x, self.up.flatten(0, 1).to(x.dtype)), self.act)
-        expert_scale = (self.E * probs).to(hidden.dtype).unsqueeze(-1)
+        expert_scale = (self.E * probs).to(hidden.dtype).unsqueeze(-1)  # (B, T, E, 1)
+        # (B, T, E * hidden) -> (B, T, E, hidden), each expert's group scaled, -> (B, T, E * hidden)
         hidden = (hidden.unflatten(-1, (self.E, -1)) * expert_scale).flatten(-2)
+        # down (E, dim, hidden) -> (dim, E * hidden): one matmul sums the groups' outputs -> (B, T, dim)
         out = F.linear(hidden, self.down.transpose(0, 1).flatten(1).to(hidden.dtype))
-        flat_probs = probs.reshape(-1, self.E)
+        flat_probs = probs.reshape(-1, self.E)  # (B * T, E)
         self.account(logits.reshape(-1, self.E), flat_probs, flat_probs.sum(0), pass_index=pass_index)
         return out
 
 
 class RoutedMoE(MoEBase):
     """Top-k routing with static-shape dispatch: sort by expert + grouped_mm, or fixed capacity + bmm.
-    Selection
-    may add the balancing bias; gates are unbiased scores, not renormalised (top-1 still trains the router).
-    shared_routed adds a dense MLP that every token uses."""
+    Selection may add the balancing bias; gates are unbiased scores, not renormalised (top-1 still trains
+    the router). shared_routed adds a dense MLP that every token uses."""
 
     def __init__(self, cfg: ModelConfig, dim: int, passes: int = 1):
         super().__init__(cfg, dim, cfg.num_experts, cfg.expert_mlp_hidden, ROUTED_INIT_STD, passes)
@@ -1155,21 +1160,21 @@ class RoutedMoE(MoEBase):
         return logits, scores, choice, scores.gather(-1, choice) * self.gate_scale
 
     def forward(self, x: Tensor, pass_index: int = 0) -> Tensor:
-        tokens = x.reshape(-1, x.size(-1))
-        logits, scores, choice, gate = self.route(tokens, pass_index)
-        flat = choice.reshape(-1)  # the k choices of token t sit at t*k .. t*k+k-1
-        counts = torch.zeros(self.E, dtype=torch.long, device=x.device)
+        tokens = x.reshape(-1, x.size(-1))  # (B, T, dim) -> (N, dim), N = B * T
+        logits, scores, choice, gate = self.route(tokens, pass_index)  # choice, gate: (N, k)
+        flat = choice.reshape(-1)  # (N * k,): the k choices of token t sit at t*k .. t*k+k-1
+        counts = torch.zeros(self.E, dtype=torch.long, device=x.device)  # (E,) rows per expert
         counts.scatter_add_(0, flat, torch.ones_like(flat))
-        order = torch.argsort(flat, stable=True)
+        order = torch.argsort(flat, stable=True)  # (N * k,) assignment slots grouped by expert
         dispatch = self.dispatch_grouped if self.dispatch_mode == "grouped" else self.dispatch_capacity
         # grouped_mm is fast only in bf16 (and compiles only in bf16); eager CPU keeps fp32 for exact tests.
         autocast_on = torch.is_autocast_enabled(tokens.device.type)
         bf16 = tokens.is_cuda or torch.compiler.is_compiling() or autocast_on
-        sorted_tokens = tokens.to(torch.bfloat16 if bf16 else tokens.dtype)[order // self.k]
-        rows, dropped = dispatch(sorted_tokens, flat[order], counts)
-        slots = torch.empty_like(rows).index_copy(0, order, rows)
-        weighted = slots.view(tokens.size(0), self.k, -1) * gate.to(rows.dtype).unsqueeze(-1)
-        out = weighted.sum(1).view(x.shape)
+        sorted_tokens = tokens.to(torch.bfloat16 if bf16 else tokens.dtype)[order // self.k]  # (N * k, dim)
+        rows, dropped = dispatch(sorted_tokens, flat[order], counts)  # (N * k, dim), in expert order
+        slots = torch.empty_like(rows).index_copy(0, order, rows)  # (N * k, dim), back in token order
+        weighted = slots.view(tokens.size(0), self.k, -1) * gate.to(rows.dtype).unsqueeze(-1)  # (N, k, dim)
+        out = weighted.sum(1).view(x.shape)  # (N, dim) -> (B, T, dim)
         if self.shared is not None:
             out = out + self.shared(x)
         probs = scores / scores.sum(-1, keepdim=True)
@@ -1177,11 +1182,12 @@ class RoutedMoE(MoEBase):
         return out
 
     def expert_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """up (E, hidden, dim) -> (E, dim, hidden), down (E, dim, hidden) -> (E, hidden, dim): x @ w."""
         return self.up.transpose(1, 2).to(dtype), self.down.transpose(1, 2).to(dtype)
 
     def dispatch_grouped(self, xs: Tensor, experts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
         up, down = self.expert_weights(xs.dtype)
-        offsets = counts.cumsum(0).to(torch.int32)
+        offsets = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group in xs (rows, dim)
         # Autocast runs square() (aten::pow) in fp32 and grouped_mm has no autocast kernel: cast back by hand.
         hidden = mlp_act(grouped_matmul(xs, up, offsets), self.act).to(xs.dtype)
         return grouped_matmul(hidden, down, offsets), torch.zeros((), device=xs.device)
@@ -1193,9 +1199,11 @@ class RoutedMoE(MoEBase):
         slot = torch.arange(rows, device=xs.device) - (counts.cumsum(0) - counts)[experts]
         keep = slot < cap
         dest = torch.where(keep, experts * cap + slot, E * cap)  # dropped rows land in a spare row
+        # rows -> (E * cap + 1, dim) with the spare row, dropped -> (E, cap, dim): one buffer per expert
         buf = xs.new_zeros(E * cap + 1, dim).index_copy(0, dest, xs)[:-1].view(E, cap, dim)
         up, down = self.expert_weights(xs.dtype)
         out = torch.bmm(mlp_act(torch.bmm(buf, up), self.act), down).reshape(E * cap, dim)
+        # a zero spare row appended, then each input row reads its output back: (rows, dim)
         return torch.cat((out, out.new_zeros(1, dim)))[dest], (~keep).sum()
 
 
@@ -1718,8 +1726,8 @@ def packed_bits(q: Tensor) -> int:
 
 def quantize_matrix(w: Tensor, H: Tensor | None, bits: int, sigmas: float, zero: Tensor | None = None):
     """-> (integers, fp16 row scales) of a 2-D matrix on its SDClip grid. With a Hessian, GPTQ: its step is
-    widened
-    until it costs no more bytes than round-to-nearest, and the one with less output error is kept."""
+    widened until it costs no more bytes than round-to-nearest, and the one with less output error is
+    kept."""
     scale = sdclip_scale(w, bits, sigmas)
     q = round_to_grid(w, scale, bits, zero)
     if H is None:
@@ -1751,9 +1759,8 @@ def quantize_tensor(
     bits, parts = max(2, bits - drop), []
     for i, w in enumerate(t.reshape(-1, *t.shape[-2:])):
         Hi = H.reshape(-1, *H.shape[-2:])[i] if H is not None and h.quant_method == "gptq" else None
-        Hi = (
-            Hi if Hi is None or (w.isfinite().all() and Hi.isfinite().all()) else None
-        )  # rounded; the run is INVALID
+        if Hi is not None and not (w.isfinite().all() and Hi.isfinite().all()):
+            Hi = None  # a non-finite tensor is rounded, not GPTQ'd; the run is INVALID
         w = w if Hi is None else w.to(Hi.device)  # GPTQ runs where the Hessian is: the GPU in a real run
         zero = (
             w.abs() <= w.abs().flatten().kthvalue(max(1, int(prune * w.numel()))).values
@@ -1820,9 +1827,8 @@ def quantize_state(
                 if H is not None
                 else d.square().sum().item()
             )
-            scores.update(
-                {name: score} if math.isfinite(score) else {}
-            )  # a non-finite tensor gets no correction
+            if math.isfinite(score):  # a non-finite tensor gets no correction
+                scores[name] = score
     for name in sorted(scores, key=scores.get, reverse=True)[: h.lqer_top_k if h.lqer_enabled else 0]:
         t = state[name].detach().float().cpu().reshape(-1, state[name].size(-1))
         before = t - dequantize_entry(*entries[name], t.shape)
@@ -1955,9 +1961,8 @@ def estimate_artifact_bytes(model: nn.Module, h) -> tuple[int, dict[str, int]]:
         ) / 8
         per_class[key] = per_class.get(key, 0.0) + size
         lqer.append(h.lqer_rank * ((rows + t.size(-1)) * h.lqer_factor_bits + 32) / 8)
-    per_class["lqer"] = (
-        sum(sorted(lqer)[::-1][: h.lqer_top_k]) if h.lqer_enabled else 0
-    )  # the largest, at most
+    # LQER corrects the LQER_TOP_K tensors of largest error: counted as the largest corrections, at most
+    per_class["lqer"] = sum(sorted(lqer)[::-1][: h.lqer_top_k]) if h.lqer_enabled else 0
     # The JSON header: ~150 bytes per tensor-table entry plus ~1.5 kB of config and framing.
     header = 150 * len(artifact_state(model)) + 1500
     return int(sum(per_class.values()) + header), {k: int(v) for k, v in per_class.items()}
@@ -2017,7 +2022,7 @@ def export_artifact(
 
 @torch.no_grad()
 def collect_hessians(
-    model: nn.Module, batches, world: int, progress=None
+    model: nn.Module, batches, world_size: int, progress=None
 ) -> tuple[dict[str, Tensor], list[str]]:
     """-> ({matrix: X^T X of its inputs}, warnings), summed over ranks. A routed expert sees only its routed
     tokens, a soft expert every token, each scaled by its gate; a starved expert gets a damped Hessian."""
@@ -2064,13 +2069,13 @@ def collect_hessians(
     finally:
         for hook in hooks:
             hook.remove()
-    return damp_sparse_experts(hess, counts, world)
+    return damp_sparse_experts(hess, counts, world_size)
 
 
-def damp_sparse_experts(hess: dict, counts: dict, world: int) -> tuple[dict[str, Tensor], list[str]]:
+def damp_sparse_experts(hess: dict, counts: dict, world_size: int) -> tuple[dict[str, Tensor], list[str]]:
     warnings, experts = [], {n for n, _ in hess.items() if n.endswith((".up", ".down"))}
     for name in hess:  # the same order on every rank: the forward order
-        if world > 1:
+        if world_size > 1:
             dist.all_reduce(hess[name])
             dist.all_reduce(counts[name])
         for e, (H, n) in enumerate(zip(hess[name], counts[name].tolist())):
@@ -2102,94 +2107,91 @@ def eval_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, in
     return windows
 
 
+class WindowSpec(NamedTuple):
+    """How an evaluation cuts the tokens: windows of seq_len inputs, a new window every `stride` targets (0:
+    seq_len, plain windows), batch_seqs windows per forward."""
+
+    seq_len: int
+    stride: int
+    batch_seqs: int
+
+
+class Scores:
+    """One evaluation's float64 (loss, tokens, bytes) sums on this rank, and with `token_losses` every
+    scored target's loss at token_losses[target position - 1]."""
+
+    def __init__(self, tables, device: torch.device, token_losses: Tensor | None = None):
+        self.tables = tuple(t.to(device) for t in tables)
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.token_losses = token_losses
+
+    def add(self, losses: Tensor, scored: Tensor, x: Tensor, y: Tensor, target_index: Tensor) -> None:
+        """losses, scored, x, y, target_index: (rows, T); only the `scored` targets count."""
+        mask = scored.double()
+        target_bytes_sum = (target_bytes(x, y, self.tables) * mask).sum()
+        self.sums += torch.stack(((losses.double() * mask).sum(), mask.sum(), target_bytes_sum))
+        if self.token_losses is not None:
+            self.token_losses[target_index[scored]] = losses[scored].float()
+
+    def result(self, world_size: int) -> tuple[float, float]:
+        """Every rank's sums (and per-token losses) summed -> (val_loss, val_bpb)."""
+        if world_size > 1:
+            dist.all_reduce(self.sums)
+            if self.token_losses is not None:
+                dist.all_reduce(self.token_losses)  # each target was scored on one rank, zeros elsewhere
+        loss, tokens, nbytes = self.sums
+        return (loss / tokens).item(), (loss / math.log(2) / nbytes).item()
+
+
 @torch.no_grad()
 def evaluate(
     logits_fn,
     tokens: Tensor,
     tables,
-    seq_len: int,
-    stride: int,
-    batch_seqs: int,
-    device: torch.device,
-    rank: int = 0,
-    world_size: int = 1,
+    spec: WindowSpec,
+    rt: Runtime,
     token_losses: Tensor | None = None,
-    log=None,
     phase: str = "evaluation",
-):
-    """-> (val_loss, val_bpb); float64 sums over ranks. `token_losses[target position - 1]` gets each loss.
-    With `log`, the phase's progress and ETA are logged."""
-    windows = eval_windows(tokens.numel(), seq_len, stride)
-    seq_len = min(seq_len, tokens.numel() - 1)
-    mine = windows[len(windows) * rank // world_size : len(windows) * (rank + 1) // world_size]
-    progress = Progress(log, phase, -(-len(mine) // batch_seqs), "batches") if log is not None else None
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
-    tables, tokens = tuple(t.to(device) for t in tables), tokens.to(device)
+) -> tuple[float, float]:
+    """-> (val_loss, val_bpb) of every target of `tokens`, each window on one rank; `phase` names the
+    progress lines in rt.log."""
+    device, batch_seqs = rt.device, spec.batch_seqs
+    windows = eval_windows(tokens.numel(), spec.seq_len, spec.stride)
+    seq_len = min(spec.seq_len, tokens.numel() - 1)
+    share = len(windows) * rt.rank // rt.world_size, len(windows) * (rt.rank + 1) // rt.world_size
+    mine = windows[share[0] : share[1]]
+    progress = Progress(rt.log, phase, -(-len(mine) // batch_seqs), "batches")
+    scores, tokens = Scores(tables, device, token_losses), tokens.to(device)
     positions = torch.arange(seq_len, device=device)
     for i in range(0, len(mine), batch_seqs):
         batch = mine[i : i + batch_seqs]
         batch = batch + [(0, 0)] * (batch_seqs - len(batch))  # pad: one static shape for compile
-        starts = torch.tensor([s for s, _ in batch], device=device)
-        scored = torch.tensor([n for _, n in batch], device=device)
-        idx = starts[:, None] + torch.arange(seq_len + 1, device=device)
+        starts = torch.tensor([s for s, _ in batch], device=device)  # (batch_seqs,)
+        scored = torch.tensor([n for _, n in batch], device=device)  # (batch_seqs,) targets each scores
+        idx = starts[:, None] + torch.arange(seq_len + 1, device=device)  # (batch_seqs, seq_len + 1)
         window = tokens[idx].long()
-        x, y = window[:, :-1], window[:, 1:]
-        mask = positions[None, :] >= seq_len - scored[:, None]
+        x, y = window[:, :-1], window[:, 1:]  # each (batch_seqs, seq_len)
+        mask = positions[None, :] >= seq_len - scored[:, None]  # (batch_seqs, seq_len): the last `scored`
         with autocast(device):
-            logits = logits_fn(x)
+            logits = logits_fn(x)  # (batch_seqs, seq_len, vocab)
+        # (batch_seqs * seq_len, vocab) vs (batch_seqs * seq_len,) -> per-token losses, viewed as mask
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-        add_scores(sums, loss.view_as(mask), mask, x, y, tables, idx[:, :-1], token_losses)
-        if progress is not None:
-            progress(i // batch_seqs + 1)
-    return reduce_scores(sums, token_losses, world_size)
-
-
-def add_scores(
-    sums: Tensor,
-    losses: Tensor,
-    scored: Tensor,
-    x: Tensor,
-    y: Tensor,
-    tables,
-    target_index: Tensor,
-    token_losses: Tensor | None,
-) -> None:
-    """Adds the scored targets' (loss, count, bytes) to sums and their losses to
-    token_losses[target_index]."""
-    mask = scored.double()
-    sums += torch.stack(
-        ((losses.double() * mask).sum(), mask.sum(), (target_bytes(x, y, tables) * mask).sum())
-    )
-    if token_losses is not None:
-        token_losses[target_index[scored]] = losses[scored].float()
-
-
-def reduce_scores(sums: Tensor, token_losses: Tensor | None, world_size: int) -> tuple[float, float]:
-    """(loss, tokens, bytes) sums of every rank -> (val_loss, val_bpb); per-token losses summed too."""
-    if world_size > 1:
-        dist.all_reduce(sums)
-        if token_losses is not None:
-            dist.all_reduce(token_losses)  # each target was scored on one rank, zeros elsewhere
-    return (sums[0] / sums[1]).item(), (sums[0] / math.log(2) / sums[2]).item()
+        scores.add(loss.view_as(mask), mask, x, y, idx[:, :-1])
+        progress(i // batch_seqs + 1)
+    return scores.result(rt.world_size)
 
 
 # Test-time training (TTT): every chunk of a document is scored before any update that has seen it.
 # Adapter output scale alpha / rank (the 1.0611 record's): the step size does not follow the rank.
 LORA_ALPHA = 144.0
-TTT_TARGETS = (
-    "attn.c_q",
-    "attn.c_k",
-    "attn.c_v",
-    "attn.proj",
-    "mlp",
-)  # under blocks.N; "mlp" = the whole sub-layer
+# Module names under blocks.N that get adapters; "mlp" is the whole sub-layer (dense or MoE).
+TTT_TARGETS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp")
 
 
 class TTTAdapters(nn.Module):
-    """LoRA, one per document row, on the attention projections, around every MLP sub-layer (dense or any MoE
-    mode)
-    and on the head. Forward hooks add a module's delta of its input to its output: the model has no TTT
-    path."""
+    """LoRA, one per document row, on the attention projections, around every MLP sub-layer (dense or any
+    MoE mode) and on the head. Forward hooks add a module's delta of its input to its output: the model has
+    no TTT path."""
 
     def __init__(self, model: nn.Module, docs: int, rank: int):
         super().__init__()
@@ -2232,10 +2234,9 @@ class TTTAdapters(nn.Module):
 
 def ttt_schedule(tokens: Tensor, h) -> tuple[list[tuple[int, int]], list[tuple[list[list[int]], int]]]:
     """-> documents (start, targets: to the next BOS, so TTT scores what plain evaluation scores) and phases
-    in
-    stream order (batches, then SGD on the first N tokens), so no score at p depends on a token after p. A
-    batch:
-    similar lengths, rows in stream order (capacity dispatch favours earlier rows, i.e. earlier documents)."""
+    in stream order (batches, then SGD on the first N tokens), so no score at p depends on a token after p.
+    A batch: similar lengths, rows in stream order (capacity dispatch favours earlier rows, i.e. earlier
+    documents)."""
     starts = (tokens == BOS_ID).nonzero().flatten().tolist()
     starts = starts if starts and starts[0] == 0 else [0] + starts
     docs = [(s, e - s) for s, e in zip(starts, starts[1:] + [tokens.numel() - 1])]
@@ -2262,19 +2263,16 @@ def chunk_widths(longest: int, h) -> list[int]:
 
 def chunk_windows(tokens: Tensor, starts: Tensor, lens: Tensor, ci: int, width: int, h):
     """Chunk ci of each row, in a window of up to EVAL_SEQ_LEN tokens ending at the chunk's end -> inputs,
-    targets,
-    target index (position - 1; -1 = padding) and the targets it scores."""
-    end = lens.clamp(max=(ci + 1) * h.ttt_chunk_size)
-    ctx_start, j = (end - h.eval_seq_len).clamp(min=0), torch.arange(width)
-    valid = j < (end - ctx_start)[:, None]
+    targets, target index (position - 1; -1 = padding) and the targets it scores, each (rows, width)."""
+    end = lens.clamp(max=(ci + 1) * h.ttt_chunk_size)  # (rows,) the chunk's end in each document
+    ctx_start, j = (end - h.eval_seq_len).clamp(min=0), torch.arange(width)  # (rows,), (width,)
+    valid = j < (end - ctx_start)[:, None]  # (rows, width): inside the window
     pos = torch.where(valid, starts[:, None] + ctx_start[:, None] + j, -1).to(tokens.device)
     scored = (valid & (j >= (ci * h.ttt_chunk_size - ctx_start)[:, None])).to(tokens.device)
     return tokens[pos.clamp(min=0)].long(), tokens[pos + 1].long(), pos, scored
 
 
-def ttt_batch(
-    loss_fn, adapters, rows: list[int], docs, tokens: Tensor, h, tables, sums, token_losses, device
-) -> None:
+def ttt_batch(loss_fn, adapters, rows: list[int], docs, tokens: Tensor, h, scores: Scores) -> None:
     """Adapters reset; chunk ci of every document scored, then (if the document goes on) trained on."""
     adapters.load_state_dict(adapters.initial)
     opt = torch.optim.AdamW(
@@ -2287,24 +2285,21 @@ def ttt_batch(
     starts, lens = torch.tensor([docs[d][0] for d in rows]), torch.tensor([docs[d][1] for d in rows])
     for ci, width in enumerate(chunk_widths(int(lens.max()), h)):
         x, y, pos, scored = chunk_windows(tokens, starts, lens, ci, width, h)
-        with autocast(device):
-            loss = loss_fn(adapters, x, y)
-        add_scores(
-            sums, loss.detach(), scored, x, y, tables, pos, token_losses
-        )  # final before any step below
-        train = (
-            scored & (lens > (ci + 1) * h.ttt_chunk_size).to(tokens.device)[:, None]
-        )  # documents with chunks still to come
+        with autocast(tokens.device):
+            loss = loss_fn(adapters, x, y)  # (rows, width)
+        scores.add(loss.detach(), scored, x, y, pos)  # final before any step below
+        # (rows, width): the scored targets of documents with chunks still to come
+        train = scored & (lens > (ci + 1) * h.ttt_chunk_size).to(tokens.device)[:, None]
         for step in range(h.ttt_grad_steps if train.any() else 0):
             if step:
-                with autocast(device):
+                with autocast(tokens.device):
                     loss = loss_fn(adapters, x, y)
             opt.zero_grad(set_to_none=True)  # each document's mean loss over targets it has scored
             (torch.where(train, loss, 0.0).sum(-1) / train.sum(-1).clamp_min(1)).sum().backward()
             opt.step()
 
 
-def global_sgd(model: nn.Module, tokens: Tensor, end: int, h, device, rank: int, world: int) -> None:
+def global_sgd(model: nn.Module, tokens: Tensor, end: int, h, rt: Runtime) -> None:
     """SGD (cosine decay) on the base weights over tokens[:end + 1], all scored; gradients summed over
     ranks."""
     S, chunk = h.eval_seq_len, h.global_ttt_chunk_tokens
@@ -2316,17 +2311,16 @@ def global_sgd(model: nn.Module, tokens: Tensor, end: int, h, device, rank: int,
     steps = [lo for _ in range(h.global_ttt_epochs) for lo in range(0, end, chunk) if end - lo >= S]
     for i, lo in enumerate(steps):
         seqs = min(chunk, end - lo) // S
-        first, last = seqs * rank // world, seqs * (rank + 1) // world
+        first, last = seqs * rt.rank // rt.world_size, seqs * (rt.rank + 1) // rt.world_size
         opt.zero_grad(set_to_none=False)
         if last > first:  # this rank's sequences; the loss is the mean over every rank's
-            window = tokens[
-                (lo + S * torch.arange(first, last)[:, None] + torch.arange(S + 1)).to(tokens.device)
-            ].long()
-            with autocast(device):
+            starts = lo + S * torch.arange(first, last)[:, None]  # (last - first, 1)
+            window = tokens[(starts + torch.arange(S + 1)).to(tokens.device)].long()  # (last - first, S + 1)
+            with autocast(rt.device):
                 (
                     model(window[:, :-1], window[:, 1:])[0] * (last - first) / seqs
                 ).backward()  # eval mode: no aux
-        for p in params if world > 1 else []:
+        for p in params if rt.world_size > 1 else []:
             dist.all_reduce(p.grad)
         if h.global_ttt_grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, h.global_ttt_grad_clip)
@@ -2337,58 +2331,38 @@ def global_sgd(model: nn.Module, tokens: Tensor, end: int, h, device, rank: int,
 
 
 def ttt_evaluate(
-    model: nn.Module,
-    h,
-    tokens: Tensor,
-    tables,
-    device,
-    rank: int = 0,
-    world: int = 1,
-    token_losses: Tensor | None = None,
-    log=print,
+    model: nn.Module, h, tokens: Tensor, tables, rt: Runtime, token_losses: Tensor | None = None
 ) -> tuple[float, float]:
     """Phased score-first TTT of `model` (its weights change; disabled adapter hooks stay) -> (val_loss,
     val_bpb)."""
     model.eval().requires_grad_(False)
-    (docs, phases), tokens, tables = (
-        ttt_schedule(tokens, h),
-        tokens.to(device),
-        tuple(t.to(device) for t in tables),
-    )
+    docs, phases = ttt_schedule(tokens, h)
+    tokens = tokens.to(rt.device)
     adapters = TTTAdapters(model, h.ttt_batch_size, h.ttt_lora_rank)
     loss_fn = lambda a, x, y: a.token_losses(model, x, y)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    if use_compile(
-        h, device
-    ):  # compile warm-up: one batch of every window width on random tokens, never validation ones
+    if use_compile(h, rt.device):
+        # compile warm-up: one batch of every window width on random tokens, never validation ones
         loss_fn, n = torch.compile(loss_fn, dynamic=True), h.eval_seq_len + h.ttt_chunk_size
         noise = torch.randint(
             model.vocab_size, (h.ttt_batch_size * n + 1,), generator=torch.Generator().manual_seed(0)
         )
-        ttt_batch(
-            loss_fn,
-            adapters,
-            list(range(h.ttt_batch_size)),
-            [(i * n, n) for i in range(h.ttt_batch_size)],
-            noise.to(device),
-            h,
-            tables,
-            sums.clone(),
-            None,
-            device,
-        )
-    progress, done = Progress(log, "ttt", sum(len(b[rank::world]) for b, _ in phases), "batches"), 0
+        noise_docs = [(i * n, n) for i in range(h.ttt_batch_size)]
+        rows = list(range(h.ttt_batch_size))
+        ttt_batch(loss_fn, adapters, rows, noise_docs, noise.to(rt.device), h, Scores(tables, rt.device))
+    scores = Scores(tables, rt.device, token_losses)
+    my_batches = sum(len(b[rt.rank :: rt.world_size]) for b, _ in phases)
+    progress, done = Progress(rt.log, "ttt", my_batches, "batches"), 0
     for batches, sgd_end in phases:
         adapters.enabled = True
-        for rows in batches[rank::world]:
-            ttt_batch(loss_fn, adapters, rows, docs, tokens, h, tables, sums, token_losses, device)
+        for rows in batches[rt.rank :: rt.world_size]:
+            ttt_batch(loss_fn, adapters, rows, docs, tokens, h, scores)
             done += 1
             progress(done)
         adapters.enabled = False
         if sgd_end:
-            log(f"ttt_phase: global SGD on the first {sgd_end + 1} validation tokens, all scored")
-            global_sgd(model, tokens, sgd_end, h, device, rank, world)
-    return reduce_scores(sums, token_losses, world)
+            rt.log(f"ttt_phase: global SGD on the first {sgd_end + 1} validation tokens, all scored")
+            global_sgd(model, tokens, sgd_end, h, rt)
+    return scores.result(rt.world_size)
 
 
 # ---- 9. Runtime: processes and devices, the log, FLOP counting -----------------------------------
@@ -2430,14 +2404,26 @@ class Progress:
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
 
 
-def setup_distributed(h) -> tuple[int, int, int, torch.device]:
-    rank, world, local = (
+@dataclass(frozen=True)
+class Runtime:
+    """This process's place in the run, for the distributed and evaluation code: its rank of world_size
+    processes, its device, and the log (rank 0's files; the other ranks' log writes nothing)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    log: Logger
+
+
+def setup_distributed(h) -> tuple[int, int, torch.device]:
+    """-> (rank, world_size, device) from torchrun's environment; joins the process group."""
+    rank, world_size, local_rank = (
         int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))
     )
-    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if world > 1 and device.type == "cpu" and not h.allow_cpu_distributed:
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if world_size > 1 and device.type == "cpu" and not h.allow_cpu_distributed:
         raise ConfigError(
-            f"WORLD_SIZE={world} but CUDA is not usable here (no GPU, or a driver too old for torch "
+            f"WORLD_SIZE={world_size} but CUDA is not usable here (no GPU, or a driver too old for torch "
             f"{torch.__version__}): the ranks would train on the CPU over gloo. Fix the GPU setup, or set "
             "ALLOW_CPU_DISTRIBUTED=1 to run on the CPU on purpose"
         )
@@ -2448,13 +2434,13 @@ def setup_distributed(h) -> tuple[int, int, int, torch.device]:
         torch.backends.cudnn.allow_tf32 = True
     elif "OMP_NUM_THREADS" not in os.environ:  # share the cores between local ranks
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    if world > 1:
+    if world_size > 1:
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo",
             device_id=device if device.type == "cuda" else None,
             timeout=PROCESS_GROUP_TIMEOUT,
         )
-    return rank, world, local, device
+    return rank, world_size, device
 
 
 @contextlib.contextmanager
@@ -2513,9 +2499,8 @@ class Logger:
         """Writes the error into both logs; a failed start frees its RUN_ID (its logs become
         RUN_ID.failedN.*)."""
         if self.text is not None:
-            print(
-                f"error: {str(err) or type(err).__name__}", file=self.text, flush=True
-            )  # stderr has it already
+            # into the text log only: stderr has it already
+            print(f"error: {str(err) or type(err).__name__}", file=self.text, flush=True)
             self.event("error", message=f"{type(err).__name__}: {err}")
             self.event("end", status="failed")
             n = 1
@@ -2591,9 +2576,9 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 class FlashLikeAttention(torch.autograd.Function):
-    """Causal attention's output for fake tensors, saving what flash attention saves for its backward (q, k,
-    v,
-    the output, an fp32 log-sum-exp per row): which backend a GPU picks cannot be traced without one."""
+    """Causal attention's output for fake tensors, saving what flash attention saves for its backward (q,
+    k, v, the output, an fp32 log-sum-exp per row): which backend a GPU picks cannot be traced without
+    one."""
 
     @staticmethod
     def forward(ctx, q, k, v):
@@ -2608,8 +2593,7 @@ class FlashLikeAttention(torch.autograd.Function):
 
 def fake_model(h, device) -> GPT:
     """GPT(model_config(h)) whose parameters and buffers are fake tensors on `device` (call inside a
-    FakeTensorMode): shapes
-    and dtypes only, so any shape can be traced on any machine."""
+    FakeTensorMode): shapes and dtypes only, so any shape can be traced on any machine."""
     with torch.device("meta"):
         model = GPT(model_config(h))
     for module in model.modules():
@@ -2653,27 +2637,29 @@ def saved_activations(h, device, looping: bool) -> dict[str, int]:
     return by_dtype
 
 
-def static_training_bytes(h, world: int) -> int:
+def static_training_bytes(h, world_size: int) -> int:
     """fp32 weights, gradients, optimizer state (Muon momentum; Adam moments), EMA copy, DDP buckets."""
     with torch.device("meta"):
         model = GPT(model_config(h))
     n = sum(p.numel() for p in model.parameters())
     muon = sum(p.numel() for name, p in model.named_parameters() if param_class(name, p) in MATRIX_CLASSES)
-    return 4 * (2 * n + muon + 2 * (n - muon) + n * (h.ema_decay != 0) + n * (world > 1))
+    return 4 * (2 * n + muon + 2 * (n - muon) + n * (h.ema_decay != 0) + n * (world_size > 1))
 
 
-def eager_peak_bytes(h, device, world: int) -> int:
+def eager_peak_bytes(h, device, world_size: int) -> int:
     """One rank's peak without torch.compile: static bytes + the larger loop state's saved activations + the
     loss's backward working set (two fp32 tokens x vocab gradients of the logits)."""
     saved = max(sum(saved_activations(h, device, on).values()) for on in {False, h.num_loops > 0})
-    return static_training_bytes(h, world) + saved + 8 * h.micro_batch_tokens * h.vocab_size
+    return static_training_bytes(h, world_size) + saved + 8 * h.micro_batch_tokens * h.vocab_size
 
 
-def check_eager_memory(h, device: torch.device, world: int, log) -> None:
+def check_eager_memory(h, rt: Runtime) -> None:
     """COMPILE=0 on a GPU saves every intermediate for backward: warn when the micro-batch cannot fit."""
+    device, log = rt.device, rt.log
     if device.type != "cuda" or use_compile(h, device):
         return
-    peak, total = eager_peak_bytes(h, device, world), torch.cuda.get_device_properties(device).total_memory
+    peak = eager_peak_bytes(h, device, rt.world_size)
+    total = torch.cuda.get_device_properties(device).total_memory
     log(f"eager_memory: ~{peak / 2**30:.1f} GiB per rank estimated (COMPILE=0) of {total / 2**30:.1f} GiB")
     if peak > total:
         rows = max(1, int(h.micro_batch_tokens / h.train_seq_len * total / peak))
@@ -2720,13 +2706,13 @@ def ema_decay(step_share: float, h) -> float:
 class Trainer:
     """One training run: data, model, optimizers, compile warm-up and the timed loop."""
 
-    def __init__(self, h, rank: int, world: int, device: torch.device, log):
-        self.h, self.rank, self.world, self.device, self.log = h, rank, world, device, log
-        self.accum = grad_accum_steps(h, world)
+    def __init__(self, h, rt: Runtime):
+        self.h, self.rt, self.log, device = h, rt, rt.log, rt.device
+        self.accum = grad_accum_steps(h, rt.world_size)
         self.loader = TrainLoader(
             check_shards(shard_files(h.data_path, "train"), h.vocab_size),
-            rank,
-            world,
+            rt.rank,
+            rt.world_size,
             h.train_seq_len,
             h.micro_batch_tokens,
             self.accum,
@@ -2741,10 +2727,10 @@ class Trainer:
                 device_ids=[device.index] if device.type == "cuda" else None,
                 broadcast_buffers=False,
             )
-            if world > 1
+            if rt.world_size > 1
             else self.compiled
         )
-        self.optimizers = build_optimizers(self.model, h, rank, world)
+        self.optimizers = build_optimizers(self.model, h, rt.rank, rt.world_size)
         # QAT: each tensor stored as integers, with its export grid; copies of the float weights.
         self.qat = False
         grids = ((p, *storage_grid(name, p, h)) for name, p in self.model.named_parameters())
@@ -2783,13 +2769,13 @@ class Trainer:
 
     def train_step(self) -> Tensor:
         """Forward/backward over the micro-batches, clip, step; returns the mean cross-entropy."""
-        ce_sum = torch.zeros((), device=self.device)
+        ce_sum = torch.zeros((), device=self.rt.device)
         batches = self.loader.next_step()
         if self.qat:
             self.fake_quantize_weights()
         for micro, (x, y) in enumerate(batches):
-            sync = self.world == 1 or micro == len(batches) - 1
-            with contextlib.nullcontext() if sync else self.ddp.no_sync(), autocast(self.device):
+            sync = self.rt.world_size == 1 or micro == len(batches) - 1
+            with contextlib.nullcontext() if sync else self.ddp.no_sync(), autocast(self.rt.device):
                 loss, ce = self.ddp(x, y)
             (loss / self.accum).backward()
             ce_sum += ce
@@ -2800,7 +2786,7 @@ class Trainer:
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        stats = collect_routing_stats(self.model, self.h.router_bias_rate, self.world)
+        stats = collect_routing_stats(self.model, self.h.router_bias_rate, self.rt.world_size)
         if stats is not None:
             self.routing_totals = stats if self.routing_totals is None else self.routing_totals + stats
         return ce_sum / len(batches)
@@ -2862,7 +2848,7 @@ class Trainer:
     def log_step(self, step: int, ce: float, elapsed_ms: float, peak: float | None) -> None:
         tokens_per_s = step * self.h.train_batch_tokens / max(elapsed_ms / 1000, 1e-9)
         flops = flops_per_token(self.model, self.h)  # of the current loop state
-        mfu_pct = 100 * tokens_per_s * flops / (peak * self.world) if peak else None
+        mfu_pct = 100 * tokens_per_s * flops / (peak * self.rt.world_size) if peak else None
         self.log(
             f"step:{step}/{self.h.iterations} train_loss:{ce:.4f} train_time:{elapsed_ms:.0f}ms "
             f"step_avg:{elapsed_ms / step:.2f}ms tok/s:{tokens_per_s:.0f}"
@@ -2896,8 +2882,8 @@ class Trainer:
         """(elapsed ms, loss not finite, loss) over ranks: slowest clock, any, mean; queued, not waited
         for."""
         flags = torch.stack((torch.full_like(ce, elapsed_ms), (~torch.isfinite(ce)).float(), ce))
-        if self.world > 1:
-            ranks = [torch.empty_like(flags) for _ in range(self.world)]
+        if self.rt.world_size > 1:
+            ranks = [torch.empty_like(flags) for _ in range(self.rt.world_size)]
             dist.all_gather(ranks, flags)
             table = torch.stack(ranks)
             flags = torch.cat((table[:, :2].amax(0), table[:, 2].mean(0, keepdim=True)))
@@ -2922,13 +2908,12 @@ class Trainer:
 
     def run(self, validate) -> None:
         """The timed loop (`validate()` runs with the clock paused). Schedules, EMA and the stop follow the
-        agreed
-        time of step N-1's flags, read after step N is launched, so every rank decides alike without
+        agreed time of step N-1's flags, read after step N is launched, so every rank decides alike without
         waiting."""
         h = self.h
-        peak = peak_flops(self.device)
+        peak = peak_flops(self.rt.device)
         stop, last_progress, agreed_ms, pending = False, 0.0, 0.0, None
-        torch.manual_seed(h.seed + self.rank)  # router noise differs per rank; the init did not
+        torch.manual_seed(h.seed + self.rt.rank)  # router noise differs per rank; the init did not
         self.sync()
         t0 = time.perf_counter()
         while True:
@@ -2958,7 +2943,7 @@ class Trainer:
             last_progress = progress
 
     def sync(self) -> None:
-        if self.device.type == "cuda":
+        if self.rt.device.type == "cuda":
             torch.cuda.synchronize()
 
 
@@ -3007,7 +2992,8 @@ def log_budget_preview(model: GPT, h, log) -> None:
         )
 
 
-def log_header(h, model: GPT, world: int, accum: int, device, val_tokens: Tensor, log) -> None:
+def log_header(h, model: GPT, rt: Runtime, accum: int, val_tokens: Tensor) -> None:
+    device, log = rt.device, rt.log
     device_name = f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     code_sha, knobs = sha256_file(os.path.abspath(__file__)), knob_values(h)
     log.event(
@@ -3018,12 +3004,12 @@ def log_header(h, model: GPT, world: int, accum: int, device, val_tokens: Tensor
         torch=torch.__version__,
         python=sys.version.split()[0],
         device=device_name,
-        world_size=world,
+        world_size=rt.world_size,
         grad_accum=accum,
     )
     log(
         f"python {sys.version.split()[0]} torch {torch.__version__} device {device_name} world_size "
-        f"{world} grad_accum {accum}"
+        f"{rt.world_size} grad_accum {accum}"
     )
     log(f"code_sha256:{code_sha} code_bytes:{code_bytes()}")
     log(
@@ -3045,9 +3031,8 @@ def log_model(h, model: GPT, log) -> None:
     )
 
 
-PROJECTED_MFU = (
-    0.30  # what the 1.0611 record's own step times imply (96 ms before its loop switch, 138 after)
-)
+# What the 1.0611 record's own step times imply (96 ms before its loop switch, 138 after).
+PROJECTED_MFU = 0.30
 
 
 def dry_run(h) -> None:
@@ -3069,9 +3054,7 @@ def dry_run(h) -> None:
             f"ms_per_step:{1000 * h.train_batch_tokens / (8 * rates[-1]):.1f} tok/s_per_gpu:{rates[-1]:.0f}"
         )
     off_share = h.enable_looping_at if loop_switch_planned(h) else 1.0
-    average = (
-        off_share * rates[0] + (1 - off_share) * rates[-1]
-    )  # the switch comes at a share of the wall clock
+    average = off_share * rates[0] + (1 - off_share) * rates[-1]  # the switch: at a share of the wall clock
     steps = average * 8 * h.max_wallclock_seconds / h.train_batch_tokens
     log(
         f"projection run_average tok/s_per_gpu:{average:.0f} "
@@ -3105,13 +3088,13 @@ def export_and_report(model: GPT, h, path: str, log, hessians: dict | None) -> N
     )
 
 
-def check_ranks_in_sync(model: nn.Module, world: int, log) -> None:
+def check_ranks_in_sync(model: nn.Module, rt: Runtime) -> None:
     """Every rank must end with the same weights: float64 sums of every tensor, compared bit for bit."""
     names, tensors = zip(*artifact_state(model).items())
     mine = torch.stack([t.detach().double().sum() for t in tensors])
-    ranks = [torch.empty_like(mine) for _ in range(world)]
+    ranks = [torch.empty_like(mine) for _ in range(rt.world_size)]
     dist.all_gather(ranks, mine)
-    sums = torch.stack(ranks).cpu()  # (world, tensors)
+    sums = torch.stack(ranks).cpu()  # (world_size, tensors)
     bits_differ = (sums.view(torch.int64) != sums[:1].view(torch.int64)).any(0)
     differ = bits_differ.nonzero().flatten().tolist()
     if differ:
@@ -3120,15 +3103,14 @@ def check_ranks_in_sync(model: nn.Module, world: int, log) -> None:
             f"ranks out of sync after training: {len(differ)} of {len(names)} tensors differ, first "
             f"{names[differ[0]]} (sums by rank: {by_rank})"
         )
-    log(f"ranks_in_sync:yes ranks:{world} tensors:{len(names)}")
+    rt.log(f"ranks_in_sync:yes ranks:{rt.world_size} tensors:{len(names)}")
 
 
-def final_evaluation(
-    qmodel: GPT, h, val_tokens: Tensor, tables, device, rank: int, world: int, log, note: str, path: str
-) -> None:
-    """Plain, sliding-window and TTT evaluation of the read-back model; the last is the score. An invalid
-    result
-    (over the cap, non-finite stored tensors or score) marks its lines INVALID(...), then the run fails."""
+def final_evaluation(qmodel: GPT, h, val: Validation, rt: Runtime) -> None:
+    """Plain, sliding-window and TTT evaluation of the read-back model of ARTIFACT_PATH; the last is the
+    score. An invalid result (over the cap, non-finite stored tensors or score) marks its lines
+    INVALID(...), then the run fails."""
+    path, device, log = h.artifact_path, rt.device, rt.log
     total = os.path.getsize(path) + code_bytes()
     bad = [n for n, t in artifact_state(qmodel).items() if not t.isfinite().all()]
     problems = []
@@ -3143,38 +3125,21 @@ def final_evaluation(
     if h.ttt_enabled:
         modes.append(("ttt", "ttt", h.ttt_chunk_size))
     for label, mode, stride in modes:  # per-token losses of the last, score-defining evaluation
-        losses = (
-            torch.zeros(val_tokens.numel() - 1, device=device)
-            if h.eval_token_losses and label == modes[-1][0]
-            else None
-        )
+        keep_losses = h.eval_token_losses and label == modes[-1][0]
+        losses = torch.zeros(val.tokens.numel() - 1, device=device) if keep_losses else None
         t0 = time.perf_counter()
         if mode == "ttt":  # on a copy: TTT changes the weights
-            loss, bpb = ttt_evaluate(
-                copy.deepcopy(qmodel), h, val_tokens, tables, device, rank, world, losses, log
-            )
+            loss, bpb = ttt_evaluate(copy.deepcopy(qmodel), h, val.tokens, val.tables, rt, losses)
         else:
-            loss, bpb = evaluate(
-                q_fn,
-                val_tokens,
-                tables,
-                h.eval_seq_len,
-                stride,
-                h.eval_batch_seqs,
-                device,
-                rank,
-                world,
-                losses,
-                log=log,
-                phase=f"final {label} evaluation",
-            )
+            spec = WindowSpec(h.eval_seq_len, stride, h.eval_batch_seqs)
+            loss, bpb = evaluate(q_fn, val.tokens, val.tables, spec, rt, losses, f"final {label} evaluation")
         seconds = time.perf_counter() - t0
         if not math.isfinite(bpb) and "val_bpb is not finite" not in problems:
             problems.append("val_bpb is not finite")
         mark = f" INVALID({'; '.join(problems)})" if problems else ""
         log(
             f"final_quant_zstd_{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} stride:{stride} "
-            f"seq_len:{h.eval_seq_len} eval_time:{1000 * seconds:.0f}ms{note}{mark}"
+            f"seq_len:{h.eval_seq_len} eval_time:{1000 * seconds:.0f}ms{val.note}{mark}"
         )
         log.event(
             "final",
@@ -3187,7 +3152,7 @@ def final_evaluation(
             seq_len=h.eval_seq_len,
             invalid=problems,
         )
-        if losses is not None and rank == 0:
+        if losses is not None and rt.rank == 0:
             with open(h.eval_token_losses, "xb") as f:  # "x": never overwrite
                 np.save(f, losses.cpu().numpy())
             log(f"token_losses: {losses.numel()} float32 nats ({mode}) in {h.eval_token_losses}")
@@ -3279,43 +3244,46 @@ def check_eval_time(model: GPT, h, val_tokens: Tensor, log) -> None:
         )
 
 
-def load_eval_data(h, log=None) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, str]:
-    """-> byte tables, validation tokens and the note score lines carry when VAL_TOKEN_LIMIT cuts
-    the split."""
+class Validation(NamedTuple):
+    """What every evaluation scores: the validation tokens, the tokenizer's byte tables, and the note every
+    score line carries when VAL_TOKEN_LIMIT cuts the split."""
+
+    tokens: Tensor
+    tables: tuple[Tensor, Tensor, Tensor]
+    note: str
+
+
+def load_validation(h, log) -> Validation:
     tables = byte_tables(load_tokenizer(h.tokenizer_path, h.vocab_size))
-    val_tokens = load_val_tokens(h.data_path, h.vocab_size, h.val_token_limit)
+    tokens = load_val_tokens(h.data_path, h.vocab_size, h.val_token_limit)
     warning = check_tokenizer_identity(h.data_path, h.tokenizer_path)
-    if warning and log is not None:
+    if warning:
         log(warning)
-    return (
-        tables,
-        val_tokens,
-        f" (first {h.val_token_limit} tokens only: not a score)" if h.val_token_limit else "",
-    )
+    note = f" (first {h.val_token_limit} tokens only: not a score)" if h.val_token_limit else ""
+    return Validation(tokens, tables, note)
 
 
-def evaluate_artifact(h, rank: int, world: int, device: torch.device, log: Logger) -> None:
+def evaluate_artifact(h, rt: Runtime) -> None:
     """EVAL_ONLY=1: no training; the artifact's model gets the final evaluations a run would give it."""
-    qmodel, stored = load_artifact_model(h.artifact_path, device)
+    log = rt.log
+    qmodel, stored = load_artifact_model(h.artifact_path, rt.device)
     for name in MODEL_KNOBS:  # the artifact defines the network: a differing model knob is said, not used
         if os.environ.get(name, "") != "" and getattr(h, name.lower()) != getattr(stored, name.lower()):
             log(
                 f"eval_only: ignoring {name}={os.environ[name]}: "
                 f"the artifact's network has {name}={getattr(stored, name.lower())}"
             )
-    vars(h).update(
-        {k.lower(): getattr(stored, k.lower()) for k in MODEL_KNOBS}
-    )  # the network is the artifact's
-    tables, val_tokens, note = load_eval_data(h, log)
-    log_header(h, qmodel, world, 0, device, val_tokens, log)
+    vars(h).update({k.lower(): getattr(stored, k.lower()) for k in MODEL_KNOBS})  # the artifact's network
+    val = load_validation(h, log)
+    log_header(h, qmodel, rt, 0, val.tokens)
     log(f"eval_only artifact:{os.path.abspath(h.artifact_path)} sha256:{sha256_file(h.artifact_path)}")
-    check_eval_time(qmodel, h, val_tokens, log)
-    final_evaluation(qmodel.eval(), h, val_tokens, tables, device, rank, world, log, note, h.artifact_path)
+    check_eval_time(qmodel, h, val.tokens, log)
+    final_evaluation(qmodel.eval(), h, val, rt)
 
 
-def calibrate(trainer: Trainer, log) -> dict | None:
+def calibrate(trainer: Trainer) -> dict | None:
     """GPTQ/LQER Hessians from the next training micro-batches (never validation) in the reserved time."""
-    h, t0, n = trainer.h, time.perf_counter(), trainer.h.gptq_calibration_batches
+    h, log, t0, n = trainer.h, trainer.log, time.perf_counter(), trainer.h.gptq_calibration_batches
     if not h.calibrate:
         return None
     batches = (b for _ in range(-(-n // trainer.accum)) for b in trainer.loader.next_step())
@@ -3323,7 +3291,7 @@ def calibrate(trainer: Trainer, log) -> dict | None:
         hessians, warnings = collect_hessians(
             trainer.model.eval(),
             (b for _, b in zip(range(n), batches)),
-            trainer.world,
+            trainer.rt.world_size,
             Progress(log, "gptq calibration", n, "micro-batches"),
         )
     seconds = time.perf_counter() - t0
@@ -3331,23 +3299,25 @@ def calibrate(trainer: Trainer, log) -> dict | None:
     over_reserve = "; WARNING: over the reserve" if late else ""
     for line in warnings + [
         f"gptq: Hessians of {len(hessians)} matrices from {n} x {h.micro_batch_tokens} training tokens x "
-        f"{trainer.world} ranks in {seconds:.1f}s (reserve {h.gptq_reserve_seconds:.1f}s"
+        f"{trainer.rt.world_size} ranks in {seconds:.1f}s (reserve {h.gptq_reserve_seconds:.1f}s"
         f"{over_reserve})"
     ]:
         log(line)
     return hessians
 
 
-def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logger) -> None:
+def train_and_evaluate(h, rt: Runtime) -> None:
     torch.manual_seed(h.seed)
-    tables, val_tokens, note = load_eval_data(h, log)
-    trainer = Trainer(h, rank, world, device, log)
+    log, device = rt.log, rt.device
+    val = load_validation(h, log)
+    trainer = Trainer(h, rt)
     model = trainer.model
-    log_header(h, model, world, trainer.accum, device, val_tokens, log)
+    log_header(h, model, rt, trainer.accum, val.tokens)
     log_budget_preview(model, h, log)
-    check_eval_time(model, h, val_tokens, log)
-    check_eager_memory(h, device, world, log)
+    check_eval_time(model, h, val.tokens, log)
+    check_eager_memory(h, rt)
     eval_fn = maybe_compile(model.logits, h, device)
+    plain_windows = WindowSpec(h.eval_seq_len, 0, h.eval_batch_seqs)
     last_val: list[float] = []  # loss, bpb, seconds of the newest pre-quant evaluation
 
     def validate(step: int | None = None) -> tuple[float, float, float]:
@@ -3355,26 +3325,13 @@ def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logg
         model.eval()
         t0 = time.perf_counter()
         phase = "validation" if step is not None else "pre_quant_ema evaluation"
-        loss, bpb = evaluate(
-            eval_fn,
-            val_tokens,
-            tables,
-            h.eval_seq_len,
-            0,
-            h.eval_batch_seqs,
-            device,
-            rank,
-            world,
-            None,
-            log,
-            phase,
-        )
+        loss, bpb = evaluate(eval_fn, val.tokens, val.tables, plain_windows, rt, phase=phase)
         model.train()
         if step is not None:
             log(
                 f"step:{step}/{h.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
                 f"train_time:{trainer.train_ms:.0f}ms "
-                f"step_avg:{trainer.train_ms / max(step, 1):.2f}ms{note}"
+                f"step_avg:{trainer.train_ms / max(step, 1):.2f}ms{val.note}"
             )
             log.event("val", step=step, val_loss=loss, val_bpb=bpb, train_time_ms=trainer.train_ms)
             last_val[:] = [loss, bpb, time.perf_counter() - t0]
@@ -3383,9 +3340,8 @@ def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logg
     t_warm = time.perf_counter()
     trainer.compile_warmup()
     log(f"compile_warmup: {h.warmup_steps} steps in {time.perf_counter() - t_warm:.1f}s (not timed, undone)")
-    log.training_started = (
-        True  # from here a failure keeps its RUN_ID: its log is the record of spent compute
-    )
+    # From here a failure keeps its RUN_ID: its log is the record of spent compute.
+    log.training_started = True
     try:
         trainer.run(validate)
     except KeyboardInterrupt:
@@ -3394,15 +3350,15 @@ def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logg
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB")
     if trainer.ema is not None:
         trainer.ema.copy_to_model()
-    hessians = calibrate(trainer, log)
-    if h.save_checkpoint and rank == 0:
+    hessians = calibrate(trainer)
+    if h.save_checkpoint and rt.rank == 0:
         with open(os.path.join(h.log_dir, f"{h.run_id}_fp.pt"), "xb") as f:  # never overwrites
             torch.save(dict(config=knob_values(h, MODEL_KNOBS), state=model.state_dict()), f)
     if trainer.ema is not None:
         last_val[:] = validate()
-        log(f"pre_quant_ema val_loss:{last_val[0]:.8f} val_bpb:{last_val[1]:.8f}{note}")
-    if world > 1:
-        check_ranks_in_sync(model, world, log)
+        log(f"pre_quant_ema val_loss:{last_val[0]:.8f} val_bpb:{last_val[1]:.8f}{val.note}")
+    if rt.world_size > 1:
+        check_ranks_in_sync(model, rt)
     log.event(
         "pre_quant",
         val_loss=last_val[0],
@@ -3410,21 +3366,21 @@ def train_and_evaluate(h, rank: int, world: int, device: torch.device, log: Logg
         eval_time_s=last_val[2],
         ema=trainer.ema is not None,
     )
-    if rank == 0:
+    if rt.rank == 0:
         export_and_report(model, h, h.artifact_path, log, hessians)
-    if world > 1:
+    if rt.world_size > 1:
         dist.barrier()
     qmodel = load_artifact_model(h.artifact_path, device)[0].eval()
-    final_evaluation(qmodel, h, val_tokens, tables, device, rank, world, log, note, h.artifact_path)
+    final_evaluation(qmodel, h, val, rt)
 
 
 def main() -> None:
     h = load_config()
     if h.dry_run:
         return dry_run(h)
-    rank, world, _, device = setup_distributed(h)
+    rank, world_size, device = setup_distributed(h)
     run_id = [h.run_id or time.strftime("run_%Y%m%d_%H%M%S")]
-    if world > 1:
+    if world_size > 1:
         dist.broadcast_object_list(run_id)  # every rank must agree on the artifact path
     h.run_id = run_id[0]
     h.artifact_path = h.artifact_path or os.path.join(h.log_dir, f"{h.run_id}_model.ptz")
@@ -3439,7 +3395,8 @@ def main() -> None:
             raise ConfigError(
                 f"ARTIFACT_PATH={h.artifact_path} already exists; an artifact is never overwritten"
             )
-        (evaluate_artifact if h.eval_only else train_and_evaluate)(h, rank, world, device, log)
+        rt = Runtime(rank, world_size, device, log)
+        (evaluate_artifact if h.eval_only else train_and_evaluate)(h, rt)
     except KeyboardInterrupt as err:  # Ctrl-C: one line, no traceback; the logs say the run failed
         where = str(err) or f"interrupted {'after' if log.training_started else 'before'} training"
         kept = log.fail(KeyboardInterrupt(where))
@@ -3450,7 +3407,7 @@ def main() -> None:
         log.fail(err)
         raise
     log.event("end", status="ok")
-    if world > 1:
+    if world_size > 1:
         dist.barrier()  # rank 0 has written its last line before any rank leaves
         dist.destroy_process_group()
 

@@ -43,8 +43,8 @@ def test_cpu_ranks_on_purpose_get_gloo_and_the_long_timeout(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(tg.dist, "init_process_group", lambda *a, **k: calls.append((a, k)))
-    rank, world, _, device = tg.setup_distributed(tg.load_config({"ALLOW_CPU_DISTRIBUTED": "1"}))
-    assert (world, device.type) == (2, "cpu")
+    rank, world_size, device = tg.setup_distributed(tg.load_config({"ALLOW_CPU_DISTRIBUTED": "1"}))
+    assert (world_size, device.type) == (2, "cpu")
     assert calls == [(("gloo",), {"device_id": None, "timeout": tg.PROCESS_GROUP_TIMEOUT})]
     # rank 0 exports alone while the others wait: longer than NCCL's default 10 minutes
     assert tg.PROCESS_GROUP_TIMEOUT.total_seconds() >= 30 * 60
@@ -68,7 +68,7 @@ def test_hessians_and_export_run_with_tf32_off_and_restore_it(monkeypatch, tmp_p
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
 
-    def fake_collect(model, batches, world, progress=None):
+    def fake_collect(model, batches, world_size, progress=None):
         seen.append(("hessians", flags()))
         return {}, []
 
@@ -81,8 +81,10 @@ def test_hessians_and_export_run_with_tf32_off_and_restore_it(monkeypatch, tmp_p
     monkeypatch.setattr(tg, "export_artifact", fake_export)
     h = tiny_config()
     loader = SimpleNamespace(next_step=lambda: [])
-    trainer = SimpleNamespace(h=h, accum=1, loader=loader, world=1, model=tg.GPT(tg.model_config(h)))
-    tg.calibrate(trainer, Log())
+    runtime = tg.Runtime(0, 1, torch.device("cpu"), Log())
+    model = tg.GPT(tg.model_config(h))
+    trainer = SimpleNamespace(h=h, accum=1, loader=loader, rt=runtime, log=runtime.log, model=model)
+    tg.calibrate(trainer)
     tg.export_and_report(trainer.model, h, str(tmp_path / "a.ptz"), Log(), {})
     assert seen == [("hessians", (False, False)), ("export", (False, False))]
     assert flags() == (True, True)  # training's setting is back
@@ -169,11 +171,13 @@ def test_compile_off_on_a_gpu_warns_when_the_micro_batch_cannot_fit(monkeypatch)
     for env, warns in (({"COMPILE": "0"}, True), ({"COMPILE": "0", "MICRO_BATCH_TOKENS": "49152"}, False)):
         log = Log()
         with gpu_memory.cuda_autocast_without_gpu():
-            tg.check_eager_memory(tg.load_config(env), cuda, 8, log)
+            tg.check_eager_memory(tg.load_config(env), tg.Runtime(0, 8, cuda, log))
         assert log[0].startswith("eager_memory: ~") and log[0].endswith("of 80.0 GiB")
         assert any("WARNING" in line and "MICRO_BATCH_TOKENS=98304" in line for line in log) == warns
     log = Log()
-    tg.check_eager_memory(tg.load_config({}), cuda, 8, log)  # compiled (COMPILE=auto on a GPU): no trace
+    tg.check_eager_memory(
+        tg.load_config({}), tg.Runtime(0, 8, cuda, log)
+    )  # compiled (COMPILE=auto on a GPU): no trace
     assert log == []
 
 

@@ -23,7 +23,7 @@ def trained(tmp_path_factory):
     """A tiny dense model trained 40 steps on the sample corpus, with Hessians from 4 more batches."""
     torch.manual_seed(0)
     h = tg.load_config({**TINY_ENV, "ITERATIONS": "40", "MOE_MODE": "none", "MODEL_DIM": "128"})
-    trainer = tg.Trainer(h, 0, 1, torch.device("cpu"), tg.Logger(None))
+    trainer = tg.Trainer(h, tg.Runtime(0, 1, torch.device("cpu"), tg.Logger(None)))
     trainer.run(lambda step: None)
     model = trainer.model.eval()
     batches = [b for _ in range(4) for b in trainer.loader.next_step()]

@@ -590,7 +590,7 @@ def test_verify_fails_on_an_edited_script(folder_copy):
     with open(folder_copy / "train_gpt.py", "a") as f:
         f.write("# one more line\n")
     bad = failed(verify(folder_copy, "--token-limit", str(CHECK_TOKENS)))
-    assert "code size" in bad and "bytes_total" in bad
+    assert "code size (bytes_code)" in bad and "bytes_total" in bad
     assert {f"seed {s} log code sha256" for s in SEEDS} <= set(bad)
 
 
@@ -600,7 +600,7 @@ def test_verify_fails_on_a_same_size_edit_of_the_script(folder_copy):
     script.write_bytes(swap_one_letter(code))
     bad = failed(verify(folder_copy, "--token-limit", str(CHECK_TOKENS)))
     assert {f"seed {s} log code sha256" for s in SEEDS} <= set(bad)
-    assert "code size" not in bad and "bytes_total" not in bad  # only the sha256 can tell
+    assert "code size (bytes_code)" not in bad and "bytes_total" not in bad  # only the sha256 can tell
 
 
 def test_verify_without_a_reference_for_the_token_limit(packed):

@@ -264,7 +264,7 @@ class Recorder:
 def test_one_host_wait_per_step_reads_the_previous_steps_flags(tiny_config, monkeypatch):
     trace: list[str] = []
     h = tiny_config(MOE_MODE="none", ITERATIONS=4, TRAIN_LOG_EVERY=1, DATA_PATH=str(SAMPLE))
-    trainer = tg.Trainer(h, 0, 1, torch.device("cpu"), Recorder(trace))
+    trainer = tg.Trainer(h, tg.Runtime(0, 1, torch.device("cpu"), Recorder(trace)))
     step, tolist = trainer.train_step, torch.Tensor.tolist
     monkeypatch.setattr(trainer, "train_step", lambda: (trace.append("launch"), step())[1])
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: (trace.append("wait"), tolist(t))[1])

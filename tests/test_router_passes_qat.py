@@ -229,7 +229,7 @@ def test_fake_quantized_weights_equal_the_dequantized_export_bit_exact(tiny_conf
     h = tiny_config(
         MOE_MODE="soft", MODEL_DIM=128, EXPERT_BITS=5, QUANT_METHOD="rtn", LQER_ENABLED=0, QAT_START_FRAC=0.5
     )
-    trainer = tg.Trainer(h, 0, 1, torch.device("cpu"), lambda msg: None)
+    trainer = tg.Trainer(h, tg.Runtime(0, 1, torch.device("cpu"), lambda msg: None))
     randomised(trainer.model, std=0.1)
     state = {n: t.clone() for n, t in tg.artifact_state(trainer.model).items()}
     entries, _ = tg.quantize_state(state, h)
@@ -246,7 +246,7 @@ def test_fake_quantized_weights_equal_the_dequantized_export_bit_exact(tiny_conf
 
 def test_straight_through_gradient_is_the_gradient_at_the_quantized_weights(tiny_config):
     h = tiny_config(MOE_MODE="topk", QAT_START_FRAC=0.5)
-    trainer = tg.Trainer(h, 0, 1, torch.device("cpu"), lambda msg: None)
+    trainer = tg.Trainer(h, tg.Runtime(0, 1, torch.device("cpu"), lambda msg: None))
     model = randomised(trainer.model, std=0.1)
     x, y = tokens(), tokens(seed=2)
     reference = tg.GPT(tg.model_config(h))

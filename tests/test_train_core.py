@@ -291,7 +291,7 @@ def test_ema_off_equals_raw_weights_and_on_matches_hand_computation(tiny_config,
     def trainer_with(**env):
         h = tiny_config(**env)
         h.data_path = str(SAMPLE)
-        return tg.Trainer(h, 0, 1, torch.device("cpu"), lambda msg: None)
+        return tg.Trainer(h, tg.Runtime(0, 1, torch.device("cpu"), lambda msg: None))
 
     off = trainer_with(EMA_DECAY=0)
     for _ in range(3):
@@ -459,8 +459,8 @@ def test_sliding_eval_with_stride_equal_window_equals_plain_eval(tiny_config):
     sp = tg.load_tokenizer(str(TOKENIZER), 1024)
     tables = tg.byte_tables(sp)
     tokens = tg.load_val_tokens(str(SAMPLE), 1024, limit=16 * 64)  # 16 windows of 64 exactly
-    cpu = torch.device("cpu")
-    loss, bpb = tg.evaluate(model.logits, tokens, tables, 64, 64, 5, cpu)
+    rt = tg.Runtime(0, 1, torch.device("cpu"), lambda msg: None)
+    loss, bpb = tg.evaluate(model.logits, tokens, tables, tg.WindowSpec(64, 64, 5), rt)
     x, y = tokens[:-1].long().view(16, 64), tokens[1:].long().view(16, 64)
     with torch.no_grad():
         nll = torch.nn.functional.cross_entropy(
@@ -469,7 +469,9 @@ def test_sliding_eval_with_stride_equal_window_equals_plain_eval(tiny_config):
     n_bytes = tg.target_bytes(x, y, tables).sum()
     assert loss == pytest.approx(nll.item() / y.numel(), rel=1e-6)
     assert bpb == pytest.approx(nll.item() / math.log(2) / n_bytes.item(), rel=1e-6)
-    assert tg.evaluate(model.logits, tokens, tables, 64, 0, 3, cpu) == pytest.approx((loss, bpb), rel=1e-9)
+    assert tg.evaluate(model.logits, tokens, tables, tg.WindowSpec(64, 0, 3), rt) == pytest.approx(
+        (loss, bpb), rel=1e-9
+    )
 
 
 def test_one_parameter_classification_for_optimizer_and_quantizer(tiny_config):

@@ -11,6 +11,7 @@ import train_gpt as tg
 from conftest import TINY_ENV, run_train
 
 CPU = torch.device("cpu")
+QUIET_CPU = tg.Runtime(0, 1, CPU, lambda msg: None)
 # Small and aggressive: a leak of unscored tokens into any update would show at once.
 TTT_ENV = {
     "TTT_LORA_RANK": "4",
@@ -88,11 +89,10 @@ def token_losses(kind: str, model, h, tokens, tables, batch: int) -> torch.Tenso
     if kind == "ttt":
         h = copy.copy(h)
         h.ttt_batch_size = batch
-        tg.ttt_evaluate(copy.deepcopy(model), h, tokens, tables, CPU, token_losses=out, log=lambda msg: None)
+        tg.ttt_evaluate(copy.deepcopy(model), h, tokens, tables, QUIET_CPU, token_losses=out)
     else:
-        tg.evaluate(
-            model.logits, tokens, tables, 128, 0 if kind == "plain" else 32, batch, CPU, token_losses=out
-        )
+        spec = tg.WindowSpec(128, 0 if kind == "plain" else 32, batch)
+        tg.evaluate(model.logits, tokens, tables, spec, QUIET_CPU, token_losses=out)
     return out
 
 
@@ -137,7 +137,7 @@ def test_no_target_reaches_an_optimizer_before_it_is_scored(monkeypatch, val_pai
     monkeypatch.setattr(tg, "chunk_windows", windows)
     monkeypatch.setattr(torch.optim.AdamW, "step", adam_step)
     monkeypatch.setattr(tg, "global_sgd", sgd)
-    tg.ttt_evaluate(model, h, val, tables, CPU, token_losses=recorded, log=lambda msg: None)
+    tg.ttt_evaluate(model, h, val, tables, QUIET_CPU, token_losses=recorded)
     assert seen["adam"] > 20 and seen["sgd"] == 2
     assert not recorded.isnan().any()
 

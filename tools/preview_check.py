@@ -45,7 +45,7 @@ env = {
 }
 h = tg.load_config(env)
 torch.manual_seed(0)
-tr = tg.Trainer(h, 0, 1, torch.device("cpu"), tg.Logger(None))
+tr = tg.Trainer(h, tg.Runtime(0, 1, torch.device("cpu"), tg.Logger(None)))
 print("params", sum(p.numel() for p in tr.model.parameters()), flush=True)
 t0 = time.time()
 tr.run(lambda s: None)

@@ -99,10 +99,11 @@ def study(args) -> list[dict]:
     tables = train_gpt.byte_tables(sp)
     val = train_gpt.load_val_tokens(args.data_path, h.vocab_size, args.val_token_limit)
     seq = min(args.seq_len, val.numel() - 1)
+    runtime = train_gpt.Runtime(0, 1, device, lambda msg: None)
 
     def evaluate(m) -> float:
         with torch.no_grad():
-            return train_gpt.evaluate(m.logits, val, tables, seq, 0, 16, device, 0, 1)[1]
+            return train_gpt.evaluate(m.logits, val, tables, train_gpt.WindowSpec(seq, 0, 16), runtime)[1]
 
     pre = evaluate(model)
     t0 = time.perf_counter()

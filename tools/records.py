@@ -239,6 +239,34 @@ class EvalResult:
     tokenizer_sha256: str
 
 
+def quiet_runtime(script, device):
+    """The script's one-process Runtime with a silent log, or None for a script older than Runtime (its
+    evaluation functions took the device, rank and world size as separate arguments)."""
+    runtime = getattr(script, "Runtime", None)
+    return runtime(0, 1, device, lambda _msg: None) if runtime is not None else None
+
+
+def script_evaluate(
+    script, logits_fn, tokens, tables, windows: tuple[int, int, int], device, token_losses=None
+):
+    """A folder's own `evaluate` on one process, whichever of its two signatures the script has.
+    windows: (seq_len, stride, batch_seqs)."""
+    rt = quiet_runtime(script, device)
+    if rt is None:
+        return script.evaluate(logits_fn, tokens, tables, *windows, device, token_losses=token_losses)
+    return script.evaluate(logits_fn, tokens, tables, script.WindowSpec(*windows), rt, token_losses)
+
+
+def script_ttt_evaluate(script, model, h, tokens, tables, device, token_losses):
+    """A folder's own `ttt_evaluate` on one process, whichever of its two signatures the script has."""
+    rt = quiet_runtime(script, device)
+    if rt is None:
+        return script.ttt_evaluate(
+            model, h, tokens, tables, device, token_losses=token_losses, log=lambda _: None
+        )
+    return script.ttt_evaluate(model, h, tokens, tables, rt, token_losses)
+
+
 def evaluate_artifact(
     script,
     artifact: str | Path,
@@ -259,7 +287,9 @@ def evaluate_artifact(
     model.eval()
     tables = script.byte_tables(script.load_tokenizer(tokenizer, h.vocab_size))
     tokens = script.load_val_tokens(data, h.vocab_size, token_limit)
-    val_loss, val_bpb = script.evaluate(model.logits, tokens, tables, seq_len, stride, batch_seqs, dev)
+    val_loss, val_bpb = script_evaluate(
+        script, model.logits, tokens, tables, (seq_len, stride, batch_seqs), dev
+    )
     tokens_sha = hashlib.sha256(tokens.numpy().astype("<u2").tobytes()).hexdigest()
     return EvalResult(val_loss, val_bpb, tokens_sha, sha256_file(tokenizer))
 
@@ -708,17 +738,12 @@ def close(a: float, b: float, tol: float) -> bool:
 
 
 def size_checks(folder: Path, sub: dict, cap: int) -> list[Check]:
+    """Our folder's exact sizes and hashes: each seed's log, artifact and script, the total and the cap.
+    (The code size against bytes_code and the claimed means are general checks.)"""
     checks = []
     script = folder / SCRIPT
     code = script.stat().st_size if script.is_file() else -1
     script_sha = sha256_file(script) if script.is_file() else "missing"
-    checks.append(
-        Check(
-            "code size",
-            code == sub["bytes_code"],
-            f"{SCRIPT} is {code} bytes, bytes_code {sub['bytes_code']}",
-        )
-    )
     logged, logged_code, logged_sha = script, code, script_sha
     if (folder / READABLE).is_file() and script.is_file():  # a self-extracting SCRIPT: the logs ran READABLE
         logged = folder / READABLE
@@ -757,18 +782,6 @@ def size_checks(folder: Path, sub: dict, cap: int) -> list[Check]:
             f"total {code + size} <= cap {cap} (slack {cap - code - size})",
         )
     )
-    for key in ("val_loss", "val_bpb"):
-        mean, std = mean_std([r[key] for r in sub["seed_results"].values()])
-        ok = (
-            close(mean, sub[key], 1e-9)
-            and (std is None) == (sub[f"{key}_std"] is None)
-            and (std is None or close(std, sub[f"{key}_std"], 1e-9))
-        )
-        checks.append(
-            Check(
-                f"{key} mean/std", ok, f"claimed {sub[key]} / {sub[f'{key}_std']}, seeds give {mean} / {std}"
-            )
-        )
     return checks
 
 
@@ -853,8 +866,9 @@ def eval_check(name: str, run_eval, claimed: float, tol: float) -> Check:
 
 
 def verify(opts: argparse.Namespace) -> list[Check]:
-    """Our folders (with a verify_check) get the strict checks and the re-evaluation; any other
-    folder every check its files allow."""
+    """One verifier: every check a record folder's files allow (any folder, as the challenge's reviewers
+    checked them); a folder of ours (its submission.json has a verify_check) adds the strict checks, the
+    re-score of its artifacts and the legality probes."""
     folder = Path(opts.folder)
     try:
         text = named_file(folder, SUBMISSION, "submission*.json")[0].read_text(encoding="utf-8")
@@ -863,8 +877,25 @@ def verify(opts: argparse.Namespace) -> list[Check]:
         return [Check(SUBMISSION, False, f"{folder / SUBMISSION}: unreadable ({type(err).__name__}: {err})")]
     if not isinstance(sub, dict):
         return [Check(SUBMISSION, False, f"{folder / SUBMISSION}: not a JSON object")]
-    if "verify_check" not in sub:
-        return verify_any(folder, claims, opts.cap)
+    ours = "verify_check" in sub
+    # Our folders name their runs' logs (a study folder holds other arms' logs too); others: every log.
+    try:
+        logs = own_logs(folder, sub) if ours else folder_logs(folder)
+    except (AttributeError, TypeError) as err:
+        return [Check(SUBMISSION, False, f"unreadable or incomplete: {type(err).__name__}: {err}")]
+    checks = general_checks(folder, claims, logs, opts.cap)
+    if not ours:
+        return checks + [
+            skip(
+                "re-evaluation", "no artifact and verify_check in the folder: the score cannot be recomputed"
+            )
+        ]
+    return checks + own_folder_checks(folder, sub, opts)
+
+
+def own_folder_checks(folder: Path, sub: dict, opts: argparse.Namespace) -> list[Check]:
+    """A folder of ours, strictly: exact sizes and sha256s against its files, its artifacts re-scored with
+    its own script, and the legality probes on the best seed's artifact."""
     try:
         checks = size_checks(folder, sub, opts.cap)
         check = sub["verify_check"]
@@ -885,7 +916,6 @@ def verify(opts: argparse.Namespace) -> list[Check]:
         return checks + [Check("import train_gpt.py", False, f"{type(err).__name__}: {err}")]
     data = stored_path(opts.data or check["data"], folder)
     tokenizer = stored_path(opts.tokenizer or check["tokenizer"], folder)
-    checks += reviewer_checks(folder, sub, own_logs(folder, sub), opts.cap)
     hint = data_hint(folder, data, tokenizer)
     if hint:
         return checks + [skip("re-score", hint), skip("legality probes", hint)]
@@ -907,7 +937,7 @@ def verify(opts: argparse.Namespace) -> list[Check]:
 
 
 def own_logs(folder: Path, sub: dict) -> list[FolderLog]:
-    """The seed logs a folder of ours names in seed_results."""
+    """The seed logs a folder of ours names in seed_results (one each: its seed's run)."""
     found = []
     for seed, claim in sub["seed_results"].items():
         path = folder / claim.get("log", "")
@@ -1118,14 +1148,14 @@ def probe_checks(
     def windows(step):
         def losses(toks):
             out = torch.zeros(toks.numel() - 1)
-            module.evaluate(model.logits, toks, tables, seq_len, step, 8, dev, token_losses=out)
+            script_evaluate(module, model.logits, toks, tables, (seq_len, step, 8), dev, out)
             return out
 
         return losses
 
     def ttt_losses(toks):
         out = torch.zeros(toks.numel() - 1)
-        module.ttt_evaluate(copy.deepcopy(model), h, toks, tables, dev, token_losses=out, log=lambda _: None)
+        script_ttt_evaluate(module, copy.deepcopy(model), h, toks, tables, dev, out)
         return out
 
     checks = []
@@ -1261,24 +1291,27 @@ def code_size_checks(folder: Path, sub: dict, logs: list[FolderLog]) -> list[Che
         Check(f"code size ({k})", v == size, f"{script.name} is {size} bytes, submission.json {k} {v}{note}")
         for k, v in claims.items()
     ]
+    # A self-extracting SCRIPT (pack --compress-code) ships READABLE compressed: the runs executed READABLE.
+    ran = folder / READABLE if (folder / READABLE).is_file() else script
+    ran_size = ran.stat().st_size
     logged = {fl.path.name: fl.run.source_code_bytes or fl.run.code_bytes for fl in logs}
     logged = {name: v for name, v in logged.items() if v is not None}
-    same = [name for name, v in logged.items() if v == size]
-    other = ", ".join(f"{name} {v}" for name, v in logged.items() if v != size)
+    same = [name for name, v in logged.items() if v == ran_size]
+    other = ", ".join(f"{name} {v}" for name, v in logged.items() if v != ran_size)
     if same:
         checks.append(
-            Check("code size (logs)", True, f"{SCRIPT} is {size} bytes, as {', '.join(same)} report")
+            Check("code size (logs)", True, f"{ran.name} is {ran_size} bytes, as {', '.join(same)} report")
         )
     if other and (same or claims):
         checks.append(
-            warn("code size (other logs)", f"{other} bytes: these runs used another revision of {SCRIPT}")
+            warn("code size (other logs)", f"{other} bytes: these runs used another revision of {ran.name}")
         )
     elif other:
         checks.append(
             Check(
                 "code size (logs)",
                 False,
-                f"{SCRIPT} is {size} bytes but the logs report {other}: "
+                f"{ran.name} is {ran_size} bytes but the logs report {other}: "
                 "the script was changed after every run",
             )
         )
@@ -1464,9 +1497,10 @@ def size_cap_checks(
     return checks
 
 
-def verify_any(folder: Path, sub: dict, cap: int) -> list[Check]:
-    """Every check a record folder without our verify_check allows (competitors' folders)."""
-    logs = folder_logs(folder)
+def general_checks(folder: Path, sub: dict, logs: list[FolderLog], cap: int) -> list[Check]:
+    """Every check a record folder's files and logs allow: the code size, each seed's claims against its
+    log, the means, the cap, and the reviewers' checks. `sub` is submission.json read with Decimal
+    floats (a claim matches to its printed precision)."""
     claims = seed_claims(sub)
     checks = code_size_checks(folder, sub, logs)
     if not logs:
@@ -1480,9 +1514,6 @@ def verify_any(folder: Path, sub: dict, cap: int) -> list[Check]:
     checks += mean_checks(sub, claims, logs)
     checks += size_cap_checks(sub, claims, logs, cap)
     checks += reviewer_checks(folder, sub, logs, cap)
-    checks.append(
-        skip("re-evaluation", "no artifact and verify_check in the folder: the score cannot be recomputed")
-    )
     return checks
 
 

@@ -1,9 +1,11 @@
 """Checks that a refactor changed no behaviour: trains the same tiny runs with the trainer of a git
-revision and with the working tree's, and compares the model files byte for byte.
+revision and with the working tree's, and compares the model files byte for byte and the logged scores
+(pre-quant and every final evaluation) digit for digit.
 
     python3 tools/same_artifacts.py REV                 # dense, soft and topk, one seed each
     python3 tools/same_artifacts.py REV --modes none,soft --steps 12
     python3 tools/same_artifacts.py REV --env QUANT_METHOD=rtn LQER_ENABLED=0   # the weights, not GPTQ
+    python3 tools/same_artifacts.py REV --env EVAL_STRIDE=64 TTT_ENABLED=1      # sliding and TTT scores too
 
 Each run is a short fixed-step CPU run on the shipped sample (no wall clock, so machine load cannot
 change it). The model file holds the weights and the stored model knobs, not the script, so a pure
@@ -13,6 +15,7 @@ refactor leaves it identical; its sha256 is printed per mode. Exit 1 when any pa
 import argparse
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -46,8 +49,11 @@ TINY_RUN = {
 MODE_KNOBS = {"none": {}, "soft": {"NUM_EXPERTS": "4"}, "topk": {"NUM_EXPERTS": "4", "TOP_K": "1"}}
 
 
-def train(script: Path, mode: str, steps: int, seed: int, log_dir: Path, extra: dict) -> str:
-    """Runs `script` once; -> sha256 of the model file it wrote."""
+SCORE_LINE = re.compile(r"^(pre_quant_ema|final_\S+) val_loss:(\S+) val_bpb:(\S+)", re.M)
+
+
+def train(script: Path, mode: str, steps: int, seed: int, log_dir: Path, extra: dict) -> tuple[str, list]:
+    """Runs `script` once; -> sha256 of the model file it wrote, and its score lines' (name, loss, bpb)."""
     run_id = f"same_{mode}"
     env = {**os.environ, **TINY_RUN, **MODE_KNOBS[mode], "MOE_MODE": mode, "ITERATIONS": str(steps), **extra}
     env.update(SEED=str(seed), RUN_ID=run_id, LOG_DIR=str(log_dir))
@@ -55,7 +61,12 @@ def train(script: Path, mode: str, steps: int, seed: int, log_dir: Path, extra: 
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).splitlines()[-5:])
         raise SystemExit(f"error: {script} failed for MOE_MODE={mode} (exit {result.returncode}):\n{tail}")
-    return hashlib.sha256((log_dir / f"{run_id}_model.ptz").read_bytes()).hexdigest()
+    digest = hashlib.sha256((log_dir / f"{run_id}_model.ptz").read_bytes()).hexdigest()
+    return digest, SCORE_LINE.findall((log_dir / f"{run_id}.txt").read_text())
+
+
+def verdict(same: bool) -> str:
+    return "identical" if same else "DIFFERENT"
 
 
 def main(argv=None) -> int:
@@ -83,16 +94,22 @@ def main(argv=None) -> int:
         old_script.write_bytes(shown.stdout)
         differ = 0
         for mode in modes:
-            hashes = []
+            hashes, scores = [], []
             for name, script in (("old", old_script), ("new", REPO / "train_gpt.py")):
                 log_dir = Path(tmp) / name
                 log_dir.mkdir(exist_ok=True)
-                hashes.append(train(script, mode, args.steps, args.seed, log_dir, extra))
-            same = hashes[0] == hashes[1]
-            differ += not same
+                digest, lines = train(script, mode, args.steps, args.seed, log_dir, extra)
+                hashes.append(digest)
+                scores.append(lines)
+            same_model, same_scores = hashes[0] == hashes[1], scores[0] == scores[1]
+            differ += not (same_model and same_scores)
             print(
-                f"MOE_MODE={mode}: {'identical' if same else 'DIFFERENT'} {hashes[0][:16]} {hashes[1][:16]}"
+                f"MOE_MODE={mode}: model {verdict(same_model)} {hashes[0][:16]} {hashes[1][:16]}; "
+                f"{len(scores[1])} score lines {verdict(same_scores)}"
             )
+            for old, new in zip(scores[0], scores[1]):
+                if old != new:
+                    print(f"  old {' '.join(old)}\n  new {' '.join(new)}")
     return 1 if differ else 0
 
 
