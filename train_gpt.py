@@ -1750,24 +1750,26 @@ def quantize_matrix(w: Tensor, H: Tensor | None, bits: int, sigmas: float, zero:
 
 
 def quantize_tensor(
-    name: str, t: Tensor, h, H: Tensor | None, drop: int, prune: float
+    name: str, t: Tensor, h, hessian: Tensor | None, drop: int, prune: float
 ) -> tuple[int, list[Tensor]]:
-    """-> (bits, [fp16 tensor]) or (bits, [integers, row scales]); 3-D experts one matrix at a time."""
+    """-> (bits, [fp16 tensor]) or (bits, [integers, row scales]); 3-D experts one matrix at a time.
+    `h` is the run's knobs; `hessian` the tensor's GPTQ Hessian (one per expert for 3-D experts)."""
     bits, sigmas = storage_grid(name, t, h)
     if bits == 16:
         return 16, [t.half()]
     bits, parts = max(2, bits - drop), []
     for i, w in enumerate(t.reshape(-1, *t.shape[-2:])):
-        Hi = H.reshape(-1, *H.shape[-2:])[i] if H is not None and h.quant_method == "gptq" else None
-        if Hi is not None and not (w.isfinite().all() and Hi.isfinite().all()):
-            Hi = None  # a non-finite tensor is rounded, not GPTQ'd; the run is INVALID
-        w = w if Hi is None else w.to(Hi.device)  # GPTQ runs where the Hessian is: the GPU in a real run
+        use_gptq = hessian is not None and h.quant_method == "gptq"
+        H = hessian.reshape(-1, *hessian.shape[-2:])[i] if use_gptq else None  # this matrix's (in, in)
+        if H is not None and not (w.isfinite().all() and H.isfinite().all()):
+            H = None  # a non-finite tensor is rounded, not GPTQ'd; the run is INVALID
+        w = w if H is None else w.to(H.device)  # GPTQ runs where the Hessian is: the GPU in a real run
         zero = (
             w.abs() <= w.abs().flatten().kthvalue(max(1, int(prune * w.numel()))).values
             if prune > 0
             else None
         )
-        parts.append(quantize_matrix(w, Hi, bits, sigmas, zero))
+        parts.append(quantize_matrix(w, H, bits, sigmas, zero))
     return bits, [
         torch.cat([q for q, _ in parts]).to(torch.int8).cpu(),
         torch.cat([s for _, s in parts]).cpu(),

@@ -295,12 +295,13 @@ dist.init_process_group("gloo")
 h = tg.load_config({env!r})
 torch.manual_seed(0)
 model = tg.GPT(tg.model_config(h))
-tg.check_ranks_in_sync(model, 2, print)
+rt = tg.Runtime(dist.get_rank(), 2, torch.device("cpu"), print)
+tg.check_ranks_in_sync(model, rt)
 if dist.get_rank() == 1:
     with torch.no_grad():
         model.blocks[1].attn_scale[3] += 1e-6
 try:
-    tg.check_ranks_in_sync(model, 2, print)
+    tg.check_ranks_in_sync(model, rt)
 except tg.TrainingDiverged as err:
     print("diverged:", err)
 dist.destroy_process_group()

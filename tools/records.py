@@ -273,13 +273,12 @@ def evaluate_artifact(
     data: str,
     tokenizer: str,
     token_limit: int,
-    seq_len: int,
-    stride: int,
-    batch_seqs: int,
+    windows: tuple[int, int, int],
     device: str,
 ) -> EvalResult:
     """val_loss/val_bpb of an artifact rebuilt by `script` (a loaded train_gpt module) on the first
-    token_limit validation tokens (0: all), plus hashes that identify the data the numbers came from."""
+    token_limit validation tokens (0: all), in windows (seq_len, stride, batch_seqs), plus hashes that
+    identify the data the numbers came from."""
     import torch  # only pack and verify need torch; compare stays light
 
     dev = torch.device(device)
@@ -287,9 +286,7 @@ def evaluate_artifact(
     model.eval()
     tables = script.byte_tables(script.load_tokenizer(tokenizer, h.vocab_size))
     tokens = script.load_val_tokens(data, h.vocab_size, token_limit)
-    val_loss, val_bpb = script_evaluate(
-        script, model.logits, tokens, tables, (seq_len, stride, batch_seqs), dev
-    )
+    val_loss, val_bpb = script_evaluate(script, model.logits, tokens, tables, windows, dev)
     tokens_sha = hashlib.sha256(tokens.numpy().astype("<u2").tobytes()).hexdigest()
     return EvalResult(val_loss, val_bpb, tokens_sha, sha256_file(tokenizer))
 
@@ -655,7 +652,7 @@ def quick_check(opts, module, run: RunLog, artifact: Path) -> dict:
     stride = opts.check_stride or seq_len
     sha = sha256_file(artifact)
     result = evaluate_artifact(
-        module, artifact, data, tokenizer, opts.check_tokens, seq_len, stride, opts.batch_seqs, "cpu"
+        module, artifact, data, tokenizer, opts.check_tokens, (seq_len, stride, opts.batch_seqs), "cpu"
     )
     return dict(
         seed=run.seed,
@@ -957,9 +954,7 @@ def quick_eval_checks(opts, module, folder: Path, check: dict, data: str, tokeni
                 data,
                 tokenizer,
                 opts.token_limit,
-                check["seq_len"],
-                check["stride"],
-                opts.batch_seqs,
+                (check["seq_len"], check["stride"], opts.batch_seqs),
                 opts.device,
             )
         except Exception as err:  # the folder's own script raises its own error classes
@@ -981,9 +976,7 @@ def quick_eval_checks(opts, module, folder: Path, check: dict, data: str, tokeni
             data,
             tokenizer,
             check["tokens"],
-            check["seq_len"],
-            check["stride"],
-            opts.batch_seqs,
+            (check["seq_len"], check["stride"], opts.batch_seqs),
             opts.device,
         )
         results.append(result)
