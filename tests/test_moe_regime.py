@@ -224,3 +224,38 @@ def test_manifest_from_the_committed_logs_at_10_tokens_per_param(tmp_path):
     expected = sum(scores["soft4"]) / 3 - sum(scores["dense"]) / 3
     assert sweep["comparisons"]["soft4_tpp10 vs dense"]["round_trip"]["gap"] == pytest.approx(expected)
     assert sweep["comparisons"]["soft4_tpp10 vs dense"]["round_trip"]["p_better_holm"] is None
+
+
+def write_events(path, rows):
+    """A run's JSONL events: one routing event per (layer, pass, load) row, in order."""
+    lines = [json.dumps({"event": "config", "knobs": {}})]
+    lines += [
+        json.dumps({"event": "routing", "step": 64, "layer": lay, "pass": p, "load": load})
+        for lay, p, load in rows
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_per_pass_routing_takes_each_runs_last_load_and_measures_how_the_passes_differ(tmp_path):
+    early = [(1, 0, [0.25, 0.25, 0.25, 0.25]), (1, 1, [0.25, 0.25, 0.25, 0.25])]
+    write_events(
+        tmp_path / "a.jsonl",
+        early + [(1, 0, [0.5, 0.5, 0.0, 0.0]), (1, 1, [0.0, 0.0, 0.5, 0.5]), (2, None, [1.0, 0, 0, 0])],
+    )
+    write_events(tmp_path / "b.jsonl", [(1, 0, [0.7, 0.3, 0.0, 0.0]), (1, 1, [0.0, 0.0, 0.3, 0.7])])
+    write_events(tmp_path / "single.jsonl", [(2, None, [0.25, 0.25, 0.25, 0.25])])
+    routing = moe_regime.pass_routing(tmp_path, ["a", "b", "single"])
+    assert routing["runs"] == 2 and list(routing["layers"]) == ["1"]  # one router per layer: no passes
+    first = routing["layers"]["1"]["passes"]["0"]
+    assert first["mean"] == pytest.approx([0.6, 0.4, 0.0, 0.0]) and first["runs"] == 2
+    assert first["std"][0] == pytest.approx(math.sqrt(0.02))
+    assert routing["layers"]["1"]["tv_distance"] == pytest.approx(1.0)  # disjoint experts
+    moe_regime.pass_routing_plot(routing, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert moe_regime.pass_routing(tmp_path, ["single"]) is None
+
+
+def test_passes_that_route_alike_are_at_distance_zero(tmp_path):
+    same = [0.1, 0.2, 0.3, 0.4]
+    write_events(tmp_path / "a.jsonl", [(1, 0, same), (1, 1, same)])
+    assert moe_regime.pass_routing(tmp_path, ["a"])["layers"]["1"]["tv_distance"] == pytest.approx(0.0)

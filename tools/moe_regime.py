@@ -143,6 +143,8 @@ HOLM_FAMILY = {
 DESIGN_FOLDER = "designs"  # the stages after the sweep, on their own script
 BUDGET_JSON = "budget.json"
 PLOT = "gap-vs-tokens-per-param.png"
+PER_PASS_PLOT = "per-pass-routing.png"
+PER_PASS_CONFIG = "perpass_tpp100"  # the designs stage's arm with one router per pass of the looped layer
 
 
 # ---------------------------------------------------------------------------- budgets
@@ -569,6 +571,16 @@ def results_text(manifest: dict) -> str:
                     f"Soft4-minus-dense {key[6:].replace('_', ' ')} gap against log10(tokens per "
                     f"parameter): {slope}; {t['reading']}.",
                 ]
+    routing = manifest.get("per_pass_routing")
+    if routing:
+        distances = ", ".join(
+            f"layer {layer} {info['tv_distance']:.3f}" for layer, info in routing["layers"].items()
+        )
+        lines += [
+            "",
+            f"Per-pass routing ({routing['runs']} perpass runs, `{routing['plot']}`): total variation "
+            f"distance between the passes' final mean loads: {distances} (0: the passes route alike).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -625,10 +637,88 @@ def gap_plot(manifest: dict, path: Path) -> bool:
     return True
 
 
+# ---------------------------------------------------------------------------- per-pass routing
+
+
+def last_pass_loads(events: Path) -> dict[tuple[int, int], list[float]]:
+    """A run's last logged load share per expert for every (layer, pass) with its own router, from its
+    JSONL events (each covers the TRAIN_LOG_EVERY steps before it; a layer with one router has no pass)."""
+    loads = {}
+    for line in events.read_text(encoding="utf-8").splitlines():
+        event = json.loads(line)
+        if event.get("event") == "routing" and event.get("pass") is not None:
+            loads[(event["layer"], event["pass"])] = event["load"]
+    return loads
+
+
+def pass_routing(logs: Path, run_ids: list[str]) -> dict | None:
+    """Per layer with per-pass routers: each pass's final load per expert (mean and sample std over the
+    runs) and the total variation distance between the passes' mean loads (0: they route alike, 1:
+    disjoint experts). None without a finished run that logged per-pass routing."""
+    runs = [last_pass_loads(logs / f"{run_id}.jsonl") for run_id in run_ids]
+    runs = [r for r in runs if r]
+    if not runs:
+        return None
+    layers = {}
+    for layer in sorted({layer for r in runs for layer, _ in r}):
+        passes = sorted({p for r in runs for lay, p in r if lay == layer})
+        per_pass = {}
+        for p in passes:
+            rows = [r[(layer, p)] for r in runs if (layer, p) in r]
+            columns = list(zip(*rows))  # one tuple of runs per expert
+            per_pass[p] = dict(
+                mean=[mean_std(list(c))[0] for c in columns],
+                std=[mean_std(list(c))[1] for c in columns],
+                runs=len(rows),
+            )
+        first, last = per_pass[passes[0]]["mean"], per_pass[passes[-1]]["mean"]
+        distance = 0.5 * sum(abs(a - b) for a, b in zip(first, last))
+        layers[str(layer)] = dict(passes={str(p): v for p, v in per_pass.items()}, tv_distance=distance)
+    return dict(runs=len(runs), layers=layers)
+
+
+def pass_routing_plot(routing: dict, path: Path) -> None:
+    """Grouped bars: each expert's final load share per pass, ± 1 sample std over the runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = routing["layers"]
+    fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.6), squeeze=False)
+    for ax, (layer, info) in zip(axes[0], layers.items()):
+        passes = info["passes"]
+        width = 0.8 / len(passes)
+        for i, (p, load) in enumerate(passes.items()):
+            xs = [e + (i - (len(passes) - 1) / 2) * width for e in range(len(load["mean"]))]
+            errors = [0.0 if s is None else s for s in load["std"]]
+            ax.bar(xs, load["mean"], width, yerr=errors, capsize=3, label=f"pass {p}")
+        ax.set_xticks(range(len(next(iter(passes.values()))["mean"])))
+        ax.set_xlabel("expert")
+        ax.set_ylabel("share of the layer's tokens")
+        ax.set_title(f"layer {layer}: passes' total variation distance {info['tv_distance']:.3f}", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.suptitle(
+        f"per-pass routers: final load per expert per pass, mean ± std over {routing['runs']} runs "
+        "(proxy corpus, CPU; not FineWeb)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def finalize(args, stages: list[Stage], common: dict[str, str]) -> int:
     manifest = build_manifest(args, stages, common)
     args.out.mkdir(parents=True, exist_ok=True)
     manifest["plot"] = PLOT if gap_plot(manifest, args.out / PLOT) else None
+    manifest["per_pass_routing"] = None
+    for stage in stages:
+        entry = manifest["stages"][stage.name]["entries"].get(PER_PASS_CONFIG)
+        routing = pass_routing(moe_study.runs_dir(stage.folder), entry["runs"]) if entry else None
+        if routing:
+            pass_routing_plot(routing, args.out / PER_PASS_PLOT)
+            manifest["per_pass_routing"] = dict(routing, plot=PER_PASS_PLOT)
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     path = args.out / "results.md"
     text = results_text(manifest)
