@@ -422,3 +422,15 @@ def test_first_study_states_its_regime():
 def test_regime_without_dense_run():
     manifest = dict(data=dict(train_tokens_per_run=1000), arms={})
     assert "unknown" in moe_study.regime_text(manifest)
+
+
+@pytest.mark.slow
+def test_speed_in_a_folder_without_study_runs_succeeds(tmp_path):
+    # The regime study measures its ratio in a scratch folder: a complete speed.json is a success.
+    out = tmp_path / "scratch"
+    out.mkdir()
+    shutil.copyfile(REPO / "train_gpt.py", out / "train_gpt.py")
+    extra = ("--speed-steps", "2", "--repeats", "1", "--no-plots", "--script", str(out / "train_gpt.py"))
+    result = study(out, *extra, command="speed")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert json.loads((out / "speed.json").read_text())["arms"]["topk4"]["ms_per_step"]
