@@ -2709,7 +2709,7 @@ class Trainer:
     """One training run: data, model, optimizers, compile warm-up and the timed loop."""
 
     def __init__(self, h, rt: Runtime):
-        self.h, self.rt, self.log, device = h, rt, rt.log, rt.device
+        self.h, self.rt, device = h, rt, rt.device
         self.accum = grad_accum_steps(h, rt.world_size)
         self.loader = TrainLoader(
             check_shards(shard_files(h.data_path, "train"), h.vocab_size),
@@ -2811,8 +2811,8 @@ class Trainer:
 
     def start_qat(self, progress: float) -> None:
         self.qat = True
-        self.log(f"qat:enabled step:{self.step} progress:{progress:.3f} tensors:{len(self.qat_grids)}")
-        self.log.event("qat", step=self.step, progress=progress, tensors=len(self.qat_grids))
+        self.rt.log(f"qat:enabled step:{self.step} progress:{progress:.3f} tensors:{len(self.qat_grids)}")
+        self.rt.log.event("qat", step=self.step, progress=progress, tensors=len(self.qat_grids))
 
     def compile_warmup(self) -> None:
         """Run WARMUP_STEPS steps to compile, then restore weights, optimizer state and data position."""
@@ -2836,8 +2836,8 @@ class Trainer:
     def start_looping(self, progress: float) -> None:
         self.model.set_looping(True)
         order = self.model.orders[1]
-        self.log(f"layer_loop:enabled step:{self.step} progress:{progress:.3f} order:{order}")
-        self.log.event("layer_loop", step=self.step, progress=progress, order=order)
+        self.rt.log(f"layer_loop:enabled step:{self.step} progress:{progress:.3f} order:{order}")
+        self.rt.log.event("layer_loop", step=self.step, progress=progress, order=order)
 
     def update_ema(self, step_progress: float) -> None:
         if self.h.ema_decay == 0:
@@ -2851,13 +2851,13 @@ class Trainer:
         tokens_per_s = step * self.h.train_batch_tokens / max(elapsed_ms / 1000, 1e-9)
         flops = flops_per_token(self.model, self.h)  # of the current loop state
         mfu_pct = 100 * tokens_per_s * flops / (peak * self.rt.world_size) if peak else None
-        self.log(
+        self.rt.log(
             f"step:{step}/{self.h.iterations} train_loss:{ce:.4f} train_time:{elapsed_ms:.0f}ms "
             f"step_avg:{elapsed_ms / step:.2f}ms tok/s:{tokens_per_s:.0f}"
             + (f" mfu:{mfu_pct:.1f}%" if peak else "")
             + self.stop_rule
         )
-        self.log.event(
+        self.rt.log.event(
             "step",
             step=step,
             iterations=self.h.iterations,
@@ -2870,9 +2870,9 @@ class Trainer:
         if self.routing_totals is not None:
             summary = routing_summary(self.model, self.routing_totals)
             for line in routing_log_lines(summary):
-                self.log(line)
+                self.rt.log(line)
             for r in summary:
-                self.log.event(
+                self.rt.log.event(
                     "routing",
                     step=step,
                     dropped=r["drop_rate"],
@@ -3285,7 +3285,7 @@ def evaluate_artifact(h, rt: Runtime) -> None:
 
 def calibrate(trainer: Trainer) -> dict | None:
     """GPTQ/LQER Hessians from the next training micro-batches (never validation) in the reserved time."""
-    h, log, t0, n = trainer.h, trainer.log, time.perf_counter(), trainer.h.gptq_calibration_batches
+    h, log, t0, n = trainer.h, trainer.rt.log, time.perf_counter(), trainer.h.gptq_calibration_batches
     if not h.calibrate:
         return None
     batches = (b for _ in range(-(-n // trainer.accum)) for b in trainer.loader.next_step())

@@ -83,7 +83,7 @@ def test_hessians_and_export_run_with_tf32_off_and_restore_it(monkeypatch, tmp_p
     loader = SimpleNamespace(next_step=lambda: [])
     runtime = tg.Runtime(0, 1, torch.device("cpu"), Log())
     model = tg.GPT(tg.model_config(h))
-    trainer = SimpleNamespace(h=h, accum=1, loader=loader, rt=runtime, log=runtime.log, model=model)
+    trainer = SimpleNamespace(h=h, accum=1, loader=loader, rt=runtime, model=model)
     tg.calibrate(trainer)
     tg.export_and_report(trainer.model, h, str(tmp_path / "a.ptz"), Log(), {})
     assert seen == [("hessians", (False, False)), ("export", (False, False))]
