@@ -259,3 +259,57 @@ def test_passes_that_route_alike_are_at_distance_zero(tmp_path):
     same = [0.1, 0.2, 0.3, 0.4]
     write_events(tmp_path / "a.jsonl", [(1, 0, same), (1, 1, same)])
     assert moe_regime.pass_routing(tmp_path, ["a"])["layers"]["1"]["tv_distance"] == pytest.approx(0.0)
+
+
+def entry(arm, bpb, seeds=3):
+    return dict(arm=arm, budget=100, seeds=[1337, 1338, 1339][:seeds], val_bpb_mean=bpb)
+
+
+def stage(folder, entries, ratios):
+    """A manifest stage: entries by config, and each config's bytes ratio to its first control."""
+    return dict(
+        folder=folder,
+        entries={f"{e['arm']}_tpp100": e for e in entries},
+        comparisons={
+            f"{arm}_tpp100 vs {moe_regime.ARMS[arm].controls[0]}": dict(bytes_ratio=r)
+            for arm, r in ratios.items()
+        },
+    )
+
+
+def test_shipping_takes_the_design_folder_once_dense_and_a_byte_matched_moe_arm_have_every_seed():
+    sweep = stage(".", [entry("dense", 2.09), entry("soft4", 2.10)], {"soft4": 1.012})
+    designs = stage(
+        "designs",
+        [entry("dense", 2.08), entry("soft4", 2.07, seeds=2), entry("perpass", 2.09)],
+        {"soft4": 1.01, "perpass": 1.005},
+    )
+    controls = stage("designs", [entry("perpass_control", 2.05)], {"perpass_control": 1.03})
+    manifest = dict(seeds=[1337, 1338, 1339], stages=dict(sweep=sweep, designs=designs, other=controls))
+    folder, (dense, moe) = moe_regime.shipping_choice(manifest)
+    # soft4 lacks a seed; perpass_control is the lowest but 3% larger than dense: not byte-matched
+    assert folder == "designs" and dense["val_bpb_mean"] == 2.08 and moe["arm"] == "perpass"
+    designs["entries"]["perpass_tpp100"]["seeds"] = [1337]
+    folder, (dense, moe) = moe_regime.shipping_choice(manifest)
+    assert folder == "." and (dense["val_bpb_mean"], moe["arm"]) == (2.09, "soft4")  # the sweep's pair
+    sweep["comparisons"]["soft4_tpp100 vs dense"]["bytes_ratio"] = 1.05
+    assert moe_regime.shipping_choice(manifest) is None
+
+
+def test_a_stale_shipped_folder_goes_only_if_pack_wrote_every_file_in_it(tmp_path):
+    folder = tmp_path / "soft4"
+    folder.mkdir()
+    (folder / "README.md").write_text("packed")
+    packed = {"README.md": sha256_file(folder / "README.md")}
+    (folder / "submission.json").write_text(json.dumps({"packed_files": packed}))
+    (folder / "notes.md").write_text("mine")
+    with pytest.raises(moe_regime.StudyError, match="notes.md"):
+        moe_regime.remove_packed(folder)
+    assert (folder / "README.md").is_file()
+    (folder / "notes.md").unlink()
+    (folder / "README.md").write_text("edited")
+    with pytest.raises(moe_regime.records.RecordError, match="edited since"):
+        moe_regime.remove_packed(folder)
+    (folder / "README.md").write_text("packed")
+    moe_regime.remove_packed(folder)
+    assert not folder.exists()

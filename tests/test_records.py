@@ -716,6 +716,47 @@ def test_pack_refuses_an_existing_folder_unless_forced(runs, tmp_path, capsys):
     assert len(list(folder.glob("model_seed*.ptz"))) == len(SEEDS)
 
 
+def test_pack_into_a_named_folder_ships_the_smallest_artifact(runs, tmp_path, capsys):
+    folder = tmp_path / "study" / "shipped" / "dense"
+    about = tmp_path / "about.md"
+    args = pack_args(runs, tmp_path / "unused", "--folder", str(folder), "--ship", "smallest", "--about")
+    assert records.main([*args, str(about)]) == 2  # no such file: refused before anything is written
+    assert "about.md" in capsys.readouterr().err and not folder.exists()
+    about.write_text("The dense arm of a study, shipped so it can be re-scored.\n")
+    assert records.main([*args, str(about)]) == 0
+    assert not (tmp_path / "unused").exists()
+    parsed = [records.parse_log(log) for log in runs["logs"]]
+    smallest = min(parsed, key=lambda r: (r.artifact_bytes, r.seed))
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["best_seed"] == smallest.seed == sub["verify_check"]["seed"]
+    assert sub["bytes_total"] == sub["bytes_code"] + smallest.artifact_bytes
+    assert [p.name for p in folder.glob("*.ptz")] == [f"model_seed{smallest.seed}.ptz"]
+    readme = (folder / "README.md").read_text()
+    assert "The dense arm of a study, shipped" in readme and "TODO" not in readme and "## Command" in readme
+
+
+def test_verify_checks_every_record_folder_packed_inside_a_study(packed, tmp_path, capsys):
+    """A study folder without its own submission.json, shipping two packed arms: both are verified, each
+    check named by its folder; one changed byte in one arm fails that arm only."""
+    study = tmp_path / "study"
+    for arm in ("dense", "soft4"):
+        shutil.copytree(packed, study / "shipped" / arm)
+    checks = verify(study, "--token-limit", str(CHECK_TOKENS))
+    assert not failed(checks)
+    prefixes = {c.name.split(": ", 1)[0] for c in checks}
+    assert prefixes == {"shipped/dense", "shipped/soft4"}
+    assert "shipped/soft4: quick check (2048 tokens) val_bpb" in {c.name for c in checks}
+    artifact = next((study / "shipped" / "soft4").glob("model_seed*.ptz"))
+    data = bytearray(artifact.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    artifact.write_bytes(bytes(data))
+    bad = failed(verify(study, "--token-limit", str(CHECK_TOKENS)))
+    assert bad and all(name.startswith("shipped/soft4: ") for name in bad), bad
+    (tmp_path / "empty_study").mkdir()
+    assert records.main(["verify", str(tmp_path / "empty_study")]) == 1  # no submission anywhere: a FAIL
+    assert "FAIL  submission.json" in capsys.readouterr().out
+
+
 # the counted script in self-extracting form, the readable script beside it
 def test_pack_compress_code_counts_the_wrapper_and_verify_checks_it_is_the_same_program(
     runs, tmp_path, capsys

@@ -30,9 +30,11 @@ import argparse
 import json
 import math
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -505,9 +507,14 @@ def build_manifest(args, stages: list[Stage], common: dict[str, str]) -> dict:
     return manifest
 
 
-def reproduce_command(args) -> str:
+def shown_folder(args) -> Path:
+    """The study folder as the commands print it: relative to the repository where it lies inside."""
     out = Path(args.out)
-    shown = out.relative_to(REPO) if out.is_relative_to(REPO) else out
+    return out.relative_to(REPO) if out.is_relative_to(REPO) else out
+
+
+def reproduce_command(args) -> str:
+    shown = shown_folder(args)
     extra = "" if args.stages == ",".join(STAGES) else f" --stages {args.stages}"
     extra += "" if args.budgets == ",".join(map(str, BUDGETS)) else f" --budgets {args.budgets}"
     extra += f" --topk-time-ratio {args.topk_time_ratio}" if args.topk_time_ratio else ""
@@ -708,6 +715,130 @@ def pass_routing_plot(routing: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------- the shipped models
+SHIPPED = "shipped"  # packed record folders: dense's and the best MoE arm's smallest artifacts at 100
+DENSE_ARMS = ("dense", "dense_qat")
+SHIPPED_CHECK_TOKENS = 16384  # the packed folders' quick-check reference (verify --token-limit)
+
+
+def complete_entries(manifest: dict, folder: str) -> dict[str, dict]:
+    """The entries at 100 tokens per parameter of one stage folder whose every seed finished."""
+    found = {}
+    for stage in manifest["stages"].values():
+        if stage["folder"] != folder:
+            continue
+        for config, entry in stage["entries"].items():
+            if entry["budget"] == DESIGN_BUDGET and len(entry["seeds"]) == len(manifest["seeds"]):
+                found[config] = entry
+    return found
+
+
+def byte_matched(manifest: dict, config: str) -> bool:
+    """The arm's mean artifact bytes within 2% of its first control's (plan.md)."""
+    control = ARMS[arm_of(config)].controls[0]
+    for stage in manifest["stages"].values():
+        ratio = stage["comparisons"].get(f"{config} vs {control}", {}).get("bytes_ratio")
+        if ratio is not None:
+            return abs(ratio - 1) <= BYTES_TOLERANCE
+    return False
+
+
+def shipping_choice(manifest: dict) -> tuple[str, list[dict]] | None:
+    """(stage folder, [dense, best MoE arm]) at 100 tokens per parameter: the design folder once dense and
+    a byte-matched MoE arm have every seed there, else the sweep's; the MoE arm with the lowest mean
+    round-trip val_bpb. None while neither folder has such a pair."""
+    for folder in (DESIGN_FOLDER, "."):
+        entries = complete_entries(manifest, folder)
+        dense = entries.get(f"dense_tpp{DESIGN_BUDGET}")
+        moe = [
+            e
+            for config, e in entries.items()
+            if e["arm"] not in DENSE_ARMS and byte_matched(manifest, config)
+        ]
+        if dense and moe:
+            return folder, [dense, min(moe, key=lambda e: e["val_bpb_mean"])]
+    return None
+
+
+def remove_packed(folder: Path) -> None:
+    """Delete a shipped folder that an earlier collect packed, file by file, only if every file in it is
+    one pack wrote and nobody edited since (records.files_to_replace refuses otherwise)."""
+    written = records.files_to_replace(folder, set())
+    left = sorted(p.name for p in folder.iterdir() if p.name not in written)
+    if left:
+        raise StudyError(f"{folder}: holds files collect did not write ({', '.join(left)}); move them away")
+    for name in written:
+        (folder / name).unlink()
+    folder.rmdir()
+
+
+def shipped_about(entry: dict, folder: str, arms: int) -> str:
+    """The opening of a shipped folder's README: what the model is and where its study is."""
+    logs = "runs/" if folder == "." else f"{folder}/runs/"
+    return (
+        f"The **{entry['arm']}** arm of the MoE regime study (`../../`, whose `findings.md` holds the "
+        f"verdicts), one of the {arms} arms the study ships: the record stack scaled to 3 layers x 64, "
+        f"trained on CPU at {DESIGN_BUDGET} tokens per parameter ({entry['iterations']} steps) on the proxy "
+        f"corpus, **not FineWeb**. This folder ships the smallest artifact of the arm's "
+        f"{len(entry['seeds'])} seeds so the model can be re-scored elsewhere; its logs are copies of the "
+        f"study's `{logs}`. Every score is on the first {REGIME_SHAPE['VAL_TOKEN_LIMIT']} proxy validation "
+        "tokens: it compares arms of the study, it is not a challenge score.\n"
+    )
+
+
+def ship(args, manifest: dict) -> list[Path]:
+    """Pack dense's and the best MoE arm's runs at 100 as record folders in FOLDER/shipped/<arm>/, each
+    with its smallest artifact and its own script, so both can be re-scored elsewhere (records.py verify
+    on the study folder verifies them). -> the packed folders."""
+    choice = shipping_choice(manifest)
+    if choice is None:
+        moe_study.say(
+            "nothing shipped: no stage has dense and a byte-matched MoE arm with every seed at "
+            f"{DESIGN_BUDGET} tokens per parameter"
+        )
+        return []
+    folder, entries = choice
+    stage_folder = args.out / folder
+    shipped = args.out / SHIPPED
+    keep = {e["arm"] for e in entries}
+    for stale in sorted(shipped.glob("*")) if shipped.is_dir() else []:
+        if stale.name not in keep:
+            remove_packed(stale)
+    date = args.out.name[:10] if re.fullmatch(r"\d{4}-\d{2}-\d{2}", args.out.name[:10]) else None
+    packed = []
+    for entry in entries:
+        target = shipped / entry["arm"]
+        about = Path(tempfile.mkdtemp(prefix="moe_regime_")) / "about.md"
+        about.write_text(shipped_about(entry, folder, len(entries)))
+        argv = [
+            "pack",
+            *(str(stage_folder / log) for log in entry["logs"]),
+            "--name", f"{args.out.name}_{entry['arm']}",
+            "--author", "moe_regime",
+            "--github-id", "moe_regime",
+            "--track", records.TRACKS[1],
+            "--blurb",
+            f"{entry['arm']} at {DESIGN_BUDGET} tokens per parameter, the smallest artifact of its "
+            f"{len(entry['seeds'])} seeds (MoE regime study; proxy corpus, not FineWeb)",
+            "--script", str(stage_folder / moe_study.SCRIPT),
+            "--folder", str(target),
+            "--ship", "smallest",
+            "--allow-partial-eval",
+            "--check-data", manifest["data"]["path"],
+            "--check-tokenizer", manifest["data"]["tokenizer"],
+            "--check-tokens", str(SHIPPED_CHECK_TOKENS),
+            "--about", str(about),
+            *(["--date", date] if date else []),
+            *(["--force"] if target.exists() else []),
+        ]  # fmt: skip
+        try:
+            records.pack(records.build_parser().parse_args(argv))
+        finally:
+            shutil.rmtree(about.parent)
+        packed.append(target)
+    return packed
+
+
 def finalize(args, stages: list[Stage], common: dict[str, str]) -> int:
     manifest = build_manifest(args, stages, common)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -719,6 +850,7 @@ def finalize(args, stages: list[Stage], common: dict[str, str]) -> int:
         if routing:
             pass_routing_plot(routing, args.out / PER_PASS_PLOT)
             manifest["per_pass_routing"] = dict(routing, plot=PER_PASS_PLOT)
+    manifest["shipped"] = [p.relative_to(args.out).as_posix() for p in ship(args, manifest)]
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     path = args.out / "results.md"
     text = results_text(manifest)
@@ -726,7 +858,24 @@ def finalize(args, stages: list[Stage], common: dict[str, str]) -> int:
         raise StudyError(f"{path} exists and was not written by tools/moe_regime.py; move it away")
     path.write_text(text)
     print(text)
-    return 0
+    return verify_shipped(args) if manifest["shipped"] else 0
+
+
+def verify_shipped(args) -> int:
+    """records.py verify's quick check (and probes) on the shipped folders. -> 1 if a check fails."""
+    opts = records.build_parser().parse_args(
+        ["verify", str(args.out), "--token-limit", str(SHIPPED_CHECK_TOKENS)]
+    )
+    failed = [c for c in records.verify(opts) if c.status == "FAIL"]
+    for check in failed:
+        print(check, file=sys.stderr)
+    moe_study.say(
+        f"shipped folders: {len(failed)} failed checks"
+        if failed
+        else f"shipped folders verified (quick check on {SHIPPED_CHECK_TOKENS} tokens, probes); the full "
+        f"re-score: python3 tools/records.py verify {shown_folder(args)} --data {args.data}"
+    )
+    return 1 if failed else 0
 
 
 # ---------------------------------------------------------------------------- main

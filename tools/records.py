@@ -470,7 +470,9 @@ RESULTS_HEADER = (
 )
 
 
-def render_readme(sub: dict, changed: dict, world_size: int) -> str:
+def render_readme(sub: dict, changed: dict, world_size: int, about: str | None = None) -> str:
+    """The folder's README; `about` (pack --about) replaces the paragraphs left TODO for the author."""
+
     def fmt(v, spec=".8f"):
         return "n/a" if v is None else format(v, spec)
 
@@ -491,9 +493,27 @@ def render_readme(sub: dict, changed: dict, world_size: int) -> str:
         else ""
     )
     check = sub["verify_check"]
+    intro = (
+        about.strip()
+        if about
+        else "TODO: one paragraph: what is new in this submission and why it should lower val_bpb."
+    )
+    later = (
+        ""
+        if about
+        else """
+## What changed and why
+
+TODO: the ideas, with evidence (what each change gained).
+
+## Ablations
+
+TODO: a table of runs that isolate each change.
+"""
+    )
     return f"""# {sub["name"]}
 
-TODO: one paragraph: what is new in this submission and why it should lower val_bpb.
+{intro}
 {warning}
 - Track: `{sub["track"]}`
 - Author: {sub["author"]} (@{sub["github_id"]}), {sub["date"]}
@@ -519,15 +539,7 @@ done
 ```
 
 Knobs not listed keep the defaults of the `train_gpt.py` in this folder.
-
-## What changed and why
-
-TODO: the ideas, with evidence (what each change gained).
-
-## Ablations
-
-TODO: a table of runs that isolate each change.
-
+{later}
 ## Verification
 
 ```bash
@@ -543,6 +555,7 @@ def pack(opts: argparse.Namespace) -> Path:
         raise RecordError(f"--name {opts.name!r}: use letters, digits, '.', '_' or '-'")
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", opts.date):
         raise RecordError(f"--date {opts.date!r}: expected YYYY-MM-DD")
+    about = Path(opts.about).read_text(encoding="utf-8") if opts.about else None
     runs = [parse_log(p) for p in opts.logs]
     check_same_recipe(runs)
     check_scores(runs, opts.track, opts.allow_partial_eval)
@@ -552,13 +565,15 @@ def pack(opts: argparse.Namespace) -> Path:
         raise RecordError(f"--artifacts: {len(opts.artifacts)} paths for {len(runs)} logs")
     artifacts = [Path(a) for a in opts.artifacts] if opts.artifacts else [find_artifact(r) for r in runs]
     check_artifacts(runs, artifacts, code_bytes, opts.cap)
-    folder = Path(opts.records_dir) / opts.track / f"{opts.date}_{opts.name}"
+    folder = (
+        Path(opts.folder) if opts.folder else Path(opts.records_dir) / opts.track / f"{opts.date}_{opts.name}"
+    )
     if folder.exists() and not opts.force:
         raise RecordError(f"{folder} already exists (pass --force to replace it)")
     outputs = pack_outputs(runs, opts.compress_code)
     replaced = files_to_replace(folder, outputs) if folder.exists() else []
 
-    best = min(range(len(runs)), key=lambda i: runs[i].score.val_bpb)
+    best = shipped_run(runs, opts.ship)
     module = load_script(script)
     verify_check = quick_check(opts, module, runs[best], artifacts[best])
 
@@ -585,13 +600,21 @@ def pack(opts: argparse.Namespace) -> Path:
             f"{folder}: the copied artifact differs from {artifacts[best]} (changed while packing?)"
         )
     sub = build_submission(opts, runs, results, runs[best], code_bytes, verify_check)
-    readme = render_readme(sub, changed_knobs(runs[0].config, module.KNOBS), runs[0].world_size)
+    readme = render_readme(sub, changed_knobs(runs[0].config, module.KNOBS), runs[0].world_size, about)
     (folder / "README.md").write_text(readme, encoding="utf-8")
     # What pack wrote, so a later --force replaces exactly these and never a file edited since.
     written = [n for n in sorted(outputs) if n != SUBMISSION and (folder / n).is_file()]
     sub["packed_files"] = {n: sha256_file(folder / n) for n in written}
     (folder / SUBMISSION).write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
     return folder
+
+
+def shipped_run(runs: list[RunLog], rule: str) -> int:
+    """Index of the run whose artifact the folder ships (its best_seed): the lowest val_bpb, or the
+    smallest artifact (a study shipping an arm's smallest model; ties go to the lower seed)."""
+    if rule == "smallest":
+        return min(range(len(runs)), key=lambda i: (runs[i].artifact_bytes, runs[i].seed))
+    return min(range(len(runs)), key=lambda i: runs[i].score.val_bpb)
 
 
 def pack_outputs(runs: list[RunLog], compress_code: bool) -> set[str]:
@@ -865,8 +888,28 @@ def eval_check(name: str, run_eval, claimed: float, tol: float) -> Check:
 def verify(opts: argparse.Namespace) -> list[Check]:
     """One verifier: every check a record folder's files allow (any folder, as the challenge's reviewers
     checked them); a folder of ours (its submission.json has a verify_check) adds the strict checks, the
-    re-score of its artifacts and the legality probes."""
+    re-score of its artifacts and the legality probes. Record folders packed inside the folder (a study
+    shipping several arms' models) are verified too, each with its own script; their checks carry the
+    inner folder's path. A folder holding only packed folders is verified through them."""
     folder = Path(opts.folder)
+    inner = packed_inside(folder)
+    own = named_file(folder, SUBMISSION, "submission*.json")[0].is_file() or not inner
+    checks = verify_one(opts, folder) if own else []
+    for path in inner:
+        where = path.relative_to(folder).as_posix()
+        for check in verify_one(opts, path):
+            check.name = f"{where}: {check.name}"
+            checks.append(check)
+    return checks
+
+
+def packed_inside(folder: Path) -> list[Path]:
+    """Record folders below `folder` (any depth): those holding a submission.json."""
+    return sorted({p.parent for p in folder.glob(f"*/**/{SUBMISSION}") if p.is_file()})
+
+
+def verify_one(opts: argparse.Namespace, folder: Path) -> list[Check]:
+    """Every check of one record folder (see verify)."""
     try:
         text = named_file(folder, SUBMISSION, "submission*.json")[0].read_text(encoding="utf-8")
         sub, claims = json.loads(text), json.loads(text, parse_float=Decimal)
@@ -2293,15 +2336,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--date", default=time.strftime("%Y-%m-%d"))
     p.add_argument(
+        "--about", help="a markdown file: the README's opening, in place of the sections left TODO"
+    )
+    p.add_argument(
         "--script", default=str(REPO / SCRIPT), help="the train_gpt.py that ran (default: the repo's)"
     )
     p.add_argument(
         "--artifacts", nargs="+", help="artifact per log, in order (default: from the size_check lines)"
     )
     p.add_argument(
-        "--all-artifacts", action="store_true", help="include every seed's artifact, not only the best"
+        "--all-artifacts", action="store_true", help="include every seed's artifact, not only the shipped one"
     )
     p.add_argument("--records-dir", default=str(REPO / "records"))
+    p.add_argument("--folder", help="the record folder to write (default: RECORDS_DIR/TRACK/DATE_NAME)")
+    p.add_argument(
+        "--ship",
+        choices=("best", "smallest"),
+        default="best",
+        help="which seed's artifact the folder ships: the lowest val_bpb (default) or the smallest",
+    )
     p.add_argument("--cap", type=int, default=CAP_BYTES, help="size cap in bytes (default %(default)s)")
     p.add_argument(
         "--allow-partial-eval",
