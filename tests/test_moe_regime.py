@@ -313,3 +313,29 @@ def test_a_stale_shipped_folder_goes_only_if_pack_wrote_every_file_in_it(tmp_pat
     (folder / "README.md").write_text("packed")
     moe_regime.remove_packed(folder)
     assert not folder.exists()
+
+
+def test_holm_adjusts_the_design_stage_only_not_the_sweeps_comparison_of_the_same_name(tmp_path):
+    folder = REPO / "records" / "track_non_record_16mb" / "2026-12-03_MoE_Regime_Study"
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "proxy_1024_bpe.model").write_bytes(b"")
+    argv = [
+        "collect",
+        "--data",
+        str(data),
+        "--out",
+        str(folder),
+        "--stages",
+        "sweep,designs",
+        "--budgets",
+        "100",
+    ]
+    args = moe_regime.parse_args(argv)
+    stages, common = moe_regime.plan(args)
+    manifest = moe_regime.build_manifest(args, stages, common)
+    key = "soft4_tpp100 vs dense"
+    sweep = manifest["stages"]["sweep"]["comparisons"][key]["round_trip"]
+    designs = manifest["stages"]["designs"]["comparisons"][key]["round_trip"]
+    assert sweep["p_better"] is not None and sweep["p_better_holm"] is None
+    assert designs["p_better_holm"] is not None and designs["p_better_holm"] >= designs["p_better"]
