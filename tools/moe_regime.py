@@ -708,8 +708,8 @@ def pass_routing_plot(routing: dict, path: Path) -> None:
         ax.set_title(f"layer {layer}: passes' total variation distance {info['tv_distance']:.3f}", fontsize=9)
         ax.legend(fontsize=8)
     fig.suptitle(
-        f"per-pass routers: final load per expert per pass, mean ± std over {routing['runs']} runs "
-        "(proxy corpus, CPU; not FineWeb)",
+        f"per-pass routers: final load per expert per pass, mean ± std over {routing['runs']} runs\n"
+        "(proxy corpus, CPU; not FineWeb)",  # two lines: one figure per layer is narrower than the title
         fontsize=9,
     )
     fig.tight_layout()
