@@ -294,6 +294,9 @@ def test_shipping_takes_the_design_folder_once_dense_and_a_byte_matched_moe_arm_
     assert folder == "." and (dense["val_bpb_mean"], moe["arm"]) == (2.09, "soft4")  # the sweep's pair
     sweep["comparisons"]["soft4_tpp100 vs dense"]["bytes_ratio"] = 1.05
     assert moe_regime.shipping_choice(manifest) is None
+    # each folder's soft4 is judged by its own folder's bytes: designs' 1.01 does not rescue the sweep's 1.05
+    assert moe_regime.byte_matched(manifest, "soft4_tpp100", "designs")
+    assert not moe_regime.byte_matched(manifest, "soft4_tpp100", ".")
 
 
 def test_a_stale_shipped_folder_goes_only_if_pack_wrote_every_file_in_it(tmp_path):

@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -735,10 +734,13 @@ def complete_entries(manifest: dict, folder: str) -> dict[str, dict]:
     return found
 
 
-def byte_matched(manifest: dict, config: str) -> bool:
-    """The arm's mean artifact bytes within 2% of its first control's (plan.md)."""
+def byte_matched(manifest: dict, config: str, folder: str) -> bool:
+    """The arm's mean artifact bytes within 2% of its first control's in the same stage folder (plan.md;
+    the sweep and the design stage both have a soft4_tpp100 vs dense)."""
     control = ARMS[arm_of(config)].controls[0]
     for stage in manifest["stages"].values():
+        if stage["folder"] != folder:
+            continue
         ratio = stage["comparisons"].get(f"{config} vs {control}", {}).get("bytes_ratio")
         if ratio is not None:
             return abs(ratio - 1) <= BYTES_TOLERANCE
@@ -755,7 +757,7 @@ def shipping_choice(manifest: dict) -> tuple[str, list[dict]] | None:
         moe = [
             e
             for config, e in entries.items()
-            if e["arm"] not in DENSE_ARMS and byte_matched(manifest, config)
+            if e["arm"] not in DENSE_ARMS and byte_matched(manifest, config, folder)
         ]
         if dense and moe:
             return folder, [dense, min(moe, key=lambda e: e["val_bpb_mean"])]
@@ -800,45 +802,49 @@ def ship(args, manifest: dict) -> list[Path]:
         )
         return []
     folder, entries = choice
-    stage_folder = args.out / folder
     shipped = args.out / SHIPPED
     keep = {e["arm"] for e in entries}
     for stale in sorted(shipped.glob("*")) if shipped.is_dir() else []:
         if stale.name not in keep:
             remove_packed(stale)
-    date = args.out.name[:10] if re.fullmatch(r"\d{4}-\d{2}-\d{2}", args.out.name[:10]) else None
     packed = []
     for entry in entries:
         target = shipped / entry["arm"]
-        about = Path(tempfile.mkdtemp(prefix="moe_regime_")) / "about.md"
-        about.write_text(shipped_about(entry, folder, len(entries)))
-        argv = [
-            "pack",
-            *(str(stage_folder / log) for log in entry["logs"]),
-            "--name", f"{args.out.name}_{entry['arm']}",
-            "--author", "moe_regime",
-            "--github-id", "moe_regime",
-            "--track", records.TRACKS[1],
-            "--blurb",
-            f"{entry['arm']} at {DESIGN_BUDGET} tokens per parameter, the smallest artifact of its "
-            f"{len(entry['seeds'])} seeds (MoE regime study; proxy corpus, not FineWeb)",
-            "--script", str(stage_folder / moe_study.SCRIPT),
-            "--folder", str(target),
-            "--ship", "smallest",
-            "--allow-partial-eval",
-            "--check-data", manifest["data"]["path"],
-            "--check-tokenizer", manifest["data"]["tokenizer"],
-            "--check-tokens", str(SHIPPED_CHECK_TOKENS),
-            "--about", str(about),
-            *(["--date", date] if date else []),
-            *(["--force"] if target.exists() else []),
-        ]  # fmt: skip
-        try:
-            records.pack(records.build_parser().parse_args(argv))
-        finally:
-            shutil.rmtree(about.parent)
+        with tempfile.TemporaryDirectory(prefix="moe_regime_") as tmp:
+            about = Path(tmp) / "about.md"
+            about.write_text(shipped_about(entry, folder, len(entries)))
+            records.pack(records.build_parser().parse_args(pack_argv(args, manifest, entry, folder, about)))
         packed.append(target)
     return packed
+
+
+def pack_argv(args, manifest: dict, entry: dict, folder: str, about: Path) -> list[str]:
+    """records.py pack's command line for one shipped arm: its stage's logs and script, its smallest
+    artifact."""
+    stage_folder = args.out / folder
+    target = args.out / SHIPPED / entry["arm"]
+    date = args.out.name[:10] if re.fullmatch(r"\d{4}-\d{2}-\d{2}", args.out.name[:10]) else None
+    return [
+        "pack",
+        *(str(stage_folder / log) for log in entry["logs"]),
+        "--name", f"{args.out.name}_{entry['arm']}",
+        "--author", "moe_regime",
+        "--github-id", "moe_regime",
+        "--track", records.TRACKS[1],
+        "--blurb",
+        f"{entry['arm']} at {DESIGN_BUDGET} tokens per parameter, the smallest artifact of its "
+        f"{len(entry['seeds'])} seeds (MoE regime study; proxy corpus, not FineWeb)",
+        "--script", str(stage_folder / moe_study.SCRIPT),
+        "--folder", str(target),
+        "--ship", "smallest",
+        "--allow-partial-eval",
+        "--check-data", manifest["data"]["path"],
+        "--check-tokenizer", manifest["data"]["tokenizer"],
+        "--check-tokens", str(SHIPPED_CHECK_TOKENS),
+        "--about", str(about),
+        *(["--date", date] if date else []),
+        *(["--force"] if target.exists() else []),
+    ]  # fmt: skip
 
 
 def finalize(args, stages: list[Stage], common: dict[str, str]) -> int:
