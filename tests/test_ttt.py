@@ -9,6 +9,7 @@ import torch
 
 import train_gpt as tg
 from conftest import TINY_ENV, run_train
+from tools import gpu_memory
 
 CPU = torch.device("cpu")
 QUIET_CPU = tg.Runtime(0, 1, CPU, lambda msg: None)
@@ -170,6 +171,42 @@ def test_documents_cover_every_target_once(val_pair):
     assert sorted(order) == list(range(len(docs)))
     assert [end for _, end in phases] == [sum(docs[1]), sum(docs[3]), 0]
     assert all(rows == sorted(rows) for batches, _ in phases for rows in batches)
+
+
+def bf16_like_cuda(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+# One case per dispatch: dense, soft, grouped top-2, capacity shared+routed, per-pass routers in a loop.
+AUTOCAST_MODES = [
+    MODES[0],
+    MODES[1],
+    ("topk", {"TOP_K": "2"}),
+    ("shared_routed", {"MOE_DISPATCH": "capacity"}),
+]
+AUTOCAST_MODES.append(MODES[5])
+
+
+@pytest.mark.parametrize(
+    "mode,env", AUTOCAST_MODES, ids=[m + "-" + "-".join(e.values()) for m, e in AUTOCAST_MODES]
+)
+def test_evaluation_and_ttt_run_under_cuda_autocast_rules(mode, env, monkeypatch, val_pair, tables):
+    """A GPU evaluates and adapts under bf16 autocast, which a CPU run never applies: the fake-CUDA trace
+    covers the training forward only, and the autograd engine cannot run on a fake device. Here the sliding
+    evaluation and TTT (adapter steps and global SGD, with their backward passes) run on the CPU under
+    autocast with CUDA's fp32 rules, as train_gpt's autocast() would apply them on a GPU."""
+    val = val_pair[0]
+    # Gentle steps: TTT_ENV's are chaotic on purpose, and would amplify bf16 rounding into other trajectories.
+    model, h = random_model(mode, **env, TTT_LORA_LR="0.0005", GLOBAL_TTT_LR="0.005")
+    exact = {kind: token_losses(kind, model, h, val, tables, 4) for kind in ("sliding", "ttt")}
+    monkeypatch.setattr(tg, "autocast", bf16_like_cuda)
+    with gpu_memory.cpu_autocast_like_cuda():
+        mixed = {kind: token_losses(kind, model, h, val, tables, 4) for kind in ("sliding", "ttt")}
+    for kind in exact:
+        assert not mixed[kind].isnan().any(), kind  # every target scored, none lost to an overflow
+        assert not torch.equal(mixed[kind], exact[kind]), kind  # bf16 really ran
+        # bf16 rounding only: the mean loss moves by well under 1%
+        assert abs(mixed[kind].mean() / exact[kind].mean() - 1) < 0.01, kind
 
 
 @pytest.mark.slow
