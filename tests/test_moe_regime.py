@@ -342,3 +342,63 @@ def test_holm_adjusts_the_design_stage_only_not_the_sweeps_comparison_of_the_sam
     designs = manifest["stages"]["designs"]["comparisons"][key]["round_trip"]
     assert sweep["p_better"] is not None and sweep["p_better_holm"] is None
     assert designs["p_better_holm"] is not None and designs["p_better_holm"] >= designs["p_better"]
+
+
+def design_manifest(p_holm: dict, p_worse: float = 0.3, ratios: dict | None = None, seeds: int = 3) -> dict:
+    """Design-stage comparisons at 100: each family member's Holm p (default 0.5), the same raw p_worse
+    for all, bytes ratios (default 1.0); perpass vs perpass_control and dense_qat vs dense included. Arms
+    later in ARMS have lower means (perpass below soft4)."""
+    keys = sorted(moe_regime.HOLM_FAMILY) + ["perpass_tpp100 vs perpass_control", "dense_qat_tpp100 vs dense"]
+    comparisons = {
+        key: dict(
+            round_trip=dict(
+                gap=0.0,
+                se=0.001,
+                p_better=p_holm.get(key, 0.5),
+                p_worse=p_worse,
+                p_better_holm=p_holm.get(key, 0.5),
+                n=[3, seeds],
+            ),
+            bytes_ratio=(ratios or {}).get(key, 1.0),
+        )
+        for key in keys
+    }
+    entries = {
+        f"{arm}_tpp100": dict(
+            arm=arm, env=dict(a.env), val_bpb_mean=2.1 - i / 100, quant_gap=[0.01, 0.02, 0.03]
+        )
+        for i, (arm, a) in enumerate(moe_regime.ARMS.items())
+    }
+    entries["soft4_qat_tpp100"]["quant_gap"] = [0.0, 0.005, 0.01]
+    designs = dict(folder="designs", entries=entries, comparisons=comparisons)
+    return dict(seeds=[1337, 1338, 1339], stages=dict(designs=designs))
+
+
+def test_verdicts_apply_the_plans_rules():
+    soft4, perpass = "soft4_tpp100 vs dense", "perpass_tpp100 vs dense"
+    attribution = "perpass_tpp100 vs perpass_control"
+    v = moe_regime.verdicts(design_manifest({}))
+    assert v["moe_mode"]["arm"] == "dense" and "defer" in v["moe_mode"]["reading"]
+    assert v["router_per_pass"]["default"] == 0
+    v = moe_regime.verdicts(design_manifest({}, p_worse=0.01))
+    assert v["moe_mode"]["arm"] == "dense" and "never" in v["moe_mode"]["reading"]
+    # perpass (lower mean) is 3% larger than dense: not byte-matched, so soft4 is adopted; p = 0 counts
+    v = moe_regime.verdicts(design_manifest({soft4: 0.0, perpass: 0.01}, ratios={perpass: 1.03}))
+    assert v["moe_mode"]["arm"] == "soft4" and v["moe_mode"]["env"]["MOE_MODE"] == "soft"
+    assert v["router_per_pass"]["default"] == 0  # soft4 has one router
+    v = moe_regime.verdicts(design_manifest({soft4: 0.01, perpass: 0.01, attribution: 0.01}))
+    assert v["moe_mode"]["arm"] == "perpass" and v["router_per_pass"]["default"] == 1
+    v = moe_regime.verdicts(design_manifest({soft4: 0.01, perpass: 0.01, attribution: 0.2}))
+    assert v["moe_mode"]["arm"] == "perpass" and v["router_per_pass"]["default"] == 0
+
+
+def test_verdicts_wait_for_every_seed_and_report_qat():
+    v = moe_regime.verdicts(design_manifest({"soft4_tpp100 vs dense": 0.001}, seeds=2))
+    assert v["moe_mode"]["arm"] is None and v["moe_mode"]["reading"].startswith("pending")
+    assert v["router_per_pass"]["default"] is None and v["qat"]["reading"].startswith("pending")
+    v = moe_regime.verdicts(design_manifest({}, p_worse=0.01))
+    assert v["qat"]["reading"] == "QAT_START_FRAC=0.75 hurts dense"
+    change = v["qat"]["soft4_quant_gap_change"]  # soft4_qat's quant gaps are 0.015 smaller on average
+    assert change["gap"] == pytest.approx(-0.015) and change["p_better"] < 0.1
+    text = "\n".join(moe_regime.verdict_lines(v))
+    assert "QAT_START_FRAC=0.75 hurts dense" in text and "-0.0150" in text

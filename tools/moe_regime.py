@@ -380,6 +380,12 @@ def entry_results(runs: list, logs: Path, params_dense: int) -> dict[str, dict]:
         ):
             entry[key] = [r.get(source) for r in ok]
             entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std([v for v in entry[key] if v is not None])
+        # what quantization costs each run: round trip minus pre-quantization val_bpb
+        entry["quant_gap"] = [
+            r["score"] - r["val_bpb_prequant"]
+            for r in ok
+            if r.get("score") is not None and r.get("val_bpb_prequant") is not None
+        ]
         # every parameter of this arm, embedding included; dense's count before any run finished
         params = entry["params_mean"] or (params_dense if entry["arm"] == "dense" else None)
         entry["tokens_per_param"] = tokens / params if params else None
@@ -435,6 +441,101 @@ def holm(pvalues: dict[str, float | None]) -> dict[str, float | None]:
         running = max(running, min(1.0, (len(known) - i) * p))
         adjusted[k] = running
     return adjusted
+
+
+def bytes_match(ratio: float | None) -> bool:
+    """plan.md's "byte-matched": the arm's mean artifact bytes within 2% of its control's."""
+    return ratio is not None and abs(ratio - 1) <= BYTES_TOLERANCE
+
+
+def significant(p: float | None) -> bool:
+    return p is not None and p < ALPHA
+
+
+def complete(comparison: dict | None, seeds: int) -> bool:
+    """Both sides of a comparison have every seed (plan.md: verdicts wait for all of them)."""
+    return comparison is not None and comparison["round_trip"]["n"] == [seeds, seeds]
+
+
+def moe_mode_verdict(entries: dict, comparisons: dict, seeds: int) -> dict:
+    """plan.md's MOE_MODE rule over the Holm family: the byte-matched arm with the lowest mean among those
+    with Holm p < 0.05; else none, read as "never" if every arm is worse at raw one-sided p < 0.05, else
+    "defer". Pending while any member lacks a seed."""
+    members = {key: comparisons.get(key) for key in sorted(HOLM_FAMILY)}
+    waiting = [key for key, c in members.items() if not complete(c, seeds)]
+    if waiting:
+        return dict(arm=None, env=None, reading="pending: waits for " + "; ".join(waiting))
+    adoptable = [
+        key.split(" vs ")[0]
+        for key, c in members.items()
+        if significant(c["round_trip"]["p_better_holm"]) and bytes_match(c["bytes_ratio"])
+    ]
+    if adoptable:
+        best = min(adoptable, key=lambda config: entries[config]["val_bpb_mean"])
+        arm = entries[best]["arm"]
+        return dict(
+            arm=arm, env=entries[best]["env"], reading=f"adopt {arm} (Holm p < {ALPHA}, byte-matched)"
+        )
+    if all(significant(c["round_trip"]["p_worse"]) for c in members.values()):
+        reading = (
+            f"none, never at {DESIGN_BUDGET} tokens per parameter: every MoE arm is worse than its control"
+        )
+    else:
+        reading = "none for now (defer): no MoE arm beats its control after Holm, and not every one is worse"
+    return dict(arm="dense", env=dict(MOE_PRESETS["dense"]), reading=reading)
+
+
+def router_verdict(comparisons: dict, moe_mode: dict, seeds: int) -> dict:
+    """ROUTER_PER_PASS=1 only if perpass beats perpass_control (one-sided Welch p < 0.05, outside the Holm
+    family: it attributes a gain) and the adopted arm routes per pass."""
+    test = comparisons.get(f"perpass_tpp{DESIGN_BUDGET} vs perpass_control")
+    if not complete(test, seeds) or moe_mode["arm"] is None:
+        return dict(default=None, reading="pending: waits for perpass vs perpass_control and MOE_MODE")
+    p = test["round_trip"]["p_better"]
+    beats = significant(p)
+    adopted = (moe_mode["env"] or {}).get("ROUTER_PER_PASS") == "1"
+    default = 1 if beats and adopted else 0
+    reading = (
+        f"{default}: perpass vs perpass_control one-sided p = {pval(p)}"
+        f" ({'beats' if beats else 'does not beat'} its control); the adopted arm "
+        f"{'routes' if adopted else 'does not route'} per pass"
+    )
+    return dict(default=default, reading=reading)
+
+
+def qat_evidence(entries: dict, comparisons: dict, seeds: int) -> dict:
+    """Reported, not a rule: dense_qat vs dense (one-sided Welch both ways), and whether QAT closed the
+    MoE quant gap (soft4_qat's quant gaps minus soft4's; negative: QAT shrank it)."""
+    dense = comparisons.get(f"dense_qat_tpp{DESIGN_BUDGET} vs dense")
+    if complete(dense, seeds):
+        rt = dense["round_trip"]
+        if significant(rt["p_better"]):
+            reading = "QAT_START_FRAC=0.75 helps dense"
+        elif significant(rt["p_worse"]):
+            reading = "QAT_START_FRAC=0.75 hurts dense"
+        else:
+            reading = "QAT_START_FRAC=0.75 makes no difference to dense within noise"
+    else:
+        rt, reading = None, "pending: waits for dense_qat and dense"
+    soft4, soft4_qat = (entries.get(f"{arm}_tpp{DESIGN_BUDGET}") for arm in ("soft4", "soft4_qat"))
+    shrink = gap(soft4_qat, soft4, "quant_gap") if soft4 and soft4_qat else None
+    return dict(dense_qat_vs_dense=rt, reading=reading, soft4_quant_gap_change=shrink)
+
+
+def verdicts(manifest: dict) -> dict:
+    """plan.md's decision rules applied to the design stages at 100 tokens per parameter."""
+    entries, comparisons = {}, {}
+    for name, stage in manifest["stages"].items():
+        if name != "sweep":
+            entries.update(stage["entries"])
+            comparisons.update(stage["comparisons"])
+    seeds = len(manifest["seeds"])
+    moe_mode = moe_mode_verdict(entries, comparisons, seeds)
+    return dict(
+        moe_mode=moe_mode,
+        router_per_pass=router_verdict(comparisons, moe_mode, seeds),
+        qat=qat_evidence(entries, comparisons, seeds),
+    )
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -505,6 +606,7 @@ def build_manifest(args, stages: list[Stage], common: dict[str, str]) -> dict:
                 if (c := sweep["comparisons"].get(f"soft4_tpp{b} vs dense")) is not None
             ]
             sweep[f"trend_{key}"] = trend(points)
+    manifest["verdicts"] = verdicts(manifest)
     return manifest
 
 
@@ -589,7 +691,34 @@ def results_text(manifest: dict) -> str:
             f"Per-pass routing ({routing['runs']} perpass runs, `{routing['plot']}`): total variation "
             f"distance between the passes' final mean loads: {distances} (0: the passes route alike).",
         ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + verdict_lines(manifest["verdicts"])) + "\n"
+
+
+def verdict_lines(verdict: dict) -> list[str]:
+    moe_mode, qat = verdict["moe_mode"], verdict["qat"]
+    env = " ".join(f"{k}={v}" for k, v in (moe_mode["env"] or {}).items())
+    lines = [
+        "",
+        f"## Verdicts at {DESIGN_BUDGET} tokens per parameter (plan.md's rules, applied by collect)",
+        "",
+        f"- MOE_MODE: {moe_mode['reading']}" + (f" (`{env}`)" if env else ""),
+        f"- ROUTER_PER_PASS: {verdict['router_per_pass']['reading']}",
+        f"- QAT (evidence, not a rule): {qat['reading']}",
+    ]
+    if qat["dense_qat_vs_dense"]:
+        rt = qat["dense_qat_vs_dense"]
+        lines.append(
+            f"  dense_qat minus dense: {signed(rt['gap'])} ± {cell(rt['se'])} "
+            f"(p better {pval(rt['p_better'])}, p worse {pval(rt['p_worse'])})"
+        )
+    change = qat["soft4_quant_gap_change"]
+    if change and change["gap"] is not None:
+        lines.append(
+            f"  soft4's quant gap (round trip minus pre-quant), soft4_qat minus soft4: "
+            f"{signed(change['gap'])} ± {cell(change['se'])} "
+            f"(p that QAT shrank it {pval(change['p_better'])})"
+        )
+    return lines
 
 
 def signed(value) -> str:
@@ -743,7 +872,7 @@ def byte_matched(manifest: dict, config: str, folder: str) -> bool:
             continue
         ratio = stage["comparisons"].get(f"{config} vs {control}", {}).get("bytes_ratio")
         if ratio is not None:
-            return abs(ratio - 1) <= BYTES_TOLERANCE
+            return bytes_match(ratio)
     return False
 
 
