@@ -402,3 +402,42 @@ def test_verdicts_wait_for_every_seed_and_report_qat():
     assert change["gap"] == pytest.approx(-0.015) and change["p_better"] < 0.1
     text = "\n".join(moe_regime.verdict_lines(v))
     assert "QAT_START_FRAC=0.75 hurts dense" in text and "-0.0150" in text
+
+
+def test_stages_in_one_folder_share_one_queue_in_plan_order(tmp_path, monkeypatch):
+    script = tmp_path / "train_gpt.py"
+    script.write_text("print('train')\n")
+
+    def stage(name, folder, arms):
+        runs = [moe_regime.proxy_study.Run(arm, 1337, f"{name}_{arm}", {}) for arm in arms]
+        return moe_regime.Stage(name, tmp_path / folder, script, runs)
+
+    stages = [
+        stage("sweep", "study", ["dense", "soft4"]),
+        stage("designs", "study/designs", ["perpass"]),
+        stage("qat", "study/designs", ["dense_qat", "soft4_qat", "perpass_qat"]),
+    ]
+    queues = []
+    monkeypatch.setattr(
+        moe_regime.moe_study,
+        "run_missing",
+        lambda args, todo, script, logs: queues.append(([r.run_id for r in todo], script, logs)) or 0,
+    )
+    args = moe_regime.argparse.Namespace(dry_run=False, jobs=2)
+    assert moe_regime.run_stages(args, stages) == 0
+    assert [q[0] for q in queues] == [
+        ["sweep_dense", "sweep_soft4"],
+        ["designs_perpass", "qat_dense_qat", "qat_soft4_qat", "qat_perpass_qat"],
+    ]
+    assert (
+        queues[1][1] == tmp_path / "study/designs/train_gpt.py"
+        and queues[1][1].read_text() == script.read_text()
+    )
+    # a folder's stages must share the script's bytes: a second script is refused before anything runs
+    other = tmp_path / "other.py"
+    other.write_text("print('other')\n")
+    stages[2] = moe_regime.Stage("qat", tmp_path / "study/designs", other, stages[2].runs)
+    queues.clear()
+    with pytest.raises(moe_regime.StudyError, match="differs"):
+        moe_regime.run_stages(args, stages)
+    assert [q[0] for q in queues] == [["sweep_dense", "sweep_soft4"]]

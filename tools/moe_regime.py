@@ -21,7 +21,8 @@ The sweep runs the folder's train_gpt.py (copied at the first run). The other st
 sweep's script may lack (ROUTER_PER_PASS, QAT_START_FRAC); they run in FOLDER/designs/ on their own copy
 (--design-script), with their own dense and soft4 controls, so no comparison mixes two scripts.
 Resumable like tools/moe_study.py: a run whose log is complete is skipped, a failed or interrupted one is
-set aside in runs/failed/ and tried again.
+set aside in runs/failed/ and tried again. Consecutive stages in one folder share one queue (the plan's
+order, --jobs at a time), so no core idles at a stage's end.
 """
 
 from __future__ import annotations
@@ -324,26 +325,40 @@ def arm_of(config: str) -> str:
 # ---------------------------------------------------------------------------- running
 
 
+def folder_groups(stages: list[Stage]) -> list[list[Stage]]:
+    """Consecutive stages in one folder, together: they share one queue, so the last run of a stage does
+    not train alone while the next stage waits (at most --jobs runs at a time still, in the plan's order)."""
+    groups: list[list[Stage]] = []
+    for stage in stages:
+        if groups and groups[-1][0].folder == stage.folder:
+            groups[-1].append(stage)
+        else:
+            groups.append([stage])
+    return groups
+
+
 def run_stages(args, stages: list[Stage]) -> int:
     status = 0
-    for stage in stages:
-        logs = moe_study.runs_dir(stage.folder)
-        todo = [run for run in stage.runs if moe_study.finished(run, logs) is None]
-        moe_study.say(
-            f"stage {stage.name}: {len(stage.runs)} runs planned, {len(stage.runs) - len(todo)} finished, "
-            f"{len(todo)} to run, {args.jobs} at a time"
-        )
-        if args.dry_run:
-            for run in todo:
-                moe_study.say(
-                    proxy_study.shell_line(run, [args.python, str(stage.folder / moe_study.SCRIPT)])
-                )
+    for group in folder_groups(stages):
+        folder = group[0].folder
+        logs = moe_study.runs_dir(folder)
+        todo = []
+        for stage in group:
+            missing = [run for run in stage.runs if moe_study.finished(run, logs) is None]
+            moe_study.say(
+                f"stage {stage.name}: {len(stage.runs)} runs planned, {len(stage.runs) - len(missing)} "
+                f"finished, {len(missing)} to run, {args.jobs} at a time"
+            )
+            if args.dry_run:
+                for run in missing:
+                    moe_study.say(proxy_study.shell_line(run, [args.python, str(folder / moe_study.SCRIPT)]))
+            todo += missing
+        if args.dry_run or not todo:
             continue
-        if not todo:
-            continue
-        script = moe_study.prepare_script(stage.folder, stage.script)
+        # the same bytes for every stage of the folder, or a refusal before any run starts
+        script = [moe_study.prepare_script(folder, stage.script) for stage in group][0]
         logs.mkdir(parents=True, exist_ok=True)
-        (stage.folder / ".gitignore").write_text("# artifacts stay out of git\nruns/*.ptz\nruns/.lock\n")
+        (folder / ".gitignore").write_text("# artifacts stay out of git\nruns/*.ptz\nruns/.lock\n")
         with moe_study.folder_lock(logs):
             status = moe_study.run_missing(args, todo, script, logs) or status
     return status
