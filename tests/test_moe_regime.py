@@ -396,6 +396,16 @@ def test_verdicts_wait_for_every_seed_and_report_qat():
     v = moe_regime.verdicts(design_manifest({"soft4_tpp100 vs dense": 0.001}, seeds=2))
     assert v["moe_mode"]["arm"] is None and v["moe_mode"]["reading"].startswith("pending")
     assert v["router_per_pass"]["default"] is None and v["qat"]["reading"].startswith("pending")
+    manifest = design_manifest({})
+    manifest["stages"]["designs"]["comparisons"]["topk4_equal_time_tpp100 vs dense"]["round_trip"]["n"] = [
+        1,
+        3,
+    ]
+    v = moe_regime.verdicts(manifest)
+    assert v["moe_mode"]["reading"] == "pending: waits for topk4_equal_time_tpp100 vs dense"
+    assert v["router_per_pass"]["reading"].startswith(
+        "pending: waits for MOE_MODE (perpass vs perpass_control"
+    )
     v = moe_regime.verdicts(design_manifest({}, p_worse=0.01))
     assert v["qat"]["reading"] == "QAT_START_FRAC=0.75 hurts dense"
     change = v["qat"]["soft4_quant_gap_change"]  # soft4_qat's quant gaps are 0.015 smaller on average

@@ -504,10 +504,13 @@ def router_verdict(comparisons: dict, moe_mode: dict, seeds: int) -> dict:
     """ROUTER_PER_PASS=1 only if perpass beats perpass_control (one-sided Welch p < 0.05, outside the Holm
     family: it attributes a gain) and the adopted arm routes per pass."""
     test = comparisons.get(f"perpass_tpp{DESIGN_BUDGET} vs perpass_control")
-    if not complete(test, seeds) or moe_mode["arm"] is None:
-        return dict(default=None, reading="pending: waits for perpass vs perpass_control and MOE_MODE")
+    if not complete(test, seeds):
+        return dict(default=None, reading="pending: waits for perpass vs perpass_control")
     p = test["round_trip"]["p_better"]
     beats = significant(p)
+    if moe_mode["arm"] is None:
+        reading = f"pending: waits for MOE_MODE (perpass vs perpass_control one-sided p = {pval(p)})"
+        return dict(default=None, reading=reading)
     adopted = (moe_mode["env"] or {}).get("ROUTER_PER_PASS") == "1"
     default = 1 if beats and adopted else 0
     reading = (
