@@ -451,3 +451,20 @@ def test_stages_in_one_folder_share_one_queue_in_plan_order(tmp_path, monkeypatc
     with pytest.raises(moe_regime.StudyError, match="differs"):
         moe_regime.run_stages(args, stages)
     assert [q[0] for q in queues] == [["sweep_dense", "sweep_soft4"]]
+
+
+def test_a_control_from_an_earlier_stage_in_the_same_folder_is_compared(tmp_path):
+    """dense_qat's control (dense) and topk4_equal_time's are design-stage arms: the comparison must exist
+    (from the committed logs), or the QAT evidence and the MOE_MODE verdict would wait forever."""
+    folder = REPO / "records" / "track_non_record_16mb" / "2026-12-03_MoE_Regime_Study"
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "proxy_1024_bpe.model").write_bytes(b"")
+    args = moe_regime.parse_args(
+        ["collect", "--data", str(data), "--out", str(folder), "--stages", "designs,qat", "--budgets", "100"]
+    )
+    stages, common = moe_regime.plan(args)
+    manifest = moe_regime.build_manifest(args, stages, common)
+    dense_qat = manifest["stages"]["qat"]["comparisons"]["dense_qat_tpp100 vs dense"]
+    assert dense_qat["round_trip"]["n"] == [3, 3] and dense_qat["bytes_ratio"] is not None
+    assert "dense_qat_tpp100 vs dense" not in manifest["stages"]["designs"]["comparisons"]

@@ -575,6 +575,7 @@ def build_manifest(args, stages: list[Stage], common: dict[str, str]) -> dict:
         stages={},
         command=reproduce_command(args),
     )
+    folder_entries: dict[Path, dict] = {}  # a control may be an earlier stage's arm in the same folder
     for stage in stages:
         info = (
             json.loads((stage.folder / BUDGET_JSON).read_text())
@@ -582,16 +583,18 @@ def build_manifest(args, stages: list[Stage], common: dict[str, str]) -> dict:
             else {}
         )
         entries = entry_results(stage.runs, moe_study.runs_dir(stage.folder), info.get("dense_params"))
+        pool = folder_entries.setdefault(stage.folder, {})
+        pool.update(entries)
         comparisons = {}
         for config, entry in entries.items():
             for control in ARMS[entry["arm"]].controls:
-                ref = f"{control}_tpp{entry['budget']}"
-                if ref in entries:
+                ref = pool.get(f"{control}_tpp{entry['budget']}")
+                if ref is not None:
                     comparisons[f"{config} vs {control}"] = dict(
-                        round_trip=gap(entry, entries[ref], "val_bpb"),
-                        pre_quant=gap(entry, entries[ref], "pre_quant_val_bpb"),
-                        bytes_ratio=(entry["artifact_bytes_mean"] / entries[ref]["artifact_bytes_mean"])
-                        if entry["artifact_bytes_mean"] and entries[ref]["artifact_bytes_mean"]
+                        round_trip=gap(entry, ref, "val_bpb"),
+                        pre_quant=gap(entry, ref, "pre_quant_val_bpb"),
+                        bytes_ratio=(entry["artifact_bytes_mean"] / ref["artifact_bytes_mean"])
+                        if entry["artifact_bytes_mean"] and ref["artifact_bytes_mean"]
                         else None,
                     )
         manifest["stages"][stage.name] = dict(
