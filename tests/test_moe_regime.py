@@ -468,3 +468,41 @@ def test_a_control_from_an_earlier_stage_in_the_same_folder_is_compared(tmp_path
     dense_qat = manifest["stages"]["qat"]["comparisons"]["dense_qat_tpp100 vs dense"]
     assert dense_qat["round_trip"]["n"] == [3, 3] and dense_qat["bytes_ratio"] is not None
     assert "dense_qat_tpp100 vs dense" not in manifest["stages"]["designs"]["comparisons"]
+
+
+def test_a_shipped_folder_packed_from_the_same_logs_and_script_is_kept_without_the_artifacts(tmp_path):
+    """Run artifacts stay out of git: collect on a fresh checkout keeps what pack wrote from these logs."""
+    stage_folder = tmp_path / "designs"
+    (stage_folder / "runs").mkdir(parents=True)
+    (stage_folder / "train_gpt.py").write_text("script")
+    entry = dict(seeds=[1337, 1338], logs=[f"runs/regime_dense_tpp100_s{s}.txt" for s in (1337, 1338)])
+    target = tmp_path / "shipped" / "dense"
+    target.mkdir(parents=True)
+    (target / "train_gpt.py").write_text("script")
+    for seed, log in zip(entry["seeds"], entry["logs"]):
+        (stage_folder / log).write_text(f"log {seed}")
+        (target / f"train_seed{seed}.txt").write_text(f"log {seed}")
+    (target / "model_seed1337.ptz").write_bytes(b"weights")
+    (target / "README.md").write_text("about")
+    written = {p.name: sha256_file(p) for p in target.iterdir()}
+    (target / "submission.json").write_text(json.dumps({"packed_files": written}))
+    assert moe_regime.packed_from(target, stage_folder, entry)
+
+    (stage_folder / entry["logs"][1]).write_text("log 1338, rerun")  # a log changed: repack
+    assert not moe_regime.packed_from(target, stage_folder, entry)
+    (stage_folder / entry["logs"][1]).write_text("log 1338")
+    (stage_folder / "train_gpt.py").write_text("script, edited")  # the stage's script changed
+    assert not moe_regime.packed_from(target, stage_folder, entry)
+    (stage_folder / "train_gpt.py").write_text("script")
+    (target / "README.md").write_text("edited by hand")  # the folder was edited since pack
+    assert not moe_regime.packed_from(target, stage_folder, entry)
+    (target / "README.md").write_text("about")
+    three_seeds = dict(
+        seeds=[*entry["seeds"], 1339], logs=[*entry["logs"], "runs/regime_dense_tpp100_s1339.txt"]
+    )
+    (stage_folder / three_seeds["logs"][2]).write_text("log 1339")
+    assert not moe_regime.packed_from(target, stage_folder, three_seeds)  # a seed the folder lacks
+    (target / "model_seed1337.ptz").unlink()
+    assert not moe_regime.packed_from(target, stage_folder, entry)
+    (target / "submission.json").unlink()
+    assert not moe_regime.packed_from(target, stage_folder, entry)

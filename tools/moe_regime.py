@@ -960,12 +960,37 @@ def ship(args, manifest: dict) -> list[Path]:
     packed = []
     for entry in entries:
         target = shipped / entry["arm"]
+        packed.append(target)
+        if packed_from(target, args.out / folder, entry):
+            moe_study.say(f"{target}: already packed from these logs and this script; kept")
+            continue
         with tempfile.TemporaryDirectory(prefix="moe_regime_") as tmp:
             about = Path(tmp) / "about.md"
             about.write_text(shipped_about(entry, folder, len(entries)))
             records.pack(records.build_parser().parse_args(pack_argv(args, manifest, entry, folder, about)))
-        packed.append(target)
     return packed
+
+
+def packed_from(target: Path, stage_folder: Path, entry: dict) -> bool:
+    """Whether target is a folder pack wrote, unedited since, from exactly this entry's logs and its stage's
+    script. Run artifacts stay out of git, so a fresh checkout can collect again without repacking."""
+    try:
+        written = json.loads((target / records.SUBMISSION).read_text(encoding="utf-8"))["packed_files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    expected = {records.SCRIPT: stage_folder / moe_study.SCRIPT}
+    for seed, log in zip(entry["seeds"], entry["logs"]):
+        expected[f"train_seed{seed}.txt"] = stage_folder / log
+    logs_in_folder = {p.name for p in target.glob("train_seed*.txt")}
+    if logs_in_folder != {name for name in expected if name.startswith("train_seed")}:
+        return False
+    unedited = all(
+        (target / name).is_file() and sha256_file(target / name) == sha for name, sha in written.items()
+    )
+    return unedited and all(
+        name in written and source.is_file() and sha256_file(source) == written[name]
+        for name, source in expected.items()
+    )
 
 
 def pack_argv(args, manifest: dict, entry: dict, folder: str, about: Path) -> list[str]:
