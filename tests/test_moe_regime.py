@@ -4,6 +4,7 @@ with the real script."""
 
 import json
 import math
+import subprocess
 import sys
 
 import pytest
@@ -506,3 +507,21 @@ def test_a_shipped_folder_packed_from_the_same_logs_and_script_is_kept_without_t
     assert not moe_regime.packed_from(target, stage_folder, entry)
     (target / "submission.json").unlink()
     assert not moe_regime.packed_from(target, stage_folder, entry)
+
+
+def test_the_study_gitignore_keeps_a_set_aside_runs_reason_and_drops_its_partial_logs(tmp_path):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_text(moe_regime.GITIGNORE)
+    kept = ["runs/failed/regime_dense_tpp100_s1337-1/reason.json", "runs/regime_dense_tpp100_s1337.txt"]
+    dropped = [
+        "runs/failed/regime_dense_tpp100_s1337-1/regime_dense_tpp100_s1337.txt",
+        "runs/failed/regime_dense_tpp100_s1337-1/regime_dense_tpp100_s1337.out",
+        "runs/regime_dense_tpp100_s1337_model.ptz",
+    ]
+    for name in kept + dropped:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    ignored = subprocess.run(
+        ["git", "-C", str(tmp_path), "check-ignore", *kept, *dropped], capture_output=True, text=True
+    ).stdout.split()
+    assert sorted(ignored) == sorted(dropped)

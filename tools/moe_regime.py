@@ -147,6 +147,11 @@ BUDGET_JSON = "budget.json"
 PLOT = "gap-vs-tokens-per-param.png"
 PER_PASS_PLOT = "per-pass-routing.png"
 PER_PASS_CONFIG = "perpass_tpp100"  # the designs stage's arm with one router per pass of the looped layer
+# a set-aside run keeps only its reason.json, which holds the tail of its log
+GITIGNORE = (
+    "# artifacts and partial logs stay out of git\n"
+    "runs/*.ptz\nruns/.lock\nruns/failed/*/*\n!runs/failed/*/reason.json\n"
+)
 
 
 # ---------------------------------------------------------------------------- budgets
@@ -358,7 +363,7 @@ def run_stages(args, stages: list[Stage]) -> int:
         # the same bytes for every stage of the folder, or a refusal before any run starts
         script = [moe_study.prepare_script(folder, stage.script) for stage in group][0]
         logs.mkdir(parents=True, exist_ok=True)
-        (folder / ".gitignore").write_text("# artifacts stay out of git\nruns/*.ptz\nruns/.lock\n")
+        (folder / ".gitignore").write_text(GITIGNORE)
         with moe_study.folder_lock(logs):
             status = moe_study.run_missing(args, todo, script, logs) or status
     return status
