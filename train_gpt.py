@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 import zlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -43,319 +43,660 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-# ---- 1. Hyperparameters: every knob is an environment variable (documented in docs/knobs.md) ------
-CHOICES = {
-    "COMPILE": ("auto", "0", "1"),
-    "MLP_ACT": ("relu2", "leaky_relu2"),
-    "MOE_MODE": ("none", "soft", "topk", "shared_routed"),
-    "ROUTER_SCORE": ("softmax", "sigmoid"),
-    "MOE_DISPATCH": ("grouped", "capacity"),
-    "QUANT_METHOD": ("gptq", "rtn"),
-    "COMPRESSOR": ("zstd", "brotli", "lzma", "lrzip"),
-}
-KNOBS: dict[str, tuple[type, object]] = {
-    # data, run and logging
-    "DATA_PATH": (str, "./data/datasets/fineweb10B_sp8192"),
-    "TOKENIZER_PATH": (str, "./data/tokenizers/fineweb_8192_bpe.model"),
-    "VOCAB_SIZE": (int, 8192),
-    "RUN_ID": (str, ""),
-    "SEED": (int, 1337),
-    "LOG_DIR": (str, "logs"),
-    "ARTIFACT_PATH": (str, ""),
-    "TRAIN_LOG_EVERY": (int, 100),
-    "VAL_LOSS_EVERY": (int, 0),
-    "VAL_TOKEN_LIMIT": (int, 0),
-    "COMPILE": (str, "auto"),
-    "DRY_RUN": (bool, False),
-    "ALLOW_CPU_DISTRIBUTED": (bool, False),
-    # run length and schedules (fractions of the run, so short runs are miniatures of long ones)
-    "ITERATIONS": (int, 20000),
-    "MAX_WALLCLOCK_SECONDS": (float, 600.0),
-    "TRAIN_BATCH_TOKENS": (int, 786_432),
-    "MICRO_BATCH_TOKENS": (int, 0),
-    "TRAIN_SEQ_LEN": (int, 2048),
-    "WARMUP_STEPS": (int, 20),
-    "WARMDOWN_FRAC": (float, 0.85),
-    "MIN_LR": (float, 0.1),
-    # model
-    "NUM_LAYERS": (int, 11),
-    "MODEL_DIM": (int, 512),
-    "NUM_HEADS": (int, 8),
-    "NUM_KV_HEADS": (int, 4),
-    "MLP_MULT": (float, 4.0),
-    "MLP_ACT": (str, "leaky_relu2"),
-    "ROPE_DIMS": (int, 16),
-    "ROPE_BASE": (float, 10000.0),
-    "QK_GAIN_INIT": (float, 5.0),
-    "LOGIT_SOFTCAP": (float, 30.0),
-    "TIE_EMBEDDINGS": (bool, True),
-    "TIED_EMBED_INIT_STD": (float, 0.005),
-    "BIGRAM_VOCAB_SIZE": (int, 0),
-    "BIGRAM_DIM": (int, 128),
-    "SMEAR_GATE": (bool, True),
-    # the April-2026 record stack: attention variants, parallel lanes, depth recurrence
-    "XSA_LAST_N": (int, 11),
-    "LN_SCALE": (bool, True),
-    "PARALLEL_START_LAYER": (int, 8),
-    "NUM_LOOPS": (int, 2),
-    "LOOP_START": (int, 3),
-    "LOOP_END": (int, 5),
-    "ENABLE_LOOPING_AT": (float, 0.35),
-    "SPARSE_ATTN_GATE_ENABLED": (bool, True),
-    "SPARSE_ATTN_GATE_SCALE": (float, 0.5),
-    "GATE_WINDOW": (int, 12),
-    # mixture of experts
-    "MOE_MODE": (str, "none"),
-    "NUM_EXPERTS": (int, 4),
-    "TOP_K": (int, 1),
-    "MOE_LAYERS": (list, []),
-    "EXPERT_HIDDEN": (int, 0),
-    "SHARED_HIDDEN": (int, 0),
-    "ROUTER_SCORE": (str, "softmax"),
-    "ROUTER_LR": (float, 0.01),
-    "MOE_AUX_LOSS_COEF": (float, 0.01),
-    "ROUTER_Z_COEF": (float, 0.001),
-    "ROUTER_BIAS_RATE": (float, 0.001),
-    "ROUTER_NOISE": (float, 0.0),
-    "MOE_DISPATCH": (str, "grouped"),
-    "CAPACITY_FACTOR": (float, 1.25),
-    "ROUTER_PER_PASS": (bool, False),
-    # optimizer
-    "MATRIX_LR": (float, 0.026),
-    "SCALAR_LR": (float, 0.02),
-    "TIED_EMBED_LR": (float, 0.03),
-    "EMBED_LR": (float, 0.6),
-    "HEAD_LR": (float, 0.008),
-    "MUON_MOMENTUM": (float, 0.97),
-    "MUON_MOMENTUM_WARMUP_START": (float, 0.92),
-    "MUON_MOMENTUM_WARMUP_FRAC": (float, 0.3),
-    "MUON_BACKEND_STEPS": (int, 5),
-    "MUON_WD": (float, 0.095),
-    "MUON_ROW_NORMALIZE": (bool, True),
-    "BETA1": (float, 0.9),
-    "BETA2": (float, 0.99),
-    "ADAM_EPS": (float, 1e-8),
-    "ADAM_WD": (float, 0.02),
-    "EMBED_WD": (float, 0.085),
-    "GRAD_CLIP_NORM": (float, 0.3),
-    # weight averaging: unset = a horizon of EMA_RUN_HORIZON of the run; a number = per-step decay; 0 = off
-    "EMA_DECAY": (float, None),
-    # quantization and the artifact: GPTQ, SDClip, LQER, compressors
-    "QUANT_METHOD": (str, "gptq"),
-    "GPTQ_RESERVE_SECONDS": (float, 5.0),
-    "GPTQ_CALIBRATION_BATCHES": (int, 16),
-    "MATRIX_BITS": (int, 6),
-    "EMBED_BITS": (int, 7),
-    "EXPERT_BITS": (int, 0),
-    "QAT_START_FRAC": (float, 1.0),
-    "MATRIX_CLIP_SIGMAS": (float, 12.85),
-    "MLP_CLIP_SIGMAS": (float, 11.5),
-    "ATTN_CLIP_SIGMAS": (float, 13.0),
-    "EMBED_CLIP_SIGMAS": (float, 14.0),
-    "LQER_ENABLED": (bool, True),
-    "LQER_RANK": (int, 4),
-    "LQER_TOP_K": (int, 3),
-    "LQER_FACTOR_BITS": (int, 4),
-    "COMPRESSOR": (str, "brotli"),
-    "SAVE_CHECKPOINT": (bool, False),
-    "FP16_KEEP_NAME_PATTERNS": (str, ""),
-    "FP16_KEEP_MAX_NUMEL": (int, 4096),
-    "PRUNE_FRAC": (float, 0.0),
-    "ZSTD_LEVEL": (int, 22),
-    "SIZE_CAP_BYTES": (int, 16_000_000),
-    "BUDGET_MARGIN": (float, 0.02),
-    # evaluation
-    "EVAL_STRIDE": (int, 64),
-    "EVAL_SEQ_LEN": (int, 0),
-    "EVAL_BATCH_SEQS": (int, 32),
-    # test-time training (score first, then adapt), evaluation-only runs; the 1.0611 record's values
-    "TTT_ENABLED": (bool, False),
-    "TTT_LORA_RANK": (int, 80),
-    "TTT_LORA_LR": (float, 1e-4),
-    "TTT_CHUNK_SIZE": (int, 48),
-    "TTT_BATCH_SIZE": (int, 64),
-    "TTT_GRAD_STEPS": (int, 1),
-    "TTT_WEIGHT_DECAY": (float, 0.5),
-    "TTT_BETA1": (float, 0.0),
-    "TTT_BETA2": (float, 0.99),
-    "PHASED_TTT_PREFIX_DOCS": (int, 2500),
-    "PHASED_TTT_NUM_PHASES": (int, 3),
-    "GLOBAL_TTT_LR": (float, 1e-3),
-    "GLOBAL_TTT_MOMENTUM": (float, 0.9),
-    "GLOBAL_TTT_EPOCHS": (int, 1),
-    "GLOBAL_TTT_CHUNK_TOKENS": (int, 32768),
-    "GLOBAL_TTT_GRAD_CLIP": (float, 1.0),
-    "EVAL_ONLY": (bool, False),
-    "EVAL_TOKEN_LOSSES": (str, ""),
-    "EVAL_TIME_LIMIT": (float, 600.0),
-}
-MOE_ONLY_KNOBS = (
-    "NUM_EXPERTS",
-    "TOP_K",
-    "MOE_LAYERS",
-    "EXPERT_HIDDEN",
-    "SHARED_HIDDEN",
-    "ROUTER_SCORE",
-    "ROUTER_LR",
-    "MOE_AUX_LOSS_COEF",
-    "ROUTER_Z_COEF",
-    "ROUTER_BIAS_RATE",
-    "ROUTER_NOISE",
-    "MOE_DISPATCH",
-    "CAPACITY_FACTOR",
-    "EXPERT_BITS",
-    "ROUTER_PER_PASS",
-)
-# The knobs that define the network; the artifact stores them so it can rebuild the model.
-MODEL_KNOBS = (
-    "VOCAB_SIZE",
-    "NUM_LAYERS",
-    "MODEL_DIM",
-    "NUM_HEADS",
-    "NUM_KV_HEADS",
-    "MLP_MULT",
-    "MLP_ACT",
-    "ROPE_DIMS",
-    "ROPE_BASE",
-    "QK_GAIN_INIT",
-    "LOGIT_SOFTCAP",
-    "TIE_EMBEDDINGS",
-    "BIGRAM_VOCAB_SIZE",
-    "BIGRAM_DIM",
-    "SMEAR_GATE",
-    "MOE_MODE",
-    "NUM_EXPERTS",
-    "TOP_K",
-    "MOE_LAYERS",
-    "EXPERT_HIDDEN",
-    "SHARED_HIDDEN",
-    "ROUTER_SCORE",
-    "MOE_DISPATCH",
-    "CAPACITY_FACTOR",
-    "ROUTER_PER_PASS",
-    "XSA_LAST_N",
-    "LN_SCALE",
-    "PARALLEL_START_LAYER",
-    "NUM_LOOPS",
-    "LOOP_START",
-    "LOOP_END",
-    "SPARSE_ATTN_GATE_ENABLED",
-    "SPARSE_ATTN_GATE_SCALE",
-    "GATE_WINDOW",
-)
-# ---- knob ranges: every numeric knob's inclusive (low, high), checked first, naming the knob. 0 is the
-# "unset" value (derived from other knobs) of MICRO_BATCH_TOKENS, EVAL_SEQ_LEN, ROPE_DIMS, EXPERT_HIDDEN,
-# SHARED_HIDDEN.
-KNOB_LIMITS: dict[str, tuple[float, float]] = {
-    **dict.fromkeys(
-        (
-            "NUM_LAYERS",
-            "MODEL_DIM",
-            "NUM_HEADS",
-            "NUM_KV_HEADS",
-            "TRAIN_SEQ_LEN",
-            "TRAIN_BATCH_TOKENS",
-            "ITERATIONS",
-            "TOP_K",
-            "TRAIN_LOG_EVERY",
-            "EVAL_BATCH_SEQS",
-            "NUM_EXPERTS",
-            "BIGRAM_DIM",
-            "MUON_BACKEND_STEPS",
-            "SIZE_CAP_BYTES",
-            "ROPE_BASE",
-            "LOGIT_SOFTCAP",
-            "GATE_WINDOW",
-            "LQER_RANK",
-            "GPTQ_CALIBRATION_BATCHES",
-            "TTT_LORA_RANK",
-            "TTT_CHUNK_SIZE",
-            "TTT_BATCH_SIZE",
-            "TTT_GRAD_STEPS",
+# ---- 1. Hyperparameters: every knob is an environment variable, declared once as a row below --------
+# A row holds what the trainer checks (type, range, choices), what it stores (model knobs go into the
+# artifact) and what it means (docs/knobs.md is generated from the rows by tools/knob_docs.py).
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One environment variable. `low`/`high`: the inclusive range of a numeric knob, checked before
+    anything else (None: unchecked); 0 is the "unset, derived from other knobs" value where the meaning
+    says so. `model`: it shapes the network, so the artifact stores it and a reload rebuilds from it.
+    `moe_only`: it means something only with a Mixture of Experts; set with MOE_MODE=none, it is an error."""
+
+    name: str
+    kind: type
+    default: object
+    meaning: str
+    low: float | None = None
+    high: float = math.inf
+    choices: tuple[str, ...] = ()
+    model: bool = False
+    moe_only: bool = False
+
+
+# The sections are docs/knobs.md's; the model knobs' order is the order the artifact stores them in.
+KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
+    "data and run": (
+        Knob(
+            "DATA_PATH",
+            str,
+            "./data/datasets/fineweb10B_sp8192",
+            "folder with `fineweb_train_*.bin` and `fineweb_val_*.bin` shards",
         ),
-        (1, math.inf),
-    ),
-    **dict.fromkeys(
-        (
-            "MICRO_BATCH_TOKENS",
-            "EVAL_SEQ_LEN",
-            "ROPE_DIMS",
-            "EXPERT_HIDDEN",
-            "SHARED_HIDDEN",
-            "BIGRAM_VOCAB_SIZE",
-            "SEED",
+        Knob(
+            "TOKENIZER_PATH",
+            str,
+            "./data/tokenizers/fineweb_8192_bpe.model",
+            "SentencePiece model; its vocabulary must have `VOCAB_SIZE` pieces",
+        ),
+        Knob("VOCAB_SIZE", int, 8192, "vocabulary size", low=2, model=True),
+        Knob(
+            "RUN_ID",
+            str,
+            "",
+            "empty = `run_<date>_<time>`; names the logs and the artifact (a plain file name: no `/`, `\\`, "
+            "spaces or leading `.`); an existing log is never overwritten",
+        ),
+        Knob("SEED", int, 1337, "initialisation and router-noise seed (the data order is fixed)", low=0),
+        Knob("LOG_DIR", str, "logs", "where logs and artifacts go"),
+        Knob(
+            "ARTIFACT_PATH",
+            str,
+            "",
+            "empty = `LOG_DIR/RUN_ID_model.ptz`; where the compressed model is written (an existing file is "
+            "refused before training); with `EVAL_ONLY=1`: read",
+        ),
+        Knob("TRAIN_LOG_EVERY", int, 100, "steps between step lines and routing telemetry", low=1),
+        Knob(
             "VAL_LOSS_EVERY",
+            int,
+            0,
+            "steps between validations during training (clock paused); 0 = only at the end",
+            low=0,
+        ),
+        Knob(
             "VAL_TOKEN_LIMIT",
+            int,
+            0,
+            "evaluate only the first N validation tokens (quick checks; flagged as not a score); 0 = all",
+            low=0,
+        ),
+        Knob(
+            "COMPILE",
+            str,
+            "auto",
+            "`torch.compile(fullgraph=True)`: `auto` = on CUDA only, `1` on, `0` off. `0` on a GPU saves "
+            "every eager intermediate: the run logs `eager_memory: ~N GiB` (a fake-tensor trace) and warns, "
+            "naming `MICRO_BATCH_TOKENS`, when that exceeds the GPU (the default 98,304 tokens need ~83 GiB "
+            "eager, ~55 GiB compiled)",
+            choices=("auto", "0", "1"),
+        ),
+        Knob(
+            "ALLOW_CPU_DISTRIBUTED",
+            bool,
+            False,
+            "`1`: let a multi-rank launch (`WORLD_SIZE` > 1) train on the CPU over gloo when CUDA is not "
+            "usable; otherwise such a launch stops with an error",
+        ),
+        Knob(
+            "DRY_RUN",
+            bool,
+            False,
+            "`1`: build the model on the meta device, print the config, `params total`, the budget preview "
+            "and the projected FLOPs per token, ms/step and tokens/s on 8xH100 (at 30% MFU, what the "
+            "record's step times imply), then exit 0; needs no data, tokenizer or GPU and writes nothing",
+        ),
+    ),
+    "run length and schedules": (
+        Knob("ITERATIONS", int, 20000, "maximum optimizer steps", low=1),
+        Knob(
             "MAX_WALLCLOCK_SECONDS",
+            float,
+            600.0,
+            "training time cap, agreed across ranks (compile warm-up and validation excluded); 0 = none",
+            low=0,
+        ),
+        Knob("TRAIN_BATCH_TOKENS", int, 786432, "tokens per optimizer step, over all GPUs", low=1),
+        Knob(
+            "MICRO_BATCH_TOKENS",
+            int,
+            0,
+            "0 = `TRAIN_BATCH_TOKENS / 8`; tokens per GPU per forward/backward",
+            low=0,
+        ),
+        Knob("TRAIN_SEQ_LEN", int, 2048, "training sequence length", low=1),
+        Knob(
             "WARMUP_STEPS",
-            "EVAL_STRIDE",
+            int,
+            20,
+            "compile warm-up steps, run before the clock starts and then undone (weights, optimizer state, "
+            "data position); with a loop switch ahead, as many again with the loops on, so the switch "
+            "compiles nothing in the timed run",
+            low=0,
+        ),
+        Knob(
+            "WARMDOWN_FRAC",
+            float,
+            0.85,
+            "linear learning-rate decay to `MIN_LR` over the last fraction of the run",
+            low=0,
+            high=1,
+        ),
+        Knob(
+            "MIN_LR",
+            float,
+            0.1,
+            "floor of the warm-down, as a fraction of each peak learning rate",
+            low=0,
+            high=1,
+        ),
+    ),
+    "model": (
+        Knob(
+            "NUM_LAYERS",
+            int,
+            11,
+            "transformer blocks (the first half of the layer order feeds U-Net skips to the second half)",
+            low=1,
+            model=True,
+        ),
+        Knob("MODEL_DIM", int, 512, "width", low=1, model=True),
+        Knob("NUM_HEADS", int, 8, "query heads (head dim = width / heads)", low=1, model=True),
+        Knob("NUM_KV_HEADS", int, 4, "key/value heads (grouped-query attention)", low=1, model=True),
+        Knob("MLP_MULT", float, 4.0, "MLP hidden = `MLP_MULT` x width", low=0.25, model=True),
+        Knob(
+            "MLP_ACT",
+            str,
+            "leaky_relu2",
+            "`relu2` (relu squared) or `leaky_relu2` (leaky relu, slope 0.5, squared)",
+            choices=("relu2", "leaky_relu2"),
+            model=True,
+        ),
+        Knob(
+            "ROPE_DIMS",
+            int,
+            16,
+            "channels of each head that RoPE rotates (0, or more than the head dim = all)",
+            low=0,
+            model=True,
+        ),
+        Knob("ROPE_BASE", float, 10000.0, "RoPE base", low=1, model=True),
+        Knob(
             "QK_GAIN_INIT",
-            "FP16_KEEP_MAX_NUMEL",
-            "TIED_EMBED_INIT_STD",
+            float,
+            5.0,
+            "initial per-head query gain after QK RMS-norm (learned)",
+            low=0,
+            model=True,
+        ),
+        Knob("LOGIT_SOFTCAP", float, 30.0, "logits = cap x tanh(logits / cap)", low=1, model=True),
+        Knob("TIE_EMBEDDINGS", bool, True, "output head shares the token embedding", model=True),
+        Knob("TIED_EMBED_INIT_STD", float, 0.005, "embedding init std", low=0),
+        Knob(
+            "BIGRAM_VOCAB_SIZE",
+            int,
+            0,
+            "BigramHash table rows (the challenge scripts' name), indexed by a hash of (previous token, "
+            "token); 0 = off; a BOS position gets a reserved row, never the previous document's token",
+            low=0,
+            model=True,
+        ),
+        Knob("BIGRAM_DIM", int, 128, "BigramHash vector size, projected to the width", low=1, model=True),
+        Knob(
+            "SMEAR_GATE",
+            bool,
+            True,
+            "learned per-channel mix of each embedding with the previous position's (never across a BOS)",
+            model=True,
+        ),
+    ),
+    "mixture of experts": (
+        Knob(
+            "MOE_MODE",
+            str,
+            "none",
+            "`none` (dense MLP), `soft`, `topk`, `shared_routed`; the knobs below need one of the MoE modes "
+            "(set with `none`, they are an error)",
+            choices=("none", "soft", "topk", "shared_routed"),
+            model=True,
+        ),
+        Knob("NUM_EXPERTS", int, 4, "experts per MoE layer", low=1, model=True, moe_only=True),
+        Knob(
+            "TOP_K", int, 1, "experts per token (`topk`, `shared_routed`)", low=1, model=True, moe_only=True
+        ),
+        Knob(
+            "MOE_LAYERS",
+            list,
+            [],
+            "comma-separated layer indices that get MoE, e.g. `5,6,7,8,9`; empty = every layer",
+            model=True,
+            moe_only=True,
+        ),
+        Knob(
+            "EXPERT_HIDDEN",
+            int,
+            0,
+            "0 = parameter-matched; hidden size of one expert",
+            low=0,
+            model=True,
+            moe_only=True,
+        ),
+        Knob(
+            "SHARED_HIDDEN",
+            int,
+            0,
+            "0 = dense hidden / 2; hidden size of the shared MLP (`shared_routed`)",
+            low=0,
+            model=True,
+            moe_only=True,
+        ),
+        Knob(
+            "ROUTER_SCORE",
+            str,
+            "softmax",
+            "`softmax` or `sigmoid` router scores (routed modes)",
+            choices=("softmax", "sigmoid"),
+            model=True,
+            moe_only=True,
+        ),
+        Knob(
             "ROUTER_LR",
-            "MATRIX_LR",
-            "SCALAR_LR",
-            "TIED_EMBED_LR",
-            "EMBED_LR",
-            "HEAD_LR",
+            float,
+            0.01,
+            "Adam learning rate of the routers (no weight decay)",
+            low=0,
+            moe_only=True,
+        ),
+        Knob(
             "MOE_AUX_LOSS_COEF",
+            float,
+            0.01,
+            "Switch load-balance loss weight (routed modes)",
+            low=0,
+            moe_only=True,
+        ),
+        Knob(
             "ROUTER_Z_COEF",
+            float,
+            0.001,
+            "router z-loss weight, mean logsumexp(logits)²",
+            low=0,
+            moe_only=True,
+        ),
+        Knob(
             "ROUTER_BIAS_RATE",
+            float,
+            0.001,
+            "auxiliary-loss-free balancing bias step per optimizer step; 0 = off",
+            low=0,
+            moe_only=True,
+        ),
+        Knob(
             "ROUTER_NOISE",
-            "MUON_WD",
-            "ADAM_WD",
-            "ADAM_EPS",
-            "GRAD_CLIP_NORM",
-            "EMBED_WD",
+            float,
+            0.0,
+            "std of Gaussian noise added to router logits in training",
+            low=0,
+            moe_only=True,
+        ),
+        Knob(
+            "MOE_DISPATCH",
+            str,
+            "grouped",
+            "`grouped` (sort + grouped_mm; `MODEL_DIM` and the expert width must be multiples of 8) or "
+            "`capacity` (fixed buffers, overflow dropped)",
+            choices=("grouped", "capacity"),
+            model=True,
+            moe_only=True,
+        ),
+        Knob(
+            "CAPACITY_FACTOR",
+            float,
+            1.25,
+            "capacity per expert = factor x tokens x k / E (`capacity` dispatch)",
+            low=0.1,
+            model=True,
+            moe_only=True,
+        ),
+        Knob(
+            "ROUTER_PER_PASS",
+            bool,
+            False,
+            "`1`: each MoE layer inside the loop gets one router per pass (1 + `NUM_LOOPS`), experts shared; "
+            "needs the loop and a looped MoE layer; costs `NUM_LOOPS x NUM_EXPERTS x MODEL_DIM` fp16 "
+            "parameters per such layer",
+            model=True,
+            moe_only=True,
+        ),
+        Knob(
+            "EXPERT_BITS",
+            int,
+            0,
+            "0 = `MATRIX_BITS`; bits of the MoE expert stacks; counted by the budget preview and lowered by "
+            "the fit ladder's MLP step",
+            low=0,
+            high=8,
+            moe_only=True,
+        ),
+    ),
+    "the record stack: attention variants, parallel lanes, depth recurrence": (
+        Knob(
             "XSA_LAST_N",
+            int,
+            11,
+            "exclusive self-attention in the last N layers: each head's output loses its component along the "
+            "token's own value vector (more than `NUM_LAYERS` = every layer; the config line shows the "
+            "effective value)",
+            low=0,
+            model=True,
+        ),
+        Knob(
+            "LN_SCALE",
+            bool,
+            True,
+            "scale each block's normed attention and MLP inputs by 1/sqrt(layer + 1)",
+            model=True,
+        ),
+        Knob(
             "PARALLEL_START_LAYER",
+            int,
+            8,
+            "from this layer on, attention reads lane 0 and the MLP (dense or MoE) lane 1, both write both "
+            "lanes with learned weights, the U-Net skip joins lane 0, and the final state is the mean of the "
+            "lanes; 0 = off; a decoder layer after the loop",
+            low=0,
+            model=True,
+        ),
+        Knob(
             "NUM_LOOPS",
-            "LOOP_START",
-            "LOOP_END",
+            int,
+            2,
+            "depth recurrence: extra passes of layers `LOOP_START`..`LOOP_END` with the same weights (an MoE "
+            "there is the same module on every pass); 0 = off",
+            low=0,
+            model=True,
+        ),
+        Knob("LOOP_START", int, 3, "first looped layer", low=0, model=True),
+        Knob("LOOP_END", int, 5, "last looped layer (inclusive)", low=0, model=True),
+        Knob(
+            "ENABLE_LOOPING_AT",
+            float,
+            0.35,
+            "fraction of the run after which the loops run (1 = never); the artifact keeps the state, so it "
+            "is evaluated as trained",
+            low=0,
+            high=1,
+        ),
+        Knob(
+            "SPARSE_ATTN_GATE_ENABLED",
+            bool,
+            True,
+            "per-head attention output gate sigmoid(`SPARSE_ATTN_GATE_SCALE` x w . x[:`GATE_WINDOW`]), "
+            "zero-initialised (0.5)",
+            model=True,
+        ),
+        Knob(
             "SPARSE_ATTN_GATE_SCALE",
-            "TTT_LORA_LR",
-            "TTT_WEIGHT_DECAY",
-            "PHASED_TTT_PREFIX_DOCS",
-            "PHASED_TTT_NUM_PHASES",
-            "GLOBAL_TTT_LR",
-            "GLOBAL_TTT_EPOCHS",
-            "GLOBAL_TTT_GRAD_CLIP",
-            "EVAL_TIME_LIMIT",
-            "GLOBAL_TTT_CHUNK_TOKENS",
-            "GPTQ_RESERVE_SECONDS",
-            "LQER_TOP_K",
+            float,
+            0.5,
+            "scale of the gate's logit (the record's run)",
+            low=0,
+            model=True,
         ),
-        (0, math.inf),
+        Knob(
+            "GATE_WINDOW",
+            int,
+            12,
+            "leading channels of the block input the attention gate reads",
+            low=1,
+            model=True,
+        ),
     ),
-    **dict.fromkeys(
-        ("WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_FRAC", "MIN_LR", "ENABLE_LOOPING_AT", "QAT_START_FRAC"),
-        (0, 1),
+    "optimizer": (
+        Knob("MATRIX_LR", float, 0.026, "Muon learning rate for block matrices and experts", low=0),
+        Knob(
+            "SCALAR_LR",
+            float,
+            0.02,
+            "Adam learning rate for gains, scales, mixes and other control tensors",
+            low=0,
+        ),
+        Knob(
+            "TIED_EMBED_LR",
+            float,
+            0.03,
+            "Adam learning rate of the tied embedding and the BigramHash table",
+            low=0,
+        ),
+        Knob("EMBED_LR", float, 0.6, "Adam learning rate of the embedding when untied", low=0),
+        Knob("HEAD_LR", float, 0.008, "Adam learning rate of the untied output head", low=0),
+        Knob("MUON_MOMENTUM", float, 0.97, "Muon momentum after warm-up", low=0, high=0.99999),
+        Knob("MUON_MOMENTUM_WARMUP_START", float, 0.92, "Muon momentum at the start", low=0, high=0.99999),
+        Knob(
+            "MUON_MOMENTUM_WARMUP_FRAC",
+            float,
+            0.3,
+            "fraction of the run over which momentum rises (the record's 1,500 of ~4,930 steps)",
+            low=0,
+            high=1,
+        ),
+        Knob(
+            "MUON_BACKEND_STEPS",
+            int,
+            5,
+            "Newton-Schulz iterations, with the Polar-Express coefficients (one tuple per step; later steps "
+            "repeat the last)",
+            low=1,
+        ),
+        Knob(
+            "MUON_ROW_NORMALIZE",
+            bool,
+            True,
+            "give every row of the momentum update unit norm before orthogonalising (MuonEq-R)",
+        ),
+        Knob("MUON_WD", float, 0.095, "decoupled weight decay of Muon matrices", low=0),
+        Knob("BETA1", float, 0.9, "Adam beta1", low=0, high=0.99999),
+        Knob("BETA2", float, 0.99, "Adam beta2", low=0, high=0.99999),
+        Knob("ADAM_EPS", float, 1e-08, "Adam epsilon", low=0),
+        Knob(
+            "ADAM_WD",
+            float,
+            0.02,
+            "decoupled weight decay of the control tensors (gains, scales, mixes, gates, lane weights; not "
+            "routers)",
+            low=0,
+        ),
+        Knob(
+            "EMBED_WD",
+            float,
+            0.085,
+            "decoupled weight decay of the embedding, the BigramHash table and the untied head",
+            low=0,
+        ),
+        Knob("GRAD_CLIP_NORM", float, 0.3, "global gradient-norm clip; 0 = off", low=0),
     ),
-    **dict.fromkeys(
-        (
-            "MUON_MOMENTUM",
-            "MUON_MOMENTUM_WARMUP_START",
-            "BETA1",
-            "BETA2",
+    "weight averaging": (
+        Knob(
             "EMA_DECAY",
-            "TTT_BETA1",
-            "TTT_BETA2",
-            "GLOBAL_TTT_MOMENTUM",
+            float,
+            None,
+            "unset: an EMA whose horizon is 5.8% of the run (per-step decay exp(-step share / 0.058): the "
+            "record's 0.9965 at its ~4,930 steps), so short runs average like long ones; a number: a fixed "
+            "per-step decay as in the records (e.g. 0.9965), the same whatever the run length; 0 = off",
+            low=0,
+            high=0.99999,
         ),
-        (0, 0.99999),
     ),
-    **dict.fromkeys(("MATRIX_BITS", "EMBED_BITS", "LQER_FACTOR_BITS"), (2, 8)),
-    "EXPERT_BITS": (0, 8),
-    **dict.fromkeys(
-        ("MATRIX_CLIP_SIGMAS", "MLP_CLIP_SIGMAS", "ATTN_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS"), (0.01, math.inf)
+    "quantization and the artifact": (
+        Knob(
+            "QUANT_METHOD",
+            str,
+            "gptq",
+            "`gptq` (Hessian-aware, calibrated on training batches) or `rtn` (round-to-nearest) on the same "
+            "grid",
+            choices=("gptq", "rtn"),
+        ),
+        Knob(
+            "GPTQ_RESERVE_SECONDS",
+            float,
+            5.0,
+            "the training loop stops this much before `MAX_WALLCLOCK_SECONDS` to collect the Hessians (used "
+            "when GPTQ or LQER is on)",
+            low=0,
+        ),
+        Knob(
+            "GPTQ_CALIBRATION_BATCHES",
+            int,
+            16,
+            "training micro-batches (of `MICRO_BATCH_TOKENS`, per rank) for the Hessians",
+            low=1,
+        ),
+        Knob(
+            "MATRIX_BITS",
+            int,
+            6,
+            "bits of attention, MLP and BigramHash matrices (and of experts, unless `EXPERT_BITS`)",
+            low=2,
+            high=8,
+        ),
+        Knob("EMBED_BITS", int, 7, "bits of the embedding and untied head", low=2, high=8),
+        Knob(
+            "QAT_START_FRAC",
+            float,
+            1.0,
+            "quantization-aware training from this fraction of the run on: forward and backward on the "
+            "export grid's round-to-nearest weights, gradient applied to the float weights "
+            "(straight-through); routers and fp16-kept tensors exempt; 1 = never (the default: `0.75` left "
+            "dense 0.010 worse at 100 tokens per parameter on CPU, "
+            "`records/track_non_record_16mb/2026-12-03_MoE_Regime_Study/`; unmeasured on a GPU)",
+            low=0,
+            high=1,
+        ),
+        Knob(
+            "MATRIX_CLIP_SIGMAS",
+            float,
+            12.85,
+            "SDClip range, in row standard deviations, of matrices that are neither MLP nor attention "
+            "(BigramHash)",
+            low=0.01,
+        ),
+        Knob("MLP_CLIP_SIGMAS", float, 11.5, "SDClip range of MLP and expert matrices", low=0.01),
+        Knob("ATTN_CLIP_SIGMAS", float, 13.0, "SDClip range of attention matrices", low=0.01),
+        Knob("EMBED_CLIP_SIGMAS", float, 14.0, "SDClip range of the embedding and untied head", low=0.01),
+        Knob("LQER_ENABLED", bool, True, "low-rank correction of the largest quantization errors"),
+        Knob("LQER_RANK", int, 4, "rank of each correction", low=1),
+        Knob("LQER_TOP_K", int, 3, "tensors corrected (largest output error first)", low=0),
+        Knob("LQER_FACTOR_BITS", int, 4, "bits of the correction's factors (per-row scales)", low=2, high=8),
+        Knob(
+            "COMPRESSOR",
+            str,
+            "brotli",
+            "`zstd` (at `ZSTD_LEVEL`), `brotli` (quality 11), `lzma` (preset 9e) or `lrzip` (ZPAQ; needs the "
+            "`lrzip` binary, checked before training)",
+            choices=("zstd", "brotli", "lzma", "lrzip"),
+        ),
+        Knob(
+            "SAVE_CHECKPOINT",
+            bool,
+            False,
+            "also write the pre-quantization (EMA) weights to `LOG_DIR/RUN_ID_fp.pt`",
+        ),
+        Knob(
+            "FP16_KEEP_NAME_PATTERNS",
+            str,
+            "",
+            "extra comma-separated name substrings kept fp16 (routers, gates and control tensors always are)",
+        ),
+        Knob("FP16_KEEP_MAX_NUMEL", int, 4096, "tensors this small are kept fp16", low=0),
+        Knob(
+            "PRUNE_FRAC",
+            float,
+            0.0,
+            "zero this fraction of the smallest weights of each quantized tensor before quantizing",
+            low=0,
+            high=0.99,
+        ),
+        Knob("ZSTD_LEVEL", int, 22, "zstd level (`COMPRESSOR=zstd`)", low=1, high=22),
+        Knob("SIZE_CAP_BYTES", int, 16000000, "cap on code + artifact", low=1),
+        Knob(
+            "BUDGET_MARGIN",
+            float,
+            0.02,
+            "refuse to start when the budget preview exceeds the cap by more than this fraction; negative = "
+            "never refuse",
+            low=-1,
+            high=1,
+        ),
     ),
-    "VOCAB_SIZE": (2, math.inf),
-    "MLP_MULT": (0.25, math.inf),
-    "CAPACITY_FACTOR": (0.1, math.inf),
-    "PRUNE_FRAC": (0, 0.99),
-    "ZSTD_LEVEL": (1, 22),
-    "BUDGET_MARGIN": (-1, 1),
+    "evaluation": (
+        Knob("EVAL_STRIDE", int, 64, "sliding-window stride; 0 = plain non-overlapping windows", low=0),
+        Knob("EVAL_SEQ_LEN", int, 0, "0 = `TRAIN_SEQ_LEN`; evaluation window length", low=0),
+        Knob("EVAL_BATCH_SEQS", int, 32, "windows per forward pass per GPU", low=1),
+    ),
+    "test-time training and evaluation-only runs — defaults: the 1.0611 record's run": (
+        Knob(
+            "TTT_ENABLED",
+            bool,
+            False,
+            "score-first LoRA test-time training as the last final evaluation (off until measured on a GPU)",
+        ),
+        Knob("TTT_LORA_RANK", int, 80, "rank of every adapter", low=1),
+        Knob("TTT_LORA_LR", float, 0.0001, "AdamW learning rate of the adapters", low=0),
+        Knob("TTT_CHUNK_SIZE", int, 48, "targets per chunk: scored, then trained on", low=1),
+        Knob("TTT_BATCH_SIZE", int, 64, "documents adapted side by side (one row each)", low=1),
+        Knob("TTT_GRAD_STEPS", int, 1, "adapter steps per chunk", low=1),
+        Knob("TTT_WEIGHT_DECAY", float, 0.5, "AdamW weight decay of the adapters", low=0),
+        Knob("TTT_BETA1", float, 0.0, "AdamW beta1 of the adapters", low=0, high=0.99999),
+        Knob("TTT_BETA2", float, 0.99, "AdamW beta2 of the adapters", low=0, high=0.99999),
+        Knob(
+            "PHASED_TTT_PREFIX_DOCS",
+            int,
+            2500,
+            "documents (from the start) after which the base weights adapt; 0 = never",
+            low=0,
+        ),
+        Knob(
+            "PHASED_TTT_NUM_PHASES",
+            int,
+            3,
+            "groups the prefix is split into, each followed by global SGD",
+            low=0,
+        ),
+        Knob(
+            "GLOBAL_TTT_LR",
+            float,
+            0.001,
+            "SGD learning rate of the base weights between phases (cosine decay)",
+            low=0,
+        ),
+        Knob("GLOBAL_TTT_MOMENTUM", float, 0.9, "its momentum", low=0, high=0.99999),
+        Knob("GLOBAL_TTT_EPOCHS", int, 1, "passes over the scored tokens per phase", low=0),
+        Knob(
+            "GLOBAL_TTT_CHUNK_TOKENS",
+            int,
+            32768,
+            "tokens per global SGD step, over all GPUs (at least `EVAL_SEQ_LEN`)",
+            low=0,
+        ),
+        Knob("GLOBAL_TTT_GRAD_CLIP", float, 1.0, "gradient-norm clip of the global SGD; 0 = off", low=0),
+        Knob(
+            "EVAL_TIME_LIMIT",
+            float,
+            600.0,
+            "refuse to start when the final evaluations (plain, sliding, TTT and their compile warm-ups) are "
+            "projected over this many seconds on 8xH100; 0 = no check",
+            low=0,
+        ),
+        Knob("EVAL_ONLY", bool, False, "no training: evaluate the artifact at `ARTIFACT_PATH`"),
+        Knob(
+            "EVAL_TOKEN_LOSSES",
+            str,
+            "",
+            "write the last final evaluation's per-token losses to this `.npy` (never overwritten)",
+        ),
+    ),
 }
+KNOB_ROWS: dict[str, Knob] = {knob.name: knob for rows in KNOB_SECTIONS.values() for knob in rows}
+# Views of the rows, for the code that checks and stores knobs.
+KNOBS: dict[str, tuple[type, object]] = {name: (knob.kind, knob.default) for name, knob in KNOB_ROWS.items()}
+CHOICES = {name: knob.choices for name, knob in KNOB_ROWS.items() if knob.choices}
+KNOB_LIMITS: dict[str, tuple[float, float]] = {
+    name: (knob.low, knob.high) for name, knob in KNOB_ROWS.items() if knob.low is not None
+}
+MODEL_KNOBS = tuple(name for name, knob in KNOB_ROWS.items() if knob.model)
+MOE_ONLY_KNOBS = tuple(name for name, knob in KNOB_ROWS.items() if knob.moe_only)
 # Knobs merged or renamed by an earlier restructure: a clear error instead of a silently ignored variable.
 REPLACED_KNOBS = {
     "BIGRAM_BUCKETS": "BIGRAM_VOCAB_SIZE",
@@ -639,6 +980,12 @@ def grad_accum_steps(h: SimpleNamespace, world_size: int) -> int:
     return h.train_batch_tokens // per_step
 
 
+def derived_from(*knobs: str) -> dict:
+    """A ModelConfig field computed from these knobs rather than read as one (a test holds every field to
+    being a knob or derived from knobs)."""
+    return {"derived_from": knobs}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The network's contract: what the model classes receive, and all they receive. Built from the
@@ -649,8 +996,8 @@ class ModelConfig:
     model_dim: int
     num_heads: int
     num_kv_heads: int
-    head_dim: int
-    mlp_hidden: int  # the dense MLP's hidden width (MLP_MULT x MODEL_DIM)
+    head_dim: int = field(metadata=derived_from("MODEL_DIM", "NUM_HEADS"))
+    mlp_hidden: int = field(metadata=derived_from("MLP_MULT", "MODEL_DIM"))  # the dense MLP's hidden width
     mlp_act: str
     rope_dims: int
     rope_base: float
@@ -671,12 +1018,18 @@ class ModelConfig:
     loop_start: int
     loop_end: int
     moe_mode: str
-    moe_layer_ids: tuple[int, ...]  # the layers whose MLP is an MoE (empty with MOE_MODE=none)
-    router_passes: int  # routers per looped MoE layer: 1 + NUM_LOOPS with ROUTER_PER_PASS, else 1
+    # the layers whose MLP is an MoE (empty with MOE_MODE=none)
+    moe_layer_ids: tuple[int, ...] = field(metadata=derived_from("MOE_MODE", "MOE_LAYERS", "NUM_LAYERS"))
+    # routers per looped MoE layer: 1 + NUM_LOOPS with ROUTER_PER_PASS, else 1
+    router_passes: int = field(metadata=derived_from("ROUTER_PER_PASS", "NUM_LOOPS"))
     num_experts: int
     top_k: int
-    expert_mlp_hidden: int
-    shared_mlp_hidden: int
+    expert_mlp_hidden: int = field(
+        metadata=derived_from("EXPERT_HIDDEN", "MLP_MULT", "MODEL_DIM", "SHARED_HIDDEN", "NUM_EXPERTS")
+    )
+    shared_mlp_hidden: int = field(
+        metadata=derived_from("SHARED_HIDDEN", "MOE_MODE", "MLP_MULT", "MODEL_DIM")
+    )
     router_score: str
     moe_dispatch: str
     capacity_factor: float

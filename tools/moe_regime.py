@@ -216,8 +216,11 @@ def parse_stages(text: str) -> list[str]:
 
 
 def script_knobs(script: Path) -> set[str]:
-    """The knob names of a train_gpt.py (its KNOBS table's keys)."""
-    return set(re.findall(r'^\s+"([A-Z][A-Z0-9_]+)": \(', script.read_text(encoding="utf-8"), flags=re.M))
+    """The knob names of a train_gpt.py: its KNOBS table's keys (older scripts) or its Knob rows' names."""
+    text = script.read_text(encoding="utf-8")
+    table = re.findall(r'^\s+"([A-Z][A-Z0-9_]+)": \(', text, flags=re.M)
+    rows = re.findall(r'\bKnob\(\s*"([A-Z][A-Z0-9_]+)"', text)
+    return set(table) | set(rows)
 
 
 # ---------------------------------------------------------------------------- planning
