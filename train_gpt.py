@@ -17,12 +17,14 @@ import functools
 import glob
 import hashlib
 import importlib.util
+import itertools
 import json
 import lzma
 import math
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -2376,7 +2378,50 @@ class TrainingDiverged(RuntimeError):
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C, with where the run stopped."""
+    """Ctrl-C, SIGTERM or SIGHUP, with where the run stopped; the process exits 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
+
+
+# What `kill`, torchrun (stopping the other ranks when one fails) and job schedulers send, and a closed
+# terminal: each stops the run as Ctrl-C does.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+stop_signals_received: list[int] = []
+
+
+class Stopped(KeyboardInterrupt):
+    """A SIGTERM or SIGHUP arrived; a KeyboardInterrupt, so every Ctrl-C path handles it."""
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP raise Stopped in the main thread. A repeat while the run writes its failure is
+    ignored, so the logs are finished (SIGKILL still ends the process at once)."""
+
+    def stop(signum: int, frame) -> None:
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        stop_signals_received.append(signum)
+        raise Stopped(signal.Signals(signum).name)
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, stop)
+
+
+def stopped_where(signum: int, phase: str) -> str:
+    """'interrupted at step 12' (Ctrl-C), 'stopped by SIGTERM during gptq calibration'."""
+    how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    return f"{how} {phase}"
+
+
+def stop_signal(err: BaseException) -> int | None:
+    """The signal that stopped the run: a SIGTERM or SIGHUP received (whatever error it then raised, e.g.
+    in a collective a stopped peer left), Ctrl-C's SIGINT for a KeyboardInterrupt; None for any other
+    error."""
+    if stop_signals_received:
+        return stop_signals_received[0]
+    return signal.SIGINT if isinstance(err, KeyboardInterrupt) else None
 
 
 PROGRESS_QUIET_SECONDS = 5.0  # a phase shorter than this prints only its start line
@@ -2390,6 +2435,8 @@ class Progress:
         self.t0 = self.last = time.perf_counter()
         self.tenths = 0
         log(f"{name}: started ({total} {unit})")
+        if isinstance(log, Logger):
+            log.phase = f"during {name}"
 
     def __call__(self, done: int) -> None:
         now, tenths = time.perf_counter(), 10 * done // self.total
@@ -2474,6 +2521,7 @@ class Logger:
     def __init__(self, stem: str | None, console: bool = False):
         self.text = self.events = None
         self.stem, self.training_started, self.console = stem, False, console or bool(stem)
+        self.phase = "before training"  # where the run is, for the line a stopped run ends with
         if stem:
             for path in (stem + ".txt", stem + ".jsonl"):
                 if os.path.exists(path):
@@ -3066,9 +3114,42 @@ def dry_run(h) -> None:
     )
 
 
-def export_and_report(model: GPT, h, path: str, log, hessians: dict | None) -> None:
-    with exact_fp32_matmuls():
-        size = export_artifact(model, h, path, code_bytes(), log, hessians)
+def write_new_file(path: str, write, log) -> str:
+    """write(name) fills a temporary name beside path, which is then linked to path only if path is still
+    free (another run may have taken it since start-up); else to the first free `root.N.ext`, which the log
+    names. Nothing is overwritten, and a stopped or failed write leaves no file a later step could take for
+    a finished one. -> the name the file has."""
+    partial = f"{path}.{os.getpid()}.partial"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    root, ext = os.path.splitext(path)
+    try:
+        write(partial)
+        for n in itertools.count(1):
+            name = path if n == 1 else f"{root}.{n}{ext}"
+            try:
+                os.link(partial, name)
+            except FileExistsError:
+                continue
+            if name != path:
+                log(
+                    f"warning: {path} was created by another process during this run; this run's file is "
+                    f"{name}"
+                )
+            return name
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
+
+
+def export_and_report(model: GPT, h, path: str, log, hessians: dict | None) -> str:
+    """Writes the artifact (never over another file) and logs its size check -> the artifact's path."""
+
+    def export(partial: str) -> None:
+        with exact_fp32_matmuls():
+            export_artifact(model, h, partial, code_bytes(), log, hessians)
+
+    path = write_new_file(path, export, log)
+    size = os.path.getsize(path)
     total, slack, digest = size + code_bytes(), h.size_cap_bytes - size - code_bytes(), sha256_file(path)
     log(f"Serialized model quant+zstd: {size} bytes")
     log(f"Code size: {code_bytes()} bytes")
@@ -3088,6 +3169,7 @@ def export_and_report(model: GPT, h, path: str, log, hessians: dict | None) -> N
         artifact=os.path.abspath(path),
         sha256=digest,
     )
+    return path
 
 
 def check_ranks_in_sync(model: nn.Module, rt: Runtime) -> None:
@@ -3347,15 +3429,17 @@ def train_and_evaluate(h, rt: Runtime) -> None:
     try:
         trainer.run(validate)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"interrupted at step {trainer.step}") from None
+        log.phase = f"at step {trainer.step}"
+        raise
+    log.phase = "after training"
     if device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB")
     if trainer.ema is not None:
         trainer.ema.copy_to_model()
     hessians = calibrate(trainer)
     if h.save_checkpoint and rt.rank == 0:
-        with open(os.path.join(h.log_dir, f"{h.run_id}_fp.pt"), "xb") as f:  # never overwrites
-            torch.save(dict(config=knob_values(h, MODEL_KNOBS), state=model.state_dict()), f)
+        checkpoint = dict(config=knob_values(h, MODEL_KNOBS), state=model.state_dict())
+        write_new_file(os.path.join(h.log_dir, f"{h.run_id}_fp.pt"), lambda f: torch.save(checkpoint, f), log)
     if trainer.ema is not None:
         last_val[:] = validate()
         log(f"pre_quant_ema val_loss:{last_val[0]:.8f} val_bpb:{last_val[1]:.8f}{val.note}")
@@ -3368,15 +3452,16 @@ def train_and_evaluate(h, rt: Runtime) -> None:
         eval_time_s=last_val[2],
         ema=trainer.ema is not None,
     )
-    if rt.rank == 0:
-        export_and_report(model, h, h.artifact_path, log, hessians)
+    written = [export_and_report(model, h, h.artifact_path, log, hessians) if rt.rank == 0 else None]
     if rt.world_size > 1:
-        dist.barrier()
+        dist.broadcast_object_list(written)  # waits for rank 0's export; every rank reads the file it wrote
+    h.artifact_path = written[0]
     qmodel = load_artifact_model(h.artifact_path, device)[0].eval()
     final_evaluation(qmodel, h, val, rt)
 
 
 def main() -> None:
+    stop_on_signals()
     h = load_config()
     if h.dry_run:
         return dry_run(h)
@@ -3399,16 +3484,20 @@ def main() -> None:
             )
         rt = Runtime(rank, world_size, device, log)
         (evaluate_artifact if h.eval_only else train_and_evaluate)(h, rt)
-    except KeyboardInterrupt as err:  # Ctrl-C: one line, no traceback; the logs say the run failed
-        where = str(err) or f"interrupted {'after' if log.training_started else 'before'} training"
-        kept = log.fail(KeyboardInterrupt(where))
-        raise RunInterrupted(
-            f"{where}; run marked failed" + (f", logs kept: {kept}" if kept else "")
-        ) from None
     except BaseException as err:
-        log.fail(err)
-        raise
+        signum = stop_signal(err)
+        if signum is None:
+            log.fail(err)
+            raise
+        # Ctrl-C, SIGTERM, SIGHUP: one line, no traceback; the logs say the run failed, and where
+        where = stopped_where(signum, log.phase)
+        kept = log.fail(RunInterrupted(where, signum))
+        raise RunInterrupted(
+            f"{where}; run marked failed" + (f", logs kept: {kept}" if kept else ""), signum
+        ) from None
     log.event("end", status="ok")
+    for s in STOP_SIGNALS:  # the run is complete and logged: a stop from here on only ends the process
+        signal.signal(s, signal.SIG_DFL)
     if world_size > 1:
         dist.barrier()  # rank 0 has written its last line before any rank leaves
         dist.destroy_process_group()
@@ -3418,10 +3507,15 @@ if __name__ == "__main__":
     first_rank = os.environ.get("RANK", "0") == "0"
     try:
         main()
-    except RunInterrupted as err:
+    except RunInterrupted as err:  # every rank stops alike: rank 0 says it once
         if first_rank:
             print(str(err), file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + err.signum)
+    except KeyboardInterrupt as err:  # stopped while reading the knobs or joining the ranks: no logs yet
+        signum = stop_signal(err)
+        if first_rank:
+            print(stopped_where(signum, "before training"), file=sys.stderr)
+        sys.exit(128 + signum)
     except (ConfigError, DataError) as err:  # the same inputs fail alike on every rank: rank 0 says it once
         if first_rank:
             print(f"error: {err}", file=sys.stderr)

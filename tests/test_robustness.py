@@ -1,12 +1,15 @@
 """Bad input fails before training, naming what is wrong; failed runs leave
 nothing burned or overwritten; invalid results exit non-zero; ranks stay in sync; the GPU-path fixes."""
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -342,3 +345,122 @@ def test_two_rank_run_on_a_wall_clock_schedule_ends_in_sync(tmp_path):
     assert re.search(r"^ranks_in_sync:yes ranks:2 tensors:\d+$", result.stdout, re.M)
     steps = [int(s) for s in re.findall(r"^step:(\d+)/100000 train_loss", result.stdout, re.M)]
     assert 1 < steps[-1] < 100000  # stopped by the clock, not the step count
+
+
+# --- stopped and raced runs: SIGTERM / SIGHUP, two runs on one artifact path ----------------------------
+
+
+def start_run(tmp_path, **env) -> subprocess.Popen:
+    """train_gpt.py with TINY_ENV plus env, in the background, its output piped."""
+    full = {k: v for k, v in os.environ.items() if k not in TINY_ENV}
+    full.update(TINY_ENV, RUN_ID="test", LOG_DIR=str(tmp_path / "logs"), OMP_NUM_THREADS="1")
+    full.update({k: str(v) for k, v in env.items()})
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train_gpt.py")],
+        cwd=tmp_path,
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_sigterm_during_training_is_one_line_exit_143_and_the_logs_end_in_an_error(tmp_path):
+    proc = start_run(tmp_path, ITERATIONS=100000, TRAIN_LOG_EVERY=1)
+    for line in proc.stdout:  # a few training steps
+        if line.startswith("step:3/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr[-2000:]
+    m = re.fullmatch(
+        r"stopped by SIGTERM at step (\d+); run marked failed, logs kept: (.*test\.txt)\n", stderr
+    )
+    assert m and int(m[1]) >= 3, stderr
+    logged = events(tmp_path / "logs" / "test.jsonl")
+    assert logged[-2]["event"] == "error" and f"stopped by SIGTERM at step {m[1]}" in logged[-2]["message"]
+    assert logged[-1] == {**logged[-1], "event": "end", "status": "failed"}
+    assert (
+        (tmp_path / "logs" / "test.txt").read_text().endswith(f"error: stopped by SIGTERM at step {m[1]}\n")
+    )
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["test.jsonl", "test.txt"]  # no artifact
+
+
+def test_sigterm_and_sighup_raise_in_the_main_thread_once(monkeypatch):
+    saved = {s: signal.getsignal(s) for s in tg.STOP_SIGNALS}
+    monkeypatch.setattr(tg, "stop_signals_received", [])
+    try:
+        for signum in tg.STOP_SIGNALS:
+            tg.stop_on_signals()
+            with pytest.raises(tg.Stopped) as err:
+                os.kill(os.getpid(), signum)
+                time.sleep(5)  # the handler raises at the next bytecode
+            assert isinstance(err.value, KeyboardInterrupt)  # every Ctrl-C path handles it
+            assert signal.getsignal(signum) == signal.SIG_IGN  # a repeat cannot cut the failure's logging
+        assert tg.stop_signals_received == list(tg.STOP_SIGNALS)
+        assert tg.stop_signal(RuntimeError("a peer left the collective")) == signal.SIGTERM
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert tg.stopped_where(signal.SIGINT, "at step 3") == "interrupted at step 3"
+    assert tg.stopped_where(signal.SIGHUP, "during export") == "stopped by SIGHUP during export"
+
+
+def test_a_written_file_never_replaces_another_and_a_failed_write_leaves_nothing(tmp_path):
+    path, said = tmp_path / "m.ptz", []
+    path.write_bytes(b"another run's model")
+
+    def write(name):
+        with open(name, "wb") as f:
+            f.write(b"this run's model")
+
+    assert tg.write_new_file(str(path), write, said.append) == str(tmp_path / "m.2.ptz")
+    assert tg.write_new_file(str(path), write, said.append) == str(tmp_path / "m.3.ptz")
+    assert path.read_bytes() == b"another run's model"
+    assert (tmp_path / "m.2.ptz").read_bytes() == b"this run's model"
+    assert said[
+        0
+    ] == f"warning: {path} was created by another process during this run; this run's file is " + str(
+        tmp_path / "m.2.ptz"
+    )
+
+    def stopped(name):
+        with open(name, "wb") as f:
+            f.write(b"half a mod")
+        raise tg.Stopped("SIGTERM")
+
+    with pytest.raises(tg.Stopped):
+        tg.write_new_file(str(tmp_path / "new.ptz"), stopped, said.append)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.2.ptz", "m.3.ptz", "m.ptz"]
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_artifact_path_keep_both_models(tmp_path):
+    """Another run writes ARTIFACT_PATH while this one calibrates (both passed the start-up check)."""
+    artifact = tmp_path / "shared.ptz"
+    racer = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); import train_gpt as tg\n"
+        "calibrate = tg.calibrate\n"
+        "def other_run_finishes_first(trainer):\n"
+        f"    open({str(artifact)!r}, 'xb').write(b\"the other run's model\")\n"
+        "    return calibrate(trainer)\n"
+        "tg.calibrate = other_run_finishes_first\n"
+        "tg.main()\n"
+    )
+    full = {k: v for k, v in os.environ.items() if k not in TINY_ENV}
+    full.update(TINY_ENV, RUN_ID="test", LOG_DIR=str(tmp_path / "logs"), OMP_NUM_THREADS="1")
+    full.update(ITERATIONS="2", ARTIFACT_PATH=str(artifact))
+    result = subprocess.run(
+        [sys.executable, "-c", racer], cwd=tmp_path, env=full, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert artifact.read_bytes() == b"the other run's model"
+    ours = tmp_path / "shared.2.ptz"
+    assert f"this run's file is {ours}" in result.stdout
+    size_check = next(e for e in events(tmp_path / "logs" / "test.jsonl") if e["event"] == "size_check")
+    assert size_check["artifact"] == str(ours)
+    assert size_check["sha256"] == hashlib.sha256(ours.read_bytes()).hexdigest()
+    assert re.search(r"^final_quant_zstd_sliding_window_exact .*val_bpb:\d", result.stdout, re.M)
+    assert not list(tmp_path.glob("*.partial"))
