@@ -124,8 +124,8 @@ EXPECTED_FAILS = {
 CHANGED_AFTER_THE_RUNS = "2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611"
 
 
-def verify_main(folder, capsys) -> tuple[int, str]:
-    status = records.main(["verify", str(folder)])
+def verify_main(folder, capsys, *extra) -> tuple[int, str]:
+    status = records.main(["verify", str(folder), *extra])
     return status, capsys.readouterr().out
 
 
@@ -547,6 +547,9 @@ def test_verify_passes_quick_and_full(packed, capsys):
     assert "PASS  quick check" in out and "FAIL" not in out
     checks = verify(packed)  # full: re-evaluates on the claim's own (partial) token range
     assert not failed(checks), [c.detail for c in checks if not c.ok]
+    progress = capsys.readouterr().err  # the re-score's phases as they run, not minutes of silence
+    assert re.search(r"^verify: seed \d+: final roundtrip evaluation: started \(", progress, re.M), progress
+    assert re.search(r"^verify: seed \d+: final_quant_zstd_\w+ val_loss:", progress, re.M), progress
     assert any(c.name.endswith("re-score (EVAL_ONLY)") and "|diff|" in c.detail for c in checks)
     probes = {re.sub(r" \d+\)", ")", c.name): c.status for c in checks if "probe" in c.name}
     assert probes == {
@@ -608,6 +611,54 @@ def test_verify_without_a_reference_for_the_token_limit(packed):
     checks = verify(packed, "--token-limit", "100")
     assert failed(checks) == []
     assert [c.status for c in checks if c.name == "quick check (100 tokens)"] == ["WARN"]
+
+
+@pytest.mark.parametrize("kind", ["model", "log", "script"])
+def test_verify_refuses_a_folder_whose_model_log_or_script_is_a_link(folder_copy, tmp_path, kind):
+    name = {"model": "model_seed*.ptz", "log": "train_seed*.txt", "script": "train_gpt.py"}[kind]
+    path = next(folder_copy.glob(name))
+    outside = tmp_path / "elsewhere" / path.name
+    outside.parent.mkdir()
+    path.rename(outside)
+    path.symlink_to(outside)  # every byte the same: only the link itself can tell
+    checks = verify(folder_copy)
+    assert [(c.name, c.status) for c in checks] == [
+        ("plain files only", "FAIL"),
+        ("every other check", "SKIP"),
+    ]
+    assert f"{path.name} -> {outside}" in checks[0].detail
+
+
+def test_verify_lists_every_file_pack_did_not_write_and_quick_says_what_it_skipped(folder_copy, capsys):
+    with open(folder_copy / "extra.bin", "wb") as f:
+        f.truncate(20_000_000)
+    (folder_copy / "notes").mkdir()
+    (folder_copy / "notes" / "todo.txt").write_text("more")
+    status, out = verify_main(folder_copy, capsys, "--quick")
+    assert status == 0, out
+    assert (
+        "WARN  files as packed: 2 file(s) pack did not write (not checked, not counted): "
+        "extra.bin (20,000,000 bytes), notes/todo.txt (4 bytes)"
+    ) in out
+    assert "SKIP  re-score: --quick: the artifact was not evaluated (rerun without --quick)" in out
+    assert "SKIP  legality probes: --quick" in out and "re-scoring" not in capsys.readouterr().err
+    (folder_copy / "passwd").symlink_to("/etc/passwd")
+    status, out = verify_main(folder_copy, capsys, "--quick")
+    assert status == 1 and "FAIL  plain files only: links in" in out and "passwd -> /etc/passwd" in out
+
+
+def test_verify_refuses_a_submission_naming_files_outside_the_folder(folder_copy, tmp_path):
+    path = folder_copy / "submission.json"
+    sub = json.loads(path.read_text())
+    claim = sub["seed_results"][str(sub["best_seed"])]
+    shutil.copyfile(folder_copy / claim["log"], tmp_path / "stray.txt")
+    claim["log"] = f"../{tmp_path.name}/stray.txt"
+    path.write_text(json.dumps(sub))
+    checks = verify(folder_copy)
+    assert [(c.name, c.status) for c in checks] == [
+        ("files named inside the folder", "FAIL"),
+        ("every other check", "SKIP"),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
