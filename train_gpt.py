@@ -454,6 +454,18 @@ def load_config(environ=None, **overrides) -> SimpleNamespace:
             close = difflib.get_close_matches(key, list(KNOBS), n=1, cutoff=0.9)
             if close:
                 raise ConfigError(f"unknown variable {key}: did you mean {close[0]}?")
+    # An empty value is most often a shell variable that was never set: refused, not read as the default,
+    # except where the default is itself empty (unset: no run id, no layer list, ...).
+    empty = [
+        name
+        for name, (_, default) in KNOBS.items()
+        if env.get(name) == "" and not (default is None or (isinstance(default, (str, list)) and not default))
+    ]
+    if empty:
+        raise ConfigError(
+            f"{', '.join(f'{name}=' for name in empty)}: set but empty (an unset shell variable?); give a "
+            "value, or unset the variable for the default"
+        )
     values = {
         name.lower(): parse_knob(name, env[name], kind) if env.get(name, "") != "" else copy.copy(default)
         for name, (kind, default) in KNOBS.items()
@@ -2562,8 +2574,8 @@ class Logger:
         return None
 
 
-def code_bytes() -> int:
-    """Bytes of this script as it runs: what the final size check counts (an upper bound on what ships)."""
+def script_bytes() -> int:
+    """Bytes of this script as it runs: with its sha256, what identifies it in the log."""
     return os.path.getsize(os.path.abspath(__file__))
 
 
@@ -2581,10 +2593,13 @@ def self_extracting(source: bytes) -> bytes:
     )
 
 
+CODE_COUNTED_AS = "train_gpt.py as records.py pack ships it: its lzma self-extracting wrapper"
+
+
 @functools.cache
-def shipped_code_bytes() -> int:
-    """Bytes of this script as a record ships it: the file itself when it is a wrapper, else its wrapper.
-    The budget preview counts these, so the code's readable length does not decide whether a run starts."""
+def code_bytes() -> int:
+    """The code's bytes, the one definition the budget preview, the fit and the final size check count:
+    this script as a record ships it, the file itself when it is a wrapper, else its wrapper."""
     with open(os.path.abspath(__file__), "rb") as f:
         source = f.read()
     return len(source) if source.startswith(WRAPPER_PREFIX) else len(self_extracting(source))
@@ -3012,7 +3027,7 @@ def load_artifact_model(path: str, device: torch.device, **overrides) -> tuple[G
 
 def log_budget_preview(model: GPT, h, log) -> None:
     estimate, per_class = estimate_artifact_bytes(model, h)
-    code = shipped_code_bytes()
+    code = code_bytes()
     total = estimate + code
     log.event(
         "budget_preview",
@@ -3024,7 +3039,7 @@ def log_budget_preview(model: GPT, h, log) -> None:
     )
     classes = ", ".join(f"{k}:{v}" for k, v in sorted(per_class.items()))
     log(
-        f"budget_preview: artifact ~{estimate} bytes ({classes}) + code {code} (compressed, as shipped) "
+        f"budget_preview: artifact ~{estimate} bytes ({classes}) + code {code} ({CODE_COUNTED_AS}) "
         f"= ~{total} of {h.size_cap_bytes} (slack ~{h.size_cap_bytes - total})"
     )
     refused = h.budget_margin >= 0 and total > h.size_cap_bytes * (1 + h.budget_margin)
@@ -3050,7 +3065,7 @@ def log_header(h, model: GPT, rt: Runtime, accum: int, val_tokens: Tensor) -> No
         "config",
         knobs=knobs,
         code_sha256=code_sha,
-        code_bytes=code_bytes(),
+        code_bytes=script_bytes(),
         torch=torch.__version__,
         python=sys.version.split()[0],
         device=device_name,
@@ -3061,7 +3076,7 @@ def log_header(h, model: GPT, rt: Runtime, accum: int, val_tokens: Tensor) -> No
         f"python {sys.version.split()[0]} torch {torch.__version__} device {device_name} world_size "
         f"{rt.world_size} grad_accum {accum}"
     )
-    log(f"code_sha256:{code_sha} code_bytes:{code_bytes()}")
+    log(f"code_sha256:{code_sha} code_bytes:{script_bytes()}")
     log(
         f"val_tokens:{val_tokens.numel()} token_limit:{h.val_token_limit} data:{os.path.abspath(h.data_path)}"
     )
@@ -3144,15 +3159,18 @@ def write_new_file(path: str, write, log) -> str:
 def export_and_report(model: GPT, h, path: str, log, hessians: dict | None) -> str:
     """Writes the artifact (never over another file) and logs its size check -> the artifact's path."""
 
+    code = code_bytes()
+
     def export(partial: str) -> None:
         with exact_fp32_matmuls():
-            export_artifact(model, h, partial, code_bytes(), log, hessians)
+            export_artifact(model, h, partial, code, log, hessians)
 
     path = write_new_file(path, export, log)
     size = os.path.getsize(path)
-    total, slack, digest = size + code_bytes(), h.size_cap_bytes - size - code_bytes(), sha256_file(path)
+    total, slack, digest = size + code, h.size_cap_bytes - size - code, sha256_file(path)
     log(f"Serialized model quant+zstd: {size} bytes")
-    log(f"Code size: {code_bytes()} bytes")
+    log(f"Code size (counted: {CODE_COUNTED_AS}): {code} bytes")
+    log(f"Code size (uncompressed, the script as run): {script_bytes()} bytes")
     log(f"Total submission size quant+zstd: {total} bytes")
     log(
         f"size_check total:{total} cap:{h.size_cap_bytes} slack:{slack} "
@@ -3161,7 +3179,9 @@ def export_and_report(model: GPT, h, path: str, log, hessians: dict | None) -> s
     )
     log.event(
         "size_check",
-        code_bytes=code_bytes(),
+        code_bytes=code,
+        code_counted_as=CODE_COUNTED_AS,
+        script_bytes=script_bytes(),
         artifact_bytes=size,
         total_bytes=total,
         cap=h.size_cap_bytes,

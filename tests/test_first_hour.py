@@ -243,7 +243,7 @@ def test_a_budget_preview_over_the_cap_but_within_the_margin_says_what_will_happ
     h = tiny_config()
     model = tg.GPT(tg.model_config(h))
     estimate, _ = tg.estimate_artifact_bytes(model, h)
-    h.size_cap_bytes = estimate + tg.shipped_code_bytes() - 1000  # 1,000 bytes over, within 2%
+    h.size_cap_bytes = estimate + tg.code_bytes() - 1000  # 1,000 bytes over, within 2%
     tg.log_budget_preview(model, h, tg.Logger(None, console=True))
     lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(

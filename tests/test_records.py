@@ -416,7 +416,7 @@ def runs(tmp_path_factory):
         ran = [records.parse_log(log) for log in logs]
         if all(
             r.code_sha256 == hashlib.sha256(code).hexdigest()
-            and r.start_code_bytes == r.code_bytes == len(code)
+            and r.start_code_bytes == r.source_code_bytes == len(code)
             for r in ran
         ):
             return dict(root=root, script=script, logs=logs)
@@ -499,7 +499,8 @@ def test_parse_real_log(runs):
     )
     assert (run.seed, run.steps, run.world_size, run.device) == (SEEDS[0], RUN_ENV["ITERATIONS"], 1, "cpu")
     assert run.artifact_bytes == (log.parent / "test_model.ptz").stat().st_size
-    assert run.code_bytes == runs["script"].stat().st_size
+    assert run.source_code_bytes == runs["script"].stat().st_size
+    assert run.code_bytes == len(records.self_extracting(runs["script"].read_bytes()))  # counted as shipped
     assert records.find_artifact(run) == log.parent / "test_model.ptz"
 
 

@@ -464,3 +464,33 @@ def test_two_runs_on_one_artifact_path_keep_both_models(tmp_path):
     assert size_check["sha256"] == hashlib.sha256(ours.read_bytes()).hexdigest()
     assert re.search(r"^final_quant_zstd_sliding_window_exact .*val_bpb:\d", result.stdout, re.M)
     assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.slow
+def test_a_run_whose_budget_preview_fits_never_ends_invalid_for_the_codes_size(tmp_path):
+    """The preview, the fit and the final check count the same code bytes: the script as a record ships
+    it. The cap leaves room for the compressed script, not the readable one (162 kB on its own)."""
+    cap = tg.code_bytes() + 150_000
+    assert cap < tg.script_bytes() + 100_000
+    result = run_train(tmp_path, ITERATIONS=2, SIZE_CAP_BYTES=cap)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "INVALID" not in result.stdout
+    logged = events(tmp_path / "logs" / "test.jsonl")
+    preview = next(e for e in logged if e["event"] == "budget_preview")
+    size_check = next(e for e in logged if e["event"] == "size_check")
+    assert preview["code_bytes"] == size_check["code_bytes"] == tg.code_bytes()
+    assert preview["total_bytes"] <= cap and size_check["total_bytes"] <= cap
+    assert size_check["script_bytes"] == tg.script_bytes()
+    counted = f"({tg.CODE_COUNTED_AS})"
+    assert f"+ code {tg.code_bytes()} {counted}" in result.stdout
+    assert f"Code size (counted: {tg.CODE_COUNTED_AS}): {tg.code_bytes()} bytes" in result.stdout
+
+
+def test_an_empty_value_is_an_error_naming_the_knob_unless_its_default_is_empty():
+    with pytest.raises(tg.ConfigError, match=r"^NUM_LAYERS=: set but empty \(an unset shell variable\?\)"):
+        tg.load_config({**TINY_ENV, "NUM_LAYERS": ""})
+    with pytest.raises(tg.ConfigError, match=r"^SEED=, MATRIX_LR=: set but empty"):
+        tg.load_config({**TINY_ENV, "SEED": "", "MATRIX_LR": ""})
+    unset = {"RUN_ID": "", "ARTIFACT_PATH": "", "EMA_DECAY": "", "MOE_LAYERS": "", "EVAL_TOKEN_LOSSES": ""}
+    h = tg.load_config({**TINY_ENV, **unset})  # empty defaults: empty is unset
+    assert (h.run_id, h.ema_decay, h.moe_layers) == ("", None, [])

@@ -346,18 +346,25 @@ def check_script(script: Path, runs: list[RunLog]) -> int:
                 f"{run.path}: no code_sha256 line, so the train_gpt.py that ran cannot be identified "
                 "(a log of an older train_gpt.py?)"
             )
-        if run.start_code_bytes is not None and run.start_code_bytes != run.code_bytes:
+        ran = script_size_logged(run)
+        if run.start_code_bytes is not None and run.start_code_bytes != ran:
             raise RecordError(
                 f"{run.path}: train_gpt.py was {run.start_code_bytes} bytes at the start of the run but "
-                f"{run.code_bytes} at export: it was edited during the run, so no script matches the log"
+                f"{ran} at export: it was edited during the run, so no script matches the log"
             )
-        if run.code_bytes != size or run.code_sha256 != sha:
+        if ran != size or run.code_sha256 != sha:
             raise RecordError(
                 f"{script} ({size} bytes, sha256 {sha[:16]}...) is not the script of {run.path} "
-                f"(Code size {run.code_bytes}, code_sha256 {run.code_sha256[:16]}...): the log came "
+                f"(Code size {ran}, code_sha256 {run.code_sha256[:16]}...): the log came "
                 "from a different train_gpt.py (pass the one that ran with --script)"
             )
     return size
+
+
+def script_size_logged(run: RunLog) -> int | None:
+    """The size of the script as it ran, from the log's export lines: a log that counts the code as its
+    compressed wrapper states the script's own size beside it; older logs counted the script as run."""
+    return run.source_code_bytes or run.code_bytes
 
 
 def find_artifact(run: RunLog) -> Path:
@@ -377,7 +384,9 @@ def find_artifact(run: RunLog) -> Path:
     )
 
 
-def check_artifacts(runs: list[RunLog], artifacts: list[Path], code_bytes: int, cap: int) -> None:
+def check_artifacts(
+    runs: list[RunLog], artifacts: list[Path], code_bytes: int, cap: int, compressed: bool = False
+) -> None:
     for run, artifact in zip(runs, artifacts):
         if not artifact.is_file():
             raise RecordError(f"{artifact}: no such artifact")
@@ -393,6 +402,7 @@ def check_artifacts(runs: list[RunLog], artifacts: list[Path], code_bytes: int, 
             raise RecordError(
                 f"seed {run.seed}: artifact {size} + code {code_bytes} = {size + code_bytes} bytes "
                 f"exceeds the cap of {cap} bytes by {size + code_bytes - cap}"
+                + ("" if compressed else " (the run counted the code compressed: pass --compress-code)")
             )
 
 
@@ -561,10 +571,12 @@ def pack(opts: argparse.Namespace) -> Path:
     check_scores(runs, opts.track, opts.allow_partial_eval)
     script = Path(opts.script)
     code_bytes = check_script(script, runs)
+    if opts.compress_code:  # the cap counts the code as it will ship
+        code_bytes = len(self_extracting(script.read_bytes()))
     if opts.artifacts and len(opts.artifacts) != len(runs):
         raise RecordError(f"--artifacts: {len(opts.artifacts)} paths for {len(runs)} logs")
     artifacts = [Path(a) for a in opts.artifacts] if opts.artifacts else [find_artifact(r) for r in runs]
-    check_artifacts(runs, artifacts, code_bytes, opts.cap)
+    check_artifacts(runs, artifacts, code_bytes, opts.cap, opts.compress_code)
     folder = (
         Path(opts.folder) if opts.folder else Path(opts.records_dir) / opts.track / f"{opts.date}_{opts.name}"
     )
@@ -820,8 +832,8 @@ def seed_checks(
         Check(f"{name} log seed", run.seed == int(seed), f"log SEED {run.seed}"),
         Check(
             f"{name} log code size",
-            run.code_bytes == bytes_code == code,
-            f"log Code size {run.code_bytes}, bytes_code {bytes_code}, {SCRIPT} {code}",
+            script_size_logged(run) == bytes_code == code,
+            f"log Code size {script_size_logged(run)}, bytes_code {bytes_code}, {SCRIPT} {code}",
         ),
         Check(
             f"{name} log artifact size",
