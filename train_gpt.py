@@ -760,15 +760,32 @@ def check_shards(files: list[str], vocab_size: int) -> list[str]:
     return files
 
 
+# The challenge's FineWeb exports: sp1024 in the official dataset repository (the downloader's default),
+# sp4096 and sp8192 (the April-2026 records') in the community one, which must be named.
+EXPORT_REPOSITORY = {"sp1024": None, "sp4096": "kevclark/parameter-golf", "sp8192": "kevclark/parameter-golf"}
+
+
+def download_hint(path: str, vocab_size: int | None = None) -> str:
+    """The command that produces a missing data folder or tokenizer: for the export its name says
+    (fineweb10B_sp1024, fineweb_1024_bpe.model), else for VOCAB_SIZE's; else how to build shards."""
+    named = re.search(r"fineweb10B_(sp\d+)|fineweb_(\d+)_bpe", path)
+    variant = (named[1] or f"sp{named[2]}") if named else f"sp{vocab_size}"
+    if variant not in EXPORT_REPOSITORY:
+        return "build shards with data/build_shards.py, or use DATA_PATH=data/sample"
+    repo = EXPORT_REPOSITORY[variant]
+    env = f"MATCHED_FINEWEB_REPO_ID={repo} " if repo else ""
+    command = f"{env}python3 data/cached_challenge_fineweb.py --variant {variant}"
+    return f"download the {variant} export with: {command}"
+
+
 def shard_files(data_path: str, split: str) -> list[str]:
     if not os.path.isdir(data_path):
-        raise DataError(
-            f"DATA_PATH={data_path}: no such directory (download FineWeb with "
-            "data/cached_challenge_fineweb.py, or use DATA_PATH=data/sample)"
-        )
+        raise DataError(f"DATA_PATH={data_path}: no such directory ({download_hint(data_path)})")
     files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
     if not files:
-        raise DataError(f"DATA_PATH={data_path}: no fineweb_{split}_*.bin shards")
+        raise DataError(
+            f"DATA_PATH={data_path}: no fineweb_{split}_*.bin shards ({download_hint(data_path)})"
+        )
     return files
 
 
@@ -847,10 +864,7 @@ def load_val_tokens(data_path: str, vocab_size: int, limit: int = 0) -> Tensor:
 
 def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
     if not os.path.isfile(path):
-        raise DataError(
-            f"TOKENIZER_PATH={path}: no such file (download it with the data: MATCHED_FINEWEB_REPO_ID="
-            "kevclark/parameter-golf python3 data/cached_challenge_fineweb.py --variant sp8192)"
-        )
+        raise DataError(f"TOKENIZER_PATH={path}: no such file ({download_hint(path, vocab_size)})")
     try:
         sp = spm.SentencePieceProcessor(model_file=path)
     except (RuntimeError, OSError) as err:
