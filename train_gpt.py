@@ -13,6 +13,7 @@ import contextlib
 import copy
 import datetime
 import difflib
+import errno
 import functools
 import glob
 import hashlib
@@ -2403,6 +2404,13 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite, or the ranks' weights drifted apart."""
 
 
+class DiskError(RuntimeError):
+    """A file could not be written: its disk is full, over quota or read-only."""
+
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C, SIGTERM or SIGHUP, with where the run stopped; the process exits 128 + the signal's number."""
 
@@ -2557,7 +2565,12 @@ class Logger:
                     )
             os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
             self.text = open(stem + ".txt", "x", encoding="utf-8")
-            self.events = open(stem + ".jsonl", "x", encoding="utf-8")
+            try:
+                self.events = open(stem + ".jsonl", "x", encoding="utf-8")
+            except OSError:  # leave no half of a log pair behind to block the RUN_ID
+                self.text.close()
+                os.remove(stem + ".txt")
+                raise
 
     def __call__(self, msg: str) -> None:
         if self.console:
@@ -2575,16 +2588,27 @@ class Logger:
         """Writes the error into both logs; a failed start frees its RUN_ID (its logs become
         RUN_ID.failedN.*)."""
         if self.text is not None:
-            # into the text log only: stderr has it already
-            print(f"error: {str(err) or type(err).__name__}", file=self.text, flush=True)
-            self.event("error", message=f"{type(err).__name__}: {err}")
-            self.event("end", status="failed")
+            try:  # into the text log only: stderr has it already
+                print(f"error: {str(err) or type(err).__name__}", file=self.text, flush=True)
+                self.event("error", message=f"{type(err).__name__}: {err}")
+                self.event("end", status="failed")
+            except OSError:  # the full or read-only disk that failed the run cannot take its error either
+                pass
+            if self.training_started:
+                return self.stem + ".txt"
+            paths = [self.stem + ".txt", self.stem + ".jsonl"]
+            if not any(os.path.getsize(p) for p in paths):  # nothing written: nothing to keep
+                for f, path in zip((self.text, self.events), paths):
+                    with contextlib.suppress(OSError):
+                        f.close()
+                    os.remove(path)
+                return None
             n = 1
             while glob.glob(glob.escape(f"{self.stem}.failed{n}") + ".*"):
                 n += 1
-            for ext in () if self.training_started else (".txt", ".jsonl"):
+            for ext in (".txt", ".jsonl"):
                 os.rename(self.stem + ext, f"{self.stem}.failed{n}{ext}")
-            return self.stem + ".txt" if self.training_started else f"{self.stem}.failed{n}.txt"
+            return f"{self.stem}.failed{n}.txt"
         return None
 
 
@@ -3522,6 +3546,12 @@ def main() -> None:
         signum = stop_signal(err)
         if signum is None:
             log.fail(err)
+            if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
+                where = err.filename or f"under LOG_DIR={h.log_dir} or ARTIFACT_PATH={h.artifact_path}"
+                raise DiskError(
+                    f"cannot write {where}: {err.strerror} (free space there, or point LOG_DIR and "
+                    "ARTIFACT_PATH at another disk)"
+                ) from None
             raise
         # Ctrl-C, SIGTERM, SIGHUP: one line, no traceback; the logs say the run failed, and where
         where = stopped_where(signum, log.phase)
@@ -3554,6 +3584,6 @@ if __name__ == "__main__":
         if first_rank:
             print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except (ArtifactError, TrainingDiverged) as err:
+    except (ArtifactError, TrainingDiverged, DiskError) as err:
         print(f"error: {err}" if first_rank else f"error (rank {os.environ['RANK']}): {err}", file=sys.stderr)
         sys.exit(2)

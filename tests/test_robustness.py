@@ -494,3 +494,55 @@ def test_an_empty_value_is_an_error_naming_the_knob_unless_its_default_is_empty(
     unset = {"RUN_ID": "", "ARTIFACT_PATH": "", "EMA_DECAY": "", "MOE_LAYERS": "", "EVAL_TOKEN_LOSSES": ""}
     h = tg.load_config({**TINY_ENV, **unset})  # empty defaults: empty is unset
     assert (h.run_id, h.ema_decay, h.moe_layers) == ("", None, [])
+
+
+# --- a full disk at start ------------------------------------------------------------------------------
+
+FULL_DISK = """
+import builtins, errno, os, runpy, sys
+real_open, log_dir = builtins.open, os.environ["LOG_DIR"]
+
+class FullDisk:  # the file is created, every write fails: a disk with inodes left but no blocks
+    def __init__(self, f):
+        self.f = f
+    def write(self, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    def flush(self):
+        pass
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+def full_open(path, mode="r", *args, **kwargs):
+    f = real_open(path, mode, *args, **kwargs)
+    writes = any(c in mode for c in "wxa")
+    return FullDisk(f) if writes and os.path.abspath(str(path)).startswith(log_dir) else f
+
+builtins.open = full_open
+sys.argv = [sys.argv[1]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_start_is_one_error_line_and_leaves_the_run_id_free(tmp_path):
+    full = {k: v for k, v in os.environ.items() if k not in TINY_ENV}
+    logs = tmp_path / "logs"
+    full.update(TINY_ENV, RUN_ID="test", LOG_DIR=str(logs), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(REPO / "train_gpt.py")],
+        cwd=tmp_path,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_refused_before_training(result, f"error: cannot write under LOG_DIR={logs} or ARTIFACT_PATH=")
+    assert "No space left on device (free space there" in result.stderr
+    assert list(logs.iterdir()) == []  # no 0-byte logs to block RUN_ID=test
+
+
+def test_a_log_pair_that_cannot_be_completed_is_not_left_half_made(tmp_path):
+    (tmp_path / "test.jsonl").symlink_to(tmp_path / "gone")  # not there, yet the name cannot be created
+    with pytest.raises(FileExistsError):
+        tg.Logger(str(tmp_path / "test"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test.jsonl"]  # no test.txt left behind
