@@ -486,6 +486,9 @@ def knob_values(h: SimpleNamespace, names=KNOBS) -> dict:
     return {name: getattr(h, name.lower()) for name in names}
 
 
+MAX_RUN_ID_BYTES = 200  # RUN_ID + the longest suffix a run adds stays within a file name's 255 bytes
+
+
 def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     """Check knob combinations and fill in the values other knobs imply."""
 
@@ -519,6 +522,11 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
         f"VOCAB_SIZE={h.vocab_size}: shards hold uint16 token ids (at most {MAX_VOCAB_SIZE})",
     )
     require(h.top_k <= h.num_experts, f"TOP_K={h.top_k}: must be between 1 and NUM_EXPERTS={h.num_experts}")
+    require(
+        h.moe_mode == "none" or h.num_experts >= 2,
+        f"NUM_EXPERTS={h.num_experts}: a mixture needs at least 2 experts (one expert is the dense MLP: "
+        "MOE_MODE=none)",
+    )
     for layer in h.moe_layers:
         require(0 <= layer < h.num_layers, f"MOE_LAYERS: layer {layer} is outside 0..{h.num_layers - 1}")
     h.moe_layer_ids = [] if h.moe_mode == "none" else sorted(set(h.moe_layers or range(h.num_layers)))
@@ -559,9 +567,14 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     derive_stack(h, require)
     derive_router_passes(h, require)
     require(
-        h.global_ttt_chunk_tokens >= h.eval_seq_len,
+        not h.ttt_enabled or h.global_ttt_chunk_tokens >= h.eval_seq_len,
         f"GLOBAL_TTT_CHUNK_TOKENS={h.global_ttt_chunk_tokens}: must hold at least one "
         f"EVAL_SEQ_LEN={h.eval_seq_len} sequence",
+    )
+    require(
+        len(h.run_id.encode()) <= MAX_RUN_ID_BYTES,
+        f"RUN_ID: {len(h.run_id.encode())} bytes, at most {MAX_RUN_ID_BYTES} (it names files, as "
+        "RUN_ID.failedN.jsonl and RUN_ID_model.ptz, and a file name holds 255 bytes)",
     )
     require(
         not re.search(r"[/\\\s]", h.run_id) and not h.run_id.startswith("."),
@@ -597,6 +610,11 @@ def derive_stack(h: SimpleNamespace, require) -> None:
         )
     # Lanes run in decoder layers after the loop only, so a looped layer runs alike on every pass.
     first = max(h.num_layers // 2, h.loop_end + 1 if h.num_loops else 0)
+    require(
+        h.parallel_start_layer < h.num_layers,
+        f"PARALLEL_START_LAYER={h.parallel_start_layer}: past the last layer (NUM_LAYERS={h.num_layers}: "
+        f"layers 0..{h.num_layers - 1}); 0 turns the parallel lanes off",
+    )
     require(
         h.parallel_start_layer == 0 or h.parallel_start_layer >= first,
         f"PARALLEL_START_LAYER={h.parallel_start_layer}: must be 0 (off) or at least {first} (decoder "
@@ -3142,6 +3160,11 @@ def dry_run(h) -> None:
     """DRY_RUN=1: the model on the meta device (no data, tokenizer or GPU): the config, parameter count,
     budget preview and the projected speed on 8xH100."""
     log, peak, rates = Logger(None, console=True), PEAK_BF16_FLOPS["H100"], []
+    grad_accum_steps(h, int(os.environ.get("WORLD_SIZE", 1)))  # a batch this launch would refuse: refused
+    try:
+        grad_accum_steps(h, 8)
+    except ConfigError as err:  # the 8-GPU run the projection is of
+        log(f"warning: torchrun --nproc_per_node=8 would refuse this batch: {err}")
     with torch.device("meta"):
         model = GPT(model_config(h))
     log_model(h, model, log)
@@ -3398,6 +3421,14 @@ class Validation(NamedTuple):
 def load_validation(h, log) -> Validation:
     tables = byte_tables(load_tokenizer(h.tokenizer_path, h.vocab_size))
     tokens = load_val_tokens(h.data_path, h.vocab_size, h.val_token_limit)
+    if (
+        h.eval_seq_len >= tokens.numel()
+    ):  # one window holding everything: not the sliding evaluation asked for
+        limit = f" (VAL_TOKEN_LIMIT={h.val_token_limit})" if h.val_token_limit else ""
+        raise ConfigError(
+            f"EVAL_SEQ_LEN={h.eval_seq_len}: not shorter than the validation split, {tokens.numel()} tokens"
+            f"{limit} in DATA_PATH={h.data_path}"
+        )
     warning = check_tokenizer_identity(h.data_path, h.tokenizer_path)
     if warning:
         log(warning)

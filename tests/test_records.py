@@ -768,6 +768,16 @@ def test_pack_refuses_an_existing_folder_unless_forced(runs, tmp_path, capsys):
     assert len(list(folder.glob("model_seed*.ptz"))) == len(SEEDS)
 
 
+def test_pack_into_an_existing_file_is_refused_with_or_without_force(runs, tmp_path, capsys):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    for force in ((), ("--force",)):
+        assert records.main(pack_args(runs, tmp_path, "--folder", str(target), *force)) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: --folder {target}: a file, not a folder; name a new folder\n", err
+    assert target.read_text() == "mine"
+
+
 def test_pack_into_a_named_folder_ships_the_smallest_artifact(runs, tmp_path, capsys):
     folder = tmp_path / "study" / "shipped" / "dense"
     about = tmp_path / "about.md"

@@ -546,3 +546,47 @@ def test_a_log_pair_that_cannot_be_completed_is_not_left_half_made(tmp_path):
     with pytest.raises(FileExistsError):
         tg.Logger(str(tmp_path / "test"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["test.jsonl"]  # no test.txt left behind
+
+
+# --- errors that name the knob that is wrong; no-op values refused ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"RUN_ID": "r" * 201}, "RUN_ID: 201 bytes, at most 200 (it names files"),
+        (
+            {"PARALLEL_START_LAYER": "2"},
+            "PARALLEL_START_LAYER=2: past the last layer (NUM_LAYERS=2: layers 0..1)",
+        ),
+        ({"MOE_MODE": "soft", "NUM_EXPERTS": "1"}, "NUM_EXPERTS=1: a mixture needs at least 2 experts"),
+    ],
+)
+def test_a_no_op_or_impossible_value_names_its_knob(env, message):
+    with pytest.raises(tg.ConfigError) as err:
+        tg.load_config({**TINY_ENV, **env})
+    assert str(err.value).startswith(message), err.value
+
+
+def test_a_long_eval_seq_len_is_blamed_on_itself_not_on_ttt(tiny_config):
+    h = tiny_config(EVAL_SEQ_LEN=50000)  # TTT off: its chunk size is not the problem
+    assert not h.ttt_enabled and h.eval_seq_len == 50000
+    with pytest.raises(
+        tg.ConfigError, match=r"^GLOBAL_TTT_CHUNK_TOKENS=\d+: must hold at least one EVAL_SEQ"
+    ):
+        tiny_config(EVAL_SEQ_LEN=50000, TTT_ENABLED=1)
+    with pytest.raises(tg.ConfigError) as err:  # longer than the split: one window, not a sliding evaluation
+        tg.load_validation(h, lambda msg: None)
+    assert str(err.value) == (
+        f"EVAL_SEQ_LEN=50000: not shorter than the validation split, 8193 tokens (VAL_TOKEN_LIMIT=8192) in "
+        f"DATA_PATH={SAMPLE}"
+    )
+
+
+def test_dry_run_refuses_a_batch_the_run_refuses_and_warns_for_8_ranks(tiny_config, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(tg.ConfigError, match=r"^TRAIN_BATCH_TOKENS=3072 is not divisible by WORLD_SIZE=1"):
+        tg.dry_run(tiny_config(TRAIN_BATCH_TOKENS=3072, MICRO_BATCH_TOKENS=2048))
+    tg.dry_run(tiny_config())  # 2048 tokens = 2 micro-batches on one rank, a fraction of one on 8
+    out = capsys.readouterr().out
+    assert "warning: torchrun --nproc_per_node=8 would refuse this batch: TRAIN_BATCH_TOKENS=2048" in out

@@ -580,6 +580,8 @@ def pack(opts: argparse.Namespace) -> Path:
     folder = (
         Path(opts.folder) if opts.folder else Path(opts.records_dir) / opts.track / f"{opts.date}_{opts.name}"
     )
+    if folder.exists() and not folder.is_dir():  # --force replaces a folder pack wrote, never a file
+        raise RecordError(f"--folder {folder}: a file, not a folder; name a new folder")
     if folder.exists() and not opts.force:
         raise RecordError(f"{folder} already exists (pass --force to replace it)")
     outputs = pack_outputs(runs, opts.compress_code)
