@@ -13,16 +13,19 @@ import contextlib
 import copy
 import datetime
 import difflib
+import errno
 import functools
 import glob
 import hashlib
 import importlib.util
+import itertools
 import json
 import lzma
 import math
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -86,8 +89,8 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "RUN_ID",
             str,
             "",
-            "empty = `run_<date>_<time>`; names the logs and the artifact (a plain file name: no `/`, `\\`, "
-            "spaces or leading `.`); an existing log is never overwritten",
+            "empty = `run_<date>_<time>`; names the logs and the artifact (a plain file name of at most 200 "
+            "bytes: no `/`, `\\`, spaces or leading `.`); an existing log is never overwritten",
         ),
         Knob("SEED", int, 1337, "initialisation and router-noise seed (the data order is fixed)", low=0),
         Knob("LOG_DIR", str, "logs", "where logs and artifacts go"),
@@ -252,7 +255,15 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             choices=("none", "soft", "topk", "shared_routed"),
             model=True,
         ),
-        Knob("NUM_EXPERTS", int, 4, "experts per MoE layer", low=1, model=True, moe_only=True),
+        Knob(
+            "NUM_EXPERTS",
+            int,
+            4,
+            "experts per MoE layer (at least 2 when MOE_MODE is on)",
+            low=1,
+            model=True,
+            moe_only=True,
+        ),
         Knob(
             "TOP_K", int, 1, "experts per token (`topk`, `shared_routed`)", low=1, model=True, moe_only=True
         ),
@@ -395,7 +406,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             8,
             "from this layer on, attention reads lane 0 and the MLP (dense or MoE) lane 1, both write both "
             "lanes with learned weights, the U-Net skip joins lane 0, and the final state is the mean of the "
-            "lanes; 0 = off; a decoder layer after the loop",
+            "lanes; 0 = off; a decoder layer after the loop, before NUM_LAYERS",
             low=0,
             model=True,
         ),
@@ -622,7 +633,13 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
     ),
     "evaluation": (
         Knob("EVAL_STRIDE", int, 64, "sliding-window stride; 0 = plain non-overlapping windows", low=0),
-        Knob("EVAL_SEQ_LEN", int, 0, "0 = `TRAIN_SEQ_LEN`; evaluation window length", low=0),
+        Knob(
+            "EVAL_SEQ_LEN",
+            int,
+            0,
+            "0 = `TRAIN_SEQ_LEN`; evaluation window length, shorter than the validation split",
+            low=0,
+        ),
         Knob("EVAL_BATCH_SEQS", int, 32, "windows per forward pass per GPU", low=1),
     ),
     "test-time training and evaluation-only runs — defaults: the 1.0611 record's run": (
@@ -793,6 +810,18 @@ def load_config(environ=None, **overrides) -> SimpleNamespace:
             close = difflib.get_close_matches(key, list(KNOBS), n=1, cutoff=0.9)
             if close:
                 raise ConfigError(f"unknown variable {key}: did you mean {close[0]}?")
+    # An empty value is most often a shell variable that was never set: refused, not read as the default,
+    # except where the default is itself empty (unset: no run id, no layer list, ...).
+    empty = [
+        name
+        for name, (_, default) in KNOBS.items()
+        if env.get(name) == "" and not (default is None or (isinstance(default, (str, list)) and not default))
+    ]
+    if empty:
+        raise ConfigError(
+            f"{', '.join(f'{name}=' for name in empty)}: set but empty (an unset shell variable?); give a "
+            "value, or unset the variable for the default"
+        )
     values = {
         name.lower(): parse_knob(name, env[name], kind) if env.get(name, "") != "" else copy.copy(default)
         for name, (kind, default) in KNOBS.items()
@@ -810,6 +839,9 @@ def load_config(environ=None, **overrides) -> SimpleNamespace:
 
 def knob_values(h: SimpleNamespace, names=KNOBS) -> dict:
     return {name: getattr(h, name.lower()) for name in names}
+
+
+MAX_RUN_ID_BYTES = 200  # RUN_ID + the longest suffix a run adds stays within a file name's 255 bytes
 
 
 def derive_config(h: SimpleNamespace) -> SimpleNamespace:
@@ -845,6 +877,11 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
         f"VOCAB_SIZE={h.vocab_size}: shards hold uint16 token ids (at most {MAX_VOCAB_SIZE})",
     )
     require(h.top_k <= h.num_experts, f"TOP_K={h.top_k}: must be between 1 and NUM_EXPERTS={h.num_experts}")
+    require(
+        h.moe_mode == "none" or h.num_experts >= 2,
+        f"NUM_EXPERTS={h.num_experts}: a mixture needs at least 2 experts (one expert is the dense MLP: "
+        "MOE_MODE=none)",
+    )
     for layer in h.moe_layers:
         require(0 <= layer < h.num_layers, f"MOE_LAYERS: layer {layer} is outside 0..{h.num_layers - 1}")
     h.moe_layer_ids = [] if h.moe_mode == "none" else sorted(set(h.moe_layers or range(h.num_layers)))
@@ -885,9 +922,14 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     derive_stack(h, require)
     derive_router_passes(h, require)
     require(
-        h.global_ttt_chunk_tokens >= h.eval_seq_len,
+        not h.ttt_enabled or h.global_ttt_chunk_tokens >= h.eval_seq_len,
         f"GLOBAL_TTT_CHUNK_TOKENS={h.global_ttt_chunk_tokens}: must hold at least one "
         f"EVAL_SEQ_LEN={h.eval_seq_len} sequence",
+    )
+    require(
+        len(h.run_id.encode()) <= MAX_RUN_ID_BYTES,
+        f"RUN_ID: {len(h.run_id.encode())} bytes, at most {MAX_RUN_ID_BYTES} (it names files, as "
+        "RUN_ID.failedN.jsonl and RUN_ID_model.ptz, and a file name holds 255 bytes)",
     )
     require(
         not re.search(r"[/\\\s]", h.run_id) and not h.run_id.startswith("."),
@@ -923,6 +965,11 @@ def derive_stack(h: SimpleNamespace, require) -> None:
         )
     # Lanes run in decoder layers after the loop only, so a looped layer runs alike on every pass.
     first = max(h.num_layers // 2, h.loop_end + 1 if h.num_loops else 0)
+    require(
+        h.parallel_start_layer < h.num_layers,
+        f"PARALLEL_START_LAYER={h.parallel_start_layer}: past the last layer (NUM_LAYERS={h.num_layers}: "
+        f"layers 0..{h.num_layers - 1}); 0 turns the parallel lanes off",
+    )
     require(
         h.parallel_start_layer == 0 or h.parallel_start_layer >= first,
         f"PARALLEL_START_LAYER={h.parallel_start_layer}: must be 0 (off) or at least {first} (decoder "
@@ -1099,15 +1146,32 @@ def check_shards(files: list[str], vocab_size: int) -> list[str]:
     return files
 
 
+# The challenge's FineWeb exports: sp1024 in the official dataset repository (the downloader's default),
+# sp4096 and sp8192 (the April-2026 records') in the community one, which must be named.
+EXPORT_REPOSITORY = {"sp1024": None, "sp4096": "kevclark/parameter-golf", "sp8192": "kevclark/parameter-golf"}
+
+
+def download_hint(path: str, vocab_size: int | None = None) -> str:
+    """The command that produces a missing data folder or tokenizer: for the export its name says
+    (fineweb10B_sp1024, fineweb_1024_bpe.model), else for VOCAB_SIZE's; else how to build shards."""
+    named = re.search(r"fineweb10B_(sp\d+)|fineweb_(\d+)_bpe", path)
+    variant = (named[1] or f"sp{named[2]}") if named else f"sp{vocab_size}"
+    if variant not in EXPORT_REPOSITORY:
+        return "build shards with data/build_shards.py, or use DATA_PATH=data/sample"
+    repo = EXPORT_REPOSITORY[variant]
+    env = f"MATCHED_FINEWEB_REPO_ID={repo} " if repo else ""
+    command = f"{env}python3 data/cached_challenge_fineweb.py --variant {variant}"
+    return f"download the {variant} export with: {command}"
+
+
 def shard_files(data_path: str, split: str) -> list[str]:
     if not os.path.isdir(data_path):
-        raise DataError(
-            f"DATA_PATH={data_path}: no such directory (download FineWeb with "
-            "data/cached_challenge_fineweb.py, or use DATA_PATH=data/sample)"
-        )
+        raise DataError(f"DATA_PATH={data_path}: no such directory ({download_hint(data_path)})")
     files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
     if not files:
-        raise DataError(f"DATA_PATH={data_path}: no fineweb_{split}_*.bin shards")
+        raise DataError(
+            f"DATA_PATH={data_path}: no fineweb_{split}_*.bin shards ({download_hint(data_path)})"
+        )
     return files
 
 
@@ -1186,10 +1250,7 @@ def load_val_tokens(data_path: str, vocab_size: int, limit: int = 0) -> Tensor:
 
 def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
     if not os.path.isfile(path):
-        raise DataError(
-            f"TOKENIZER_PATH={path}: no such file (download it with the data: MATCHED_FINEWEB_REPO_ID="
-            "kevclark/parameter-golf python3 data/cached_challenge_fineweb.py --variant sp8192)"
-        )
+        raise DataError(f"TOKENIZER_PATH={path}: no such file ({download_hint(path, vocab_size)})")
     try:
         sp = spm.SentencePieceProcessor(model_file=path)
     except (RuntimeError, OSError) as err:
@@ -2728,8 +2789,58 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite, or the ranks' weights drifted apart."""
 
 
+class DiskError(RuntimeError):
+    """A file could not be written: its disk is full, over quota or read-only."""
+
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C, with where the run stopped."""
+    """Ctrl-C, SIGTERM or SIGHUP, with where the run stopped; the process exits 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
+
+
+# What `kill`, torchrun (stopping the other ranks when one fails) and job schedulers send, and a closed
+# terminal: each stops the run as Ctrl-C does.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+stop_signals_received: list[int] = []
+
+
+class Stopped(KeyboardInterrupt):
+    """A SIGTERM or SIGHUP arrived; a KeyboardInterrupt, so every Ctrl-C path handles it."""
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP raise Stopped in the main thread. A repeat while the run writes its failure is
+    ignored, so the logs are finished (SIGKILL still ends the process at once)."""
+
+    def stop(signum: int, frame) -> None:
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        stop_signals_received.append(signum)
+        raise Stopped(signal.Signals(signum).name)
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, stop)
+
+
+def stopped_where(signum: int, phase: str) -> str:
+    """'interrupted at step 12' (Ctrl-C), 'stopped by SIGTERM during gptq calibration'."""
+    how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    return f"{how} {phase}"
+
+
+def stop_signal(err: BaseException) -> int | None:
+    """The signal that stopped the run: a SIGTERM or SIGHUP received (whatever error it then raised, e.g.
+    in a collective a stopped peer left), Ctrl-C's SIGINT for a KeyboardInterrupt; None for any other
+    error."""
+    if stop_signals_received:
+        return stop_signals_received[0]
+    return signal.SIGINT if isinstance(err, KeyboardInterrupt) else None
 
 
 PROGRESS_QUIET_SECONDS = 5.0  # a phase shorter than this prints only its start line
@@ -2743,6 +2854,8 @@ class Progress:
         self.t0 = self.last = time.perf_counter()
         self.tenths = 0
         log(f"{name}: started ({total} {unit})")
+        if isinstance(log, Logger):
+            log.phase = f"during {name}"
 
     def __call__(self, done: int) -> None:
         now, tenths = time.perf_counter(), 10 * done // self.total
@@ -2827,6 +2940,7 @@ class Logger:
     def __init__(self, stem: str | None, console: bool = False):
         self.text = self.events = None
         self.stem, self.training_started, self.console = stem, False, console or bool(stem)
+        self.phase = "before training"  # where the run is, for the line a stopped run ends with
         if stem:
             for path in (stem + ".txt", stem + ".jsonl"):
                 if os.path.exists(path):
@@ -2836,7 +2950,12 @@ class Logger:
                     )
             os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
             self.text = open(stem + ".txt", "x", encoding="utf-8")
-            self.events = open(stem + ".jsonl", "x", encoding="utf-8")
+            try:
+                self.events = open(stem + ".jsonl", "x", encoding="utf-8")
+            except OSError:  # leave no half of a log pair behind to block the RUN_ID
+                self.text.close()
+                os.remove(stem + ".txt")
+                raise
 
     def __call__(self, msg: str) -> None:
         if self.console:
@@ -2854,21 +2973,32 @@ class Logger:
         """Writes the error into both logs; a failed start frees its RUN_ID (its logs become
         RUN_ID.failedN.*)."""
         if self.text is not None:
-            # into the text log only: stderr has it already
-            print(f"error: {str(err) or type(err).__name__}", file=self.text, flush=True)
-            self.event("error", message=f"{type(err).__name__}: {err}")
-            self.event("end", status="failed")
+            try:  # into the text log only: stderr has it already
+                print(f"error: {str(err) or type(err).__name__}", file=self.text, flush=True)
+                self.event("error", message=f"{type(err).__name__}: {err}")
+                self.event("end", status="failed")
+            except OSError:  # the full or read-only disk that failed the run cannot take its error either
+                pass
+            if self.training_started:
+                return self.stem + ".txt"
+            paths = [self.stem + ".txt", self.stem + ".jsonl"]
+            if not any(os.path.getsize(p) for p in paths):  # nothing written: nothing to keep
+                for f, path in zip((self.text, self.events), paths):
+                    with contextlib.suppress(OSError):
+                        f.close()
+                    os.remove(path)
+                return None
             n = 1
             while glob.glob(glob.escape(f"{self.stem}.failed{n}") + ".*"):
                 n += 1
-            for ext in () if self.training_started else (".txt", ".jsonl"):
+            for ext in (".txt", ".jsonl"):
                 os.rename(self.stem + ext, f"{self.stem}.failed{n}{ext}")
-            return self.stem + ".txt" if self.training_started else f"{self.stem}.failed{n}.txt"
+            return f"{self.stem}.failed{n}.txt"
         return None
 
 
-def code_bytes() -> int:
-    """Bytes of this script as it runs: what the final size check counts (an upper bound on what ships)."""
+def script_bytes() -> int:
+    """Bytes of this script as it runs: with its sha256, what identifies it in the log."""
     return os.path.getsize(os.path.abspath(__file__))
 
 
@@ -2886,10 +3016,13 @@ def self_extracting(source: bytes) -> bytes:
     )
 
 
+CODE_COUNTED_AS = "train_gpt.py as records.py pack ships it: its lzma self-extracting wrapper"
+
+
 @functools.cache
-def shipped_code_bytes() -> int:
-    """Bytes of this script as a record ships it: the file itself when it is a wrapper, else its wrapper.
-    The budget preview counts these, so the code's readable length does not decide whether a run starts."""
+def code_bytes() -> int:
+    """The code's bytes, the one definition the budget preview, the fit and the final size check count:
+    this script as a record ships it, the file itself when it is a wrapper, else its wrapper."""
     with open(os.path.abspath(__file__), "rb") as f:
         source = f.read()
     return len(source) if source.startswith(WRAPPER_PREFIX) else len(self_extracting(source))
@@ -3317,7 +3450,7 @@ def load_artifact_model(path: str, device: torch.device, **overrides) -> tuple[G
 
 def log_budget_preview(model: GPT, h, log) -> None:
     estimate, per_class = estimate_artifact_bytes(model, h)
-    code = shipped_code_bytes()
+    code = code_bytes()
     total = estimate + code
     log.event(
         "budget_preview",
@@ -3329,7 +3462,7 @@ def log_budget_preview(model: GPT, h, log) -> None:
     )
     classes = ", ".join(f"{k}:{v}" for k, v in sorted(per_class.items()))
     log(
-        f"budget_preview: artifact ~{estimate} bytes ({classes}) + code {code} (compressed, as shipped) "
+        f"budget_preview: artifact ~{estimate} bytes ({classes}) + code {code} ({CODE_COUNTED_AS}) "
         f"= ~{total} of {h.size_cap_bytes} (slack ~{h.size_cap_bytes - total})"
     )
     refused = h.budget_margin >= 0 and total > h.size_cap_bytes * (1 + h.budget_margin)
@@ -3355,7 +3488,7 @@ def log_header(h, model: GPT, rt: Runtime, accum: int, val_tokens: Tensor) -> No
         "config",
         knobs=knobs,
         code_sha256=code_sha,
-        code_bytes=code_bytes(),
+        code_bytes=script_bytes(),
         torch=torch.__version__,
         python=sys.version.split()[0],
         device=device_name,
@@ -3366,7 +3499,7 @@ def log_header(h, model: GPT, rt: Runtime, accum: int, val_tokens: Tensor) -> No
         f"python {sys.version.split()[0]} torch {torch.__version__} device {device_name} world_size "
         f"{rt.world_size} grad_accum {accum}"
     )
-    log(f"code_sha256:{code_sha} code_bytes:{code_bytes()}")
+    log(f"code_sha256:{code_sha} code_bytes:{script_bytes()}")
     log(
         f"val_tokens:{val_tokens.numel()} token_limit:{h.val_token_limit} data:{os.path.abspath(h.data_path)}"
     )
@@ -3394,6 +3527,11 @@ def dry_run(h) -> None:
     """DRY_RUN=1: the model on the meta device (no data, tokenizer or GPU): the config, parameter count,
     budget preview and the projected speed on 8xH100."""
     log, peak, rates = Logger(None, console=True), PEAK_BF16_FLOPS["H100"], []
+    grad_accum_steps(h, int(os.environ.get("WORLD_SIZE", 1)))  # a batch this launch would refuse: refused
+    try:
+        grad_accum_steps(h, 8)
+    except ConfigError as err:  # the 8-GPU run the projection is of
+        log(f"warning: torchrun --nproc_per_node=8 would refuse this batch: {err}")
     with torch.device("meta"):
         model = GPT(model_config(h))
     log_model(h, model, log)
@@ -3419,12 +3557,48 @@ def dry_run(h) -> None:
     )
 
 
-def export_and_report(model: GPT, h, path: str, log, hessians: dict | None) -> None:
-    with exact_fp32_matmuls():
-        size = export_artifact(model, h, path, code_bytes(), log, hessians)
-    total, slack, digest = size + code_bytes(), h.size_cap_bytes - size - code_bytes(), sha256_file(path)
+def write_new_file(path: str, write, log) -> str:
+    """write(name) fills a temporary name beside path, which is then linked to path only if path is still
+    free (another run may have taken it since start-up); else to the first free `root.N.ext`, which the log
+    names. Nothing is overwritten, and a stopped or failed write leaves no file a later step could take for
+    a finished one. -> the name the file has."""
+    partial = f"{path}.{os.getpid()}.partial"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    root, ext = os.path.splitext(path)
+    try:
+        write(partial)
+        for n in itertools.count(1):
+            name = path if n == 1 else f"{root}.{n}{ext}"
+            try:
+                os.link(partial, name)
+            except FileExistsError:
+                continue
+            if name != path:
+                log(
+                    f"warning: {path} was created by another process during this run; this run's file is "
+                    f"{name}"
+                )
+            return name
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
+
+
+def export_and_report(model: GPT, h, path: str, log, hessians: dict | None) -> str:
+    """Writes the artifact (never over another file) and logs its size check -> the artifact's path."""
+
+    code = code_bytes()
+
+    def export(partial: str) -> None:
+        with exact_fp32_matmuls():
+            export_artifact(model, h, partial, code, log, hessians)
+
+    path = write_new_file(path, export, log)
+    size = os.path.getsize(path)
+    total, slack, digest = size + code, h.size_cap_bytes - size - code, sha256_file(path)
     log(f"Serialized model quant+zstd: {size} bytes")
-    log(f"Code size: {code_bytes()} bytes")
+    log(f"Code size (counted: {CODE_COUNTED_AS}): {code} bytes")
+    log(f"Code size (uncompressed, the script as run): {script_bytes()} bytes")
     log(f"Total submission size quant+zstd: {total} bytes")
     log(
         f"size_check total:{total} cap:{h.size_cap_bytes} slack:{slack} "
@@ -3433,7 +3607,9 @@ def export_and_report(model: GPT, h, path: str, log, hessians: dict | None) -> N
     )
     log.event(
         "size_check",
-        code_bytes=code_bytes(),
+        code_bytes=code,
+        code_counted_as=CODE_COUNTED_AS,
+        script_bytes=script_bytes(),
         artifact_bytes=size,
         total_bytes=total,
         cap=h.size_cap_bytes,
@@ -3441,6 +3617,7 @@ def export_and_report(model: GPT, h, path: str, log, hessians: dict | None) -> N
         artifact=os.path.abspath(path),
         sha256=digest,
     )
+    return path
 
 
 def check_ranks_in_sync(model: nn.Module, rt: Runtime) -> None:
@@ -3611,6 +3788,14 @@ class Validation(NamedTuple):
 def load_validation(h, log) -> Validation:
     tables = byte_tables(load_tokenizer(h.tokenizer_path, h.vocab_size))
     tokens = load_val_tokens(h.data_path, h.vocab_size, h.val_token_limit)
+    if (
+        h.eval_seq_len >= tokens.numel()
+    ):  # one window holding everything: not the sliding evaluation asked for
+        limit = f" (VAL_TOKEN_LIMIT={h.val_token_limit})" if h.val_token_limit else ""
+        raise ConfigError(
+            f"EVAL_SEQ_LEN={h.eval_seq_len}: not shorter than the validation split, {tokens.numel()} tokens"
+            f"{limit} in DATA_PATH={h.data_path}"
+        )
     warning = check_tokenizer_identity(h.data_path, h.tokenizer_path)
     if warning:
         log(warning)
@@ -3700,15 +3885,17 @@ def train_and_evaluate(h, rt: Runtime) -> None:
     try:
         trainer.run(validate)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"interrupted at step {trainer.step}") from None
+        log.phase = f"at step {trainer.step}"
+        raise
+    log.phase = "after training"
     if device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB")
     if trainer.ema is not None:
         trainer.ema.copy_to_model()
     hessians = calibrate(trainer)
     if h.save_checkpoint and rt.rank == 0:
-        with open(os.path.join(h.log_dir, f"{h.run_id}_fp.pt"), "xb") as f:  # never overwrites
-            torch.save(dict(config=knob_values(h, MODEL_KNOBS), state=model.state_dict()), f)
+        checkpoint = dict(config=knob_values(h, MODEL_KNOBS), state=model.state_dict())
+        write_new_file(os.path.join(h.log_dir, f"{h.run_id}_fp.pt"), lambda f: torch.save(checkpoint, f), log)
     if trainer.ema is not None:
         last_val[:] = validate()
         log(f"pre_quant_ema val_loss:{last_val[0]:.8f} val_bpb:{last_val[1]:.8f}{val.note}")
@@ -3721,15 +3908,16 @@ def train_and_evaluate(h, rt: Runtime) -> None:
         eval_time_s=last_val[2],
         ema=trainer.ema is not None,
     )
-    if rt.rank == 0:
-        export_and_report(model, h, h.artifact_path, log, hessians)
+    written = [export_and_report(model, h, h.artifact_path, log, hessians) if rt.rank == 0 else None]
     if rt.world_size > 1:
-        dist.barrier()
+        dist.broadcast_object_list(written)  # waits for rank 0's export; every rank reads the file it wrote
+    h.artifact_path = written[0]
     qmodel = load_artifact_model(h.artifact_path, device)[0].eval()
     final_evaluation(qmodel, h, val, rt)
 
 
 def main() -> None:
+    stop_on_signals()
     h = load_config()
     if h.dry_run:
         return dry_run(h)
@@ -3752,16 +3940,26 @@ def main() -> None:
             )
         rt = Runtime(rank, world_size, device, log)
         (evaluate_artifact if h.eval_only else train_and_evaluate)(h, rt)
-    except KeyboardInterrupt as err:  # Ctrl-C: one line, no traceback; the logs say the run failed
-        where = str(err) or f"interrupted {'after' if log.training_started else 'before'} training"
-        kept = log.fail(KeyboardInterrupt(where))
-        raise RunInterrupted(
-            f"{where}; run marked failed" + (f", logs kept: {kept}" if kept else "")
-        ) from None
     except BaseException as err:
-        log.fail(err)
-        raise
+        signum = stop_signal(err)
+        if signum is None:
+            log.fail(err)
+            if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
+                where = err.filename or f"under LOG_DIR={h.log_dir} or ARTIFACT_PATH={h.artifact_path}"
+                raise DiskError(
+                    f"cannot write {where}: {err.strerror} (free space there, or point LOG_DIR and "
+                    "ARTIFACT_PATH at another disk)"
+                ) from None
+            raise
+        # Ctrl-C, SIGTERM, SIGHUP: one line, no traceback; the logs say the run failed, and where
+        where = stopped_where(signum, log.phase)
+        kept = log.fail(RunInterrupted(where, signum))
+        raise RunInterrupted(
+            f"{where}; run marked failed" + (f", logs kept: {kept}" if kept else ""), signum
+        ) from None
     log.event("end", status="ok")
+    for s in STOP_SIGNALS:  # the run is complete and logged: a stop from here on only ends the process
+        signal.signal(s, signal.SIG_DFL)
     if world_size > 1:
         dist.barrier()  # rank 0 has written its last line before any rank leaves
         dist.destroy_process_group()
@@ -3771,14 +3969,19 @@ if __name__ == "__main__":
     first_rank = os.environ.get("RANK", "0") == "0"
     try:
         main()
-    except RunInterrupted as err:
+    except RunInterrupted as err:  # every rank stops alike: rank 0 says it once
         if first_rank:
             print(str(err), file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + err.signum)
+    except KeyboardInterrupt as err:  # stopped while reading the knobs or joining the ranks: no logs yet
+        signum = stop_signal(err)
+        if first_rank:
+            print(stopped_where(signum, "before training"), file=sys.stderr)
+        sys.exit(128 + signum)
     except (ConfigError, DataError) as err:  # the same inputs fail alike on every rank: rank 0 says it once
         if first_rank:
             print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except (ArtifactError, TrainingDiverged) as err:
+    except (ArtifactError, TrainingDiverged, DiskError) as err:
         print(f"error: {err}" if first_rank else f"error (rank {os.environ['RANK']}): {err}", file=sys.stderr)
         sys.exit(2)

@@ -243,7 +243,7 @@ def test_a_budget_preview_over_the_cap_but_within_the_margin_says_what_will_happ
     h = tiny_config()
     model = tg.GPT(tg.model_config(h))
     estimate, _ = tg.estimate_artifact_bytes(model, h)
-    h.size_cap_bytes = estimate + tg.shipped_code_bytes() - 1000  # 1,000 bytes over, within 2%
+    h.size_cap_bytes = estimate + tg.code_bytes() - 1000  # 1,000 bytes over, within 2%
     tg.log_budget_preview(model, h, tg.Logger(None, console=True))
     lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(
@@ -302,3 +302,31 @@ def test_runlog_prints_a_table_without_json_and_json_with_it(capsys):
     assert re.search(r"^score\s+val_bpb 1\.2\d{7} \(val_loss", table, re.M) and not table.startswith("{")
     assert runlog.main([str(log), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["final_val_bpb"] == runlog.read(log).score.val_bpb
+
+
+# --- missing data: the command for the export asked for ---------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1024, 4096, 8192])
+def test_missing_data_or_tokenizer_names_the_command_for_the_variant_asked_for(tmp_path, size):
+    import cached_challenge_fineweb as ccf
+
+    variant = f"sp{size}"
+    data = tmp_path / "datasets" / f"fineweb10B_{variant}"
+    tokenizer = tmp_path / "tokenizers" / f"fineweb_{size}_bpe.model"
+    with pytest.raises(tg.DataError) as missing_data:
+        tg.shard_files(str(data), "val")
+    with pytest.raises(tg.DataError) as missing_tokenizer:
+        tg.load_tokenizer(str(tmp_path / "other.model"), size)  # a path naming no export: VOCAB_SIZE's
+    with pytest.raises(tg.DataError) as named_tokenizer:
+        tg.load_tokenizer(str(tokenizer), 8192 if size != 8192 else 1024)  # the path's export wins
+    repo = None if variant not in ccf.COMMUNITY_VARIANTS else ccf.COMMUNITY_REPO_ID
+    env = f"{ccf.REPO_ENV}={repo} " if repo else ""
+    command = f"{env}python3 data/cached_challenge_fineweb.py --variant {variant}"
+    for err in (missing_data, missing_tokenizer, named_tokenizer):
+        assert str(err.value).endswith(f"(download the {variant} export with: {command})"), err.value
+    # the downloader resolves that variant from exactly that environment
+    source = ccf.resolve_source(variant, None, None, {ccf.REPO_ENV: repo} if repo else {})
+    assert source.repo_id == (repo or ccf.OFFICIAL_REPO_ID)
+    with pytest.raises(tg.DataError, match=r"no such directory \(build shards with data/build_shards.py"):
+        tg.shard_files(str(tmp_path / "mine"), "train")

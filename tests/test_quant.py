@@ -246,10 +246,10 @@ def test_budget_preview_counts_the_script_as_shipped(tmp_path):
     """The preview counts the self-extracting wrapper's bytes (what a record ships), not the readable
     script's; a wrapper counts itself, not a wrapper of itself."""
     source = (REPO / "train_gpt.py").read_bytes()
-    assert tg.shipped_code_bytes() == len(tg.self_extracting(source)) < len(source) // 2
+    assert tg.code_bytes() == len(tg.self_extracting(source)) < len(source) // 2
     wrapper = tmp_path / "train_gpt.py"
     wrapper.write_bytes(tg.self_extracting(source))
-    probe = "import train_gpt as t; print(t.shipped_code_bytes(), t.code_bytes())"
+    probe = "import train_gpt as t; print(t.code_bytes(), t.script_bytes())"
     out = subprocess.run(
         [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True
     ).stdout.split()

@@ -124,8 +124,8 @@ EXPECTED_FAILS = {
 CHANGED_AFTER_THE_RUNS = "2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611"
 
 
-def verify_main(folder, capsys) -> tuple[int, str]:
-    status = records.main(["verify", str(folder)])
+def verify_main(folder, capsys, *extra) -> tuple[int, str]:
+    status = records.main(["verify", str(folder), *extra])
     return status, capsys.readouterr().out
 
 
@@ -416,7 +416,7 @@ def runs(tmp_path_factory):
         ran = [records.parse_log(log) for log in logs]
         if all(
             r.code_sha256 == hashlib.sha256(code).hexdigest()
-            and r.start_code_bytes == r.code_bytes == len(code)
+            and r.start_code_bytes == r.source_code_bytes == len(code)
             for r in ran
         ):
             return dict(root=root, script=script, logs=logs)
@@ -499,7 +499,8 @@ def test_parse_real_log(runs):
     )
     assert (run.seed, run.steps, run.world_size, run.device) == (SEEDS[0], RUN_ENV["ITERATIONS"], 1, "cpu")
     assert run.artifact_bytes == (log.parent / "test_model.ptz").stat().st_size
-    assert run.code_bytes == runs["script"].stat().st_size
+    assert run.source_code_bytes == runs["script"].stat().st_size
+    assert run.code_bytes == len(records.self_extracting(runs["script"].read_bytes()))  # counted as shipped
     assert records.find_artifact(run) == log.parent / "test_model.ptz"
 
 
@@ -547,6 +548,9 @@ def test_verify_passes_quick_and_full(packed, capsys):
     assert "PASS  quick check" in out and "FAIL" not in out
     checks = verify(packed)  # full: re-evaluates on the claim's own (partial) token range
     assert not failed(checks), [c.detail for c in checks if not c.ok]
+    progress = capsys.readouterr().err  # the re-score's phases as they run, not minutes of silence
+    assert re.search(r"^verify: seed \d+: final roundtrip evaluation: started \(", progress, re.M), progress
+    assert re.search(r"^verify: seed \d+: final_quant_zstd_\w+ val_loss:", progress, re.M), progress
     assert any(c.name.endswith("re-score (EVAL_ONLY)") and "|diff|" in c.detail for c in checks)
     probes = {re.sub(r" \d+\)", ")", c.name): c.status for c in checks if "probe" in c.name}
     assert probes == {
@@ -608,6 +612,54 @@ def test_verify_without_a_reference_for_the_token_limit(packed):
     checks = verify(packed, "--token-limit", "100")
     assert failed(checks) == []
     assert [c.status for c in checks if c.name == "quick check (100 tokens)"] == ["WARN"]
+
+
+@pytest.mark.parametrize("kind", ["model", "log", "script"])
+def test_verify_refuses_a_folder_whose_model_log_or_script_is_a_link(folder_copy, tmp_path, kind):
+    name = {"model": "model_seed*.ptz", "log": "train_seed*.txt", "script": "train_gpt.py"}[kind]
+    path = next(folder_copy.glob(name))
+    outside = tmp_path / "elsewhere" / path.name
+    outside.parent.mkdir()
+    path.rename(outside)
+    path.symlink_to(outside)  # every byte the same: only the link itself can tell
+    checks = verify(folder_copy)
+    assert [(c.name, c.status) for c in checks] == [
+        ("plain files only", "FAIL"),
+        ("every other check", "SKIP"),
+    ]
+    assert f"{path.name} -> {outside}" in checks[0].detail
+
+
+def test_verify_lists_every_file_pack_did_not_write_and_quick_says_what_it_skipped(folder_copy, capsys):
+    with open(folder_copy / "extra.bin", "wb") as f:
+        f.truncate(20_000_000)
+    (folder_copy / "notes").mkdir()
+    (folder_copy / "notes" / "todo.txt").write_text("more")
+    status, out = verify_main(folder_copy, capsys, "--quick")
+    assert status == 0, out
+    assert (
+        "WARN  files as packed: 2 file(s) pack did not write (not checked, not counted): "
+        "extra.bin (20,000,000 bytes), notes/todo.txt (4 bytes)"
+    ) in out
+    assert "SKIP  re-score: --quick: the artifact was not evaluated (rerun without --quick)" in out
+    assert "SKIP  legality probes: --quick" in out and "re-scoring" not in capsys.readouterr().err
+    (folder_copy / "passwd").symlink_to("/etc/passwd")
+    status, out = verify_main(folder_copy, capsys, "--quick")
+    assert status == 1 and "FAIL  plain files only: links in" in out and "passwd -> /etc/passwd" in out
+
+
+def test_verify_refuses_a_submission_naming_files_outside_the_folder(folder_copy, tmp_path):
+    path = folder_copy / "submission.json"
+    sub = json.loads(path.read_text())
+    claim = sub["seed_results"][str(sub["best_seed"])]
+    shutil.copyfile(folder_copy / claim["log"], tmp_path / "stray.txt")
+    claim["log"] = f"../{tmp_path.name}/stray.txt"
+    path.write_text(json.dumps(sub))
+    checks = verify(folder_copy)
+    assert [(c.name, c.status) for c in checks] == [
+        ("files named inside the folder", "FAIL"),
+        ("every other check", "SKIP"),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -714,6 +766,16 @@ def test_pack_refuses_an_existing_folder_unless_forced(runs, tmp_path, capsys):
     )
     assert (folder / "notes.txt").read_text() == "mine"
     assert len(list(folder.glob("model_seed*.ptz"))) == len(SEEDS)
+
+
+def test_pack_into_an_existing_file_is_refused_with_or_without_force(runs, tmp_path, capsys):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    for force in ((), ("--force",)):
+        assert records.main(pack_args(runs, tmp_path, "--folder", str(target), *force)) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: --folder {target}: a file, not a folder; name a new folder\n", err
+    assert target.read_text() == "mine"
 
 
 def test_pack_into_a_named_folder_ships_the_smallest_artifact(runs, tmp_path, capsys):

@@ -1,12 +1,15 @@
 """Bad input fails before training, naming what is wrong; failed runs leave
 nothing burned or overwritten; invalid results exit non-zero; ranks stay in sync; the GPU-path fixes."""
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -342,3 +345,248 @@ def test_two_rank_run_on_a_wall_clock_schedule_ends_in_sync(tmp_path):
     assert re.search(r"^ranks_in_sync:yes ranks:2 tensors:\d+$", result.stdout, re.M)
     steps = [int(s) for s in re.findall(r"^step:(\d+)/100000 train_loss", result.stdout, re.M)]
     assert 1 < steps[-1] < 100000  # stopped by the clock, not the step count
+
+
+# --- stopped and raced runs: SIGTERM / SIGHUP, two runs on one artifact path ----------------------------
+
+
+def start_run(tmp_path, **env) -> subprocess.Popen:
+    """train_gpt.py with TINY_ENV plus env, in the background, its output piped."""
+    full = {k: v for k, v in os.environ.items() if k not in TINY_ENV}
+    full.update(TINY_ENV, RUN_ID="test", LOG_DIR=str(tmp_path / "logs"), OMP_NUM_THREADS="1")
+    full.update({k: str(v) for k, v in env.items()})
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train_gpt.py")],
+        cwd=tmp_path,
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_sigterm_during_training_is_one_line_exit_143_and_the_logs_end_in_an_error(tmp_path):
+    proc = start_run(tmp_path, ITERATIONS=100000, TRAIN_LOG_EVERY=1)
+    for line in proc.stdout:  # a few training steps
+        if line.startswith("step:3/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr[-2000:]
+    m = re.fullmatch(
+        r"stopped by SIGTERM at step (\d+); run marked failed, logs kept: (.*test\.txt)\n", stderr
+    )
+    assert m and int(m[1]) >= 3, stderr
+    logged = events(tmp_path / "logs" / "test.jsonl")
+    assert logged[-2]["event"] == "error" and f"stopped by SIGTERM at step {m[1]}" in logged[-2]["message"]
+    assert logged[-1] == {**logged[-1], "event": "end", "status": "failed"}
+    assert (
+        (tmp_path / "logs" / "test.txt").read_text().endswith(f"error: stopped by SIGTERM at step {m[1]}\n")
+    )
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["test.jsonl", "test.txt"]  # no artifact
+
+
+def test_sigterm_and_sighup_raise_in_the_main_thread_once(monkeypatch):
+    saved = {s: signal.getsignal(s) for s in tg.STOP_SIGNALS}
+    monkeypatch.setattr(tg, "stop_signals_received", [])
+    try:
+        for signum in tg.STOP_SIGNALS:
+            tg.stop_on_signals()
+            with pytest.raises(tg.Stopped) as err:
+                os.kill(os.getpid(), signum)
+                time.sleep(5)  # the handler raises at the next bytecode
+            assert isinstance(err.value, KeyboardInterrupt)  # every Ctrl-C path handles it
+            assert signal.getsignal(signum) == signal.SIG_IGN  # a repeat cannot cut the failure's logging
+        assert tg.stop_signals_received == list(tg.STOP_SIGNALS)
+        assert tg.stop_signal(RuntimeError("a peer left the collective")) == signal.SIGTERM
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert tg.stopped_where(signal.SIGINT, "at step 3") == "interrupted at step 3"
+    assert tg.stopped_where(signal.SIGHUP, "during export") == "stopped by SIGHUP during export"
+
+
+def test_a_written_file_never_replaces_another_and_a_failed_write_leaves_nothing(tmp_path):
+    path, said = tmp_path / "m.ptz", []
+    path.write_bytes(b"another run's model")
+
+    def write(name):
+        with open(name, "wb") as f:
+            f.write(b"this run's model")
+
+    assert tg.write_new_file(str(path), write, said.append) == str(tmp_path / "m.2.ptz")
+    assert tg.write_new_file(str(path), write, said.append) == str(tmp_path / "m.3.ptz")
+    assert path.read_bytes() == b"another run's model"
+    assert (tmp_path / "m.2.ptz").read_bytes() == b"this run's model"
+    assert said[
+        0
+    ] == f"warning: {path} was created by another process during this run; this run's file is " + str(
+        tmp_path / "m.2.ptz"
+    )
+
+    def stopped(name):
+        with open(name, "wb") as f:
+            f.write(b"half a mod")
+        raise tg.Stopped("SIGTERM")
+
+    with pytest.raises(tg.Stopped):
+        tg.write_new_file(str(tmp_path / "new.ptz"), stopped, said.append)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.2.ptz", "m.3.ptz", "m.ptz"]
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_artifact_path_keep_both_models(tmp_path):
+    """Another run writes ARTIFACT_PATH while this one calibrates (both passed the start-up check)."""
+    artifact = tmp_path / "shared.ptz"
+    racer = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); import train_gpt as tg\n"
+        "calibrate = tg.calibrate\n"
+        "def other_run_finishes_first(trainer):\n"
+        f"    open({str(artifact)!r}, 'xb').write(b\"the other run's model\")\n"
+        "    return calibrate(trainer)\n"
+        "tg.calibrate = other_run_finishes_first\n"
+        "tg.main()\n"
+    )
+    full = {k: v for k, v in os.environ.items() if k not in TINY_ENV}
+    full.update(TINY_ENV, RUN_ID="test", LOG_DIR=str(tmp_path / "logs"), OMP_NUM_THREADS="1")
+    full.update(ITERATIONS="2", ARTIFACT_PATH=str(artifact))
+    result = subprocess.run(
+        [sys.executable, "-c", racer], cwd=tmp_path, env=full, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert artifact.read_bytes() == b"the other run's model"
+    ours = tmp_path / "shared.2.ptz"
+    assert f"this run's file is {ours}" in result.stdout
+    size_check = next(e for e in events(tmp_path / "logs" / "test.jsonl") if e["event"] == "size_check")
+    assert size_check["artifact"] == str(ours)
+    assert size_check["sha256"] == hashlib.sha256(ours.read_bytes()).hexdigest()
+    assert re.search(r"^final_quant_zstd_sliding_window_exact .*val_bpb:\d", result.stdout, re.M)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.slow
+def test_a_run_whose_budget_preview_fits_never_ends_invalid_for_the_codes_size(tmp_path):
+    """The preview, the fit and the final check count the same code bytes: the script as a record ships
+    it. The cap leaves room for the compressed script, not the readable one (162 kB on its own)."""
+    cap = tg.code_bytes() + 150_000
+    assert cap < tg.script_bytes() + 100_000
+    result = run_train(tmp_path, ITERATIONS=2, SIZE_CAP_BYTES=cap)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "INVALID" not in result.stdout
+    logged = events(tmp_path / "logs" / "test.jsonl")
+    preview = next(e for e in logged if e["event"] == "budget_preview")
+    size_check = next(e for e in logged if e["event"] == "size_check")
+    assert preview["code_bytes"] == size_check["code_bytes"] == tg.code_bytes()
+    assert preview["total_bytes"] <= cap and size_check["total_bytes"] <= cap
+    assert size_check["script_bytes"] == tg.script_bytes()
+    counted = f"({tg.CODE_COUNTED_AS})"
+    assert f"+ code {tg.code_bytes()} {counted}" in result.stdout
+    assert f"Code size (counted: {tg.CODE_COUNTED_AS}): {tg.code_bytes()} bytes" in result.stdout
+
+
+def test_an_empty_value_is_an_error_naming_the_knob_unless_its_default_is_empty():
+    with pytest.raises(tg.ConfigError, match=r"^NUM_LAYERS=: set but empty \(an unset shell variable\?\)"):
+        tg.load_config({**TINY_ENV, "NUM_LAYERS": ""})
+    with pytest.raises(tg.ConfigError, match=r"^SEED=, MATRIX_LR=: set but empty"):
+        tg.load_config({**TINY_ENV, "SEED": "", "MATRIX_LR": ""})
+    unset = {"RUN_ID": "", "ARTIFACT_PATH": "", "EMA_DECAY": "", "MOE_LAYERS": "", "EVAL_TOKEN_LOSSES": ""}
+    h = tg.load_config({**TINY_ENV, **unset})  # empty defaults: empty is unset
+    assert (h.run_id, h.ema_decay, h.moe_layers) == ("", None, [])
+
+
+# --- a full disk at start ------------------------------------------------------------------------------
+
+FULL_DISK = """
+import builtins, errno, os, runpy, sys
+real_open, log_dir = builtins.open, os.environ["LOG_DIR"]
+
+class FullDisk:  # the file is created, every write fails: a disk with inodes left but no blocks
+    def __init__(self, f):
+        self.f = f
+    def write(self, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    def flush(self):
+        pass
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+def full_open(path, mode="r", *args, **kwargs):
+    f = real_open(path, mode, *args, **kwargs)
+    writes = any(c in mode for c in "wxa")
+    return FullDisk(f) if writes and os.path.abspath(str(path)).startswith(log_dir) else f
+
+builtins.open = full_open
+sys.argv = [sys.argv[1]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_start_is_one_error_line_and_leaves_the_run_id_free(tmp_path):
+    full = {k: v for k, v in os.environ.items() if k not in TINY_ENV}
+    logs = tmp_path / "logs"
+    full.update(TINY_ENV, RUN_ID="test", LOG_DIR=str(logs), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(REPO / "train_gpt.py")],
+        cwd=tmp_path,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_refused_before_training(result, f"error: cannot write under LOG_DIR={logs} or ARTIFACT_PATH=")
+    assert "No space left on device (free space there" in result.stderr
+    assert list(logs.iterdir()) == []  # no 0-byte logs to block RUN_ID=test
+
+
+def test_a_log_pair_that_cannot_be_completed_is_not_left_half_made(tmp_path):
+    (tmp_path / "test.jsonl").symlink_to(tmp_path / "gone")  # not there, yet the name cannot be created
+    with pytest.raises(FileExistsError):
+        tg.Logger(str(tmp_path / "test"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test.jsonl"]  # no test.txt left behind
+
+
+# --- errors that name the knob that is wrong; no-op values refused ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"RUN_ID": "r" * 201}, "RUN_ID: 201 bytes, at most 200 (it names files"),
+        (
+            {"PARALLEL_START_LAYER": "2"},
+            "PARALLEL_START_LAYER=2: past the last layer (NUM_LAYERS=2: layers 0..1)",
+        ),
+        ({"MOE_MODE": "soft", "NUM_EXPERTS": "1"}, "NUM_EXPERTS=1: a mixture needs at least 2 experts"),
+    ],
+)
+def test_a_no_op_or_impossible_value_names_its_knob(env, message):
+    with pytest.raises(tg.ConfigError) as err:
+        tg.load_config({**TINY_ENV, **env})
+    assert str(err.value).startswith(message), err.value
+
+
+def test_a_long_eval_seq_len_is_blamed_on_itself_not_on_ttt(tiny_config):
+    h = tiny_config(EVAL_SEQ_LEN=50000)  # TTT off: its chunk size is not the problem
+    assert not h.ttt_enabled and h.eval_seq_len == 50000
+    with pytest.raises(
+        tg.ConfigError, match=r"^GLOBAL_TTT_CHUNK_TOKENS=\d+: must hold at least one EVAL_SEQ"
+    ):
+        tiny_config(EVAL_SEQ_LEN=50000, TTT_ENABLED=1)
+    with pytest.raises(tg.ConfigError) as err:  # longer than the split: one window, not a sliding evaluation
+        tg.load_validation(h, lambda msg: None)
+    assert str(err.value) == (
+        f"EVAL_SEQ_LEN=50000: not shorter than the validation split, 8193 tokens (VAL_TOKEN_LIMIT=8192) in "
+        f"DATA_PATH={SAMPLE}"
+    )
+
+
+def test_dry_run_refuses_a_batch_the_run_refuses_and_warns_for_8_ranks(tiny_config, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(tg.ConfigError, match=r"^TRAIN_BATCH_TOKENS=3072 is not divisible by WORLD_SIZE=1"):
+        tg.dry_run(tiny_config(TRAIN_BATCH_TOKENS=3072, MICRO_BATCH_TOKENS=2048))
+    tg.dry_run(tiny_config())  # 2048 tokens = 2 micro-batches on one rank, a fraction of one on 8
+    out = capsys.readouterr().out
+    assert "warning: torchrun --nproc_per_node=8 would refuse this batch: TRAIN_BATCH_TOKENS=2048" in out

@@ -236,7 +236,7 @@ def test_projection_grows_with_the_work(tiny_config, val_pair):
     [
         ({"TTT_LORA_RANK": "0"}, "TTT_LORA_RANK=0"),
         ({"TTT_BETA2": "1.0"}, "TTT_BETA2=1.0"),
-        ({"GLOBAL_TTT_CHUNK_TOKENS": "64"}, "GLOBAL_TTT_CHUNK_TOKENS=64"),
+        ({"TTT_ENABLED": "1", "GLOBAL_TTT_CHUNK_TOKENS": "64"}, "GLOBAL_TTT_CHUNK_TOKENS=64"),
         ({"EVAL_ONLY": "1", "ARTIFACT_PATH": "/nonexistent.ptz"}, "ARTIFACT_PATH"),
         ({"EVAL_TOKEN_LOSSES": __file__}, "EVAL_TOKEN_LOSSES"),
         ({"EVAL_TOKEN_LOSSES": "/no/such/dir/x.npy"}, "EVAL_TOKEN_LOSSES"),

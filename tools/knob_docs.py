@@ -19,11 +19,12 @@ DOC = REPO / "docs" / "knobs.md"
 
 PREAMBLE = """# Knobs
 
-Every knob is an environment variable. A malformed value, a value outside the knob's range, an unknown
-choice, a misspelt or lowercase knob name, or a name another trainer uses for a knob we read under
-another name stops the run before training with a message naming it (the table of other trainers'
-names is `FOREIGN_KNOBS` in `train_gpt.py`: `WARMDOWN_ITERS` -> `WARMDOWN_FRAC`, `VAL_BATCH_SIZE` ->
-`EVAL_BATCH_SEQS`, `SWA_ENABLED` -> none, ...). A knob marked *model* shapes the network: the artifact
+Every knob is an environment variable. A malformed value, an empty one (`NUM_LAYERS=`, most often an
+unset shell variable; where the default is empty, as for `RUN_ID`, empty is that default), a value
+outside the knob's range, an unknown choice, a misspelt or lowercase knob name, or a name another
+trainer uses for a knob we read under another name stops the run before training with a message
+naming it (the table of other trainers' names is `FOREIGN_KNOBS` in `train_gpt.py`:
+`WARMDOWN_ITERS` -> `WARMDOWN_FRAC`, `VAL_BATCH_SIZE` -> `EVAL_BATCH_SEQS`, `SWA_ENABLED` -> none, ...). A knob marked *model* shapes the network: the artifact
 stores it. A knob marked *MoE* means something only with `MOE_MODE` other than `none`; set with the
 dense MLP it is an error.
 

@@ -346,18 +346,25 @@ def check_script(script: Path, runs: list[RunLog]) -> int:
                 f"{run.path}: no code_sha256 line, so the train_gpt.py that ran cannot be identified "
                 "(a log of an older train_gpt.py?)"
             )
-        if run.start_code_bytes is not None and run.start_code_bytes != run.code_bytes:
+        ran = script_size_logged(run)
+        if run.start_code_bytes is not None and run.start_code_bytes != ran:
             raise RecordError(
                 f"{run.path}: train_gpt.py was {run.start_code_bytes} bytes at the start of the run but "
-                f"{run.code_bytes} at export: it was edited during the run, so no script matches the log"
+                f"{ran} at export: it was edited during the run, so no script matches the log"
             )
-        if run.code_bytes != size or run.code_sha256 != sha:
+        if ran != size or run.code_sha256 != sha:
             raise RecordError(
                 f"{script} ({size} bytes, sha256 {sha[:16]}...) is not the script of {run.path} "
-                f"(Code size {run.code_bytes}, code_sha256 {run.code_sha256[:16]}...): the log came "
+                f"(Code size {ran}, code_sha256 {run.code_sha256[:16]}...): the log came "
                 "from a different train_gpt.py (pass the one that ran with --script)"
             )
     return size
+
+
+def script_size_logged(run: RunLog) -> int | None:
+    """The size of the script as it ran, from the log's export lines: a log that counts the code as its
+    compressed wrapper states the script's own size beside it; older logs counted the script as run."""
+    return run.source_code_bytes or run.code_bytes
 
 
 def find_artifact(run: RunLog) -> Path:
@@ -377,7 +384,9 @@ def find_artifact(run: RunLog) -> Path:
     )
 
 
-def check_artifacts(runs: list[RunLog], artifacts: list[Path], code_bytes: int, cap: int) -> None:
+def check_artifacts(
+    runs: list[RunLog], artifacts: list[Path], code_bytes: int, cap: int, compressed: bool = False
+) -> None:
     for run, artifact in zip(runs, artifacts):
         if not artifact.is_file():
             raise RecordError(f"{artifact}: no such artifact")
@@ -393,6 +402,7 @@ def check_artifacts(runs: list[RunLog], artifacts: list[Path], code_bytes: int, 
             raise RecordError(
                 f"seed {run.seed}: artifact {size} + code {code_bytes} = {size + code_bytes} bytes "
                 f"exceeds the cap of {cap} bytes by {size + code_bytes - cap}"
+                + ("" if compressed else " (the run counted the code compressed: pass --compress-code)")
             )
 
 
@@ -561,13 +571,17 @@ def pack(opts: argparse.Namespace) -> Path:
     check_scores(runs, opts.track, opts.allow_partial_eval)
     script = Path(opts.script)
     code_bytes = check_script(script, runs)
+    if opts.compress_code:  # the cap counts the code as it will ship
+        code_bytes = len(self_extracting(script.read_bytes()))
     if opts.artifacts and len(opts.artifacts) != len(runs):
         raise RecordError(f"--artifacts: {len(opts.artifacts)} paths for {len(runs)} logs")
     artifacts = [Path(a) for a in opts.artifacts] if opts.artifacts else [find_artifact(r) for r in runs]
-    check_artifacts(runs, artifacts, code_bytes, opts.cap)
+    check_artifacts(runs, artifacts, code_bytes, opts.cap, opts.compress_code)
     folder = (
         Path(opts.folder) if opts.folder else Path(opts.records_dir) / opts.track / f"{opts.date}_{opts.name}"
     )
+    if folder.exists() and not folder.is_dir():  # --force replaces a folder pack wrote, never a file
+        raise RecordError(f"--folder {folder}: a file, not a folder; name a new folder")
     if folder.exists() and not opts.force:
         raise RecordError(f"{folder} already exists (pass --force to replace it)")
     outputs = pack_outputs(runs, opts.compress_code)
@@ -820,8 +834,8 @@ def seed_checks(
         Check(f"{name} log seed", run.seed == int(seed), f"log SEED {run.seed}"),
         Check(
             f"{name} log code size",
-            run.code_bytes == bytes_code == code,
-            f"log Code size {run.code_bytes}, bytes_code {bytes_code}, {SCRIPT} {code}",
+            script_size_logged(run) == bytes_code == code,
+            f"log Code size {script_size_logged(run)}, bytes_code {bytes_code}, {SCRIPT} {code}",
         ),
         Check(
             f"{name} log artifact size",
@@ -910,6 +924,9 @@ def packed_inside(folder: Path) -> list[Path]:
 
 def verify_one(opts: argparse.Namespace, folder: Path) -> list[Check]:
     """Every check of one record folder (see verify)."""
+    links = link_check(folder)
+    if not links.ok:  # what verify would read is not what the folder ships: check nothing else
+        return [links, skip("every other check", "refused: a record folder holds plain files only")]
     try:
         text = named_file(folder, SUBMISSION, "submission*.json")[0].read_text(encoding="utf-8")
         sub, claims = json.loads(text), json.loads(text, parse_float=Decimal)
@@ -918,6 +935,10 @@ def verify_one(opts: argparse.Namespace, folder: Path) -> list[Check]:
     if not isinstance(sub, dict):
         return [Check(SUBMISSION, False, f"{folder / SUBMISSION}: not a JSON object")]
     ours = "verify_check" in sub
+    if ours:
+        named = named_outside(folder, sub)
+        if not named.ok:
+            return [named, skip("every other check", "refused: the folder names files outside itself")]
     # Our folders name their runs' logs (a study folder holds other arms' logs too); others: every log.
     try:
         logs = own_logs(folder, sub) if ours else folder_logs(folder)
@@ -930,7 +951,62 @@ def verify_one(opts: argparse.Namespace, folder: Path) -> list[Check]:
                 "re-evaluation", "no artifact and verify_check in the folder: the score cannot be recomputed"
             )
         ]
-    return checks + own_folder_checks(folder, sub, opts)
+    return [links, unexpected_files_check(folder, sub), *checks, *own_folder_checks(folder, sub, opts)]
+
+
+def folder_entries(folder: Path) -> list[Path]:
+    """Every file, link and folder below `folder` (links not followed), except inside record folders
+    packed within it (verified on their own)."""
+    inner = set(packed_inside(folder))
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if Path(root, d) not in inner]
+        found += [Path(root, name) for name in sorted(dirs + files)]
+    return found
+
+
+def link_check(folder: Path) -> Check:
+    """A record folder holds plain files: a link (its model, a log, its script or any other file) is
+    refused, since verify would read the link's target and a reviewer's copy would not have it."""
+    name = "plain files only"
+    links = [p for p in folder_entries(folder) if p.is_symlink()]
+    if links:
+        shown = ", ".join(f"{p.relative_to(folder).as_posix()} -> {os.readlink(p)}" for p in links)
+        return Check(name, False, f"links in {folder}: {shown}")
+    return Check(name, True, f"no links in {folder}")
+
+
+def named_outside(folder: Path, sub: dict) -> Check:
+    """Every log and artifact submission.json names lies inside the folder (no `..`, no absolute path)."""
+    root = folder.resolve()
+    names = [sub.get("verify_check", {}).get("artifact", "")]
+    for claim in sub.get("seed_results", {}).values():
+        names += [claim.get("log", ""), claim.get("artifact", "")] if isinstance(claim, dict) else []
+    outside = [n for n in names if n and not (root / n).resolve().is_relative_to(root)]
+    if outside:
+        return Check(
+            "files named inside the folder", False, f"{SUBMISSION} names files outside it: {outside}"
+        )
+    return Check("files named inside the folder", True, f"every file {SUBMISSION} names is in {folder}")
+
+
+def unexpected_files_check(folder: Path, sub: dict) -> Check:
+    """Every file of a folder of ours is one pack wrote (its packed_files; before those existed: the
+    script, README, submission.json and each seed's logs and artifact); any other is listed."""
+    expected = set(sub.get("packed_files") or ()) | {SUBMISSION}
+    if not sub.get("packed_files"):
+        expected |= {SCRIPT, READABLE, "README.md"}
+        for claim in sub.get("seed_results", {}).values():
+            log = claim.get("log", "")
+            expected |= {log, str(Path(log).with_suffix(".jsonl")), claim.get("artifact", "")}
+    extra = [
+        p for p in folder_entries(folder) if p.is_file() and p.relative_to(folder).as_posix() not in expected
+    ]
+    name = "files as packed"
+    if extra:
+        shown = ", ".join(f"{p.relative_to(folder).as_posix()} ({p.stat().st_size:,} bytes)" for p in extra)
+        return warn(name, f"{len(extra)} file(s) pack did not write (not checked, not counted): {shown}")
+    return Check(name, True, "every file is one pack wrote")
 
 
 def own_folder_checks(folder: Path, sub: dict, opts: argparse.Namespace) -> list[Check]:
@@ -957,6 +1033,12 @@ def own_folder_checks(folder: Path, sub: dict, opts: argparse.Namespace) -> list
     data = stored_path(opts.data or check["data"], folder)
     tokenizer = stored_path(opts.tokenizer or check["tokenizer"], folder)
     hint = data_hint(folder, data, tokenizer)
+    if opts.quick:
+        rescored = "re-score" if not opts.token_limit else "quick check"
+        return checks + [
+            skip(rescored, "--quick: the artifact was not evaluated (rerun without --quick)"),
+            skip("legality probes", "--quick: causality and normalisation probes not run"),
+        ]
     if hint:
         return checks + [skip("re-score", hint), skip("legality probes", hint)]
     if opts.token_limit:
@@ -966,6 +1048,7 @@ def own_folder_checks(folder: Path, sub: dict, opts: argparse.Namespace) -> list
             if "artifact" in claim:
                 checks.append(rescore_check(folder, module, seed, claim, data, tokenizer, opts))
     best = sub["seed_results"].get(str(check["seed"]), {})
+    print(f"verify: legality probes on {check['artifact']} ...", file=sys.stderr, flush=True)
     try:
         config = parse_log(folder / best["log"]).config if "log" in best else {}
         checks += probe_checks(
@@ -1118,25 +1201,37 @@ def rescore_check(folder: Path, module, seed: str, claim: dict, data: Path, toke
             env["CUDA_VISIBLE_DEVICES"] = ""
         print(f"verify: re-scoring seed {seed} with EVAL_ONLY ...", file=sys.stderr, flush=True)
         started = time.monotonic()
-        done = subprocess.run(
-            [sys.executable, str((folder / SCRIPT).resolve())],
-            env=env,
-            cwd=tmp,
-            capture_output=True,
-            text=True,
+        status, last = run_showing_progress(
+            [sys.executable, str((folder / SCRIPT).resolve())], env, tmp, f"verify: seed {seed}: "
         )
         seconds = time.monotonic() - started
         log = Path(tmp) / "rescore.txt"
         scored = runlog.read(log).score if log.is_file() else None
-    if done.returncode != 0 or scored is None:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return Check(name, False, f"EVAL_ONLY exited {done.returncode}: {last}")
+    if status != 0 or scored is None:
+        return Check(name, False, f"EVAL_ONLY exited {status}: {last}")
     return Check(
         name,
         close(scored.val_bpb, claim["val_bpb"], tol),
         f"{scored.name} val_bpb {scored.val_bpb:.8f} vs claimed {claim['val_bpb']:.8f}, "
         f"|diff| {abs(scored.val_bpb - claim['val_bpb']):.2e} <= tolerance {tol:g} ({seconds:.0f}s)",
     )
+
+
+# The lines of a run that say how far a long phase is: its start, its tenths and its score lines.
+PROGRESS_LINE = re.compile(r"^[\w ()-]+: (started \(|\d+% \()|^final_\w+ val_loss:")
+
+
+def run_showing_progress(command: list[str], env: dict, cwd: str, prefix: str) -> tuple[int, str]:
+    """Runs command, echoing its progress lines to stderr as they come -> (exit status, its last line)."""
+    last = "no output"
+    with subprocess.Popen(
+        command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        for line in proc.stdout:
+            last = line.rstrip() or last
+            if PROGRESS_LINE.match(line):
+                print(prefix + line.rstrip(), file=sys.stderr, flush=True)
+    return proc.returncode, last
 
 
 def flip_probe(evaluate_losses, tokens, position: int) -> tuple[bool, str]:
@@ -2287,7 +2382,13 @@ def audit(opts: argparse.Namespace) -> int:
     for i, folder in enumerate(folders, 1):
         print(f"audit: {i}/{len(folders)} {folder.parent.name}/{folder.name}", file=sys.stderr, flush=True)
         opts_one = argparse.Namespace(
-            folder=str(folder), cap=opts.cap, data=None, tokenizer=None, token_limit=0, tolerance=None
+            folder=str(folder),
+            cap=opts.cap,
+            data=None,
+            tokenizer=None,
+            token_limit=0,
+            tolerance=None,
+            quick=False,
         )
         checks = verify(argparse.Namespace(**vars(opts_one), device="cpu", batch_seqs=32))
         sub_path = named_file(folder, SUBMISSION, "submission*.json")[0]
@@ -2388,6 +2489,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="quick check on the first N tokens against verify_check (default: full re-evaluation)",
     )
     v.add_argument("--tolerance", type=float, help="max |val_bpb diff| (default 1e-5 quick, 1e-3 full)")
+    v.add_argument(
+        "--quick",
+        action="store_true",
+        help="every check of the files, sizes, hashes and logs; no evaluation (the re-score and the "
+        "legality probes are listed as skipped)",
+    )
     v.add_argument("--device", default="cpu", help="cpu or cuda")
     v.add_argument("--batch-seqs", type=int, default=32)
     v.add_argument("--cap", type=int, default=CAP_BYTES)

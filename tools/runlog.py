@@ -523,6 +523,7 @@ def _json_size_check(run: RunLog, event: dict) -> None:
     run.code_bytes, run.artifact_bytes, run.total_bytes = (
         event.get(k) for k in ("code_bytes", "artifact_bytes", "total_bytes")
     )
+    run.source_code_bytes = event.get("script_bytes")  # where the counted code is the shipped wrapper
     cap, slack, total = event.get("cap"), event.get("slack"), event.get("total_bytes")
     ok = (
         event["ok"]
