@@ -2655,6 +2655,21 @@ def eager_peak_bytes(h, device, world_size: int) -> int:
     return static_training_bytes(h, world_size) + saved + 8 * h.micro_batch_tokens * h.vocab_size
 
 
+# What torch.compile saves for backward, as a share of what eager saves: inductor's min-cut partition
+# recomputes cheap elementwise ops instead of saving them. tools/gpu_memory.py traces that partition: 49,432
+# of 78,092 MiB (0.633) for the default dense run, loops on; rounded up, so the check refuses no fit.
+COMPILED_SAVED_SHARE = 0.65
+
+
+def compiled_peak_bytes(h, device, world_size: int, looping: bool | None = None) -> int:
+    """One rank's peak under torch.compile: as eager_peak_bytes, its saved activations scaled by
+    COMPILED_SAVED_SHARE; of one loop state, or (None) the larger."""
+    states = {False, h.num_loops > 0} if looping is None else {looping}
+    saved = max(sum(saved_activations(h, device, on).values()) for on in states)
+    loss_grads = 8 * h.micro_batch_tokens * h.vocab_size
+    return static_training_bytes(h, world_size) + int(COMPILED_SAVED_SHARE * saved) + loss_grads
+
+
 def check_eager_memory(h, rt: Runtime) -> None:
     """COMPILE=0 on a GPU saves every intermediate for backward: warn when the micro-batch cannot fit."""
     device, log = rt.device, rt.log
@@ -3281,6 +3296,29 @@ def evaluate_artifact(h, rt: Runtime) -> None:
     log(f"eval_only artifact:{os.path.abspath(h.artifact_path)} sha256:{sha256_file(h.artifact_path)}")
     check_eval_time(qmodel, h, val.tokens, log)
     final_evaluation(qmodel.eval(), h, val, rt)
+
+
+CALIBRATION_MARGIN = 1.25  # the reserve over the measured pace: the Hessians' all-reduce, clock noise
+CALIBRATION_FIXED_SECONDS = 1.0  # and the loader's batches, the damping and the log lines
+
+
+def calibration_reserve(model: GPT, h, device: torch.device, batch: tuple[Tensor, Tensor]) -> float:
+    """Seconds calibrate() will take, measured: one micro-batch's Hessians timed (after an untimed one that
+    loads the kernels), times GPTQ_CALIBRATION_BATCHES, with a margin."""
+    was_training = model.training
+    model.eval()
+    seconds = 0.0
+    with exact_fp32_matmuls():
+        for timed in (False, True):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            collect_hessians(model, [batch], 1)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t0 if timed else seconds
+    model.train(was_training)
+    return CALIBRATION_MARGIN * h.gptq_calibration_batches * seconds + CALIBRATION_FIXED_SECONDS
 
 
 def calibrate(trainer: Trainer) -> dict | None:

@@ -4,6 +4,8 @@ estimate (tools/gpu_memory.py)."""
 
 import json
 import re
+import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +16,7 @@ from conftest import run_train
 from tools import gpu_memory
 
 GIB = 2**30
+REPO = Path(__file__).resolve().parents[1]
 
 
 class Log(list):
@@ -184,37 +187,80 @@ def test_compile_off_on_a_gpu_warns_when_the_micro_batch_cannot_fit(monkeypatch)
 # --- the prepared GPU check -------------------------------------------------------------------------------
 
 
-def test_gpu_check_plan_covers_every_mode_and_the_proxy_pair(capsys):
+def test_gpu_check_plan_fits_its_budget_in_priority_order(capsys):
     from tools import gpu_check
 
+    names = [s.name for s in gpu_check.PLAN]
+    assert names[0] == "correctness" and names[-2:] == ["calibrate", "score"]
+    speed = [n.removeprefix("speed_") for n in names if n.startswith("speed_")]
+    assert speed == ["dense_loops_off", "dense_loops_on", "soft4", "topk4", "shared_routed"]
+    # the GPU plan, set-up included, inside its budget (about 8 minutes of one H100)
+    total = gpu_check.SETUP_GPU_S + gpu_check.plan_cost("gpu")
+    assert total <= gpu_check.BUDGET_GPU_S <= 8 * 60
+    # the score step's slot holds its fixed costs and the shortest training it accepts
+    score = next(s for s in gpu_check.PLAN if s.name == "score")
+    assert score.gpu_s >= gpu_check.SCORE_OVERHEAD_S["gpu"] + gpu_check.SCORE_MIN_TRAIN_S
     assert gpu_check.main(["--dry"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    smoke = [line.split()[1] for line in lines if "loops on" in line]
-    timing = [line.split()[1] for line in lines if "loops off" in line]
-    assert smoke == list(gpu_check.MODES) and timing == ["dense", "soft4", "topk4"]
-    assert any(line.startswith("proxy dense+soft4") and "90 s" in line for line in lines)
-    # every routed dispatch and k is smoked: the modes the fake-CUDA matrix guards
-    modes = {tuple(sorted(env.items())) for env in gpu_check.MODES.values()}
-    assert len(modes) == len(gpu_check.MODES) == 6
-    assert gpu_check.main(["--dry", "--steps", "smoke,nope"]) == 2
-    assert gpu_check.main(["--dry", "--modes", "dense,nope"]) == 2
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines()[1:-1]] == names
+    assert f"total {total:.0f}s of the {gpu_check.BUDGET_GPU_S:.0f}s budget (fits)" in out
+    assert gpu_check.main(["--dry", "--budget", str(total - 1)]) == 1  # a plan over its budget fails
+    assert "(OVER)" in capsys.readouterr().out
+    assert gpu_check.main(["--cpu", "--steps", "correctness,nope"]) == 2
+
+
+def test_gpu_check_names_missing_carried_files_before_any_work(tmp_path):
+    (tmp_path / "tools").mkdir()
+    for name in ("gpu_check.sh", "gpu_check.py"):
+        (tmp_path / "tools" / name).symlink_to(REPO / "tools" / name)
+    r = subprocess.run(["sh", "tools/gpu_check.sh", "--dry"], cwd=tmp_path, capture_output=True, text=True)
+    first = r.stdout.splitlines()[0]
+    assert first == "missing carried files: .wheels/*.whl data/datasets/proxy_sp1024/prepare.sh"
+    assert "total " in r.stdout and r.returncode == 0  # zstandard is installed here: the plan still runs
+
+
+def test_gpu_check_watchdog_kills_a_step_and_the_results_are_written_after_each(tmp_path, monkeypatch):
+    from tools import gpu_check
+
+    row = gpu_check.run_child("correctness", True, timeout=0.5)  # cannot even import torch in time
+    assert row["ok"] is False and row["error"] == "watchdog: killed after 0s"
+    seen = []
+
+    def fake_child(name, cpu, timeout):
+        if seen:  # the second step: the run dies here, the first step's result must already be on disk
+            raise KeyboardInterrupt
+        seen.append(timeout)
+        return dict(ok=True, checks={}, attention_kernels=[])
+
+    monkeypatch.setattr(gpu_check, "run_child", fake_child)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(["--cpu", "--out", str(tmp_path)])
+    steps = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
+    assert list(steps) == ["correctness"] and steps["correctness"]["ok"]
+    assert seen == [2 * gpu_check.PLAN[0].cpu_s]  # the watchdog: twice the step's expected cost
 
 
 @pytest.mark.slow
-def test_gpu_check_rehearsal_on_the_cpu(tmp_path):
+def test_gpu_check_rehearsal_runs_every_step_on_the_cpu(tmp_path):
     from tools import gpu_check
 
     out = tmp_path / "out"
-    rc = gpu_check.main(["--cpu", "--modes", "dense", "--budget", "1200", "--out", str(out)])
+    rc = gpu_check.main(["--cpu", "--out", str(out)])
     result = json.loads((out / "gpu_check.json").read_text())
+    assert list(result["steps"]) == [s.name for s in gpu_check.PLAN]
     assert rc == 0, result
-    assert [(r["mode"], r["phase"], r["ok"]) for r in result["phases"]] == [
-        ("dense", "loops_on", True),
-        ("dense", "loops_off", True),
-    ]
-    assert all(r["graphs"] == 1 and r["ms_per_step"] > 0 for r in result["phases"])
-    assert [r["mode"] for r in result["proxy"]] == ["dense", "soft4"]
-    assert all(r["ok"] and 0 < r["val_bpb"] < 10 and r["steps"] > 0 for r in result["proxy"])
-    assert set(result["estimates"]) == {"dense"} and result["estimates"]["dense"]["peak_mib"] > 0
-    table = (out / "gpu_check.md").read_text()
-    assert "| dense | off | yes |" in table and "| soft4 | yes |" in table
+    steps = result["steps"]
+    checks = steps["correctness"]["checks"]
+    assert checks["device_compiled_vs_cpu_fp32"]["rel_rms"] > 0  # bf16 against fp32: not the same numbers
+    assert all(c["ok"] for c in checks.values()) and steps["correctness"]["attention_kernels"]
+    for name in [s.name for s in gpu_check.PLAN if s.name.startswith("speed_")]:
+        row = steps[name]
+        assert row["graphs"] == 1 and row["ms_per_step"] > 0 and row["compile_s"] >= 0, name
+        assert 0 < row["loss"] < 10 and row["estimate_mib"] > 0
+    assert steps["calibrate"]["seconds"] <= steps["calibrate"]["reserve_s"]
+    score = steps["score"]
+    assert 0 < score["val_bpb"] < 10 and score["steps"] > 0
+    assert score["training_and_calibration_s"] <= float(score["env"]["MAX_WALLCLOCK_SECONDS"])
+    files = sorted(p.name for p in out.rglob("*") if p.is_file())
+    assert len(files) <= gpu_check.MAX_OUT_FILES and "gpu_check.md" in files
+    assert "| dense | off | yes |" in (out / "gpu_check.md").read_text()
