@@ -1029,7 +1029,13 @@ class RoutingStats(NamedTuple):
 
     @classmethod
     def unpack(cls, row: Tensor, num_experts: int) -> RoutingStats:
+        """Reads the scalars on the host (a sync on a GPU): for logging steps only."""
         return cls(row[:num_experts], *row[num_experts:].tolist())
+
+    @staticmethod
+    def load_of(row: Tensor, num_experts: int) -> Tensor:
+        """The per-expert load alone, left on the row's device: what a training step may read."""
+        return row[:num_experts]
 
 
 DEAD_LOAD_SHARE = 0.1  # an expert is "dead" when its load is under 10% of the uniform share
@@ -1237,7 +1243,8 @@ def routing_rows(model: nn.Module) -> list[tuple[int, int | None, MoEBase]]:
 
 @torch.no_grad()
 def collect_routing_stats(model: nn.Module, bias_rate: float, world_size: int) -> Tensor | None:
-    """Sums this step's routing buffers over ranks, resets them and nudges the balancing bias.
+    """Sums this step's routing buffers over ranks, resets them and nudges the balancing bias, all on the
+    device: nothing here waits for the GPU (the totals are read at logging steps).
     Aux-loss-free balancing (DeepSeek-V3): bias += rate * sign(mean load - load), re-centred."""
     layers = moe_layers(model)
     if not layers:
@@ -1248,7 +1255,7 @@ def collect_routing_stats(model: nn.Module, bias_rate: float, world_size: int) -
     for (_, p, m), row in zip(routing_rows(model), stats):
         m.stats.zero_()
         if bias_rate > 0 and isinstance(m, RoutedMoE):
-            load, bias = RoutingStats.unpack(row, m.E).load, m.pass_slice(m.router_bias, p or 0)
+            load, bias = RoutingStats.load_of(row, m.E), m.pass_slice(m.router_bias, p or 0)
             bias.add_(bias_rate * torch.sign(load.mean() - load))
             bias.sub_(bias.mean())
     return stats
