@@ -458,6 +458,8 @@ def load_config(environ=None, **overrides) -> SimpleNamespace:
     }
     values.update({k.lower(): v for k, v in overrides.items()})
     h = derive_config(SimpleNamespace(**values))
+    # asked for by name (not the default): a GPU without the fast grouped kernel then stops instead
+    h.moe_dispatch_given = env.get("MOE_DISPATCH", "") != "" or "moe_dispatch" in overrides
     moe_only = [f"{k}={env[k]}" for k in MOE_ONLY_KNOBS if env.get(k, "") != ""]
     if moe_only and h.moe_mode == "none":  # the dense default would silently ignore them
         raise ConfigError(
@@ -2677,6 +2679,53 @@ def compiled_peak_bytes(h, device, world_size: int, looping: bool | None = None)
     return static_training_bytes(h, world_size) + int(COMPILED_SAVED_SHARE * saved) + loss_grads
 
 
+# torch._grouped_mm has its fast kernel only on these compute capabilities' major versions (H100/H200: 9,
+# B200: 10); elsewhere it loops over the experts with a device-to-host copy per grouped product.
+GROUPED_MM_MAJORS = (9, 10)
+
+
+def check_dispatch(h, rt: Runtime) -> None:
+    """Grouped dispatch only where its fast kernel exists: elsewhere capacity dispatch (one log line), or a
+    stop when MOE_DISPATCH=grouped was asked for by name."""
+    device = rt.device
+    if device.type != "cuda" or h.moe_mode not in ("topk", "shared_routed") or h.moe_dispatch != "grouped":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if major in GROUPED_MM_MAJORS:
+        return
+    gpu = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+    if h.moe_dispatch_given:
+        raise ConfigError(
+            f"MOE_DISPATCH=grouped: torch._grouped_mm is fast only on compute capability 9.x/10.x (H100, "
+            f"H200, B200); on this {gpu} it loops over the experts with a host sync per product: use "
+            "MOE_DISPATCH=capacity"
+        )
+    h.moe_dispatch = "capacity"
+    rt.log(
+        f"moe_dispatch: capacity, not grouped: {gpu} lacks grouped_mm's fast kernel (9.x/10.x); "
+        f"tokens over CAPACITY_FACTOR={h.capacity_factor} are dropped"
+    )
+
+
+def check_compiled_memory(h, rt: Runtime) -> None:
+    """Under torch.compile, stop before training when the estimated peak is over the device's memory (an
+    out-of-memory error would come minutes later, mid-run)."""
+    device, log = rt.device, rt.log
+    if device.type != "cuda" or not use_compile(h, device):
+        return
+    peak = compiled_peak_bytes(h, device, rt.world_size)
+    total = torch.cuda.get_device_properties(device).total_memory
+    log(f"compiled_memory: ~{peak / 2**30:.1f} GiB per rank estimated of {total / 2**30:.1f} GiB")
+    if peak > total:
+        rows = max(1, int(h.micro_batch_tokens / h.train_seq_len * total / peak))
+        raise ConfigError(
+            f"MICRO_BATCH_TOKENS={h.micro_batch_tokens}{h.micro_batch_source}: estimated peak "
+            f"{peak / 2**30:.1f} GiB per rank compiled, over this GPU's {total / 2**30:.1f} GiB; set "
+            f"MICRO_BATCH_TOKENS to at most ~{rows * h.train_seq_len} (TRAIN_BATCH_TOKENS is kept through "
+            "gradient accumulation)"
+        )
+
+
 def check_eager_memory(h, rt: Runtime) -> None:
     """COMPILE=0 on a GPU saves every intermediate for backward: warn when the micro-batch cannot fit."""
     device, log = rt.device, rt.log
@@ -3357,12 +3406,14 @@ def train_and_evaluate(h, rt: Runtime) -> None:
     torch.manual_seed(h.seed)
     log, device = rt.log, rt.device
     val = load_validation(h, log)
+    check_dispatch(h, rt)  # before the model is built: it picks the dispatch the model keeps
     trainer = Trainer(h, rt)
     model = trainer.model
     log_header(h, model, rt, trainer.accum, val.tokens)
     log_budget_preview(model, h, log)
     check_eval_time(model, h, val.tokens, log)
     check_eager_memory(h, rt)
+    check_compiled_memory(h, rt)
     eval_fn = maybe_compile(model.logits, h, device)
     plain_windows = WindowSpec(h.eval_seq_len, 0, h.eval_batch_seqs)
     last_val: list[float] = []  # loss, bpb, seconds of the newest pre-quant evaluation

@@ -184,6 +184,69 @@ def test_compile_off_on_a_gpu_warns_when_the_micro_batch_cannot_fit(monkeypatch)
     assert log == []
 
 
+def test_compiled_run_stops_before_training_when_the_estimate_is_over_the_gpu(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    for gib in (80, 24):
+        props = SimpleNamespace(total_memory=gib * GIB)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, props=props: props)
+        log = Log()
+        h = tg.load_config({})  # compiled (COMPILE=auto on a GPU), the default micro-batch
+        with gpu_memory.cuda_autocast_without_gpu():
+            if gib == 80:
+                tg.check_compiled_memory(h, tg.Runtime(0, 8, cuda, log))
+            else:
+                with pytest.raises(tg.ConfigError) as err:
+                    tg.check_compiled_memory(h, tg.Runtime(0, 8, cuda, log))
+        estimate = float(re.match(r"compiled_memory: ~([\d.]+) GiB per rank estimated of", log[0])[1])
+        assert 40 < estimate < 70 and log[0].endswith(f"of {gib}.0 GiB")  # the default dense run
+        if gib == 24:
+            message = str(err.value)
+            assert (
+                message.startswith("MICRO_BATCH_TOKENS=98304")
+                and f"estimated peak {estimate:.1f} GiB" in message
+            )
+            suggested = int(re.search(r"at most ~(\d+)", message)[1])
+            assert suggested % h.train_seq_len == 0 and suggested < 98304
+    log = Log()
+    tg.check_compiled_memory(tg.load_config({"COMPILE": "0"}), tg.Runtime(0, 8, cuda, log))
+    assert log == []  # eager has its own check
+
+
+@pytest.mark.parametrize(
+    "capability,given,expect",
+    [
+        ((8, 0), False, "capacity"),
+        ((8, 9), True, "stop"),
+        ((9, 0), True, "grouped"),
+        ((10, 0), False, "grouped"),
+    ],
+)
+def test_grouped_dispatch_only_where_its_fast_kernel_exists(monkeypatch, capability, given, expect):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA TEST")
+    env = {"MOE_MODE": "topk", **({"MOE_DISPATCH": "grouped"} if given else {})}
+    h, log = tg.load_config(env), Log()
+    runtime = tg.Runtime(0, 1, torch.device("cuda", 0), log)
+    if expect == "stop":
+        with pytest.raises(
+            tg.ConfigError,
+            match=r"^MOE_DISPATCH=grouped: .*compute capability 8\.9.*"
+            r"MOE_DISPATCH=capacity$",
+        ):
+            tg.check_dispatch(h, runtime)
+        return
+    tg.check_dispatch(h, runtime)
+    assert h.moe_dispatch == expect
+    if expect == "capacity":
+        assert len(log) == 1 and log[0].startswith("moe_dispatch: capacity, not grouped: NVIDIA TEST")
+        assert tg.GPT(tg.model_config(h)).blocks[0].mlp.dispatch_mode == "capacity"  # the model follows
+    else:
+        assert log == []
+    dense = tg.load_config({})
+    tg.check_dispatch(dense, runtime)  # no routed layer: nothing to switch
+    assert dense.moe_dispatch == "grouped" and len(log) == (expect == "capacity")
+
+
 # --- the prepared GPU check -------------------------------------------------------------------------------
 
 
