@@ -2036,8 +2036,18 @@ def collect_hessians(
     model: nn.Module, batches, world_size: int, progress=None
 ) -> tuple[dict[str, Tensor], list[str]]:
     """-> ({matrix: X^T X of its inputs}, warnings), summed over ranks. A routed expert sees only its routed
-    tokens, a soft expert every token, each scaled by its gate; a starved expert gets a damped Hessian."""
+    tokens, a soft expert every token, each scaled by its gate; a starved expert gets a damped Hessian.
+    Matrices fed the same input tensor (c_q, c_k and c_v) share one Hessian, computed once."""
     hess, counts, hooks = {}, {}, []
+    shares: dict[str, str] = {}  # matrix -> the matrix before it that saw the same input tensor
+    previous: list = [None, ""]  # the last Linear's input (kept alive, so `is` cannot match a new tensor)
+
+    def add_linear(name: str, x: Tensor):
+        if previous[0] is x:
+            shares.setdefault(name, shares.get(previous[1], previous[1]))
+            return
+        previous[:] = [x, name]
+        add(name, x)
 
     def add(name: str, x: Tensor, expert: int = 0, n_experts: int = 1):
         x = x.reshape(-1, x.size(-1)).float()
@@ -2063,7 +2073,9 @@ def collect_hessians(
 
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear):
-            hooks.append(mod.register_forward_pre_hook(lambda m, args, n=f"{name}.weight": add(n, args[0])))
+            hooks.append(
+                mod.register_forward_pre_hook(lambda m, args, n=f"{name}.weight": add_linear(n, args[0]))
+            )
         elif isinstance(mod, MoEBase):
             hooks.append(
                 mod.register_forward_pre_hook(
@@ -2080,7 +2092,8 @@ def collect_hessians(
     finally:
         for hook in hooks:
             hook.remove()
-    return damp_sparse_experts(hess, counts, world_size)
+    hessians, warnings = damp_sparse_experts(hess, counts, world_size)
+    return {**hessians, **{name: hessians[first] for name, first in shares.items()}}, warnings
 
 
 def damp_sparse_experts(hess: dict, counts: dict, world_size: int) -> tuple[dict[str, Tensor], list[str]]:
