@@ -86,11 +86,58 @@ def test_hessians_and_export_run_with_tf32_off_and_restore_it(monkeypatch, tmp_p
     loader = SimpleNamespace(next_step=lambda: [])
     runtime = tg.Runtime(0, 1, torch.device("cpu"), Log())
     model = tg.GPT(tg.model_config(h))
-    trainer = SimpleNamespace(h=h, accum=1, loader=loader, rt=runtime, model=model)
+    trainer = SimpleNamespace(h=h, accum=1, loader=loader, rt=runtime, model=model, train_ms=0.0)
     tg.calibrate(trainer)
     tg.export_and_report(trainer.model, h, str(tmp_path / "a.ptz"), Log(), {})
     assert seen == [("hessians", (False, False)), ("export", (False, False))]
     assert flags() == (True, True)  # training's setting is back
+
+
+# --- the 600 s rule: calibration inside the cap ------------------------------------------------------------
+
+
+def test_the_reserve_is_measured_unless_given_and_cuts_the_training_clock(tiny_config, monkeypatch):
+    log = Log()
+    h = tiny_config(MAX_WALLCLOCK_SECONDS=60, GPTQ_CALIBRATION_BATCHES=8)
+    assert h.gptq_reserve_seconds is None and h.train_wallclock_seconds == 60  # until measured
+    trainer = tg.Trainer(h, tg.Runtime(0, 1, torch.device("cpu"), log))
+    position = trainer.loader.stream.state()
+    hessians = []
+    collect = tg.collect_hessians
+    monkeypatch.setattr(tg, "collect_hessians", lambda *a: hessians.append(a[1]) or collect(*a))
+    clock = iter(range(0, 1000, 2))  # every reading of the clock 2 s later: each timed batch takes 2 s
+    with monkeypatch.context() as patch:
+        patch.setattr(tg.time, "perf_counter", lambda: float(next(clock)))
+        trainer.reserve_calibration()
+    assert trainer.loader.stream.state() == position  # the measured batch is trained on later, as planned
+    assert len(hessians) == 2 and all(len(b) == 1 for b in hessians)  # one untimed, one timed
+    reserve = h.calibration_reserve_seconds
+    assert reserve == tg.CALIBRATION_MARGIN * 8 * 2.0 + tg.CALIBRATION_FIXED_SECONDS
+    assert h.train_wallclock_seconds == 60 - reserve and f"stops at {60 - reserve:g}s" in trainer.stop_rule
+    (line,) = [entry for entry in log if isinstance(entry, str)]
+    assert line.startswith(f"gptq_reserve: {reserve:.1f}s measured (8 calibration batches")
+    for env, expected in (
+        ({"GPTQ_RESERVE_SECONDS": 5}, 55),
+        ({"QUANT_METHOD": "rtn", "LQER_ENABLED": 0}, 60),
+    ):
+        given = tiny_config(MAX_WALLCLOCK_SECONDS=60, **env)
+        trainer = tg.Trainer(given, tg.Runtime(0, 1, torch.device("cpu"), Log()))
+        trainer.reserve_calibration()  # given or not needed: nothing measured
+        assert given.train_wallclock_seconds == expected
+
+
+def test_calibration_logs_when_training_and_calibration_ended(tiny_config):
+    log = Log()
+    h = tiny_config(MAX_WALLCLOCK_SECONDS=60, GPTQ_RESERVE_SECONDS=30, GPTQ_CALIBRATION_BATCHES=2)
+    trainer = tg.Trainer(h, tg.Runtime(0, 1, torch.device("cpu"), log))
+    trainer.train_ms = 29_000.0
+    assert len(tg.calibrate(trainer)) > 0
+    (ended,) = [e for e in log if isinstance(e, str) and e.startswith("training_and_calibration:")]
+    seconds = float(re.match(r"training_and_calibration: ended at ([\d.]+)s \(training 29\.0s \+", ended)[1])
+    assert 29.0 < seconds < 60 and ended.endswith("of MAX_WALLCLOCK_SECONDS=60")
+    (event,) = [e[1] for e in log if isinstance(e, tuple) and e[0] == "calibration"]
+    assert event["training_and_calibration_s"] == pytest.approx(seconds, abs=0.05)
+    assert event["reserve_seconds"] == 30
 
 
 # --- the evaluation-time projection ---------------------------------------------------------------------
