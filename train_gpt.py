@@ -2190,12 +2190,14 @@ def evaluate(
     progress = Progress(rt.log, phase, -(-len(mine) // batch_seqs), "batches")
     scores, tokens = Scores(tables, device, token_losses), tokens.to(device)
     positions = torch.arange(seq_len, device=device)
+    offsets = torch.arange(seq_len + 1, device=device)
+    # Every window's (start, scored) copied to the device once, padded with (0, 0) to whole batches (one
+    # static shape for compile): (batches * batch_seqs, 2). No host-to-device copy per batch.
+    padded = mine + [(0, 0)] * (-len(mine) % batch_seqs)
+    table = torch.tensor(padded, dtype=torch.long).reshape(-1, 2).to(device)
     for i in range(0, len(mine), batch_seqs):
-        batch = mine[i : i + batch_seqs]
-        batch = batch + [(0, 0)] * (batch_seqs - len(batch))  # pad: one static shape for compile
-        starts = torch.tensor([s for s, _ in batch], device=device)  # (batch_seqs,)
-        scored = torch.tensor([n for _, n in batch], device=device)  # (batch_seqs,) targets each scores
-        idx = starts[:, None] + torch.arange(seq_len + 1, device=device)  # (batch_seqs, seq_len + 1)
+        starts, scored = table[i : i + batch_seqs].unbind(1)  # each (batch_seqs,)
+        idx = starts[:, None] + offsets  # (batch_seqs, seq_len + 1)
         window = tokens[idx].long()
         x, y = window[:, :-1], window[:, 1:]  # each (batch_seqs, seq_len)
         mask = positions[None, :] >= seq_len - scored[:, None]  # (batch_seqs, seq_len): the last `scored`

@@ -473,6 +473,15 @@ def test_sliding_eval_with_stride_equal_window_equals_plain_eval(tiny_config):
     assert tg.evaluate(model.logits, tokens, tables, tg.WindowSpec(64, 0, 3), rt) == pytest.approx(
         (loss, bpb), rel=1e-9
     )
+    # the windows' positions reach the device once, not twice per batch (16 windows, batches of 3: 6)
+    made = []
+    tensor = torch.tensor
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "tensor", lambda *a, **k: made.append(called_by_trainer()) or tensor(*a, **k))
+        assert tg.evaluate(model.logits, tokens, tables, tg.WindowSpec(64, 0, 3), rt) == pytest.approx(
+            (loss, bpb), rel=1e-9
+        )
+    assert made.count(True) == 1
 
 
 def test_one_parameter_classification_for_optimizer_and_quantizer(tiny_config):
