@@ -66,22 +66,24 @@ class Step(NamedTuple):
     name: str
     what: str
     gpu_s: float  # expected seconds on one H100, process start included: a guess until measured
-    cpu_s: float  # the same at the tiny shape on a 2-core CPU (measured, rounded up)
+    cpu_s: float  # the same at the tiny shape on a loaded 2-core CPU (measured there: 80-240 s, rounded up)
 
 
 PLAN = (
-    Step("correctness", "small shape: device bf16 compiled vs CPU fp32, compiled vs eager, dispatch", 50, 90),
-    Step("speed_dense_loops_off", "default shape compiled: dense, loops off", 40, 40),
-    Step("speed_dense_loops_on", "default shape compiled: dense, loops on", 40, 40),
-    Step("speed_soft4", "default shape compiled: soft4, loops on", 40, 40),
-    Step("speed_topk4", "default shape compiled: topk4 (grouped), loops on", 40, 40),
-    Step("speed_shared_routed", "default shape compiled: shared_routed, loops on", 40, 40),
-    Step("calibrate", "GPTQ Hessians at the default shape and batch vs the reserve", 25, 40),
-    Step("score", "train_gpt.py dense on the proxy: artifact + round-trip val_bpb", 130, 150),
+    Step(
+        "correctness", "small shape: device bf16 compiled vs CPU fp32, compiled vs eager, dispatch", 50, 200
+    ),
+    Step("speed_dense_loops_off", "default shape compiled: dense, loops off", 40, 200),
+    Step("speed_dense_loops_on", "default shape compiled: dense, loops on", 40, 200),
+    Step("speed_soft4", "default shape compiled: soft4, loops on", 40, 200),
+    Step("speed_topk4", "default shape compiled: topk4 (grouped), loops on", 40, 200),
+    Step("speed_shared_routed", "default shape compiled: shared_routed, loops on", 40, 200),
+    Step("calibrate", "GPTQ Hessians at the default shape and batch vs the reserve", 25, 150),
+    Step("score", "train_gpt.py dense on the proxy: artifact + round-trip val_bpb", 130, 300),
 )
 SETUP_GPU_S = 25.0  # gpu_check.sh before this script: the wheel, unpacking the corpus (a guess)
 BUDGET_GPU_S = 480.0  # about 8 minutes of one H100, set-up included
-BUDGET_CPU_S = 1200.0
+BUDGET_CPU_S = 2400.0
 # The score run: its fixed costs (process start, two compiles of the training step, the evaluation graph,
 # calibration, export, two evaluations) on one H100, a guess; training gets whatever else is left, at most
 # SCORE_MAX_TRAIN_S and at least SCORE_MIN_TRAIN_S (else the step is skipped).
