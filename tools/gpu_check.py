@@ -246,7 +246,7 @@ def step_speed(cpu: bool, device, mode: str, looping: bool) -> dict:
 
 
 def step_calibrate(cpu: bool, device) -> dict:
-    """collect_hessians as calibrate() runs it (exact fp32), GPTQ_CALIBRATION_BATCHES micro-batches of the
+    """collect_hessians as calibrate() runs it (TF32), GPTQ_CALIBRATION_BATCHES micro-batches of the
     default shape, timed, against the reserve train_gpt.py would derive."""
     h = train_gpt.load_config(knobs("dense", cpu))
     torch.manual_seed(0)
@@ -257,7 +257,7 @@ def step_calibrate(cpu: bool, device) -> dict:
     batches = [torch.randint(0, h.vocab_size, (rows, h.train_seq_len), device=device) for _ in range(n)]
     projected = train_gpt.calibration_reserve(model, h, device, (batches[0], batches[0]))
     t0 = time.perf_counter()
-    with train_gpt.exact_fp32_matmuls():
+    with train_gpt.hessian_matmuls():
         hessians, _ = train_gpt.collect_hessians(model, ((x, x) for x in batches), 1)
     seconds = train_gpt_wait(t0, device)
     return dict(
