@@ -371,7 +371,10 @@ def test_gpu_check_rehearsal_runs_every_step_on_the_cpu(tmp_path):
     assert steps["calibrate"]["seconds"] <= steps["calibrate"]["reserve_s"]
     score = steps["score"]
     assert 0 < score["val_bpb"] < 10 and score["steps"] > 0
-    assert score["training_and_calibration_s"] <= float(score["env"]["MAX_WALLCLOCK_SECONDS"])
+    # inside the wall clock, with the two steps of grace records.py verify allows (the clock is read per step,
+    # and a loaded 2-core CPU takes tens of seconds per step)
+    limit = float(score["env"]["MAX_WALLCLOCK_SECONDS"]) + 2 * score["step_avg_ms"] / 1000
+    assert score["calibration_s"] <= score["reserve_s"] and score["training_and_calibration_s"] <= limit
     files = sorted(p.name for p in out.rglob("*") if p.is_file())
     assert len(files) <= gpu_check.MAX_OUT_FILES and "gpu_check.md" in files
     assert "| dense | off | yes |" in (out / "gpu_check.md").read_text()
