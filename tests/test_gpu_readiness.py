@@ -4,6 +4,8 @@ estimate (tools/gpu_memory.py)."""
 
 import json
 import re
+import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +16,7 @@ from conftest import run_train
 from tools import gpu_memory
 
 GIB = 2**30
+REPO = Path(__file__).resolve().parents[1]
 
 
 class Log(list):
@@ -59,13 +62,13 @@ def test_torchrun_on_cpu_without_the_knob_stops_before_training(tmp_path):
     assert not re.search(r"^step:\d+/", r.stdout, re.M)
 
 
-# --- TF32 off for Hessians, GPTQ and LQER ---------------------------------------------------------------
+# --- TF32 on for the Hessians' sums, off for GPTQ and LQER ------------------------------------------------
 
 
-def test_hessians_and_export_run_with_tf32_off_and_restore_it(monkeypatch, tmp_path, tiny_config):
+def test_hessians_sum_in_tf32_and_export_runs_exact_and_both_restore_it(monkeypatch, tmp_path, tiny_config):
     seen = []
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
 
     def fake_collect(model, batches, world_size, progress=None):
@@ -83,11 +86,59 @@ def test_hessians_and_export_run_with_tf32_off_and_restore_it(monkeypatch, tmp_p
     loader = SimpleNamespace(next_step=lambda: [])
     runtime = tg.Runtime(0, 1, torch.device("cpu"), Log())
     model = tg.GPT(tg.model_config(h))
-    trainer = SimpleNamespace(h=h, accum=1, loader=loader, rt=runtime, model=model)
+    trainer = SimpleNamespace(h=h, accum=1, loader=loader, rt=runtime, model=model, train_ms=0.0)
     tg.calibrate(trainer)
     tg.export_and_report(trainer.model, h, str(tmp_path / "a.ptz"), Log(), {})
-    assert seen == [("hessians", (False, False)), ("export", (False, False))]
-    assert flags() == (True, True)  # training's setting is back
+    # TF32 sums the Hessians (fast; tools/hessian_precision.py: GPTQ's result holds), GPTQ/LQER run exact
+    assert seen == [("hessians", (True, True)), ("export", (False, False))]
+    assert flags() == (False, False)  # the caller's setting is back
+
+
+# --- the 600 s rule: calibration inside the cap ------------------------------------------------------------
+
+
+def test_the_reserve_is_measured_unless_given_and_cuts_the_training_clock(tiny_config, monkeypatch):
+    log = Log()
+    h = tiny_config(MAX_WALLCLOCK_SECONDS=60, GPTQ_CALIBRATION_BATCHES=8)
+    assert h.gptq_reserve_seconds is None and h.train_wallclock_seconds == 60  # until measured
+    trainer = tg.Trainer(h, tg.Runtime(0, 1, torch.device("cpu"), log))
+    position = trainer.loader.stream.state()
+    hessians = []
+    collect = tg.collect_hessians
+    monkeypatch.setattr(tg, "collect_hessians", lambda *a: hessians.append(a[1]) or collect(*a))
+    clock = iter(range(0, 1000, 2))  # every reading of the clock 2 s later: each timed batch takes 2 s
+    with monkeypatch.context() as patch:
+        patch.setattr(tg.time, "perf_counter", lambda: float(next(clock)))
+        trainer.reserve_calibration()
+    assert trainer.loader.stream.state() == position  # the measured batch is trained on later, as planned
+    assert len(hessians) == 2 and all(len(b) == 1 for b in hessians)  # one untimed, one timed
+    reserve = h.calibration_reserve_seconds
+    assert reserve == tg.CALIBRATION_MARGIN * 8 * 2.0 + tg.CALIBRATION_FIXED_SECONDS
+    assert h.train_wallclock_seconds == 60 - reserve and f"stops at {60 - reserve:g}s" in trainer.stop_rule
+    (line,) = [entry for entry in log if isinstance(entry, str)]
+    assert line.startswith(f"gptq_reserve: {reserve:.1f}s measured (8 calibration batches")
+    for env, expected in (
+        ({"GPTQ_RESERVE_SECONDS": 5}, 55),
+        ({"QUANT_METHOD": "rtn", "LQER_ENABLED": 0}, 60),
+    ):
+        given = tiny_config(MAX_WALLCLOCK_SECONDS=60, **env)
+        trainer = tg.Trainer(given, tg.Runtime(0, 1, torch.device("cpu"), Log()))
+        trainer.reserve_calibration()  # given or not needed: nothing measured
+        assert given.train_wallclock_seconds == expected
+
+
+def test_calibration_logs_when_training_and_calibration_ended(tiny_config):
+    log = Log()
+    h = tiny_config(MAX_WALLCLOCK_SECONDS=60, GPTQ_RESERVE_SECONDS=30, GPTQ_CALIBRATION_BATCHES=2)
+    trainer = tg.Trainer(h, tg.Runtime(0, 1, torch.device("cpu"), log))
+    trainer.train_ms = 29_000.0
+    assert len(tg.calibrate(trainer)) > 0
+    (ended,) = [e for e in log if isinstance(e, str) and e.startswith("training_and_calibration:")]
+    seconds = float(re.match(r"training_and_calibration: ended at ([\d.]+)s \(training 29\.0s \+", ended)[1])
+    assert 29.0 < seconds < 60 and ended.endswith("of MAX_WALLCLOCK_SECONDS=60")
+    (event,) = [e[1] for e in log if isinstance(e, tuple) and e[0] == "calibration"]
+    assert event["training_and_calibration_s"] == pytest.approx(seconds, abs=0.05)
+    assert event["reserve_seconds"] == 30
 
 
 # --- the evaluation-time projection ---------------------------------------------------------------------
@@ -181,40 +232,149 @@ def test_compile_off_on_a_gpu_warns_when_the_micro_batch_cannot_fit(monkeypatch)
     assert log == []
 
 
+def test_compiled_run_stops_before_training_when_the_estimate_is_over_the_gpu(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    for gib in (80, 24):
+        props = SimpleNamespace(total_memory=gib * GIB)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, props=props: props)
+        log = Log()
+        h = tg.load_config({})  # compiled (COMPILE=auto on a GPU), the default micro-batch
+        with gpu_memory.cuda_autocast_without_gpu():
+            if gib == 80:
+                tg.check_compiled_memory(h, tg.Runtime(0, 8, cuda, log))
+            else:
+                with pytest.raises(tg.ConfigError) as err:
+                    tg.check_compiled_memory(h, tg.Runtime(0, 8, cuda, log))
+        estimate = float(re.match(r"compiled_memory: ~([\d.]+) GiB per rank estimated of", log[0])[1])
+        assert 40 < estimate < 70 and log[0].endswith(f"of {gib}.0 GiB")  # the default dense run
+        if gib == 24:
+            message = str(err.value)
+            assert (
+                message.startswith("MICRO_BATCH_TOKENS=98304")
+                and f"estimated peak {estimate:.1f} GiB" in message
+            )
+            suggested = int(re.search(r"at most ~(\d+)", message)[1])
+            assert suggested % h.train_seq_len == 0 and suggested < 98304
+    log = Log()
+    tg.check_compiled_memory(tg.load_config({"COMPILE": "0"}), tg.Runtime(0, 8, cuda, log))
+    assert log == []  # eager has its own check
+
+
+@pytest.mark.parametrize(
+    "capability,given,expect",
+    [
+        ((8, 0), False, "capacity"),
+        ((8, 9), True, "stop"),
+        ((9, 0), True, "grouped"),
+        ((10, 0), False, "grouped"),
+    ],
+)
+def test_grouped_dispatch_only_where_its_fast_kernel_exists(monkeypatch, capability, given, expect):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA TEST")
+    env = {"MOE_MODE": "topk", **({"MOE_DISPATCH": "grouped"} if given else {})}
+    h, log = tg.load_config(env), Log()
+    runtime = tg.Runtime(0, 1, torch.device("cuda", 0), log)
+    if expect == "stop":
+        with pytest.raises(
+            tg.ConfigError,
+            match=r"^MOE_DISPATCH=grouped: .*compute capability 8\.9.*"
+            r"MOE_DISPATCH=capacity$",
+        ):
+            tg.check_dispatch(h, runtime)
+        return
+    tg.check_dispatch(h, runtime)
+    assert h.moe_dispatch == expect
+    if expect == "capacity":
+        assert len(log) == 1 and log[0].startswith("moe_dispatch: capacity, not grouped: NVIDIA TEST")
+        assert tg.GPT(tg.model_config(h)).blocks[0].mlp.dispatch_mode == "capacity"  # the model follows
+    else:
+        assert log == []
+    dense = tg.load_config({})
+    tg.check_dispatch(dense, runtime)  # no routed layer: nothing to switch
+    assert dense.moe_dispatch == "grouped" and len(log) == (expect == "capacity")
+
+
 # --- the prepared GPU check -------------------------------------------------------------------------------
 
 
-def test_gpu_check_plan_covers_every_mode_and_the_proxy_pair(capsys):
+def test_gpu_check_plan_fits_its_budget_in_priority_order(capsys):
     from tools import gpu_check
 
+    names = [s.name for s in gpu_check.PLAN]
+    assert names[0] == "correctness" and names[-2:] == ["calibrate", "score"]
+    speed = [n.removeprefix("speed_") for n in names if n.startswith("speed_")]
+    assert speed == ["dense_loops_off", "dense_loops_on", "soft4", "topk4", "shared_routed"]
+    # the GPU plan, set-up included, inside its budget (about 8 minutes of one H100)
+    total = gpu_check.SETUP_GPU_S + gpu_check.plan_cost("gpu")
+    assert total <= gpu_check.BUDGET_GPU_S <= 8 * 60
+    # the score step's slot holds its fixed costs and the shortest training it accepts
+    score = next(s for s in gpu_check.PLAN if s.name == "score")
+    assert score.gpu_s >= gpu_check.SCORE_OVERHEAD_S["gpu"] + gpu_check.SCORE_MIN_TRAIN_S
     assert gpu_check.main(["--dry"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    smoke = [line.split()[1] for line in lines if "loops on" in line]
-    timing = [line.split()[1] for line in lines if "loops off" in line]
-    assert smoke == list(gpu_check.MODES) and timing == ["dense", "soft4", "topk4"]
-    assert any(line.startswith("proxy dense+soft4") and "90 s" in line for line in lines)
-    # every routed dispatch and k is smoked: the modes the fake-CUDA matrix guards
-    modes = {tuple(sorted(env.items())) for env in gpu_check.MODES.values()}
-    assert len(modes) == len(gpu_check.MODES) == 6
-    assert gpu_check.main(["--dry", "--steps", "smoke,nope"]) == 2
-    assert gpu_check.main(["--dry", "--modes", "dense,nope"]) == 2
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines()[1:-1]] == names
+    assert f"total {total:.0f}s of the {gpu_check.BUDGET_GPU_S:.0f}s budget (fits)" in out
+    assert gpu_check.main(["--dry", "--budget", str(total - 1)]) == 1  # a plan over its budget fails
+    assert "(OVER)" in capsys.readouterr().out
+    assert gpu_check.main(["--cpu", "--steps", "correctness,nope"]) == 2
+
+
+def test_gpu_check_names_missing_carried_files_before_any_work(tmp_path):
+    (tmp_path / "tools").mkdir()
+    for name in ("gpu_check.sh", "gpu_check.py"):
+        (tmp_path / "tools" / name).symlink_to(REPO / "tools" / name)
+    r = subprocess.run(["sh", "tools/gpu_check.sh", "--dry"], cwd=tmp_path, capture_output=True, text=True)
+    first = r.stdout.splitlines()[0]
+    assert first == "missing carried files: .wheels/*.whl data/datasets/proxy_sp1024/prepare.sh"
+    assert "total " in r.stdout and r.returncode == 0  # zstandard is installed here: the plan still runs
+
+
+def test_gpu_check_watchdog_kills_a_step_and_the_results_are_written_after_each(tmp_path, monkeypatch):
+    from tools import gpu_check
+
+    row = gpu_check.run_child("correctness", True, timeout=0.5)  # cannot even import torch in time
+    assert row["ok"] is False and row["error"] == "watchdog: killed after 0s"
+    seen = []
+
+    def fake_child(name, cpu, timeout):
+        if seen:  # the second step: the run dies here, the first step's result must already be on disk
+            raise KeyboardInterrupt
+        seen.append(timeout)
+        return dict(ok=True, checks={}, attention_kernels=[])
+
+    monkeypatch.setattr(gpu_check, "run_child", fake_child)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(["--cpu", "--out", str(tmp_path)])
+    steps = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
+    assert list(steps) == ["correctness"] and steps["correctness"]["ok"]
+    assert seen == [2 * gpu_check.PLAN[0].cpu_s]  # the watchdog: twice the step's expected cost
 
 
 @pytest.mark.slow
-def test_gpu_check_rehearsal_on_the_cpu(tmp_path):
+def test_gpu_check_rehearsal_runs_every_step_on_the_cpu(tmp_path):
     from tools import gpu_check
 
     out = tmp_path / "out"
-    rc = gpu_check.main(["--cpu", "--modes", "dense", "--budget", "1200", "--out", str(out)])
+    rc = gpu_check.main(["--cpu", "--out", str(out)])
     result = json.loads((out / "gpu_check.json").read_text())
+    assert list(result["steps"]) == [s.name for s in gpu_check.PLAN]
     assert rc == 0, result
-    assert [(r["mode"], r["phase"], r["ok"]) for r in result["phases"]] == [
-        ("dense", "loops_on", True),
-        ("dense", "loops_off", True),
-    ]
-    assert all(r["graphs"] == 1 and r["ms_per_step"] > 0 for r in result["phases"])
-    assert [r["mode"] for r in result["proxy"]] == ["dense", "soft4"]
-    assert all(r["ok"] and 0 < r["val_bpb"] < 10 and r["steps"] > 0 for r in result["proxy"])
-    assert set(result["estimates"]) == {"dense"} and result["estimates"]["dense"]["peak_mib"] > 0
-    table = (out / "gpu_check.md").read_text()
-    assert "| dense | off | yes |" in table and "| soft4 | yes |" in table
+    steps = result["steps"]
+    checks = steps["correctness"]["checks"]
+    assert checks["device_compiled_vs_cpu_fp32"]["rel_rms"] > 0  # bf16 against fp32: not the same numbers
+    assert all(c["ok"] for c in checks.values()) and steps["correctness"]["attention_kernels"]
+    for name in [s.name for s in gpu_check.PLAN if s.name.startswith("speed_")]:
+        row = steps[name]
+        assert row["graphs"] == 1 and row["ms_per_step"] > 0 and row["compile_s"] >= 0, name
+        assert 0 < row["loss"] < 10 and row["estimate_mib"] > 0
+    assert steps["calibrate"]["seconds"] <= steps["calibrate"]["reserve_s"]
+    score = steps["score"]
+    assert 0 < score["val_bpb"] < 10 and score["steps"] > 0
+    # inside the wall clock, with the two steps of grace records.py verify allows (the clock is read per step,
+    # and a loaded 2-core CPU takes tens of seconds per step)
+    limit = float(score["env"]["MAX_WALLCLOCK_SECONDS"]) + 2 * score["step_avg_ms"] / 1000
+    assert score["calibration_s"] <= score["reserve_s"] and score["training_and_calibration_s"] <= limit
+    files = sorted(p.name for p in out.rglob("*") if p.is_file())
+    assert len(files) <= gpu_check.MAX_OUT_FILES and "gpu_check.md" in files
+    assert "| dense | off | yes |" in (out / "gpu_check.md").read_text()

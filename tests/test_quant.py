@@ -45,6 +45,26 @@ def layer_inputs(model, module, batches):
     return torch.cat(seen)
 
 
+def test_one_hessian_per_distinct_input_and_each_is_its_inputs_gram_matrix(trained, monkeypatch):
+    """c_q, c_k and c_v read the same tensor: one X^T X, computed once, serves all three."""
+    h, model, hessians, held_out = trained
+    attn = model.blocks[0].attn
+    shared = [hessians[f"blocks.0.attn.{m}.weight"] for m in ("c_q", "c_k", "c_v")]
+    assert shared[0] is shared[1] is shared[2]
+    assert hessians["blocks.0.attn.proj.weight"] is not shared[0]
+    products = []
+    addmm = torch.Tensor.addmm_
+    monkeypatch.setattr(
+        torch.Tensor, "addmm_", lambda t, *a, **k: products.append(t.shape) or addmm(t, *a, **k)
+    )
+    fresh, _ = tg.collect_hessians(model, held_out, 1)
+    distinct = {id(H) for H in fresh.values()}
+    assert len(products) == len(distinct) * len(held_out)  # each product once per batch (loops off here)
+    assert len(distinct) == len(fresh) - 2 * len(model.blocks)  # c_k and c_v of every block share
+    X = layer_inputs(model, attn.c_q, held_out)
+    assert torch.allclose(fresh["blocks.0.attn.c_k.weight"], X.T @ X, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("bits,sigmas,gain", [(6, 11.5, 0.8), (5, 11.5, 0.8), (4, 5.0, 0.8), (4, 11.5, 1.0)])
 def test_gptq_has_less_output_error_than_rtn_and_no_more_bytes(trained, bits, sigmas, gain):
     """On a trained layer and held-out inputs. At 4 bits with the int6 clip (a step of 1.6 standard

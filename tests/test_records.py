@@ -960,6 +960,13 @@ def test_same_configuration_fails_on_a_changed_setting_or_code(tmp_path, capsys)
             "training",
             "588.0s + calibration 12.5s > 600.2s",
         ),
+        (  # train_gpt.py's own line, later than train time + calibration (a pause between them)
+            "GPTQ:collected 67 Hessians in 11.3s",
+            "GPTQ:collected 67 Hessians in 11.3s\ntraining_and_calibration: ended at 603.5s (training 588.0s "
+            "+ calibration 11.3s) of MAX_WALLCLOCK_SECONDS=600",
+            "training",
+            "588.0s + calibration 11.3s, ended at 603.5s > 600.2s",
+        ),
         (
             "val_bpb:1.08314800 eval_time:289945ms",
             "val_bpb:1.08314800 eval_time:610000ms",

@@ -4,6 +4,7 @@ quantization and the artifact file, evaluation windows, EMA."""
 import dataclasses
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -472,6 +473,15 @@ def test_sliding_eval_with_stride_equal_window_equals_plain_eval(tiny_config):
     assert tg.evaluate(model.logits, tokens, tables, tg.WindowSpec(64, 0, 3), rt) == pytest.approx(
         (loss, bpb), rel=1e-9
     )
+    # the windows' positions reach the device once, not twice per batch (16 windows, batches of 3: 6)
+    made = []
+    tensor = torch.tensor
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "tensor", lambda *a, **k: made.append(called_by_trainer()) or tensor(*a, **k))
+        assert tg.evaluate(model.logits, tokens, tables, tg.WindowSpec(64, 0, 3), rt) == pytest.approx(
+            (loss, bpb), rel=1e-9
+        )
+    assert made.count(True) == 1
 
 
 def test_one_parameter_classification_for_optimizer_and_quantizer(tiny_config):
@@ -547,3 +557,71 @@ def test_schedule_is_one_table_of_the_run_stages(tiny_config):
     assert late.muon_momentum == h.muon_momentum
     assert tg.ema_decay(0.058, h) == pytest.approx(math.exp(-1))
     assert tg.ema_decay(0.5, tiny_config(EMA_DECAY="0.99")) == 0.99
+
+
+def called_by_trainer(depth: int = 2) -> bool:
+    """Whether the Python frame `depth` up is train_gpt.py's. On a CPU every tensor lives on the host, so
+    torch's own reads of host-side tensors (Adam's step counter is a CPU tensor on a GPU too) are told apart
+    from the trainer's by the caller."""
+    return sys._getframe(depth).f_code.co_filename == tg.__file__
+
+
+class HostReadMode(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails when train_gpt.py reads a tensor's value on the host: .item(), bool(), float() and int() all
+    dispatch aten._local_scalar_dense, and on a GPU each waits for the device to drain."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and called_by_trainer():
+            raise AssertionError("a host read of a tensor value (bool(), float(), .item()) in the step")
+        return func(*args, **(kwargs or {}))
+
+
+def routers(model) -> list[torch.Tensor]:
+    return [m.router_bias for _, m in tg.moe_layers(model) if isinstance(m, tg.RoutedMoE)]
+
+
+def refuse_from_trainer(original, what: str):
+    def method(self, *args, **kwargs):
+        targets = [*args, kwargs.get("device")] if what == ".to('cpu')" else ["cpu"]
+        to_host = any(str(t).split(":")[0] == "cpu" for t in targets if isinstance(t, (str, torch.device)))
+        if to_host and called_by_trainer():
+            raise AssertionError(f"{what} in the training step: a host sync on a GPU")
+        return original(self, *args, **kwargs)
+
+    return method
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        dict(MOE_MODE="topk", MOE_DISPATCH="grouped"),
+        dict(MOE_MODE="topk", MOE_DISPATCH="capacity", TOP_K=2),
+        dict(MOE_MODE="shared_routed"),
+        dict(MOE_MODE="soft"),
+        dict(MOE_MODE="none"),
+    ],
+)
+def test_a_training_step_never_reads_values_on_the_host(tiny_config, monkeypatch, env):
+    """Outside logging steps the trainer only queues work: no .item(), .tolist(), .numpy(), .cpu() or
+    .to('cpu') (each a sync on a GPU), with every balancing mechanism on."""
+    balancing = dict(ROUTER_BIAS_RATE=0.01, MOE_AUX_LOSS_COEF=0.01, ROUTER_Z_COEF=0.001, ROUTER_NOISE=0.1)
+    h = tiny_config(**env, **(balancing if env["MOE_MODE"] != "none" else {}))
+    trainer = tg.Trainer(h, tg.Runtime(0, 1, torch.device("cpu"), lambda *a, **k: None))
+    bias_before = [
+        m.router_bias.clone() for _, m in tg.moe_layers(trainer.model) if hasattr(m, "router_bias")
+    ]
+    for name in ("item", "tolist", "numpy", "cpu"):
+        monkeypatch.setattr(
+            torch.Tensor, name, refuse_from_trainer(getattr(torch.Tensor, name), f".{name}()")
+        )
+    monkeypatch.setattr(torch.Tensor, "to", refuse_from_trainer(torch.Tensor.to, ".to('cpu')"))
+    moved = []
+    with HostReadMode():
+        for _ in range(2):  # the second step adds to the first one's routing totals
+            ce = trainer.train_step()
+            moved.append([not torch.equal(a, b) for a, b in zip(bias_before, routers(trainer.model))])
+    monkeypatch.undo()
+    assert torch.isfinite(ce) and trainer.step == 0
+    if env["MOE_MODE"] != "none":  # the routing totals were kept, on the device, for the next step line
+        assert trainer.routing_totals is not None and trainer.routing_totals.sum() > 0
+    assert all(moved[0])  # balancing really ran (a second step may nudge a bias back where it was)

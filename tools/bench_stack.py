@@ -76,15 +76,17 @@ def config(args) -> train_gpt.SimpleNamespace:
     return train_gpt.load_config(env)
 
 
-def make_step(model, compiled, optimizers, h, device):
-    """One optimizer step on one GPU of an 8-GPU run: its micro-batch, forward, backward, clip, step."""
+def make_step(model, compiled, optimizers, h, device, autocast=None):
+    """One optimizer step on one GPU of an 8-GPU run: its micro-batch, forward, backward, clip, step.
+    `autocast` (a function of the device) replaces train_gpt's, e.g. to run CPU steps in bf16."""
+    autocast = autocast or train_gpt.autocast
     rows = h.micro_batch_tokens // h.train_seq_len
     x = torch.randint(0, h.vocab_size, (rows, h.train_seq_len), device=device)
     y = torch.roll(x, -1, dims=1)
 
-    def step() -> None:
-        with train_gpt.autocast(device):
-            loss, _ = compiled(x, y)
+    def step() -> torch.Tensor:
+        with autocast(device):
+            loss, ce = compiled(x, y)
         loss.backward()
         if h.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
@@ -92,8 +94,16 @@ def make_step(model, compiled, optimizers, h, device):
             opt.step()
             opt.zero_grad(set_to_none=True)
         train_gpt.collect_routing_stats(model, h.router_bias_rate, 1)
+        return ce
 
     return step
+
+
+def wait_and_time(t0: float, device) -> float:
+    """Milliseconds since t0, once the device has finished what was queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 1000 * (time.perf_counter() - t0)
 
 
 def time_phase(step, iters: int, warmup: int, device) -> list[float]:
@@ -105,9 +115,7 @@ def time_phase(step, iters: int, warmup: int, device) -> list[float]:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - t0))
+        times.append(wait_and_time(t0, device))
     return times
 
 

@@ -1690,6 +1690,8 @@ LOG_CALIBRATION = (
     re.compile(r"(?m)^gptq:calibrated \d+ layers in ([\d.]+)s"),
     re.compile(r"(?m)^gptq: Hessians of .* in ([\d.]+)s"),
 )
+# train_gpt.py's own statement of when training plus calibration ended (train time + calibration time)
+LOG_TRAINING_AND_CALIBRATION = re.compile(r"(?m)^training_and_calibration: ended at ([\d.]+)s")
 LOG_TOTAL_EVAL = re.compile(r"(?m)^total_eval_time:\s?([\d.]+)s")
 HYPERPARAMETER = re.compile(r"^  (\w+): ?(.*)$")
 HEADER_PAIRS = re.compile(r"[\w/]+:\s?\S+(?:\s+[\w/]+:\s?\S+)*")
@@ -2012,6 +2014,10 @@ def time_check(logs: list[FolderLog], track: str) -> list[Check]:
                     continue
                 seconds = train_ms / 1000 + sum(calib)
                 how = f"{train_ms / 1000:.1f}s" + (f" + calibration {sum(calib):.1f}s" if calib else "")
+                ended = [float(m) for m in LOG_TRAINING_AND_CALIBRATION.findall(text)]
+                if ended and max(ended) > seconds:  # the log's own end time, when later
+                    seconds = max(ended)
+                    how += f", ended at {seconds:.1f}s"
             else:
                 total = LOG_TOTAL_EVAL.findall(text)
                 eval_ms = fl.run.score.eval_time_ms
