@@ -905,7 +905,10 @@ class Rotary(nn.Module):
     def __init__(self, rope_dims: int, base: float):
         super().__init__()
         self.register_buffer(
-            "inv_freq", base ** (-torch.arange(0, rope_dims, 2).float() / rope_dims), persistent=False
+            # 1 / base^(i/d), not base^(-i/d): the same fp32 rounding as the record, bit for bit
+            "inv_freq",
+            1.0 / base ** (torch.arange(0, rope_dims, 2).float() / rope_dims),
+            persistent=False,
         )
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, H, T, D); rotates the first rope_dims channels
