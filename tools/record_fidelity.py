@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import re
 import sys
 import types
 from pathlib import Path
@@ -135,10 +136,9 @@ def randomize(model, seed: int = 0) -> None:
                 p.add_(0.3 * noise)
 
 
-# The features whose forms still differ (see docs/record_fidelity.md), off on both sides where a comparison
-# needs every other feature equal: the record's gated U-Net skips (ours has none) and its SmearGate form.
-RECORD_ALIGNED = {"skip_gates_enabled": False, "smear_gate_enabled": False}
-OURS_ALIGNED = {"SMEAR_GATE": 0}
+# Overrides of each side's configuration for a comparison: none, every feature is compared as run.
+RECORD_ALIGNED: dict = {}
+OURS_ALIGNED: dict = {}
 
 
 def paired_models(record_overrides=RECORD_ALIGNED, our_env=OURS_ALIGNED, seed=0, folder=oracle.RECORD_1061):
@@ -365,9 +365,12 @@ NOT_KNOBS = {
 }
 
 
+NO_KNOB = "-"
+
+
 def config_rows(folder) -> list[tuple[str, object, object]]:
-    """(record setting, its value in the record's run, our default or None when we have no such knob) for
-    every setting whose value differs or that we lack."""
+    """(record setting, its value in the record's run, our default, or NO_KNOB where we have no such knob)
+    for every setting whose value differs or that we lack."""
     tg = import_trainer()
     ours = tg.load_config(environ={})
     rows = []
@@ -375,9 +378,9 @@ def config_rows(folder) -> list[tuple[str, object, object]]:
         if name in NOT_KNOBS:
             continue
         knob = RENAMED.get(name, name.upper())
-        mine = getattr(ours, knob.lower()) if knob in tg.KNOBS else None
-        if mine is None or mine != value:
-            rows.append((name, value, mine if knob in tg.KNOBS else None))
+        mine = getattr(ours, knob.lower()) if knob in tg.KNOBS else NO_KNOB
+        if mine != value:
+            rows.append((name, value, mine))
     return rows
 
 
@@ -419,15 +422,18 @@ def count_difference(folder, our_env=None) -> tuple[int, list[tuple[str, int]]]:
 
 # ---- docs/record_fidelity.md ---------------------------------------------------------------------
 def _fmt(v) -> str:
-    return f"{v:.1e}" if isinstance(v, float) and v and (abs(v) < 1e-3 or abs(v) >= 1e4) else str(v)
+    return (
+        f"{v:.1e}"
+        if isinstance(v, float) and v and (abs(v) < 1e-3 or abs(v) >= 1e4)
+        else (f"{v:.3f}" if isinstance(v, float) else str(v))
+    )
 
 
 def _grouped(diff: list[tuple[str, int]]) -> list[tuple[str, int, int]]:
     """Rows of the same kind (a tensor name with its layer index dropped) merged: (what, count, params)."""
     merged: dict[str, list[int]] = {}
     for what, n in diff:
-        key = "".join("i" if ch.isdigit() else ch for ch in what.split(":")[0]) + ":" + what.split(":", 1)[1]
-        merged.setdefault(key, []).append(n)
+        merged.setdefault(re.sub(r"\[\d+\]", "[i]", what), []).append(n)
     return [(k, len(v), sum(v)) for k, v in merged.items()]
 
 
@@ -454,8 +460,9 @@ def report() -> str:
     )
     add("Its configuration is the `Hyperparameters:` block of its first log (the run, not the script's bare")
     add("defaults: the README's command sets nine more). The small shape is that configuration with")
-    add(f"`{SMALL}`: the same 11-layer structure (loop 3-5 twice, lanes from layer 8, XSA in every layer,")
-    add("partial RoPE over 16 of 32 head channels), random weights on every tensor.\n")
+    add(", ".join(f"`{k}={v}`" for k, v in SMALL.items()) + ": the same 11-layer structure (loop 3-5")
+    add("twice, lanes from layer 8, XSA in every layer, partial RoPE over 16 of 32 head channels), random")
+    add("weights on every tensor.\n")
 
     add("## 1.0611 record (2026-04-27): parameters\n")
     rec_count, logged = full_param_counts(oracle.RECORD_1061)
@@ -479,10 +486,7 @@ def report() -> str:
     add("## Forward and backward (small shape, same weights, same tokens)\n")
     rec, rmodel, ours = paired_models()
     x, y = tokens(bos_every=17)
-    add(
-        "Both sides with the gated skips and SmearGate off (their forms differ, below); every "
-        "other feature on."
-    )
+    add("Every feature on, on both sides, as each record run configures it; no document boundaries (row 1).")
     add("Tokens: 2 x 64 with a BOS every 17 positions. Gaps are max |record - ours|.\n")
     add("| loops | logits, fp32 | final hidden, fp64 | loss | gradient (max over tensors, / tensor's max) |")
     add("|---|---|---|---|---|")
@@ -550,7 +554,7 @@ def report() -> str:
         add("| record setting | record run | our default |")
         add("|---|---|---|")
         for name, value, mine in config_rows(folder):
-            add(f"| `{name}` | {value} | {'-' if mine is None else mine} |")
+            add(f"| `{name}` | {value} | {mine} |")
         add("")
     add("## Other fixtures (part 3: how far each is from ours)\n")
     add("| fixture | loads on CPU | model parameters (log) | record minus ours | tensors we lack / add |")
