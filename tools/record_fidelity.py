@@ -14,11 +14,13 @@ import contextlib
 import math
 import re
 import sys
+import tempfile
 import types
 from pathlib import Path
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import record_oracle as oracle  # noqa: E402
@@ -41,7 +43,10 @@ SMALL = {
 
 
 def record_small(folder=oracle.RECORD_1061, **overrides) -> types.SimpleNamespace:
-    return oracle.record_hparams(folder, **{**SMALL, **overrides})
+    logged = oracle.logged_hparams(oracle.record_logs(folder)[0])
+    # older scripts size the embedding apart from the blocks (EMBEDDING_DIM): both small here
+    shape = {**SMALL, **({"embedding_dim": SMALL["model_dim"]} if "embedding_dim" in logged else {})}
+    return oracle.record_hparams(folder, **{**shape, **overrides})
 
 
 def ours_small(**env) -> types.SimpleNamespace:
@@ -384,6 +389,40 @@ def config_rows(folder) -> list[tuple[str, object, object]]:
     return rows
 
 
+FEATURE_KNOBS = {
+    "smear_gate_enabled": "SMEAR_GATE",
+    "skip_gates_enabled": "SKIP_GATES_ENABLED",
+    "sparse_attn_gate_enabled": "SPARSE_ATTN_GATE_ENABLED",
+}
+
+
+def fixture_env(folder) -> dict[str, str]:
+    """Our model knobs set to a record run's values (the shape aside), and off for a feature its script
+    does not have."""
+    tg = import_trainer()
+    values = oracle.logged_hparams(oracle.record_logs(folder)[0])
+    ours = tg.load_config(environ={})
+    env = {}
+    for knob in tg.MODEL_KNOBS:
+        name = {v: k for k, v in RENAMED.items()}.get(knob, knob.lower())
+        if name in SMALL or name not in values or values[name] == getattr(ours, knob.lower()):
+            continue
+        value = values[name]
+        env[knob] = str(int(value)) if isinstance(value, bool) else str(value)
+    for name, knob in FEATURE_KNOBS.items():
+        if name not in values:
+            env[knob] = "0"
+    return env
+
+
+def fixture_forward_gaps(folder) -> tuple[dict, float, float]:
+    """(our knobs for it, logits gap loops off, loops on) at the small shape with the same weights."""
+    env = fixture_env(folder)
+    _, rmodel, ours = paired_models(record_overrides={}, our_env=env, folder=folder)
+    x, _ = tokens(bos_every=17)
+    return env, forward_gap(rmodel, ours, x, False), forward_gap(rmodel, ours, x, True)
+
+
 def full_param_counts(folder) -> tuple[int, int | None]:
     """(the record's model built at its run configuration, the model_params its log printed)."""
     rec = oracle.load_record(folder)
@@ -543,6 +582,49 @@ def report() -> str:
     for row in schedule_rows():
         add("| " + " | ".join(f"{v:.5f}" if isinstance(v, float) else str(v) for v in row) + " |")
     add("")
+    add("## Data\n")
+    with tempfile.TemporaryDirectory() as folder:
+        rows = data_rows(Path(folder))
+    first_bad = min((r[0] for r in rows if not r[3]), default=None)
+    add(
+        "The record's `DocumentPackingLoader` (its code; pinned buffers made plain) against our `TrainLoader`"
+    )
+    add("on the same two shards (6,000 and 5,000 tokens of random documents, each starting with a BOS), 2")
+    add("ranks x 2 micro-steps of 512 tokens: the input tokens per step, rank and micro-step are")
+    if first_bad is None:
+        add("equal for every step,")
+    else:
+        add(f"equal for steps 0-{first_bad - 1} and differ from step {first_bad},")
+    add("where the first shard has no whole step left (row 10).\n")
+    add("## Quantization\n")
+    add("The same weight (of the mapped small-shape model) and Hessian (X^T X of correlated random inputs)")
+    add("through the record's `gptq_quantize_weight` and ours, at each side's grid for the tensor.\n")
+    add("| tensor | shape | bits, sigmas: record / ours | same scales | same codes: core | ours in full |")
+    add("|---|---|---|---|---|---|")
+    for r in quant_rows():
+        add(
+            f"| `{r['name']}` | {r['shape']} | {r['grid'][0]} / {r['grid'][1]} | {r['scale_equal']} | "
+            f"{r['core_equal']:.1%} | {r['full_equal']:.1%} ({r['full_scale_equal']}) |"
+        )
+    add("")
+    add("## Evaluation\n")
+    same = "identical" if byte_tables_equal() else "different"
+    add("Byte accounting: the record's `build_sentencepiece_luts` and our `byte_tables` on the sample")
+    add(f"tokenizer: {same}.\n")
+    add("The record's `eval_val` (its code) against our `evaluate` with `EVAL_STRIDE = EVAL_SEQ_LEN` on the")
+    add("same model and 8 x 64 validation tokens (a BOS only at the start), our per-token bytes as its")
+    add("sidecar:\n")
+    add(
+        "| SmearGate | record val_loss, val_bpb | ours | per-token loss gap (ours against the record model) |"
+    )
+    add("|---|---|---|---|")
+    for smear in (False, True):
+        e = eval_gaps(smear=smear)
+        add(
+            f"| {'on' if smear else 'off (amounts zeroed)'} | {e['record'][0]:.9f}, {e['record'][1]:.9f} | "
+            f"{e['ours'][0]:.9f}, {e['ours'][1]:.9f} | {_fmt(e['token_gap'])} |"
+        )
+    add("")
     add(DIFFERENCES)
     for folder in (oracle.RECORD_1061, oracle.RECORD_10614):
         add(f"## Configuration: {folder.name} against our defaults\n")
@@ -554,11 +636,15 @@ def report() -> str:
         add("| record setting | record run | our default |")
         add("|---|---|---|")
         for name, value, mine in config_rows(folder):
-            add(f"| `{name}` | {value} | {mine} |")
+            add(f"| `{name}` | {value} | {'unset' if mine is None else mine} |")
         add("")
     add("## Other fixtures (part 3: how far each is from ours)\n")
-    add("| fixture | loads on CPU | model parameters (log) | record minus ours | tensors we lack / add |")
-    add("|---|---|---|---|---|")
+    add("Each fixture whose script loads: its model at its run's shape against ours at our defaults")
+    add("(parameters: record minus ours, with the number of its tensors we lack / of ours it lacks), and the")
+    add("largest logits gap at the small shape with the same weights once our model knobs are set to its")
+    add("run's values (and its absent features off).\n")
+    add("| fixture | loads | parameters (log) | record - ours (tensors) | our knobs | gap, loops off/on |")
+    add("|---|---|---|---|---|---|")
     for folder in sorted(p for p in oracle.RECORDS.iterdir() if (p / "train_gpt.py").exists()):
         add(fixture_row(folder))
     add("")
@@ -568,17 +654,23 @@ def report() -> str:
 def fixture_row(folder) -> str:
     source = (folder / "train_gpt.py").read_text(errors="replace")
     if source.startswith("import lzma"):
-        return f"| {folder.name} | no: self-extracting (lzma) script | | | |"
+        return f"| {folder.name} | no: self-extracting (lzma) script | | | | |"
     if not oracle.record_logs(folder):
-        return f"| {folder.name} | no: no log with its configuration | | | |"
+        return f"| {folder.name} | no: no log prints its configuration | | | | |"
     try:
         count, logged = full_param_counts(folder)
         total, diff = count_difference(folder)
+        env, gap_off, gap_on = fixture_forward_gaps(folder)
     except Exception as err:  # reported in the table: which fixture the harness cannot run, and why
-        return f"| {folder.name} | no: {type(err).__name__}: {str(err)[:80]} | | | |"
+        message = str(err).replace(str(REPO) + "/", "")[:100]
+        return f"| {folder.name} | no: {type(err).__name__}: {message} | | | | |"
     lacks = sum(1 for what, n in diff if what.startswith("record"))
     extra = sum(1 for what, n in diff if what.startswith("ours"))
-    return f"| {folder.name} | yes | {count:,} ({logged}) | {total:+,} | {lacks} / {extra} |"
+    knobs = " ".join(f"`{k}={v}`" for k, v in env.items()) or "none"
+    return (
+        f"| {folder.name} | yes | {count:,} ({logged}) | {total:+,} ({lacks} / {extra}) | {knobs} | "
+        f"{_fmt(gap_off)} / {_fmt(gap_on)} |"
+    )
 
 
 DIFFERENCES = """## Differences, row by row
@@ -586,46 +678,59 @@ DIFFERENCES = """## Differences, row by row
 | # | what | how large | status |
 |---|---|---|---|
 | 1 | **Document isolation.** The record trains with `DocumentPackingLoader` + `flash_attn_varlen_func` \
-(a segment per document, cut at `TRAIN_SEQ_LEN`); ours attends causally across the packed row. | \
-unmeasured here | **pending the attention change** (done on another branch); every comparison above runs \
-without document boundaries on both sides (the record's `cu_seqlens=None` path = plain causal); the \
-test `test_document_isolated_forward_matches` is an expected failure for this reason only |
-| 2 | **Gated U-Net skips.** The record's run has `SKIP_GATES_ENABLED=1`: a decoder input becomes \
-`lerp(w * skip, x, sigmoid(g))` (8 x 512 gates, zero init = half skip, half stream); ours adds `w * skip` \
-and rejects `SKIP_GATES_ENABLED` as another script's knob. | 4,096 parameters; logits differ (test \
-`test_record_defaults_differ_where_documented`) | ours differs from the record: **not fixed** on this \
-branch (a model change: a knob, the artifact's tensors, MoE paths) |
-| 3 | **SmearGate form.** Record: `x_t += lambda * sigmoid(W . x_t[:12]) * x_(t-1)` on the raw embedding, \
-before its RMSNorm, zero at a BOS (13 parameters, lambda = 0: identity at init). Ours: `x + sigmoid(g) * \
-(x_(t-1) - x)` per channel after the RMSNorm (512 parameters, g = 0: half of the previous embedding at \
-init). | 499 parameters fewer in the record; a different function | ours differs: **not fixed** (same \
-reason as row 2) |
+(a segment per document, cut at `TRAIN_SEQ_LEN`) and evaluates the same way; ours attends causally \
+across the packed row. | unmeasured here | **pending the attention change** (another branch); every \
+comparison here runs without document boundaries on both sides (the record's `cu_seqlens=None` path, or \
+a BOS only at the start); `test_document_isolated_forward_matches` is an expected failure for this \
+reason only |
+| 2 | Gated U-Net skips: the record's run has `SKIP_GATES_ENABLED=1` (`lerp(w * skip, x, \
+sigmoid(g))`, 8 x 512 gates); ours added the skip. | 4,096 parameters and every decoder input | \
+**fixed**: `SKIP_GATES_ENABLED`, on by default (forward tests fail without it) |
+| 3 | SmearGate form: the record adds `lambda * sigmoid(W . x_t[:12]) * x_(t-1)` to the raw embedding \
+(13 parameters, identity at init); ours mixed `sigmoid(g) * (x_(t-1) - x)` per channel after the norm \
+(512 parameters, half the previous embedding at init). | 499 parameters; a different function | \
+**fixed**: ours is now the record's form |
 | 4 | Lane weights of layers 0-7: the record allocates `parallel_*_lambdas` for all 11 layers and reads \
-only layers 8-10. | 48 parameters, never read | deliberate: no effect on any output |
+only layers 8-10. | 48 parameters, never read | deliberate: no effect on any output; the whole \
+remaining parameter difference |
 | 5 | Lane weight layout: our `lane_post[j, k]` (lane j, branch k) is the record's \
 `parallel_post_lambdas[i, k, j]`. | none (a transpose) | deliberate: layout only |
 | 6 | RoPE inverse frequencies: ours computed `base ** (-i/d)`, the record `1 / base ** (i/d)`. | 1 ulp \
-(3.7e-9) in fp32 | **fixed** on this branch (`test_rope_frequencies_are_the_records`) |
+in fp32 | **fixed** (`test_rope_frequencies_are_the_records`) |
 | 7 | Muon precision: the record's momentum buffer and Polar-Express iteration in bf16; ours keeps the \
-buffer in fp32 and iterates in bf16 on a GPU (fp32 on a CPU). | table above | deliberate (more precise) |
+buffer in fp32 and iterates in bf16 on a GPU (fp32 on a CPU). | optimizer table | deliberate (more \
+precise); the same mathematics in fp64 |
 | 8 | Muon momentum warm-up: ours over the first 30% of the run (`MUON_MOMENTUM_WARMUP_FRAC`), the \
-record over 1,500 steps (30.4% of its 4,931). | momentum table above (< 5e-4) | deliberate: fractions of \
+record over 1,500 steps (30.4% of its 4,931). | schedule table (< 1e-3) | deliberate: fractions of \
 the run, so short runs are miniatures |
 | 9 | EMA: the record decays 0.9965 per step from the initial weights; ours (`EMA_DECAY` unset) \
 `exp(-step share / 0.058)`, 0.99650 at 4,931 steps, from the weights after the first step. | read from \
-both codes, not run here | deliberate: fractions of the run |
-| 10 | Training data order: not compared (the record's loader packs from the first BOS of each shard, \
-one 98,304-token row per rank; ours: see `TrainLoader`). | not measured | **not done** |
-| 11 | Quantization (GPTQ + SDClip + LQER codes and scales on the same weights and Hessians) and the \
-compressed size: not compared. The record's run uses asymmetric LQER (`LQER_ASYM_ENABLED`, groups of 64), \
-an int8 attention-gate store (`GATED_ATTN_QUANT_GATE`) and its `pergroup` compressor; ours has none of \
-these knobs (configuration table). | not measured | **not done** |
-| 12 | Evaluation (sliding window, phased TTT: val_bpb and per-token losses): not compared. | not \
-measured | **not done** |
-| 13 | Tokenizer: the record's run uses the CaseOps lossless-caps SP8192 tokenizer and its byte sidecar \
-(`CASEOPS_ENABLED=1`); ours reads the plain SP8192 export. | a different dataset and byte count: its \
-1.0611 \
-is not a number our default can reproduce | not reproducible here |
+both codes, not run | deliberate: fractions of the run |
+| 10 | Training data at a shard's end: the record drops the tail that does not fill a whole step and \
+starts the next shard at its first BOS; ours reads on across the boundary, so every later step is \
+offset. | data table: equal until the first shard runs out | ours differs; not changed here (the \
+loader is being changed for document isolation) |
+| 11 | GPTQ step width: the GPTQ core and the SDClip scales are the record's bit for bit, but ours keeps \
+GPTQ only when its codes compress to no more bytes than round-to-nearest's, widening the step up to five \
+times, and then takes whichever of the two has less output error. | quantization table: 75-85% of \
+codes equal where ours widened | ours by design; its effect on val_bpb is not measured |
+| 12 | LQER: the record corrects the 3 tensors with the largest error norm, from an SVD of the plain \
+error, stored asymmetric (`LQER_ASYM_ENABLED`: A int2 per matrix, B int4 in groups of 64); ours ranks by \
+output error tr(E H E^T), factors the error scaled by activation RMS and stores both factors int4 per \
+row. The record also stores the attention gates int8 (`GATED_ATTN_QUANT_GATE`) and compresses with its \
+`pergroup` lrzip scheme; ours fp16 gates and brotli. | read from both codes; compressed sizes not \
+compared | ours differs by design; not measured |
+| 13 | Evaluation: the record never runs a sliding window (its `EVAL_STRIDE` is read and unused); its \
+score is the phased TTT (`TTT_ENABLED=1`), its diagnostic a document-isolated pass in 2,048-token \
+segments. Our default scores the sliding window at stride 64 with TTT off. | configuration table | \
+deliberate default (TTT off until measured on a GPU); phased TTT not compared |
+| 14 | SmearGate at a segment cut: the record packs a batch into one row cut into segments, and only a \
+BOS stops its smear, so a segment starting inside a document mixes in the previous segment's last \
+token; ours starts every row fresh. | evaluation table: equal with the smear off | belongs with \
+document isolation: pending |
+| 15 | Tokenizer: the record's run uses the CaseOps lossless-caps SP8192 tokenizer and its byte sidecar \
+(`CASEOPS_ENABLED=1`); ours reads the plain SP8192 export. | another dataset: its 1.0611 is not a \
+number our default can reproduce | not reproducible here |
 """
 
 
@@ -657,6 +762,186 @@ def main() -> int:
     DOC.write_text(text)
     print(f"wrote {DOC.relative_to(REPO)}")
     return 0
+
+
+# ---- Quantization: the same weight and Hessian through both GPTQs --------------------------------
+QUANT_TENSORS = (
+    "tok_emb.weight",
+    "blocks.0.attn.c_q.weight",
+    "blocks.0.attn.c_k.weight",
+    "blocks.5.mlp.fc.weight",
+    "blocks.10.mlp.proj.weight",
+)
+
+
+def test_hessian(cols: int, seed: int) -> torch.Tensor:
+    """X^T X / n of correlated random inputs (n = 4 x cols): positive definite, unequal diagonal."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=gen) / math.sqrt(cols) + torch.eye(cols)
+    x = torch.randn(4 * cols, cols, generator=gen) @ mix
+    return x.T @ x / x.size(0)
+
+
+def quant_rows() -> list[dict]:
+    """Per tensor of the mapped small-shape model: the grid (bits, clip sigmas) each side picks, whether the
+    row scales are bit-identical, and the share of integer codes equal to the record's GPTQ codes, for our
+    GPTQ core at the same scale and for our full path (quantize_tensor: GPTQ widened to round-to-nearest's
+    bytes, or round-to-nearest, whichever has less output error)."""
+    tg = import_trainer()
+    rec, rmodel, ours = paired_models()
+    hr = record_small()
+    ho = ours_small()
+    state = dict(ours.named_parameters())
+    rows = []
+    for i, name in enumerate(QUANT_TENSORS):
+        w = state[name].detach().float()
+        H = test_hessian(w.size(1), seed=i)
+        if "tok_emb" in name:
+            rec_sigmas, rec_bits = hr.embed_clip_sigmas, hr.embed_bits
+        else:
+            rec_sigmas = hr.mlp_clip_sigmas if ".mlp." in name else hr.attn_clip_sigmas
+            rec_bits = hr.matrix_bits
+        q_rec, s_rec = rec.gptq_quantize_weight(
+            w, H, clip_sigmas=rec_sigmas, clip_range=2 ** (rec_bits - 1) - 1
+        )
+        bits, sigmas = tg.storage_grid(name, w, ho)
+        scale = tg.sdclip_scale(w, bits, sigmas)
+        q_core = tg.gptq(w, H, scale, bits)
+        _, (q_full, s_full) = tg.quantize_tensor(name, w, ho, H, 0, 0.0)
+        rows.append(
+            dict(
+                name=name,
+                shape=tuple(w.shape),
+                grid=((rec_bits, rec_sigmas), (bits, sigmas)),
+                scale_equal=torch.equal(s_rec, scale),
+                core_equal=(q_core.to(torch.int8) == q_rec).float().mean().item(),
+                full_scale_equal=torch.equal(s_full, s_rec),
+                full_equal=(q_full == q_rec).float().mean().item(),
+            )
+        )
+    return rows
+
+
+# ---- Evaluation: the record's eval_val against ours on the same model and validation tokens ----------
+def byte_tables_equal(tokenizer: Path = REPO / "data" / "sample" / "tokenizer.model") -> bool:
+    """The record's build_sentencepiece_luts against our byte_tables on one tokenizer."""
+    import sentencepiece as spm
+
+    tg = import_trainer()
+    rec = oracle.load_record(oracle.RECORD_1061)
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    theirs = rec.build_sentencepiece_luts(sp, sp.vocab_size(), torch.device("cpu"))
+    return all(torch.equal(a, b) for a, b in zip(theirs, tg.byte_tables(sp)))
+
+
+def eval_gaps(windows: int = 8, seed: int = 3, smear: bool = True) -> dict:
+    """The record's eval_val (its own code: a packed row per batch cut into segments at every BOS and every
+    EVAL_SEQ_LEN tokens, bytes from a per-token sidecar) against our evaluate() with EVAL_STRIDE =
+    EVAL_SEQ_LEN (plain windows), on validation tokens with a BOS only at the start (no document
+    boundaries: row 1). Our per-token byte counts are the record's sidecar. Returns both (val_loss,
+    val_bpb) and the largest per-token loss gap against the record model's own logits per window. smear=False
+    zeroes both SmearGates' amounts (the record's smear crosses its segment cuts: row 14)."""
+    tg = import_trainer()
+    rec, rmodel, ours = paired_models()
+    if not smear:
+        with torch.no_grad():
+            rmodel.smear_lambda.zero_()
+            ours.smear.lam.zero_()
+    seq = SMALL["eval_seq_len"]
+    gen = torch.Generator().manual_seed(seed)
+    val = torch.randint(2, SMALL["vocab_size"], (windows * seq + 1,), generator=gen)
+    val[0] = 1
+    tables = (
+        torch.randint(1, 6, (SMALL["vocab_size"],), generator=gen, dtype=torch.int16),
+        torch.rand(SMALL["vocab_size"], generator=gen) < 0.5,
+        torch.arange(SMALL["vocab_size"]) < 3,
+    )
+    sidecar = torch.cat((torch.zeros(1, dtype=torch.int32), tg.target_bytes(val[:-1], val[1:], tables)))
+    hr = record_small()
+    hr.val_batch_tokens, hr.grad_accum_steps = 4 * seq, 1
+    rmodel.looping_active = ours.looping = False
+    rec_result = rec.eval_val(
+        hr, torch.device("cpu"), types.SimpleNamespace(val_tokens=val, val_bytes=sidecar), rmodel
+    )
+    ours.eval()
+    token_losses = torch.zeros(val.numel() - 1)
+    rt = tg.Runtime(0, 1, torch.device("cpu"), lambda *a, **k: None)
+    our_result = tg.evaluate(ours.logits, val, tables, tg.WindowSpec(seq, seq, 4), rt, token_losses)
+    with torch.no_grad():
+        x = val[:-1].view(windows, seq)
+        y = val[1:].view(windows, seq)
+        logits = rmodel.forward_logits(x)
+        rec_losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+    return dict(
+        record=rec_result,
+        ours=our_result,
+        token_gap=(rec_losses - token_losses).abs().max().item(),
+    )
+
+
+# ---- Data: the tokens each rank trains on per step ---------------------------------------------------
+@contextlib.contextmanager
+def no_pinned_memory():
+    """The record's loader pins its host buffers, which needs a GPU driver: plain buffers on a CPU."""
+    plain_empty = torch.empty
+
+    def empty(*args, pin_memory=False, **kwargs):
+        return plain_empty(*args, **kwargs)
+
+    with mock.patch.object(torch, "empty", empty), mock.patch.object(torch.Tensor, "pin_memory", lambda t: t):
+        yield
+
+
+def write_doc_shards(folder: Path, sizes=(6000, 5000), seed: int = 4) -> list[Path]:
+    """Challenge-format training shards of random documents (20-400 tokens), each starting with a BOS."""
+    sys.path.insert(0, str(REPO / "data"))
+    from build_shards import write_shard
+
+    gen = torch.Generator().manual_seed(seed)
+    paths = []
+    for i, size in enumerate(sizes):
+        tokens = torch.randint(2, SMALL["vocab_size"], (size,), generator=gen)
+        pos = 0
+        while pos < size:
+            tokens[pos] = 1
+            pos += int(torch.randint(20, 400, (1,), generator=gen))
+        paths.append(folder / f"fineweb_train_{i:06d}.bin")
+        write_shard(paths[-1], tokens.numpy())
+    return paths
+
+
+def data_rows(folder: Path, steps: int = 8, world: int = 2, accum: int = 2, micro_tokens: int = 512):
+    """Per (step, rank, micro-step): whether the record's DocumentPackingLoader and our TrainLoader give the
+    same input tokens, on the same shards. Returns [(step, rank, micro, equal)]."""
+    tg = import_trainer()
+    rec = oracle.load_record(oracle.RECORD_1061)
+    files = [str(p) for p in write_doc_shards(folder)]
+    rows = []
+    with no_pinned_memory():
+        for rank in range(world):
+            h = types.SimpleNamespace(
+                rank=rank,
+                world_size=world,
+                train_seq_len=SMALL["train_seq_len"],
+                train_files=str(folder / "fineweb_train_*.bin"),
+            )
+            theirs = rec.DocumentPackingLoader(h, torch.device("cpu"))
+            ours = tg.TrainLoader(
+                files,
+                rank,
+                world,
+                SMALL["train_seq_len"],
+                micro_tokens,
+                accum,
+                torch.device("cpu"),
+                SMALL["vocab_size"],
+            )
+            for step in range(steps):
+                mine = ours.next_step()
+                for micro in range(accum):
+                    x, _, _, _ = theirs.next_batch(micro_tokens * world * accum, accum)
+                    rows.append((step, rank, micro, torch.equal(x.flatten(), mine[micro][0].flatten())))
+    return rows
 
 
 if __name__ == "__main__":

@@ -229,7 +229,11 @@ def logged_hparams(log_path: Path) -> dict:
 def record_logs(folder: Path) -> list[Path]:
     folder = Path(folder)
     logs = sorted(folder.glob("*.log")) + sorted((folder / "logs").glob("*.txt"))
-    return [p for p in logs if "Hyperparameters:" in p.read_text(errors="replace")]
+    return [
+        p
+        for p in logs
+        if any(line.startswith("Hyperparameters:") for line in p.read_text(errors="replace").splitlines())
+    ]
 
 
 def logged_model_params(log_path: Path) -> int | None:
