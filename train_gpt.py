@@ -1419,7 +1419,7 @@ class GPT(nn.Module):
             block = self.blocks[layer]
             if block.parallel and lanes is None:
                 lanes = (x, x)
-            if pos >= n_encoder and skips:  # U-Net: decoder position j adds encoder output n_enc-1-j
+            if pos >= n_encoder and skips:  # U-Net: decoder position j joins encoder output n_enc-1-j
                 skip = self.skip_weights[pos - n_encoder].to(x.dtype) * skips.pop()
                 if lanes is None:
                     x = self.join_skip(x, skip, pos - n_encoder)

@@ -254,3 +254,23 @@ def test_an_older_fixture_without_a_configuration_block_is_reported_not_run():
     row = rf.fixture_row(oracle.RECORDS / "2026-03-17_NaiveBaseline")
     assert "no log prints its configuration" in row
     assert "self-extracting" in rf.fixture_row(oracle.RECORDS / "2026-04-06_SP8192_QK5_LegalTTT_1.0828")
+
+
+def test_the_written_report_has_every_component_and_row():
+    text = (REPO / "docs" / "record_fidelity.md").read_text()
+    for heading in (
+        "parameters",
+        "Forward and backward",
+        "Optimizer step and schedule",
+        "Data",
+        "Quantization",
+        "Evaluation",
+        "Differences, row by row",
+        "Other fixtures",
+    ):
+        assert any(line.startswith("## ") and heading in line for line in text.splitlines()), heading
+    rows = [
+        line for line in text.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()
+    ]
+    assert [int(r.split("|")[1]) for r in rows] == list(range(1, len(rows) + 1))
+    assert "pending the attention change" in rows[0]

@@ -576,7 +576,9 @@ def report() -> str:
     )
     add("update: bf16 itself (the record's bf16 iteration against an fp64 one differs by ~7% on a random")
     add("matrix; ours rounds differently). Ours keeps the momentum buffer in fp32, the record in bf16.\n")
-    add("Schedule at the default configuration (record: its logged 4,931-step runs):\n")
+    add("Schedule at the default configuration: the record's `lr_mul` (its code) and loop switch at each")
+    add("fraction; its momentum warm-up as `step_fn` computes it (checked against `step_fn` itself in the")
+    add("table above) at the step that fraction is of its logged 4,931-step runs.\n")
     add("| fraction | lr_mul record | ours | momentum record | ours | looping record | ours |")
     add("|---|---|---|---|---|---|---|")
     for row in schedule_rows():
@@ -723,7 +725,7 @@ compared | ours differs by design; not measured |
 | 13 | Evaluation: the record never runs a sliding window (its `EVAL_STRIDE` is read and unused); its \
 score is the phased TTT (`TTT_ENABLED=1`), its diagnostic a document-isolated pass in 2,048-token \
 segments. Our default scores the sliding window at stride 64 with TTT off. | configuration table | \
-deliberate default (TTT off until measured on a GPU); phased TTT not compared |
+deliberate default (TTT off until measured on a GPU); the phased TTT itself: **not compared** |
 | 14 | SmearGate at a segment cut: the record packs a batch into one row cut into segments, and only a \
 BOS stops its smear, so a segment starting inside a document mixes in the previous segment's last \
 token; ours starts every row fresh. | evaluation table: equal with the smear off | belongs with \
