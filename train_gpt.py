@@ -241,7 +241,17 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "SMEAR_GATE",
             bool,
             True,
-            "learned per-channel mix of each embedding with the previous position's (never across a BOS)",
+            "adds to each raw embedding the previous position's, times a learned amount (zero at start) and "
+            "a gate read from its first `GATE_WINDOW` channels, before the embedding's norm (never across a "
+            "BOS)",
+            model=True,
+        ),
+        Knob(
+            "SKIP_GATES_ENABLED",
+            bool,
+            True,
+            "each U-Net skip joins the decoder stream through a learned per-channel gate, `lerp(skip, "
+            "stream, sigmoid(gate))` (an even mix at start); 0 = the skip is added",
             model=True,
         ),
     ),
@@ -760,7 +770,7 @@ FOREIGN_KNOBS = {
     **dict.fromkeys(
         (
             "PREQUANT_ONLY GATED_ATTN_INIT_STD SPARSE_ATTN_GATE_INIT_STD GATED_ATTN_QUANT_GATE "
-            "SKIP_GATES_ENABLED TTT_LORA_ALPHA TTT_K_LORA TTT_O_LORA TTT_MLP_LORA TTT_OPTIMIZER "
+            "TTT_LORA_ALPHA TTT_K_LORA TTT_O_LORA TTT_MLP_LORA TTT_OPTIMIZER "
             "TTT_FREEZE_BLOCKS TTT_WARM_START_A TTT_EVAL_BATCHES TTT_OUTPUT_DIR TTT_DEBUG_BYPASS "
             "GLOBAL_TTT_WARMUP_START_LR GLOBAL_TTT_WARMUP_CHUNKS GLOBAL_TTT_RESPECT_DOC_BOUNDARIES "
             "ROPE_YARN ROPE_TRAIN_SEQ_LEN PARALLEL_FINAL_LANE SWA_ENABLED SWA_EVERY SWA_START_FRAC "
@@ -1063,6 +1073,7 @@ class ModelConfig:
     bigram_vocab_size: int
     bigram_dim: int
     smear_gate: bool
+    skip_gates_enabled: bool
     xsa_last_n: int
     ln_scale: bool
     sparse_attn_gate_enabled: bool
@@ -1327,7 +1338,10 @@ class Rotary(nn.Module):
     def __init__(self, rope_dims: int, base: float):
         super().__init__()
         self.register_buffer(
-            "inv_freq", base ** (-torch.arange(0, rope_dims, 2).float() / rope_dims), persistent=False
+            # 1 / base^(i/d), not base^(-i/d): the same fp32 rounding as the record, bit for bit
+            "inv_freq",
+            1.0 / base ** (torch.arange(0, rope_dims, 2).float() / rope_dims),
+            persistent=False,
         )
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, H, T, D); rotates the first rope_dims channels
@@ -1422,18 +1436,21 @@ class BigramHash(nn.Module):
 
 
 class SmearGate(nn.Module):
-    """Mixes each position's embedding with the previous position's, never across a BOS."""
+    """Adds to each position's raw embedding the previous position's, scaled by a learned amount times a
+    gate read from its first GATE_WINDOW channels; never across a BOS. Zero init: the identity."""
 
-    def __init__(self, dim: int):
+    def __init__(self, window: int):
         super().__init__()
-        self.gate = nn.Parameter(torch.zeros(dim))
+        self.window = window
+        self.weight = nn.Parameter(torch.zeros(1, window))
+        self.lam = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: Tensor, idx: Tensor) -> Tensor:
-        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
-        # The first position has no known predecessor and a BOS starts a new document: no mixing.
-        mixes = torch.cat((torch.zeros_like(idx[:, :1]), (idx[:, 1:] != BOS_ID).long()), dim=1)
-        g = torch.sigmoid(self.gate).to(x.dtype) * mixes.unsqueeze(-1).to(x.dtype)
-        return x + g * (prev - x)
+        gate = torch.sigmoid(F.linear(x[:, 1:, : self.window], self.weight.to(x.dtype)))  # (B, T-1, 1)
+        # A BOS starts a new document: nothing of the previous one flows into it.
+        mixes = (idx[:, 1:] != BOS_ID).to(x.dtype).unsqueeze(-1)
+        smeared = x[:, 1:] + self.lam.to(x.dtype) * gate * x[:, :-1] * mixes
+        return torch.cat((x[:, :1], smeared), dim=1)
 
 
 # ---- 4. Mixture of Experts: soft (every expert, softmax-blended), top-k and shared+routed --------
@@ -1775,7 +1792,7 @@ class GPT(nn.Module):
             if cfg.bigram_vocab_size > 0
             else None
         )
-        self.smear = SmearGate(cfg.model_dim) if cfg.smear_gate else None
+        self.smear = SmearGate(cfg.gate_window) if cfg.smear_gate else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         # Depth recurrence: once on, layers LOOP_START..LOOP_END run NUM_LOOPS more times. A Python bool (one
         # compiled graph per state), mirrored in a buffer the artifact keeps, so a reloaded model runs alike.
@@ -1789,6 +1806,12 @@ class GPT(nn.Module):
         self.looping = False
         self.register_buffer("loop_state", torch.zeros(()))
         self.skip_weights = nn.Parameter(torch.ones(len(self.orders[1]) // 2, cfg.model_dim))
+        # Gated skips: the decoder input becomes lerp(skip, stream, sigmoid(gate)); zero init = an even mix.
+        self.skip_gates = (
+            nn.Parameter(torch.zeros(len(self.orders[1]) // 2, cfg.model_dim))
+            if cfg.skip_gates_enabled
+            else None
+        )
         self.lm_head = (
             None if cfg.tie_embeddings else zero_init(nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False))
         )
@@ -1820,8 +1843,9 @@ class GPT(nn.Module):
         x = self.tok_emb(idx)
         if self.bigram is not None:
             x = x + self.bigram(idx)
-        x = rms_norm(x)
-        return self.smear(x, idx) if self.smear is not None else x
+        if self.smear is not None:  # on the raw embedding, before its norm, as the record
+            x = self.smear(x, idx)
+        return rms_norm(x)
 
     def hidden(self, idx: Tensor) -> Tensor:
         x = self.embed(idx)
@@ -1832,12 +1856,12 @@ class GPT(nn.Module):
             block = self.blocks[layer]
             if block.parallel and lanes is None:
                 lanes = (x, x)
-            if pos >= n_encoder and skips:  # U-Net: decoder position j adds encoder output n_enc-1-j
+            if pos >= n_encoder and skips:  # U-Net: decoder position j joins encoder output n_enc-1-j
                 skip = self.skip_weights[pos - n_encoder].to(x.dtype) * skips.pop()
                 if lanes is None:
-                    x = x + skip
+                    x = self.join_skip(x, skip, pos - n_encoder)
                 else:
-                    lanes = (lanes[0] + skip, lanes[1])
+                    lanes = (self.join_skip(lanes[0], skip, pos - n_encoder), lanes[1])
             if lanes is None:
                 x = block(x, x0, pass_indices[pos])
             else:
@@ -1848,6 +1872,11 @@ class GPT(nn.Module):
         self.routing_aux = routing_aux
         # The record's final lane mix: the mean of the two lanes.
         return rms_norm(x if lanes is None else 0.5 * (lanes[0] + lanes[1]))
+
+    def join_skip(self, stream: Tensor, skip: Tensor, j: int) -> Tensor:
+        if self.skip_gates is None:
+            return stream + skip
+        return torch.lerp(skip, stream, torch.sigmoid(self.skip_gates[j].to(stream.dtype)))
 
     def logits(self, idx: Tensor) -> Tensor:
         return self.head(self.hidden(idx))
@@ -1869,6 +1898,7 @@ class GPT(nn.Module):
 CONTROL_PATTERNS = (
     "resid_mix",
     "skip_weights",
+    "skip_gates",
     "q_gain",
     "attn_scale",
     "mlp_scale",

@@ -190,13 +190,18 @@ def test_bpb_bytes_match_decoded_utf8_of_validation_text():
 
 
 def test_smear_gate_never_mixes_across_bos():
-    smear = tg.SmearGate(8)
+    smear = tg.SmearGate(4)
     x = torch.randn(1, 6, 8)
     idx = torch.tensor([[5, 6, tg.BOS_ID, 7, 8, tg.BOS_ID]])
+    assert torch.equal(smear(x, idx), x)  # zero init: the identity
+    with torch.no_grad():
+        smear.lam.fill_(0.8)
+        smear.weight.copy_(torch.randn(1, 4))
     out = smear(x, idx)
     for t in (0, 2, 5):  # the first position and every BOS keep their own embedding
         assert torch.equal(out[0, t], x[0, t])
-    torch.testing.assert_close(out[0, 3], 0.5 * (x[0, 3] + x[0, 2]))
+    gate = torch.sigmoid(x[0, 3, :4] @ smear.weight[0])  # read from the first GATE_WINDOW channels
+    torch.testing.assert_close(out[0, 3], x[0, 3] + 0.8 * gate * x[0, 2])
 
 
 def test_bigram_hash_buckets():
@@ -490,7 +495,7 @@ def test_one_parameter_classification_for_optimizer_and_quantizer(tiny_config):
     classes = {name: tg.param_class(name, t) for name, t in tg.artifact_state(model).items()}
     assert classes["tok_emb.weight"] == "embed" and classes["lm_head.weight"] == "head"
     assert classes["bigram.table.weight"] == "bigram_table" and classes["bigram.proj.weight"] == "bigram_proj"
-    assert classes["bigram.scale"] == classes["smear.gate"] == classes["blocks.0.resid_mix"] == "control"
+    assert classes["bigram.scale"] == classes["smear.weight"] == classes["blocks.0.resid_mix"] == "control"
     assert classes["blocks.0.mlp.router_weight"] == classes["blocks.0.mlp.router_bias"] == "router"
     assert classes["blocks.0.mlp.up"] == classes["blocks.0.mlp.shared.fc.weight"] == "mlp"
     assert classes["blocks.1.attn.c_q.weight"] == "attn"
