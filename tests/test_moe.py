@@ -399,3 +399,16 @@ def test_sigma_preset_compiles_fullgraph_without_recompiles(tiny_config):
     assert not counters["graph_break"]
     assert any((load == 0).any() for load in loads)  # dropout emptied experts inside the compiled graph
     assert not torch.equal(loads[0], loads[1])
+
+
+def test_sigma_preset_telemetry_reports_every_expert(tiny_config):
+    h = tiny_config(**sigma_env(EXPERT_DROPOUT=0.5))
+    model = randomise(tg.GPT(tg.model_config(h)), 0.05).train()
+    torch.manual_seed(1)
+    model(torch.randint(0, 1024, (2, 64)), torch.randint(0, 1024, (2, 64)))
+    summary = tg.routing_summary(model, tg.collect_routing_stats(model, 0.0, 1))
+    assert [r["layer"] for r in summary] == list(range(h.num_layers))
+    for row, line in zip(summary, tg.routing_log_lines(summary)):
+        assert len(row["load"]) == 16 and sum(row["load"]) == pytest.approx(1.0)
+        assert row["dead"] >= 1  # half the experts dropped on this step: they show as empty
+        assert len(line.split(" load:")[1].split(" ")[0].split(",")) == 16
