@@ -1,6 +1,7 @@
 """Mixture-of-Experts layers: routing, dispatch, balancing, parameter counts, compile, telemetry."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -412,3 +413,19 @@ def test_sigma_preset_telemetry_reports_every_expert(tiny_config):
         assert len(row["load"]) == 16 and sum(row["load"]) == pytest.approx(1.0)
         assert row["dead"] >= 1  # half the experts dropped on this step: they show as empty
         assert len(line.split(" load:")[1].split(" ")[0].split(",")) == 16
+
+
+@pytest.mark.slow
+def test_sigma_preset_whole_compiled_run_recompiles_only_at_the_loop_switch(tmp_path):
+    """A whole tiny run of the preset with the record stack's loop: dynamo logs every recompile (aot_eager
+    for inductor: the same guards and graphs). Expert dropout draws a new mask every step."""
+    from conftest import STACK_ENV, run_compiled
+
+    result, recompiles = run_compiled(
+        tmp_path, {**STACK_ENV, **sigma_env(), "ITERATIONS": "12", "RUN_ID": "s"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "layer_loop:enabled" in result.stdout
+    assert recompiles.count("forward") == 1, result.stderr[-3000:]  # the loop switch only
+    loads = re.findall(r"^moe layer:\d+ load:([\d.,]+) ", result.stdout, re.M)
+    assert loads and all(len(line.split(",")) == 16 for line in loads)
