@@ -353,6 +353,26 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             moe_only=True,
         ),
         Knob(
+            "ROUTER_ENTROPY_COEF",
+            float,
+            0.0,
+            "routed modes: weight of the entropy of the batch-mean softmax of the router logits, per MoE "
+            "layer (and pass), maximised in training (sigma-MoE); 0 = off",
+            low=0,
+            moe_only=True,
+        ),
+        Knob(
+            "EXPERT_DROPOUT",
+            float,
+            0.0,
+            "routed modes: probability that a whole expert is left out of one training forward's selection "
+            "(drawn per layer and pass, per micro-batch and rank; the `TOP_K` highest draws always stay); no "
+            "effect in evaluation; 0 = off",
+            low=0,
+            high=0.9,
+            moe_only=True,
+        ),
+        Knob(
             "MOE_DISPATCH",
             str,
             "grouped",
@@ -936,6 +956,7 @@ def derive_config(h: SimpleNamespace) -> SimpleNamespace:
     )
     derive_stack(h, require)
     derive_router_passes(h, require)
+    derive_routed_regularisers(h, require)
     require(
         not h.ttt_enabled or h.global_ttt_chunk_tokens >= h.eval_seq_len,
         f"GLOBAL_TTT_CHUNK_TOKENS={h.global_ttt_chunk_tokens}: must hold at least one "
@@ -1011,6 +1032,23 @@ def derive_router_passes(h: SimpleNamespace, require) -> None:
         bool(looped),
         f"ROUTER_PER_PASS=1: no MoE layer is looped (MOE_LAYERS={','.join(map(str, h.moe_layer_ids))}, "
         f"looped layers LOOP_START={h.loop_start}..LOOP_END={h.loop_end}); put MOE_LAYERS inside the loop",
+    )
+
+
+def derive_routed_regularisers(h: SimpleNamespace, require) -> None:
+    """ROUTER_ENTROPY_COEF and EXPERT_DROPOUT shape a top-k selection, which only the routed modes make.
+    (With MOE_MODE=none, load_config's check of MoE-only knobs names them instead.)"""
+    for name in ("ROUTER_ENTROPY_COEF", "EXPERT_DROPOUT"):
+        value = getattr(h, name.lower())
+        require(
+            not value or h.moe_mode in ("none", "topk", "shared_routed"),
+            f"{name}={value}: needs a top-k selection (MOE_MODE=topk or shared_routed); "
+            f"MOE_MODE={h.moe_mode} blends every expert",
+        )
+    require(
+        not h.expert_dropout or h.top_k < h.num_experts,
+        f"EXPERT_DROPOUT={h.expert_dropout}: TOP_K={h.top_k} of NUM_EXPERTS={h.num_experts} leaves no expert "
+        "to drop (each step keeps at least TOP_K); lower TOP_K or set EXPERT_DROPOUT=0",
     )
 
 
@@ -1103,6 +1141,8 @@ class ModelConfig:
     router_noise: float
     router_z_coef: float
     moe_aux_loss_coef: float
+    router_entropy_coef: float
+    expert_dropout: float
 
 
 def model_config(h: SimpleNamespace) -> ModelConfig:
@@ -1514,7 +1554,7 @@ class MoEBase(nn.Module):
         self.up = nn.Parameter(torch.empty(num_experts, expert_hidden, dim))
         self.down = nn.Parameter(torch.empty(num_experts, dim, expert_hidden))
         self.z_coef, self.aux_coef = cfg.router_z_coef, cfg.moe_aux_loss_coef
-        self.aux_terms: list[Tensor] = []  # this forward's weighted z- and aux losses; GPT.forward adds them
+        self.aux_terms: list[Tensor] = []  # this forward's weighted router losses; GPT.forward adds them
         self.register_buffer(
             "stats", torch.zeros(*per_pass, len(RoutingStats._fields) - 1 + num_experts), persistent=False
         )
@@ -1590,6 +1630,7 @@ class RoutedMoE(MoEBase):
         super().__init__(cfg, dim, cfg.num_experts, cfg.expert_mlp_hidden, ROUTED_INIT_STD, passes)
         self.k, self.score, self.noise = cfg.top_k, cfg.router_score, cfg.router_noise
         self.dispatch_mode, self.capacity_factor = cfg.moe_dispatch, cfg.capacity_factor
+        self.entropy_coef, self.expert_dropout = cfg.router_entropy_coef, cfg.expert_dropout
         # An untrained router scores ~1/E (softmax) or ~1/2 (sigmoid): this makes the k gates sum to ~1.
         self.gate_scale = (self.E if self.score == "softmax" else 2.0) / self.k
         self.register_buffer("router_bias", torch.zeros(*((passes,) if passes > 1 else ()), self.E))
@@ -1601,8 +1642,19 @@ class RoutedMoE(MoEBase):
         if self.training and self.noise > 0:
             logits = logits + self.noise * torch.randn_like(logits)
         scores = torch.softmax(logits, -1) if self.score == "softmax" else torch.sigmoid(logits)
-        choice = (scores + self.pass_slice(self.router_bias, pass_index)).topk(self.k, dim=-1).indices
+        selection = scores + self.pass_slice(self.router_bias, pass_index)  # (T, E)
+        if self.training and self.expert_dropout > 0:
+            selection = selection.masked_fill(self.draw_dropped_experts(selection.device), -math.inf)
+        choice = selection.topk(self.k, dim=-1).indices
         return logits, scores, choice, scores.gather(-1, choice) * self.gate_scale
+
+    def draw_dropped_experts(self, device: torch.device) -> Tensor:
+        """(E,) bool: the experts out of this forward's selection, each with probability EXPERT_DROPOUT.
+        The k highest draws always stay, so every token still finds k experts; drawn on the device with
+        static shapes (no host sync, no recompile)."""
+        draws = torch.rand(self.E, device=device)
+        kth_highest = draws.topk(self.k).values[-1]
+        return (draws < self.expert_dropout) & (draws < kth_highest)
 
     def forward(self, x: Tensor, pass_index: int = 0) -> Tensor:
         tokens = x.reshape(-1, x.size(-1))  # (B, T, dim) -> (N, dim), N = B * T
@@ -1624,6 +1676,8 @@ class RoutedMoE(MoEBase):
             out = out + self.shared(x)
         probs = scores / scores.sum(-1, keepdim=True)
         self.account(logits, probs, counts, switch_aux_loss(counts, probs, self.k), dropped, pass_index)
+        if self.training and self.entropy_coef:  # maximised: its negative joins the loss
+            self.aux_terms.append(-self.entropy_coef * batch_mean_entropy(logits))
         return out
 
     def expert_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -1650,6 +1704,14 @@ class RoutedMoE(MoEBase):
         out = torch.bmm(mlp_act(torch.bmm(buf, up), self.act), down).reshape(E * cap, dim)
         # a zero spare row appended, then each input row reads its output back: (rows, dim)
         return torch.cat((out, out.new_zeros(1, dim)))[dest], (~keep).sum()
+
+
+def batch_mean_entropy(logits: Tensor) -> Tensor:
+    """Entropy (nats) of the token-mean of softmax(logits) (N, E): ln E when the batch spreads evenly over
+    the experts, 0 when it all prefers one. Tokens may each stay confident; only the mean is pushed flat."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)  # (N, E)
+    log_mean = torch.logsumexp(log_probs, dim=0) - math.log(logits.size(0))  # (E,) log of the token mean
+    return -(log_mean.exp() * log_mean).sum()
 
 
 def switch_aux_loss(counts: Tensor, probs: Tensor, k: int) -> Tensor:

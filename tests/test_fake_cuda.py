@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_flatten
 
 import train_gpt
 from tools import gpu_memory
+from tools.common import SIGMA_MOE
 
 # Every MLP mode and dispatch at the default shape (11 x 512, 98,304 tokens per micro-batch); each case is
 # traced with the layer loops off and on.
@@ -34,6 +35,8 @@ MATRIX = [
         "MOE_LAYERS": "3,4,5",
         "ROUTER_PER_PASS": "1",
     },
+    # sigma-MoE: 16 experts of 128, top-4 sigmoid, entropy regulariser and expert dropout (training forward)
+    SIGMA_MOE,
 ]
 MATMULS = {"aten.mm.default", "aten.bmm.default", "aten.addmm.default", "aten._grouped_mm.default"}
 

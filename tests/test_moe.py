@@ -1,6 +1,7 @@
 """Mixture-of-Experts layers: routing, dispatch, balancing, parameter counts, compile, telemetry."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -238,3 +239,193 @@ def test_routers_and_controls_survive_artifact_bit_exact(tiny_config, tmp_path):
     original = tg.artifact_state(model)
     for name in kept:
         assert torch.equal(state[name], original[name].half().float()), name
+
+
+# --- sigma-MoE: the entropy regulariser, expert dropout and the preset (tools/common.py SIGMA_MOE) -------
+def sigma_env(**env):
+    from tools.common import SIGMA_MOE
+
+    return {**SIGMA_MOE, **{k: str(v) for k, v in env.items()}}
+
+
+def numpy_batch_mean_entropy(logits: torch.Tensor) -> float:
+    """The oracle: softmax per token, mean over tokens, Shannon entropy in nats."""
+    z = logits.double().numpy()
+    p = np.exp(z - z.max(1, keepdims=True))
+    mean = (p / p.sum(1, keepdims=True)).mean(0)
+    return float(-(mean * np.log(mean)).sum())
+
+
+def test_batch_mean_entropy_matches_the_oracle_and_its_bounds():
+    torch.manual_seed(0)
+    logits = torch.randn(40, 8) * 3
+    assert tg.batch_mean_entropy(logits).item() == pytest.approx(numpy_batch_mean_entropy(logits), rel=1e-5)
+    assert tg.batch_mean_entropy(torch.zeros(10, 8)).item() == pytest.approx(math.log(8))
+    confident = torch.full((10, 8), -50.0)
+    confident[:, 3] = 50.0  # every token sure of expert 3: the batch mean is one-hot
+    assert tg.batch_mean_entropy(confident).item() == pytest.approx(0.0, abs=1e-6)
+    spread = torch.full((8, 8), -50.0).fill_diagonal_(50.0)  # each token sure of its own expert
+    assert tg.batch_mean_entropy(spread).item() == pytest.approx(math.log(8), rel=1e-6)
+
+
+def test_entropy_regulariser_joins_the_loss_and_raises_the_batch_mean_entropy(tiny_config):
+    m, _ = make(tiny_config, **sigma_env(NUM_EXPERTS=8, TOP_K=2, EXPERT_DROPOUT=0, ROUTER_ENTROPY_COEF=0.5))
+    randomise(m)
+    with torch.no_grad():
+        m.router_weight[2] += 0.5 * torch.randn(DIM).sign()  # a router that prefers one expert
+    x = torch.randn(4, 16, DIM)
+    tokens = x.reshape(-1, DIM)
+    before = numpy_batch_mean_entropy(m.router_logits(tokens).detach())
+    m(x)
+    assert len(m.aux_terms) == 1  # the preset turns the Switch aux and z-loss off
+    assert m.aux_terms[0].item() == pytest.approx(-0.5 * before, rel=1e-5)
+    m.router_weight.grad = None
+    m.aux_terms[0].backward()
+    with torch.no_grad():
+        m.router_weight -= 0.1 * m.router_weight.grad  # one plain gradient step on the regulariser alone
+    after = numpy_batch_mean_entropy(m.router_logits(tokens).detach())
+    assert after > before + 1e-3, (before, after)
+    m.eval()
+    m(x)
+    assert m.aux_terms == []  # a training term only
+
+
+def test_without_the_coefficient_no_entropy_term(tiny_config):
+    m, _ = make(tiny_config, **sigma_env(ROUTER_ENTROPY_COEF=0))
+    m(torch.randn(2, 8, DIM))
+    assert m.aux_terms == []
+
+
+@pytest.mark.parametrize("dispatch", ["grouped", "capacity"])
+def test_dropped_experts_get_no_tokens_and_no_gradient(tiny_config, dispatch):
+    m, _ = make(tiny_config, **sigma_env(NUM_EXPERTS=8, TOP_K=2, EXPERT_DROPOUT=0.5, MOE_DISPATCH=dispatch))
+    m.capacity_factor = 8.0  # room for every token: only dropout keeps an expert empty
+    randomise(m)
+    x = torch.randn(4, 32, DIM)
+    torch.manual_seed(5)
+    dropped = m.draw_dropped_experts(x.device)  # the draw the forward below repeats
+    assert 0 < dropped.sum() <= m.E - m.k
+    torch.manual_seed(5)
+    m.stats.zero_()
+    m(x).square().sum().backward()
+    load = tg.RoutingStats.unpack(m.stats, m.E).load
+    assert (load[dropped] == 0).all() and (load[~dropped] > 0).all()
+    assert (m.up.grad[dropped] == 0).all() and (m.down.grad[dropped] == 0).all()
+    assert (m.up.grad[~dropped].flatten(1).abs().sum(1) > 0).all()
+    # evaluation never drops: with the same seed every expert is chosen by some token
+    m.eval()
+    torch.manual_seed(5)
+    _, _, choice, _ = m.route(x.reshape(-1, DIM))
+    assert set(choice.flatten().tolist()) == set(range(m.E))
+
+
+def test_expert_dropout_always_keeps_top_k_experts(tiny_config):
+    m, _ = make(tiny_config, **sigma_env(NUM_EXPERTS=8, TOP_K=3, EXPERT_DROPOUT=0.9))
+    kept = []
+    for seed in range(200):
+        torch.manual_seed(seed)
+        kept.append(int((~m.draw_dropped_experts(torch.device("cpu"))).sum()))
+    assert min(kept) == 3 and max(kept) > 3
+    # at p = 0.9 a draw keeps about 0.1 * 8 experts, raised to 3: the mean is near 3, never below
+    assert 3 <= np.mean(kept) < 4
+
+
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"MOE_MODE": "soft", "ROUTER_ENTROPY_COEF": "0.01"}, "ROUTER_ENTROPY_COEF=0.01: needs a top-k"),
+        ({"MOE_MODE": "soft", "EXPERT_DROPOUT": "0.1"}, "EXPERT_DROPOUT=0.1: needs a top-k"),
+        ({"MOE_MODE": "topk", "NUM_EXPERTS": "4", "TOP_K": "4", "EXPERT_DROPOUT": "0.1"}, "leaves no expert"),
+        ({"MOE_MODE": "topk", "EXPERT_DROPOUT": "0.95"}, "EXPERT_DROPOUT=0.95: expected 0..0.9"),
+        ({"MOE_MODE": "topk", "ROUTER_ENTROPY_COEF": "-1"}, "ROUTER_ENTROPY_COEF=-1.0: expected >= 0"),
+        ({"EXPERT_DROPOUT": "0.1"}, "no effect with MOE_MODE=none"),
+    ],
+)
+def test_sigma_knobs_are_validated(tiny_config, env, message):
+    with pytest.raises(tg.ConfigError, match=message):
+        tiny_config(**env)
+
+
+def test_sigma_preset_at_the_default_width_is_16_experts_of_128_and_parameter_matched():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    dense_h, sigma_h = tg.load_config({}), tg.load_config(sigma_env())
+    assert (sigma_h.num_experts, sigma_h.top_k, sigma_h.expert_mlp_hidden) == (16, 4, 128)
+    with FakeTensorMode():
+        dense, sigma = tg.fake_model(dense_h, "cpu"), tg.fake_model(sigma_h, "cpu")
+        routers = sigma_h.num_layers * 16 * sigma_h.model_dim
+        assert count(sigma) == count(dense) + routers
+        assert all(isinstance(m, tg.RoutedMoE) for _, m in tg.moe_layers(sigma))
+
+
+def test_sigma_preset_routers_fp16_experts_quantized_per_expert(tiny_config, tmp_path):
+    h = tiny_config(**sigma_env(ZSTD_LEVEL=1))
+    model = randomise(tg.GPT(tg.model_config(h)), 0.05)
+    x = torch.randint(0, 1024, (4, 64))
+    hessians, _ = tg.collect_hessians(model.eval(), [(x, None)], 1)
+    assert hessians["blocks.0.mlp.up"].shape == (16, h.model_dim, h.model_dim)  # one Hessian per expert
+    path = str(tmp_path / "a.ptz")
+    tg.export_artifact(model, h, path, 0, lambda msg: None, hessians)
+    config, state = tg.read_artifact(path)
+    assert config["ROUTER_SCORE"] == "sigmoid" and config["NUM_EXPERTS"] == 16
+    original = tg.artifact_state(model)
+    name = "blocks.0.mlp.router_weight"
+    assert tg.param_class(name, state[name]) == "router"
+    assert torch.equal(state[name], original[name].half().float())
+    up = state["blocks.0.mlp.up"]
+    assert up.shape == (16, h.expert_mlp_hidden, h.model_dim) and not torch.equal(
+        up, original["blocks.0.mlp.up"]
+    )
+
+
+@pytest.mark.slow
+def test_sigma_preset_compiles_fullgraph_without_recompiles(tiny_config):
+    from torch._dynamo.utils import counters
+
+    m, _ = make(tiny_config, **sigma_env(EXPERT_DROPOUT=0.3))
+    m = randomise(m).to(torch.bfloat16)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(m, fullgraph=True, dynamic=False)
+    loads = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        x = torch.randn(2, 32, DIM, dtype=torch.bfloat16, requires_grad=True)
+        out = compiled(x)
+        assert len(m.aux_terms) == 1  # the entropy term, set inside the graph
+        (out.float().square().mean() + sum(m.aux_terms)).backward()
+        loads.append(m.stats[: m.E].clone())
+        m.stats.zero_()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+    assert any((load == 0).any() for load in loads)  # dropout emptied experts inside the compiled graph
+    assert not torch.equal(loads[0], loads[1])
+
+
+def test_sigma_preset_telemetry_reports_every_expert(tiny_config):
+    h = tiny_config(**sigma_env(EXPERT_DROPOUT=0.5))
+    model = randomise(tg.GPT(tg.model_config(h)), 0.05).train()
+    torch.manual_seed(1)
+    model(torch.randint(0, 1024, (2, 64)), torch.randint(0, 1024, (2, 64)))
+    summary = tg.routing_summary(model, tg.collect_routing_stats(model, 0.0, 1))
+    assert [r["layer"] for r in summary] == list(range(h.num_layers))
+    for row, line in zip(summary, tg.routing_log_lines(summary)):
+        assert len(row["load"]) == 16 and sum(row["load"]) == pytest.approx(1.0)
+        assert row["dead"] >= 1  # half the experts dropped on this step: they show as empty
+        assert len(line.split(" load:")[1].split(" ")[0].split(",")) == 16
+
+
+@pytest.mark.slow
+def test_sigma_preset_whole_compiled_run_recompiles_only_at_the_loop_switch(tmp_path):
+    """A whole tiny run of the preset with the record stack's loop: dynamo logs every recompile (aot_eager
+    for inductor: the same guards and graphs). Expert dropout draws a new mask every step."""
+    from conftest import STACK_ENV, run_compiled
+
+    result, recompiles = run_compiled(
+        tmp_path, {**STACK_ENV, **sigma_env(), "ITERATIONS": "12", "RUN_ID": "s"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "layer_loop:enabled" in result.stdout
+    assert recompiles.count("forward") == 1, result.stderr[-3000:]  # the loop switch only
+    loads = re.findall(r"^moe layer:\d+ load:([\d.,]+) ", result.stdout, re.M)
+    assert loads and all(len(line.split(",")) == 16 for line in loads)

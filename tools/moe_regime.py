@@ -979,6 +979,49 @@ def ship(args, manifest: dict) -> list[Path]:
     return packed
 
 
+TOP_LEVEL_ARM = "dense"  # the study's recommendation (MOE_MODE=none): its shipped runs stand for the folder
+TOP_LEVEL_WRITER = "tools/moe_regime.py collect"
+
+
+def top_level_layout(out: Path) -> list[Path]:
+    """The community submission validator reads a record folder's top level only (submission.json with
+    val_bpb, name and date; a train log): the study folder gets the shipped dense arm's logs and a
+    submission.json that names the study and points at shipped/dense/. Refuses to overwrite a
+    submission.json it did not write. -> the files written ([] when dense was not shipped)."""
+    source = out / SHIPPED / TOP_LEVEL_ARM
+    if not (source / records.SUBMISSION).is_file():
+        return []
+    target = out / records.SUBMISSION
+    if (
+        target.is_file()
+        and json.loads(target.read_text(encoding="utf-8")).get("written_by") != TOP_LEVEL_WRITER
+    ):
+        raise StudyError(f"{target} exists and was not written by tools/moe_regime.py; move it away")
+    sub = json.loads((source / records.SUBMISSION).read_text(encoding="utf-8"))
+    written = []
+    for log in sorted(source.glob("train_seed*")):  # .txt and its .jsonl events
+        (out / log.name).write_bytes(log.read_bytes())
+        written.append(out / log.name)
+    for result in sub.get("seed_results", {}).values():
+        if result.get("artifact"):
+            result["artifact"] = f"{SHIPPED}/{TOP_LEVEL_ARM}/{result['artifact']}"
+    sub.pop("packed_files", None)
+    sub.update(
+        name=out.name,
+        blurb=(
+            "MoE regime study (CPU, proxy corpus, not FineWeb): the fields, logs and artifact are the "
+            f"shipped {TOP_LEVEL_ARM} arm's ({SHIPPED}/{TOP_LEVEL_ARM}/, which holds the script they ran); "
+            "the study is in manifest.json and findings.md"
+        ),
+        packed_folder=f"{SHIPPED}/{TOP_LEVEL_ARM}",
+        study="manifest.json",
+        not_fineweb=True,
+        written_by=TOP_LEVEL_WRITER,
+    )
+    target.write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
+    return [*written, target]
+
+
 def packed_from(target: Path, stage_folder: Path, entry: dict) -> bool:
     """Whether target is a folder pack wrote, unedited since, from exactly this entry's logs and its stage's
     script. Run artifacts stay out of git, so a fresh checkout can collect again without repacking."""
@@ -1042,6 +1085,7 @@ def finalize(args, stages: list[Stage], common: dict[str, str]) -> int:
             pass_routing_plot(routing, args.out / PER_PASS_PLOT)
             manifest["per_pass_routing"] = dict(routing, plot=PER_PASS_PLOT)
     manifest["shipped"] = [p.relative_to(args.out).as_posix() for p in ship(args, manifest)]
+    top_level_layout(args.out)
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     path = args.out / "results.md"
     text = results_text(manifest)
