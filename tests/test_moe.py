@@ -1,5 +1,6 @@
 """Mixture-of-Experts layers: routing, dispatch, balancing, parameter counts, compile, telemetry."""
 
+import dataclasses
 import math
 import re
 
@@ -118,7 +119,11 @@ def test_soft_with_one_expert_and_soft_at_init_equal_dense(tiny_config):
     dense, h = make(tiny_config, MOE_MODE="none")
     randomise(dense)
     for E in (1, 4):
-        soft, _ = make(tiny_config, MOE_MODE="soft", NUM_EXPERTS=E)
+        # one expert is refused as a run's knob (it is the dense MLP), so that module is built directly
+        h = tiny_config(MODEL_DIM=DIM, MLP_MULT=4, MOE_MODE="soft", NUM_EXPERTS=4)
+        cfg = dataclasses.replace(tg.model_config(h), num_experts=E, expert_mlp_hidden=4 * DIM // E)
+        torch.manual_seed(0)
+        soft = tg.make_mlp(cfg, 0)
         with torch.no_grad():
             soft.up.copy_(dense.fc.weight.view(E, -1, DIM))
             soft.down.copy_(dense.proj.weight.view(DIM, E, -1).transpose(0, 1))

@@ -537,7 +537,14 @@ def test_model_receives_only_the_model_contract(tiny_config):
         "shared_mlp_hidden",
         "router_passes",
     }
-    router_terms = {"router_noise", "router_z_coef", "moe_aux_loss_coef", "tied_embed_init_std"}
+    router_terms = {
+        "router_noise",
+        "router_z_coef",
+        "moe_aux_loss_coef",
+        "router_entropy_coef",
+        "expert_dropout",
+        "tied_embed_init_std",
+    }
     names = {f.name for f in dataclasses.fields(tg.ModelConfig)}
     assert names - stored - derived == router_terms
     cfg = tg.model_config(h)
