@@ -3811,6 +3811,11 @@ def write_new_file(path: str, write, log) -> str:
             os.remove(partial)
 
 
+def save_array(values: np.ndarray, name: str) -> None:
+    with open(name, "xb") as f:
+        np.save(f, values)
+
+
 def export_and_report(model: GPT, h, path: str, log, hessians: dict | None) -> str:
     """Writes the artifact (never over another file) and logs its size check -> the artifact's path."""
 
@@ -3911,10 +3916,11 @@ def final_evaluation(qmodel: GPT, h, val: Validation, rt: Runtime) -> None:
             seq_len=h.eval_seq_len,
             invalid=problems,
         )
-        if losses is not None and rt.rank == 0:
-            with open(h.eval_token_losses, "xb") as f:  # "x": never overwrite
-                np.save(f, losses.cpu().numpy())
-            log(f"token_losses: {losses.numel()} float32 nats ({mode}) in {h.eval_token_losses}")
+        if losses is not None and rt.rank == 0:  # whole, and never over another file
+            written = write_new_file(
+                h.eval_token_losses, functools.partial(save_array, losses.cpu().numpy()), log
+            )
+            log(f"token_losses: {losses.numel()} float32 nats ({mode}) in {written}")
     if problems:
         raise ArtifactError(f"{path}: not a valid result: {'; '.join(problems)}")
 

@@ -590,3 +590,31 @@ def test_dry_run_refuses_a_batch_the_run_refuses_and_warns_for_8_ranks(tiny_conf
     tg.dry_run(tiny_config())  # 2048 tokens = 2 micro-batches on one rank, a fraction of one on 8
     out = capsys.readouterr().out
     assert "warning: torchrun --nproc_per_node=8 would refuse this batch: TRAIN_BATCH_TOKENS=2048" in out
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_torchrun_job_stops_every_rank_and_rank_0_says_it_once(tmp_path):
+    full = {k: v for k, v in os.environ.items() if k not in TINY_ENV}
+    full.update(TINY_ENV, RUN_ID="test", LOG_DIR=str(tmp_path / "logs"), OMP_NUM_THREADS="1")
+    full.update(ALLOW_CPU_DISTRIBUTED="1", ITERATIONS="100000", TRAIN_LOG_EVERY="1")
+    script = str(REPO / "train_gpt.py")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script]
+    proc = subprocess.Popen(
+        launch,
+        cwd=tmp_path,
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    for line in proc.stdout:
+        if line.startswith("step:3/"):
+            break
+    os.killpg(proc.pid, signal.SIGTERM)  # as a job scheduler stops a job: every process of it
+    _, stderr = proc.communicate(timeout=120)
+    assert len(re.findall(r"^stopped by SIGTERM at step \d+; run marked failed", stderr, re.M)) == 1, stderr
+    assert f'File "{script}"' not in stderr  # no rank's traceback (torchrun may print its own)
+    logged = events(tmp_path / "logs" / "test.jsonl")
+    assert logged[-2]["event"] == "error" and "stopped by SIGTERM at step" in logged[-2]["message"]
+    assert logged[-1] == {**logged[-1], "event": "end", "status": "failed"}

@@ -536,7 +536,7 @@ def test_dry_run_needs_no_data_and_prints_size_and_speed(tmp_path):
     out = result.stdout
     total = int(re.search(r"params total:(\d+)", out)[1])
     assert abs(total - 35_945_671) / 35_945_671 < 1e-3
-    assert re.search(r"\+ code \d+ \(compressed, as shipped\) = ~\d+ of 16000000", out)
+    assert re.search(rf"\+ code \d+ \({re.escape(tg.CODE_COUNTED_AS)}\) = ~\d+ of 16000000", out)
     rows = dict(re.findall(r"projection loops:(off|on) flops_per_token:[\d.e+]+ ms_per_step:([\d.]+)", out))
     # 30% MFU reproduces the record's own step times (96 ms before the loop switch, 138 ms after).
     assert 85 < float(rows["off"]) < 105 and 125 < float(rows["on"]) < 150
