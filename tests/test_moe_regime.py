@@ -529,26 +529,29 @@ def test_the_study_gitignore_keeps_a_set_aside_runs_reason_and_drops_its_partial
 
 def test_top_level_layout_passes_the_community_validator_and_keeps_foreign_files(tmp_path):
     out = tmp_path / "records" / "track_non_record_16mb" / "2026-12-03_Study"
-    shipped = out / "shipped" / "dense"
-    shipped.mkdir(parents=True)
+    (out / "runs").mkdir(parents=True)
     (out / "README.md").write_text("the study")
     (out / "train_gpt.py").write_text("print('sweep script')\n")
-    log = "step:1/2 train_loss:3.0 train_time:10ms step_avg:10.00ms\nfinal_exact val_loss:3.5 val_bpb:2.09\n"
-    (shipped / "train_seed1337.txt").write_text(log)
-    sub = dict(name="x_dense", date="2026-12-03", val_bpb=2.09, packed_files={"a": "b"})
-    sub["seed_results"] = {
-        "1337": dict(val_bpb=2.09, log="train_seed1337.txt", artifact="model_seed1337.ptz")
-    }
-    (shipped / "submission.json").write_text(json.dumps(sub))
+    logs = []
+    for seed, bpb in ((1337, 2.08), (1338, 2.10)):
+        log = f"runs/regime_dense_tpp100_s{seed}.txt"
+        step = "step:2/2 train_loss:3.0 train_time:10ms step_avg:5.00ms\n"
+        (out / log).write_text(f"{step}final_exact val_loss:3.5 val_bpb:{bpb}\n")
+        logs.append(log)
+    entry = dict(seeds=[1337, 1338], logs=logs, missing=[])
+    manifest = dict(stages=dict(sweep=dict(folder=".", entries={"dense_tpp100": entry})))
     assert moe_regime.records.layout_check(out, {}).ok is False  # the study folder alone fails
-    written = moe_regime.top_level_layout(out)
-    assert [p.name for p in written] == ["train_seed1337.txt", "submission.json"]
+    written = moe_regime.top_level_layout(out, manifest)
+    assert [p.name for p in written] == ["train_seed1337.txt", "train_seed1338.txt", "submission.json"]
     top = json.loads((out / "submission.json").read_text())
-    assert top["name"] == "2026-12-03_Study" and top["val_bpb"] == 2.09 and "packed_files" not in top
-    assert top["seed_results"]["1337"]["artifact"] == "shipped/dense/model_seed1337.ptz"
+    assert top["name"] == "2026-12-03_Study" and top["date"] == "2026-12-03"
+    assert (
+        top["val_bpb"] == pytest.approx(2.09) and top["seed_results"]["1338"]["log"] == "train_seed1338.txt"
+    )
+    assert not {"verify_check", "bytes_code", "bytes_total"} & set(top)  # the models are checked in shipped/
     check = moe_regime.records.layout_check(out, top)
     assert check.ok and check.status != "WARN", check.detail
-    assert moe_regime.top_level_layout(out)  # its own files: rewritten
+    assert moe_regime.top_level_layout(out, manifest)  # its own files: rewritten
     (out / "submission.json").write_text(json.dumps({"name": "someone else's"}))
     with pytest.raises(moe_regime.StudyError, match="not written by tools/moe_regime.py"):
-        moe_regime.top_level_layout(out)
+        moe_regime.top_level_layout(out, manifest)

@@ -979,17 +979,20 @@ def ship(args, manifest: dict) -> list[Path]:
     return packed
 
 
-TOP_LEVEL_ARM = "dense"  # the study's recommendation (MOE_MODE=none): its shipped runs stand for the folder
+TOP_LEVEL_ARM = "dense"  # the study's recommendation (MOE_MODE=none): its runs stand for the folder
 TOP_LEVEL_WRITER = "tools/moe_regime.py collect"
 
 
-def top_level_layout(out: Path) -> list[Path]:
+def top_level_layout(out: Path, manifest: dict) -> list[Path]:
     """The community submission validator reads a record folder's top level only (submission.json with
-    val_bpb, name and date; a train log): the study folder gets the shipped dense arm's logs and a
-    submission.json that names the study and points at shipped/dense/. Refuses to overwrite a
-    submission.json it did not write. -> the files written ([] when dense was not shipped)."""
-    source = out / SHIPPED / TOP_LEVEL_ARM
-    if not (source / records.SUBMISSION).is_file():
+    val_bpb, name and date; a train log): the study folder gets copies of dense's runs at 100 tokens per
+    parameter from the stage kept at its top level (the sweep: the runs of this folder's train_gpt.py)
+    and a submission.json naming the study. No verify_check, code bytes or artifact: the models are
+    shipped, and verified, in shipped/. Refuses to overwrite a submission.json it did not write.
+    -> the files written ([] when that stage lacks dense's runs)."""
+    stage = next((st for st in manifest["stages"].values() if st["folder"] == "."), None)
+    entry = stage and stage["entries"].get(f"{TOP_LEVEL_ARM}_tpp{DESIGN_BUDGET}")
+    if not entry or entry["missing"]:
         return []
     target = out / records.SUBMISSION
     if (
@@ -997,23 +1000,36 @@ def top_level_layout(out: Path) -> list[Path]:
         and json.loads(target.read_text(encoding="utf-8")).get("written_by") != TOP_LEVEL_WRITER
     ):
         raise StudyError(f"{target} exists and was not written by tools/moe_regime.py; move it away")
-    sub = json.loads((source / records.SUBMISSION).read_text(encoding="utf-8"))
-    written = []
-    for log in sorted(source.glob("train_seed*")):  # .txt and its .jsonl events
-        (out / log.name).write_bytes(log.read_bytes())
-        written.append(out / log.name)
-    for result in sub.get("seed_results", {}).values():
-        if result.get("artifact"):
-            result["artifact"] = f"{SHIPPED}/{TOP_LEVEL_ARM}/{result['artifact']}"
-    sub.pop("packed_files", None)
-    sub.update(
+    written, results = [], {}
+    for seed, log in zip(entry["seeds"], entry["logs"]):
+        name = f"train_seed{seed}.txt"
+        for suffix in (".txt", ".jsonl"):
+            source = (out / log).with_suffix(suffix)
+            if source.is_file():
+                (out / name).with_suffix(suffix).write_bytes(source.read_bytes())
+                written.append((out / name).with_suffix(suffix))
+        summary = moe_study.runlog.read(out / name).summary()
+        results[str(seed)] = dict(
+            val_bpb=summary["final_val_bpb"],
+            val_loss=summary["final_val_loss"],
+            steps=summary["steps"],
+            log=name,
+        )
+    bpb = [r["val_bpb"] for r in results.values()]
+    sub = dict(
         name=out.name,
+        date=out.name[:10],
+        track=records.TRACKS[1],
         blurb=(
-            "MoE regime study (CPU, proxy corpus, not FineWeb): the fields, logs and artifact are the "
-            f"shipped {TOP_LEVEL_ARM} arm's ({SHIPPED}/{TOP_LEVEL_ARM}/, which holds the script they ran); "
-            "the study is in manifest.json and findings.md"
+            f"MoE regime study (CPU, proxy corpus, not FineWeb): {TOP_LEVEL_ARM} at {DESIGN_BUDGET} "
+            "tokens per parameter, the runs of this folder's train_gpt.py; the study is in manifest.json "
+            f"and findings.md, the models in {SHIPPED}/"
         ),
-        packed_folder=f"{SHIPPED}/{TOP_LEVEL_ARM}",
+        val_bpb=mean_std(bpb)[0],
+        val_bpb_std=mean_std(bpb)[1],
+        seeds=entry["seeds"],
+        seed_results=results,
+        partial_eval=dict(val_token_limit=int(REGIME_SHAPE["VAL_TOKEN_LIMIT"])),
         study="manifest.json",
         not_fineweb=True,
         written_by=TOP_LEVEL_WRITER,
@@ -1085,7 +1101,7 @@ def finalize(args, stages: list[Stage], common: dict[str, str]) -> int:
             pass_routing_plot(routing, args.out / PER_PASS_PLOT)
             manifest["per_pass_routing"] = dict(routing, plot=PER_PASS_PLOT)
     manifest["shipped"] = [p.relative_to(args.out).as_posix() for p in ship(args, manifest)]
-    top_level_layout(args.out)
+    top_level_layout(args.out, manifest)
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     path = args.out / "results.md"
     text = results_text(manifest)

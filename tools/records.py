@@ -904,17 +904,32 @@ def verify(opts: argparse.Namespace) -> list[Check]:
     checked them); a folder of ours (its submission.json has a verify_check) adds the strict checks, the
     re-score of its artifacts and the legality probes. Record folders packed inside the folder (a study
     shipping several arms' models) are verified too, each with its own script; their checks carry the
-    inner folder's path. A folder holding only packed folders is verified through them."""
+    inner folder's path. A folder holding only packed folders is verified through them; so is a study
+    whose top-level submission.json names its study (`study`), which only gets the layout check."""
     folder = Path(opts.folder)
     inner = packed_inside(folder)
-    own = named_file(folder, SUBMISSION, "submission*.json")[0].is_file() or not inner
-    checks = verify_one(opts, folder) if own else []
+    sub_path = named_file(folder, SUBMISSION, "submission*.json")[0]
+    if inner and sub_path.is_file() and "study" in read_json_object(sub_path):
+        # A study's top level (submission.json naming its study) holds many arms' logs: only its layout is
+        # checked; its models are the packed folders'.
+        checks = [layout_check(folder, read_json_object(sub_path))]
+    else:
+        checks = verify_one(opts, folder) if sub_path.is_file() or not inner else []
     for path in inner:
         where = path.relative_to(folder).as_posix()
         for check in verify_one(opts, path):
             check.name = f"{where}: {check.name}"
             checks.append(check)
     return checks
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file's object, or {} when it is unreadable or not an object (the checks then say so)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def packed_inside(folder: Path) -> list[Path]:
