@@ -134,7 +134,9 @@ def test_fake_forward_and_backward(env, looping):
 
 
 def test_compiled_partition_traces_a_routed_model_and_saves_less_than_eager():
-    h = train_gpt.load_config({**MATRIX[3], "NUM_LAYERS": "4", "LOOP_START": "1", "LOOP_END": "1"})
+    h = train_gpt.load_config(
+        {**MATRIX[3], "NUM_LAYERS": "4", "LOOP_START": "1", "LOOP_END": "1", "PARALLEL_START_LAYER": "3"}
+    )
     h.micro_batch_tokens = 8192
     compiled = gpu_memory.compiled_saved_activations(h, looping=True)
     with gpu_memory.cuda_autocast_without_gpu():
