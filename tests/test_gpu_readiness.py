@@ -68,7 +68,7 @@ def test_hessians_and_export_run_with_tf32_off_and_restore_it(monkeypatch, tmp_p
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
 
-    def fake_collect(model, batches, world_size, progress=None):
+    def fake_collect(model, batches, world_size, progress=None, doc_span=0):
         seen.append(("hessians", flags()))
         return {}, []
 
