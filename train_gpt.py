@@ -42,8 +42,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import zstandard
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # ---- 1. Hyperparameters: every knob is an environment variable, declared once as a row below --------
@@ -486,6 +487,16 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             low=1,
             model=True,
         ),
+        Knob(
+            "RESPECT_DOC_BOUNDARIES",
+            bool,
+            True,
+            "document-isolated attention, as the 1.0611 record trains: a token attends only to its own "
+            "document (a BOS starts one); training packs each micro-batch in one row and cuts a document "
+            "longer than `TRAIN_SEQ_LEN` every `TRAIN_SEQ_LEN` tokens from its start; evaluation windows and "
+            "global TTT stop at a BOS too (docs/scoring.md). flex_attention on GPUs, SDPA on CPUs; 0 = plain "
+            "causal rows of `TRAIN_SEQ_LEN`",
+        ),
     ),
     "optimizer": (
         Knob("MATRIX_LR", float, 0.026, "Muon learning rate for block matrices and experts", low=0),
@@ -781,6 +792,7 @@ FOREIGN_KNOBS = {
         ("CONTROL_TENSOR_NAME_PATTERNS", "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS"), "FP16_KEEP_NAME_PATTERNS"
     ),
     "PHASED_TTT_ENABLED": "TTT_ENABLED",
+    "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "RESPECT_DOC_BOUNDARIES (training, evaluation and global TTT alike)",
     "TTT_EVAL_SEQ_LEN": "EVAL_SEQ_LEN",
     "TTT_LR": "TTT_LORA_LR or GLOBAL_TTT_LR",
     "TTT_CHUNK_TOKENS": "TTT_CHUNK_SIZE or GLOBAL_TTT_CHUNK_TOKENS",
@@ -792,7 +804,7 @@ FOREIGN_KNOBS = {
             "PREQUANT_ONLY GATED_ATTN_INIT_STD SPARSE_ATTN_GATE_INIT_STD GATED_ATTN_QUANT_GATE "
             "TTT_LORA_ALPHA TTT_K_LORA TTT_O_LORA TTT_MLP_LORA TTT_OPTIMIZER "
             "TTT_FREEZE_BLOCKS TTT_WARM_START_A TTT_EVAL_BATCHES TTT_OUTPUT_DIR TTT_DEBUG_BYPASS "
-            "GLOBAL_TTT_WARMUP_START_LR GLOBAL_TTT_WARMUP_CHUNKS GLOBAL_TTT_RESPECT_DOC_BOUNDARIES "
+            "GLOBAL_TTT_WARMUP_START_LR GLOBAL_TTT_WARMUP_CHUNKS "
             "ROPE_YARN ROPE_TRAIN_SEQ_LEN PARALLEL_FINAL_LANE SWA_ENABLED SWA_EVERY SWA_START_FRAC "
             "LAWA_ENABLED LAWA_K LAWA_FREQ MUON_BETA2 QAT_ENABLED LATE_QAT_THRESHOLD MTP_NUM_HEADS "
             "MTP_LOSS_WEIGHT LQER_ASYM_ENABLED LQER_ASYM_GROUP FUSED_CE_ENABLED CASEOPS_ENABLED "
@@ -1117,6 +1129,8 @@ class ModelConfig:
     sparse_attn_gate_enabled: bool
     sparse_attn_gate_scale: float
     gate_window: int
+    # Whether attention stops at a BOS; not in the artifact (the knob of the run reading it applies).
+    respect_doc_boundaries: bool
     parallel_start_layer: int
     num_loops: int
     loop_start: int
@@ -1274,8 +1288,17 @@ class TokenStream:
         return np.concatenate(parts)
 
 
+def train_rows(h: SimpleNamespace) -> tuple[int, int]:
+    """(rows, tokens per row) of a training micro-batch: with RESPECT_DOC_BOUNDARIES one packed row (its
+    documents cut every TRAIN_SEQ_LEN tokens, not at row ends), else rows of TRAIN_SEQ_LEN."""
+    if h.respect_doc_boundaries:
+        return 1, h.micro_batch_tokens
+    return h.micro_batch_tokens // h.train_seq_len, h.train_seq_len
+
+
 class TrainLoader:
-    """Each optimizer step reads one global span; rank r's micro-step m gets piece m*world_size + r."""
+    """Each optimizer step reads one global span; rank r's micro-step m gets piece m*world_size + r, as rows
+    of `seq_len` tokens (one row of all its tokens when seq_len = micro_tokens)."""
 
     def __init__(
         self, files, rank, world_size, seq_len, micro_tokens, accum, device, vocab_size=MAX_VOCAB_SIZE
@@ -1401,6 +1424,128 @@ def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
     return (grouped - (grouped * unit).sum(-1, keepdim=True) * unit).view(B, H, T, D)
 
 
+# Document isolation (RESPECT_DOC_BOUNDARIES): a row packs several documents, and each token attends only to
+# the earlier tokens of its own segment: a document, or a piece of one cut every `span` tokens from its start.
+ATTN_BLOCK = 128  # flex_attention's block size (tokens)
+
+
+def document_segments(idx: Tensor, span: int) -> Tensor:
+    """Token ids (B, T) -> segment ids (B, T), non-decreasing along a row: a segment starts at the row's
+    start, at every BOS, and every `span` tokens after a document's start (as the 1.0611 record's loader
+    cuts)."""
+    pos = torch.arange(idx.size(1), device=idx.device)
+    starts = (idx == BOS_ID) | (pos == 0)
+    doc_start = torch.where(starts, pos, 0).cummax(dim=1).values  # (B, T): each token's document start
+    return ((pos - doc_start) % span == 0).cumsum(dim=1)
+
+
+class DocumentMask(NamedTuple):
+    """What attention needs to stay inside segments; built once per forward, shared by every layer."""
+
+    segments: Tensor  # (B, T) from document_segments
+    span: int  # no segment is longer
+    block_mask: BlockMask | None  # the flex_attention path (GPUs); None: the SDPA path
+
+
+def block_indices(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, nq, nkv) bool -> per query block the count (B, 1, nq) and the indices (B, 1, nq, nkv) of its
+    true kv blocks, those first (BlockMask's layout)."""
+    counts = blocks.sum(-1, dtype=torch.int32)
+    order = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return counts[:, None], order[:, None]
+
+
+def document_block_mask(segments: Tensor) -> BlockMask:
+    """flex_attention's block mask of causal attention within segments (B, T), from block-level tensor ops
+    (nothing of size T x T), so it traces on any device and under torch.compile."""
+    B, T = segments.shape
+    n = -(-T // ATTN_BLOCK)
+    # (B, n * ATTN_BLOCK): the padding past T is a segment of its own
+    seg = torch.cat((segments, (segments[:, -1:] + 1).expand(B, n * ATTN_BLOCK - T)), dim=1)
+    blocks = seg.view(B, n, ATTN_BLOCK)  # segment ids rise along a row: a block spans [first, last]
+    q_lo, q_hi = blocks[:, :, None, 0], blocks[:, :, None, -1]  # (B, n, 1): query block i
+    kv_lo, kv_hi = blocks[:, None, :, 0], blocks[:, None, :, -1]  # (B, 1, n): kv block j
+    j_le_i = torch.ones(n, n, dtype=torch.bool, device=seg.device).tril()
+    # a key of block j <= i shares a query's segment: j's last segment reaches i's first
+    touches = j_le_i & (kv_hi >= q_lo)
+    # every key of j < i is visible to every query of i: one segment throughout both blocks
+    full = j_le_i.tril(-1) & (kv_lo == kv_hi) & (q_lo == q_hi) & (kv_hi == q_lo)
+
+    def same_segment_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (seg[b, q_idx] == seg[b, kv_idx])
+
+    return BlockMask.from_kv_blocks(
+        *block_indices(touches & ~full),
+        *block_indices(full),
+        BLOCK_SIZE=ATTN_BLOCK,
+        mask_mod=same_segment_causal,
+        seq_lengths=(T, T),
+    )
+
+
+def document_mask(idx: Tensor, span: int, flex: bool) -> DocumentMask:
+    segments = document_segments(idx, span)
+    return DocumentMask(segments, span, document_block_mask(segments) if flex else None)
+
+
+def segment_attention(q: Tensor, k: Tensor, v: Tensor, segments: Tensor, span: int) -> Tensor:
+    """The SDPA path (CPUs; the reference the flex path is tested against): causal attention within
+    segments (B, T) of at most `span` tokens. Queries go in chunks of `span`, each over its own chunk and the
+    one before (a segment that reaches a query starts in one of them): two chunks' scores per chunk, never
+    T x T."""
+    B, H, T, D = q.shape
+    if k.size(1) != H:  # grouped-query attention: each key/value head serves H / kv_heads query heads
+        k, v = (t.repeat_interleave(H // k.size(1), dim=1) for t in (k, v))
+    span = min(span, T)
+    if T % span:
+        raise ValueError(f"segment_attention: row length {T} is not a multiple of the segment span {span}")
+    n = T // span
+
+    def chunks(t: Tensor) -> Tensor:  # (B, H, T, D) -> (B, n, H, span, D)
+        return t.view(B, H, n, span, D).transpose(1, 2)
+
+    seg = segments.view(B, n, span)
+    keys, values, key_seg = chunks(k), chunks(v), seg
+    if n > 1:  # the previous chunk's keys in front: (B, n, H, 2 * span, D); no chunk before the first
+        keys, values = (
+            torch.cat((F.pad(t[:, :-1], (0, 0, 0, 0, 0, 0, 1, 0)), t), dim=3) for t in (keys, values)
+        )
+        key_seg = torch.cat((F.pad(seg[:, :-1], (0, 0, 1, 0), value=-1), seg), dim=2)
+    width = key_seg.size(-1)
+    # (span, width): key j sits at chunk offset j - (width - span), so causal is j <= i + width - span
+    causal = torch.arange(width, device=q.device)[None, :] <= torch.arange(span, device=q.device)[:, None] + (
+        width - span
+    )
+    allowed = (seg[..., :, None] == key_seg[..., None, :]) & causal  # (B, n, span, width)
+    y = F.scaled_dot_product_attention(
+        chunks(q).reshape(B * n, H, span, D),
+        keys.reshape(B * n, H, width, D),
+        values.reshape(B * n, H, width, D),
+        attn_mask=allowed.view(B * n, 1, span, width),
+    )
+    return y.view(B, n, H, span, D).transpose(1, 2).reshape(B, H, T, D)
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention compiled on first use: its eager form materialises every score (T x T)."""
+    return torch.compile(flex_attention, fullgraph=True, dynamic=False)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, docs: DocumentMask | None) -> Tensor:
+    """(B, heads, T, head_dim) causal attention; with `docs`, within each token's segment only."""
+    gqa = k.size(1) != q.size(1)
+    if docs is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if docs.block_mask is None:
+        return segment_attention(q, k, v, docs.segments, docs.span)
+    # Inside a compiled model flex_attention is compiled with it; a shape trace (fake tensors) or a CPU runs
+    # it eagerly.
+    eager = torch.compiler.is_compiling() or not q.is_cuda or isinstance(q, FakeTensor)
+    kernel = flex_attention if eager else compiled_flex_attention()
+    return kernel(q, k, v, block_mask=docs.block_mask, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
@@ -1421,7 +1566,7 @@ class Attention(nn.Module):
             else None
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, docs: DocumentMask | None = None) -> Tensor:
         B, T, D = x.shape
         # (B, T, heads * head_dim) -> (B, heads, T, head_dim): one attention per head
         q = self.c_q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
@@ -1430,7 +1575,7 @@ class Attention(nn.Module):
         q = rms_norm(q) * self.q_gain.to(q.dtype)[:, None, None]
         q, k = self.rotary(q), self.rotary(rms_norm(k))
         # (B, heads, T, head_dim); each group of heads / kv_heads query heads reads one key/value head
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+        y = causal_attention(q, k, v, docs)
         if self.xsa:
             y = exclude_self_value(y, v)
         if self.attn_gate is not None:
@@ -1824,19 +1969,21 @@ class Block(nn.Module):
             self.lane_resid = nn.Parameter(torch.full((2,), 1.1))
             self.lane_post = nn.Parameter(torch.ones(2, 2))
 
-    def forward(self, x: Tensor, x0: Tensor, pass_index: int = 0) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, pass_index: int = 0, docs: DocumentMask | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_scale, docs)
         per_pass = {"pass_index": pass_index} if isinstance(self.mlp, MoEBase) else {}
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale, **per_pass)
 
-    def forward_lanes(self, lanes: tuple[Tensor, Tensor], x0: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_lanes(
+        self, lanes: tuple[Tensor, Tensor], x0: Tensor, docs: DocumentMask | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Parallel residual: attention reads lane 0 (mixed with x0), the MLP lane 1; both write both."""
         dtype = x0.dtype
         mix, resid, post = self.resid_mix.to(dtype), self.lane_resid.to(dtype), self.lane_post.to(dtype)
         attn = self.attn_scale.to(dtype) * self.attn(
-            rms_norm(mix[0] * lanes[0] + mix[1] * x0) * self.ln_scale
+            rms_norm(mix[0] * lanes[0] + mix[1] * x0) * self.ln_scale, docs
         )
         mlp = self.mlp_scale.to(dtype) * self.mlp(rms_norm(lanes[1]) * self.ln_scale)
         return tuple(resid[j] * lanes[j] + post[j, 0] * attn + post[j, 1] * mlp for j in range(2))
@@ -1855,6 +2002,8 @@ class GPT(nn.Module):
             else None
         )
         self.smear = SmearGate(cfg.gate_window) if cfg.smear_gate else None
+        self.respect_doc_boundaries = cfg.respect_doc_boundaries
+        self.flex_attention: bool | None = None  # None: flex_attention on a GPU, the SDPA path elsewhere
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         # Depth recurrence: once on, layers LOOP_START..LOOP_END run NUM_LOOPS more times. A Python bool (one
         # compiled graph per state), mirrored in a buffer the artifact keeps, so a reloaded model runs alike.
@@ -1909,8 +2058,19 @@ class GPT(nn.Module):
             x = self.smear(x, idx)
         return rms_norm(x)
 
-    def hidden(self, idx: Tensor) -> Tensor:
+    def document_mask(self, idx: Tensor, doc_span: int | None) -> DocumentMask | None:
+        if not self.respect_doc_boundaries or doc_span is None:
+            return None
+        flex = idx.is_cuda if self.flex_attention is None else self.flex_attention
+        return document_mask(idx, doc_span or idx.size(1), flex)
+
+    def hidden(self, idx: Tensor, doc_span: int | None = 0) -> Tensor:
+        """Final hidden states of idx (B, T). With RESPECT_DOC_BOUNDARIES, doc_span says what a row holds:
+        packed documents cut every doc_span tokens (training); 0: a window, its documents cut by the row's
+        ends (evaluation); None: one document from its start (TTT), where plain causal attention is the
+        same."""
         x = self.embed(idx)
+        docs = self.document_mask(idx, doc_span)
         x0, skips, lanes, routing_aux = x, [], None, []
         order, pass_indices = self.orders[self.looping], self.pass_indices[self.looping]
         n_encoder = len(order) // 2
@@ -1925,9 +2085,9 @@ class GPT(nn.Module):
                 else:
                     lanes = (self.join_skip(lanes[0], skip, pos - n_encoder), lanes[1])
             if lanes is None:
-                x = block(x, x0, pass_indices[pos])
+                x = block(x, x0, pass_indices[pos], docs)
             else:
-                lanes = block.forward_lanes(lanes, x0)
+                lanes = block.forward_lanes(lanes, x0, docs)
             routing_aux += getattr(block.mlp, "aux_terms", [])  # a looped MoE layer adds its losses per pass
             if pos < n_encoder:
                 skips.append(x)
@@ -1940,8 +2100,8 @@ class GPT(nn.Module):
             return stream + skip
         return torch.lerp(skip, stream, torch.sigmoid(self.skip_gates[j].to(stream.dtype)))
 
-    def logits(self, idx: Tensor) -> Tensor:
-        return self.head(self.hidden(idx))
+    def logits(self, idx: Tensor, doc_span: int = 0) -> Tensor:
+        return self.head(self.hidden(idx, doc_span))
 
     def head(self, hidden: Tensor, delta: Tensor | None = None) -> Tensor:
         """Softcapped logits of final hidden states, plus a TTT adapter's `delta` when given."""
@@ -1949,9 +2109,9 @@ class GPT(nn.Module):
         logits = (logits if delta is None else logits + delta).float()
         return self.softcap * torch.tanh(logits / self.softcap)
 
-    def forward(self, idx: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, idx: Tensor, targets: Tensor, doc_span: int = 0) -> tuple[Tensor, Tensor]:
         """Returns (loss to minimise = cross-entropy + auxiliary routing losses, cross-entropy)."""
-        ce = F.cross_entropy(self.logits(idx).view(-1, self.vocab_size), targets.reshape(-1))
+        ce = F.cross_entropy(self.logits(idx, doc_span).view(-1, self.vocab_size), targets.reshape(-1))
         aux = self.routing_aux  # set by this forward
         return (ce + torch.stack(aux).sum() if aux else ce), ce.detach()
 
@@ -2545,11 +2705,12 @@ def export_artifact(
 
 @torch.no_grad()
 def collect_hessians(
-    model: nn.Module, batches, world_size: int, progress=None
+    model: nn.Module, batches, world_size: int, progress=None, doc_span: int = 0
 ) -> tuple[dict[str, Tensor], list[str]]:
     """-> ({matrix: X^T X of its inputs}, warnings), summed over ranks. A routed expert sees only its routed
     tokens, a soft expert every token, each scaled by its gate; a starved expert gets a damped Hessian.
-    Matrices fed the same input tensor (c_q, c_k and c_v) share one Hessian, computed once."""
+    Matrices fed the same input tensor (c_q, c_k and c_v) share one Hessian, computed once. doc_span: as
+    GPT.hidden's (training batches: TRAIN_SEQ_LEN)."""
     hess, counts, hooks = {}, {}, []
     shares: dict[str, str] = {}  # matrix -> the matrix before it that saw the same input tensor
     previous: list = [None, ""]  # the last Linear's input (kept alive, so `is` cannot match a new tensor)
@@ -2598,7 +2759,9 @@ def collect_hessians(
     try:
         for done, (x, _) in enumerate(batches, 1):
             with autocast(x.device):  # the head's input is the final hidden state
-                add("tok_emb.weight" if model.lm_head is None else "lm_head.weight", model.hidden(x))
+                add(
+                    "tok_emb.weight" if model.lm_head is None else "lm_head.weight", model.hidden(x, doc_span)
+                )
             if progress is not None:
                 progress(done)
     finally:
@@ -2765,7 +2928,7 @@ class TTTAdapters(nn.Module):
 
     def token_losses(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """Per-token cross-entropy (docs, T) with the adapters on, the head's included."""
-        hidden = model.hidden(x)
+        hidden = model.hidden(x, doc_span=None)  # a row holds one document (then padding)
         logits = model.head(hidden, self.delta(-1, hidden))
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
@@ -2854,10 +3017,11 @@ def global_sgd(model: nn.Module, tokens: Tensor, end: int, h, rt: Runtime) -> No
         if last > first:  # this rank's sequences; the loss is the mean over every rank's
             starts = lo + S * torch.arange(first, last)[:, None]  # (last - first, 1)
             window = tokens[(starts + torch.arange(S + 1)).to(tokens.device)].long()  # (last - first, S + 1)
+            x, y = window[:, :-1], window[:, 1:]
+            if model.respect_doc_boundaries:  # consecutive rows as one packed row, cut as in training
+                x, y = x.reshape(1, -1), y.reshape(1, -1)
             with autocast(rt.device):
-                (
-                    model(window[:, :-1], window[:, 1:])[0] * (last - first) / seqs
-                ).backward()  # eval mode: no aux
+                (model(x, y, doc_span=S)[0] * (last - first) / seqs).backward()  # eval mode: no aux
         for p in params if rt.world_size > 1 else []:
             dist.all_reduce(p.grad)
         if h.global_ttt_grad_clip > 0:
@@ -3185,10 +3349,36 @@ def matmul_params_per_token(model: nn.Module, looping: bool | None = None) -> in
     return n
 
 
-def flops_per_token(model: nn.Module, h, looping: bool | None = None) -> float:
+def mean_context(tokens: np.ndarray, span: int) -> float:
+    """Mean keys a token of `tokens` attends to (itself included) when segments start at every BOS and every
+    `span` tokens into a document: a segment of m tokens costs m(m+1)/2 query-key pairs."""
+    bounds = np.unique(np.concatenate(([0], np.flatnonzero(tokens == BOS_ID), [len(tokens)])))
+    lengths = np.diff(bounds).astype(np.float64)
+    full, rest = lengths // span, lengths % span
+    pairs = full * span * (span + 1) / 2 + rest * (rest + 1) / 2
+    return float(pairs.sum() / max(len(tokens), 1))
+
+
+def training_context(h, tokens: np.ndarray | None) -> tuple[float | None, str]:
+    """-> (mean keys per training token for FLOP counts, how it was counted): measured on `tokens` (training
+    tokens) with RESPECT_DOC_BOUNDARIES; None (plain causal, TRAIN_SEQ_LEN / 2) without, or without tokens."""
+    if not h.respect_doc_boundaries:
+        return None, "plain causal: TRAIN_SEQ_LEN/2 keys per token"
+    if tokens is None or not len(tokens):
+        return None, "plain causal, an upper bound: no training shard to measure documents on"
+    context = mean_context(tokens, h.train_seq_len)
+    return (
+        context,
+        f"within documents: {context:.0f} keys per token, measured on {len(tokens)} training tokens",
+    )
+
+
+def flops_per_token(model: nn.Module, h, looping: bool | None = None, context: float | None = None) -> float:
+    """Training FLOPs per token: 6 x matmul weights + causal QK^T and AV (fwd + bwd: 12 x model_dim per key
+    attended), with `context` keys per token on average (None: plain causal rows, TRAIN_SEQ_LEN / 2)."""
     layers = len(model.orders[model.looping if looping is None else looping])
-    attention = 6 * layers * h.train_seq_len * h.model_dim  # causal QK^T and AV, fwd + bwd
-    return 6 * matmul_params_per_token(model, looping) + attention
+    context = h.train_seq_len / 2 if context is None else context
+    return 6 * matmul_params_per_token(model, looping) + 12 * layers * context * h.model_dim
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -3197,9 +3387,9 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 class FlashLikeAttention(torch.autograd.Function):
-    """Causal attention's output for fake tensors, saving what flash attention saves for its backward (q,
-    k, v, the output, an fp32 log-sum-exp per row): which backend a GPU picks cannot be traced without
-    one."""
+    """Causal attention's output for fake tensors, saving what flash attention (and flex_attention, the
+    document-isolated path) saves for its backward (q, k, v, the output, an fp32 log-sum-exp per row): which
+    backend a GPU picks cannot be traced without one."""
 
     @staticmethod
     def forward(ctx, q, k, v):
@@ -3232,8 +3422,9 @@ def saved_activations(h, device, looping: bool) -> dict[str, int]:
     """Bytes by dtype that autograd keeps for backward from one eager training micro-batch (once per storage,
     parameters excluded), traced with fake tensors: nothing is allocated or run on the device."""
     saved: dict[int, tuple[int, str]] = {}
-    sdpa = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = lambda q, k, v, **kwargs: FlashLikeAttention.apply(q, k, v)
+    global causal_attention
+    attention = causal_attention
+    causal_attention = lambda q, k, v, docs: FlashLikeAttention.apply(q, k, v)  # noqa: E731
     try:
         with FakeTensorMode():
             model = fake_model(h, device).train()
@@ -3246,12 +3437,11 @@ def saved_activations(h, device, looping: bool) -> dict[str, int]:
                     saved[key] = (t.untyped_storage().nbytes(), str(t.dtype).removeprefix("torch."))
                 return t
 
-            x = torch.zeros(h.micro_batch_tokens // h.train_seq_len, h.train_seq_len, dtype=torch.long)
-            x = x.to(device)
+            x = torch.zeros(train_rows(h), dtype=torch.long).to(device)
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(torch.device(device)):
-                model(x, x)
+                model(x, x, doc_span=h.train_seq_len)
     finally:
-        F.scaled_dot_product_attention = sdpa
+        causal_attention = attention
     by_dtype: dict[str, int] = {}
     for nbytes, dtype in saved.values():
         by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
@@ -3396,12 +3586,14 @@ class Trainer:
             check_shards(shard_files(h.data_path, "train"), h.vocab_size),
             rt.rank,
             rt.world_size,
-            h.train_seq_len,
+            train_rows(h)[1],
             h.micro_batch_tokens,
             self.accum,
             device,
             h.vocab_size,
         )
+        # mean keys per token for the FLOP count (mfu), from the first training shard's documents
+        self.context = training_context(h, self.loader.stream.tokens[: 1 << 24])[0]
         self.model = GPT(model_config(h)).to(device)
         self.compiled = maybe_compile(self.model, h, device)
         self.ddp = (
@@ -3491,7 +3683,7 @@ class Trainer:
         for micro, (x, y) in enumerate(batches):
             sync = self.rt.world_size == 1 or micro == len(batches) - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync(), autocast(self.rt.device):
-                loss, ce = self.ddp(x, y)
+                loss, ce = self.ddp(x, y, doc_span=self.h.train_seq_len)
             (loss / self.accum).backward()
             ce_sum += ce
         if self.qat:
@@ -3562,7 +3754,7 @@ class Trainer:
 
     def log_step(self, step: int, ce: float, elapsed_ms: float, peak: float | None) -> None:
         tokens_per_s = step * self.h.train_batch_tokens / max(elapsed_ms / 1000, 1e-9)
-        flops = flops_per_token(self.model, self.h)  # of the current loop state
+        flops = flops_per_token(self.model, self.h, context=self.context)  # of the current loop state
         mfu_pct = 100 * tokens_per_s * flops / (peak * self.rt.world_size) if peak else None
         self.rt.log(
             f"step:{step}/{self.h.iterations} train_loss:{ce:.4f} train_time:{elapsed_ms:.0f}ms "
@@ -3750,9 +3942,18 @@ def log_model(h, model: GPT, log) -> None:
 PROJECTED_MFU = 0.30
 
 
+def first_train_tokens(h, limit: int = 1 << 24) -> np.ndarray | None:
+    """Up to `limit` tokens of DATA_PATH's first training shard; None without one (DRY_RUN needs no data)."""
+    try:
+        return np.asarray(read_shard(shard_files(h.data_path, "train")[0])[:limit])
+    except DataError:
+        return None
+
+
 def dry_run(h) -> None:
-    """DRY_RUN=1: the model on the meta device (no data, tokenizer or GPU): the config, parameter count,
-    budget preview and the projected speed on 8xH100."""
+    """DRY_RUN=1: the model on the meta device (no tokenizer or GPU; DATA_PATH's first training shard, when
+    there is one, for document lengths): the config, parameter count, budget preview and the projected speed
+    on 8xH100."""
     log, peak, rates = Logger(None, console=True), PEAK_BF16_FLOPS["H100"], []
     grad_accum_steps(h, int(os.environ.get("WORLD_SIZE", 1)))  # a batch this launch would refuse: refused
     try:
@@ -3766,8 +3967,10 @@ def dry_run(h) -> None:
         log_budget_preview(model, h, log)
     except ConfigError as err:
         log(f"budget: a real run would refuse to start: {err}")
+    context, counted = training_context(h, first_train_tokens(h) if h.respect_doc_boundaries else None)
+    log(f"projection attention_flops: {counted}")
     for looping in sorted({False, h.num_loops > 0}):
-        flops = flops_per_token(model, h, looping)
+        flops = flops_per_token(model, h, looping, context)
         rates.append(PROJECTED_MFU * peak / flops)  # tokens/s per GPU
         log(
             f"projection loops:{'on' if looping else 'off'} flops_per_token:{flops:.4g} "
@@ -4069,7 +4272,7 @@ def calibration_reserve(model: GPT, h, device: torch.device, batch: tuple[Tensor
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            collect_hessians(model, [batch], 1)
+            collect_hessians(model, [batch], 1, doc_span=h.train_seq_len)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - t0 if timed else seconds
@@ -4089,6 +4292,7 @@ def calibrate(trainer: Trainer) -> dict | None:
             (b for _, b in zip(range(n), batches)),
             trainer.rt.world_size,
             Progress(log, "gptq calibration", n, "micro-batches"),
+            doc_span=h.train_seq_len,
         )
     if trainer.rt.device.type == "cuda":
         torch.cuda.synchronize(trainer.rt.device)

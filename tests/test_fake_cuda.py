@@ -5,10 +5,12 @@ and grouped_mm, which has no autocast kernel, rejects an fp32 operand.
 
 To add a configuration to the matrix, add its knob overrides to MATRIX (one dict per case)."""
 
+import contextlib
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _pop_mode_temporarily
 from torch.utils._pytree import tree_flatten
 
 import train_gpt
@@ -37,7 +39,11 @@ MATRIX = [
     },
     # sigma-MoE: 16 experts of 128, top-4 sigmoid, entropy regulariser and expert dropout (training forward)
     SIGMA_MOE,
+    # Plain causal rows of TRAIN_SEQ_LEN (every case above isolates documents, the default).
+    {"MOE_MODE": "none", "RESPECT_DOC_BOUNDARIES": "0"},
+    {"MOE_MODE": "topk", "TOP_K": "2", "MOE_DISPATCH": "grouped", "RESPECT_DOC_BOUNDARIES": "0"},
 ]
+FLEX_ATTENTION = train_gpt.flex_attention
 MATMULS = {"aten.mm.default", "aten.bmm.default", "aten.addmm.default", "aten._grouped_mm.default"}
 
 
@@ -46,7 +52,9 @@ def case_id(env: dict) -> str:
 
 
 class MatmulDtypes(TorchDispatchMode):
-    """Records (op, input dtypes, input shapes) of every matrix product that runs."""
+    """Records (op, input dtypes, input shapes) of every matrix product that runs, and of flex_attention
+    (called with this mode set aside: flex_attention runs its operator under torch.compile, which no
+    dispatch mode may watch)."""
 
     def __init__(self):
         super().__init__()
@@ -59,26 +67,37 @@ class MatmulDtypes(TorchDispatchMode):
             self.calls.append((str(func), [t.dtype for t in tensors], [tuple(t.shape) for t in tensors]))
         return func(*args, **(kwargs or {}))
 
+    def flex_attention(self, q, k, v, **kwargs):
+        """Records the output's dtype: flex_attention casts its inputs under autocast itself (rms_norm leaves
+        q and k in fp32)."""
+        with _pop_mode_temporarily():
+            out = FLEX_ATTENTION(q, k, v, **kwargs)
+        self.calls.append(("flex_attention", [out.dtype], [tuple(q.shape), tuple(k.shape), tuple(v.shape)]))
+        return out
 
-def fake_cuda_forward(env: dict, looping: bool):
-    """The training forward of one default-shape micro-batch on fake CUDA under bf16 autocast."""
+
+def fake_cuda_forward(env: dict, looping: bool, monkeypatch):
+    """The training forward of one default-shape micro-batch on fake CUDA under bf16 autocast, as training
+    lays it out (one packed row with document-isolated attention: the flex_attention path). flex_attention
+    builds its backward graph on a real device, so that path's forward is traced without autograd."""
     h = train_gpt.load_config(env)
     matmuls = MatmulDtypes()
-    with FakeTensorMode(), gpu_memory.cuda_autocast_without_gpu():
+    monkeypatch.setattr(train_gpt, "flex_attention", matmuls.flex_attention)
+    no_autograd = torch.no_grad() if h.respect_doc_boundaries else contextlib.nullcontext()
+    with FakeTensorMode(), gpu_memory.cuda_autocast_without_gpu(), no_autograd:
         model = train_gpt.fake_model(h, "cuda").train()
         model.set_looping(looping)
-        rows = h.micro_batch_tokens // h.train_seq_len
-        x = torch.zeros(rows, h.train_seq_len, dtype=torch.long, device="cuda")
+        x = torch.zeros(train_gpt.train_rows(h), dtype=torch.long, device="cuda")
         with torch.autocast("cuda", dtype=torch.bfloat16), matmuls:
             assert torch.is_autocast_enabled("cuda")  # the patch works: autocast is really on
-            loss, ce = model(x, x)
+            loss, ce = model(x, x, doc_span=h.train_seq_len)
     return h, loss, ce, matmuls.calls
 
 
 @pytest.mark.parametrize("looping", [False, True], ids=["loops_off", "loops_on"])
 @pytest.mark.parametrize("env", MATRIX, ids=case_id)
-def test_fake_cuda_forward(env, looping):
-    h, loss, ce, calls = fake_cuda_forward(env, looping)
+def test_fake_cuda_forward(env, looping, monkeypatch):
+    h, loss, ce, calls = fake_cuda_forward(env, looping, monkeypatch)
     assert loss.device.type == "cuda" and loss.dtype == ce.dtype == torch.float32 and loss.shape == ()
     assert {op for op, _, _ in calls} >= {"aten.mm.default"}
     # Every product runs in bf16 except the routers (fp32 by design: autocast off, output width E) and the
@@ -92,6 +111,11 @@ def test_fake_cuda_forward(env, looping):
         attention_math = op == "aten.bmm.default" and shapes[0][-2] == h.train_seq_len
         if not (router or attention_math):
             assert set(dtypes) == {torch.bfloat16}, (op, dtypes, shapes)
+    # Document isolation runs flex_attention (one packed row) in every layer pass; plain rows run SDPA.
+    flex = [shapes for op, _, shapes in calls if op == "flex_attention"]
+    passes = len(train_gpt.fake_model(h, "meta").orders[looping])
+    assert len(flex) == (passes if h.respect_doc_boundaries else 0)
+    assert all(s[0] == (1, h.num_heads, h.micro_batch_tokens, h.head_dim) for s in flex)
     if h.moe_mode in ("topk", "shared_routed") and h.moe_dispatch == "grouped":
         grouped = [d for op, d, _ in calls if op == "aten._grouped_mm.default"]
         passes = len(h.moe_layer_ids) + (h.num_loops * (h.loop_end - h.loop_start + 1) if looping else 0)
@@ -125,9 +149,9 @@ def test_fake_forward_and_backward(env, looping):
     with FakeTensorMode(), gpu_memory.cpu_autocast_like_cuda():
         model = train_gpt.fake_model(h, "cpu").train()
         model.set_looping(looping)
-        x = torch.zeros(h.micro_batch_tokens // h.train_seq_len, h.train_seq_len, dtype=torch.long)
+        x = torch.zeros(train_gpt.train_rows(h), dtype=torch.long)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, _ = model(x, x)
+            loss, _ = model(x, x, doc_span=h.train_seq_len)
         loss.backward()
         for name, p in model.named_parameters():
             assert p.grad is not None and p.grad.shape == p.shape and p.grad.dtype == p.dtype, name

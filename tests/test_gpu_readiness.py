@@ -71,7 +71,7 @@ def test_hessians_sum_in_tf32_and_export_runs_exact_and_both_restore_it(monkeypa
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
 
-    def fake_collect(model, batches, world_size, progress=None):
+    def fake_collect(model, batches, world_size, progress=None, doc_span=0):
         seen.append(("hessians", flags()))
         return {}, []
 

@@ -234,7 +234,9 @@ def test_parallel_lanes_mix_skip_and_final_mean():
     # In the model: lane 0 alone gets the U-Net skip; the final state is the normed mean of the lanes.
     calls, encoder_out = [], []
     run_lanes = block.forward_lanes
-    block.forward_lanes = lambda lanes, x0: calls.append((lanes, run_lanes(lanes, x0))) or calls[-1][1]
+    block.forward_lanes = lambda lanes, x0, docs: (
+        calls.append((lanes, run_lanes(lanes, x0, docs))) or calls[-1][1]
+    )
     model.blocks[0].register_forward_hook(lambda m, a, out: encoder_out.append(out))
     hidden = model.hidden(tokens())
     ((lanes_in, lanes_out),) = calls

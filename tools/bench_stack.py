@@ -80,13 +80,14 @@ def make_step(model, compiled, optimizers, h, device, autocast=None):
     """One optimizer step on one GPU of an 8-GPU run: its micro-batch, forward, backward, clip, step.
     `autocast` (a function of the device) replaces train_gpt's, e.g. to run CPU steps in bf16."""
     autocast = autocast or train_gpt.autocast
-    rows = h.micro_batch_tokens // h.train_seq_len
-    x = torch.randint(0, h.vocab_size, (rows, h.train_seq_len), device=device)
+    # Training's layout (one packed row with RESPECT_DOC_BOUNDARIES); random tokens hold few BOS, so
+    # segments are mostly TRAIN_SEQ_LEN long: the slowest case of document isolation.
+    x = torch.randint(0, h.vocab_size, train_gpt.train_rows(h), device=device)
     y = torch.roll(x, -1, dims=1)
 
     def step() -> torch.Tensor:
         with autocast(device):
-            loss, ce = compiled(x, y)
+            loss, ce = compiled(x, y, doc_span=h.train_seq_len)
         loss.backward()
         if h.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)

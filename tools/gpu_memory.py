@@ -9,8 +9,10 @@ data) with CUDA autocast (bf16) forced on, and one micro-batch (MICRO_BATCH_TOKE
 Every tensor autograd saves for backward is counted once per storage (parameters excluded), in the
 dtype CUDA autocast gives it (train_gpt.saved_activations, which a COMPILE=0 run on a GPU also uses
 to warn about a micro-batch that cannot fit). Attention is a flash-like stand-in (it saves q, k, v,
-the output and an fp32 log-sum-exp per row, as FlashAttention and cuDNN do), because the backend
-choice of scaled_dot_product_attention cannot be simulated. The trace is EAGER: torch.compile
+the output and an fp32 log-sum-exp per row, as FlashAttention, cuDNN and flex_attention do), because
+the backend choice of scaled_dot_product_attention cannot be simulated. With RESPECT_DOC_BOUNDARIES
+(the default) the micro-batch is one packed row, as training reads it, and the document block mask is
+built for real (its index tensors are not counted: a few MiB). The trace is EAGER: torch.compile
 (inductor) recomputes cheap elementwise ops in backward and saves fewer tensors, so a compiled run
 needs less; --check-record measures by how much.
 
@@ -36,7 +38,6 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-import torch.nn.functional as F
 from torch._functorch.aot_autograd import aot_function, make_boxed_func
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -195,10 +196,10 @@ def compiled_saved_activations(h, looping: bool) -> dict[str, int]:
         model = train_gpt.fake_model(h, "cpu").train()
         model.set_looping(looping)
         params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
-        x = torch.zeros(h.micro_batch_tokens // h.train_seq_len, h.train_seq_len, dtype=torch.long)
+        x = torch.zeros(train_gpt.train_rows(h), dtype=torch.long)
 
     def loss_of(params, buffers, x):
-        return torch.func.functional_call(model, {**params, **buffers}, (x, x))[0]
+        return torch.func.functional_call(model, {**params, **buffers}, (x, x, h.train_seq_len))[0]
 
     joint = aot_function(
         loss_of,
@@ -206,8 +207,8 @@ def compiled_saved_activations(h, looping: bool) -> dict[str, int]:
         bw_compiler=backward_compiler,
         partition_fn=min_cut_rematerialization_partition,
     )
-    sdpa = lambda q, k, v, **kwargs: flash_like(q, k, v)[0]  # noqa: E731
-    with cpu_autocast_like_cuda(), mock.patch.object(F, "scaled_dot_product_attention", sdpa), mode:
+    attention = lambda q, k, v, docs: flash_like(q, k, v)[0]  # noqa: E731
+    with cpu_autocast_like_cuda(), mock.patch.object(train_gpt, "causal_attention", attention), mode:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = joint(params, buffers, x)
         loss.backward()  # the backward graph is compiled (and its inputs counted) on first use
