@@ -143,7 +143,10 @@ def randomize(model, seed: int = 0) -> None:
 
 # Overrides of each side's configuration for a comparison: none, every feature is compared as run.
 RECORD_ALIGNED: dict = {}
-OURS_ALIGNED: dict = {}
+# The record's forward without cu_seqlens attends causally over the whole row: ours with document isolation
+# off. The isolated forward (the record's varlen path against our default) is compared on its own.
+OURS_ALIGNED: dict = {"RESPECT_DOC_BOUNDARIES": 0}
+DOC_SPAN = 64  # the small shape's TRAIN_SEQ_LEN: the record cuts a longer document every that many tokens
 
 
 def paired_models(record_overrides=RECORD_ALIGNED, our_env=OURS_ALIGNED, seed=0, folder=oracle.RECORD_1061):
@@ -178,6 +181,25 @@ def forward_gap(rmodel, ours, x, looping: bool) -> float:
     ours.eval()
     set_looping(rmodel, ours, looping)
     return (rmodel.forward_logits(x) - ours.logits(x)).abs().max().item()
+
+
+@torch.no_grad()
+def document_isolated_gap(looping: bool, bos_every: int = 17, seq: int = 3 * DOC_SPAN) -> float:
+    """One packed row (as both train): the record's varlen forward with cu_seqlens at every BOS, documents
+    cut every DOC_SPAN tokens, against ours with document isolation on (the default) over the same row."""
+    rec, rmodel, ours = paired_models(our_env={"RESPECT_DOC_BOUNDARIES": 1})
+    x, _ = tokens(batch=1, seq=seq)  # a BOS at position 0 only
+    # the second document is longer than DOC_SPAN, so the record cuts it; the rest are short
+    starts = [0, bos_every, bos_every + DOC_SPAN + 8]
+    starts += list(range(starts[-1] + bos_every, seq, bos_every))
+    x[0, starts] = 1
+    bos = (x[0] == 1).nonzero().flatten().tolist()
+    cu, max_len = rec._build_cu_seqlens(bos, x.size(1), x.device, DOC_SPAN)
+    rmodel.eval()
+    ours.eval()
+    set_looping(rmodel, ours, looping)
+    record = rmodel.forward_logits(x, cu_seqlens=cu, max_seqlen=max_len)
+    return (record - ours.logits(x, doc_span=DOC_SPAN)).abs().max().item()
 
 
 def backward_gaps(rmodel, ours, x, y, looping: bool) -> tuple[float, dict[str, float], list[str]]:
@@ -418,7 +440,7 @@ def fixture_env(folder) -> dict[str, str]:
 def fixture_forward_gaps(folder) -> tuple[dict, float, float]:
     """(our knobs for it, logits gap loops off, loops on) at the small shape with the same weights."""
     env = fixture_env(folder)
-    _, rmodel, ours = paired_models(record_overrides={}, our_env=env, folder=folder)
+    _, rmodel, ours = paired_models(record_overrides={}, our_env={**OURS_ALIGNED, **env}, folder=folder)
     x, _ = tokens(bos_every=17)
     return env, forward_gap(rmodel, ours, x, False), forward_gap(rmodel, ours, x, True)
 
@@ -539,6 +561,13 @@ def report() -> str:
         )
     add("\nIn fp64 the hidden states agree to ~1e-14: the same function. The fp32 gaps are round-off of")
     add("different operation orders through 11-17 layers of random weights.\n")
+    iso_off, iso_on = document_isolated_gap(False), document_isolated_gap(True)
+    add("With document boundaries (row 1): one packed row of 192 tokens, a BOS every 17 tokens and one")
+    add(
+        f"document of {DOC_SPAN + 8} tokens, which the record cuts at {DOC_SPAN}: the record's varlen forward"
+    )
+    add("(`cu_seqlens` from its own `_build_cu_seqlens`) against our default (`RESPECT_DOC_BOUNDARIES=1`),")
+    add(f"logits gap {_fmt(iso_off)} with loops off, {_fmt(iso_on)} with loops on.\n")
 
     add("## Optimizer step and schedule\n")
     add("The record's own `step_fn` (rebuilt from `train_model`'s code object: forward/backward, momentum")
@@ -680,11 +709,11 @@ DIFFERENCES = """## Differences, row by row
 | # | what | how large | status |
 |---|---|---|---|
 | 1 | **Document isolation.** The record trains with `DocumentPackingLoader` + `flash_attn_varlen_func` \
-(a segment per document, cut at `TRAIN_SEQ_LEN`) and evaluates the same way; ours attends causally \
-across the packed row. | unmeasured here | **pending the attention change** (another branch); every \
-comparison here runs without document boundaries on both sides (the record's `cu_seqlens=None` path, or \
-a BOS only at the start); `test_document_isolated_forward_matches` is an expected failure for this \
-reason only |
+(a segment per document, cut at `TRAIN_SEQ_LEN`) and evaluates the same way. | the forward table's \
+document-isolated line | **fixed**: `RESPECT_DOC_BOUNDARIES=1` (default) packs a micro-batch in one row and \
+attends within each document, cut as the record cuts; the forward with boundaries equals the record's \
+varlen forward (`test_document_isolated_forward_matches`); the other comparisons here run without \
+boundaries on both sides (the record's `cu_seqlens=None` path, ours with the knob off) |
 | 2 | Gated U-Net skips: the record's run has `SKIP_GATES_ENABLED=1` (`lerp(w * skip, x, \
 sigmoid(g))`, 8 x 512 gates); ours added the skip. | 4,096 parameters and every decoder input | \
 **fixed**: `SKIP_GATES_ENABLED`, on by default (forward tests fail without it) |
@@ -728,8 +757,8 @@ segments. Our default scores the sliding window at stride 64 with TTT off. | con
 deliberate default (TTT off until measured on a GPU); the phased TTT itself: **not compared** |
 | 14 | SmearGate at a segment cut: the record packs a batch into one row cut into segments, and only a \
 BOS stops its smear, so a segment starting inside a document mixes in the previous segment's last \
-token; ours starts every row fresh. | evaluation table: equal with the smear off | belongs with \
-document isolation: pending |
+token. | the document-isolated forward (a cut document included) | **equal** with document isolation on: \
+ours packs the same row and smears the same way |
 | 15 | Tokenizer: the record's run uses the CaseOps lossless-caps SP8192 tokenizer and its byte sidecar \
 (`CASEOPS_ENABLED=1`); ours reads the plain SP8192 export. | another dataset: its 1.0611 is not a \
 number our default can reproduce | not reproducible here |
