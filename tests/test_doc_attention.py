@@ -233,7 +233,13 @@ def test_dry_run_counts_attention_from_the_shards_documents():
 def test_memory_estimate_of_the_packed_row_matches_plain_rows():
     """One packed row saves what rows of TRAIN_SEQ_LEN save (flash-like attention either way), up to the
     segment ids."""
-    env = {"NUM_LAYERS": "2", "MICRO_BATCH_TOKENS": "8192", "LOOP_START": "0", "LOOP_END": "0"}
+    env = {
+        "NUM_LAYERS": "2",
+        "MICRO_BATCH_TOKENS": "8192",
+        "LOOP_START": "0",
+        "LOOP_END": "0",
+        "PARALLEL_START_LAYER": "0",
+    }
     on = tg.saved_activations(tg.load_config(env), "cpu", looping=False)
     off = tg.saved_activations(tg.load_config({**env, "RESPECT_DOC_BOUNDARIES": "0"}), "cpu", looping=False)
     assert sum(on.values()) == pytest.approx(sum(off.values()), rel=0.01)

@@ -105,7 +105,7 @@ def test_the_reserve_is_measured_unless_given_and_cuts_the_training_clock(tiny_c
     position = trainer.loader.stream.state()
     hessians = []
     collect = tg.collect_hessians
-    monkeypatch.setattr(tg, "collect_hessians", lambda *a: hessians.append(a[1]) or collect(*a))
+    monkeypatch.setattr(tg, "collect_hessians", lambda *a, **kw: hessians.append(a[1]) or collect(*a, **kw))
     clock = iter(range(0, 1000, 2))  # every reading of the clock 2 s later: each timed batch takes 2 s
     with monkeypatch.context() as patch:
         patch.setattr(tg.time, "perf_counter", lambda: float(next(clock)))
