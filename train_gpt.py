@@ -792,7 +792,9 @@ FOREIGN_KNOBS = {
         ("CONTROL_TENSOR_NAME_PATTERNS", "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS"), "FP16_KEEP_NAME_PATTERNS"
     ),
     "PHASED_TTT_ENABLED": "TTT_ENABLED",
-    "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "RESPECT_DOC_BOUNDARIES (training, evaluation and global test-time training alike)",
+    "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": (
+        "RESPECT_DOC_BOUNDARIES (training, evaluation and global test-time training alike)"
+    ),
     "TTT_EVAL_SEQ_LEN": "EVAL_SEQ_LEN",
     "TTT_LR": "TTT_LORA_LR or GLOBAL_TTT_LR",
     "TTT_CHUNK_TOKENS": "TTT_CHUNK_SIZE or GLOBAL_TTT_CHUNK_TOKENS",
