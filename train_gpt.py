@@ -3463,7 +3463,10 @@ def load_validation(h, log) -> Validation:
 def evaluate_artifact(h, rt: Runtime) -> None:
     """EVAL_ONLY=1: no training; the artifact's model gets the final evaluations a run would give it."""
     log = rt.log
-    qmodel, stored = load_artifact_model(h.artifact_path, rt.device)
+    # the attention pattern is this run's knob, not the artifact's
+    qmodel, stored = load_artifact_model(
+        h.artifact_path, rt.device, respect_doc_boundaries=h.respect_doc_boundaries
+    )
     for name in MODEL_KNOBS:  # the artifact defines the network: a differing model knob is said, not used
         if os.environ.get(name, "") != "" and getattr(h, name.lower()) != getattr(stored, name.lower()):
             log(
@@ -3568,7 +3571,8 @@ def train_and_evaluate(h, rt: Runtime) -> None:
         export_and_report(model, h, h.artifact_path, log, hessians)
     if rt.world_size > 1:
         dist.barrier()
-    qmodel = load_artifact_model(h.artifact_path, device)[0].eval()
+    qmodel = load_artifact_model(h.artifact_path, device, respect_doc_boundaries=h.respect_doc_boundaries)[0]
+    qmodel.eval()
     final_evaluation(qmodel, h, val, rt)
 
 
