@@ -4244,7 +4244,10 @@ def load_validation(h, log) -> Validation:
 def evaluate_artifact(h, rt: Runtime) -> None:
     """EVAL_ONLY=1: no training; the artifact's model gets the final evaluations a run would give it."""
     log = rt.log
-    qmodel, stored = load_artifact_model(h.artifact_path, rt.device)
+    # the attention pattern is this run's knob, not the artifact's
+    qmodel, stored = load_artifact_model(
+        h.artifact_path, rt.device, respect_doc_boundaries=h.respect_doc_boundaries
+    )
     for name in MODEL_KNOBS:  # the artifact defines the network: a differing model knob is said, not used
         if os.environ.get(name, "") != "" and getattr(h, name.lower()) != getattr(stored, name.lower()):
             log(
@@ -4388,7 +4391,8 @@ def train_and_evaluate(h, rt: Runtime) -> None:
     if rt.world_size > 1:
         dist.broadcast_object_list(written)  # waits for rank 0's export; every rank reads the file it wrote
     h.artifact_path = written[0]
-    qmodel = load_artifact_model(h.artifact_path, device)[0].eval()
+    qmodel = load_artifact_model(h.artifact_path, device, respect_doc_boundaries=h.respect_doc_boundaries)[0]
+    qmodel.eval()
     final_evaluation(qmodel, h, val, rt)
 
 

@@ -1164,6 +1164,7 @@ def finalize(args, runs, arms, common) -> int:
             device="cpu",
             batch_seqs=32,
             cap=records.CAP_BYTES,
+            quick=False,
         )
     )
     bad = [c for c in checks if c.status == "FAIL"]
