@@ -114,3 +114,7 @@ def test_collect_reads_the_regime_studys_dense_and_equal_time_arms(tmp_path):
     assert gap["gap"] == pytest.approx(0.0203, abs=5e-5)  # the regime study's results.md
     assert not manifest["results"]["complete"]
     assert "Incomplete" in (args.out / "results.md").read_text()
+    submission = json.loads((args.out / "submission.json").read_text())  # the validator's top level
+    assert submission["study"] == "manifest.json" and submission["seeds"] == [1337, 1338, 1339]
+    assert submission["val_bpb"] == pytest.approx(2.0895, abs=5e-5)  # the dense control's mean
+    assert (args.out / "train_seed1337.txt").is_file()

@@ -408,8 +408,26 @@ def collect(args) -> int:
     manifest["plot"] = PLOT if gap_plot(manifest, args.out / PLOT) else None
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     (args.out / "results.md").write_text(results_text(manifest))
+    top_level(args.out, arms["dense"])
     moe_study.say(f"wrote {args.out / 'results.md'}")
     return 0
+
+
+TOP_LEVEL_WRITER = "tools/moe_breakeven.py collect"
+
+
+def top_level(out: Path, dense: dict) -> list[Path]:
+    """The validator's view of the folder: the dense control's runs (the regime study's, on this folder's
+    script) and a submission.json naming the study; no claim of a new score."""
+    if dense["missing"]:
+        return []
+    blurb = (
+        "Break-even study of top-1-of-4 MoE against dense (CPU, proxy corpus, not FineWeb): the top level "
+        "holds the dense control's runs (the regime study's design stage, this folder's script, 100 tokens "
+        "per parameter); the study is in plan.md, results.md and manifest.json"
+    )
+    logs = [REPO / log for log in dense["logs"]]
+    return moe_regime.write_top_level(out, dense["seeds"], logs, blurb, TOP_LEVEL_WRITER)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

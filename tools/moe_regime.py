@@ -994,17 +994,27 @@ def top_level_layout(out: Path, manifest: dict) -> list[Path]:
     entry = stage and stage["entries"].get(f"{TOP_LEVEL_ARM}_tpp{DESIGN_BUDGET}")
     if not entry or entry["missing"]:
         return []
+    blurb = (
+        f"MoE regime study (CPU, proxy corpus, not FineWeb): {TOP_LEVEL_ARM} at {DESIGN_BUDGET} "
+        "tokens per parameter, the runs of this folder's train_gpt.py; the study is in manifest.json "
+        f"and findings.md, the models in {SHIPPED}/"
+    )
+    logs = [out / log for log in entry["logs"]]
+    return write_top_level(out, entry["seeds"], logs, blurb, TOP_LEVEL_WRITER)
+
+
+def write_top_level(out: Path, seeds: list[int], logs: list[Path], blurb: str, writer: str) -> list[Path]:
+    """A study folder's top level as the community validator reads it: copies of the given runs' logs as
+    train_seed<N>.txt (and .jsonl) and a submission.json with their mean round-trip val_bpb, naming the
+    study (manifest.json). Refuses to overwrite a submission.json that `writer` did not write."""
     target = out / records.SUBMISSION
-    if (
-        target.is_file()
-        and json.loads(target.read_text(encoding="utf-8")).get("written_by") != TOP_LEVEL_WRITER
-    ):
-        raise StudyError(f"{target} exists and was not written by tools/moe_regime.py; move it away")
+    if target.is_file() and json.loads(target.read_text(encoding="utf-8")).get("written_by") != writer:
+        raise StudyError(f"{target} exists and was not written by {writer}; move it away")
     written, results = [], {}
-    for seed, log in zip(entry["seeds"], entry["logs"]):
+    for seed, log in zip(seeds, logs):
         name = f"train_seed{seed}.txt"
         for suffix in (".txt", ".jsonl"):
-            source = (out / log).with_suffix(suffix)
+            source = log.with_suffix(suffix)
             if source.is_file():
                 (out / name).with_suffix(suffix).write_bytes(source.read_bytes())
                 written.append((out / name).with_suffix(suffix))
@@ -1020,19 +1030,15 @@ def top_level_layout(out: Path, manifest: dict) -> list[Path]:
         name=out.name,
         date=out.name[:10],
         track=records.TRACKS[1],
-        blurb=(
-            f"MoE regime study (CPU, proxy corpus, not FineWeb): {TOP_LEVEL_ARM} at {DESIGN_BUDGET} "
-            "tokens per parameter, the runs of this folder's train_gpt.py; the study is in manifest.json "
-            f"and findings.md, the models in {SHIPPED}/"
-        ),
+        blurb=blurb,
         val_bpb=mean_std(bpb)[0],
         val_bpb_std=mean_std(bpb)[1],
-        seeds=entry["seeds"],
+        seeds=list(seeds),
         seed_results=results,
         partial_eval=dict(val_token_limit=int(REGIME_SHAPE["VAL_TOKEN_LIMIT"])),
         study="manifest.json",
         not_fineweb=True,
-        written_by=TOP_LEVEL_WRITER,
+        written_by=writer,
     )
     target.write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
     return [*written, target]
