@@ -1,5 +1,5 @@
 #!/bin/sh
-# The sigma-MoE pilot's one command for a lent GPU machine (docs/gpu_runs.md, queued call 2), from the
+# The sigma-MoE pilot's one command for a lent GPU machine (docs/gpu_runs.md, call 2 of the queue), from the
 # repository root:  sh tools/sigma_pilot.sh
 # with carry: ["data/datasets/proxy_sp1024", ".wheels"] (copied from ../shared, both git-ignored).
 # Installs the carried wheels (zstandard: train_gpt.py imports it), unpacks the proxy corpus to /tmp/proxy,
