@@ -757,8 +757,11 @@ segments. Our default scores the sliding window at stride 64 with TTT off. | con
 deliberate default (TTT off until measured on a GPU); the phased TTT itself: **not compared** |
 | 14 | SmearGate at a segment cut: the record packs a batch into one row cut into segments, and only a \
 BOS stops its smear, so a segment starting inside a document mixes in the previous segment's last \
-token. | the document-isolated forward (a cut document included) | **equal** with document isolation on: \
-ours packs the same row and smears the same way |
+token. Its diagnostic `eval_val` packs windows the same way; ours evaluates each window as its own row. \
+| training: the document-isolated forward (a cut document included); evaluation: the evaluation table \
+| training: **equal** with document isolation on (ours packs the same row and smears the same way); \
+evaluation: differs with the smear on, deliberate (the record's scored path, phased TTT, runs each \
+document alone, as ours does) |
 | 15 | Tokenizer: the record's run uses the CaseOps lossless-caps SP8192 tokenizer and its byte sidecar \
 (`CASEOPS_ENABLED=1`); ours reads the plain SP8192 export. | another dataset: its 1.0611 is not a \
 number our default can reproduce | not reproducible here |
