@@ -57,8 +57,18 @@ def test_existing_run_id_is_never_overwritten(moe_run):
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     """Same global batch: 1 process x 2 micro-steps equals 2 processes x 1 micro-step (gloo, CPU)."""
-    one = run_train(tmp_path / "one", ITERATIONS=6, TRAIN_LOG_EVERY=1, MOE_MODE="topk")
-    two = run_train(tmp_path / "two", nproc=2, ITERATIONS=6, TRAIN_LOG_EVERY=1, MOE_MODE="topk")
+    # GPTQ calibrates on GPTQ_CALIBRATION_BATCHES micro-batches per rank: the same tokens in both runs
+    one = run_train(
+        tmp_path / "one", ITERATIONS=6, TRAIN_LOG_EVERY=1, MOE_MODE="topk", GPTQ_CALIBRATION_BATCHES=2
+    )
+    two = run_train(
+        tmp_path / "two",
+        nproc=2,
+        ITERATIONS=6,
+        TRAIN_LOG_EVERY=1,
+        MOE_MODE="topk",
+        GPTQ_CALIBRATION_BATCHES=1,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-2000:]
     assert "world_size 1 grad_accum 2" in one.stdout and "world_size 2 grad_accum 1" in two.stdout
