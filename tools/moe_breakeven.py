@@ -246,10 +246,9 @@ def analyse(arms: dict[str, dict]) -> dict:
             if entry["artifact_bytes"] and dense["artifact_bytes"]
             else None
         )
-    runs = [(e["multiple"], i) for e in topk.values() for i in range(len(e["val_bpb"]))]
-    x = [math.log(m) for e in topk.values() for m in [e["multiple"]] * len(e["val_bpb"])]
+    x = [math.log(e["multiple"]) for e in topk.values() for _ in e["val_bpb"]]  # one per topk4 run
     complete = all(not e["missing"] for e in arms.values())
-    result = dict(complete=complete, gaps=gaps, runs=len(runs))
+    result = dict(complete=complete, gaps=gaps, runs=len(x))
     if len(set(x)) >= 2 and len(dense["val_bpb"]) >= 2:
         points = [(e["multiple"], v) for e in topk.values() for v in e["val_bpb"]]
         result["break_even"] = break_even(points, dense["val_bpb"])
