@@ -208,6 +208,7 @@ def test_flop_count_follows_document_lengths():
     assert tg.training_context(tg.load_config({"RESPECT_DOC_BOUNDARIES": "0"}), tokens)[0] is None
 
 
+@pytest.mark.slow
 def test_dry_run_counts_attention_from_the_shards_documents():
     env = {"DRY_RUN": "1", "DATA_PATH": str(SAMPLE), "TOKENIZER_PATH": str(TOKENIZER), "VOCAB_SIZE": "1024"}
     out = {}

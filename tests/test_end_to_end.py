@@ -46,6 +46,7 @@ def test_short_run_lowers_loss_and_writes_everything(moe_run):
     assert not (tmp / "logs" / "test_routing.json").exists()  # routing analysis is tools/routing_analysis.py
 
 
+@pytest.mark.slow
 def test_existing_run_id_is_never_overwritten(moe_run):
     tmp, _ = moe_run
     before = (tmp / "logs" / "test.txt").read_text()
@@ -117,6 +118,7 @@ def read_events(path) -> list[dict]:
     return events
 
 
+@pytest.mark.slow
 def test_jsonl_event_log_matches_the_text_log(moe_run):
     tmp, stdout = moe_run
     events = read_events(tmp / "logs" / "test.jsonl")

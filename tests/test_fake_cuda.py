@@ -157,6 +157,7 @@ def test_fake_forward_and_backward(env, looping):
             assert p.grad is not None and p.grad.shape == p.shape and p.grad.dtype == p.dtype, name
 
 
+@pytest.mark.slow
 def test_compiled_partition_traces_a_routed_model_and_saves_less_than_eager():
     h = train_gpt.load_config(
         {**MATRIX[3], "NUM_LAYERS": "4", "LOOP_START": "1", "LOOP_END": "1", "PARALLEL_START_LAYER": "3"}

@@ -320,6 +320,7 @@ def test_gpu_check_plan_fits_its_budget_in_priority_order(capsys):
     assert gpu_check.main(["--cpu", "--steps", "correctness,nope"]) == 2
 
 
+@pytest.mark.slow
 def test_gpu_check_names_missing_carried_files_before_any_work(tmp_path):
     (tmp_path / "tools").mkdir()
     for name in ("gpu_check.sh", "gpu_check.py"):

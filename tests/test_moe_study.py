@@ -101,6 +101,7 @@ def test_folder_holds_every_output(folder):
     assert "VAL_TOKEN_LIMIT" in readme and f"{int(TINY['VAL_TOKEN_LIMIT']):,}" in readme
 
 
+@pytest.mark.slow
 def test_manifest_has_the_issue_keys(folder):
     manifest = json.loads((folder / "manifest.json").read_text())
     assert set(manifest["arms"]) == {"dense", "topk4"}
@@ -132,6 +133,7 @@ def test_manifest_has_the_issue_keys(folder):
     assert manifest["missing_runs"] == [] and manifest["finished_runs"] == 4
 
 
+@pytest.mark.slow
 def test_submission_is_the_best_arm_and_verifies(folder):
     manifest = json.loads((folder / "manifest.json").read_text())
     sub = json.loads((folder / "submission.json").read_text())
@@ -171,12 +173,14 @@ def test_resume_reruns_an_interrupted_run(folder, tmp_path):
     assert [f["run_id"] for f in manifest["failed_attempts"]] == ["study_topk4_s2"]
 
 
+@pytest.mark.slow
 def test_refuses_a_finished_run_of_another_recipe(folder, tmp_path):
     out = copy_of(folder, tmp_path)
     result = study(out, "--dry-run", env={**TINY, "ITERATIONS": "9"})
     assert result.returncode == 2 and "ITERATIONS" in result.stderr and "another recipe" in result.stderr
 
 
+@pytest.mark.slow
 def test_refuses_to_mix_scripts(folder, tmp_path):
     out = copy_of(folder, tmp_path)
     other = tmp_path / "train_gpt.py"
@@ -190,8 +194,8 @@ def test_refuses_to_mix_scripts(folder, tmp_path):
     "extra, message",
     [
         (dict(arms="dense,topk9"), "unknown arm(s) topk9"),
-        (dict(arms="topk4"), "must include dense"),
-        (dict(seeds="1,1"), "distinct seeds"),
+        pytest.param(dict(arms="topk4"), "must include dense", marks=pytest.mark.slow),
+        pytest.param(dict(seeds="1,1"), "distinct seeds", marks=pytest.mark.slow),
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, extra, message):
@@ -204,10 +208,13 @@ def test_bad_input_is_one_clear_error(tmp_path, extra, message):
     "extra, message",
     [
         (["--more-seeds", "2"], "seeds already in --seeds"),
-        (["--more-seeds", "3", "--more-arms", "topk4"], "must name dense"),
-        (
+        pytest.param(
+            ["--more-seeds", "3", "--more-arms", "topk4"], "must name dense", marks=pytest.mark.slow
+        ),
+        pytest.param(
             ["--more-seeds", "3", "--more-arms", "dense,soft4"],
             "must name dense (the per-seed baseline) and arms of --arms",
+            marks=pytest.mark.slow,
         ),
     ],
 )
@@ -350,6 +357,7 @@ def test_verdict_rule(arms, verdict):
     assert moe_study.decide(arms, tests)[0] == verdict
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_folder_is_refused(folder, tmp_path):
     out = copy_of(folder, tmp_path)
     (out / "runs" / ".lock").write_text(str(os.getpid()))  # this process is alive: the folder is in use

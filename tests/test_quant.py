@@ -165,6 +165,7 @@ def test_each_compressor_round_trips_the_artifact(tiny_config, tmp_path, compres
     assert config["MOE_MODE"] == "topk"
 
 
+@pytest.mark.slow
 def test_a_missing_compressor_binary_stops_the_run_before_training(tmp_path):
     result = run_train(tmp_path, COMPRESSOR="lrzip", PATH=str(tmp_path))  # no lrzip on this PATH
     assert result.returncode == 2
@@ -172,6 +173,7 @@ def test_a_missing_compressor_binary_stops_the_run_before_training(tmp_path):
     assert "step:" not in result.stdout
 
 
+@pytest.mark.slow
 def test_budget_preview_is_within_two_percent_of_the_written_artifact(tiny_config, tmp_path):
     """Gaussian matrices of a realistic width (trained weights are near-Gaussian row by row)."""
     h = tiny_config(
@@ -262,6 +264,7 @@ def test_self_extracting_script_runs_the_same_program(tmp_path):
     ]  # counts its own (compressed) bytes
 
 
+@pytest.mark.slow
 def test_budget_preview_counts_the_script_as_shipped(tmp_path):
     """The preview counts the self-extracting wrapper's bytes (what a record ships), not the readable
     script's; a wrapper counts itself, not a wrapper of itself."""

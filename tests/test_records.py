@@ -480,6 +480,7 @@ def swap_one_letter(code: bytes) -> bytes:
     return code[:i] + bytes([code[i] ^ 0x20]) + code[i + 1 :]
 
 
+@pytest.mark.slow
 def test_parse_real_log(runs):
     log = runs["logs"][0]
     run = records.parse_log(log)
@@ -504,6 +505,7 @@ def test_parse_real_log(runs):
     assert records.find_artifact(run) == log.parent / "test_model.ptz"
 
 
+@pytest.mark.slow
 def test_pack_writes_a_complete_folder(runs, packed):
     sub = json.loads((packed / "submission.json").read_text())
     parsed = [records.parse_log(log) for log in runs["logs"]]
@@ -542,6 +544,7 @@ def test_pack_writes_a_complete_folder(runs, packed):
     )  # identity knobs and defaults left out
 
 
+@pytest.mark.slow
 def test_verify_passes_quick_and_full(packed, capsys):
     assert records.main(["verify", str(packed), "--token-limit", str(CHECK_TOKENS)]) == 0
     out = capsys.readouterr().out
@@ -565,6 +568,7 @@ def test_verify_passes_quick_and_full(packed, capsys):
     assert f"seed {best} artifact sha256" in names  # the packed artifact is the one the log wrote
 
 
+@pytest.mark.slow
 def test_verify_fails_on_one_changed_artifact_byte(folder_copy):
     artifact = next(folder_copy.glob("model_seed*.ptz"))
     blob = bytearray(artifact.read_bytes())
@@ -577,6 +581,7 @@ def test_verify_fails_on_one_changed_artifact_byte(folder_copy):
     )  # against the log's size_check
 
 
+@pytest.mark.slow
 def test_verify_fails_on_a_wrong_claimed_bpb(folder_copy):
     path = folder_copy / "submission.json"
     sub = json.loads(path.read_text())
@@ -590,6 +595,7 @@ def test_verify_fails_on_a_wrong_claimed_bpb(folder_copy):
     )
 
 
+@pytest.mark.slow
 def test_verify_fails_on_an_edited_script(folder_copy):
     with open(folder_copy / "train_gpt.py", "a") as f:
         f.write("# one more line\n")
@@ -598,6 +604,7 @@ def test_verify_fails_on_an_edited_script(folder_copy):
     assert {f"seed {s} log code sha256" for s in SEEDS} <= set(bad)
 
 
+@pytest.mark.slow
 def test_verify_fails_on_a_same_size_edit_of_the_script(folder_copy):
     script = folder_copy / "train_gpt.py"
     code = script.read_bytes()
@@ -607,6 +614,7 @@ def test_verify_fails_on_a_same_size_edit_of_the_script(folder_copy):
     assert "code size (bytes_code)" not in bad and "bytes_total" not in bad  # only the sha256 can tell
 
 
+@pytest.mark.slow
 def test_verify_without_a_reference_for_the_token_limit(packed):
     # Another token count is another measurement, not a wrong one: shown as a warning, nothing fails.
     checks = verify(packed, "--token-limit", "100")
@@ -614,6 +622,7 @@ def test_verify_without_a_reference_for_the_token_limit(packed):
     assert [c.status for c in checks if c.name == "quick check (100 tokens)"] == ["WARN"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["model", "log", "script"])
 def test_verify_refuses_a_folder_whose_model_log_or_script_is_a_link(folder_copy, tmp_path, kind):
     name = {"model": "model_seed*.ptz", "log": "train_seed*.txt", "script": "train_gpt.py"}[kind]
@@ -630,6 +639,7 @@ def test_verify_refuses_a_folder_whose_model_log_or_script_is_a_link(folder_copy
     assert f"{path.name} -> {outside}" in checks[0].detail
 
 
+@pytest.mark.slow
 def test_verify_lists_every_file_pack_did_not_write_and_quick_says_what_it_skipped(folder_copy, capsys):
     with open(folder_copy / "extra.bin", "wb") as f:
         f.truncate(20_000_000)
@@ -648,6 +658,7 @@ def test_verify_lists_every_file_pack_did_not_write_and_quick_says_what_it_skipp
     assert status == 1 and "FAIL  plain files only: links in" in out and "passwd -> /etc/passwd" in out
 
 
+@pytest.mark.slow
 def test_verify_refuses_a_submission_naming_files_outside_the_folder(folder_copy, tmp_path):
     path = folder_copy / "submission.json"
     sub = json.loads(path.read_text())
@@ -665,6 +676,7 @@ def test_verify_refuses_a_submission_naming_files_outside_the_folder(folder_copy
 # ----------------------------------------------------------------------------------------------
 # refusals
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_pack_refuses_over_the_cap(runs, tmp_path, capsys):
     size = records.parse_log(runs["logs"][0]).artifact_bytes + runs["script"].stat().st_size
     assert records.main(pack_args(runs, tmp_path, "--cap", str(size - 1))) == 2
@@ -672,6 +684,7 @@ def test_pack_refuses_over_the_cap(runs, tmp_path, capsys):
     assert not (tmp_path / "track_non_record_16mb").exists()
 
 
+@pytest.mark.slow
 def test_pack_refuses_partial_eval_on_the_record_track(runs, tmp_path, capsys):
     args = pack_args(runs, tmp_path)
     args[args.index("track_non_record_16mb")] = "track_10min_16mb"
@@ -681,6 +694,7 @@ def test_pack_refuses_partial_eval_on_the_record_track(runs, tmp_path, capsys):
     assert records.main(args) == 2
 
 
+@pytest.mark.slow
 def test_pack_refuses_a_different_script(runs, tmp_path, capsys):
     other = tmp_path / "train_gpt.py"
     other.write_bytes(runs["script"].read_bytes() + b"\n")
@@ -690,6 +704,7 @@ def test_pack_refuses_a_different_script(runs, tmp_path, capsys):
     assert "different train_gpt.py" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_pack_refuses_a_same_size_script_by_its_sha256(runs, tmp_path, capsys):
     other = tmp_path / "train_gpt.py"
     other.write_bytes(swap_one_letter(runs["script"].read_bytes()))
@@ -700,6 +715,7 @@ def test_pack_refuses_a_same_size_script_by_its_sha256(runs, tmp_path, capsys):
     assert "different train_gpt.py" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "edit, message",
     [
@@ -725,6 +741,7 @@ def test_pack_refuses_a_log_that_does_not_identify_its_script(runs, tmp_path, ca
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_pack_refuses_an_artifact_with_another_sha256(runs, tmp_path, capsys):
     artifacts = [tmp_path / f"a{i}.ptz" for i in range(len(SEEDS))]
     for log, artifact in zip(runs["logs"], artifacts):
@@ -737,6 +754,7 @@ def test_pack_refuses_an_artifact_with_another_sha256(runs, tmp_path, capsys):
     assert not (tmp_path / "track_non_record_16mb").exists()
 
 
+@pytest.mark.slow
 def test_pack_refuses_a_log_without_final_results(runs, tmp_path, capsys):
     truncated = tmp_path / "truncated.txt"
     truncated.write_text(runs["logs"][1].read_text().split("final_quant_zstd_roundtrip")[0])
@@ -746,6 +764,7 @@ def test_pack_refuses_a_log_without_final_results(runs, tmp_path, capsys):
     assert "lacks final results" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_pack_refuses_an_existing_folder_unless_forced(runs, tmp_path, capsys):
     assert records.main(pack_args(runs, tmp_path)) == 0
     assert records.main(pack_args(runs, tmp_path)) == 2
@@ -768,6 +787,7 @@ def test_pack_refuses_an_existing_folder_unless_forced(runs, tmp_path, capsys):
     assert len(list(folder.glob("model_seed*.ptz"))) == len(SEEDS)
 
 
+@pytest.mark.slow
 def test_pack_into_an_existing_file_is_refused_with_or_without_force(runs, tmp_path, capsys):
     target = tmp_path / "notes.txt"
     target.write_text("mine")
@@ -778,6 +798,7 @@ def test_pack_into_an_existing_file_is_refused_with_or_without_force(runs, tmp_p
     assert target.read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_pack_into_a_named_folder_ships_the_smallest_artifact(runs, tmp_path, capsys):
     folder = tmp_path / "study" / "shipped" / "dense"
     about = tmp_path / "about.md"
@@ -797,6 +818,7 @@ def test_pack_into_a_named_folder_ships_the_smallest_artifact(runs, tmp_path, ca
     assert "The dense arm of a study, shipped" in readme and "TODO" not in readme and "## Command" in readme
 
 
+@pytest.mark.slow
 def test_verify_checks_every_record_folder_packed_inside_a_study(packed, tmp_path, capsys):
     """A study folder without its own submission.json, shipping two packed arms: both are verified, each
     check named by its folder; one changed byte in one arm fails that arm only."""
@@ -820,6 +842,7 @@ def test_verify_checks_every_record_folder_packed_inside_a_study(packed, tmp_pat
 
 
 # the counted script in self-extracting form, the readable script beside it
+@pytest.mark.slow
 def test_pack_compress_code_counts_the_wrapper_and_verify_checks_it_is_the_same_program(
     runs, tmp_path, capsys
 ):

@@ -76,6 +76,7 @@ def test_routing_report_writes_valid_pngs(moe_run, tmp_path, capsys):
         assert len(data) > 5000, f"{name} is only {len(data)} bytes"
 
 
+@pytest.mark.slow
 def test_routing_history_follows_the_log(moe_run):
     log, _ = moe_run
     text = log.read_text()
@@ -91,6 +92,7 @@ def test_routing_history_follows_the_log(moe_run):
         assert "bias_min" in records[-1]  # a field only the JSONL events carry
 
 
+@pytest.mark.slow
 def test_routing_history_reads_the_last_run_and_says_so(moe_run, tmp_path, capsys):
     log, _ = moe_run
     text = log.read_text()
@@ -119,6 +121,7 @@ def test_routing_report_rejects_bad_json(tmp_path, capsys, content, message):
     assert not (tmp_path / "plots").exists()
 
 
+@pytest.mark.slow
 def test_routing_report_rejects_log_without_moe_lines(moe_run, tmp_path, capsys):
     _, routing_json = moe_run
     log = tmp_path / "dense.txt"
@@ -131,6 +134,7 @@ def test_routing_report_rejects_log_without_moe_lines(moe_run, tmp_path, capsys)
 # ---------------------------------------------------------------------------- proxy_study: the log parser
 
 
+@pytest.mark.slow
 def test_parse_log_reads_the_numbers_of_a_real_run(moe_run):
     log, _ = moe_run
     text = log.read_text()
@@ -174,6 +178,7 @@ def test_parse_log_reads_the_numbers_of_a_real_run(moe_run):
     assert parsed["entropy"] == pytest.approx((finals["0"][2] + finals["1"][2]) / 2)
 
 
+@pytest.mark.slow
 def test_parse_log_reads_only_the_last_run_of_an_appended_log(moe_run):
     """train_gpt.py appends to the log of a reused RUN_ID: a rerun that crashed keeps no earlier score."""
     text = moe_run[0].read_text()
@@ -191,6 +196,7 @@ def run_of(name: str) -> proxy_study.Run:
     return proxy_study.Run(name, 1, f"t_{name}_s1", {})
 
 
+@pytest.mark.slow
 def test_collect_marks_an_unfinished_log_failed(moe_run, tmp_path):
     text = moe_run[0].read_text()
     cut = text[: text.index("final_quant_zstd_roundtrip_exact")]  # killed during the final evaluation
@@ -399,6 +405,7 @@ def test_bench_compile_counts_catch_a_recompile():
 # ---------------------------------------------------------------------------- calibrate_budget
 
 
+@pytest.mark.slow
 def test_calibrate_budget_reads_every_stored_parameter(moe_run):
     """Through the trainer's reader: every parameter of the artifact is counted once, in its bit width."""
     import train_gpt

@@ -98,7 +98,7 @@ def token_losses(kind: str, model, h, tokens, tables, batch: int) -> torch.Tenso
 
 
 @pytest.mark.parametrize("mode,env", MODES, ids=[m + "-" + "-".join(e.values()) for m, e in MODES])
-@pytest.mark.parametrize("kind", ["plain", "sliding", "ttt"])
+@pytest.mark.parametrize("kind", ["plain", "sliding", pytest.param("ttt", marks=pytest.mark.slow)])
 def test_scores_before_p_ignore_tokens_after_p(mode, env, kind, val_pair, tables):
     val, changed, P = val_pair
     model, h = random_model(mode, **env)
