@@ -442,3 +442,22 @@ def test_speed_in_a_folder_without_study_runs_succeeds(tmp_path):
     result = study(out, *extra, command="speed")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert json.loads((out / "speed.json").read_text())["arms"]["topk4"]["ms_per_step"]
+
+
+def test_the_committed_studys_logs_rebuild_its_arms_and_verdict():
+    """The analysis without training (the tiny study above is slow): the committed study's run logs give
+    back its manifest's per-seed scores, seeds and verdict."""
+    folder = REPO / "records" / "track_non_record_16mb" / "2026-11-25_MoE_vs_Dense_Study"
+    committed = json.loads((folder / "manifest.json").read_text())
+    argv = ["collect", "--data", str(SAMPLE), "--tokenizer", str(TOKENIZER), "--out", str(folder)]
+    argv += ["--arms", ",".join(committed["arms"]), "--seeds", "1337,1338,1339", "--more-seeds", "1340,1341"]
+    argv += ["--more-arms", "dense,soft4,topk4_4xbytes"]  # as in the manifest's command
+    argv += [f"--env={k}={v}" for k, v in committed["shape"].items()]
+    args = moe_study.parse_args(argv)
+    manifest = moe_study.build_manifest(args, *moe_study.plan(args))
+    assert list(manifest["arms"]) == list(committed["arms"])
+    for name, arm in committed["arms"].items():
+        for key in ("seeds", "val_bpb", "pre_quant_val_bpb", "artifact_bytes", "params"):
+            assert manifest["arms"][name][key] == arm[key], (name, key)
+    assert manifest["verdict"] == committed["verdict"] == moe_study.NEVER
+    assert manifest["finished_runs"] == committed["finished_runs"] and manifest["missing_runs"] == []
