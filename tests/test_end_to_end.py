@@ -55,6 +55,18 @@ def test_existing_run_id_is_never_overwritten(moe_run):
     assert (tmp / "logs" / "test.txt").read_text() == before
 
 
+def test_a_logger_refuses_a_run_id_whose_text_or_event_log_exists(tmp_path):
+    """The refusal above without a training run: either file of the pair blocks the RUN_ID, untouched."""
+    for existing in ("test.txt", "test.jsonl"):
+        folder = tmp_path / existing
+        folder.mkdir()
+        (folder / existing).write_text("an earlier run\n")
+        with pytest.raises(tg.ConfigError, match="already exists; choose a new RUN_ID"):
+            tg.Logger(str(folder / "test"))
+        assert [p.name for p in folder.iterdir()] == [existing]
+        assert (folder / existing).read_text() == "an earlier run\n"
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     """Same global batch: 1 process x 2 micro-steps equals 2 processes x 1 micro-step (gloo, CPU)."""
