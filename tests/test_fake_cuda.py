@@ -94,7 +94,10 @@ def fake_cuda_forward(env: dict, looping: bool, monkeypatch):
     return h, loss, ce, matmuls.calls
 
 
-@pytest.mark.parametrize("looping", [False, True], ids=["loops_off", "loops_on"])
+# Loops on runs every layer and the looped passes too: loops off runs with the slow tests.
+@pytest.mark.parametrize(
+    "looping", [pytest.param(False, marks=pytest.mark.slow), True], ids=["loops_off", "loops_on"]
+)
 @pytest.mark.parametrize("env", MATRIX, ids=case_id)
 def test_fake_cuda_forward(env, looping, monkeypatch):
     h, loss, ce, calls = fake_cuda_forward(env, looping, monkeypatch)
@@ -130,7 +133,17 @@ def cuda_like_cpu_autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("env", [MATRIX[0], MATRIX[1], MATRIX[3], MATRIX[7]], ids=case_id)
+# Grouped top-2 in the inner loop; the other dispatches with the slow tests.
+@pytest.mark.parametrize(
+    "env",
+    [
+        pytest.param(MATRIX[0], marks=pytest.mark.slow),
+        pytest.param(MATRIX[1], marks=pytest.mark.slow),
+        MATRIX[3],
+        pytest.param(MATRIX[7], marks=pytest.mark.slow),
+    ],
+    ids=case_id,
+)
 def test_cpu_emulation_saves_exactly_what_fake_cuda_saves(env, monkeypatch):
     h = train_gpt.load_config({**env, "MICRO_BATCH_TOKENS": "8192"})
     with gpu_memory.cuda_autocast_without_gpu():

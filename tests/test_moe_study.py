@@ -207,7 +207,7 @@ def test_bad_input_is_one_clear_error(tmp_path, extra, message):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--more-seeds", "2"], "seeds already in --seeds"),
+        pytest.param(["--more-seeds", "2"], "seeds already in --seeds", marks=pytest.mark.slow),
         pytest.param(
             ["--more-seeds", "3", "--more-arms", "topk4"], "must name dense", marks=pytest.mark.slow
         ),
@@ -267,6 +267,7 @@ def test_speed_measures_each_arm_alone_in_rotated_rounds(folder, tmp_path):
     assert again.returncode == 2 and "exists: move it away" in again.stderr
 
 
+@pytest.mark.slow
 def test_missing_data_folder_is_named(tmp_path):
     argv = [
         sys.executable,
