@@ -17,11 +17,8 @@ import torch
 
 import train_gpt as tg
 from conftest import REPO, SAMPLE, TINY_ENV, TOKENIZER, run_train
-
-sys.path.insert(0, str(REPO / "data"))
-sys.path.insert(0, str(REPO / "tools"))
-import build_shards as bs  # noqa: E402
-import runlog  # noqa: E402
+from data import build_shards as bs
+from tools import runlog
 
 STEP_LINE = re.compile(r"^step:\d+/\d+ train_loss", re.M)
 

@@ -360,10 +360,12 @@ def start_estimates(tmp: Path) -> dict:
     procs = {}
     for mode in SPEED_MODES:
         args = [f"{k}={v}" for k, v in knobs(mode, False).items()]
-        cmd = ["nice", sys.executable, str(REPO / "tools" / "gpu_memory.py"), *args, "--world-size", "1"]
-        cmd += ["--json", str(tmp / f"estimate_{mode}.json")]
+        cmd = ["nice", sys.executable, "-m", "tools.gpu.gpu_memory", *args, "--world-size", "1"]
+        cmd += ["--json", str(Path(tmp, f"estimate_{mode}.json").resolve())]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-        procs[mode] = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        procs[mode] = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
     return procs
 
 
