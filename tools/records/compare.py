@@ -3,8 +3,8 @@ on numbers, a submission.json or a record folder, then both of the challenge's r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
