@@ -43,7 +43,7 @@ def test_short_run_lowers_loss_and_writes_everything(moe_run):
     )
     assert re.search(r"size_check total:\d+ cap:16000000 slack:\d+ OK", log)
     assert re.search(r"^moe layer:1 load:[\d.,]+ max_mean:", log, re.M)
-    assert not (tmp / "logs" / "test_routing.json").exists()  # routing analysis is tools/routing_analysis.py
+    assert not (tmp / "logs" / "test_routing.json").exists()  # that is tools/routing/routing_analysis.py
 
 
 @pytest.mark.slow

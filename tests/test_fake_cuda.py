@@ -1,7 +1,7 @@
 """CUDA dtype paths without a GPU: the default-shape model traced on a fake `cuda` device with CUDA autocast
-(bf16) forced on (tools/gpu_memory.py has the helpers). On a CPU, train_gpt's autocast() is a null context, so
-only such a trace sees the dtypes a GPU run gets: e.g. square() (aten::pow) runs in fp32 under CUDA autocast,
-and grouped_mm, which has no autocast kernel, rejects an fp32 operand.
+(bf16) forced on (tools/gpu/gpu_memory.py has the helpers). On a CPU, train_gpt's autocast() is a null
+context, so only such a trace sees the dtypes a GPU run gets: e.g. square() (aten::pow) runs in fp32 under
+CUDA autocast, and grouped_mm, which has no autocast kernel, rejects an fp32 operand.
 
 To add a configuration to the matrix, add its knob overrides to MATRIX (one dict per case)."""
 
@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _pop_mode_temporaril
 from torch.utils._pytree import tree_flatten
 
 import train_gpt
-from tools import gpu_memory
+from tools.gpu import gpu_memory
 from tools.common import SIGMA_MOE
 
 # Every MLP mode and dispatch at the default shape (11 x 512, 98,304 tokens per micro-batch); each case is

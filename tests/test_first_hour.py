@@ -17,11 +17,8 @@ import torch
 
 import train_gpt as tg
 from conftest import REPO, SAMPLE, TINY_ENV, TOKENIZER, run_train
-
-sys.path.insert(0, str(REPO / "data"))
-sys.path.insert(0, str(REPO / "tools"))
-import build_shards as bs  # noqa: E402
-import runlog  # noqa: E402
+from data import build_shards as bs
+from tools import runlog
 
 STEP_LINE = re.compile(r"^step:\d+/\d+ train_loss", re.M)
 
@@ -312,7 +309,7 @@ def test_runlog_prints_a_table_without_json_and_json_with_it(capsys):
 
 @pytest.mark.parametrize("size", [1024, 4096, 8192])
 def test_missing_data_or_tokenizer_names_the_command_for_the_variant_asked_for(tmp_path, size):
-    import cached_challenge_fineweb as ccf
+    from data import cached_challenge_fineweb as ccf
 
     variant = f"sp{size}"
     data = tmp_path / "datasets" / f"fineweb10B_{variant}"

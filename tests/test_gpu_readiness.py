@@ -1,6 +1,6 @@
 """GPU-path behaviour checked on a CPU: multi-rank launches without CUDA, the process-group timeout, TF32 off
 where fp32 must be fp32, the evaluation-time projection, the COMPILE=0 memory warning and the no-GPU memory
-estimate (tools/gpu_memory.py)."""
+estimate (tools/gpu/gpu_memory.py)."""
 
 import json
 import re
@@ -13,7 +13,7 @@ import torch
 
 import train_gpt as tg
 from conftest import run_train
-from tools import gpu_memory
+from tools.gpu import gpu_memory
 
 GIB = 2**30
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def test_hessians_sum_in_tf32_and_export_runs_exact_and_both_restore_it(monkeypa
     trainer = SimpleNamespace(h=h, accum=1, loader=loader, rt=runtime, model=model, train_ms=0.0)
     tg.calibrate(trainer)
     tg.export_and_report(trainer.model, h, str(tmp_path / "a.ptz"), Log(), {})
-    # TF32 sums the Hessians (fast; tools/hessian_precision.py: GPTQ's result holds), GPTQ/LQER run exact
+    # TF32 sums the Hessians (fast; tools/quant/hessian_precision.py: GPTQ's result holds), GPTQ/LQER exact
     assert seen == [("hessians", (True, True)), ("export", (False, False))]
     assert flags() == (False, False)  # the caller's setting is back
 
@@ -299,7 +299,7 @@ def test_grouped_dispatch_only_where_its_fast_kernel_exists(monkeypatch, capabil
 
 
 def test_gpu_check_plan_fits_its_budget_in_priority_order(capsys):
-    from tools import gpu_check
+    from tools.gpu import gpu_check
 
     names = [s.name for s in gpu_check.PLAN]
     assert names[0] == "correctness" and names[-2:] == ["calibrate", "score"]
@@ -322,17 +322,17 @@ def test_gpu_check_plan_fits_its_budget_in_priority_order(capsys):
 
 @pytest.mark.slow
 def test_gpu_check_names_missing_carried_files_before_any_work(tmp_path):
-    (tmp_path / "tools").mkdir()
-    for name in ("gpu_check.sh", "gpu_check.py"):
-        (tmp_path / "tools" / name).symlink_to(REPO / "tools" / name)
-    r = subprocess.run(["sh", "tools/gpu_check.sh", "--dry"], cwd=tmp_path, capture_output=True, text=True)
+    for name in ("tools", "train_gpt.py"):  # a checkout without the carried files
+        (tmp_path / name).symlink_to(REPO / name)
+    command = ["sh", "tools/gpu/gpu_check.sh", "--dry"]
+    r = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     first = r.stdout.splitlines()[0]
     assert first == "missing carried files: .wheels/*.whl data/datasets/proxy_sp1024/prepare.sh"
     assert "total " in r.stdout and r.returncode == 0  # zstandard is installed here: the plan still runs
 
 
 def test_gpu_check_watchdog_kills_a_step_and_the_results_are_written_after_each(tmp_path, monkeypatch):
-    from tools import gpu_check
+    from tools.gpu import gpu_check
 
     row = gpu_check.run_child("correctness", True, timeout=0.5)  # cannot even import torch in time
     assert row["ok"] is False and row["error"] == "watchdog: killed after 0s"
@@ -354,7 +354,7 @@ def test_gpu_check_watchdog_kills_a_step_and_the_results_are_written_after_each(
 
 @pytest.mark.slow
 def test_gpu_check_rehearsal_runs_every_step_on_the_cpu(tmp_path):
-    from tools import gpu_check
+    from tools.gpu import gpu_check
 
     out = tmp_path / "out"
     rc = gpu_check.main(["--cpu", "--out", str(out)])

@@ -1,5 +1,5 @@
 """Quantization and the artifact: GPTQ against round-to-nearest, LQER, MoE-aware Hessians, compressors,
-the budget preview, the checkpoint and tools/quant_study.py."""
+the budget preview, the checkpoint and tools/quant/quant_study.py."""
 
 import copy
 import json
@@ -200,7 +200,8 @@ def test_checkpoint_and_quant_study(tmp_path):
     out = subprocess.run(
         [
             sys.executable,
-            str(REPO / "tools" / "quant_study.py"),
+            "-m",
+            "tools.quant.quant_study",
             str(ckpt),
             "--data-path",
             str(SAMPLE),
@@ -216,6 +217,7 @@ def test_checkpoint_and_quant_study(tmp_path):
             "1024",
             "--json",
         ],
+        cwd=REPO,
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -229,6 +231,7 @@ def test_checkpoint_and_quant_study(tmp_path):
     assert len({r["pre_quant_val_bpb"] for r in rows}) == 1 and all(r["bytes"] > 1000 for r in rows)
     only = subprocess.run(
         [*out.args[:-1], "--only", "mlp", "--json"],
+        cwd=REPO,
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -241,8 +244,7 @@ def test_checkpoint_and_quant_study(tmp_path):
 
 @pytest.mark.slow
 def test_self_extracting_script_runs_the_same_program(tmp_path):
-    sys.path.insert(0, str(REPO / "tools"))
-    import selfextract
+    from tools.dev import selfextract
 
     source = (REPO / "train_gpt.py").read_bytes()
     wrapper = selfextract.self_extracting(source)

@@ -291,8 +291,7 @@ def test_one_host_wait_per_step_reads_the_previous_steps_flags(tiny_config, monk
 
 
 CHECK_SYNC = """
-import sys, torch, torch.distributed as dist
-sys.path.insert(0, {repo!r})
+import torch, torch.distributed as dist
 import train_gpt as tg
 dist.init_process_group("gloo")
 h = tg.load_config({env!r})
@@ -311,16 +310,21 @@ dist.destroy_process_group()
 """
 
 
+def importable_repo() -> str:
+    """PYTHONPATH for a script run outside the repository that imports train_gpt."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
 @pytest.mark.slow
 def test_ranks_checksum_names_the_tensor_that_drifted(tmp_path):
     script = tmp_path / "check_sync.py"
-    script.write_text(CHECK_SYNC.format(repo=str(REPO), env={**TINY_ENV, "MOE_MODE": "none"}))
+    script.write_text(CHECK_SYNC.format(env={**TINY_ENV, "MOE_MODE": "none"}))
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": importable_repo()},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     # (the two ranks print at once, so their lines may interleave: count phrases, not lines)
@@ -443,7 +447,7 @@ def test_two_runs_on_one_artifact_path_keep_both_models(tmp_path):
     """Another run writes ARTIFACT_PATH while this one calibrates (both passed the start-up check)."""
     artifact = tmp_path / "shared.ptz"
     racer = (
-        f"import sys; sys.path.insert(0, {str(REPO)!r}); import train_gpt as tg\n"
+        "import train_gpt as tg\n"
         "calibrate = tg.calibrate\n"
         "def other_run_finishes_first(trainer):\n"
         f"    open({str(artifact)!r}, 'xb').write(b\"the other run's model\")\n"
@@ -453,7 +457,7 @@ def test_two_runs_on_one_artifact_path_keep_both_models(tmp_path):
     )
     full = {k: v for k, v in os.environ.items() if k not in TINY_ENV}
     full.update(TINY_ENV, RUN_ID="test", LOG_DIR=str(tmp_path / "logs"), OMP_NUM_THREADS="1")
-    full.update(ITERATIONS="2", ARTIFACT_PATH=str(artifact))
+    full.update(ITERATIONS="2", ARTIFACT_PATH=str(artifact), PYTHONPATH=importable_repo())
     result = subprocess.run(
         [sys.executable, "-c", racer], cwd=tmp_path, env=full, capture_output=True, text=True, timeout=300
     )

@@ -3,14 +3,13 @@ and EXPERT_BITS: what each does, and that both survive the artifact, compile and
 
 import json
 import re
-import sys
 import zlib
 
 import pytest
 import torch
 
 import train_gpt as tg
-from conftest import REPO, SAMPLE, STACK_ENV, TINY_ENV, TOKENIZER, run_compiled, run_train
+from conftest import SAMPLE, STACK_ENV, TINY_ENV, TOKENIZER, run_compiled, run_train
 
 ROUTED_MODES = ["soft", "topk", "shared_routed"]
 # The record stack in miniature (layers 1-2 looped twice more) with MoE only in the looped layers.
@@ -177,8 +176,7 @@ def test_expert_bits_need_an_moe():
 
 
 def test_routing_analysis_reports_and_plots_each_pass(tmp_path):
-    sys.path.insert(0, str(REPO / "tools"))
-    import routing_analysis
+    from tools.routing import routing_analysis
 
     h = per_pass_config(MOE_MODE="topk", ZSTD_LEVEL=1)
     model = randomised(tg.GPT(tg.model_config(h)))

@@ -1,16 +1,13 @@
-"""tools/routing_analysis.py: routing of a saved artifact, per layer, expert and token class."""
+"""tools/routing/routing_analysis.py: routing of a saved artifact, per layer, expert and token class."""
 
 import json
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, SAMPLE, TOKENIZER
-
-sys.path.insert(0, str(REPO / "tools"))
-import routing_analysis  # noqa: E402
-import train_gpt as tg  # noqa: E402
+import train_gpt as tg
+from conftest import SAMPLE, TOKENIZER
+from tools.routing import routing_analysis
 
 
 def saved_artifact(tiny_config, tmp_path, forced_expert=None, **env):

@@ -557,7 +557,8 @@ def test_bench_stack_tiny_times_both_phases_with_one_graph_each():
     result = subprocess.run(
         [
             sys.executable,
-            str(REPO / "tools" / "bench_stack.py"),
+            "-m",
+            "tools.gpu.bench_stack",
             "--tiny",
             "--iters",
             "2",
@@ -565,6 +566,7 @@ def test_bench_stack_tiny_times_both_phases_with_one_graph_each():
             "1",
             "MOE_MODE=topk",
         ],
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,

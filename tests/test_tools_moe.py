@@ -1,4 +1,4 @@
-"""Tests for tools/routing_report.py, tools/proxy_study.py and tools/bench_moe.py, on CPU.
+"""Tests for tools/routing/routing_report.py, tools/proxy_study.py and tools/gpu/bench_moe.py, on CPU.
 
 One tiny top-k MoE training (module fixture) feeds the routing report and the log parser."""
 
@@ -15,14 +15,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from conftest import REPO, SAMPLE, TOKENIZER, run_train
-
-sys.path.insert(0, str(REPO / "tools"))
-import bench_moe  # noqa: E402
-import calibrate_budget  # noqa: E402
-import proxy_study  # noqa: E402
-import routing_analysis  # noqa: E402
-import routing_report  # noqa: E402
-import runlog  # noqa: E402
+from tools import proxy_study, runlog
+from tools.gpu import bench_moe, calibrate_budget
+from tools.routing import routing_analysis, routing_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FLOAT = r"([\d.]+)"
@@ -363,7 +358,8 @@ def test_bench_cpu_smoke_compiles_once_per_mode(tmp_path):
     result = subprocess.run(
         [
             sys.executable,
-            str(REPO / "tools" / "bench_moe.py"),
+            "-m",
+            "tools.gpu.bench_moe",
             "--modes",
             "dense,topk4",
             "--iters",
@@ -373,6 +369,7 @@ def test_bench_cpu_smoke_compiles_once_per_mode(tmp_path):
             "--json",
             str(out),
         ],
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,

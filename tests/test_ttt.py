@@ -9,7 +9,7 @@ import torch
 
 import train_gpt as tg
 from conftest import TINY_ENV, run_train
-from tools import gpu_memory
+from tools.gpu import gpu_memory
 
 CPU = torch.device("cpu")
 QUIET_CPU = tg.Runtime(0, 1, CPU, lambda msg: None)

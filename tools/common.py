@@ -5,6 +5,7 @@ fallback live with the log reader, in tools/runlog.py.) Light: no torch import."
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import statistics
 import sys
 from pathlib import Path
@@ -13,12 +14,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def import_trainer():
-    """train_gpt.py as a module: the one way tools reach the trainer (it imports torch, so only on call)."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    import train_gpt
-
-    return train_gpt
+    """train_gpt.py as a module: the one way tools reach the trainer (it imports torch, so only on call).
+    Loaded by file path under the name `train_gpt`, so it is the same module an `import train_gpt` gives."""
+    if "train_gpt" in sys.modules:
+        return sys.modules["train_gpt"]
+    spec = importlib.util.spec_from_file_location("train_gpt", REPO / "train_gpt.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_gpt"] = module  # before running it: its dataclasses look their module up by name
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["train_gpt"]
+        raise
+    return module
 
 
 # The MoE modes compared against the parameter-matched dense MLP (train_gpt.py sizes each expert

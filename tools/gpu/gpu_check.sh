@@ -1,10 +1,10 @@
 #!/bin/sh
 # The one prepared command for a lent GPU machine (docs/gpu_runs.md), run from the repository root:
-#     sh tools/gpu_check.sh [gpu_check.py options]
+#     sh tools/gpu/gpu_check.sh [gpu_check.py options]
 # with the git-ignored data/datasets/proxy_sp1024 (the proxy corpus) and .wheels (zstandard) beside it.
 # First one line naming whatever of them is missing (without the wheel and without zstandard nothing can
 # run: it stops there; without the corpus only the score step is skipped), then the wheel installed, the
-# corpus unpacked to /tmp/proxy, and tools/gpu_check.py inside its budget; results go to $OUT.
+# corpus unpacked to /tmp/proxy, and tools/gpu/gpu_check.py inside its budget; results go to $OUT.
 set -eu
 out=${OUT:-/tmp/gpu_check_out}
 missing=""
@@ -26,4 +26,4 @@ if [ -f data/datasets/proxy_sp1024/prepare.sh ]; then
   sh data/datasets/proxy_sp1024/prepare.sh /tmp/proxy
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 tools/gpu_check.py --out "$out" --data-path /tmp/proxy "$@"
+python3 -m tools.gpu.gpu_check --out "$out" --data-path /tmp/proxy "$@"

@@ -1,6 +1,6 @@
 """Quantize one checkpoint with each scheme and compressor; print bytes and round-trip val_bpb.
 
-    python3 tools/quant_study.py logs/RUN_fp.pt --data-path D --tokenizer T [--bits 6] \
+    python3 -m tools.quant.quant_study logs/RUN_fp.pt --data-path D --tokenizer T [--bits 6] \
         [--val-token-limit N] [--json]
 
 The checkpoint is what SAVE_CHECKPOINT=1 writes (the EMA weights and the model knobs). Hessians come
@@ -25,10 +25,7 @@ from types import SimpleNamespace
 
 import torch
 
-try:  # imported as a module of the tools package, or run from tools/
-    from .common import import_trainer
-except ImportError:
-    from common import import_trainer
+from tools.common import import_trainer
 
 train_gpt = import_trainer()
 

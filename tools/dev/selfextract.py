@@ -1,7 +1,7 @@
 """The counted script in compressed, self-extracting form (what the records do to save code bytes).
 
-    python3 tools/selfextract.py train_gpt.py OUT.py     # OUT.py: lzma + base85, runs the same program
-    python3 tools/selfextract.py --check OUT.py train_gpt.py
+    python3 -m tools.dev.selfextract train_gpt.py OUT.py   # OUT.py: lzma + base85, runs the same program
+    python3 -m tools.dev.selfextract --check OUT.py train_gpt.py
 
 The wrapper is two lines that decompress the script's exact bytes and exec them in the wrapper's own
 module, so `__file__` (and with it the code size and sha256 a run logs) is the wrapper's. It needs
@@ -14,10 +14,7 @@ import lzma
 import sys
 from pathlib import Path
 
-try:  # imported as tools.selfextract, or run from tools/
-    from .common import import_trainer
-except ImportError:
-    from common import import_trainer
+from tools.common import import_trainer
 
 # The wrapper's format is the trainer's rule (its budget preview counts the wrapper's bytes); one place.
 _trainer = import_trainer()

@@ -1,7 +1,7 @@
 """A record's train_gpt.py, imported unmodified on a CPU: PyTorch stand-ins for its GPU-only pieces
 (FlashAttention 3's `flash_attn_interface`, the Triton kernels of the softcapped cross-entropy and the
 fused LeakyReLU(0.5)^2 MLP, the compiled Polar-Express iteration), and the run configuration its log
-prints. tools/record_fidelity.py compares our trainer against the record with these."""
+prints. tools/dev/record_fidelity.py compares our trainer against the record with these."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-REPO = Path(__file__).resolve().parents[1]
+from tools.common import REPO
+
 RECORDS = REPO / "tests" / "fixtures" / "real_records"
 RECORD_1061 = RECORDS / "2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611"
 RECORD_10614 = RECORDS / "2026-04-29_SmearGateBOSFix_3Seed_1.06141"

@@ -1,8 +1,8 @@
 """GPU memory of one training rank estimated without a GPU, from a fake-tensor trace of train_gpt.py's model.
 
-    python3 tools/gpu_memory.py                          # the default (record) shape, every loop state
-    python3 tools/gpu_memory.py MOE_MODE=soft --json mem.json
-    python3 tools/gpu_memory.py --check-record           # compare with the 2026-04-14 record's logged peak
+    python3 -m tools.gpu.gpu_memory                  # the default (record) shape, every loop state
+    python3 -m tools.gpu.gpu_memory MOE_MODE=soft --json mem.json
+    python3 -m tools.gpu.gpu_memory --check-record   # compare with the 2026-04-14 record's logged peak
 
 The model is built on a fake `cuda` device (torch._subclasses.FakeTensorMode: shapes and dtypes, no
 data) with CUDA autocast (bf16) forced on, and one micro-batch (MICRO_BATCH_TOKENS) runs forward.
@@ -43,12 +43,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
 
-
-REPO = Path(__file__).resolve().parents[1]
-try:  # imported as a module of the tools package, or run from tools/
-    from .common import import_trainer
-except ImportError:
-    from common import import_trainer
+from tools.common import REPO, import_trainer
 
 train_gpt = import_trainer()
 

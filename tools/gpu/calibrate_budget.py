@@ -1,6 +1,6 @@
 """Measure compressed bits per parameter in real artifacts, to check train_gpt.py's budget preview.
 
-    python3 tools/calibrate_budget.py logs/RUN_model.ptz [more.ptz ...] [--compressor brotli] [--level 22]
+    python3 -m tools.gpu.calibrate_budget logs/RUN_model.ptz [more.ptz ...] [--compressor brotli] [--level 22]
 
 For each bit width it concatenates the stored integers of every tensor of that width, compresses
 them alone and reports bits per parameter; likewise for the fp16 row scales and fp16 tensors. The
@@ -11,10 +11,7 @@ and uses the constants SCALE_BITS and FP16_BITS for scales and fp16 tensors: com
 import argparse
 import sys
 
-try:  # imported as a module of the tools package, or run from tools/
-    from .common import import_trainer
-except ImportError:
-    from common import import_trainer
+from tools.common import import_trainer
 
 train_gpt = import_trainer()
 

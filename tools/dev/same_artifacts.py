@@ -2,10 +2,10 @@
 revision and with the working tree's, and compares the model files byte for byte and the logged scores
 (pre-quant and every final evaluation) digit for digit.
 
-    python3 tools/same_artifacts.py REV                 # dense, soft and topk, one seed each
-    python3 tools/same_artifacts.py REV --modes none,soft --steps 12
-    python3 tools/same_artifacts.py REV --env QUANT_METHOD=rtn LQER_ENABLED=0   # the weights, not GPTQ
-    python3 tools/same_artifacts.py REV --env EVAL_STRIDE=64 TTT_ENABLED=1      # sliding and TTT scores too
+    python3 -m tools.dev.same_artifacts REV               # dense, soft and topk, one seed each
+    python3 -m tools.dev.same_artifacts REV --modes none,soft --steps 12
+    python3 -m tools.dev.same_artifacts REV --env QUANT_METHOD=rtn LQER_ENABLED=0   # the weights, not GPTQ
+    python3 -m tools.dev.same_artifacts REV --env EVAL_STRIDE=64 TTT_ENABLED=1      # sliding, TTT scores too
 
 Each run is a short fixed-step CPU run on the shipped sample (no wall clock, so machine load cannot
 change it). The model file holds the weights and the stored model knobs, not the script, so a pure
@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO
+from tools.common import REPO
 
 SAMPLE = REPO / "data" / "sample"
 TINY_RUN = {

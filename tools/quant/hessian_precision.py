@@ -2,7 +2,7 @@
 Hessians summed from inputs at fp32 (exact), rounded to TF32 (10 mantissa bits, what a GPU's TF32 matmul
 reads) and rounded to bf16 (8 bits: a bf16 matmul with fp32 sums), each artifact read back and evaluated.
 
-    python3 tools/hessian_precision.py CHECKPOINT_fp.pt KEY=VALUE ...   # the run's knobs (shape, data)
+    python3 -m tools.quant.hessian_precision CHECKPOINT_fp.pt KEY=VALUE ...   # the run's knobs (shape, data)
 
 The rounding is emulated on the CPU (inputs rounded, products and sums in fp32), as the GPU kernels do it.
 Prints, per precision: the Hessians' relative difference from exact, the share of stored integers that
@@ -18,10 +18,7 @@ from pathlib import Path
 
 import torch
 
-try:  # imported as a module of the tools package, or run from tools/
-    from .common import import_trainer
-except ImportError:
-    from common import import_trainer
+from tools.common import import_trainer
 
 train_gpt = import_trainer()
 

@@ -1,9 +1,9 @@
 """The prepared check for a lent GPU machine: one command, everything in priority order, inside a budget.
 
-    sh tools/gpu_check.sh                       # the GPU machine (installs the wheel, unpacks the proxy data)
-    python3 tools/gpu_check.py --out DIR --data-path /tmp/proxy
-    python3 tools/gpu_check.py --dry            # each step's expected cost and the total against the budget
-    python3 tools/gpu_check.py --cpu --out DIR  # every step at a tiny shape on the CPU (a rehearsal)
+    sh tools/gpu/gpu_check.sh                       # the GPU machine (installs the wheel, unpacks the data)
+    python3 -m tools.gpu.gpu_check --out DIR --data-path /tmp/proxy
+    python3 -m tools.gpu.gpu_check --dry            # each step's expected cost and the total vs the budget
+    python3 -m tools.gpu.gpu_check --cpu --out DIR  # every step at a tiny shape on the CPU (a rehearsal)
 
 The steps, most important first (a step whose expected cost no longer fits is skipped and marked so):
  1. correctness, at a small shape: the device's compiled bf16 logits against the CPU's fp32 logits for the
@@ -18,7 +18,7 @@ The steps, most important first (a step whose expected cost no longer fits is sk
     val_bpb, one warm-up step per layer order, one micro-batch per optimizer step, and a wall clock
     that fits the time left.
 Each step runs in its own process under a watchdog (killed at twice its expected cost), and the results
-are rewritten after every step. Meanwhile the CPU computes tools/gpu_memory.py's no-GPU estimates
+are rewritten after every step. Meanwhile the CPU computes tools/gpu/gpu_memory.py's no-GPU estimates
 (eager and min-cut compiled, one rank) of the timed modes. Files written to --out (at most four):
 gpu_check.json (every result, the estimates, the command and the device), gpu_check.md (the table, also
 printed last) and the score run's log (RUN_ID.txt) and events (RUN_ID.jsonl).
@@ -39,14 +39,11 @@ import traceback
 from pathlib import Path
 from typing import NamedTuple
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))  # its sibling tools, imported by name
-import bench_stack  # noqa: E402
-import gpu_memory  # noqa: E402
-from common import MOE_PRESETS, import_trainer  # noqa: E402
+import torch
+from torch._dynamo.utils import counters
 
-import torch  # noqa: E402
-from torch._dynamo.utils import counters  # noqa: E402
+from tools.common import MOE_PRESETS, REPO, import_trainer
+from tools.gpu import bench_stack, gpu_memory
 
 train_gpt = import_trainer()
 
@@ -342,11 +339,11 @@ def run_child(name: str, cpu: bool, timeout: float) -> dict:
     """The step in its own process, killed when it outlives `timeout`: a hang costs its slot, not the rest."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "row.json"
-        cmd = [sys.executable, str(Path(__file__)), "--one", name, "--row", str(result)]
+        cmd = [sys.executable, "-m", "tools.gpu.gpu_check", "--one", name, "--row", str(result)]
         cmd += ["--cpu"] if cpu else []
         t0 = time.monotonic()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as err:
             tail = (err.stderr or b"")[-1500:]
             tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
@@ -359,14 +356,16 @@ def run_child(name: str, cpu: bool, timeout: float) -> dict:
 
 
 def start_estimates(tmp: Path) -> dict:
-    """tools/gpu_memory.py (eager and min-cut compiled, one rank) of each timed mode, on the CPU, niced."""
+    """tools/gpu/gpu_memory.py (eager and min-cut compiled, one rank) of each timed mode, CPU, niced."""
     procs = {}
     for mode in SPEED_MODES:
         args = [f"{k}={v}" for k, v in knobs(mode, False).items()]
-        cmd = ["nice", sys.executable, str(REPO / "tools" / "gpu_memory.py"), *args, "--world-size", "1"]
-        cmd += ["--json", str(tmp / f"estimate_{mode}.json")]
+        cmd = ["nice", sys.executable, "-m", "tools.gpu.gpu_memory", *args, "--world-size", "1"]
+        cmd += ["--json", str(Path(tmp, f"estimate_{mode}.json").resolve())]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-        procs[mode] = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        procs[mode] = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
     return procs
 
 

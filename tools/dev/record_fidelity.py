@@ -1,8 +1,8 @@
 """Differential harness: our train_gpt.py against a record's own train_gpt.py (imported unmodified, with
-the CPU stand-ins of tools/record_oracle.py), component by component, and docs/record_fidelity.md.
+the CPU stand-ins of tools/dev/record_oracle.py), component by component, and docs/record_fidelity.md.
 
-    python3 tools/record_fidelity.py            # writes docs/record_fidelity.md (CPU, a few minutes)
-    python3 tools/record_fidelity.py --check    # exits 1 when the written file is out of date
+    python3 -m tools.dev.record_fidelity           # writes docs/record_fidelity.md (CPU, a few minutes)
+    python3 -m tools.dev.record_fidelity --check   # exits 1 when the written file is out of date
 
 Each comparison maps the record's tensors onto ours by name and shape, gives both models the same
 weights and tokens and reports the largest difference. tests/test_record_fidelity.py asserts them."""
@@ -22,9 +22,8 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import record_oracle as oracle  # noqa: E402
-from common import REPO, import_trainer  # noqa: E402
+from tools.common import REPO, import_trainer
+from tools.dev import record_oracle as oracle
 
 DOC = REPO / "docs" / "record_fidelity.md"
 
@@ -504,11 +503,11 @@ def report() -> str:
     add = lines.append
     add("# Our default against the records' own code\n")
     add(
-        "Written by `python3 tools/record_fidelity.py` (CPU); asserted by "
+        "Written by `python3 -m tools.dev.record_fidelity` (CPU); asserted by "
         "`tests/test_record_fidelity.py`. The"
     )
     add(
-        "record's `train_gpt.py` is imported unmodified; `tools/record_oracle.py` supplies CPU "
+        "record's `train_gpt.py` is imported unmodified; `tools/dev/record_oracle.py` supplies CPU "
         "stand-ins for its"
     )
     add("GPU-only pieces: FlashAttention 3 (`flash_attn_func`, `flash_attn_varlen_func`) on SDPA, the Triton")
@@ -790,7 +789,7 @@ def main() -> int:
     text = report()
     if args.check:
         if not DOC.exists() or DOC.read_text() != text:
-            print(f"error: {DOC.relative_to(REPO)} is out of date: run python3 tools/record_fidelity.py")
+            print(f"error: {DOC.relative_to(REPO)} is out of date: run python3 -m tools.dev.record_fidelity")
             return 1
         return 0
     DOC.write_text(text)
@@ -928,8 +927,7 @@ def no_pinned_memory():
 
 def write_doc_shards(folder: Path, sizes=(6000, 5000), seed: int = 4) -> list[Path]:
     """Challenge-format training shards of random documents (20-400 tokens), each starting with a BOS."""
-    sys.path.insert(0, str(REPO / "data"))
-    from build_shards import write_shard
+    from data.build_shards import write_shard
 
     gen = torch.Generator().manual_seed(seed)
     paths = []

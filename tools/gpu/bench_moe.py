@@ -1,8 +1,8 @@
 """Times one MLP sub-layer (forward + backward) for the dense MLP and each MoE mode of train_gpt.py,
 and checks that each compiles to one graph that never recompiles across different routings.
 
-    python tools/bench_moe.py                                   # CUDA: 65,536 tokens x 512, hidden 1536
-    python tools/bench_moe.py --modes dense,soft4,topk8 --iters 50 --json bench.json
+    python3 -m tools.gpu.bench_moe   # CUDA: 65,536 tokens x 512, hidden 1536
+    python3 -m tools.gpu.bench_moe --modes dense,soft4,topk8 --iters 50 --json bench.json
 
 Every mode is parameter-matched to the dense MLP (experts of hidden/E, built by train_gpt.make_mlp),
 runs in bf16 under autocast, compiled with fullgraph=True and dynamic=False, and is timed by the
@@ -26,13 +26,10 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-try:  # imported as a module of the tools package, or run from tools/
-    from .common import import_trainer
-except ImportError:
-    from common import import_trainer
+from tools.common import MOE_PRESETS, import_trainer
+from tools.common import format_table as layout
 
 train_gpt = import_trainer()
-from tools.common import MOE_PRESETS, format_table as layout  # noqa: E402
 
 # name -> MoE knobs: the study's presets (tools/common.py) plus dispatch and width variants
 # (MOE_DISPATCH=grouped is the trainer's default; stated where a capacity variant sits beside it).

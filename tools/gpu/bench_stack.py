@@ -1,9 +1,9 @@
 """Times a full training step (forward, backward, clip, optimizer) of train_gpt.py's model per phase
 of the run: before the depth-recurrence switch and after it, as one GPU of an 8-GPU run sees it.
 
-    python3 tools/bench_stack.py              # CUDA: the default (record) shape, 98,304 tokens per step
-    python3 tools/bench_stack.py MOE_MODE=none --iters 30 --json bench.json
-    python3 tools/bench_stack.py --tiny       # CPU smoke run: a tiny shape, timings mean nothing
+    python3 -m tools.gpu.bench_stack          # CUDA: the default (record) shape, 98,304 tokens per step
+    python3 -m tools.gpu.bench_stack MOE_MODE=none --iters 30 --json bench.json
+    python3 -m tools.gpu.bench_stack --tiny   # CPU smoke run: a tiny shape, timings mean nothing
 
 KEY=VALUE arguments override knobs as in a real run (e.g. MICRO_BATCH_TOKENS=49152 if the full
 per-GPU batch does not fit). Each phase compiles the model with fullgraph=True and dynamic=False
@@ -27,10 +27,7 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
-try:  # imported as a module of the tools package, or run from tools/
-    from .common import import_trainer
-except ImportError:
-    from common import import_trainer
+from tools.common import import_trainer
 
 train_gpt = import_trainer()
 

@@ -1,9 +1,9 @@
 """Plots of an MoE run's routing: load per expert, gate entropy, expert x token-class specialisation,
 and (with --log) load share and entropy over training.
 
-    python tools/routing_report.py logs/RUN_routing.json [--log logs/RUN.txt] [--out DIR]
+    python3 -m tools.routing.routing_report logs/RUN_routing.json [--log logs/RUN.txt] [--out DIR]
 
-The JSON is the one tools/routing_analysis.py writes from the run's artifact; the run's routing
+The JSON is the one tools/routing/routing_analysis.py writes from the run's artifact; the run's routing
 telemetry gives the training history (its `routing` events in RUN.jsonl when that file is beside
 the log, else its `moe layer:` lines; tools/runlog.py reads either). Prints the paths of the PNG files
 it writes.
@@ -23,10 +23,7 @@ matplotlib.use("Agg")  # files only: no display on the training machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-try:
-    from . import runlog  # noqa: E402  (imported as tools.routing_report)
-except ImportError:
-    import runlog  # noqa: E402  (run as a script, or with tools/ on sys.path)
+from tools import runlog  # noqa: E402
 
 
 class ReportError(ValueError):
@@ -220,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "routing_json", type=Path, help="logs/<RUN_ID>_routing.json written by tools/routing_analysis.py"
+        "routing_json",
+        type=Path,
+        help="logs/<RUN_ID>_routing.json written by tools/routing/routing_analysis.py",
     )
     parser.add_argument("--log", type=Path, help="logs/<RUN_ID>.txt: adds load and entropy over training")
     parser.add_argument(

@@ -1,11 +1,11 @@
 """Routing of a trained MoE artifact on validation data, per layer, expert and token class.
 
-    python tools/routing_analysis.py logs/RUN_model.ptz --data data/sample --tokenizer
+    python3 -m tools.routing.routing_analysis logs/RUN_model.ptz --data data/sample --tokenizer
     data/sample/tokenizer.model
 
 Computed after the run from the artifact alone (its stored knobs rebuild the model), so none of this
 is counted in train_gpt.py. Writes a JSON report (default: the artifact's name with _routing.json)
-that tools/routing_report.py plots.
+that tools/routing/routing_report.py plots.
 """
 
 from __future__ import annotations
@@ -20,10 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-try:  # imported as a module of the tools package, or run from tools/
-    from .common import import_trainer
-except ImportError:
-    from common import import_trainer
+from tools.common import import_trainer
 
 tg = import_trainer()
 
