@@ -192,3 +192,24 @@ def test_records_cli_runs_as_a_module():
     )
     assert result.returncode == 0 and "usage: python3 -m tools.records" in result.stdout
     assert all(command in result.stdout for command in ("pack", "verify", "audit", "compare"))
+
+
+def test_the_trainer_is_one_module_however_a_tool_or_a_test_reaches_it():
+    """import_trainer loads train_gpt.py by file path under the name an `import train_gpt` finds, so a
+    test's monkeypatch of the trainer is what the tools call."""
+    import train_gpt
+
+    from tools.common import REPO as TOOLS_REPO
+    from tools.common import import_trainer
+
+    assert import_trainer() is train_gpt and TOOLS_REPO == REPO
+    tool_first = (
+        "from tools.common import import_trainer\n"
+        "loaded = import_trainer()\n"
+        "import train_gpt\n"
+        "print(loaded is train_gpt)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", tool_first], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.stdout.strip() == "True", result.stderr[-2000:]
