@@ -1,4 +1,4 @@
-"""Tests for tools/routing_report.py, tools/proxy_study.py and tools/bench_moe.py, on CPU.
+"""Tests for tools/routing_report.py, tools/studies/proxy_study.py and tools/bench_moe.py, on CPU.
 
 One tiny top-k MoE training (module fixture) feeds the routing report and the log parser."""
 
@@ -19,10 +19,10 @@ from conftest import REPO, SAMPLE, TOKENIZER, run_train
 sys.path.insert(0, str(REPO / "tools"))
 import bench_moe  # noqa: E402
 import calibrate_budget  # noqa: E402
-import proxy_study  # noqa: E402
 import routing_analysis  # noqa: E402
 import routing_report  # noqa: E402
 import runlog  # noqa: E402
+from tools.studies import proxy_study  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FLOAT = r"([\d.]+)"

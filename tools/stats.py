@@ -87,6 +87,25 @@ def welch_both_ways(control: list[float], arm: list[float]) -> dict:
     return dict(p_better=p_better, p_worse=1.0 - p_better, t=t, df=test.df, improvement=improvement)
 
 
+def mean_difference(arm: list[float], control: list[float]) -> dict:
+    """mean(arm) - mean(control) with its standard error sqrt(s_a^2/n_a + s_c^2/n_c) and the one-sided Welch
+    p-values both ways (welch_both_ways: p_better for "the arm's mean is lower"); n = [n_arm, n_control].
+    None (n kept) where a side has fewer than two values. None values are left out."""
+    a = [v for v in arm if v is not None]
+    c = [v for v in control if v is not None]
+    if len(a) < 2 or len(c) < 2:
+        return dict(gap=None, se=None, p_better=None, p_worse=None, n=[len(a), len(c)])
+    tests = welch_both_ways(c, a)
+    se = math.sqrt(mean_std(a)[1] ** 2 / len(a) + mean_std(c)[1] ** 2 / len(c))
+    return dict(
+        gap=mean_std(a)[0] - mean_std(c)[0],
+        se=se,
+        p_better=tests["p_better"],
+        p_worse=tests["p_worse"],
+        n=[len(a), len(c)],
+    )
+
+
 def holm(pvalues: dict[str, float | None]) -> dict[str, float | None]:
     """Holm-adjusted p-values over one family of comparisons (None stays None, and is not counted): the
     i-th smallest of m p-values times (m - i + 1), capped at 1 and made monotone."""
