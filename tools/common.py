@@ -1,13 +1,19 @@
-"""Rules every tool shares, in one place: statistics over seeds, table layout, file hashes and the
+"""Rules every tool shares, in one place: table layout, file hashes and the
 MoE configurations that the study and the benchmark compare. (The score rule and the pre-quant
 fallback live with the log reader, in tools/runlog.py.) Light: no torch import."""
 
 from __future__ import annotations
 
 import hashlib
-import statistics
 import sys
 from pathlib import Path
+
+# Statistics live in tools/stats.py; mean_std is re-exported here for the tools that import it from common.
+# A tool run as a script (python3 tools/records.py) has tools/ on sys.path, not the repository.
+try:
+    from tools.stats import mean_std  # noqa: F401
+except ModuleNotFoundError:
+    from stats import mean_std  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,14 +67,6 @@ def context_arm(model_dim: int, mlp_mult: float) -> dict[str, str]:
 
 class StudyError(ValueError):
     """Bad input or a refusal of a study tool; the message names the option, file or knob."""
-
-
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (ddof=1, as the challenge's records report it); the std
-    is None for fewer than two values, both are None for none."""
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
 def cell(value, digits: int = 4) -> str:
