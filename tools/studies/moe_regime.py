@@ -303,10 +303,7 @@ def plan(args) -> tuple[list[Stage], dict[str, str]]:
             if ARMS[arm].time_matched:
                 steps = round(steps * args.topk_time_ratio)
             configs[f"{arm}_tpp{budget}"] = {**ARMS[arm].env, "ITERATIONS": str(steps)}
-        try:
-            runs = proxy_study.plan_runs(configs, seeds, common, TAG, runs_dir(folder))
-        except proxy_study.StudyError as err:
-            raise StudyError(str(err)) from None
+        runs = proxy_study.plan_runs(configs, seeds, common, TAG, runs_dir(folder))
         order = {key: i for i, key in enumerate(configs)}
         runs.sort(key=lambda r: (budget_of(r.name), seeds.index(r.seed), order[r.name]))
         stages.append(Stage(name, folder, given if given and given.is_file() else script, runs))
@@ -325,6 +322,7 @@ def arm_of(config: str) -> str:
 
 
 def run_stages(args, stages: list[Stage]) -> int:
+    """The plan's stages on the shared queue; each folder keeps its artifacts and partial logs out of git."""
     return runner.run_stages(args, stages, GITIGNORE)
 
 
