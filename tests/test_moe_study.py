@@ -150,7 +150,7 @@ def test_resume_skips_finished_runs(folder):
     before = {p: p.stat().st_mtime_ns for p in logs}
     result = study(folder, "--no-plots")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "4 runs planned: 4 finished (skipped), 0 to run" in result.stdout
+    assert "4 runs planned, 4 finished, 0 to run" in result.stdout
     assert {p: p.stat().st_mtime_ns for p in logs} == before
 
 
@@ -163,7 +163,7 @@ def test_resume_reruns_an_interrupted_run(folder, tmp_path):
         path.write_text("".join(lines[: len(lines) // 2]))
     result = study(out, "--no-plots")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "3 finished (skipped), 1 to run" in result.stdout
+    assert "3 finished, 1 to run" in result.stdout
     reason = json.loads((out / "runs" / "failed" / "study_topk4_s2-1" / "reason.json").read_text())
     assert reason["run_id"] == "study_topk4_s2" and "incomplete" in reason["reason"]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -223,7 +223,7 @@ def test_more_seeds_run_only_the_named_arms(folder, tmp_path):
     out = copy_of(folder, tmp_path)
     result = study(out, "--more-seeds", "3", "--more-arms", "dense", "--no-plots")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "5 runs planned: 4 finished (skipped), 1 to run" in result.stdout
+    assert "5 runs planned, 4 finished, 1 to run" in result.stdout
     assert (out / "runs" / "study_dense_s3.txt").is_file() and not (
         out / "runs" / "study_topk4_s3.txt"
     ).exists()
