@@ -1,4 +1,4 @@
-"""Tests for tools/routing/routing_report.py, tools/proxy_study.py and tools/gpu/bench_moe.py, on CPU.
+"""Tests for tools/routing/routing_report.py, tools/studies/proxy_study.py and tools/gpu/bench_moe.py, on CPU.
 
 One tiny top-k MoE training (module fixture) feeds the routing report and the log parser."""
 
@@ -15,9 +15,10 @@ import torch
 from torch._dynamo.utils import counters
 
 from conftest import REPO, SAMPLE, TOKENIZER, run_train
-from tools import proxy_study, runlog
+from tools import runlog
 from tools.gpu import bench_moe, calibrate_budget
 from tools.routing import routing_analysis, routing_report
+from tools.studies import proxy_study
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FLOAT = r"([\d.]+)"

@@ -1,4 +1,4 @@
-"""Rules every tool shares, in one place: statistics over seeds, table layout, file hashes and the
+"""Rules every tool shares, in one place: table layout, file hashes and the
 MoE configurations that the study and the benchmark compare. (The score rule and the pre-quant
 fallback live with the log reader, in tools/runlog.py.) Light: no torch import."""
 
@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import statistics
 import sys
 from pathlib import Path
 
@@ -69,14 +68,6 @@ def context_arm(model_dim: int, mlp_mult: float) -> dict[str, str]:
 
 class StudyError(ValueError):
     """Bad input or a refusal of a study tool; the message names the option, file or knob."""
-
-
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (ddof=1, as the challenge's records report it); the std
-    is None for fewer than two values, both are None for none."""
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
 def cell(value, digits: int = 4) -> str:

@@ -10,7 +10,7 @@ import statistics
 from decimal import Decimal
 from pathlib import Path
 
-from tools.common import mean_std
+from tools.stats import mean_std
 from tools.records.base import READABLE, SCRIPT, Check, FolderLog, named_file, skip, warn
 
 # submission.json spells the code size several ways; its per-seed results sit under one of these.

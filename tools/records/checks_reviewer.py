@@ -16,7 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from tools import runlog
-from tools.common import mean_std
+from tools.stats import mean_std
 from tools.dev.selfextract import extracted_source, self_extracting
 from tools.records.base import (
     RECORD_TRACK,

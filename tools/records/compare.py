@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tools.common import mean_std
+from tools import stats
+from tools.stats import mean_std
 from tools.records.base import SUBMISSION, RecordError, folder_logs
 from tools.records.checks_claims import SEED_KEYS, seed_claims
 
@@ -60,15 +61,13 @@ def welch_test(baseline: Sample, candidate: Sample, margin: float, alpha: float 
         small = ", ".join(f"{s.label} has n={s.n}" for s in (baseline, candidate) if s.n < 2)
         result.verdict = f"cannot be tested: {small}, so there is no variance estimate (run more seeds)"
         return result
-    var_b, var_c = baseline.std**2 / baseline.n, candidate.std**2 / candidate.n
-    if var_b + var_c == 0:
+    test = stats.welch(baseline.values, candidate.values, alternative="greater", margin=margin)
+    if test is None:
         result.verdict = "cannot be tested: both samples have zero variance"
         return result
-    from scipy import stats  # only compare needs it
-
-    shifted = [v - margin for v in baseline.values]  # H1: baseline - margin > candidate
-    test = stats.ttest_ind(shifted, candidate.values, equal_var=False, alternative="greater")
-    result.t, result.df, result.p = float(test.statistic), float(test.df), float(test.pvalue)
+    result.t = test.t
+    result.df = test.df
+    result.p = test.p
     if result.p < alpha:
         result.verdict = f"candidate beats baseline by more than the margin at p={result.p:.4g} < {alpha:g}"
     else:

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tools import runlog
-from tools.common import REPO, mean_std, sha256_file
+from tools.common import REPO, sha256_file
+from tools.stats import mean_std
 from tools.dev.selfextract import self_extracting
 from tools.records.base import (
     CAP_BYTES,

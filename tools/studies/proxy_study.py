@@ -1,10 +1,10 @@
 """Runs configurations x seeds of train_gpt.py on the proxy corpus, one after another, and collects
 the scores, speed, sizes and routing health from their logs into one table and a JSON file.
 
-    python tools/proxy_study.py --list                 # the built-in presets (docs/moe.md)
-    python tools/proxy_study.py --only dense,topk4 --seeds 1337,1338,1339 --dry-run
-    python tools/proxy_study.py --only topk4 --seeds 1337 --log-dir $OUT/logs         # one run
-    python tools/proxy_study.py --seeds 1337,1338,1339 --collect-only logs/proxy      # the table
+    python3 -m tools.studies.proxy_study --list                 # the built-in presets (docs/moe.md)
+    python3 -m tools.studies.proxy_study --only dense,topk4 --seeds 1337,1338,1339 --dry-run
+    python3 -m tools.studies.proxy_study --only topk4 --seeds 1337 --log-dir $OUT/logs         # one run
+    python3 -m tools.studies.proxy_study --seeds 1337,1338,1339 --collect-only logs/proxy      # the table
 
 Each run is `python -m torch.distributed.run --standalone --nproc_per_node=N train_gpt.py` (torchrun)
 with the proxy protocol of data/README.md: the same data, VOCAB_SIZE=1024, MAX_WALLCLOCK_SECONDS
@@ -20,7 +20,7 @@ On a GPU machine (docs/gpu_runs.md; carry data/datasets/proxy_sp1024 and .wheels
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .wheels/*.whl
     export PYTHONPATH=/tmp/site
     sh data/datasets/proxy_sp1024/prepare.sh /tmp/proxy;
-    python3 tools/proxy_study.py --only dense --seeds 1337 --log-dir $OUT/logs --timeout 540 \
+    python3 -m tools.studies.proxy_study --only dense --seeds 1337 --log-dir $OUT/logs --timeout 540 \
         --env ARTIFACT_PATH=/tmp/model.ptz        # keeps the 15 MB artifact out of what comes back
 
 --timeout ends a run before the command limit does, so it is still recorded (as failed).
@@ -41,14 +41,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-try:
-    from . import runlog  # imported as tools.proxy_study
-    from .common import MOE_PRESETS, StudyError, cell, format_table, mean_std
-except ImportError:
-    import runlog  # run as a script, or with tools/ on sys.path
-    from common import MOE_PRESETS, StudyError, cell, format_table, mean_std
+from tools import runlog
+from tools.common import MOE_PRESETS, REPO, StudyError, cell, format_table
+from tools.stats import mean_std
 
-REPO = Path(__file__).resolve().parents[1]
 PRESETS = MOE_PRESETS  # the matched MoE-versus-dense study (docs/moe.md)
 # Set by the study for every run alike; a configuration may not change them.
 STUDY_KEYS = (

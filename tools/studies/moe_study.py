@@ -1,22 +1,16 @@
 """The matched MoE-versus-dense study on CPU: every arm x seed run of train_gpt.py at one
 small shape on the proxy corpus (not FineWeb), then one record folder with every log, the statistics,
-a verdict, plots and a submission that `tools/records.py verify` checks.
+a verdict, plots and a submission that `python3 -m tools.records verify` checks.
 
     sh ../shared/data/proxy_sp1024/prepare.sh /work/proxy          # the corpus, outside the repository
-    python3 tools/moe_study.py run --data /work/proxy \\
+    python3 -m tools.studies.moe_study run --data /work/proxy \\
         --out records/track_non_record_16mb/2026-11-25_MoE_vs_Dense_Study --seeds 1337,1338,1339 --jobs 2
-    python3 tools/moe_study.py run ... --dry-run     # the runs it would start, and the ones it would skip
-    python3 tools/moe_study.py collect --data /work/proxy --out FOLDER   # rebuild the outputs, run nothing
-    python3 tools/moe_study.py speed ... --repeats 3  # ms/step of every arm alone, in rounds -> speed.json
+    python3 -m tools.studies.moe_study run ... --dry-run     # the runs it would start and skip
+    python3 -m tools.studies.moe_study collect --data /work/proxy --out FOLDER   # the outputs, no run
+    python3 -m tools.studies.moe_study speed ... --repeats 3  # ms/step of every arm alone -> speed.json
 
-Resumable: a run whose log in FOLDER/runs/ is complete (it has its final evaluation) is skipped, so the
-same command continues a study across sessions; every finished run's logs stay in the folder. A failed
-or interrupted run's files are moved to FOLDER/runs/failed/<run id>-<n>/ with reason.json, and the
-run is tried again next time. Runs go seed by seed, so an unfinished study has whole seeds.
-
-Each run is `python FOLDER/train_gpt.py` (one process, OMP_NUM_THREADS=1; --jobs runs in parallel) with
-STUDY_SHAPE plus the arm's knobs. FOLDER/train_gpt.py is the repository's copy, taken at the first
-run; the study refuses to mix scripts. One `run` at a time per folder (runs/.lock). Outputs, written
+Resumable, one `run` at a time per folder, one script per folder: tools/studies/runner.py. Runs go seed by
+seed, so an unfinished study has whole seeds. Each run is STUDY_SHAPE plus the arm's knobs. Outputs, written
 from the logs at the end of `run` and by `collect` at any time (also while a `run` goes on):
 manifest.json, README.md, findings_data.md, submission.json + the smallest artifact of the best
 byte-matched arm, routing-analysis.png and expert-by-class.png (tools/routing_analysis.py and
@@ -26,37 +20,30 @@ tools/routing_report.py on the artifact of --plot-arm), routing/*.json and plots
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import proxy_study  # noqa: E402  (tools/ modules import each other by name when run as scripts)
-import records  # noqa: E402
-import runlog  # noqa: E402
-from common import (  # noqa: E402
+from tools import records, runlog
+from tools.common import (
     MOE_PRESETS,
     NOT_BYTE_MATCHED,
+    REPO,
     StudyError,
     cell,
     context_arm,
     format_table,
-    mean_std,
-    sha256_file,
 )
+from tools.stats import mean_std, welch_both_ways
+from tools.studies import proxy_study, runner
+from tools.studies.runner import SCRIPT, pm, runs_dir, say
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = "train_gpt.py"
 TAG = "study"
+
 
 # ==== THE STUDY'S SHAPE: the one place to adjust (the coordinator sets it to the merged stack) ====
 # The default stack scaled down until a run takes minutes on 2 CPU cores: ITERATIONS x TRAIN_BATCH_TOKENS
@@ -113,16 +100,9 @@ VERDICT_RULE = (
 )
 # The verdict when every MoE arm loses: a fact about the study's regime, not about MoE at any length.
 NEVER = "never at this scale"
+# The owner mark of the files collect writes (the name the tool had when the committed study was written:
+# collect refuses to overwrite a file without it).
 MARKER = "<!-- written by tools/moe_study.py from the logs in runs/; rerun `collect` to refresh -->"
-# Knobs that may differ between sessions without changing the run (where the files are).
-PATH_KNOBS = ("DATA_PATH", "TOKENIZER_PATH", "LOG_DIR", "RUN_ID", "ARTIFACT_PATH")
-_print_lock = threading.Lock()
-
-
-def say(message: str) -> None:
-    with _print_lock:
-        print(message, flush=True)
-
 
 # ---------------------------------------------------------------------------- planning
 
@@ -152,16 +132,9 @@ def arm_configs(names: list[str], shape: dict[str, str]) -> dict[str, dict[str, 
 
 def plan(args) -> tuple[list[proxy_study.Run], dict[str, dict[str, str]], dict[str, str]]:
     """The runs, seed by seed (so an interrupted study holds whole seeds), the arms and the common env."""
-    data, tokenizer = (
-        Path(args.data).resolve(),
-        Path(args.tokenizer or Path(args.data) / "proxy_1024_bpe.model").resolve(),
-    )
-    if not data.is_dir():
-        raise StudyError(f"--data {args.data}: no such folder (unpack the proxy corpus with its prepare.sh)")
-    if not tokenizer.is_file():
-        raise StudyError(f"--tokenizer {tokenizer}: no such file")
-    seeds = parse_seeds("--seeds", args.seeds)
-    more_seeds = parse_seeds("--more-seeds", args.more_seeds) if args.more_seeds else []
+    corpus = runner.corpus_env(args)
+    seeds = runner.parse_seeds("--seeds", args.seeds)
+    more_seeds = runner.parse_seeds("--more-seeds", args.more_seeds) if args.more_seeds else []
     if set(seeds) & set(more_seeds):
         raise StudyError(f"--more-seeds {args.more_seeds!r}: seeds already in --seeds {args.seeds!r}")
     shape = shape_env(args.env)
@@ -171,7 +144,7 @@ def plan(args) -> tuple[list[proxy_study.Run], dict[str, dict[str, str]], dict[s
         raise StudyError(
             f"--more-arms {args.more_arms!r}: must name dense (the per-seed baseline) and arms of --arms"
         )
-    common = {"DATA_PATH": str(data), "TOKENIZER_PATH": str(tokenizer), **shape, "OMP_NUM_THREADS": "1"}
+    common = {**corpus, **shape, "OMP_NUM_THREADS": "1"}
     runs = proxy_study.plan_runs(arms, seeds, common, TAG, runs_dir(args.out))
     runs += proxy_study.plan_runs(
         {a: arms[a] for a in more_arms}, more_seeds, common, TAG, runs_dir(args.out)
@@ -181,231 +154,15 @@ def plan(args) -> tuple[list[proxy_study.Run], dict[str, dict[str, str]], dict[s
     return runs, arms, common
 
 
-def parse_seeds(option: str, text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise StudyError(f"{option} {text!r}: expected comma-separated integers") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise StudyError(f"{option} {text!r}: expected distinct seeds")
-    return seeds
-
-
-def runs_dir(out: Path) -> Path:
-    return out / "runs"
-
-
-def arm_env(run: proxy_study.Run) -> dict[str, str]:
-    """What defines the run's recipe: its env without where files go and which seed."""
-    return {k: v for k, v in run.env.items() if k not in (*PATH_KNOBS, "SEED", "OMP_NUM_THREADS")}
-
-
-# ---------------------------------------------------------------------------- the script
-
-
-def prepare_script(out: Path, script: Path) -> Path:
-    """The folder's train_gpt.py: a copy of `script` at the first run, then the same bytes or a refusal."""
-    if not script.is_file():
-        raise StudyError(f"--script {script}: no such file")
-    copy = out / SCRIPT
-    if not copy.exists():
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(script, copy)
-    elif sha256_file(copy) != sha256_file(script):
-        raise StudyError(
-            f"{copy} differs from {script}: the study's runs must share one script. To continue "
-            f"with the folder's copy pass --script {copy}; to start over on the new script, move "
-            f"the folder away"
-        )
-    return copy
-
-
 # ---------------------------------------------------------------------------- running
 
 
-def same_knob(logged, planned: str) -> bool:
-    """A knob value as the log's config holds it (typed) against the planned env string."""
-    if isinstance(logged, bool):
-        return planned.strip().lower() in (("1", "true") if logged else ("0", "false"))
-    if isinstance(logged, list):
-        return ",".join(map(str, logged)) == ",".join(p.strip() for p in planned.split(",") if p.strip())
-    if isinstance(logged, (int, float)):
-        try:
-            return float(planned) == float(logged)
-        except ValueError:
-            return False
-    return str(logged) == planned
-
-
-def finished(run: proxy_study.Run, logs: Path) -> dict | None:
-    """The collected row of a complete run whose log matches the plan; None when it must (re)run. A
-    complete log of another recipe is a refusal: the study never mixes recipes under one run id."""
-    if not (logs / f"{run.run_id}.txt").is_file():
-        return None
-    row = proxy_study.collect(run, logs)
-    if row["status"] != "ok":
-        return None
-    config = runlog.read(logs / f"{run.run_id}.txt").config or {}
-    planned = dict(arm_env(run))
-    if "XSA_LAST_N" in planned and "NUM_LAYERS" in config:  # the trainer records the layers XSA runs in
-        planned["XSA_LAST_N"] = str(min(int(planned["XSA_LAST_N"]), int(config["NUM_LAYERS"])))
-    differ = [k for k, v in planned.items() if k not in config or not same_knob(config[k], v)]
-    if differ:
-        shown = ", ".join(f"{k}={config.get(k)!r} (planned {run.env[k]})" for k in differ[:6])
-        raise StudyError(
-            f"{logs / run.run_id}.txt is a finished run of another recipe: {shown}. Use another "
-            "--out, or the same knobs"
-        )
-    return row
-
-
-def quarantine(run: proxy_study.Run, logs: Path, reason: str, tail: list[str] | None = None) -> Path | None:
-    """Moves a failed or interrupted run's files to runs/failed/<run id>-<n>/ with reason.json."""
-    files = sorted(
-        p
-        for p in logs.glob(f"{run.run_id}*")
-        if p.is_file() and p.name[len(run.run_id) :].split(".")[0] in ("", "_model", "_routing")
-    )
-    if not files:
-        return None
-    n = 1
-    while (logs / "failed" / f"{run.run_id}-{n}").exists():
-        n += 1
-    dest = logs / "failed" / f"{run.run_id}-{n}"
-    dest.mkdir(parents=True)
-    for path in files:
-        path.rename(dest / path.name)
-    (dest / "reason.json").write_text(
-        json.dumps(
-            dict(
-                run_id=run.run_id,
-                arm=run.name,
-                seed=run.seed,
-                reason=reason,
-                tail=tail or [],
-                time=time.strftime("%Y-%m-%d %H:%M:%S"),
-            ),
-            indent=1,
-        )
-    )
-    return dest
-
-
-def run_one(run: proxy_study.Run, command: list[str], logs: Path, timeout: float | None, label: str) -> dict:
-    say(f"{label} {run.run_id}: started")
-    outcome = proxy_study.execute(run, command, logs, timeout)
-    row = proxy_study.collect(run, logs, outcome)
-    if row["status"] != "ok":
-        where = quarantine(run, logs, row.get("reason", "failed"), row.get("tail"))
-        say(
-            f"{label} {run.run_id}: FAILED ({row.get('reason')}) after {outcome['wall_s']} s; files in "
-            f"{where}\n  " + "\n  ".join(row.get("tail") or ["(no output)"])
-        )
-    else:
-        out, log = logs / f"{run.run_id}.out", logs / f"{run.run_id}.txt"
-        if out.is_file() and out.read_bytes() == log.read_bytes():  # the console said nothing the log lacks
-            out.unlink()
-        say(
-            f"{label} {run.run_id}: ok in {outcome['wall_s']} s, val_bpb {cell(row.get('score'))}, "
-            f"{cell(row.get('ms_per_step'), 1)} ms/step"
-        )
-    return row
-
-
 def run_study(args, runs: list[proxy_study.Run]) -> int:
-    """Skips finished runs, sets aside leftovers of interrupted ones, runs the rest --jobs at a time."""
-    logs = runs_dir(args.out)
-    todo = [run for run in runs if finished(run, logs) is None]
-    skipped = len(runs) - len(todo)
-    say(f"{len(runs)} runs planned: {skipped} finished (skipped), {len(todo)} to run, {args.jobs} at a time")
-    if args.dry_run:
-        for run in todo:
-            say(proxy_study.shell_line(run, [args.python, str(args.out / SCRIPT)]))
-        return 0
-    script = prepare_script(args.out, args.script)
-    logs.mkdir(parents=True, exist_ok=True)
-    with folder_lock(logs):
-        return run_missing(args, todo, script, logs)
-
-
-@contextlib.contextmanager
-def folder_lock(logs: Path):
-    """runs/.lock holds the pid of the `run` using the folder: a second one would move the first one's
-    runs in progress aside as interrupted. A lock whose process is gone is taken over."""
-    lock = logs / ".lock"
-    if process_alive(lock):
-        raise StudyError(
-            f"{lock}: another moe_study.py run (pid {lock.read_text().strip()}) is using this "
-            "folder; wait for it to end"
-        )
-    lock.write_text(str(os.getpid()))
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def process_alive(lock: Path) -> bool:
-    """Whether the process whose pid the lock file holds still runs (False: no file, or a stale one)."""
-    try:
-        holder = int(lock.read_text().strip())
-        if holder <= 0:
-            return False
-        os.kill(holder, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by someone else
-        return True
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def run_missing(args, todo: list[proxy_study.Run], script: Path, logs: Path) -> int:
-    for run in todo:
-        quarantine(run, logs, "incomplete: interrupted, or failed in an earlier session")
-    command = [args.python, str(script)]
-    labels = [f"[{i}/{len(todo)}]" for i in range(1, len(todo) + 1)]
-    pool = ThreadPoolExecutor(max_workers=args.jobs)
-    try:
-        rows = list(
-            pool.map(lambda rl: run_one(rl[0], command, logs, args.timeout, rl[1]), zip(todo, labels))
-        )
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: no orphaned training may go on writing into the folder
-        pool.shutdown(wait=False, cancel_futures=True)
-        for pid in proxy_study.descendants(os.getpid()):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        pool.shutdown(wait=True)
-        raise StudyError(
-            "interrupted: the runs in progress were stopped and set aside in runs/failed/; "
-            "the same command resumes the study"
-        ) from None
-    pool.shutdown(wait=True)
-    failed = [r["run_id"] for r in rows if r["status"] != "ok"]
-    say(
-        f"ran {len(rows)}: {len(rows) - len(failed)} ok"
-        + (f", failed: {', '.join(failed)}" if failed else "")
-    )
-    return 1 if failed else 0
+    """The plan's runs as one stage in the folder: finished ones skipped, the rest --jobs at a time."""
+    return runner.run_stages(args, [runner.Stage("study", args.out, args.script, runs)])
 
 
 # ---------------------------------------------------------------------------- statistics
-
-
-def welch(dense: list[float], arm: list[float]) -> dict:
-    """One-sided Welch tests (tools/records.py) both ways: p_better for H1 "the arm's mean val_bpb is
-    lower than dense's", p_worse for H1 "higher". None where untestable (n < 2, zero variance)."""
-    if len(dense) < 2 or len(arm) < 2:
-        return dict(p_better=None, p_worse=None, t=None, df=None, improvement=None)
-    better = records.welch_test(records.Sample("dense", dense), records.Sample("arm", arm), 0.0, ALPHA)
-    worse = records.welch_test(records.Sample("arm", arm), records.Sample("dense", dense), 0.0, ALPHA)
-    tested = better if better.p is not None else worse
-    if tested.p is None:  # equal means or zero variance
-        return dict(p_better=None, p_worse=None, t=None, df=None, improvement=better.improvement)
-    p_better = better.p if better.p is not None else 1.0 - worse.p
-    t = tested.t if tested is better else -tested.t
-    return dict(p_better=p_better, p_worse=1.0 - p_better, t=t, df=tested.df, improvement=better.improvement)
 
 
 def within(values: list, reference: list, tolerance: float) -> bool:
@@ -527,9 +284,11 @@ def build_manifest(args, runs, arms, common) -> dict:
         if r["name"] == "dense" and r["status"] == "ok" and r.get("ms_per_step")
     }
     first = {run.name: run for run in reversed(runs)}
-    results = {name: arm_results(name, arm_env(first[name]), rows, dense_ms) for name in arms}
+    results = {name: arm_results(name, runner.arm_env(first[name]), rows, dense_ms) for name in arms}
     tests = {
-        name: welch(results["dense"]["val_bpb"], results[name]["val_bpb"]) for name in arms if name != "dense"
+        name: welch_both_ways(results["dense"]["val_bpb"], results[name]["val_bpb"])
+        for name in arms
+        if name != "dense"
     }
     verdict, why = decide(results, tests)
     dense_params = results["dense"]["params_mean"]
@@ -559,7 +318,7 @@ def build_manifest(args, runs, arms, common) -> dict:
         planned_runs=len(runs),
         finished_runs=sum(r["status"] == "ok" for r in rows),
         missing_runs=[r["run_id"] for r in rows if r["status"] != "ok"],
-        failed_attempts=failures(logs),
+        failed_attempts=runner.failures(logs),
         command=reproduce_command(args),
     )
 
@@ -573,7 +332,7 @@ def reproduce_command(args) -> str:
     out = os.path.relpath(args.out, REPO) if args.out.is_relative_to(REPO) else str(args.out)
     # The folder's own copy: the exact script of its logs, whatever train_gpt.py has become since.
     return (
-        f"python3 tools/moe_study.py run --data {args.data} --out {out} --seeds {seeds} --jobs "
+        f"python3 -m tools.studies.moe_study run --data {args.data} --out {out} --seeds {seeds} --jobs "
         f"{args.jobs}{extra}"
         f" --script {out}/{SCRIPT}"
     )
@@ -589,7 +348,7 @@ def best_arm(manifest: dict) -> str | None:
 
 
 def write_submission(args, manifest: dict) -> dict | None:
-    """submission.json for the best arm, checked and built with tools/records.py's pack steps; its
+    """submission.json for the best arm, checked and built with tools.records' pack steps; its
     smallest artifact under the cap is copied in as model_seed<seed>.ptz. -> the submission, or None."""
     name = best_arm(manifest)
     if name is None:
@@ -609,22 +368,16 @@ def write_submission(args, manifest: dict) -> dict | None:
         )
     best, artifact = min(with_artifact, key=lambda ra: (ra[0].artifact_bytes, ra[0].seed))
     records.check_artifacts([best], [artifact], code_bytes, records.CAP_BYTES)
-    opts = SimpleNamespace(
+    module = records.load_script(args.out / SCRIPT)
+    check = records.quick_check(
+        module,
+        best,
+        artifact,
         check_data=manifest["data"]["path"],
         check_tokenizer=manifest["data"]["tokenizer"],
         check_tokens=min(16384, manifest["data"]["val_token_limit"] or 16384),
-        check_stride=0,
         batch_seqs=32,
-        author="moe_study",
-        github_id="moe_study",
-        name=args.out.name,
-        blurb=f"MoE vs dense study: best byte-matched arm {name} (proxy corpus, not FineWeb)",
-        date=time.strftime("%Y-%m-%d"),
-        track=records.TRACKS[1],
-        cap=records.CAP_BYTES,
     )
-    module = records.load_script(args.out / SCRIPT)
-    check = records.quick_check(opts, module, best, artifact)
     for old in args.out.glob("model_seed*.ptz"):  # the previous best artifact, if the best arm changed
         old.unlink()
     shutil.copyfile(artifact, args.out / check["artifact"])
@@ -634,7 +387,20 @@ def write_submission(args, manifest: dict) -> dict | None:
         # The community's submission validator looks for the train logs at the folder's top level.
         shutil.copyfile(args.out / log, args.out / f"train_seed{run.seed}.txt")
     results[str(best.seed)]["artifact"] = check["artifact"]
-    sub = records.build_submission(opts, runs, results, best, code_bytes, check)
+    sub = records.build_submission(
+        runs,
+        results,
+        best,
+        code_bytes,
+        check,
+        author="moe_study",
+        github_id="moe_study",
+        name=args.out.name,
+        blurb=f"MoE vs dense study: best byte-matched arm {name} (proxy corpus, not FineWeb)",
+        date=time.strftime("%Y-%m-%d"),
+        track=records.TRACKS[1],
+        cap=records.CAP_BYTES,
+    )
     sub.update(arm=name, study="manifest.json", not_fineweb=True)
     (args.out / records.SUBMISSION).write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
     return sub
@@ -646,8 +412,7 @@ def write_submission(args, manifest: dict) -> dict | None:
 def routing_plots(args, manifest: dict) -> list[dict]:
     """Routing of each routed/soft MoE arm's first finished artifact (tools/routing_analysis.py), plotted
     with tools/routing_report.py; --plot-arm's become routing-analysis.png and expert-by-class.png."""
-    import routing_analysis  # torch and train_gpt: loaded only here
-    import routing_report
+    from tools import routing_analysis, routing_report  # torch and train_gpt: loaded only here
 
     logs, shape, done = runs_dir(args.out), manifest["shape"], []
     (args.out / "routing").mkdir(exist_ok=True)
@@ -680,13 +445,6 @@ def routing_plots(args, manifest: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- README and findings data
-
-
-def pm(arm: dict, key: str, digits: int = 4) -> str:
-    mean, std = arm[f"{key}_mean"], arm[f"{key}_std"]
-    if mean is None:
-        return "-"
-    return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
 
 
 def arms_table(manifest: dict) -> str:
@@ -792,7 +550,7 @@ def class_table(analysed: list[dict]) -> str:
 def write_text(path: Path, text: str) -> None:
     """Writes a file this tool owns; a file of the same name that it did not write is never replaced."""
     if path.exists() and MARKER not in path.read_text(encoding="utf-8", errors="replace"):
-        raise StudyError(f"{path} exists and was not written by tools/moe_study.py; move it away")
+        raise StudyError(f"{path} exists and was not written by tools/studies/moe_study.py; move it away")
     path.write_text(text, encoding="utf-8")
 
 
@@ -856,7 +614,7 @@ sh ../shared/data/proxy_sp1024/prepare.sh {data["path"]}
 The command runs this folder's `train_gpt.py`, the exact script of every log, and skips runs whose
 logs in `runs/` are complete, so it also resumes an unfinished study. To rerun everything, give `--out`
 a new folder and keep `--script` pointing here (the script is copied there).
-`python3 tools/moe_study.py collect` with the same options rebuilds these files from the logs.
+`python3 -m tools.studies.moe_study collect` with the same options rebuilds these files from the logs.
 """
 
 
@@ -907,7 +665,7 @@ def readme_results(args, manifest: dict, sub: dict | None) -> str:
 ## Results
 
 val_bpb is the round-trip score of the artifact (quantized, compressed, read back); p is the one-sided
-Welch test (tools/records.py) of "the arm's mean val_bpb is lower than dense's"; ms/step x dense is per
+Welch test (tools/stats.py) of "the arm's mean val_bpb is lower than dense's"; ms/step x dense is per
 seed against the dense run of the same seed; load std is the std of the expert load shares per layer at
 the end of training (uniform = 0), dead the experts under 10% of the uniform share, summed over layers;
 entropy the gate entropy / ln E. Means ± sample std over seeds.
@@ -931,7 +689,7 @@ artifacts stay out of git by `.gitignore`, except the one below); `manifest.json
 {submission}
 
 ```sh
-python3 tools/records.py verify {folder} --data {data["path"]} --tokenizer {data["tokenizer"]}
+python3 -m tools.records verify {folder} --data {data["path"]} --tokenizer {data["tokenizer"]}
 ```
 """
 
@@ -1069,7 +827,9 @@ def measure_speed(args, arms: dict[str, dict[str, str]], common: dict[str, str])
         return 0
     load = [os.getloadavg()[0]]
     for r, run in plan:
-        row = run_one(run, [args.python, str(script)], folder, args.timeout, f"[round {r}/{args.repeats}]")
+        row = runner.run_one(
+            run, [args.python, str(script)], folder, args.timeout, f"[round {r}/{args.repeats}]"
+        )
         rows.append(
             dict(
                 round=r,
@@ -1154,19 +914,7 @@ def finalize(args, runs, arms, common) -> int:
     print(f"\nverdict: {manifest['verdict']} ({manifest['verdict_reason']})")
     if sub is None:
         return 1
-    checks = records.verify(
-        SimpleNamespace(
-            folder=str(folder),
-            data=None,
-            tokenizer=None,
-            token_limit=0,
-            tolerance=None,
-            device="cpu",
-            batch_seqs=32,
-            cap=records.CAP_BYTES,
-            quick=False,
-        )
-    )
+    checks = records.verify(folder)
     bad = [c for c in checks if c.status == "FAIL"]
     print(
         f"records.py verify {folder}: " + ("PASSED" if not bad else "FAILED\n  " + "\n  ".join(map(str, bad)))
@@ -1184,12 +932,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run: run what is missing, then collect; collect: only rebuild the outputs from the "
         "logs; speed: ms/step of every arm measured alone (speed.json), then collect",
     )
-    parser.add_argument("--data", required=True, help="the unpacked proxy corpus (prepare.sh DEST)")
-    parser.add_argument("--tokenizer", help="default DATA/proxy_1024_bpe.model")
-    parser.add_argument(
-        "--out", required=True, type=Path, help="the study folder (records/track_non_record_16mb/...)"
-    )
-    parser.add_argument("--seeds", default="1337,1338,1339")
+    runner.add_common_arguments(parser)
     parser.add_argument(
         "--arms", default=",".join(ARM_NAMES), help=f"comma-separated, of {', '.join(ARM_NAMES)}"
     )
@@ -1201,7 +944,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--more-arms", default="dense,soft4", help="the arms of --more-seeds; must include dense"
     )
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument(
         "--env",
         action="append",
@@ -1210,15 +952,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="override a STUDY_SHAPE knob for every run (tests, what-ifs)",
     )
     parser.add_argument("--script", type=Path, default=REPO / SCRIPT, help="the train_gpt.py to copy and run")
-    parser.add_argument("--python", default=sys.executable)
-    parser.add_argument(
-        "--timeout", type=float, help="seconds before a run is stopped and recorded as failed"
-    )
     parser.add_argument(
         "--plot-arm", default=PLOT_ARM, help="the arm of routing-analysis.png and expert-by-class.png"
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the routing analysis and plots")
-    parser.add_argument("--dry-run", action="store_true", help="print the runs to start, run nothing")
     parser.add_argument("--speed-steps", type=int, default=32, help="speed: optimizer steps per run")
     parser.add_argument("--repeats", type=int, default=3, help="speed: rounds over the arms")
     args = parser.parse_args(argv)
@@ -1226,32 +963,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def interrupt(signum, frame):
-    raise KeyboardInterrupt
+def study(args: argparse.Namespace) -> int:
+    runs, arms, common = plan(args)
+    if args.command == "speed" and (args.speed_steps < 1 or args.repeats < 1):
+        raise StudyError("--speed-steps and --repeats must be at least 1")
+    status = 0  # collect runs nothing
+    if args.command == "run":
+        status = run_study(args, runs)
+    elif args.command == "speed":
+        status = measure_speed(args, arms, common)
+    if args.dry_run:
+        return status
+    summary = finalize(args, runs, arms, common)
+    # speed's result is speed.json: a folder without finished study runs has no summary to pass
+    return status if args.command == "speed" else summary or status
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, interrupt)  # a stopped study stops its runs too (run_missing)
-    try:
-        if args.jobs < 1:
-            raise StudyError(f"--jobs {args.jobs}: must be at least 1")
-        runs, arms, common = plan(args)
-        if args.command == "speed" and (args.speed_steps < 1 or args.repeats < 1):
-            raise StudyError("--speed-steps and --repeats must be at least 1")
-        status = 0  # collect runs nothing
-        if args.command == "run":
-            status = run_study(args, runs)
-        elif args.command == "speed":
-            status = measure_speed(args, arms, common)
-        if args.dry_run:
-            return status
-        summary = finalize(args, runs, arms, common)
-        # speed's result is speed.json: a folder without finished study runs has no summary to pass
-        return status if args.command == "speed" else summary or status
-    except (StudyError, records.RecordError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return runner.main(parse_args(argv), study)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """The sigma-MoE GPU pilot: dense against the SIGMA_MOE preset at the real width, in one call of ~8 minutes.
 The plan and its decision rule: records/track_non_record_16mb/2026-12-07_SigmaMoE_GPU_Pilot/plan.md.
 
-    sh tools/sigma_pilot.sh                        # on the GPU machine (wheel, proxy corpus); results to $OUT
-    python3 tools/sigma_pilot.py --out DIR --data-path /tmp/proxy
-    python3 tools/sigma_pilot.py --dry             # the plan, no work
-    python3 tools/sigma_pilot.py --cpu --out DIR   # the whole pilot at a tiny shape on the CPU (a rehearsal)
+    sh tools/studies/sigma_pilot.sh          # on the GPU machine (wheel, proxy corpus); results to $OUT
+    python3 -m tools.studies.sigma_pilot --out DIR --data-path /tmp/proxy
+    python3 -m tools.studies.sigma_pilot --dry             # the plan, no work
+    python3 -m tools.studies.sigma_pilot --cpu --out DIR   # the whole pilot at a tiny shape on the CPU
 
 Three runs of train_gpt.py, one after another, one seed:
  1. dense_time: dense for --seconds of training (the wall clock, after the untimed compile warm-up);
@@ -27,10 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import runlog  # noqa: E402
-from common import MOE_PRESETS, SIGMA_MOE  # noqa: E402
+from tools import runlog
+from tools.common import MOE_PRESETS, REPO, SIGMA_MOE
 
 ARMS = {"dense": MOE_PRESETS["dense"], "sigma": SIGMA_MOE}
 # Settings both arms share (the schedules are fractions of the run, so a capped run is a miniature).

@@ -3,11 +3,11 @@ at 10, 30 and 100 tokens per parameter, then the new designs at 100. The real 16
 about 108 tokens per parameter; the first study (2026-11-25_MoE_vs_Dense_Study) at 2.5.
 
     sh ../shared/data/proxy_sp1024/prepare.sh /tmp/proxy          # the corpus, outside the repository
-    python3 tools/moe_regime.py run --data /tmp/proxy \\
+    python3 -m tools.studies.moe_regime run --data /tmp/proxy \\
         --out records/track_non_record_16mb/2026-12-03_MoE_Regime_Study
-    python3 tools/moe_regime.py run ... --stages sweep --budgets 10   # only part of the plan, in its order
-    python3 tools/moe_regime.py run ... --dry-run                     # the runs it would start
-    python3 tools/moe_regime.py collect --data /tmp/proxy --out FOLDER  # manifest, results.md, plot
+    python3 -m tools.studies.moe_regime run ... --stages sweep --budgets 10   # part of the plan, in order
+    python3 -m tools.studies.moe_regime run ... --dry-run                     # the runs it would start
+    python3 -m tools.studies.moe_regime collect --data /tmp/proxy --out FOLDER  # manifest, results, plots
 
 The plan (plan.md in the folder, committed before the first run) fixes the stages, in this order:
 sweep (dense and soft4 at every budget), designs (per-pass routing and its control at 100), qat (the
@@ -20,7 +20,7 @@ step-time ratio (--topk-time-ratio). Every schedule of train_gpt.py is a fractio
 The sweep runs the folder's train_gpt.py (copied at the first run). The other stages need knobs the
 sweep's script may lack (ROUTER_PER_PASS, QAT_START_FRAC); they run in FOLDER/designs/ on their own copy
 (--design-script), with their own dense and soft4 controls, so no comparison mixes two scripts.
-Resumable like tools/moe_study.py: a run whose log is complete is skipped, a failed or interrupted one is
+Resumable (tools/studies/runner.py): a run whose log is complete is skipped, a failed or interrupted one is
 set aside in runs/failed/ and tried again. Consecutive stages in one folder share one queue (the plan's
 order, --jobs at a time), so no core idles at a stage's end.
 """
@@ -31,22 +31,29 @@ import argparse
 import json
 import math
 import re
-import signal
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import moe_study  # noqa: E402  (tools/ modules import each other by name when run as scripts)
-import proxy_study  # noqa: E402
-import records  # noqa: E402
-from common import MOE_PRESETS, cell, mean_std, sha256_file  # noqa: E402
+from tools import records
+from tools.common import MOE_PRESETS, REPO, StudyError, cell, sha256_file
+from tools.stats import holm, line_fit, mean_difference, mean_std
+from tools.studies import proxy_study, runner
+from tools.studies.runner import (
+    NON_RECORD_TRACK,
+    SCRIPT,
+    Stage,
+    pm,
+    pval,
+    runs_dir,
+    say,
+    shown_folder,
+    signed,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 TAG = "regime"
-StudyError = moe_study.StudyError
 
 # The record stack scaled to 3 layers x 64 (201,826 parameters with the dense MLP): XSA in every layer,
 # parallel lanes in the last, the middle layer looped once more after 35% of the run (so per-pass routing
@@ -145,6 +152,9 @@ HOLM_FAMILY = {
 DESIGN_FOLDER = "designs"  # the stages after the sweep, on their own script
 BUDGET_JSON = "budget.json"
 PLOT = "gap-vs-tokens-per-param.png"
+# results.md's first line: the owner mark (the tool's name when the committed study was written; collect
+# refuses to overwrite a results.md without it)
+MARKER = "<!-- written by tools/moe_regime.py from the logs in runs/; rerun `collect` to refresh -->"
 PER_PASS_PLOT = "per-pass-routing.png"
 PER_PASS_CONFIG = "perpass_tpp100"  # the designs stage's arm with one router per pass of the looped layer
 # a set-aside run keeps only its reason.json, which holds the tail of its log
@@ -226,14 +236,6 @@ def script_knobs(script: Path) -> set[str]:
 # ---------------------------------------------------------------------------- planning
 
 
-@dataclass
-class Stage:
-    name: str
-    folder: Path
-    script: Path  # the script to copy into the folder (or the folder's copy)
-    runs: list
-
-
 def budget_info(args, folder: Path, script: Path, common: dict[str, str]) -> dict:
     """Dense's parameter count and every budget's ITERATIONS, counted once per folder (budget.json)."""
     path = folder / BUDGET_JSON
@@ -259,25 +261,15 @@ def budget_info(args, folder: Path, script: Path, common: dict[str, str]) -> dic
 
 
 def plan(args) -> tuple[list[Stage], dict[str, str]]:
-    data = Path(args.data).resolve()
-    tokenizer = Path(args.tokenizer or data / "proxy_1024_bpe.model").resolve()
-    if not data.is_dir():
-        raise StudyError(f"--data {args.data}: no such folder (unpack the proxy corpus with its prepare.sh)")
-    if not tokenizer.is_file():
-        raise StudyError(f"--tokenizer {tokenizer}: no such file")
-    seeds = moe_study.parse_seeds("--seeds", args.seeds)
+    corpus = runner.corpus_env(args)
+    seeds = runner.parse_seeds("--seeds", args.seeds)
     budgets = parse_budgets(args.budgets)
-    common = {
-        "DATA_PATH": str(data),
-        "TOKENIZER_PATH": str(tokenizer),
-        **REGIME_SHAPE,
-        "OMP_NUM_THREADS": "1",
-    }
+    common = {**corpus, **REGIME_SHAPE, "OMP_NUM_THREADS": "1"}
     stages = []
     for name in parse_stages(args.stages):
         folder = args.out if name == "sweep" else args.out / DESIGN_FOLDER
         given = args.script if name == "sweep" else args.design_script
-        copy = folder / moe_study.SCRIPT
+        copy = folder / SCRIPT
         script = copy if copy.is_file() else given
         entries = [(arm, b) for arm, b in STAGES[name] if b in budgets]
         if not entries:
@@ -296,12 +288,12 @@ def plan(args) -> tuple[list[Stage], dict[str, str]]:
         elif any(ARMS[arm].time_matched for arm, _ in entries) and not args.topk_time_ratio:
             blocked = (
                 "stage topk_time: --topk-time-ratio is required: dense's ms/step over topk4's, measured "
-                "alone at this shape (tools/moe_study.py speed with --env for the regime shape)"
+                "alone at this shape (tools.studies.moe_study speed with --env for the regime shape)"
             )
         if blocked and (args.stages != ",".join(STAGES) or args.command == "collect" and name == "sweep"):
             raise StudyError(blocked)  # asked for by name: a refusal, not a skip
         if blocked:
-            moe_study.say(f"{blocked}: not run yet (the whole plan was asked for)")
+            say(f"{blocked}: not run yet (the whole plan was asked for)")
             continue
         if args.topk_time_ratio is not None and not 0.2 <= args.topk_time_ratio <= 5:
             raise StudyError(f"--topk-time-ratio {args.topk_time_ratio}: expected a measured ratio in 0.2..5")
@@ -312,10 +304,7 @@ def plan(args) -> tuple[list[Stage], dict[str, str]]:
             if ARMS[arm].time_matched:
                 steps = round(steps * args.topk_time_ratio)
             configs[f"{arm}_tpp{budget}"] = {**ARMS[arm].env, "ITERATIONS": str(steps)}
-        try:
-            runs = proxy_study.plan_runs(configs, seeds, common, TAG, moe_study.runs_dir(folder))
-        except proxy_study.StudyError as err:
-            raise StudyError(str(err)) from None
+        runs = proxy_study.plan_runs(configs, seeds, common, TAG, runs_dir(folder))
         order = {key: i for i, key in enumerate(configs)}
         runs.sort(key=lambda r: (budget_of(r.name), seeds.index(r.seed), order[r.name]))
         stages.append(Stage(name, folder, given if given and given.is_file() else script, runs))
@@ -333,43 +322,9 @@ def arm_of(config: str) -> str:
 # ---------------------------------------------------------------------------- running
 
 
-def folder_groups(stages: list[Stage]) -> list[list[Stage]]:
-    """Consecutive stages in one folder, together: they share one queue, so the last run of a stage does
-    not train alone while the next stage waits (at most --jobs runs at a time still, in the plan's order)."""
-    groups: list[list[Stage]] = []
-    for stage in stages:
-        if groups and groups[-1][0].folder == stage.folder:
-            groups[-1].append(stage)
-        else:
-            groups.append([stage])
-    return groups
-
-
 def run_stages(args, stages: list[Stage]) -> int:
-    status = 0
-    for group in folder_groups(stages):
-        folder = group[0].folder
-        logs = moe_study.runs_dir(folder)
-        todo = []
-        for stage in group:
-            missing = [run for run in stage.runs if moe_study.finished(run, logs) is None]
-            moe_study.say(
-                f"stage {stage.name}: {len(stage.runs)} runs planned, {len(stage.runs) - len(missing)} "
-                f"finished, {len(missing)} to run, {args.jobs} at a time"
-            )
-            if args.dry_run:
-                for run in missing:
-                    moe_study.say(proxy_study.shell_line(run, [args.python, str(folder / moe_study.SCRIPT)]))
-            todo += missing
-        if args.dry_run or not todo:
-            continue
-        # the same bytes for every stage of the folder, or a refusal before any run starts
-        script = [moe_study.prepare_script(folder, stage.script) for stage in group][0]
-        logs.mkdir(parents=True, exist_ok=True)
-        (folder / ".gitignore").write_text(GITIGNORE)
-        with moe_study.folder_lock(logs):
-            status = moe_study.run_missing(args, todo, script, logs) or status
-    return status
+    """The plan's stages on the shared queue; each folder keeps its artifacts and partial logs out of git."""
+    return runner.run_stages(args, stages, GITIGNORE)
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -387,7 +342,7 @@ def entry_results(runs: list, logs: Path, params_dense: int) -> dict[str, dict]:
         entry = dict(
             arm=arm_of(config),
             budget=budget_of(config),
-            env={k: v for k, v in moe_study.arm_env(run).items() if k not in REGIME_SHAPE},
+            env={k: v for k, v in runner.arm_env(run).items() if k not in REGIME_SHAPE},
             iterations=steps,
             train_tokens=tokens,
             seeds=[r["seed"] for r in ok],
@@ -419,51 +374,33 @@ def entry_results(runs: list, logs: Path, params_dense: int) -> dict[str, dict]:
 
 def gap(arm: dict, control: dict, key: str) -> dict:
     """Arm minus control (mean), its standard error, and one-sided Welch p both ways."""
-    a = [v for v in arm[key] if v is not None]
-    c = [v for v in control[key] if v is not None]
-    if len(a) < 2 or len(c) < 2:
-        return dict(gap=None, se=None, p_better=None, p_worse=None, n=[len(a), len(c)])
-    tests = moe_study.welch(c, a)
-    se = math.sqrt(mean_std(a)[1] ** 2 / len(a) + mean_std(c)[1] ** 2 / len(c))
-    return dict(
-        gap=mean_std(a)[0] - mean_std(c)[0],
-        se=se,
-        p_better=tests["p_better"],
-        p_worse=tests["p_worse"],
-        n=[len(a), len(c)],
-    )
+    return mean_difference(arm[key], control[key])
+
+
+# plan.md registers "the slope's 95% interval" of the trend; collect has read it with the normal quantile
+# 1.96 (inverse-variance weights taken as known variances) since the first run, and the registered
+# verdict keeps it. With three budgets the t interval on the residuals has one degree of freedom and is
+# over ten times as wide: the study's README lists it as a correction.
+TREND_Z = 1.96
 
 
 def trend(points: list[tuple[float, float, float]]) -> dict:
     """Weighted least squares of the gap on log10(tokens per parameter), weights 1/se^2: the slope per
-    decade, its 95% interval, and what it says (toward the MoE arm, toward dense, or within noise)."""
+    decade, its 95% interval (TREND_Z), and what it says (toward the MoE arm, toward dense, or within
+    noise)."""
     usable = [(math.log10(x), g, se) for x, g, se in points if g is not None and se]
     if len(usable) < 2:
         return dict(slope=None, ci=None, reading="too few budgets with 2+ seeds per arm")
-    w = [1 / se**2 for _, _, se in usable]
-    xm = sum(wi * x for wi, (x, _, _) in zip(w, usable)) / sum(w)
-    ym = sum(wi * g for wi, (_, g, _) in zip(w, usable)) / sum(w)
-    sxx = sum(wi * (x - xm) ** 2 for wi, (x, _, _) in zip(w, usable))
-    slope = sum(wi * (x - xm) * (g - ym) for wi, (x, g, _) in zip(w, usable)) / sxx
-    half = 1.96 / math.sqrt(sxx)
-    ci = [slope - half, slope + half]
+    fit = line_fit([x for x, _, _ in usable], [g for _, g, _ in usable], [1 / se**2 for _, _, se in usable])
+    half = TREND_Z / math.sqrt(fit.sxx)
+    ci = [fit.slope - half, fit.slope + half]
     if ci[1] < 0:
         reading = "the gap moves toward the MoE arm as tokens per parameter grow"
     elif ci[0] > 0:
         reading = "the gap moves toward dense as tokens per parameter grow"
     else:
         reading = "the gap holds (its slope is within noise)"
-    return dict(slope=slope, ci=ci, reading=reading)
-
-
-def holm(pvalues: dict[str, float | None]) -> dict[str, float | None]:
-    """Holm-adjusted p-values over one family of comparisons (None stays None, and is not counted)."""
-    known = sorted((p, k) for k, p in pvalues.items() if p is not None)
-    adjusted, running = {k: None for k in pvalues}, 0.0
-    for i, (p, k) in enumerate(known):
-        running = max(running, min(1.0, (len(known) - i) * p))
-        adjusted[k] = running
-    return adjusted
+    return dict(slope=fit.slope, ci=ci, reading=reading)
 
 
 def bytes_match(ratio: float | None) -> bool:
@@ -579,7 +516,7 @@ def build_manifest(args, stages: list[Stage], common: dict[str, str]) -> dict:
         ),
         shape=dict(REGIME_SHAPE),
         real_run_tokens_per_param=REAL_RUN_TOKENS_PER_PARAM,
-        seeds=moe_study.parse_seeds("--seeds", args.seeds),
+        seeds=runner.parse_seeds("--seeds", args.seeds),
         stages={},
         command=reproduce_command(args),
     )
@@ -590,7 +527,7 @@ def build_manifest(args, stages: list[Stage], common: dict[str, str]) -> dict:
             if (stage.folder / BUDGET_JSON).is_file()
             else {}
         )
-        entries = entry_results(stage.runs, moe_study.runs_dir(stage.folder), info.get("dense_params"))
+        entries = entry_results(stage.runs, runs_dir(stage.folder), info.get("dense_params"))
         pool = folder_entries.setdefault(stage.folder, {})
         pool.update(entries)
         comparisons = {}
@@ -639,26 +576,20 @@ def build_manifest(args, stages: list[Stage], common: dict[str, str]) -> dict:
     return manifest
 
 
-def shown_folder(args) -> Path:
-    """The study folder as the commands print it: relative to the repository where it lies inside."""
-    out = Path(args.out)
-    return out.relative_to(REPO) if out.is_relative_to(REPO) else out
-
-
 def reproduce_command(args) -> str:
-    shown = shown_folder(args)
+    shown = shown_folder(args.out)
     extra = "" if args.stages == ",".join(STAGES) else f" --stages {args.stages}"
     extra += "" if args.budgets == ",".join(map(str, BUDGETS)) else f" --budgets {args.budgets}"
     extra += f" --topk-time-ratio {args.topk_time_ratio}" if args.topk_time_ratio else ""
     return (
-        f"python3 tools/moe_regime.py run --data {args.data} --out {shown} --seeds {args.seeds} "
-        f"--jobs {args.jobs}{extra} --script {shown}/{moe_study.SCRIPT}"
+        f"python3 -m tools.studies.moe_regime run --data {args.data} --out {shown} --seeds {args.seeds} "
+        f"--jobs {args.jobs}{extra} --script {shown}/{SCRIPT}"
     )
 
 
 def results_text(manifest: dict) -> str:
     lines = [
-        moe_study.MARKER.replace("moe_study.py", "moe_regime.py"),
+        MARKER,
         "# Results as the logs stand (proxy corpus, not FineWeb)",
         "",
         "Round-trip val_bpb of the quantized artifact on the first 262,144 proxy validation tokens; mean ± "
@@ -680,8 +611,8 @@ def results_text(manifest: dict) -> str:
         for entry in stage["entries"].values():
             lines.append(
                 f"| {entry['arm']} | {cell(entry['tokens_per_param'], 1)} | {entry['iterations']} | "
-                f"{len(entry['seeds'])} | {moe_study.pm(entry, 'val_bpb')} | "
-                f"{moe_study.pm(entry, 'pre_quant_val_bpb')} | {cell(entry['artifact_bytes_mean'], 0)} | "
+                f"{len(entry['seeds'])} | {pm(entry, 'val_bpb')} | "
+                f"{pm(entry, 'pre_quant_val_bpb')} | {cell(entry['artifact_bytes_mean'], 0)} | "
                 f"{cell(entry['ms_per_step_mean'], 1)} | {len(entry['missing'])} |"
             )
         if stage["comparisons"]:
@@ -748,14 +679,6 @@ def verdict_lines(verdict: dict) -> list[str]:
             f"(p that QAT shrank it {pval(change['p_better'])})"
         )
     return lines
-
-
-def signed(value) -> str:
-    return "-" if value is None else f"{value:+.4f}"
-
-
-def pval(value) -> str:
-    return "-" if value is None else f"{value:.3g}"
 
 
 def gap_plot(manifest: dict, path: Path) -> bool:
@@ -922,18 +845,6 @@ def shipping_choice(manifest: dict) -> tuple[str, list[dict]] | None:
     return None
 
 
-def remove_packed(folder: Path) -> None:
-    """Delete a shipped folder that an earlier collect packed, file by file, only if every file in it is
-    one pack wrote and nobody edited since (records.files_to_replace refuses otherwise)."""
-    written = records.files_to_replace(folder, set())
-    left = sorted(p.name for p in folder.iterdir() if p.name not in written)
-    if left:
-        raise StudyError(f"{folder}: holds files collect did not write ({', '.join(left)}); move them away")
-    for name in written:
-        (folder / name).unlink()
-    folder.rmdir()
-
-
 def shipped_about(entry: dict, folder: str, arms: int) -> str:
     """The opening of a shipped folder's README: what the model is and where its study is."""
     logs = "runs/" if folder == "." else f"{folder}/runs/"
@@ -954,7 +865,7 @@ def ship(args, manifest: dict) -> list[Path]:
     on the study folder verifies them). -> the packed folders."""
     choice = shipping_choice(manifest)
     if choice is None:
-        moe_study.say(
+        say(
             "nothing shipped: no stage has dense and a byte-matched MoE arm with every seed at "
             f"{DESIGN_BUDGET} tokens per parameter"
         )
@@ -964,22 +875,23 @@ def ship(args, manifest: dict) -> list[Path]:
     keep = {e["arm"] for e in entries}
     for stale in sorted(shipped.glob("*")) if shipped.is_dir() else []:
         if stale.name not in keep:
-            remove_packed(stale)
+            runner.remove_packed(stale)
     packed = []
     for entry in entries:
         target = shipped / entry["arm"]
         packed.append(target)
-        if packed_from(target, args.out / folder, entry):
-            moe_study.say(f"{target}: already packed from these logs and this script; kept")
+        if runner.packed_from(target, pack_sources(args.out / folder, entry)):
+            say(f"{target}: already packed from these logs and this script; kept")
             continue
         with tempfile.TemporaryDirectory(prefix="moe_regime_") as tmp:
             about = Path(tmp) / "about.md"
             about.write_text(shipped_about(entry, folder, len(entries)))
-            records.pack(records.build_parser().parse_args(pack_argv(args, manifest, entry, folder, about)))
+            records.pack(**pack_options(args, manifest, entry, folder, about))
     return packed
 
 
 TOP_LEVEL_ARM = "dense"  # the study's recommendation (MOE_MODE=none): its runs stand for the folder
+# submission.json's written_by: the owner mark the committed folder holds (collect overwrites only its own)
 TOP_LEVEL_WRITER = "tools/moe_regime.py collect"
 
 
@@ -1000,99 +912,42 @@ def top_level_layout(out: Path, manifest: dict) -> list[Path]:
         f"and findings.md, the models in {SHIPPED}/"
     )
     logs = [out / log for log in entry["logs"]]
-    return write_top_level(out, entry["seeds"], logs, blurb, TOP_LEVEL_WRITER)
+    token_limit = int(REGIME_SHAPE["VAL_TOKEN_LIMIT"])
+    return runner.write_top_level(out, entry["seeds"], logs, blurb, TOP_LEVEL_WRITER, token_limit)
 
 
-def write_top_level(out: Path, seeds: list[int], logs: list[Path], blurb: str, writer: str) -> list[Path]:
-    """A study folder's top level as the community validator reads it: copies of the given runs' logs as
-    train_seed<N>.txt (and .jsonl) and a submission.json with their mean round-trip val_bpb, naming the
-    study (manifest.json). Refuses to overwrite a submission.json that `writer` did not write."""
-    target = out / records.SUBMISSION
-    if target.is_file() and json.loads(target.read_text(encoding="utf-8")).get("written_by") != writer:
-        raise StudyError(f"{target} exists and was not written by {writer}; move it away")
-    written, results = [], {}
-    for seed, log in zip(seeds, logs):
-        name = f"train_seed{seed}.txt"
-        for suffix in (".txt", ".jsonl"):
-            source = log.with_suffix(suffix)
-            if source.is_file():
-                (out / name).with_suffix(suffix).write_bytes(source.read_bytes())
-                written.append((out / name).with_suffix(suffix))
-        summary = moe_study.runlog.read(out / name).summary()
-        results[str(seed)] = dict(
-            val_bpb=summary["final_val_bpb"],
-            val_loss=summary["final_val_loss"],
-            steps=summary["steps"],
-            log=name,
-        )
-    bpb = [r["val_bpb"] for r in results.values()]
-    sub = dict(
-        name=out.name,
-        date=out.name[:10],
-        track=records.TRACKS[1],
-        blurb=blurb,
-        val_bpb=mean_std(bpb)[0],
-        val_bpb_std=mean_std(bpb)[1],
-        seeds=list(seeds),
-        seed_results=results,
-        partial_eval=dict(val_token_limit=int(REGIME_SHAPE["VAL_TOKEN_LIMIT"])),
-        study="manifest.json",
-        not_fineweb=True,
-        written_by=writer,
-    )
-    target.write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
-    return [*written, target]
-
-
-def packed_from(target: Path, stage_folder: Path, entry: dict) -> bool:
-    """Whether target is a folder pack wrote, unedited since, from exactly this entry's logs and its stage's
-    script. Run artifacts stay out of git, so a fresh checkout can collect again without repacking."""
-    try:
-        written = json.loads((target / records.SUBMISSION).read_text(encoding="utf-8"))["packed_files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    expected = {records.SCRIPT: stage_folder / moe_study.SCRIPT}
+def pack_sources(stage_folder: Path, entry: dict) -> dict[str, Path]:
+    """A shipped folder's files that pack copies, by name in the folder: its stage's script and logs."""
+    sources = {SCRIPT: stage_folder / SCRIPT}
     for seed, log in zip(entry["seeds"], entry["logs"]):
-        expected[f"train_seed{seed}.txt"] = stage_folder / log
-    logs_in_folder = {p.name for p in target.glob("train_seed*.txt")}
-    if logs_in_folder != {name for name in expected if name.startswith("train_seed")}:
-        return False
-    unedited = all(
-        (target / name).is_file() and sha256_file(target / name) == sha for name, sha in written.items()
-    )
-    return unedited and all(
-        name in written and source.is_file() and sha256_file(source) == written[name]
-        for name, source in expected.items()
-    )
+        sources[f"train_seed{seed}.txt"] = stage_folder / log
+    return sources
 
 
-def pack_argv(args, manifest: dict, entry: dict, folder: str, about: Path) -> list[str]:
-    """records.py pack's command line for one shipped arm: its stage's logs and script, its smallest
-    artifact."""
+def pack_options(args, manifest: dict, entry: dict, folder: str, about: Path) -> dict:
+    """records.pack's arguments for one shipped arm: its stage's logs and script, its smallest artifact."""
     stage_folder = args.out / folder
     target = args.out / SHIPPED / entry["arm"]
     date = args.out.name[:10] if re.fullmatch(r"\d{4}-\d{2}-\d{2}", args.out.name[:10]) else None
-    return [
-        "pack",
-        *(str(stage_folder / log) for log in entry["logs"]),
-        "--name", f"{args.out.name}_{entry['arm']}",
-        "--author", "moe_regime",
-        "--github-id", "moe_regime",
-        "--track", records.TRACKS[1],
-        "--blurb",
-        f"{entry['arm']} at {DESIGN_BUDGET} tokens per parameter, the smallest artifact of its "
+    return dict(
+        logs=[stage_folder / log for log in entry["logs"]],
+        name=f"{args.out.name}_{entry['arm']}",
+        author="moe_regime",
+        github_id="moe_regime",
+        track=NON_RECORD_TRACK,
+        blurb=f"{entry['arm']} at {DESIGN_BUDGET} tokens per parameter, the smallest artifact of its "
         f"{len(entry['seeds'])} seeds (MoE regime study; proxy corpus, not FineWeb)",
-        "--script", str(stage_folder / moe_study.SCRIPT),
-        "--folder", str(target),
-        "--ship", "smallest",
-        "--allow-partial-eval",
-        "--check-data", manifest["data"]["path"],
-        "--check-tokenizer", manifest["data"]["tokenizer"],
-        "--check-tokens", str(SHIPPED_CHECK_TOKENS),
-        "--about", str(about),
-        *(["--date", date] if date else []),
-        *(["--force"] if target.exists() else []),
-    ]  # fmt: skip
+        script=stage_folder / SCRIPT,
+        folder=target,
+        ship="smallest",
+        allow_partial_eval=True,
+        check_data=manifest["data"]["path"],
+        check_tokenizer=manifest["data"]["tokenizer"],
+        check_tokens=SHIPPED_CHECK_TOKENS,
+        about=about,
+        date=date,
+        force=target.exists(),
+    )
 
 
 def finalize(args, stages: list[Stage], common: dict[str, str]) -> int:
@@ -1102,7 +957,7 @@ def finalize(args, stages: list[Stage], common: dict[str, str]) -> int:
     manifest["per_pass_routing"] = None
     for stage in stages:
         entry = manifest["stages"][stage.name]["entries"].get(PER_PASS_CONFIG)
-        routing = pass_routing(moe_study.runs_dir(stage.folder), entry["runs"]) if entry else None
+        routing = pass_routing(runs_dir(stage.folder), entry["runs"]) if entry else None
         if routing:
             pass_routing_plot(routing, args.out / PER_PASS_PLOT)
             manifest["per_pass_routing"] = dict(routing, plot=PER_PASS_PLOT)
@@ -1120,17 +975,14 @@ def finalize(args, stages: list[Stage], common: dict[str, str]) -> int:
 
 def verify_shipped(args) -> int:
     """records.py verify's quick check (and probes) on the shipped folders. -> 1 if a check fails."""
-    opts = records.build_parser().parse_args(
-        ["verify", str(args.out), "--token-limit", str(SHIPPED_CHECK_TOKENS)]
-    )
-    failed = [c for c in records.verify(opts) if c.status == "FAIL"]
+    failed = [c for c in records.verify(args.out, token_limit=SHIPPED_CHECK_TOKENS) if c.status == "FAIL"]
     for check in failed:
         print(check, file=sys.stderr)
-    moe_study.say(
+    say(
         f"shipped folders: {len(failed)} failed checks"
         if failed
         else f"shipped folders verified (quick check on {SHIPPED_CHECK_TOKENS} tokens, probes); the full "
-        f"re-score: python3 tools/records.py verify {shown_folder(args)} --data {args.data}"
+        f"re-score: python3 -m tools.records verify {shown_folder(args.out)} --data {args.data}"
     )
     return 1 if failed else 0
 
@@ -1145,29 +997,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "command", choices=("run", "collect"), help="run what is missing then collect; or collect only"
     )
-    parser.add_argument("--data", required=True, help="the unpacked proxy corpus (prepare.sh DEST)")
-    parser.add_argument("--tokenizer", help="default DATA/proxy_1024_bpe.model")
-    parser.add_argument("--out", required=True, type=Path, help="the study folder")
-    parser.add_argument("--seeds", default="1337,1338,1339")
+    runner.add_common_arguments(parser)
     parser.add_argument(
         "--stages", default=",".join(STAGES), help=f"of {', '.join(STAGES)}; run in that order"
     )
     parser.add_argument(
         "--budgets", default=",".join(map(str, BUDGETS)), help="tokens per parameter, of 10,30,100"
     )
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
-    parser.add_argument(
-        "--script", type=Path, default=REPO / moe_study.SCRIPT, help="the sweep's train_gpt.py"
-    )
+    parser.add_argument("--script", type=Path, default=REPO / SCRIPT, help="the sweep's train_gpt.py")
     parser.add_argument("--design-script", type=Path, help="the train_gpt.py of the stages after the sweep")
     parser.add_argument(
         "--topk-time-ratio", type=float, help="dense ms/step over topk4 ms/step, measured alone"
     )
-    parser.add_argument("--python", default=sys.executable)
-    parser.add_argument(
-        "--timeout", type=float, help="seconds before a run is stopped and recorded as failed"
-    )
-    parser.add_argument("--dry-run", action="store_true", help="print the runs to start, run nothing")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
     args.script = args.script.resolve()
@@ -1175,20 +1016,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def study(args: argparse.Namespace) -> int:
+    stages, common = plan(args)
+    status = run_stages(args, stages) if args.command == "run" else 0
+    if args.dry_run:
+        return status
+    return finalize(args, stages, common) or status
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, moe_study.interrupt)  # a stopped study stops its runs too
-    try:
-        if args.jobs < 1:
-            raise StudyError(f"--jobs {args.jobs}: must be at least 1")
-        stages, common = plan(args)
-        status = run_stages(args, stages) if args.command == "run" else 0
-        if args.dry_run:
-            return status
-        return finalize(args, stages, common) or status
-    except (StudyError, records.RecordError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return runner.main(parse_args(argv), study)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,10 @@
 ratio (topk4 ms/step over dense ms/step) below which topk4 beats dense at equal wall clock.
 
     sh ../shared/data/proxy_sp1024/prepare.sh /tmp/proxy          # the corpus, outside the repository
-    python3 tools/moe_breakeven.py run --data /tmp/proxy \\
+    python3 -m tools.studies.moe_breakeven run --data /tmp/proxy \\
         --out records/track_non_record_16mb/2026-12-07_MoE_BreakEven_Study
-    python3 tools/moe_breakeven.py run ... --dry-run                     # the runs it would start
-    python3 tools/moe_breakeven.py collect --data /tmp/proxy --out FOLDER  # manifest, results.md, plot
+    python3 -m tools.studies.moe_breakeven run ... --dry-run      # the runs it would start
+    python3 -m tools.studies.moe_breakeven collect --data /tmp/proxy --out FOLDER  # manifest, results, plot
 
 The plan (plan.md in the folder, committed before the first run) fixes the arms, seeds and rules. Dense and
 topk4 at 1.0848x (the regime study's `topk4_equal_time`) are not rerun: their logs are read from the regime
@@ -17,23 +17,19 @@ the regime study: a finished run is skipped, an interrupted one set aside in run
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
-import signal
 import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import moe_regime  # noqa: E402  (tools/ modules import each other by name when run as scripts)
-import moe_study  # noqa: E402
-import proxy_study  # noqa: E402
-import records  # noqa: E402
-from common import MOE_PRESETS, StudyError, mean_std, sha256_file  # noqa: E402
+from tools.common import MOE_PRESETS, REPO, StudyError, sha256_file
+from tools.stats import holm, inverse_prediction, line_fit, mean_difference, mean_std
+from tools.studies import moe_regime, proxy_study, runner
+from tools.studies.runner import SCRIPT, pval, runs_dir, say, signed
 
-REPO = Path(__file__).resolve().parents[1]
 TAG = "breakeven"
 REGIME = REPO / "records/track_non_record_16mb/2026-12-03_MoE_Regime_Study"
 REGIME_STAGE = (
@@ -58,28 +54,15 @@ def steps_for(multiple: float) -> int:
 
 
 def common_env(args) -> dict[str, str]:
-    data = Path(args.data).resolve()
-    tokenizer = Path(args.tokenizer or data / "proxy_1024_bpe.model").resolve()
-    if not data.is_dir():
-        raise StudyError(f"--data {args.data}: no such folder (unpack the proxy corpus with its prepare.sh)")
-    if not tokenizer.is_file():
-        raise StudyError(f"--tokenizer {tokenizer}: no such file")
-    return {
-        "DATA_PATH": str(data),
-        "TOKENIZER_PATH": str(tokenizer),
-        **moe_regime.REGIME_SHAPE,
-        "OMP_NUM_THREADS": "1",
-    }
+    return {**runner.corpus_env(args), **moe_regime.REGIME_SHAPE, "OMP_NUM_THREADS": "1"}
 
 
 def regime_script(args) -> Path:
     """The regime design stage's script: this study's runs must be byte-identical to its dense runs'."""
-    script = args.regime / REGIME_STAGE / moe_study.SCRIPT
+    script = args.regime / REGIME_STAGE / SCRIPT
     budget = args.regime / REGIME_STAGE / moe_regime.BUDGET_JSON
     if not script.is_file() or not budget.is_file():
-        raise StudyError(
-            f"--regime {args.regime}: no {REGIME_STAGE}/{moe_study.SCRIPT} and budget.json there"
-        )
+        raise StudyError(f"--regime {args.regime}: no {REGIME_STAGE}/{SCRIPT} and budget.json there")
     info = json.loads(budget.read_text())
     if info["iterations"]["100"] != DENSE_STEPS or info["script_sha256"] != sha256_file(script):
         raise StudyError(f"{budget}: not the budget this plan was written for ({DENSE_STEPS} dense steps)")
@@ -88,28 +71,17 @@ def regime_script(args) -> Path:
 
 def planned_runs(args, common: dict[str, str]) -> list[proxy_study.Run]:
     """Seed by seed, the multiples ascending within a seed (plan.md's order)."""
-    seeds = moe_study.parse_seeds("--seeds", args.seeds)
+    seeds = runner.parse_seeds("--seeds", args.seeds)
     configs = {arm: {**MOE_PRESETS["topk4"], "ITERATIONS": str(steps_for(m))} for arm, m in MULTIPLES.items()}
-    runs = proxy_study.plan_runs(configs, seeds, common, TAG, moe_study.runs_dir(args.out))
+    runs = proxy_study.plan_runs(configs, seeds, common, TAG, runs_dir(args.out))
     order = list(MULTIPLES)
     return sorted(runs, key=lambda r: (seeds.index(r.seed), order.index(r.name)))
 
 
 def run(args, runs: list[proxy_study.Run], script: Path) -> int:
-    logs = moe_study.runs_dir(args.out)
-    todo = [r for r in runs if moe_study.finished(r, logs) is None]
-    moe_study.say(f"{len(runs)} runs planned, {len(runs) - len(todo)} finished, {len(todo)} to run")
-    if args.dry_run:
-        for r in todo:
-            moe_study.say(proxy_study.shell_line(r, [args.python, str(args.out / moe_study.SCRIPT)]))
-        return 0
-    if not todo:
-        return 0
-    copy = moe_study.prepare_script(args.out, script)
-    logs.mkdir(parents=True, exist_ok=True)
-    (args.out / ".gitignore").write_text(moe_regime.GITIGNORE)
-    with moe_study.folder_lock(logs):
-        return moe_study.run_missing(args, todo, copy, logs)
+    """The plan's runs as one stage in the folder, on its copy of the regime design stage's script."""
+    stage = runner.Stage("breakeven", args.out, script, runs)
+    return runner.run_stages(args, [stage], moe_regime.GITIGNORE)
 
 
 # ---------------------------------------------------------------------------- the runs' results
@@ -140,7 +112,7 @@ def arm_rows(runs: list[proxy_study.Run], logs: Path, steps: int) -> dict:
 
 
 def all_arms(args, seeds: list[int]) -> dict[str, dict]:
-    regime_logs = moe_study.runs_dir(args.regime / REGIME_STAGE)
+    regime_logs = runs_dir(args.regime / REGIME_STAGE)
     equal_time_steps = round(DENSE_STEPS * 1.085)  # the regime study's measured CPU time ratio
     arms = {
         "dense": arm_rows(arm_runs("dense_tpp100", DENSE_RUN, seeds), regime_logs, DENSE_STEPS),
@@ -148,7 +120,7 @@ def all_arms(args, seeds: list[int]) -> dict[str, dict]:
             arm_runs("topk4_equal_time_tpp100", EQUAL_TIME_RUN, seeds), regime_logs, equal_time_steps
         ),
     }
-    logs = moe_study.runs_dir(args.out)
+    logs = runs_dir(args.out)
     for arm, multiple in MULTIPLES.items():
         arms[arm] = arm_rows(arm_runs(arm, f"{TAG}_{arm}_s{{seed}}", seeds), logs, steps_for(multiple))
     return arms
@@ -157,27 +129,14 @@ def all_arms(args, seeds: list[int]) -> dict[str, dict]:
 # ---------------------------------------------------------------------------- statistics
 
 
-def line_fit(x: list[float], y: list[float]) -> dict:
-    """Ordinary least squares y = a + b x, with what the intervals need."""
-    xs, ys = np.asarray(x), np.asarray(y)
-    xbar = float(xs.mean())
-    sxx = float(((xs - xbar) ** 2).sum())
-    b = float(((xs - xbar) * (ys - ys.mean())).sum() / sxx)
-    a = float(ys.mean() - b * xbar)
-    rss = float(((ys - a - b * xs) ** 2).sum())
-    return dict(a=a, b=b, xbar=xbar, sxx=sxx, rss=rss, n=len(xs))
-
-
 def slope_interval(x: list[float], y: list[float]) -> dict:
     """The slope of y on x with its 95% t interval (n - 2 degrees of freedom), and its sign's reading."""
     if len(x) < 3 or len(set(x)) < 2:
         return dict(slope=None, ci=None, reading="too few runs")
     fit = line_fit(x, y)
-    se = math.sqrt(fit["rss"] / (fit["n"] - 2) / fit["sxx"])
-    half = stats.t.ppf(1 - ALPHA / 2, fit["n"] - 2) * se
-    ci = [fit["b"] - half, fit["b"] + half]
+    ci = fit.slope_interval(ALPHA)
     reading = "shrinks" if ci[1] < 0 else "grows" if ci[0] > 0 else "holds"
-    return dict(slope=fit["b"], ci=ci, reading=reading, df=fit["n"] - 2)
+    return dict(slope=fit.slope, ci=ci, reading=reading, df=fit.df)
 
 
 def break_even(points: list[tuple[float, float]], dense: list[float]) -> dict:
@@ -187,20 +146,14 @@ def break_even(points: list[tuple[float, float]], dense: list[float]) -> dict:
     fit = line_fit(x, [v for _, v in points])
     dense_mean = float(np.mean(dense))
     dense_ss = float(((np.asarray(dense) - dense_mean) ** 2).sum())
-    df = fit["n"] - 2 + len(dense) - 1
-    s2 = (fit["rss"] + dense_ss) / df
-    t = float(stats.t.ppf(1 - ALPHA / 2, df))
-    a, b = fit["a"] - dense_mean, fit["b"]
-    point = math.exp(-a / b) if b < 0 else None
-    # (a + b x)^2 <= t^2 s2 (1/n + (x - xbar)^2 / sxx + 1/n_dense), a quadratic q2 x^2 + q1 x + q0 <= 0
-    k = t * t * s2
-    q2 = b * b - k / fit["sxx"]
-    q1 = 2 * a * b + 2 * k * fit["xbar"] / fit["sxx"]
-    q0 = a * a - k * (1 / fit["n"] + fit["xbar"] ** 2 / fit["sxx"] + 1 / len(dense))
-    interval = None
-    if q2 > 0 and b < 0:  # the slope is below 0 at the 95% level: a bounded interval
-        root = math.sqrt(max(q1 * q1 - 4 * q2 * q0, 0.0))
-        interval = sorted(math.exp((-q1 + sign * root) / (2 * q2)) for sign in (-1, 1))
+    df = fit.df + len(dense) - 1
+    s2 = (fit.rss + dense_ss) / df
+    gap_line = dataclasses.replace(fit, intercept=fit.intercept - dense_mean)  # topk4 minus dense's mean
+    a, b = gap_line.intercept, gap_line.slope
+    crossing, bounds = inverse_prediction(gap_line, ALPHA, s2, df, len(dense))
+    point = math.exp(crossing) if b < 0 else None
+    # bounded only where the slope is below 0 at the 95% level
+    interval = [math.exp(v) for v in bounds] if bounds is not None and b < 0 else None
     return dict(
         multiple=point,
         interval=interval,
@@ -236,8 +189,8 @@ def analyse(arms: dict[str, dict]) -> dict:
     """Every number plan.md's rules need, and the verdicts, from the arms' runs."""
     dense = arms["dense"]
     topk = {k: v for k, v in arms.items() if k != "dense"}
-    gaps = {arm: moe_regime.gap(entry, dense, "val_bpb") for arm, entry in topk.items()}
-    adjusted = moe_regime.holm({arm: gaps[arm]["p_better"] for arm in MULTIPLES})
+    gaps = {arm: mean_difference(entry["val_bpb"], dense["val_bpb"]) for arm, entry in topk.items()}
+    adjusted = holm({arm: gaps[arm]["p_better"] for arm in MULTIPLES})
     for arm in MULTIPLES:
         gaps[arm]["p_better_holm"] = adjusted[arm]
     for entry in arms.values():
@@ -261,14 +214,6 @@ def analyse(arms: dict[str, dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------- outputs
-
-
-def signed(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:+.{digits}f}"
-
-
-def pval(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3g}"
 
 
 def results_text(manifest: dict) -> str:
@@ -387,13 +332,11 @@ def gap_plot(manifest: dict, path: Path) -> bool:
 
 
 def collect(args) -> int:
-    seeds = moe_study.parse_seeds("--seeds", args.seeds)
+    seeds = runner.parse_seeds("--seeds", args.seeds)
     arms = all_arms(args, seeds)
-    command = (
-        f"python3 tools/moe_breakeven.py collect --data {args.data} --out {args.out.relative_to(REPO)}"
-        if args.out.is_relative_to(REPO)
-        else "python3 tools/moe_breakeven.py collect"
-    )
+    command = "python3 -m tools.studies.moe_breakeven collect"
+    if args.out.is_relative_to(REPO):
+        command += f" --data {args.data} --out {args.out.relative_to(REPO)}"
     manifest = dict(
         study="break-even step multiple of topk4 vs dense",
         data="proxy corpus (not FineWeb)",
@@ -408,10 +351,11 @@ def collect(args) -> int:
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     (args.out / "results.md").write_text(results_text(manifest))
     top_level(args.out, arms["dense"])
-    moe_study.say(f"wrote {args.out / 'results.md'}")
+    say(f"wrote {args.out / 'results.md'}")
     return 0
 
 
+# submission.json's written_by: the owner mark the committed folder holds (collect overwrites only its own)
 TOP_LEVEL_WRITER = "tools/moe_breakeven.py collect"
 
 
@@ -426,7 +370,8 @@ def top_level(out: Path, dense: dict) -> list[Path]:
         "per parameter); the study is in plan.md, results.md and manifest.json"
     )
     logs = [REPO / log for log in dense["logs"]]
-    return moe_regime.write_top_level(out, dense["seeds"], logs, blurb, TOP_LEVEL_WRITER)
+    token_limit = int(moe_regime.REGIME_SHAPE["VAL_TOKEN_LIMIT"])
+    return runner.write_top_level(out, dense["seeds"], logs, blurb, TOP_LEVEL_WRITER, token_limit)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -434,39 +379,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("command", choices=("run", "collect"), help="run what is missing then collect")
-    parser.add_argument("--data", required=True, help="the unpacked proxy corpus (prepare.sh DEST)")
-    parser.add_argument("--tokenizer", help="default DATA/proxy_1024_bpe.model")
-    parser.add_argument("--out", required=True, type=Path, help="the study folder")
+    runner.add_common_arguments(parser)
     parser.add_argument(
         "--regime", type=Path, default=REGIME, help="the regime study's folder (dense's runs)"
     )
-    parser.add_argument("--seeds", default="1337,1338,1339")
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
-    parser.add_argument("--python", default=sys.executable)
-    parser.add_argument(
-        "--timeout", type=float, help="seconds before a run is stopped and recorded as failed"
-    )
-    parser.add_argument("--dry-run", action="store_true", help="print the runs to start, run nothing")
     args = parser.parse_args(argv)
     args.out, args.regime = args.out.resolve(), args.regime.resolve()
     return args
 
 
+def study(args: argparse.Namespace) -> int:
+    common = common_env(args)
+    script = regime_script(args)
+    status = run(args, planned_runs(args, common), script) if args.command == "run" else 0
+    if args.dry_run:
+        return status
+    return collect(args) or status
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, moe_study.interrupt)  # a stopped study stops its runs too
-    try:
-        if args.jobs < 1:
-            raise StudyError(f"--jobs {args.jobs}: must be at least 1")
-        common = common_env(args)
-        script = regime_script(args)
-        status = run(args, planned_runs(args, common), script) if args.command == "run" else 0
-        if args.dry_run:
-            return status
-        return collect(args) or status
-    except (StudyError, records.RecordError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return runner.main(parse_args(argv), study)
 
 
 if __name__ == "__main__":
