@@ -132,6 +132,22 @@ def test_the_path_edit_finder_finds_each_form():
     assert path_edits("import os\nos.path.join('a', 'b')\n") == []
 
 
+def test_library_code_calls_functions_not_command_lines():
+    """Outside a module's own main(), nothing builds an argument parser to call a library function
+    (records.pack(records.build_parser().parse_args([...])) was the old form)."""
+    offenders = []
+    for path in sorted([*(REPO / "tools").rglob("*.py"), *(REPO / "tests").glob("*.py")]):
+        relative = path.relative_to(REPO).as_posix()
+        if relative in STUDY_FILES:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            called = node.func if isinstance(node, ast.Call) else None
+            if isinstance(called, ast.Attribute) and called.attr == "build_parser":
+                if isinstance(called.value, ast.Name):  # another module's parser: records.build_parser()
+                    offenders.append(f"{relative}:{node.lineno}")
+    assert offenders == []
+
+
 def documented_commands() -> list[tuple[str, str]]:
     """(file, module) for each `python3 -m tools...` in the README, docs/ and the tools' own text."""
     found = []
