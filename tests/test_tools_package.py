@@ -11,20 +11,6 @@ import sys
 
 from conftest import REPO
 
-# The study modules (and their tests) still import their siblings by bare name after putting tools/ on
-# the import path; they move to tools/studies/ with absolute imports next, and leave this list then.
-STUDY_FILES = {
-    "tools/moe_study.py",
-    "tools/moe_regime.py",
-    "tools/moe_breakeven.py",
-    "tools/proxy_study.py",
-    "tools/sigma_pilot.py",
-    "tools/sigma_pilot.sh",
-    "tests/test_moe_study.py",
-    "tests/test_moe_regime.py",
-    "tests/test_moe_breakeven.py",
-    "tests/test_sigma_pilot.py",
-}
 MODULE_SECONDS = 15  # one module's own import, torch and train_gpt already loaded: a training takes minutes
 
 # Imports each module named in argv[3:] with stdout and stderr captured, torch and the trainer loaded first
@@ -62,7 +48,7 @@ def tools_modules() -> list[str]:
     names = []
     for path in sorted((REPO / "tools").rglob("*.py")):
         relative = path.relative_to(REPO)
-        if relative.as_posix() in STUDY_FILES or path.stem == "__main__":
+        if path.stem == "__main__":
             continue
         parts = relative.with_suffix("").parts
         names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
@@ -116,7 +102,7 @@ def test_no_file_of_tools_or_tests_edits_the_import_path():
     offenders = {}
     for path in sorted([*(REPO / "tools").rglob("*.py"), *(REPO / "tests").glob("*.py")]):
         relative = path.relative_to(REPO).as_posix()
-        if relative in STUDY_FILES or relative == "tests/test_tools_package.py":
+        if relative == "tests/test_tools_package.py":
             continue
         lines = path_edits(path.read_text(encoding="utf-8"))
         if lines:
@@ -138,8 +124,6 @@ def test_library_code_calls_functions_not_command_lines():
     offenders = []
     for path in sorted([*(REPO / "tools").rglob("*.py"), *(REPO / "tests").glob("*.py")]):
         relative = path.relative_to(REPO).as_posix()
-        if relative in STUDY_FILES:
-            continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             called = node.func if isinstance(node, ast.Call) else None
             if isinstance(called, ast.Attribute) and called.attr == "build_parser":
@@ -183,17 +167,16 @@ def runs_as_main(module: str) -> bool:
 def test_no_document_runs_a_tool_by_its_file_path():
     """Commands run modules from the repository root (`python3 -m tools.records`), never tools/x.py."""
     pattern = re.compile(r"python3? (?:\S+/)?tools/\S+\.py")
-    studies = tuple(f for f in STUDY_FILES if f.startswith("tools/"))  # their commands move with them
     offenders = []
     for path in [
         REPO / "README.md",
         *sorted((REPO / "docs").glob("*.md")),
         *sorted((REPO / "tools").rglob("*")),
     ]:
-        if path.suffix not in (".md", ".py", ".sh") or path.relative_to(REPO).as_posix() in STUDY_FILES:
+        if path.suffix not in (".md", ".py", ".sh"):
             continue
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if pattern.search(line) and not any(study in line for study in studies):
+            if pattern.search(line):
                 offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()[:90]}")
     assert offenders == [], "\n".join(offenders)
 

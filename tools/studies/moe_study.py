@@ -13,8 +13,8 @@ Resumable, one `run` at a time per folder, one script per folder: tools/studies/
 seed, so an unfinished study has whole seeds. Each run is STUDY_SHAPE plus the arm's knobs. Outputs, written
 from the logs at the end of `run` and by `collect` at any time (also while a `run` goes on):
 manifest.json, README.md, findings_data.md, submission.json + the smallest artifact of the best
-byte-matched arm, routing-analysis.png and expert-by-class.png (tools/routing_analysis.py and
-tools/routing_report.py on the artifact of --plot-arm), routing/*.json and plots/.
+byte-matched arm, routing-analysis.png and expert-by-class.png (tools/routing/routing_analysis.py and
+tools/routing/routing_report.py on the artifact of --plot-arm), routing/*.json and plots/.
 """
 
 from __future__ import annotations
@@ -410,9 +410,10 @@ def write_submission(args, manifest: dict) -> dict | None:
 
 
 def routing_plots(args, manifest: dict) -> list[dict]:
-    """Routing of each routed/soft MoE arm's first finished artifact (tools/routing_analysis.py), plotted
-    with tools/routing_report.py; --plot-arm's become routing-analysis.png and expert-by-class.png."""
-    from tools import routing_analysis, routing_report  # torch and train_gpt: loaded only here
+    """Routing of each routed/soft MoE arm's first finished artifact (tools/routing/routing_analysis.py),
+    plotted with tools/routing/routing_report.py; --plot-arm's become routing-analysis.png and
+    expert-by-class.png."""
+    from tools.routing import routing_analysis, routing_report  # torch and train_gpt: loaded only here
 
     logs, shape, done = runs_dir(args.out), manifest["shape"], []
     (args.out / "routing").mkdir(exist_ok=True)
@@ -680,7 +681,8 @@ Per run and per layer: `findings_data.md`; everything as JSON: `manifest.json`.
 artifact on validation text (uniform, skewed or dead experts?). `expert-by-class.png`: the share of each
 token class (word start,
 continuation, digit, punctuation, byte fallback; frequent and rare tokens) each expert takes. `plots/` has
-the same for every MoE arm, `routing/` the statistics (tools/routing_analysis.py, tools/routing_report.py).
+the same for every MoE arm, `routing/` the statistics (tools/routing/routing_analysis.py,
+tools/routing/routing_report.py).
 
 ## Files
 
