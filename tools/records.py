@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import zlib
+import dataclasses
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -258,13 +259,36 @@ def script_evaluate(
 
 
 def script_ttt_evaluate(script, model, h, tokens, tables, device, token_losses):
-    """A folder's own `ttt_evaluate` on one process, whichever of its two signatures the script has."""
+    """A folder's own `ttt_evaluate` on one process, whichever of its three signatures the script has."""
     rt = quiet_runtime(script, device)
     if rt is None:
         return script.ttt_evaluate(
             model, h, tokens, tables, device, token_losses=token_losses, log=lambda _: None
         )
+    if dataclasses.is_dataclass(h):  # a configuration in frozen groups: the groups TTT reads
+        return script.ttt_evaluate(model, h.evaluation, h.run, tokens, tables, rt, token_losses)
     return script.ttt_evaluate(model, h, tokens, tables, rt, token_losses)
+
+
+def script_value(h, name: str):
+    """A knob's value in a folder script's configuration: one namespace (older scripts) or frozen groups."""
+    if not dataclasses.is_dataclass(h):
+        return getattr(h, name)
+    return next(getattr(g, name) for g in vars(h).values() if hasattr(g, name))
+
+
+def with_script_values(h, values: dict):
+    """A folder script's configuration with these knobs' values (lower-case names; unknown ones ignored): set
+    on one namespace (older scripts), or new frozen groups."""
+    if not dataclasses.is_dataclass(h):
+        vars(h).update({k: v for k, v in values.items() if k in vars(h)})
+        return h
+    changed = {}
+    for name, group in vars(h).items():
+        mine = {k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(group)}}
+        if mine:
+            changed[name] = dataclasses.replace(group, **mine)
+    return dataclasses.replace(h, **changed)
 
 
 def evaluate_artifact(
@@ -284,8 +308,9 @@ def evaluate_artifact(
     dev = torch.device(device)
     model, h = script.load_artifact_model(str(artifact), dev)
     model.eval()
-    tables = script.byte_tables(script.load_tokenizer(tokenizer, h.vocab_size))
-    tokens = script.load_val_tokens(data, h.vocab_size, token_limit)
+    vocab_size = script_value(h, "vocab_size")
+    tables = script.byte_tables(script.load_tokenizer(tokenizer, vocab_size))
+    tokens = script.load_val_tokens(data, vocab_size, token_limit)
     val_loss, val_bpb = script_evaluate(script, model.logits, tokens, tables, windows, dev)
     tokens_sha = hashlib.sha256(tokens.numpy().astype("<u2").tobytes()).hexdigest()
     return EvalResult(val_loss, val_bpb, tokens_sha, sha256_file(tokenizer))
@@ -1282,14 +1307,13 @@ def probe_checks(
     model, h = module.load_artifact_model(str(artifact), dev)
     model.eval()
     model_knobs = set(getattr(module, "MODEL_KNOBS", ()))
-    for knob, value in config.items():
-        if knob not in model_knobs and knob.lower() in vars(h):
-            setattr(h, knob.lower(), value)
-    h.eval_seq_len = seq_len
-    tables = module.byte_tables(module.load_tokenizer(str(tokenizer), h.vocab_size))
-    tokens = module.load_val_tokens(str(data), h.vocab_size, 3 * seq_len + 1)
+    run_knobs = {knob.lower(): value for knob, value in config.items() if knob not in model_knobs}
+    h = with_script_values(h, {**run_knobs, "eval_seq_len": seq_len})
+    vocab_size, eval_stride = script_value(h, "vocab_size"), script_value(h, "eval_stride")
+    tables = module.byte_tables(module.load_tokenizer(str(tokenizer), vocab_size))
+    tokens = module.load_val_tokens(str(data), vocab_size, 3 * seq_len + 1)
     position = 2 * seq_len + seq_len // 3  # inside a later window, after any first-window special case
-    stride = h.eval_stride if h.eval_stride not in (0, seq_len) else max(1, seq_len // 4)
+    stride = eval_stride if eval_stride not in (0, seq_len) else max(1, seq_len // 4)
 
     def windows(step):
         def losses(toks):
