@@ -49,7 +49,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 # ---- 1. Hyperparameters: every knob is an environment variable, declared once as a row below --------
 # A row holds what the trainer checks (type, range, choices), what it stores (model knobs go into the
-# artifact) and what it means (docs/knobs.md is generated from the rows by tools/knob_docs.py).
+# artifact), what it means (docs/knobs.md is generated from the rows by tools/knob_docs.py) and which group
+# of the run's Config holds it. load_config reads the environment once, derives the implied values and
+# freezes them in groups, so each function receives the groups it reads and no knob changes mid-run.
 
 
 @dataclass(frozen=True)
@@ -1467,6 +1469,10 @@ def stored_knobs(cfg: ModelConfig) -> dict:
 
 
 # ---- 2. Data: challenge shards (256 x int32 header, then uint16 tokens), loaders, tokenizer bytes ----
+# Shards are read in the challenge's own format and checked (header, size, token range) before training,
+# so a bad file stops the run by name. The data order is fixed and resumable (TokenStream.state/restore):
+# every rank reads its piece of the same span, and the compile warm-up rewinds it. The tokenizer's byte
+# tables turn token losses into the challenge's score, bits per byte.
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
 MAX_VOCAB_SIZE = 65536  # token ids are stored as uint16
 BOS_ID = 1
@@ -1605,8 +1611,12 @@ class TrainLoader:
         self, files, rank, world_size, seq_len, micro_tokens, accum, device, vocab_size=MAX_VOCAB_SIZE
     ):
         self.stream = TokenStream(files, vocab_size)
-        self.rank, self.world_size, self.seq_len = rank, world_size, seq_len
-        self.span, self.accum, self.device = micro_tokens + 1, accum, device
+        self.rank = rank
+        self.world_size = world_size
+        self.seq_len = seq_len
+        self.span = micro_tokens + 1
+        self.accum = accum
+        self.device = device
 
     def next_step(self) -> list[tuple[Tensor, Tensor]]:
         chunk = self.stream.take(self.span * self.world_size * self.accum)
@@ -1685,6 +1695,9 @@ def target_bytes(prev: Tensor, tgt: Tensor, tables: tuple[Tensor, Tensor, Tensor
 
 
 # ---- 3. Model parts: GQA attention with QK-norm and partial RoPE, MLP, BigramHash, SmearGate -----
+# Every part is built from ModelConfig alone, so a model rebuilt from an artifact's stored knobs is the
+# model that was trained. Each mechanism of the records' stack has its own knob and can be switched off,
+# for ablations and for the tests' plain tiny models.
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
@@ -1839,7 +1852,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, docs: DocumentMask | None)
     if docs is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if docs.block_mask is None:
-        return segment_attention(q, k, v, docs.segments, docs.span)
+        return segment_attention(q=q, k=k, v=v, segments=docs.segments, span=docs.span)
     # Inside a compiled model flex_attention is compiled with it; a shape trace (fake tensors) or a CPU runs
     # it eagerly.
     eager = torch.compiler.is_compiling() or not q.is_cuda or isinstance(q, FakeTensor)
@@ -1940,6 +1953,9 @@ class SmearGate(nn.Module):
 
 
 # ---- 4. Mixture of Experts: soft (every expert, softmax-blended), top-k and shared+routed --------
+# The modes share MoEBase (router, expert stacks, telemetry) and differ only in how tokens reach experts.
+# Experts are 3-D weight stacks, multiplied in batched products (no per-expert loop) and quantized as one
+# tensor; each layer's telemetry sits in a buffer, so one all_reduce per step line carries every layer's.
 class RoutingStats(NamedTuple):
     """One MoE layer's telemetry since the last step line. Stored flat ([load..., tokens, ...]) in the
     layer's `stats` buffer so that one all_reduce carries every layer; unpack() names the parts."""
@@ -1989,12 +2005,10 @@ class MoEBase(nn.Module):
         passes: int = 1,
     ):
         super().__init__()
-        self.E, self.act, self.router_init_std, self.passes = (
-            num_experts,
-            cfg.mlp_act,
-            router_init_std,
-            passes,
-        )
+        self.E = num_experts
+        self.act = cfg.mlp_act
+        self.router_init_std = router_init_std
+        self.passes = passes
         per_pass = (passes,) if passes > 1 else ()
         self.router_weight = nn.Parameter(torch.empty(*per_pass, num_experts, dim))
         self.up = nn.Parameter(torch.empty(num_experts, expert_hidden, dim))
@@ -2073,8 +2087,17 @@ class RoutedMoE(MoEBase):
     the router). shared_routed adds a dense MLP that every token uses."""
 
     def __init__(self, cfg: ModelConfig, dim: int, passes: int = 1):
-        super().__init__(cfg, dim, cfg.num_experts, cfg.expert_mlp_hidden, ROUTED_INIT_STD, passes)
-        self.k, self.score, self.noise = cfg.top_k, cfg.router_score, cfg.router_noise
+        super().__init__(
+            cfg=cfg,
+            dim=dim,
+            num_experts=cfg.num_experts,
+            expert_hidden=cfg.expert_mlp_hidden,
+            router_init_std=ROUTED_INIT_STD,
+            passes=passes,
+        )
+        self.k = cfg.top_k
+        self.score = cfg.router_score
+        self.noise = cfg.router_noise
         self.dispatch_mode, self.capacity_factor = cfg.moe_dispatch, cfg.capacity_factor
         self.entropy_coef, self.expert_dropout = cfg.router_entropy_coef, cfg.expert_dropout
         # An untrained router scores ~1/E (softmax) or ~1/2 (sigmoid): this makes the k gates sum to ~1.
@@ -2121,7 +2144,14 @@ class RoutedMoE(MoEBase):
         if self.shared is not None:
             out = out + self.shared(x)
         probs = scores / scores.sum(-1, keepdim=True)
-        self.account(logits, probs, counts, switch_aux_loss(counts, probs, self.k), dropped, pass_index)
+        self.account(
+            logits=logits,
+            probs=probs,
+            load=counts,
+            aux_loss=switch_aux_loss(counts, probs, self.k),
+            dropped=dropped,
+            pass_index=pass_index,
+        )
         if self.training and self.entropy_coef:  # maximised: its negative joins the loss
             self.aux_terms.append(-self.entropy_coef * batch_mean_entropy(logits))
         return out
@@ -2255,6 +2285,9 @@ def routing_summary(model: nn.Module, stats: Tensor) -> list[dict]:
 
 
 # ---- 5. The network: blocks with an MLP or MoE, U-Net skips, the loss ----------------------------
+# GPT fixes its layer order per loop state (plain, looped) at construction, so torch.compile sees one static
+# graph per state; the state is mirrored in a buffer the artifact keeps, so a reloaded model is evaluated
+# as it was trained.
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -2373,7 +2406,10 @@ class GPT(nn.Module):
         same."""
         x = self.embed(idx)
         docs = self.document_mask(idx, doc_span)
-        x0, skips, lanes, routing_aux = x, [], None, []
+        x0 = x
+        skips = []
+        lanes = None
+        routing_aux = []
         order, pass_indices = self.orders[self.looping], self.pass_indices[self.looping]
         n_encoder = len(order) // 2
         for pos, layer in enumerate(order):
@@ -2419,6 +2455,9 @@ class GPT(nn.Module):
 
 
 # ---- 6. Optimizer: Muon (orthogonalised momentum) for block matrices, Adam for the rest ----------
+# A tensor's class comes from its name (param_class), one rule that the optimizer groups, weight decay and
+# the quantizer's grid all read, so a tensor is treated alike everywhere. Muon takes block matrices and
+# experts; Adam the embeddings, the head, control tensors and the routers (without weight decay).
 CONTROL_PATTERNS = (
     "resid_mix",
     "skip_weights",
@@ -2501,7 +2540,9 @@ class Muon(torch.optim.Optimizer):
         super().__init__(
             params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay)
         )
-        self.rank, self.world_size, self.row_normalize = rank, world_size, row_normalize
+        self.rank = rank
+        self.world_size = world_size
+        self.row_normalize = row_normalize
 
     @torch.no_grad()
     def step(self):
@@ -2566,14 +2607,14 @@ def build_optimizers(
     if groups["matrix"]:
         optimizers.append(
             Muon(
-                groups["matrix"],
-                optim.matrix_lr,
-                optim.muon_momentum,
-                optim.muon_backend_steps,
-                optim.muon_wd,
-                rank,
-                world_size,
-                optim.muon_row_normalize,
+                params=groups["matrix"],
+                lr=optim.matrix_lr,
+                momentum=optim.muon_momentum,
+                backend_steps=optim.muon_backend_steps,
+                weight_decay=optim.muon_wd,
+                rank=rank,
+                world_size=world_size,
+                row_normalize=optim.muon_row_normalize,
             )
         )
     for opt in optimizers:
@@ -2611,6 +2652,9 @@ class EMA:
 
 
 # ---- 7. Quantization and the artifact: SDClip grid, GPTQ or round-to-nearest, LQER, compressors ----
+# The artifact holds integers on an SDClip grid with per-row scales, LQER factors, fp16 control tensors and
+# the model knobs, so the network is rebuilt from the file alone. The export shrinks the model step by step
+# only when code + artifact would pass SIZE_CAP_BYTES, and predicts each step cheaply first.
 ARTIFACT_MAGIC, ARTIFACT_FORMAT, ARTIFACT_VERSION = b"PGMOE\x00", "pgolf-moe-artifact", 2
 # name -> (what it needs: a python module or a system binary, compress(data, zstd level), decompress)
 COMPRESSORS = {
@@ -2733,7 +2777,7 @@ def quantize_matrix(w: Tensor, H: Tensor | None, bits: int, sigmas: float, zero:
     # The byte count is noisy (about 0.005 bits per weight on a small matrix), so the widening gets five
     # tries to land within the budget; three gave up on a 4-bit matrix a fourth try fitted.
     for _ in range(5):
-        q_g = gptq(w, H, scale_g, bits, zero)
+        q_g = gptq(w=w, H=H, scale=scale_g, bits=bits, zero=zero)
         added = (packed_bits(q_g) - budget) / q.numel()  # bits per weight over round-to-nearest
         if added <= 0.001:  # compressor noise
             return min((q, scale), (q_g, scale_g), key=lambda c: out_err(*c))
@@ -2761,7 +2805,7 @@ def quantize_tensor(
             if prune > 0
             else None
         )
-        parts.append(quantize_matrix(w, H, bits, sigmas, zero))
+        parts.append(quantize_matrix(w=w, H=H, bits=bits, sigmas=sigmas, zero=zero))
     return bits, [
         torch.cat([q for q, _ in parts]).to(torch.int8).cpu(),
         torch.cat([s for _, s in parts]).cpu(),
@@ -2803,13 +2847,19 @@ def quantize_state(
     progress=None,
 ):
     """-> (entries, relative squared error of the quantized tensors). entries: name -> (bits, tensors)."""
-    entries, scores, err, total, hessians = {}, {}, 0.0, 0.0, hessians or {}
+    entries = {}
+    scores = {}
+    err = 0.0
+    total = 0.0
+    hessians = hessians or {}
     for done, (name, t) in enumerate(state.items(), 1):
         if progress is not None:
             progress(done - 1)
         t, H = t.detach().float().cpu(), None if hessians.get(name) is None else hessians[name].float()
         drop = (bits_drop or {}).get(QUANT_GROUP.get(param_class(name, t), "other"), 0)
-        entries[name] = quantize_tensor(name, t, quant, H, drop, quant.prune_frac + extra_prune)
+        entries[name] = quantize_tensor(
+            name=name, t=t, quant=quant, hessian=H, drop=drop, prune=quant.prune_frac + extra_prune
+        )
         if entries[name][0] == 16:
             continue
         delta = t - dequantize_entry(*entries[name], t.shape)
@@ -2987,7 +3037,9 @@ def export_artifact(
         hessians,
         progress=Progress(log, f"quantization ({quant.quant_method})", len(state), "tensors"),
     )
-    blob = serialize_artifact(entries, config, shapes, quant.compressor, quant.zstd_level)
+    blob = serialize_artifact(
+        entries=entries, config=config, shapes=shapes, compressor=quant.compressor, level=quant.zstd_level
+    )
     log(
         f"quant: {quant.quant_method}{'+lqer' if quant.lqer_enabled else ''}, relative squared error "
         f"{err:.3e}, "
@@ -2997,14 +3049,28 @@ def export_artifact(
         ratio = len(blob) / len(serialize_artifact(quantize_state(state, rtn)[0], config, shapes))
         for drops, extra in shrink_steps():
             predicted = ratio * len(
-                serialize_artifact(quantize_state(state, rtn, None, drops, extra)[0], config, shapes)
+                serialize_artifact(
+                    quantize_state(state=state, quant=rtn, hessians=None, bits_drop=drops, extra_prune=extra)[
+                        0
+                    ],
+                    config,
+                    shapes,
+                )
             )
             step = f"fit: bits lowered {drops or 'none'}, pruning +{extra:.2f}:"
             if predicted > limit:
                 log(f"{step} predicted {predicted:.0f} bytes, over the cap")
                 continue
-            entries, err = quantize_state(state, quant, hessians, drops, extra)
-            blob = serialize_artifact(entries, config, shapes, quant.compressor, quant.zstd_level)
+            entries, err = quantize_state(
+                state=state, quant=quant, hessians=hessians, bits_drop=drops, extra_prune=extra
+            )
+            blob = serialize_artifact(
+                entries=entries,
+                config=config,
+                shapes=shapes,
+                compressor=quant.compressor,
+                level=quant.zstd_level,
+            )
             log(f"{step} relative squared error {err:.3e}, artifact {len(blob)} bytes")
             if len(blob) <= limit:
                 break
@@ -3027,7 +3093,9 @@ def collect_hessians(
     tokens, a soft expert every token, each scaled by its gate; a starved expert gets a damped Hessian.
     Matrices fed the same input tensor (c_q, c_k and c_v) share one Hessian, computed once. doc_span: as
     GPT.hidden's (training batches: TRAIN_SEQ_LEN)."""
-    hess, counts, hooks = {}, {}, []
+    hess = {}
+    counts = {}
+    hooks = []
     shares: dict[str, str] = {}  # matrix -> the matrix before it that saw the same input tensor
     previous: list = [None, ""]  # the last Linear's input (kept alive, so `is` cannot match a new tensor)
 
@@ -3104,6 +3172,9 @@ def damp_sparse_experts(hess: dict, counts: dict, world_size: int) -> tuple[dict
 
 
 # ---- 8. Evaluation: exact val_loss / val_bpb, plain or sliding window, spread over ranks ---------
+# Every validation target is scored exactly once, whatever the stride, batch and number of ranks, and the
+# ranks add up float64 sums of loss, tokens and bytes: the score is one exact mean, not a mean of means.
+# TTT scores each chunk before it trains on it: no score depends on a token after it.
 def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -3193,7 +3264,7 @@ def evaluate(
             logits = logits_fn(x)  # (batch_seqs, seq_len, vocab)
         # (batch_seqs * seq_len, vocab) vs (batch_seqs * seq_len,) -> per-token losses, viewed as mask
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-        scores.add(loss.view_as(mask), mask, x, y, idx[:, :-1])
+        scores.add(losses=loss.view_as(mask), scored=mask, x=x, y=y, target_index=idx[:, :-1])
         progress(i // batch_seqs + 1)
     return scores.result(rt.world_size)
 
@@ -3311,10 +3382,14 @@ def ttt_batch(
     )
     starts, lens = torch.tensor([docs[d][0] for d in rows]), torch.tensor([docs[d][1] for d in rows])
     for ci, width in enumerate(chunk_widths(int(lens.max()), evaluation)):
-        x, y, pos, scored = chunk_windows(tokens, starts, lens, ci, width, evaluation)
+        x, y, pos, scored = chunk_windows(
+            tokens=tokens, starts=starts, lens=lens, ci=ci, width=width, evaluation=evaluation
+        )
         with autocast(tokens.device):
             loss = loss_fn(adapters, x, y)  # (rows, width)
-        scores.add(loss.detach(), scored, x, y, pos)  # final before any step below
+        scores.add(
+            losses=loss.detach(), scored=scored, x=x, y=y, target_index=pos
+        )  # final before any step below
         # (rows, width): the scored targets of documents with chunks still to come
         train = scored & (lens > (ci + 1) * evaluation.ttt_chunk_size).to(tokens.device)[:, None]
         for step in range(evaluation.ttt_grad_steps if train.any() else 0):
@@ -3383,7 +3458,13 @@ def ttt_evaluate(
         noise_docs = [(i * n, n) for i in range(evaluation.ttt_batch_size)]
         rows = list(range(evaluation.ttt_batch_size))
         ttt_batch(
-            loss_fn, adapters, rows, noise_docs, noise.to(rt.device), evaluation, Scores(tables, rt.device)
+            loss_fn=loss_fn,
+            adapters=adapters,
+            rows=rows,
+            docs=noise_docs,
+            tokens=noise.to(rt.device),
+            evaluation=evaluation,
+            scores=Scores(tables, rt.device),
         )
     scores = Scores(tables, rt.device, token_losses)
     my_batches = sum(len(b[rt.rank :: rt.world_size]) for b, _ in phases)
@@ -3391,17 +3472,28 @@ def ttt_evaluate(
     for batches, sgd_end in phases:
         adapters.enabled = True
         for rows in batches[rt.rank :: rt.world_size]:
-            ttt_batch(loss_fn, adapters, rows, docs, tokens, evaluation, scores)
+            ttt_batch(
+                loss_fn=loss_fn,
+                adapters=adapters,
+                rows=rows,
+                docs=docs,
+                tokens=tokens,
+                evaluation=evaluation,
+                scores=scores,
+            )
             done += 1
             progress(done)
         adapters.enabled = False
         if sgd_end:
             rt.log(f"ttt_phase: global SGD on the first {sgd_end + 1} validation tokens, all scored")
-            global_sgd(model, tokens, sgd_end, evaluation, rt)
+            global_sgd(model=model, tokens=tokens, end=sgd_end, evaluation=evaluation, rt=rt)
     return scores.result(rt.world_size)
 
 
 # ---- 9. Runtime: processes and devices, the log, FLOP counting -----------------------------------
+# What touches processes, devices and files: the process group, signals, the log and its events, and the
+# projections (FLOPs, memory) that let a run refuse a configuration before it trains rather than fail
+# minutes into it.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per GPU
 
 
@@ -3470,7 +3562,10 @@ class Progress:
     """A long phase's start line, then its ETA at each tenth done, at most once per PROGRESS_QUIET_SECONDS."""
 
     def __init__(self, log, name: str, total: int, unit: str):
-        self.log, self.name, self.total, self.unit = log, name, max(total, 1), unit
+        self.log = log
+        self.name = name
+        self.total = max(total, 1)
+        self.unit = unit
         self.t0 = self.last = time.perf_counter()
         self.tenths = 0
         log(f"{name}: started ({total} {unit})")
@@ -3480,7 +3575,9 @@ class Progress:
     def __call__(self, done: int) -> None:
         now, tenths = time.perf_counter(), 10 * done // self.total
         if tenths > self.tenths and now - self.last >= PROGRESS_QUIET_SECONDS and done < self.total:
-            self.tenths, self.last, elapsed = tenths, now, now - self.t0
+            self.tenths = tenths
+            self.last = now
+            elapsed = now - self.t0
             self.log(
                 f"{self.name}: {100 * done // self.total}% ({done}/{self.total} {self.unit}) {elapsed:.0f}s "
                 f"elapsed, ~{elapsed * (self.total - done) / done:.0f}s left"
@@ -3570,7 +3667,9 @@ class Logger:
 
     def __init__(self, stem: str | None, console: bool = False):
         self.text = self.events = None
-        self.stem, self.training_started, self.console = stem, False, console or bool(stem)
+        self.stem = stem
+        self.training_started = False
+        self.console = console or bool(stem)
         self.phase = "before training"  # where the run is, for the line a stopped run ends with
         if stem:
             for path in (stem + ".txt", stem + ".jsonl"):
@@ -3865,7 +3964,7 @@ def check_compiled_memory(
     device, log = rt.device, rt.log
     if device.type != "cuda" or not use_compile(run, device):
         return
-    peak = compiled_peak_bytes(cfg, data, optim, device, rt.world_size)
+    peak = compiled_peak_bytes(cfg=cfg, data=data, optim=optim, device=device, world_size=rt.world_size)
     total = torch.cuda.get_device_properties(device).total_memory
     log(f"compiled_memory: ~{peak / 2**30:.1f} GiB per rank estimated of {total / 2**30:.1f} GiB")
     if peak > total:
@@ -3885,7 +3984,7 @@ def check_eager_memory(
     device, log = rt.device, rt.log
     if device.type != "cuda" or use_compile(run, device):
         return
-    peak = eager_peak_bytes(cfg, data, optim, device, rt.world_size)
+    peak = eager_peak_bytes(cfg=cfg, data=data, optim=optim, device=device, world_size=rt.world_size)
     total = torch.cuda.get_device_properties(device).total_memory
     log(f"eager_memory: ~{peak / 2**30:.1f} GiB per rank estimated (COMPILE=0) of {total / 2**30:.1f} GiB")
     if peak > total:
@@ -3898,6 +3997,9 @@ def check_eager_memory(
 
 
 # ---- 10. Training loop: schedules, steps, compile warm-up, EMA, step lines -----------------------
+# Every stage (warm-down, momentum, loop switch, QAT, EMA) follows one clock, the run's progress, in one
+# table (schedule). Ranks decide on flags of the previous step, read after the next is launched, so they
+# agree without the loop waiting on the device.
 def loop_switch_planned(cfg: ModelConfig, optim: OptimConfig) -> bool:
     return cfg.num_loops > 0 and optim.enable_looping_at < 1
 
@@ -3934,18 +4036,22 @@ class Trainer:
     """One training run: data, model, optimizers, compile warm-up and the timed loop."""
 
     def __init__(self, h: Config, rt: Runtime):
-        self.data, self.optim, self.quant, self.run_cfg, self.rt = h.data, h.optim, h.quant, h.run, rt
+        self.data = h.data
+        self.optim = h.optim
+        self.quant = h.quant
+        self.run_cfg = h.run
+        self.rt = rt
         self.cfg, device = h.model, rt.device
         self.accum = grad_accum_steps(self.data, rt.world_size)
         self.loader = TrainLoader(
-            check_shards(shard_files(self.data.data_path, "train"), self.data.vocab_size),
-            rt.rank,
-            rt.world_size,
-            train_rows(self.data)[1],
-            self.data.micro_batch_tokens,
-            self.accum,
-            device,
-            self.data.vocab_size,
+            files=check_shards(shard_files(self.data.data_path, "train"), self.data.vocab_size),
+            rank=rt.rank,
+            world_size=rt.world_size,
+            seq_len=train_rows(self.data)[1],
+            micro_tokens=self.data.micro_batch_tokens,
+            accum=self.accum,
+            device=device,
+            vocab_size=self.data.vocab_size,
         )
         # mean keys per token for the FLOP count (mfu), from the first training shard's documents
         self.context = training_context(self.data, self.loader.stream.tokens[: 1 << 24])[0]
@@ -3994,7 +4100,10 @@ class Trainer:
         batch = self.loader.next_step()[0]
         self.loader.stream.restore(position)
         seconds = torch.tensor(
-            calibration_reserve(self.model, self.data, self.quant, rt.device, batch), device=rt.device
+            calibration_reserve(
+                model=self.model, data=self.data, quant=self.quant, device=rt.device, batch=batch
+            ),
+            device=rt.device,
         )
         if rt.world_size > 1:
             dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
@@ -4188,7 +4297,10 @@ class Trainer:
         agreed time of step N-1's flags, read after step N is launched, so every rank decides alike without
         waiting."""
         peak = peak_flops(self.rt.device)
-        stop, last_progress, agreed_ms, pending = False, 0.0, 0.0, None
+        stop = False
+        last_progress = 0.0
+        agreed_ms = 0.0
+        pending = None
         torch.manual_seed(self.run_cfg.seed + self.rt.rank)  # router noise differs per rank; the init did not
         self.sync()
         t0 = time.perf_counter()
@@ -4198,7 +4310,10 @@ class Trainer:
                 self.run_cfg.val_loss_every and self.step and self.step % self.run_cfg.val_loss_every == 0
             ):
                 if pending is not None:
-                    agreed_ms, pending = self.read_flags(pending, self.step, t0, peak, last), None
+                    agreed_ms, pending = (
+                        self.read_flags(pending=pending, step=self.step, t0=t0, peak=peak, final=last),
+                        None,
+                    )
                 self.sync()
                 self.train_ms += 1000 * (time.perf_counter() - t0)
                 validate(self.step)
@@ -4210,7 +4325,9 @@ class Trainer:
             ce = self.train_step()
             self.step += 1
             if pending is not None:
-                agreed_ms = self.read_flags(pending, self.step - 1, t0, peak, False)
+                agreed_ms = self.read_flags(
+                    pending=pending, step=self.step - 1, t0=t0, peak=peak, final=False
+                )
                 # Two more steps run after this is read: stop when their predicted time would reach the cap.
                 stop = 0 < self.optim.max_wallclock_seconds and (  # the GPTQ reserve is not training time
                     self.optim.train_wallclock_seconds * 1000 <= agreed_ms * (1 + 2 / max(self.step - 2, 1))
@@ -4226,6 +4343,9 @@ class Trainer:
 
 
 # ---- 11. main(): train, export, read back, evaluate ----------------------------------------------
+# The entry points: main loads the Config once and names the run; train_and_evaluate and evaluate_artifact
+# hand each callee the groups it reads. Every final score is of the artifact read back from disk, never of
+# the model in memory.
 def load_artifact_model(path: str, device: torch.device, **overrides) -> tuple[GPT, Config]:
     """Rebuild the model from an artifact alone (its stored knobs) and load the dequantized weights."""
     config, state = read_artifact(path)
@@ -4330,7 +4450,9 @@ def dry_run(h: Config) -> None:
     """DRY_RUN=1: the model on the meta device (no tokenizer or GPU; DATA_PATH's first training shard, when
     there is one, for document lengths): the config, parameter count, budget preview and the projected speed
     on 8xH100."""
-    log, peak, rates = Logger(None, console=True), PEAK_BF16_FLOPS["H100"], []
+    log = Logger(None, console=True)
+    peak = PEAK_BF16_FLOPS["H100"]
+    rates = []
     grad_accum_steps(
         h.data, int(os.environ.get("WORLD_SIZE", 1))
     )  # a batch this launch would refuse: refused
@@ -4406,11 +4528,15 @@ def export_and_report(model: GPT, quant: QuantConfig, path: str, log, hessians: 
 
     def export(partial: str) -> None:
         with exact_fp32_matmuls():
-            export_artifact(model, quant, partial, code, log, hessians)
+            export_artifact(
+                model=model, quant=quant, path=partial, code_bytes=code, log=log, hessians=hessians
+            )
 
     path = write_new_file(path, export, log)
     size = os.path.getsize(path)
-    total, slack, digest = size + code, quant.size_cap_bytes - size - code, sha256_file(path)
+    total = size + code
+    slack = quant.size_cap_bytes - size - code
+    digest = sha256_file(path)
     log(f"Serialized model quant+zstd: {size} bytes")
     log(f"Code size (counted: {CODE_COUNTED_AS}): {code} bytes")
     log(f"Code size (uncompressed, the script as run): {script_bytes()} bytes")
@@ -4464,7 +4590,9 @@ def final_evaluation(
     """Plain, sliding-window and TTT evaluation of the read-back model of ARTIFACT_PATH; the last is the
     score. An invalid result (over the cap, non-finite stored tensors or score) marks its lines
     INVALID(...), then the run fails."""
-    path, device, log = run.artifact_path, rt.device, rt.log
+    path = run.artifact_path
+    device = rt.device
+    log = rt.log
     total = os.path.getsize(path) + code_bytes()
     bad = [n for n, t in artifact_state(qmodel).items() if not t.isfinite().all()]
     problems = []
@@ -4484,11 +4612,25 @@ def final_evaluation(
         t0 = time.perf_counter()
         if mode == "ttt":  # on a copy: TTT changes the weights
             loss, bpb = ttt_evaluate(
-                copy.deepcopy(qmodel), evaluation, run, val.tokens, val.tables, rt, losses
+                model=copy.deepcopy(qmodel),
+                evaluation=evaluation,
+                run=run,
+                tokens=val.tokens,
+                tables=val.tables,
+                rt=rt,
+                token_losses=losses,
             )
         else:
             spec = WindowSpec(evaluation.eval_seq_len, stride, evaluation.eval_batch_seqs)
-            loss, bpb = evaluate(q_fn, val.tokens, val.tables, spec, rt, losses, f"final {label} evaluation")
+            loss, bpb = evaluate(
+                logits_fn=q_fn,
+                tokens=val.tokens,
+                tables=val.tables,
+                spec=spec,
+                rt=rt,
+                token_losses=losses,
+                phase=f"final {label} evaluation",
+            )
         seconds = time.perf_counter() - t0
         if not math.isfinite(bpb) and "val_bpb is not finite" not in problems:
             problems.append("val_bpb is not finite")
@@ -4660,13 +4802,15 @@ def evaluate_artifact(h: Config, rt: Runtime) -> None:
     }
     h = replace(h, model=stored.model, **network)
     val = load_validation(h.data, h.evaluation, log)
-    log_header(qmodel, knob_values(h), h.data, rt, 0, val.tokens)
+    log_header(model=qmodel, knobs=knob_values(h), data=h.data, rt=rt, accum=0, val_tokens=val.tokens)
     log(
         f"eval_only artifact:{os.path.abspath(h.run.artifact_path)} sha256:{sha256_file(h.run.artifact_path)}"
     )
     forward_flops = final_forward_flops(qmodel, h.data, h.optim, h.run)
-    check_eval_time(forward_flops, h.evaluation, h.run, val.tokens, log)
-    final_evaluation(qmodel.eval(), h.evaluation, h.quant, h.run, val, rt)
+    check_eval_time(
+        forward_flops=forward_flops, evaluation=h.evaluation, run=h.run, val_tokens=val.tokens, log=log
+    )
+    final_evaluation(qmodel=qmodel.eval(), evaluation=h.evaluation, quant=h.quant, run=h.run, val=val, rt=rt)
 
 
 CALIBRATION_MARGIN = 1.25  # the reserve over the measured pace: the Hessians' all-reduce, clock noise
@@ -4696,8 +4840,12 @@ def calibration_reserve(
 
 def calibrate(trainer: Trainer) -> dict | None:
     """GPTQ/LQER Hessians from the next training micro-batches (never validation) in the reserved time."""
-    data, optim, quant = trainer.data, trainer.optim, trainer.quant
-    log, t0, n = trainer.rt.log, time.perf_counter(), quant.gptq_calibration_batches
+    data = trainer.data
+    optim = trainer.optim
+    quant = trainer.quant
+    log = trainer.rt.log
+    t0 = time.perf_counter()
+    n = quant.gptq_calibration_batches
     if not quant.calibrate:
         return None
     batches = (b for _ in range(-(-n // trainer.accum)) for b in trainer.loader.next_step())
@@ -4740,12 +4888,16 @@ def train_and_evaluate(h: Config, rt: Runtime) -> None:
     h = replace(h, model=check_dispatch(h.model, h.run.moe_dispatch_given, rt))
     trainer = Trainer(h, rt)
     model = trainer.model
-    log_header(model, knob_values(h), h.data, rt, trainer.accum, val.tokens)
+    log_header(
+        model=model, knobs=knob_values(h), data=h.data, rt=rt, accum=trainer.accum, val_tokens=val.tokens
+    )
     log_budget_preview(model, h.quant, log)
     forward_flops = final_forward_flops(model, h.data, h.optim, h.run)
-    check_eval_time(forward_flops, h.evaluation, h.run, val.tokens, log)
-    check_eager_memory(h.model, h.data, h.optim, h.run, rt)
-    check_compiled_memory(h.model, h.data, h.optim, h.run, rt)
+    check_eval_time(
+        forward_flops=forward_flops, evaluation=h.evaluation, run=h.run, val_tokens=val.tokens, log=log
+    )
+    check_eager_memory(cfg=h.model, data=h.data, optim=h.optim, run=h.run, rt=rt)
+    check_compiled_memory(cfg=h.model, data=h.data, optim=h.optim, run=h.run, rt=rt)
     eval_fn = maybe_compile(model.logits, h.run, device)
     plain_windows = WindowSpec(h.evaluation.eval_seq_len, 0, h.evaluation.eval_batch_seqs)
     last_val: list[float] = []  # loss, bpb, seconds of the newest pre-quant evaluation
@@ -4755,7 +4907,9 @@ def train_and_evaluate(h: Config, rt: Runtime) -> None:
         model.eval()
         t0 = time.perf_counter()
         phase = "validation" if step is not None else "pre_quant_ema evaluation"
-        loss, bpb = evaluate(eval_fn, val.tokens, val.tables, plain_windows, rt, phase=phase)
+        loss, bpb = evaluate(
+            logits_fn=eval_fn, tokens=val.tokens, tables=val.tables, spec=plain_windows, rt=rt, phase=phase
+        )
         model.train()
         if step is not None:
             log(
@@ -4805,7 +4959,9 @@ def train_and_evaluate(h: Config, rt: Runtime) -> None:
         ema=trainer.ema is not None,
     )
     written = [
-        export_and_report(model, h.quant, h.run.artifact_path, log, hessians) if rt.rank == 0 else None
+        export_and_report(model=model, quant=h.quant, path=h.run.artifact_path, log=log, hessians=hessians)
+        if rt.rank == 0
+        else None
     ]
     if rt.world_size > 1:
         dist.broadcast_object_list(written)  # waits for rank 0's export; every rank reads the file it wrote
@@ -4814,7 +4970,7 @@ def train_and_evaluate(h: Config, rt: Runtime) -> None:
         h.run.artifact_path, device, respect_doc_boundaries=h.data.respect_doc_boundaries
     )[0]
     qmodel.eval()
-    final_evaluation(qmodel, h.evaluation, h.quant, h.run, val, rt)
+    final_evaluation(qmodel=qmodel, evaluation=h.evaluation, quant=h.quant, run=h.run, val=val, rt=rt)
 
 
 def main() -> None:
