@@ -2,6 +2,7 @@
 LOG_DIR, Ctrl-C, torchrun errors, the tokenizer's identity, EVAL_ONLY knobs), progress lines on long
 phases, the sample script's arguments and pip check, and runlog's table."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -78,9 +79,9 @@ def test_a_lowercase_knob_is_an_error_naming_the_real_one():
 
 def test_xsa_last_n_over_the_layer_count_is_allowed_and_the_config_shows_the_effective_value(capsys):
     h = tg.load_config({**TINY_ENV, "XSA_LAST_N": "50"})
-    assert h.num_layers == 2 and tg.knob_values(h)["XSA_LAST_N"] == 2
+    assert h.model.num_layers == 2 and tg.knob_values(h)["XSA_LAST_N"] == 2
     with torch.device("meta"):
-        tg.log_model(h, tg.GPT(tg.model_config(h)), tg.Logger(None, console=True))
+        tg.log_model(tg.GPT(h.model), tg.knob_values(h), tg.Logger(None, console=True))
     assert '"XSA_LAST_N": 2' in capsys.readouterr().out.splitlines()[0]
 
 
@@ -241,10 +242,12 @@ def test_progress_lines_give_the_share_done_and_an_eta(monkeypatch):
 
 def test_a_budget_preview_over_the_cap_but_within_the_margin_says_what_will_happen(tiny_config, capsys):
     h = tiny_config()
-    model = tg.GPT(tg.model_config(h))
-    estimate, _ = tg.estimate_artifact_bytes(model, h)
-    h.size_cap_bytes = estimate + tg.code_bytes() - 1000  # 1,000 bytes over, within 2%
-    tg.log_budget_preview(model, h, tg.Logger(None, console=True))
+    model = tg.GPT(h.model)
+    estimate, _ = tg.estimate_artifact_bytes(model, h.quant)
+    quant = dataclasses.replace(
+        h.quant, size_cap_bytes=estimate + tg.code_bytes() - 1000
+    )  # 1,000 over, within 2%
+    tg.log_budget_preview(model, quant, tg.Logger(None, console=True))
     lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(
         r"budget: ~100\d bytes over the cap, allowed by BUDGET_MARGIN=0.02: the run starts; if the written "

@@ -288,16 +288,20 @@ def test_study_shape_and_arms_are_valid_train_gpt_configs():
     assert tokens >= 2_000_000 and moe_study.STUDY_SHAPE["MAX_WALLCLOCK_SECONDS"] == "0"
     arms = moe_study.arm_configs(list(moe_study.ARM_NAMES), moe_study.STUDY_SHAPE)
     configs = {n: train_gpt.load_config({**moe_study.STUDY_SHAPE, **env}) for n, env in arms.items()}
-    dense_hidden = configs["dense"].mlp_hidden
+    dense_hidden = configs["dense"].model.mlp_hidden
     for name in ("soft4", "topk4", "topk4_nobalance"):
-        assert configs[name].expert_mlp_hidden * 4 == dense_hidden, name
-    assert configs["topk4_4xbytes"].expert_mlp_hidden == dense_hidden
-    assert configs["topk4_nobalance"].moe_aux_loss_coef == configs["topk4_nobalance"].router_bias_rate == 0
+        assert configs[name].model.expert_mlp_hidden * 4 == dense_hidden, name
+    assert configs["topk4_4xbytes"].model.expert_mlp_hidden == dense_hidden
+    assert (
+        configs["topk4_nobalance"].model.moe_aux_loss_coef
+        == configs["topk4_nobalance"].optim.router_bias_rate
+        == 0
+    )
 
 
 def test_context_preset_is_4x_bytes_at_the_default_shape():
     h = train_gpt.load_config({})
-    assert MOE_PRESETS["topk4_4xbytes"]["EXPERT_HIDDEN"] == str(h.mlp_hidden)
+    assert MOE_PRESETS["topk4_4xbytes"]["EXPERT_HIDDEN"] == str(h.model.mlp_hidden)
     assert context_arm(128, 4)["EXPERT_HIDDEN"] == "512"
 
 

@@ -13,12 +13,12 @@ from tools.routing import routing_analysis
 def saved_artifact(tiny_config, tmp_path, forced_expert=None, **env):
     h = tiny_config(**env)
     torch.manual_seed(0)
-    model = tg.GPT(tg.model_config(h))
+    model = tg.GPT(h.model)
     for _, m in tg.moe_layers(model):
         if forced_expert is not None:  # a huge balancing bias makes every token choose this expert
             m.router_bias[forced_expert] = 1e4
     path = tmp_path / "run_model.ptz"
-    tg.export_artifact(model, h, str(path), code_bytes=0, log=lambda msg: None)
+    tg.export_artifact(model, h.quant, str(path), code_bytes=0, log=lambda msg: None)
     return path
 
 

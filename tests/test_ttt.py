@@ -1,6 +1,7 @@
 """Test-time training, evaluation-only runs and per-token losses: legality first."""
 
 import copy
+import dataclasses
 import re
 
 import numpy as np
@@ -76,21 +77,20 @@ def random_model(mode: str, **env):
     attention, MLPs and routers would not matter and legality would hold trivially)."""
     h = tg.load_config({**TINY_ENV, **TTT_ENV, "MOE_MODE": mode, **env})
     torch.manual_seed(0)
-    model = tg.GPT(tg.model_config(h))
+    model = tg.GPT(h.model)
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim >= 2:
                 p.normal_(0.0, 0.9 / p.shape[-1] ** 0.5)
-    model.set_looping(h.num_loops > 0)  # a loop in the configuration runs
+    model.set_looping(h.model.num_loops > 0)  # a loop in the configuration runs
     return model.eval(), h
 
 
 def token_losses(kind: str, model, h, tokens, tables, batch: int) -> torch.Tensor:
     out = torch.full((tokens.numel() - 1,), float("nan"))
     if kind == "ttt":
-        h = copy.copy(h)
-        h.ttt_batch_size = batch
-        tg.ttt_evaluate(copy.deepcopy(model), h, tokens, tables, QUIET_CPU, token_losses=out)
+        evaluation = dataclasses.replace(h.evaluation, ttt_batch_size=batch)
+        tg.ttt_evaluate(copy.deepcopy(model), evaluation, h.run, tokens, tables, QUIET_CPU, token_losses=out)
     else:
         spec = tg.WindowSpec(128, 0 if kind == "plain" else 32, batch)
         tg.evaluate(model.logits, tokens, tables, spec, QUIET_CPU, token_losses=out)
@@ -138,7 +138,7 @@ def test_no_target_reaches_an_optimizer_before_it_is_scored(monkeypatch, val_pai
     monkeypatch.setattr(tg, "chunk_windows", windows)
     monkeypatch.setattr(torch.optim.AdamW, "step", adam_step)
     monkeypatch.setattr(tg, "global_sgd", sgd)
-    tg.ttt_evaluate(model, h, val, tables, QUIET_CPU, token_losses=recorded)
+    tg.ttt_evaluate(model, h.evaluation, h.run, val, tables, QUIET_CPU, token_losses=recorded)
     assert seen["adam"] > 20 and seen["sgd"] == 2
     assert not recorded.isnan().any()
 
@@ -147,14 +147,14 @@ def test_ttt_changes_the_scores_and_adapters_start_at_zero(val_pair, tables):
     val = val_pair[0]
     model, h = random_model("soft")
     adapted = token_losses("ttt", model, h, val, tables, 4)
-    frozen_h = copy.copy(h)
-    frozen_h.ttt_lora_lr, frozen_h.phased_ttt_prefix_docs = 0.0, 0
+    untrained = dataclasses.replace(h.evaluation, ttt_lora_lr=0.0, phased_ttt_prefix_docs=0)
+    frozen_h = dataclasses.replace(h, evaluation=untrained)
     frozen = token_losses("ttt", model, frozen_h, val, tables, 4)
     assert (adapted - frozen).abs().max() > 0.05
     # Untrained adapters leave the model as it is: per-document scores equal the plain model's logits
     # (on documents that fit one EVAL_SEQ_LEN window).
-    docs, _ = tg.ttt_schedule(val, h)
-    for start, n in [d for d in docs if d[1] <= h.eval_seq_len][:4]:
+    docs, _ = tg.ttt_schedule(val, h.evaluation)
+    for start, n in [d for d in docs if d[1] <= h.evaluation.eval_seq_len][:4]:
         x, y = val[start : start + n].long()[None], val[start + 1 : start + n + 1].long()[None]
         plain = torch.nn.functional.cross_entropy(model.logits(x)[0], y[0], reduction="none")
         assert torch.allclose(frozen[start : start + n], plain.detach(), atol=1e-5)
@@ -163,7 +163,7 @@ def test_ttt_changes_the_scores_and_adapters_start_at_zero(val_pair, tables):
 def test_documents_cover_every_target_once(val_pair):
     val = val_pair[0]
     h = tg.load_config({**TINY_ENV, **TTT_ENV})
-    docs, phases = tg.ttt_schedule(val, h)
+    docs, phases = tg.ttt_schedule(val, h.evaluation)
     assert sum(n for _, n in docs) == val.numel() - 1 and docs[0][0] == 0
     assert all(val[s] == tg.BOS_ID and s + n == e for (s, n), (e, _) in zip(docs, docs[1:]))
     # Phases in stream order; the base weights train after the prefix phases only, on earlier documents.
@@ -230,7 +230,8 @@ def test_projection_grows_with_the_work(tiny_config, val_pair):
         h = tiny_config(TTT_ENABLED=1, EVAL_TIME_LIMIT=0, **{**TTT_ENV, "TTT_CHUNK_SIZE": chunk})
         log = lambda msg: None
         log.event = lambda kind, **fields: kind == "ttt_projection" and seconds.append(fields["seconds"])
-        tg.check_eval_time(tg.GPT(tg.model_config(h)), h, val, log)
+        flops = tg.final_forward_flops(tg.GPT(h.model), h.data, h.optim, h.run)
+        tg.check_eval_time(flops, h.evaluation, h.run, val, log)
     assert 0 < seconds[0] < seconds[1]  # smaller chunks: more windows over the same documents
 
 

@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     model = tr.model.eval()
     for compressor in ("brotli", "zstd", "lzma"):
         hc = tg.load_config({**env, "COMPRESSOR": compressor, "QUANT_METHOD": "rtn", "LQER_ENABLED": "0"})
-        est, per = tg.estimate_artifact_bytes(model, hc)
+        est, per = tg.estimate_artifact_bytes(model, hc.quant)
         t0 = time.time()
-        real = tg.export_artifact(model, hc, f"/tmp/qs/rec_{compressor}.ptz", 0, print)
+        real = tg.export_artifact(model, hc.quant, f"/tmp/qs/rec_{compressor}.ptz", 0, print)
         error = 100 * (est - real) / real
         seconds = time.time() - t0
         print(
@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     hess, _ = tg.collect_hessians(model, batches, 1)
     print(f"hessians {time.time() - t0:.0f}s", flush=True)
     hc = tg.load_config({**env, "COMPRESSOR": "brotli"})
-    est, per = tg.estimate_artifact_bytes(model, hc)
+    est, per = tg.estimate_artifact_bytes(model, hc.quant)
     t0 = time.time()
-    real = tg.export_artifact(model, hc, "/tmp/qs/rec_gptq.ptz", 0, print, hess)
+    real = tg.export_artifact(model, hc.quant, "/tmp/qs/rec_gptq.ptz", 0, print, hess)
     error = 100 * (est - real) / real
     print(
         f"brotli gptq+lqer: preview {est} real {real} error {error:+.2f}% ({time.time() - t0:.0f}s) {per}",

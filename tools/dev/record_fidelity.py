@@ -155,7 +155,7 @@ def paired_models(record_overrides=RECORD_ALIGNED, our_env=OURS_ALIGNED, seed=0,
     torch.manual_seed(seed)
     rmodel = rec.GPT(record_small(folder, **(record_overrides or {}))).float()
     randomize(rmodel, seed)
-    ours = tg.GPT(tg.model_config(ours_small(**(our_env or {}))))
+    ours = tg.GPT(ours_small(**(our_env or {})).model)
     ours.load_state_dict(map_state(rmodel, ours))
     return rec, rmodel, ours
 
@@ -304,8 +304,9 @@ def step_gaps(frac: float, step: int, x, y, seed=0, muon: str = "fp64") -> dict:
         )
         step_fn(step, lr_mul(frac))
     ho = ours_small(**OURS_ALIGNED)
-    opts = tg.build_optimizers(ours, ho)
-    tg.Trainer.apply_schedule(types.SimpleNamespace(h=ho, optimizers=opts, model=ours), frac)
+    opts = tg.build_optimizers(ours, ho.optim)
+    trainer = types.SimpleNamespace(cfg=ho.model, optim=ho.optim, optimizers=opts, model=ours)
+    tg.Trainer.apply_schedule(trainer, frac)
     grad_model = types.SimpleNamespace(
         named_parameters=lambda: list(grads.items()),
         num_layers=rmodel.num_layers,
@@ -348,7 +349,7 @@ def schedule_rows(fracs=(0.0, 0.1, 0.15, 0.2, 0.3, 0.35, 0.5, 0.9, 0.99)) -> lis
         step = round(f * RECORD_STEPS)
         warm = min(step / hr.muon_momentum_warmup_steps, 1.0)
         rec_mom = (1 - warm) * hr.muon_momentum_warmup_start + warm * hr.muon_momentum
-        stage = tg.schedule(f, ho)
+        stage = tg.schedule(f, ho.model, ho.optim)
         rows.append(
             (
                 f,
@@ -456,7 +457,7 @@ def full_param_counts(folder) -> tuple[int, int | None]:
 
 def ours_full_count(**env) -> int:
     tg = import_trainer()
-    return sum(p.numel() for p in tg.GPT(tg.model_config(tg.load_config(environ=env))).parameters())
+    return sum(p.numel() for p in tg.GPT(tg.load_config(environ=env).model).parameters())
 
 
 def count_difference(folder, our_env=None) -> tuple[int, list[tuple[str, int]]]:
@@ -465,7 +466,7 @@ def count_difference(folder, our_env=None) -> tuple[int, list[tuple[str, int]]]:
     tg = import_trainer()
     torch.manual_seed(0)
     rmodel = rec.GPT(oracle.record_hparams(folder))
-    ours = tg.GPT(tg.model_config(tg.load_config(environ=our_env or {})))
+    ours = tg.GPT(tg.load_config(environ=our_env or {}).model)
     names = {n for n, _ in ours.named_parameters()}
     rows = parameter_map(rmodel, names)
     mapped = {r["ours"] for r in rows if r["ours"] is not None}
@@ -837,10 +838,10 @@ def quant_rows() -> list[dict]:
         q_rec, s_rec = rec.gptq_quantize_weight(
             w, H, clip_sigmas=rec_sigmas, clip_range=2 ** (rec_bits - 1) - 1
         )
-        bits, sigmas = tg.storage_grid(name, w, ho)
+        bits, sigmas = tg.storage_grid(name, w, ho.quant)
         scale = tg.sdclip_scale(w, bits, sigmas)
         q_core = tg.gptq(w, H, scale, bits)
-        _, (q_full, s_full) = tg.quantize_tensor(name, w, ho, H, 0, 0.0)
+        _, (q_full, s_full) = tg.quantize_tensor(name, w, ho.quant, H, 0, 0.0)
         rows.append(
             dict(
                 name=name,

@@ -62,11 +62,12 @@ def build_layer(mode: str, dim: int, hidden: int, device: torch.device) -> nn.Mo
         **MODES[mode],
     }
     h = train_gpt.load_config(env)
-    if h.mlp_hidden != hidden:
+    if h.model.mlp_hidden != hidden:
         raise SystemExit(
-            f"--hidden {hidden} is not MLP_MULT x --dim {dim} for any float MLP_MULT (got {h.mlp_hidden})"
+            f"--hidden {hidden} is not MLP_MULT x --dim {dim} for any float MLP_MULT "
+            f"(got {h.model.mlp_hidden})"
         )
-    layer = train_gpt.make_mlp(train_gpt.model_config(h), 0).to(device)
+    layer = train_gpt.make_mlp(h.model, 0).to(device)
     # Zero-initialised projections and router (the training init) would route every token alike.
     with torch.no_grad():
         for p in layer.parameters():

@@ -79,19 +79,19 @@ def make_step(model, compiled, optimizers, h, device, autocast=None):
     autocast = autocast or train_gpt.autocast
     # Training's layout (one packed row with RESPECT_DOC_BOUNDARIES); random tokens hold few BOS, so
     # segments are mostly TRAIN_SEQ_LEN long: the slowest case of document isolation.
-    x = torch.randint(0, h.vocab_size, train_gpt.train_rows(h), device=device)
+    x = torch.randint(0, h.data.vocab_size, train_gpt.train_rows(h.data), device=device)
     y = torch.roll(x, -1, dims=1)
 
     def step() -> torch.Tensor:
         with autocast(device):
-            loss, ce = compiled(x, y, doc_span=h.train_seq_len)
+            loss, ce = compiled(x, y, doc_span=h.data.train_seq_len)
         loss.backward()
-        if h.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
+        if h.optim.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), h.optim.grad_clip_norm)
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        train_gpt.collect_routing_stats(model, h.router_bias_rate, 1)
+        train_gpt.collect_routing_stats(model, h.optim.router_bias_rate, 1)
         return ce
 
     return step
@@ -124,8 +124,8 @@ def main(argv=None) -> int:
     iters = args.iters or (20 if device.type == "cuda" else 3)
     backend = args.backend or ("inductor" if device.type == "cuda" else "aot_eager")
     torch.manual_seed(0)
-    model = train_gpt.GPT(train_gpt.model_config(h)).to(device)
-    optimizers = train_gpt.build_optimizers(model, h)
+    model = train_gpt.GPT(h.model).to(device)
+    optimizers = train_gpt.build_optimizers(model, h.optim)
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=backend)
@@ -133,18 +133,19 @@ def main(argv=None) -> int:
     peak = train_gpt.peak_flops(device)
     print(
         f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} backend {backend} "
-        f"micro_batch {h.micro_batch_tokens} tokens x {h.train_seq_len} seq, moe_mode {h.moe_mode}"
+        f"micro_batch {h.data.micro_batch_tokens} tokens x {h.data.train_seq_len} seq, "
+        f"moe_mode {h.model.moe_mode}"
     )
     results, ok = [], True
-    for looping in sorted({False, h.num_loops > 0}):
+    for looping in sorted({False, h.model.num_loops > 0}):
         model.set_looping(looping)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         graphs_before = counters["stats"]["unique_graphs"]
         times = time_phase(step, iters, args.warmup, device)
         ms = statistics.median(times)
-        tokens_per_s = h.micro_batch_tokens / (ms / 1000)
-        flops = train_gpt.flops_per_token(model, h, looping)
+        tokens_per_s = h.data.micro_batch_tokens / (ms / 1000)
+        flops = train_gpt.flops_per_token(model, h.data, looping)
         graphs = counters["stats"]["unique_graphs"] - graphs_before
         row = dict(
             phase="loops_on" if looping else "loops_off",
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
             f"phase:{row['phase']} ms_per_step:{ms:.2f} tok/s:{tokens_per_s:.0f}{mfu} graphs:{graphs} "
             f"(median of {iters}, after {args.warmup} warm-up steps)"
         )
-    off_share = h.enable_looping_at if h.num_loops > 0 and h.enable_looping_at < 1 else 1.0
+    off_share = h.optim.enable_looping_at if h.model.num_loops > 0 and h.optim.enable_looping_at < 1 else 1.0
     average = off_share * results[0]["tokens_per_s"] + (1 - off_share) * results[-1]["tokens_per_s"]
     print(
         f"run_average tok/s_per_gpu:{average:.0f} goal:{GOAL_TOKENS_PER_S:.0f} "

@@ -128,7 +128,7 @@ def small_model(mode: str, device, **env):
     the comparison trivial), loops on: the path a late training step takes."""
     h = train_gpt.load_config({**knobs(mode, True), **env})
     torch.manual_seed(0)
-    model = train_gpt.GPT(train_gpt.model_config(h))
+    model = train_gpt.GPT(h.model)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -150,7 +150,9 @@ def step_correctness(cpu: bool, device) -> dict:
     backend = "aot_eager" if cpu else "inductor"
     checks = {}
     h, model = small_model("dense", device)
-    x = torch.randint(0, h.vocab_size, (2, h.train_seq_len), generator=torch.Generator().manual_seed(1))
+    x = torch.randint(
+        0, h.data.vocab_size, (2, h.data.train_seq_len), generator=torch.Generator().manual_seed(1)
+    )
     x_dev = x.to(device)
     with torch.no_grad():
         reference = model.to("cpu").logits(x).float()  # fp32, eager, on the CPU
@@ -174,14 +176,14 @@ def step_correctness(cpu: bool, device) -> dict:
     )
     # one optimizer step of a routed mode with balancing on (the router bias moves too)
     h, routed = small_model("topk4", device)
-    optimizers = train_gpt.build_optimizers(routed, h)
+    optimizers = train_gpt.build_optimizers(routed, h.optim)
     y = torch.roll(x_dev, -1, dims=1)
     with autocast:
         loss, _ = routed(x_dev, y)
     loss.backward()
     for opt in optimizers:
         opt.step()
-    train_gpt.collect_routing_stats(routed, h.router_bias_rate, 1)
+    train_gpt.collect_routing_stats(routed, h.optim.router_bias_rate, 1)
     finite = all(torch.isfinite(p).all().item() for p in routed.parameters())
     checks["optimizer_step_finite"] = dict(ok=finite and bool(torch.isfinite(loss).item()), loss=loss.item())
     for check in checks.values():
@@ -196,18 +198,18 @@ def step_correctness(cpu: bool, device) -> dict:
 def memory_estimate(h, device, looping: bool) -> int:
     """train_gpt's compiled peak estimate (one rank); the CPU rehearsal traces it on a fake CUDA device."""
     if device.type == "cuda":
-        return train_gpt.compiled_peak_bytes(h, device, 1, looping)
+        return train_gpt.compiled_peak_bytes(h.model, h.data, h.optim, device, 1, looping)
     with gpu_memory.cuda_autocast_without_gpu():
-        return train_gpt.compiled_peak_bytes(h, "cuda", 1, looping)
+        return train_gpt.compiled_peak_bytes(h.model, h.data, h.optim, "cuda", 1, looping)
 
 
 def step_speed(cpu: bool, device, mode: str, looping: bool) -> dict:
     """Compile (first step timed apart), then ms/step, tokens/s, loss, peak memory, graph count."""
     h = train_gpt.load_config(knobs(mode, cpu))
     torch.manual_seed(0)
-    model = train_gpt.GPT(train_gpt.model_config(h)).to(device)
+    model = train_gpt.GPT(h.model).to(device)
     model.set_looping(looping)
-    optimizers = train_gpt.build_optimizers(model, h)
+    optimizers = train_gpt.build_optimizers(model, h.optim)
     counters.clear()
     backend = "aot_eager" if cpu else "inductor"
     compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=backend)
@@ -226,10 +228,10 @@ def step_speed(cpu: bool, device, mode: str, looping: bool) -> dict:
     row = dict(
         mode=mode,
         loops="on" if looping else "off",
-        micro_batch_tokens=h.micro_batch_tokens,
+        micro_batch_tokens=h.data.micro_batch_tokens,
         compile_s=max(first - ms, 0.0) / 1000,
         ms_per_step=ms,
-        tokens_per_s=h.micro_batch_tokens / (ms / 1000),
+        tokens_per_s=h.data.micro_batch_tokens / (ms / 1000),
         loss=loss,
         graphs=counters["stats"]["unique_graphs"],
         graph_breaks=sum(counters["graph_break"].values()),
@@ -247,12 +249,14 @@ def step_calibrate(cpu: bool, device) -> dict:
     default shape, timed, against the reserve train_gpt.py would derive."""
     h = train_gpt.load_config(knobs("dense", cpu))
     torch.manual_seed(0)
-    model = train_gpt.GPT(train_gpt.model_config(h)).to(device).eval()
+    model = train_gpt.GPT(h.model).to(device).eval()
     model.set_looping(True)
-    rows = h.micro_batch_tokens // h.train_seq_len
-    n = h.gptq_calibration_batches
-    batches = [torch.randint(0, h.vocab_size, (rows, h.train_seq_len), device=device) for _ in range(n)]
-    projected = train_gpt.calibration_reserve(model, h, device, (batches[0], batches[0]))
+    rows = h.data.micro_batch_tokens // h.data.train_seq_len
+    n = h.quant.gptq_calibration_batches
+    batches = [
+        torch.randint(0, h.data.vocab_size, (rows, h.data.train_seq_len), device=device) for _ in range(n)
+    ]
+    projected = train_gpt.calibration_reserve(model, h.data, h.quant, device, (batches[0], batches[0]))
     t0 = time.perf_counter()
     with train_gpt.hessian_matmuls():
         hessians, _ = train_gpt.collect_hessians(model, ((x, x) for x in batches), 1)
@@ -260,7 +264,7 @@ def step_calibrate(cpu: bool, device) -> dict:
     return dict(
         ok=seconds <= projected,
         batches=n,
-        micro_batch_tokens=h.micro_batch_tokens,
+        micro_batch_tokens=h.data.micro_batch_tokens,
         matrices=len(hessians),
         seconds=seconds,
         reserve_s=projected,

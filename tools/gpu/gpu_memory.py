@@ -188,13 +188,13 @@ def compiled_saved_activations(h, looping: bool) -> dict[str, int]:
         return make_boxed_func(gm)
 
     with FakeTensorMode() as mode:
-        model = train_gpt.fake_model(h, "cpu").train()
+        model = train_gpt.fake_model(h.model, "cpu").train()
         model.set_looping(looping)
         params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
-        x = torch.zeros(train_gpt.train_rows(h), dtype=torch.long)
+        x = torch.zeros(train_gpt.train_rows(h.data), dtype=torch.long)
 
     def loss_of(params, buffers, x):
-        return torch.func.functional_call(model, {**params, **buffers}, (x, x, h.train_seq_len))[0]
+        return torch.func.functional_call(model, {**params, **buffers}, (x, x, h.data.train_seq_len))[0]
 
     joint = aot_function(
         loss_of,
@@ -212,12 +212,12 @@ def compiled_saved_activations(h, looping: bool) -> dict[str, int]:
 
 def estimate(h, world_size: int = 8, compiled: bool = True) -> dict:
     """Per loop state: saved activations (by dtype) and the peak estimate of one rank, in bytes and MiB."""
-    static = train_gpt.static_training_bytes(h, world_size)
-    loss_grads = 8 * h.micro_batch_tokens * h.vocab_size
+    static = train_gpt.static_training_bytes(h.model, h.optim, world_size)
+    loss_grads = 8 * h.data.micro_batch_tokens * h.data.vocab_size
     phases = []
-    for looping in sorted({False, h.num_loops > 0}):
+    for looping in sorted({False, h.model.num_loops > 0}):
         with cuda_autocast_without_gpu():
-            by_dtype = train_gpt.saved_activations(h, "cuda", looping)
+            by_dtype = train_gpt.saved_activations(h.model, h.data, "cuda", looping)
         saved = sum(by_dtype.values())
         phase = dict(
             phase="loops_on" if looping else "loops_off",
@@ -237,9 +237,9 @@ def estimate(h, world_size: int = 8, compiled: bool = True) -> dict:
             )
         phases.append(phase)
     return dict(
-        micro_batch_tokens=h.micro_batch_tokens,
-        moe_mode=h.moe_mode,
-        moe_dispatch=h.moe_dispatch,
+        micro_batch_tokens=h.data.micro_batch_tokens,
+        moe_mode=h.model.moe_mode,
+        moe_dispatch=h.model.moe_dispatch,
         world_size=world_size,
         static_bytes=static,
         loss_grad_bytes=loss_grads,
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
         return 2
     result = estimate(h, args.world_size, compiled=not args.eager_only)
     print(
-        f"moe_mode {h.moe_mode} micro_batch {h.micro_batch_tokens} tokens: static "
+        f"moe_mode {h.model.moe_mode} micro_batch {h.data.micro_batch_tokens} tokens: static "
         f"{result['static_bytes'] / MIB:.0f} MiB, loss gradients {result['loss_grad_bytes'] / MIB:.0f} MiB"
     )
     for p in result["phases"]:

@@ -51,24 +51,24 @@ def main(argv: list[str]) -> int:
     checkpoint, env = argv[0], dict(item.split("=", 1) for item in argv[1:])
     h = train_gpt.load_config(env)
     saved = torch.load(checkpoint, map_location="cpu")
-    model = train_gpt.GPT(train_gpt.model_config(h))
+    model = train_gpt.GPT(h.model)
     model.load_state_dict(saved["state"])
     model.eval()
     loader = train_gpt.TrainLoader(
-        train_gpt.check_shards(train_gpt.shard_files(h.data_path, "train"), h.vocab_size),
+        train_gpt.check_shards(train_gpt.shard_files(h.data.data_path, "train"), h.data.vocab_size),
         0,
         1,
-        h.train_seq_len,
-        h.micro_batch_tokens,
+        h.data.train_seq_len,
+        h.data.micro_batch_tokens,
         1,
         torch.device("cpu"),
-        h.vocab_size,
+        h.data.vocab_size,
     )
-    batches = [loader.next_step()[0] for _ in range(h.gptq_calibration_batches)]
+    batches = [loader.next_step()[0] for _ in range(h.quant.gptq_calibration_batches)]
     rt = train_gpt.Runtime(0, 1, torch.device("cpu"), lambda *a, **k: None)
     rt.log.event = lambda *a, **k: None
-    val = train_gpt.load_validation(h, rt.log)
-    spec = train_gpt.WindowSpec(h.eval_seq_len, 0, h.eval_batch_seqs)
+    val = train_gpt.load_validation(h.data, h.evaluation, rt.log)
+    spec = train_gpt.WindowSpec(h.evaluation.eval_seq_len, 0, h.evaluation.eval_batch_seqs)
     rows, exact, exact_q = [], None, None
     for name, bits in (("fp32", 23), ("tf32", 10), ("bf16", 7)):
         hess = hessians_at(model, batches, bits)
@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
         diff = max(((hess[k] - exact[k]).norm() / exact[k].norm()).item() for k in exact)
         path = str(Path(tempfile.mkdtemp()) / f"{name}.ptz")
         with train_gpt.exact_fp32_matmuls():
-            size = train_gpt.export_artifact(model, h, path, train_gpt.code_bytes(), rt.log, hess)
+            size = train_gpt.export_artifact(model, h.quant, path, train_gpt.code_bytes(), rt.log, hess)
         _, state = train_gpt.unpack_artifact(path)
         ints = {k: tensors[0] for k, (bits, tensors) in state.items() if bits < 16}  # integers first
         exact_q = exact_q or ints

@@ -21,7 +21,7 @@ import copy
 import json
 import sys
 import time
-from types import SimpleNamespace
+from dataclasses import replace
 
 import torch
 
@@ -39,7 +39,7 @@ def load_checkpoint(path: str, device: torch.device):
         h = train_gpt.load_config({}, **saved["config"])
     except (OSError, RuntimeError, KeyError, TypeError) as err:
         raise SystemExit(f"error: {path}: not a train_gpt.py checkpoint ({err})") from None
-    model = train_gpt.GPT(train_gpt.model_config(h)).to(device)
+    model = train_gpt.GPT(h.model).to(device)
     model.load_state_dict(saved["state"])
     return model.eval(), h
 
@@ -53,17 +53,16 @@ def calibration_batches(
     return [loader.next_step()[0] for _ in range(n)]
 
 
-def scheme_config(h, bits: int, embed_bits: int, method: str, lqer: bool, compressor: str) -> SimpleNamespace:
-    return SimpleNamespace(
-        **{
-            **vars(h),
-            "quant_method": method,
-            "lqer_enabled": lqer,
-            "compressor": compressor,
-            "matrix_bits": bits,
-            "expert_bits": bits,  # experts follow the matrices' bits here, as by default
-            "embed_bits": embed_bits or bits + 1,
-        }
+def scheme_config(h, bits: int, embed_bits: int, method: str, lqer: bool, compressor: str):
+    """-> the run's quantization group with this scheme's knobs."""
+    return replace(
+        h.quant,
+        quant_method=method,
+        lqer_enabled=lqer,
+        compressor=compressor,
+        matrix_bits=bits,
+        expert_bits=bits,  # experts follow the matrices' bits here, as by default
+        embed_bits=embed_bits or bits + 1,
     )
 
 
@@ -92,9 +91,9 @@ def round_trip_bpb(model, entries, shapes, evaluate) -> float:
 def study(args) -> list[dict]:
     device = torch.device("cpu")
     model, h = load_checkpoint(args.checkpoint, device)
-    sp = train_gpt.load_tokenizer(args.tokenizer, h.vocab_size)
+    sp = train_gpt.load_tokenizer(args.tokenizer, h.data.vocab_size)
     tables = train_gpt.byte_tables(sp)
-    val = train_gpt.load_val_tokens(args.data_path, h.vocab_size, args.val_token_limit)
+    val = train_gpt.load_val_tokens(args.data_path, h.data.vocab_size, args.val_token_limit)
     seq = min(args.seq_len, val.numel() - 1)
     runtime = train_gpt.Runtime(0, 1, device, lambda msg: None)
 
@@ -115,7 +114,7 @@ def study(args) -> list[dict]:
         f"# {len(hessians)} Hessians from {args.calibration_batches} batches in {seconds:.1f}s",
         file=sys.stderr,
     )
-    config = {name: getattr(h, name.lower()) for name in train_gpt.MODEL_KNOBS}
+    config = train_gpt.stored_knobs(h.model)
     shapes, rows = {n: list(t.shape) for n, t in train_gpt.artifact_state(model).items()}, []
     for bits in args.bits:
         for scheme, (method, lqer) in SCHEMES.items():

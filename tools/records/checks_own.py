@@ -36,7 +36,13 @@ from tools.records.base import (
     skip,
     warn,
 )
-from tools.records.evaluate import evaluate_artifact, script_evaluate, script_ttt_evaluate
+from tools.records.evaluate import (
+    evaluate_artifact,
+    script_evaluate,
+    script_ttt_evaluate,
+    script_value,
+    with_script_values,
+)
 
 
 @dataclass(frozen=True)
@@ -440,14 +446,13 @@ def probe_checks(
     model, h = module.load_artifact_model(str(artifact), dev)
     model.eval()
     model_knobs = set(getattr(module, "MODEL_KNOBS", ()))
-    for knob, value in config.items():
-        if knob not in model_knobs and knob.lower() in vars(h):
-            setattr(h, knob.lower(), value)
-    h.eval_seq_len = seq_len
-    tables = module.byte_tables(module.load_tokenizer(str(tokenizer), h.vocab_size))
-    tokens = module.load_val_tokens(str(data), h.vocab_size, 3 * seq_len + 1)
+    run_knobs = {knob.lower(): value for knob, value in config.items() if knob not in model_knobs}
+    h = with_script_values(h, {**run_knobs, "eval_seq_len": seq_len})
+    vocab_size, eval_stride = script_value(h, "vocab_size"), script_value(h, "eval_stride")
+    tables = module.byte_tables(module.load_tokenizer(str(tokenizer), vocab_size))
+    tokens = module.load_val_tokens(str(data), vocab_size, 3 * seq_len + 1)
     position = 2 * seq_len + seq_len // 3  # inside a later window, after any first-window special case
-    stride = h.eval_stride if h.eval_stride not in (0, seq_len) else max(1, seq_len // 4)
+    stride = eval_stride if eval_stride not in (0, seq_len) else max(1, seq_len // 4)
 
     def windows(step):
         def losses(toks):

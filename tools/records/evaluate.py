@@ -3,6 +3,7 @@ stores and verify repeats, and the evaluation calls the legality probes make."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +38,36 @@ def script_evaluate(
 
 
 def script_ttt_evaluate(script, model, h, tokens, tables, device, token_losses):
-    """A folder's own `ttt_evaluate` on one process, whichever of its two signatures the script has."""
+    """A folder's own `ttt_evaluate` on one process, whichever of its three signatures the script has."""
     rt = quiet_runtime(script, device)
     if rt is None:
         return script.ttt_evaluate(
             model, h, tokens, tables, device, token_losses=token_losses, log=lambda _: None
         )
+    if dataclasses.is_dataclass(h):  # a configuration in frozen groups: the groups TTT reads
+        return script.ttt_evaluate(model, h.evaluation, h.run, tokens, tables, rt, token_losses)
     return script.ttt_evaluate(model, h, tokens, tables, rt, token_losses)
+
+
+def script_value(h, name: str):
+    """A knob's value in a folder script's configuration: one namespace (older scripts) or frozen groups."""
+    if not dataclasses.is_dataclass(h):
+        return getattr(h, name)
+    return next(getattr(g, name) for g in vars(h).values() if hasattr(g, name))
+
+
+def with_script_values(h, values: dict):
+    """A folder script's configuration with these knobs' values (lower-case names; unknown ones ignored): set
+    on one namespace (older scripts), or new frozen groups."""
+    if not dataclasses.is_dataclass(h):
+        vars(h).update({k: v for k, v in values.items() if k in vars(h)})
+        return h
+    changed = {}
+    for name, group in vars(h).items():
+        mine = {k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(group)}}
+        if mine:
+            changed[name] = dataclasses.replace(group, **mine)
+    return dataclasses.replace(h, **changed)
 
 
 def evaluate_artifact(
@@ -63,8 +87,9 @@ def evaluate_artifact(
     dev = torch.device(device)
     model, h = script.load_artifact_model(str(artifact), dev)
     model.eval()
-    tables = script.byte_tables(script.load_tokenizer(tokenizer, h.vocab_size))
-    tokens = script.load_val_tokens(data, h.vocab_size, token_limit)
+    vocab_size = script_value(h, "vocab_size")
+    tables = script.byte_tables(script.load_tokenizer(tokenizer, vocab_size))
+    tokens = script.load_val_tokens(data, vocab_size, token_limit)
     val_loss, val_bpb = script_evaluate(script, model.logits, tokens, tables, windows, dev)
     tokens_sha = hashlib.sha256(tokens.numpy().astype("<u2").tobytes()).hexdigest()
     return EvalResult(val_loss, val_bpb, tokens_sha, sha256_file(tokenizer))

@@ -168,13 +168,18 @@ def analyse_artifact(
     model, h = tg.load_artifact_model(artifact, device)
     if not tg.moe_layers(model):
         raise tg.ConfigError(f"{artifact}: a dense model (MOE_MODE=none) has no routing to analyse")
-    sp = tg.load_tokenizer(tokenizer_path, h.vocab_size)
-    val_tokens = tg.load_val_tokens(data_path, h.vocab_size, token_limit)
+    sp = tg.load_tokenizer(tokenizer_path, h.data.vocab_size)
+    val_tokens = tg.load_val_tokens(data_path, h.data.vocab_size, token_limit)
     seq_len = min(seq_len, val_tokens.numel())  # the artifact stores model knobs only
     n_seqs = max(1, min(batch_seqs, val_tokens.numel() // seq_len))
     x = val_tokens[: n_seqs * seq_len].long().view(n_seqs, seq_len).to(device)
     report = routing_report(model, x, sp, val_tokens)
-    report.update(artifact=str(artifact), moe_mode=h.moe_mode, num_experts=h.num_experts, top_k=h.top_k)
+    report.update(
+        artifact=str(artifact),
+        moe_mode=h.model.moe_mode,
+        num_experts=h.model.num_experts,
+        top_k=h.model.top_k,
+    )
     return report
 
 
