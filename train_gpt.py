@@ -1388,7 +1388,8 @@ CALIBRATION_KNOBS = ("QUANT_METHOD", "LQER_ENABLED", "GPTQ_RESERVE_SECONDS", "MA
 DERIVED_FIELDS: dict[str, dict[str, tuple[type, tuple[str, ...]]]] = {
     # how MICRO_BATCH_TOKENS was set, for its error messages ("" when given)
     "data": {"micro_batch_source": (str, ("MICRO_BATCH_TOKENS", "TRAIN_BATCH_TOKENS"))},
-    # the GPTQ reserve and the training wall clock it leaves (Trainer measures an unset reserve: a new group)
+    # the GPTQ reserve and the training wall clock it leaves (an unset reserve is measured by the Trainer,
+    # which then holds a new optim group with both)
     "optim": {
         "calibration_reserve_seconds": (float, CALIBRATION_KNOBS),
         "train_wallclock_seconds": (float, CALIBRATION_KNOBS),

@@ -405,7 +405,7 @@ def config_rows(folder) -> list[tuple[str, object, object]]:
         if name in NOT_KNOBS:
             continue
         knob = RENAMED.get(name, name.upper())
-        mine = ours.get(knob, NO_KNOB)
+        mine = ours[knob] if knob in tg.KNOBS else NO_KNOB
         if mine != value:
             rows.append((name, value, mine))
     return rows
@@ -423,11 +423,11 @@ def fixture_env(folder) -> dict[str, str]:
     does not have."""
     tg = import_trainer()
     values = oracle.logged_hparams(oracle.record_logs(folder)[0])
-    ours = tg.load_config(environ={})
+    ours = tg.knob_values(tg.load_config(environ={}))
     env = {}
     for knob in tg.MODEL_KNOBS:
         name = {v: k for k, v in RENAMED.items()}.get(knob, knob.lower())
-        if name in SMALL or name not in values or values[name] == getattr(ours.model, knob.lower()):
+        if name in SMALL or name not in values or values[name] == ours[knob]:
             continue
         value = values[name]
         env[knob] = str(int(value)) if isinstance(value, bool) else str(value)
