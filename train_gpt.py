@@ -49,8 +49,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 # ---- 1. Hyperparameters: every knob is an environment variable, declared once as a row below --------
 # A row holds what the trainer checks (type, range, choices), what it stores (model knobs go into the
-# artifact), what it means (docs/knobs.md is generated from the rows by tools/knob_docs.py) and which group
-# of the run's Config holds it. load_config reads the environment once, derives the implied values and
+# artifact), what it means (docs/knobs.md is generated from the rows by tools/dev/knob_docs.py) and which
+# group of the run's Config holds it. load_config reads the environment once, derives the implied values and
 # freezes them in groups, so each function receives the groups it reads and no knob changes mid-run.
 
 
@@ -1029,52 +1029,101 @@ def parse_knob(name: str, raw: str, kind: type) -> object:
     return value
 
 
-def load_config(environ=None, **overrides) -> Config:
-    """Read every knob from `environ` (default os.environ), apply keyword overrides, validate, derive, and
-    freeze the result into a Config."""
-    env = os.environ if environ is None else environ
-    for key in [*env, *(k.upper() for k in overrides)]:  # overrides: e.g. the knobs an artifact stores
-        if key in REPLACED_KNOBS and (env.get(key, "") != "" or key in overrides or key.lower() in overrides):
-            raise ConfigError(f"{key} is no longer a knob: use {REPLACED_KNOBS[key]}")
-        if key in FOREIGN_KNOBS and env.get(key, "") != "":
-            use = f"use {FOREIGN_KNOBS[key]}" if FOREIGN_KNOBS[key] else "it has no equivalent here"
-            raise ConfigError(f"{key} is another script's knob, not this trainer's: {use}")
-        if key != key.upper() and key.upper() in KNOBS and env.get(key, "") != "":
-            raise ConfigError(f"{key}: knob names are upper case; use {key.upper()}")
-        if key not in KNOBS and key not in LAUNCHER_VARS:
-            close = difflib.get_close_matches(key, list(KNOBS), n=1, cutoff=0.9)
-            if close:
-                raise ConfigError(f"unknown variable {key}: did you mean {close[0]}?")
-    # An empty value is most often a shell variable that was never set: refused, not read as the default,
-    # except where the default is itself empty (unset: no run id, no layer list, ...).
-    empty = [
-        name
-        for name, (_, default) in KNOBS.items()
-        if env.get(name) == "" and not (default is None or (isinstance(default, (str, list)) and not default))
-    ]
-    if empty:
-        raise ConfigError(
-            f"{', '.join(f'{name}=' for name in empty)}: set but empty (an unset shell variable?); give a "
-            "value, or unset the variable for the default"
-        )
-    values = {
-        name.lower(): parse_knob(name, env[name], kind) if env.get(name, "") != "" else copy.copy(default)
-        for name, (kind, default) in KNOBS.items()
-    }
-    values.update({k.lower(): v for k, v in overrides.items()})
-    knobs = derive_config(SimpleNamespace(**values))
-    # asked for by name (not the default): a GPU without the fast grouped kernel then stops instead
-    knobs.moe_dispatch_given = env.get("MOE_DISPATCH", "") != "" or "moe_dispatch" in overrides
-    moe_only = [f"{k}={env[k]}" for k in MOE_ONLY_KNOBS if env.get(k, "") != ""]
-    if moe_only and knobs.moe_mode == "none":  # the dense default would silently ignore them
-        raise ConfigError(
-            f"{', '.join(moe_only)}: no effect with MOE_MODE=none (the dense MLP, the default); "
-            "set MOE_MODE=soft, topk or shared_routed"
-        )
-    return freeze_config(knobs)
-
-
 MAX_RUN_ID_BYTES = 200  # RUN_ID + the longest suffix a run adds stays within a file name's 255 bytes
+
+
+def derive_stack(knobs: SimpleNamespace, require) -> None:
+    """Checks of the record-stack knobs that KNOB_LIMITS cannot express."""
+    knobs.xsa_last_n = min(
+        knobs.xsa_last_n, knobs.num_layers
+    )  # the config line shows the layers XSA really runs in
+    require(
+        knobs.gate_window <= knobs.model_dim,
+        f"GATE_WINDOW={knobs.gate_window}: must be in 1..MODEL_DIM={knobs.model_dim}",
+    )
+    if knobs.num_loops:
+        require(
+            knobs.loop_start <= knobs.loop_end < knobs.num_layers,
+            f"LOOP_START={knobs.loop_start}, LOOP_END={knobs.loop_end}: need 0 <= LOOP_START <= LOOP_END < "
+            f"NUM_LAYERS={knobs.num_layers}",
+        )
+    # Lanes run in decoder layers after the loop only, so a looped layer runs alike on every pass.
+    first = max(knobs.num_layers // 2, knobs.loop_end + 1 if knobs.num_loops else 0)
+    require(
+        knobs.parallel_start_layer < knobs.num_layers,
+        f"PARALLEL_START_LAYER={knobs.parallel_start_layer}: past the last layer "
+        f"(NUM_LAYERS={knobs.num_layers}: "
+        f"layers 0..{knobs.num_layers - 1}); 0 turns the parallel lanes off",
+    )
+    require(
+        knobs.parallel_start_layer == 0 or knobs.parallel_start_layer >= first,
+        f"PARALLEL_START_LAYER={knobs.parallel_start_layer}: must be 0 (off) or at least {first} (decoder "
+        "layers after the loop)",
+    )
+
+
+def derive_router_passes(knobs: SimpleNamespace, require) -> None:
+    """ROUTER_PER_PASS: the MoE layers inside the loop get one router per pass (1 + NUM_LOOPS)."""
+    knobs.router_passes = 1 + knobs.num_loops if knobs.router_per_pass else 1
+    if not knobs.router_per_pass:
+        return
+    require(
+        knobs.moe_mode != "none",
+        "ROUTER_PER_PASS=1 needs MoE layers: MOE_MODE=none (the dense MLP) has no router; "
+        "set MOE_MODE=soft, topk or shared_routed",
+    )
+    require(
+        knobs.num_loops > 0,
+        "ROUTER_PER_PASS=1 needs the layer loop: with NUM_LOOPS=0 every layer runs once (one pass)",
+    )
+    looped = [layer for layer in knobs.moe_layer_ids if knobs.loop_start <= layer <= knobs.loop_end]
+    require(
+        bool(looped),
+        f"ROUTER_PER_PASS=1: no MoE layer is looped (MOE_LAYERS={','.join(map(str, knobs.moe_layer_ids))}, "
+        f"looped layers LOOP_START={knobs.loop_start}..LOOP_END={knobs.loop_end}); put MOE_LAYERS "
+        "inside the loop",
+    )
+
+
+def derive_routed_regularisers(knobs: SimpleNamespace, require) -> None:
+    """ROUTER_ENTROPY_COEF and EXPERT_DROPOUT shape a top-k selection, which only the routed modes make.
+    (With MOE_MODE=none, load_config's check of MoE-only knobs names them instead.)"""
+    for name in ("ROUTER_ENTROPY_COEF", "EXPERT_DROPOUT"):
+        value = getattr(knobs, name.lower())
+        require(
+            not value or knobs.moe_mode in ("none", "topk", "shared_routed"),
+            f"{name}={value}: needs a top-k selection (MOE_MODE=topk or shared_routed); "
+            f"MOE_MODE={knobs.moe_mode} blends every expert",
+        )
+    require(
+        not knobs.expert_dropout or knobs.top_k < knobs.num_experts,
+        f"EXPERT_DROPOUT={knobs.expert_dropout}: TOP_K={knobs.top_k} of NUM_EXPERTS={knobs.num_experts} "
+        "leaves no expert "
+        "to drop (each step keeps at least TOP_K); lower TOP_K or set EXPERT_DROPOUT=0",
+    )
+
+
+def derive_quant_config(knobs: SimpleNamespace, require) -> None:
+    """Quantization knobs KNOB_LIMITS cannot check; the GPTQ reserve shortens the training wall clock."""
+    missing = compressor_missing(knobs.compressor)
+    require(
+        not missing,
+        f"COMPRESSOR={knobs.compressor} needs {missing}, which is not installed; install it or choose zstd",
+    )
+    require(knobs.expert_bits != 1, "EXPERT_BITS=1: expected 0 (= MATRIX_BITS) or 2..8")
+    knobs.calibrate = knobs.quant_method == "gptq" or knobs.lqer_enabled  # Hessians are needed
+    # unset: measured before training (Trainer.reserve_calibration), which sets the training wall clock again
+    given = knobs.gptq_reserve_seconds or 0.0
+    reserve = given if knobs.calibrate and knobs.max_wallclock_seconds > 0 else 0.0
+    require(
+        reserve < knobs.max_wallclock_seconds or not reserve,
+        f"GPTQ_RESERVE_SECONDS={knobs.gptq_reserve_seconds}: must be in [0, "
+        f"MAX_WALLCLOCK_SECONDS={knobs.max_wallclock_seconds})",
+    )
+    knobs.calibration_reserve_seconds = reserve
+    knobs.train_wallclock_seconds = (
+        knobs.max_wallclock_seconds - reserve
+    )  # training stops early to calibrate in time
 
 
 def derive_config(knobs: SimpleNamespace) -> SimpleNamespace:
@@ -1198,110 +1247,6 @@ def derive_config(knobs: SimpleNamespace) -> SimpleNamespace:
         "(files are never overwritten) or its folder does not",
     )
     return knobs
-
-
-def derive_stack(knobs: SimpleNamespace, require) -> None:
-    """Checks of the record-stack knobs that KNOB_LIMITS cannot express."""
-    knobs.xsa_last_n = min(
-        knobs.xsa_last_n, knobs.num_layers
-    )  # the config line shows the layers XSA really runs in
-    require(
-        knobs.gate_window <= knobs.model_dim,
-        f"GATE_WINDOW={knobs.gate_window}: must be in 1..MODEL_DIM={knobs.model_dim}",
-    )
-    if knobs.num_loops:
-        require(
-            knobs.loop_start <= knobs.loop_end < knobs.num_layers,
-            f"LOOP_START={knobs.loop_start}, LOOP_END={knobs.loop_end}: need 0 <= LOOP_START <= LOOP_END < "
-            f"NUM_LAYERS={knobs.num_layers}",
-        )
-    # Lanes run in decoder layers after the loop only, so a looped layer runs alike on every pass.
-    first = max(knobs.num_layers // 2, knobs.loop_end + 1 if knobs.num_loops else 0)
-    require(
-        knobs.parallel_start_layer < knobs.num_layers,
-        f"PARALLEL_START_LAYER={knobs.parallel_start_layer}: past the last layer "
-        f"(NUM_LAYERS={knobs.num_layers}: "
-        f"layers 0..{knobs.num_layers - 1}); 0 turns the parallel lanes off",
-    )
-    require(
-        knobs.parallel_start_layer == 0 or knobs.parallel_start_layer >= first,
-        f"PARALLEL_START_LAYER={knobs.parallel_start_layer}: must be 0 (off) or at least {first} (decoder "
-        "layers after the loop)",
-    )
-
-
-def derive_router_passes(knobs: SimpleNamespace, require) -> None:
-    """ROUTER_PER_PASS: the MoE layers inside the loop get one router per pass (1 + NUM_LOOPS)."""
-    knobs.router_passes = 1 + knobs.num_loops if knobs.router_per_pass else 1
-    if not knobs.router_per_pass:
-        return
-    require(
-        knobs.moe_mode != "none",
-        "ROUTER_PER_PASS=1 needs MoE layers: MOE_MODE=none (the dense MLP) has no router; "
-        "set MOE_MODE=soft, topk or shared_routed",
-    )
-    require(
-        knobs.num_loops > 0,
-        "ROUTER_PER_PASS=1 needs the layer loop: with NUM_LOOPS=0 every layer runs once (one pass)",
-    )
-    looped = [layer for layer in knobs.moe_layer_ids if knobs.loop_start <= layer <= knobs.loop_end]
-    require(
-        bool(looped),
-        f"ROUTER_PER_PASS=1: no MoE layer is looped (MOE_LAYERS={','.join(map(str, knobs.moe_layer_ids))}, "
-        f"looped layers LOOP_START={knobs.loop_start}..LOOP_END={knobs.loop_end}); put MOE_LAYERS "
-        "inside the loop",
-    )
-
-
-def derive_routed_regularisers(knobs: SimpleNamespace, require) -> None:
-    """ROUTER_ENTROPY_COEF and EXPERT_DROPOUT shape a top-k selection, which only the routed modes make.
-    (With MOE_MODE=none, load_config's check of MoE-only knobs names them instead.)"""
-    for name in ("ROUTER_ENTROPY_COEF", "EXPERT_DROPOUT"):
-        value = getattr(knobs, name.lower())
-        require(
-            not value or knobs.moe_mode in ("none", "topk", "shared_routed"),
-            f"{name}={value}: needs a top-k selection (MOE_MODE=topk or shared_routed); "
-            f"MOE_MODE={knobs.moe_mode} blends every expert",
-        )
-    require(
-        not knobs.expert_dropout or knobs.top_k < knobs.num_experts,
-        f"EXPERT_DROPOUT={knobs.expert_dropout}: TOP_K={knobs.top_k} of NUM_EXPERTS={knobs.num_experts} "
-        "leaves no expert "
-        "to drop (each step keeps at least TOP_K); lower TOP_K or set EXPERT_DROPOUT=0",
-    )
-
-
-def derive_quant_config(knobs: SimpleNamespace, require) -> None:
-    """Quantization knobs KNOB_LIMITS cannot check; the GPTQ reserve shortens the training wall clock."""
-    missing = compressor_missing(knobs.compressor)
-    require(
-        not missing,
-        f"COMPRESSOR={knobs.compressor} needs {missing}, which is not installed; install it or choose zstd",
-    )
-    require(knobs.expert_bits != 1, "EXPERT_BITS=1: expected 0 (= MATRIX_BITS) or 2..8")
-    knobs.calibrate = knobs.quant_method == "gptq" or knobs.lqer_enabled  # Hessians are needed
-    # unset: measured before training (Trainer.reserve_calibration), which sets the training wall clock again
-    given = knobs.gptq_reserve_seconds or 0.0
-    reserve = given if knobs.calibrate and knobs.max_wallclock_seconds > 0 else 0.0
-    require(
-        reserve < knobs.max_wallclock_seconds or not reserve,
-        f"GPTQ_RESERVE_SECONDS={knobs.gptq_reserve_seconds}: must be in [0, "
-        f"MAX_WALLCLOCK_SECONDS={knobs.max_wallclock_seconds})",
-    )
-    knobs.calibration_reserve_seconds = reserve
-    knobs.train_wallclock_seconds = (
-        knobs.max_wallclock_seconds - reserve
-    )  # training stops early to calibrate in time
-
-
-def grad_accum_steps(data: DataConfig, world_size: int) -> int:
-    per_step = world_size * data.micro_batch_tokens
-    if data.train_batch_tokens % per_step:
-        raise ConfigError(
-            f"TRAIN_BATCH_TOKENS={data.train_batch_tokens} is not divisible by WORLD_SIZE={world_size} "
-            f"x MICRO_BATCH_TOKENS={data.micro_batch_tokens}{data.micro_batch_source}"
-        )
-    return data.train_batch_tokens // per_step
 
 
 def derived_from(*knobs: str) -> dict:
@@ -1459,6 +1404,68 @@ def freeze_config(knobs: SimpleNamespace) -> Config:
     return Config(**groups, model=model)
 
 
+def load_config(environ=None, **overrides) -> Config:
+    """Read every knob from `environ` (default os.environ), apply keyword overrides, validate, derive, and
+    freeze the result into a Config."""
+    env = os.environ if environ is None else environ
+    for key in [*env, *(k.upper() for k in overrides)]:  # overrides: e.g. the knobs an artifact stores
+        if key in REPLACED_KNOBS and (env.get(key, "") != "" or key in overrides or key.lower() in overrides):
+            raise ConfigError(f"{key} is no longer a knob: use {REPLACED_KNOBS[key]}")
+        if key in FOREIGN_KNOBS and env.get(key, "") != "":
+            use = f"use {FOREIGN_KNOBS[key]}" if FOREIGN_KNOBS[key] else "it has no equivalent here"
+            raise ConfigError(f"{key} is another script's knob, not this trainer's: {use}")
+        if key != key.upper() and key.upper() in KNOBS and env.get(key, "") != "":
+            raise ConfigError(f"{key}: knob names are upper case; use {key.upper()}")
+        if key not in KNOBS and key not in LAUNCHER_VARS:
+            close = difflib.get_close_matches(key, list(KNOBS), n=1, cutoff=0.9)
+            if close:
+                raise ConfigError(f"unknown variable {key}: did you mean {close[0]}?")
+    # An empty value is most often a shell variable that was never set: refused, not read as the default,
+    # except where the default is itself empty (unset: no run id, no layer list, ...).
+    empty = [
+        name
+        for name, (_, default) in KNOBS.items()
+        if env.get(name) == "" and not (default is None or (isinstance(default, (str, list)) and not default))
+    ]
+    if empty:
+        raise ConfigError(
+            f"{', '.join(f'{name}=' for name in empty)}: set but empty (an unset shell variable?); give a "
+            "value, or unset the variable for the default"
+        )
+    values = {
+        name.lower(): parse_knob(name, env[name], kind) if env.get(name, "") != "" else copy.copy(default)
+        for name, (kind, default) in KNOBS.items()
+    }
+    values.update({k.lower(): v for k, v in overrides.items()})
+    knobs = derive_config(SimpleNamespace(**values))
+    # asked for by name (not the default): a GPU without the fast grouped kernel then stops instead
+    knobs.moe_dispatch_given = env.get("MOE_DISPATCH", "") != "" or "moe_dispatch" in overrides
+    moe_only = [f"{k}={env[k]}" for k in MOE_ONLY_KNOBS if env.get(k, "") != ""]
+    if moe_only and knobs.moe_mode == "none":  # the dense default would silently ignore them
+        raise ConfigError(
+            f"{', '.join(moe_only)}: no effect with MOE_MODE=none (the dense MLP, the default); "
+            "set MOE_MODE=soft, topk or shared_routed"
+        )
+    return freeze_config(knobs)
+
+
+def grad_accum_steps(data: DataConfig, world_size: int) -> int:
+    per_step = world_size * data.micro_batch_tokens
+    if data.train_batch_tokens % per_step:
+        raise ConfigError(
+            f"TRAIN_BATCH_TOKENS={data.train_batch_tokens} is not divisible by WORLD_SIZE={world_size} "
+            f"x MICRO_BATCH_TOKENS={data.micro_batch_tokens}{data.micro_batch_source}"
+        )
+    return data.train_batch_tokens // per_step
+
+
+# Every stage (warm-down, momentum, loop switch, QAT, EMA) follows one clock, the run's progress, in one
+# table (schedule). Ranks decide on flags of the previous step, read after the next is launched, so they
+# agree without the loop waiting on the device.
+def loop_switch_planned(cfg: ModelConfig, optim: OptimConfig) -> bool:
+    return cfg.num_loops > 0 and optim.enable_looping_at < 1
+
+
 def knob_values(h: Config, names=KNOBS) -> dict:
     """{KNOB: value} as the run reads it (derived where a knob's 0 means "derive"), from each knob's group."""
     return {name: getattr(getattr(h, KNOB_ROWS[name].group), name.lower()) for name in names}
@@ -1469,7 +1476,285 @@ def stored_knobs(cfg: ModelConfig) -> dict:
     return {name: getattr(cfg, name.lower()) for name in MODEL_KNOBS}
 
 
-# ---- 2. Data: challenge shards (256 x int32 header, then uint16 tokens), loaders, tokenizer bytes ----
+# ---- 2. Runtime: processes and devices, signals, the log, matmul precision, code size ----
+# What touches processes, devices and files, first because every later section uses it: the process
+# group and its one-hour timeout, the stop signals (each ends a run as Ctrl-C does), the log with its
+# JSONL events, the matmul precision of each phase, and the code size the artifact's cap counts.
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite, or the ranks' weights drifted apart."""
+
+
+class DiskError(RuntimeError):
+    """A file could not be written: its disk is full, over quota or read-only."""
+
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C, SIGTERM or SIGHUP, with where the run stopped; the process exits 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
+
+
+# What `kill`, torchrun (stopping the other ranks when one fails) and job schedulers send, and a closed
+# terminal: each stops the run as Ctrl-C does.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+stop_signals_received: list[int] = []
+
+
+class Stopped(KeyboardInterrupt):
+    """A SIGTERM or SIGHUP arrived; a KeyboardInterrupt, so every Ctrl-C path handles it."""
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP raise Stopped in the main thread. A repeat while the run writes its failure is
+    ignored, so the logs are finished (SIGKILL still ends the process at once)."""
+
+    def stop(signum: int, frame) -> None:
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        stop_signals_received.append(signum)
+        raise Stopped(signal.Signals(signum).name)
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, stop)
+
+
+def stopped_where(signum: int, phase: str) -> str:
+    """'interrupted at step 12' (Ctrl-C), 'stopped by SIGTERM during gptq calibration'."""
+    how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    return f"{how} {phase}"
+
+
+def stop_signal(err: BaseException) -> int | None:
+    """The signal that stopped the run: a SIGTERM or SIGHUP received (whatever error it then raised, e.g.
+    in a collective a stopped peer left), Ctrl-C's SIGINT for a KeyboardInterrupt; None for any other
+    error."""
+    if stop_signals_received:
+        return stop_signals_received[0]
+    return signal.SIGINT if isinstance(err, KeyboardInterrupt) else None
+
+
+class Logger:
+    """Rank 0 prints and appends to LOG_DIR/RUN_ID.txt and writes events to RUN_ID.jsonl (one JSON object
+    per line, fields in README.md); other ranks log nothing. A run never writes into another run's log.
+    Logger(None, console=True) is DRY_RUN's: it prints and writes no file."""
+
+    def __init__(self, stem: str | None, console: bool = False):
+        self.text = self.events = None
+        self.stem = stem
+        self.training_started = False
+        self.console = console or bool(stem)
+        self.phase = "before training"  # where the run is, for the line a stopped run ends with
+        if stem:
+            for path in (stem + ".txt", stem + ".jsonl"):
+                if os.path.exists(path):
+                    raise ConfigError(
+                        f"RUN_ID: {path} already exists; choose a new RUN_ID (runs never overwrite each "
+                        "other)"
+                    )
+            os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+            self.text = open(stem + ".txt", "x", encoding="utf-8")
+            try:
+                self.events = open(stem + ".jsonl", "x", encoding="utf-8")
+            except OSError:  # leave no half of a log pair behind to block the RUN_ID
+                self.text.close()
+                os.remove(stem + ".txt")
+                raise
+
+    def __call__(self, msg: str) -> None:
+        if self.console:
+            print(msg, flush=True)
+        if self.text is not None:
+            self.text.write(msg + "\n")
+            self.text.flush()
+
+    def event(self, kind: str, **fields) -> None:
+        if self.events is not None:
+            self.events.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")
+            self.events.flush()
+
+    def fail(self, err: BaseException) -> str | None:
+        """Writes the error into both logs; a failed start frees its RUN_ID (its logs become
+        RUN_ID.failedN.*)."""
+        if self.text is not None:
+            try:  # into the text log only: stderr has it already
+                print(f"error: {str(err) or type(err).__name__}", file=self.text, flush=True)
+                self.event("error", message=f"{type(err).__name__}: {err}")
+                self.event("end", status="failed")
+            except OSError:  # the full or read-only disk that failed the run cannot take its error either
+                pass
+            if self.training_started:
+                return self.stem + ".txt"
+            paths = [self.stem + ".txt", self.stem + ".jsonl"]
+            if not any(os.path.getsize(p) for p in paths):  # nothing written: nothing to keep
+                for f, path in zip((self.text, self.events), paths):
+                    with contextlib.suppress(OSError):
+                        f.close()
+                    os.remove(path)
+                return None
+            n = 1
+            while glob.glob(glob.escape(f"{self.stem}.failed{n}") + ".*"):
+                n += 1
+            for ext in (".txt", ".jsonl"):
+                os.rename(self.stem + ext, f"{self.stem}.failed{n}{ext}")
+            return f"{self.stem}.failed{n}.txt"
+        return None
+
+
+PROGRESS_QUIET_SECONDS = 5.0  # a phase shorter than this prints only its start line
+
+
+class Progress:
+    """A long phase's start line, then its ETA at each tenth done, at most once per PROGRESS_QUIET_SECONDS."""
+
+    def __init__(self, log, name: str, total: int, unit: str):
+        self.log = log
+        self.name = name
+        self.total = max(total, 1)
+        self.unit = unit
+        self.t0 = self.last = time.perf_counter()
+        self.tenths = 0
+        log(f"{name}: started ({total} {unit})")
+        if isinstance(log, Logger):
+            log.phase = f"during {name}"
+
+    def __call__(self, done: int) -> None:
+        now, tenths = time.perf_counter(), 10 * done // self.total
+        if tenths > self.tenths and now - self.last >= PROGRESS_QUIET_SECONDS and done < self.total:
+            self.tenths = tenths
+            self.last = now
+            elapsed = now - self.t0
+            self.log(
+                f"{self.name}: {100 * done // self.total}% ({done}/{self.total} {self.unit}) {elapsed:.0f}s "
+                f"elapsed, ~{elapsed * (self.total - done) / done:.0f}s left"
+            )
+
+
+# Rank 0 alone runs GPTQ, LQER, the compressor and any shrink steps while the other ranks wait in a barrier:
+# NCCL's default 10-minute timeout would kill a slow export, so the collectives wait an hour before failing.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """This process's place in the run, for the distributed and evaluation code: its rank of world_size
+    processes, its device, and the log (rank 0's files; the other ranks' log writes nothing)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    log: Logger
+
+
+def setup_distributed(run: RunConfig) -> tuple[int, int, torch.device]:
+    """-> (rank, world_size, device) from torchrun's environment; joins the process group."""
+    rank, world_size, local_rank = (
+        int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))
+    )
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if world_size > 1 and device.type == "cpu" and not run.allow_cpu_distributed:
+        raise ConfigError(
+            f"WORLD_SIZE={world_size} but CUDA is not usable here (no GPU, or a driver too old for torch "
+            f"{torch.__version__}): the ranks would train on the CPU over gloo. Fix the GPU setup, or set "
+            "ALLOW_CPU_DISTRIBUTED=1 to run on the CPU on purpose"
+        )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        # TF32 for fp32 matmuls in training, as the records (the routers); exact_fp32_matmuls() turns it off.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    elif "OMP_NUM_THREADS" not in os.environ:  # share the cores between local ranks
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    if world_size > 1:
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            device_id=device if device.type == "cuda" else None,
+            timeout=PROCESS_GROUP_TIMEOUT,
+        )
+    return rank, world_size, device
+
+
+@contextlib.contextmanager
+def fp32_matmuls(tf32: bool):
+    """fp32 matmuls with TF32 (inputs rounded to 10 mantissa bits, fp32 sums) on or off, restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def exact_fp32_matmuls():
+    """TF32 off while GPTQ/LQER feed rounding errors forward: these fp32 products must be fp32."""
+    return fp32_matmuls(tf32=False)
+
+
+def hessian_matmuls():
+    """TF32 on while the Hessians are summed: X^T X at about 8x an H100's fp32 rate, inside the 600 s that
+    count calibration. tools/quant/hessian_precision.py on a proxy checkpoint: the Hessians move by 1.5e-5
+    (relative), 0.5% of GPTQ's integers change, the round-trip val_bpb by 0.00001."""
+    return fp32_matmuls(tf32=True)
+
+
+def use_compile(run: RunConfig, device: torch.device) -> bool:
+    return run.compile == "1" or (run.compile == "auto" and device.type == "cuda")
+
+
+def maybe_compile(fn, run: RunConfig, device: torch.device):
+    """One static graph of fn when COMPILE (auto: on a GPU) asks for it; else fn itself."""
+    return torch.compile(fn, fullgraph=True, dynamic=False) if use_compile(run, device) else fn
+
+
+def script_bytes() -> int:
+    """Bytes of this script as it runs: with its sha256, what identifies it in the log."""
+    return os.path.getsize(os.path.abspath(__file__))
+
+
+# Records ship the script as a self-extracting wrapper (lzma 9e, base85: no quotes or backslashes to
+# escape) that runs the exact bytes in its own module; `python3 -m tools.records pack --compress-code`
+# writes it.
+WRAPPER_PREFIX = b'import lzma as L,base64 as B\nexec(compile(L.decompress(B.b85decode("'
+WRAPPER_SUFFIX = b'")),__file__,"exec"))\n'
+
+
+def self_extracting(source: bytes) -> bytes:
+    return (
+        WRAPPER_PREFIX
+        + base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME))
+        + WRAPPER_SUFFIX
+    )
+
+
+CODE_COUNTED_AS = "train_gpt.py as records.py pack ships it: its lzma self-extracting wrapper"
+
+
+@functools.cache
+def code_bytes() -> int:
+    """The code's bytes, the one definition the budget preview, the fit and the final size check count:
+    this script as a record ships it, the file itself when it is a wrapper, else its wrapper."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        source = f.read()
+    return len(source) if source.startswith(WRAPPER_PREFIX) else len(self_extracting(source))
+
+
+def sha256_file(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+# Every validation target is scored exactly once, whatever the stride, batch and number of ranks, and the
+# ranks add up float64 sums of loss, tokens and bytes: the score is one exact mean, not a mean of means.
+# TTT scores each chunk before it trains on it: no score depends on a token after it.
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# ---- 3. Data: challenge shards (256 x int32 header, then uint16 tokens), loaders, tokenizer bytes ----
 # Shards are read in the challenge's own format and checked (header, size, token range) before training,
 # so a bad file stops the run by name. The data order is fixed and resumable (TokenStream.state/restore):
 # every rank reads its piece of the same span, and the compile warm-up rewinds it. The tokenizer's byte
@@ -1695,7 +1980,7 @@ def target_bytes(prev: Tensor, tgt: Tensor, tables: tuple[Tensor, Tensor, Tensor
     return base[tgt].to(torch.int32) + (space[tgt] & ~control[prev]).to(torch.int32)
 
 
-# ---- 3. Model parts: GQA attention with QK-norm and partial RoPE, MLP, BigramHash, SmearGate -----
+# ---- 4. Model parts: GQA attention with QK-norm and partial RoPE, MLP, BigramHash, SmearGate -----
 # Every part is built from ModelConfig alone, so a model rebuilt from an artifact's stored knobs is the
 # model that was trained. Each mechanism of the records' stack has its own knob and can be switched off,
 # for ablations and for the tests' plain tiny models.
@@ -1953,7 +2238,7 @@ class SmearGate(nn.Module):
         return torch.cat((x[:, :1], smeared), dim=1)
 
 
-# ---- 4. Mixture of Experts: soft (every expert, softmax-blended), top-k and shared+routed --------
+# ---- 5. Mixture of Experts: soft (every expert, softmax-blended), top-k and shared+routed --------
 # The modes share MoEBase (router, expert stacks, telemetry) and differ only in how tokens reach experts.
 # Experts are 3-D weight stacks, multiplied in batched products (no per-expert loop) and quantized as one
 # tensor; each layer's telemetry sits in a buffer, so one all_reduce per step line carries every layer's.
@@ -2082,6 +2367,19 @@ class SoftMoE(MoEBase):
         return out
 
 
+def batch_mean_entropy(logits: Tensor) -> Tensor:
+    """Entropy (nats) of the token-mean of softmax(logits) (N, E): ln E when the batch spreads evenly over
+    the experts, 0 when it all prefers one. Tokens may each stay confident; only the mean is pushed flat."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)  # (N, E)
+    log_mean = torch.logsumexp(log_probs, dim=0) - math.log(logits.size(0))  # (E,) log of the token mean
+    return -(log_mean.exp() * log_mean).sum()
+
+
+def switch_aux_loss(counts: Tensor, probs: Tensor, k: int) -> Tensor:
+    """E * sum_e (share of assignments to e) * (mean router probability of e): 1 uniform, E collapsed."""
+    return probs.size(-1) * ((counts.float() / (probs.size(0) * k)) * probs.mean(0)).sum()
+
+
 class RoutedMoE(MoEBase):
     """Top-k routing with static-shape dispatch: sort by expert + grouped_mm, or fixed capacity + bmm.
     Selection may add the balancing bias; gates are unbiased scores, not renormalised (top-1 still trains
@@ -2183,19 +2481,6 @@ class RoutedMoE(MoEBase):
         return torch.cat((out, out.new_zeros(1, dim)))[dest], (~keep).sum()
 
 
-def batch_mean_entropy(logits: Tensor) -> Tensor:
-    """Entropy (nats) of the token-mean of softmax(logits) (N, E): ln E when the batch spreads evenly over
-    the experts, 0 when it all prefers one. Tokens may each stay confident; only the mean is pushed flat."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)  # (N, E)
-    log_mean = torch.logsumexp(log_probs, dim=0) - math.log(logits.size(0))  # (E,) log of the token mean
-    return -(log_mean.exp() * log_mean).sum()
-
-
-def switch_aux_loss(counts: Tensor, probs: Tensor, k: int) -> Tensor:
-    """E * sum_e (share of assignments to e) * (mean router probability of e): 1 uniform, E collapsed."""
-    return probs.size(-1) * ((counts.float() / (probs.size(0) * k)) * probs.mean(0)).sum()
-
-
 def make_mlp(cfg: ModelConfig, layer: int) -> nn.Module:
     if layer not in cfg.moe_layer_ids:
         return DenseMLP(cfg.model_dim, cfg.mlp_hidden, cfg.mlp_act)
@@ -2285,7 +2570,7 @@ def routing_summary(model: nn.Module, stats: Tensor) -> list[dict]:
     return out
 
 
-# ---- 5. The network: blocks with an MLP or MoE, U-Net skips, the loss ----------------------------
+# ---- 6. The network: blocks with an MLP or MoE, U-Net skips, the loss ----------------------------
 # GPT fixes its layer order per loop state (plain, looped) at construction, so torch.compile sees one static
 # graph per state; the state is mirrored in a buffer the artifact keeps, so a reloaded model is evaluated
 # as it was trained.
@@ -2455,7 +2740,7 @@ class GPT(nn.Module):
         return (ce + torch.stack(aux).sum() if aux else ce), ce.detach()
 
 
-# ---- 6. Optimizer: Muon (orthogonalised momentum) for block matrices, Adam for the rest ----------
+# ---- 7. Optimizer: Muon (orthogonalised momentum) for block matrices, Adam for the rest ----------
 # A tensor's class comes from its name (param_class), one rule that the optimizer groups, weight decay and
 # the quantizer's grid all read, so a tensor is treated alike everywhere. Muon takes block matrices and
 # experts; Adam the embeddings, the head, control tensors and the routers (without weight decay).
@@ -2652,11 +2937,17 @@ class EMA:
             p.copy_(s.to(p.dtype))
 
 
-# ---- 7. Quantization and the artifact: SDClip grid, GPTQ or round-to-nearest, LQER, compressors ----
+# ---- 8. Quantization and the artifact: SDClip grid, GPTQ or round-to-nearest, LQER, compressors ----
 # The artifact holds integers on an SDClip grid with per-row scales, LQER factors, fp16 control tensors and
 # the model knobs, so the network is rebuilt from the file alone. The export shrinks the model step by step
 # only when code + artifact would pass SIZE_CAP_BYTES, and predicts each step cheaply first.
 ARTIFACT_MAGIC, ARTIFACT_FORMAT, ARTIFACT_VERSION = b"PGMOE\x00", "pgolf-moe-artifact", 2
+
+
+def lrzip(data: bytes, *args: str) -> bytes:  # through stdin and stdout
+    return subprocess.run(["lrzip", "-q", *args], input=data, capture_output=True, check=True).stdout
+
+
 # name -> (what it needs: a python module or a system binary, compress(data, zstd level), decompress)
 COMPRESSORS = {
     "zstd": (
@@ -2682,10 +2973,6 @@ SCALE_BITS, FP16_BITS = 13.0, 14.7
 
 class ArtifactError(ValueError):
     """An artifact that cannot be read back; the message names the file."""
-
-
-def lrzip(data: bytes, *args: str) -> bytes:  # through stdin and stdout
-    return subprocess.run(["lrzip", "-q", *args], input=data, capture_output=True, check=True).stdout
 
 
 def compressor_missing(name: str) -> str | None:
@@ -2984,36 +3271,6 @@ def artifact_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
-@functools.cache
-def grid_bits_per_param(bits: int, sigmas: float, compressor: str, level: int) -> float:
-    """Compressed bits/parameter of a seeded Gaussian matrix on this grid (SDClip rows are near-Gaussian)."""
-    w = torch.randn(256, 1024, generator=torch.Generator().manual_seed(0))
-    q = round_to_grid(w, sdclip_scale(w, bits, sigmas), bits).to(torch.int8)
-    return 8 * len(COMPRESSORS[compressor][1](q.numpy().tobytes(), level)) / q.numel()
-
-
-def estimate_artifact_bytes(model: nn.Module, quant: QuantConfig) -> tuple[int, dict[str, int]]:
-    """Budget preview: parameter counts x the measured bits per parameter of each tensor's grid."""
-    per_class, lqer = {}, []
-    for name, t in artifact_state(model).items():
-        bits, sigmas = storage_grid(name, t, quant)
-        if bits == 16:
-            per_class["fp16"] = per_class.get("fp16", 0.0) + t.numel() * FP16_BITS / 8
-            continue
-        rows, key = t.numel() // t.size(-1), QUANT_GROUP.get(param_class(name, t), "other")
-        size = (
-            t.numel() * grid_bits_per_param(bits, sigmas, quant.compressor, quant.zstd_level)
-            + rows * SCALE_BITS
-        ) / 8
-        per_class[key] = per_class.get(key, 0.0) + size
-        lqer.append(quant.lqer_rank * ((rows + t.size(-1)) * quant.lqer_factor_bits + 32) / 8)
-    # LQER corrects the LQER_TOP_K tensors of largest error: counted as the largest corrections, at most
-    per_class["lqer"] = sum(sorted(lqer)[::-1][: quant.lqer_top_k]) if quant.lqer_enabled else 0
-    # The JSON header: ~150 bytes per tensor-table entry plus ~1.5 kB of config and framing.
-    header = 150 * len(artifact_state(model)) + 1500
-    return int(sum(per_class.values()) + header), {k: int(v) for k, v in per_class.items()}
-
-
 def shrink_steps():
     """Deterministic shrink steps, in order of growing reconstruction error: (bits lowered, extra pruning)."""
     every = {"mlp": 1, "attn": 1, "embed": 1, "bigram": 1}
@@ -3086,6 +3343,22 @@ def export_artifact(
     return len(blob)
 
 
+def damp_sparse_experts(hess: dict, counts: dict, world_size: int) -> tuple[dict[str, Tensor], list[str]]:
+    warnings, experts = [], {n for n, _ in hess.items() if n.endswith((".up", ".down"))}
+    for name in hess:  # the same order on every rank: the forward order
+        if world_size > 1:
+            dist.all_reduce(hess[name])
+            dist.all_reduce(counts[name])
+        for e, (H, n) in enumerate(zip(hess[name], counts[name].tolist())):
+            if name in experts and n < H.size(0):
+                H.diagonal().add_(0.1 * H.diagonal().mean() if n else 1.0)
+                warnings.append(
+                    f"WARNING gptq: expert {e} of {name} saw {n:.0f} calibration tokens "
+                    f"(fewer than its {H.size(0)} inputs): damped Hessian"
+                )
+    return {n: H if n in experts else H[0] for n, H in hess.items()}, warnings
+
+
 @torch.no_grad()
 def collect_hessians(
     model: nn.Module, batches, world_size: int, progress=None, doc_span: int = 0
@@ -3156,30 +3429,7 @@ def collect_hessians(
     return {**hessians, **{name: hessians[first] for name, first in shares.items()}}, warnings
 
 
-def damp_sparse_experts(hess: dict, counts: dict, world_size: int) -> tuple[dict[str, Tensor], list[str]]:
-    warnings, experts = [], {n for n, _ in hess.items() if n.endswith((".up", ".down"))}
-    for name in hess:  # the same order on every rank: the forward order
-        if world_size > 1:
-            dist.all_reduce(hess[name])
-            dist.all_reduce(counts[name])
-        for e, (H, n) in enumerate(zip(hess[name], counts[name].tolist())):
-            if name in experts and n < H.size(0):
-                H.diagonal().add_(0.1 * H.diagonal().mean() if n else 1.0)
-                warnings.append(
-                    f"WARNING gptq: expert {e} of {name} saw {n:.0f} calibration tokens "
-                    f"(fewer than its {H.size(0)} inputs): damped Hessian"
-                )
-    return {n: H if n in experts else H[0] for n, H in hess.items()}, warnings
-
-
-# ---- 8. Evaluation: exact val_loss / val_bpb, plain or sliding window, spread over ranks ---------
-# Every validation target is scored exactly once, whatever the stride, batch and number of ranks, and the
-# ranks add up float64 sums of loss, tokens and bytes: the score is one exact mean, not a mean of means.
-# TTT scores each chunk before it trains on it: no score depends on a token after it.
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
+# ---- 9. Evaluation: exact val_loss / val_bpb, plain or sliding window, spread over ranks ---------
 def eval_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
     """(start, scored) per window of seq_len inputs, every target scored once: the first window scores all its
     positions, later ones their last `scored` (= stride); the last ends at the final token."""
@@ -3491,277 +3741,11 @@ def ttt_evaluate(
     return scores.result(rt.world_size)
 
 
-# ---- 9. Runtime: processes and devices, the log, FLOP counting -----------------------------------
-# What touches processes, devices and files: the process group, signals, the log and its events, and the
-# projections (FLOPs, memory) that let a run refuse a configuration before it trains rather than fail
-# minutes into it.
+# ---- 10. Preflight: what a run will cost, projected before it trains -------------------------------
+# The projections a run checks before its first step, in one place: FLOPs per token and MFU, one rank's
+# memory (eager and compiled), the artifact's bytes from the grid, the final evaluations' seconds. Each
+# is an estimate with its assumptions stated, so a configuration is refused up front, not minutes in.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per GPU
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite, or the ranks' weights drifted apart."""
-
-
-class DiskError(RuntimeError):
-    """A file could not be written: its disk is full, over quota or read-only."""
-
-
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
-
-class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C, SIGTERM or SIGHUP, with where the run stopped; the process exits 128 + the signal's number."""
-
-    def __init__(self, message: str, signum: int = signal.SIGINT):
-        super().__init__(message)
-        self.signum = signum
-
-
-# What `kill`, torchrun (stopping the other ranks when one fails) and job schedulers send, and a closed
-# terminal: each stops the run as Ctrl-C does.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-stop_signals_received: list[int] = []
-
-
-class Stopped(KeyboardInterrupt):
-    """A SIGTERM or SIGHUP arrived; a KeyboardInterrupt, so every Ctrl-C path handles it."""
-
-
-def stop_on_signals() -> None:
-    """SIGTERM and SIGHUP raise Stopped in the main thread. A repeat while the run writes its failure is
-    ignored, so the logs are finished (SIGKILL still ends the process at once)."""
-
-    def stop(signum: int, frame) -> None:
-        for s in STOP_SIGNALS:
-            signal.signal(s, signal.SIG_IGN)
-        stop_signals_received.append(signum)
-        raise Stopped(signal.Signals(signum).name)
-
-    for s in STOP_SIGNALS:
-        signal.signal(s, stop)
-
-
-def stopped_where(signum: int, phase: str) -> str:
-    """'interrupted at step 12' (Ctrl-C), 'stopped by SIGTERM during gptq calibration'."""
-    how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-    return f"{how} {phase}"
-
-
-def stop_signal(err: BaseException) -> int | None:
-    """The signal that stopped the run: a SIGTERM or SIGHUP received (whatever error it then raised, e.g.
-    in a collective a stopped peer left), Ctrl-C's SIGINT for a KeyboardInterrupt; None for any other
-    error."""
-    if stop_signals_received:
-        return stop_signals_received[0]
-    return signal.SIGINT if isinstance(err, KeyboardInterrupt) else None
-
-
-PROGRESS_QUIET_SECONDS = 5.0  # a phase shorter than this prints only its start line
-
-
-class Progress:
-    """A long phase's start line, then its ETA at each tenth done, at most once per PROGRESS_QUIET_SECONDS."""
-
-    def __init__(self, log, name: str, total: int, unit: str):
-        self.log = log
-        self.name = name
-        self.total = max(total, 1)
-        self.unit = unit
-        self.t0 = self.last = time.perf_counter()
-        self.tenths = 0
-        log(f"{name}: started ({total} {unit})")
-        if isinstance(log, Logger):
-            log.phase = f"during {name}"
-
-    def __call__(self, done: int) -> None:
-        now, tenths = time.perf_counter(), 10 * done // self.total
-        if tenths > self.tenths and now - self.last >= PROGRESS_QUIET_SECONDS and done < self.total:
-            self.tenths = tenths
-            self.last = now
-            elapsed = now - self.t0
-            self.log(
-                f"{self.name}: {100 * done // self.total}% ({done}/{self.total} {self.unit}) {elapsed:.0f}s "
-                f"elapsed, ~{elapsed * (self.total - done) / done:.0f}s left"
-            )
-
-
-# Rank 0 alone runs GPTQ, LQER, the compressor and any shrink steps while the other ranks wait in a barrier:
-# NCCL's default 10-minute timeout would kill a slow export, so the collectives wait an hour before failing.
-PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """This process's place in the run, for the distributed and evaluation code: its rank of world_size
-    processes, its device, and the log (rank 0's files; the other ranks' log writes nothing)."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-    log: Logger
-
-
-def setup_distributed(run: RunConfig) -> tuple[int, int, torch.device]:
-    """-> (rank, world_size, device) from torchrun's environment; joins the process group."""
-    rank, world_size, local_rank = (
-        int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))
-    )
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if world_size > 1 and device.type == "cpu" and not run.allow_cpu_distributed:
-        raise ConfigError(
-            f"WORLD_SIZE={world_size} but CUDA is not usable here (no GPU, or a driver too old for torch "
-            f"{torch.__version__}): the ranks would train on the CPU over gloo. Fix the GPU setup, or set "
-            "ALLOW_CPU_DISTRIBUTED=1 to run on the CPU on purpose"
-        )
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        # TF32 for fp32 matmuls in training, as the records (the routers); exact_fp32_matmuls() turns it off.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    elif "OMP_NUM_THREADS" not in os.environ:  # share the cores between local ranks
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    if world_size > 1:
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo",
-            device_id=device if device.type == "cuda" else None,
-            timeout=PROCESS_GROUP_TIMEOUT,
-        )
-    return rank, world_size, device
-
-
-@contextlib.contextmanager
-def fp32_matmuls(tf32: bool):
-    """fp32 matmuls with TF32 (inputs rounded to 10 mantissa bits, fp32 sums) on or off, restored after."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def exact_fp32_matmuls():
-    """TF32 off while GPTQ/LQER feed rounding errors forward: these fp32 products must be fp32."""
-    return fp32_matmuls(tf32=False)
-
-
-def hessian_matmuls():
-    """TF32 on while the Hessians are summed: X^T X at about 8x an H100's fp32 rate, inside the 600 s that
-    count calibration. tools/hessian_precision.py on a proxy checkpoint: the Hessians move by 1.5e-5
-    (relative), 0.5% of GPTQ's integers change, the round-trip val_bpb by 0.00001."""
-    return fp32_matmuls(tf32=True)
-
-
-def use_compile(run: RunConfig, device: torch.device) -> bool:
-    return run.compile == "1" or (run.compile == "auto" and device.type == "cuda")
-
-
-def maybe_compile(fn, run: RunConfig, device: torch.device):
-    """One static graph of fn when COMPILE (auto: on a GPU) asks for it; else fn itself."""
-    return torch.compile(fn, fullgraph=True, dynamic=False) if use_compile(run, device) else fn
-
-
-class Logger:
-    """Rank 0 prints and appends to LOG_DIR/RUN_ID.txt and writes events to RUN_ID.jsonl (one JSON object
-    per line, fields in README.md); other ranks log nothing. A run never writes into another run's log.
-    Logger(None, console=True) is DRY_RUN's: it prints and writes no file."""
-
-    def __init__(self, stem: str | None, console: bool = False):
-        self.text = self.events = None
-        self.stem = stem
-        self.training_started = False
-        self.console = console or bool(stem)
-        self.phase = "before training"  # where the run is, for the line a stopped run ends with
-        if stem:
-            for path in (stem + ".txt", stem + ".jsonl"):
-                if os.path.exists(path):
-                    raise ConfigError(
-                        f"RUN_ID: {path} already exists; choose a new RUN_ID (runs never overwrite each "
-                        "other)"
-                    )
-            os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
-            self.text = open(stem + ".txt", "x", encoding="utf-8")
-            try:
-                self.events = open(stem + ".jsonl", "x", encoding="utf-8")
-            except OSError:  # leave no half of a log pair behind to block the RUN_ID
-                self.text.close()
-                os.remove(stem + ".txt")
-                raise
-
-    def __call__(self, msg: str) -> None:
-        if self.console:
-            print(msg, flush=True)
-        if self.text is not None:
-            self.text.write(msg + "\n")
-            self.text.flush()
-
-    def event(self, kind: str, **fields) -> None:
-        if self.events is not None:
-            self.events.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")
-            self.events.flush()
-
-    def fail(self, err: BaseException) -> str | None:
-        """Writes the error into both logs; a failed start frees its RUN_ID (its logs become
-        RUN_ID.failedN.*)."""
-        if self.text is not None:
-            try:  # into the text log only: stderr has it already
-                print(f"error: {str(err) or type(err).__name__}", file=self.text, flush=True)
-                self.event("error", message=f"{type(err).__name__}: {err}")
-                self.event("end", status="failed")
-            except OSError:  # the full or read-only disk that failed the run cannot take its error either
-                pass
-            if self.training_started:
-                return self.stem + ".txt"
-            paths = [self.stem + ".txt", self.stem + ".jsonl"]
-            if not any(os.path.getsize(p) for p in paths):  # nothing written: nothing to keep
-                for f, path in zip((self.text, self.events), paths):
-                    with contextlib.suppress(OSError):
-                        f.close()
-                    os.remove(path)
-                return None
-            n = 1
-            while glob.glob(glob.escape(f"{self.stem}.failed{n}") + ".*"):
-                n += 1
-            for ext in (".txt", ".jsonl"):
-                os.rename(self.stem + ext, f"{self.stem}.failed{n}{ext}")
-            return f"{self.stem}.failed{n}.txt"
-        return None
-
-
-def script_bytes() -> int:
-    """Bytes of this script as it runs: with its sha256, what identifies it in the log."""
-    return os.path.getsize(os.path.abspath(__file__))
-
-
-# Records ship the script as a self-extracting wrapper (lzma 9e, base85: no quotes or backslashes to
-# escape) that runs the exact bytes in its own module; `records.py pack --compress-code` writes it.
-WRAPPER_PREFIX = b'import lzma as L,base64 as B\nexec(compile(L.decompress(B.b85decode("'
-WRAPPER_SUFFIX = b'")),__file__,"exec"))\n'
-
-
-def self_extracting(source: bytes) -> bytes:
-    return (
-        WRAPPER_PREFIX
-        + base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME))
-        + WRAPPER_SUFFIX
-    )
-
-
-CODE_COUNTED_AS = "train_gpt.py as records.py pack ships it: its lzma self-extracting wrapper"
-
-
-@functools.cache
-def code_bytes() -> int:
-    """The code's bytes, the one definition the budget preview, the fit and the final size check count:
-    this script as a record ships it, the file itself when it is a wrapper, else its wrapper."""
-    with open(os.path.abspath(__file__), "rb") as f:
-        source = f.read()
-    return len(source) if source.startswith(WRAPPER_PREFIX) else len(self_extracting(source))
-
-
-def sha256_file(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def matmul_params_per_token(model: nn.Module, looping: bool | None = None) -> int:
@@ -3903,8 +3887,8 @@ def eager_peak_bytes(cfg: ModelConfig, data: DataConfig, optim: OptimConfig, dev
 
 
 # What torch.compile saves for backward, as a share of what eager saves: inductor's min-cut partition
-# recomputes cheap elementwise ops instead of saving them. tools/gpu_memory.py traces that partition: 49,432
-# of 78,092 MiB (0.633) for the default dense run, loops on; rounded up, so the check refuses no fit.
+# recomputes cheap elementwise ops instead of saving them. tools/gpu/gpu_memory.py traces that partition:
+# 49,432 of 78,092 MiB (0.633) for the default dense run, loops on; rounded up, so the check refuses no fit.
 COMPILED_SAVED_SHARE = 0.65
 
 
@@ -3997,14 +3981,164 @@ def check_eager_memory(
         )
 
 
-# ---- 10. Training loop: schedules, steps, compile warm-up, EMA, step lines -----------------------
-# Every stage (warm-down, momentum, loop switch, QAT, EMA) follows one clock, the run's progress, in one
-# table (schedule). Ranks decide on flags of the previous step, read after the next is launched, so they
-# agree without the loop waiting on the device.
-def loop_switch_planned(cfg: ModelConfig, optim: OptimConfig) -> bool:
-    return cfg.num_loops > 0 and optim.enable_looping_at < 1
+@functools.cache
+def grid_bits_per_param(bits: int, sigmas: float, compressor: str, level: int) -> float:
+    """Compressed bits/parameter of a seeded Gaussian matrix on this grid (SDClip rows are near-Gaussian)."""
+    w = torch.randn(256, 1024, generator=torch.Generator().manual_seed(0))
+    q = round_to_grid(w, sdclip_scale(w, bits, sigmas), bits).to(torch.int8)
+    return 8 * len(COMPRESSORS[compressor][1](q.numpy().tobytes(), level)) / q.numel()
 
 
+def estimate_artifact_bytes(model: nn.Module, quant: QuantConfig) -> tuple[int, dict[str, int]]:
+    """Budget preview: parameter counts x the measured bits per parameter of each tensor's grid."""
+    per_class, lqer = {}, []
+    for name, t in artifact_state(model).items():
+        bits, sigmas = storage_grid(name, t, quant)
+        if bits == 16:
+            per_class["fp16"] = per_class.get("fp16", 0.0) + t.numel() * FP16_BITS / 8
+            continue
+        rows, key = t.numel() // t.size(-1), QUANT_GROUP.get(param_class(name, t), "other")
+        size = (
+            t.numel() * grid_bits_per_param(bits, sigmas, quant.compressor, quant.zstd_level)
+            + rows * SCALE_BITS
+        ) / 8
+        per_class[key] = per_class.get(key, 0.0) + size
+        lqer.append(quant.lqer_rank * ((rows + t.size(-1)) * quant.lqer_factor_bits + 32) / 8)
+    # LQER corrects the LQER_TOP_K tensors of largest error: counted as the largest corrections, at most
+    per_class["lqer"] = sum(sorted(lqer)[::-1][: quant.lqer_top_k]) if quant.lqer_enabled else 0
+    # The JSON header: ~150 bytes per tensor-table entry plus ~1.5 kB of config and framing.
+    header = 150 * len(artifact_state(model)) + 1500
+    return int(sum(per_class.values()) + header), {k: int(v) for k, v in per_class.items()}
+
+
+def log_budget_preview(model: GPT, quant: QuantConfig, log) -> None:
+    estimate, per_class = estimate_artifact_bytes(model, quant)
+    code = code_bytes()
+    total = estimate + code
+    log.event(
+        "budget_preview",
+        estimate_bytes=estimate,
+        per_class=per_class,
+        cap=quant.size_cap_bytes,
+        code_bytes=code,
+        total_bytes=total,
+    )
+    classes = ", ".join(f"{k}:{v}" for k, v in sorted(per_class.items()))
+    log(
+        f"budget_preview: artifact ~{estimate} bytes ({classes}) + code {code} ({CODE_COUNTED_AS}) "
+        f"= ~{total} of {quant.size_cap_bytes} (slack ~{quant.size_cap_bytes - total})"
+    )
+    refused = quant.budget_margin >= 0 and total > quant.size_cap_bytes * (1 + quant.budget_margin)
+    if total > quant.size_cap_bytes and not refused:
+        log(
+            f"budget: ~{total - quant.size_cap_bytes} bytes over the cap, allowed by BUDGET_MARGIN="
+            f"{quant.budget_margin:g}: the run starts; if the written artifact is over, the export "
+            "shrinks it "
+            "(more pruning, then fewer bits) until it fits"
+        )
+    if refused:
+        raise ConfigError(
+            f"estimated artifact + code ~{total} bytes exceeds SIZE_CAP_BYTES={quant.size_cap_bytes} by more "
+            f"than BUDGET_MARGIN={quant.budget_margin}; shrink the model or lower MATRIX_BITS / "
+            "EMBED_BITS, or "
+            "set BUDGET_MARGIN=-1"
+        )
+
+
+# The 1.0611 record's TTT logs imply ~12% MFU for the FLOPs ttt_seconds counts (~3.8e17 for its document
+# scoring and adapter training, ~380 s on 8xH100) and ~0.15 s per global SGD step (overhead-bound, not FLOPs).
+TTT_ASSUMED_MFU, GLOBAL_SGD_STEP_SECONDS = 0.12, 0.15
+# Its plain evaluation of 40,540,160 tokens took 6.7 s once compiled: ~11% MFU by this file's forward FLOPs;
+# the read-back model's first evaluation took ~5 s longer (its compilation) and the TTT warm-up 88.8 s. The
+# 2026-04-06 record (same shape) scored 633,409 sliding windows of 2048 in 83.6 s: ~25% MFU.
+EVAL_ASSUMED_MFU, SLIDING_ASSUMED_MFU = 0.11, 0.25
+EVAL_COMPILE_SECONDS, TTT_COMPILE_SECONDS = 5.0, 89.0
+
+
+def final_looping(model: GPT, optim: OptimConfig, run: RunConfig) -> bool:
+    """The loop state the final evaluations run in: a training run switches the loops on as planned."""
+    return model.looping or (not run.eval_only and loop_switch_planned(model.cfg, optim))
+
+
+def final_forward_flops(model: GPT, data: DataConfig, optim: OptimConfig, run: RunConfig) -> float:
+    """FLOPs per token of one forward pass (a third of training's) in the final evaluations' loop state."""
+    return flops_per_token(model, data, final_looping(model, optim, run)) / 3
+
+
+def ttt_seconds(forward_flops: float, evaluation: EvaluationConfig, val_tokens: Tensor) -> float:
+    """TTT's seconds on 8xH100: counted FLOPs at TTT_ASSUMED_MFU + the global SGD steps."""
+    docs, phases = ttt_schedule(val_tokens, evaluation)
+    window_tokens = sgd_tokens = steps = 0
+    for batches, sgd_end in phases:
+        for rows in batches:  # per step of a trained chunk: a forward, then input gradients of about as much
+            widths = chunk_widths(max(docs[d][1] for d in rows), evaluation)
+            window_tokens += len(rows) * (
+                sum(widths) * 2 * evaluation.ttt_grad_steps - (2 * evaluation.ttt_grad_steps - 1) * widths[-1]
+            )
+        sgd_tokens, steps = (
+            sgd_tokens + 3 * sgd_end,
+            steps + math.ceil(sgd_end / evaluation.global_ttt_chunk_tokens),
+        )
+    flops = forward_flops * (window_tokens + sgd_tokens * evaluation.global_ttt_epochs)
+    return (
+        flops / (8 * PEAK_BF16_FLOPS["H100"] * TTT_ASSUMED_MFU)
+        + steps * evaluation.global_ttt_epochs * GLOBAL_SGD_STEP_SECONDS
+    )
+
+
+def eval_seconds(
+    forward_flops: float, evaluation: EvaluationConfig, run: RunConfig, val_tokens: Tensor
+) -> dict[str, float]:
+    """Seconds on 8xH100 of every final evaluation the run performs (plain, sliding, TTT) and of their
+    compile warm-ups (COMPILE is on by default on GPUs). `forward_flops`: per token, one forward pass in the
+    final evaluations' loop state."""
+    rate = 8 * PEAK_BF16_FLOPS["H100"] / forward_flops  # tokens per second at 100% MFU
+    windows = eval_windows(val_tokens.numel(), evaluation.eval_seq_len, evaluation.eval_stride)
+    sliding = evaluation.eval_stride not in (0, evaluation.eval_seq_len)
+    parts = {"plain": (val_tokens.numel() - 1) / (rate * EVAL_ASSUMED_MFU)}
+    if sliding:
+        window_tokens = len(windows) * min(evaluation.eval_seq_len, val_tokens.numel() - 1)
+        parts["sliding"] = window_tokens / (rate * SLIDING_ASSUMED_MFU)
+    if evaluation.ttt_enabled:
+        parts["ttt"] = ttt_seconds(forward_flops, evaluation, val_tokens)
+    if run.compile != "0":
+        parts["compile"] = EVAL_COMPILE_SECONDS * (1 + sliding) + TTT_COMPILE_SECONDS * evaluation.ttt_enabled
+    return parts
+
+
+def check_eval_time(
+    forward_flops: float, evaluation: EvaluationConfig, run: RunConfig, val_tokens: Tensor, log
+) -> None:
+    """Logs the final evaluations' projected seconds on 8xH100; refuses a total over EVAL_TIME_LIMIT."""
+    parts = eval_seconds(forward_flops, evaluation, run, val_tokens)
+    seconds = sum(parts.values())
+    if evaluation.ttt_enabled:
+        log(
+            f"ttt_projection: ~{parts['ttt']:.1f}s on 8xH100 for these {val_tokens.numel()} validation "
+            "tokens "
+            f"(counted FLOPs at an assumed {100 * TTT_ASSUMED_MFU:.0f}% MFU "
+            f"+ {GLOBAL_SGD_STEP_SECONDS}s per global SGD step)"
+        )
+        log.event(
+            "ttt_projection", seconds=parts["ttt"], assumed_mfu=TTT_ASSUMED_MFU, val_tokens=val_tokens.numel()
+        )
+    log(
+        f"eval_projection: ~{seconds:.1f}s on 8xH100 for every final evaluation "
+        f"({', '.join(f'{k} ~{v:.1f}s' for k, v in parts.items())}; forward FLOPs at the records' "
+        f"{100 * EVAL_ASSUMED_MFU:.0f}% MFU, sliding {100 * SLIDING_ASSUMED_MFU:.0f}%)"
+    )
+    log.event("eval_projection", seconds=seconds, parts=parts, val_tokens=val_tokens.numel())
+    if evaluation.eval_time_limit and seconds > evaluation.eval_time_limit:
+        raise ConfigError(
+            f"the final evaluations are projected at ~{seconds:.0f}s on 8xH100 "
+            f"({', '.join(f'{k} ~{v:.0f}s' for k, v in parts.items())}), over EVAL_TIME_LIMIT="
+            f"{evaluation.eval_time_limit:g}: raise EVAL_STRIDE or TTT_CHUNK_SIZE, lower "
+            "PHASED_TTT_PREFIX_DOCS or "
+            "TTT_GRAD_STEPS, or set EVAL_TIME_LIMIT=0"
+        )
+
+
+# ---- 11. Training loop: schedules, steps, compile warm-up, EMA, step lines -----------------------
 class Schedule(NamedTuple):
     """Everything that follows the run's progress (a fraction of steps or of the wall clock)."""
 
@@ -4031,6 +4165,31 @@ def ema_decay(step_share: float, optim: OptimConfig) -> float:
     """The EMA's decay for a step that took `step_share` of the run: EMA_DECAY when given (per step, as
     the records), else one that follows the step's share, so short runs average like long ones."""
     return optim.ema_decay if optim.ema_decay is not None else math.exp(-step_share / EMA_RUN_HORIZON)
+
+
+CALIBRATION_MARGIN = 1.25  # the reserve over the measured pace: the Hessians' all-reduce, clock noise
+CALIBRATION_FIXED_SECONDS = 1.0  # and the loader's batches, the damping and the log lines
+
+
+def calibration_reserve(
+    model: GPT, data: DataConfig, quant: QuantConfig, device: torch.device, batch: tuple[Tensor, Tensor]
+) -> float:
+    """Seconds calibrate() will take, measured: one micro-batch's Hessians timed (after an untimed one that
+    loads the kernels), times GPTQ_CALIBRATION_BATCHES, with a margin."""
+    was_training = model.training
+    model.eval()
+    seconds = 0.0
+    with hessian_matmuls():
+        for timed in (False, True):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            collect_hessians(model, [batch], 1, doc_span=data.train_seq_len)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t0 if timed else seconds
+    model.train(was_training)
+    return CALIBRATION_MARGIN * quant.gptq_calibration_batches * seconds + CALIBRATION_FIXED_SECONDS
 
 
 class Trainer:
@@ -4343,7 +4502,7 @@ class Trainer:
             torch.cuda.synchronize()
 
 
-# ---- 11. main(): train, export, read back, evaluate ----------------------------------------------
+# ---- 12. main(): train, export, read back, evaluate ----------------------------------------------
 # The entry points: main loads the Config once and names the run; train_and_evaluate and evaluate_artifact
 # hand each callee the groups it reads. Every final score is of the artifact read back from disk, never of
 # the model in memory.
@@ -4359,38 +4518,17 @@ def load_artifact_model(path: str, device: torch.device, **overrides) -> tuple[G
     return model, h
 
 
-def log_budget_preview(model: GPT, quant: QuantConfig, log) -> None:
-    estimate, per_class = estimate_artifact_bytes(model, quant)
-    code = code_bytes()
-    total = estimate + code
+def log_model(model: GPT, knobs: dict, log) -> None:
+    log("config " + json.dumps(knobs, sort_keys=True))
+    n_params = sum(p.numel() for p in model.parameters())
+    n_router = sum(p.numel() for n, p in model.named_parameters() if "router" in n)
     log.event(
-        "budget_preview",
-        estimate_bytes=estimate,
-        per_class=per_class,
-        cap=quant.size_cap_bytes,
-        code_bytes=code,
-        total_bytes=total,
+        "params", total=n_params, active_matmul_per_token=matmul_params_per_token(model), router=n_router
     )
-    classes = ", ".join(f"{k}:{v}" for k, v in sorted(per_class.items()))
     log(
-        f"budget_preview: artifact ~{estimate} bytes ({classes}) + code {code} ({CODE_COUNTED_AS}) "
-        f"= ~{total} of {quant.size_cap_bytes} (slack ~{quant.size_cap_bytes - total})"
+        f"params total:{n_params} active_matmul_per_token:{matmul_params_per_token(model)} router:{n_router} "
+        f"moe_mode:{model.cfg.moe_mode} moe_layers:{list(model.cfg.moe_layer_ids)}"
     )
-    refused = quant.budget_margin >= 0 and total > quant.size_cap_bytes * (1 + quant.budget_margin)
-    if total > quant.size_cap_bytes and not refused:
-        log(
-            f"budget: ~{total - quant.size_cap_bytes} bytes over the cap, allowed by BUDGET_MARGIN="
-            f"{quant.budget_margin:g}: the run starts; if the written artifact is over, the export "
-            "shrinks it "
-            "(more pruning, then fewer bits) until it fits"
-        )
-    if refused:
-        raise ConfigError(
-            f"estimated artifact + code ~{total} bytes exceeds SIZE_CAP_BYTES={quant.size_cap_bytes} by more "
-            f"than BUDGET_MARGIN={quant.budget_margin}; shrink the model or lower MATRIX_BITS / "
-            "EMBED_BITS, or "
-            "set BUDGET_MARGIN=-1"
-        )
 
 
 def log_header(
@@ -4420,19 +4558,6 @@ def log_header(
         f"data:{os.path.abspath(data.data_path)}"
     )
     log_model(model, knobs, log)
-
-
-def log_model(model: GPT, knobs: dict, log) -> None:
-    log("config " + json.dumps(knobs, sort_keys=True))
-    n_params = sum(p.numel() for p in model.parameters())
-    n_router = sum(p.numel() for n, p in model.named_parameters() if "router" in n)
-    log.event(
-        "params", total=n_params, active_matmul_per_token=matmul_params_per_token(model), router=n_router
-    )
-    log(
-        f"params total:{n_params} active_matmul_per_token:{matmul_params_per_token(model)} router:{n_router} "
-        f"moe_mode:{model.cfg.moe_mode} moe_layers:{list(model.cfg.moe_layer_ids)}"
-    )
 
 
 # What the 1.0611 record's own step times imply (96 ms before its loop switch, 138 after).
@@ -4580,6 +4705,34 @@ def check_ranks_in_sync(model: nn.Module, rt: Runtime) -> None:
     rt.log(f"ranks_in_sync:yes ranks:{rt.world_size} tensors:{len(names)}")
 
 
+class Validation(NamedTuple):
+    """What every evaluation scores: the validation tokens, the tokenizer's byte tables, and the note every
+    score line carries when VAL_TOKEN_LIMIT cuts the split."""
+
+    tokens: Tensor
+    tables: tuple[Tensor, Tensor, Tensor]
+    note: str
+
+
+def load_validation(data: DataConfig, evaluation: EvaluationConfig, log) -> Validation:
+    tables = byte_tables(load_tokenizer(data.tokenizer_path, data.vocab_size))
+    tokens = load_val_tokens(data.data_path, data.vocab_size, data.val_token_limit)
+    if (
+        evaluation.eval_seq_len >= tokens.numel()
+    ):  # one window holding everything: not the sliding evaluation asked for
+        limit = f" (VAL_TOKEN_LIMIT={data.val_token_limit})" if data.val_token_limit else ""
+        raise ConfigError(
+            f"EVAL_SEQ_LEN={evaluation.eval_seq_len}: not shorter than the validation split, "
+            f"{tokens.numel()} tokens"
+            f"{limit} in DATA_PATH={data.data_path}"
+        )
+    warning = check_tokenizer_identity(data.data_path, data.tokenizer_path)
+    if warning:
+        log(warning)
+    note = f" (first {data.val_token_limit} tokens only: not a score)" if data.val_token_limit else ""
+    return Validation(tokens, tables, note)
+
+
 def final_evaluation(
     qmodel: GPT,
     evaluation: EvaluationConfig,
@@ -4660,127 +4813,6 @@ def final_evaluation(
         raise ArtifactError(f"{path}: not a valid result: {'; '.join(problems)}")
 
 
-# The 1.0611 record's TTT logs imply ~12% MFU for the FLOPs ttt_seconds counts (~3.8e17 for its document
-# scoring and adapter training, ~380 s on 8xH100) and ~0.15 s per global SGD step (overhead-bound, not FLOPs).
-TTT_ASSUMED_MFU, GLOBAL_SGD_STEP_SECONDS = 0.12, 0.15
-# Its plain evaluation of 40,540,160 tokens took 6.7 s once compiled: ~11% MFU by this file's forward FLOPs;
-# the read-back model's first evaluation took ~5 s longer (its compilation) and the TTT warm-up 88.8 s. The
-# 2026-04-06 record (same shape) scored 633,409 sliding windows of 2048 in 83.6 s: ~25% MFU.
-EVAL_ASSUMED_MFU, SLIDING_ASSUMED_MFU = 0.11, 0.25
-EVAL_COMPILE_SECONDS, TTT_COMPILE_SECONDS = 5.0, 89.0
-
-
-def final_looping(model: GPT, optim: OptimConfig, run: RunConfig) -> bool:
-    """The loop state the final evaluations run in: a training run switches the loops on as planned."""
-    return model.looping or (not run.eval_only and loop_switch_planned(model.cfg, optim))
-
-
-def final_forward_flops(model: GPT, data: DataConfig, optim: OptimConfig, run: RunConfig) -> float:
-    """FLOPs per token of one forward pass (a third of training's) in the final evaluations' loop state."""
-    return flops_per_token(model, data, final_looping(model, optim, run)) / 3
-
-
-def ttt_seconds(forward_flops: float, evaluation: EvaluationConfig, val_tokens: Tensor) -> float:
-    """TTT's seconds on 8xH100: counted FLOPs at TTT_ASSUMED_MFU + the global SGD steps."""
-    docs, phases = ttt_schedule(val_tokens, evaluation)
-    window_tokens = sgd_tokens = steps = 0
-    for batches, sgd_end in phases:
-        for rows in batches:  # per step of a trained chunk: a forward, then input gradients of about as much
-            widths = chunk_widths(max(docs[d][1] for d in rows), evaluation)
-            window_tokens += len(rows) * (
-                sum(widths) * 2 * evaluation.ttt_grad_steps - (2 * evaluation.ttt_grad_steps - 1) * widths[-1]
-            )
-        sgd_tokens, steps = (
-            sgd_tokens + 3 * sgd_end,
-            steps + math.ceil(sgd_end / evaluation.global_ttt_chunk_tokens),
-        )
-    flops = forward_flops * (window_tokens + sgd_tokens * evaluation.global_ttt_epochs)
-    return (
-        flops / (8 * PEAK_BF16_FLOPS["H100"] * TTT_ASSUMED_MFU)
-        + steps * evaluation.global_ttt_epochs * GLOBAL_SGD_STEP_SECONDS
-    )
-
-
-def eval_seconds(
-    forward_flops: float, evaluation: EvaluationConfig, run: RunConfig, val_tokens: Tensor
-) -> dict[str, float]:
-    """Seconds on 8xH100 of every final evaluation the run performs (plain, sliding, TTT) and of their
-    compile warm-ups (COMPILE is on by default on GPUs). `forward_flops`: per token, one forward pass in the
-    final evaluations' loop state."""
-    rate = 8 * PEAK_BF16_FLOPS["H100"] / forward_flops  # tokens per second at 100% MFU
-    windows = eval_windows(val_tokens.numel(), evaluation.eval_seq_len, evaluation.eval_stride)
-    sliding = evaluation.eval_stride not in (0, evaluation.eval_seq_len)
-    parts = {"plain": (val_tokens.numel() - 1) / (rate * EVAL_ASSUMED_MFU)}
-    if sliding:
-        window_tokens = len(windows) * min(evaluation.eval_seq_len, val_tokens.numel() - 1)
-        parts["sliding"] = window_tokens / (rate * SLIDING_ASSUMED_MFU)
-    if evaluation.ttt_enabled:
-        parts["ttt"] = ttt_seconds(forward_flops, evaluation, val_tokens)
-    if run.compile != "0":
-        parts["compile"] = EVAL_COMPILE_SECONDS * (1 + sliding) + TTT_COMPILE_SECONDS * evaluation.ttt_enabled
-    return parts
-
-
-def check_eval_time(
-    forward_flops: float, evaluation: EvaluationConfig, run: RunConfig, val_tokens: Tensor, log
-) -> None:
-    """Logs the final evaluations' projected seconds on 8xH100; refuses a total over EVAL_TIME_LIMIT."""
-    parts = eval_seconds(forward_flops, evaluation, run, val_tokens)
-    seconds = sum(parts.values())
-    if evaluation.ttt_enabled:
-        log(
-            f"ttt_projection: ~{parts['ttt']:.1f}s on 8xH100 for these {val_tokens.numel()} validation "
-            "tokens "
-            f"(counted FLOPs at an assumed {100 * TTT_ASSUMED_MFU:.0f}% MFU "
-            f"+ {GLOBAL_SGD_STEP_SECONDS}s per global SGD step)"
-        )
-        log.event(
-            "ttt_projection", seconds=parts["ttt"], assumed_mfu=TTT_ASSUMED_MFU, val_tokens=val_tokens.numel()
-        )
-    log(
-        f"eval_projection: ~{seconds:.1f}s on 8xH100 for every final evaluation "
-        f"({', '.join(f'{k} ~{v:.1f}s' for k, v in parts.items())}; forward FLOPs at the records' "
-        f"{100 * EVAL_ASSUMED_MFU:.0f}% MFU, sliding {100 * SLIDING_ASSUMED_MFU:.0f}%)"
-    )
-    log.event("eval_projection", seconds=seconds, parts=parts, val_tokens=val_tokens.numel())
-    if evaluation.eval_time_limit and seconds > evaluation.eval_time_limit:
-        raise ConfigError(
-            f"the final evaluations are projected at ~{seconds:.0f}s on 8xH100 "
-            f"({', '.join(f'{k} ~{v:.0f}s' for k, v in parts.items())}), over EVAL_TIME_LIMIT="
-            f"{evaluation.eval_time_limit:g}: raise EVAL_STRIDE or TTT_CHUNK_SIZE, lower "
-            "PHASED_TTT_PREFIX_DOCS or "
-            "TTT_GRAD_STEPS, or set EVAL_TIME_LIMIT=0"
-        )
-
-
-class Validation(NamedTuple):
-    """What every evaluation scores: the validation tokens, the tokenizer's byte tables, and the note every
-    score line carries when VAL_TOKEN_LIMIT cuts the split."""
-
-    tokens: Tensor
-    tables: tuple[Tensor, Tensor, Tensor]
-    note: str
-
-
-def load_validation(data: DataConfig, evaluation: EvaluationConfig, log) -> Validation:
-    tables = byte_tables(load_tokenizer(data.tokenizer_path, data.vocab_size))
-    tokens = load_val_tokens(data.data_path, data.vocab_size, data.val_token_limit)
-    if (
-        evaluation.eval_seq_len >= tokens.numel()
-    ):  # one window holding everything: not the sliding evaluation asked for
-        limit = f" (VAL_TOKEN_LIMIT={data.val_token_limit})" if data.val_token_limit else ""
-        raise ConfigError(
-            f"EVAL_SEQ_LEN={evaluation.eval_seq_len}: not shorter than the validation split, "
-            f"{tokens.numel()} tokens"
-            f"{limit} in DATA_PATH={data.data_path}"
-        )
-    warning = check_tokenizer_identity(data.data_path, data.tokenizer_path)
-    if warning:
-        log(warning)
-    note = f" (first {data.val_token_limit} tokens only: not a score)" if data.val_token_limit else ""
-    return Validation(tokens, tables, note)
-
-
 def evaluate_artifact(h: Config, rt: Runtime) -> None:
     """EVAL_ONLY=1: no training; the artifact's model gets the final evaluations a run would give it."""
     log = rt.log
@@ -4812,31 +4844,6 @@ def evaluate_artifact(h: Config, rt: Runtime) -> None:
         forward_flops=forward_flops, evaluation=h.evaluation, run=h.run, val_tokens=val.tokens, log=log
     )
     final_evaluation(qmodel=qmodel.eval(), evaluation=h.evaluation, quant=h.quant, run=h.run, val=val, rt=rt)
-
-
-CALIBRATION_MARGIN = 1.25  # the reserve over the measured pace: the Hessians' all-reduce, clock noise
-CALIBRATION_FIXED_SECONDS = 1.0  # and the loader's batches, the damping and the log lines
-
-
-def calibration_reserve(
-    model: GPT, data: DataConfig, quant: QuantConfig, device: torch.device, batch: tuple[Tensor, Tensor]
-) -> float:
-    """Seconds calibrate() will take, measured: one micro-batch's Hessians timed (after an untimed one that
-    loads the kernels), times GPTQ_CALIBRATION_BATCHES, with a margin."""
-    was_training = model.training
-    model.eval()
-    seconds = 0.0
-    with hessian_matmuls():
-        for timed in (False, True):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            collect_hessians(model, [batch], 1, doc_span=data.train_seq_len)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - t0 if timed else seconds
-    model.train(was_training)
-    return CALIBRATION_MARGIN * quant.gptq_calibration_batches * seconds + CALIBRATION_FIXED_SECONDS
 
 
 def calibrate(trainer: Trainer) -> dict | None:
