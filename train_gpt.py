@@ -2,8 +2,9 @@
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py      # knobs are environment variables
 
-Sections follow the data flow (hyperparameters ... training loop, main()). Importing this file does
-no work, so tools and tests reuse it.
+Sections follow the data flow: the knobs, the runtime every later part uses, data, model, MoE, network,
+optimizer, quantization, evaluation, the preflight projections, the training loop, main(). Each
+definition comes before its first user. Importing this file does no work, so tools and tests reuse it.
 """
 
 from __future__ import annotations
