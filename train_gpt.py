@@ -4,7 +4,8 @@
 
 Sections follow the data flow: the knobs, the runtime every later part uses, data, model, MoE, network,
 optimizer, quantization, evaluation, the preflight projections, the training loop, main(). Each
-definition comes before its first user. Importing this file does no work, so tools and tests reuse it.
+definition comes before its first user, but for two knob checks that read a rule where it lives (the
+shards' vocabulary limit, the compressors). Importing this file does no work, so tools and tests reuse it.
 """
 
 from __future__ import annotations
