@@ -75,7 +75,7 @@ def test_hessians_sum_in_tf32_and_export_runs_exact_and_both_restore_it(monkeypa
         seen.append(("hessians", flags()))
         return {}, []
 
-    def fake_export(model, quant, path, code, log, hessians):
+    def fake_export(model, quant, path, code_bytes, log, hessians):
         seen.append(("export", flags()))
         open(path, "wb").write(b"x")
         return 1
