@@ -130,10 +130,10 @@ def test_no_target_reaches_an_optimizer_before_it_is_scored(monkeypatch, val_pai
         seen["adam"] += 1
         return real_adam(self, *args, **kwargs)
 
-    def sgd(model, tokens, end, evaluation, rt):  # global SGD trains on targets 1..end: indices 0..end-1
+    def sgd(model, tokens, end, **kwargs):  # global SGD trains on targets 1..end: indices 0..end-1
         assert not recorded[:end].isnan().any() and recorded[end:].isnan().any()
         seen["sgd"] += 1
-        return real_sgd(model=model, tokens=tokens, end=end, evaluation=evaluation, rt=rt)
+        return real_sgd(model=model, tokens=tokens, end=end, **kwargs)
 
     monkeypatch.setattr(tg, "chunk_windows", windows)
     monkeypatch.setattr(torch.optim.AdamW, "step", adam_step)
