@@ -1654,9 +1654,9 @@ class Runtime:
 
 def setup_distributed(run: RunConfig) -> tuple[int, int, torch.device]:
     """-> (rank, world_size, device) from torchrun's environment; joins the process group."""
-    rank, world_size, local_rank = (
-        int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))
-    )
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if world_size > 1 and device.type == "cpu" and not run.allow_cpu_distributed:
         raise ConfigError(
@@ -1964,7 +1964,9 @@ def check_tokenizer_identity(data_path: str, tokenizer_path: str) -> str | None:
 def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[Tensor, Tensor, Tensor]:
     """Per token id: UTF-8 bytes without a leading space, starts-with-space, is-control (challenge.md)."""
     n = sp.vocab_size()
-    base, space, control = np.zeros(n, np.int16), np.zeros(n, np.bool_), np.zeros(n, np.bool_)
+    base = np.zeros(n, np.int16)
+    space = np.zeros(n, np.bool_)
+    control = np.zeros(n, np.bool_)
     for i in range(n):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             control[i] = True
@@ -2107,11 +2109,12 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, segments: Tensor, span: i
         return t.view(B, H, n, span, D).transpose(1, 2)
 
     seg = segments.view(B, n, span)
-    keys, values, key_seg = chunks(k), chunks(v), seg
+    keys = chunks(k)
+    values = chunks(v)
+    key_seg = seg
     if n > 1:  # the previous chunk's keys in front: (B, n, H, 2 * span, D); no chunk before the first
-        keys, values = (
-            torch.cat((F.pad(t[:, :-1], (0, 0, 0, 0, 0, 0, 1, 0)), t), dim=3) for t in (keys, values)
-        )
+        keys = torch.cat((F.pad(keys[:, :-1], (0, 0, 0, 0, 0, 0, 1, 0)), keys), dim=3)
+        values = torch.cat((F.pad(values[:, :-1], (0, 0, 0, 0, 0, 0, 1, 0)), values), dim=3)
         key_seg = torch.cat((F.pad(seg[:, :-1], (0, 0, 1, 0), value=-1), seg), dim=2)
     width = key_seg.size(-1)
     # (span, width): key j sits at chunk offset j - (width - span), so causal is j <= i + width - span
@@ -3029,13 +3032,17 @@ def gptq(
     W, H = w.float().clone(), H.float().clone()
     H.diagonal().add_(0.01 * H.diagonal().mean() + 1e-6)  # damping; inputs that never fire stay invertible
     perm = torch.argsort(H.diagonal(), descending=True)
-    W, H, s = W[:, perm], H[perm][:, perm], scale.float()[:, None]
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    s = scale.float()[:, None]
     zero = None if zero is None else zero[:, perm]
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     Q = torch.zeros_like(W)
     for i in range(0, W.size(1), block):
         end = min(i + block, W.size(1))
-        Wb, Ub, err = W[:, i:end].clone(), U[i:end, i:end], torch.zeros_like(W[:, i:end])
+        Wb = W[:, i:end].clone()
+        Ub = U[i:end, i:end]
+        err = torch.zeros_like(W[:, i:end])
         for j in range(end - i):
             Q[:, i + j : i + j + 1] = q = round_to_grid(
                 Wb[:, j : j + 1], scale, bits, None if zero is None else zero[:, i + j : i + j + 1]
@@ -4077,10 +4084,8 @@ def ttt_seconds(forward_flops: float, evaluation: EvaluationConfig, val_tokens: 
             window_tokens += len(rows) * (
                 sum(widths) * 2 * evaluation.ttt_grad_steps - (2 * evaluation.ttt_grad_steps - 1) * widths[-1]
             )
-        sgd_tokens, steps = (
-            sgd_tokens + 3 * sgd_end,
-            steps + math.ceil(sgd_end / evaluation.global_ttt_chunk_tokens),
-        )
+        sgd_tokens += 3 * sgd_end
+        steps += math.ceil(sgd_end / evaluation.global_ttt_chunk_tokens)
     flops = forward_flops * (window_tokens + sgd_tokens * evaluation.global_ttt_epochs)
     return (
         flops / (8 * PEAK_BF16_FLOPS["H100"] * TTT_ASSUMED_MFU)
@@ -4472,10 +4477,8 @@ class Trainer:
                 self.run_cfg.val_loss_every and self.step and self.step % self.run_cfg.val_loss_every == 0
             ):
                 if pending is not None:
-                    agreed_ms, pending = (
-                        self.read_flags(pending=pending, step=self.step, t0=t0, peak=peak, final=last),
-                        None,
-                    )
+                    agreed_ms = self.read_flags(pending=pending, step=self.step, t0=t0, peak=peak, final=last)
+                    pending = None
                 self.sync()
                 self.train_ms += 1000 * (time.perf_counter() - t0)
                 validate(self.step)
