@@ -2,8 +2,10 @@
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py      # knobs are environment variables
 
-Sections follow the data flow (hyperparameters ... training loop, main()). Importing this file does
-no work, so tools and tests reuse it.
+Sections follow the data flow: the knobs, the runtime every later part uses, data, model, MoE, network,
+optimizer, quantization, evaluation, the preflight projections, the training loop, main(). Each
+definition comes before its first user, but for two knob checks that read a rule where it lives (the
+shards' vocabulary limit, the compressors). Importing this file does no work, so tools and tests reuse it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import subprocess
 import sys
 import time
 import zlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, make_dataclass, replace
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -49,7 +51,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 # ---- 1. Hyperparameters: every knob is an environment variable, declared once as a row below --------
 # A row holds what the trainer checks (type, range, choices), what it stores (model knobs go into the
-# artifact) and what it means (docs/knobs.md is generated from the rows by tools/knob_docs.py).
+# artifact), what it means (docs/knobs.md is generated from the rows by tools/dev/knob_docs.py) and which
+# group of the run's Config holds it. load_config reads the environment once, derives the implied values and
+# freezes them in groups, so each function receives the groups it reads and no knob changes mid-run.
 
 
 @dataclass(frozen=True)
@@ -57,12 +61,14 @@ class Knob:
     """One environment variable. `low`/`high`: the inclusive range of a numeric knob, checked before
     anything else (None: unchecked); 0 is the "unset, derived from other knobs" value where the meaning
     says so. `model`: it shapes the network, so the artifact stores it and a reload rebuilds from it.
-    `moe_only`: it means something only with a Mixture of Experts; set with MOE_MODE=none, it is an error."""
+    `moe_only`: it means something only with a Mixture of Experts; set with MOE_MODE=none, it is an error.
+    `group`: data, optim, quant, evaluation, run or model (see Config)."""
 
     name: str
     kind: type
     default: object
     meaning: str
+    group: str  # the frozen config group that holds it (CONFIG_GROUPS): what reads it receives that group
     low: float | None = None
     high: float = math.inf
     choices: tuple[str, ...] = ()
@@ -78,37 +84,51 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             str,
             "./data/datasets/fineweb10B_sp8192",
             "folder with `fineweb_train_*.bin` and `fineweb_val_*.bin` shards",
+            group="data",
         ),
         Knob(
             "TOKENIZER_PATH",
             str,
             "./data/tokenizers/fineweb_8192_bpe.model",
             "SentencePiece model; its vocabulary must have `VOCAB_SIZE` pieces",
+            group="data",
         ),
-        Knob("VOCAB_SIZE", int, 8192, "vocabulary size", low=2, model=True),
+        Knob("VOCAB_SIZE", int, 8192, "vocabulary size", low=2, model=True, group="data"),
         Knob(
             "RUN_ID",
             str,
             "",
             "empty = `run_<date>_<time>`; names the logs and the artifact (a plain file name of at most 200 "
             "bytes: no `/`, `\\`, spaces or leading `.`); an existing log is never overwritten",
+            group="run",
         ),
-        Knob("SEED", int, 1337, "initialisation and router-noise seed (the data order is fixed)", low=0),
-        Knob("LOG_DIR", str, "logs", "where logs and artifacts go"),
+        Knob(
+            "SEED",
+            int,
+            1337,
+            "initialisation and router-noise seed (the data order is fixed)",
+            low=0,
+            group="run",
+        ),
+        Knob("LOG_DIR", str, "logs", "where logs and artifacts go", group="run"),
         Knob(
             "ARTIFACT_PATH",
             str,
             "",
             "empty = `LOG_DIR/RUN_ID_model.ptz`; where the compressed model is written (an existing file is "
             "refused before training); with `EVAL_ONLY=1`: read",
+            group="run",
         ),
-        Knob("TRAIN_LOG_EVERY", int, 100, "steps between step lines and routing telemetry", low=1),
+        Knob(
+            "TRAIN_LOG_EVERY", int, 100, "steps between step lines and routing telemetry", low=1, group="run"
+        ),
         Knob(
             "VAL_LOSS_EVERY",
             int,
             0,
             "steps between validations during training (clock paused); 0 = only at the end",
             low=0,
+            group="run",
         ),
         Knob(
             "VAL_TOKEN_LIMIT",
@@ -116,6 +136,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             0,
             "evaluate only the first N validation tokens (quick checks; flagged as not a score); 0 = all",
             low=0,
+            group="data",
         ),
         Knob(
             "COMPILE",
@@ -126,6 +147,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "naming `MICRO_BATCH_TOKENS`, when that exceeds the GPU (the default 98,304 tokens need ~83 GiB "
             "eager, ~55 GiB compiled)",
             choices=("auto", "0", "1"),
+            group="run",
         ),
         Knob(
             "ALLOW_CPU_DISTRIBUTED",
@@ -133,6 +155,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             False,
             "`1`: let a multi-rank launch (`WORLD_SIZE` > 1) train on the CPU over gloo when CUDA is not "
             "usable; otherwise such a launch stops with an error",
+            group="run",
         ),
         Knob(
             "DRY_RUN",
@@ -141,26 +164,31 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "`1`: build the model on the meta device, print the config, `params total`, the budget preview "
             "and the projected FLOPs per token, ms/step and tokens/s on 8xH100 (at 30% MFU, what the "
             "record's step times imply), then exit 0; needs no data, tokenizer or GPU and writes nothing",
+            group="run",
         ),
     ),
     "run length and schedules": (
-        Knob("ITERATIONS", int, 20000, "maximum optimizer steps", low=1),
+        Knob("ITERATIONS", int, 20000, "maximum optimizer steps", low=1, group="optim"),
         Knob(
             "MAX_WALLCLOCK_SECONDS",
             float,
             600.0,
             "training time cap, agreed across ranks (compile warm-up and validation excluded); 0 = none",
             low=0,
+            group="optim",
         ),
-        Knob("TRAIN_BATCH_TOKENS", int, 786432, "tokens per optimizer step, over all GPUs", low=1),
+        Knob(
+            "TRAIN_BATCH_TOKENS", int, 786432, "tokens per optimizer step, over all GPUs", low=1, group="data"
+        ),
         Knob(
             "MICRO_BATCH_TOKENS",
             int,
             0,
             "0 = `TRAIN_BATCH_TOKENS / 8`; tokens per GPU per forward/backward",
             low=0,
+            group="data",
         ),
-        Knob("TRAIN_SEQ_LEN", int, 2048, "training sequence length", low=1),
+        Knob("TRAIN_SEQ_LEN", int, 2048, "training sequence length", low=1, group="data"),
         Knob(
             "WARMUP_STEPS",
             int,
@@ -169,6 +197,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "data position); with a loop switch ahead, as many again with the loops on, so the switch "
             "compiles nothing in the timed run",
             low=0,
+            group="optim",
         ),
         Knob(
             "WARMDOWN_FRAC",
@@ -177,6 +206,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "linear learning-rate decay to `MIN_LR` over the last fraction of the run",
             low=0,
             high=1,
+            group="optim",
         ),
         Knob(
             "MIN_LR",
@@ -185,6 +215,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "floor of the warm-down, as a fraction of each peak learning rate",
             low=0,
             high=1,
+            group="optim",
         ),
     ),
     "model": (
@@ -195,11 +226,20 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "transformer blocks (the first half of the layer order feeds U-Net skips to the second half)",
             low=1,
             model=True,
+            group="model",
         ),
-        Knob("MODEL_DIM", int, 512, "width", low=1, model=True),
-        Knob("NUM_HEADS", int, 8, "query heads (head dim = width / heads)", low=1, model=True),
-        Knob("NUM_KV_HEADS", int, 4, "key/value heads (grouped-query attention)", low=1, model=True),
-        Knob("MLP_MULT", float, 4.0, "MLP hidden = `MLP_MULT` x width", low=0.25, model=True),
+        Knob("MODEL_DIM", int, 512, "width", low=1, model=True, group="model"),
+        Knob("NUM_HEADS", int, 8, "query heads (head dim = width / heads)", low=1, model=True, group="model"),
+        Knob(
+            "NUM_KV_HEADS",
+            int,
+            4,
+            "key/value heads (grouped-query attention)",
+            low=1,
+            model=True,
+            group="model",
+        ),
+        Knob("MLP_MULT", float, 4.0, "MLP hidden = `MLP_MULT` x width", low=0.25, model=True, group="model"),
         Knob(
             "MLP_ACT",
             str,
@@ -207,6 +247,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "`relu2` (relu squared) or `leaky_relu2` (leaky relu, slope 0.5, squared)",
             choices=("relu2", "leaky_relu2"),
             model=True,
+            group="model",
         ),
         Knob(
             "ROPE_DIMS",
@@ -215,8 +256,9 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "channels of each head that RoPE rotates (0, or more than the head dim = all)",
             low=0,
             model=True,
+            group="model",
         ),
-        Knob("ROPE_BASE", float, 10000.0, "RoPE base", low=1, model=True),
+        Knob("ROPE_BASE", float, 10000.0, "RoPE base", low=1, model=True, group="model"),
         Knob(
             "QK_GAIN_INIT",
             float,
@@ -224,10 +266,21 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "initial per-head query gain after QK RMS-norm (learned)",
             low=0,
             model=True,
+            group="model",
         ),
-        Knob("LOGIT_SOFTCAP", float, 30.0, "logits = cap x tanh(logits / cap)", low=1, model=True),
-        Knob("TIE_EMBEDDINGS", bool, True, "output head shares the token embedding", model=True),
-        Knob("TIED_EMBED_INIT_STD", float, 0.005, "embedding init std", low=0),
+        Knob(
+            "LOGIT_SOFTCAP",
+            float,
+            30.0,
+            "logits = cap x tanh(logits / cap)",
+            low=1,
+            model=True,
+            group="model",
+        ),
+        Knob(
+            "TIE_EMBEDDINGS", bool, True, "output head shares the token embedding", model=True, group="model"
+        ),
+        Knob("TIED_EMBED_INIT_STD", float, 0.005, "embedding init std", low=0, group="model"),
         Knob(
             "BIGRAM_VOCAB_SIZE",
             int,
@@ -236,8 +289,17 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "token); 0 = off; a BOS position gets a reserved row, never the previous document's token",
             low=0,
             model=True,
+            group="model",
         ),
-        Knob("BIGRAM_DIM", int, 128, "BigramHash vector size, projected to the width", low=1, model=True),
+        Knob(
+            "BIGRAM_DIM",
+            int,
+            128,
+            "BigramHash vector size, projected to the width",
+            low=1,
+            model=True,
+            group="model",
+        ),
         Knob(
             "SMEAR_GATE",
             bool,
@@ -246,6 +308,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "a gate read from its first `GATE_WINDOW` channels, before the embedding's norm (never across a "
             "BOS)",
             model=True,
+            group="model",
         ),
         Knob(
             "SKIP_GATES_ENABLED",
@@ -254,6 +317,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "each U-Net skip joins the decoder stream through a learned per-channel gate, `lerp(skip, "
             "stream, sigmoid(gate))` (an even mix at start); 0 = the skip is added",
             model=True,
+            group="model",
         ),
     ),
     "mixture of experts": (
@@ -265,6 +329,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "(set with `none`, they are an error)",
             choices=("none", "soft", "topk", "shared_routed"),
             model=True,
+            group="model",
         ),
         Knob(
             "NUM_EXPERTS",
@@ -274,9 +339,17 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             low=1,
             model=True,
             moe_only=True,
+            group="model",
         ),
         Knob(
-            "TOP_K", int, 1, "experts per token (`topk`, `shared_routed`)", low=1, model=True, moe_only=True
+            "TOP_K",
+            int,
+            1,
+            "experts per token (`topk`, `shared_routed`)",
+            low=1,
+            model=True,
+            moe_only=True,
+            group="model",
         ),
         Knob(
             "MOE_LAYERS",
@@ -285,6 +358,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "comma-separated layer indices that get MoE, e.g. `5,6,7,8,9`; empty = every layer",
             model=True,
             moe_only=True,
+            group="model",
         ),
         Knob(
             "EXPERT_HIDDEN",
@@ -294,6 +368,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             low=0,
             model=True,
             moe_only=True,
+            group="model",
         ),
         Knob(
             "SHARED_HIDDEN",
@@ -303,6 +378,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             low=0,
             model=True,
             moe_only=True,
+            group="model",
         ),
         Knob(
             "ROUTER_SCORE",
@@ -312,6 +388,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             choices=("softmax", "sigmoid"),
             model=True,
             moe_only=True,
+            group="model",
         ),
         Knob(
             "ROUTER_LR",
@@ -320,6 +397,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "Adam learning rate of the routers (no weight decay)",
             low=0,
             moe_only=True,
+            group="optim",
         ),
         Knob(
             "MOE_AUX_LOSS_COEF",
@@ -328,6 +406,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "Switch load-balance loss weight (routed modes)",
             low=0,
             moe_only=True,
+            group="model",
         ),
         Knob(
             "ROUTER_Z_COEF",
@@ -336,6 +415,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "router z-loss weight, mean logsumexp(logits)²",
             low=0,
             moe_only=True,
+            group="model",
         ),
         Knob(
             "ROUTER_BIAS_RATE",
@@ -344,6 +424,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "auxiliary-loss-free balancing bias step per optimizer step; 0 = off",
             low=0,
             moe_only=True,
+            group="optim",
         ),
         Knob(
             "ROUTER_NOISE",
@@ -352,6 +433,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "std of Gaussian noise added to router logits in training",
             low=0,
             moe_only=True,
+            group="model",
         ),
         Knob(
             "ROUTER_ENTROPY_COEF",
@@ -361,6 +443,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "layer (and pass), maximised in training (sigma-MoE); 0 = off",
             low=0,
             moe_only=True,
+            group="model",
         ),
         Knob(
             "EXPERT_DROPOUT",
@@ -372,6 +455,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             low=0,
             high=0.9,
             moe_only=True,
+            group="model",
         ),
         Knob(
             "MOE_DISPATCH",
@@ -384,6 +468,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             choices=("grouped", "capacity"),
             model=True,
             moe_only=True,
+            group="model",
         ),
         Knob(
             "CAPACITY_FACTOR",
@@ -393,6 +478,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             low=0.1,
             model=True,
             moe_only=True,
+            group="model",
         ),
         Knob(
             "ROUTER_PER_PASS",
@@ -403,6 +489,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "parameters per such layer",
             model=True,
             moe_only=True,
+            group="model",
         ),
         Knob(
             "EXPERT_BITS",
@@ -413,6 +500,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             low=0,
             high=8,
             moe_only=True,
+            group="quant",
         ),
     ),
     "the record stack: attention variants, parallel lanes, depth recurrence": (
@@ -425,6 +513,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "effective value)",
             low=0,
             model=True,
+            group="model",
         ),
         Knob(
             "LN_SCALE",
@@ -432,6 +521,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             True,
             "scale each block's normed attention and MLP inputs by 1/sqrt(layer + 1)",
             model=True,
+            group="model",
         ),
         Knob(
             "PARALLEL_START_LAYER",
@@ -442,6 +532,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "lanes; 0 = off; a decoder layer after the loop, before NUM_LAYERS",
             low=0,
             model=True,
+            group="model",
         ),
         Knob(
             "NUM_LOOPS",
@@ -451,9 +542,10 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "there is the same module on every pass); 0 = off",
             low=0,
             model=True,
+            group="model",
         ),
-        Knob("LOOP_START", int, 3, "first looped layer", low=0, model=True),
-        Knob("LOOP_END", int, 5, "last looped layer (inclusive)", low=0, model=True),
+        Knob("LOOP_START", int, 3, "first looped layer", low=0, model=True, group="model"),
+        Knob("LOOP_END", int, 5, "last looped layer (inclusive)", low=0, model=True, group="model"),
         Knob(
             "ENABLE_LOOPING_AT",
             float,
@@ -462,6 +554,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "is evaluated as trained",
             low=0,
             high=1,
+            group="optim",
         ),
         Knob(
             "SPARSE_ATTN_GATE_ENABLED",
@@ -470,6 +563,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "per-head attention output gate sigmoid(`SPARSE_ATTN_GATE_SCALE` x w . x[:`GATE_WINDOW`]), "
             "zero-initialised (0.5)",
             model=True,
+            group="model",
         ),
         Knob(
             "SPARSE_ATTN_GATE_SCALE",
@@ -478,6 +572,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "scale of the gate's logit (the record's run)",
             low=0,
             model=True,
+            group="model",
         ),
         Knob(
             "GATE_WINDOW",
@@ -486,6 +581,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "leading channels of the block input the attention gate reads",
             low=1,
             model=True,
+            group="model",
         ),
         Knob(
             "RESPECT_DOC_BOUNDARIES",
@@ -496,16 +592,25 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "longer than `TRAIN_SEQ_LEN` every `TRAIN_SEQ_LEN` tokens from its start; evaluation windows and "
             "global TTT stop at a BOS too (docs/scoring.md). flex_attention on GPUs, SDPA on CPUs; 0 = plain "
             "causal rows of `TRAIN_SEQ_LEN`",
+            group="data",
         ),
     ),
     "optimizer": (
-        Knob("MATRIX_LR", float, 0.026, "Muon learning rate for block matrices and experts", low=0),
+        Knob(
+            "MATRIX_LR",
+            float,
+            0.026,
+            "Muon learning rate for block matrices and experts",
+            low=0,
+            group="optim",
+        ),
         Knob(
             "SCALAR_LR",
             float,
             0.02,
             "Adam learning rate for gains, scales, mixes and other control tensors",
             low=0,
+            group="optim",
         ),
         Knob(
             "TIED_EMBED_LR",
@@ -513,11 +618,20 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             0.03,
             "Adam learning rate of the tied embedding and the BigramHash table",
             low=0,
+            group="optim",
         ),
-        Knob("EMBED_LR", float, 0.6, "Adam learning rate of the embedding when untied", low=0),
-        Knob("HEAD_LR", float, 0.008, "Adam learning rate of the untied output head", low=0),
-        Knob("MUON_MOMENTUM", float, 0.97, "Muon momentum after warm-up", low=0, high=0.99999),
-        Knob("MUON_MOMENTUM_WARMUP_START", float, 0.92, "Muon momentum at the start", low=0, high=0.99999),
+        Knob("EMBED_LR", float, 0.6, "Adam learning rate of the embedding when untied", low=0, group="optim"),
+        Knob("HEAD_LR", float, 0.008, "Adam learning rate of the untied output head", low=0, group="optim"),
+        Knob("MUON_MOMENTUM", float, 0.97, "Muon momentum after warm-up", low=0, high=0.99999, group="optim"),
+        Knob(
+            "MUON_MOMENTUM_WARMUP_START",
+            float,
+            0.92,
+            "Muon momentum at the start",
+            low=0,
+            high=0.99999,
+            group="optim",
+        ),
         Knob(
             "MUON_MOMENTUM_WARMUP_FRAC",
             float,
@@ -525,6 +639,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "fraction of the run over which momentum rises (the record's 1,500 of ~4,930 steps)",
             low=0,
             high=1,
+            group="optim",
         ),
         Knob(
             "MUON_BACKEND_STEPS",
@@ -533,17 +648,19 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "Newton-Schulz iterations, with the Polar-Express coefficients (one tuple per step; later steps "
             "repeat the last)",
             low=1,
+            group="optim",
         ),
         Knob(
             "MUON_ROW_NORMALIZE",
             bool,
             True,
             "give every row of the momentum update unit norm before orthogonalising (MuonEq-R)",
+            group="optim",
         ),
-        Knob("MUON_WD", float, 0.095, "decoupled weight decay of Muon matrices", low=0),
-        Knob("BETA1", float, 0.9, "Adam beta1", low=0, high=0.99999),
-        Knob("BETA2", float, 0.99, "Adam beta2", low=0, high=0.99999),
-        Knob("ADAM_EPS", float, 1e-08, "Adam epsilon", low=0),
+        Knob("MUON_WD", float, 0.095, "decoupled weight decay of Muon matrices", low=0, group="optim"),
+        Knob("BETA1", float, 0.9, "Adam beta1", low=0, high=0.99999, group="optim"),
+        Knob("BETA2", float, 0.99, "Adam beta2", low=0, high=0.99999, group="optim"),
+        Knob("ADAM_EPS", float, 1e-08, "Adam epsilon", low=0, group="optim"),
         Knob(
             "ADAM_WD",
             float,
@@ -551,6 +668,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "decoupled weight decay of the control tensors (gains, scales, mixes, gates, lane weights; not "
             "routers)",
             low=0,
+            group="optim",
         ),
         Knob(
             "EMBED_WD",
@@ -558,8 +676,9 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             0.085,
             "decoupled weight decay of the embedding, the BigramHash table and the untied head",
             low=0,
+            group="optim",
         ),
-        Knob("GRAD_CLIP_NORM", float, 0.3, "global gradient-norm clip; 0 = off", low=0),
+        Knob("GRAD_CLIP_NORM", float, 0.3, "global gradient-norm clip; 0 = off", low=0, group="optim"),
     ),
     "weight averaging": (
         Knob(
@@ -571,6 +690,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "per-step decay as in the records (e.g. 0.9965), the same whatever the run length; 0 = off",
             low=0,
             high=0.99999,
+            group="optim",
         ),
     ),
     "quantization and the artifact": (
@@ -581,6 +701,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "`gptq` (Hessian-aware, calibrated on training batches) or `rtn` (round-to-nearest) on the same "
             "grid",
             choices=("gptq", "rtn"),
+            group="quant",
         ),
         Knob(
             "GPTQ_RESERVE_SECONDS",
@@ -590,6 +711,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "when GPTQ or LQER is on); unset: measured before training (one micro-batch's Hessians timed, x "
             "`GPTQ_CALIBRATION_BATCHES`, x 1.25, + 1 s; the `gptq_reserve:` line)",
             low=0,
+            group="quant",
         ),
         Knob(
             "GPTQ_CALIBRATION_BATCHES",
@@ -597,6 +719,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             16,
             "training micro-batches (of `MICRO_BATCH_TOKENS`, per rank) for the Hessians",
             low=1,
+            group="quant",
         ),
         Knob(
             "MATRIX_BITS",
@@ -605,8 +728,9 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "bits of attention, MLP and BigramHash matrices (and of experts, unless `EXPERT_BITS`)",
             low=2,
             high=8,
+            group="quant",
         ),
-        Knob("EMBED_BITS", int, 7, "bits of the embedding and untied head", low=2, high=8),
+        Knob("EMBED_BITS", int, 7, "bits of the embedding and untied head", low=2, high=8, group="quant"),
         Knob(
             "QAT_START_FRAC",
             float,
@@ -618,6 +742,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "`records/track_non_record_16mb/2026-12-03_MoE_Regime_Study/`; unmeasured on a GPU)",
             low=0,
             high=1,
+            group="optim",
         ),
         Knob(
             "MATRIX_CLIP_SIGMAS",
@@ -626,14 +751,38 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "SDClip range, in row standard deviations, of matrices that are neither MLP nor attention "
             "(BigramHash)",
             low=0.01,
+            group="quant",
         ),
-        Knob("MLP_CLIP_SIGMAS", float, 11.5, "SDClip range of MLP and expert matrices", low=0.01),
-        Knob("ATTN_CLIP_SIGMAS", float, 13.0, "SDClip range of attention matrices", low=0.01),
-        Knob("EMBED_CLIP_SIGMAS", float, 14.0, "SDClip range of the embedding and untied head", low=0.01),
-        Knob("LQER_ENABLED", bool, True, "low-rank correction of the largest quantization errors"),
-        Knob("LQER_RANK", int, 4, "rank of each correction", low=1),
-        Knob("LQER_TOP_K", int, 3, "tensors corrected (largest output error first)", low=0),
-        Knob("LQER_FACTOR_BITS", int, 4, "bits of the correction's factors (per-row scales)", low=2, high=8),
+        Knob(
+            "MLP_CLIP_SIGMAS", float, 11.5, "SDClip range of MLP and expert matrices", low=0.01, group="quant"
+        ),
+        Knob("ATTN_CLIP_SIGMAS", float, 13.0, "SDClip range of attention matrices", low=0.01, group="quant"),
+        Knob(
+            "EMBED_CLIP_SIGMAS",
+            float,
+            14.0,
+            "SDClip range of the embedding and untied head",
+            low=0.01,
+            group="quant",
+        ),
+        Knob(
+            "LQER_ENABLED",
+            bool,
+            True,
+            "low-rank correction of the largest quantization errors",
+            group="quant",
+        ),
+        Knob("LQER_RANK", int, 4, "rank of each correction", low=1, group="quant"),
+        Knob("LQER_TOP_K", int, 3, "tensors corrected (largest output error first)", low=0, group="quant"),
+        Knob(
+            "LQER_FACTOR_BITS",
+            int,
+            4,
+            "bits of the correction's factors (per-row scales)",
+            low=2,
+            high=8,
+            group="quant",
+        ),
         Knob(
             "COMPRESSOR",
             str,
@@ -641,20 +790,23 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "`zstd` (at `ZSTD_LEVEL`), `brotli` (quality 11), `lzma` (preset 9e) or `lrzip` (ZPAQ; needs the "
             "`lrzip` binary, checked before training)",
             choices=("zstd", "brotli", "lzma", "lrzip"),
+            group="quant",
         ),
         Knob(
             "SAVE_CHECKPOINT",
             bool,
             False,
             "also write the pre-quantization (EMA) weights to `LOG_DIR/RUN_ID_fp.pt`",
+            group="run",
         ),
         Knob(
             "FP16_KEEP_NAME_PATTERNS",
             str,
             "",
             "extra comma-separated name substrings kept fp16 (routers, gates and control tensors always are)",
+            group="quant",
         ),
-        Knob("FP16_KEEP_MAX_NUMEL", int, 4096, "tensors this small are kept fp16", low=0),
+        Knob("FP16_KEEP_MAX_NUMEL", int, 4096, "tensors this small are kept fp16", low=0, group="quant"),
         Knob(
             "PRUNE_FRAC",
             float,
@@ -662,9 +814,10 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "zero this fraction of the smallest weights of each quantized tensor before quantizing",
             low=0,
             high=0.99,
+            group="quant",
         ),
-        Knob("ZSTD_LEVEL", int, 22, "zstd level (`COMPRESSOR=zstd`)", low=1, high=22),
-        Knob("SIZE_CAP_BYTES", int, 16000000, "cap on code + artifact", low=1),
+        Knob("ZSTD_LEVEL", int, 22, "zstd level (`COMPRESSOR=zstd`)", low=1, high=22, group="quant"),
+        Knob("SIZE_CAP_BYTES", int, 16000000, "cap on code + artifact", low=1, group="quant"),
         Knob(
             "BUDGET_MARGIN",
             float,
@@ -673,18 +826,27 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "never refuse",
             low=-1,
             high=1,
+            group="quant",
         ),
     ),
     "evaluation": (
-        Knob("EVAL_STRIDE", int, 64, "sliding-window stride; 0 = plain non-overlapping windows", low=0),
+        Knob(
+            "EVAL_STRIDE",
+            int,
+            64,
+            "sliding-window stride; 0 = plain non-overlapping windows",
+            low=0,
+            group="evaluation",
+        ),
         Knob(
             "EVAL_SEQ_LEN",
             int,
             0,
             "0 = `TRAIN_SEQ_LEN`; evaluation window length, shorter than the validation split",
             low=0,
+            group="evaluation",
         ),
-        Knob("EVAL_BATCH_SEQS", int, 32, "windows per forward pass per GPU", low=1),
+        Knob("EVAL_BATCH_SEQS", int, 32, "windows per forward pass per GPU", low=1, group="evaluation"),
     ),
     "test-time training and evaluation-only runs — defaults: the 1.0611 record's run": (
         Knob(
@@ -692,21 +854,34 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             bool,
             False,
             "score-first LoRA test-time training as the last final evaluation (off until measured on a GPU)",
+            group="evaluation",
         ),
-        Knob("TTT_LORA_RANK", int, 80, "rank of every adapter", low=1),
-        Knob("TTT_LORA_LR", float, 0.0001, "AdamW learning rate of the adapters", low=0),
-        Knob("TTT_CHUNK_SIZE", int, 48, "targets per chunk: scored, then trained on", low=1),
-        Knob("TTT_BATCH_SIZE", int, 64, "documents adapted side by side (one row each)", low=1),
-        Knob("TTT_GRAD_STEPS", int, 1, "adapter steps per chunk", low=1),
-        Knob("TTT_WEIGHT_DECAY", float, 0.5, "AdamW weight decay of the adapters", low=0),
-        Knob("TTT_BETA1", float, 0.0, "AdamW beta1 of the adapters", low=0, high=0.99999),
-        Knob("TTT_BETA2", float, 0.99, "AdamW beta2 of the adapters", low=0, high=0.99999),
+        Knob("TTT_LORA_RANK", int, 80, "rank of every adapter", low=1, group="evaluation"),
+        Knob("TTT_LORA_LR", float, 0.0001, "AdamW learning rate of the adapters", low=0, group="evaluation"),
+        Knob(
+            "TTT_CHUNK_SIZE", int, 48, "targets per chunk: scored, then trained on", low=1, group="evaluation"
+        ),
+        Knob(
+            "TTT_BATCH_SIZE",
+            int,
+            64,
+            "documents adapted side by side (one row each)",
+            low=1,
+            group="evaluation",
+        ),
+        Knob("TTT_GRAD_STEPS", int, 1, "adapter steps per chunk", low=1, group="evaluation"),
+        Knob("TTT_WEIGHT_DECAY", float, 0.5, "AdamW weight decay of the adapters", low=0, group="evaluation"),
+        Knob("TTT_BETA1", float, 0.0, "AdamW beta1 of the adapters", low=0, high=0.99999, group="evaluation"),
+        Knob(
+            "TTT_BETA2", float, 0.99, "AdamW beta2 of the adapters", low=0, high=0.99999, group="evaluation"
+        ),
         Knob(
             "PHASED_TTT_PREFIX_DOCS",
             int,
             2500,
             "documents (from the start) after which the base weights adapt; 0 = never",
             low=0,
+            group="evaluation",
         ),
         Knob(
             "PHASED_TTT_NUM_PHASES",
@@ -714,6 +889,7 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             3,
             "groups the prefix is split into, each followed by global SGD",
             low=0,
+            group="evaluation",
         ),
         Knob(
             "GLOBAL_TTT_LR",
@@ -721,17 +897,28 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             0.001,
             "SGD learning rate of the base weights between phases (cosine decay)",
             low=0,
+            group="evaluation",
         ),
-        Knob("GLOBAL_TTT_MOMENTUM", float, 0.9, "its momentum", low=0, high=0.99999),
-        Knob("GLOBAL_TTT_EPOCHS", int, 1, "passes over the scored tokens per phase", low=0),
+        Knob("GLOBAL_TTT_MOMENTUM", float, 0.9, "its momentum", low=0, high=0.99999, group="evaluation"),
+        Knob(
+            "GLOBAL_TTT_EPOCHS", int, 1, "passes over the scored tokens per phase", low=0, group="evaluation"
+        ),
         Knob(
             "GLOBAL_TTT_CHUNK_TOKENS",
             int,
             32768,
             "tokens per global SGD step, over all GPUs (at least `EVAL_SEQ_LEN`)",
             low=0,
+            group="evaluation",
         ),
-        Knob("GLOBAL_TTT_GRAD_CLIP", float, 1.0, "gradient-norm clip of the global SGD; 0 = off", low=0),
+        Knob(
+            "GLOBAL_TTT_GRAD_CLIP",
+            float,
+            1.0,
+            "gradient-norm clip of the global SGD; 0 = off",
+            low=0,
+            group="evaluation",
+        ),
         Knob(
             "EVAL_TIME_LIMIT",
             float,
@@ -739,13 +926,15 @@ KNOB_SECTIONS: dict[str, tuple[Knob, ...]] = {
             "refuse to start when the final evaluations (plain, sliding, TTT and their compile warm-ups) are "
             "projected over this many seconds on 8xH100; 0 = no check",
             low=0,
+            group="evaluation",
         ),
-        Knob("EVAL_ONLY", bool, False, "no training: evaluate the artifact at `ARTIFACT_PATH`"),
+        Knob("EVAL_ONLY", bool, False, "no training: evaluate the artifact at `ARTIFACT_PATH`", group="run"),
         Knob(
             "EVAL_TOKEN_LOSSES",
             str,
             "",
             "write the last final evaluation's per-token losses to this `.npy` (never overwritten)",
+            group="evaluation",
         ),
     ),
 }
@@ -842,8 +1031,384 @@ def parse_knob(name: str, raw: str, kind: type) -> object:
     return value
 
 
-def load_config(environ=None, **overrides) -> SimpleNamespace:
-    """Read every knob from `environ` (default os.environ), apply keyword overrides, validate."""
+MAX_RUN_ID_BYTES = 200  # RUN_ID + the longest suffix a run adds stays within a file name's 255 bytes
+
+
+def derive_stack(knobs: SimpleNamespace, require) -> None:
+    """Checks of the record-stack knobs that KNOB_LIMITS cannot express."""
+    knobs.xsa_last_n = min(
+        knobs.xsa_last_n, knobs.num_layers
+    )  # the config line shows the layers XSA really runs in
+    require(
+        knobs.gate_window <= knobs.model_dim,
+        f"GATE_WINDOW={knobs.gate_window}: must be in 1..MODEL_DIM={knobs.model_dim}",
+    )
+    if knobs.num_loops:
+        require(
+            knobs.loop_start <= knobs.loop_end < knobs.num_layers,
+            f"LOOP_START={knobs.loop_start}, LOOP_END={knobs.loop_end}: need 0 <= LOOP_START <= LOOP_END < "
+            f"NUM_LAYERS={knobs.num_layers}",
+        )
+    # Lanes run in decoder layers after the loop only, so a looped layer runs alike on every pass.
+    first = max(knobs.num_layers // 2, knobs.loop_end + 1 if knobs.num_loops else 0)
+    require(
+        knobs.parallel_start_layer < knobs.num_layers,
+        f"PARALLEL_START_LAYER={knobs.parallel_start_layer}: past the last layer "
+        f"(NUM_LAYERS={knobs.num_layers}: "
+        f"layers 0..{knobs.num_layers - 1}); 0 turns the parallel lanes off",
+    )
+    require(
+        knobs.parallel_start_layer == 0 or knobs.parallel_start_layer >= first,
+        f"PARALLEL_START_LAYER={knobs.parallel_start_layer}: must be 0 (off) or at least {first} (decoder "
+        "layers after the loop)",
+    )
+
+
+def derive_router_passes(knobs: SimpleNamespace, require) -> None:
+    """ROUTER_PER_PASS: the MoE layers inside the loop get one router per pass (1 + NUM_LOOPS)."""
+    knobs.router_passes = 1 + knobs.num_loops if knobs.router_per_pass else 1
+    if not knobs.router_per_pass:
+        return
+    require(
+        knobs.moe_mode != "none",
+        "ROUTER_PER_PASS=1 needs MoE layers: MOE_MODE=none (the dense MLP) has no router; "
+        "set MOE_MODE=soft, topk or shared_routed",
+    )
+    require(
+        knobs.num_loops > 0,
+        "ROUTER_PER_PASS=1 needs the layer loop: with NUM_LOOPS=0 every layer runs once (one pass)",
+    )
+    looped = [layer for layer in knobs.moe_layer_ids if knobs.loop_start <= layer <= knobs.loop_end]
+    require(
+        bool(looped),
+        f"ROUTER_PER_PASS=1: no MoE layer is looped (MOE_LAYERS={','.join(map(str, knobs.moe_layer_ids))}, "
+        f"looped layers LOOP_START={knobs.loop_start}..LOOP_END={knobs.loop_end}); put MOE_LAYERS "
+        "inside the loop",
+    )
+
+
+def derive_routed_regularisers(knobs: SimpleNamespace, require) -> None:
+    """ROUTER_ENTROPY_COEF and EXPERT_DROPOUT shape a top-k selection, which only the routed modes make.
+    (With MOE_MODE=none, load_config's check of MoE-only knobs names them instead.)"""
+    for name in ("ROUTER_ENTROPY_COEF", "EXPERT_DROPOUT"):
+        value = getattr(knobs, name.lower())
+        require(
+            not value or knobs.moe_mode in ("none", "topk", "shared_routed"),
+            f"{name}={value}: needs a top-k selection (MOE_MODE=topk or shared_routed); "
+            f"MOE_MODE={knobs.moe_mode} blends every expert",
+        )
+    require(
+        not knobs.expert_dropout or knobs.top_k < knobs.num_experts,
+        f"EXPERT_DROPOUT={knobs.expert_dropout}: TOP_K={knobs.top_k} of NUM_EXPERTS={knobs.num_experts} "
+        "leaves no expert "
+        "to drop (each step keeps at least TOP_K); lower TOP_K or set EXPERT_DROPOUT=0",
+    )
+
+
+def derive_quant_config(knobs: SimpleNamespace, require) -> None:
+    """Quantization knobs KNOB_LIMITS cannot check; the GPTQ reserve shortens the training wall clock."""
+    missing = compressor_missing(knobs.compressor)
+    require(
+        not missing,
+        f"COMPRESSOR={knobs.compressor} needs {missing}, which is not installed; install it or choose zstd",
+    )
+    require(knobs.expert_bits != 1, "EXPERT_BITS=1: expected 0 (= MATRIX_BITS) or 2..8")
+    knobs.calibrate = knobs.quant_method == "gptq" or knobs.lqer_enabled  # Hessians are needed
+    # unset: measured before training (Trainer.reserve_calibration), which sets the training wall clock again
+    given = knobs.gptq_reserve_seconds or 0.0
+    reserve = given if knobs.calibrate and knobs.max_wallclock_seconds > 0 else 0.0
+    require(
+        reserve < knobs.max_wallclock_seconds or not reserve,
+        f"GPTQ_RESERVE_SECONDS={knobs.gptq_reserve_seconds}: must be in [0, "
+        f"MAX_WALLCLOCK_SECONDS={knobs.max_wallclock_seconds})",
+    )
+    knobs.calibration_reserve_seconds = reserve
+    knobs.train_wallclock_seconds = (
+        knobs.max_wallclock_seconds - reserve
+    )  # training stops early to calibrate in time
+
+
+def derive_config(knobs: SimpleNamespace) -> SimpleNamespace:
+    """Check knob combinations and fill in the values other knobs imply."""
+
+    def require(cond: bool, msg: str):
+        if not cond:
+            raise ConfigError(msg)
+
+    for name, (low, high) in KNOB_LIMITS.items():
+        value = getattr(knobs, name.lower(), None)
+        require(
+            value is None or low <= value <= high,
+            f"{name}={value}: expected {low}..{high}"
+            if high < math.inf
+            else f"{name}={value}: expected >= {low}",
+        )
+    require(
+        knobs.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE=1: expected 0 (off) or >= 2 (one bucket is reserved)"
+    )
+    require(
+        knobs.model_dim % knobs.num_heads == 0,
+        f"MODEL_DIM={knobs.model_dim} is not divisible by NUM_HEADS={knobs.num_heads}",
+    )
+    require(
+        knobs.num_heads % knobs.num_kv_heads == 0,
+        f"NUM_HEADS={knobs.num_heads} is not divisible by NUM_KV_HEADS={knobs.num_kv_heads}",
+    )
+    knobs.head_dim = knobs.model_dim // knobs.num_heads
+    knobs.rope_dims = min(
+        knobs.rope_dims or knobs.head_dim, knobs.head_dim
+    )  # 16 of 64 by default; small heads rotate all
+    require(knobs.rope_dims % 2 == 0, f"ROPE_DIMS={knobs.rope_dims}: must be even")
+    require(
+        knobs.vocab_size <= MAX_VOCAB_SIZE,
+        f"VOCAB_SIZE={knobs.vocab_size}: shards hold uint16 token ids (at most {MAX_VOCAB_SIZE})",
+    )
+    require(
+        knobs.top_k <= knobs.num_experts,
+        f"TOP_K={knobs.top_k}: must be between 1 and NUM_EXPERTS={knobs.num_experts}",
+    )
+    require(
+        knobs.moe_mode == "none" or knobs.num_experts >= 2,
+        f"NUM_EXPERTS={knobs.num_experts}: a mixture needs at least 2 experts (one expert is the dense MLP: "
+        "MOE_MODE=none)",
+    )
+    for layer in knobs.moe_layers:
+        require(
+            0 <= layer < knobs.num_layers, f"MOE_LAYERS: layer {layer} is outside 0..{knobs.num_layers - 1}"
+        )
+    knobs.moe_layer_ids = (
+        [] if knobs.moe_mode == "none" else sorted(set(knobs.moe_layers or range(knobs.num_layers)))
+    )
+    knobs.mlp_hidden = int(knobs.mlp_mult * knobs.model_dim)
+    knobs.shared_mlp_hidden = (
+        (knobs.shared_hidden or knobs.mlp_hidden // 2) if knobs.moe_mode == "shared_routed" else 0
+    )
+    free_hidden = knobs.mlp_hidden - knobs.shared_mlp_hidden
+    if knobs.moe_mode != "none" and not knobs.expert_hidden:
+        require(
+            free_hidden > 0 and free_hidden % knobs.num_experts == 0,
+            f"NUM_EXPERTS={knobs.num_experts}: the parameter-matched expert size "
+            f"{free_hidden}/{knobs.num_experts} "
+            "is not whole; set EXPERT_HIDDEN",
+        )
+    knobs.expert_mlp_hidden = knobs.expert_hidden or max(free_hidden // knobs.num_experts, 0)
+    require(
+        knobs.moe_mode in ("none", "soft")
+        or knobs.moe_dispatch != "grouped"
+        or knobs.model_dim % 8 == knobs.expert_mlp_hidden % 8 == 0,
+        f"MOE_DISPATCH=grouped needs MODEL_DIM={knobs.model_dim} and the expert width "
+        f"{knobs.expert_mlp_hidden} "
+        "(EXPERT_HIDDEN) "
+        "to be multiples of 8 (16-byte aligned rows); change them or use MOE_DISPATCH=capacity",
+    )
+    derive_quant_config(knobs, require)
+    knobs.micro_batch_source = (
+        "" if knobs.micro_batch_tokens else f" (unset: TRAIN_BATCH_TOKENS={knobs.train_batch_tokens} / 8)"
+    )
+    knobs.micro_batch_tokens = knobs.micro_batch_tokens or knobs.train_batch_tokens // 8
+    require(
+        knobs.micro_batch_tokens % knobs.train_seq_len == 0 and knobs.micro_batch_tokens > 0,
+        f"MICRO_BATCH_TOKENS="
+        f"{knobs.micro_batch_tokens}{knobs.micro_batch_source} is not a positive multiple of "
+        f"TRAIN_SEQ_LEN={knobs.train_seq_len}",
+    )
+    knobs.eval_seq_len = knobs.eval_seq_len or knobs.train_seq_len
+    require(
+        knobs.eval_stride <= knobs.eval_seq_len,
+        f"EVAL_STRIDE={knobs.eval_stride}: must be in 0..EVAL_SEQ_LEN={knobs.eval_seq_len}",
+    )
+    derive_stack(knobs, require)
+    derive_router_passes(knobs, require)
+    derive_routed_regularisers(knobs, require)
+    require(
+        not knobs.ttt_enabled or knobs.global_ttt_chunk_tokens >= knobs.eval_seq_len,
+        f"GLOBAL_TTT_CHUNK_TOKENS={knobs.global_ttt_chunk_tokens}: must hold at least one "
+        f"EVAL_SEQ_LEN={knobs.eval_seq_len} sequence",
+    )
+    require(
+        len(knobs.run_id.encode()) <= MAX_RUN_ID_BYTES,
+        f"RUN_ID: {len(knobs.run_id.encode())} bytes, at most {MAX_RUN_ID_BYTES} (it names files, as "
+        "RUN_ID.failedN.jsonl and RUN_ID_model.ptz, and a file name holds 255 bytes)",
+    )
+    require(
+        not re.search(r"[/\\\s]", knobs.run_id) and not knobs.run_id.startswith("."),
+        f"RUN_ID={knobs.run_id!r}: must be a file name in LOG_DIR (no '/', '\\', spaces or leading '.')",
+    )
+    require(
+        not knobs.eval_only or os.path.isfile(knobs.artifact_path),
+        "EVAL_ONLY=1 needs ARTIFACT_PATH to name an existing artifact "
+        f"(ARTIFACT_PATH={knobs.artifact_path!r})",
+    )
+    require(
+        not knobs.eval_token_losses
+        or (
+            not os.path.exists(knobs.eval_token_losses)
+            and os.path.isdir(os.path.dirname(os.path.abspath(knobs.eval_token_losses)))
+        ),
+        f"EVAL_TOKEN_LOSSES={knobs.eval_token_losses}: exists "
+        "(files are never overwritten) or its folder does not",
+    )
+    return knobs
+
+
+def derived_from(*knobs: str) -> dict:
+    """A ModelConfig field computed from these knobs rather than read as one (a test holds every field to
+    being a knob or derived from knobs)."""
+    return {"derived_from": knobs}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network's contract: what the model classes receive, and all they receive. Built from the
+    knobs an artifact stores plus the values derived from them, so a reloaded model is rebuilt alike."""
+
+    vocab_size: int
+    num_layers: int
+    model_dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = field(metadata=derived_from("MODEL_DIM", "NUM_HEADS"))
+    mlp_mult: float
+    mlp_hidden: int = field(metadata=derived_from("MLP_MULT", "MODEL_DIM"))  # the dense MLP's hidden width
+    mlp_act: str
+    rope_dims: int
+    rope_base: float
+    qk_gain_init: float
+    logit_softcap: float
+    tie_embeddings: bool
+    tied_embed_init_std: float
+    bigram_vocab_size: int
+    bigram_dim: int
+    smear_gate: bool
+    skip_gates_enabled: bool
+    xsa_last_n: int
+    ln_scale: bool
+    sparse_attn_gate_enabled: bool
+    sparse_attn_gate_scale: float
+    gate_window: int
+    # Whether attention stops at a BOS; not in the artifact (the knob of the run reading it applies).
+    respect_doc_boundaries: bool
+    parallel_start_layer: int
+    num_loops: int
+    loop_start: int
+    loop_end: int
+    moe_mode: str
+    moe_layers: list[int]  # as given (empty = every layer); moe_layer_ids is what the network builds
+    # the layers whose MLP is an MoE (empty with MOE_MODE=none)
+    moe_layer_ids: tuple[int, ...] = field(metadata=derived_from("MOE_MODE", "MOE_LAYERS", "NUM_LAYERS"))
+    router_per_pass: bool
+    # routers per looped MoE layer: 1 + NUM_LOOPS with ROUTER_PER_PASS, else 1
+    router_passes: int = field(metadata=derived_from("ROUTER_PER_PASS", "NUM_LOOPS"))
+    num_experts: int
+    top_k: int
+    expert_hidden: int
+    shared_hidden: int
+    expert_mlp_hidden: int = field(
+        metadata=derived_from("EXPERT_HIDDEN", "MLP_MULT", "MODEL_DIM", "SHARED_HIDDEN", "NUM_EXPERTS")
+    )
+    shared_mlp_hidden: int = field(
+        metadata=derived_from("SHARED_HIDDEN", "MOE_MODE", "MLP_MULT", "MODEL_DIM")
+    )
+    router_score: str
+    moe_dispatch: str
+    capacity_factor: float
+    # The routers' training terms: applied inside the MoE layers, where the routing they shape lives.
+    router_noise: float
+    router_z_coef: float
+    moe_aux_loss_coef: float
+    router_entropy_coef: float
+    expert_dropout: float
+
+
+# The groups a run's configuration is read into; each function receives the groups it reads. A knob's row
+# names its group; the values derive_config computes beside the knobs are declared here, per group. The model
+# group is ModelConfig, which also copies the knobs of other groups that the network reads (VOCAB_SIZE,
+# RESPECT_DOC_BOUNDARIES).
+CONFIG_GROUPS = {
+    "data": "the shards, the tokenizer and the shape of a batch",
+    "optim": "the optimizer and its schedule: learning rates, momentum, run length, warm-down, EMA, QAT",
+    "quant": "quantization and the artifact: bits, clipping, GPTQ calibration, LQER, compressor, size cap",
+    "evaluation": "the final evaluations and test-time training",
+    "run": "the run and its paths: names, logs, seed, compile, what this launch does",
+}
+CALIBRATION_KNOBS = ("QUANT_METHOD", "LQER_ENABLED", "GPTQ_RESERVE_SECONDS", "MAX_WALLCLOCK_SECONDS")
+DERIVED_FIELDS: dict[str, dict[str, tuple[type, tuple[str, ...]]]] = {
+    # how MICRO_BATCH_TOKENS was set, for its error messages ("" when given)
+    "data": {"micro_batch_source": (str, ("MICRO_BATCH_TOKENS", "TRAIN_BATCH_TOKENS"))},
+    # the GPTQ reserve and the training wall clock it leaves (an unset reserve is measured by the Trainer,
+    # which then holds a new optim group with both)
+    "optim": {
+        "calibration_reserve_seconds": (float, CALIBRATION_KNOBS),
+        "train_wallclock_seconds": (float, CALIBRATION_KNOBS),
+    },
+    "quant": {"calibrate": (bool, ("QUANT_METHOD", "LQER_ENABLED"))},  # Hessians are needed
+    # MOE_DISPATCH asked for by name, not defaulted: a GPU without grouped_mm's fast kernel then stops
+    "run": {"moe_dispatch_given": (bool, ("MOE_DISPATCH",))},
+}
+
+
+def config_group(group: str) -> type:
+    """A frozen dataclass of the knobs whose row names `group`, then the group's derived values."""
+    specs: list = [(knob.name.lower(), knob.kind) for knob in KNOB_ROWS.values() if knob.group == group]
+    for name, (kind, sources) in DERIVED_FIELDS.get(group, {}).items():
+        specs.append((name, kind, field(metadata=derived_from(*sources))))
+    cls = make_dataclass(f"{group.title()}Config", specs, frozen=True)
+    cls.__doc__ = f"The knobs and derived values of {CONFIG_GROUPS[group]} (frozen: change with replace)."
+    return cls
+
+
+DataConfig = config_group("data")
+OptimConfig = config_group("optim")
+QuantConfig = config_group("quant")
+EvaluationConfig = config_group("evaluation")
+RunConfig = config_group("run")
+GROUP_CLASSES = {
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "quant": QuantConfig,
+    "evaluation": EvaluationConfig,
+    "run": RunConfig,
+}
+
+# The only functions that receive a whole Config (a test reads train_gpt.py's syntax tree and holds every
+# other function to its groups): the entry points, which hand each callee the groups it reads.
+WHOLE_CONFIG_READERS = (
+    "main",
+    "dry_run",
+    "train_and_evaluate",
+    "evaluate_artifact",
+    "Trainer.__init__",
+    "knob_values",
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A run's configuration, read once from the knobs by load_config and frozen: a change is a new Config
+    (dataclasses.replace), as for the run id main() picks. Only WHOLE_CONFIG_READERS receive it whole."""
+
+    data: DataConfig
+    optim: OptimConfig
+    quant: QuantConfig
+    evaluation: EvaluationConfig
+    run: RunConfig
+    model: ModelConfig
+
+
+def freeze_config(knobs: SimpleNamespace) -> Config:
+    """Splits the checked and derived knobs into the frozen groups."""
+    values = vars(knobs)
+    groups = {
+        name: cls(**{f.name: values[f.name] for f in fields(cls)}) for name, cls in GROUP_CLASSES.items()
+    }
+    network = {f.name: values[f.name] for f in fields(ModelConfig)}
+    model = ModelConfig(**{**network, "moe_layer_ids": tuple(knobs.moe_layer_ids)})
+    return Config(**groups, model=model)
+
+
+def load_config(environ=None, **overrides) -> Config:
+    """Read every knob from `environ` (default os.environ), apply keyword overrides, validate, derive, and
+    freeze the result into a Config."""
     env = os.environ if environ is None else environ
     for key in [*env, *(k.upper() for k in overrides)]:  # overrides: e.g. the knobs an artifact stores
         if key in REPLACED_KNOBS and (env.get(key, "") != "" or key in overrides or key.lower() in overrides):
@@ -874,300 +1439,328 @@ def load_config(environ=None, **overrides) -> SimpleNamespace:
         for name, (kind, default) in KNOBS.items()
     }
     values.update({k.lower(): v for k, v in overrides.items()})
-    h = derive_config(SimpleNamespace(**values))
+    knobs = derive_config(SimpleNamespace(**values))
     # asked for by name (not the default): a GPU without the fast grouped kernel then stops instead
-    h.moe_dispatch_given = env.get("MOE_DISPATCH", "") != "" or "moe_dispatch" in overrides
+    knobs.moe_dispatch_given = env.get("MOE_DISPATCH", "") != "" or "moe_dispatch" in overrides
     moe_only = [f"{k}={env[k]}" for k in MOE_ONLY_KNOBS if env.get(k, "") != ""]
-    if moe_only and h.moe_mode == "none":  # the dense default would silently ignore them
+    if moe_only and knobs.moe_mode == "none":  # the dense default would silently ignore them
         raise ConfigError(
             f"{', '.join(moe_only)}: no effect with MOE_MODE=none (the dense MLP, the default); "
             "set MOE_MODE=soft, topk or shared_routed"
         )
-    return h
+    return freeze_config(knobs)
 
 
-def knob_values(h: SimpleNamespace, names=KNOBS) -> dict:
-    return {name: getattr(h, name.lower()) for name in names}
-
-
-MAX_RUN_ID_BYTES = 200  # RUN_ID + the longest suffix a run adds stays within a file name's 255 bytes
-
-
-def derive_config(h: SimpleNamespace) -> SimpleNamespace:
-    """Check knob combinations and fill in the values other knobs imply."""
-
-    def require(cond: bool, msg: str):
-        if not cond:
-            raise ConfigError(msg)
-
-    for name, (low, high) in KNOB_LIMITS.items():
-        value = getattr(h, name.lower(), None)
-        require(
-            value is None or low <= value <= high,
-            f"{name}={value}: expected {low}..{high}"
-            if high < math.inf
-            else f"{name}={value}: expected >= {low}",
-        )
-    require(
-        h.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE=1: expected 0 (off) or >= 2 (one bucket is reserved)"
-    )
-    require(
-        h.model_dim % h.num_heads == 0, f"MODEL_DIM={h.model_dim} is not divisible by NUM_HEADS={h.num_heads}"
-    )
-    require(
-        h.num_heads % h.num_kv_heads == 0,
-        f"NUM_HEADS={h.num_heads} is not divisible by NUM_KV_HEADS={h.num_kv_heads}",
-    )
-    h.head_dim = h.model_dim // h.num_heads
-    h.rope_dims = min(h.rope_dims or h.head_dim, h.head_dim)  # 16 of 64 by default; small heads rotate all
-    require(h.rope_dims % 2 == 0, f"ROPE_DIMS={h.rope_dims}: must be even")
-    require(
-        h.vocab_size <= MAX_VOCAB_SIZE,
-        f"VOCAB_SIZE={h.vocab_size}: shards hold uint16 token ids (at most {MAX_VOCAB_SIZE})",
-    )
-    require(h.top_k <= h.num_experts, f"TOP_K={h.top_k}: must be between 1 and NUM_EXPERTS={h.num_experts}")
-    require(
-        h.moe_mode == "none" or h.num_experts >= 2,
-        f"NUM_EXPERTS={h.num_experts}: a mixture needs at least 2 experts (one expert is the dense MLP: "
-        "MOE_MODE=none)",
-    )
-    for layer in h.moe_layers:
-        require(0 <= layer < h.num_layers, f"MOE_LAYERS: layer {layer} is outside 0..{h.num_layers - 1}")
-    h.moe_layer_ids = [] if h.moe_mode == "none" else sorted(set(h.moe_layers or range(h.num_layers)))
-    h.mlp_hidden = int(h.mlp_mult * h.model_dim)
-    h.shared_mlp_hidden = (h.shared_hidden or h.mlp_hidden // 2) if h.moe_mode == "shared_routed" else 0
-    free_hidden = h.mlp_hidden - h.shared_mlp_hidden
-    if h.moe_mode != "none" and not h.expert_hidden:
-        require(
-            free_hidden > 0 and free_hidden % h.num_experts == 0,
-            f"NUM_EXPERTS={h.num_experts}: the parameter-matched expert size {free_hidden}/{h.num_experts} "
-            "is not whole; set EXPERT_HIDDEN",
-        )
-    h.expert_mlp_hidden = h.expert_hidden or max(free_hidden // h.num_experts, 0)
-    require(
-        h.moe_mode in ("none", "soft")
-        or h.moe_dispatch != "grouped"
-        or h.model_dim % 8 == h.expert_mlp_hidden % 8 == 0,
-        f"MOE_DISPATCH=grouped needs MODEL_DIM={h.model_dim} and the expert width {h.expert_mlp_hidden} "
-        "(EXPERT_HIDDEN) "
-        "to be multiples of 8 (16-byte aligned rows); change them or use MOE_DISPATCH=capacity",
-    )
-    derive_quant_config(h, require)
-    h.micro_batch_source = (
-        "" if h.micro_batch_tokens else f" (unset: TRAIN_BATCH_TOKENS={h.train_batch_tokens} / 8)"
-    )
-    h.micro_batch_tokens = h.micro_batch_tokens or h.train_batch_tokens // 8
-    require(
-        h.micro_batch_tokens % h.train_seq_len == 0 and h.micro_batch_tokens > 0,
-        f"MICRO_BATCH_TOKENS="
-        f"{h.micro_batch_tokens}{h.micro_batch_source} is not a positive multiple of "
-        f"TRAIN_SEQ_LEN={h.train_seq_len}",
-    )
-    h.eval_seq_len = h.eval_seq_len or h.train_seq_len
-    require(
-        h.eval_stride <= h.eval_seq_len,
-        f"EVAL_STRIDE={h.eval_stride}: must be in 0..EVAL_SEQ_LEN={h.eval_seq_len}",
-    )
-    derive_stack(h, require)
-    derive_router_passes(h, require)
-    derive_routed_regularisers(h, require)
-    require(
-        not h.ttt_enabled or h.global_ttt_chunk_tokens >= h.eval_seq_len,
-        f"GLOBAL_TTT_CHUNK_TOKENS={h.global_ttt_chunk_tokens}: must hold at least one "
-        f"EVAL_SEQ_LEN={h.eval_seq_len} sequence",
-    )
-    require(
-        len(h.run_id.encode()) <= MAX_RUN_ID_BYTES,
-        f"RUN_ID: {len(h.run_id.encode())} bytes, at most {MAX_RUN_ID_BYTES} (it names files, as "
-        "RUN_ID.failedN.jsonl and RUN_ID_model.ptz, and a file name holds 255 bytes)",
-    )
-    require(
-        not re.search(r"[/\\\s]", h.run_id) and not h.run_id.startswith("."),
-        f"RUN_ID={h.run_id!r}: must be a file name in LOG_DIR (no '/', '\\', spaces or leading '.')",
-    )
-    require(
-        not h.eval_only or os.path.isfile(h.artifact_path),
-        f"EVAL_ONLY=1 needs ARTIFACT_PATH to name an existing artifact (ARTIFACT_PATH={h.artifact_path!r})",
-    )
-    require(
-        not h.eval_token_losses
-        or (
-            not os.path.exists(h.eval_token_losses)
-            and os.path.isdir(os.path.dirname(os.path.abspath(h.eval_token_losses)))
-        ),
-        f"EVAL_TOKEN_LOSSES={h.eval_token_losses}: exists "
-        "(files are never overwritten) or its folder does not",
-    )
-    return h
-
-
-def derive_stack(h: SimpleNamespace, require) -> None:
-    """Checks of the record-stack knobs that KNOB_LIMITS cannot express."""
-    h.xsa_last_n = min(h.xsa_last_n, h.num_layers)  # the config line shows the layers XSA really runs in
-    require(
-        h.gate_window <= h.model_dim, f"GATE_WINDOW={h.gate_window}: must be in 1..MODEL_DIM={h.model_dim}"
-    )
-    if h.num_loops:
-        require(
-            h.loop_start <= h.loop_end < h.num_layers,
-            f"LOOP_START={h.loop_start}, LOOP_END={h.loop_end}: need 0 <= LOOP_START <= LOOP_END < "
-            f"NUM_LAYERS={h.num_layers}",
-        )
-    # Lanes run in decoder layers after the loop only, so a looped layer runs alike on every pass.
-    first = max(h.num_layers // 2, h.loop_end + 1 if h.num_loops else 0)
-    require(
-        h.parallel_start_layer < h.num_layers,
-        f"PARALLEL_START_LAYER={h.parallel_start_layer}: past the last layer (NUM_LAYERS={h.num_layers}: "
-        f"layers 0..{h.num_layers - 1}); 0 turns the parallel lanes off",
-    )
-    require(
-        h.parallel_start_layer == 0 or h.parallel_start_layer >= first,
-        f"PARALLEL_START_LAYER={h.parallel_start_layer}: must be 0 (off) or at least {first} (decoder "
-        "layers after the loop)",
-    )
-
-
-def derive_router_passes(h: SimpleNamespace, require) -> None:
-    """ROUTER_PER_PASS: the MoE layers inside the loop get one router per pass (1 + NUM_LOOPS)."""
-    h.router_passes = 1 + h.num_loops if h.router_per_pass else 1
-    if not h.router_per_pass:
-        return
-    require(
-        h.moe_mode != "none",
-        "ROUTER_PER_PASS=1 needs MoE layers: MOE_MODE=none (the dense MLP) has no router; "
-        "set MOE_MODE=soft, topk or shared_routed",
-    )
-    require(
-        h.num_loops > 0,
-        "ROUTER_PER_PASS=1 needs the layer loop: with NUM_LOOPS=0 every layer runs once (one pass)",
-    )
-    looped = [layer for layer in h.moe_layer_ids if h.loop_start <= layer <= h.loop_end]
-    require(
-        bool(looped),
-        f"ROUTER_PER_PASS=1: no MoE layer is looped (MOE_LAYERS={','.join(map(str, h.moe_layer_ids))}, "
-        f"looped layers LOOP_START={h.loop_start}..LOOP_END={h.loop_end}); put MOE_LAYERS inside the loop",
-    )
-
-
-def derive_routed_regularisers(h: SimpleNamespace, require) -> None:
-    """ROUTER_ENTROPY_COEF and EXPERT_DROPOUT shape a top-k selection, which only the routed modes make.
-    (With MOE_MODE=none, load_config's check of MoE-only knobs names them instead.)"""
-    for name in ("ROUTER_ENTROPY_COEF", "EXPERT_DROPOUT"):
-        value = getattr(h, name.lower())
-        require(
-            not value or h.moe_mode in ("none", "topk", "shared_routed"),
-            f"{name}={value}: needs a top-k selection (MOE_MODE=topk or shared_routed); "
-            f"MOE_MODE={h.moe_mode} blends every expert",
-        )
-    require(
-        not h.expert_dropout or h.top_k < h.num_experts,
-        f"EXPERT_DROPOUT={h.expert_dropout}: TOP_K={h.top_k} of NUM_EXPERTS={h.num_experts} leaves no expert "
-        "to drop (each step keeps at least TOP_K); lower TOP_K or set EXPERT_DROPOUT=0",
-    )
-
-
-def derive_quant_config(h: SimpleNamespace, require) -> None:
-    """Quantization knobs KNOB_LIMITS cannot check; the GPTQ reserve shortens the training wall clock."""
-    missing = compressor_missing(h.compressor)
-    require(
-        not missing,
-        f"COMPRESSOR={h.compressor} needs {missing}, which is not installed; install it or choose zstd",
-    )
-    require(h.expert_bits != 1, "EXPERT_BITS=1: expected 0 (= MATRIX_BITS) or 2..8")
-    h.calibrate = h.quant_method == "gptq" or h.lqer_enabled  # Hessians are needed
-    # unset: measured before training (Trainer.reserve_calibration), which sets the training wall clock again
-    given = h.gptq_reserve_seconds or 0.0
-    reserve = given if h.calibrate and h.max_wallclock_seconds > 0 else 0.0
-    require(
-        reserve < h.max_wallclock_seconds or not reserve,
-        f"GPTQ_RESERVE_SECONDS={h.gptq_reserve_seconds}: must be in [0, "
-        f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds})",
-    )
-    h.calibration_reserve_seconds = reserve
-    h.train_wallclock_seconds = h.max_wallclock_seconds - reserve  # training stops early to calibrate in time
-
-
-def grad_accum_steps(h: SimpleNamespace, world_size: int) -> int:
-    per_step = world_size * h.micro_batch_tokens
-    if h.train_batch_tokens % per_step:
+def grad_accum_steps(data: DataConfig, world_size: int) -> int:
+    per_step = world_size * data.micro_batch_tokens
+    if data.train_batch_tokens % per_step:
         raise ConfigError(
-            f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} is not divisible by WORLD_SIZE={world_size} "
-            f"x MICRO_BATCH_TOKENS={h.micro_batch_tokens}{h.micro_batch_source}"
+            f"TRAIN_BATCH_TOKENS={data.train_batch_tokens} is not divisible by WORLD_SIZE={world_size} "
+            f"x MICRO_BATCH_TOKENS={data.micro_batch_tokens}{data.micro_batch_source}"
         )
-    return h.train_batch_tokens // per_step
+    return data.train_batch_tokens // per_step
 
 
-def derived_from(*knobs: str) -> dict:
-    """A ModelConfig field computed from these knobs rather than read as one (a test holds every field to
-    being a knob or derived from knobs)."""
-    return {"derived_from": knobs}
+# Every stage (warm-down, momentum, loop switch, QAT, EMA) follows one clock, the run's progress, in one
+# table (schedule). Ranks decide on flags of the previous step, read after the next is launched, so they
+# agree without the loop waiting on the device.
+def loop_switch_planned(cfg: ModelConfig, optim: OptimConfig) -> bool:
+    return cfg.num_loops > 0 and optim.enable_looping_at < 1
+
+
+def knob_values(h: Config, names=KNOBS) -> dict:
+    """{KNOB: value} as the run reads it (derived where a knob's 0 means "derive"), from each knob's group."""
+    return {name: getattr(getattr(h, KNOB_ROWS[name].group), name.lower()) for name in names}
+
+
+def stored_knobs(cfg: ModelConfig) -> dict:
+    """{KNOB: value} of the model knobs, which the artifact stores (every one is a ModelConfig field)."""
+    return {name: getattr(cfg, name.lower()) for name in MODEL_KNOBS}
+
+
+# ---- 2. Runtime: processes and devices, signals, the log, matmul precision, code size ----
+# What touches processes, devices and files, first because every later section uses it: the process
+# group and its one-hour timeout, the stop signals (each ends a run as Ctrl-C does), the log with its
+# JSONL events, the matmul precision of each phase, and the code size the artifact's cap counts.
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite, or the ranks' weights drifted apart."""
+
+
+class DiskError(RuntimeError):
+    """A file could not be written: its disk is full, over quota or read-only."""
+
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C, SIGTERM or SIGHUP, with where the run stopped; the process exits 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
+
+
+# What `kill`, torchrun (stopping the other ranks when one fails) and job schedulers send, and a closed
+# terminal: each stops the run as Ctrl-C does.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+stop_signals_received: list[int] = []
+
+
+class Stopped(KeyboardInterrupt):
+    """A SIGTERM or SIGHUP arrived; a KeyboardInterrupt, so every Ctrl-C path handles it."""
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP raise Stopped in the main thread. A repeat while the run writes its failure is
+    ignored, so the logs are finished (SIGKILL still ends the process at once)."""
+
+    def stop(signum: int, frame) -> None:
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        stop_signals_received.append(signum)
+        raise Stopped(signal.Signals(signum).name)
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, stop)
+
+
+def stopped_where(signum: int, phase: str) -> str:
+    """'interrupted at step 12' (Ctrl-C), 'stopped by SIGTERM during gptq calibration'."""
+    how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    return f"{how} {phase}"
+
+
+def stop_signal(err: BaseException) -> int | None:
+    """The signal that stopped the run: a SIGTERM or SIGHUP received (whatever error it then raised, e.g.
+    in a collective a stopped peer left), Ctrl-C's SIGINT for a KeyboardInterrupt; None for any other
+    error."""
+    if stop_signals_received:
+        return stop_signals_received[0]
+    return signal.SIGINT if isinstance(err, KeyboardInterrupt) else None
+
+
+class Logger:
+    """Rank 0 prints and appends to LOG_DIR/RUN_ID.txt and writes events to RUN_ID.jsonl (one JSON object
+    per line, fields in README.md); other ranks log nothing. A run never writes into another run's log.
+    Logger(None, console=True) is DRY_RUN's: it prints and writes no file."""
+
+    def __init__(self, stem: str | None, console: bool = False):
+        self.text = self.events = None
+        self.stem = stem
+        self.training_started = False
+        self.console = console or bool(stem)
+        self.phase = "before training"  # where the run is, for the line a stopped run ends with
+        if stem:
+            for path in (stem + ".txt", stem + ".jsonl"):
+                if os.path.exists(path):
+                    raise ConfigError(
+                        f"RUN_ID: {path} already exists; choose a new RUN_ID (runs never overwrite each "
+                        "other)"
+                    )
+            os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+            self.text = open(stem + ".txt", "x", encoding="utf-8")
+            try:
+                self.events = open(stem + ".jsonl", "x", encoding="utf-8")
+            except OSError:  # leave no half of a log pair behind to block the RUN_ID
+                self.text.close()
+                os.remove(stem + ".txt")
+                raise
+
+    def __call__(self, msg: str) -> None:
+        if self.console:
+            print(msg, flush=True)
+        if self.text is not None:
+            self.text.write(msg + "\n")
+            self.text.flush()
+
+    def event(self, kind: str, **fields) -> None:
+        if self.events is not None:
+            self.events.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")
+            self.events.flush()
+
+    def fail(self, err: BaseException) -> str | None:
+        """Writes the error into both logs; a failed start frees its RUN_ID (its logs become
+        RUN_ID.failedN.*)."""
+        if self.text is not None:
+            try:  # into the text log only: stderr has it already
+                print(f"error: {str(err) or type(err).__name__}", file=self.text, flush=True)
+                self.event("error", message=f"{type(err).__name__}: {err}")
+                self.event("end", status="failed")
+            except OSError:  # the full or read-only disk that failed the run cannot take its error either
+                pass
+            if self.training_started:
+                return self.stem + ".txt"
+            paths = [self.stem + ".txt", self.stem + ".jsonl"]
+            if not any(os.path.getsize(p) for p in paths):  # nothing written: nothing to keep
+                for f, path in zip((self.text, self.events), paths):
+                    with contextlib.suppress(OSError):
+                        f.close()
+                    os.remove(path)
+                return None
+            n = 1
+            while glob.glob(glob.escape(f"{self.stem}.failed{n}") + ".*"):
+                n += 1
+            for ext in (".txt", ".jsonl"):
+                os.rename(self.stem + ext, f"{self.stem}.failed{n}{ext}")
+            return f"{self.stem}.failed{n}.txt"
+        return None
+
+
+PROGRESS_QUIET_SECONDS = 5.0  # a phase shorter than this prints only its start line
+
+
+class Progress:
+    """A long phase's start line, then its ETA at each tenth done, at most once per PROGRESS_QUIET_SECONDS."""
+
+    def __init__(self, log, name: str, total: int, unit: str):
+        self.log = log
+        self.name = name
+        self.total = max(total, 1)
+        self.unit = unit
+        self.t0 = self.last = time.perf_counter()
+        self.tenths = 0
+        log(f"{name}: started ({total} {unit})")
+        if isinstance(log, Logger):
+            log.phase = f"during {name}"
+
+    def __call__(self, done: int) -> None:
+        now, tenths = time.perf_counter(), 10 * done // self.total
+        if tenths > self.tenths and now - self.last >= PROGRESS_QUIET_SECONDS and done < self.total:
+            self.tenths = tenths
+            self.last = now
+            elapsed = now - self.t0
+            self.log(
+                f"{self.name}: {100 * done // self.total}% ({done}/{self.total} {self.unit}) {elapsed:.0f}s "
+                f"elapsed, ~{elapsed * (self.total - done) / done:.0f}s left"
+            )
+
+
+# Rank 0 alone runs GPTQ, LQER, the compressor and any shrink steps while the other ranks wait in a barrier:
+# NCCL's default 10-minute timeout would kill a slow export, so the collectives wait an hour before failing.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """The network's contract: what the model classes receive, and all they receive. Built from the
-    knobs an artifact stores plus the values derived from them, so a reloaded model is rebuilt alike."""
+class Runtime:
+    """This process's place in the run, for the distributed and evaluation code: its rank of world_size
+    processes, its device, and the log (rank 0's files; the other ranks' log writes nothing)."""
 
-    vocab_size: int
-    num_layers: int
-    model_dim: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int = field(metadata=derived_from("MODEL_DIM", "NUM_HEADS"))
-    mlp_hidden: int = field(metadata=derived_from("MLP_MULT", "MODEL_DIM"))  # the dense MLP's hidden width
-    mlp_act: str
-    rope_dims: int
-    rope_base: float
-    qk_gain_init: float
-    logit_softcap: float
-    tie_embeddings: bool
-    tied_embed_init_std: float
-    bigram_vocab_size: int
-    bigram_dim: int
-    smear_gate: bool
-    skip_gates_enabled: bool
-    xsa_last_n: int
-    ln_scale: bool
-    sparse_attn_gate_enabled: bool
-    sparse_attn_gate_scale: float
-    gate_window: int
-    # Whether attention stops at a BOS; not in the artifact (the knob of the run reading it applies).
-    respect_doc_boundaries: bool
-    parallel_start_layer: int
-    num_loops: int
-    loop_start: int
-    loop_end: int
-    moe_mode: str
-    # the layers whose MLP is an MoE (empty with MOE_MODE=none)
-    moe_layer_ids: tuple[int, ...] = field(metadata=derived_from("MOE_MODE", "MOE_LAYERS", "NUM_LAYERS"))
-    # routers per looped MoE layer: 1 + NUM_LOOPS with ROUTER_PER_PASS, else 1
-    router_passes: int = field(metadata=derived_from("ROUTER_PER_PASS", "NUM_LOOPS"))
-    num_experts: int
-    top_k: int
-    expert_mlp_hidden: int = field(
-        metadata=derived_from("EXPERT_HIDDEN", "MLP_MULT", "MODEL_DIM", "SHARED_HIDDEN", "NUM_EXPERTS")
+    rank: int
+    world_size: int
+    device: torch.device
+    log: Logger
+
+
+def setup_distributed(run: RunConfig) -> tuple[int, int, torch.device]:
+    """-> (rank, world_size, device) from torchrun's environment; joins the process group."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if world_size > 1 and device.type == "cpu" and not run.allow_cpu_distributed:
+        raise ConfigError(
+            f"WORLD_SIZE={world_size} but CUDA is not usable here (no GPU, or a driver too old for torch "
+            f"{torch.__version__}): the ranks would train on the CPU over gloo. Fix the GPU setup, or set "
+            "ALLOW_CPU_DISTRIBUTED=1 to run on the CPU on purpose"
+        )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        # TF32 for fp32 matmuls in training, as the records (the routers); exact_fp32_matmuls() turns it off.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    elif "OMP_NUM_THREADS" not in os.environ:  # share the cores between local ranks
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    if world_size > 1:
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            device_id=device if device.type == "cuda" else None,
+            timeout=PROCESS_GROUP_TIMEOUT,
+        )
+    return rank, world_size, device
+
+
+@contextlib.contextmanager
+def fp32_matmuls(tf32: bool):
+    """fp32 matmuls with TF32 (inputs rounded to 10 mantissa bits, fp32 sums) on or off, restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def exact_fp32_matmuls():
+    """TF32 off while GPTQ/LQER feed rounding errors forward: these fp32 products must be fp32."""
+    return fp32_matmuls(tf32=False)
+
+
+def hessian_matmuls():
+    """TF32 on while the Hessians are summed: X^T X at about 8x an H100's fp32 rate, inside the 600 s that
+    count calibration. tools/quant/hessian_precision.py on a proxy checkpoint: the Hessians move by 1.5e-5
+    (relative), 0.5% of GPTQ's integers change, the round-trip val_bpb by 0.00001."""
+    return fp32_matmuls(tf32=True)
+
+
+def use_compile(run: RunConfig, device: torch.device) -> bool:
+    return run.compile == "1" or (run.compile == "auto" and device.type == "cuda")
+
+
+def maybe_compile(fn, run: RunConfig, device: torch.device):
+    """One static graph of fn when COMPILE (auto: on a GPU) asks for it; else fn itself."""
+    return torch.compile(fn, fullgraph=True, dynamic=False) if use_compile(run, device) else fn
+
+
+def script_bytes() -> int:
+    """Bytes of this script as it runs: with its sha256, what identifies it in the log."""
+    return os.path.getsize(os.path.abspath(__file__))
+
+
+# Records ship the script as a self-extracting wrapper (lzma 9e, base85: no quotes or backslashes to
+# escape) that runs the exact bytes in its own module; `python3 -m tools.records pack --compress-code`
+# writes it.
+WRAPPER_PREFIX = b'import lzma as L,base64 as B\nexec(compile(L.decompress(B.b85decode("'
+WRAPPER_SUFFIX = b'")),__file__,"exec"))\n'
+
+
+def self_extracting(source: bytes) -> bytes:
+    return (
+        WRAPPER_PREFIX
+        + base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME))
+        + WRAPPER_SUFFIX
     )
-    shared_mlp_hidden: int = field(
-        metadata=derived_from("SHARED_HIDDEN", "MOE_MODE", "MLP_MULT", "MODEL_DIM")
-    )
-    router_score: str
-    moe_dispatch: str
-    capacity_factor: float
-    # The routers' training terms: applied inside the MoE layers, where the routing they shape lives.
-    router_noise: float
-    router_z_coef: float
-    moe_aux_loss_coef: float
-    router_entropy_coef: float
-    expert_dropout: float
 
 
-def model_config(h: SimpleNamespace) -> ModelConfig:
-    """The model contract of a checked run configuration (load_config's result)."""
-    values = {f.name: getattr(h, f.name) for f in fields(ModelConfig)}
-    return ModelConfig(**{**values, "moe_layer_ids": tuple(h.moe_layer_ids)})
+CODE_COUNTED_AS = "train_gpt.py as records.py pack ships it: its lzma self-extracting wrapper"
 
 
-# ---- 2. Data: challenge shards (256 x int32 header, then uint16 tokens), loaders, tokenizer bytes ----
+@functools.cache
+def code_bytes() -> int:
+    """The code's bytes, the one definition the budget preview, the fit and the final size check count:
+    this script as a record ships it, the file itself when it is a wrapper, else its wrapper."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        source = f.read()
+    return len(source) if source.startswith(WRAPPER_PREFIX) else len(self_extracting(source))
+
+
+def sha256_file(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+# Every validation target is scored exactly once, whatever the stride, batch and number of ranks, and the
+# ranks add up float64 sums of loss, tokens and bytes: the score is one exact mean, not a mean of means.
+# TTT scores each chunk before it trains on it: no score depends on a token after it.
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# ---- 3. Data: challenge shards (256 x int32 header, then uint16 tokens), loaders, tokenizer bytes ----
+# Shards are read in the challenge's own format and checked (header, size, token range) before training,
+# so a bad file stops the run by name. The data order is fixed and resumable (TokenStream.state/restore):
+# every rank reads its piece of the same span, and the compile warm-up rewinds it. The tokenizer's byte
+# tables turn token losses into the challenge's score, bits per byte.
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
 MAX_VOCAB_SIZE = 65536  # token ids are stored as uint16
 BOS_ID = 1
@@ -1290,12 +1883,12 @@ class TokenStream:
         return np.concatenate(parts)
 
 
-def train_rows(h: SimpleNamespace) -> tuple[int, int]:
+def train_rows(data: DataConfig) -> tuple[int, int]:
     """(rows, tokens per row) of a training micro-batch: with RESPECT_DOC_BOUNDARIES one packed row (its
     documents cut every TRAIN_SEQ_LEN tokens, not at row ends), else rows of TRAIN_SEQ_LEN."""
-    if h.respect_doc_boundaries:
-        return 1, h.micro_batch_tokens
-    return h.micro_batch_tokens // h.train_seq_len, h.train_seq_len
+    if data.respect_doc_boundaries:
+        return 1, data.micro_batch_tokens
+    return data.micro_batch_tokens // data.train_seq_len, data.train_seq_len
 
 
 class TrainLoader:
@@ -1306,8 +1899,12 @@ class TrainLoader:
         self, files, rank, world_size, seq_len, micro_tokens, accum, device, vocab_size=MAX_VOCAB_SIZE
     ):
         self.stream = TokenStream(files, vocab_size)
-        self.rank, self.world_size, self.seq_len = rank, world_size, seq_len
-        self.span, self.accum, self.device = micro_tokens + 1, accum, device
+        self.rank = rank
+        self.world_size = world_size
+        self.seq_len = seq_len
+        self.span = micro_tokens + 1
+        self.accum = accum
+        self.device = device
 
     def next_step(self) -> list[tuple[Tensor, Tensor]]:
         chunk = self.stream.take(self.span * self.world_size * self.accum)
@@ -1367,7 +1964,9 @@ def check_tokenizer_identity(data_path: str, tokenizer_path: str) -> str | None:
 def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[Tensor, Tensor, Tensor]:
     """Per token id: UTF-8 bytes without a leading space, starts-with-space, is-control (challenge.md)."""
     n = sp.vocab_size()
-    base, space, control = np.zeros(n, np.int16), np.zeros(n, np.bool_), np.zeros(n, np.bool_)
+    base = np.zeros(n, np.int16)
+    space = np.zeros(n, np.bool_)
+    control = np.zeros(n, np.bool_)
     for i in range(n):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             control[i] = True
@@ -1385,7 +1984,10 @@ def target_bytes(prev: Tensor, tgt: Tensor, tables: tuple[Tensor, Tensor, Tensor
     return base[tgt].to(torch.int32) + (space[tgt] & ~control[prev]).to(torch.int32)
 
 
-# ---- 3. Model parts: GQA attention with QK-norm and partial RoPE, MLP, BigramHash, SmearGate -----
+# ---- 4. Model parts: GQA attention with QK-norm and partial RoPE, MLP, BigramHash, SmearGate -----
+# Every part is built from ModelConfig alone, so a model rebuilt from an artifact's stored knobs is the
+# model that was trained. Each mechanism of the records' stack has its own knob and can be switched off,
+# for ablations and for the tests' plain tiny models.
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
@@ -1473,7 +2075,7 @@ def document_block_mask(segments: Tensor) -> BlockMask:
     # every key of j < i is visible to every query of i: one segment throughout both blocks
     full = j_le_i.tril(-1) & (kv_lo == kv_hi) & (q_lo == q_hi) & (kv_hi == q_lo)
 
-    def same_segment_causal(b, h, q_idx, kv_idx):
+    def same_segment_causal(b, head, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (seg[b, q_idx] == seg[b, kv_idx])
 
     return BlockMask.from_kv_blocks(
@@ -1507,11 +2109,12 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, segments: Tensor, span: i
         return t.view(B, H, n, span, D).transpose(1, 2)
 
     seg = segments.view(B, n, span)
-    keys, values, key_seg = chunks(k), chunks(v), seg
+    keys = chunks(k)
+    values = chunks(v)
+    key_seg = seg
     if n > 1:  # the previous chunk's keys in front: (B, n, H, 2 * span, D); no chunk before the first
-        keys, values = (
-            torch.cat((F.pad(t[:, :-1], (0, 0, 0, 0, 0, 0, 1, 0)), t), dim=3) for t in (keys, values)
-        )
+        keys = torch.cat((F.pad(keys[:, :-1], (0, 0, 0, 0, 0, 0, 1, 0)), keys), dim=3)
+        values = torch.cat((F.pad(values[:, :-1], (0, 0, 0, 0, 0, 0, 1, 0)), values), dim=3)
         key_seg = torch.cat((F.pad(seg[:, :-1], (0, 0, 1, 0), value=-1), seg), dim=2)
     width = key_seg.size(-1)
     # (span, width): key j sits at chunk offset j - (width - span), so causal is j <= i + width - span
@@ -1540,7 +2143,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, docs: DocumentMask | None)
     if docs is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if docs.block_mask is None:
-        return segment_attention(q, k, v, docs.segments, docs.span)
+        return segment_attention(q=q, k=k, v=v, segments=docs.segments, span=docs.span)
     # Inside a compiled model flex_attention is compiled with it; a shape trace (fake tensors) or a CPU runs
     # it eagerly.
     eager = torch.compiler.is_compiling() or not q.is_cuda or isinstance(q, FakeTensor)
@@ -1640,7 +2243,10 @@ class SmearGate(nn.Module):
         return torch.cat((x[:, :1], smeared), dim=1)
 
 
-# ---- 4. Mixture of Experts: soft (every expert, softmax-blended), top-k and shared+routed --------
+# ---- 5. Mixture of Experts: soft (every expert, softmax-blended), top-k and shared+routed --------
+# The modes share MoEBase (router, expert stacks, telemetry) and differ only in how tokens reach experts.
+# Experts are 3-D weight stacks, multiplied in batched products (no per-expert loop) and quantized as one
+# tensor; each layer's telemetry sits in a buffer, so one all_reduce per step line carries every layer's.
 class RoutingStats(NamedTuple):
     """One MoE layer's telemetry since the last step line. Stored flat ([load..., tokens, ...]) in the
     layer's `stats` buffer so that one all_reduce carries every layer; unpack() names the parts."""
@@ -1690,12 +2296,10 @@ class MoEBase(nn.Module):
         passes: int = 1,
     ):
         super().__init__()
-        self.E, self.act, self.router_init_std, self.passes = (
-            num_experts,
-            cfg.mlp_act,
-            router_init_std,
-            passes,
-        )
+        self.E = num_experts
+        self.act = cfg.mlp_act
+        self.router_init_std = router_init_std
+        self.passes = passes
         per_pass = (passes,) if passes > 1 else ()
         self.router_weight = nn.Parameter(torch.empty(*per_pass, num_experts, dim))
         self.up = nn.Parameter(torch.empty(num_experts, expert_hidden, dim))
@@ -1768,14 +2372,36 @@ class SoftMoE(MoEBase):
         return out
 
 
+def batch_mean_entropy(logits: Tensor) -> Tensor:
+    """Entropy (nats) of the token-mean of softmax(logits) (N, E): ln E when the batch spreads evenly over
+    the experts, 0 when it all prefers one. Tokens may each stay confident; only the mean is pushed flat."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)  # (N, E)
+    log_mean = torch.logsumexp(log_probs, dim=0) - math.log(logits.size(0))  # (E,) log of the token mean
+    return -(log_mean.exp() * log_mean).sum()
+
+
+def switch_aux_loss(counts: Tensor, probs: Tensor, k: int) -> Tensor:
+    """E * sum_e (share of assignments to e) * (mean router probability of e): 1 uniform, E collapsed."""
+    return probs.size(-1) * ((counts.float() / (probs.size(0) * k)) * probs.mean(0)).sum()
+
+
 class RoutedMoE(MoEBase):
     """Top-k routing with static-shape dispatch: sort by expert + grouped_mm, or fixed capacity + bmm.
     Selection may add the balancing bias; gates are unbiased scores, not renormalised (top-1 still trains
     the router). shared_routed adds a dense MLP that every token uses."""
 
     def __init__(self, cfg: ModelConfig, dim: int, passes: int = 1):
-        super().__init__(cfg, dim, cfg.num_experts, cfg.expert_mlp_hidden, ROUTED_INIT_STD, passes)
-        self.k, self.score, self.noise = cfg.top_k, cfg.router_score, cfg.router_noise
+        super().__init__(
+            cfg=cfg,
+            dim=dim,
+            num_experts=cfg.num_experts,
+            expert_hidden=cfg.expert_mlp_hidden,
+            router_init_std=ROUTED_INIT_STD,
+            passes=passes,
+        )
+        self.k = cfg.top_k
+        self.score = cfg.router_score
+        self.noise = cfg.router_noise
         self.dispatch_mode, self.capacity_factor = cfg.moe_dispatch, cfg.capacity_factor
         self.entropy_coef, self.expert_dropout = cfg.router_entropy_coef, cfg.expert_dropout
         # An untrained router scores ~1/E (softmax) or ~1/2 (sigmoid): this makes the k gates sum to ~1.
@@ -1822,7 +2448,14 @@ class RoutedMoE(MoEBase):
         if self.shared is not None:
             out = out + self.shared(x)
         probs = scores / scores.sum(-1, keepdim=True)
-        self.account(logits, probs, counts, switch_aux_loss(counts, probs, self.k), dropped, pass_index)
+        self.account(
+            logits=logits,
+            probs=probs,
+            load=counts,
+            aux_loss=switch_aux_loss(counts, probs, self.k),
+            dropped=dropped,
+            pass_index=pass_index,
+        )
         if self.training and self.entropy_coef:  # maximised: its negative joins the loss
             self.aux_terms.append(-self.entropy_coef * batch_mean_entropy(logits))
         return out
@@ -1851,19 +2484,6 @@ class RoutedMoE(MoEBase):
         out = torch.bmm(mlp_act(torch.bmm(buf, up), self.act), down).reshape(E * cap, dim)
         # a zero spare row appended, then each input row reads its output back: (rows, dim)
         return torch.cat((out, out.new_zeros(1, dim)))[dest], (~keep).sum()
-
-
-def batch_mean_entropy(logits: Tensor) -> Tensor:
-    """Entropy (nats) of the token-mean of softmax(logits) (N, E): ln E when the batch spreads evenly over
-    the experts, 0 when it all prefers one. Tokens may each stay confident; only the mean is pushed flat."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)  # (N, E)
-    log_mean = torch.logsumexp(log_probs, dim=0) - math.log(logits.size(0))  # (E,) log of the token mean
-    return -(log_mean.exp() * log_mean).sum()
-
-
-def switch_aux_loss(counts: Tensor, probs: Tensor, k: int) -> Tensor:
-    """E * sum_e (share of assignments to e) * (mean router probability of e): 1 uniform, E collapsed."""
-    return probs.size(-1) * ((counts.float() / (probs.size(0) * k)) * probs.mean(0)).sum()
 
 
 def make_mlp(cfg: ModelConfig, layer: int) -> nn.Module:
@@ -1955,7 +2575,10 @@ def routing_summary(model: nn.Module, stats: Tensor) -> list[dict]:
     return out
 
 
-# ---- 5. The network: blocks with an MLP or MoE, U-Net skips, the loss ----------------------------
+# ---- 6. The network: blocks with an MLP or MoE, U-Net skips, the loss ----------------------------
+# GPT fixes its layer order per loop state (plain, looped) at construction, so torch.compile sees one static
+# graph per state; the state is mirrored in a buffer the artifact keeps, so a reloaded model is evaluated
+# as it was trained.
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -1994,8 +2617,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         if not isinstance(cfg, ModelConfig):  # a run configuration carries training knobs too
-            raise TypeError(f"GPT takes a ModelConfig, not {type(cfg).__name__}: use GPT(model_config(h))")
+            raise TypeError(f"GPT takes a ModelConfig, not {type(cfg).__name__}: use GPT(h.model)")
         super().__init__()
+        self.cfg = cfg  # the contract it was built from: the artifact stores its knobs
         self.softcap, self.vocab_size = cfg.logit_softcap, cfg.vocab_size
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         self.bigram = (
@@ -2073,7 +2697,10 @@ class GPT(nn.Module):
         same."""
         x = self.embed(idx)
         docs = self.document_mask(idx, doc_span)
-        x0, skips, lanes, routing_aux = x, [], None, []
+        x0 = x
+        skips = []
+        lanes = None
+        routing_aux = []
         order, pass_indices = self.orders[self.looping], self.pass_indices[self.looping]
         n_encoder = len(order) // 2
         for pos, layer in enumerate(order):
@@ -2118,7 +2745,10 @@ class GPT(nn.Module):
         return (ce + torch.stack(aux).sum() if aux else ce), ce.detach()
 
 
-# ---- 6. Optimizer: Muon (orthogonalised momentum) for block matrices, Adam for the rest ----------
+# ---- 7. Optimizer: Muon (orthogonalised momentum) for block matrices, Adam for the rest ----------
+# A tensor's class comes from its name (param_class), one rule that the optimizer groups, weight decay and
+# the quantizer's grid all read, so a tensor is treated alike everywhere. Muon takes block matrices and
+# experts; Adam the embeddings, the head, control tensors and the routers (without weight decay).
 CONTROL_PATTERNS = (
     "resid_mix",
     "skip_weights",
@@ -2201,7 +2831,9 @@ class Muon(torch.optim.Optimizer):
         super().__init__(
             params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay)
         )
-        self.rank, self.world_size, self.row_normalize = rank, world_size, row_normalize
+        self.rank = rank
+        self.world_size = world_size
+        self.row_normalize = row_normalize
 
     @torch.no_grad()
     def step(self):
@@ -2232,7 +2864,9 @@ class Muon(torch.optim.Optimizer):
                 offset += p.numel()
 
 
-def build_optimizers(model: nn.Module, h, rank: int = 0, world_size: int = 1) -> list[torch.optim.Optimizer]:
+def build_optimizers(
+    model: nn.Module, optim: OptimConfig, rank: int = 0, world_size: int = 1
+) -> list[torch.optim.Optimizer]:
     groups: dict[str, list] = {
         "matrix": [],
         "embed": [],
@@ -2244,33 +2878,34 @@ def build_optimizers(model: nn.Module, h, rank: int = 0, world_size: int = 1) ->
     for name, p in model.named_parameters():
         cls = param_class(name, p)
         groups["matrix" if cls in MATRIX_CLASSES else cls].append(p)
+    tied = not groups["head"]  # an untied output head is the only "head" tensor
     adam_groups = [
         dict(
             params=groups["embed"],
-            lr=h.tied_embed_lr if h.tie_embeddings else h.embed_lr,
-            weight_decay=h.embed_wd,
+            lr=optim.tied_embed_lr if tied else optim.embed_lr,
+            weight_decay=optim.embed_wd,
         ),
-        dict(params=groups["bigram_table"], lr=h.tied_embed_lr, weight_decay=h.embed_wd),
-        dict(params=groups["head"], lr=h.head_lr, weight_decay=h.embed_wd),
-        dict(params=groups["control"], lr=h.scalar_lr, weight_decay=h.adam_wd),
-        dict(params=groups["router"], lr=h.router_lr, weight_decay=0.0),
+        dict(params=groups["bigram_table"], lr=optim.tied_embed_lr, weight_decay=optim.embed_wd),
+        dict(params=groups["head"], lr=optim.head_lr, weight_decay=optim.embed_wd),
+        dict(params=groups["control"], lr=optim.scalar_lr, weight_decay=optim.adam_wd),
+        dict(params=groups["router"], lr=optim.router_lr, weight_decay=0.0),
     ]
     adam_groups = [g for g in adam_groups if g["params"]]
     fused = next(model.parameters()).is_cuda
     optimizers: list[torch.optim.Optimizer] = [
-        torch.optim.AdamW(adam_groups, betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=fused)
+        torch.optim.AdamW(adam_groups, betas=(optim.beta1, optim.beta2), eps=optim.adam_eps, fused=fused)
     ]
     if groups["matrix"]:
         optimizers.append(
             Muon(
-                groups["matrix"],
-                h.matrix_lr,
-                h.muon_momentum,
-                h.muon_backend_steps,
-                h.muon_wd,
-                rank,
-                world_size,
-                h.muon_row_normalize,
+                params=groups["matrix"],
+                lr=optim.matrix_lr,
+                momentum=optim.muon_momentum,
+                backend_steps=optim.muon_backend_steps,
+                weight_decay=optim.muon_wd,
+                rank=rank,
+                world_size=world_size,
+                row_normalize=optim.muon_row_normalize,
             )
         )
     for opt in optimizers:
@@ -2307,8 +2942,17 @@ class EMA:
             p.copy_(s.to(p.dtype))
 
 
-# ---- 7. Quantization and the artifact: SDClip grid, GPTQ or round-to-nearest, LQER, compressors ----
+# ---- 8. Quantization and the artifact: SDClip grid, GPTQ or round-to-nearest, LQER, compressors ----
+# The artifact holds integers on an SDClip grid with per-row scales, LQER factors, fp16 control tensors and
+# the model knobs, so the network is rebuilt from the file alone. The export shrinks the model step by step
+# only when code + artifact would pass SIZE_CAP_BYTES, and predicts each step cheaply first.
 ARTIFACT_MAGIC, ARTIFACT_FORMAT, ARTIFACT_VERSION = b"PGMOE\x00", "pgolf-moe-artifact", 2
+
+
+def lrzip(data: bytes, *args: str) -> bytes:  # through stdin and stdout
+    return subprocess.run(["lrzip", "-q", *args], input=data, capture_output=True, check=True).stdout
+
+
 # name -> (what it needs: a python module or a system binary, compress(data, zstd level), decompress)
 COMPRESSORS = {
     "zstd": (
@@ -2336,10 +2980,6 @@ class ArtifactError(ValueError):
     """An artifact that cannot be read back; the message names the file."""
 
 
-def lrzip(data: bytes, *args: str) -> bytes:  # through stdin and stdout
-    return subprocess.run(["lrzip", "-q", *args], input=data, capture_output=True, check=True).stdout
-
-
 def compressor_missing(name: str) -> str | None:
     """What COMPRESSOR=name needs that is not installed, or None."""
     need = COMPRESSORS[name][0]
@@ -2347,18 +2987,24 @@ def compressor_missing(name: str) -> str | None:
     return None if found else f"the {need} (python module or binary on PATH)"
 
 
-def storage_grid(name: str, t: Tensor, h) -> tuple[int, float]:
+def storage_grid(name: str, t: Tensor, quant: QuantConfig) -> tuple[int, float]:
     """(bits, clip sigmas) a tensor is stored with; 16 bits = fp16 (routers, controls, small tensors)."""
-    keep = tuple(p for p in h.fp16_keep_name_patterns.split(",") if p)
+    keep = tuple(p for p in quant.fp16_keep_name_patterns.split(",") if p)
     cls = param_class(name, t)
-    if cls in ("router", "control") or t.numel() <= h.fp16_keep_max_numel or any(p in name for p in keep):
+    if cls in ("router", "control") or t.numel() <= quant.fp16_keep_max_numel or any(p in name for p in keep):
         return 16, 0.0
     group = QUANT_GROUP.get(cls, "other")
-    sigmas = {"embed": h.embed_clip_sigmas, "mlp": h.mlp_clip_sigmas, "attn": h.attn_clip_sigmas}
+    sigmas = {"embed": quant.embed_clip_sigmas, "mlp": quant.mlp_clip_sigmas, "attn": quant.attn_clip_sigmas}
     expert = cls == "mlp" and name.endswith((".mlp.up", ".mlp.down"))  # an MoE layer's 3-D expert stacks
     # EXPERT_BITS stays 0 in the run's record when unset, so a dense run's config holds no MoE knob.
-    bits = h.embed_bits if group == "embed" else (h.expert_bits or h.matrix_bits) if expert else h.matrix_bits
-    return bits, sigmas.get(group, h.matrix_clip_sigmas)
+    bits = (
+        quant.embed_bits
+        if group == "embed"
+        else (quant.expert_bits or quant.matrix_bits)
+        if expert
+        else quant.matrix_bits
+    )
+    return bits, sigmas.get(group, quant.matrix_clip_sigmas)
 
 
 def sdclip_scale(w: Tensor, bits: int, sigmas: float) -> Tensor:
@@ -2386,13 +3032,17 @@ def gptq(
     W, H = w.float().clone(), H.float().clone()
     H.diagonal().add_(0.01 * H.diagonal().mean() + 1e-6)  # damping; inputs that never fire stay invertible
     perm = torch.argsort(H.diagonal(), descending=True)
-    W, H, s = W[:, perm], H[perm][:, perm], scale.float()[:, None]
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    s = scale.float()[:, None]
     zero = None if zero is None else zero[:, perm]
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     Q = torch.zeros_like(W)
     for i in range(0, W.size(1), block):
         end = min(i + block, W.size(1))
-        Wb, Ub, err = W[:, i:end].clone(), U[i:end, i:end], torch.zeros_like(W[:, i:end])
+        Wb = W[:, i:end].clone()
+        Ub = U[i:end, i:end]
+        err = torch.zeros_like(W[:, i:end])
         for j in range(end - i):
             Q[:, i + j : i + j + 1] = q = round_to_grid(
                 Wb[:, j : j + 1], scale, bits, None if zero is None else zero[:, i + j : i + j + 1]
@@ -2424,7 +3074,7 @@ def quantize_matrix(w: Tensor, H: Tensor | None, bits: int, sigmas: float, zero:
     # The byte count is noisy (about 0.005 bits per weight on a small matrix), so the widening gets five
     # tries to land within the budget; three gave up on a 4-bit matrix a fourth try fitted.
     for _ in range(5):
-        q_g = gptq(w, H, scale_g, bits, zero)
+        q_g = gptq(w=w, H=H, scale=scale_g, bits=bits, zero=zero)
         added = (packed_bits(q_g) - budget) / q.numel()  # bits per weight over round-to-nearest
         if added <= 0.001:  # compressor noise
             return min((q, scale), (q_g, scale_g), key=lambda c: out_err(*c))
@@ -2433,16 +3083,16 @@ def quantize_matrix(w: Tensor, H: Tensor | None, bits: int, sigmas: float, zero:
 
 
 def quantize_tensor(
-    name: str, t: Tensor, h, hessian: Tensor | None, drop: int, prune: float
+    name: str, t: Tensor, quant: QuantConfig, hessian: Tensor | None, drop: int, prune: float
 ) -> tuple[int, list[Tensor]]:
     """-> (bits, [fp16 tensor]) or (bits, [integers, row scales]); 3-D experts one matrix at a time.
     `h` is the run's knobs; `hessian` the tensor's GPTQ Hessian (one per expert for 3-D experts)."""
-    bits, sigmas = storage_grid(name, t, h)
+    bits, sigmas = storage_grid(name, t, quant)
     if bits == 16:
         return 16, [t.half()]
     bits, parts = max(2, bits - drop), []
     for i, w in enumerate(t.reshape(-1, *t.shape[-2:])):
-        use_gptq = hessian is not None and h.quant_method == "gptq"
+        use_gptq = hessian is not None and quant.quant_method == "gptq"
         H = hessian.reshape(-1, *hessian.shape[-2:])[i] if use_gptq else None  # this matrix's (in, in)
         if H is not None and not (w.isfinite().all() and H.isfinite().all()):
             H = None  # a non-finite tensor is rounded, not GPTQ'd; the run is INVALID
@@ -2452,7 +3102,7 @@ def quantize_tensor(
             if prune > 0
             else None
         )
-        parts.append(quantize_matrix(w, H, bits, sigmas, zero))
+        parts.append(quantize_matrix(w=w, H=H, bits=bits, sigmas=sigmas, zero=zero))
     return bits, [
         torch.cat([q for q, _ in parts]).to(torch.int8).cpu(),
         torch.cat([s for _, s in parts]).cpu(),
@@ -2487,20 +3137,26 @@ def dequantize_entry(bits: int, tensors: list[Tensor], shape) -> Tensor:
 
 def quantize_state(
     state: dict[str, Tensor],
-    h,
+    quant: QuantConfig,
     hessians: dict | None = None,
     bits_drop: dict | None = None,
     extra_prune: float = 0.0,
     progress=None,
 ):
     """-> (entries, relative squared error of the quantized tensors). entries: name -> (bits, tensors)."""
-    entries, scores, err, total, hessians = {}, {}, 0.0, 0.0, hessians or {}
+    entries = {}
+    scores = {}
+    err = 0.0
+    total = 0.0
+    hessians = hessians or {}
     for done, (name, t) in enumerate(state.items(), 1):
         if progress is not None:
             progress(done - 1)
         t, H = t.detach().float().cpu(), None if hessians.get(name) is None else hessians[name].float()
         drop = (bits_drop or {}).get(QUANT_GROUP.get(param_class(name, t), "other"), 0)
-        entries[name] = quantize_tensor(name, t, h, H, drop, h.prune_frac + extra_prune)
+        entries[name] = quantize_tensor(
+            name=name, t=t, quant=quant, hessian=H, drop=drop, prune=quant.prune_frac + extra_prune
+        )
         if entries[name][0] == 16:
             continue
         delta = t - dequantize_entry(*entries[name], t.shape)
@@ -2514,11 +3170,11 @@ def quantize_state(
             )
             if math.isfinite(score):  # a non-finite tensor gets no correction
                 scores[name] = score
-    for name in sorted(scores, key=scores.get, reverse=True)[: h.lqer_top_k if h.lqer_enabled else 0]:
+    for name in sorted(scores, key=scores.get, reverse=True)[: quant.lqer_top_k if quant.lqer_enabled else 0]:
         t = state[name].detach().float().cpu().reshape(-1, state[name].size(-1))
         before = t - dequantize_entry(*entries[name], t.shape)
         H = None if hessians.get(name) is None else hessians[name].float().cpu()
-        entries[name][1].extend(lqer_factors(before, H, h.lqer_rank, h.lqer_factor_bits))
+        entries[name][1].extend(lqer_factors(before, H, quant.lqer_rank, quant.lqer_factor_bits))
         err += (
             t - dequantize_entry(*entries[name], t.shape)
         ).square().sum().item() - before.square().sum().item()
@@ -2624,35 +3280,6 @@ def artifact_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
-@functools.cache
-def grid_bits_per_param(bits: int, sigmas: float, compressor: str, level: int) -> float:
-    """Compressed bits/parameter of a seeded Gaussian matrix on this grid (SDClip rows are near-Gaussian)."""
-    w = torch.randn(256, 1024, generator=torch.Generator().manual_seed(0))
-    q = round_to_grid(w, sdclip_scale(w, bits, sigmas), bits).to(torch.int8)
-    return 8 * len(COMPRESSORS[compressor][1](q.numpy().tobytes(), level)) / q.numel()
-
-
-def estimate_artifact_bytes(model: nn.Module, h) -> tuple[int, dict[str, int]]:
-    """Budget preview: parameter counts x the measured bits per parameter of each tensor's grid."""
-    per_class, lqer = {}, []
-    for name, t in artifact_state(model).items():
-        bits, sigmas = storage_grid(name, t, h)
-        if bits == 16:
-            per_class["fp16"] = per_class.get("fp16", 0.0) + t.numel() * FP16_BITS / 8
-            continue
-        rows, key = t.numel() // t.size(-1), QUANT_GROUP.get(param_class(name, t), "other")
-        size = (
-            t.numel() * grid_bits_per_param(bits, sigmas, h.compressor, h.zstd_level) + rows * SCALE_BITS
-        ) / 8
-        per_class[key] = per_class.get(key, 0.0) + size
-        lqer.append(h.lqer_rank * ((rows + t.size(-1)) * h.lqer_factor_bits + 32) / 8)
-    # LQER corrects the LQER_TOP_K tensors of largest error: counted as the largest corrections, at most
-    per_class["lqer"] = sum(sorted(lqer)[::-1][: h.lqer_top_k]) if h.lqer_enabled else 0
-    # The JSON header: ~150 bytes per tensor-table entry plus ~1.5 kB of config and framing.
-    header = 150 * len(artifact_state(model)) + 1500
-    return int(sum(per_class.values()) + header), {k: int(v) for k, v in per_class.items()}
-
-
 def shrink_steps():
     """Deterministic shrink steps, in order of growing reconstruction error: (bits lowered, extra pruning)."""
     every = {"mlp": 1, "attn": 1, "embed": 1, "bigram": 1}
@@ -2663,46 +3290,82 @@ def shrink_steps():
 
 
 def export_artifact(
-    model: nn.Module, h, path: str, code_bytes: int, log, hessians: dict | None = None
+    model: GPT, quant: QuantConfig, path: str, code_bytes: int, log, hessians: dict | None = None
 ) -> int:
     """Quantize, compress and write; shrink step by step until code + artifact fits SIZE_CAP_BYTES. Each
     step's size is first predicted from round-to-nearest integers and a fast zstd level, times the real /
     predicted ratio of the first attempt; only steps predicted to fit pay for GPTQ and the full compressor."""
-    config, state = knob_values(h, MODEL_KNOBS), artifact_state(model)
-    shapes, limit = {n: list(t.shape) for n, t in state.items()}, h.size_cap_bytes - code_bytes
-    rtn = SimpleNamespace(**{**vars(h), "quant_method": "rtn", "lqer_enabled": False})
+    config, state = stored_knobs(model.cfg), artifact_state(model)
+    shapes, limit = {n: list(t.shape) for n, t in state.items()}, quant.size_cap_bytes - code_bytes
+    rtn = replace(quant, quant_method="rtn", lqer_enabled=False)
     entries, err = quantize_state(
-        state, h, hessians, progress=Progress(log, f"quantization ({h.quant_method})", len(state), "tensors")
+        state,
+        quant,
+        hessians,
+        progress=Progress(log, f"quantization ({quant.quant_method})", len(state), "tensors"),
     )
-    blob = serialize_artifact(entries, config, shapes, h.compressor, h.zstd_level)
+    blob = serialize_artifact(
+        entries=entries, config=config, shapes=shapes, compressor=quant.compressor, level=quant.zstd_level
+    )
     log(
-        f"quant: {h.quant_method}{'+lqer' if h.lqer_enabled else ''}, relative squared error {err:.3e}, "
-        f"artifact {len(blob)} bytes ({h.compressor}) + code {code_bytes}"
+        f"quant: {quant.quant_method}{'+lqer' if quant.lqer_enabled else ''}, relative squared error "
+        f"{err:.3e}, "
+        f"artifact {len(blob)} bytes ({quant.compressor}) + code {code_bytes}"
     )
     if len(blob) > limit:
         ratio = len(blob) / len(serialize_artifact(quantize_state(state, rtn)[0], config, shapes))
         for drops, extra in shrink_steps():
             predicted = ratio * len(
-                serialize_artifact(quantize_state(state, rtn, None, drops, extra)[0], config, shapes)
+                serialize_artifact(
+                    quantize_state(state=state, quant=rtn, hessians=None, bits_drop=drops, extra_prune=extra)[
+                        0
+                    ],
+                    config,
+                    shapes,
+                )
             )
             step = f"fit: bits lowered {drops or 'none'}, pruning +{extra:.2f}:"
             if predicted > limit:
                 log(f"{step} predicted {predicted:.0f} bytes, over the cap")
                 continue
-            entries, err = quantize_state(state, h, hessians, drops, extra)
-            blob = serialize_artifact(entries, config, shapes, h.compressor, h.zstd_level)
+            entries, err = quantize_state(
+                state=state, quant=quant, hessians=hessians, bits_drop=drops, extra_prune=extra
+            )
+            blob = serialize_artifact(
+                entries=entries,
+                config=config,
+                shapes=shapes,
+                compressor=quant.compressor,
+                level=quant.zstd_level,
+            )
             log(f"{step} relative squared error {err:.3e}, artifact {len(blob)} bytes")
             if len(blob) <= limit:
                 break
     if len(blob) > limit:
         log(
-            f"!!! ARTIFACT OVER THE CAP: {len(blob) + code_bytes} > {h.size_cap_bytes} bytes even after "
+            f"!!! ARTIFACT OVER THE CAP: {len(blob) + code_bytes} > {quant.size_cap_bytes} bytes even after "
             "every fit step !!!"
         )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
         f.write(blob)
     return len(blob)
+
+
+def damp_sparse_experts(hess: dict, counts: dict, world_size: int) -> tuple[dict[str, Tensor], list[str]]:
+    warnings, experts = [], {n for n, _ in hess.items() if n.endswith((".up", ".down"))}
+    for name in hess:  # the same order on every rank: the forward order
+        if world_size > 1:
+            dist.all_reduce(hess[name])
+            dist.all_reduce(counts[name])
+        for e, (H, n) in enumerate(zip(hess[name], counts[name].tolist())):
+            if name in experts and n < H.size(0):
+                H.diagonal().add_(0.1 * H.diagonal().mean() if n else 1.0)
+                warnings.append(
+                    f"WARNING gptq: expert {e} of {name} saw {n:.0f} calibration tokens "
+                    f"(fewer than its {H.size(0)} inputs): damped Hessian"
+                )
+    return {n: H if n in experts else H[0] for n, H in hess.items()}, warnings
 
 
 @torch.no_grad()
@@ -2713,7 +3376,9 @@ def collect_hessians(
     tokens, a soft expert every token, each scaled by its gate; a starved expert gets a damped Hessian.
     Matrices fed the same input tensor (c_q, c_k and c_v) share one Hessian, computed once. doc_span: as
     GPT.hidden's (training batches: TRAIN_SEQ_LEN)."""
-    hess, counts, hooks = {}, {}, []
+    hess = {}
+    counts = {}
+    hooks = []
     shares: dict[str, str] = {}  # matrix -> the matrix before it that saw the same input tensor
     previous: list = [None, ""]  # the last Linear's input (kept alive, so `is` cannot match a new tensor)
 
@@ -2773,27 +3438,7 @@ def collect_hessians(
     return {**hessians, **{name: hessians[first] for name, first in shares.items()}}, warnings
 
 
-def damp_sparse_experts(hess: dict, counts: dict, world_size: int) -> tuple[dict[str, Tensor], list[str]]:
-    warnings, experts = [], {n for n, _ in hess.items() if n.endswith((".up", ".down"))}
-    for name in hess:  # the same order on every rank: the forward order
-        if world_size > 1:
-            dist.all_reduce(hess[name])
-            dist.all_reduce(counts[name])
-        for e, (H, n) in enumerate(zip(hess[name], counts[name].tolist())):
-            if name in experts and n < H.size(0):
-                H.diagonal().add_(0.1 * H.diagonal().mean() if n else 1.0)
-                warnings.append(
-                    f"WARNING gptq: expert {e} of {name} saw {n:.0f} calibration tokens "
-                    f"(fewer than its {H.size(0)} inputs): damped Hessian"
-                )
-    return {n: H if n in experts else H[0] for n, H in hess.items()}, warnings
-
-
-# ---- 8. Evaluation: exact val_loss / val_bpb, plain or sliding window, spread over ranks ---------
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
+# ---- 9. Evaluation: exact val_loss / val_bpb, plain or sliding window, spread over ranks ---------
 def eval_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
     """(start, scored) per window of seq_len inputs, every target scored once: the first window scores all its
     positions, later ones their last `scored` (= stride); the last ends at the final token."""
@@ -2879,7 +3524,7 @@ def evaluate(
             logits = logits_fn(x)  # (batch_seqs, seq_len, vocab)
         # (batch_seqs * seq_len, vocab) vs (batch_seqs * seq_len,) -> per-token losses, viewed as mask
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-        scores.add(loss.view_as(mask), mask, x, y, idx[:, :-1])
+        scores.add(losses=loss.view_as(mask), scored=mask, x=x, y=y, target_index=idx[:, :-1])
         progress(i // batch_seqs + 1)
     return scores.result(rt.world_size)
 
@@ -2935,7 +3580,9 @@ class TTTAdapters(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
 
-def ttt_schedule(tokens: Tensor, h) -> tuple[list[tuple[int, int]], list[tuple[list[list[int]], int]]]:
+def ttt_schedule(
+    tokens: Tensor, evaluation: EvaluationConfig
+) -> tuple[list[tuple[int, int]], list[tuple[list[list[int]], int]]]:
     """-> documents (start, targets: to the next BOS, so TTT scores what plain evaluation scores) and phases
     in stream order (batches, then SGD on the first N tokens), so no score at p depends on a token after p.
     A batch: similar lengths, rows in stream order (capacity dispatch favours earlier rows, i.e. earlier
@@ -2943,57 +3590,69 @@ def ttt_schedule(tokens: Tensor, h) -> tuple[list[tuple[int, int]], list[tuple[l
     starts = (tokens == BOS_ID).nonzero().flatten().tolist()
     starts = starts if starts and starts[0] == 0 else [0] + starts
     docs = [(s, e - s) for s, e in zip(starts, starts[1:] + [tokens.numel() - 1])]
-    n_prefix = min(h.phased_ttt_prefix_docs, len(docs)) if h.phased_ttt_num_phases else 0
+    n_prefix = min(evaluation.phased_ttt_prefix_docs, len(docs)) if evaluation.phased_ttt_num_phases else 0
     bounds = [0] + [
-        n_prefix * (i + 1) // h.phased_ttt_num_phases
-        for i in range(h.phased_ttt_num_phases if n_prefix else 0)
+        n_prefix * (i + 1) // evaluation.phased_ttt_num_phases
+        for i in range(evaluation.phased_ttt_num_phases if n_prefix else 0)
     ]
     phases = []
     for lo, hi in zip(bounds, bounds[1:] + [len(docs)]):
         by_len = sorted(range(lo, hi), key=lambda d: docs[d][1])
-        batches = [sorted(by_len[i : i + h.ttt_batch_size]) for i in range(0, hi - lo, h.ttt_batch_size)]
+        batches = [
+            sorted(by_len[i : i + evaluation.ttt_batch_size])
+            for i in range(0, hi - lo, evaluation.ttt_batch_size)
+        ]
         phases.append((batches, sum(docs[hi - 1]) if lo < hi <= n_prefix and hi < len(docs) else 0))
     return docs, phases
 
 
-def chunk_widths(longest: int, h) -> list[int]:
+def chunk_widths(longest: int, evaluation: EvaluationConfig) -> list[int]:
     """Window width per chunk: up to EVAL_SEQ_LEN, rounded up to whole chunks (fewer shapes to compile)."""
-    C = h.ttt_chunk_size
+    C = evaluation.ttt_chunk_size
     return [
-        math.ceil(min((ci + 1) * C, longest, h.eval_seq_len) / C) * C for ci in range(math.ceil(longest / C))
+        math.ceil(min((ci + 1) * C, longest, evaluation.eval_seq_len) / C) * C
+        for ci in range(math.ceil(longest / C))
     ]
 
 
-def chunk_windows(tokens: Tensor, starts: Tensor, lens: Tensor, ci: int, width: int, h):
+def chunk_windows(
+    tokens: Tensor, starts: Tensor, lens: Tensor, ci: int, width: int, evaluation: EvaluationConfig
+):
     """Chunk ci of each row, in a window of up to EVAL_SEQ_LEN tokens ending at the chunk's end -> inputs,
     targets, target index (position - 1; -1 = padding) and the targets it scores, each (rows, width)."""
-    end = lens.clamp(max=(ci + 1) * h.ttt_chunk_size)  # (rows,) the chunk's end in each document
-    ctx_start, j = (end - h.eval_seq_len).clamp(min=0), torch.arange(width)  # (rows,), (width,)
+    end = lens.clamp(max=(ci + 1) * evaluation.ttt_chunk_size)  # (rows,) the chunk's end in each document
+    ctx_start, j = (end - evaluation.eval_seq_len).clamp(min=0), torch.arange(width)  # (rows,), (width,)
     valid = j < (end - ctx_start)[:, None]  # (rows, width): inside the window
     pos = torch.where(valid, starts[:, None] + ctx_start[:, None] + j, -1).to(tokens.device)
-    scored = (valid & (j >= (ci * h.ttt_chunk_size - ctx_start)[:, None])).to(tokens.device)
+    scored = (valid & (j >= (ci * evaluation.ttt_chunk_size - ctx_start)[:, None])).to(tokens.device)
     return tokens[pos.clamp(min=0)].long(), tokens[pos + 1].long(), pos, scored
 
 
-def ttt_batch(loss_fn, adapters, rows: list[int], docs, tokens: Tensor, h, scores: Scores) -> None:
+def ttt_batch(
+    loss_fn, adapters, rows: list[int], docs, tokens: Tensor, evaluation: EvaluationConfig, scores: Scores
+) -> None:
     """Adapters reset; chunk ci of every document scored, then (if the document goes on) trained on."""
     adapters.load_state_dict(adapters.initial)
     opt = torch.optim.AdamW(
         adapters.parameters(),
-        lr=h.ttt_lora_lr,
-        betas=(h.ttt_beta1, h.ttt_beta2),
+        lr=evaluation.ttt_lora_lr,
+        betas=(evaluation.ttt_beta1, evaluation.ttt_beta2),
         eps=1e-10,
-        weight_decay=h.ttt_weight_decay,
+        weight_decay=evaluation.ttt_weight_decay,
     )
     starts, lens = torch.tensor([docs[d][0] for d in rows]), torch.tensor([docs[d][1] for d in rows])
-    for ci, width in enumerate(chunk_widths(int(lens.max()), h)):
-        x, y, pos, scored = chunk_windows(tokens, starts, lens, ci, width, h)
+    for ci, width in enumerate(chunk_widths(int(lens.max()), evaluation)):
+        x, y, pos, scored = chunk_windows(
+            tokens=tokens, starts=starts, lens=lens, ci=ci, width=width, evaluation=evaluation
+        )
         with autocast(tokens.device):
             loss = loss_fn(adapters, x, y)  # (rows, width)
-        scores.add(loss.detach(), scored, x, y, pos)  # final before any step below
+        scores.add(
+            losses=loss.detach(), scored=scored, x=x, y=y, target_index=pos
+        )  # final before any step below
         # (rows, width): the scored targets of documents with chunks still to come
-        train = scored & (lens > (ci + 1) * h.ttt_chunk_size).to(tokens.device)[:, None]
-        for step in range(h.ttt_grad_steps if train.any() else 0):
+        train = scored & (lens > (ci + 1) * evaluation.ttt_chunk_size).to(tokens.device)[:, None]
+        for step in range(evaluation.ttt_grad_steps if train.any() else 0):
             if step:
                 with autocast(tokens.device):
                     loss = loss_fn(adapters, x, y)
@@ -3002,16 +3661,16 @@ def ttt_batch(loss_fn, adapters, rows: list[int], docs, tokens: Tensor, h, score
             opt.step()
 
 
-def global_sgd(model: nn.Module, tokens: Tensor, end: int, h, rt: Runtime) -> None:
+def global_sgd(model: nn.Module, tokens: Tensor, end: int, evaluation: EvaluationConfig, rt: Runtime) -> None:
     """SGD (cosine decay) on the base weights over tokens[:end + 1], all scored; gradients summed over
     ranks."""
-    S, chunk = h.eval_seq_len, h.global_ttt_chunk_tokens
+    S, chunk = evaluation.eval_seq_len, evaluation.global_ttt_chunk_tokens
     model.requires_grad_(True)
     params = list(model.parameters())
     for p in params:
         p.grad = torch.zeros_like(p)  # every rank reduces every gradient, used or not
-    opt = torch.optim.SGD(params, lr=h.global_ttt_lr, momentum=h.global_ttt_momentum)
-    steps = [lo for _ in range(h.global_ttt_epochs) for lo in range(0, end, chunk) if end - lo >= S]
+    opt = torch.optim.SGD(params, lr=evaluation.global_ttt_lr, momentum=evaluation.global_ttt_momentum)
+    steps = [lo for _ in range(evaluation.global_ttt_epochs) for lo in range(0, end, chunk) if end - lo >= S]
     for i, lo in enumerate(steps):
         seqs = min(chunk, end - lo) // S
         first, last = seqs * rt.rank // rt.world_size, seqs * (rt.rank + 1) // rt.world_size
@@ -3026,310 +3685,76 @@ def global_sgd(model: nn.Module, tokens: Tensor, end: int, h, rt: Runtime) -> No
                 (model(x, y, doc_span=S)[0] * (last - first) / seqs).backward()  # eval mode: no aux
         for p in params if rt.world_size > 1 else []:
             dist.all_reduce(p.grad)
-        if h.global_ttt_grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, h.global_ttt_grad_clip)
-        opt.param_groups[0]["lr"] = h.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * i / len(steps)))
+        if evaluation.global_ttt_grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, evaluation.global_ttt_grad_clip)
+        opt.param_groups[0]["lr"] = evaluation.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * i / len(steps)))
         opt.step()
     model.requires_grad_(False)
     model.zero_grad(set_to_none=True)
 
 
 def ttt_evaluate(
-    model: nn.Module, h, tokens: Tensor, tables, rt: Runtime, token_losses: Tensor | None = None
+    model: nn.Module,
+    evaluation: EvaluationConfig,
+    run: RunConfig,
+    tokens: Tensor,
+    tables,
+    rt: Runtime,
+    token_losses: Tensor | None = None,
 ) -> tuple[float, float]:
     """Phased score-first TTT of `model` (its weights change; disabled adapter hooks stay) -> (val_loss,
     val_bpb)."""
     model.eval().requires_grad_(False)
-    docs, phases = ttt_schedule(tokens, h)
+    docs, phases = ttt_schedule(tokens, evaluation)
     tokens = tokens.to(rt.device)
-    adapters = TTTAdapters(model, h.ttt_batch_size, h.ttt_lora_rank)
+    adapters = TTTAdapters(model, evaluation.ttt_batch_size, evaluation.ttt_lora_rank)
     loss_fn = lambda a, x, y: a.token_losses(model, x, y)
-    if use_compile(h, rt.device):
+    if use_compile(run, rt.device):
         # compile warm-up: one batch of every window width on random tokens, never validation ones
-        loss_fn, n = torch.compile(loss_fn, dynamic=True), h.eval_seq_len + h.ttt_chunk_size
+        loss_fn, n = torch.compile(loss_fn, dynamic=True), evaluation.eval_seq_len + evaluation.ttt_chunk_size
         noise = torch.randint(
-            model.vocab_size, (h.ttt_batch_size * n + 1,), generator=torch.Generator().manual_seed(0)
+            model.vocab_size, (evaluation.ttt_batch_size * n + 1,), generator=torch.Generator().manual_seed(0)
         )
-        noise_docs = [(i * n, n) for i in range(h.ttt_batch_size)]
-        rows = list(range(h.ttt_batch_size))
-        ttt_batch(loss_fn, adapters, rows, noise_docs, noise.to(rt.device), h, Scores(tables, rt.device))
+        noise_docs = [(i * n, n) for i in range(evaluation.ttt_batch_size)]
+        rows = list(range(evaluation.ttt_batch_size))
+        ttt_batch(
+            loss_fn=loss_fn,
+            adapters=adapters,
+            rows=rows,
+            docs=noise_docs,
+            tokens=noise.to(rt.device),
+            evaluation=evaluation,
+            scores=Scores(tables, rt.device),
+        )
     scores = Scores(tables, rt.device, token_losses)
     my_batches = sum(len(b[rt.rank :: rt.world_size]) for b, _ in phases)
     progress, done = Progress(rt.log, "ttt", my_batches, "batches"), 0
     for batches, sgd_end in phases:
         adapters.enabled = True
         for rows in batches[rt.rank :: rt.world_size]:
-            ttt_batch(loss_fn, adapters, rows, docs, tokens, h, scores)
+            ttt_batch(
+                loss_fn=loss_fn,
+                adapters=adapters,
+                rows=rows,
+                docs=docs,
+                tokens=tokens,
+                evaluation=evaluation,
+                scores=scores,
+            )
             done += 1
             progress(done)
         adapters.enabled = False
         if sgd_end:
             rt.log(f"ttt_phase: global SGD on the first {sgd_end + 1} validation tokens, all scored")
-            global_sgd(model, tokens, sgd_end, h, rt)
+            global_sgd(model=model, tokens=tokens, end=sgd_end, evaluation=evaluation, rt=rt)
     return scores.result(rt.world_size)
 
 
-# ---- 9. Runtime: processes and devices, the log, FLOP counting -----------------------------------
+# ---- 10. Preflight: what a run will cost, projected before it trains -------------------------------
+# The projections a run checks before its first step, in one place: FLOPs per token and MFU, one rank's
+# memory (eager and compiled), the artifact's bytes from the grid, the final evaluations' seconds. Each
+# is an estimate with its assumptions stated, so a configuration is refused up front, not minutes in.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per GPU
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite, or the ranks' weights drifted apart."""
-
-
-class DiskError(RuntimeError):
-    """A file could not be written: its disk is full, over quota or read-only."""
-
-
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
-
-class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C, SIGTERM or SIGHUP, with where the run stopped; the process exits 128 + the signal's number."""
-
-    def __init__(self, message: str, signum: int = signal.SIGINT):
-        super().__init__(message)
-        self.signum = signum
-
-
-# What `kill`, torchrun (stopping the other ranks when one fails) and job schedulers send, and a closed
-# terminal: each stops the run as Ctrl-C does.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-stop_signals_received: list[int] = []
-
-
-class Stopped(KeyboardInterrupt):
-    """A SIGTERM or SIGHUP arrived; a KeyboardInterrupt, so every Ctrl-C path handles it."""
-
-
-def stop_on_signals() -> None:
-    """SIGTERM and SIGHUP raise Stopped in the main thread. A repeat while the run writes its failure is
-    ignored, so the logs are finished (SIGKILL still ends the process at once)."""
-
-    def stop(signum: int, frame) -> None:
-        for s in STOP_SIGNALS:
-            signal.signal(s, signal.SIG_IGN)
-        stop_signals_received.append(signum)
-        raise Stopped(signal.Signals(signum).name)
-
-    for s in STOP_SIGNALS:
-        signal.signal(s, stop)
-
-
-def stopped_where(signum: int, phase: str) -> str:
-    """'interrupted at step 12' (Ctrl-C), 'stopped by SIGTERM during gptq calibration'."""
-    how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-    return f"{how} {phase}"
-
-
-def stop_signal(err: BaseException) -> int | None:
-    """The signal that stopped the run: a SIGTERM or SIGHUP received (whatever error it then raised, e.g.
-    in a collective a stopped peer left), Ctrl-C's SIGINT for a KeyboardInterrupt; None for any other
-    error."""
-    if stop_signals_received:
-        return stop_signals_received[0]
-    return signal.SIGINT if isinstance(err, KeyboardInterrupt) else None
-
-
-PROGRESS_QUIET_SECONDS = 5.0  # a phase shorter than this prints only its start line
-
-
-class Progress:
-    """A long phase's start line, then its ETA at each tenth done, at most once per PROGRESS_QUIET_SECONDS."""
-
-    def __init__(self, log, name: str, total: int, unit: str):
-        self.log, self.name, self.total, self.unit = log, name, max(total, 1), unit
-        self.t0 = self.last = time.perf_counter()
-        self.tenths = 0
-        log(f"{name}: started ({total} {unit})")
-        if isinstance(log, Logger):
-            log.phase = f"during {name}"
-
-    def __call__(self, done: int) -> None:
-        now, tenths = time.perf_counter(), 10 * done // self.total
-        if tenths > self.tenths and now - self.last >= PROGRESS_QUIET_SECONDS and done < self.total:
-            self.tenths, self.last, elapsed = tenths, now, now - self.t0
-            self.log(
-                f"{self.name}: {100 * done // self.total}% ({done}/{self.total} {self.unit}) {elapsed:.0f}s "
-                f"elapsed, ~{elapsed * (self.total - done) / done:.0f}s left"
-            )
-
-
-# Rank 0 alone runs GPTQ, LQER, the compressor and any shrink steps while the other ranks wait in a barrier:
-# NCCL's default 10-minute timeout would kill a slow export, so the collectives wait an hour before failing.
-PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """This process's place in the run, for the distributed and evaluation code: its rank of world_size
-    processes, its device, and the log (rank 0's files; the other ranks' log writes nothing)."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-    log: Logger
-
-
-def setup_distributed(h) -> tuple[int, int, torch.device]:
-    """-> (rank, world_size, device) from torchrun's environment; joins the process group."""
-    rank, world_size, local_rank = (
-        int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))
-    )
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if world_size > 1 and device.type == "cpu" and not h.allow_cpu_distributed:
-        raise ConfigError(
-            f"WORLD_SIZE={world_size} but CUDA is not usable here (no GPU, or a driver too old for torch "
-            f"{torch.__version__}): the ranks would train on the CPU over gloo. Fix the GPU setup, or set "
-            "ALLOW_CPU_DISTRIBUTED=1 to run on the CPU on purpose"
-        )
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        # TF32 for fp32 matmuls in training, as the records (the routers); exact_fp32_matmuls() turns it off.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    elif "OMP_NUM_THREADS" not in os.environ:  # share the cores between local ranks
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    if world_size > 1:
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo",
-            device_id=device if device.type == "cuda" else None,
-            timeout=PROCESS_GROUP_TIMEOUT,
-        )
-    return rank, world_size, device
-
-
-@contextlib.contextmanager
-def fp32_matmuls(tf32: bool):
-    """fp32 matmuls with TF32 (inputs rounded to 10 mantissa bits, fp32 sums) on or off, restored after."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def exact_fp32_matmuls():
-    """TF32 off while GPTQ/LQER feed rounding errors forward: these fp32 products must be fp32."""
-    return fp32_matmuls(tf32=False)
-
-
-def hessian_matmuls():
-    """TF32 on while the Hessians are summed: X^T X at about 8x an H100's fp32 rate, inside the 600 s that
-    count calibration. tools/hessian_precision.py on a proxy checkpoint: the Hessians move by 1.5e-5
-    (relative), 0.5% of GPTQ's integers change, the round-trip val_bpb by 0.00001."""
-    return fp32_matmuls(tf32=True)
-
-
-def use_compile(h, device: torch.device) -> bool:
-    return h.compile == "1" or (h.compile == "auto" and device.type == "cuda")
-
-
-def maybe_compile(fn, h, device: torch.device):
-    """One static graph of fn when COMPILE (auto: on a GPU) asks for it; else fn itself."""
-    return torch.compile(fn, fullgraph=True, dynamic=False) if use_compile(h, device) else fn
-
-
-class Logger:
-    """Rank 0 prints and appends to LOG_DIR/RUN_ID.txt and writes events to RUN_ID.jsonl (one JSON object
-    per line, fields in README.md); other ranks log nothing. A run never writes into another run's log.
-    Logger(None, console=True) is DRY_RUN's: it prints and writes no file."""
-
-    def __init__(self, stem: str | None, console: bool = False):
-        self.text = self.events = None
-        self.stem, self.training_started, self.console = stem, False, console or bool(stem)
-        self.phase = "before training"  # where the run is, for the line a stopped run ends with
-        if stem:
-            for path in (stem + ".txt", stem + ".jsonl"):
-                if os.path.exists(path):
-                    raise ConfigError(
-                        f"RUN_ID: {path} already exists; choose a new RUN_ID (runs never overwrite each "
-                        "other)"
-                    )
-            os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
-            self.text = open(stem + ".txt", "x", encoding="utf-8")
-            try:
-                self.events = open(stem + ".jsonl", "x", encoding="utf-8")
-            except OSError:  # leave no half of a log pair behind to block the RUN_ID
-                self.text.close()
-                os.remove(stem + ".txt")
-                raise
-
-    def __call__(self, msg: str) -> None:
-        if self.console:
-            print(msg, flush=True)
-        if self.text is not None:
-            self.text.write(msg + "\n")
-            self.text.flush()
-
-    def event(self, kind: str, **fields) -> None:
-        if self.events is not None:
-            self.events.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")
-            self.events.flush()
-
-    def fail(self, err: BaseException) -> str | None:
-        """Writes the error into both logs; a failed start frees its RUN_ID (its logs become
-        RUN_ID.failedN.*)."""
-        if self.text is not None:
-            try:  # into the text log only: stderr has it already
-                print(f"error: {str(err) or type(err).__name__}", file=self.text, flush=True)
-                self.event("error", message=f"{type(err).__name__}: {err}")
-                self.event("end", status="failed")
-            except OSError:  # the full or read-only disk that failed the run cannot take its error either
-                pass
-            if self.training_started:
-                return self.stem + ".txt"
-            paths = [self.stem + ".txt", self.stem + ".jsonl"]
-            if not any(os.path.getsize(p) for p in paths):  # nothing written: nothing to keep
-                for f, path in zip((self.text, self.events), paths):
-                    with contextlib.suppress(OSError):
-                        f.close()
-                    os.remove(path)
-                return None
-            n = 1
-            while glob.glob(glob.escape(f"{self.stem}.failed{n}") + ".*"):
-                n += 1
-            for ext in (".txt", ".jsonl"):
-                os.rename(self.stem + ext, f"{self.stem}.failed{n}{ext}")
-            return f"{self.stem}.failed{n}.txt"
-        return None
-
-
-def script_bytes() -> int:
-    """Bytes of this script as it runs: with its sha256, what identifies it in the log."""
-    return os.path.getsize(os.path.abspath(__file__))
-
-
-# Records ship the script as a self-extracting wrapper (lzma 9e, base85: no quotes or backslashes to
-# escape) that runs the exact bytes in its own module; `records.py pack --compress-code` writes it.
-WRAPPER_PREFIX = b'import lzma as L,base64 as B\nexec(compile(L.decompress(B.b85decode("'
-WRAPPER_SUFFIX = b'")),__file__,"exec"))\n'
-
-
-def self_extracting(source: bytes) -> bytes:
-    return (
-        WRAPPER_PREFIX
-        + base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME))
-        + WRAPPER_SUFFIX
-    )
-
-
-CODE_COUNTED_AS = "train_gpt.py as records.py pack ships it: its lzma self-extracting wrapper"
-
-
-@functools.cache
-def code_bytes() -> int:
-    """The code's bytes, the one definition the budget preview, the fit and the final size check count:
-    this script as a record ships it, the file itself when it is a wrapper, else its wrapper."""
-    with open(os.path.abspath(__file__), "rb") as f:
-        source = f.read()
-    return len(source) if source.startswith(WRAPPER_PREFIX) else len(self_extracting(source))
-
-
-def sha256_file(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def matmul_params_per_token(model: nn.Module, looping: bool | None = None) -> int:
@@ -3361,26 +3786,28 @@ def mean_context(tokens: np.ndarray, span: int) -> float:
     return float(pairs.sum() / max(len(tokens), 1))
 
 
-def training_context(h, tokens: np.ndarray | None) -> tuple[float | None, str]:
+def training_context(data: DataConfig, tokens: np.ndarray | None) -> tuple[float | None, str]:
     """-> (mean keys per training token for FLOP counts, how it was counted): measured on `tokens` (training
     tokens) with RESPECT_DOC_BOUNDARIES; None (plain causal, TRAIN_SEQ_LEN / 2) without, or without tokens."""
-    if not h.respect_doc_boundaries:
+    if not data.respect_doc_boundaries:
         return None, "plain causal: TRAIN_SEQ_LEN/2 keys per token"
     if tokens is None or not len(tokens):
         return None, "plain causal, an upper bound: no training shard to measure documents on"
-    context = mean_context(tokens, h.train_seq_len)
+    context = mean_context(tokens, data.train_seq_len)
     return (
         context,
         f"within documents: {context:.0f} keys per token, measured on {len(tokens)} training tokens",
     )
 
 
-def flops_per_token(model: nn.Module, h, looping: bool | None = None, context: float | None = None) -> float:
+def flops_per_token(
+    model: GPT, data: DataConfig, looping: bool | None = None, context: float | None = None
+) -> float:
     """Training FLOPs per token: 6 x matmul weights + causal QK^T and AV (fwd + bwd: 12 x model_dim per key
     attended), with `context` keys per token on average (None: plain causal rows, TRAIN_SEQ_LEN / 2)."""
     layers = len(model.orders[model.looping if looping is None else looping])
-    context = h.train_seq_len / 2 if context is None else context
-    return 6 * matmul_params_per_token(model, looping) + 12 * layers * context * h.model_dim
+    context = data.train_seq_len / 2 if context is None else context
+    return 6 * matmul_params_per_token(model, looping) + 12 * layers * context * model.cfg.model_dim
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -3404,11 +3831,11 @@ class FlashLikeAttention(torch.autograd.Function):
         return tuple(torch.empty_like(t) for t in ctx.saved_tensors[:3])
 
 
-def fake_model(h, device) -> GPT:
-    """GPT(model_config(h)) whose parameters and buffers are fake tensors on `device` (call inside a
+def fake_model(cfg: ModelConfig, device) -> GPT:
+    """GPT(cfg) whose parameters and buffers are fake tensors on `device` (call inside a
     FakeTensorMode): shapes and dtypes only, so any shape can be traced on any machine."""
     with torch.device("meta"):
-        model = GPT(model_config(h))
+        model = GPT(cfg)
     for module in model.modules():
         for name, p in module._parameters.items():
             if p is not None:  # a Linear without bias holds None
@@ -3420,7 +3847,7 @@ def fake_model(h, device) -> GPT:
     return model
 
 
-def saved_activations(h, device, looping: bool) -> dict[str, int]:
+def saved_activations(cfg: ModelConfig, data: DataConfig, device, looping: bool) -> dict[str, int]:
     """Bytes by dtype that autograd keeps for backward from one eager training micro-batch (once per storage,
     parameters excluded), traced with fake tensors: nothing is allocated or run on the device."""
     saved: dict[int, tuple[int, str]] = {}
@@ -3429,7 +3856,7 @@ def saved_activations(h, device, looping: bool) -> dict[str, int]:
     causal_attention = lambda q, k, v, docs: FlashLikeAttention.apply(q, k, v)  # noqa: E731
     try:
         with FakeTensorMode():
-            model = fake_model(h, device).train()
+            model = fake_model(cfg, device).train()
             model.set_looping(looping)
             params = {StorageWeakRef(p.untyped_storage()).cdata for p in model.parameters()}
 
@@ -3439,9 +3866,9 @@ def saved_activations(h, device, looping: bool) -> dict[str, int]:
                     saved[key] = (t.untyped_storage().nbytes(), str(t.dtype).removeprefix("torch."))
                 return t
 
-            x = torch.zeros(train_rows(h), dtype=torch.long).to(device)
+            x = torch.zeros(train_rows(data), dtype=torch.long).to(device)
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(torch.device(device)):
-                model(x, x, doc_span=h.train_seq_len)
+                model(x, x, doc_span=data.train_seq_len)
     finally:
         causal_attention = attention
     by_dtype: dict[str, int] = {}
@@ -3450,35 +3877,44 @@ def saved_activations(h, device, looping: bool) -> dict[str, int]:
     return by_dtype
 
 
-def static_training_bytes(h, world_size: int) -> int:
+def static_training_bytes(cfg: ModelConfig, optim: OptimConfig, world_size: int) -> int:
     """fp32 weights, gradients, optimizer state (Muon momentum; Adam moments), EMA copy, DDP buckets."""
     with torch.device("meta"):
-        model = GPT(model_config(h))
+        model = GPT(cfg)
     n = sum(p.numel() for p in model.parameters())
     muon = sum(p.numel() for name, p in model.named_parameters() if param_class(name, p) in MATRIX_CLASSES)
-    return 4 * (2 * n + muon + 2 * (n - muon) + n * (h.ema_decay != 0) + n * (world_size > 1))
+    return 4 * (2 * n + muon + 2 * (n - muon) + n * (optim.ema_decay != 0) + n * (world_size > 1))
 
 
-def eager_peak_bytes(h, device, world_size: int) -> int:
+def eager_peak_bytes(cfg: ModelConfig, data: DataConfig, optim: OptimConfig, device, world_size: int) -> int:
     """One rank's peak without torch.compile: static bytes + the larger loop state's saved activations + the
     loss's backward working set (two fp32 tokens x vocab gradients of the logits)."""
-    saved = max(sum(saved_activations(h, device, on).values()) for on in {False, h.num_loops > 0})
-    return static_training_bytes(h, world_size) + saved + 8 * h.micro_batch_tokens * h.vocab_size
+    saved = max(sum(saved_activations(cfg, data, device, on).values()) for on in {False, cfg.num_loops > 0})
+    return (
+        static_training_bytes(cfg, optim, world_size) + saved + 8 * data.micro_batch_tokens * cfg.vocab_size
+    )
 
 
 # What torch.compile saves for backward, as a share of what eager saves: inductor's min-cut partition
-# recomputes cheap elementwise ops instead of saving them. tools/gpu_memory.py traces that partition: 49,432
-# of 78,092 MiB (0.633) for the default dense run, loops on; rounded up, so the check refuses no fit.
+# recomputes cheap elementwise ops instead of saving them. tools/gpu/gpu_memory.py traces that partition:
+# 49,432 of 78,092 MiB (0.633) for the default dense run, loops on; rounded up, so the check refuses no fit.
 COMPILED_SAVED_SHARE = 0.65
 
 
-def compiled_peak_bytes(h, device, world_size: int, looping: bool | None = None) -> int:
+def compiled_peak_bytes(
+    cfg: ModelConfig,
+    data: DataConfig,
+    optim: OptimConfig,
+    device,
+    world_size: int,
+    looping: bool | None = None,
+) -> int:
     """One rank's peak under torch.compile: as eager_peak_bytes, its saved activations scaled by
     COMPILED_SAVED_SHARE; of one loop state, or (None) the larger."""
-    states = {False, h.num_loops > 0} if looping is None else {looping}
-    saved = max(sum(saved_activations(h, device, on).values()) for on in states)
-    loss_grads = 8 * h.micro_batch_tokens * h.vocab_size
-    return static_training_bytes(h, world_size) + int(COMPILED_SAVED_SHARE * saved) + loss_grads
+    states = {False, cfg.num_loops > 0} if looping is None else {looping}
+    saved = max(sum(saved_activations(cfg, data, device, on).values()) for on in states)
+    loss_grads = 8 * data.micro_batch_tokens * cfg.vocab_size
+    return static_training_bytes(cfg, optim, world_size) + int(COMPILED_SAVED_SHARE * saved) + loss_grads
 
 
 # torch._grouped_mm has its fast kernel only on these compute capabilities' major versions (H100/H200: 9,
@@ -3486,70 +3922,230 @@ def compiled_peak_bytes(h, device, world_size: int, looping: bool | None = None)
 GROUPED_MM_MAJORS = (9, 10)
 
 
-def check_dispatch(h, rt: Runtime) -> None:
+def check_dispatch(cfg: ModelConfig, given: bool, rt: Runtime) -> ModelConfig:
     """Grouped dispatch only where its fast kernel exists: elsewhere capacity dispatch (one log line), or a
-    stop when MOE_DISPATCH=grouped was asked for by name."""
+    stop when MOE_DISPATCH=grouped was asked for by name (`given`). -> the contract the model is built
+    from."""
     device = rt.device
-    if device.type != "cuda" or h.moe_mode not in ("topk", "shared_routed") or h.moe_dispatch != "grouped":
-        return
+    if (
+        device.type != "cuda"
+        or cfg.moe_mode not in ("topk", "shared_routed")
+        or cfg.moe_dispatch != "grouped"
+    ):
+        return cfg
     major, minor = torch.cuda.get_device_capability(device)
     if major in GROUPED_MM_MAJORS:
-        return
+        return cfg
     gpu = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
-    if h.moe_dispatch_given:
+    if given:
         raise ConfigError(
             f"MOE_DISPATCH=grouped: torch._grouped_mm is fast only on compute capability 9.x/10.x (H100, "
             f"H200, B200); on this {gpu} it loops over the experts with a host sync per product: use "
             "MOE_DISPATCH=capacity"
         )
-    h.moe_dispatch = "capacity"
     rt.log(
         f"moe_dispatch: capacity, not grouped: {gpu} lacks grouped_mm's fast kernel (9.x/10.x); "
-        f"tokens over CAPACITY_FACTOR={h.capacity_factor} are dropped"
+        f"tokens over CAPACITY_FACTOR={cfg.capacity_factor} are dropped"
     )
+    return replace(cfg, moe_dispatch="capacity")
 
 
-def check_compiled_memory(h, rt: Runtime) -> None:
+def check_compiled_memory(
+    cfg: ModelConfig, data: DataConfig, optim: OptimConfig, run: RunConfig, rt: Runtime
+) -> None:
     """Under torch.compile, stop before training when the estimated peak is over the device's memory (an
     out-of-memory error would come minutes later, mid-run)."""
     device, log = rt.device, rt.log
-    if device.type != "cuda" or not use_compile(h, device):
+    if device.type != "cuda" or not use_compile(run, device):
         return
-    peak = compiled_peak_bytes(h, device, rt.world_size)
+    peak = compiled_peak_bytes(cfg=cfg, data=data, optim=optim, device=device, world_size=rt.world_size)
     total = torch.cuda.get_device_properties(device).total_memory
     log(f"compiled_memory: ~{peak / 2**30:.1f} GiB per rank estimated of {total / 2**30:.1f} GiB")
     if peak > total:
-        rows = max(1, int(h.micro_batch_tokens / h.train_seq_len * total / peak))
+        rows = max(1, int(data.micro_batch_tokens / data.train_seq_len * total / peak))
         raise ConfigError(
-            f"MICRO_BATCH_TOKENS={h.micro_batch_tokens}{h.micro_batch_source}: estimated peak "
+            f"MICRO_BATCH_TOKENS={data.micro_batch_tokens}{data.micro_batch_source}: estimated peak "
             f"{peak / 2**30:.1f} GiB per rank compiled, over this GPU's {total / 2**30:.1f} GiB; set "
-            f"MICRO_BATCH_TOKENS to at most ~{rows * h.train_seq_len} (TRAIN_BATCH_TOKENS is kept through "
+            f"MICRO_BATCH_TOKENS to at most ~{rows * data.train_seq_len} (TRAIN_BATCH_TOKENS is kept through "
             "gradient accumulation)"
         )
 
 
-def check_eager_memory(h, rt: Runtime) -> None:
+def check_eager_memory(
+    cfg: ModelConfig, data: DataConfig, optim: OptimConfig, run: RunConfig, rt: Runtime
+) -> None:
     """COMPILE=0 on a GPU saves every intermediate for backward: warn when the micro-batch cannot fit."""
     device, log = rt.device, rt.log
-    if device.type != "cuda" or use_compile(h, device):
+    if device.type != "cuda" or use_compile(run, device):
         return
-    peak = eager_peak_bytes(h, device, rt.world_size)
+    peak = eager_peak_bytes(cfg=cfg, data=data, optim=optim, device=device, world_size=rt.world_size)
     total = torch.cuda.get_device_properties(device).total_memory
     log(f"eager_memory: ~{peak / 2**30:.1f} GiB per rank estimated (COMPILE=0) of {total / 2**30:.1f} GiB")
     if peak > total:
-        rows = max(1, int(h.micro_batch_tokens / h.train_seq_len * total / peak))
+        rows = max(1, int(data.micro_batch_tokens / data.train_seq_len * total / peak))
         log(
-            f"WARNING eager_memory: MICRO_BATCH_TOKENS={h.micro_batch_tokens} is estimated not to fit "
+            f"WARNING eager_memory: MICRO_BATCH_TOKENS={data.micro_batch_tokens} is estimated not to fit "
             "without "
-            f"torch.compile; use COMPILE=1 or MICRO_BATCH_TOKENS of at most ~{rows * h.train_seq_len}"
+            f"torch.compile; use COMPILE=1 or MICRO_BATCH_TOKENS of at most ~{rows * data.train_seq_len}"
         )
 
 
-# ---- 10. Training loop: schedules, steps, compile warm-up, EMA, step lines -----------------------
-def loop_switch_planned(h) -> bool:
-    return h.num_loops > 0 and h.enable_looping_at < 1
+@functools.cache
+def grid_bits_per_param(bits: int, sigmas: float, compressor: str, level: int) -> float:
+    """Compressed bits/parameter of a seeded Gaussian matrix on this grid (SDClip rows are near-Gaussian)."""
+    w = torch.randn(256, 1024, generator=torch.Generator().manual_seed(0))
+    q = round_to_grid(w, sdclip_scale(w, bits, sigmas), bits).to(torch.int8)
+    return 8 * len(COMPRESSORS[compressor][1](q.numpy().tobytes(), level)) / q.numel()
 
 
+def estimate_artifact_bytes(model: nn.Module, quant: QuantConfig) -> tuple[int, dict[str, int]]:
+    """Budget preview: parameter counts x the measured bits per parameter of each tensor's grid."""
+    per_class, lqer = {}, []
+    for name, t in artifact_state(model).items():
+        bits, sigmas = storage_grid(name, t, quant)
+        if bits == 16:
+            per_class["fp16"] = per_class.get("fp16", 0.0) + t.numel() * FP16_BITS / 8
+            continue
+        rows, key = t.numel() // t.size(-1), QUANT_GROUP.get(param_class(name, t), "other")
+        size = (
+            t.numel() * grid_bits_per_param(bits, sigmas, quant.compressor, quant.zstd_level)
+            + rows * SCALE_BITS
+        ) / 8
+        per_class[key] = per_class.get(key, 0.0) + size
+        lqer.append(quant.lqer_rank * ((rows + t.size(-1)) * quant.lqer_factor_bits + 32) / 8)
+    # LQER corrects the LQER_TOP_K tensors of largest error: counted as the largest corrections, at most
+    per_class["lqer"] = sum(sorted(lqer)[::-1][: quant.lqer_top_k]) if quant.lqer_enabled else 0
+    # The JSON header: ~150 bytes per tensor-table entry plus ~1.5 kB of config and framing.
+    header = 150 * len(artifact_state(model)) + 1500
+    return int(sum(per_class.values()) + header), {k: int(v) for k, v in per_class.items()}
+
+
+def log_budget_preview(model: GPT, quant: QuantConfig, log) -> None:
+    estimate, per_class = estimate_artifact_bytes(model, quant)
+    code = code_bytes()
+    total = estimate + code
+    log.event(
+        "budget_preview",
+        estimate_bytes=estimate,
+        per_class=per_class,
+        cap=quant.size_cap_bytes,
+        code_bytes=code,
+        total_bytes=total,
+    )
+    classes = ", ".join(f"{k}:{v}" for k, v in sorted(per_class.items()))
+    log(
+        f"budget_preview: artifact ~{estimate} bytes ({classes}) + code {code} ({CODE_COUNTED_AS}) "
+        f"= ~{total} of {quant.size_cap_bytes} (slack ~{quant.size_cap_bytes - total})"
+    )
+    refused = quant.budget_margin >= 0 and total > quant.size_cap_bytes * (1 + quant.budget_margin)
+    if total > quant.size_cap_bytes and not refused:
+        log(
+            f"budget: ~{total - quant.size_cap_bytes} bytes over the cap, allowed by BUDGET_MARGIN="
+            f"{quant.budget_margin:g}: the run starts; if the written artifact is over, the export "
+            "shrinks it "
+            "(more pruning, then fewer bits) until it fits"
+        )
+    if refused:
+        raise ConfigError(
+            f"estimated artifact + code ~{total} bytes exceeds SIZE_CAP_BYTES={quant.size_cap_bytes} by more "
+            f"than BUDGET_MARGIN={quant.budget_margin}; shrink the model or lower MATRIX_BITS / "
+            "EMBED_BITS, or "
+            "set BUDGET_MARGIN=-1"
+        )
+
+
+# The 1.0611 record's TTT logs imply ~12% MFU for the FLOPs ttt_seconds counts (~3.8e17 for its document
+# scoring and adapter training, ~380 s on 8xH100) and ~0.15 s per global SGD step (overhead-bound, not FLOPs).
+TTT_ASSUMED_MFU, GLOBAL_SGD_STEP_SECONDS = 0.12, 0.15
+# Its plain evaluation of 40,540,160 tokens took 6.7 s once compiled: ~11% MFU by this file's forward FLOPs;
+# the read-back model's first evaluation took ~5 s longer (its compilation) and the TTT warm-up 88.8 s. The
+# 2026-04-06 record (same shape) scored 633,409 sliding windows of 2048 in 83.6 s: ~25% MFU.
+EVAL_ASSUMED_MFU, SLIDING_ASSUMED_MFU = 0.11, 0.25
+EVAL_COMPILE_SECONDS, TTT_COMPILE_SECONDS = 5.0, 89.0
+
+
+def final_looping(model: GPT, optim: OptimConfig, run: RunConfig) -> bool:
+    """The loop state the final evaluations run in: a training run switches the loops on as planned."""
+    return model.looping or (not run.eval_only and loop_switch_planned(model.cfg, optim))
+
+
+def final_forward_flops(model: GPT, data: DataConfig, optim: OptimConfig, run: RunConfig) -> float:
+    """FLOPs per token of one forward pass (a third of training's) in the final evaluations' loop state."""
+    return flops_per_token(model, data, final_looping(model, optim, run)) / 3
+
+
+def ttt_seconds(forward_flops: float, evaluation: EvaluationConfig, val_tokens: Tensor) -> float:
+    """TTT's seconds on 8xH100: counted FLOPs at TTT_ASSUMED_MFU + the global SGD steps."""
+    docs, phases = ttt_schedule(val_tokens, evaluation)
+    window_tokens = sgd_tokens = steps = 0
+    for batches, sgd_end in phases:
+        for rows in batches:  # per step of a trained chunk: a forward, then input gradients of about as much
+            widths = chunk_widths(max(docs[d][1] for d in rows), evaluation)
+            window_tokens += len(rows) * (
+                sum(widths) * 2 * evaluation.ttt_grad_steps - (2 * evaluation.ttt_grad_steps - 1) * widths[-1]
+            )
+        sgd_tokens += 3 * sgd_end
+        steps += math.ceil(sgd_end / evaluation.global_ttt_chunk_tokens)
+    flops = forward_flops * (window_tokens + sgd_tokens * evaluation.global_ttt_epochs)
+    return (
+        flops / (8 * PEAK_BF16_FLOPS["H100"] * TTT_ASSUMED_MFU)
+        + steps * evaluation.global_ttt_epochs * GLOBAL_SGD_STEP_SECONDS
+    )
+
+
+def eval_seconds(
+    forward_flops: float, evaluation: EvaluationConfig, run: RunConfig, val_tokens: Tensor
+) -> dict[str, float]:
+    """Seconds on 8xH100 of every final evaluation the run performs (plain, sliding, TTT) and of their
+    compile warm-ups (COMPILE is on by default on GPUs). `forward_flops`: per token, one forward pass in the
+    final evaluations' loop state."""
+    rate = 8 * PEAK_BF16_FLOPS["H100"] / forward_flops  # tokens per second at 100% MFU
+    windows = eval_windows(val_tokens.numel(), evaluation.eval_seq_len, evaluation.eval_stride)
+    sliding = evaluation.eval_stride not in (0, evaluation.eval_seq_len)
+    parts = {"plain": (val_tokens.numel() - 1) / (rate * EVAL_ASSUMED_MFU)}
+    if sliding:
+        window_tokens = len(windows) * min(evaluation.eval_seq_len, val_tokens.numel() - 1)
+        parts["sliding"] = window_tokens / (rate * SLIDING_ASSUMED_MFU)
+    if evaluation.ttt_enabled:
+        parts["ttt"] = ttt_seconds(forward_flops, evaluation, val_tokens)
+    if run.compile != "0":
+        parts["compile"] = EVAL_COMPILE_SECONDS * (1 + sliding) + TTT_COMPILE_SECONDS * evaluation.ttt_enabled
+    return parts
+
+
+def check_eval_time(
+    forward_flops: float, evaluation: EvaluationConfig, run: RunConfig, val_tokens: Tensor, log
+) -> None:
+    """Logs the final evaluations' projected seconds on 8xH100; refuses a total over EVAL_TIME_LIMIT."""
+    parts = eval_seconds(forward_flops, evaluation, run, val_tokens)
+    seconds = sum(parts.values())
+    if evaluation.ttt_enabled:
+        log(
+            f"ttt_projection: ~{parts['ttt']:.1f}s on 8xH100 for these {val_tokens.numel()} validation "
+            "tokens "
+            f"(counted FLOPs at an assumed {100 * TTT_ASSUMED_MFU:.0f}% MFU "
+            f"+ {GLOBAL_SGD_STEP_SECONDS}s per global SGD step)"
+        )
+        log.event(
+            "ttt_projection", seconds=parts["ttt"], assumed_mfu=TTT_ASSUMED_MFU, val_tokens=val_tokens.numel()
+        )
+    log(
+        f"eval_projection: ~{seconds:.1f}s on 8xH100 for every final evaluation "
+        f"({', '.join(f'{k} ~{v:.1f}s' for k, v in parts.items())}; forward FLOPs at the records' "
+        f"{100 * EVAL_ASSUMED_MFU:.0f}% MFU, sliding {100 * SLIDING_ASSUMED_MFU:.0f}%)"
+    )
+    log.event("eval_projection", seconds=seconds, parts=parts, val_tokens=val_tokens.numel())
+    if evaluation.eval_time_limit and seconds > evaluation.eval_time_limit:
+        raise ConfigError(
+            f"the final evaluations are projected at ~{seconds:.0f}s on 8xH100 "
+            f"({', '.join(f'{k} ~{v:.0f}s' for k, v in parts.items())}), over EVAL_TIME_LIMIT="
+            f"{evaluation.eval_time_limit:g}: raise EVAL_STRIDE or TTT_CHUNK_SIZE, lower "
+            "PHASED_TTT_PREFIX_DOCS or "
+            "TTT_GRAD_STEPS, or set EVAL_TIME_LIMIT=0"
+        )
+
+
+# ---- 11. Training loop: schedules, steps, compile warm-up, EMA, step lines -----------------------
 class Schedule(NamedTuple):
     """Everything that follows the run's progress (a fraction of steps or of the wall clock)."""
 
@@ -3559,45 +4155,75 @@ class Schedule(NamedTuple):
     qat: bool  # quantization-aware training on (it never switches off)
 
 
-def schedule(progress: float, h) -> Schedule:
+def schedule(progress: float, cfg: ModelConfig, optim: OptimConfig) -> Schedule:
     """The one table of the run's stages, as a function of progress in [0, 1]."""
-    warmup = h.muon_momentum_warmup_frac
+    warmup = optim.muon_momentum_warmup_frac
     ramp = min(1.0, progress / warmup) if warmup > 0 else 1.0
-    start = h.muon_momentum_warmup_start
+    start = optim.muon_momentum_warmup_start
     return Schedule(
-        lr_scale=lr_scale(progress, h.warmdown_frac, h.min_lr),
-        muon_momentum=start + ramp * (h.muon_momentum - start),
-        looping=loop_switch_planned(h) and progress >= h.enable_looping_at,
-        qat=h.qat_start_frac < 1 and progress >= h.qat_start_frac,
+        lr_scale=lr_scale(progress, optim.warmdown_frac, optim.min_lr),
+        muon_momentum=start + ramp * (optim.muon_momentum - start),
+        looping=loop_switch_planned(cfg, optim) and progress >= optim.enable_looping_at,
+        qat=optim.qat_start_frac < 1 and progress >= optim.qat_start_frac,
     )
 
 
-def ema_decay(step_share: float, h) -> float:
+def ema_decay(step_share: float, optim: OptimConfig) -> float:
     """The EMA's decay for a step that took `step_share` of the run: EMA_DECAY when given (per step, as
     the records), else one that follows the step's share, so short runs average like long ones."""
-    return h.ema_decay if h.ema_decay is not None else math.exp(-step_share / EMA_RUN_HORIZON)
+    return optim.ema_decay if optim.ema_decay is not None else math.exp(-step_share / EMA_RUN_HORIZON)
+
+
+CALIBRATION_MARGIN = 1.25  # the reserve over the measured pace: the Hessians' all-reduce, clock noise
+CALIBRATION_FIXED_SECONDS = 1.0  # and the loader's batches, the damping and the log lines
+
+
+def calibration_reserve(
+    model: GPT, data: DataConfig, quant: QuantConfig, device: torch.device, batch: tuple[Tensor, Tensor]
+) -> float:
+    """Seconds calibrate() will take, measured: one micro-batch's Hessians timed (after an untimed one that
+    loads the kernels), times GPTQ_CALIBRATION_BATCHES, with a margin."""
+    was_training = model.training
+    model.eval()
+    seconds = 0.0
+    with hessian_matmuls():
+        for timed in (False, True):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            collect_hessians(model, [batch], 1, doc_span=data.train_seq_len)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t0 if timed else seconds
+    model.train(was_training)
+    return CALIBRATION_MARGIN * quant.gptq_calibration_batches * seconds + CALIBRATION_FIXED_SECONDS
 
 
 class Trainer:
     """One training run: data, model, optimizers, compile warm-up and the timed loop."""
 
-    def __init__(self, h, rt: Runtime):
-        self.h, self.rt, device = h, rt, rt.device
-        self.accum = grad_accum_steps(h, rt.world_size)
+    def __init__(self, h: Config, rt: Runtime):
+        self.data = h.data
+        self.optim = h.optim
+        self.quant = h.quant
+        self.run_cfg = h.run
+        self.rt = rt
+        self.cfg, device = h.model, rt.device
+        self.accum = grad_accum_steps(self.data, rt.world_size)
         self.loader = TrainLoader(
-            check_shards(shard_files(h.data_path, "train"), h.vocab_size),
-            rt.rank,
-            rt.world_size,
-            train_rows(h)[1],
-            h.micro_batch_tokens,
-            self.accum,
-            device,
-            h.vocab_size,
+            files=check_shards(shard_files(self.data.data_path, "train"), self.data.vocab_size),
+            rank=rt.rank,
+            world_size=rt.world_size,
+            seq_len=train_rows(self.data)[1],
+            micro_tokens=self.data.micro_batch_tokens,
+            accum=self.accum,
+            device=device,
+            vocab_size=self.data.vocab_size,
         )
         # mean keys per token for the FLOP count (mfu), from the first training shard's documents
-        self.context = training_context(h, self.loader.stream.tokens[: 1 << 24])[0]
-        self.model = GPT(model_config(h)).to(device)
-        self.compiled = maybe_compile(self.model, h, device)
+        self.context = training_context(self.data, self.loader.stream.tokens[: 1 << 24])[0]
+        self.model = GPT(self.cfg).to(device)
+        self.compiled = maybe_compile(self.model, self.run_cfg, device)
         self.ddp = (
             DDP(
                 self.compiled,
@@ -3607,10 +4233,10 @@ class Trainer:
             if rt.world_size > 1
             else self.compiled
         )
-        self.optimizers = build_optimizers(self.model, h, rt.rank, rt.world_size)
+        self.optimizers = build_optimizers(self.model, self.optim, rt.rank, rt.world_size)
         # QAT: each tensor stored as integers, with its export grid; copies of the float weights.
         self.qat = False
-        grids = ((p, *storage_grid(name, p, h)) for name, p in self.model.named_parameters())
+        grids = ((p, *storage_grid(name, p, self.quant)) for name, p in self.model.named_parameters())
         self.qat_grids = [(p, bits, sigmas) for p, bits, sigmas in grids if bits < 16]
         self.qat_masters: list[Tensor] = []
         self.ema: EMA | None = None
@@ -3620,52 +4246,70 @@ class Trainer:
 
     def set_stop_rule(self) -> None:
         """What step lines show of the wall-clock stop."""
-        h = self.h
         self.stop_rule = (
-            f" (stops at {h.train_wallclock_seconds:g}s or step {h.iterations}, whichever first)"
-            if h.max_wallclock_seconds > 0
+            f" (stops at {self.optim.train_wallclock_seconds:g}s or step {self.optim.iterations}, "
+            "whichever first)"
+            if self.optim.max_wallclock_seconds > 0
             else ""
         )
 
     def reserve_calibration(self) -> None:
         """Unless GPTQ_RESERVE_SECONDS is given: the time calibration will take, measured on one training
         micro-batch (the data position restored), the slowest rank's, is cut from the training wall clock."""
-        h, rt = self.h, self.rt
-        if not h.calibrate or h.max_wallclock_seconds <= 0 or h.gptq_reserve_seconds is not None:
+        rt = self.rt
+        if (
+            not self.quant.calibrate
+            or self.optim.max_wallclock_seconds <= 0
+            or self.quant.gptq_reserve_seconds is not None
+        ):
             return
         position = self.loader.stream.state()
         batch = self.loader.next_step()[0]
         self.loader.stream.restore(position)
-        seconds = torch.tensor(calibration_reserve(self.model, h, rt.device, batch), device=rt.device)
+        seconds = torch.tensor(
+            calibration_reserve(
+                model=self.model, data=self.data, quant=self.quant, device=rt.device, batch=batch
+            ),
+            device=rt.device,
+        )
         if rt.world_size > 1:
             dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
         reserve = seconds.item()
-        if reserve >= h.max_wallclock_seconds:
+        if reserve >= self.optim.max_wallclock_seconds:
             raise ConfigError(
                 f"GPTQ calibration is measured at {reserve:.1f}s, not within MAX_WALLCLOCK_SECONDS="
-                f"{h.max_wallclock_seconds:g}: lower GPTQ_CALIBRATION_BATCHES={h.gptq_calibration_batches}"
+                f"{self.optim.max_wallclock_seconds:g}: lower "
+                f"GPTQ_CALIBRATION_BATCHES={self.quant.gptq_calibration_batches}"
             )
-        h.calibration_reserve_seconds = reserve
-        h.train_wallclock_seconds = h.max_wallclock_seconds - reserve
+        self.optim = replace(
+            self.optim,
+            calibration_reserve_seconds=reserve,
+            train_wallclock_seconds=self.optim.max_wallclock_seconds - reserve,
+        )
         self.set_stop_rule()
         rt.log(
-            f"gptq_reserve: {reserve:.1f}s measured ({h.gptq_calibration_batches} calibration batches at one "
+            f"gptq_reserve: {reserve:.1f}s measured ({self.quant.gptq_calibration_batches} calibration "
+            "batches at one "
             f"timed batch's pace x {CALIBRATION_MARGIN} + {CALIBRATION_FIXED_SECONDS:g}s): training stops at "
-            f"{h.train_wallclock_seconds:.1f}s"
+            f"{self.optim.train_wallclock_seconds:.1f}s"
         )
-        rt.log.event("gptq_reserve", seconds=reserve, train_wallclock_seconds=h.train_wallclock_seconds)
+        rt.log.event(
+            "gptq_reserve", seconds=reserve, train_wallclock_seconds=self.optim.train_wallclock_seconds
+        )
 
     def progress(self, elapsed_ms: float) -> float:
         """Fraction of the run done: the larger of steps / ITERATIONS and time / (MAX_WALLCLOCK_SECONDS - GPTQ
         reserve)."""
         by_time = (
-            elapsed_ms / (1000 * self.h.train_wallclock_seconds) if self.h.max_wallclock_seconds > 0 else 0.0
+            elapsed_ms / (1000 * self.optim.train_wallclock_seconds)
+            if self.optim.max_wallclock_seconds > 0
+            else 0.0
         )
-        return min(1.0, max(self.step / self.h.iterations, by_time))
+        return min(1.0, max(self.step / self.optim.iterations, by_time))
 
     def apply_schedule(self, progress: float) -> None:
         """Sets learning rates and Muon momentum, and switches the loop and QAT on when their time comes."""
-        stage = schedule(progress, self.h)
+        stage = schedule(progress, self.cfg, self.optim)
         for opt in self.optimizers:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * stage.lr_scale
@@ -3685,17 +4329,17 @@ class Trainer:
         for micro, (x, y) in enumerate(batches):
             sync = self.rt.world_size == 1 or micro == len(batches) - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync(), autocast(self.rt.device):
-                loss, ce = self.ddp(x, y, doc_span=self.h.train_seq_len)
+                loss, ce = self.ddp(x, y, doc_span=self.data.train_seq_len)
             (loss / self.accum).backward()
             ce_sum += ce
         if self.qat:
             self.restore_float_weights()
-        if self.h.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.h.grad_clip_norm)
+        if self.optim.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip_norm)
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        stats = collect_routing_stats(self.model, self.h.router_bias_rate, self.rt.world_size)
+        stats = collect_routing_stats(self.model, self.optim.router_bias_rate, self.rt.world_size)
         if stats is not None:
             self.routing_totals = stats if self.routing_totals is None else self.routing_totals + stats
         return ce_sum / len(batches)
@@ -3723,16 +4367,16 @@ class Trainer:
 
     def compile_warmup(self) -> None:
         """Run WARMUP_STEPS steps to compile, then restore weights, optimizer state and data position."""
-        if self.h.warmup_steps <= 0:
+        if self.optim.warmup_steps <= 0:
             return
         saved = (
             copy.deepcopy(self.model.state_dict()),
             [copy.deepcopy(o.state_dict()) for o in self.optimizers],
             self.loader.stream.state(),
         )
-        for looping in (False, True) if loop_switch_planned(self.h) else (self.model.looping,):
+        for looping in (False, True) if loop_switch_planned(self.cfg, self.optim) else (self.model.looping,):
             self.model.set_looping(looping)  # compile both layer orders now: the timed switch then costs none
-            for _ in range(self.h.warmup_steps):
+            for _ in range(self.optim.warmup_steps):
                 self.train_step()
         self.model.load_state_dict(saved[0])
         for opt, state in zip(self.optimizers, saved[1]):
@@ -3747,19 +4391,19 @@ class Trainer:
         self.rt.log.event("layer_loop", step=self.step, progress=progress, order=order)
 
     def update_ema(self, step_progress: float) -> None:
-        if self.h.ema_decay == 0:
+        if self.optim.ema_decay == 0:
             return
         if self.ema is None:
             self.ema = EMA(self.model)
             return
-        self.ema.update(ema_decay(step_progress, self.h))
+        self.ema.update(ema_decay(step_progress, self.optim))
 
     def log_step(self, step: int, ce: float, elapsed_ms: float, peak: float | None) -> None:
-        tokens_per_s = step * self.h.train_batch_tokens / max(elapsed_ms / 1000, 1e-9)
-        flops = flops_per_token(self.model, self.h, context=self.context)  # of the current loop state
+        tokens_per_s = step * self.data.train_batch_tokens / max(elapsed_ms / 1000, 1e-9)
+        flops = flops_per_token(self.model, self.data, context=self.context)  # of the current loop state
         mfu_pct = 100 * tokens_per_s * flops / (peak * self.rt.world_size) if peak else None
         self.rt.log(
-            f"step:{step}/{self.h.iterations} train_loss:{ce:.4f} train_time:{elapsed_ms:.0f}ms "
+            f"step:{step}/{self.optim.iterations} train_loss:{ce:.4f} train_time:{elapsed_ms:.0f}ms "
             f"step_avg:{elapsed_ms / step:.2f}ms tok/s:{tokens_per_s:.0f}"
             + (f" mfu:{mfu_pct:.1f}%" if peak else "")
             + self.stop_rule
@@ -3767,7 +4411,7 @@ class Trainer:
         self.rt.log.event(
             "step",
             step=step,
-            iterations=self.h.iterations,
+            iterations=self.optim.iterations,
             train_loss=ce,
             train_time_ms=elapsed_ms,
             step_avg_ms=elapsed_ms / step,
@@ -3811,7 +4455,7 @@ class Trainer:
         elapsed_ms, nonfinite, ce = flags.tolist()
         if nonfinite:
             raise TrainingDiverged(f"non-finite training loss at step {step}: stopping the run")
-        if step % self.h.train_log_every == 0 or step == 1 or final:
+        if step % self.run_cfg.train_log_every == 0 or step == 1 or final:
             self.log_step(step, ce, self.train_ms + 1000 * (time.perf_counter() - t0), peak)
         return elapsed_ms
 
@@ -3819,17 +4463,22 @@ class Trainer:
         """The timed loop (`validate()` runs with the clock paused). Schedules, EMA and the stop follow the
         agreed time of step N-1's flags, read after step N is launched, so every rank decides alike without
         waiting."""
-        h = self.h
         peak = peak_flops(self.rt.device)
-        stop, last_progress, agreed_ms, pending = False, 0.0, 0.0, None
-        torch.manual_seed(h.seed + self.rt.rank)  # router noise differs per rank; the init did not
+        stop = False
+        last_progress = 0.0
+        agreed_ms = 0.0
+        pending = None
+        torch.manual_seed(self.run_cfg.seed + self.rt.rank)  # router noise differs per rank; the init did not
         self.sync()
         t0 = time.perf_counter()
         while True:
-            last = stop or self.step >= h.iterations
-            if last or (h.val_loss_every and self.step and self.step % h.val_loss_every == 0):
+            last = stop or self.step >= self.optim.iterations
+            if last or (
+                self.run_cfg.val_loss_every and self.step and self.step % self.run_cfg.val_loss_every == 0
+            ):
                 if pending is not None:
-                    agreed_ms, pending = self.read_flags(pending, self.step, t0, peak, last), None
+                    agreed_ms = self.read_flags(pending=pending, step=self.step, t0=t0, peak=peak, final=last)
+                    pending = None
                 self.sync()
                 self.train_ms += 1000 * (time.perf_counter() - t0)
                 validate(self.step)
@@ -3841,10 +4490,12 @@ class Trainer:
             ce = self.train_step()
             self.step += 1
             if pending is not None:
-                agreed_ms = self.read_flags(pending, self.step - 1, t0, peak, False)
+                agreed_ms = self.read_flags(
+                    pending=pending, step=self.step - 1, t0=t0, peak=peak, final=False
+                )
                 # Two more steps run after this is read: stop when their predicted time would reach the cap.
-                stop = 0 < h.max_wallclock_seconds and (  # the GPTQ reserve is not training time
-                    h.train_wallclock_seconds * 1000 <= agreed_ms * (1 + 2 / max(self.step - 2, 1))
+                stop = 0 < self.optim.max_wallclock_seconds and (  # the GPTQ reserve is not training time
+                    self.optim.train_wallclock_seconds * 1000 <= agreed_ms * (1 + 2 / max(self.step - 2, 1))
                 )
             pending = self.step_flags(ce, self.train_ms + 1000 * (time.perf_counter() - t0))
             progress = self.progress(agreed_ms)
@@ -3856,12 +4507,15 @@ class Trainer:
             torch.cuda.synchronize()
 
 
-# ---- 11. main(): train, export, read back, evaluate ----------------------------------------------
-def load_artifact_model(path: str, device: torch.device, **overrides) -> tuple[GPT, SimpleNamespace]:
+# ---- 12. main(): train, export, read back, evaluate ----------------------------------------------
+# The entry points: main loads the Config once and names the run; train_and_evaluate and evaluate_artifact
+# hand each callee the groups it reads. Every final score is of the artifact read back from disk, never of
+# the model in memory.
+def load_artifact_model(path: str, device: torch.device, **overrides) -> tuple[GPT, Config]:
     """Rebuild the model from an artifact alone (its stored knobs) and load the dequantized weights."""
     config, state = read_artifact(path)
     h = load_config({}, **config, **overrides)
-    model = GPT(model_config(h)).to(device)
+    model = GPT(h.model).to(device)
     missing = set(artifact_state(model)) - set(state)
     if missing:
         raise ArtifactError(f"{path}: artifact lacks tensors {sorted(missing)[:3]}")
@@ -3869,42 +4523,25 @@ def load_artifact_model(path: str, device: torch.device, **overrides) -> tuple[G
     return model, h
 
 
-def log_budget_preview(model: GPT, h, log) -> None:
-    estimate, per_class = estimate_artifact_bytes(model, h)
-    code = code_bytes()
-    total = estimate + code
+def log_model(model: GPT, knobs: dict, log) -> None:
+    log("config " + json.dumps(knobs, sort_keys=True))
+    n_params = sum(p.numel() for p in model.parameters())
+    n_router = sum(p.numel() for n, p in model.named_parameters() if "router" in n)
     log.event(
-        "budget_preview",
-        estimate_bytes=estimate,
-        per_class=per_class,
-        cap=h.size_cap_bytes,
-        code_bytes=code,
-        total_bytes=total,
+        "params", total=n_params, active_matmul_per_token=matmul_params_per_token(model), router=n_router
     )
-    classes = ", ".join(f"{k}:{v}" for k, v in sorted(per_class.items()))
     log(
-        f"budget_preview: artifact ~{estimate} bytes ({classes}) + code {code} ({CODE_COUNTED_AS}) "
-        f"= ~{total} of {h.size_cap_bytes} (slack ~{h.size_cap_bytes - total})"
+        f"params total:{n_params} active_matmul_per_token:{matmul_params_per_token(model)} router:{n_router} "
+        f"moe_mode:{model.cfg.moe_mode} moe_layers:{list(model.cfg.moe_layer_ids)}"
     )
-    refused = h.budget_margin >= 0 and total > h.size_cap_bytes * (1 + h.budget_margin)
-    if total > h.size_cap_bytes and not refused:
-        log(
-            f"budget: ~{total - h.size_cap_bytes} bytes over the cap, allowed by BUDGET_MARGIN="
-            f"{h.budget_margin:g}: the run starts; if the written artifact is over, the export shrinks it "
-            "(more pruning, then fewer bits) until it fits"
-        )
-    if refused:
-        raise ConfigError(
-            f"estimated artifact + code ~{total} bytes exceeds SIZE_CAP_BYTES={h.size_cap_bytes} by more "
-            f"than BUDGET_MARGIN={h.budget_margin}; shrink the model or lower MATRIX_BITS / EMBED_BITS, or "
-            "set BUDGET_MARGIN=-1"
-        )
 
 
-def log_header(h, model: GPT, rt: Runtime, accum: int, val_tokens: Tensor) -> None:
+def log_header(
+    model: GPT, knobs: dict, data: DataConfig, rt: Runtime, accum: int, val_tokens: Tensor
+) -> None:
     device, log = rt.device, rt.log
     device_name = f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-    code_sha, knobs = sha256_file(os.path.abspath(__file__)), knob_values(h)
+    code_sha = sha256_file(os.path.abspath(__file__))
     log.event(
         "config",
         knobs=knobs,
@@ -3922,68 +4559,62 @@ def log_header(h, model: GPT, rt: Runtime, accum: int, val_tokens: Tensor) -> No
     )
     log(f"code_sha256:{code_sha} code_bytes:{script_bytes()}")
     log(
-        f"val_tokens:{val_tokens.numel()} token_limit:{h.val_token_limit} data:{os.path.abspath(h.data_path)}"
+        f"val_tokens:{val_tokens.numel()} token_limit:{data.val_token_limit} "
+        f"data:{os.path.abspath(data.data_path)}"
     )
-    log_model(h, model, log)
-
-
-def log_model(h, model: GPT, log) -> None:
-    log("config " + json.dumps(knob_values(h), sort_keys=True))
-    n_params = sum(p.numel() for p in model.parameters())
-    n_router = sum(p.numel() for n, p in model.named_parameters() if "router" in n)
-    log.event(
-        "params", total=n_params, active_matmul_per_token=matmul_params_per_token(model), router=n_router
-    )
-    log(
-        f"params total:{n_params} active_matmul_per_token:{matmul_params_per_token(model)} router:{n_router} "
-        f"moe_mode:{h.moe_mode} moe_layers:{h.moe_layer_ids}"
-    )
+    log_model(model, knobs, log)
 
 
 # What the 1.0611 record's own step times imply (96 ms before its loop switch, 138 after).
 PROJECTED_MFU = 0.30
 
 
-def first_train_tokens(h, limit: int = 1 << 24) -> np.ndarray | None:
+def first_train_tokens(data: DataConfig, limit: int = 1 << 24) -> np.ndarray | None:
     """Up to `limit` tokens of DATA_PATH's first training shard; None without one (DRY_RUN needs no data)."""
     try:
-        return np.asarray(read_shard(shard_files(h.data_path, "train")[0])[:limit])
+        return np.asarray(read_shard(shard_files(data.data_path, "train")[0])[:limit])
     except DataError:
         return None
 
 
-def dry_run(h) -> None:
+def dry_run(h: Config) -> None:
     """DRY_RUN=1: the model on the meta device (no tokenizer or GPU; DATA_PATH's first training shard, when
     there is one, for document lengths): the config, parameter count, budget preview and the projected speed
     on 8xH100."""
-    log, peak, rates = Logger(None, console=True), PEAK_BF16_FLOPS["H100"], []
-    grad_accum_steps(h, int(os.environ.get("WORLD_SIZE", 1)))  # a batch this launch would refuse: refused
+    log = Logger(None, console=True)
+    peak = PEAK_BF16_FLOPS["H100"]
+    rates = []
+    grad_accum_steps(
+        h.data, int(os.environ.get("WORLD_SIZE", 1))
+    )  # a batch this launch would refuse: refused
     try:
-        grad_accum_steps(h, 8)
+        grad_accum_steps(h.data, 8)
     except ConfigError as err:  # the 8-GPU run the projection is of
         log(f"warning: torchrun --nproc_per_node=8 would refuse this batch: {err}")
     with torch.device("meta"):
-        model = GPT(model_config(h))
-    log_model(h, model, log)
+        model = GPT(h.model)
+    log_model(model, knob_values(h), log)
     try:
-        log_budget_preview(model, h, log)
+        log_budget_preview(model, h.quant, log)
     except ConfigError as err:
         log(f"budget: a real run would refuse to start: {err}")
-    context, counted = training_context(h, first_train_tokens(h) if h.respect_doc_boundaries else None)
+    tokens = first_train_tokens(h.data) if h.data.respect_doc_boundaries else None
+    context, counted = training_context(h.data, tokens)
     log(f"projection attention_flops: {counted}")
-    for looping in sorted({False, h.num_loops > 0}):
-        flops = flops_per_token(model, h, looping, context)
+    for looping in sorted({False, h.model.num_loops > 0}):
+        flops = flops_per_token(model, h.data, looping, context)
         rates.append(PROJECTED_MFU * peak / flops)  # tokens/s per GPU
         log(
             f"projection loops:{'on' if looping else 'off'} flops_per_token:{flops:.4g} "
-            f"ms_per_step:{1000 * h.train_batch_tokens / (8 * rates[-1]):.1f} tok/s_per_gpu:{rates[-1]:.0f}"
+            f"ms_per_step:{1000 * h.data.train_batch_tokens / (8 * rates[-1]):.1f} "
+            f"tok/s_per_gpu:{rates[-1]:.0f}"
         )
-    off_share = h.enable_looping_at if loop_switch_planned(h) else 1.0
+    off_share = h.optim.enable_looping_at if loop_switch_planned(h.model, h.optim) else 1.0
     average = off_share * rates[0] + (1 - off_share) * rates[-1]  # the switch: at a share of the wall clock
-    steps = average * 8 * h.max_wallclock_seconds / h.train_batch_tokens
+    steps = average * 8 * h.optim.max_wallclock_seconds / h.data.train_batch_tokens
     log(
         f"projection run_average tok/s_per_gpu:{average:.0f} "
-        f"steps_in_{h.max_wallclock_seconds:.0f}s:{steps:.0f} "
+        f"steps_in_{h.optim.max_wallclock_seconds:.0f}s:{steps:.0f} "
         f"(8xH100 at MFU {PROJECTED_MFU:.0%}, loops from {off_share:.0%} of the run; 1.0M tok/s needs MFU "
         f"{PROJECTED_MFU * 1e6 / average:.0%})"
     )
@@ -4021,24 +4652,28 @@ def save_array(values: np.ndarray, name: str) -> None:
         np.save(f, values)
 
 
-def export_and_report(model: GPT, h, path: str, log, hessians: dict | None) -> str:
+def export_and_report(model: GPT, quant: QuantConfig, path: str, log, hessians: dict | None) -> str:
     """Writes the artifact (never over another file) and logs its size check -> the artifact's path."""
 
     code = code_bytes()
 
     def export(partial: str) -> None:
         with exact_fp32_matmuls():
-            export_artifact(model, h, partial, code, log, hessians)
+            export_artifact(
+                model=model, quant=quant, path=partial, code_bytes=code, log=log, hessians=hessians
+            )
 
     path = write_new_file(path, export, log)
     size = os.path.getsize(path)
-    total, slack, digest = size + code, h.size_cap_bytes - size - code, sha256_file(path)
+    total = size + code
+    slack = quant.size_cap_bytes - size - code
+    digest = sha256_file(path)
     log(f"Serialized model quant+zstd: {size} bytes")
     log(f"Code size (counted: {CODE_COUNTED_AS}): {code} bytes")
     log(f"Code size (uncompressed, the script as run): {script_bytes()} bytes")
     log(f"Total submission size quant+zstd: {total} bytes")
     log(
-        f"size_check total:{total} cap:{h.size_cap_bytes} slack:{slack} "
+        f"size_check total:{total} cap:{quant.size_cap_bytes} slack:{slack} "
         f"{'OK' if slack >= 0 else 'OVER THE CAP'} "
         f"artifact:{os.path.abspath(path)} sha256:{digest}"
     )
@@ -4049,7 +4684,7 @@ def export_and_report(model: GPT, h, path: str, log, hessians: dict | None) -> s
         script_bytes=script_bytes(),
         artifact_bytes=size,
         total_bytes=total,
-        cap=h.size_cap_bytes,
+        cap=quant.size_cap_bytes,
         slack=slack,
         artifact=os.path.abspath(path),
         sha256=digest,
@@ -4075,145 +4710,6 @@ def check_ranks_in_sync(model: nn.Module, rt: Runtime) -> None:
     rt.log(f"ranks_in_sync:yes ranks:{rt.world_size} tensors:{len(names)}")
 
 
-def final_evaluation(qmodel: GPT, h, val: Validation, rt: Runtime) -> None:
-    """Plain, sliding-window and TTT evaluation of the read-back model of ARTIFACT_PATH; the last is the
-    score. An invalid result (over the cap, non-finite stored tensors or score) marks its lines
-    INVALID(...), then the run fails."""
-    path, device, log = h.artifact_path, rt.device, rt.log
-    total = os.path.getsize(path) + code_bytes()
-    bad = [n for n, t in artifact_state(qmodel).items() if not t.isfinite().all()]
-    problems = []
-    if total > h.size_cap_bytes:
-        problems.append(f"code + artifact {total} bytes > SIZE_CAP_BYTES={h.size_cap_bytes}")
-    if bad:
-        problems.append(f"{len(bad)} stored tensors not finite ({', '.join(bad[:3])})")
-    q_fn = maybe_compile(qmodel.logits, h, device)
-    modes = [("roundtrip", "plain", h.eval_seq_len)]  # (line label, mode, stride)
-    if h.eval_stride not in (0, h.eval_seq_len):
-        modes.append(("sliding_window", "sliding", h.eval_stride))
-    if h.ttt_enabled:
-        modes.append(("ttt", "ttt", h.ttt_chunk_size))
-    for label, mode, stride in modes:  # per-token losses of the last, score-defining evaluation
-        keep_losses = h.eval_token_losses and label == modes[-1][0]
-        losses = torch.zeros(val.tokens.numel() - 1, device=device) if keep_losses else None
-        t0 = time.perf_counter()
-        if mode == "ttt":  # on a copy: TTT changes the weights
-            loss, bpb = ttt_evaluate(copy.deepcopy(qmodel), h, val.tokens, val.tables, rt, losses)
-        else:
-            spec = WindowSpec(h.eval_seq_len, stride, h.eval_batch_seqs)
-            loss, bpb = evaluate(q_fn, val.tokens, val.tables, spec, rt, losses, f"final {label} evaluation")
-        seconds = time.perf_counter() - t0
-        if not math.isfinite(bpb) and "val_bpb is not finite" not in problems:
-            problems.append("val_bpb is not finite")
-        mark = f" INVALID({'; '.join(problems)})" if problems else ""
-        log(
-            f"final_quant_zstd_{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} stride:{stride} "
-            f"seq_len:{h.eval_seq_len} eval_time:{1000 * seconds:.0f}ms{val.note}{mark}"
-        )
-        log.event(
-            "final",
-            name=f"final_quant_zstd_{label}_exact",
-            mode=mode,
-            val_loss=loss,
-            val_bpb=bpb,
-            eval_time_s=seconds,
-            stride=stride,
-            seq_len=h.eval_seq_len,
-            invalid=problems,
-        )
-        if losses is not None and rt.rank == 0:  # whole, and never over another file
-            written = write_new_file(
-                h.eval_token_losses, functools.partial(save_array, losses.cpu().numpy()), log
-            )
-            log(f"token_losses: {losses.numel()} float32 nats ({mode}) in {written}")
-    if problems:
-        raise ArtifactError(f"{path}: not a valid result: {'; '.join(problems)}")
-
-
-# The 1.0611 record's TTT logs imply ~12% MFU for the FLOPs ttt_seconds counts (~3.8e17 for its document
-# scoring and adapter training, ~380 s on 8xH100) and ~0.15 s per global SGD step (overhead-bound, not FLOPs).
-TTT_ASSUMED_MFU, GLOBAL_SGD_STEP_SECONDS = 0.12, 0.15
-# Its plain evaluation of 40,540,160 tokens took 6.7 s once compiled: ~11% MFU by this file's forward FLOPs;
-# the read-back model's first evaluation took ~5 s longer (its compilation) and the TTT warm-up 88.8 s. The
-# 2026-04-06 record (same shape) scored 633,409 sliding windows of 2048 in 83.6 s: ~25% MFU.
-EVAL_ASSUMED_MFU, SLIDING_ASSUMED_MFU = 0.11, 0.25
-EVAL_COMPILE_SECONDS, TTT_COMPILE_SECONDS = 5.0, 89.0
-
-
-def final_looping(model: GPT, h) -> bool:
-    """The loop state the final evaluations run in: a training run switches the loops on as planned."""
-    return model.looping or (not h.eval_only and loop_switch_planned(h))
-
-
-def ttt_seconds(model: GPT, h, val_tokens: Tensor) -> float:
-    """TTT's seconds on 8xH100: counted FLOPs at TTT_ASSUMED_MFU + the global SGD steps."""
-    docs, phases = ttt_schedule(val_tokens, h)
-    window_tokens = sgd_tokens = steps = 0
-    for batches, sgd_end in phases:
-        for rows in batches:  # per step of a trained chunk: a forward, then input gradients of about as much
-            widths = chunk_widths(max(docs[d][1] for d in rows), h)
-            window_tokens += len(rows) * (
-                sum(widths) * 2 * h.ttt_grad_steps - (2 * h.ttt_grad_steps - 1) * widths[-1]
-            )
-        sgd_tokens, steps = sgd_tokens + 3 * sgd_end, steps + math.ceil(sgd_end / h.global_ttt_chunk_tokens)
-    flops = (
-        flops_per_token(model, h, final_looping(model, h))
-        / 3
-        * (window_tokens + sgd_tokens * h.global_ttt_epochs)
-    )
-    return (
-        flops / (8 * PEAK_BF16_FLOPS["H100"] * TTT_ASSUMED_MFU)
-        + steps * h.global_ttt_epochs * GLOBAL_SGD_STEP_SECONDS
-    )
-
-
-def eval_seconds(model: GPT, h, val_tokens: Tensor) -> dict[str, float]:
-    """Seconds on 8xH100 of every final evaluation the run performs (plain, sliding, TTT) and of their
-    compile warm-ups (COMPILE is on by default on GPUs)."""
-    forward_flops = flops_per_token(model, h, final_looping(model, h)) / 3
-    rate = 8 * PEAK_BF16_FLOPS["H100"] / forward_flops  # tokens per second at 100% MFU
-    windows = eval_windows(val_tokens.numel(), h.eval_seq_len, h.eval_stride)
-    sliding = h.eval_stride not in (0, h.eval_seq_len)
-    parts = {"plain": (val_tokens.numel() - 1) / (rate * EVAL_ASSUMED_MFU)}
-    if sliding:
-        window_tokens = len(windows) * min(h.eval_seq_len, val_tokens.numel() - 1)
-        parts["sliding"] = window_tokens / (rate * SLIDING_ASSUMED_MFU)
-    if h.ttt_enabled:
-        parts["ttt"] = ttt_seconds(model, h, val_tokens)
-    if h.compile != "0":
-        parts["compile"] = EVAL_COMPILE_SECONDS * (1 + sliding) + TTT_COMPILE_SECONDS * h.ttt_enabled
-    return parts
-
-
-def check_eval_time(model: GPT, h, val_tokens: Tensor, log) -> None:
-    """Logs the final evaluations' projected seconds on 8xH100; refuses a total over EVAL_TIME_LIMIT."""
-    parts = eval_seconds(model, h, val_tokens)
-    seconds = sum(parts.values())
-    if h.ttt_enabled:
-        log(
-            f"ttt_projection: ~{parts['ttt']:.1f}s on 8xH100 for these {val_tokens.numel()} validation "
-            "tokens "
-            f"(counted FLOPs at an assumed {100 * TTT_ASSUMED_MFU:.0f}% MFU "
-            f"+ {GLOBAL_SGD_STEP_SECONDS}s per global SGD step)"
-        )
-        log.event(
-            "ttt_projection", seconds=parts["ttt"], assumed_mfu=TTT_ASSUMED_MFU, val_tokens=val_tokens.numel()
-        )
-    log(
-        f"eval_projection: ~{seconds:.1f}s on 8xH100 for every final evaluation "
-        f"({', '.join(f'{k} ~{v:.1f}s' for k, v in parts.items())}; forward FLOPs at the records' "
-        f"{100 * EVAL_ASSUMED_MFU:.0f}% MFU, sliding {100 * SLIDING_ASSUMED_MFU:.0f}%)"
-    )
-    log.event("eval_projection", seconds=seconds, parts=parts, val_tokens=val_tokens.numel())
-    if h.eval_time_limit and seconds > h.eval_time_limit:
-        raise ConfigError(
-            f"the final evaluations are projected at ~{seconds:.0f}s on 8xH100 "
-            f"({', '.join(f'{k} ~{v:.0f}s' for k, v in parts.items())}), over EVAL_TIME_LIMIT="
-            f"{h.eval_time_limit:g}: raise EVAL_STRIDE or TTT_CHUNK_SIZE, lower PHASED_TTT_PREFIX_DOCS or "
-            "TTT_GRAD_STEPS, or set EVAL_TIME_LIMIT=0"
-        )
-
-
 class Validation(NamedTuple):
     """What every evaluation scores: the validation tokens, the tokenizer's byte tables, and the note every
     score line carries when VAL_TOKEN_LIMIT cuts the split."""
@@ -4223,72 +4719,147 @@ class Validation(NamedTuple):
     note: str
 
 
-def load_validation(h, log) -> Validation:
-    tables = byte_tables(load_tokenizer(h.tokenizer_path, h.vocab_size))
-    tokens = load_val_tokens(h.data_path, h.vocab_size, h.val_token_limit)
+def load_validation(data: DataConfig, evaluation: EvaluationConfig, log) -> Validation:
+    tables = byte_tables(load_tokenizer(data.tokenizer_path, data.vocab_size))
+    tokens = load_val_tokens(data.data_path, data.vocab_size, data.val_token_limit)
     if (
-        h.eval_seq_len >= tokens.numel()
+        evaluation.eval_seq_len >= tokens.numel()
     ):  # one window holding everything: not the sliding evaluation asked for
-        limit = f" (VAL_TOKEN_LIMIT={h.val_token_limit})" if h.val_token_limit else ""
+        limit = f" (VAL_TOKEN_LIMIT={data.val_token_limit})" if data.val_token_limit else ""
         raise ConfigError(
-            f"EVAL_SEQ_LEN={h.eval_seq_len}: not shorter than the validation split, {tokens.numel()} tokens"
-            f"{limit} in DATA_PATH={h.data_path}"
+            f"EVAL_SEQ_LEN={evaluation.eval_seq_len}: not shorter than the validation split, "
+            f"{tokens.numel()} tokens"
+            f"{limit} in DATA_PATH={data.data_path}"
         )
-    warning = check_tokenizer_identity(h.data_path, h.tokenizer_path)
+    warning = check_tokenizer_identity(data.data_path, data.tokenizer_path)
     if warning:
         log(warning)
-    note = f" (first {h.val_token_limit} tokens only: not a score)" if h.val_token_limit else ""
+    note = f" (first {data.val_token_limit} tokens only: not a score)" if data.val_token_limit else ""
     return Validation(tokens, tables, note)
 
 
-def evaluate_artifact(h, rt: Runtime) -> None:
+def final_evaluation(
+    qmodel: GPT,
+    evaluation: EvaluationConfig,
+    quant: QuantConfig,
+    run: RunConfig,
+    val: Validation,
+    rt: Runtime,
+) -> None:
+    """Plain, sliding-window and TTT evaluation of the read-back model of ARTIFACT_PATH; the last is the
+    score. An invalid result (over the cap, non-finite stored tensors or score) marks its lines
+    INVALID(...), then the run fails."""
+    path = run.artifact_path
+    device = rt.device
+    log = rt.log
+    total = os.path.getsize(path) + code_bytes()
+    bad = [n for n, t in artifact_state(qmodel).items() if not t.isfinite().all()]
+    problems = []
+    if total > quant.size_cap_bytes:
+        problems.append(f"code + artifact {total} bytes > SIZE_CAP_BYTES={quant.size_cap_bytes}")
+    if bad:
+        problems.append(f"{len(bad)} stored tensors not finite ({', '.join(bad[:3])})")
+    q_fn = maybe_compile(qmodel.logits, run, device)
+    modes = [("roundtrip", "plain", evaluation.eval_seq_len)]  # (line label, mode, stride)
+    if evaluation.eval_stride not in (0, evaluation.eval_seq_len):
+        modes.append(("sliding_window", "sliding", evaluation.eval_stride))
+    if evaluation.ttt_enabled:
+        modes.append(("ttt", "ttt", evaluation.ttt_chunk_size))
+    for label, mode, stride in modes:  # per-token losses of the last, score-defining evaluation
+        keep_losses = evaluation.eval_token_losses and label == modes[-1][0]
+        losses = torch.zeros(val.tokens.numel() - 1, device=device) if keep_losses else None
+        t0 = time.perf_counter()
+        if mode == "ttt":  # on a copy: TTT changes the weights
+            loss, bpb = ttt_evaluate(
+                model=copy.deepcopy(qmodel),
+                evaluation=evaluation,
+                run=run,
+                tokens=val.tokens,
+                tables=val.tables,
+                rt=rt,
+                token_losses=losses,
+            )
+        else:
+            spec = WindowSpec(evaluation.eval_seq_len, stride, evaluation.eval_batch_seqs)
+            loss, bpb = evaluate(
+                logits_fn=q_fn,
+                tokens=val.tokens,
+                tables=val.tables,
+                spec=spec,
+                rt=rt,
+                token_losses=losses,
+                phase=f"final {label} evaluation",
+            )
+        seconds = time.perf_counter() - t0
+        if not math.isfinite(bpb) and "val_bpb is not finite" not in problems:
+            problems.append("val_bpb is not finite")
+        mark = f" INVALID({'; '.join(problems)})" if problems else ""
+        log(
+            f"final_quant_zstd_{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} stride:{stride} "
+            f"seq_len:{evaluation.eval_seq_len} eval_time:{1000 * seconds:.0f}ms{val.note}{mark}"
+        )
+        log.event(
+            "final",
+            name=f"final_quant_zstd_{label}_exact",
+            mode=mode,
+            val_loss=loss,
+            val_bpb=bpb,
+            eval_time_s=seconds,
+            stride=stride,
+            seq_len=evaluation.eval_seq_len,
+            invalid=problems,
+        )
+        if losses is not None and rt.rank == 0:  # whole, and never over another file
+            written = write_new_file(
+                evaluation.eval_token_losses, functools.partial(save_array, losses.cpu().numpy()), log
+            )
+            log(f"token_losses: {losses.numel()} float32 nats ({mode}) in {written}")
+    if problems:
+        raise ArtifactError(f"{path}: not a valid result: {'; '.join(problems)}")
+
+
+def evaluate_artifact(h: Config, rt: Runtime) -> None:
     """EVAL_ONLY=1: no training; the artifact's model gets the final evaluations a run would give it."""
     log = rt.log
     # the attention pattern is this run's knob, not the artifact's
     qmodel, stored = load_artifact_model(
-        h.artifact_path, rt.device, respect_doc_boundaries=h.respect_doc_boundaries
+        h.run.artifact_path, rt.device, respect_doc_boundaries=h.data.respect_doc_boundaries
     )
+    ours, theirs = knob_values(h, MODEL_KNOBS), stored_knobs(stored.model)
     for name in MODEL_KNOBS:  # the artifact defines the network: a differing model knob is said, not used
-        if os.environ.get(name, "") != "" and getattr(h, name.lower()) != getattr(stored, name.lower()):
+        if os.environ.get(name, "") != "" and ours[name] != theirs[name]:
             log(
-                f"eval_only: ignoring {name}={os.environ[name]}: "
-                f"the artifact's network has {name}={getattr(stored, name.lower())}"
+                f"eval_only: ignoring {name}={os.environ[name]}: the artifact's network has "
+                f"{name}={theirs[name]}"
             )
-    vars(h).update({k.lower(): getattr(stored, k.lower()) for k in MODEL_KNOBS})  # the artifact's network
-    val = load_validation(h, log)
-    log_header(h, qmodel, rt, 0, val.tokens)
-    log(f"eval_only artifact:{os.path.abspath(h.artifact_path)} sha256:{sha256_file(h.artifact_path)}")
-    check_eval_time(qmodel, h, val.tokens, log)
-    final_evaluation(qmodel.eval(), h, val, rt)
-
-
-CALIBRATION_MARGIN = 1.25  # the reserve over the measured pace: the Hessians' all-reduce, clock noise
-CALIBRATION_FIXED_SECONDS = 1.0  # and the loader's batches, the damping and the log lines
-
-
-def calibration_reserve(model: GPT, h, device: torch.device, batch: tuple[Tensor, Tensor]) -> float:
-    """Seconds calibrate() will take, measured: one micro-batch's Hessians timed (after an untimed one that
-    loads the kernels), times GPTQ_CALIBRATION_BATCHES, with a margin."""
-    was_training = model.training
-    model.eval()
-    seconds = 0.0
-    with hessian_matmuls():
-        for timed in (False, True):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            collect_hessians(model, [batch], 1, doc_span=h.train_seq_len)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - t0 if timed else seconds
-    model.train(was_training)
-    return CALIBRATION_MARGIN * h.gptq_calibration_batches * seconds + CALIBRATION_FIXED_SECONDS
+    network = {  # the artifact's model knobs, in whichever group each is read
+        group: replace(
+            getattr(h, group), **{n.lower(): theirs[n] for n in MODEL_KNOBS if KNOB_ROWS[n].group == group}
+        )
+        for group in GROUP_CLASSES
+    }
+    h = replace(h, model=stored.model, **network)
+    val = load_validation(h.data, h.evaluation, log)
+    log_header(model=qmodel, knobs=knob_values(h), data=h.data, rt=rt, accum=0, val_tokens=val.tokens)
+    log(
+        f"eval_only artifact:{os.path.abspath(h.run.artifact_path)} sha256:{sha256_file(h.run.artifact_path)}"
+    )
+    forward_flops = final_forward_flops(qmodel, h.data, h.optim, h.run)
+    check_eval_time(
+        forward_flops=forward_flops, evaluation=h.evaluation, run=h.run, val_tokens=val.tokens, log=log
+    )
+    final_evaluation(qmodel=qmodel.eval(), evaluation=h.evaluation, quant=h.quant, run=h.run, val=val, rt=rt)
 
 
 def calibrate(trainer: Trainer) -> dict | None:
     """GPTQ/LQER Hessians from the next training micro-batches (never validation) in the reserved time."""
-    h, log, t0, n = trainer.h, trainer.rt.log, time.perf_counter(), trainer.h.gptq_calibration_batches
-    if not h.calibrate:
+    data = trainer.data
+    optim = trainer.optim
+    quant = trainer.quant
+    log = trainer.rt.log
+    t0 = time.perf_counter()
+    n = quant.gptq_calibration_batches
+    if not quant.calibrate:
         return None
     batches = (b for _ in range(-(-n // trainer.accum)) for b in trainer.loader.next_step())
     with hessian_matmuls():
@@ -4297,45 +4868,51 @@ def calibrate(trainer: Trainer) -> dict | None:
             (b for _, b in zip(range(n), batches)),
             trainer.rt.world_size,
             Progress(log, "gptq calibration", n, "micro-batches"),
-            doc_span=h.train_seq_len,
+            doc_span=data.train_seq_len,
         )
     if trainer.rt.device.type == "cuda":
         torch.cuda.synchronize(trainer.rt.device)
     seconds = time.perf_counter() - t0
-    reserve = h.calibration_reserve_seconds
-    late = h.max_wallclock_seconds and seconds > reserve
+    reserve = optim.calibration_reserve_seconds
+    late = optim.max_wallclock_seconds and seconds > reserve
     over_reserve = "; WARNING: over the reserve" if late else ""
     for line in warnings + [
-        f"gptq: Hessians of {len(hessians)} matrices from {n} x {h.micro_batch_tokens} training tokens x "
+        f"gptq: Hessians of {len(hessians)} matrices from {n} x {data.micro_batch_tokens} training tokens x "
         f"{trainer.rt.world_size} ranks in {seconds:.1f}s (reserve {reserve:.1f}s{over_reserve})"
     ]:
         log(line)
     # The challenge counts calibration that reads training data inside the training minutes.
     ended = trainer.train_ms / 1000 + seconds
-    over = h.max_wallclock_seconds and ended > h.max_wallclock_seconds
+    over = optim.max_wallclock_seconds and ended > optim.max_wallclock_seconds
     log(
         f"training_and_calibration: ended at {ended:.1f}s (training {trainer.train_ms / 1000:.1f}s + "
-        f"calibration {seconds:.1f}s) of MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds:g}"
+        f"calibration {seconds:.1f}s) of MAX_WALLCLOCK_SECONDS={optim.max_wallclock_seconds:g}"
         + ("; WARNING: over the limit" if over else "")
     )
     log.event("calibration", seconds=seconds, reserve_seconds=reserve, training_and_calibration_s=ended)
     return hessians
 
 
-def train_and_evaluate(h, rt: Runtime) -> None:
-    torch.manual_seed(h.seed)
+def train_and_evaluate(h: Config, rt: Runtime) -> None:
+    torch.manual_seed(h.run.seed)
     log, device = rt.log, rt.device
-    val = load_validation(h, log)
-    check_dispatch(h, rt)  # before the model is built: it picks the dispatch the model keeps
+    val = load_validation(h.data, h.evaluation, log)
+    # before the model is built: it picks the dispatch the model keeps
+    h = replace(h, model=check_dispatch(h.model, h.run.moe_dispatch_given, rt))
     trainer = Trainer(h, rt)
     model = trainer.model
-    log_header(h, model, rt, trainer.accum, val.tokens)
-    log_budget_preview(model, h, log)
-    check_eval_time(model, h, val.tokens, log)
-    check_eager_memory(h, rt)
-    check_compiled_memory(h, rt)
-    eval_fn = maybe_compile(model.logits, h, device)
-    plain_windows = WindowSpec(h.eval_seq_len, 0, h.eval_batch_seqs)
+    log_header(
+        model=model, knobs=knob_values(h), data=h.data, rt=rt, accum=trainer.accum, val_tokens=val.tokens
+    )
+    log_budget_preview(model, h.quant, log)
+    forward_flops = final_forward_flops(model, h.data, h.optim, h.run)
+    check_eval_time(
+        forward_flops=forward_flops, evaluation=h.evaluation, run=h.run, val_tokens=val.tokens, log=log
+    )
+    check_eager_memory(cfg=h.model, data=h.data, optim=h.optim, run=h.run, rt=rt)
+    check_compiled_memory(cfg=h.model, data=h.data, optim=h.optim, run=h.run, rt=rt)
+    eval_fn = maybe_compile(model.logits, h.run, device)
+    plain_windows = WindowSpec(h.evaluation.eval_seq_len, 0, h.evaluation.eval_batch_seqs)
     last_val: list[float] = []  # loss, bpb, seconds of the newest pre-quant evaluation
 
     def validate(step: int | None = None) -> tuple[float, float, float]:
@@ -4343,11 +4920,13 @@ def train_and_evaluate(h, rt: Runtime) -> None:
         model.eval()
         t0 = time.perf_counter()
         phase = "validation" if step is not None else "pre_quant_ema evaluation"
-        loss, bpb = evaluate(eval_fn, val.tokens, val.tables, plain_windows, rt, phase=phase)
+        loss, bpb = evaluate(
+            logits_fn=eval_fn, tokens=val.tokens, tables=val.tables, spec=plain_windows, rt=rt, phase=phase
+        )
         model.train()
         if step is not None:
             log(
-                f"step:{step}/{h.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
+                f"step:{step}/{h.optim.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
                 f"train_time:{trainer.train_ms:.0f}ms "
                 f"step_avg:{trainer.train_ms / max(step, 1):.2f}ms{val.note}"
             )
@@ -4357,7 +4936,10 @@ def train_and_evaluate(h, rt: Runtime) -> None:
 
     t_warm = time.perf_counter()
     trainer.compile_warmup()
-    log(f"compile_warmup: {h.warmup_steps} steps in {time.perf_counter() - t_warm:.1f}s (not timed, undone)")
+    log(
+        f"compile_warmup: {h.optim.warmup_steps} steps in {time.perf_counter() - t_warm:.1f}s (not "
+        "timed, undone)"
+    )
     trainer.reserve_calibration()
     # From here a failure keeps its RUN_ID: its log is the record of spent compute.
     log.training_started = True
@@ -4372,9 +4954,11 @@ def train_and_evaluate(h, rt: Runtime) -> None:
     if trainer.ema is not None:
         trainer.ema.copy_to_model()
     hessians = calibrate(trainer)
-    if h.save_checkpoint and rt.rank == 0:
-        checkpoint = dict(config=knob_values(h, MODEL_KNOBS), state=model.state_dict())
-        write_new_file(os.path.join(h.log_dir, f"{h.run_id}_fp.pt"), lambda f: torch.save(checkpoint, f), log)
+    if h.run.save_checkpoint and rt.rank == 0:
+        checkpoint = dict(config=stored_knobs(model.cfg), state=model.state_dict())
+        write_new_file(
+            os.path.join(h.run.log_dir, f"{h.run.run_id}_fp.pt"), lambda f: torch.save(checkpoint, f), log
+        )
     if trainer.ema is not None:
         last_val[:] = validate()
         log(f"pre_quant_ema val_loss:{last_val[0]:.8f} val_bpb:{last_val[1]:.8f}{val.note}")
@@ -4387,45 +4971,53 @@ def train_and_evaluate(h, rt: Runtime) -> None:
         eval_time_s=last_val[2],
         ema=trainer.ema is not None,
     )
-    written = [export_and_report(model, h, h.artifact_path, log, hessians) if rt.rank == 0 else None]
+    written = [
+        export_and_report(model=model, quant=h.quant, path=h.run.artifact_path, log=log, hessians=hessians)
+        if rt.rank == 0
+        else None
+    ]
     if rt.world_size > 1:
         dist.broadcast_object_list(written)  # waits for rank 0's export; every rank reads the file it wrote
-    h.artifact_path = written[0]
-    qmodel = load_artifact_model(h.artifact_path, device, respect_doc_boundaries=h.respect_doc_boundaries)[0]
+    h = replace(h, run=replace(h.run, artifact_path=written[0]))
+    qmodel = load_artifact_model(
+        h.run.artifact_path, device, respect_doc_boundaries=h.data.respect_doc_boundaries
+    )[0]
     qmodel.eval()
-    final_evaluation(qmodel, h, val, rt)
+    final_evaluation(qmodel=qmodel, evaluation=h.evaluation, quant=h.quant, run=h.run, val=val, rt=rt)
 
 
 def main() -> None:
     stop_on_signals()
     h = load_config()
-    if h.dry_run:
+    if h.run.dry_run:
         return dry_run(h)
-    rank, world_size, device = setup_distributed(h)
-    run_id = [h.run_id or time.strftime("run_%Y%m%d_%H%M%S")]
+    rank, world_size, device = setup_distributed(h.run)
+    run_id = [h.run.run_id or time.strftime("run_%Y%m%d_%H%M%S")]
     if world_size > 1:
         dist.broadcast_object_list(run_id)  # every rank must agree on the artifact path
-    h.run_id = run_id[0]
-    h.artifact_path = h.artifact_path or os.path.join(h.log_dir, f"{h.run_id}_model.ptz")
+    artifact_path = h.run.artifact_path or os.path.join(h.run.log_dir, f"{run_id[0]}_model.ptz")
+    h = replace(h, run=replace(h.run, run_id=run_id[0], artifact_path=artifact_path))
     try:
-        log = Logger(os.path.join(h.log_dir, h.run_id) if rank == 0 else None)
+        log = Logger(os.path.join(h.run.log_dir, h.run.run_id) if rank == 0 else None)
     except OSError as err:  # a file in the way, no permission, a read-only disk
         raise ConfigError(
-            f"LOG_DIR={h.log_dir}: cannot write the logs there ({err.strerror or err})"
+            f"LOG_DIR={h.run.log_dir}: cannot write the logs there ({err.strerror or err})"
         ) from None
     try:
-        if os.path.exists(h.artifact_path) and not h.eval_only:
+        if os.path.exists(h.run.artifact_path) and not h.run.eval_only:
             raise ConfigError(
-                f"ARTIFACT_PATH={h.artifact_path} already exists; an artifact is never overwritten"
+                f"ARTIFACT_PATH={h.run.artifact_path} already exists; an artifact is never overwritten"
             )
         rt = Runtime(rank, world_size, device, log)
-        (evaluate_artifact if h.eval_only else train_and_evaluate)(h, rt)
+        (evaluate_artifact if h.run.eval_only else train_and_evaluate)(h, rt)
     except BaseException as err:
         signum = stop_signal(err)
         if signum is None:
             log.fail(err)
             if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
-                where = err.filename or f"under LOG_DIR={h.log_dir} or ARTIFACT_PATH={h.artifact_path}"
+                where = (
+                    err.filename or f"under LOG_DIR={h.run.log_dir} or ARTIFACT_PATH={h.run.artifact_path}"
+                )
                 raise DiskError(
                     f"cannot write {where}: {err.strerror} (free space there, or point LOG_DIR and "
                     "ARTIFACT_PATH at another disk)"

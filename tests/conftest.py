@@ -12,7 +12,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
 TOKENIZER = SAMPLE / "tokenizer.model"
-sys.path.insert(0, str(REPO))
 # Tiny tensors: one thread is fastest, and spares a busy two-core machine from thread contention.
 torch.set_num_threads(1)
 

@@ -20,15 +20,14 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+import train_gpt as tg
+from data import build_shards as bs
+from data import cached_challenge_fineweb as ccf
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT / "data"
 SAMPLE_DIR = DATA_DIR / "sample"
 SAMPLE_SOURCE = Path("/work/shared/data/sample_docs.jsonl.xz")
-sys.path.insert(0, str(DATA_DIR))
-
-import build_shards as bs  # noqa: E402
-import cached_challenge_fineweb as ccf  # noqa: E402
-import train_gpt as tg  # noqa: E402
 
 VOCAB = 320
 VAL_DOCS = 6

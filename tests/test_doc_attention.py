@@ -99,7 +99,7 @@ def test_flex_and_sdpa_paths_equal_the_dense_definition(T, span):
 def small_model(**env) -> tuple[tg.GPT, object]:
     h = tg.load_config({**SMALL, **env})
     torch.manual_seed(0)
-    model = tg.GPT(tg.model_config(h)).eval()
+    model = tg.GPT(h.model).eval()
     with torch.no_grad():  # away from the zero-initialised identity start, so every path carries signal
         for p in model.parameters():
             p.normal_(0, 0.2)
@@ -117,7 +117,7 @@ def test_training_row_tokens_ignore_other_documents(flex):
     changed = row.clone()
     changed[0, 5:30] = torch.randint(2, 64, (25,))  # inside the first document only
     with torch.no_grad():
-        before, after = (model.logits(x, h.train_seq_len) for x in (row, changed))
+        before, after = (model.logits(x, h.data.train_seq_len) for x in (row, changed))
     moved = (after - before)[0].abs().amax(-1)
     assert moved[:5].max() == 0 and moved[5:30].min() > 0
     assert moved[30:].max() == 0  # every later document, including the cut one
@@ -126,7 +126,7 @@ def test_training_row_tokens_ignore_other_documents(flex):
     piece = row.clone()
     piece[0, 110:162] = torch.randint(2, 64, (52,))
     with torch.no_grad():
-        moved = (model.logits(piece, h.train_seq_len) - before)[0].abs().amax(-1)
+        moved = (model.logits(piece, h.data.train_seq_len) - before)[0].abs().amax(-1)
     assert moved[164:].max() == 0 and moved[110:162].min() > 0
 
 
@@ -138,7 +138,7 @@ def test_plain_causal_rows_do_read_other_documents():
     changed = row.clone()
     changed[0, 5:30] = torch.randint(2, 64, (25,))
     with torch.no_grad():
-        moved = (model.logits(changed, h.train_seq_len) - model.logits(row, h.train_seq_len))[0]
+        moved = (model.logits(changed, h.data.train_seq_len) - model.logits(row, h.data.train_seq_len))[0]
     assert moved[30:].abs().max() > 0
 
 
@@ -175,7 +175,7 @@ def test_loader_packs_one_row_of_the_same_tokens(tmp_path):
         h = tg.load_config(
             {"TRAIN_SEQ_LEN": "128", "MICRO_BATCH_TOKENS": "512", "RESPECT_DOC_BOUNDARIES": respect}
         )
-        loader = tg.TrainLoader(files, 1, 2, tg.train_rows(h)[1], 512, 2, torch.device("cpu"), 1024)
+        loader = tg.TrainLoader(files, 1, 2, tg.train_rows(h.data)[1], 512, 2, torch.device("cpu"), 1024)
         batches[respect] = [loader.next_step() for _ in range(3)]
     for on_step, off_step in zip(batches["1"], batches["0"]):
         for (x1, y1), (x0, y0) in zip(on_step, off_step):
@@ -194,20 +194,21 @@ def test_mean_context_counts_pairs_within_segments():
 def test_flop_count_follows_document_lengths():
     h = tg.load_config({})
     with torch.device("meta"):
-        model = tg.GPT(tg.model_config(h))
-    plain = tg.flops_per_token(model, h, False)
-    attention = 6 * len(model.orders[0]) * h.train_seq_len * h.model_dim  # plain causal rows
+        model = tg.GPT(h.model)
+    plain = tg.flops_per_token(model, h.data, False)
+    attention = 6 * len(model.orders[0]) * h.data.train_seq_len * h.model.model_dim  # plain causal rows
     assert plain == 6 * tg.matmul_params_per_token(model, False) + attention
-    short = tg.flops_per_token(model, h, False, context=100.0)
+    short = tg.flops_per_token(model, h.data, False, context=100.0)
     assert plain - short == pytest.approx(
-        12 * len(model.orders[0]) * (h.train_seq_len / 2 - 100) * h.model_dim
+        12 * len(model.orders[0]) * (h.data.train_seq_len / 2 - 100) * h.model.model_dim
     )
     tokens = tg.read_shard(tg.shard_files(str(SAMPLE), "train")[0])
-    context, how = tg.training_context(h, tokens)
-    assert context == pytest.approx(tg.mean_context(tokens, h.train_seq_len)) and "measured" in how
-    assert tg.training_context(tg.load_config({"RESPECT_DOC_BOUNDARIES": "0"}), tokens)[0] is None
+    context, how = tg.training_context(h.data, tokens)
+    assert context == pytest.approx(tg.mean_context(tokens, h.data.train_seq_len)) and "measured" in how
+    assert tg.training_context(tg.load_config({"RESPECT_DOC_BOUNDARIES": "0"}).data, tokens)[0] is None
 
 
+@pytest.mark.slow
 def test_dry_run_counts_attention_from_the_shards_documents():
     env = {"DRY_RUN": "1", "DATA_PATH": str(SAMPLE), "TOKENIZER_PATH": str(TOKENIZER), "VOCAB_SIZE": "1024"}
     out = {}
@@ -240,8 +241,9 @@ def test_memory_estimate_of_the_packed_row_matches_plain_rows():
         "LOOP_END": "0",
         "PARALLEL_START_LAYER": "0",
     }
-    on = tg.saved_activations(tg.load_config(env), "cpu", looping=False)
-    off = tg.saved_activations(tg.load_config({**env, "RESPECT_DOC_BOUNDARIES": "0"}), "cpu", looping=False)
+    on, off = (tg.load_config({**env, "RESPECT_DOC_BOUNDARIES": flag}) for flag in ("1", "0"))
+    on = tg.saved_activations(on.model, on.data, "cpu", looping=False)
+    off = tg.saved_activations(off.model, off.data, "cpu", looping=False)
     assert sum(on.values()) == pytest.approx(sum(off.values()), rel=0.01)
 
 
@@ -252,6 +254,6 @@ def test_flex_path_compiles_with_fullgraph():
     model.flex_attention = True
     row = random_row(320, 6, 7)
     with torch.no_grad():
-        eager = model.logits(row, h.train_seq_len)
-        compiled = torch.compile(model.logits, fullgraph=True, dynamic=False)(row, h.train_seq_len)
+        eager = model.logits(row, h.data.train_seq_len)
+        compiled = torch.compile(model.logits, fullgraph=True, dynamic=False)(row, h.data.train_seq_len)
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)

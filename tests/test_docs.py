@@ -3,19 +3,16 @@
 import math
 import re
 import subprocess
-import sys
 from dataclasses import fields
 
 from conftest import REPO
-
-sys.path.insert(0, str(REPO / "tools"))
-import knob_docs  # noqa: E402
+from tools.dev import knob_docs
 
 tg = knob_docs.train_gpt
 
 
 def test_knob_reference_is_current():
-    """docs/knobs.md is exactly what tools/knob_docs.py generates from the code's knob table."""
+    """docs/knobs.md is exactly what tools/dev/knob_docs.py generates from the code's knob table."""
     assert knob_docs.main(["--check"]) == 0
 
 

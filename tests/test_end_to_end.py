@@ -43,15 +43,28 @@ def test_short_run_lowers_loss_and_writes_everything(moe_run):
     )
     assert re.search(r"size_check total:\d+ cap:16000000 slack:\d+ OK", log)
     assert re.search(r"^moe layer:1 load:[\d.,]+ max_mean:", log, re.M)
-    assert not (tmp / "logs" / "test_routing.json").exists()  # routing analysis is tools/routing_analysis.py
+    assert not (tmp / "logs" / "test_routing.json").exists()  # that is tools/routing/routing_analysis.py
 
 
+@pytest.mark.slow
 def test_existing_run_id_is_never_overwritten(moe_run):
     tmp, _ = moe_run
     before = (tmp / "logs" / "test.txt").read_text()
     result = run_train(tmp, ITERATIONS=1)
     assert result.returncode == 2 and "already exists; choose a new RUN_ID" in result.stderr
     assert (tmp / "logs" / "test.txt").read_text() == before
+
+
+def test_a_logger_refuses_a_run_id_whose_text_or_event_log_exists(tmp_path):
+    """The refusal above without a training run: either file of the pair blocks the RUN_ID, untouched."""
+    for existing in ("test.txt", "test.jsonl"):
+        folder = tmp_path / existing
+        folder.mkdir()
+        (folder / existing).write_text("an earlier run\n")
+        with pytest.raises(tg.ConfigError, match="already exists; choose a new RUN_ID"):
+            tg.Logger(str(folder / "test"))
+        assert [p.name for p in folder.iterdir()] == [existing]
+        assert (folder / existing).read_text() == "an earlier run\n"
 
 
 @pytest.mark.slow
@@ -117,6 +130,7 @@ def read_events(path) -> list[dict]:
     return events
 
 
+@pytest.mark.slow
 def test_jsonl_event_log_matches_the_text_log(moe_run):
     tmp, stdout = moe_run
     events = read_events(tmp / "logs" / "test.jsonl")

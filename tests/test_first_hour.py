@@ -2,6 +2,7 @@
 LOG_DIR, Ctrl-C, torchrun errors, the tokenizer's identity, EVAL_ONLY knobs), progress lines on long
 phases, the sample script's arguments and pip check, and runlog's table."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,11 +18,8 @@ import torch
 
 import train_gpt as tg
 from conftest import REPO, SAMPLE, TINY_ENV, TOKENIZER, run_train
-
-sys.path.insert(0, str(REPO / "data"))
-sys.path.insert(0, str(REPO / "tools"))
-import build_shards as bs  # noqa: E402
-import runlog  # noqa: E402
+from data import build_shards as bs
+from tools import runlog
 
 STEP_LINE = re.compile(r"^step:\d+/\d+ train_loss", re.M)
 
@@ -81,9 +79,9 @@ def test_a_lowercase_knob_is_an_error_naming_the_real_one():
 
 def test_xsa_last_n_over_the_layer_count_is_allowed_and_the_config_shows_the_effective_value(capsys):
     h = tg.load_config({**TINY_ENV, "XSA_LAST_N": "50"})
-    assert h.num_layers == 2 and tg.knob_values(h)["XSA_LAST_N"] == 2
+    assert h.model.num_layers == 2 and tg.knob_values(h)["XSA_LAST_N"] == 2
     with torch.device("meta"):
-        tg.log_model(h, tg.GPT(tg.model_config(h)), tg.Logger(None, console=True))
+        tg.log_model(tg.GPT(h.model), tg.knob_values(h), tg.Logger(None, console=True))
     assert '"XSA_LAST_N": 2' in capsys.readouterr().out.splitlines()[0]
 
 
@@ -244,10 +242,12 @@ def test_progress_lines_give_the_share_done_and_an_eta(monkeypatch):
 
 def test_a_budget_preview_over_the_cap_but_within_the_margin_says_what_will_happen(tiny_config, capsys):
     h = tiny_config()
-    model = tg.GPT(tg.model_config(h))
-    estimate, _ = tg.estimate_artifact_bytes(model, h)
-    h.size_cap_bytes = estimate + tg.code_bytes() - 1000  # 1,000 bytes over, within 2%
-    tg.log_budget_preview(model, h, tg.Logger(None, console=True))
+    model = tg.GPT(h.model)
+    estimate, _ = tg.estimate_artifact_bytes(model, h.quant)
+    quant = dataclasses.replace(
+        h.quant, size_cap_bytes=estimate + tg.code_bytes() - 1000
+    )  # 1,000 over, within 2%
+    tg.log_budget_preview(model, quant, tg.Logger(None, console=True))
     lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(
         r"budget: ~100\d bytes over the cap, allowed by BUDGET_MARGIN=0.02: the run starts; if the written "
@@ -312,7 +312,7 @@ def test_runlog_prints_a_table_without_json_and_json_with_it(capsys):
 
 @pytest.mark.parametrize("size", [1024, 4096, 8192])
 def test_missing_data_or_tokenizer_names_the_command_for_the_variant_asked_for(tmp_path, size):
-    import cached_challenge_fineweb as ccf
+    from data import cached_challenge_fineweb as ccf
 
     variant = f"sp{size}"
     data = tmp_path / "datasets" / f"fineweb10B_{variant}"

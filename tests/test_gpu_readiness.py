@@ -1,6 +1,6 @@
 """GPU-path behaviour checked on a CPU: multi-rank launches without CUDA, the process-group timeout, TF32 off
 where fp32 must be fp32, the evaluation-time projection, the COMPILE=0 memory warning and the no-GPU memory
-estimate (tools/gpu_memory.py)."""
+estimate (tools/gpu/gpu_memory.py)."""
 
 import json
 import re
@@ -13,7 +13,7 @@ import torch
 
 import train_gpt as tg
 from conftest import run_train
-from tools import gpu_memory
+from tools.gpu import gpu_memory
 
 GIB = 2**30
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def test_multi_rank_launch_without_cuda_is_refused_naming_the_knob(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(tg.dist, "init_process_group", lambda *a, **k: pytest.fail("must refuse first"))
     with pytest.raises(tg.ConfigError, match="WORLD_SIZE=2 but CUDA is not usable.*ALLOW_CPU_DISTRIBUTED=1"):
-        tg.setup_distributed(tg.load_config({}))
+        tg.setup_distributed(tg.load_config({}).run)
 
 
 def test_cpu_ranks_on_purpose_get_gloo_and_the_long_timeout(monkeypatch):
@@ -46,7 +46,7 @@ def test_cpu_ranks_on_purpose_get_gloo_and_the_long_timeout(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(tg.dist, "init_process_group", lambda *a, **k: calls.append((a, k)))
-    rank, world_size, device = tg.setup_distributed(tg.load_config({"ALLOW_CPU_DISTRIBUTED": "1"}))
+    rank, world_size, device = tg.setup_distributed(tg.load_config({"ALLOW_CPU_DISTRIBUTED": "1"}).run)
     assert (world_size, device.type) == (2, "cpu")
     assert calls == [(("gloo",), {"device_id": None, "timeout": tg.PROCESS_GROUP_TIMEOUT})]
     # rank 0 exports alone while the others wait: longer than NCCL's default 10 minutes
@@ -75,7 +75,7 @@ def test_hessians_sum_in_tf32_and_export_runs_exact_and_both_restore_it(monkeypa
         seen.append(("hessians", flags()))
         return {}, []
 
-    def fake_export(model, h, path, code, log, hessians):
+    def fake_export(model, quant, path, code_bytes, log, hessians):
         seen.append(("export", flags()))
         open(path, "wb").write(b"x")
         return 1
@@ -85,11 +85,12 @@ def test_hessians_sum_in_tf32_and_export_runs_exact_and_both_restore_it(monkeypa
     h = tiny_config()
     loader = SimpleNamespace(next_step=lambda: [])
     runtime = tg.Runtime(0, 1, torch.device("cpu"), Log())
-    model = tg.GPT(tg.model_config(h))
-    trainer = SimpleNamespace(h=h, accum=1, loader=loader, rt=runtime, model=model, train_ms=0.0)
+    model = tg.GPT(h.model)
+    groups = dict(data=h.data, optim=h.optim, quant=h.quant)
+    trainer = SimpleNamespace(**groups, accum=1, loader=loader, rt=runtime, model=model, train_ms=0.0)
     tg.calibrate(trainer)
-    tg.export_and_report(trainer.model, h, str(tmp_path / "a.ptz"), Log(), {})
-    # TF32 sums the Hessians (fast; tools/hessian_precision.py: GPTQ's result holds), GPTQ/LQER run exact
+    tg.export_and_report(trainer.model, h.quant, str(tmp_path / "a.ptz"), Log(), {})
+    # TF32 sums the Hessians (fast; tools/quant/hessian_precision.py: GPTQ's result holds), GPTQ/LQER exact
     assert seen == [("hessians", (True, True)), ("export", (False, False))]
     assert flags() == (False, False)  # the caller's setting is back
 
@@ -100,7 +101,7 @@ def test_hessians_sum_in_tf32_and_export_runs_exact_and_both_restore_it(monkeypa
 def test_the_reserve_is_measured_unless_given_and_cuts_the_training_clock(tiny_config, monkeypatch):
     log = Log()
     h = tiny_config(MAX_WALLCLOCK_SECONDS=60, GPTQ_CALIBRATION_BATCHES=8)
-    assert h.gptq_reserve_seconds is None and h.train_wallclock_seconds == 60  # until measured
+    assert h.quant.gptq_reserve_seconds is None and h.optim.train_wallclock_seconds == 60  # until measured
     trainer = tg.Trainer(h, tg.Runtime(0, 1, torch.device("cpu"), log))
     position = trainer.loader.stream.state()
     hessians = []
@@ -112,9 +113,13 @@ def test_the_reserve_is_measured_unless_given_and_cuts_the_training_clock(tiny_c
         trainer.reserve_calibration()
     assert trainer.loader.stream.state() == position  # the measured batch is trained on later, as planned
     assert len(hessians) == 2 and all(len(b) == 1 for b in hessians)  # one untimed, one timed
-    reserve = h.calibration_reserve_seconds
+    assert h.optim.train_wallclock_seconds == 60  # the loaded config is frozen: the trainer's is new
+    reserve = trainer.optim.calibration_reserve_seconds
     assert reserve == tg.CALIBRATION_MARGIN * 8 * 2.0 + tg.CALIBRATION_FIXED_SECONDS
-    assert h.train_wallclock_seconds == 60 - reserve and f"stops at {60 - reserve:g}s" in trainer.stop_rule
+    assert (
+        trainer.optim.train_wallclock_seconds == 60 - reserve
+        and f"stops at {60 - reserve:g}s" in trainer.stop_rule
+    )
     (line,) = [entry for entry in log if isinstance(entry, str)]
     assert line.startswith(f"gptq_reserve: {reserve:.1f}s measured (8 calibration batches")
     for env, expected in (
@@ -124,7 +129,7 @@ def test_the_reserve_is_measured_unless_given_and_cuts_the_training_clock(tiny_c
         given = tiny_config(MAX_WALLCLOCK_SECONDS=60, **env)
         trainer = tg.Trainer(given, tg.Runtime(0, 1, torch.device("cpu"), Log()))
         trainer.reserve_calibration()  # given or not needed: nothing measured
-        assert given.train_wallclock_seconds == expected
+        assert trainer.optim.train_wallclock_seconds == expected
 
 
 def test_calibration_logs_when_training_and_calibration_ended(tiny_config):
@@ -147,11 +152,11 @@ def test_calibration_logs_when_training_and_calibration_ended(tiny_config):
 def projection(env: dict, n_tokens: int = 1_000_000) -> tuple[dict, Log]:
     h = tg.load_config({"EVAL_TIME_LIMIT": "0", **env})
     with torch.device("meta"):
-        model = tg.GPT(tg.model_config(h))
+        model = tg.GPT(h.model)
     val = torch.randint(2, 1000, (n_tokens,), dtype=torch.int32)
     val[::500] = tg.BOS_ID
     log = Log()
-    tg.check_eval_time(model, h, val, log)
+    tg.check_eval_time(tg.final_forward_flops(model, h.data, h.optim, h.run), h.evaluation, h.run, val, log)
     (parts,) = [e[1]["parts"] for e in log if isinstance(e, tuple) and e[0] == "eval_projection"]
     return parts, log
 
@@ -175,9 +180,10 @@ def test_projection_counts_every_final_evaluation_and_the_compile_warmups():
 def test_projection_over_the_limit_is_refused_without_ttt():
     h = tg.load_config({"EVAL_TIME_LIMIT": "1"})
     with torch.device("meta"):
-        model = tg.GPT(tg.model_config(h))
+        model = tg.GPT(h.model)
     with pytest.raises(tg.ConfigError, match=r"final evaluations are projected at .*EVAL_TIME_LIMIT=1"):
-        tg.check_eval_time(model, h, torch.ones(5_000_000, dtype=torch.int32), Log())
+        flops = tg.final_forward_flops(model, h.data, h.optim, h.run)
+        tg.check_eval_time(flops, h.evaluation, h.run, torch.ones(5_000_000, dtype=torch.int32), Log())
 
 
 # --- memory: the no-GPU estimate and the COMPILE=0 warning ----------------------------------------------
@@ -188,7 +194,7 @@ def test_saved_activations_scale_with_the_micro_batch_and_exclude_parameters():
     for tokens in ("16384", "32768"):
         h = tg.load_config({"MICRO_BATCH_TOKENS": tokens, "NUM_LOOPS": "0"})
         with gpu_memory.cuda_autocast_without_gpu():
-            sizes.append(tg.saved_activations(h, "cuda", looping=False))
+            sizes.append(tg.saved_activations(h.model, h.data, "cuda", looping=False))
     assert set(sizes[0]) >= {"bfloat16", "float32"}  # autocast really ran: bf16 matmul outputs are saved
     total = [sum(s.values()) for s in sizes]
     assert total[1] == pytest.approx(2 * total[0], rel=0.01)  # activations only: no parameter is counted
@@ -222,13 +228,13 @@ def test_compile_off_on_a_gpu_warns_when_the_micro_batch_cannot_fit(monkeypatch)
     for env, warns in (({"COMPILE": "0"}, True), ({"COMPILE": "0", "MICRO_BATCH_TOKENS": "49152"}, False)):
         log = Log()
         with gpu_memory.cuda_autocast_without_gpu():
-            tg.check_eager_memory(tg.load_config(env), tg.Runtime(0, 8, cuda, log))
+            h = tg.load_config(env)
+            tg.check_eager_memory(h.model, h.data, h.optim, h.run, tg.Runtime(0, 8, cuda, log))
         assert log[0].startswith("eager_memory: ~") and log[0].endswith("of 80.0 GiB")
         assert any("WARNING" in line and "MICRO_BATCH_TOKENS=98304" in line for line in log) == warns
     log = Log()
-    tg.check_eager_memory(
-        tg.load_config({}), tg.Runtime(0, 8, cuda, log)
-    )  # compiled (COMPILE=auto on a GPU): no trace
+    h = tg.load_config({})
+    tg.check_eager_memory(h.model, h.data, h.optim, h.run, tg.Runtime(0, 8, cuda, log))  # compiled: no trace
     assert log == []
 
 
@@ -241,10 +247,10 @@ def test_compiled_run_stops_before_training_when_the_estimate_is_over_the_gpu(mo
         h = tg.load_config({})  # compiled (COMPILE=auto on a GPU), the default micro-batch
         with gpu_memory.cuda_autocast_without_gpu():
             if gib == 80:
-                tg.check_compiled_memory(h, tg.Runtime(0, 8, cuda, log))
+                tg.check_compiled_memory(h.model, h.data, h.optim, h.run, tg.Runtime(0, 8, cuda, log))
             else:
                 with pytest.raises(tg.ConfigError) as err:
-                    tg.check_compiled_memory(h, tg.Runtime(0, 8, cuda, log))
+                    tg.check_compiled_memory(h.model, h.data, h.optim, h.run, tg.Runtime(0, 8, cuda, log))
         estimate = float(re.match(r"compiled_memory: ~([\d.]+) GiB per rank estimated of", log[0])[1])
         assert 40 < estimate < 70 and log[0].endswith(f"of {gib}.0 GiB")  # the default dense run
         if gib == 24:
@@ -254,9 +260,10 @@ def test_compiled_run_stops_before_training_when_the_estimate_is_over_the_gpu(mo
                 and f"estimated peak {estimate:.1f} GiB" in message
             )
             suggested = int(re.search(r"at most ~(\d+)", message)[1])
-            assert suggested % h.train_seq_len == 0 and suggested < 98304
+            assert suggested % h.data.train_seq_len == 0 and suggested < 98304
     log = Log()
-    tg.check_compiled_memory(tg.load_config({"COMPILE": "0"}), tg.Runtime(0, 8, cuda, log))
+    h = tg.load_config({"COMPILE": "0"})
+    tg.check_compiled_memory(h.model, h.data, h.optim, h.run, tg.Runtime(0, 8, cuda, log))
     assert log == []  # eager has its own check
 
 
@@ -281,25 +288,25 @@ def test_grouped_dispatch_only_where_its_fast_kernel_exists(monkeypatch, capabil
             match=r"^MOE_DISPATCH=grouped: .*compute capability 8\.9.*"
             r"MOE_DISPATCH=capacity$",
         ):
-            tg.check_dispatch(h, runtime)
+            tg.check_dispatch(h.model, h.run.moe_dispatch_given, runtime)
         return
-    tg.check_dispatch(h, runtime)
-    assert h.moe_dispatch == expect
+    cfg = tg.check_dispatch(h.model, h.run.moe_dispatch_given, runtime)
+    assert cfg.moe_dispatch == expect and h.model.moe_dispatch == "grouped"  # a new contract; h is frozen
     if expect == "capacity":
         assert len(log) == 1 and log[0].startswith("moe_dispatch: capacity, not grouped: NVIDIA TEST")
-        assert tg.GPT(tg.model_config(h)).blocks[0].mlp.dispatch_mode == "capacity"  # the model follows
+        assert tg.GPT(cfg).blocks[0].mlp.dispatch_mode == "capacity"  # the model follows
     else:
         assert log == []
     dense = tg.load_config({})
-    tg.check_dispatch(dense, runtime)  # no routed layer: nothing to switch
-    assert dense.moe_dispatch == "grouped" and len(log) == (expect == "capacity")
+    cfg = tg.check_dispatch(dense.model, dense.run.moe_dispatch_given, runtime)  # no routed layer: no switch
+    assert cfg.moe_dispatch == "grouped" and len(log) == (expect == "capacity")
 
 
 # --- the prepared GPU check -------------------------------------------------------------------------------
 
 
 def test_gpu_check_plan_fits_its_budget_in_priority_order(capsys):
-    from tools import gpu_check
+    from tools.gpu import gpu_check
 
     names = [s.name for s in gpu_check.PLAN]
     assert names[0] == "correctness" and names[-2:] == ["calibrate", "score"]
@@ -320,18 +327,19 @@ def test_gpu_check_plan_fits_its_budget_in_priority_order(capsys):
     assert gpu_check.main(["--cpu", "--steps", "correctness,nope"]) == 2
 
 
+@pytest.mark.slow
 def test_gpu_check_names_missing_carried_files_before_any_work(tmp_path):
-    (tmp_path / "tools").mkdir()
-    for name in ("gpu_check.sh", "gpu_check.py"):
-        (tmp_path / "tools" / name).symlink_to(REPO / "tools" / name)
-    r = subprocess.run(["sh", "tools/gpu_check.sh", "--dry"], cwd=tmp_path, capture_output=True, text=True)
+    for name in ("tools", "train_gpt.py"):  # a checkout without the carried files
+        (tmp_path / name).symlink_to(REPO / name)
+    command = ["sh", "tools/gpu/gpu_check.sh", "--dry"]
+    r = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
     first = r.stdout.splitlines()[0]
     assert first == "missing carried files: .wheels/*.whl data/datasets/proxy_sp1024/prepare.sh"
     assert "total " in r.stdout and r.returncode == 0  # zstandard is installed here: the plan still runs
 
 
 def test_gpu_check_watchdog_kills_a_step_and_the_results_are_written_after_each(tmp_path, monkeypatch):
-    from tools import gpu_check
+    from tools.gpu import gpu_check
 
     row = gpu_check.run_child("correctness", True, timeout=0.5)  # cannot even import torch in time
     assert row["ok"] is False and row["error"] == "watchdog: killed after 0s"
@@ -353,7 +361,7 @@ def test_gpu_check_watchdog_kills_a_step_and_the_results_are_written_after_each(
 
 @pytest.mark.slow
 def test_gpu_check_rehearsal_runs_every_step_on_the_cpu(tmp_path):
-    from tools import gpu_check
+    from tools.gpu import gpu_check
 
     out = tmp_path / "out"
     rc = gpu_check.main(["--cpu", "--out", str(out)])

@@ -17,7 +17,7 @@ DIM = 64
 def make(tiny_config, layer=0, **env):
     h = tiny_config(MODEL_DIM=DIM, MLP_MULT=4, **env)
     torch.manual_seed(0)
-    return tg.make_mlp(tg.model_config(h), layer), h
+    return tg.make_mlp(h.model, layer), h
 
 
 def randomise(module, std=0.2):
@@ -75,7 +75,7 @@ def test_parameter_matched_modes_equal_dense_plus_router(tiny_config, mode):
 def test_full_size_experts_scale_with_expert_count(tiny_config):
     dense, h = make(tiny_config, MOE_MODE="none")
     for E in (2, 4):
-        moe, _ = make(tiny_config, MOE_MODE="topk", NUM_EXPERTS=E, EXPERT_HIDDEN=h.mlp_hidden)
+        moe, _ = make(tiny_config, MOE_MODE="topk", NUM_EXPERTS=E, EXPERT_HIDDEN=h.model.mlp_hidden)
         assert count(moe) == E * count(dense) + E * DIM
 
 
@@ -121,7 +121,7 @@ def test_soft_with_one_expert_and_soft_at_init_equal_dense(tiny_config):
     for E in (1, 4):
         # one expert is refused as a run's knob (it is the dense MLP), so that module is built directly
         h = tiny_config(MODEL_DIM=DIM, MLP_MULT=4, MOE_MODE="soft", NUM_EXPERTS=4)
-        cfg = dataclasses.replace(tg.model_config(h), num_experts=E, expert_mlp_hidden=4 * DIM // E)
+        cfg = dataclasses.replace(h.model, num_experts=E, expert_mlp_hidden=4 * DIM // E)
         torch.manual_seed(0)
         soft = tg.make_mlp(cfg, 0)
         with torch.no_grad():
@@ -220,11 +220,11 @@ def test_telemetry_lines_and_collapse_warning(tiny_config):
 
 def test_aux_losses_reach_training_loss_but_not_eval(tiny_config):
     h = tiny_config(MOE_MODE="topk", MOE_AUX_LOSS_COEF=0.5, ROUTER_Z_COEF=0.1)
-    model = tg.GPT(tg.model_config(h))
+    model = tg.GPT(h.model)
     randomise(model, 0.05)
     x = torch.randint(0, 1024, (2, 16))
     loss, ce = model(x, x)
-    assert loss.item() > ce.item() + 0.5 * h.num_layers * 0.9  # Switch aux >= ~1 per layer
+    assert loss.item() > ce.item() + 0.5 * h.model.num_layers * 0.9  # Switch aux >= ~1 per layer
     model.eval()
     loss_eval, ce_eval = model(x, x)
     assert loss_eval.item() == pytest.approx(ce_eval.item())
@@ -232,12 +232,12 @@ def test_aux_losses_reach_training_loss_but_not_eval(tiny_config):
 
 def test_routers_and_controls_survive_artifact_bit_exact(tiny_config, tmp_path):
     h = tiny_config(MOE_MODE="topk", ZSTD_LEVEL=1)
-    model = randomise(tg.GPT(tg.model_config(h)), 0.05)
+    model = randomise(tg.GPT(h.model), 0.05)
     with torch.no_grad():
         for _, m in tg.moe_layers(model):
             m.router_bias.normal_()
     path = str(tmp_path / "a.ptz")
-    tg.export_artifact(model, h, path, 0, lambda msg: None)
+    tg.export_artifact(model, h.quant, path, 0, lambda msg: None)
     _, state = tg.read_artifact(path)
     kept = [n for n, t in state.items() if tg.param_class(n, t) in ("router", "control")]
     assert any("router_weight" in n for n in kept) and any("router_bias" in n for n in kept)
@@ -355,22 +355,26 @@ def test_sigma_preset_at_the_default_width_is_16_experts_of_128_and_parameter_ma
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     dense_h, sigma_h = tg.load_config({}), tg.load_config(sigma_env())
-    assert (sigma_h.num_experts, sigma_h.top_k, sigma_h.expert_mlp_hidden) == (16, 4, 128)
+    assert (sigma_h.model.num_experts, sigma_h.model.top_k, sigma_h.model.expert_mlp_hidden) == (16, 4, 128)
     with FakeTensorMode():
-        dense, sigma = tg.fake_model(dense_h, "cpu"), tg.fake_model(sigma_h, "cpu")
-        routers = sigma_h.num_layers * 16 * sigma_h.model_dim
+        dense, sigma = tg.fake_model(dense_h.model, "cpu"), tg.fake_model(sigma_h.model, "cpu")
+        routers = sigma_h.model.num_layers * 16 * sigma_h.model.model_dim
         assert count(sigma) == count(dense) + routers
         assert all(isinstance(m, tg.RoutedMoE) for _, m in tg.moe_layers(sigma))
 
 
 def test_sigma_preset_routers_fp16_experts_quantized_per_expert(tiny_config, tmp_path):
     h = tiny_config(**sigma_env(ZSTD_LEVEL=1))
-    model = randomise(tg.GPT(tg.model_config(h)), 0.05)
+    model = randomise(tg.GPT(h.model), 0.05)
     x = torch.randint(0, 1024, (4, 64))
     hessians, _ = tg.collect_hessians(model.eval(), [(x, None)], 1)
-    assert hessians["blocks.0.mlp.up"].shape == (16, h.model_dim, h.model_dim)  # one Hessian per expert
+    assert hessians["blocks.0.mlp.up"].shape == (
+        16,
+        h.model.model_dim,
+        h.model.model_dim,
+    )  # one Hessian per expert
     path = str(tmp_path / "a.ptz")
-    tg.export_artifact(model, h, path, 0, lambda msg: None, hessians)
+    tg.export_artifact(model, h.quant, path, 0, lambda msg: None, hessians)
     config, state = tg.read_artifact(path)
     assert config["ROUTER_SCORE"] == "sigmoid" and config["NUM_EXPERTS"] == 16
     original = tg.artifact_state(model)
@@ -378,7 +382,7 @@ def test_sigma_preset_routers_fp16_experts_quantized_per_expert(tiny_config, tmp
     assert tg.param_class(name, state[name]) == "router"
     assert torch.equal(state[name], original[name].half().float())
     up = state["blocks.0.mlp.up"]
-    assert up.shape == (16, h.expert_mlp_hidden, h.model_dim) and not torch.equal(
+    assert up.shape == (16, h.model.expert_mlp_hidden, h.model.model_dim) and not torch.equal(
         up, original["blocks.0.mlp.up"]
     )
 
@@ -409,11 +413,11 @@ def test_sigma_preset_compiles_fullgraph_without_recompiles(tiny_config):
 
 def test_sigma_preset_telemetry_reports_every_expert(tiny_config):
     h = tiny_config(**sigma_env(EXPERT_DROPOUT=0.5))
-    model = randomise(tg.GPT(tg.model_config(h)), 0.05).train()
+    model = randomise(tg.GPT(h.model), 0.05).train()
     torch.manual_seed(1)
     model(torch.randint(0, 1024, (2, 64)), torch.randint(0, 1024, (2, 64)))
     summary = tg.routing_summary(model, tg.collect_routing_stats(model, 0.0, 1))
-    assert [r["layer"] for r in summary] == list(range(h.num_layers))
+    assert [r["layer"] for r in summary] == list(range(h.model.num_layers))
     for row, line in zip(summary, tg.routing_log_lines(summary)):
         assert len(row["load"]) == 16 and sum(row["load"]) == pytest.approx(1.0)
         assert row["dead"] >= 1  # half the experts dropped on this step: they show as empty

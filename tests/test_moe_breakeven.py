@@ -1,5 +1,6 @@
-"""Tests for tools/moe_breakeven.py: the plan's runs and order, the refusal of another script, the break-even
-estimator (inverse prediction interval) and its readings, and collect on the regime study's committed logs."""
+"""Tests for tools/studies/moe_breakeven.py: the plan's runs and order, the refusal of another script, the
+break-even estimator (inverse prediction interval) and its readings, and collect on the regime study's
+committed logs."""
 
 import json
 import math
@@ -14,9 +15,8 @@ from scipy import stats
 
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "tools"))
-import moe_breakeven  # noqa: E402
-from common import StudyError  # noqa: E402
+from tools.common import StudyError
+from tools.studies import moe_breakeven
 
 DENSE = [2.0895, 2.0870, 2.0920]
 

@@ -1,4 +1,4 @@
-"""Tests for tools/moe_regime.py: budgets from parameter counts, the plan's arms and order, bad input,
+"""Tests for tools/studies/moe_regime.py: budgets from parameter counts, the plan's arms and order, bad input,
 and the statistics of the gap against tokens per parameter. CPU only; one slow test counts parameters
 with the real script."""
 
@@ -11,10 +11,10 @@ import pytest
 
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "tools"))
-import moe_regime  # noqa: E402
-import runlog  # noqa: E402
-from common import sha256_file  # noqa: E402
+from tools import records, runlog
+from tools.common import sha256_file
+from tools.stats import holm
+from tools.studies import moe_regime, proxy_study, runner
 
 
 def test_iterations_from_parameter_count():
@@ -158,7 +158,7 @@ def test_script_knobs_reads_the_knob_table():
 
 
 def test_holm():
-    adjusted = moe_regime.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": None})
+    adjusted = holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": None})
     assert adjusted["a"] == pytest.approx(0.03)
     assert adjusted["c"] == pytest.approx(0.06)
     assert adjusted["b"] == pytest.approx(0.06)  # monotone: never below the step before
@@ -308,14 +308,14 @@ def test_a_stale_shipped_folder_goes_only_if_pack_wrote_every_file_in_it(tmp_pat
     (folder / "submission.json").write_text(json.dumps({"packed_files": packed}))
     (folder / "notes.md").write_text("mine")
     with pytest.raises(moe_regime.StudyError, match="notes.md"):
-        moe_regime.remove_packed(folder)
+        runner.remove_packed(folder)
     assert (folder / "README.md").is_file()
     (folder / "notes.md").unlink()
     (folder / "README.md").write_text("edited")
-    with pytest.raises(moe_regime.records.RecordError, match="edited since"):
-        moe_regime.remove_packed(folder)
+    with pytest.raises(records.RecordError, match="edited since"):
+        runner.remove_packed(folder)
     (folder / "README.md").write_text("packed")
-    moe_regime.remove_packed(folder)
+    runner.remove_packed(folder)
     assert not folder.exists()
 
 
@@ -420,8 +420,8 @@ def test_stages_in_one_folder_share_one_queue_in_plan_order(tmp_path, monkeypatc
     script.write_text("print('train')\n")
 
     def stage(name, folder, arms):
-        runs = [moe_regime.proxy_study.Run(arm, 1337, f"{name}_{arm}", {}) for arm in arms]
-        return moe_regime.Stage(name, tmp_path / folder, script, runs)
+        runs = [proxy_study.Run(arm, 1337, f"{name}_{arm}", {}) for arm in arms]
+        return runner.Stage(name, tmp_path / folder, script, runs)
 
     stages = [
         stage("sweep", "study", ["dense", "soft4"]),
@@ -430,7 +430,7 @@ def test_stages_in_one_folder_share_one_queue_in_plan_order(tmp_path, monkeypatc
     ]
     queues = []
     monkeypatch.setattr(
-        moe_regime.moe_study,
+        runner,
         "run_missing",
         lambda args, todo, script, logs: queues.append(([r.run_id for r in todo], script, logs)) or 0,
     )
@@ -447,7 +447,7 @@ def test_stages_in_one_folder_share_one_queue_in_plan_order(tmp_path, monkeypatc
     # a folder's stages must share the script's bytes: a second script is refused before anything runs
     other = tmp_path / "other.py"
     other.write_text("print('other')\n")
-    stages[2] = moe_regime.Stage("qat", tmp_path / "study/designs", other, stages[2].runs)
+    stages[2] = runner.Stage("qat", tmp_path / "study/designs", other, stages[2].runs)
     queues.clear()
     with pytest.raises(moe_regime.StudyError, match="differs"):
         moe_regime.run_stages(args, stages)
@@ -487,26 +487,28 @@ def test_a_shipped_folder_packed_from_the_same_logs_and_script_is_kept_without_t
     (target / "README.md").write_text("about")
     written = {p.name: sha256_file(p) for p in target.iterdir()}
     (target / "submission.json").write_text(json.dumps({"packed_files": written}))
-    assert moe_regime.packed_from(target, stage_folder, entry)
+    assert runner.packed_from(target, moe_regime.pack_sources(stage_folder, entry))
 
     (stage_folder / entry["logs"][1]).write_text("log 1338, rerun")  # a log changed: repack
-    assert not moe_regime.packed_from(target, stage_folder, entry)
+    assert not runner.packed_from(target, moe_regime.pack_sources(stage_folder, entry))
     (stage_folder / entry["logs"][1]).write_text("log 1338")
     (stage_folder / "train_gpt.py").write_text("script, edited")  # the stage's script changed
-    assert not moe_regime.packed_from(target, stage_folder, entry)
+    assert not runner.packed_from(target, moe_regime.pack_sources(stage_folder, entry))
     (stage_folder / "train_gpt.py").write_text("script")
     (target / "README.md").write_text("edited by hand")  # the folder was edited since pack
-    assert not moe_regime.packed_from(target, stage_folder, entry)
+    assert not runner.packed_from(target, moe_regime.pack_sources(stage_folder, entry))
     (target / "README.md").write_text("about")
     three_seeds = dict(
         seeds=[*entry["seeds"], 1339], logs=[*entry["logs"], "runs/regime_dense_tpp100_s1339.txt"]
     )
     (stage_folder / three_seeds["logs"][2]).write_text("log 1339")
-    assert not moe_regime.packed_from(target, stage_folder, three_seeds)  # a seed the folder lacks
+    assert not runner.packed_from(
+        target, moe_regime.pack_sources(stage_folder, three_seeds)
+    )  # a seed the folder lacks
     (target / "model_seed1337.ptz").unlink()
-    assert not moe_regime.packed_from(target, stage_folder, entry)
+    assert not runner.packed_from(target, moe_regime.pack_sources(stage_folder, entry))
     (target / "submission.json").unlink()
-    assert not moe_regime.packed_from(target, stage_folder, entry)
+    assert not runner.packed_from(target, moe_regime.pack_sources(stage_folder, entry))
 
 
 def test_the_study_gitignore_keeps_a_set_aside_runs_reason_and_drops_its_partial_logs(tmp_path):
@@ -540,7 +542,7 @@ def test_top_level_layout_passes_the_community_validator_and_keeps_foreign_files
         logs.append(log)
     entry = dict(seeds=[1337, 1338], logs=logs, missing=[])
     manifest = dict(stages=dict(sweep=dict(folder=".", entries={"dense_tpp100": entry})))
-    assert moe_regime.records.layout_check(out, {}).ok is False  # the study folder alone fails
+    assert records.layout_check(out, {}).ok is False  # the study folder alone fails
     written = moe_regime.top_level_layout(out, manifest)
     assert [p.name for p in written] == ["train_seed1337.txt", "train_seed1338.txt", "submission.json"]
     top = json.loads((out / "submission.json").read_text())
@@ -549,7 +551,7 @@ def test_top_level_layout_passes_the_community_validator_and_keeps_foreign_files
         top["val_bpb"] == pytest.approx(2.09) and top["seed_results"]["1338"]["log"] == "train_seed1338.txt"
     )
     assert not {"verify_check", "bytes_code", "bytes_total"} & set(top)  # the models are checked in shipped/
-    check = moe_regime.records.layout_check(out, top)
+    check = records.layout_check(out, top)
     assert check.ok and check.status != "WARN", check.detail
     assert moe_regime.top_level_layout(out, manifest)  # its own files: rewritten
     (out / "submission.json").write_text(json.dumps({"name": "someone else's"}))

@@ -1,4 +1,4 @@
-"""Tests for tools/moe_study.py: the MoE-versus-dense study harness, on CPU.
+"""Tests for tools/studies/moe_study.py: the MoE-versus-dense study harness, on CPU.
 
 One tiny study (module fixture: dense and topk4 x 2 seeds x 8 steps on data/sample, 2 at a time)
 feeds the checks of the folder, the manifest, resuming and records.py verify."""
@@ -15,12 +15,11 @@ import pytest
 
 from conftest import REPO, SAMPLE, TOKENIZER, TINY_ENV
 
-sys.path.insert(0, str(REPO / "tools"))
-import moe_study  # noqa: E402
-import records  # noqa: E402
-from common import MOE_PRESETS, context_arm  # noqa: E402
-
-import train_gpt  # noqa: E402
+import train_gpt
+from tools import records
+from tools.common import MOE_PRESETS, context_arm
+from tools.stats import welch_both_ways
+from tools.studies import moe_study, proxy_study, runner
 
 # The tiny shape of conftest.py, over the study's shape; the study sets its own run length and evaluation.
 TINY = {
@@ -36,7 +35,8 @@ ARMS = "dense,topk4"
 def study(out, *extra, env=TINY, arms=ARMS, seeds=SEEDS, command="run"):
     argv = [
         sys.executable,
-        str(REPO / "tools" / "moe_study.py"),
+        "-m",
+        "tools.studies.moe_study",
         command,
         "--data",
         str(SAMPLE),
@@ -97,10 +97,11 @@ def test_folder_holds_every_output(folder):
             assert (folder / "runs" / f"study_{arm}_s{seed}.jsonl").is_file()
     assert (folder / "expert-by-class.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     readme = (folder / "README.md").read_text()
-    assert "Not FineWeb" in readme and "python3 tools/moe_study.py run --data" in readme
+    assert "Not FineWeb" in readme and "python3 -m tools.studies.moe_study run --data" in readme
     assert "VAL_TOKEN_LIMIT" in readme and f"{int(TINY['VAL_TOKEN_LIMIT']):,}" in readme
 
 
+@pytest.mark.slow
 def test_manifest_has_the_issue_keys(folder):
     manifest = json.loads((folder / "manifest.json").read_text())
     assert set(manifest["arms"]) == {"dense", "topk4"}
@@ -132,6 +133,7 @@ def test_manifest_has_the_issue_keys(folder):
     assert manifest["missing_runs"] == [] and manifest["finished_runs"] == 4
 
 
+@pytest.mark.slow
 def test_submission_is_the_best_arm_and_verifies(folder):
     manifest = json.loads((folder / "manifest.json").read_text())
     sub = json.loads((folder / "submission.json").read_text())
@@ -150,7 +152,7 @@ def test_resume_skips_finished_runs(folder):
     before = {p: p.stat().st_mtime_ns for p in logs}
     result = study(folder, "--no-plots")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "4 runs planned: 4 finished (skipped), 0 to run" in result.stdout
+    assert "4 runs planned, 4 finished, 0 to run" in result.stdout
     assert {p: p.stat().st_mtime_ns for p in logs} == before
 
 
@@ -163,7 +165,7 @@ def test_resume_reruns_an_interrupted_run(folder, tmp_path):
         path.write_text("".join(lines[: len(lines) // 2]))
     result = study(out, "--no-plots")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "3 finished (skipped), 1 to run" in result.stdout
+    assert "3 finished, 1 to run" in result.stdout
     reason = json.loads((out / "runs" / "failed" / "study_topk4_s2-1" / "reason.json").read_text())
     assert reason["run_id"] == "study_topk4_s2" and "incomplete" in reason["reason"]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -171,12 +173,14 @@ def test_resume_reruns_an_interrupted_run(folder, tmp_path):
     assert [f["run_id"] for f in manifest["failed_attempts"]] == ["study_topk4_s2"]
 
 
+@pytest.mark.slow
 def test_refuses_a_finished_run_of_another_recipe(folder, tmp_path):
     out = copy_of(folder, tmp_path)
     result = study(out, "--dry-run", env={**TINY, "ITERATIONS": "9"})
     assert result.returncode == 2 and "ITERATIONS" in result.stderr and "another recipe" in result.stderr
 
 
+@pytest.mark.slow
 def test_refuses_to_mix_scripts(folder, tmp_path):
     out = copy_of(folder, tmp_path)
     other = tmp_path / "train_gpt.py"
@@ -190,8 +194,8 @@ def test_refuses_to_mix_scripts(folder, tmp_path):
     "extra, message",
     [
         (dict(arms="dense,topk9"), "unknown arm(s) topk9"),
-        (dict(arms="topk4"), "must include dense"),
-        (dict(seeds="1,1"), "distinct seeds"),
+        pytest.param(dict(arms="topk4"), "must include dense", marks=pytest.mark.slow),
+        pytest.param(dict(seeds="1,1"), "distinct seeds", marks=pytest.mark.slow),
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, extra, message):
@@ -203,11 +207,14 @@ def test_bad_input_is_one_clear_error(tmp_path, extra, message):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--more-seeds", "2"], "seeds already in --seeds"),
-        (["--more-seeds", "3", "--more-arms", "topk4"], "must name dense"),
-        (
+        pytest.param(["--more-seeds", "2"], "seeds already in --seeds", marks=pytest.mark.slow),
+        pytest.param(
+            ["--more-seeds", "3", "--more-arms", "topk4"], "must name dense", marks=pytest.mark.slow
+        ),
+        pytest.param(
             ["--more-seeds", "3", "--more-arms", "dense,soft4"],
             "must name dense (the per-seed baseline) and arms of --arms",
+            marks=pytest.mark.slow,
         ),
     ],
 )
@@ -223,7 +230,7 @@ def test_more_seeds_run_only_the_named_arms(folder, tmp_path):
     out = copy_of(folder, tmp_path)
     result = study(out, "--more-seeds", "3", "--more-arms", "dense", "--no-plots")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "5 runs planned: 4 finished (skipped), 1 to run" in result.stdout
+    assert "5 runs planned, 4 finished, 1 to run" in result.stdout
     assert (out / "runs" / "study_dense_s3.txt").is_file() and not (
         out / "runs" / "study_topk4_s3.txt"
     ).exists()
@@ -251,19 +258,21 @@ def test_speed_measures_each_arm_alone_in_rotated_rounds(folder, tmp_path):
     assert topk["ratio_to_dense"] == pytest.approx(
         [t / d for t, d in zip(topk["ms_per_step"], dense["ms_per_step"])]
     )
-    assert speed["command"].startswith("python3 tools/moe_study.py speed ") and speed["command"].endswith(
-        "--repeats 2"
-    )
+    assert speed["command"].startswith("python3 -m tools.studies.moe_study speed ") and speed[
+        "command"
+    ].endswith("--repeats 2")
     assert "## Speed, measured alone (CPU)" in (out / "README.md").read_text()
     assert not list((out / "runs").glob("speed_*"))  # the study's runs stay as they were
     again = study(out, "--repeats", "1", command="speed")
     assert again.returncode == 2 and "exists: move it away" in again.stderr
 
 
+@pytest.mark.slow
 def test_missing_data_folder_is_named(tmp_path):
     argv = [
         sys.executable,
-        str(REPO / "tools" / "moe_study.py"),
+        "-m",
+        "tools.studies.moe_study",
         "run",
         "--data",
         str(tmp_path / "nope"),
@@ -279,25 +288,29 @@ def test_study_shape_and_arms_are_valid_train_gpt_configs():
     assert tokens >= 2_000_000 and moe_study.STUDY_SHAPE["MAX_WALLCLOCK_SECONDS"] == "0"
     arms = moe_study.arm_configs(list(moe_study.ARM_NAMES), moe_study.STUDY_SHAPE)
     configs = {n: train_gpt.load_config({**moe_study.STUDY_SHAPE, **env}) for n, env in arms.items()}
-    dense_hidden = configs["dense"].mlp_hidden
+    dense_hidden = configs["dense"].model.mlp_hidden
     for name in ("soft4", "topk4", "topk4_nobalance"):
-        assert configs[name].expert_mlp_hidden * 4 == dense_hidden, name
-    assert configs["topk4_4xbytes"].expert_mlp_hidden == dense_hidden
-    assert configs["topk4_nobalance"].moe_aux_loss_coef == configs["topk4_nobalance"].router_bias_rate == 0
+        assert configs[name].model.expert_mlp_hidden * 4 == dense_hidden, name
+    assert configs["topk4_4xbytes"].model.expert_mlp_hidden == dense_hidden
+    assert (
+        configs["topk4_nobalance"].model.moe_aux_loss_coef
+        == configs["topk4_nobalance"].optim.router_bias_rate
+        == 0
+    )
 
 
 def test_context_preset_is_4x_bytes_at_the_default_shape():
     h = train_gpt.load_config({})
-    assert MOE_PRESETS["topk4_4xbytes"]["EXPERT_HIDDEN"] == str(h.mlp_hidden)
+    assert MOE_PRESETS["topk4_4xbytes"]["EXPERT_HIDDEN"] == str(h.model.mlp_hidden)
     assert context_arm(128, 4)["EXPERT_HIDDEN"] == "512"
 
 
 def test_welch_directions():
-    better = moe_study.welch([1.00, 1.01, 1.02], [0.90, 0.91, 0.92])
-    worse = moe_study.welch([1.00, 1.01, 1.02], [1.10, 1.11, 1.12])
+    better = welch_both_ways([1.00, 1.01, 1.02], [0.90, 0.91, 0.92])
+    worse = welch_both_ways([1.00, 1.01, 1.02], [1.10, 1.11, 1.12])
     assert better["p_better"] < 0.01 and worse["p_worse"] < 0.01
     assert better["p_better"] == pytest.approx(worse["p_worse"])  # mirror images
-    assert moe_study.welch([1.0], [0.9, 0.8])["p_better"] is None  # one dense seed: no variance
+    assert welch_both_ways([1.0], [0.9, 0.8])["p_better"] is None  # one dense seed: no variance
 
 
 def arm(bpb, size=1000, params=500):
@@ -345,19 +358,20 @@ def arm(bpb, size=1000, params=500):
 )
 def test_verdict_rule(arms, verdict):
     tests = {
-        n: moe_study.welch(arms["dense"]["val_bpb"], a["val_bpb"]) for n, a in arms.items() if n != "dense"
+        n: welch_both_ways(arms["dense"]["val_bpb"], a["val_bpb"]) for n, a in arms.items() if n != "dense"
     }
     assert moe_study.decide(arms, tests)[0] == verdict
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_folder_is_refused(folder, tmp_path):
     out = copy_of(folder, tmp_path)
     (out / "runs" / ".lock").write_text(str(os.getpid()))  # this process is alive: the folder is in use
     result = study(out, "--no-plots", seeds="1,2,3")
-    assert result.returncode == 2 and "another moe_study.py run" in result.stderr
+    assert result.returncode == 2 and "another study run" in result.stderr
     assert not (out / "runs" / "study_dense_s3.txt").exists()
     (out / "runs" / ".lock").write_text("999999999")  # a process that is gone: the lock is taken over
-    with moe_study.folder_lock(out / "runs"):
+    with runner.folder_lock(out / "runs"):
         assert (out / "runs" / ".lock").read_text() == str(os.getpid())
     assert not (out / "runs" / ".lock").exists()
 
@@ -367,7 +381,8 @@ def test_a_stopped_study_stops_its_runs(tmp_path):
     out = tmp_path / "s"
     argv = [
         sys.executable,
-        str(REPO / "tools" / "moe_study.py"),
+        "-m",
+        "tools.studies.moe_study",
         "run",
         "--data",
         str(SAMPLE),
@@ -394,7 +409,7 @@ def test_a_stopped_study_stops_its_runs(tmp_path):
     deadline = time.time() + 120
     while not (log.is_file() and "step:" in log.read_text()) and time.time() < deadline:
         time.sleep(0.5)
-    children = moe_study.proxy_study.descendants(proc.pid)
+    children = proxy_study.descendants(proc.pid)
     assert children, "the training never started"
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
@@ -434,3 +449,22 @@ def test_speed_in_a_folder_without_study_runs_succeeds(tmp_path):
     result = study(out, *extra, command="speed")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert json.loads((out / "speed.json").read_text())["arms"]["topk4"]["ms_per_step"]
+
+
+def test_the_committed_studys_logs_rebuild_its_arms_and_verdict():
+    """The analysis without training (the tiny study above is slow): the committed study's run logs give
+    back its manifest's per-seed scores, seeds and verdict."""
+    folder = REPO / "records" / "track_non_record_16mb" / "2026-11-25_MoE_vs_Dense_Study"
+    committed = json.loads((folder / "manifest.json").read_text())
+    argv = ["collect", "--data", str(SAMPLE), "--tokenizer", str(TOKENIZER), "--out", str(folder)]
+    argv += ["--arms", ",".join(committed["arms"]), "--seeds", "1337,1338,1339", "--more-seeds", "1340,1341"]
+    argv += ["--more-arms", "dense,soft4,topk4_4xbytes"]  # as in the manifest's command
+    argv += [f"--env={k}={v}" for k, v in committed["shape"].items()]
+    args = moe_study.parse_args(argv)
+    manifest = moe_study.build_manifest(args, *moe_study.plan(args))
+    assert list(manifest["arms"]) == list(committed["arms"])
+    for name, arm in committed["arms"].items():
+        for key in ("seeds", "val_bpb", "pre_quant_val_bpb", "artifact_bytes", "params"):
+            assert manifest["arms"][name][key] == arm[key], (name, key)
+    assert manifest["verdict"] == committed["verdict"] == moe_study.NEVER
+    assert manifest["finished_runs"] == committed["finished_runs"] and manifest["missing_runs"] == []

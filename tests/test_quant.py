@@ -1,7 +1,7 @@
 """Quantization and the artifact: GPTQ against round-to-nearest, LQER, MoE-aware Hessians, compressors,
-the budget preview, the checkpoint and tools/quant_study.py."""
+the budget preview, the checkpoint and tools/quant/quant_study.py."""
 
-import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -84,11 +84,10 @@ def test_gptq_has_less_output_error_than_rtn_and_no_more_bytes(trained, bits, si
 def test_lqer_lowers_the_output_error_of_the_tensors_it_corrects(trained):
     h, model, hessians, _ = trained
     state = tg.artifact_state(model)
-    h_plain, h_lqer = copy.copy(h), copy.copy(h)
-    h_plain.lqer_enabled = False
-    h_lqer.lqer_enabled, h_lqer.lqer_top_k, h_lqer.lqer_rank = True, 2, 4
-    plain, err_plain = tg.quantize_state(state, h_plain, hessians)
-    corrected, err_lqer = tg.quantize_state(state, h_lqer, hessians)
+    plain_quant = dataclasses.replace(h.quant, lqer_enabled=False)
+    lqer_quant = dataclasses.replace(h.quant, lqer_enabled=True, lqer_top_k=2, lqer_rank=4)
+    plain, err_plain = tg.quantize_state(state, plain_quant, hessians)
+    corrected, err_lqer = tg.quantize_state(state, lqer_quant, hessians)
     fixed = [n for n, (_, ts) in corrected.items() if len(ts) == 6]
     assert len(fixed) == 2 and err_lqer < err_plain
     for name in fixed:  # LQER fits the error as the layer's inputs see it: tr(E H E^T)
@@ -101,7 +100,7 @@ def test_lqer_lowers_the_output_error_of_the_tensors_it_corrects(trained):
 
 def moe_model(tiny_config, mode, **env):
     torch.manual_seed(1)
-    model = tg.GPT(tg.model_config(tiny_config(MOE_MODE=mode, NUM_EXPERTS=4, TOP_K=1, **env))).eval()
+    model = tg.GPT(tiny_config(MOE_MODE=mode, NUM_EXPERTS=4, TOP_K=1, **env).model).eval()
     with torch.no_grad():
         for p in model.parameters():  # make every matrix (and router) non-trivial
             if p.ndim >= 2:
@@ -156,15 +155,16 @@ def test_each_compressor_round_trips_the_artifact(tiny_config, tmp_path, compres
     )
     model = moe_model(tiny_config, "topk")
     path = str(tmp_path / "model.ptz")
-    size = tg.export_artifact(model, h, path, 0, lambda msg: None)
+    size = tg.export_artifact(model, h.quant, path, 0, lambda msg: None)
     assert os.path.getsize(path) == size
     config, state = tg.read_artifact(path)
-    entries, _ = tg.quantize_state(tg.artifact_state(model), h)
+    entries, _ = tg.quantize_state(tg.artifact_state(model), h.quant)
     for name, (bits, tensors) in entries.items():
         assert torch.equal(state[name], tg.dequantize_entry(bits, tensors, state[name].shape)), name
     assert config["MOE_MODE"] == "topk"
 
 
+@pytest.mark.slow
 def test_a_missing_compressor_binary_stops_the_run_before_training(tmp_path):
     result = run_train(tmp_path, COMPRESSOR="lrzip", PATH=str(tmp_path))  # no lrzip on this PATH
     assert result.returncode == 2
@@ -172,19 +172,20 @@ def test_a_missing_compressor_binary_stops_the_run_before_training(tmp_path):
     assert "step:" not in result.stdout
 
 
+@pytest.mark.slow
 def test_budget_preview_is_within_two_percent_of_the_written_artifact(tiny_config, tmp_path):
     """Gaussian matrices of a realistic width (trained weights are near-Gaussian row by row)."""
     h = tiny_config(
         MODEL_DIM=256, NUM_LAYERS=2, MLP_MULT=4, BIGRAM_VOCAB_SIZE=0, COMPRESSOR="zstd", ZSTD_LEVEL=19
     )
     torch.manual_seed(0)
-    model = tg.GPT(tg.model_config(h))
+    model = tg.GPT(h.model)
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim >= 2:
                 p.normal_(0, 0.02)
-    estimate, _ = tg.estimate_artifact_bytes(model, h)
-    real = tg.export_artifact(model, h, str(tmp_path / "m.ptz"), 0, lambda msg: None)
+    estimate, _ = tg.estimate_artifact_bytes(model, h.quant)
+    real = tg.export_artifact(model, h.quant, str(tmp_path / "m.ptz"), 0, lambda msg: None)
     assert abs(estimate - real) / real < 0.02, (estimate, real)
 
 
@@ -198,7 +199,8 @@ def test_checkpoint_and_quant_study(tmp_path):
     out = subprocess.run(
         [
             sys.executable,
-            str(REPO / "tools" / "quant_study.py"),
+            "-m",
+            "tools.quant.quant_study",
             str(ckpt),
             "--data-path",
             str(SAMPLE),
@@ -214,6 +216,7 @@ def test_checkpoint_and_quant_study(tmp_path):
             "1024",
             "--json",
         ],
+        cwd=REPO,
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -227,6 +230,7 @@ def test_checkpoint_and_quant_study(tmp_path):
     assert len({r["pre_quant_val_bpb"] for r in rows}) == 1 and all(r["bytes"] > 1000 for r in rows)
     only = subprocess.run(
         [*out.args[:-1], "--only", "mlp", "--json"],
+        cwd=REPO,
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -239,8 +243,7 @@ def test_checkpoint_and_quant_study(tmp_path):
 
 @pytest.mark.slow
 def test_self_extracting_script_runs_the_same_program(tmp_path):
-    sys.path.insert(0, str(REPO / "tools"))
-    import selfextract
+    from tools.dev import selfextract
 
     source = (REPO / "train_gpt.py").read_bytes()
     wrapper = selfextract.self_extracting(source)
@@ -262,6 +265,7 @@ def test_self_extracting_script_runs_the_same_program(tmp_path):
     ]  # counts its own (compressed) bytes
 
 
+@pytest.mark.slow
 def test_budget_preview_counts_the_script_as_shipped(tmp_path):
     """The preview counts the self-extracting wrapper's bytes (what a record ships), not the readable
     script's; a wrapper counts itself, not a wrapper of itself."""

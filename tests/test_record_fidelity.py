@@ -1,19 +1,16 @@
 """Our trainer against the 1.0611 record's own train_gpt.py (imported unmodified, CPU stand-ins in
-tools/record_oracle.py): the stand-ins against the kernels' math, then parameters, forward, backward,
-optimizer and schedule on the same weights (tools/record_fidelity.py writes docs/record_fidelity.md)."""
+tools/dev/record_oracle.py): the stand-ins against the kernels' math, then parameters, forward, backward,
+optimizer and schedule on the same weights (tools/dev/record_fidelity.py writes docs/record_fidelity.md)."""
 
 import math
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import REPO
-
-sys.path.insert(0, str(REPO / "tools"))
-import record_fidelity as rf  # noqa: E402
-import record_oracle as oracle  # noqa: E402
+from tools.dev import record_fidelity as rf
+from tools.dev import record_oracle as oracle
 
 
 # ---- the stand-ins -------------------------------------------------------------------------------

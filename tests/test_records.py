@@ -1,4 +1,4 @@
-"""tools/records.py: statistics against table values, the log parser, pack -> verify, refusals, compare."""
+"""tools/records: statistics against table values, the log parser, pack -> verify, refusals, compare."""
 
 import hashlib
 import json
@@ -11,6 +11,9 @@ import pytest
 
 from conftest import REPO, SAMPLE, TOKENIZER, run_train
 from tools import records
+from tools.dev.selfextract import self_extracting
+from tools.records.base import hardware
+from tools.records.checks_own import flip_probe, normalisation_check
 
 SEEDS = (1, 2)
 CHECK_TOKENS = 2048
@@ -260,7 +263,7 @@ def test_parse_canned_log(tmp_path):
         "logs/run_x_model.ptz",
     )
     assert run.pre_quant_val_bpb == 3.05788679
-    assert records.hardware(run) == "8x NVIDIA H100 80GB HBM3" and run.torch == "2.14.1+cu130"
+    assert hardware(run) == "8x NVIDIA H100 80GB HBM3" and run.torch == "2.14.1+cu130"
     assert (run.score.val_loss, run.score.val_bpb, run.score.stride, run.score.eval_time_ms) == (
         5.41674422,
         3.05823583,
@@ -465,10 +468,6 @@ def folder_copy(packed, tmp_path):
     return shutil.copytree(packed, tmp_path / packed.name)
 
 
-def verify(folder, *extra):
-    return records.verify(records.build_parser().parse_args(["verify", str(folder), *extra]))
-
-
 def failed(checks):
     return [c.name for c in checks if not c.ok]
 
@@ -480,6 +479,7 @@ def swap_one_letter(code: bytes) -> bytes:
     return code[:i] + bytes([code[i] ^ 0x20]) + code[i + 1 :]
 
 
+@pytest.mark.slow
 def test_parse_real_log(runs):
     log = runs["logs"][0]
     run = records.parse_log(log)
@@ -500,10 +500,11 @@ def test_parse_real_log(runs):
     assert (run.seed, run.steps, run.world_size, run.device) == (SEEDS[0], RUN_ENV["ITERATIONS"], 1, "cpu")
     assert run.artifact_bytes == (log.parent / "test_model.ptz").stat().st_size
     assert run.source_code_bytes == runs["script"].stat().st_size
-    assert run.code_bytes == len(records.self_extracting(runs["script"].read_bytes()))  # counted as shipped
+    assert run.code_bytes == len(self_extracting(runs["script"].read_bytes()))  # counted as shipped
     assert records.find_artifact(run) == log.parent / "test_model.ptz"
 
 
+@pytest.mark.slow
 def test_pack_writes_a_complete_folder(runs, packed):
     sub = json.loads((packed / "submission.json").read_text())
     parsed = [records.parse_log(log) for log in runs["logs"]]
@@ -542,11 +543,12 @@ def test_pack_writes_a_complete_folder(runs, packed):
     )  # identity knobs and defaults left out
 
 
+@pytest.mark.slow
 def test_verify_passes_quick_and_full(packed, capsys):
     assert records.main(["verify", str(packed), "--token-limit", str(CHECK_TOKENS)]) == 0
     out = capsys.readouterr().out
     assert "PASS  quick check" in out and "FAIL" not in out
-    checks = verify(packed)  # full: re-evaluates on the claim's own (partial) token range
+    checks = records.verify(packed)  # full: re-evaluates on the claim's own (partial) token range
     assert not failed(checks), [c.detail for c in checks if not c.ok]
     progress = capsys.readouterr().err  # the re-score's phases as they run, not minutes of silence
     assert re.search(r"^verify: seed \d+: final roundtrip evaluation: started \(", progress, re.M), progress
@@ -565,18 +567,20 @@ def test_verify_passes_quick_and_full(packed, capsys):
     assert f"seed {best} artifact sha256" in names  # the packed artifact is the one the log wrote
 
 
+@pytest.mark.slow
 def test_verify_fails_on_one_changed_artifact_byte(folder_copy):
     artifact = next(folder_copy.glob("model_seed*.ptz"))
     blob = bytearray(artifact.read_bytes())
     blob[len(blob) // 2] ^= 0x01
     artifact.write_bytes(bytes(blob))
-    bad = failed(verify(folder_copy, "--token-limit", str(CHECK_TOKENS)))
+    bad = failed(records.verify(folder_copy, token_limit=CHECK_TOKENS))
     assert "artifact sha256" in bad and any(name.startswith("quick check") for name in bad)
     assert (
         f"{artifact.stem.replace('model_seed', 'seed ')} artifact sha256" in bad
     )  # against the log's size_check
 
 
+@pytest.mark.slow
 def test_verify_fails_on_a_wrong_claimed_bpb(folder_copy):
     path = folder_copy / "submission.json"
     sub = json.loads(path.read_text())
@@ -584,36 +588,40 @@ def test_verify_fails_on_a_wrong_claimed_bpb(folder_copy):
     best["val_bpb"] -= 0.01
     sub["val_bpb"] -= 0.01 / 2  # keep the mean consistent: only the log and the re-evaluation can tell
     path.write_text(json.dumps(sub))
-    bad = failed(verify(folder_copy))
+    bad = failed(records.verify(folder_copy))
     assert (
         f"seed {sub['best_seed']} re-score (EVAL_ONLY)" in bad and f"seed {sub['best_seed']} log score" in bad
     )
 
 
+@pytest.mark.slow
 def test_verify_fails_on_an_edited_script(folder_copy):
     with open(folder_copy / "train_gpt.py", "a") as f:
         f.write("# one more line\n")
-    bad = failed(verify(folder_copy, "--token-limit", str(CHECK_TOKENS)))
+    bad = failed(records.verify(folder_copy, token_limit=CHECK_TOKENS))
     assert "code size (bytes_code)" in bad and "bytes_total" in bad
     assert {f"seed {s} log code sha256" for s in SEEDS} <= set(bad)
 
 
+@pytest.mark.slow
 def test_verify_fails_on_a_same_size_edit_of_the_script(folder_copy):
     script = folder_copy / "train_gpt.py"
     code = script.read_bytes()
     script.write_bytes(swap_one_letter(code))
-    bad = failed(verify(folder_copy, "--token-limit", str(CHECK_TOKENS)))
+    bad = failed(records.verify(folder_copy, token_limit=CHECK_TOKENS))
     assert {f"seed {s} log code sha256" for s in SEEDS} <= set(bad)
     assert "code size (bytes_code)" not in bad and "bytes_total" not in bad  # only the sha256 can tell
 
 
+@pytest.mark.slow
 def test_verify_without_a_reference_for_the_token_limit(packed):
     # Another token count is another measurement, not a wrong one: shown as a warning, nothing fails.
-    checks = verify(packed, "--token-limit", "100")
+    checks = records.verify(packed, token_limit=100)
     assert failed(checks) == []
     assert [c.status for c in checks if c.name == "quick check (100 tokens)"] == ["WARN"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["model", "log", "script"])
 def test_verify_refuses_a_folder_whose_model_log_or_script_is_a_link(folder_copy, tmp_path, kind):
     name = {"model": "model_seed*.ptz", "log": "train_seed*.txt", "script": "train_gpt.py"}[kind]
@@ -622,7 +630,7 @@ def test_verify_refuses_a_folder_whose_model_log_or_script_is_a_link(folder_copy
     outside.parent.mkdir()
     path.rename(outside)
     path.symlink_to(outside)  # every byte the same: only the link itself can tell
-    checks = verify(folder_copy)
+    checks = records.verify(folder_copy)
     assert [(c.name, c.status) for c in checks] == [
         ("plain files only", "FAIL"),
         ("every other check", "SKIP"),
@@ -630,6 +638,7 @@ def test_verify_refuses_a_folder_whose_model_log_or_script_is_a_link(folder_copy
     assert f"{path.name} -> {outside}" in checks[0].detail
 
 
+@pytest.mark.slow
 def test_verify_lists_every_file_pack_did_not_write_and_quick_says_what_it_skipped(folder_copy, capsys):
     with open(folder_copy / "extra.bin", "wb") as f:
         f.truncate(20_000_000)
@@ -648,6 +657,7 @@ def test_verify_lists_every_file_pack_did_not_write_and_quick_says_what_it_skipp
     assert status == 1 and "FAIL  plain files only: links in" in out and "passwd -> /etc/passwd" in out
 
 
+@pytest.mark.slow
 def test_verify_refuses_a_submission_naming_files_outside_the_folder(folder_copy, tmp_path):
     path = folder_copy / "submission.json"
     sub = json.loads(path.read_text())
@@ -655,7 +665,7 @@ def test_verify_refuses_a_submission_naming_files_outside_the_folder(folder_copy
     shutil.copyfile(folder_copy / claim["log"], tmp_path / "stray.txt")
     claim["log"] = f"../{tmp_path.name}/stray.txt"
     path.write_text(json.dumps(sub))
-    checks = verify(folder_copy)
+    checks = records.verify(folder_copy)
     assert [(c.name, c.status) for c in checks] == [
         ("files named inside the folder", "FAIL"),
         ("every other check", "SKIP"),
@@ -665,6 +675,7 @@ def test_verify_refuses_a_submission_naming_files_outside_the_folder(folder_copy
 # ----------------------------------------------------------------------------------------------
 # refusals
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_pack_refuses_over_the_cap(runs, tmp_path, capsys):
     size = records.parse_log(runs["logs"][0]).artifact_bytes + runs["script"].stat().st_size
     assert records.main(pack_args(runs, tmp_path, "--cap", str(size - 1))) == 2
@@ -672,6 +683,7 @@ def test_pack_refuses_over_the_cap(runs, tmp_path, capsys):
     assert not (tmp_path / "track_non_record_16mb").exists()
 
 
+@pytest.mark.slow
 def test_pack_refuses_partial_eval_on_the_record_track(runs, tmp_path, capsys):
     args = pack_args(runs, tmp_path)
     args[args.index("track_non_record_16mb")] = "track_10min_16mb"
@@ -681,6 +693,7 @@ def test_pack_refuses_partial_eval_on_the_record_track(runs, tmp_path, capsys):
     assert records.main(args) == 2
 
 
+@pytest.mark.slow
 def test_pack_refuses_a_different_script(runs, tmp_path, capsys):
     other = tmp_path / "train_gpt.py"
     other.write_bytes(runs["script"].read_bytes() + b"\n")
@@ -690,6 +703,7 @@ def test_pack_refuses_a_different_script(runs, tmp_path, capsys):
     assert "different train_gpt.py" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_pack_refuses_a_same_size_script_by_its_sha256(runs, tmp_path, capsys):
     other = tmp_path / "train_gpt.py"
     other.write_bytes(swap_one_letter(runs["script"].read_bytes()))
@@ -700,6 +714,7 @@ def test_pack_refuses_a_same_size_script_by_its_sha256(runs, tmp_path, capsys):
     assert "different train_gpt.py" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "edit, message",
     [
@@ -725,6 +740,7 @@ def test_pack_refuses_a_log_that_does_not_identify_its_script(runs, tmp_path, ca
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_pack_refuses_an_artifact_with_another_sha256(runs, tmp_path, capsys):
     artifacts = [tmp_path / f"a{i}.ptz" for i in range(len(SEEDS))]
     for log, artifact in zip(runs["logs"], artifacts):
@@ -737,6 +753,7 @@ def test_pack_refuses_an_artifact_with_another_sha256(runs, tmp_path, capsys):
     assert not (tmp_path / "track_non_record_16mb").exists()
 
 
+@pytest.mark.slow
 def test_pack_refuses_a_log_without_final_results(runs, tmp_path, capsys):
     truncated = tmp_path / "truncated.txt"
     truncated.write_text(runs["logs"][1].read_text().split("final_quant_zstd_roundtrip")[0])
@@ -746,6 +763,7 @@ def test_pack_refuses_a_log_without_final_results(runs, tmp_path, capsys):
     assert "lacks final results" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_pack_refuses_an_existing_folder_unless_forced(runs, tmp_path, capsys):
     assert records.main(pack_args(runs, tmp_path)) == 0
     assert records.main(pack_args(runs, tmp_path)) == 2
@@ -768,6 +786,7 @@ def test_pack_refuses_an_existing_folder_unless_forced(runs, tmp_path, capsys):
     assert len(list(folder.glob("model_seed*.ptz"))) == len(SEEDS)
 
 
+@pytest.mark.slow
 def test_pack_into_an_existing_file_is_refused_with_or_without_force(runs, tmp_path, capsys):
     target = tmp_path / "notes.txt"
     target.write_text("mine")
@@ -778,6 +797,7 @@ def test_pack_into_an_existing_file_is_refused_with_or_without_force(runs, tmp_p
     assert target.read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_pack_into_a_named_folder_ships_the_smallest_artifact(runs, tmp_path, capsys):
     folder = tmp_path / "study" / "shipped" / "dense"
     about = tmp_path / "about.md"
@@ -797,13 +817,14 @@ def test_pack_into_a_named_folder_ships_the_smallest_artifact(runs, tmp_path, ca
     assert "The dense arm of a study, shipped" in readme and "TODO" not in readme and "## Command" in readme
 
 
+@pytest.mark.slow
 def test_verify_checks_every_record_folder_packed_inside_a_study(packed, tmp_path, capsys):
     """A study folder without its own submission.json, shipping two packed arms: both are verified, each
     check named by its folder; one changed byte in one arm fails that arm only."""
     study = tmp_path / "study"
     for arm in ("dense", "soft4"):
         shutil.copytree(packed, study / "shipped" / arm)
-    checks = verify(study, "--token-limit", str(CHECK_TOKENS))
+    checks = records.verify(study, token_limit=CHECK_TOKENS)
     assert not failed(checks)
     prefixes = {c.name.split(": ", 1)[0] for c in checks}
     assert prefixes == {"shipped/dense", "shipped/soft4"}
@@ -812,7 +833,7 @@ def test_verify_checks_every_record_folder_packed_inside_a_study(packed, tmp_pat
     data = bytearray(artifact.read_bytes())
     data[len(data) // 2] ^= 0xFF
     artifact.write_bytes(bytes(data))
-    bad = failed(verify(study, "--token-limit", str(CHECK_TOKENS)))
+    bad = failed(records.verify(study, token_limit=CHECK_TOKENS))
     assert bad and all(name.startswith("shipped/soft4: ") for name in bad), bad
     (tmp_path / "empty_study").mkdir()
     assert records.main(["verify", str(tmp_path / "empty_study")]) == 1  # no submission anywhere: a FAIL
@@ -820,6 +841,7 @@ def test_verify_checks_every_record_folder_packed_inside_a_study(packed, tmp_pat
 
 
 # the counted script in self-extracting form, the readable script beside it
+@pytest.mark.slow
 def test_pack_compress_code_counts_the_wrapper_and_verify_checks_it_is_the_same_program(
     runs, tmp_path, capsys
 ):
@@ -830,10 +852,10 @@ def test_pack_compress_code_counts_the_wrapper_and_verify_checks_it_is_the_same_
     assert wrapper.stat().st_size < readable.stat().st_size // 2
     sub = json.loads((folder / "submission.json").read_text())
     assert sub["bytes_code"] == wrapper.stat().st_size
-    checks = verify(folder, "--token-limit", str(CHECK_TOKENS))  # evaluates with the wrapper as the script
+    checks = records.verify(folder, token_limit=CHECK_TOKENS)  # evaluates with the wrapper as the script
     assert not failed(checks) and any(c.name == "same program" for c in checks)
     readable.write_bytes(swap_one_letter(readable.read_bytes()))
-    assert "same program" in failed(verify(folder, "--token-limit", str(CHECK_TOKENS)))
+    assert "same program" in failed(records.verify(folder, token_limit=CHECK_TOKENS))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1050,7 +1072,7 @@ def test_verify_skips_the_rescore_with_the_data_hint(tmp_path, capsys):
     study = REPO / "records" / "track_non_record_16mb" / "2026-11-25_MoE_vs_Dense_Study"
     status, out = verify_main(study, capsys)
     hint = (
-        f"rerun with: python3 tools/records.py verify {study} --data <folder with fineweb_val_*.bin> "
+        f"rerun with: python3 -m tools.records verify {study} --data <folder with fineweb_val_*.bin> "
         "--tokenizer <tokenizer .model>"
     )
     assert status == 0 and "SKIP  re-score: validation data" in out and hint in out, out
@@ -1068,16 +1090,16 @@ def test_flip_probe_catches_a_look_ahead():
     def peeks(toks):
         return torch.cat([toks[2:].float(), torch.zeros(1)])  # loss of target p sees token p + 1
 
-    assert records.flip_probe(causal, tokens, 20)[0]
-    ok, detail = records.flip_probe(peeks, tokens, 20)
+    assert flip_probe(causal, tokens, 20)[0]
+    ok, detail = flip_probe(peeks, tokens, 20)
     assert not ok and "1 of 19 earlier losses changed" in detail
 
 
 def test_normalisation_probe_fails_on_non_finite_logits():
     import torch
 
-    assert records.normalisation_check(torch.randn(4, 32)).ok
+    assert normalisation_check(torch.randn(4, 32)).ok
     bad = torch.randn(4, 32)
     bad[2, 5] = float("nan")
-    check = records.normalisation_check(bad)
+    check = normalisation_check(bad)
     assert not check.ok and "max |sum of p - 1| inf" in check.detail

@@ -1,6 +1,6 @@
 """Every folder under records/<track>/ passes the community submission validator's layout check
-(tools/records.py layout_check: README.md, submission.json with val_bpb, name and date, a train_gpt*.py
-that parses, a train log at the folder's top level)."""
+(layout_check in tools/records/checks_reviewer.py: README.md, submission.json with val_bpb, name and
+date, a train_gpt*.py that parses, a train log at the folder's top level)."""
 
 import json
 
@@ -33,6 +33,5 @@ def test_verify_checks_only_the_layout_of_a_study_top_level(tmp_path):
     (study / "train_seed1.txt").write_text("final_exact val_loss:3.5 val_bpb:2.09\n")
     sub = dict(name="2026-12-03_Study", date="2026-12-03", val_bpb=2.09, study="manifest.json")
     (study / records.SUBMISSION).write_text(json.dumps(sub))
-    opts = records.build_parser().parse_args(["verify", str(study)])
-    top = [c for c in records.verify(opts) if not c.name.startswith("shipped/")]
+    top = [c for c in records.verify(study) if not c.name.startswith("shipped/")]
     assert [(c.name, c.ok) for c in top] == [("layout (community validator)", True)]

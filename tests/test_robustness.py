@@ -85,10 +85,10 @@ def test_a_batch_that_does_not_divide_names_the_knob_the_user_set():
     with pytest.raises(
         tg.ConfigError, match=r"MICRO_BATCH_TOKENS=384 \(unset: TRAIN_BATCH_TOKENS=3072 / 8\)"
     ):
-        tg.grad_accum_steps(h, 5)
+        tg.grad_accum_steps(h.data, 5)
     h = tg.load_config({"TRAIN_BATCH_TOKENS": "3072", "TRAIN_SEQ_LEN": "128", "MICRO_BATCH_TOKENS": "384"})
     with pytest.raises(tg.ConfigError) as err:
-        tg.grad_accum_steps(h, 5)
+        tg.grad_accum_steps(h.data, 5)
     assert str(err.value).endswith("x MICRO_BATCH_TOKENS=384")
 
 
@@ -178,8 +178,8 @@ def test_train_shards_are_memory_mapped_not_read_whole(tiny_config):
         tg.shard_files(str(SAMPLE), "train"),
         0,
         1,
-        h.train_seq_len,
-        h.micro_batch_tokens,
+        h.data.train_seq_len,
+        h.data.micro_batch_tokens,
         2,
         torch.device("cpu"),
     )
@@ -233,7 +233,7 @@ def test_artifact_over_the_cap_fails_even_when_over_budget_is_allowed(tmp_path):
 @pytest.mark.parametrize("mode", ["soft", "topk"])
 def test_router_logits_are_fp32_under_bf16_autocast(tiny_config, mode):
     torch.manual_seed(0)
-    moe = tg.make_mlp(tg.model_config(tiny_config(MOE_MODE=mode)), 0)
+    moe = tg.make_mlp(tiny_config(MOE_MODE=mode).model, 0)
     with torch.no_grad():
         moe.router_weight.normal_(0, 0.5)
     x = torch.randn(512, moe.router_weight.size(1))
@@ -246,9 +246,7 @@ def test_router_logits_are_fp32_under_bf16_autocast(tiny_config, mode):
 
 
 def test_untied_input_embedding_is_a_lookup_not_matmul_flops(tiny_config):
-    tied, untied = (
-        tg.GPT(tg.model_config(tiny_config(TIE_EMBEDDINGS=tie, MOE_MODE="none"))) for tie in (1, 0)
-    )
+    tied, untied = (tg.GPT(tiny_config(TIE_EMBEDDINGS=tie, MOE_MODE="none").model) for tie in (1, 0))
     # the tied table is the output head (counted once); untied, the head counts and the input table does not
     assert tg.matmul_params_per_token(untied) == tg.matmul_params_per_token(tied)
 
@@ -291,13 +289,12 @@ def test_one_host_wait_per_step_reads_the_previous_steps_flags(tiny_config, monk
 
 
 CHECK_SYNC = """
-import sys, torch, torch.distributed as dist
-sys.path.insert(0, {repo!r})
+import torch, torch.distributed as dist
 import train_gpt as tg
 dist.init_process_group("gloo")
 h = tg.load_config({env!r})
 torch.manual_seed(0)
-model = tg.GPT(tg.model_config(h))
+model = tg.GPT(h.model)
 rt = tg.Runtime(dist.get_rank(), 2, torch.device("cpu"), print)
 tg.check_ranks_in_sync(model, rt)
 if dist.get_rank() == 1:
@@ -311,16 +308,21 @@ dist.destroy_process_group()
 """
 
 
+def importable_repo() -> str:
+    """PYTHONPATH for a script run outside the repository that imports train_gpt."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
 @pytest.mark.slow
 def test_ranks_checksum_names_the_tensor_that_drifted(tmp_path):
     script = tmp_path / "check_sync.py"
-    script.write_text(CHECK_SYNC.format(repo=str(REPO), env={**TINY_ENV, "MOE_MODE": "none"}))
+    script.write_text(CHECK_SYNC.format(env={**TINY_ENV, "MOE_MODE": "none"}))
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": importable_repo()},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     # (the two ranks print at once, so their lines may interleave: count phrases, not lines)
@@ -443,7 +445,7 @@ def test_two_runs_on_one_artifact_path_keep_both_models(tmp_path):
     """Another run writes ARTIFACT_PATH while this one calibrates (both passed the start-up check)."""
     artifact = tmp_path / "shared.ptz"
     racer = (
-        f"import sys; sys.path.insert(0, {str(REPO)!r}); import train_gpt as tg\n"
+        "import train_gpt as tg\n"
         "calibrate = tg.calibrate\n"
         "def other_run_finishes_first(trainer):\n"
         f"    open({str(artifact)!r}, 'xb').write(b\"the other run's model\")\n"
@@ -453,7 +455,7 @@ def test_two_runs_on_one_artifact_path_keep_both_models(tmp_path):
     )
     full = {k: v for k, v in os.environ.items() if k not in TINY_ENV}
     full.update(TINY_ENV, RUN_ID="test", LOG_DIR=str(tmp_path / "logs"), OMP_NUM_THREADS="1")
-    full.update(ITERATIONS="2", ARTIFACT_PATH=str(artifact))
+    full.update(ITERATIONS="2", ARTIFACT_PATH=str(artifact), PYTHONPATH=importable_repo())
     result = subprocess.run(
         [sys.executable, "-c", racer], cwd=tmp_path, env=full, capture_output=True, text=True, timeout=300
     )
@@ -495,7 +497,7 @@ def test_an_empty_value_is_an_error_naming_the_knob_unless_its_default_is_empty(
         tg.load_config({**TINY_ENV, "SEED": "", "MATRIX_LR": ""})
     unset = {"RUN_ID": "", "ARTIFACT_PATH": "", "EMA_DECAY": "", "MOE_LAYERS": "", "EVAL_TOKEN_LOSSES": ""}
     h = tg.load_config({**TINY_ENV, **unset})  # empty defaults: empty is unset
-    assert (h.run_id, h.ema_decay, h.moe_layers) == ("", None, [])
+    assert (h.run.run_id, h.optim.ema_decay, h.model.moe_layers) == ("", None, [])
 
 
 # --- a full disk at start ------------------------------------------------------------------------------
@@ -572,13 +574,13 @@ def test_a_no_op_or_impossible_value_names_its_knob(env, message):
 
 def test_a_long_eval_seq_len_is_blamed_on_itself_not_on_ttt(tiny_config):
     h = tiny_config(EVAL_SEQ_LEN=50000)  # TTT off: its chunk size is not the problem
-    assert not h.ttt_enabled and h.eval_seq_len == 50000
+    assert not h.evaluation.ttt_enabled and h.evaluation.eval_seq_len == 50000
     with pytest.raises(
         tg.ConfigError, match=r"^GLOBAL_TTT_CHUNK_TOKENS=\d+: must hold at least one EVAL_SEQ"
     ):
         tiny_config(EVAL_SEQ_LEN=50000, TTT_ENABLED=1)
     with pytest.raises(tg.ConfigError) as err:  # longer than the split: one window, not a sliding evaluation
-        tg.load_validation(h, lambda msg: None)
+        tg.load_validation(h.data, h.evaluation, lambda msg: None)
     assert str(err.value) == (
         f"EVAL_SEQ_LEN=50000: not shorter than the validation split, 8193 tokens (VAL_TOKEN_LIMIT=8192) in "
         f"DATA_PATH={SAMPLE}"

@@ -3,14 +3,13 @@ and EXPERT_BITS: what each does, and that both survive the artifact, compile and
 
 import json
 import re
-import sys
 import zlib
 
 import pytest
 import torch
 
 import train_gpt as tg
-from conftest import REPO, SAMPLE, STACK_ENV, TINY_ENV, TOKENIZER, run_compiled, run_train
+from conftest import SAMPLE, STACK_ENV, TINY_ENV, TOKENIZER, run_compiled, run_train
 
 ROUTED_MODES = ["soft", "topk", "shared_routed"]
 # The record stack in miniature (layers 1-2 looped twice more) with MoE only in the looped layers.
@@ -38,8 +37,8 @@ def tokens(batch=2, length=32, seed=1):
 
 def single_router_twin(model, h, pass_index=0):
     """The same network with one router per layer (ROUTER_PER_PASS=0), every router = `pass_index`'s."""
-    twin_h = tg.load_config({**PER_PASS_ENV, "ROUTER_PER_PASS": "0", "MOE_MODE": h.moe_mode})
-    twin = tg.GPT(tg.model_config(twin_h))
+    twin_h = tg.load_config({**PER_PASS_ENV, "ROUTER_PER_PASS": "0", "MOE_MODE": h.model.moe_mode})
+    twin = tg.GPT(twin_h.model)
     state = {
         name: (t[pass_index] if "router" in name and t.ndim > twin.state_dict()[name].ndim else t)
         for name, t in model.state_dict().items()
@@ -54,7 +53,7 @@ def single_router_twin(model, h, pass_index=0):
 @pytest.mark.parametrize("mode", ROUTED_MODES)
 def test_one_router_per_pass_in_looped_moe_layers_only(mode):
     h = per_pass_config(MOE_MODE=mode, MOE_LAYERS="0,1,2")
-    model = tg.GPT(tg.model_config(h))
+    model = tg.GPT(h.model)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if "router" in n}
     assert shapes == {
         "blocks.0.mlp.router_weight": (4, 64),  # outside the loop: one router
@@ -66,7 +65,7 @@ def test_one_router_per_pass_in_looped_moe_layers_only(mode):
         router = model.blocks[layer].mlp.router_weight
         assert all(torch.equal(router[p], router[0]) for p in range(3))
         assert (router.abs().sum() == 0) == (mode == "soft")
-    single = tg.GPT(tg.model_config(per_pass_config(MOE_MODE=mode, MOE_LAYERS="0,1,2", ROUTER_PER_PASS=0)))
+    single = tg.GPT(per_pass_config(MOE_MODE=mode, MOE_LAYERS="0,1,2", ROUTER_PER_PASS=0).model)
     extra = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in single.parameters())
     assert extra == 2 * 2 * 4 * 64  # two looped MoE layers x two extra routers; the experts are shared
 
@@ -74,7 +73,7 @@ def test_one_router_per_pass_in_looped_moe_layers_only(mode):
 @pytest.mark.parametrize("mode", ROUTED_MODES)
 def test_identical_passes_equal_one_router_and_different_routers_differ(mode):
     h = per_pass_config(MOE_MODE=mode)
-    model = randomised(tg.GPT(tg.model_config(h))).eval()
+    model = randomised(tg.GPT(h.model)).eval()
     with torch.no_grad():  # pass routers equal, as at initialisation
         for layer in (1, 2):
             router = model.blocks[layer].mlp.router_weight
@@ -91,7 +90,7 @@ def test_identical_passes_equal_one_router_and_different_routers_differ(mode):
 
 @pytest.mark.parametrize("mode", ROUTED_MODES)
 def test_gradient_reaches_each_passes_router_only_on_its_pass(mode):
-    moe = randomised(tg.GPT(tg.model_config(per_pass_config(MOE_MODE=mode)))).blocks[1].mlp
+    moe = randomised(tg.GPT(per_pass_config(MOE_MODE=mode).model)).blocks[1].mlp
     x = torch.randn(64, 64)
     for p in range(3):
         moe.zero_grad()
@@ -99,7 +98,7 @@ def test_gradient_reaches_each_passes_router_only_on_its_pass(mode):
         grad = moe.router_weight.grad
         assert grad[p].abs().sum() > 0
         assert all(grad[q].abs().sum() == 0 for q in range(3) if q != p)
-    model = randomised(tg.GPT(tg.model_config(per_pass_config(MOE_MODE=mode))))
+    model = randomised(tg.GPT(per_pass_config(MOE_MODE=mode).model))
     loss, _ = model(tokens(), tokens(seed=2))  # the loop off (before the switch): passes 1, 2 get nothing
     loss.backward()
     grad = model.blocks[1].mlp.router_weight.grad
@@ -107,7 +106,7 @@ def test_gradient_reaches_each_passes_router_only_on_its_pass(mode):
 
 
 def test_telemetry_and_balancing_bias_per_pass():
-    model = randomised(tg.GPT(tg.model_config(per_pass_config(MOE_MODE="topk"))))
+    model = randomised(tg.GPT(per_pass_config(MOE_MODE="topk").model))
     model.set_looping(True)
     with torch.no_grad():
         model.blocks[1].mlp.router_bias[1, 3] = 1e4  # pass 1 of layer 1 sends every token to expert 3
@@ -125,7 +124,7 @@ def test_telemetry_and_balancing_bias_per_pass():
 
 def test_gptq_weights_each_passes_tokens_by_its_own_gates():
     """Pass p of layer 1 sends every token to expert p: experts 0-2 get Hessians, expert 3 none."""
-    model = randomised(tg.GPT(tg.model_config(per_pass_config(MOE_MODE="topk"))))
+    model = randomised(tg.GPT(per_pass_config(MOE_MODE="topk").model))
     model.set_looping(True)
     with torch.no_grad():
         for p in range(3):
@@ -137,7 +136,7 @@ def test_gptq_weights_each_passes_tokens_by_its_own_gates():
 
 def test_per_pass_routers_survive_the_artifact_bit_exact(tmp_path):
     h = per_pass_config(MOE_MODE="topk", ZSTD_LEVEL=1)
-    model = randomised(tg.GPT(tg.model_config(h)))
+    model = randomised(tg.GPT(h.model))
     model.set_looping(True)
     with torch.no_grad():
         for layer in (1, 2):
@@ -145,9 +144,9 @@ def test_per_pass_routers_survive_the_artifact_bit_exact(tmp_path):
             moe.router_weight.copy_(torch.randn_like(moe.router_weight).half().float())
             moe.router_bias.copy_(torch.randn_like(moe.router_bias).half().float())
     path = str(tmp_path / "a.ptz")
-    tg.export_artifact(model, h, path, 0, lambda msg: None)
+    tg.export_artifact(model, h.quant, path, 0, lambda msg: None)
     loaded, h2 = tg.load_artifact_model(path, torch.device("cpu"))
-    assert h2.router_per_pass and loaded.looping
+    assert h2.model.router_per_pass and loaded.looping
     for name in ("router_weight", "router_bias"):
         for layer in (1, 2):
             original = getattr(model.blocks[layer].mlp, name)
@@ -177,17 +176,16 @@ def test_expert_bits_need_an_moe():
 
 
 def test_routing_analysis_reports_and_plots_each_pass(tmp_path):
-    sys.path.insert(0, str(REPO / "tools"))
-    import routing_analysis
+    from tools.routing import routing_analysis
 
     h = per_pass_config(MOE_MODE="topk", ZSTD_LEVEL=1)
-    model = randomised(tg.GPT(tg.model_config(h)))
+    model = randomised(tg.GPT(h.model))
     model.set_looping(True)
     with torch.no_grad():
         for p in range(3):
             model.blocks[2].mlp.router_bias[p, p] = 1e4  # pass p of layer 2: every token to expert p
     path = tmp_path / "run_model.ptz"
-    tg.export_artifact(model, h, str(path), code_bytes=0, log=lambda msg: None)
+    tg.export_artifact(model, h.quant, str(path), code_bytes=0, log=lambda msg: None)
     report = routing_analysis.analyse_artifact(
         str(path), str(SAMPLE), str(TOKENIZER), token_limit=4096, batch_seqs=2, seq_len=128
     )
@@ -211,14 +209,16 @@ def test_routing_analysis_reports_and_plots_each_pass(tmp_path):
 
 def test_expert_bits_reach_the_grid_the_preview_and_the_fit_ladder(tiny_config):
     h6, h4 = (tiny_config(MOE_MODE="shared_routed", EXPERT_BITS=b, MLP_MULT=4) for b in (6, 4))
-    model = tg.GPT(tg.model_config(h6))
-    assert tg.storage_grid("blocks.0.mlp.up", model.blocks[0].mlp.up, h4)[0] == 4
+    model = tg.GPT(h6.model)
+    assert tg.storage_grid("blocks.0.mlp.up", model.blocks[0].mlp.up, h4.quant)[0] == 4
     shared = model.blocks[0].mlp.shared.fc.weight  # the shared MLP is not an expert: MATRIX_BITS
-    assert tg.storage_grid("blocks.0.mlp.shared.fc.weight", shared, h4)[0] == 6
-    (est6, classes6), (est4, classes4) = (tg.estimate_artifact_bytes(model, h) for h in (h6, h4))
+    assert tg.storage_grid("blocks.0.mlp.shared.fc.weight", shared, h4.quant)[0] == 6
+    (est6, classes6), (est4, classes4) = (tg.estimate_artifact_bytes(model, h.quant) for h in (h6, h4))
     assert classes4["mlp"] < classes6["mlp"] and est4 < est6
     state = tg.artifact_state(model)
-    entries, _ = tg.quantize_state(state, h4, bits_drop={"mlp": 1})  # the ladder's "one bit less for MLP"
+    entries, _ = tg.quantize_state(
+        state, h4.quant, bits_drop={"mlp": 1}
+    )  # the ladder's "one bit less for MLP"
     assert entries["blocks.0.mlp.up"][0] == 3 and entries["blocks.0.mlp.shared.fc.weight"][0] == 5
 
 
@@ -232,7 +232,7 @@ def test_fake_quantized_weights_equal_the_dequantized_export_bit_exact(tiny_conf
     trainer = tg.Trainer(h, tg.Runtime(0, 1, torch.device("cpu"), lambda msg: None))
     randomised(trainer.model, std=0.1)
     state = {n: t.clone() for n, t in tg.artifact_state(trainer.model).items()}
-    entries, _ = tg.quantize_state(state, h)
+    entries, _ = tg.quantize_state(state, h.quant)
     trainer.fake_quantize_weights()
     quantized = {b for b, _ in entries.values()}
     assert quantized == {16, 5, 6, 7}  # fp16-kept, experts, attention and BigramHash, embedding
@@ -249,11 +249,11 @@ def test_straight_through_gradient_is_the_gradient_at_the_quantized_weights(tiny
     trainer = tg.Trainer(h, tg.Runtime(0, 1, torch.device("cpu"), lambda msg: None))
     model = randomised(trainer.model, std=0.1)
     x, y = tokens(), tokens(seed=2)
-    reference = tg.GPT(tg.model_config(h))
+    reference = tg.GPT(h.model)
     reference.load_state_dict(model.state_dict())
     with torch.no_grad():  # the reference holds the export grid's weights as its own
         for name, p in reference.named_parameters():
-            bits, sigmas = tg.storage_grid(name, p, h)
+            bits, sigmas = tg.storage_grid(name, p, h.quant)
             if bits < 16:
                 p.copy_(tg.fake_quantize(p, bits, sigmas))
     reference(x, y)[0].backward()

@@ -1,27 +1,24 @@
-"""tools/routing_analysis.py: routing of a saved artifact, per layer, expert and token class."""
+"""tools/routing/routing_analysis.py: routing of a saved artifact, per layer, expert and token class."""
 
 import json
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, SAMPLE, TOKENIZER
-
-sys.path.insert(0, str(REPO / "tools"))
-import routing_analysis  # noqa: E402
-import train_gpt as tg  # noqa: E402
+import train_gpt as tg
+from conftest import SAMPLE, TOKENIZER
+from tools.routing import routing_analysis
 
 
 def saved_artifact(tiny_config, tmp_path, forced_expert=None, **env):
     h = tiny_config(**env)
     torch.manual_seed(0)
-    model = tg.GPT(tg.model_config(h))
+    model = tg.GPT(h.model)
     for _, m in tg.moe_layers(model):
         if forced_expert is not None:  # a huge balancing bias makes every token choose this expert
             m.router_bias[forced_expert] = 1e4
     path = tmp_path / "run_model.ptz"
-    tg.export_artifact(model, h, str(path), code_bytes=0, log=lambda msg: None)
+    tg.export_artifact(model, h.quant, str(path), code_bytes=0, log=lambda msg: None)
     return path
 
 

@@ -225,6 +225,7 @@ def last(pattern: str, text: str):
     return found[-1]
 
 
+@pytest.mark.slow
 def test_our_text_log_leniently(real):
     log, text = real["log"], real["text"]
     sliding = last(rf"^final\w*sliding\w* val_loss:{FLOAT} val_bpb:{FLOAT}", text)
@@ -244,6 +245,7 @@ def test_our_text_log_leniently(real):
     assert not any("val_bpb:" in line for line in log.unrecognised_examples)  # no evaluation missed
 
 
+@pytest.mark.slow
 def test_our_routing_telemetry(real):
     log, text = real["log"], real["text"]
     moe = re.findall(r"^moe layer:(\d) load:([\d.,]+) max_mean:\S+ dead:(\d+) entropy:([\d.]+)", text, re.M)
@@ -254,6 +256,7 @@ def test_our_routing_telemetry(real):
     assert all([r["step"] for r in records] == [1, 5, 10] for records in log.moe_history().values())
 
 
+@pytest.mark.slow
 def test_a_log_with_two_runs_yields_the_last(real):
     text = real["text"]
     crashed = text[: text.index("pre_quant")]  # an earlier run that died before the export
@@ -268,6 +271,7 @@ def test_a_log_with_two_runs_yields_the_last(real):
     assert [s.step for s in last_crashed.train_steps] == [s.step for s in real["log"].train_steps]
 
 
+@pytest.mark.slow
 def test_our_jsonl_agrees_with_our_text(real):
     """Once train_gpt.py writes RUN_ID.jsonl, the exact reading and the lenient one agree."""
     events = real["path"].with_suffix(".jsonl")

@@ -1,11 +1,11 @@
-"""The sigma-MoE GPU pilot's tool (tools/sigma_pilot.py): its plan, its equal-tokens rule, its verdicts,
-and a rehearsal of the whole call at a tiny shape on the CPU."""
+"""The sigma-MoE GPU pilot's tool (tools/studies/sigma_pilot.py): its plan, its equal-tokens rule, its
+verdicts, and a rehearsal of the whole call at a tiny shape on the CPU."""
 
 import json
 
 import pytest
 
-from tools import sigma_pilot
+from tools.studies import sigma_pilot
 
 
 def test_plan_runs_both_arms_at_the_real_width_for_equal_time(capsys):

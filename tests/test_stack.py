@@ -50,7 +50,14 @@ def capture_inputs(module):
 
 def test_defaults_are_the_record_stack():
     h = tg.load_config({})
-    assert (h.vocab_size, h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads, h.mlp_mult) == (
+    assert (
+        h.data.vocab_size,
+        h.model.num_layers,
+        h.model.model_dim,
+        h.model.num_heads,
+        h.model.num_kv_heads,
+        h.model.mlp_mult,
+    ) == (
         8192,
         11,
         512,
@@ -58,23 +65,49 @@ def test_defaults_are_the_record_stack():
         4,
         4.0,
     )
-    assert h.data_path.endswith("fineweb10B_sp8192") and h.tokenizer_path.endswith("fineweb_8192_bpe.model")
-    assert (h.mlp_act, h.xsa_last_n, h.rope_dims, h.ln_scale, h.qk_gain_init) == (
+    assert h.data.data_path.endswith("fineweb10B_sp8192") and h.data.tokenizer_path.endswith(
+        "fineweb_8192_bpe.model"
+    )
+    assert (
+        h.model.mlp_act,
+        h.model.xsa_last_n,
+        h.model.rope_dims,
+        h.model.ln_scale,
+        h.model.qk_gain_init,
+    ) == (
         "leaky_relu2",
         11,
         16,
         True,
         5.0,
     )
-    assert (h.parallel_start_layer, h.num_loops, h.loop_start, h.loop_end, h.enable_looping_at) == (
+    assert (
+        h.model.parallel_start_layer,
+        h.model.num_loops,
+        h.model.loop_start,
+        h.model.loop_end,
+        h.optim.enable_looping_at,
+    ) == (
         8,
         2,
         3,
         5,
         0.35,
     )
-    assert h.sparse_attn_gate_enabled and h.smear_gate and h.bigram_vocab_size == 0 and h.moe_mode == "none"
-    assert (h.min_lr, h.warmdown_frac, h.beta2, h.muon_wd, h.embed_wd, h.adam_wd) == (
+    assert (
+        h.model.sparse_attn_gate_enabled
+        and h.model.smear_gate
+        and h.model.bigram_vocab_size == 0
+        and h.model.moe_mode == "none"
+    )
+    assert (
+        h.optim.min_lr,
+        h.optim.warmdown_frac,
+        h.optim.beta2,
+        h.optim.muon_wd,
+        h.optim.embed_wd,
+        h.optim.adam_wd,
+    ) == (
         0.1,
         0.85,
         0.99,
@@ -82,14 +115,16 @@ def test_defaults_are_the_record_stack():
         0.085,
         0.02,
     )
-    assert h.muon_row_normalize and h.matrix_lr == 0.026 and h.muon_momentum == 0.97
+    assert h.optim.muon_row_normalize and h.optim.matrix_lr == 0.026 and h.optim.muon_momentum == 0.97
     # EMA stays a fraction of the run: the record's 0.9965 per step at its ~4,930 steps.
-    assert h.ema_decay is None and math.exp(-1 / 4930 / tg.EMA_RUN_HORIZON) == pytest.approx(0.9965, abs=2e-4)
+    assert h.optim.ema_decay is None and math.exp(-1 / 4930 / tg.EMA_RUN_HORIZON) == pytest.approx(
+        0.9965, abs=2e-4
+    )
 
 
 def test_default_shape_matches_the_record_parameter_count():
     with torch.device("meta"):
-        model = tg.GPT(tg.model_config(tg.load_config({"MOE_MODE": "none"})))
+        model = tg.GPT(tg.load_config({"MOE_MODE": "none"}).model)
     total = sum(p.numel() for p in model.parameters())
     assert abs(total - 35_945_671) / 35_945_671 < 1e-3  # the record's model_params (its log)
     assert model.orders[1] == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]  # the record's loop order
@@ -127,26 +162,26 @@ def test_leaky_relu2_keeps_a_quarter_of_negative_squares():
 
 def attention_heads(h, layer, x):
     """(attention module with identity output projection, per-head output (B, H, T, D), values)."""
-    attn = randomised(tg.Attention(tg.model_config(h), layer), std=0.2)
+    attn = randomised(tg.Attention(h.model, layer), std=0.2)
     with torch.no_grad():
-        attn.proj.weight.copy_(torch.eye(h.model_dim))
+        attn.proj.weight.copy_(torch.eye(h.model.model_dim))
     B, T, _ = x.shape
-    y = attn(x).view(B, T, h.num_heads, h.head_dim).transpose(1, 2)
-    v = attn.c_v(x).view(B, T, h.num_kv_heads, h.head_dim).transpose(1, 2)
+    y = attn(x).view(B, T, h.model.num_heads, h.model.head_dim).transpose(1, 2)
+    v = attn.c_v(x).view(B, T, h.model.num_kv_heads, h.model.head_dim).transpose(1, 2)
     return attn, y, v
 
 
 def test_xsa_removes_each_heads_component_along_its_own_value():
     x = torch.randn(2, 16, 64)
     h = stack(SPARSE_ATTN_GATE_ENABLED=0, XSA_LAST_N=2)
-    assert [tg.Attention(tg.model_config(h), i).xsa for i in range(4)] == [
+    assert [tg.Attention(h.model, i).xsa for i in range(4)] == [
         False,
         False,
         True,
         True,
     ]  # the last N layers
     _, y, v = attention_heads(h, 3, x)
-    unit = F.normalize(v, dim=-1).repeat_interleave(h.num_heads // h.num_kv_heads, dim=1)
+    unit = F.normalize(v, dim=-1).repeat_interleave(h.model.num_heads // h.model.num_kv_heads, dim=1)
     assert (y * unit).sum(-1).abs().max() < 1e-5  # nothing left along the token's own value
     _, y_plain, _ = attention_heads(h, 0, x)  # same seed, same weights, no XSA
     assert (y_plain * unit).sum(-1).abs().mean() > 0.01
@@ -158,18 +193,16 @@ def test_sparse_attention_gate_scales_each_head_by_a_window_of_the_input():
     gated, ungated = stack(XSA_LAST_N=0), stack(XSA_LAST_N=0, SPARSE_ATTN_GATE_ENABLED=0)
     attn, y, _ = attention_heads(gated, 0, x)
     _, y_plain, _ = attention_heads(ungated, 0, x)
-    expected = torch.sigmoid(gated.sparse_attn_gate_scale * x[..., :12] @ attn.attn_gate.T)  # (B, T, H)
+    expected = torch.sigmoid(gated.model.sparse_attn_gate_scale * x[..., :12] @ attn.attn_gate.T)  # (B, T, H)
     torch.testing.assert_close(y, y_plain * expected.transpose(1, 2).unsqueeze(-1))
     assert tuple(attn.attn_gate.shape) == (4, 12)  # heads x GATE_WINDOW
-    fresh = tg.Attention(tg.model_config(gated), 0)
+    fresh = tg.Attention(gated.model, 0)
     assert fresh.attn_gate.abs().sum() == 0  # zero init: every head starts at sigmoid(0) = 0.5
 
 
 def test_ln_scale_shrinks_block_inputs_by_depth():
     for ln_scale, expected in ((1, [1, 2**-0.5, 3**-0.5, 0.5]), (0, [1, 1, 1, 1])):
-        model = randomised(
-            tg.GPT(tg.model_config(stack(LN_SCALE=ln_scale, PARALLEL_START_LAYER=0, NUM_LOOPS=0)))
-        )
+        model = randomised(tg.GPT(stack(LN_SCALE=ln_scale, PARALLEL_START_LAYER=0, NUM_LOOPS=0).model))
         hooks = [capture_inputs(block.attn) for block in model.blocks]
         model.logits(tokens())
         rms = [seen[0].square().mean(-1).sqrt().mean().item() for seen, _ in hooks]
@@ -177,15 +210,15 @@ def test_ln_scale_shrinks_block_inputs_by_depth():
 
 
 def test_rope_dims_default_is_partial_and_small_heads_rotate_everything():
-    assert tg.load_config({}).rope_dims == 16  # 16 of 64 channels, as the record
-    assert tg.load_config({"MODEL_DIM": "64", "NUM_HEADS": "8"}).rope_dims == 8  # head dim 8: all of it
+    assert tg.load_config({}).model.rope_dims == 16  # 16 of 64 channels, as the record
+    assert tg.load_config({"MODEL_DIM": "64", "NUM_HEADS": "8"}).model.rope_dims == 8  # head dim 8: all of it
     with pytest.raises(tg.ConfigError, match="ROPE_DIMS=7: must be even"):
         stack(ROPE_DIMS=7)
 
 
 def test_qk_gain_starts_at_five_and_sharpens_attention():
     h = stack(XSA_LAST_N=0, SPARSE_ATTN_GATE_ENABLED=0)
-    assert torch.equal(tg.Attention(tg.model_config(h), 0).q_gain.data, torch.full((4,), 5.0))
+    assert torch.equal(tg.Attention(h.model, 0).q_gain.data, torch.full((4,), 5.0))
     x = torch.randn(2, 32, 64)
     norms = {}
     for gain in (1.5, 5.0):
@@ -204,7 +237,7 @@ def test_parallel_lanes_mlp_does_not_read_its_own_layers_attention(mode):
     results = {}
     for start in (0, 3):
         h = stack(MOE_MODE=mode, PARALLEL_START_LAYER=start, NUM_LOOPS=0)
-        model = randomised(tg.GPT(tg.model_config(h)))
+        model = randomised(tg.GPT(h.model))
         seen, _ = capture_inputs(model.blocks[3].mlp)
         model.logits(tokens())
         with torch.no_grad():
@@ -216,10 +249,10 @@ def test_parallel_lanes_mlp_does_not_read_its_own_layers_attention(mode):
 
 def test_parallel_lanes_mix_skip_and_final_mean():
     h = stack(NUM_LOOPS=0)
-    model = randomised(tg.GPT(tg.model_config(h)))
+    model = randomised(tg.GPT(h.model))
     block = model.blocks[3]
     assert block.parallel and not model.blocks[2].parallel
-    fresh = tg.GPT(tg.model_config(h)).blocks[3]
+    fresh = tg.GPT(h.model).blocks[3]
     assert torch.equal(fresh.lane_resid.data, torch.full((2,), 1.1)) and torch.equal(
         fresh.lane_post.data, torch.ones(2, 2)
     )
@@ -257,7 +290,7 @@ def count_attention_calls(model):
 @pytest.mark.parametrize("mode", MOE_MODES)
 def test_depth_recurrence_reruns_the_same_modules(mode):
     h = stack(MOE_MODE=mode)
-    model = randomised(tg.GPT(tg.model_config(h)))
+    model = randomised(tg.GPT(h.model))
     n_params = sum(p.numel() for p in model.parameters())
     assert model.orders == ([0, 1, 2, 3], [0, 1, 2, 1, 2, 1, 2, 3])
     mlp_inputs, _ = capture_inputs(model.blocks[1].mlp)
@@ -283,7 +316,7 @@ def test_depth_recurrence_reruns_the_same_modules(mode):
 
 def test_loop_flops_count_each_pass():
     with torch.device("meta"):
-        model = tg.GPT(tg.model_config(tg.load_config({"MOE_MODE": "none"})))
+        model = tg.GPT(tg.load_config({"MOE_MODE": "none"}).model)
     h = tg.load_config({"MOE_MODE": "none"})
     block = sum(
         p.numel()
@@ -292,16 +325,16 @@ def test_loop_flops_count_each_pass():
     )
     plain, looped = tg.matmul_params_per_token(model, False), tg.matmul_params_per_token(model, True)
     assert looped - plain == 6 * block  # three looped layers, two extra passes each
-    extra_attention = 6 * 6 * h.train_seq_len * h.model_dim
+    extra_attention = 6 * 6 * h.data.train_seq_len * h.model.model_dim
     assert (
-        tg.flops_per_token(model, h, True) - tg.flops_per_token(model, h, False)
+        tg.flops_per_token(model, h.data, True) - tg.flops_per_token(model, h.data, False)
         == 6 * 6 * block + extra_attention
     )
 
 
 def test_smear_gate_and_bigram_never_leak_into_a_bos_position():
     """The record's fix: the token before a BOS (the last of the previous document) must not reach it."""
-    model = randomised(tg.GPT(tg.model_config(stack(BIGRAM_VOCAB_SIZE=256))), std=0.5)
+    model = randomised(tg.GPT(stack(BIGRAM_VOCAB_SIZE=256).model), std=0.5)
     assert model.bigram is not None and model.smear is not None
     idx = tokens(1, 12)
     idx[0, 6] = tg.BOS_ID
@@ -319,7 +352,7 @@ def test_smear_gate_and_bigram_never_leak_into_a_bos_position():
 
 def test_bigram_hash_is_off_by_default():
     with torch.device("meta"):
-        model = tg.GPT(tg.model_config(tg.load_config({})))
+        model = tg.GPT(tg.load_config({}).model)
     assert model.bigram is None and not any(n.startswith("bigram") for n, _ in model.named_parameters())
 
 
@@ -355,27 +388,27 @@ def test_muon_row_normalize_equalises_row_updates():
     assert plain.max() / plain.min() > 1.2
     assert rows.max() / rows.min() < 1.1
     h = stack(MUON_ROW_NORMALIZE=0)
-    muon = [o for o in tg.build_optimizers(tg.GPT(tg.model_config(h)), h) if isinstance(o, tg.Muon)][0]
+    muon = [o for o in tg.build_optimizers(tg.GPT(h.model), h.optim) if isinstance(o, tg.Muon)][0]
     assert muon.row_normalize is False
     h = stack()
-    assert [o for o in tg.build_optimizers(tg.GPT(tg.model_config(h)), h) if isinstance(o, tg.Muon)][
+    assert [o for o in tg.build_optimizers(tg.GPT(h.model), h.optim) if isinstance(o, tg.Muon)][
         0
     ].row_normalize is True
 
 
 def test_min_lr_floors_the_warm_down_and_warm_down_starts_at_fifteen_percent():
     h = tg.load_config({})
-    assert tg.lr_scale(0.149, h.warmdown_frac, h.min_lr) == 1.0
-    assert tg.lr_scale(0.575, h.warmdown_frac, h.min_lr) == pytest.approx(0.5)
-    assert tg.lr_scale(0.95, h.warmdown_frac, h.min_lr) == pytest.approx(0.1)
-    assert tg.lr_scale(1.0, h.warmdown_frac, h.min_lr) == pytest.approx(0.1)
-    assert tg.lr_scale(1.0, h.warmdown_frac, 0.0) == 0.0
+    assert tg.lr_scale(0.149, h.optim.warmdown_frac, h.optim.min_lr) == 1.0
+    assert tg.lr_scale(0.575, h.optim.warmdown_frac, h.optim.min_lr) == pytest.approx(0.5)
+    assert tg.lr_scale(0.95, h.optim.warmdown_frac, h.optim.min_lr) == pytest.approx(0.1)
+    assert tg.lr_scale(1.0, h.optim.warmdown_frac, h.optim.min_lr) == pytest.approx(0.1)
+    assert tg.lr_scale(1.0, h.optim.warmdown_frac, 0.0) == 0.0
 
 
 def test_weight_decays_and_beta2_reach_the_optimizers():
     h = stack(TIED_EMBED_LR=0.1, SCALAR_LR=0.1, EMBED_WD=0.5, ADAM_WD=0.25, MUON_WD=0.3, MATRIX_LR=0.1)
-    model = tg.GPT(tg.model_config(h))
-    optimizers = tg.build_optimizers(model, h)
+    model = tg.GPT(h.model)
+    optimizers = tg.build_optimizers(model, h.optim)
     adam, muon = optimizers[0], [o for o in optimizers if isinstance(o, tg.Muon)][0]
     assert adam.defaults["betas"] == (0.9, 0.99)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -408,7 +441,7 @@ def test_loop_switch_compiles_one_more_graph_and_never_recompiles_per_step(mode)
     guards and graphs as inductor, without its minutes of C++ compilation on a CPU)."""
     from torch._dynamo.utils import counters
 
-    model = randomised(tg.GPT(tg.model_config(stack(MOE_MODE=mode))))
+    model = randomised(tg.GPT(stack(MOE_MODE=mode).model))
     if mode != "none":
         model = model.to(torch.bfloat16)  # grouped_mm compiles in bf16 only
     torch._dynamo.reset()
@@ -442,12 +475,12 @@ def test_artifact_reloads_in_the_loop_state_it_was_trained_in(tmp_path, looping)
         ATTN_CLIP_SIGMAS=4,
         EMBED_CLIP_SIGMAS=4,
     )
-    model = randomised(tg.GPT(tg.model_config(h)), std=0.1)
+    model = randomised(tg.GPT(h.model), std=0.1)
     model.set_looping(looping)
     path = str(tmp_path / "a.ptz")
-    tg.export_artifact(model, h, path, 0, lambda msg: None)
+    tg.export_artifact(model, h.quant, path, 0, lambda msg: None)
     loaded, h2 = tg.load_artifact_model(path, torch.device("cpu"))
-    assert loaded.looping is looping and h2.num_loops == 2 and h2.parallel_start_layer == 3
+    assert loaded.looping is looping and h2.model.num_loops == 2 and h2.model.parallel_start_layer == 3
     model.eval(), loaded.eval()
     idx = tokens()
     reference, reread = model.logits(idx), loaded.logits(idx)
@@ -557,7 +590,8 @@ def test_bench_stack_tiny_times_both_phases_with_one_graph_each():
     result = subprocess.run(
         [
             sys.executable,
-            str(REPO / "tools" / "bench_stack.py"),
+            "-m",
+            "tools.gpu.bench_stack",
             "--tiny",
             "--iters",
             "2",
@@ -565,6 +599,7 @@ def test_bench_stack_tiny_times_both_phases_with_one_graph_each():
             "1",
             "MOE_MODE=topk",
         ],
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,

@@ -1,4 +1,4 @@
-"""Tests for tools/routing_report.py, tools/proxy_study.py and tools/bench_moe.py, on CPU.
+"""Tests for tools/routing/routing_report.py, tools/studies/proxy_study.py and tools/gpu/bench_moe.py, on CPU.
 
 One tiny top-k MoE training (module fixture) feeds the routing report and the log parser."""
 
@@ -15,14 +15,10 @@ import torch
 from torch._dynamo.utils import counters
 
 from conftest import REPO, SAMPLE, TOKENIZER, run_train
-
-sys.path.insert(0, str(REPO / "tools"))
-import bench_moe  # noqa: E402
-import calibrate_budget  # noqa: E402
-import proxy_study  # noqa: E402
-import routing_analysis  # noqa: E402
-import routing_report  # noqa: E402
-import runlog  # noqa: E402
+from tools import runlog
+from tools.gpu import bench_moe, calibrate_budget
+from tools.routing import routing_analysis, routing_report
+from tools.studies import proxy_study
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FLOAT = r"([\d.]+)"
@@ -76,6 +72,7 @@ def test_routing_report_writes_valid_pngs(moe_run, tmp_path, capsys):
         assert len(data) > 5000, f"{name} is only {len(data)} bytes"
 
 
+@pytest.mark.slow
 def test_routing_history_follows_the_log(moe_run):
     log, _ = moe_run
     text = log.read_text()
@@ -91,6 +88,7 @@ def test_routing_history_follows_the_log(moe_run):
         assert "bias_min" in records[-1]  # a field only the JSONL events carry
 
 
+@pytest.mark.slow
 def test_routing_history_reads_the_last_run_and_says_so(moe_run, tmp_path, capsys):
     log, _ = moe_run
     text = log.read_text()
@@ -119,6 +117,7 @@ def test_routing_report_rejects_bad_json(tmp_path, capsys, content, message):
     assert not (tmp_path / "plots").exists()
 
 
+@pytest.mark.slow
 def test_routing_report_rejects_log_without_moe_lines(moe_run, tmp_path, capsys):
     _, routing_json = moe_run
     log = tmp_path / "dense.txt"
@@ -131,6 +130,7 @@ def test_routing_report_rejects_log_without_moe_lines(moe_run, tmp_path, capsys)
 # ---------------------------------------------------------------------------- proxy_study: the log parser
 
 
+@pytest.mark.slow
 def test_parse_log_reads_the_numbers_of_a_real_run(moe_run):
     log, _ = moe_run
     text = log.read_text()
@@ -174,6 +174,7 @@ def test_parse_log_reads_the_numbers_of_a_real_run(moe_run):
     assert parsed["entropy"] == pytest.approx((finals["0"][2] + finals["1"][2]) / 2)
 
 
+@pytest.mark.slow
 def test_parse_log_reads_only_the_last_run_of_an_appended_log(moe_run):
     """train_gpt.py appends to the log of a reused RUN_ID: a rerun that crashed keeps no earlier score."""
     text = moe_run[0].read_text()
@@ -191,6 +192,7 @@ def run_of(name: str) -> proxy_study.Run:
     return proxy_study.Run(name, 1, f"t_{name}_s1", {})
 
 
+@pytest.mark.slow
 def test_collect_marks_an_unfinished_log_failed(moe_run, tmp_path):
     text = moe_run[0].read_text()
     cut = text[: text.index("final_quant_zstd_roundtrip_exact")]  # killed during the final evaluation
@@ -357,7 +359,8 @@ def test_bench_cpu_smoke_compiles_once_per_mode(tmp_path):
     result = subprocess.run(
         [
             sys.executable,
-            str(REPO / "tools" / "bench_moe.py"),
+            "-m",
+            "tools.gpu.bench_moe",
             "--modes",
             "dense,topk4",
             "--iters",
@@ -367,6 +370,7 @@ def test_bench_cpu_smoke_compiles_once_per_mode(tmp_path):
             "--json",
             str(out),
         ],
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
@@ -399,6 +403,7 @@ def test_bench_compile_counts_catch_a_recompile():
 # ---------------------------------------------------------------------------- calibrate_budget
 
 
+@pytest.mark.slow
 def test_calibrate_budget_reads_every_stored_parameter(moe_run):
     """Through the trainer's reader: every parameter of the artifact is counted once, in its bit width."""
     import train_gpt

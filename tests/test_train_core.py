@@ -67,20 +67,24 @@ def test_bad_knobs_fail_naming_the_knob(env, needle):
 
 def test_knob_defaults_and_parsing():
     h = tg.load_config({"MOE_MODE": "topk", "MOE_LAYERS": "5,6, 7", "SMEAR_GATE": "0", "EMA_DECAY": "0.997"})
-    assert h.moe_mode == "topk" and h.moe_layer_ids == [5, 6, 7] and h.smear_gate is False
-    assert h.ema_decay == 0.997 and h.micro_batch_tokens == 786_432 // 8 and h.eval_seq_len == 2048
-    assert tg.load_config({"MOE_MODE": "soft"}).moe_layer_ids == list(
+    assert h.model.moe_mode == "topk" and h.model.moe_layer_ids == (5, 6, 7) and h.model.smear_gate is False
+    assert (
+        h.optim.ema_decay == 0.997
+        and h.data.micro_batch_tokens == 786_432 // 8
+        and h.evaluation.eval_seq_len == 2048
+    )
+    assert tg.load_config({"MOE_MODE": "soft"}).model.moe_layer_ids == tuple(
         range(11)
     )  # empty MOE_LAYERS: every layer
-    assert tg.load_config({}).moe_mode == "none" and tg.load_config({}).moe_layer_ids == []
-    assert tg.load_config({"MOE_MODE": "soft"}).expert_mlp_hidden == 2048 // 4
+    assert tg.load_config({}).model.moe_mode == "none" and tg.load_config({}).model.moe_layer_ids == ()
+    assert tg.load_config({"MOE_MODE": "soft"}).model.expert_mlp_hidden == 2048 // 4
 
 
 def test_grad_accum_is_derived_and_checked():
     h = tg.load_config({})
-    assert [tg.grad_accum_steps(h, w) for w in (1, 2, 8)] == [8, 4, 1]
+    assert [tg.grad_accum_steps(h.data, w) for w in (1, 2, 8)] == [8, 4, 1]
     with pytest.raises(tg.ConfigError, match="TRAIN_BATCH_TOKENS=786432 is not divisible by WORLD_SIZE=3"):
-        tg.grad_accum_steps(h, 3)
+        tg.grad_accum_steps(h.data, 3)
 
 
 # --- shards and loaders ------------------------------------------------------------------------
@@ -228,8 +232,8 @@ def test_partial_rope_leaves_other_channels_alone():
 
 def test_model_starts_with_zero_output_projections(tiny_config):
     dense, soft = (
-        tg.GPT(tg.model_config(tiny_config())),
-        tg.GPT(tg.model_config(tiny_config(MOE_MODE="soft"))),
+        tg.GPT(tiny_config().model),
+        tg.GPT(tiny_config(MOE_MODE="soft").model),
     )
     for block, soft_block in zip(dense.blocks, soft.blocks, strict=True):
         assert block.attn.proj.weight.abs().sum() == 0 and block.mlp.proj.weight.abs().sum() == 0
@@ -256,8 +260,8 @@ def test_newton_schulz_is_near_orthogonal():
 @pytest.mark.parametrize("mode", ["none", "soft", "topk", "shared_routed"])
 @pytest.mark.parametrize("tie", ["0", "1"])
 def test_parameter_groups_cover_every_parameter_once(tiny_config, mode, tie):
-    model = tg.GPT(tg.model_config(tiny_config(MOE_MODE=mode, TIE_EMBEDDINGS=tie)))
-    optimizers = tg.build_optimizers(model, tiny_config(MOE_MODE=mode, TIE_EMBEDDINGS=tie))
+    model = tg.GPT(tiny_config(MOE_MODE=mode, TIE_EMBEDDINGS=tie).model)
+    optimizers = tg.build_optimizers(model, tiny_config(MOE_MODE=mode, TIE_EMBEDDINGS=tie).optim)
     grouped = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
     assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))
     muon = next(o for o in optimizers if isinstance(o, tg.Muon))
@@ -295,8 +299,7 @@ def test_replaced_knobs_name_their_successor(old, new):
 
 def test_ema_off_equals_raw_weights_and_on_matches_hand_computation(tiny_config, tmp_path):
     def trainer_with(**env):
-        h = tiny_config(**env)
-        h.data_path = str(SAMPLE)
+        h = tiny_config(**env, DATA_PATH=SAMPLE)
         return tg.Trainer(h, tg.Runtime(0, 1, torch.device("cpu"), lambda msg: None))
 
     off = trainer_with(EMA_DECAY=0)
@@ -359,15 +362,15 @@ def small_quant_config(tiny_config, **env):
 
 def test_artifact_round_trip_is_bit_exact(tiny_config, tmp_path):
     h = small_quant_config(tiny_config, MOE_MODE="topk")
-    model = tg.GPT(tg.model_config(h))
+    model = tg.GPT(h.model)
     path = str(tmp_path / "m.ptz")
-    tg.export_artifact(model, h, path, 1000, lambda msg: None)
+    tg.export_artifact(model, h.quant, path, 1000, lambda msg: None)
     config, state = tg.read_artifact(path)
-    entries, _ = tg.quantize_state(tg.artifact_state(model), h)
+    entries, _ = tg.quantize_state(tg.artifact_state(model), h.quant)
     for name, (bits, tensors) in entries.items():
         assert torch.equal(state[name], tg.dequantize_entry(bits, tensors, state[name].shape)), name
     rebuilt, h2 = tg.load_artifact_model(path, torch.device("cpu"))
-    assert h2.moe_mode == "topk" and h2.model_dim == 128 and config["MOE_MODE"] == "topk"
+    assert h2.model.moe_mode == "topk" and h2.model.model_dim == 128 and config["MOE_MODE"] == "topk"
     assert set(tg.artifact_state(rebuilt)) == set(state)
 
 
@@ -384,7 +387,7 @@ def test_artifact_round_trip_is_bit_exact(tiny_config, tmp_path):
 def test_corrupt_artifacts_fail_clearly(tiny_config, tmp_path, damage, needle):
     h = tiny_config(ZSTD_LEVEL=1, COMPRESSOR="zstd")
     path = tmp_path / "m.ptz"
-    tg.export_artifact(tg.GPT(tg.model_config(h)), h, str(path), 0, lambda msg: None)
+    tg.export_artifact(tg.GPT(h.model), h.quant, str(path), 0, lambda msg: None)
     blob = bytearray(path.read_bytes())
     if damage == "flip":
         blob[len(blob) // 2] ^= 0x40
@@ -420,20 +423,20 @@ def test_corrupt_artifacts_fail_clearly(tiny_config, tmp_path, damage, needle):
 @pytest.mark.slow
 def test_fit_loop_gets_an_over_cap_model_under_the_cap(tiny_config, tmp_path):
     h = small_quant_config(tiny_config, ZSTD_LEVEL=3, MLP_MULT=8, NUM_LAYERS=4)  # MLP-heavy, like real models
-    model = tg.GPT(tg.model_config(h))
+    model = tg.GPT(h.model)
     path = str(tmp_path / "m.ptz")
-    natural = tg.export_artifact(model, h, path, 0, lambda msg: None)
-    h.size_cap_bytes = int(natural * 0.85)
+    natural = tg.export_artifact(model, h.quant, path, 0, lambda msg: None)
+    quant = dataclasses.replace(h.quant, size_cap_bytes=int(natural * 0.85))
     messages = []
-    size = tg.export_artifact(model, h, path, 0, messages.append)
-    assert size <= h.size_cap_bytes and os.path.getsize(path) == size
+    size = tg.export_artifact(model, quant, path, 0, messages.append)
+    assert size <= quant.size_cap_bytes and os.path.getsize(path) == size
     fit_steps = [m for m in messages if m.startswith("fit:")]
     paid = [m for m in fit_steps if "predicted" not in m]  # steps predicted to fit: quantized and compressed
     assert paid and all("relative squared error" in m for m in paid)
     assert fit_steps[-1].endswith(f"artifact {size} bytes")
     tiny = tiny_config(ZSTD_LEVEL=1, SIZE_CAP_BYTES=1000)  # impossible: say so loudly, still write it
     messages.clear()
-    size = tg.export_artifact(tg.GPT(tg.model_config(tiny)), tiny, path, 0, messages.append)
+    size = tg.export_artifact(tg.GPT(tiny.model), tiny.quant, path, 0, messages.append)
     assert any("ARTIFACT OVER THE CAP" in m for m in messages) and os.path.getsize(path) == size
 
 
@@ -458,7 +461,7 @@ def test_eval_windows_score_every_target_exactly_once(n, seq, stride):
 
 def test_sliding_eval_with_stride_equal_window_equals_plain_eval(tiny_config):
     torch.manual_seed(0)
-    model = tg.GPT(tg.model_config(tiny_config(MOE_MODE="topk")))
+    model = tg.GPT(tiny_config(MOE_MODE="topk").model)
     for p in model.parameters():
         p.data.normal_(0, 0.05)
     model.eval()
@@ -491,7 +494,7 @@ def test_sliding_eval_with_stride_equal_window_equals_plain_eval(tiny_config):
 
 def test_one_parameter_classification_for_optimizer_and_quantizer(tiny_config):
     h = tiny_config(MOE_MODE="shared_routed", TIE_EMBEDDINGS=0)
-    model = tg.GPT(tg.model_config(h))
+    model = tg.GPT(h.model)
     classes = {name: tg.param_class(name, t) for name, t in tg.artifact_state(model).items()}
     assert classes["tok_emb.weight"] == "embed" and classes["lm_head.weight"] == "head"
     assert classes["bigram.table.weight"] == "bigram_table" and classes["bigram.proj.weight"] == "bigram_proj"
@@ -499,20 +502,20 @@ def test_one_parameter_classification_for_optimizer_and_quantizer(tiny_config):
     assert classes["blocks.0.mlp.router_weight"] == classes["blocks.0.mlp.router_bias"] == "router"
     assert classes["blocks.0.mlp.up"] == classes["blocks.0.mlp.shared.fc.weight"] == "mlp"
     assert classes["blocks.1.attn.c_q.weight"] == "attn"
-    muon = next(o for o in tg.build_optimizers(model, h) if isinstance(o, tg.Muon))
+    muon = next(o for o in tg.build_optimizers(model, h.optim) if isinstance(o, tg.Muon))
     muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in muon_ids) == (classes[name] in tg.MATRIX_CLASSES), name
-        assert (tg.storage_grid(name, p, h)[0] == 16) == (
-            classes[name] in ("router", "control") or p.numel() <= h.fp16_keep_max_numel
+        assert (tg.storage_grid(name, p, h.quant)[0] == 16) == (
+            classes[name] in ("router", "control") or p.numel() <= h.quant.fp16_keep_max_numel
         ), name
 
 
 def test_artifact_written_with_a_replaced_knob_fails_clearly(tiny_config, tmp_path):
     h = tiny_config()
-    state = tg.artifact_state(tg.GPT(tg.model_config(h)))
-    entries, _ = tg.quantize_state(state, h)
-    config = {n: getattr(h, n.lower()) for n in tg.MODEL_KNOBS}
+    state = tg.artifact_state(tg.GPT(h.model))
+    entries, _ = tg.quantize_state(state, h.quant)
+    config = tg.stored_knobs(h.model)
     config["BIGRAM_BUCKETS"] = config.pop(
         "BIGRAM_VOCAB_SIZE"
     )  # as artifacts of the earlier knob names were written
@@ -526,7 +529,7 @@ def test_model_receives_only_the_model_contract(tiny_config):
     """The network is built from a ModelConfig: stored model knobs and derived values, nothing of training
     beyond the routers' own terms and the init scale; a run configuration is refused by name."""
     h = tiny_config()
-    with pytest.raises(TypeError, match="model_config"):
+    with pytest.raises(TypeError, match=r"GPT\(h\.model\)"):
         tg.GPT(h)
     stored = {name.lower() for name in tg.MODEL_KNOBS}
     derived = {
@@ -548,7 +551,7 @@ def test_model_receives_only_the_model_contract(tiny_config):
     attention_pattern = {"respect_doc_boundaries"}  # no weight depends on it: the reading run's knob applies
     names = {f.name for f in dataclasses.fields(tg.ModelConfig)}
     assert names - stored - derived == router_terms | attention_pattern
-    cfg = tg.model_config(h)
+    cfg = h.model
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.model_dim = 8
 
@@ -563,13 +566,13 @@ def test_schedule_is_one_table_of_the_run_stages(tiny_config):
         WARMDOWN_FRAC="0.5",
         MIN_LR="0.1",
     )
-    start, loop_on, late = (tg.schedule(p, h) for p in (0.0, 0.35, 0.9))
-    assert start == (1.0, h.muon_momentum_warmup_start, False, False)
+    start, loop_on, late = (tg.schedule(p, h.model, h.optim) for p in (0.0, 0.35, 0.9))
+    assert start == (1.0, h.optim.muon_momentum_warmup_start, False, False)
     assert loop_on.looping and not loop_on.qat and loop_on.lr_scale == 1.0
     assert late.looping and late.qat and late.lr_scale == pytest.approx(0.2)
-    assert late.muon_momentum == h.muon_momentum
-    assert tg.ema_decay(0.058, h) == pytest.approx(math.exp(-1))
-    assert tg.ema_decay(0.5, tiny_config(EMA_DECAY="0.99")) == 0.99
+    assert late.muon_momentum == h.optim.muon_momentum
+    assert tg.ema_decay(0.058, h.optim) == pytest.approx(math.exp(-1))
+    assert tg.ema_decay(0.5, tiny_config(EMA_DECAY="0.99").optim) == 0.99
 
 
 def called_by_trainer(depth: int = 2) -> bool:

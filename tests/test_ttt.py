@@ -1,6 +1,7 @@
 """Test-time training, evaluation-only runs and per-token losses: legality first."""
 
 import copy
+import dataclasses
 import re
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 
 import train_gpt as tg
 from conftest import TINY_ENV, run_train
-from tools import gpu_memory
+from tools.gpu import gpu_memory
 
 CPU = torch.device("cpu")
 QUIET_CPU = tg.Runtime(0, 1, CPU, lambda msg: None)
@@ -76,21 +77,20 @@ def random_model(mode: str, **env):
     attention, MLPs and routers would not matter and legality would hold trivially)."""
     h = tg.load_config({**TINY_ENV, **TTT_ENV, "MOE_MODE": mode, **env})
     torch.manual_seed(0)
-    model = tg.GPT(tg.model_config(h))
+    model = tg.GPT(h.model)
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim >= 2:
                 p.normal_(0.0, 0.9 / p.shape[-1] ** 0.5)
-    model.set_looping(h.num_loops > 0)  # a loop in the configuration runs
+    model.set_looping(h.model.num_loops > 0)  # a loop in the configuration runs
     return model.eval(), h
 
 
 def token_losses(kind: str, model, h, tokens, tables, batch: int) -> torch.Tensor:
     out = torch.full((tokens.numel() - 1,), float("nan"))
     if kind == "ttt":
-        h = copy.copy(h)
-        h.ttt_batch_size = batch
-        tg.ttt_evaluate(copy.deepcopy(model), h, tokens, tables, QUIET_CPU, token_losses=out)
+        evaluation = dataclasses.replace(h.evaluation, ttt_batch_size=batch)
+        tg.ttt_evaluate(copy.deepcopy(model), evaluation, h.run, tokens, tables, QUIET_CPU, token_losses=out)
     else:
         spec = tg.WindowSpec(128, 0 if kind == "plain" else 32, batch)
         tg.evaluate(model.logits, tokens, tables, spec, QUIET_CPU, token_losses=out)
@@ -98,7 +98,7 @@ def token_losses(kind: str, model, h, tokens, tables, batch: int) -> torch.Tenso
 
 
 @pytest.mark.parametrize("mode,env", MODES, ids=[m + "-" + "-".join(e.values()) for m, e in MODES])
-@pytest.mark.parametrize("kind", ["plain", "sliding", "ttt"])
+@pytest.mark.parametrize("kind", ["plain", "sliding", pytest.param("ttt", marks=pytest.mark.slow)])
 def test_scores_before_p_ignore_tokens_after_p(mode, env, kind, val_pair, tables):
     val, changed, P = val_pair
     model, h = random_model(mode, **env)
@@ -119,8 +119,8 @@ def test_no_target_reaches_an_optimizer_before_it_is_scored(monkeypatch, val_pai
     window, seen = {}, {"adam": 0, "sgd": 0}
     real_windows, real_adam, real_sgd = tg.chunk_windows, torch.optim.AdamW.step, tg.global_sgd
 
-    def windows(*args):
-        out = real_windows(*args)
+    def windows(*args, **kwargs):
+        out = real_windows(*args, **kwargs)
         window["pos"] = out[2]
         return out
 
@@ -130,15 +130,15 @@ def test_no_target_reaches_an_optimizer_before_it_is_scored(monkeypatch, val_pai
         seen["adam"] += 1
         return real_adam(self, *args, **kwargs)
 
-    def sgd(model_, tokens, end, *args):  # global SGD trains on targets 1..end: indices 0..end-1
+    def sgd(model, tokens, end, **kwargs):  # global SGD trains on targets 1..end: indices 0..end-1
         assert not recorded[:end].isnan().any() and recorded[end:].isnan().any()
         seen["sgd"] += 1
-        return real_sgd(model_, tokens, end, *args)
+        return real_sgd(model=model, tokens=tokens, end=end, **kwargs)
 
     monkeypatch.setattr(tg, "chunk_windows", windows)
     monkeypatch.setattr(torch.optim.AdamW, "step", adam_step)
     monkeypatch.setattr(tg, "global_sgd", sgd)
-    tg.ttt_evaluate(model, h, val, tables, QUIET_CPU, token_losses=recorded)
+    tg.ttt_evaluate(model, h.evaluation, h.run, val, tables, QUIET_CPU, token_losses=recorded)
     assert seen["adam"] > 20 and seen["sgd"] == 2
     assert not recorded.isnan().any()
 
@@ -147,14 +147,14 @@ def test_ttt_changes_the_scores_and_adapters_start_at_zero(val_pair, tables):
     val = val_pair[0]
     model, h = random_model("soft")
     adapted = token_losses("ttt", model, h, val, tables, 4)
-    frozen_h = copy.copy(h)
-    frozen_h.ttt_lora_lr, frozen_h.phased_ttt_prefix_docs = 0.0, 0
+    untrained = dataclasses.replace(h.evaluation, ttt_lora_lr=0.0, phased_ttt_prefix_docs=0)
+    frozen_h = dataclasses.replace(h, evaluation=untrained)
     frozen = token_losses("ttt", model, frozen_h, val, tables, 4)
     assert (adapted - frozen).abs().max() > 0.05
     # Untrained adapters leave the model as it is: per-document scores equal the plain model's logits
     # (on documents that fit one EVAL_SEQ_LEN window).
-    docs, _ = tg.ttt_schedule(val, h)
-    for start, n in [d for d in docs if d[1] <= h.eval_seq_len][:4]:
+    docs, _ = tg.ttt_schedule(val, h.evaluation)
+    for start, n in [d for d in docs if d[1] <= h.evaluation.eval_seq_len][:4]:
         x, y = val[start : start + n].long()[None], val[start + 1 : start + n + 1].long()[None]
         plain = torch.nn.functional.cross_entropy(model.logits(x)[0], y[0], reduction="none")
         assert torch.allclose(frozen[start : start + n], plain.detach(), atol=1e-5)
@@ -163,7 +163,7 @@ def test_ttt_changes_the_scores_and_adapters_start_at_zero(val_pair, tables):
 def test_documents_cover_every_target_once(val_pair):
     val = val_pair[0]
     h = tg.load_config({**TINY_ENV, **TTT_ENV})
-    docs, phases = tg.ttt_schedule(val, h)
+    docs, phases = tg.ttt_schedule(val, h.evaluation)
     assert sum(n for _, n in docs) == val.numel() - 1 and docs[0][0] == 0
     assert all(val[s] == tg.BOS_ID and s + n == e for (s, n), (e, _) in zip(docs, docs[1:]))
     # Phases in stream order; the base weights train after the prefix phases only, on earlier documents.
@@ -187,8 +187,11 @@ AUTOCAST_MODES = [
 AUTOCAST_MODES.append(MODES[5])
 
 
+# Grouped top-2 (grouped_mm has no autocast kernel) in the inner loop; the others with the slow tests.
 @pytest.mark.parametrize(
-    "mode,env", AUTOCAST_MODES, ids=[m + "-" + "-".join(e.values()) for m, e in AUTOCAST_MODES]
+    "mode,env",
+    [case if case[0] == "topk" else pytest.param(*case, marks=pytest.mark.slow) for case in AUTOCAST_MODES],
+    ids=[m + "-" + "-".join(e.values()) for m, e in AUTOCAST_MODES],
 )
 def test_evaluation_and_ttt_run_under_cuda_autocast_rules(mode, env, monkeypatch, val_pair, tables):
     """A GPU evaluates and adapts under bf16 autocast, which a CPU run never applies: the fake-CUDA trace
@@ -227,7 +230,8 @@ def test_projection_grows_with_the_work(tiny_config, val_pair):
         h = tiny_config(TTT_ENABLED=1, EVAL_TIME_LIMIT=0, **{**TTT_ENV, "TTT_CHUNK_SIZE": chunk})
         log = lambda msg: None
         log.event = lambda kind, **fields: kind == "ttt_projection" and seconds.append(fields["seconds"])
-        tg.check_eval_time(tg.GPT(tg.model_config(h)), h, val, log)
+        flops = tg.final_forward_flops(tg.GPT(h.model), h.data, h.optim, h.run)
+        tg.check_eval_time(flops, h.evaluation, h.run, val, log)
     assert 0 < seconds[0] < seconds[1]  # smaller chunks: more windows over the same documents
 
 

@@ -1,11 +1,11 @@
-"""Rules every tool shares, in one place: statistics over seeds, table layout, file hashes and the
+"""Rules every tool shares, in one place: table layout, file hashes and the
 MoE configurations that the study and the benchmark compare. (The score rule and the pre-quant
 fallback live with the log reader, in tools/runlog.py.) Light: no torch import."""
 
 from __future__ import annotations
 
 import hashlib
-import statistics
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -13,12 +13,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def import_trainer():
-    """train_gpt.py as a module: the one way tools reach the trainer (it imports torch, so only on call)."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    import train_gpt
-
-    return train_gpt
+    """train_gpt.py as a module: the one way tools reach the trainer (it imports torch, so only on call).
+    Loaded by file path under the name `train_gpt`, so it is the same module an `import train_gpt` gives."""
+    if "train_gpt" in sys.modules:
+        return sys.modules["train_gpt"]
+    spec = importlib.util.spec_from_file_location("train_gpt", REPO / "train_gpt.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_gpt"] = module  # before running it: its dataclasses look their module up by name
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["train_gpt"]
+        raise
+    return module
 
 
 # The MoE modes compared against the parameter-matched dense MLP (train_gpt.py sizes each expert
@@ -61,14 +68,6 @@ def context_arm(model_dim: int, mlp_mult: float) -> dict[str, str]:
 
 class StudyError(ValueError):
     """Bad input or a refusal of a study tool; the message names the option, file or knob."""
-
-
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (ddof=1, as the challenge's records report it); the std
-    is None for fewer than two values, both are None for none."""
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
 def cell(value, digits: int = 4) -> str:

@@ -1,8 +1,8 @@
 """The one reader of training logs, ours and the challenge's, and the home of the score rule.
 
-    python3 tools/runlog.py LOG [LOG...]          # summary per log, as a short table for people
-    python3 tools/runlog.py LOG --json            # the summary as JSON (one object per log)
-    python3 tools/runlog.py LOG --full            # everything found, as JSON
+    python3 -m tools.runlog LOG [LOG...]          # summary per log, as a short table for people
+    python3 -m tools.runlog LOG --json            # the summary as JSON (one object per log)
+    python3 -m tools.runlog LOG --full            # everything found, as JSON
 
 Two paths:
 - Our runs: train_gpt.py writes LOG_DIR/RUN_ID.jsonl beside RUN_ID.txt (one JSON event per line;

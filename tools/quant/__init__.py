@@ -1,0 +1,1 @@
+"""Quantization studies on a saved checkpoint: quant_study (bits and methods), hessian_precision."""
