@@ -1461,9 +1461,6 @@ def grad_accum_steps(data: DataConfig, world_size: int) -> int:
     return data.train_batch_tokens // per_step
 
 
-# Every stage (warm-down, momentum, loop switch, QAT, EMA) follows one clock, the run's progress, in one
-# table (schedule). Ranks decide on flags of the previous step, read after the next is launched, so they
-# agree without the loop waiting on the device.
 def loop_switch_planned(cfg: ModelConfig, optim: OptimConfig) -> bool:
     return cfg.num_loops > 0 and optim.enable_looping_at < 1
 
@@ -1749,9 +1746,6 @@ def sha256_file(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-# Every validation target is scored exactly once, whatever the stride, batch and number of ranks, and the
-# ranks add up float64 sums of loss, tokens and bytes: the score is one exact mean, not a mean of means.
-# TTT scores each chunk before it trains on it: no score depends on a token after it.
 def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -3439,6 +3433,9 @@ def collect_hessians(
 
 
 # ---- 9. Evaluation: exact val_loss / val_bpb, plain or sliding window, spread over ranks ---------
+# Every validation target is scored exactly once, whatever the stride, batch and number of ranks, and the
+# ranks add up float64 sums of loss, tokens and bytes: the score is one exact mean, not a mean of means.
+# TTT scores each chunk before it trains on it: no score depends on a token after it.
 def eval_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
     """(start, scored) per window of seq_len inputs, every target scored once: the first window scores all its
     positions, later ones their last `scored` (= stride); the last ends at the final token."""
@@ -4146,6 +4143,9 @@ def check_eval_time(
 
 
 # ---- 11. Training loop: schedules, steps, compile warm-up, EMA, step lines -----------------------
+# Every stage (warm-down, momentum, loop switch, QAT, EMA) follows one clock, the run's progress, in one
+# table (schedule). Ranks decide on flags of the previous step, read after the next is launched, so they
+# agree without the loop waiting on the device.
 class Schedule(NamedTuple):
     """Everything that follows the run's progress (a fraction of steps or of the wall clock)."""
 
