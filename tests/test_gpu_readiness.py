@@ -386,3 +386,28 @@ def test_gpu_check_rehearsal_runs_every_step_on_the_cpu(tmp_path):
     files = sorted(p.name for p in out.rglob("*") if p.is_file())
     assert len(files) <= gpu_check.MAX_OUT_FILES and "gpu_check.md" in files
     assert "| dense | off | yes |" in (out / "gpu_check.md").read_text()
+
+
+def test_gpu_check_compares_topk4_step_time_with_the_break_even_target(tmp_path):
+    from tools.gpu import gpu_check
+
+    assert gpu_check.BREAKEVEN_MANIFEST.is_file()  # the committed study the table reads
+    manifest = tmp_path / "manifest.json"
+    target = dict(step_time_ratio=0.70, step_time_ratio_interval=[0.65, 0.75])
+    manifest.write_text(json.dumps({"results": {"complete": True, "break_even": target}}))
+
+    def steps(topk_ms):
+        speed = dict(ok=True, compile_s=1.0, tokens_per_s=1.0, loss=3.0, peak_mib=1, estimate_mib=1)
+        return {
+            "speed_dense_loops_on": dict(mode="dense", loops="on", ms_per_step=100.0, **speed),
+            "speed_topk4": dict(mode="topk4", loops="on", ms_per_step=topk_ms, **speed),
+        }
+
+    fast = gpu_check.breakeven_line(steps(60.0), manifest)
+    assert "0.600" in fast and "(final;" in fast and "would beat dense" in fast
+    assert "would not beat dense" in gpu_check.breakeven_line(steps(80.0), manifest)
+    assert "undecided" in gpu_check.breakeven_line(steps(70.0), manifest)
+    assert "is missing" in gpu_check.breakeven_line(steps(60.0), tmp_path / "absent.json")
+    no_dense = {"speed_topk4": steps(60.0)["speed_topk4"]}
+    assert gpu_check.breakeven_line(no_dense, manifest) is None  # nothing measured to compare
+    assert "| topk4 | on | yes | 1.0 | 60.0 | 0.600 |" in gpu_check.table({"steps": steps(60.0)})

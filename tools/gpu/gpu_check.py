@@ -106,6 +106,9 @@ STEP_LINE = re.compile(r"^step:(\d+)/\d+ train_loss:(\S+) train_time:\d+ms step_
 CALIBRATION_LINE = re.compile(r"^gptq: .* in ([\d.]+)s \(reserve ([\d.]+)s", re.M)
 ENDED_LINE = re.compile(r"^training_and_calibration: .*?([\d.]+)s", re.M)
 MAX_OUT_FILES = 8  # what a lent machine hands back
+# The break-even study's fitted target: the topk4-over-dense step-time ratio below which topk4 beats dense at
+# equal wall clock (measured at 3 x 64 on the CPU; the speed table compares the default shape's ratio with it)
+BREAKEVEN_MANIFEST = REPO / "records/track_non_record_16mb/2026-12-07_MoE_BreakEven_Study/manifest.json"
 
 
 def plan_cost(kind: str) -> float:
@@ -397,6 +400,43 @@ def verdict(row: dict) -> str:
     return "skipped" if row.get("skipped") else ("yes" if row.get("ok") else "NO")
 
 
+def step_time_ratio(steps: dict, row: dict) -> float | None:
+    """A speed row's ms/step over dense's with the same layer loops (the routed rows run loops on)."""
+    dense = steps.get(f"speed_dense_loops_{row['loops']}", {})
+    if not dense.get("ms_per_step") or not row.get("ms_per_step"):
+        return None
+    return row["ms_per_step"] / dense["ms_per_step"]
+
+
+def breakeven_line(steps: dict, manifest_path: Path = BREAKEVEN_MANIFEST) -> str | None:
+    """topk4's measured step-time ratio beside the break-even study's target; None with nothing measured."""
+    measured = step_time_ratio(steps, steps.get("speed_topk4", {"loops": "on"}))
+    if measured is None:
+        return None
+    head = f"\ntopk4 step-time ratio (topk4 ms/step over dense loops on): {measured:.3f}; "
+    if not manifest_path.is_file():
+        return head + f"no break-even target to compare with ({manifest_path} is missing)"
+    results = json.loads(manifest_path.read_text())["results"]
+    target = results.get("break_even") or {}
+    if target.get("step_time_ratio") is None:
+        return head + f"the break-even study has no target yet ({manifest_path})"
+    low, high = target["step_time_ratio_interval"] or (None, None)
+    if low is not None and measured < low:
+        reading = "faster than the target's whole interval: top-1 of 4 would beat dense at equal wall clock"
+    elif high is not None and measured > high:
+        reading = (
+            "slower than the target's whole interval: top-1 of 4 would not beat dense at equal wall clock"
+        )
+    else:
+        reading = "inside the target's interval: undecided"
+    shown = "" if low is None else f" [{low:.3f}, {high:.3f}]"
+    status = "final" if results["complete"] else "interim"
+    return head + (
+        f"the break-even study's target ({status}; fitted at 3 x 64 on a CPU with the proxy corpus, not "
+        f"this shape): {target['step_time_ratio']:.3f}{shown}: {reading}"
+    )
+
+
 def table(result: dict) -> str:
     steps = result["steps"]
     lines = ["| step | ok | what |", "|---|---|---|"]
@@ -411,19 +451,24 @@ def table(result: dict) -> str:
         lines.append(f"| {name} | {verdict(row)} | {detail[:300]} |")
     lines += [
         "",
-        "| mode | loops | ok | compile s | ms/step | tok/s | loss | peak MiB | train_gpt est. MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| mode | loops | ok | compile s | ms/step | x dense | tok/s | loss | peak MiB | estimate MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in steps.items():
         if name.startswith("speed_") and "ms_per_step" in row:
             cells = [row["mode"], row["loops"], verdict(row), cell(row, "compile_s", ".1f")]
-            cells += [cell(row, "ms_per_step", ".1f"), cell(row, "tokens_per_s", ".0f")]
+            ratio = step_time_ratio(steps, row)
+            cells += [cell(row, "ms_per_step", ".1f"), "-" if ratio is None else f"{ratio:.3f}"]
+            cells += [cell(row, "tokens_per_s", ".0f")]
             cells += [
                 cell(row, "loss", ".4f"),
                 cell(row, "peak_mib", ".0f"),
                 cell(row, "estimate_mib", ".0f"),
             ]
             lines.append("| " + " | ".join(cells) + " |")
+    comparison = breakeven_line(steps)
+    if comparison:
+        lines.append(comparison)
     cal = steps.get("calibrate", {})
     if "seconds" in cal:
         lines.append(
