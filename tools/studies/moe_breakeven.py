@@ -321,6 +321,9 @@ def gap_plot(manifest: dict, path: Path) -> bool:
     for (shape, value), style in zip(FLOP_CEILINGS.items(), ("--", ":")):
         ax.axvline(value, color="tab:red", ls=style, lw=1, label=f"FLOP ceiling {shape} (x{value:.2f})")
     ax.set_xscale("log")
+    ticks = [1.0, *MULTIPLES.values(), 2.0]  # plain multiples, not a log axis's powers of ten
+    ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+    ax.set_xticks([], minor=True)
     ax.set_xlabel("topk4 steps / dense steps (log)")
     ax.set_ylabel("round-trip val_bpb gap (proxy, CPU)")
     ax.set_title("Top-1-of-4 MoE vs dense at 3 x 64: gap against step multiple", fontsize=10)
