@@ -410,4 +410,5 @@ def test_gpu_check_compares_topk4_step_time_with_the_break_even_target(tmp_path)
     assert "is missing" in gpu_check.breakeven_line(steps(60.0), tmp_path / "absent.json")
     no_dense = {"speed_topk4": steps(60.0)["speed_topk4"]}
     assert gpu_check.breakeven_line(no_dense, manifest) is None  # nothing measured to compare
+    assert gpu_check.breakeven_line({}, manifest) is None
     assert "| topk4 | on | yes | 1.0 | 60.0 | 0.600 |" in gpu_check.table({"steps": steps(60.0)})

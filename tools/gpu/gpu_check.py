@@ -410,7 +410,8 @@ def step_time_ratio(steps: dict, row: dict) -> float | None:
 
 def breakeven_line(steps: dict, manifest_path: Path = BREAKEVEN_MANIFEST) -> str | None:
     """topk4's measured step-time ratio beside the break-even study's target; None with nothing measured."""
-    measured = step_time_ratio(steps, steps.get("speed_topk4", {"loops": "on"}))
+    topk4 = steps.get("speed_topk4")
+    measured = step_time_ratio(steps, topk4) if topk4 else None
     if measured is None:
         return None
     head = f"\ntopk4 step-time ratio (topk4 ms/step over dense loops on): {measured:.3f}; "
